@@ -1,0 +1,57 @@
+"""mcp_redis: Redis-backed locks, rate limits, caches, sessions and events for
+synchronous, multi-threaded Python services that scale out to many processes.
+
+The public contract is documented in the README; everything listed in
+``__all__`` is importable from here.
+"""
+
+from __future__ import annotations
+
+from .config import LockFallback, Mode, RateLimitFallback, Settings, configure, reset, settings
+from .errors import (
+    AmbiguousPrefix,
+    BackendUnavailable,
+    ConfigurationError,
+    FeatureDisabled,
+    InvalidArgument,
+    InvalidArgumentType,
+    LockError,
+    LockNotOwned,
+    LockTimeout,
+    McpRedisError,
+    RateLimitExceeded,
+)
+from .health import health
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "configure",
+    "reset",
+    "settings",
+    "Settings",
+    "Mode",
+    "LockFallback",
+    "RateLimitFallback",
+    "health",
+    "McpRedisError",
+    "ConfigurationError",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "BackendUnavailable",
+    "FeatureDisabled",
+    "LockError",
+    "LockTimeout",
+    "LockNotOwned",
+    "RateLimitExceeded",
+    "AmbiguousPrefix",
+]
+
+# Feature exports. Each block is owned by its module; keep them in this order.
+# --- locks ---
+# --- ratelimit ---
+# --- cache ---
+# --- sessions ---
+# --- events ---
+# --- backend ---

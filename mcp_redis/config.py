@@ -1,0 +1,381 @@
+"""Settings: read from the environment on first use, overridden by `configure()`.
+
+One immutable `Settings` object is in force at a time. Features read it when
+they are *called* (never at import), so decorators applied at import time
+follow a later `configure()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import os
+import tempfile
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .errors import ConfigurationError
+from .keys import validate_prefix
+
+__all__ = [
+    "Mode",
+    "LockFallback",
+    "RateLimitFallback",
+    "Settings",
+    "settings",
+    "configure",
+    "reset",
+    "redact_url",
+    "on_reset",
+]
+
+
+class Mode(str, enum.Enum):
+    """Where a feature keeps its state (the per-feature roll-out switch)."""
+
+    REDIS = "redis"
+    POSTGRES = "postgres"
+    LOCAL = "local"
+    OFF = "off"
+
+
+class LockFallback(str, enum.Enum):
+    """What `agent_lock` does when Redis is unreachable in Redis mode."""
+
+    NONE = "none"  # fail closed: raise BackendUnavailable (default)
+    POSTGRES = "postgres"  # pg advisory lock: still exclusive across hosts
+    LOCAL = "local"  # host-local file lock: NOT exclusive across hosts
+
+
+class RateLimitFallback(str, enum.Enum):
+    """What rate limiting does when Redis is unreachable in Redis mode."""
+
+    LOCAL = "local"  # per-process in-memory limiter (default)
+    POSTGRES = "postgres"  # the PostgreSQL table (exact across processes)
+    OPEN = "open"  # admit every call
+    CLOSED = "closed"  # refuse every call
+
+
+# name -> (environment variable, parser); names are `configure()` keywords.
+_FEATURES = ("sessions", "locks", "rate_limits", "metadata_cache")
+_FEATURE_ENV = {
+    "sessions": "MCP_REDIS_SESSIONS_BACKEND",
+    "locks": "MCP_REDIS_LOCKS_BACKEND",
+    "rate_limits": "MCP_REDIS_RATE_LIMITS_BACKEND",
+    "metadata_cache": "MCP_REDIS_CACHE_BACKEND",
+}
+_ALLOWED_MODES = {
+    "sessions": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
+    "locks": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
+    "rate_limits": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
+    "metadata_cache": {Mode.REDIS, Mode.LOCAL, Mode.OFF},
+}
+
+
+def _default_lock_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "mcp_redis_locks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the library. Build with `Settings.from_env()`."""
+
+    redis_url: Optional[str] = None
+    database_url: Optional[str] = None
+    key_prefix: str = "mcp:"
+    session_ttl: int = 3600
+    metadata_ttl: int = 300
+    lock_timeout: float = 30.0
+    rate_limit_window: float = 3600.0
+    # Per-feature switches; None means "redis when redis_url is set, else local".
+    sessions: Optional[Mode] = None
+    locks: Optional[Mode] = None
+    rate_limits: Optional[Mode] = None
+    metadata_cache: Optional[Mode] = None
+    lock_fallback: LockFallback = LockFallback.NONE
+    rate_limit_fallback: RateLimitFallback = RateLimitFallback.LOCAL
+    lock_dir: str = dataclasses.field(default_factory=_default_lock_dir)
+    # Connections.
+    socket_timeout: float = 2.0
+    socket_connect_timeout: float = 1.0
+    health_check_interval: int = 15
+    max_connections: int = 50
+    pool_timeout: float = 5.0
+    postgres_max_connections: int = 10
+    postgres_connect_timeout: int = 2
+    ssl_ca_certs: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    ssl_cert_reqs: str = "required"
+    sentinel_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    # Resilience.
+    retry_attempts: int = 3
+    retry_initial_backoff: float = 0.02
+    retry_max_backoff: float = 0.25
+    breaker_failure_threshold: int = 5
+    breaker_reset_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.key_prefix)
+        for name in ("session_ttl", "metadata_ttl", "health_check_interval"):
+            _check_number(name, getattr(self, name), integer=True, minimum=0, strict=name != "health_check_interval")
+        for name in ("lock_timeout", "rate_limit_window", "socket_timeout",
+                     "socket_connect_timeout", "pool_timeout",
+                     "breaker_reset_timeout"):
+            _check_number(name, getattr(self, name), minimum=0, strict=True)
+        for name in ("retry_initial_backoff", "retry_max_backoff"):
+            _check_number(name, getattr(self, name), minimum=0)
+        for name in ("max_connections", "postgres_max_connections",
+                     "retry_attempts", "breaker_failure_threshold",
+                     "postgres_connect_timeout"):
+            _check_number(name, getattr(self, name), integer=True, minimum=1)
+        for name in _FEATURES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            mode = _coerce_enum(Mode, value, name)
+            if mode not in _ALLOWED_MODES[name]:
+                raise ConfigurationError(
+                    f"{name}: {mode.value!r} is not a backend for this feature; "
+                    f"choose from {sorted(m.value for m in _ALLOWED_MODES[name])}"
+                )
+            object.__setattr__(self, name, mode)
+        object.__setattr__(self, "lock_fallback", _coerce_enum(LockFallback, self.lock_fallback, "lock_fallback"))
+        object.__setattr__(self, "rate_limit_fallback", _coerce_enum(RateLimitFallback, self.rate_limit_fallback, "rate_limit_fallback"))
+        for name in ("redis_url", "database_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{name}: must be a str or None, not {type(value).__name__}")
+        if self.redis_url:
+            scheme = self.redis_url.split("://", 1)[0].lower() if "://" in self.redis_url else ""
+            if scheme not in REDIS_SCHEMES:
+                raise ConfigurationError(
+                    f"redis_url: unsupported scheme in {redact_url(self.redis_url)!r}; "
+                    f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+                )
+
+    # -- the effective backend of each feature ---------------------------------
+    def mode(self, feature: str) -> Mode:
+        """The backend in force for `feature` (explicit switch, else the default)."""
+        if feature not in _FEATURES:
+            raise ValueError(f"feature: unknown {feature!r}")
+        explicit: Optional[Mode] = getattr(self, feature)
+        if explicit is not None:
+            mode = explicit
+        else:
+            mode = Mode.REDIS if self.redis_url else Mode.LOCAL
+        if mode is Mode.REDIS and not self.redis_url:
+            raise ConfigurationError(f"{feature}: backend 'redis' needs REDIS_URL")
+        if mode is Mode.POSTGRES and not self.database_url:
+            raise ConfigurationError(f"{feature}: backend 'postgres' needs DATABASE_URL")
+        return mode
+
+    @property
+    def local_mode(self) -> bool:
+        """True when no Redis is configured (the single-host behaviour)."""
+        return not self.redis_url
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with `changes` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            if not field.repr:
+                continue
+            value = getattr(self, field.name)
+            if field.name in ("redis_url", "database_url") and value:
+                value = redact_url(value)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
+        """Settings from `environ` (default `os.environ`), then `overrides`."""
+        env = os.environ if environ is None else environ
+        values: Dict[str, Any] = {}
+        for name, (var, parse) in _ENV.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = parse(raw)
+            except (ValueError, TypeError):
+                shown = "***" if "PASSWORD" in var else repr(raw)
+                raise ConfigurationError(f"{var}: cannot parse {shown}") from None
+        unknown = set(overrides) - _FIELD_NAMES
+        if unknown:
+            raise ConfigurationError(
+                f"configure(): unknown setting(s) {sorted(unknown)}; known: {sorted(_FIELD_NAMES)}"
+            )
+        values.update(overrides)
+        return cls(**values)
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+
+
+def _check_number(name: str, value: Any, *, integer: bool = False,
+                  minimum: float = 0, strict: bool = False) -> None:
+    kinds: Tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise ConfigurationError(f"{name}: must be {kind}, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(f"{name}: must be finite, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigurationError(f"{name}: must be {bound}, got {value!r}")
+
+
+def _coerce_enum(kind: Any, value: Any, name: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value.strip().lower())
+        except ValueError:
+            pass
+    choices = ", ".join(repr(m.value) for m in kind)
+    raise ConfigurationError(f"{name}: must be one of {choices}, got {value!r}")
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _int(raw: str) -> int:
+    return int(raw.strip())
+
+
+def _float(raw: str) -> float:
+    return float(raw.strip())
+
+
+_ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
+    "redis_url": ("REDIS_URL", _str),
+    "database_url": ("DATABASE_URL", _str),
+    "key_prefix": ("MCP_REDIS_KEY_PREFIX", _str),
+    "session_ttl": ("REDIS_SESSION_TTL", _int),
+    "metadata_ttl": ("REDIS_METADATA_TTL", _int),
+    "lock_timeout": ("REDIS_LOCK_TIMEOUT", _float),
+    "rate_limit_window": ("REDIS_RATE_LIMIT_WINDOW", _float),
+    "sessions": (_FEATURE_ENV["sessions"], _str),
+    "locks": (_FEATURE_ENV["locks"], _str),
+    "rate_limits": (_FEATURE_ENV["rate_limits"], _str),
+    "metadata_cache": (_FEATURE_ENV["metadata_cache"], _str),
+    "lock_fallback": ("MCP_REDIS_LOCK_FALLBACK", _str),
+    "rate_limit_fallback": ("MCP_REDIS_RATE_LIMIT_FALLBACK", _str),
+    "lock_dir": ("MCP_REDIS_LOCK_DIR", _str),
+    "socket_timeout": ("MCP_REDIS_SOCKET_TIMEOUT", _float),
+    "socket_connect_timeout": ("MCP_REDIS_CONNECT_TIMEOUT", _float),
+    "max_connections": ("MCP_REDIS_MAX_CONNECTIONS", _int),
+    "pool_timeout": ("MCP_REDIS_POOL_TIMEOUT", _float),
+    "ssl_ca_certs": ("MCP_REDIS_SSL_CA_CERTS", _str),
+    "ssl_certfile": ("MCP_REDIS_SSL_CERTFILE", _str),
+    "ssl_keyfile": ("MCP_REDIS_SSL_KEYFILE", _str),
+    "sentinel_password": ("MCP_REDIS_SENTINEL_PASSWORD", _str),
+    "retry_attempts": ("MCP_REDIS_RETRY_ATTEMPTS", _int),
+    "breaker_failure_threshold": ("MCP_REDIS_BREAKER_THRESHOLD", _int),
+    "breaker_reset_timeout": ("MCP_REDIS_BREAKER_RESET_TIMEOUT", _float),
+}
+_FIELD_NAMES = {f.name for f in dataclasses.fields(Settings)}
+assert set(_ENV) <= _FIELD_NAMES
+
+ENVIRONMENT_VARIABLES: List[Tuple[str, str]] = [(var, name) for name, (var, _) in _ENV.items()]
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (userinfo or query) replaced by ``***``.
+
+    Also handles libpq key/value DSNs (``host=... password=...``).
+    """
+    if "://" not in url:
+        return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    userinfo, at, hostinfo = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostinfo}" if colon else f"***@{hostinfo}" if not user else f"{user}@{hostinfo}"
+        if not colon and user and parts.scheme.startswith("redis"):
+            # redis://secret@host treats the lone userinfo as a password.
+            netloc = f"***@{hostinfo}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if "password" in k.lower() or k.lower() in ("pass", "pwd", "secret") else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# -- the settings in force -----------------------------------------------------
+_lock = threading.RLock()
+_overrides: Dict[str, Any] = {}
+_current: Optional[Settings] = None
+_reset_hooks: List[Callable[[], None]] = []
+
+
+def settings() -> Settings:
+    """The settings in force (environment read on first use, then `configure()`)."""
+    global _current
+    current = _current
+    if current is not None:
+        return current
+    with _lock:
+        if _current is None:
+            _current = Settings.from_env(**_overrides)
+        return _current
+
+
+def configure(**overrides: Any) -> Settings:
+    """Override settings; unspecified ones keep their environment value.
+
+    Validates everything before changing anything, then drops the
+    process-wide clients so the next call uses the new settings.
+    """
+    global _current
+    with _lock:
+        merged = dict(_overrides)
+        merged.update(overrides)
+        new = Settings.from_env(**merged)  # raises before anything changes
+        _overrides.clear()
+        _overrides.update(merged)
+        _current = new
+    _run_reset_hooks()
+    return new
+
+
+def reset(*, configuration: bool = False) -> None:
+    """Drop the process-wide clients, pools and background threads.
+
+    The environment is read again on next use. With ``configuration=True``
+    the overrides of earlier `configure()` calls are forgotten too.
+    """
+    global _current
+    with _lock:
+        if configuration:
+            _overrides.clear()
+        _current = None
+    _run_reset_hooks()
+
+
+def on_reset(hook: Callable[[], None]) -> Callable[[], None]:
+    """Register `hook` to run on `reset()`/`configure()` (modules holding clients)."""
+    _reset_hooks.append(hook)
+    return hook
+
+
+def _run_reset_hooks() -> None:
+    for hook in list(_reset_hooks):
+        hook()

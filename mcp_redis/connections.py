@@ -1,0 +1,350 @@
+"""The process-wide Redis clients, built from `REDIS_URL`.
+
+One `RedisConnection` per process holds the client (redis-py's own pools,
+Sentinel and Cluster clients) and the `Resilience` policy every feature calls
+through. The client's own retry is set to zero on purpose: redis-py 8.x
+retries ten times with backoff by default, which blocks seconds per call
+against a stopped server; here one policy owns retrying.
+
+After ``os.fork()`` the child drops the parent's connection objects (without
+closing the parent's sockets) and builds fresh ones on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from .config import Settings, on_reset, redact_url, settings
+from .errors import ConfigurationError
+from .resilience import CircuitBreaker, Resilience
+
+__all__ = [
+    "RedisConnection",
+    "get_redis",
+    "redis_available",
+    "build_client",
+    "parse_host_list",
+    "on_fork",
+]
+
+log = logging.getLogger("mcp_redis.connections")
+T = TypeVar("T")
+AnyRedis = Union["redis.Redis[Any]", RedisCluster]
+
+
+@dataclasses.dataclass
+class RedisConnection:
+    """A client plus the policy that guards it. Thread-safe; shared per process."""
+
+    client: Any  # redis.Redis or redis.cluster.RedisCluster (decode_responses=True)
+    policy: Resilience
+    kind: str  # "single" | "sentinel" | "cluster"
+    url: str  # redacted, for display
+    settings: Settings
+    sentinel: Optional[Sentinel] = None
+    service_name: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"RedisConnection(kind={self.kind!r}, url={self.url!r}, policy={self.policy!r})"
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.kind == "cluster"
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` under the retry/breaker policy."""
+        return self.policy.call(fn, *args, **kwargs)
+
+    def pool_stats(self) -> Dict[str, Any]:
+        """Connections created / in use / idle (summed over nodes for a cluster)."""
+        pools: List[Any] = []
+        if self.is_cluster:
+            for node in self.client.get_nodes():
+                if node.redis_connection is not None:
+                    pools.append(node.redis_connection.connection_pool)
+        else:
+            pools.append(self.client.connection_pool)
+        in_use = created = idle = 0
+        max_connections = 0
+        for pool in pools:
+            in_use_set = getattr(pool, "_in_use_connections", None)
+            all_conns = getattr(pool, "_connections", None)
+            available = getattr(pool, "_available_connections", None)
+            if in_use_set is not None:  # ConnectionPool
+                in_use += len(in_use_set)
+                created += getattr(pool, "_created_connections", 0)
+                idle += len(available or [])
+            elif all_conns is not None:  # BlockingConnectionPool
+                created += len(all_conns)
+                queue = getattr(pool, "pool", None)
+                free = sum(1 for c in list(getattr(queue, "queue", [])) if c is not None)
+                idle += free
+                in_use += len(all_conns) - free
+            max_connections += getattr(pool, "max_connections", 0) or 0
+        return {
+            "created": created,
+            "in_use": in_use,
+            "idle": idle,
+            "max": max_connections,
+        }
+
+    def disconnect(self) -> None:
+        """Close idle pooled sockets (used when the breaker opens)."""
+        try:
+            if self.is_cluster:
+                self.client.disconnect_connection_pools()
+            else:
+                self.client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # pragma: no cover - best effort
+            log.debug("disconnect failed", exc_info=True)
+
+    def close(self) -> None:
+        """Close every pooled socket (the pool was passed in, so redis-py won't)."""
+        try:
+            if self.is_cluster:
+                self.client.close()
+            else:
+                self.client.connection_pool.disconnect()
+        except Exception:  # pragma: no cover - best effort
+            log.debug("close failed", exc_info=True)
+
+
+def parse_host_list(netloc: str, default_port: int, argument: str = "redis_url") -> List[Tuple[str, int]]:
+    """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
+    hosts: List[Tuple[str, int]] = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_s = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_s) if port_s else default_port
+        except ValueError:
+            raise ConfigurationError(f"{argument}: bad port in host {item!r}") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigurationError(f"{argument}: bad host {item!r}")
+        hosts.append((host, port))
+    if not hosts:
+        raise ConfigurationError(f"{argument}: no hosts given")
+    return hosts
+
+
+def _split_userinfo(netloc: str) -> Tuple[Optional[str], Optional[str], str]:
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, netloc
+    user, colon, password = userinfo.partition(":")
+    if not colon:  # redis://secret@host: the lone userinfo is a password
+        return None, unquote(user) or None, hosts
+    return (unquote(user) or None), (unquote(password) or None), hosts
+
+
+def _common_kwargs(s: Settings) -> Dict[str, Any]:
+    return {
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": s.health_check_interval,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "encoding_errors": "surrogatepass",
+        "protocol": 2,
+        "client_name": "mcp_redis",
+    }
+
+
+def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs}
+    if s.ssl_ca_certs:
+        out["ssl_ca_certs"] = s.ssl_ca_certs
+    if s.ssl_certfile:
+        out["ssl_certfile"] = s.ssl_certfile
+    if s.ssl_keyfile:
+        out["ssl_keyfile"] = s.ssl_keyfile
+    return out
+
+
+def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
+    """The redis-py client for ``s.redis_url``: (client, kind, sentinel, service)."""
+    url = s.redis_url
+    if not url:
+        raise ConfigurationError("redis_url: not set (local mode has no Redis client)")
+    shown = redact_url(url)
+    scheme = url.split("://", 1)[0].lower()
+    common = _common_kwargs(s)
+    try:
+        if scheme in ("redis", "rediss", "unix"):
+            extra = _ssl_kwargs(s) if scheme == "rediss" else {}
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=s.max_connections,
+                timeout=s.pool_timeout,
+                **common,
+                **extra,
+            )
+            return redis.Redis(connection_pool=pool), "single", None, None
+        parts = urlsplit(url)
+        user, password, hosts_part = _split_userinfo(parts.netloc)
+        query = dict(parse_qsl(parts.query))
+        if scheme == "redis+sentinel":
+            path = [p for p in parts.path.split("/") if p]
+            if not path:
+                raise ConfigurationError(f"redis_url: {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+            service = unquote(path[0])
+            db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
+            sentinels = parse_host_list(hosts_part, 26379)
+            sentinel_kwargs: Dict[str, Any] = {
+                "socket_timeout": s.socket_timeout,
+                "socket_connect_timeout": s.socket_connect_timeout,
+                "retry": Retry(NoBackoff(), 0),
+                "decode_responses": True,
+                "protocol": 2,
+            }
+            if s.sentinel_password:
+                sentinel_kwargs["password"] = s.sentinel_password
+            sentinel = Sentinel(
+                sentinels,
+                sentinel_kwargs=sentinel_kwargs,
+                username=user,
+                password=password,
+                db=db,
+                **common,
+            )
+            client = sentinel.master_for(service, max_connections=s.max_connections)
+            return client, "sentinel", sentinel, service
+        if scheme == "redis+cluster":
+            nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]
+            cluster_common = dict(common)
+            # MOVED/ASK are followed inside redis-py; a small retry lets it
+            # re-read the slot map after a node goes away.
+            cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
+            cluster_common.pop("health_check_interval", None)
+            client = RedisCluster(
+                startup_nodes=nodes,
+                username=user,
+                password=password,
+                max_connections=s.max_connections,
+                require_full_coverage=True,
+                **cluster_common,
+            )
+            return client, "cluster", None, None
+    except ConfigurationError:
+        raise
+    except (ValueError, TypeError) as exc:
+        # redis-py's parse errors can quote the URL: never let it through.
+        raise ConfigurationError(f"redis_url: cannot use {shown!r}: {type(exc).__name__}") from None
+    raise ConfigurationError(f"redis_url: unsupported scheme in {shown!r}")
+
+
+# -- the process-wide connection -----------------------------------------------
+_lock = threading.Lock()
+_conn: Optional[RedisConnection] = None
+_pid = os.getpid()
+_fork_hooks: List[Callable[[], None]] = []
+
+
+def get_redis() -> RedisConnection:
+    """The process's `RedisConnection` for the settings in force (built lazily).
+
+    Raises `ConfigurationError` in local mode (no `REDIS_URL`).
+    """
+    conn = _conn
+    if conn is not None and _pid == os.getpid():
+        return conn
+    return _build()
+
+
+def _build() -> RedisConnection:
+    global _conn
+    with _lock:
+        if _pid != os.getpid():
+            _after_fork_in_child()
+        if _conn is not None:
+            return _conn
+        s = settings()
+        try:
+            client, kind, sentinel, service = build_client(s)
+        except redis.exceptions.RedisError as exc:
+            # RedisCluster connects eagerly; a down cluster must not escape
+            # as a raw redis error.
+            from .errors import BackendUnavailable
+
+            raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+        holder: List[RedisConnection] = []
+        breaker = CircuitBreaker(
+            "redis",
+            failure_threshold=s.breaker_failure_threshold,
+            reset_timeout=s.breaker_reset_timeout,
+            on_open=lambda: holder[0].disconnect() if holder else None,
+        )
+        policy = Resilience(
+            "redis",
+            attempts=s.retry_attempts,
+            initial_backoff=s.retry_initial_backoff,
+            max_backoff=s.retry_max_backoff,
+            breaker=breaker,
+        )
+        conn = RedisConnection(client, policy, kind, redact_url(s.redis_url or ""), s, sentinel, service)
+        holder.append(conn)
+        _conn = conn
+        log.info("redis client ready: %s (%s)", conn.url, kind)
+        return conn
+
+
+def redis_available() -> bool:
+    """True when Redis is configured and its breaker is not open."""
+    if not settings().redis_url:
+        return False
+    return get_redis().policy.available
+
+
+def on_fork(hook: Callable[[], None]) -> Callable[[], None]:
+    """Run `hook` in a forked child (modules with threads or per-process state)."""
+    _fork_hooks.append(hook)
+    return hook
+
+
+@on_reset
+def _close() -> None:
+    global _conn
+    with _lock:
+        conn, _conn = _conn, None
+    if conn is not None and _pid == os.getpid():
+        conn.close()
+
+
+def _after_fork_in_child() -> None:
+    """Forget the parent's connection without touching its sockets."""
+    global _conn, _pid
+    _conn = None
+    _pid = os.getpid()
+    for hook in list(_fork_hooks):
+        try:
+            hook()
+        except Exception:  # pragma: no cover - defensive
+            log.exception("fork hook failed")
+
+
+def _at_fork_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a parent thread may have held it while forking
+    _after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_at_fork_child)

@@ -1,0 +1,269 @@
+"""PostgreSQL: a psycopg2 `ThreadedConnectionPool` and the library's schema.
+
+PostgreSQL is the source of truth where data must not be lost (sessions) and
+the shared fallback for rate limits and locks. Every query is parameterised.
+The schema is created idempotently by `migrate()` (also `mcp-redis migrate`)
+and on first use by the features that need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+from .config import Settings, on_reset, redact_url, settings
+from .connections import on_fork
+from .errors import BackendUnavailable, ConfigurationError
+from .resilience import CircuitBreaker, Resilience
+
+__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "is_pg_transient"]
+
+log = logging.getLogger("mcp_redis.postgres")
+
+# Statements run in order, each idempotent. Features append to this list
+# at import time for the tables they own.
+SCHEMA: List[str] = [
+    "CREATE SCHEMA IF NOT EXISTS core",
+    "CREATE SCHEMA IF NOT EXISTS audit",
+    """
+    CREATE TABLE IF NOT EXISTS core.sessions (
+        session_key TEXT PRIMARY KEY,
+        agent_id    TEXT NOT NULL,
+        expires_at  TIMESTAMPTZ NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON core.sessions (agent_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON core.sessions (expires_at)",
+]
+
+
+def is_pg_transient(exc: BaseException) -> bool:
+    """Connection-level failures (server gone, network), not SQL errors."""
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
+        exc, BackendUnavailable
+    )
+
+
+class Postgres:
+    """A bounded, thread-safe pool of PostgreSQL connections with a policy.
+
+    psycopg2's pool raises at once when exhausted; a semaphore in front of it
+    makes callers wait up to `pool_timeout`, then get `BackendUnavailable`.
+    """
+
+    def __init__(self, s: Settings) -> None:
+        if not s.database_url:
+            raise ConfigurationError("database_url: not set")
+        self.settings = s
+        self.url = redact_url(s.database_url)
+        self._maxconn = s.postgres_max_connections
+        self._slots = threading.BoundedSemaphore(self._maxconn)
+        self._pool: Optional[psycopg2.pool.ThreadedConnectionPool] = None
+        self._pool_lock = threading.Lock()
+        self._migrated = False
+        self.policy = Resilience(
+            "postgres",
+            attempts=s.retry_attempts,
+            initial_backoff=s.retry_initial_backoff,
+            max_backoff=s.retry_max_backoff,
+            breaker=CircuitBreaker(
+                "postgres",
+                failure_threshold=s.breaker_failure_threshold,
+                reset_timeout=s.breaker_reset_timeout,
+            ),
+            transient=is_pg_transient,
+        )
+
+    def __repr__(self) -> str:
+        return f"Postgres(url={self.url!r}, max={self._maxconn})"
+
+    def _get_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._pool_lock:
+            if self._pool is None:
+                try:
+                    self._pool = psycopg2.pool.ThreadedConnectionPool(
+                        0,
+                        self._maxconn,
+                        dsn=self.settings.database_url,
+                        connect_timeout=self.settings.postgres_connect_timeout,
+                        application_name="mcp_redis",
+                    )
+                except psycopg2.ProgrammingError:
+                    # A malformed DSN: psycopg2 may echo it, password included.
+                    raise ConfigurationError(f"database_url: invalid DSN {self.url!r}") from None
+            return self._pool
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """A pooled connection in a transaction: committed on success, else rolled back."""
+        if not self._slots.acquire(timeout=self.settings.pool_timeout):
+            raise BackendUnavailable(
+                f"postgres pool exhausted: {self._maxconn} connections in use for {self.settings.pool_timeout}s"
+            )
+        conn = None
+        broken = False
+        try:
+            try:
+                conn = self._get_pool().getconn()
+            except psycopg2.OperationalError as exc:
+                raise psycopg2.OperationalError(_scrub(str(exc), self.settings.database_url)) from None
+            try:
+                yield conn
+                conn.commit()
+            except BaseException as exc:
+                broken = conn.closed != 0 or is_pg_transient(exc)
+                if not conn.closed:
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        broken = True
+                raise
+        finally:
+            if conn is not None and self._pool is not None:
+                try:
+                    self._pool.putconn(conn, close=broken)
+                except psycopg2.pool.PoolError:  # pragma: no cover - pool closed meanwhile
+                    pass
+            self._slots.release()
+
+    def execute(self, sql: str, params: Sequence[Any] = (), *, fetch: str = "none") -> Any:
+        """Run one parameterised statement under the policy.
+
+        `fetch`: ``"none"`` (returns rowcount), ``"one"`` or ``"all"``.
+        """
+
+        def run() -> Any:
+            with self.connection() as conn, conn.cursor() as cur:
+                cur.execute(sql, params)
+                if fetch == "one":
+                    return cur.fetchone()
+                if fetch == "all":
+                    return cur.fetchall()
+                return cur.rowcount
+
+        self.ensure_schema()
+        return self.policy.call(run)
+
+    def ensure_schema(self) -> None:
+        """Create the library's tables once per process (idempotent)."""
+        if self._migrated:
+            return
+        self.policy.call(self._migrate)
+        self._migrated = True
+
+    def migrate(self) -> List[str]:
+        """Run every `SCHEMA` statement; returns them. Safe to run again."""
+        done = self.policy.call(self._migrate)
+        self._migrated = True
+        return done
+
+    def _migrate(self) -> List[str]:
+        with self.connection() as conn, conn.cursor() as cur:
+            # Serialise concurrent migrations across processes.
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK_ID,))
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+        return [" ".join(s.split()) for s in SCHEMA]
+
+    def ping(self) -> float:
+        """Round-trip one ``SELECT 1``; seconds."""
+        import time
+
+        start = time.perf_counter()
+        self.policy.call(self._select_one, attempts=1)
+        return time.perf_counter() - start
+
+    def _select_one(self) -> None:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
+    def pool_stats(self) -> dict[str, int]:
+        pool = self._pool
+        if pool is None:
+            return {"in_use": 0, "idle": 0, "max": self._maxconn}
+        return {"in_use": len(pool._used), "idle": len(pool._pool), "max": self._maxconn}
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                pool.closeall()
+            except psycopg2.pool.PoolError:  # pragma: no cover
+                pass
+
+
+_MIGRATE_LOCK_ID = 0x6D6370_7264  # "mcp" "rd": a fixed advisory-lock id for migrate
+
+
+def _scrub(message: str, dsn: Optional[str]) -> str:
+    """Remove a password that a libpq error may echo."""
+    if not dsn:
+        return message
+    from urllib.parse import urlsplit
+
+    secret = None
+    if "://" in dsn:
+        try:
+            secret = urlsplit(dsn).password
+        except ValueError:
+            secret = None
+    else:
+        import re
+
+        m = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+        secret = m.group(1).strip("'") if m else None
+    return message.replace(secret, "***") if secret else message
+
+
+_lock = threading.Lock()
+_pg: Optional[Postgres] = None
+_pid = os.getpid()
+
+
+def get_postgres() -> Postgres:
+    """The process-wide `Postgres` for the settings in force (raises without DATABASE_URL)."""
+    global _pg, _pid
+    pg = _pg
+    if pg is not None and _pid == os.getpid():
+        return pg
+    with _lock:
+        if _pid != os.getpid():
+            _pg, _pid = None, os.getpid()
+        if _pg is None:
+            _pg = Postgres(settings())
+        return _pg
+
+
+def migrate() -> List[str]:
+    """Create the library's PostgreSQL schema (idempotent); returns the statements run."""
+    return get_postgres().migrate()
+
+
+@on_reset
+def _close() -> None:
+    global _pg
+    with _lock:
+        pg, _pg = _pg, None
+    if pg is not None and _pid == os.getpid():
+        pg.close()
+
+
+@on_fork
+def _forget_in_child() -> None:
+    # The parent's sockets must not be closed or reused by the child.
+    global _pg, _pid, _lock
+    _pg, _pid, _lock = None, os.getpid(), threading.Lock()

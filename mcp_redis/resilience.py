@@ -1,0 +1,268 @@
+"""One resilience policy for every feature: retry with backoff, then a breaker.
+
+`Resilience.call(fn)` runs `fn` under a tenacity retry (exponential backoff
+with jitter, bounded attempts) on *transient* errors only, and feeds every
+attempt's outcome to a `CircuitBreaker`. While the breaker is open, calls fail
+at once with `BackendUnavailable` instead of waiting a connect timeout each;
+after `reset_timeout` one caller's call is let through as the half-open
+probe, and its success closes the breaker again.
+
+Features never catch Redis errors themselves: they call through the policy
+and decide their fallback on `BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Tuple, Type, TypeVar
+
+import redis.exceptions as rex
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from .errors import BackendUnavailable
+from .metrics import METRICS, Metrics
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "Resilience",
+    "BreakerOpen",
+    "REDIS_TRANSIENT",
+    "is_redis_transient",
+]
+
+log = logging.getLogger("mcp_redis.resilience")
+T = TypeVar("T")
+
+# Errors worth another attempt: the server may answer next time. ConnectionError
+# covers BusyLoadingError, MasterNotFoundError and pool exhaustion;
+# ReadOnlyError is a write that reached a demoted master during failover.
+REDIS_TRANSIENT: Tuple[Type[BaseException], ...] = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ReadOnlyError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MasterDownError,
+    ConnectionResetError,
+    BrokenPipeError,
+    TimeoutError,
+)
+
+
+def is_redis_transient(exc: BaseException) -> bool:
+    """True for errors that mean "Redis did not answer", not "Redis said no"."""
+    if isinstance(exc, BackendUnavailable):
+        return False
+    return isinstance(exc, REDIS_TRANSIENT)
+
+
+class BreakerOpen(BackendUnavailable):
+    """The circuit breaker is open: the backend is considered down."""
+
+
+class BreakerState(str, enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Consecutive-failure breaker with a single half-open probe.
+
+    `failure_threshold` consecutive failures open it; after `reset_timeout`
+    seconds one call is allowed through (half-open). Its success closes the
+    breaker, its failure re-opens it for another `reset_timeout`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 5,
+        reset_timeout: float = 1.0,
+        *,
+        metrics: Metrics = METRICS,
+        on_open: Optional[Callable[[], None]] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self._metrics = metrics
+        self._on_open = on_open
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probe_started = 0.0
+        self._probing = False
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self.state.value})"
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.reset_timeout:
+                return BreakerState.HALF_OPEN
+            return self._state
+
+    def allow(self) -> bool:
+        """May a call go to the backend now? (Claims the probe when half-open.)"""
+        with self._lock:
+            if self._state is BreakerState.CLOSED:
+                return True
+            now = self._clock()
+            if self._state is BreakerState.OPEN:
+                if now - self._opened_at < self.reset_timeout:
+                    return False
+                self._transition(BreakerState.HALF_OPEN)
+            # Half-open: one probe at a time; a probe that never reported
+            # back (its thread died) is replaced after another reset_timeout.
+            if self._probing and now - self._probe_started < self.reset_timeout:
+                return False
+            self._probing = True
+            self._probe_started = now
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._probing = False
+            if self._state is not BreakerState.CLOSED:
+                self._transition(BreakerState.CLOSED)
+
+    def release_probe(self) -> None:
+        """Give back a half-open probe whose outcome says nothing about the backend."""
+        with self._lock:
+            self._probing = False
+
+    def record_failure(self) -> None:
+        opened = False
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            if self._state is BreakerState.HALF_OPEN or (
+                self._state is BreakerState.CLOSED and self._failures >= self.failure_threshold
+            ):
+                self._opened_at = self._clock()
+                self._transition(BreakerState.OPEN)
+                opened = True
+        if opened and self._on_open is not None:
+            try:
+                self._on_open()
+            except Exception:  # pragma: no cover - defensive
+                log.exception("breaker %s: on_open hook failed", self.name)
+
+    def _transition(self, to: BreakerState) -> None:
+        frm = self._state
+        self._state = to
+        self._metrics.inc("breaker_transitions_total", backend=self.name, to=to.value)
+        level = logging.WARNING if to is BreakerState.OPEN else logging.INFO
+        log.log(level, "circuit breaker %s: %s -> %s", self.name, frm.value, to.value)
+
+
+class Resilience:
+    """Retry (tenacity) + circuit breaker, applied to one backend's calls."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        attempts: int = 3,
+        initial_backoff: float = 0.02,
+        max_backoff: float = 0.25,
+        breaker: Optional[CircuitBreaker] = None,
+        transient: Callable[[BaseException], bool] = is_redis_transient,
+        metrics: Metrics = METRICS,
+    ) -> None:
+        self.name = name
+        self.attempts = attempts
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.breaker = breaker if breaker is not None else CircuitBreaker(name, metrics=metrics)
+        self.transient = transient
+        self._metrics = metrics
+
+    def __repr__(self) -> str:
+        return f"Resilience({self.name!r}, attempts={self.attempts}, breaker={self.breaker.state.value})"
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (a cheap check; claims no probe)."""
+        return self.breaker.state is not BreakerState.OPEN
+
+    def call(self, fn: Callable[..., T], *args: Any, attempts: Optional[int] = None, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` with retries and the breaker.
+
+        Transient failures that outlast the retries, and calls made while the
+        breaker is open, raise `BackendUnavailable` (chained to the cause).
+        Any other exception propagates unchanged.
+        """
+        breaker = self.breaker
+        metrics = self._metrics
+        name = self.name
+
+        def attempt() -> T:
+            if not breaker.allow():
+                metrics.inc("breaker_rejections_total", backend=name)
+                raise BreakerOpen(f"{name} unavailable: circuit breaker open")
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                if self.transient(exc):
+                    metrics.inc("backend_failures_total", backend=name)
+                    breaker.record_failure()
+                elif isinstance(exc, Exception) and _server_answered(exc):
+                    breaker.record_success()
+                else:
+                    breaker.release_probe()
+                raise
+            breaker.record_success()
+            return result
+
+        n = self.attempts if attempts is None else attempts
+        if n <= 1:
+            try:
+                return attempt()
+            except BaseException as exc:
+                if self.transient(exc):
+                    raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
+                raise
+
+        def should_retry(exc: BaseException) -> bool:
+            return self.transient(exc) and breaker.state is BreakerState.CLOSED
+
+        def before_sleep(state: RetryCallState) -> None:
+            metrics.inc("backend_retries_total", backend=name)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(n),
+            wait=wait_exponential_jitter(
+                initial=self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
+            ),
+            retry=retry_if_exception(should_retry),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except BaseException as exc:
+            if self.transient(exc):
+                raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
+            raise
+
+
+def _server_answered(exc: Exception) -> bool:
+    """An error reply (WRONGTYPE, NOSCRIPT, …) proves the server is up."""
+    return isinstance(exc, rex.ResponseError)

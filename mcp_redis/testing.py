@@ -1,0 +1,276 @@
+"""Real servers for tests, benchmarks and the demo: throwaway redis-server
+processes on free loopback ports in temp dirs, and throwaway PostgreSQL
+databases. Loopback only; nothing here touches the shared instances beyond
+creating and dropping its own uniquely named database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from typing import Any, List, Optional, Sequence
+
+__all__ = [
+    "free_port",
+    "redis_binary",
+    "servers_required",
+    "RedisServer",
+    "PostgresDatabase",
+    "wait_for",
+]
+
+DEFAULT_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def servers_required() -> bool:
+    """True when ``MCP_REDIS_REQUIRE_SERVERS=1``: missing servers fail, not skip."""
+    return os.environ.get("MCP_REDIS_REQUIRE_SERVERS", "") == "1"
+
+
+def redis_binary(name: str = "redis-server") -> Optional[str]:
+    """Path of a Redis binary, or None."""
+    return shutil.which(name)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> None:
+    """Poll `predicate` until true; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1, restartable on the same port."""
+
+    def __init__(
+        self,
+        port: Optional[int] = None,
+        *,
+        args: Sequence[str] = (),
+        directory: Optional[str] = None,
+        binary: str = "redis-server",
+        password: Optional[str] = None,
+    ) -> None:
+        path = redis_binary(binary)
+        if path is None:
+            raise FileNotFoundError(f"{binary} not found on PATH")
+        self.binary = path
+        self.port = port or free_port()
+        self.args = list(args)
+        self.password = password
+        self._own_dir = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="mcp_redis_srv_")
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def __repr__(self) -> str:
+        return f"RedisServer(port={self.port}, running={self.running})"
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command_line(self) -> List[str]:
+        cmd = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--logfile", os.path.join(self.directory, "redis.log"),
+            "--daemonize", "no",
+            "--protected-mode", "no",
+        ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd + self.args
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        if self.running:
+            return self
+        self.proc = subprocess.Popen(
+            self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(self.ping, timeout, what=f"redis-server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        """True when the server answers PING (a raw socket, no client state)."""
+        if not self.running:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                payload = b""
+                if self.password:
+                    pw = self.password.encode()
+                    payload += b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw)
+                s.sendall(payload + b"*1\r\n$4\r\nPING\r\n")
+                data = b""
+                while b"PONG" not in data and not data.startswith(b"-"):
+                    chunk = s.recv(64)
+                    if not chunk:
+                        return False
+                    data += chunk
+                return b"PONG" in data
+        except OSError:
+            return False
+
+    def client(self, **kwargs: Any) -> Any:
+        """A plain redis-py client to this server (decoded responses)."""
+        import redis
+
+        kwargs.setdefault("decode_responses", True)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait (the port is free when this returns)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel but never answered."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 10.0) -> "RedisServer":
+        """Stop (losing all data: nothing is persisted) and start on the same port."""
+        self.stop()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+class PostgresDatabase:
+    """A uniquely named database created on enter and dropped on exit."""
+
+    def __init__(self, admin_dsn: Optional[str] = None, prefix: str = "mcp_redis_test") -> None:
+        self.admin_dsn = admin_dsn or os.environ.get("MCP_REDIS_TEST_PG_ADMIN_DSN", DEFAULT_ADMIN_DSN)
+        self.name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        self.created = False
+
+    @property
+    def dsn(self) -> str:
+        """A key/value DSN for the new database (the admin DSN, dbname swapped)."""
+        import psycopg2.extensions
+
+        params = psycopg2.extensions.parse_dsn(self.admin_dsn)
+        params["dbname"] = self.name
+        return " ".join(f"{k}={v}" for k, v in params.items())
+
+    @property
+    def url(self) -> str:
+        import psycopg2.extensions
+
+        p = psycopg2.extensions.parse_dsn(self.admin_dsn)
+        user = p.get("user", "postgres")
+        return f"postgresql://{user}@{p.get('host', '127.0.0.1')}:{p.get('port', '5432')}/{self.name}"
+
+    def available(self) -> bool:
+        import psycopg2
+
+        try:
+            psycopg2.connect(self.admin_dsn).close()
+            return True
+        except psycopg2.Error:
+            return False
+
+    def create(self) -> "PostgresDatabase":
+        import psycopg2
+        from psycopg2 import sql
+
+        conn = psycopg2.connect(self.admin_dsn)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
+        finally:
+            conn.close()
+        self.created = True
+        return self
+
+    def drop(self) -> None:
+        if not self.created:
+            return
+        import psycopg2
+        from psycopg2 import sql
+
+        conn = psycopg2.connect(self.admin_dsn)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (self.name,),
+                )
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.name)))
+        finally:
+            conn.close()
+        self.created = False
+
+    def __enter__(self) -> "PostgresDatabase":
+        return self.create()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.drop()

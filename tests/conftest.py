@@ -1,0 +1,126 @@
+"""Shared fixtures: real redis-server processes and a throwaway PostgreSQL DB.
+
+A test that needs a server skips with a clear reason when it is missing,
+unless ``MCP_REDIS_REQUIRE_SERVERS=1`` (set by ``.ci/run``), which turns the
+skip into a failure. Every test starts from a clean configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, List
+
+import pytest
+
+import mcp_redis
+from mcp_redis.config import ENVIRONMENT_VARIABLES
+from mcp_redis.metrics import METRICS
+from mcp_redis.testing import PostgresDatabase, RedisServer, redis_binary, servers_required
+
+
+def missing_server(reason: str) -> None:
+    """Skip (or fail, when servers are required) for a missing server."""
+    if servers_required():
+        pytest.fail(f"required server missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def clean_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test starts with no library env vars, no overrides, no clients."""
+    for var, _ in ENVIRONMENT_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MCP_REDIS_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))
+    mcp_redis.reset(configuration=True)
+    METRICS.clear()
+    yield
+    mcp_redis.reset(configuration=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole run (flushed before each test that uses it)."""
+    if redis_binary() is None:
+        missing_server("redis-server binary not found")
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the shared test server, emptied first."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_factory() -> Iterator["RedisFactory"]:
+    """Make extra redis-servers (for kill/restart tests); all cleaned up after."""
+    if redis_binary() is None:
+        missing_server("redis-server binary not found")
+    factory = RedisFactory()
+    yield factory
+    factory.cleanup()
+
+
+class RedisFactory:
+    def __init__(self) -> None:
+        self.servers: List[RedisServer] = []
+
+    def __call__(self, **kwargs: object) -> RedisServer:
+        server = RedisServer(**kwargs)  # type: ignore[arg-type]
+        self.servers.append(server)
+        return server.start()
+
+    def cleanup(self) -> None:
+        for s in self.servers:
+            s.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[PostgresDatabase]:
+    """A uniquely named PostgreSQL database for the run, dropped after."""
+    db = PostgresDatabase()
+    if not db.available():
+        missing_server("PostgreSQL not reachable at 127.0.0.1:5432")
+    db.create()
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def database_url(pg_database: PostgresDatabase) -> str:
+    """DSN of the run's database, with the library's tables emptied."""
+    import psycopg2
+
+    conn = psycopg2.connect(pg_database.dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('core.sessions'), to_regclass('audit.rate_limits')")
+            sessions, limits = cur.fetchone()
+            if sessions:
+                cur.execute("TRUNCATE core.sessions")
+            if limits:
+                cur.execute("TRUNCATE audit.rate_limits")
+    finally:
+        conn.close()
+    return pg_database.url
+
+
+@pytest.fixture
+def redis_mode(redis_url: str) -> str:
+    """The library configured against the shared test redis-server."""
+    mcp_redis.configure(redis_url=redis_url)
+    return redis_url
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    if os.environ.get("MCP_REDIS_SKIP_SLOW") == "1":
+        skip = pytest.mark.skip(reason="MCP_REDIS_SKIP_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
