@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 import os
+import re
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError
@@ -178,7 +178,7 @@ class Settings:
         """True when no Redis is configured (the single-host behaviour)."""
         return not self.redis_url
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -198,7 +198,7 @@ class Settings:
     __str__ = __repr__
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Settings:
         """Settings from `environ` (default `os.environ`), then `overrides`."""
         env = os.environ if environ is None else environ
         values: Dict[str, Any] = {}
@@ -231,7 +231,8 @@ def _check_number(name: str, value: Any, *, integer: bool = False,
         raise ConfigurationError(f"{name}: must be {kind}, not {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigurationError(f"{name}: must be finite, got {value!r}")
-    if value < minimum or (strict and value == minimum):
+    number = float(cast(float, value))
+    if number < minimum or (strict and number == minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ConfigurationError(f"{name}: must be {bound}, got {value!r}")
 

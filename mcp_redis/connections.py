@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -40,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger("mcp_redis.connections")
 T = TypeVar("T")
-AnyRedis = Union["redis.Redis[Any]", RedisCluster]
 
 
 @dataclasses.dataclass
@@ -217,7 +216,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
             }
             if s.sentinel_password:
                 sentinel_kwargs["password"] = s.sentinel_password
-            sentinel = Sentinel(
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 sentinels,
                 sentinel_kwargs=sentinel_kwargs,
                 username=user,
@@ -225,10 +224,10 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
                 db=db,
                 **common,
             )
-            client = sentinel.master_for(service, max_connections=s.max_connections)
+            client = sentinel.master_for(service, max_connections=s.max_connections)  # type: ignore[no-untyped-call]
             return client, "sentinel", sentinel, service
         if scheme == "redis+cluster":
-            nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]
+            nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
             cluster_common = dict(common)
             # MOVED/ASK are followed inside redis-py; a small retry lets it
             # re-read the slot map after a node goes away.

@@ -89,30 +89,30 @@ class Metrics:
     def counters(self) -> List[Tuple[str, Mapping[str, str], float]]:
         """Every counter as (name, labels, value)."""
         with self._lock:
-            return [(n, dict(l), v) for (n, l), v in sorted(self._counters.items())]
+            return [(n, dict(lb), v) for (n, lb), v in sorted(self._counters.items())]
 
     def histograms(self) -> List[Tuple[str, Mapping[str, str], List[int], float, int]]:
         """Every histogram as (name, labels, bucket counts, sum, count)."""
         with self._lock:
             return [
-                (n, dict(l), list(h.counts), h.total, h.count)
-                for (n, l), h in sorted(self._histograms.items())
+                (n, dict(lb), list(h.counts), h.total, h.count)
+                for (n, lb), h in sorted(self._histograms.items())
             ]
 
     def snapshot(self) -> Dict[str, object]:
         """A JSON-ready view: counters, and p50/p99/count per histogram."""
         with self._lock:
             counters = {
-                _flat(n, l): v for (n, l), v in sorted(self._counters.items())
+                _flat(n, lb): v for (n, lb), v in sorted(self._counters.items())
             }
             latencies = {
-                _flat(n, l): {
+                _flat(n, lb): {
                     "count": h.count,
                     "p50_s": h.quantile(0.5),
                     "p99_s": h.quantile(0.99),
                     "mean_s": h.total / h.count if h.count else 0.0,
                 }
-                for (n, l), h in sorted(self._histograms.items())
+                for (n, lb), h in sorted(self._histograms.items())
             }
         return {"counters": counters, "latencies": latencies}
 

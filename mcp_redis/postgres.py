@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence
 
 import psycopg2
 import psycopg2.extensions
@@ -194,7 +194,9 @@ class Postgres:
         pool = self._pool
         if pool is None:
             return {"in_use": 0, "idle": 0, "max": self._maxconn}
-        return {"in_use": len(pool._used), "idle": len(pool._pool), "max": self._maxconn}
+        used = getattr(pool, "_used", {})
+        idle = getattr(pool, "_pool", [])
+        return {"in_use": len(used), "idle": len(idle), "max": self._maxconn}
 
     def close(self) -> None:
         with self._pool_lock:

@@ -114,7 +114,7 @@ class RedisServer:
             cmd += ["--requirepass", self.password]
         return cmd + self.args
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         if self.running:
             return self
         self.proc = subprocess.Popen(
@@ -184,7 +184,7 @@ class RedisServer:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
 
-    def restart(self, timeout: float = 10.0) -> "RedisServer":
+    def restart(self, timeout: float = 10.0) -> RedisServer:
         """Stop (losing all data: nothing is persisted) and start on the same port."""
         self.stop()
         return self.start(timeout)
@@ -194,7 +194,7 @@ class RedisServer:
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -235,7 +235,7 @@ class PostgresDatabase:
         except psycopg2.Error:
             return False
 
-    def create(self) -> "PostgresDatabase":
+    def create(self) -> PostgresDatabase:
         import psycopg2
         from psycopg2 import sql
 
@@ -269,7 +269,7 @@ class PostgresDatabase:
             conn.close()
         self.created = False
 
-    def __enter__(self) -> "PostgresDatabase":
+    def __enter__(self) -> PostgresDatabase:
         return self.create()
 
     def __exit__(self, *exc: Any) -> None:

@@ -57,7 +57,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-def redis_factory() -> Iterator["RedisFactory"]:
+def redis_factory() -> Iterator[RedisFactory]:
     """Make extra redis-servers (for kill/restart tests); all cleaned up after."""
     if redis_binary() is None:
         missing_server("redis-server binary not found")

@@ -1,0 +1,206 @@
+"""A resilient pub/sub listener: one daemon thread, reconnects by itself.
+
+redis-py's ``PubSub.run_in_thread`` dies when a reconnect fails (redis-py
+#816, #717); this listener instead loops forever with backoff, resubscribes
+after every reconnect and tells its owner (``on_subscribed(initial=False)``)
+so that state which may have missed messages (an L1 cache) can be flushed.
+
+Used by the metadata cache's cross-process invalidation and by `EventBus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import weakref
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import redis.exceptions as rex
+
+from .connections import get_redis, on_fork
+from .errors import BackendUnavailable
+from .metrics import METRICS
+
+__all__ = ["Subscriber", "Handler"]
+
+log = logging.getLogger("mcp_redis.pubsub")
+
+# handler(channel, data): data is the published payload (str).
+Handler = Callable[[str, str], None]
+_live: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+_LISTEN_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError, BackendUnavailable)
+
+
+class Subscriber:
+    """Listen on `channels` and/or `patterns`, calling `handler` for each message.
+
+    Messages are handled one at a time, in the order Redis delivers them, on
+    this subscriber's own daemon thread. An exception in `handler` is logged
+    and counted; the listener lives on. Pub/sub is at-most-once: a message
+    published while the listener is reconnecting is lost.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        channels: Iterable[str] = (),
+        patterns: Iterable[str] = (),
+        on_subscribed: Optional[Callable[[bool], None]] = None,
+        name: str = "mcp_redis-subscriber",
+        poll_interval: float = 0.5,
+        max_backoff: float = 1.0,
+    ) -> None:
+        self.channels: Tuple[str, ...] = tuple(channels)
+        self.patterns: Tuple[str, ...] = tuple(patterns)
+        if not self.channels and not self.patterns:
+            raise ValueError("channels/patterns: subscribe to at least one")
+        self._handler = handler
+        self._on_subscribed = on_subscribed
+        self.name = name
+        self._poll = poll_interval
+        self._max_backoff = max_backoff
+        self._closed = threading.Event()
+        self._ready = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._pid = os.getpid()
+        self._pubsub: Any = None
+        self._subscribed_once = False
+        self.reconnects = 0
+        self.delivered = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed.is_set() else "active" if self._ready.is_set() else "connecting"
+        return f"Subscriber({self.name!r}, channels={len(self.channels)}, patterns={len(self.patterns)}, {state})"
+
+    @property
+    def active(self) -> bool:
+        """True while subscribed (False while reconnecting or after close)."""
+        return self._ready.is_set() and not self._closed.is_set() and self.alive
+
+    @property
+    def alive(self) -> bool:
+        """The listener thread runs in this process."""
+        return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
+
+    def start(self, *, wait: bool = True, timeout: float = 5.0) -> Subscriber:
+        """Start the listener thread; with `wait`, return once subscribed.
+
+        Raises `BackendUnavailable` (and stops) if `wait` and the
+        subscription is not active within `timeout` seconds.
+        """
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        _live.add(self)
+        self._thread.start()
+        if wait and not self._ready.wait(timeout):
+            self.close()
+            raise BackendUnavailable(f"redis unavailable: subscription not active within {timeout}s")
+        return self
+
+    def wait_active(self, timeout: float) -> bool:
+        """Block until subscribed (again); False on timeout."""
+        return self._ready.wait(timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop listening and join the thread (never from inside the handler)."""
+        self._closed.set()
+        self._ready.clear()
+        ps = self._pubsub
+        if ps is not None:
+            try:
+                ps.close()  # wakes a blocked read
+            except Exception:
+                pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.02
+        while not self._closed.is_set():
+            try:
+                self._listen()
+                return
+            except Exception as exc:
+                if self._closed.is_set():
+                    return  # close() shut the socket under us
+                self._ready.clear()
+                if isinstance(exc, _LISTEN_ERRORS):
+                    METRICS.inc("pubsub_reconnects_total")
+                    self.reconnects += 1
+                    log.warning("subscriber %s: connection lost (%s); reconnecting", self.name, type(exc).__name__)
+                else:  # a bug: log it, keep the listener alive
+                    log.exception("subscriber %s: unexpected error", self.name)
+                self._closed.wait(backoff * (0.5 + random.random()))  # noqa: S311 - jitter
+                backoff = min(backoff * 2, self._max_backoff)
+            finally:
+                self._drop_pubsub()
+
+    def _listen(self) -> None:
+        conn = get_redis()
+        ps = conn.client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub = ps
+        expected = 0
+        if self.channels:
+            ps.subscribe(*self.channels)
+            expected += len(self.channels)
+        if self.patterns:
+            ps.psubscribe(*self.patterns)
+            expected += len(self.patterns)
+        confirmed = 0
+        pending: List[Any] = []
+        while confirmed < expected:
+            if self._closed.is_set():
+                return
+            msg = ps.get_message(timeout=self._poll)
+            if msg is None:
+                continue
+            if msg["type"] in ("subscribe", "psubscribe"):
+                confirmed += 1
+            elif msg["type"] in ("message", "pmessage"):
+                pending.append(msg)
+        first = not self._subscribed_once
+        self._subscribed_once = True
+        if self._on_subscribed is not None:
+            try:
+                self._on_subscribed(first)
+            except Exception:
+                log.exception("subscriber %s: on_subscribed hook failed", self.name)
+        self._ready.set()
+        for msg in pending:
+            self._dispatch(msg)
+        while not self._closed.is_set():
+            msg = ps.get_message(ignore_subscribe_messages=True, timeout=self._poll)
+            if msg is not None:
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: Any) -> None:
+        if msg.get("type") not in ("message", "pmessage"):
+            return
+        try:
+            self._handler(str(msg["channel"]), msg["data"])
+            self.delivered += 1
+        except Exception:
+            METRICS.inc("pubsub_handler_errors_total")
+            log.exception("subscriber %s: handler raised; listener continues", self.name)
+
+    def _drop_pubsub(self) -> None:
+        ps, self._pubsub = self._pubsub, None
+        if ps is not None:
+            try:
+                ps.close()
+            except Exception:
+                pass
+
+
+@on_fork
+def _forget_in_child() -> None:
+    # Threads do not survive fork; never touch the parent's sockets.
+    for sub in list(_live):
+        sub._pubsub = None
+        sub._ready.clear()
+    _live.clear()
