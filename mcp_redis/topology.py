@@ -1,0 +1,674 @@
+"""Real multi-node Redis topologies on loopback, for tests and benchmarks.
+
+`SentinelTopology` is one master, its replicas and three Sentinels
+(``redis-server --sentinel``) tuned to fail over within a few seconds;
+`ClusterTopology` is a Redis Cluster of three masters (with replicas) made by
+``redis-cli --cluster create``. Both are context managers built on
+`mcp_redis.testing.RedisServer`: every process runs on a free 127.0.0.1 port
+in a temporary directory that is removed on exit, and each topology's ``url``
+is what `mcp_redis.configure(redis_url=...)` takes.
+
+They also hold the faults the library must survive: `SentinelTopology.kill_master`
+and `wait_for_failover` (then `heal` to get back to full strength), and
+`ClusterTopology.migrate_slot` / `SlotMigration` to move a hash slot between
+masters step by step, so that clients see ASK and MOVED redirections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from redis.crc import key_slot as _key_slot
+
+from .testing import RedisServer, free_port, redis_binary, wait_for
+
+__all__ = [
+    "SentinelServer",
+    "SentinelTopology",
+    "ClusterTopology",
+    "SlotMigration",
+    "key_slot",
+    "CLUSTER_SLOTS",
+]
+
+CLUSTER_SLOTS = 16384
+# Replicas sync at once (the default waits 5 s for more replicas to share a
+# diskless transfer), which is what makes a topology start in seconds.
+_DATA_NODE_ARGS = ("--repl-diskless-sync-delay", "0")
+Address = Tuple[str, int]
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of `key` (honours ``{hash tags}``)."""
+    return int(_key_slot(key.encode("utf-8", "surrogatepass")))
+
+
+def _admin(server: RedisServer, timeout: float = 2.0) -> Any:
+    """A short-timeout plain client for administrative commands."""
+    return server.client(socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _info(server: RedisServer, section: str) -> Dict[str, Any]:
+    client = _admin(server)
+    try:
+        return dict(client.info(section))
+    finally:
+        client.close()
+
+
+class SentinelServer(RedisServer):
+    """A redis-server in Sentinel mode.
+
+    Sentinel needs a writable configuration file (it records what it learns
+    there), and redis-server only reads a file named as its first argument.
+    """
+
+    def __init__(self, config: str, port: Optional[int] = None, *, directory: Optional[str] = None) -> None:
+        super().__init__(port, directory=directory)
+        self.config_file = os.path.join(self.directory, "sentinel.conf")
+        with open(self.config_file, "w", encoding="utf-8") as f:
+            f.write(config)
+
+    def __repr__(self) -> str:
+        return f"SentinelServer(port={self.port}, running={self.running})"
+
+    def command_line(self) -> List[str]:
+        base = super().command_line()
+        return [base[0], self.config_file, *base[1:], "--sentinel"]
+
+
+class SentinelTopology:
+    """One master, `replicas` replicas and `sentinels` Sentinels on loopback.
+
+    ``down_after_ms`` and ``failover_timeout_ms`` are short so a killed master
+    is replaced within a few seconds. Use as a context manager::
+
+        with SentinelTopology() as topo:
+            mcp_redis.configure(redis_url=topo.url)
+            old = topo.kill_master()
+            new = topo.wait_for_failover(old)
+            topo.heal()          # restart `old` as a replica of `new`
+    """
+
+    def __init__(
+        self,
+        service: str = "mymaster",
+        *,
+        replicas: int = 2,
+        sentinels: int = 3,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 4000,
+        password: Optional[str] = None,
+    ) -> None:
+        if redis_binary() is None:
+            raise FileNotFoundError("redis-server not found on PATH")
+        if not 1 <= quorum <= sentinels:
+            raise ValueError(f"quorum: must be between 1 and sentinels ({sentinels}), got {quorum}")
+        self.service = service
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.password = password
+        self.directory = tempfile.mkdtemp(prefix="mcp_redis_sentinel_")
+        self.nodes: List[RedisServer] = [
+            RedisServer(directory=self._subdir(f"node{i}"), password=password, args=_DATA_NODE_ARGS)
+            for i in range(1 + replicas)
+        ]
+        self._initial_master = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.args = self._replica_args(self._initial_master)
+        self.sentinels: List[SentinelServer] = []
+        self._sentinel_count = sentinels
+
+    def __repr__(self) -> str:
+        return f"SentinelTopology(service={self.service!r}, nodes={self.nodes}, sentinels={self.sentinels})"
+
+    # -- addresses -------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://[:password@]127.0.0.1:p1,...,127.0.0.1:pN/<service>``."""
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{self.service}"
+
+    @property
+    def sentinel_addresses(self) -> List[Address]:
+        return [("127.0.0.1", s.port) for s in self.sentinels]
+
+    def master_address(self) -> Address:
+        """The master's address as the first answering Sentinel reports it."""
+        errors: List[str] = []
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                continue
+            client = _admin(sentinel)
+            try:
+                host, port = client.sentinel_get_master_addr_by_name(self.service)
+                return str(host), int(port)
+            except Exception as exc:
+                errors.append(f"{sentinel.port}: {exc!r}")
+            finally:
+                client.close()
+        raise RuntimeError(f"no Sentinel names a master for {self.service!r}: {errors}")
+
+    @property
+    def master(self) -> RedisServer:
+        """The data node the Sentinels currently name as master."""
+        return self._node_at(self.master_address())
+
+    @property
+    def replicas(self) -> List[RedisServer]:
+        """The running data nodes that are not the master."""
+        master = self.master
+        return [n for n in self.nodes if n is not master and n.running]
+
+    def _node_at(self, address: Address) -> RedisServer:
+        for node in self.nodes:
+            if node.port == address[1]:
+                return node
+        raise RuntimeError(f"Sentinels name {address} as master, which is not one of ours")
+
+    def _subdir(self, name: str) -> str:
+        path = os.path.join(self.directory, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _replica_args(self, master: RedisServer) -> List[str]:
+        args = [*_DATA_NODE_ARGS, "--replicaof", "127.0.0.1", str(master.port)]
+        if self.password:
+            args += ["--masterauth", self.password]
+        return args
+
+    def _sentinel_config(self) -> str:
+        s = self.service
+        lines = [
+            "sentinel resolve-hostnames no",
+            f"sentinel monitor {s} 127.0.0.1 {self._initial_master.port} {self.quorum}",
+            f"sentinel down-after-milliseconds {s} {self.down_after_ms}",
+            f"sentinel failover-timeout {s} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {s} 1",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {s} {self.password}")
+        return "\n".join(lines) + "\n"
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> SentinelTopology:
+        """Start the data nodes, wait for replication, then the Sentinels."""
+        try:
+            for node in self.nodes:
+                node.start()
+            self._wait_replicas_online(self._initial_master, len(self.nodes) - 1, timeout)
+            config = self._sentinel_config()
+            self.sentinels = [
+                SentinelServer(config, directory=self._subdir(f"sentinel{i}")) for i in range(self._sentinel_count)
+            ]
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self.wait_until_healthy(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _wait_replicas_online(self, master: RedisServer, count: int, timeout: float) -> None:
+        def online() -> bool:
+            info = _info(master, "replication")
+            if info.get("role") != "master":
+                return False
+            states = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            return sum(1 for v in states if v.get("state") == "online") >= count
+
+        wait_for(online, timeout, interval=0.05, what=f"{count} replicas online on port {master.port}")
+
+    def healthy(self) -> bool:
+        """Every process runs, and every Sentinel sees the master, all replicas and its peers."""
+        if not self.sentinels:
+            return False
+        if not all(n.running for n in self.nodes) or not all(s.running for s in self.sentinels):
+            return False
+        try:
+            return all(self._sentinel_view_ok(s) for s in self.sentinels) and self._replication_ok()
+        except Exception:
+            return False
+
+    def _sentinel_view_ok(self, sentinel: SentinelServer) -> bool:
+        client = _admin(sentinel)
+        try:
+            state = client.sentinel_master(self.service)
+            replicas = client.sentinel_slaves(self.service)
+        finally:
+            client.close()
+        if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
+            return False
+        if int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
+            return False
+        if ("failover_in_progress" in str(state.get("flags", ""))) or int(state.get("port", 0)) != self.master_address()[1]:
+            return False
+        live = [r for r in replicas if not r.get("is_sdown") and not r.get("is_odown")]
+        return len(live) >= len(self.nodes) - 1
+
+    def _replication_ok(self) -> bool:
+        master = self.master
+        info = _info(master, "replication")
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"]
+        return info.get("role") == "master" and len(online) >= len(self.nodes) - 1
+
+    def wait_until_healthy(self, timeout: float = 30.0) -> None:
+        wait_for(self.healthy, timeout, interval=0.1, what="a healthy Sentinel topology")
+
+    # -- faults ----------------------------------------------------------------
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master (a crash: nothing is flushed); returns it."""
+        master = self.master
+        master.kill()
+        return master
+
+    def wait_for_failover(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until every running Sentinel names a new, writable master; return it."""
+
+        def promoted() -> bool:
+            ports = set()
+            for sentinel in self.sentinels:
+                if not sentinel.running:
+                    continue
+                client = _admin(sentinel)
+                try:
+                    ports.add(int(client.sentinel_get_master_addr_by_name(self.service)[1]))
+                finally:
+                    client.close()
+            if len(ports) != 1 or old.port in ports:
+                return False
+            node = self._node_at(("127.0.0.1", ports.pop()))
+            return _info(node, "replication").get("role") == "master"
+
+        wait_for(promoted, timeout, interval=0.05, what=f"Sentinels to replace the master on port {old.port}")
+        return self.master
+
+    def failover(self, timeout: float = 30.0) -> RedisServer:
+        """A graceful, forced failover (``SENTINEL FAILOVER``); returns the new master."""
+        old = self.master
+        sentinel = next(s for s in self.sentinels if s.running)
+        client = _admin(sentinel)
+        try:
+            client.sentinel_failover(self.service)
+        finally:
+            client.close()
+        return self.wait_for_failover(old, timeout)
+
+    def heal(self, timeout: float = 30.0) -> None:
+        """Restart every stopped process (old masters as replicas of the current one)."""
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                sentinel.start()
+        master = self.master
+        if not master.running:  # killed, and not failed over yet
+            master = self.wait_for_failover(master, timeout)
+        for node in self.nodes:
+            if not node.running:
+                node.args = self._replica_args(master)
+                node.start()
+        self.wait_until_healthy(timeout)
+
+    def flushall(self) -> None:
+        """Empty the dataset (on the master; the replicas follow)."""
+        client = _admin(self.master)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+
+    def client(self, **kwargs: Any) -> Any:
+        """A plain client to the current master."""
+        return self.master.client(**kwargs)
+
+    def cleanup(self) -> None:
+        """Kill every process and remove the directory."""
+        for server in [*self.sentinels, *self.nodes]:
+            server.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    stop = cleanup
+
+    def __enter__(self) -> SentinelTopology:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+class ClusterTopology:
+    """A Redis Cluster of `masters` masters with `replicas` replicas each, on loopback.
+
+    Made with ``redis-cli --cluster create ... --cluster-yes``; ready when
+    every node reports ``cluster_state:ok`` and agrees on the slot map::
+
+        with ClusterTopology() as cluster:
+            mcp_redis.configure(redis_url=cluster.url)
+            cluster.migrate_slot(key_slot("{agent:1}"))   # clients see ASK then MOVED
+    """
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        *,
+        node_timeout_ms: int = 2000,
+        password: Optional[str] = None,
+    ) -> None:
+        if redis_binary() is None or redis_binary("redis-cli") is None:
+            raise FileNotFoundError("redis-server and redis-cli must be on PATH")
+        if masters < 3:
+            raise ValueError(f"masters: Redis Cluster needs at least 3, got {masters}")
+        self.masters_count = masters
+        self.replicas_per_master = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.password = password
+        self.directory = tempfile.mkdtemp(prefix="mcp_redis_cluster_")
+        self.nodes: List[RedisServer] = []
+        for i in range(masters * (1 + replicas)):
+            directory = os.path.join(self.directory, f"node{i}")
+            os.makedirs(directory)
+            args = [
+                *_DATA_NODE_ARGS,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # An explicit bus port: port+10000 can overflow from the ephemeral range.
+                "--cluster-port", str(free_port()),
+            ]
+            if password:
+                args += ["--masterauth", password]
+            self.nodes.append(RedisServer(directory=directory, args=args, password=password))
+        self._migrations: List[SlotMigration] = []
+
+    def __repr__(self) -> str:
+        return f"ClusterTopology(nodes={self.nodes})"
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://[:password@]127.0.0.1:p1,...`` naming every node."""
+        auth = f":{self.password}@" if self.password else ""
+        return "redis+cluster://" + auth + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> ClusterTopology:
+        """Start the nodes, join them with ``redis-cli --cluster create``, wait for ok."""
+        try:
+            for node in self.nodes:
+                node.start()
+            cmd = [str(redis_binary("redis-cli")), "--cluster", "create"]
+            cmd += [f"127.0.0.1:{n.port}" for n in self.nodes]
+            cmd += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
+            env = dict(os.environ)
+            if self.password:
+                env["REDISCLI_AUTH"] = self.password  # not on the command line
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+            if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
+                raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            self.wait_until_healthy(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _cluster_view(self, node: RedisServer) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        client = _admin(node)
+        try:
+            # Two words, so that redis-py applies no reply parser: raw text.
+            info = client.execute_command("CLUSTER", "INFO")
+            raw = client.execute_command("CLUSTER", "NODES")
+        finally:
+            client.close()
+        fields = dict(line.split(":", 1) for line in str(info).strip().splitlines() if ":" in line)
+        return fields, _parse_nodes(str(raw))
+
+    def healthy(self) -> bool:
+        """All nodes up, ``cluster_state:ok``, one slot map, replicas in sync, no open migration."""
+        if not all(n.running for n in self.nodes):
+            return False
+        try:
+            maps = set()
+            for node in self.nodes:
+                info, nodes = self._cluster_view(node)
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                    return False
+                if any("fail" in n["flags"] or n["migrating"] for n in nodes):
+                    return False
+                maps.add(tuple(sorted((n["port"], tuple(n["slots"])) for n in nodes if "master" in n["flags"])))
+                me = next(n for n in nodes if "myself" in n["flags"])
+                if "slave" in me["flags"] and _info(node, "replication").get("master_link_status") != "up":
+                    return False
+            return len(maps) == 1
+        except Exception:
+            return False
+
+    def wait_until_healthy(self, timeout: float = 60.0) -> None:
+        wait_for(self.healthy, timeout, interval=0.1, what="a healthy Redis Cluster")
+
+    # -- the slot map ----------------------------------------------------------
+    def _view(self) -> List[Dict[str, Any]]:
+        errors: List[str] = []
+        for node in self.nodes:
+            if node.running:
+                try:
+                    return self._cluster_view(node)[1]
+                except Exception as exc:
+                    errors.append(f"{node.port}: {exc!r}")
+        raise RuntimeError(f"no cluster node answers: {errors}")
+
+    def _server(self, port: int) -> RedisServer:
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise RuntimeError(f"no node of ours on port {port}")
+
+    @property
+    def masters(self) -> List[RedisServer]:
+        return [self._server(n["port"]) for n in self._view() if "master" in n["flags"] and "fail" not in n["flags"]]
+
+    @property
+    def replicas(self) -> List[RedisServer]:
+        return [self._server(n["port"]) for n in self._view() if "slave" in n["flags"]]
+
+    def node_id(self, server: RedisServer) -> str:
+        client = _admin(server)
+        try:
+            return str(client.execute_command("CLUSTER MYID"))
+        finally:
+            client.close()
+
+    def owner(self, slot: int) -> RedisServer:
+        """The master serving `slot` (as the first answering node sees it)."""
+        for n in self._view():
+            if "master" in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"]):
+                return self._server(n["port"])
+        raise RuntimeError(f"slot {slot} is not served")
+
+    def owner_of(self, key: str) -> RedisServer:
+        return self.owner(key_slot(key))
+
+    # -- faults ----------------------------------------------------------------
+    def migrate_slot(
+        self,
+        slot: int,
+        target: Optional[RedisServer] = None,
+        *,
+        batch: int = 10,
+        between_batches: Optional[Callable[[int], None]] = None,
+    ) -> RedisServer:
+        """Move `slot` to `target` (default: the next master), keys in batches.
+
+        ``between_batches(moved_so_far)`` runs after each batch, while the slot
+        is half-moved (clients get ASK); afterwards they get MOVED once.
+        """
+        migration = SlotMigration(self, slot, target)
+        migration.begin()
+        while True:
+            moved = migration.move_keys(batch)
+            if between_batches is not None:
+                between_batches(migration.moved)
+            if moved == 0:
+                break
+        migration.finish()
+        return migration.target
+
+    def abort_migrations(self) -> None:
+        """Put every half-moved slot back to a stable state."""
+        for migration in list(self._migrations):
+            migration.abort()
+
+    def flushall(self) -> None:
+        """Empty every master (the replicas follow)."""
+        for master in self.masters:
+            client = _admin(master)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+    def heal(self, timeout: float = 60.0) -> None:
+        """Restart stopped nodes (they rejoin from nodes.conf), close migrations, wait for ok."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.abort_migrations()
+        self.wait_until_healthy(timeout)
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    stop = cleanup
+
+    def __enter__(self) -> ClusterTopology:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+class SlotMigration:
+    """One slot moving between masters, step by step (what ``redis-cli --cluster reshard`` does).
+
+    `begin` marks the slot IMPORTING on the target and MIGRATING on the
+    source (from then on, a key missing on the source gets ``-ASK``);
+    `move_keys` MIGRATEs a batch of keys; `finish` assigns the slot to the
+    target everywhere (the source then answers ``-MOVED``).
+    """
+
+    def __init__(self, cluster: ClusterTopology, slot: int, target: Optional[RedisServer] = None) -> None:
+        if not 0 <= slot < CLUSTER_SLOTS:
+            raise ValueError(f"slot: must be in [0, {CLUSTER_SLOTS}), got {slot}")
+        self.cluster = cluster
+        self.slot = slot
+        self.source = cluster.owner(slot)
+        masters = cluster.masters
+        if target is None:
+            target = masters[(masters.index(self.source) + 1) % len(masters)]
+        if target is self.source or target not in masters:
+            raise ValueError(f"target: must be another master than the source {self.source}")
+        self.target = target
+        self.source_id = cluster.node_id(self.source)
+        self.target_id = cluster.node_id(target)
+        self.moved = 0
+        self.state = "new"
+
+    def __repr__(self) -> str:
+        return f"SlotMigration(slot={self.slot}, {self.source.port}->{self.target.port}, {self.state}, moved={self.moved})"
+
+    def _run(self, server: RedisServer, *args: Any) -> Any:
+        client = _admin(server, timeout=5.0)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    def begin(self) -> None:
+        self._run(self.target, "CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+        self._run(self.source, "CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+        self.state = "migrating"
+        self.cluster._migrations.append(self)
+
+    def move_keys(self, count: int = 10) -> int:
+        """MIGRATE up to `count` keys of the slot; returns how many moved (0: none left)."""
+        keys: Sequence[str] = self._run(self.source, "CLUSTER", "GETKEYSINSLOT", self.slot, count)
+        if not keys:
+            return 0
+        args: List[Any] = ["MIGRATE", "127.0.0.1", self.target.port, "", 0, 5000]
+        if self.cluster.password:
+            args += ["AUTH", self.cluster.password]
+        self._run(self.source, *args, "KEYS", *keys)
+        self.moved += len(keys)
+        return len(keys)
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Give the slot to the target on every master, and wait until all nodes agree."""
+        while self.move_keys(100):
+            pass
+        # The target first, so that the source's MOVED never points at a node
+        # that still thinks the slot belongs elsewhere.
+        self._run(self.target, "CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        self._run(self.source, "CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        for master in self.cluster.masters:
+            if master is not self.source and master is not self.target:
+                self._run(master, "CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        self.state = "done"
+        self._forget()
+        wait_for(self._agreed, timeout, interval=0.05, what=f"every node to see slot {self.slot} on port {self.target.port}")
+
+    def abort(self) -> None:
+        """Leave the slot with its source (keys already moved stay on the target, unreachable)."""
+        for server in (self.source, self.target):
+            if server.running:
+                self._run(server, "CLUSTER", "SETSLOT", self.slot, "STABLE")
+        self.state = "aborted"
+        self._forget()
+
+    def _forget(self) -> None:
+        if self in self.cluster._migrations:
+            self.cluster._migrations.remove(self)
+
+    def _agreed(self) -> bool:
+        for node in self.cluster.nodes:
+            if not node.running:
+                continue
+            _, nodes = self.cluster._cluster_view(node)
+            owners = [n["port"] for n in nodes if "master" in n["flags"] and any(lo <= self.slot <= hi for lo, hi in n["slots"])]
+            if owners != [self.target.port]:
+                return False
+        return True
+
+
+def _parse_nodes(raw: str) -> List[Dict[str, Any]]:
+    """``CLUSTER NODES`` text as a list of {id, port, flags, master, slots, migrating}."""
+    out: List[Dict[str, Any]] = []
+    for line in raw.strip().splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        addr = parts[1].split("@", 1)[0]
+        slots: List[Tuple[int, int]] = []
+        migrating = False
+        for item in parts[8:]:
+            if item.startswith("["):
+                migrating = True
+                continue
+            lo, _, hi = item.partition("-")
+            slots.append((int(lo), int(hi or lo)))
+        out.append({
+            "id": parts[0],
+            "port": int(addr.rsplit(":", 1)[1]),
+            "flags": parts[2],
+            "master": parts[3],
+            "slots": slots,
+            "migrating": migrating,
+        })
+    return out
+
