@@ -189,6 +189,8 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
     try:
         if scheme in ("redis", "rediss", "unix"):
             extra = _ssl_kwargs(s) if scheme == "rediss" else {}
+            if scheme == "unix":
+                common.pop("socket_keepalive")  # TCP only
             pool = redis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=s.max_connections,

@@ -249,7 +249,7 @@ class Resilience:
         retrying = Retrying(
             stop=stop_after_attempt(n),
             wait=wait_exponential_jitter(
-                initial=self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
+                multiplier=self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
             ),
             retry=retry_if_exception(should_retry),
             before_sleep=before_sleep,

@@ -1,0 +1,206 @@
+"""Clients from URLs, the retry policy and the circuit breaker on real servers."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Dict, List
+
+import pytest
+import redis
+from redis.connection import SSLConnection, UnixDomainSocketConnection
+from redis.sentinel import SentinelConnectionPool
+
+import mcp_redis
+from mcp_redis.config import Settings
+from mcp_redis.connections import build_client, get_redis, parse_host_list
+from mcp_redis.errors import BackendUnavailable, ConfigurationError
+from mcp_redis.metrics import METRICS
+from mcp_redis.resilience import BreakerState, CircuitBreaker, Resilience
+from mcp_redis.testing import RedisServer
+
+
+def test_redis_url_gives_a_client_over_a_blocking_pool_without_client_retries() -> None:
+    client, kind, _, _ = build_client(Settings(redis_url="redis://127.0.0.1:6390/3", max_connections=7))
+    pool = client.connection_pool
+    assert kind == "single" and isinstance(pool, redis.BlockingConnectionPool)
+    assert pool.max_connections == 7
+    kw = pool.connection_kwargs
+    assert kw["db"] == 3 and kw["socket_timeout"] == 2.0 and kw["socket_connect_timeout"] == 1.0
+    assert kw["health_check_interval"] == 15
+    assert kw["retry"].get_retries() == 0  # one policy (ours) owns retrying
+
+
+def test_rediss_url_uses_tls_connections_with_the_configured_ca() -> None:
+    client, kind, _, _ = build_client(Settings(redis_url="rediss://127.0.0.1:6390/0", ssl_ca_certs="/tmp/ca.pem"))
+    pool = client.connection_pool
+    assert kind == "single" and pool.connection_class is SSLConnection
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/tmp/ca.pem"
+
+
+def test_unix_url_talks_to_a_real_unix_socket_server(tmp_path: Any) -> None:
+    sock = str(tmp_path / "r.sock")
+    with RedisServer(args=["--unixsocket", sock, "--unixsocketperm", "700"]):
+        mcp_redis.configure(redis_url=f"unix://{sock}?db=2")
+        conn = get_redis()
+        assert conn.client.connection_pool.connection_class is UnixDomainSocketConnection
+        assert conn.call(conn.client.set, "mcp:t", "1") and conn.call(conn.client.get, "mcp:t") == "1"
+
+
+def test_sentinel_url_gives_a_master_for_client_with_every_sentinel() -> None:
+    client, kind, sentinel, service = build_client(
+        Settings(redis_url="redis+sentinel://:pw@127.0.0.1:26379,[::1]:26380,127.0.0.1/mymaster/4")
+    )
+    assert kind == "sentinel" and service == "mymaster"
+    assert isinstance(client.connection_pool, SentinelConnectionPool)
+    hosts = [(c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+             for c in sentinel.sentinels]
+    assert hosts == [("127.0.0.1", 26379), ("::1", 26380), ("127.0.0.1", 26379)]
+    assert client.connection_pool.connection_kwargs["db"] == 4
+    assert client.connection_pool.connection_kwargs["password"] == "pw"
+
+
+def test_cluster_url_builds_a_redis_cluster_from_every_startup_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: Dict[str, Any] = {}
+
+    class FakeCluster:
+        def __init__(self, **kwargs: Any) -> None:
+            seen.update(kwargs)
+
+    monkeypatch.setattr("mcp_redis.connections.RedisCluster", FakeCluster)
+    client, kind, _, _ = build_client(Settings(redis_url="redis+cluster://u:pw@127.0.0.1:7000,127.0.0.1:7001"))
+    assert kind == "cluster" and isinstance(client, FakeCluster)
+    assert [(n.host, n.port) for n in seen["startup_nodes"]] == [("127.0.0.1", 7000), ("127.0.0.1", 7001)]
+    assert seen["username"] == "u" and seen["password"] == "pw"
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://127.0.0.1:26379", "redis+cluster://", "redis+cluster://h:notaport"])
+def test_malformed_topology_urls_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="redis_url"):
+        build_client(Settings(redis_url=url))
+
+
+def test_host_lists_parse_ipv6_and_default_ports() -> None:
+    assert parse_host_list("[::1]:7000,h", 6379) == [("::1", 7000), ("h", 6379)]
+
+
+def test_breaker_makes_calls_fail_fast_while_redis_is_down_and_recovers_after_restart(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, breaker_reset_timeout=0.5)
+    conn = get_redis()
+    assert conn.call(conn.client.set, "mcp:k", "v")
+    server.kill()
+    # Trip the breaker: the first calls retry and fail (connection refused).
+    while conn.policy.breaker.state is BreakerState.CLOSED:
+        with pytest.raises(BackendUnavailable):
+            conn.call(conn.client.get, "mcp:k")
+    durations: List[float] = []
+    for _ in range(50):
+        start = time.perf_counter()
+        with pytest.raises(BackendUnavailable):
+            conn.call(conn.client.get, "mcp:k")
+        durations.append(time.perf_counter() - start)
+    # "Well under one connect timeout" (1 s): open-breaker calls don't touch the network.
+    assert statistics.median(durations) < 0.005 and max(durations) < 0.25
+    server.start()  # same port, empty
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert conn.call(conn.client.get, "mcp:k") is None
+            break
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, "did not recover within 5 s"
+            time.sleep(0.05)
+    assert conn.policy.breaker.state is BreakerState.CLOSED
+    assert METRICS.counter("breaker_transitions_total", backend="redis", to="open") >= 1
+    assert METRICS.counter("breaker_transitions_total", backend="redis", to="closed") >= 1
+
+
+def test_transient_timeout_is_retried_transparently(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, socket_timeout=0.1, retry_attempts=8, retry_max_backoff=0.05,
+                        breaker_failure_threshold=10)
+    conn = get_redis()
+    conn.call(conn.client.set, "mcp:k", "v")
+    # CLIENT PAUSE returns at once and stalls every client for 300 ms, so the
+    # first attempts time out and a later one succeeds.
+    server.client().execute_command("CLIENT", "PAUSE", "300", "ALL")
+    assert conn.call(conn.client.get, "mcp:k") == "v"
+    assert METRICS.counter("backend_retries_total", backend="redis") >= 1
+    assert conn.policy.breaker.state is BreakerState.CLOSED
+
+
+def test_error_replies_are_not_retried_and_do_not_trip_the_breaker(redis_mode: str) -> None:
+    conn = get_redis()
+    conn.call(conn.client.set, "mcp:s", "text")
+    for _ in range(10):
+        with pytest.raises(redis.ResponseError):
+            conn.call(conn.client.incr, "mcp:s")
+    assert METRICS.counter("backend_retries_total", backend="redis") == 0
+    assert conn.policy.breaker.state is BreakerState.CLOSED
+
+
+def test_half_open_breaker_lets_one_probe_through() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("t", failure_threshold=2, reset_timeout=1.0, clock=lambda: now[0])
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN and not breaker.allow()
+    now[0] = 1.5
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    now[0] = 3.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow() and breaker.allow()
+
+
+def test_policy_retries_with_backoff_then_gives_up_with_backend_unavailable() -> None:
+    calls: List[float] = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise redis.ConnectionError("boom")
+        return "ok"
+
+    policy = Resilience("t", attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    assert policy.call(flaky) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise redis.TimeoutError("slow")
+
+    with pytest.raises(BackendUnavailable) as info:
+        policy.call(down)
+    assert len(calls) == 3 and isinstance(info.value.__cause__, redis.TimeoutError)
+
+
+def test_forked_child_gets_fresh_connections_and_parent_keeps_working(redis_mode: str) -> None:
+    conn = get_redis()
+    conn.call(conn.client.set, "mcp:parent", "1")
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            child = get_redis()
+            ok = child is not conn and child.call(child.client.incr, "mcp:parent") == 2
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert get_redis() is conn
+    assert conn.call(conn.client.incr, "mcp:parent") == 3
+
+
+def test_connection_repr_never_shows_the_password(redis_factory: Any) -> None:
+    server = redis_factory(password="s3cr3t-pw")
+    mcp_redis.configure(redis_url=server.url)
+    conn = get_redis()
+    assert conn.call(conn.client.ping)
+    assert "s3cr3t-pw" not in repr(conn) and "s3cr3t-pw" not in repr(mcp_redis.settings())
+    assert "s3cr3t-pw" not in str(mcp_redis.health())

@@ -1,0 +1,72 @@
+"""PostgreSQL pool and schema: idempotent migrations, bounded pool, no leaks."""
+
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import psycopg2
+import pytest
+
+import mcp_redis
+from mcp_redis.errors import BackendUnavailable
+from mcp_redis.postgres import get_postgres, migrate
+
+
+def test_migrate_is_idempotent_and_creates_the_library_tables(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    first = migrate()
+    second = migrate()
+    assert first == second
+    rows = get_postgres().execute(
+        "SELECT to_regclass('core.sessions')::text", fetch="one"
+    )
+    assert rows == ("core.sessions",)
+
+
+def test_concurrent_migrations_do_not_collide(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    errors: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate()
+        except BaseException as exc:  # pragma: no cover - the failure we look for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_queries_are_parameterised_and_round_trip_hostile_text(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    hostile = "x'); DROP TABLE core.sessions; --"
+    assert get_postgres().execute("SELECT %s", (hostile,), fetch="one") == (hostile,)
+
+
+def test_exhausted_pool_waits_then_raises_backend_unavailable(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url, postgres_max_connections=1, pool_timeout=0.2)
+    pg = get_postgres()
+    with pg.connection():
+        with pytest.raises(BackendUnavailable, match="pool exhausted"):
+            with pg.connection():
+                pass  # pragma: no cover
+    assert pg.execute("SELECT 1", fetch="one") == (1,)
+
+
+def test_unreachable_postgres_is_backend_unavailable_without_the_password() -> None:
+    mcp_redis.configure(database_url="postgresql://u:s3cr3t-pw@127.0.0.1:1/db", postgres_connect_timeout=1)
+    with pytest.raises(BackendUnavailable) as info:
+        get_postgres().execute("SELECT 1")
+    assert "s3cr3t-pw" not in str(info.value)
+    assert "s3cr3t-pw" not in repr(get_postgres())
+
+
+def test_sql_errors_propagate_unchanged(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        get_postgres().execute("SELECT * FROM no_such_table")
