@@ -54,4 +54,14 @@ __all__ = [
 # --- cache ---
 # --- sessions ---
 # --- events ---
+from .events import (  # noqa: E402
+    EventBus,
+    EventStream,
+    StreamConsumer,
+    StreamEntry,
+    Subscription,
+    publish_agent_update,
+)
+
+__all__ += ["EventBus", "Subscription", "EventStream", "StreamEntry", "StreamConsumer", "publish_agent_update"]
 # --- backend ---

@@ -1,0 +1,827 @@
+"""Events: JSON pub/sub (`EventBus`, at-most-once) and durable streams
+(`EventStream`, Redis Streams with consumer groups, at-least-once).
+
+Pub/sub is right for hints (a UI refresh, a cache invalidation): a message
+published while a subscriber is reconnecting is lost. Events that must not be
+lost go to an `EventStream`: entries stay in Redis until a consumer of the
+group acknowledges them, and entries a dead consumer read but never acked are
+re-delivered to another consumer (XAUTOCLAIM). Consumers must be idempotent.
+
+Channel names live under the key prefix: ``agent:updates`` is sent on
+``<prefix>agent:updates`` (``mcp:agent:updates`` by default). Without
+``REDIS_URL`` (local mode) the bus delivers inside this process only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import redis.exceptions as rex
+
+from .config import on_reset, settings
+from .connections import RedisConnection, get_redis, on_fork
+from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from .keys import MAX_ID_LENGTH, KeySpace, validate_id
+from .metrics import METRICS
+from .pubsub import Subscriber
+
+__all__ = [
+    "AGENT_UPDATES",
+    "EventBus",
+    "Subscription",
+    "EventStream",
+    "StreamEntry",
+    "StreamConsumer",
+    "publish_agent_update",
+]
+
+log = logging.getLogger("mcp_redis.events")
+
+AGENT_UPDATES = "agent:updates"
+"""The channel of `publish_agent_update` (sent on ``<prefix>agent:updates``)."""
+
+Event = Dict[str, Any]
+# handler(event), or handler(channel, event) / handler(entry_id, event) when asked.
+EventHandler = Callable[..., object]
+
+_live: weakref.WeakSet[Any] = weakref.WeakSet()  # open subscriptions and consumers
+
+
+# -- validation and encoding ---------------------------------------------------
+def _check_channel(value: object, argument: str = "channel") -> str:
+    """A channel name or pattern: a str of 1 to 1,024 characters."""
+    if not isinstance(value, str):
+        raise InvalidArgumentType(argument, f"must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidArgument(argument, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(argument, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    return value
+
+
+def _check_handler(handler: object) -> EventHandler:
+    if not callable(handler):
+        raise InvalidArgumentType("handler", f"must be callable, not {type(handler).__name__}")
+    return handler
+
+
+def encode_event(event: object, argument: str = "event") -> str:
+    """`event` as compact JSON; raises naming `argument` unless a JSON-ready dict."""
+    if not isinstance(event, dict):
+        raise InvalidArgumentType(argument, f"must be a dict, not {type(event).__name__}")
+    try:
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except TypeError as exc:
+        # The message names the offending type only, never a value.
+        raise InvalidArgumentType(argument, f"is not JSON-serialisable ({_type_hint(exc)})") from None
+    except ValueError:
+        raise InvalidArgument(argument, "is not JSON-serialisable (NaN/Infinity or a circular reference)") from None
+
+
+def _type_hint(exc: TypeError) -> str:
+    text = str(exc)
+    return text.split(" is not JSON serializable")[0] if "JSON serializable" in text else "unsupported key or value"
+
+
+def decode_event(data: object) -> Optional[Event]:
+    """The event dict in a payload, or None if it is not a JSON object."""
+    if not isinstance(data, str):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _check_int(value: object, argument: str, minimum: int, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InvalidArgument(argument, f"must be {bound}, got {value}")
+    return value
+
+
+def _redis_mode() -> bool:
+    return bool(settings().redis_url)
+
+
+# -- pub/sub -------------------------------------------------------------------
+class Subscription:
+    """One live subscription: its own daemon thread calls the handler.
+
+    Calls are one at a time and in publish order. `close()` stops it; it is
+    also a context manager. Counters: `delivered` (handler calls that
+    returned), `errors` (handler raised), `skipped` (payloads that were not a
+    JSON object), `reconnects`.
+    """
+
+    def __init__(self, channel: str, handler: EventHandler, *, pattern: bool, with_channel: bool) -> None:
+        self.channel = channel
+        self.pattern = pattern
+        self.with_channel = with_channel
+        self._handler = handler
+        self.delivered = 0
+        self.errors = 0
+        self.skipped = 0
+        self._prefix = ""
+        self._listener: Optional[Subscriber] = None
+        self._local: Optional[_LocalListener] = None
+
+    def __repr__(self) -> str:
+        kind = "pattern" if self.pattern else "channel"
+        state = "active" if self.active else "inactive"
+        return f"Subscription({kind}={self.channel!r}, {state}, delivered={self.delivered})"
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def redis_channel(self) -> str:
+        """The channel (or pattern) as Redis sees it, prefix included."""
+        return self._prefix + self.channel
+
+    @property
+    def active(self) -> bool:
+        """True while subscribed (False while reconnecting or after close)."""
+        if self._listener is not None:
+            return self._listener.active
+        return self._local is not None and self._local.active
+
+    @property
+    def reconnects(self) -> int:
+        return self._listener.reconnects if self._listener is not None else 0
+
+    def wait_active(self, timeout: float) -> bool:
+        """Block until subscribed (again, after a reconnect); False on timeout."""
+        if self._listener is not None:
+            return self._listener.wait_active(timeout)
+        return self.active
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the listener and join its thread. Idempotent."""
+        _live.discard(self)
+        if self._listener is not None:
+            self._listener.close(timeout)
+        if self._local is not None:
+            self._local.close(timeout)
+
+    # -- used by the listeners --------------------------------------------------
+    def _start(self, timeout: float) -> Subscription:
+        if _redis_mode():
+            self._prefix = settings().key_prefix
+            name = f"mcp_redis-events-{'p' if self.pattern else 'c'}:{self.channel[:40]}"
+            key = [self.redis_channel]
+            self._listener = Subscriber(
+                self._on_message,
+                channels=() if self.pattern else key,
+                patterns=key if self.pattern else (),
+                name=name,
+            )
+            _live.add(self)
+            try:
+                self._listener.start(wait=True, timeout=timeout)
+            except BaseException:
+                _live.discard(self)
+                raise
+        else:
+            self._local = _LocalListener(self)
+            _live.add(self)
+            _BROKER.add(self._local)
+        return self
+
+    def _on_message(self, channel: str, data: str) -> None:
+        event = decode_event(data)
+        if event is None:
+            self.skipped += 1
+            METRICS.inc("events_decode_errors_total", kind="pubsub")
+            log.warning("subscription %r: skipped a payload that is not a JSON object", self.channel)
+            return
+        name = channel[len(self._prefix):] if channel.startswith(self._prefix) else channel
+        self._deliver(name, event)
+
+    def _deliver(self, channel: str, event: Event) -> None:
+        try:
+            if self.with_channel:
+                self._handler(channel, event)
+            else:
+                self._handler(event)
+        except Exception:
+            self.errors += 1
+            METRICS.inc("events_handler_errors_total", kind="pubsub")
+            log.exception("subscription %r: handler raised; the subscription lives on", self.channel)
+            return
+        self.delivered += 1
+        METRICS.inc("events_delivered_total", kind="pubsub")
+
+
+class _LocalListener:
+    """Local mode: a queue and a daemon thread per subscription, in-process only."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self._queue: queue.SimpleQueue[Optional[Tuple[str, Event]]] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"mcp_redis-events-local:{sub.channel[:40]}", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> bool:
+        return not self._closed and self._thread.is_alive()
+
+    def matches(self, channel: str) -> bool:
+        if self.sub.pattern:
+            return fnmatch.fnmatchcase(channel, self.sub.channel)
+        return channel == self.sub.channel
+
+    def put(self, channel: str, payload: str) -> None:
+        event = decode_event(payload)  # each receiver gets its own copy
+        if event is not None:
+            self._queue.put((channel, event))
+
+    def close(self, timeout: float) -> None:
+        self._closed = True
+        _BROKER.discard(self)
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._closed:
+                return
+            self.sub._deliver(*item)
+
+
+class _LocalBroker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: List[_LocalListener] = []
+
+    def add(self, listener: _LocalListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def discard(self, listener: _LocalListener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def publish(self, channel: str, payload: str) -> int:
+        with self._lock:
+            targets = [li for li in self._listeners if li.matches(channel)]
+        for li in targets:
+            li.put(channel, payload)
+        return len(targets)
+
+    def clear(self) -> List[_LocalListener]:
+        with self._lock:
+            out, self._listeners = self._listeners, []
+        return out
+
+
+_BROKER = _LocalBroker()
+
+
+class EventBus:
+    """Publish JSON events and subscribe handlers to channels or patterns.
+
+    Stateless apart from the subscriptions it made (`close()` closes them);
+    the settings in force are read on every call. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"EventBus(subscriptions={len(self._subs)})"
+
+    def __enter__(self) -> EventBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish(self, channel: str, event: Dict[str, Any]) -> int:
+        """Send `event` (a JSON-ready dict) on `channel`; returns the receivers.
+
+        Receivers are counted by Redis (every subscribed connection, in every
+        process). At-most-once: nobody subscribed means nobody gets it.
+        Raises `BackendUnavailable` when Redis does not answer.
+        """
+        name = _check_channel(channel)
+        payload = encode_event(event)
+        if not _redis_mode():
+            receivers = _BROKER.publish(name, payload)
+        else:
+            conn = get_redis()
+            target = KeySpace(settings().key_prefix).channel(name)
+            start = time.perf_counter()
+            receivers = int(conn.call(conn.client.publish, target, payload))
+            METRICS.observe("events_publish_seconds", time.perf_counter() - start)
+        METRICS.inc("events_published_total")
+        return receivers
+
+    def subscribe(
+        self,
+        channel: str,
+        handler: EventHandler,
+        *,
+        pattern: bool = False,
+        with_channel: bool = False,
+        timeout: float = 5.0,
+    ) -> Subscription:
+        """Call ``handler(event)`` for every event on `channel`; returns once active.
+
+        ``pattern=True`` treats `channel` as a Redis glob (``agent:*``) matched
+        under the prefix. ``with_channel=True`` calls ``handler(channel, event)``
+        with the channel name as published (prefix removed). Raises
+        `BackendUnavailable` if not subscribed within `timeout` seconds.
+        """
+        name = _check_channel(channel, "pattern" if pattern else "channel")
+        fn = _check_handler(handler)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise InvalidArgument("timeout", "must be a number > 0")
+        sub = Subscription(name, fn, pattern=bool(pattern), with_channel=bool(with_channel))
+        sub._start(float(timeout))
+        with self._lock:
+            self._subs.add(sub)
+        return sub
+
+    def psubscribe(self, pattern: str, handler: EventHandler, *, with_channel: bool = False,
+                   timeout: float = 5.0) -> Subscription:
+        """`subscribe` with ``pattern=True``."""
+        return self.subscribe(pattern, handler, pattern=True, with_channel=with_channel, timeout=timeout)
+
+    def publish_agent_update(self, agent_id: str, event: str,
+                             metrics: Optional[Dict[str, Any]] = None) -> int:
+        """Publish ``{"agent_id", "event", "metrics", "ts"}`` on ``agent:updates``."""
+        return self.publish(AGENT_UPDATES, agent_update(agent_id, event, metrics))
+
+    def close(self) -> None:
+        """Close every subscription made through this bus."""
+        with self._lock:
+            subs = list(self._subs)
+            self._subs = weakref.WeakSet()
+        for sub in subs:
+            sub.close()
+
+
+def agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, Any]] = None) -> Event:
+    """The payload of an agent update (validated): agent_id, event, metrics, ts."""
+    validate_id(agent_id, "agent_id")
+    validate_id(event, "event")
+    if metrics is None:
+        metrics = {}
+    encode_event(metrics, "metrics")
+    return {"agent_id": agent_id, "event": event, "metrics": metrics, "ts": time.time()}
+
+
+def publish_agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, Any]] = None) -> int:
+    """Publish an agent update on ``agent:updates``; returns the receivers.
+
+    The event is ``{"agent_id": ..., "event": ..., "metrics": {...}, "ts":
+    <unix seconds>}``. Best effort (pub/sub); for updates that must not be
+    lost, also `EventStream.add` them.
+    """
+    return EventBus().publish_agent_update(agent_id, event, metrics)
+
+
+# -- durable streams -------------------------------------------------------------
+_LUA_DIR = Path(__file__).with_name("lua")
+_SCRIPT_SOURCES = {
+    name: (_LUA_DIR / f"events_{name}.lua").read_text(encoding="utf-8") for name in ("add", "group")
+}
+_scripts_lock = threading.Lock()
+_scripts: Dict[str, Tuple[Any, Any]] = {}  # name -> (client, Script)
+
+
+def _script(conn: RedisConnection, name: str) -> Any:
+    cached = _scripts.get(name)
+    if cached is not None and cached[0] is conn.client:
+        return cached[1]
+    with _scripts_lock:
+        script = conn.client.register_script(_SCRIPT_SOURCES[name])
+        _scripts[name] = (conn.client, script)
+    return script
+
+
+def _is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One entry read from a stream: its id, the event (None if trimmed or
+    unreadable), and whether it was claimed from another (dead) consumer."""
+
+    id: str
+    event: Optional[Event]
+    claimed: bool = False
+
+
+_MAX_ADD_BATCH = 500
+_DEFAULT_TTL = 7 * 24 * 3600.0
+
+
+class EventStream:
+    """A durable event stream (Redis Streams) read through a consumer group.
+
+    Producers only need `name`: ``EventStream("agent:changes").add(event)``.
+    Consumers name a `group`; every group sees every entry once, shared among
+    its consumers. Delivery is at-least-once: an entry stays pending until
+    acked, and entries left pending longer than `min_idle_ms` (a consumer
+    died or is stuck) are claimed by another consumer, so handlers must be
+    idempotent (use the entry id). The stream holds about `maxlen` entries
+    (``MAXLEN ~``) and expires `ttl` seconds after the last `add` (None: no
+    TTL; then `maxlen` is the only bound). Data survives a Redis restart only
+    with persistence (AOF); without it the stream and group are recreated
+    empty on next use.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        group: Optional[str] = None,
+        consumer: Optional[str] = None,
+        *,
+        maxlen: int = 100_000,
+        ttl: Optional[float] = _DEFAULT_TTL,
+        min_idle_ms: int = 30_000,
+        start_id: str = "0",
+        claim_interval: Optional[float] = None,
+    ) -> None:
+        self.name = validate_id(name, "name")
+        self.group = None if group is None else validate_id(group, "group")
+        if consumer is None:
+            consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.consumer = validate_id(consumer, "consumer")
+        self.maxlen = _check_int(maxlen, "maxlen", 1)
+        if ttl is not None:
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
+                raise InvalidArgument("ttl", f"must be None or a number of seconds > 0, got {ttl!r}")
+        self.ttl = ttl
+        self.min_idle_ms = _check_int(min_idle_ms, "min_idle_ms", 0)
+        if start_id not in ("0", "$") and not _valid_stream_id(start_id):
+            raise InvalidArgument("start_id", "must be '0', '$' or a stream id like '1700000000000-0'")
+        self.start_id = start_id
+        if claim_interval is None:
+            claim_interval = max(self.min_idle_ms / 2000.0, 0.05)
+        self.claim_interval = float(claim_interval)
+        self._lock = threading.RLock()
+        self._group_ready: Optional[Any] = None  # the client the group was ensured on
+        self._own_cursor: Optional[str] = "0"  # re-read our own pending entries first
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self.claimed = 0
+        self.recreated = 0
+
+    def __repr__(self) -> str:
+        return f"EventStream({self.name!r}, group={self.group!r}, consumer={self.consumer!r}, maxlen={self.maxlen})"
+
+    @property
+    def key(self) -> str:
+        """The stream's Redis key under the prefix in force."""
+        return KeySpace(settings().key_prefix).key("stream", self.name, tag=True)
+
+    def _ttl_ms(self) -> int:
+        return 0 if self.ttl is None else max(1, int(self.ttl * 1000))
+
+    def _conn(self) -> RedisConnection:
+        return get_redis()  # ConfigurationError in local mode: streams need Redis
+
+    # -- producing ----------------------------------------------------------------
+    def add(self, event: Dict[str, Any]) -> str:
+        """Append `event`; returns its entry id. Raises `BackendUnavailable`."""
+        return self.add_many([event])[0]
+
+    def add_many(self, events: Iterable[Dict[str, Any]]) -> List[str]:
+        """Append events in order (all validated first); returns their ids."""
+        if isinstance(events, (dict, str, bytes)):
+            raise InvalidArgumentType("events", f"must be an iterable of dicts, not {type(events).__name__}")
+        payloads = [encode_event(e, "events") for e in events]
+        conn = self._conn()
+        key = self.key
+        script = _script(conn, "add")
+        ids: List[str] = []
+        for i in range(0, len(payloads), _MAX_ADD_BATCH):
+            chunk = payloads[i:i + _MAX_ADD_BATCH]
+            out = conn.call(script, keys=[key], args=[self.maxlen, self._ttl_ms(), *chunk], client=conn.client)
+            ids.extend(str(x) for x in out)
+        METRICS.inc("events_stream_added_total", float(len(ids)))
+        return ids
+
+    def length(self) -> int:
+        """Entries in the stream now (XLEN)."""
+        conn = self._conn()
+        return int(conn.call(conn.client.xlen, self.key))
+
+    # -- consuming ----------------------------------------------------------------
+    def _need_group(self) -> str:
+        if self.group is None:
+            raise InvalidArgument("group", "this EventStream has no consumer group; pass group= to read")
+        return self.group
+
+    def ensure_group(self) -> bool:
+        """Create the group (and stream) if missing; True if it was created."""
+        group = self._need_group()
+        conn = self._conn()
+        created = bool(conn.call(_script(conn, "group"), keys=[self.key],
+                                 args=[group, self.start_id, self._ttl_ms()], client=conn.client))
+        with self._lock:
+            self._group_ready = conn.client
+        return created
+
+    def _group_call(self, fn: Callable[[RedisConnection], Any]) -> Any:
+        """Run a group command; on NOGROUP (Redis restarted empty) recreate and retry once."""
+        conn = self._conn()
+        if self._group_ready is not conn.client:
+            self.ensure_group()
+        try:
+            return fn(conn)
+        except rex.ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+        METRICS.inc("events_stream_group_recreated_total")
+        log.warning("stream %r: consumer group %r missing (Redis restarted?); recreating", self.name, self.group)
+        self.recreated += 1
+        with self._lock:
+            self._own_cursor = "0"
+            self._claim_cursor = "0-0"
+        self.ensure_group()
+        return fn(self._conn())
+
+    def read(self, count: int = 100, block_ms: int = 1000) -> List[StreamEntry]:
+        """Up to `count` entries for this consumer; they are pending until `ack`.
+
+        In order of preference: this consumer's own pending entries (after a
+        restart under the same consumer name), entries claimed from consumers
+        idle longer than `min_idle_ms` (checked every `claim_interval`
+        seconds), then new entries, waiting up to `block_ms` (≤ 1000 ms, kept
+        below the socket timeout) for them.
+        """
+        group = self._need_group()
+        _check_read_args(count, block_ms)
+        if self._own_cursor is not None:
+            entries = self._read_own(group, count)
+            if entries:
+                return entries
+        if time.monotonic() >= self._next_claim:
+            entries = self.claim(count)
+            if entries:
+                return entries
+        key = self.key
+        reply = self._group_call(lambda c: c.call(
+            c.client.xreadgroup, group, self.consumer, {key: ">"}, count=count, block=block_ms or None))
+        return self._entries(reply, claimed=False)
+
+    def _read_own(self, group: str, count: int) -> List[StreamEntry]:
+        key = self.key
+        cursor = self._own_cursor or "0"
+        reply = self._group_call(lambda c: c.call(
+            c.client.xreadgroup, group, self.consumer, {key: cursor}, count=count))
+        entries = self._entries(reply, claimed=False)
+        with self._lock:
+            self._own_cursor = entries[-1].id if entries else None
+        return entries
+
+    def claim(self, count: int = 100, min_idle_ms: Optional[int] = None) -> List[StreamEntry]:
+        """Take over up to `count` entries pending longer than `min_idle_ms` (XAUTOCLAIM)."""
+        group = self._need_group()
+        idle = self.min_idle_ms if min_idle_ms is None else _check_int(min_idle_ms, "min_idle_ms", 0)
+        key = self.key
+        cursor = self._claim_cursor
+        reply = self._group_call(lambda c: c.call(
+            c.client.xautoclaim, key, group, self.consumer, idle, start_id=cursor, count=count))
+        next_cursor = str(reply[0]) if reply else "0-0"
+        with self._lock:
+            self._claim_cursor = next_cursor
+            if next_cursor == "0-0":  # a full pass over the PEL: rest a while
+                self._next_claim = time.monotonic() + self.claim_interval
+        entries = [self._entry(eid, fields, claimed=True) for eid, fields in (reply[1] if reply else [])
+                   if eid is not None]
+        if entries:
+            self.claimed += len(entries)
+            METRICS.inc("events_stream_claimed_total", float(len(entries)))
+            log.info("stream %r: consumer %r claimed %d idle pending entries", self.name, self.consumer, len(entries))
+        return entries
+
+    def _entries(self, reply: Any, *, claimed: bool) -> List[StreamEntry]:
+        out: List[StreamEntry] = []
+        for _stream, items in reply or []:
+            for eid, fields in items or []:
+                if eid is not None:
+                    out.append(self._entry(eid, fields, claimed=claimed))
+        return out
+
+    def _entry(self, eid: Any, fields: Any, *, claimed: bool) -> StreamEntry:
+        data = fields.get("e") if isinstance(fields, dict) else None
+        return StreamEntry(str(eid), decode_event(data), claimed)
+
+    def ack(self, *ids: str) -> int:
+        """Acknowledge entries (XACK); returns how many were pending."""
+        group = self._need_group()
+        if not ids:
+            return 0
+        for i in ids:
+            if not isinstance(i, str) or not _valid_stream_id(i):
+                raise InvalidArgument("ids", "must be stream entry ids like '1700000000000-0'")
+        conn = self._conn()
+        n = int(conn.call(conn.client.xack, self.key, group, *ids))
+        METRICS.inc("events_stream_acked_total", float(n))
+        return n
+
+    def pending(self) -> int:
+        """Entries of the group delivered but not yet acked (every consumer)."""
+        group = self._need_group()
+        info = self._group_call(lambda c: c.call(c.client.xpending, self.key, group))
+        return int(info["pending"]) if info else 0
+
+    def prune_consumers(self, min_idle_ms: int = 24 * 3600 * 1000) -> int:
+        """Forget consumers with nothing pending, idle over `min_idle_ms`; returns how many."""
+        group = self._need_group()
+        _check_int(min_idle_ms, "min_idle_ms", 0)
+        key = self.key
+        consumers = self._group_call(lambda c: c.call(c.client.xinfo_consumers, key, group))
+        removed = 0
+        conn = self._conn()
+        for info in consumers:
+            if info.get("name") != self.consumer and int(info.get("pending", 0)) == 0 \
+                    and int(info.get("idle", 0)) >= min_idle_ms:
+                conn.call(conn.client.xgroup_delconsumer, key, group, info["name"])
+                removed += 1
+        return removed
+
+    def process(self, handler: EventHandler, *, count: int = 100, block_ms: int = 1000,
+                with_id: bool = False, stop: Optional[threading.Event] = None) -> Tuple[int, int]:
+        """Read one batch, call the handler per event, ack the ones it handled.
+
+        Returns (handled, failed). A handler that raises leaves its entry
+        pending: it is re-delivered after `min_idle_ms`. Entries that were
+        trimmed away or are not a JSON object are acked and skipped.
+        """
+        fn = _check_handler(handler)
+        entries = self.read(count, block_ms)
+        done: List[str] = []
+        failed = 0
+        for entry in entries:
+            if stop is not None and stop.is_set():
+                break  # the rest stay pending: claimed later, or re-read by this consumer
+            if entry.event is None:
+                METRICS.inc("events_decode_errors_total", kind="stream")
+                log.warning("stream %r: entry %s is gone or not a JSON object; acking it", self.name, entry.id)
+                done.append(entry.id)
+                continue
+            try:
+                if with_id:
+                    fn(entry.id, entry.event)
+                else:
+                    fn(entry.event)
+            except Exception:
+                failed += 1
+                METRICS.inc("events_handler_errors_total", kind="stream")
+                log.exception("stream %r: handler raised on %s; left pending for re-delivery", self.name, entry.id)
+                continue
+            done.append(entry.id)
+        if done:
+            self.ack(*done)
+            METRICS.inc("events_delivered_total", float(len(done)), kind="stream")
+        return len(done), failed
+
+    def consume(self, handler: EventHandler, *, count: int = 100, block_ms: int = 1000, with_id: bool = False,
+                stop: Optional[threading.Event] = None, max_events: Optional[int] = None) -> int:
+        """Process batches until `stop` is set (or `max_events` handled); returns handled.
+
+        Survives Redis outages and restarts: waits with backoff and carries on
+        (recreating the group if Redis came back empty).
+        """
+        _check_handler(handler)
+        self._need_group()
+        _check_read_args(count, block_ms)
+        stop = stop if stop is not None else threading.Event()
+        self._conn()  # fail fast in local mode
+        handled = 0
+        backoff = 0.05
+        while not stop.is_set() and (max_events is None or handled < max_events):
+            want = count if max_events is None else max(1, min(count, max_events - handled))
+            try:
+                n, _ = self.process(handler, count=want, block_ms=block_ms, with_id=with_id, stop=stop)
+            except (BackendUnavailable, rex.ConnectionError, rex.TimeoutError) as exc:
+                log.warning("stream %r: redis unavailable (%s); retrying", self.name, type(exc).__name__)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            handled += n
+        return handled
+
+    def run_in_thread(self, handler: EventHandler, *, count: int = 100, block_ms: int = 1000,
+                      with_id: bool = False, name: Optional[str] = None) -> StreamConsumer:
+        """`consume` on a daemon thread; returns a handle with `close()`."""
+        _check_handler(handler)
+        self._need_group()
+        _check_read_args(count, block_ms)
+        self._conn()
+        return StreamConsumer(self, handler, count=count, block_ms=block_ms, with_id=with_id, name=name)
+
+
+def _check_read_args(count: object, block_ms: object) -> None:
+    _check_int(count, "count", 1, 10_000)
+    # XREADGROUP BLOCK must end well before the socket timeout fires.
+    limit = max(0, min(1000, int(settings().socket_timeout * 500)))
+    _check_int(block_ms, "block_ms", 0, limit)
+
+
+def _valid_stream_id(value: str) -> bool:
+    ms, dash, seq = value.partition("-")
+    return ms.isdigit() and (not dash or seq.isdigit()) and ms.isascii() and seq.isascii()
+
+
+class StreamConsumer:
+    """A background `EventStream.consume` loop on a daemon thread."""
+
+    def __init__(self, stream: EventStream, handler: EventHandler, *, count: int, block_ms: int,
+                 with_id: bool, name: Optional[str]) -> None:
+        self.stream = stream
+        self._stop = threading.Event()
+        self.handled = 0
+        self._handler = handler
+        self._kw: Dict[str, Any] = {"count": count, "block_ms": block_ms, "with_id": with_id}
+        self._thread = threading.Thread(target=self._run, name=name or f"mcp_redis-stream:{stream.name[:40]}",
+                                        daemon=True)
+        _live.add(self)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"StreamConsumer({self.stream!r}, alive={self.alive}, handled={self.handled})"
+
+    def __enter__(self) -> StreamConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _count(self, *args: Any) -> None:
+        self._handler(*args)
+        self.handled += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.stream.consume(self._count, stop=self._stop, **self._kw)
+            except Exception:  # a bug or a non-transient error: log, pause, go on
+                log.exception("stream %r: consumer loop failed; restarting it", self.stream.name)
+                self._stop.wait(1.0)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop after the current event (its batch's handled entries are acked)."""
+        _live.discard(self)
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+# -- process-wide state ----------------------------------------------------------
+@on_reset
+def _close_all() -> None:
+    """`reset()`/`configure()` stop every subscription and consumer thread."""
+    for item in list(_live):
+        try:
+            item.close()
+        except Exception:  # pragma: no cover - defensive
+            log.debug("close on reset failed", exc_info=True)
+    for li in _BROKER.clear():
+        li.close(0)
+    with _scripts_lock:
+        _scripts.clear()
+
+
+@on_fork
+def _forget_in_child() -> None:
+    # Threads do not survive fork: the child starts with no subscriptions.
+    _live.clear()
+    _BROKER.clear()
+    _scripts.clear()
