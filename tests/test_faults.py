@@ -1,0 +1,414 @@
+"""Fault injection: a TCP proxy between the library and a real redis-server.
+
+Each fault (added latency, dropped connections, black-holed connections,
+resets mid-reply) is switched on while the library is in use. The
+specification, for the foundation and for every feature:
+
+* no call hangs past its configured budget (retries × timeouts + backoff);
+* the foundation raises `BackendUnavailable`, the breaker opens, later calls
+  fail fast, and the first call after the fault clears (and the breaker's
+  reset timeout) succeeds again — no restart;
+* cache reads return the loader's value; session reads fall back to
+  PostgreSQL; locks fail closed with `BackendUnavailable`; rate limits fall
+  back to the per-process limiter.
+
+Set ``MCP_REDIS_FAULT_REPORT=path.jsonl`` to record every injected fault and
+its outcome (docs/reliability_faults.md is written from that file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+import mcp_redis
+from mcp_redis.config import settings
+from mcp_redis.connections import get_redis
+from mcp_redis.errors import BackendUnavailable
+from mcp_redis.faultproxy import Fault, FaultProxy
+from mcp_redis.resilience import BreakerState
+from mcp_redis.testing import RedisServer, wait_for
+
+# Tight timeouts so that every fault is quick to observe on a loaded box.
+FAST: Dict[str, Any] = dict(
+    socket_timeout=0.25,
+    socket_connect_timeout=0.25,
+    retry_attempts=2,
+    retry_initial_backoff=0.01,
+    retry_max_backoff=0.05,
+    breaker_failure_threshold=3,
+    breaker_reset_timeout=0.5,
+)
+SLACK = 1.0  # scheduling noise on a busy 2-core CI box
+
+# (fault, latency) pairs: every way the network can fail us.
+FAULTS: List[Tuple[Fault, float]] = [
+    (Fault.LATENCY, 1.0),  # slower than socket_timeout
+    (Fault.DROP, 0.0),
+    (Fault.BLACKHOLE, 0.0),
+    (Fault.RESET, 0.0),
+]
+FAULT_IDS = [f.value for f, _ in FAULTS]
+
+
+def call_budget() -> float:
+    """The longest one policy call may take under any fault (settings in force)."""
+    s = settings()
+    per_attempt = s.socket_connect_timeout + s.socket_timeout
+    return s.retry_attempts * (per_attempt + s.retry_max_backoff) + SLACK
+
+
+def feature(name: str) -> Any:
+    """A public feature by its API.md name; skip while it has not landed."""
+    obj = getattr(mcp_redis, name, None)
+    if obj is None:
+        pytest.skip(f"mcp_redis.{name} has not landed yet")
+    return obj
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[float, Any, Optional[BaseException]]:
+    """Run `fn`; (seconds, result, exception)."""
+    start = time.monotonic()
+    try:
+        result = fn()
+    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+        return time.monotonic() - start, None, exc
+    return time.monotonic() - start, result, None
+
+
+_REPORT = os.environ.get("MCP_REDIS_FAULT_REPORT")
+
+
+def record(feature_name: str, fault: Fault, outcome: str, seconds: float, **extra: Any) -> None:
+    if not _REPORT:
+        return
+    row = {"feature": feature_name, "fault": fault.value, "outcome": outcome, "seconds": round(seconds, 3), **extra}
+    with open(_REPORT, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture
+def proxy(redis_url: str, redis_server: RedisServer) -> Iterator[FaultProxy]:
+    """A pass-through proxy in front of the (flushed) shared test server."""
+    with FaultProxy("127.0.0.1", redis_server.port) as p:
+        yield p
+
+
+@pytest.fixture
+def faulty(proxy: FaultProxy) -> FaultProxy:
+    """The library configured through the proxy, with tight timeouts."""
+    mcp_redis.configure(redis_url=proxy.url(), **FAST)
+    return proxy
+
+
+def inject(proxy: FaultProxy, fault: Fault, latency: float) -> None:
+    proxy.set_fault(fault, latency=latency)
+
+
+def ping() -> Any:
+    conn = get_redis()
+    return conn.call(conn.client.ping)
+
+
+# -- the proxy itself ------------------------------------------------------------
+
+
+def test_proxy_passes_traffic_through_unchanged(faulty: FaultProxy, redis_server: RedisServer) -> None:
+    conn = get_redis()
+    conn.call(conn.client.set, "mcp:through-proxy", "v" * 100_000)
+    assert redis_server.client().get("mcp:through-proxy") == "v" * 100_000
+    assert conn.call(conn.client.get, "mcp:through-proxy") == "v" * 100_000
+    assert faulty.stats["accepted"] >= 1
+
+
+def test_latency_below_socket_timeout_only_slows_calls(faulty: FaultProxy) -> None:
+    ping()
+    faulty.add_latency(0.1)
+    seconds, result, exc = timed(ping)
+    assert exc is None and result is True
+    assert seconds >= 0.1
+    record("foundation", Fault.LATENCY, "succeeded (latency 0.1s < socket_timeout)", seconds)
+
+
+def test_proxy_switches_faults_at_runtime_on_open_connections(faulty: FaultProxy) -> None:
+    """The same pooled connection sees each fault, then heals (poisoned ones are replaced)."""
+    assert ping() is True
+    for fault, latency in FAULTS:
+        inject(faulty, fault, latency)
+        with pytest.raises(BackendUnavailable):
+            ping()
+        faulty.pass_through()
+        wait_for(lambda: ping() is True, timeout=5, what=f"recovery after {fault.value}")
+
+
+# -- the foundation: get_redis().call under each fault ------------------------------
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_call_raises_backend_unavailable_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    assert ping() is True  # a pooled connection exists before the fault
+    inject(faulty, fault, latency)
+    budget = call_budget()
+    seconds, _, exc = timed(ping)
+    assert isinstance(exc, BackendUnavailable), repr(exc)
+    assert seconds <= budget, f"{fault.value}: call took {seconds:.2f}s > budget {budget:.2f}s"
+    record("foundation", fault, "BackendUnavailable", seconds, budget=round(budget, 3))
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_new_connections_under_fault_fail_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    """No pooled connection yet: the connect + handshake path is bounded too."""
+    inject(faulty, fault, latency)
+    budget = call_budget()
+    seconds, _, exc = timed(ping)
+    assert isinstance(exc, BackendUnavailable), repr(exc)
+    assert seconds <= budget
+    record("foundation (new connection)", fault, "BackendUnavailable", seconds, budget=round(budget, 3))
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_breaker_opens_fails_fast_and_recovers(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    assert ping() is True
+    inject(faulty, fault, latency)
+    policy = get_redis().policy
+    deadline = time.monotonic() + 10 * call_budget()
+    while policy.breaker.state is BreakerState.CLOSED:
+        with pytest.raises(BackendUnavailable):
+            ping()
+        assert time.monotonic() < deadline, "breaker never opened"
+    # Open: callers are refused at once instead of waiting a timeout each.
+    seconds, _, exc = timed(ping)
+    if policy.breaker.state is BreakerState.OPEN:
+        assert isinstance(exc, BackendUnavailable)
+        assert seconds < 0.1, f"open breaker took {seconds:.3f}s to refuse"
+    faulty.pass_through()
+    healed = time.monotonic()
+    wait_for(lambda: ping() is True, timeout=settings().breaker_reset_timeout + call_budget() + 2,
+             what="first successful call after the fault cleared")
+    recovery = time.monotonic() - healed
+    assert policy.breaker.state is BreakerState.CLOSED
+    record("foundation (breaker)", fault, "opened, failed fast, recovered", recovery,
+           fail_fast_seconds=round(seconds, 4))
+
+
+def test_concurrent_callers_under_blackhole_all_return_within_budget(faulty: FaultProxy) -> None:
+    """Eight threads in flight when the network black-holes: none hangs."""
+    assert ping() is True
+    faulty.blackhole()
+    budget = call_budget()
+    results: List[Tuple[float, Optional[BaseException]]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        seconds, _, exc = timed(ping)
+        with lock:
+            results.append((seconds, exc))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(budget + 2)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert len(results) == 8
+    assert all(isinstance(exc, BackendUnavailable) for _, exc in results)
+    assert max(s for s, _ in results) <= budget
+    record("foundation (8 threads)", Fault.BLACKHOLE, "all BackendUnavailable", max(s for s, _ in results))
+    faulty.pass_through()
+    wait_for(lambda: ping() is True, timeout=5, what="recovery")
+    assert get_redis().pool_stats()["in_use"] == 0
+
+
+def test_server_crash_behind_proxy_is_a_refused_upstream(redis_factory: Any) -> None:
+    """Redis itself gone (upstream refuses): same bounded failure, then recovery on restart."""
+    server = redis_factory()
+    with FaultProxy("127.0.0.1", server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), **FAST)
+        assert ping() is True
+        server.kill()
+        seconds, _, exc = timed(ping)
+        assert isinstance(exc, BackendUnavailable)
+        assert seconds <= call_budget()
+        record("foundation", Fault.DROP, "BackendUnavailable (upstream killed)", seconds)
+        server.start()
+        wait_for(lambda: ping() is True, timeout=5, what="recovery after restart")
+
+
+# -- features (each runs once it has landed) --------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_cache_reads_return_the_loader_value_under_fault(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    cached_metadata = feature("cached_metadata")
+    calls: List[str] = []
+
+    @cached_metadata(ttl=60)
+    def load(agent_id: str) -> Dict[str, Any]:
+        calls.append(agent_id)
+        return {"agent_id": agent_id, "v": 1}
+
+    warm = unique("warm")
+    assert load(warm) == {"agent_id": warm, "v": 1}
+    inject(faulty, fault, latency)
+    budget = call_budget()
+    worst = 0.0
+    for i in range(6):  # cold keys: every one needs the loader, Redis is unusable
+        agent = unique(f"cold{i}")
+        seconds, value, exc = timed(lambda a=agent: load(a))
+        assert exc is None, f"cache raised to the caller under {fault.value}: {exc!r}"
+        assert value == {"agent_id": agent, "v": 1}
+        assert seconds <= 2 * budget, f"cache call took {seconds:.2f}s"
+        worst = max(worst, seconds)
+    # The warm key: L1 (or the loader) answers; never an error.
+    seconds, value, exc = timed(lambda: load(warm))
+    assert exc is None and value == {"agent_id": warm, "v": 1}
+    record("cache", fault, "loader value returned, no error", worst)
+    faulty.pass_through()
+
+
+def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
+    """While Redis stays down, calls don't pay a timeout each (the breaker is open)."""
+    cached_metadata = feature("cached_metadata")
+
+    @cached_metadata(ttl=60)
+    def load(agent_id: str) -> str:
+        return agent_id.upper()
+
+    load(unique("warm"))
+    faulty.blackhole()
+    for i in range(6):
+        load(unique(f"trip{i}"))
+    times = [timed(lambda i=i: load(unique(f"fast{i}")))[0] for i in range(10)]
+    assert sorted(times)[len(times) // 2] < 0.1, f"median {sorted(times)[5]:.3f}s: still waiting on Redis"
+    record("cache (breaker open)", Fault.BLACKHOLE, "median call without Redis", sorted(times)[5])
+    faulty.pass_through()
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_locks_fail_closed_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    agent_lock = feature("agent_lock")
+    name = unique("agent")
+    with agent_lock(name, timeout=5, blocking_timeout=1):
+        pass
+    inject(faulty, fault, latency)
+    budget = call_budget()
+
+    def take() -> None:
+        with agent_lock(name, timeout=5, blocking_timeout=1):
+            raise AssertionError("acquired a Redis lock while Redis is unreachable")
+
+    seconds, _, exc = timed(take)
+    assert isinstance(exc, BackendUnavailable), f"expected BackendUnavailable, got {exc!r}"
+    assert seconds <= 2 * budget, f"lock took {seconds:.2f}s to fail"
+    record("locks", fault, "BackendUnavailable (fail closed)", seconds)
+    faulty.pass_through()
+    wait_for(lambda: ping() is True, timeout=5, what="recovery")
+    wait_for(lambda: _lock_once(agent_lock, name), timeout=5 + budget, what="lock after recovery")
+
+
+def _lock_once(agent_lock: Any, name: str) -> bool:
+    with agent_lock(name, timeout=5, blocking_timeout=0.5):
+        return True
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_rate_limits_fall_back_to_the_local_limiter(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    rate_limited = feature("rate_limited")
+    RateLimitExceeded = mcp_redis.RateLimitExceeded
+    calls: List[str] = []
+
+    @rate_limited(unique("faults"), limit=3, window=60, key="agent_id")
+    def act(agent_id: str) -> str:
+        calls.append(agent_id)
+        return agent_id
+
+    assert act("warm") == "warm"
+    inject(faulty, fault, latency)
+    budget = call_budget()
+    agent = unique("agent")
+    worst = 0.0
+    for _ in range(3):
+        seconds, value, exc = timed(lambda: act(agent))
+        assert exc is None, f"default fallback (local) should admit: {exc!r}"
+        assert value == agent
+        assert seconds <= 2 * budget
+        worst = max(worst, seconds)
+    seconds, _, exc = timed(lambda: act(agent))
+    assert isinstance(exc, RateLimitExceeded), f"the local limiter must still limit: {exc!r}"
+    assert calls.count(agent) == 3
+    record("rate limits", fault, "local fallback: 3 admitted, 4th refused", worst)
+    faulty.pass_through()
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_session_reads_fall_back_to_postgres(faulty: FaultProxy, database_url: str, fault: Fault,
+                                             latency: float, redis_server: RedisServer) -> None:
+    SessionStore = feature("SessionStore")
+    mcp_redis.configure(database_url=database_url)
+    store = SessionStore()
+    before = unique("sess-before")
+    store.bind(before, "agent-before", ttl=300)
+    assert store.get(before) == "agent-before"
+    inject(faulty, fault, latency)
+    budget = call_budget()
+    seconds, value, exc = timed(lambda: store.get(before))
+    assert exc is None, f"session read raised under {fault.value}: {exc!r}"
+    assert value == "agent-before"
+    assert seconds <= 2 * budget
+    during = unique("sess-during")
+    s2, _, exc = timed(lambda: store.bind(during, "agent-during", ttl=300))
+    assert exc is None, f"bind raised under {fault.value}: {exc!r}"
+    assert store.get(during) == "agent-during"
+    assert store.get(unique("unknown")) is None
+    record("sessions", fault, "read from PostgreSQL, bind kept", max(seconds, s2))
+    faulty.pass_through()
+    wait_for(lambda: ping() is True, timeout=5, what="recovery")
+    # Not lost, and seen by a fresh process-wide client once Redis is back.
+    mcp_redis.reset()
+    assert SessionStore().get(during) == "agent-during"
+    assert SessionStore().get(before) == "agent-before"
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_event_publish_is_bounded_and_subscription_resumes(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    EventBus = feature("EventBus")
+    bus = EventBus()
+    got: List[Dict[str, Any]] = []
+    arrived = threading.Event()
+
+    def handler(event: Dict[str, Any]) -> None:
+        got.append(event)
+        arrived.set()
+
+    channel = unique("faults")
+    sub = bus.subscribe(channel, handler)
+    try:
+        inject(faulty, fault, latency)
+        budget = call_budget()
+        seconds, _, exc = timed(lambda: bus.publish(channel, {"n": 0}))
+        assert exc is None or isinstance(exc, BackendUnavailable), repr(exc)
+        assert seconds <= 2 * budget
+        record("events", fault, "publish: " + ("BackendUnavailable" if exc else "returned"), seconds)
+        faulty.pass_through()
+
+        def delivered() -> bool:
+            arrived.clear()
+            try:
+                bus.publish(channel, {"n": 1})
+            except BackendUnavailable:
+                return False
+            return arrived.wait(0.5) and {"n": 1} in got
+
+        wait_for(delivered, timeout=15, interval=0.1, what="subscription resumed after the fault")
+    finally:
+        sub.close()
