@@ -50,6 +50,9 @@ __all__ = [
 
 # Feature exports. Each block is owned by its module; keep them in this order.
 # --- locks ---
+from .locks import AgentLock, DistributedLock, agent_lock, lock  # noqa: E402
+
+__all__ += ["agent_lock", "lock", "AgentLock", "DistributedLock"]
 # --- ratelimit ---
 # --- cache ---
 # --- sessions ---

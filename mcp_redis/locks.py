@@ -1,0 +1,948 @@
+"""Distributed locks: `agent_lock` and `lock`, one story from acquire to release.
+
+A lock is a lease owned by a token: a fresh random token per acquisition,
+held by one (process, thread). In Redis every operation is one Lua script
+(one round trip). Acquire also INCRs a per-name fencing counter, and a failed
+try joins a FIFO of waiters in the same script, so no release can slip by
+unseen. Release hands the lock to the longest waiter (reserving it for a
+moment so a releaser that loops cannot barge in) and wakes it through its own
+signal list (BLPOP): no polling. Every wait is capped at the lock's remaining
+lease, so a holder that crashed is noticed when its lease ends.
+
+Backends, per ``settings().mode("locks")``:
+
+* ``redis``: the above. When Redis is unreachable, ``settings().lock_fallback``
+  decides: ``none`` fails closed (`BackendUnavailable`), ``postgres`` takes a
+  PostgreSQL advisory lock, ``local`` a host-local file lock (unsafe across
+  hosts; logged and counted).
+* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold.
+* ``local``: ``fcntl.flock`` on a file in ``settings().lock_dir``; the kernel
+  frees a crashed holder's lock, so a lock file left behind never blocks.
+* ``off``: a no-op lock that always enters (logged once as unsafe).
+
+`agent_lock` renews its lease from one shared watchdog thread per process and
+is reentrant per thread. After ``os.fork()`` the child holds nothing: it can
+neither release nor renew its parent's locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import importlib.resources
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
+
+from .config import LockFallback, Mode, on_reset, settings
+from .connections import RedisConnection, get_redis, on_fork
+from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, LockNotOwned, LockTimeout
+from .keys import KeySpace, validate_id
+from .metrics import METRICS
+from .resilience import BreakerOpen
+
+__all__ = [
+    "DistributedLock",
+    "AgentLock",
+    "agent_lock",
+    "lock",
+    "AGENT_LOCK_BLOCKING_TIMEOUT",
+    "HANDOFF_GRACE",
+]
+
+log = logging.getLogger("mcp_redis.locks")
+T = TypeVar("T")
+
+#: Default longest wait of `agent_lock` (seconds): the legacy manager's 5 s.
+AGENT_LOCK_BLOCKING_TIMEOUT = 5.0
+#: How long (s) a lock released to a waiter stays reserved for it; a waiter
+#: that died while queued delays the next holder by at most this.
+HANDOFF_GRACE = 1.0
+# The longest single BLPOP (s); also bounded by half the socket timeout.
+_MAX_WAIT_SLICE = 1.0
+_RESERVED = "r:"
+_TICKET = re.compile(r"[0-9a-f]{24}")
+
+
+# -- Redis calls -----------------------------------------------------------------
+def _call(conn: RedisConnection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args)`` under the connection's policy, the first try without tenacity.
+
+    The policy's retry machinery costs ~20 us per call; a lock's round trip is
+    ~60 us, so the healthy path tries once, and only a failure goes through
+    the full policy (its remaining attempts). Every outcome feeds the breaker.
+    """
+    policy = conn.policy
+    try:
+        return policy.call(fn, *args, attempts=1, **kwargs)
+    except BreakerOpen:
+        raise
+    except BackendUnavailable:
+        if policy.attempts <= 1:
+            raise
+        return policy.call(fn, *args, attempts=policy.attempts - 1, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    client: Any
+    acquire: Any
+    release: Any
+    extend: Any
+
+
+_scripts_lock = threading.Lock()
+_scripts_cache: Optional[_Scripts] = None
+
+
+def _lua(name: str) -> str:
+    return (importlib.resources.files("mcp_redis") / "lua" / name).read_text("utf-8")
+
+
+def _scripts(client: Any) -> _Scripts:
+    """The registered scripts for `client` (registered once per client)."""
+    cached = _scripts_cache
+    if cached is not None and cached.client is client:
+        return cached
+    return _register(client)
+
+
+def _register(client: Any) -> _Scripts:
+    global _scripts_cache
+    with _scripts_lock:
+        cached = _scripts_cache
+        if cached is None or cached.client is not client:
+            cached = _Scripts(
+                client,
+                client.register_script(_lua("lock_acquire.lua")),
+                client.register_script(_lua("lock_release.lua")),
+                client.register_script(_lua("lock_extend.lua")),
+            )
+            _scripts_cache = cached
+        return cached
+
+
+# -- one acquisition --------------------------------------------------------------
+@dataclass(eq=False)
+class _Hold:
+    """One acquisition: who holds it, how, and whether its lease was lost."""
+
+    backend: _Backend
+    keys: _Keys
+    token: str
+    fence: int
+    lease: float
+    expires_at: float  # monotonic; meaningful for the redis backend
+    handle: Any = None  # backend-specific: RedisConnection, pg connection, fd
+    pid: int = field(default_factory=os.getpid)
+    count: int = 1
+    lost: threading.Event = field(default_factory=threading.Event)
+    released: bool = False
+    next_renewal: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Keys:
+    lock: str
+    fence: str
+    queue: str
+    signal_base: str  # space.key(namespace, *ids, tag=True, suffix="w")
+    prefix: str
+
+    def signal(self, ticket: str) -> str:
+        """A waiter's signal list: ``space.key(ns, *ids, tag=True, suffix="w" + ticket)``."""
+        return self.signal_base + ticket
+
+
+class _Backend:
+    """How one kind of store takes, keeps and gives back a lock."""
+
+    name = "?"
+    leased = False  # does the hold expire unless renewed?
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        """A hold, or None when not acquired before `deadline` (monotonic; None = forever)."""
+        raise NotImplementedError
+
+    def release(self, hold: _Hold) -> bool:
+        """Give the lock back; False when it was no longer held by `hold`."""
+        raise NotImplementedError
+
+    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
+        """Lengthen (or with `replace`, set) the lease; False when not owned."""
+        return not hold.lost.is_set()
+
+    def owned(self, hold: _Hold) -> bool:
+        return not hold.lost.is_set()
+
+    def locked(self, keys: _Keys) -> bool:
+        raise NotImplementedError
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class _RedisBackend(_Backend):
+    """Lease locks in Redis: Lua scripts, a FIFO of waiters, BLPOP wake-ups."""
+
+    name = "redis"
+    leased = True
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        conn = get_redis()
+        scripts = _scripts(conn.client)
+        client = conn.client
+        lease_ms = _ms(lease)
+        slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
+        queue_ttl = str(_ms(slice_cap + 2 * HANDOFF_GRACE))
+        ticket = token[:24] if _TICKET.match(token) else secrets.token_hex(12)
+        signal = keys.signal(ticket)
+        key_list = [keys.lock, keys.fence, keys.queue, signal]
+        blocking = deadline is None or deadline > time.monotonic()
+        state = "1" if blocking else "0"
+        queued = False
+        try:
+            while True:
+                started = time.monotonic()
+                granted, value = _call(conn, scripts.acquire, key_list, [token, lease_ms, state, queue_ttl], client)
+                if granted:
+                    queued = False
+                    return _Hold(self, keys, token, int(value), lease, started + lease, conn)
+                if not blocking:
+                    return None
+                queued, state = True, "2"
+                now = time.monotonic()
+                remaining = float("inf") if deadline is None else deadline - now
+                if remaining <= 0:
+                    return None
+                pttl = int(value)
+                wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
+                # BLPOP's timeout 0 means forever: never send less than 2 ms.
+                _call(conn, client.blpop, [signal], timeout=round(max(wait, 0.002), 3))
+        finally:
+            if queued:
+                self._leave_queue(conn, scripts, keys, signal)
+
+    def _leave_queue(self, conn: RedisConnection, scripts: _Scripts, keys: _Keys, signal: str) -> None:
+        """A waiter giving up: leave the queue; pass on a reservation made for us."""
+        try:
+            _call(conn, scripts.release, [keys.lock, keys.queue, signal], [_RESERVED + signal, _ms(HANDOFF_GRACE)],
+                  conn.client)
+        except BackendUnavailable:
+            log.debug("lock: could not leave the queue (its entry lapses with the queue)", exc_info=True)
+
+    def release(self, hold: _Hold) -> bool:
+        conn: RedisConnection = hold.handle
+        scripts = _scripts(conn.client)
+        keys = [hold.keys.lock, hold.keys.queue]
+        return bool(_call(conn, scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)], conn.client))
+
+    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
+        conn: RedisConnection = hold.handle
+        scripts = _scripts(conn.client)
+        started = time.monotonic()
+        ok = bool(_call(conn, scripts.extend, [hold.keys.lock], [hold.token, _ms(seconds), "1" if replace else "0"],
+                        conn.client))
+        if ok and replace:
+            hold.expires_at = started + seconds
+        elif ok:
+            hold.expires_at += seconds
+        return ok
+
+    def owned(self, hold: _Hold) -> bool:
+        conn: RedisConnection = hold.handle
+        return bool(_call(conn, conn.client.get, hold.keys.lock) == hold.token)
+
+    def locked(self, keys: _Keys) -> bool:
+        conn = get_redis()
+        return bool(_call(conn, conn.client.exists, keys.lock))
+
+
+def advisory_key(lock_key: str) -> int:
+    """A stable signed 64-bit id for PostgreSQL advisory locks, from the lock's key."""
+    digest = hashlib.blake2b(lock_key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+_FENCE_TABLE = """
+    CREATE TABLE IF NOT EXISTS core.lock_fences (
+        lock_key TEXT PRIMARY KEY,
+        fence    BIGINT NOT NULL
+    )
+"""
+_NEXT_FENCE = (
+    "INSERT INTO core.lock_fences (lock_key, fence) VALUES (%s, 1) "
+    "ON CONFLICT (lock_key) DO UPDATE SET fence = core.lock_fences.fence + 1 RETURNING fence"
+)
+
+
+def _register_schema() -> None:
+    from .postgres import SCHEMA
+
+    if _FENCE_TABLE not in SCHEMA:
+        SCHEMA.append(_FENCE_TABLE)
+
+
+_register_schema()
+
+
+@dataclass
+class _PgHandle:
+    context: Any  # the Postgres.connection() context manager kept open
+    connection: Any
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _PostgresBackend(_Backend):
+    """Session advisory locks on a pooled connection kept for the whole hold."""
+
+    name = "postgres"
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        from .postgres import get_postgres
+
+        pg = get_postgres()
+        pg.ensure_schema()
+        lock_id = advisory_key(keys.lock)
+
+        def attempt() -> Optional[_Hold]:
+            context = pg.connection()
+            conn = context.__enter__()
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining < 0.001:
+                        cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
+                        row = cur.fetchone()
+                        got = bool(row and row[0])
+                    else:
+                        wait_ms = "0" if remaining is None else str(_ms(remaining))
+                        cur.execute("SELECT set_config('lock_timeout', %s, false)", (wait_ms,))
+                        try:
+                            cur.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+                            got = True
+                        except _lock_not_available():
+                            got = False
+                        cur.execute("RESET lock_timeout")
+                    if not got:
+                        conn.autocommit = False
+                        context.__exit__(None, None, None)
+                        return None
+                    cur.execute(_NEXT_FENCE, (keys.lock,))
+                    row = cur.fetchone()
+            except BaseException as exc:
+                context.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            fence = int(row[0]) if row else 0
+            return _Hold(self, keys, token, fence, lease, float("inf"), _PgHandle(context, conn))
+
+        return pg.policy.call(attempt, attempts=1)
+
+    def release(self, hold: _Hold) -> bool:
+        handle: _PgHandle = hold.handle
+        with handle.guard:
+            conn = handle.connection
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(hold.keys.lock),))
+                    row = cur.fetchone()
+                conn.autocommit = False
+            except Exception as exc:  # the session died, and its lock with it
+                log.warning("lock: postgres session of a held lock was lost: %s", type(exc).__name__)
+                handle.context.__exit__(type(exc), exc, exc.__traceback__)
+                return False
+            handle.context.__exit__(None, None, None)
+        return bool(row and row[0])
+
+    def owned(self, hold: _Hold) -> bool:
+        handle: _PgHandle = hold.handle
+        if hold.lost.is_set():
+            return False
+        with handle.guard:
+            try:
+                with handle.connection.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                        "AND granted AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+                        (advisory_key(hold.keys.lock),),
+                    )
+                    row = cur.fetchone()
+            except Exception:
+                return False
+        return bool(row and row[0])
+
+    def locked(self, keys: _Keys) -> bool:
+        from .postgres import get_postgres
+
+        row = get_postgres().execute(
+            "SELECT NOT pg_try_advisory_xact_lock(%s)", (advisory_key(keys.lock),), fetch="one"
+        )
+        return bool(row and row[0])
+
+
+def _lock_not_available() -> Type[BaseException]:
+    import psycopg2.errors
+
+    error: Type[BaseException] = psycopg2.errors.LockNotAvailable
+    return error
+
+
+class _LocalBackend(_Backend):
+    """``fcntl.flock`` on one file per lock; the file also keeps the fencing counter."""
+
+    name = "local"
+
+    @staticmethod
+    def path(keys: _Keys) -> str:
+        digest = hashlib.sha256(keys.lock.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        return os.path.join(settings().lock_dir, f"mcp_redis-{digest}.lock")
+
+    def _open(self, keys: _Keys) -> int:
+        path = self.path(keys)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        fd = self._open(keys)
+        try:
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                remaining = float("inf") if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    os.close(fd)
+                    return None
+                # flock has no timed wait: back off from 0.5 ms to 20 ms.
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.02)
+            raw = os.pread(fd, 32, 0).strip()
+            fence = (int(raw) if raw.isdigit() else 0) + 1
+            os.pwrite(fd, b"%020d\n" % fence, 0)
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+        return _Hold(self, keys, token, fence, lease, float("inf"), fd)
+
+    def release(self, hold: _Hold) -> bool:
+        fd: int = hold.handle
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        return True
+
+    def locked(self, keys: _Keys) -> bool:
+        fd = self._open(keys)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's lock too
+        return False
+
+
+class _OffBackend(_Backend):
+    """``locks=off``: every acquire enters at once; nothing is excluded."""
+
+    name = "off"
+    _warned = False
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        if not _OffBackend._warned:
+            _OffBackend._warned = True
+            log.warning("locks backend is 'off': locks are no-ops and exclude nothing")
+        METRICS.inc("lock_unsafe_total", backend="off")
+        return _Hold(self, keys, token, 0, lease, float("inf"))
+
+    def release(self, hold: _Hold) -> bool:
+        return True
+
+    def locked(self, keys: _Keys) -> bool:
+        return False
+
+
+_REDIS = _RedisBackend()
+_POSTGRES = _PostgresBackend()
+_LOCAL = _LocalBackend()
+_OFF = _OffBackend()
+_BY_MODE: Dict[Mode, _Backend] = {Mode.REDIS: _REDIS, Mode.POSTGRES: _POSTGRES, Mode.LOCAL: _LOCAL, Mode.OFF: _OFF}
+
+
+def _primary() -> _Backend:
+    return _BY_MODE[settings().mode("locks")]
+
+
+def _fallback() -> Optional[_Backend]:
+    choice = settings().lock_fallback
+    if choice is LockFallback.POSTGRES:
+        return _POSTGRES
+    if choice is LockFallback.LOCAL:
+        return _LOCAL
+    return None
+
+
+# -- the watchdog ------------------------------------------------------------------
+class _Watchdog:
+    """One daemon thread per process renewing every auto-renewing lease at a third of it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holds: Dict[int, _Hold] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._pid = os.getpid()
+
+    def add(self, hold: _Hold) -> None:
+        with self._cond:
+            hold.next_renewal = time.monotonic() + hold.lease / 3
+            self._holds[id(hold)] = hold
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, hold: _Hold) -> None:
+        with self._cond:
+            self._holds.pop(id(hold), None)
+
+    def clear(self) -> None:
+        with self._cond:
+            self._holds.clear()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._holds)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._pid != os.getpid():
+                    return
+                now = time.monotonic()
+                due = [h for h in self._holds.values() if h.next_renewal <= now]
+                if not due:
+                    nxt = min((h.next_renewal for h in self._holds.values()), default=None)
+                    self._cond.wait(None if nxt is None else nxt - now)
+                    continue
+            for hold in due:
+                self._renew(hold)
+
+    def _renew(self, hold: _Hold) -> None:
+        started = time.monotonic()
+        try:
+            ok = hold.backend.extend(hold, hold.lease, True)
+        except Exception as exc:
+            if time.monotonic() < hold.expires_at:
+                # Keep trying until the lease would have ended anyway.
+                METRICS.inc("lock_renew_total", outcome="error")
+                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+                log.debug("lock: renewal failed, retrying: %s", type(exc).__name__)
+                return
+            ok = False
+        if ok:
+            METRICS.inc("lock_renew_total", outcome="renewed")
+            hold.next_renewal = started + hold.lease / 3
+            return
+        self.discard(hold)
+        if not hold.released:
+            hold.lost.set()
+            METRICS.inc("lock_lost_total", backend=hold.backend.name)
+            log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
+
+
+_WATCHDOG = _Watchdog()
+
+
+# -- the per-thread reentrancy registry --------------------------------------------
+class _ThreadHolds(threading.local):
+    def __init__(self) -> None:
+        self.holds: Dict[str, _Hold] = {}
+
+
+_THREAD_HOLDS = _ThreadHolds()
+
+
+@on_fork
+def _forget_in_child() -> None:
+    """A forked child holds nothing: it must never renew or release its parent's locks."""
+    global _WATCHDOG, _scripts_lock, _scripts_cache
+    _WATCHDOG = _Watchdog()
+    _scripts_lock = threading.Lock()
+    _scripts_cache = None
+
+
+@on_reset
+def _forget_on_reset() -> None:
+    global _scripts_cache
+    _WATCHDOG.clear()
+    _scripts_cache = None
+
+
+# -- the lock objects ---------------------------------------------------------------
+def _check_seconds(value: object, argument: str, *, allow_none: bool, allow_zero: bool) -> Optional[float]:
+    if value is None:
+        if allow_none:
+            return None
+        raise InvalidArgumentType(argument, "must be a number, not None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(argument, f"must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise InvalidArgument(argument, f"must be finite, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise InvalidArgument(argument, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return seconds
+
+
+def _not_owned(message: str) -> LockNotOwned:
+    return LockNotOwned(message)  # type: ignore[no-untyped-call]
+
+
+def _timed_out(message: str) -> LockTimeout:
+    return LockTimeout(message)  # type: ignore[no-untyped-call]
+
+
+def _shown(name: str) -> str:
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Local(threading.local):
+    hold: Optional[_Hold] = None
+    fence: Optional[int] = None
+    last: Optional[_Hold] = None
+
+
+class _Shared:
+    hold: Optional[_Hold] = None
+    fence: Optional[int] = None
+    last: Optional[_Hold] = None
+
+
+class DistributedLock:
+    """A lock shared by every process and host using the same backend.
+
+    Mirrors redis-py's ``redis.lock.Lock`` (same methods, same meaning), with
+    a lease always (`timeout`, default ``REDIS_LOCK_TIMEOUT``), a fencing
+    token, signalled waits and optional background renewal (`auto_renew`).
+    One object may be shared by threads: each thread holds it separately.
+    """
+
+    _namespace = "lock"
+
+    def __init__(
+        self,
+        name: str,
+        timeout: Optional[float] = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: Optional[float] = None,
+        thread_local: bool = True,
+        raise_on_release_error: bool = True,
+        *,
+        auto_renew: bool = False,
+        reentrant: bool = False,
+        _argument: str = "name",
+    ) -> None:
+        self.name = validate_id(name, _argument)
+        self.timeout = _check_seconds(timeout, "timeout", allow_none=True, allow_zero=False)
+        self.sleep = sleep  # accepted for redis-py compatibility; waits are signalled, not polled
+        self.blocking = bool(blocking)
+        self.blocking_timeout = _check_seconds(blocking_timeout, "blocking_timeout", allow_none=True, allow_zero=True)
+        self.thread_local = bool(thread_local)
+        self.raise_on_release_error = raise_on_release_error
+        self.auto_renew = bool(auto_renew)
+        self.reentrant = bool(reentrant)
+        self._state: Union[_Local, _Shared] = _Local() if thread_local else _Shared()
+        self._keys: Optional[_Keys] = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_shown(self.name)}, timeout={self.timeout}, blocking_timeout={self.blocking_timeout})"
+
+    # -- keys and holds ----------------------------------------------------------
+    def _ids(self) -> Tuple[str, ...]:
+        return (self.name,)
+
+    def _resolve_keys(self) -> _Keys:
+        prefix = settings().key_prefix
+        keys = self._keys
+        if keys is None or keys.prefix != prefix:
+            space = KeySpace(prefix)
+            ids = self._ids()
+            ns = self._namespace
+            keys = _Keys(
+                space.key(ns, *ids, tag=True),
+                space.key(ns, *ids, tag=True, suffix="fence"),
+                space.key(ns, *ids, tag=True, suffix="queue"),
+                space.key(ns, *ids, tag=True, suffix="w"),
+                prefix,
+            )
+            self._keys = keys
+        return keys
+
+    @property
+    def key(self) -> str:
+        """The lock's key under the current prefix (also names its file / advisory lock)."""
+        return self._resolve_keys().lock
+
+    def _hold(self) -> Optional[_Hold]:
+        """This thread's live hold (reentrant locks: whichever object took it)."""
+        if self.reentrant:
+            hold = _THREAD_HOLDS.holds.get(self._resolve_keys().lock)
+        else:
+            hold = self._state.hold
+        if hold is None or hold.pid != os.getpid() or hold.released:
+            return None
+        return hold
+
+    # -- redis-py's Lock interface ---------------------------------------------------
+    def acquire(
+        self,
+        blocking: Optional[bool] = None,
+        blocking_timeout: Optional[float] = None,
+        token: Optional[Union[str, bytes]] = None,
+    ) -> bool:
+        """Take the lock; False when not acquired in time (``blocking=False``: one try).
+
+        `blocking_timeout` (seconds, float) defaults to the object's; None waits
+        forever. A thread already holding a reentrant lock enters at once.
+        """
+        keys = self._resolve_keys()
+        if self.reentrant:
+            held = _THREAD_HOLDS.holds.get(keys.lock)
+            if held is not None and held.pid == os.getpid() and not held.released:
+                held.count += 1
+                self._state.last = held
+                self._state.fence = held.fence
+                METRICS.inc("lock_acquire_total", backend=held.backend.name, outcome="reentered")
+                return True
+        if blocking is None:
+            blocking = self.blocking
+        wait = _check_seconds(blocking_timeout, "blocking_timeout", allow_none=True, allow_zero=True)
+        if wait is None:
+            wait = self.blocking_timeout
+        if not blocking:
+            wait = 0.0
+        if token is None:
+            token = secrets.token_hex(16)
+        elif isinstance(token, bytes):
+            token = token.decode("utf-8", "surrogatepass")
+        elif not isinstance(token, str):
+            raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
+        lease = self.timeout if self.timeout is not None else settings().lock_timeout
+        started = time.monotonic()
+        deadline = None if wait is None else started + wait
+        hold = self._acquire_with_fallback(keys, token, lease, deadline)
+        waited = time.monotonic() - started
+        if hold is None:
+            METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
+            return False
+        METRICS.inc("lock_acquire_total", backend=hold.backend.name, outcome="acquired")
+        METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
+        self._state.last = hold
+        self._state.fence = hold.fence
+        if self.reentrant:
+            _THREAD_HOLDS.holds[keys.lock] = hold
+        else:
+            self._state.hold = hold
+        if self.auto_renew and hold.backend.leased:
+            _WATCHDOG.add(hold)
+        return True
+
+    def _acquire_with_fallback(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        backend = _primary()
+        try:
+            return backend.acquire(keys, token, lease, deadline)
+        except BackendUnavailable:
+            fallback = _fallback() if backend is _REDIS else None
+            if fallback is None:
+                METRICS.inc("lock_backend_unavailable_total", backend=backend.name)
+                raise
+        METRICS.inc("lock_fallback_total", to=fallback.name)
+        if fallback is _LOCAL:
+            METRICS.inc("lock_unsafe_total", backend="local")
+            log.warning("lock: redis unavailable, using a host-local file lock (NOT exclusive across hosts)")
+        else:
+            log.warning("lock: redis unavailable, using a postgres advisory lock")
+        return fallback.acquire(keys, token, lease, deadline)
+
+    def release(self) -> None:
+        """Give the lock back (the outermost release of a reentrant hold).
+
+        Raises `LockNotOwned` when this thread does not hold it, or when its
+        lease was lost meanwhile; a new holder's lock is never touched.
+        """
+        hold = self._hold()
+        if hold is None:
+            raise _not_owned(f"cannot release lock {_shown(self.name)}: not held by this thread")
+        if hold.count > 1:
+            hold.count -= 1
+            return
+        hold.released = True
+        self._state.hold = None
+        _WATCHDOG.discard(hold)
+        if self.reentrant and _THREAD_HOLDS.holds.get(hold.keys.lock) is hold:
+            del _THREAD_HOLDS.holds[hold.keys.lock]
+        owned = hold.backend.release(hold)
+        if not owned or hold.lost.is_set():
+            hold.lost.set()
+            METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="not_owned")
+            raise _not_owned(
+                f"lock {_shown(self.name)} was no longer owned at release: its lease expired or was taken over"
+            )
+        METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="released")
+
+    def extend(self, additional_time: float, replace_ttl: bool = False) -> bool:
+        """Add `additional_time` seconds to the lease (``replace_ttl``: set it to that)."""
+        seconds = _check_seconds(additional_time, "additional_time", allow_none=False, allow_zero=False)
+        assert seconds is not None
+        hold = self._hold()
+        if hold is None:
+            raise _not_owned(f"cannot extend lock {_shown(self.name)}: not held by this thread")
+        if not hold.backend.extend(hold, seconds, replace_ttl):
+            hold.lost.set()
+            raise _not_owned(f"cannot extend lock {_shown(self.name)}: no longer owned")
+        return True
+
+    def reacquire(self) -> bool:
+        """Reset the lease to the lock's `timeout`."""
+        lease = self.timeout if self.timeout is not None else settings().lock_timeout
+        return self.extend(lease, replace_ttl=True)
+
+    def locked(self) -> bool:
+        """True when anyone holds the lock."""
+        hold = self._hold()
+        if hold is not None and hold.backend is not _primary():
+            return hold.backend.owned(hold)
+        return _primary().locked(self._resolve_keys())
+
+    def owned(self) -> bool:
+        """True when this thread holds the lock and its lease is still its own."""
+        hold = self._hold()
+        return hold is not None and hold.backend.owned(hold)
+
+    # -- beyond redis-py -------------------------------------------------------------
+    @property
+    def fencing_token(self) -> Optional[int]:
+        """This thread's fencing token: strictly increasing per lock name (None before any acquire)."""
+        return self._state.fence
+
+    @property
+    def lost(self) -> bool:
+        """True when this thread's (current or last) hold lost its lease."""
+        last = self._state.last
+        return last is not None and last.lost.is_set()
+
+    @property
+    def lost_event(self) -> threading.Event:
+        """An Event set when this thread's current hold loses its lease (wait on it)."""
+        last = self._state.last
+        return last.lost if last is not None else threading.Event()
+
+    @property
+    def backend(self) -> Optional[str]:
+        """Which backend holds this thread's current hold: redis/postgres/local/off."""
+        hold = self._hold()
+        return hold.backend.name if hold is not None else None
+
+    def __enter__(self) -> DistributedLock:
+        if self.acquire():
+            return self
+        raise _timed_out(f"lock {_shown(self.name)}: not acquired within {self.blocking_timeout}s")
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        try:
+            self.release()
+        except LockNotOwned:
+            if self.raise_on_release_error and exc_type is None:
+                raise
+            log.warning("lock %s was no longer owned when leaving its block", _shown(self.name))
+
+
+class AgentLock(DistributedLock):
+    """The lock of one agent's state: auto-renewing and reentrant per thread."""
+
+    _namespace = "agent-lock"
+
+    def __init__(
+        self,
+        agent_id: str,
+        timeout: Optional[float] = None,
+        blocking_timeout: Optional[float] = AGENT_LOCK_BLOCKING_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            agent_id,
+            timeout=timeout,
+            blocking_timeout=blocking_timeout,
+            auto_renew=True,
+            reentrant=True,
+            _argument="agent_id",
+        )
+
+    @property
+    def agent_id(self) -> str:
+        return self.name
+
+
+def agent_lock(
+    agent_id: str,
+    timeout: Optional[float] = None,
+    blocking_timeout: Optional[float] = AGENT_LOCK_BLOCKING_TIMEOUT,
+) -> AgentLock:
+    """The lock of `agent_id`'s state, as a context manager.
+
+    `timeout`: lease in seconds (default ``REDIS_LOCK_TIMEOUT``), renewed in
+    the background while held; `blocking_timeout`: longest wait (default 5 s,
+    ``0`` tries once, None waits forever), then `LockTimeout`.
+    """
+    return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout)
+
+
+def lock(
+    name: str,
+    timeout: Optional[float] = None,
+    blocking_timeout: Optional[float] = None,
+    *,
+    blocking: bool = True,
+    thread_local: bool = True,
+    auto_renew: bool = False,
+    raise_on_release_error: bool = True,
+) -> DistributedLock:
+    """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`)."""
+    return DistributedLock(
+        name,
+        timeout=timeout,
+        blocking=blocking,
+        blocking_timeout=blocking_timeout,
+        thread_local=thread_local,
+        raise_on_release_error=raise_on_release_error,
+        auto_renew=auto_renew,
+    )
+
+
+def held_locks() -> List[str]:
+    """Keys of the reentrant locks this thread holds (diagnostics)."""
+    pid = os.getpid()
+    return [k for k, h in _THREAD_HOLDS.holds.items() if h.pid == pid and not h.released]

@@ -1,0 +1,26 @@
+-- Release a lock held with ARGV[1] and hand it to the longest waiter.
+--
+-- KEYS[1] the lock, KEYS[2] the queue of waiters,
+-- KEYS[3] (optional) the caller's own signal list: a waiter giving up
+--         leaves the queue, and passes on a reservation made for it.
+-- ARGV[1] the value the lock must hold (a token, or "r:" .. KEYS[3])
+-- ARGV[2] how long (ms) a reservation waits for its waiter to claim it
+-- Returns 1 when the lock held ARGV[1] (and was passed on or deleted), else 0.
+if KEYS[3] then
+  redis.call('LREM', KEYS[2], 0, KEYS[3])
+  redis.call('DEL', KEYS[3])
+end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local nxt = redis.call('LPOP', KEYS[2])
+if nxt then
+  -- Reserve for the head waiter so a releaser looping back cannot barge in;
+  -- the reservation lapses if that waiter died.
+  redis.call('SET', KEYS[1], 'r:' .. nxt, 'PX', ARGV[2])
+  redis.call('LPUSH', nxt, '1')
+  redis.call('PEXPIRE', nxt, ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
