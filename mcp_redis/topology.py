@@ -16,11 +16,12 @@ masters step by step, so that clients see ASK and MOVED redirections.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from redis.crc import key_slot as _key_slot
 
@@ -50,6 +51,15 @@ def key_slot(key: str) -> int:
 def _admin(server: RedisServer, timeout: float = 2.0) -> Any:
     """A short-timeout plain client for administrative commands."""
     return server.client(socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _command(server: RedisServer, *args: Any, timeout: float = 2.0) -> Any:
+    """One command on a fresh short-timeout connection (closed after)."""
+    client = _admin(server, timeout)
+    try:
+        return client.execute_command(*args)
+    finally:
+        client.close()
 
 
 def _info(server: RedisServer, section: str) -> Dict[str, Any]:
@@ -289,6 +299,35 @@ class SentinelTopology:
 
         wait_for(promoted, timeout, interval=0.05, what=f"Sentinels to replace the master on port {old.port}")
         return self.master
+
+    @contextlib.contextmanager
+    def replication_cut(self) -> Iterator[RedisServer]:
+        """Cut every replica off from the master for the block; yields the master.
+
+        Writes the master acknowledges inside the block reach no replica, so a
+        failover before the block ends loses them: the asynchronous-replication
+        window, made deterministic. (Replicas get a wrong ``masterauth``, so the
+        master refuses their resync; a SIGSTOP would not do: the kernel still
+        buffers the replication stream for them.) ``WAIT`` on the master returns
+        0 inside the block.
+        """
+        master = self.master
+        replicas = [n for n in self.nodes if n is not master and n.running]
+        for replica in replicas:
+            _command(replica, "CONFIG", "SET", "masterauth", "mcp-redis-replication-cut")
+        try:
+            _command(master, "CLIENT", "KILL", "TYPE", "replica")
+            wait_for(
+                lambda: all(_info(r, "replication").get("master_link_status") == "down" for r in replicas)
+                and int(_info(master, "replication").get("connected_slaves", 0)) == 0,
+                10,
+                what="replicas to lose their link to the master",
+            )
+            yield master
+        finally:
+            for replica in replicas:
+                if replica.running:
+                    _command(replica, "CONFIG", "SET", "masterauth", self.password or "")
 
     def failover(self, timeout: float = 30.0) -> RedisServer:
         """A graceful, forced failover (``SENTINEL FAILOVER``); returns the new master."""
@@ -584,11 +623,7 @@ class SlotMigration:
         return f"SlotMigration(slot={self.slot}, {self.source.port}->{self.target.port}, {self.state}, moved={self.moved})"
 
     def _run(self, server: RedisServer, *args: Any) -> Any:
-        client = _admin(server, timeout=5.0)
-        try:
-            return client.execute_command(*args)
-        finally:
-            client.close()
+        return _command(server, *args, timeout=5.0)
 
     def begin(self) -> None:
         self._run(self.target, "CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
