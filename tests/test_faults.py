@@ -298,13 +298,13 @@ def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
 def test_locks_fail_closed_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     agent_lock = feature("agent_lock")
     name = unique("agent")
-    with agent_lock(name, timeout=5, blocking_timeout=1):
+    with agent_lock(name, timeout=2, blocking_timeout=1):
         pass
     inject(faulty, fault, latency)
     budget = call_budget()
 
     def take() -> None:
-        with agent_lock(name, timeout=5, blocking_timeout=1):
+        with agent_lock(name, timeout=2, blocking_timeout=1):
             raise AssertionError("acquired a Redis lock while Redis is unreachable")
 
     seconds, _, exc = timed(take)
@@ -313,11 +313,11 @@ def test_locks_fail_closed_within_budget(faulty: FaultProxy, fault: Fault, laten
     record("locks", fault, "BackendUnavailable (fail closed)", seconds)
     faulty.pass_through()
     wait_for(lambda: ping() is True, timeout=5, what="recovery")
-    wait_for(lambda: _lock_once(agent_lock, name), timeout=5 + budget, what="lock after recovery")
+    wait_for(lambda: _lock_once(agent_lock, name), timeout=3 + budget, what="lock after recovery (an orphaned lease ends)")
 
 
 def _lock_once(agent_lock: Any, name: str) -> bool:
-    with agent_lock(name, timeout=5, blocking_timeout=0.5):
+    with agent_lock(name, timeout=2, blocking_timeout=0.5):
         return True
 
 
