@@ -54,6 +54,9 @@ from .locks import AgentLock, DistributedLock, agent_lock, lock  # noqa: E402
 
 __all__ += ["agent_lock", "lock", "AgentLock", "DistributedLock"]
 # --- ratelimit ---
+from .ratelimit import Algorithm, Limit, LimitStatus, RateLimiter, RateLimitResult, rate_limited, ratelimit_headers  # noqa: E402
+
+__all__ += ["rate_limited", "RateLimiter", "RateLimitResult", "Limit", "LimitStatus", "Algorithm", "ratelimit_headers"]
 # --- cache ---
 # --- sessions ---
 # --- events ---

@@ -43,6 +43,21 @@ SCHEMA: List[str] = [
     """,
     "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON core.sessions (agent_id)",
     "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON core.sessions (expires_at)",
+    # Rate limits (mcp_redis.ratelimit_storage.PostgresStorage): one row per
+    # (name, key, algorithm, window); ids stored encoded (keys.encode_id).
+    """
+    CREATE TABLE IF NOT EXISTS audit.rate_limits (
+        name        TEXT NOT NULL,
+        rate_key    TEXT NOT NULL,
+        algorithm   TEXT NOT NULL,
+        window_us   BIGINT NOT NULL,
+        state       JSONB NOT NULL,
+        expires_at  TIMESTAMPTZ NOT NULL,
+        updated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (name, rate_key, algorithm, window_us)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS rate_limits_expires_at_idx ON audit.rate_limits (expires_at)",
 ]
 
 

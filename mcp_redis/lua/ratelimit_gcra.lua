@@ -1,0 +1,53 @@
+-- GCRA (a token bucket of `limit` tokens refilled over `window`), all limits
+-- at once. Refill is exact: state is the theoretical arrival time (TAT).
+-- KEYS[i]: one string per limit: the TAT in microseconds.
+-- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
+--       then limit_i, window_us_i for each key.
+-- Reply: {allowed, refused index (0 = none), then per limit:
+--         remaining, retry_after_us, reset_after_us}.
+local consume = ARGV[1] == '1'
+local cost = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local n = #KEYS
+local news = {}
+local out = {1, 0}
+local refused, worst = 0, -1
+for i = 1, n do
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local window = tonumber(ARGV[3 + 2 * i])
+  local interval = window / limit
+  -- Tolerate float rounding (TAT is stored to 1 ns) so a full burst fits.
+  local eps = math.min(1, interval / 2)
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local new = tat + cost * interval
+  news[i] = new
+  local retry = 0
+  if new - window > now + eps then
+    retry = math.max(1, math.ceil(new - window - now))
+    if retry > worst then worst, refused = retry, i end
+  end
+  out[3 * i] = math.floor((now + window - tat + eps) / interval)
+  out[3 * i + 1] = retry
+  out[3 * i + 2] = math.ceil(tat - now)
+end
+
+if refused > 0 then
+  out[1], out[2] = 0, refused
+elseif consume then
+  for i = 1, n do
+    local limit = tonumber(ARGV[2 + 2 * i])
+    local window = tonumber(ARGV[3 + 2 * i])
+    local interval = window / limit
+    local eps = math.min(1, interval / 2)
+    redis.call('SET', KEYS[i], string.format('%.3f', news[i]), 'PX', math.max(1, math.ceil((news[i] - now) / 1000)))
+    out[3 * i] = math.floor((now + window - news[i] + eps) / interval)
+    out[3 * i + 2] = math.ceil(news[i] - now)
+  end
+end
+return out

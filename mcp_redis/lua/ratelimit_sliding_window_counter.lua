@@ -1,0 +1,73 @@
+-- Sliding-window counter (approximate, O(1) memory), all limits at once.
+-- Windows are aligned on the server clock; the estimate is
+--   previous * (time left in the current window / window) + current.
+-- KEYS[i]: one hash per limit: w = window index, c = current count,
+--          p = previous window's count.
+-- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
+--       then limit_i, window_us_i for each key.
+-- Reply: {allowed, refused index (0 = none), then per limit:
+--         remaining, retry_after_us, reset_after_us}.
+local consume = ARGV[1] == '1'
+local cost = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local n = #KEYS
+local idxs, curs, prevs = {}, {}, {}
+local out = {1, 0}
+local refused, worst = 0, -1
+for i = 1, n do
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local window = tonumber(ARGV[3 + 2 * i])
+  local idx = math.floor(now / window)
+  local v = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
+  local w, c, p = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if w == idx - 1 then
+    p, c = c, 0
+  elseif w ~= idx then
+    p, c = 0, 0
+  end
+  idxs[i], curs[i], prevs[i] = idx, c, p
+  local start = idx * window
+  local est = p * (start + window - now) / window + c
+  local retry, reset = 0, 0
+  if c > 0 then
+    reset = start + 2 * window - now
+  elseif p > 0 then
+    reset = start + window - now
+  end
+  if est + cost > limit then
+    if p > 0 and c + cost <= limit then
+      -- Still in this window, once the previous window's share decays.
+      retry = start + window * (1 - (limit - c - cost) / p) - now
+    else
+      -- In the next window, where this window's count becomes the previous.
+      local need = 0
+      if c > 0 then need = math.max(0, 1 - (limit - cost) / c) end
+      retry = start + window + window * need - now
+    end
+    -- One microsecond of slack against float rounding in the estimate.
+    retry = math.max(1, math.ceil(retry) + 1)
+    if retry > worst then worst, refused = retry, i end
+  end
+  out[3 * i], out[3 * i + 1], out[3 * i + 2] = math.floor(limit - est), retry, reset
+end
+
+if refused > 0 then
+  out[1], out[2] = 0, refused
+elseif consume then
+  for i = 1, n do
+    local window = tonumber(ARGV[3 + 2 * i])
+    local start = idxs[i] * window
+    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', idxs[i]), 'c', curs[i] + cost, 'p', prevs[i])
+    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((start + 2 * window - now) / 1000)))
+    local limit = tonumber(ARGV[2 + 2 * i])
+    local est = prevs[i] * (start + window - now) / window + curs[i] + cost
+    out[3 * i] = math.floor(limit - est)
+    out[3 * i + 2] = start + 2 * window - now
+  end
+end
+return out

@@ -1,0 +1,508 @@
+"""Rate limiting: `RateLimiter` and `@rate_limited`, on Redis, PostgreSQL or in-process.
+
+    limiter = RateLimiter("kg_store", limits=[(20, 3600), (5, 60)])
+    result = limiter.hit(agent_id)          # one round trip, all or nothing
+    if not result.allowed: ... result.retry_after, result.headers()
+
+    @rate_limited("kg_store", limit=20, window=3600, key="agent_id")
+    def store_knowledge(agent_id, payload): ...
+
+The backend is chosen per call by ``settings().mode("rate_limits")``; when
+it is unreachable, ``settings().rate_limit_fallback`` decides (default: the
+in-process limiter, logged once per outage and counted). Algorithms and
+storages live in `mcp_redis.ratelimit_storage`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import threading
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+
+import psycopg2
+import redis.exceptions
+
+from .config import Mode, RateLimitFallback, Settings, on_reset, settings
+from .connections import get_redis
+from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
+from .keys import KeySpace, validate_id
+from .metrics import METRICS
+from .postgres import get_postgres
+from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
+
+__all__ = [
+    "Algorithm",
+    "Limit",
+    "LimitStatus",
+    "RateLimitResult",
+    "RateLimiter",
+    "rate_limited",
+    "ratelimit_headers",
+]
+
+log = logging.getLogger("mcp_redis.ratelimit")
+F = TypeVar("F", bound=Callable[..., Any])
+NAMESPACE = "ratelimit"
+_MAX_WINDOW = 10 * 365 * 86400.0  # ten years; keeps microseconds well inside a double
+
+
+class Limit(NamedTuple):
+    """`limit` units per `window` seconds (None: ``REDIS_RATE_LIMIT_WINDOW`` at call time)."""
+
+    limit: int
+    window: Optional[float] = None
+    name: Optional[str] = None
+
+    def label(self, window: float) -> str:
+        """The policy name shown in headers and errors: `name`, else ``"<limit>/<window>s"``."""
+        return self.name if self.name is not None else f"{self.limit}/{window:g}s"
+
+
+class LimitStatus(NamedTuple):
+    """One limit's figures after a call (seconds as floats)."""
+
+    name: str
+    limit: int
+    window: float
+    remaining: int
+    retry_after: float
+    reset_after: float
+
+
+class RateLimitResult:
+    """The outcome of `hit`/`peek`: the verdict and the figures of the binding limit.
+
+    With several limits, `limit`/`remaining`/`reset_after` describe the one
+    that refused (or, when admitted, the one with the fewest units left);
+    `statuses` holds every limit's figures. Truthy when allowed.
+    """
+
+    __slots__ = ("allowed", "limit", "remaining", "retry_after", "reset_after",
+                 "name", "refused_by", "statuses", "backend")
+
+    def __init__(self, allowed: bool, name: str, statuses: Tuple[LimitStatus, ...], binding: int,
+                 backend: str) -> None:
+        top = statuses[binding]
+        self.allowed = allowed
+        self.name = name
+        self.limit = top.limit
+        self.remaining = max(0, top.remaining)
+        self.retry_after = 0.0 if allowed else top.retry_after
+        self.reset_after = top.reset_after
+        self.refused_by: Optional[str] = None if allowed else top.name
+        self.statuses = statuses
+        self.backend = backend
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    def __repr__(self) -> str:
+        return (f"RateLimitResult(allowed={self.allowed}, name={self.name!r}, limit={self.limit}, "
+                f"remaining={self.remaining}, retry_after={self.retry_after:.6f}, "
+                f"reset_after={self.reset_after:.6f}, refused_by={self.refused_by!r}, backend={self.backend!r})")
+
+    def error(self) -> RateLimitExceeded:
+        """The `RateLimitExceeded` describing this (refused) result; ``.result`` is attached."""
+        exc = RateLimitExceeded(self.name, self.limit, self.remaining, self.retry_after, self.reset_after,
+                                refused_by=self.refused_by)
+        exc.result = self  # type: ignore[attr-defined]
+        return exc
+
+    def headers(self) -> Dict[str, str]:
+        """The IETF ``RateLimit-Policy`` / ``RateLimit`` fields, and ``Retry-After`` when refused."""
+        return ratelimit_headers(self)
+
+
+def ratelimit_headers(result: RateLimitResult) -> Dict[str, str]:
+    """HTTP response fields per draft-ietf-httpapi-ratelimit-headers (-10).
+
+    ``RateLimit-Policy: "p";q=<limit>;w=<window s>`` and
+    ``RateLimit: "p";r=<remaining>;t=<s until reset>`` list every limit
+    (binding one first); ``Retry-After`` (whole seconds, rounded up, never
+    earlier than the binding ``t``) is present only when refused.
+    """
+    order = sorted(range(len(result.statuses)),
+                   key=lambda i: (result.statuses[i].name != (result.refused_by or ""), result.statuses[i].remaining))
+    policies: List[str] = []
+    states: List[str] = []
+    for i in order:
+        st = result.statuses[i]
+        label = _sf_string(st.name)
+        policies.append(f"{label};q={st.limit};w={max(1, math.ceil(st.window))}")
+        states.append(f"{label};r={max(0, st.remaining)};t={max(0, math.ceil(st.reset_after))}")
+    out = {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
+    if not result.allowed:
+        out["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
+    return out
+
+
+def _sf_string(text: str) -> str:
+    """A structured-field string: printable ASCII, quotes and backslashes escaped."""
+    safe = "".join(c if " " <= c <= "~" else "_" for c in text)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- limits and their per-settings plan ------------------------------------------
+def _check_int(value: Any, argument: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise InvalidArgument(argument, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_window(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(argument, f"must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0.001 or value > _MAX_WINDOW:
+        raise InvalidArgument(argument, f"must be between 0.001 and {_MAX_WINDOW:g} seconds, got {value!r}")
+    return float(value)
+
+
+def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:
+    if limits is None:
+        if limit is None:
+            raise InvalidArgument("limit", "is required (or pass limits=[(limit, window), ...])")
+        specs: Iterable[Any] = [Limit(limit, window)]
+        argument = "limit"
+    else:
+        if limit is not None or window is not None:
+            raise InvalidArgument("limits", "pass either limit/window or limits, not both")
+        if isinstance(limits, (str, bytes)) or not isinstance(limits, Iterable):
+            raise InvalidArgumentType("limits", f"must be a sequence of Limit or (limit, window), not {type(limits).__name__}")
+        specs = list(limits)
+        if not specs:
+            raise InvalidArgument("limits", "must not be empty")
+        argument = "limits"
+    out: List[Limit] = []
+    for item in specs:
+        if not isinstance(item, Limit):
+            if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
+                raise InvalidArgumentType(argument, f"items must be Limit or (limit, window[, name]), not {item!r}")
+            item = Limit(*item)
+        _check_int(item.limit, "limit")
+        if item.window is not None:
+            _check_window(item.window, "window")
+        if item.name is not None and (not isinstance(item.name, str) or not item.name):
+            raise InvalidArgument(argument, f"a limit's name must be a non-empty str, got {item.name!r}")
+        out.append(item)
+    return tuple(out)
+
+
+class _Plan(NamedTuple):
+    """Everything a call needs that depends only on the settings in force."""
+
+    keyspace: KeySpace
+    limits: Tuple[Limit, ...]
+    windows: Tuple[float, ...]
+    specs: Tuple[Tuple[int, int], ...]  # (limit, window_us)
+    flat: Tuple[int, ...]
+    suffixes: Tuple[str, ...]
+    labels: Tuple[str, ...]
+    max_cost: int
+
+
+# -- the limiter --------------------------------------------------------------------
+class RateLimiter:
+    """`limit` calls per `window` seconds per key — or several limits at once, all or nothing.
+
+    ``RateLimiter("kg_store", 20, 3600)`` or
+    ``RateLimiter("kg_store", limits=[(20, 3600), Limit(5, 60, "burst")])``.
+    `window` None means ``REDIS_RATE_LIMIT_WINDOW`` at call time. Thread-safe;
+    cheap to create; holds no connection (it uses the process-wide clients).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: Optional[int] = None,
+        window: Optional[float] = None,
+        *,
+        algorithm: Union[Algorithm, str] = Algorithm.SLIDING_WINDOW,
+        limits: Optional[Sequence[Union[Limit, Tuple[Any, ...]]]] = None,
+    ) -> None:
+        self.name = validate_id(name, "name")
+        try:
+            self.algorithm = Algorithm(algorithm)
+        except ValueError:
+            choices = ", ".join(sorted({a.value for a in Algorithm}))
+            raise InvalidArgument("algorithm", f"must be one of {choices}, got {algorithm!r}") from None
+        self.limits = _coerce_limits(limit, window, limits)
+        self._plan_cache: Optional[Tuple[Settings, _Plan]] = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{lim.limit}/{lim.window if lim.window is not None else 'default'}s" for lim in self.limits)
+        return f"RateLimiter({self.name!r}, [{shown}], algorithm={self.algorithm.value!r})"
+
+    # -- the verbs -----------------------------------------------------------------
+    def hit(self, key: str, cost: int = 1) -> RateLimitResult:
+        """Consume `cost` units of every limit for `key` if all of them allow it, else none."""
+        return self._run(key, cost, True)
+
+    def peek(self, key: str, cost: int = 1) -> RateLimitResult:
+        """What `hit(key, cost)` would answer now, without consuming anything."""
+        return self._run(key, cost, False)
+
+    def reset(self, key: str) -> None:
+        """Forget every limit's state for `key` (in the backend in force)."""
+        key = validate_id(key, "key")
+        s = settings()
+        plan = self._plan(s)
+        mode = s.mode("rate_limits")
+        if mode is Mode.REDIS:
+            keys = [plan.keyspace.key(NAMESPACE, self.name, key, tag=True, suffix=x) for x in plan.suffixes]
+            _redis_storage().clear(keys)
+        elif mode is Mode.POSTGRES:
+            _pg_storage().clear(self.algorithm, self.name, key, plan.specs)
+        local_storage().clear(self.algorithm, self.name, key, plan.specs)
+
+    # -- internals -------------------------------------------------------------------
+    def _plan(self, s: Settings) -> _Plan:
+        cached = self._plan_cache
+        if cached is not None and cached[0] is s:
+            return cached[1]
+        windows = tuple(float(lim.window) if lim.window is not None else float(s.rate_limit_window)
+                        for lim in self.limits)
+        specs = tuple((lim.limit, max(1, round(w * 1_000_000))) for lim, w in zip(self.limits, windows))
+        if len({w for _, w in specs}) != len(specs):
+            raise InvalidArgument("limits", "two limits share one window; keep the stricter one")
+        short = self.algorithm.short
+        plan = _Plan(
+            keyspace=KeySpace(s.key_prefix),
+            limits=self.limits,
+            windows=windows,
+            specs=specs,
+            flat=tuple(x for spec in specs for x in spec),
+            suffixes=tuple(f"{short}_{w}" for _, w in specs),
+            labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
+            max_cost=min(lim.limit for lim in self.limits),
+        )
+        self._plan_cache = (s, plan)
+        return plan
+
+    def _run(self, key: str, cost: int, consume: bool, _now_us: int = -1) -> RateLimitResult:
+        key = validate_id(key, "key")
+        cost = _check_int(cost, "cost")
+        s = settings()
+        plan = self._plan(s)
+        if cost > plan.max_cost:
+            raise InvalidArgument("cost", f"{cost} exceeds the limit {plan.max_cost}: it could never pass")
+        mode = s.mode("rate_limits")
+        if mode is Mode.REDIS:
+            try:
+                keys = [plan.keyspace.key(NAMESPACE, self.name, key, tag=True, suffix=x) for x in plan.suffixes]
+                reply = _redis_storage().acquire(self.algorithm, keys, plan.flat, cost, consume, _now_us)
+            except (BackendUnavailable, redis.exceptions.RedisError) as exc:
+                return self._fallback(s, plan, key, cost, consume, "redis", exc)
+            if _outage["redis"]:
+                _recovered("redis")
+            return self._result(plan, reply, "redis", consume)
+        if mode is Mode.LOCAL:
+            reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+            return self._result(plan, reply, "local", consume)
+        if mode is Mode.POSTGRES:
+            try:
+                reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+            except (BackendUnavailable, psycopg2.Error) as exc:
+                return self._fallback(s, plan, key, cost, consume, "postgres", exc)
+            if _outage["postgres"]:
+                _recovered("postgres")
+            return self._result(plan, reply, "postgres", consume)
+        return self._verdict(plan, True, "off")
+
+    def _fallback(self, s: Settings, plan: _Plan, key: str, cost: int, consume: bool, backend: str,
+                  exc: BaseException) -> RateLimitResult:
+        """The documented policy when `backend` does not answer (never raises a backend error)."""
+        policy = s.rate_limit_fallback
+        if policy is RateLimitFallback.POSTGRES and backend == "redis" and s.database_url:
+            try:
+                reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+            except (BackendUnavailable, psycopg2.Error) as pg_exc:
+                exc, backend = pg_exc, "redis+postgres"
+            else:
+                _outage_started(backend, "postgres", exc)
+                return self._result(plan, reply, "postgres", consume)
+        if policy is RateLimitFallback.OPEN:
+            _outage_started(backend, "open", exc)
+            return self._verdict(plan, True, "open")
+        if policy is RateLimitFallback.CLOSED:
+            _outage_started(backend, "closed", exc)
+            return self._verdict(plan, False, "closed", retry_after=s.breaker_reset_timeout)
+        _outage_started(backend, "local", exc)
+        reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+        return self._result(plan, reply, "local", consume)
+
+    def _result(self, plan: _Plan, reply: Reply, backend: str, consume: bool) -> RateLimitResult:
+        allowed, refused, outcomes = reply
+        statuses = tuple(
+            LimitStatus(label, spec[0], window, remaining, retry / 1e6, reset / 1e6)
+            for label, spec, window, (remaining, retry, reset) in zip(plan.labels, plan.specs, plan.windows, outcomes)
+        )
+        if refused >= 0:
+            binding = refused
+            METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
+        else:
+            binding = min(range(len(statuses)), key=lambda i: statuses[i].remaining) if len(statuses) > 1 else 0
+        if consume:
+            METRICS.inc("ratelimit_hits_total", limiter=self.name, backend=backend)
+        return RateLimitResult(allowed, self.name, statuses, binding, backend)
+
+    def _verdict(self, plan: _Plan, allowed: bool, backend: str, retry_after: float = 0.0) -> RateLimitResult:
+        """A result decided by policy, not by counting (switch off, fail open/closed)."""
+        statuses = tuple(
+            LimitStatus(label, spec[0], window, spec[0] if allowed else 0, 0.0 if allowed else retry_after, 0.0)
+            for label, spec, window in zip(plan.labels, plan.specs, plan.windows)
+        )
+        if not allowed:
+            METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
+        return RateLimitResult(allowed, self.name, statuses, 0, backend)
+
+
+# -- process-wide storages and outage bookkeeping -------------------------------------
+_storage_lock = threading.Lock()
+_redis: Optional[RedisStorage] = None
+_pg: Optional[PostgresStorage] = None
+_outage: Dict[str, bool] = {"redis": False, "postgres": False, "redis+postgres": False}
+
+
+def _redis_storage() -> RedisStorage:
+    conn = get_redis()
+    store = _redis
+    if store is not None and store.conn is conn:
+        return store
+    return _new_redis_storage(conn)
+
+
+def _new_redis_storage(conn: Any) -> RedisStorage:
+    global _redis
+    with _storage_lock:
+        if _redis is None or _redis.conn is not conn:
+            _redis = RedisStorage(conn)
+        return _redis
+
+
+def _pg_storage() -> PostgresStorage:
+    global _pg
+    pg = get_postgres()
+    store = _pg
+    if store is not None and store.pg is pg:
+        return store
+    with _storage_lock:
+        if _pg is None or _pg.pg is not pg:
+            _pg = PostgresStorage(pg)
+        return _pg
+
+
+def _outage_started(backend: str, to: str, exc: BaseException) -> None:
+    METRICS.inc("ratelimit_fallback_total", backend=backend, to=to)
+    if not _outage.get(backend):
+        _outage[backend] = True
+        log.warning("rate limiting: %s unavailable (%s); applying fallback %r until it answers again",
+                    backend, type(exc).__name__, to)
+
+
+def _recovered(backend: str) -> None:
+    _outage[backend] = False
+    _outage["redis+postgres"] = False
+    log.info("rate limiting: %s answers again; fallback over", backend)
+
+
+@on_reset
+def _forget() -> None:
+    global _redis, _pg
+    _redis = _pg = None
+    for k in _outage:
+        _outage[k] = False
+
+
+# -- the decorator -------------------------------------------------------------------
+KeyArg = Union[str, Callable[..., str]]
+CostArg = Union[int, Callable[..., int]]
+
+
+def rate_limited(
+    name: str,
+    limit: Optional[int] = None,
+    window: Optional[float] = None,
+    *,
+    key: KeyArg = "agent_id",
+    cost: CostArg = 1,
+    algorithm: Union[Algorithm, str] = Algorithm.SLIDING_WINDOW,
+    limits: Optional[Sequence[Union[Limit, Tuple[Any, ...]]]] = None,
+    on_limited: Optional[Callable[..., Any]] = None,
+) -> Callable[[F], F]:
+    """Limit calls of the decorated function per key; over the limit raise `RateLimitExceeded`.
+
+    `key`: a parameter name, or a callable taking the call's arguments.
+    `cost`: an int or such a callable. `on_limited(error, *args, **kwargs)`:
+    called instead of raising; its return value is returned. The function is
+    not called when refused. ``wrapper.limiter`` is the `RateLimiter`.
+    """
+    limiter = RateLimiter(name, limit, window, algorithm=algorithm, limits=limits)
+    if not callable(key) and not isinstance(key, str):
+        raise InvalidArgumentType("key", f"must be a parameter name or a callable, not {type(key).__name__}")
+    if not callable(cost):
+        _check_int(cost, "cost")
+    if on_limited is not None and not callable(on_limited):
+        raise InvalidArgumentType("on_limited", "must be callable")
+
+    def decorate(fn: F) -> F:
+        key_of = _key_getter(fn, key)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            units = cost(*args, **kwargs) if callable(cost) else cost
+            result = limiter.hit(key_of(args, kwargs), units)
+            if not result.allowed:
+                error = result.error()
+                if on_limited is not None:
+                    return on_limited(error, *args, **kwargs)
+                raise error
+            return fn(*args, **kwargs)
+
+        wrapper.limiter = limiter  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _key_getter(fn: Callable[..., Any], key: KeyArg) -> Callable[[Tuple[Any, ...], Dict[str, Any]], str]:
+    """A fast (args, kwargs) -> key for `fn`, resolved once at decoration time."""
+    if callable(key):
+        key_fn = key
+
+        def from_callable(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+            return validate_id(key_fn(*args, **kwargs), "key")
+
+        return from_callable
+    param_name = key
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: keyword only
+        params = {}  # type: ignore[assignment]
+    param = params.get(param_name)
+    if param is None and not any(p.kind is p.VAR_KEYWORD for p in params.values()) and params:
+        raise InvalidArgument("key", f"{getattr(fn, '__qualname__', fn)!r} has no parameter {param_name!r}")
+    position: Optional[int] = None
+    default: Any = inspect.Parameter.empty
+    if param is not None:
+        default = param.default
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            position = list(params).index(param_name)
+
+    def from_parameter(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+        if param_name in kwargs:
+            value = kwargs[param_name]
+        elif position is not None and position < len(args):
+            value = args[position]
+        elif default is not inspect.Parameter.empty:
+            value = default
+        else:
+            raise InvalidArgument(param_name, "missing: it is the rate-limit key")
+        return validate_id(value, param_name)
+
+    return from_parameter
+
