@@ -1,0 +1,295 @@
+"""EventBus (pub/sub) on a real redis-server, and in local mode.
+
+Specification: JSON dicts in, the same dicts (as JSON round-trips them) out;
+one handler call at a time per subscription, in publish order, on a daemon
+thread; a raising handler is logged and the subscription lives on; channels
+live under the key prefix; bad input raises naming the argument before
+anything is sent; after a Redis restart the subscription resumes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+import mcp_redis
+from mcp_redis.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from mcp_redis.events import AGENT_UPDATES, EventBus, publish_agent_update
+from mcp_redis.metrics import METRICS
+from mcp_redis.testing import wait_for
+
+
+class Inbox:
+    """A thread-safe list of what a handler received."""
+
+    def __init__(self) -> None:
+        self.items: List[Any] = []
+        self.threads: set[int] = set()
+        self._lock = threading.Lock()
+        self.busy = 0
+        self.overlaps = 0
+
+    def __call__(self, *args: Any) -> None:
+        with self._lock:
+            self.busy += 1
+            self.overlaps += self.busy > 1
+            self.threads.add(threading.get_ident())
+        with self._lock:
+            self.items.append(args[0] if len(args) == 1 else args)
+            self.busy -= 1
+
+    def wait(self, n: int, timeout: float = 10.0) -> List[Any]:
+        wait_for(lambda: len(self.items) >= n, timeout, what=f"{n} events")
+        return list(self.items)
+
+
+@pytest.fixture
+def bus(redis_mode: str) -> EventBus:
+    with EventBus() as b:
+        yield b  # type: ignore[misc]
+
+
+def test_subscriber_receives_published_dicts_in_publish_order(bus: EventBus) -> None:
+    inbox = Inbox()
+    sub = bus.subscribe("orders", inbox)
+    assert sub.active
+    events = [{"n": i, "nested": {"l": [1, "x", None, True]}, "s": "é\u2028"} for i in range(500)]
+    for e in events:
+        assert bus.publish("orders", e) == 1
+    assert inbox.wait(500) == events
+    assert sub.delivered == 500
+
+
+def test_handler_runs_one_call_at_a_time_on_one_daemon_thread(bus: EventBus) -> None:
+    inbox = Inbox()
+    seen_daemon: List[bool] = []
+    bus.subscribe("c", lambda e: (seen_daemon.append(threading.current_thread().daemon), inbox(e)))
+    publishers = [threading.Thread(target=lambda k=k: [bus.publish("c", {"k": k, "i": i}) for i in range(100)])
+                  for k in range(4)]
+    for t in publishers:
+        t.start()
+    for t in publishers:
+        t.join()
+    got = inbox.wait(400)
+    assert inbox.overlaps == 0 and len(inbox.threads) == 1
+    assert all(seen_daemon) and threading.get_ident() not in inbox.threads
+    for k in range(4):  # each publisher's own order is kept
+        assert [e["i"] for e in got if e["k"] == k] == list(range(100))
+
+
+def test_json_round_trip_is_what_the_handler_gets(bus: EventBus) -> None:
+    inbox = Inbox()
+    bus.subscribe("c", inbox)
+    bus.publish("c", {1: (1, 2), "f": 1.5})
+    assert inbox.wait(1) == [{"1": [1, 2], "f": 1.5}]
+
+
+def test_channel_is_sent_under_the_key_prefix(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, key_prefix="app1:")
+    bus = EventBus()
+    sub = bus.subscribe(AGENT_UPDATES, Inbox())
+    assert sub.redis_channel == "app1:agent:updates"
+    from redis import Redis
+
+    client = Redis.from_url(redis_url, decode_responses=True)
+    assert client.pubsub_channels() == ["app1:agent:updates"]
+    ps = client.pubsub()
+    ps.subscribe("app1:agent:updates")
+    wait_for(lambda: ps.get_message(timeout=0.1) is not None, what="raw subscribe")
+    assert bus.publish(AGENT_UPDATES, {"a": 1}) == 2
+    msg = None
+    for _ in range(50):
+        msg = ps.get_message(timeout=0.2)
+        if msg and msg["type"] == "message":
+            break
+    assert msg is not None and msg["data"] == '{"a":1}'
+    ps.close()
+    client.close()
+
+
+def test_a_raising_handler_is_logged_and_the_subscription_lives_on(
+        bus: EventBus, caplog: pytest.LogCaptureFixture) -> None:
+    inbox = Inbox()
+
+    def handler(event: Dict[str, Any]) -> None:
+        if event["n"] % 2:
+            raise RuntimeError("boom")
+        inbox(event)
+
+    caplog.set_level(logging.ERROR, logger="mcp_redis.events")
+    sub = bus.subscribe("c", handler)
+    for n in range(10):
+        bus.publish("c", {"n": n})
+    assert [e["n"] for e in inbox.wait(5)] == [0, 2, 4, 6, 8]
+    wait_for(lambda: sub.errors == 5, what="5 handler errors")
+    assert sub.active and sub.delivered == 5
+    assert METRICS.counter("events_handler_errors_total", kind="pubsub") == 5
+    assert "handler raised" in caplog.text and "boom" in caplog.text
+
+
+def test_payloads_that_are_not_a_json_object_are_skipped(bus: EventBus, redis_url: str) -> None:
+    inbox = Inbox()
+    sub = bus.subscribe("c", inbox)
+    from redis import Redis
+
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    for junk in ("not json", "[1, 2]", "42", "\"s\""):
+        raw.publish(sub.redis_channel, junk)
+    bus.publish("c", {"ok": True})
+    assert inbox.wait(1) == [{"ok": True}]
+    assert sub.skipped == 4 and sub.active
+    raw.close()
+
+
+def test_pattern_subscription_gets_the_unprefixed_channel(bus: EventBus) -> None:
+    inbox = Inbox()
+    bus.psubscribe("agent:*", inbox, with_channel=True)
+    plain = Inbox()
+    bus.subscribe("agent:*", plain)  # not a pattern: only the literal channel
+    bus.publish("agent:updates", {"a": 1})
+    bus.publish("other", {"a": 2})
+    bus.publish("agent:x:y", {"a": 3})
+    bus.publish("agent:*", {"a": 4})
+    assert inbox.wait(3) == [("agent:updates", {"a": 1}), ("agent:x:y", {"a": 3}), ("agent:*", {"a": 4})]
+    assert plain.wait(1) == [{"a": 4}]
+
+
+def test_a_pattern_never_matches_outside_the_prefix(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, key_prefix="mine:")
+    inbox = Inbox()
+    EventBus().psubscribe("*", inbox, with_channel=True)
+    from redis import Redis
+
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    assert raw.publish("theirs:x", '{"no": 1}') == 0
+    EventBus().publish("x", {"yes": 1})
+    assert inbox.wait(1) == [("x", {"yes": 1})]
+    raw.close()
+
+
+def test_close_stops_delivery_and_is_idempotent(bus: EventBus) -> None:
+    inbox = Inbox()
+    sub = bus.subscribe("c", inbox)
+    bus.publish("c", {"n": 1})
+    inbox.wait(1)
+    sub.close()
+    sub.close()
+    assert not sub.active
+    assert bus.publish("c", {"n": 2}) == 0
+
+
+def test_reset_stops_every_subscription(redis_mode: str) -> None:
+    sub = EventBus().subscribe("c", Inbox())
+    mcp_redis.reset()
+    assert not sub.active
+
+
+BAD_PUBLISH: List[Tuple[Any, Any, type, str]] = [
+    (None, {"a": 1}, InvalidArgumentType, "channel"),
+    (b"c", {"a": 1}, InvalidArgumentType, "channel"),
+    ("", {"a": 1}, InvalidArgument, "channel"),
+    ("x" * 1025, {"a": 1}, InvalidArgument, "channel"),
+    ("c", ["a"], InvalidArgumentType, "event"),
+    ("c", None, InvalidArgumentType, "event"),
+    ("c", {"a": object()}, InvalidArgumentType, "event"),
+    ("c", {"a": {1, 2}}, InvalidArgumentType, "event"),
+    ("c", {(1, 2): "tuple key"}, InvalidArgumentType, "event"),
+    ("c", {"a": math.nan}, InvalidArgument, "event"),
+]
+
+
+@pytest.mark.parametrize("channel,event,error,argument", BAD_PUBLISH)
+def test_bad_publish_raises_naming_the_argument_before_sending(
+        bus: EventBus, channel: Any, event: Any, error: type, argument: str) -> None:
+    inbox = Inbox()
+    bus.psubscribe("*", inbox, with_channel=True)
+    with pytest.raises(error) as info:
+        bus.publish(channel, event)
+    assert str(info.value).startswith(f"{argument}:")
+    bus.publish("sentinel", {"last": True})
+    assert inbox.wait(1) == [("sentinel", {"last": True})]  # nothing was sent before it
+
+
+def test_bad_subscribe_raises_naming_the_argument(bus: EventBus) -> None:
+    with pytest.raises(InvalidArgumentType, match="^handler:"):
+        bus.subscribe("c", "not callable")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="^channel:"):
+        bus.subscribe("", Inbox())
+    with pytest.raises(InvalidArgument, match="^pattern:"):
+        bus.psubscribe("p" * 1025, Inbox())
+    with pytest.raises(InvalidArgumentType, match="^channel:"):
+        bus.subscribe(7, Inbox())  # type: ignore[arg-type]
+
+
+def test_publish_agent_update_sends_agent_id_event_metrics_and_ts(bus: EventBus) -> None:
+    inbox = Inbox()
+    bus.subscribe(AGENT_UPDATES, inbox)
+    assert publish_agent_update("agent-1", "state_changed", {"coherence": 0.5}) == 1
+    assert bus.publish_agent_update("agent-2", "paused") == 1
+    first, second = inbox.wait(2)
+    assert set(first) == {"agent_id", "event", "metrics", "ts"}
+    assert first["agent_id"] == "agent-1" and first["event"] == "state_changed"
+    assert first["metrics"] == {"coherence": 0.5} and isinstance(first["ts"], float)
+    assert second["metrics"] == {}
+    with pytest.raises(InvalidArgument, match="^agent_id:"):
+        publish_agent_update("", "x")
+    with pytest.raises(InvalidArgumentType, match="^metrics:"):
+        publish_agent_update("a", "x", metrics=[1])  # type: ignore[arg-type]
+
+
+def test_subscription_resumes_by_itself_after_redis_restarts(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    bus = EventBus()
+    inbox = Inbox()
+    sub = bus.subscribe("c", inbox)
+    bus.publish("c", {"n": 0})
+    inbox.wait(1)
+    server.restart()
+    # Publish until it arrives: events sent while reconnecting are lost (at-most-once).
+    n = 0
+    stop = threading.Event()
+
+    def delivered_after_restart() -> bool:
+        nonlocal n
+        n += 1
+        try:
+            bus.publish("c", {"n": n})
+        except BackendUnavailable:
+            pass
+        stop.wait(0.01)
+        return any(e["n"] > 0 for e in inbox.items)
+
+    wait_for(delivered_after_restart, 20, interval=0, what="an event after the restart")
+    assert sub.active and sub.reconnects >= 1
+    ns = [e["n"] for e in inbox.items]
+    assert ns == sorted(ns)
+
+
+def test_publish_and_subscribe_raise_backend_unavailable_when_redis_is_down(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, socket_connect_timeout=0.2, retry_attempts=1)
+    server.stop()
+    with pytest.raises(BackendUnavailable):
+        EventBus().publish("c", {"a": 1})
+    with pytest.raises(BackendUnavailable):
+        EventBus().subscribe("c", Inbox(), timeout=0.5)
+
+
+def test_local_mode_delivers_inside_the_process() -> None:
+    bus = EventBus()  # no REDIS_URL
+    inbox, pattern = Inbox(), Inbox()
+    sub = bus.subscribe("c", inbox)
+    bus.psubscribe("c*", pattern, with_channel=True)
+    events = [{"n": i} for i in range(100)]
+    for e in events:
+        assert bus.publish("c", e) == 2
+    assert bus.publish("zzz", {"n": -1}) == 0
+    assert inbox.wait(100) == events
+    assert pattern.wait(100) == [("c", e) for e in events]
+    sub.close()
+    assert bus.publish("c", {"n": 1}) == 1
