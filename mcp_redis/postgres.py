@@ -34,15 +34,17 @@ SCHEMA: List[str] = [
     "CREATE SCHEMA IF NOT EXISTS audit",
     """
     CREATE TABLE IF NOT EXISTS core.sessions (
-        session_key TEXT PRIMARY KEY,
-        agent_id    TEXT NOT NULL,
-        expires_at  TIMESTAMPTZ NOT NULL,
-        created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
-        updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        session_key   TEXT PRIMARY KEY,            -- keys.encode_id(session key)
+        agent_id      BYTEA NOT NULL,              -- UTF-8 (surrogatepass) bytes: NUL-safe, prefix = range
+        expires_at    TIMESTAMPTZ NOT NULL,
+        created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+        redis_pending BOOLEAN NOT NULL DEFAULT false -- written while Redis was down: replay it
     )
     """,
     "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON core.sessions (agent_id)",
     "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON core.sessions (expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_redis_pending_idx ON core.sessions (session_key) WHERE redis_pending",
     # Rate limits (mcp_redis.ratelimit_storage.PostgresStorage): one row per
     # (name, key, algorithm, window); ids stored encoded (keys.encode_id).
     """
