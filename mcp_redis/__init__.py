@@ -59,6 +59,9 @@ from .ratelimit import Algorithm, Limit, LimitStatus, RateLimiter, RateLimitResu
 __all__ += ["rate_limited", "RateLimiter", "RateLimitResult", "Limit", "LimitStatus", "Algorithm", "ratelimit_headers"]
 # --- cache ---
 # --- sessions ---
+from .sessions import SessionMap, SessionStore  # noqa: E402
+
+__all__ += ["SessionStore", "SessionMap"]
 # --- events ---
 from .events import (  # noqa: E402
     EventBus,
