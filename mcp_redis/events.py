@@ -512,13 +512,15 @@ class EventStream:
     # -- producing ----------------------------------------------------------------
     def add(self, event: Dict[str, Any]) -> str:
         """Append `event`; returns its entry id. Raises `BackendUnavailable`."""
-        return self.add_many([event])[0]
+        return self._add([encode_event(event)])[0]
 
     def add_many(self, events: Iterable[Dict[str, Any]]) -> List[str]:
         """Append events in order (all validated first); returns their ids."""
         if isinstance(events, (dict, str, bytes)):
             raise InvalidArgumentType("events", f"must be an iterable of dicts, not {type(events).__name__}")
-        payloads = [encode_event(e, "events") for e in events]
+        return self._add([encode_event(e, "events") for e in events])
+
+    def _add(self, payloads: List[str]) -> List[str]:
         conn = self._conn()
         key = self.key
         script = _script(conn, "add")
