@@ -1,0 +1,1072 @@
+"""The metadata cache: ``@cached_metadata``, two tiers in front of a loader.
+
+L1 is a bounded cachetools ``TLRUCache`` per decorated function and process;
+L2 is Redis (JSON envelopes ``{"v": value, "d": load seconds, "x": expiry
+ms}``), shared by every process; the loader is the decorated function.
+
+Correctness rests on three mechanisms:
+
+* **Epochs** guard write-back. Every entry has an epoch key beside its value
+  (same hash slot). A miss reads the epoch *before* calling the loader and
+  writes back with a script that refuses when the epoch moved; `invalidate`
+  and `set` bump the epoch in the same script that deletes/writes the value
+  and publishes the invalidation. So a slow load that started before an
+  invalidation can never write its stale value back.
+* **One listener per process** (`mcp_redis.pubsub.Subscriber`) applies
+  invalidations to L1; after every (re)subscription it flushes L1 (messages
+  may have been missed) and marks in-flight loads stale, so they fill
+  neither tier's L1 copy.
+* **Generations** for `invalidate_all`: one counter per namespace baked into
+  every data key; bumping it makes the old entries unreachable at once.
+
+Per-key single flight keeps concurrent misses in one process to one loader
+call; XFetch (Vattani et al., VLDB 2015) refreshes hot keys early, one
+caller at a time; a short ``SET NX PX`` lock keeps that to one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import inspect
+import json
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    Hashable,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
+
+import redis.exceptions as rex
+from cachetools import TLRUCache
+
+from .config import Mode, Settings, on_reset, settings
+from .connections import RedisConnection, get_redis, on_fork
+from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from .keys import KeySpace, validate_id
+from .metrics import METRICS
+from .pubsub import Subscriber
+from .resilience import BreakerOpen
+
+__all__ = ["cached_metadata", "CachedFunction", "CacheInfo", "wait_for_listener"]
+
+log = logging.getLogger("mcp_redis.cache")
+R = TypeVar("R")
+
+_NS = "cache"  # KeySpace namespace of every key this module writes
+_CHANNEL = "cache:invalidate"
+_MAX_PENDING = 10_000  # invalidations remembered while Redis is unreachable
+_MISSING: Any = object()
+
+# L1 entry: (value, logical expiry as unix seconds, delta * beta, L1 deadline
+# on the monotonic clock). A tuple, because the L1 hit path is ~1 µs.
+_Entry = Tuple[Any, float, float, float]
+
+
+class CacheInfo(NamedTuple):
+    """Counters of one cached function in this process (`cache_info()`)."""
+
+    l1_hits: int
+    l2_hits: int
+    misses: int  # calls that found the value in neither tier
+    loader_calls: int  # every run of the loader (misses, early refreshes, refresh())
+    errors: int  # Redis errors, loader errors absorbed, values that are not JSON
+    invalidations: int  # invalidate()/invalidate_all()/set() calls made here
+    stale_served: int
+    early_refreshes: int
+    l1_size: int
+    l1_maxsize: int
+
+    @property
+    def hits(self) -> int:
+        return self.l1_hits + self.l2_hits
+
+
+# -- Lua -------------------------------------------------------------------------
+def _lua(name: str) -> str:
+    return importlib.resources.files("mcp_redis").joinpath("lua").joinpath(f"cache_{name}.lua").read_text("utf-8")
+
+
+_FILL_SRC = _lua("fill")
+_INVALIDATE_SRC = _lua("invalidate")
+_GENERATION_SRC = _lua("generation")
+
+
+class _Scripts:
+    __slots__ = ("conn", "fill", "invalidate", "generation")
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self.conn = conn
+        self.fill = conn.client.register_script(_FILL_SRC)
+        self.invalidate = conn.client.register_script(_INVALIDATE_SRC)
+        self.generation = conn.client.register_script(_GENERATION_SRC)
+
+
+_scripts: Optional[_Scripts] = None
+
+
+def _scripts_for(conn: RedisConnection) -> _Scripts:
+    global _scripts
+    current = _scripts
+    if current is None or current.conn is not conn:
+        current = _scripts = _Scripts(conn)
+    return current
+
+
+def _redis(conn: RedisConnection, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """One fast attempt, then the policy's tenacity retries (~13 µs of setup
+    that an L2 hit must not pay when the first attempt succeeds)."""
+    try:
+        return conn.call(fn, *args, attempts=1, **kwargs)
+    except BreakerOpen:
+        raise
+    except BackendUnavailable:
+        if conn.policy.attempts <= 1:
+            raise
+        return conn.call(fn, *args, attempts=conn.policy.attempts - 1, **kwargs)
+
+
+# -- process-wide state: origin id, registry, listener -----------------------------
+_ORIGIN = uuid.uuid4().hex[:16]
+_registry_lock = threading.Lock()
+_registry: Dict[str, weakref.WeakSet[CachedFunction[Any]]] = {}
+
+
+def _same_namespace(namespace: str) -> List[CachedFunction[Any]]:
+    with _registry_lock:
+        return list(_registry.get(namespace, ()))
+
+
+def _all_caches() -> List[CachedFunction[Any]]:
+    with _registry_lock:
+        return [c for group in _registry.values() for c in group]
+
+
+class _Listener:
+    """The one invalidation listener of this process (started lazily)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.subscriber: Optional[Subscriber] = None
+        self.channel: Optional[str] = None
+
+    def ensure(self, channel: str) -> None:
+        if self.channel == channel and self.subscriber is not None:
+            return
+        with self.lock:
+            if self.channel == channel and self.subscriber is not None:
+                return
+            old, self.subscriber = self.subscriber, None
+            if old is not None:
+                old.close()
+            sub = Subscriber(
+                _on_message,
+                channels=[channel],
+                on_subscribed=_on_subscribed,
+                name="mcp_redis-cache-invalidation",
+            )
+            sub.start(wait=False)
+            self.subscriber, self.channel = sub, channel
+
+    def close(self) -> None:
+        with self.lock:
+            sub, self.subscriber, self.channel = self.subscriber, None, None
+        if sub is not None:
+            sub.close()
+
+
+_LISTENER = _Listener()
+
+
+def wait_for_listener(timeout: float = 5.0) -> bool:
+    """Block until this process's invalidation listener is subscribed.
+
+    It starts on the first Redis-mode cache miss; a process that must not
+    miss an invalidation published right after start-up can wait here.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sub = _LISTENER.subscriber
+        if sub is not None:
+            return sub.wait_active(max(0.0, deadline - time.monotonic()))
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+def _on_message(channel: str, data: str) -> None:
+    msg = json.loads(data)
+    if msg.get("o") == _ORIGIN:
+        return  # applied locally before publishing
+    for cache in _same_namespace(str(msg.get("n"))):
+        cache._apply_remote(msg)
+
+
+def _on_subscribed(initial: bool) -> None:
+    # Messages published while we were (re)connecting are lost: forget L1.
+    for cache in _all_caches():
+        cache._flush_local()
+    if not initial:
+        log.info("cache listener resubscribed: L1 caches flushed")
+    for cache in _all_caches():
+        cache._replay_pending()
+
+
+@on_reset
+def _on_reset() -> None:
+    global _scripts
+    _LISTENER.close()
+    _scripts = None
+    for cache in _all_caches():
+        cache._flush_local()
+
+
+@on_fork
+def _on_fork() -> None:
+    global _ORIGIN, _LISTENER, _scripts, _registry_lock
+    _ORIGIN = uuid.uuid4().hex[:16]
+    _LISTENER = _Listener()  # the parent's thread does not exist here
+    _scripts = None
+    _registry_lock = threading.Lock()
+    for group in _registry.values():
+        for cache in group:
+            cache._after_fork()
+
+
+# -- arguments -> keys -----------------------------------------------------------
+def _check_json_arg(value: Any, name: str, depth: int = 0) -> None:
+    """Arguments become keys through JSON: only types JSON keeps apart."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgument(name, "must be a finite number")
+        return
+    if depth > 16:
+        raise InvalidArgument(name, "is nested too deeply to be a cache key")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_json_arg(item, name, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidArgumentType(name, f"dict keys must be str to form a cache key, not {type(k).__name__}")
+            _check_json_arg(v, name, depth + 1)
+        return
+    raise InvalidArgumentType(
+        name, f"must be JSON-serialisable (str, int, float, bool, None, list, dict) to form a cache key, "
+        f"not {type(value).__name__}"
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _l1_key_of(l2id: str) -> Hashable:
+    """The L1 key of an argument id: the bare str for one str argument."""
+    values = json.loads(l2id)
+    if len(values) == 1 and isinstance(values[0], str):
+        return str(values[0])
+    return ("j", l2id)
+
+
+def _is_id_param(name: str) -> bool:
+    return name == "id" or name.endswith("_id")
+
+
+def _check_number(name: str, value: Any, *, allow_none: bool = False, minimum: float = 0.0,
+                  strict: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(name, f"must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise InvalidArgument(name, f"must be {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+class _Flight:
+    """One in-process load of one key; followers wait for the leader's result."""
+
+    __slots__ = ("event", "value", "error", "stale")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.stale = False  # an invalidation arrived: do not fill L1
+
+    def wait(self) -> Any:
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _State(NamedTuple):
+    """What a cached function derives from the `Settings` in force."""
+
+    settings: Settings
+    mode: Mode
+    keys: KeySpace
+    ttl: float  # L2 logical lifetime (before jitter)
+    l1_ttl: float
+    guard_ttl: float  # epoch and generation keys: longer than any entry lives
+    channel: str
+
+
+# -- the cached function ---------------------------------------------------------
+class CachedFunction(Generic[R]):
+    """A function with a two-tier cache in front of it (`@cached_metadata`).
+
+    Call it like the function. Values are returned as JSON round-trips them
+    (tuples become lists): treat them as read-only, they are shared.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., R],
+        *,
+        ttl: Optional[float] = None,
+        namespace: Optional[str] = None,
+        maxsize: int = 4096,
+        l1_ttl: float = 30.0,
+        beta: float = 1.0,
+        jitter: float = 0.1,
+        max_stale: Optional[float] = None,
+        negative_ttl: Optional[float] = None,
+        id_params: Optional[Iterable[str]] = None,
+    ) -> None:
+        if not callable(fn):
+            raise InvalidArgumentType("fn", f"must be callable, not {type(fn).__name__}")
+        _check_number("ttl", ttl, allow_none=True)
+        _check_number("l1_ttl", l1_ttl)
+        _check_number("beta", beta, strict=False)
+        _check_number("max_stale", max_stale, allow_none=True, strict=False)
+        _check_number("negative_ttl", negative_ttl, allow_none=True)
+        _check_number("jitter", jitter, strict=False)
+        if jitter > 0.5:
+            raise InvalidArgument("jitter", f"must be <= 0.5, got {jitter!r}")
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise InvalidArgumentType("maxsize", f"must be an int, not {type(maxsize).__name__}")
+        if maxsize < 1:
+            raise InvalidArgument("maxsize", f"must be >= 1, got {maxsize!r}")
+        if namespace is None:
+            namespace = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        self.namespace = validate_id(namespace, "namespace")
+        self._fn = fn
+        self._ttl = ttl
+        self._l1_ttl = float(l1_ttl)
+        self._beta = float(beta)
+        self._jitter = float(jitter)
+        self._max_stale = float(max_stale) if max_stale else 0.0
+        self._negative_ttl = negative_ttl
+        self._maxsize = maxsize
+
+        self._sig: Optional[inspect.Signature]
+        try:
+            self._sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self._sig = None
+        params = list(self._sig.parameters.values()) if self._sig is not None else []
+        if id_params is None:
+            self._id_params = frozenset(p.name for p in params if _is_id_param(p.name))
+        else:
+            self._id_params = frozenset(id_params)
+        # One positional parameter: f("a") needs no binding; its L1 key is "a".
+        self._fast = len(params) == 1 and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._fast_name = params[0].name if self._fast else ""
+
+        self._lock = threading.Lock()
+        self._l1: TLRUCache[Hashable, _Entry] = TLRUCache(maxsize, ttu=_l1_deadline, timer=time.monotonic)
+        self._flights: Dict[Hashable, _Flight] = {}
+        self._gen: Optional[Tuple[str, float, Settings]] = None  # (generation, refresh deadline, settings)
+        self._gen_seq = 0  # bumped whenever the cached generation is dropped or replaced
+        self._st: Optional[_State] = None
+        self._pending: OrderedDict[str, None] = OrderedDict()  # invalidations Redis has not seen
+        self._pending_all = False
+        self._warned_unserialisable = False
+        self._l1_hits = self._l2_hits = self._misses = self._loader_calls = 0
+        self._errors = self._invalidations = self._stale_served = self._early_refreshes = 0
+
+        functools.update_wrapper(self, fn)
+        with _registry_lock:
+            _registry.setdefault(self.namespace, weakref.WeakSet()).add(self)
+
+    def __repr__(self) -> str:
+        return f"CachedFunction(namespace={self.namespace!r}, l1={self._l1.currsize}/{self._maxsize})"
+
+    # -- settings --------------------------------------------------------------
+    def _state(self) -> _State:
+        s = settings()
+        st = self._st
+        if st is not None and st.settings is s:
+            return st
+        mode = s.mode("metadata_cache")
+        ttl = float(self._ttl if self._ttl is not None else s.metadata_ttl)
+        longest = max(ttl, self._negative_ttl or 0.0) * (1 + self._jitter) + self._max_stale
+        ks = KeySpace(s.key_prefix)
+        st = _State(s, mode, ks, ttl, min(self._l1_ttl, ttl), max(2 * longest, 600.0), ks.channel(_CHANNEL))
+        self._st = st
+        return st
+
+    def _connection(self, st: _State) -> Optional[RedisConnection]:
+        """The Redis connection when L2 is in use right now, else None."""
+        if st.mode is not Mode.REDIS:
+            return None
+        try:
+            conn = get_redis()
+        except BackendUnavailable:
+            self._count_error()
+            return None
+        if not conn.policy.available:
+            return None  # breaker open: skip L2 entirely
+        return conn
+
+    # -- keys -------------------------------------------------------------------
+    def _key(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tuple[Hashable, str]:
+        """(L1 key, argument id) of a call; validates before anything happens."""
+        if self._sig is None:
+            values: List[Any] = list(args)
+            if kwargs:
+                values.append(dict(kwargs))
+            names = [f"args[{i}]" for i in range(len(args))] + ["kwargs"] * bool(kwargs)
+        else:
+            try:
+                bound = self._sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgumentType("args", f"do not match {self.namespace}: {exc}") from None
+            bound.apply_defaults()
+            values = list(bound.arguments.values())
+            names = list(bound.arguments)
+        for name, value in zip(names, values):
+            if name in self._id_params:
+                validate_id(value, name)
+            else:
+                _check_json_arg(value, name)
+        l2id = _dumps(values)
+        if len(values) == 1 and isinstance(values[0], str):
+            return values[0], l2id
+        return ("j", l2id), l2id
+
+    def _l2id(self, key: Hashable, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        if isinstance(key, str):  # the fast path skipped validation
+            if self._fast_name in self._id_params:
+                validate_id(key, self._fast_name)
+            return _dumps([key])
+        return str(key[1])  # type: ignore[index]
+
+    def _keys(self, st: _State, gen: str, l2id: str) -> Tuple[str, str]:
+        value_key = st.keys.key(_NS, self.namespace, gen, l2id, tag=True)
+        return value_key, st.keys.key(_NS, self.namespace, gen, l2id, tag=True, suffix="epoch")
+
+    def _generation(self, conn: RedisConnection, st: _State, *, fresh: bool = False) -> str:
+        """The namespace's generation (cached for the L1 TTL; pushed by messages)."""
+        cached = self._gen
+        now = time.monotonic()
+        if not fresh and cached is not None and cached[2] is st.settings and cached[1] > now:
+            return cached[0]
+        seq = self._gen_seq
+        key = st.keys.key(_NS, self.namespace, suffix="gen")
+        # GETEX keeps a generation in use alive; a missing one reads as "0".
+        gen = str(_redis(conn, conn.client.getex, key, px=int(st.guard_ttl * 1000)) or "0")
+        with self._lock:
+            if self._gen_seq == seq:
+                self._gen = (gen, now + st.l1_ttl, st.settings)
+        return gen
+
+    # -- calls ---------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        st = self._st
+        if st is None or st.settings is not settings():
+            st = self._state()
+        if st.mode is Mode.OFF:
+            return self._call_off(args, kwargs)
+        key: Hashable
+        if self._fast and not kwargs and len(args) == 1 and type(args[0]) is str:
+            key, l2id = args[0], None
+        else:
+            key, l2id = self._key(args, kwargs)
+        with self._lock:
+            try:
+                entry = self._l1[key]
+                self._l1_hits += 1
+            except KeyError:
+                entry = None
+        if entry is not None:
+            bd = entry[2]
+            # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry.
+            if not bd or time.time() - bd * math.log(1.0 - random.random()) < entry[1]:
+                return entry[0]  # type: ignore[no-any-return]
+        return self._miss(st, key, l2id, args, kwargs, entry)
+
+    def _call_off(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> R:
+        with self._lock:
+            self._loader_calls += 1
+            self._misses += 1
+        return self._fn(*args, **kwargs)
+
+    def _miss(self, st: _State, key: Hashable, l2id: Optional[str], args: Tuple[Any, ...],
+              kwargs: Mapping[str, Any], early: Optional[_Entry]) -> R:
+        if l2id is None:
+            l2id = self._l2id(key, args, kwargs)
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            if early is not None:
+                return early[0]  # type: ignore[no-any-return]  # someone is refreshing it
+            return flight.wait()  # type: ignore[no-any-return]
+        try:
+            value = self._load_through(st, key, l2id, args, kwargs, flight, early)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.value = value
+            return value
+        finally:
+            flight.event.set()
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+
+    def _load_through(self, st: _State, key: Hashable, l2id: str, args: Tuple[Any, ...],
+                      kwargs: Mapping[str, Any], flight: _Flight, early: Optional[_Entry]) -> R:
+        """The leader's path: L2, then the loader, then write-back to both tiers."""
+        conn = self._connection(st)
+        epoch: Optional[str] = None  # observed before loading; None = do not fill L2
+        current: Any = _MISSING  # a still-valid value (early refresh)
+        stale: Any = _MISSING  # an expired value we may serve if the loader fails
+        keys: Optional[Tuple[str, str]] = None
+        if early is not None:
+            current = early[0]
+        if conn is not None:
+            _LISTENER.ensure(st.channel)
+            if self._pending or self._pending_all:
+                self._replay_pending()
+            try:
+                gen = self._generation(conn, st)
+                keys = self._keys(st, gen, l2id)
+                if early is None:
+                    raw = _redis(conn, conn.client.get, keys[0])
+                    if raw is not None:
+                        found = self._decode(raw)
+                        if found is not None:
+                            value, delta, expiry = found
+                            now = time.time()
+                            if now < expiry:
+                                bd = delta * self._beta
+                                if not bd or now - bd * math.log(1.0 - random.random()) < expiry:
+                                    self._count("l2_hits")
+                                    self._fill_l1(st, key, flight, (value, expiry, bd, 0.0))
+                                    return value  # type: ignore[no-any-return]
+                                current = value
+                                early = (value, expiry, bd, 0.0)
+                            elif now < expiry + self._max_stale:
+                                stale = value
+                if early is not None and not self._claim_refresh(conn, st, gen, l2id, early):
+                    # Another process refreshes it; keep serving ours without
+                    # drawing again until that refresh has landed in L2.
+                    self._fill_l1(st, key, flight, early, no_early=True)
+                    return current  # type: ignore[no-any-return]
+                epoch = str(_redis(conn, conn.client.get, keys[1]) or "")
+            except (BackendUnavailable, rex.RedisError) as exc:
+                self._count_error()
+                log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace, type(exc).__name__)
+                epoch = None
+
+        if early is not None:
+            self._count("early_refreshes")
+        else:
+            self._count("misses")
+        self._count("loader_calls")
+        started = time.perf_counter()
+        try:
+            loaded = self._fn(*args, **kwargs)
+        except Exception as exc:
+            if current is not _MISSING:
+                self._count_error()
+                log.warning("cache %s: early refresh failed (%s); the cached value is still valid",
+                            self.namespace, type(exc).__name__)
+                return current  # type: ignore[no-any-return]
+            if stale is not _MISSING:
+                self._count("stale_served")
+                self._count_error()
+                METRICS.inc("cache_stale_served_total", namespace=self.namespace)
+                log.warning("cache %s: loader failed (%s); serving a stale value (max_stale=%ss)",
+                            self.namespace, type(exc).__name__, self._max_stale)
+                return stale  # type: ignore[no-any-return]
+            raise
+        delta = time.perf_counter() - started
+        METRICS.observe("cache_load_seconds", delta, namespace=self.namespace)
+
+        if loaded is None and self._negative_ttl is None:
+            return loaded  # None is not cached unless negative_ttl says so
+        ttl = self._negative_ttl if loaded is None and self._negative_ttl is not None else st.ttl
+        encoded = self._encode(loaded, delta, ttl)
+        if encoded is None:
+            return loaded
+        text, value, expiry = encoded
+        if conn is not None and keys is not None and epoch is not None and delta < st.guard_ttl / 2:
+            px = int((expiry - time.time() + self._max_stale) * 1000)
+            try:
+                _redis(conn, _scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
+            except (BackendUnavailable, rex.RedisError) as exc:
+                self._count_error()
+                log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
+        self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
+        return value  # type: ignore[no-any-return]
+
+    def _claim_refresh(self, conn: RedisConnection, st: _State, gen: str, l2id: str, early: _Entry) -> bool:
+        """Cross-process guard for early refresh: one ``SET NX PX`` winner."""
+        lock_key = st.keys.key(_NS, self.namespace, gen, l2id, tag=True, suffix="refresh")
+        px = int(min(max(4 * early[2], 0.25), 10.0) * 1000)
+        return bool(_redis(conn, conn.client.set, lock_key, _ORIGIN, nx=True, px=px))
+
+    def _fill_l1(self, st: _State, key: Hashable, flight: Optional[_Flight], entry: _Entry,
+                 *, no_early: bool = False) -> None:
+        value, expiry, bd, _ = entry
+        remaining = min(st.l1_ttl, expiry - time.time())
+        if remaining <= 0:
+            return
+        if no_early:
+            bd = 0.0
+            remaining = min(remaining, 0.25)
+        stored = (value, expiry, bd, time.monotonic() + remaining)
+        with self._lock:
+            if flight is None or not flight.stale:
+                self._l1[key] = stored
+
+    def _encode(self, value: Any, delta: float, ttl: float) -> Optional[Tuple[str, Any, float]]:
+        """(L2 envelope, the value as JSON round-trips it, logical expiry)."""
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            self._count_error()
+            if not self._warned_unserialisable:
+                self._warned_unserialisable = True
+                log.error("cache %s: the loader returned a value JSON cannot hold (%s); it is not cached",
+                          self.namespace, type(exc).__name__)
+            return None
+        lifetime = ttl * (1.0 + random.uniform(-self._jitter, self._jitter))
+        expiry = time.time() + lifetime
+        envelope = f'{{"v":{text},"d":{delta:.6f},"x":{int(expiry * 1000)}}}'
+        return envelope, json.loads(text), expiry
+
+    def _decode(self, raw: str) -> Optional[Tuple[Any, float, float]]:
+        try:
+            env = json.loads(raw)
+            return env["v"], float(env["d"]), float(env["x"]) / 1000.0
+        except (ValueError, KeyError, TypeError):
+            self._count_error()
+            log.warning("cache %s: unreadable L2 entry ignored", self.namespace)
+            return None
+
+    # -- batch ---------------------------------------------------------------------
+    def get_many(self, ids: Iterable[Any], *,
+                 loader: Optional[Callable[[List[Any]], Mapping[Any, Any]]] = None) -> Dict[Any, R]:
+        """``{id: f(id)}`` for many ids: one L1 pass, one MGET, one write-back pipeline.
+
+        Misses are loaded by `loader(missing_ids) -> {id: value}` when given
+        (one query for all of them; absent ids count as None), else by one
+        call of the function per miss. No early refresh or stale serving here.
+        """
+        st = self._state()
+        items = list(ids)
+        if st.mode is Mode.OFF:
+            return self._load_batch(items, loader)
+        order: List[Tuple[Any, Hashable, str]] = []
+        seen = set()
+        for item in items:
+            key, l2id = self._key((item,), {})
+            if key not in seen:
+                seen.add(key)
+                order.append((item, key, l2id))
+        results: Dict[Hashable, Any] = {}
+        led: List[Tuple[Any, Hashable, str, _Flight]] = []
+        followed: List[Tuple[Hashable, _Flight]] = []
+        with self._lock:
+            for item, key, l2id in order:
+                try:
+                    results[key] = self._l1[key][0]
+                    self._l1_hits += 1
+                    continue
+                except KeyError:
+                    pass
+                flight = self._flights.get(key)
+                if flight is not None:
+                    followed.append((key, flight))
+                else:
+                    flight = self._flights[key] = _Flight()
+                    led.append((item, key, l2id, flight))
+        try:
+            if led:
+                self._lead_batch(st, led, loader, results)
+        except BaseException as exc:
+            for _, _, _, flight in led:
+                if not flight.event.is_set():
+                    flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                for _, key, _, flight in led:
+                    flight.event.set()
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+        for key, flight in followed:
+            results[key] = flight.wait()
+        return {item: results[key] for item, key, _ in order}
+
+    def _lead_batch(self, st: _State, led: List[Tuple[Any, Hashable, str, _Flight]],
+                    loader: Optional[Callable[[List[Any]], Mapping[Any, Any]]],
+                    results: Dict[Hashable, Any]) -> None:
+        conn = self._connection(st)
+        keys: Dict[Hashable, Tuple[str, str]] = {}
+        epochs: Dict[Hashable, str] = {}
+        missing = led
+        if conn is not None:
+            _LISTENER.ensure(st.channel)
+            if self._pending or self._pending_all:
+                self._replay_pending()
+            try:
+                gen = self._generation(conn, st)
+                flat: List[str] = []
+                for _, key, l2id, _ in led:
+                    keys[key] = self._keys(st, gen, l2id)
+                    flat.extend(keys[key])
+                mget = conn.client.mget_nonatomic if conn.is_cluster else conn.client.mget
+                replies = _redis(conn, mget, flat)
+                missing = []
+                now = time.time()
+                for i, (item, key, l2id, flight) in enumerate(led):
+                    raw, epoch = replies[2 * i], replies[2 * i + 1]
+                    found = self._decode(raw) if raw is not None else None
+                    if found is not None and now < found[2]:
+                        value, delta, expiry = found
+                        results[key] = flight.value = value
+                        self._count("l2_hits")
+                        self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
+                    else:
+                        epochs[key] = str(epoch or "")
+                        missing.append((item, key, l2id, flight))
+            except (BackendUnavailable, rex.RedisError) as exc:
+                self._count_error()
+                log.debug("cache %s: batch L2 read failed (%s)", self.namespace, type(exc).__name__)
+                epochs.clear()
+                missing = [m for m in led if m[1] not in results]
+        if not missing:
+            return
+        started = time.perf_counter()
+        loaded = self._load_batch([m[0] for m in missing], loader)
+        delta = (time.perf_counter() - started) / len(missing)
+        writes: List[Tuple[Tuple[str, str], str, str, float]] = []
+        for item, key, _, flight in missing:
+            value = loaded[item]
+            if value is None and self._negative_ttl is None:
+                results[key] = flight.value = None
+                continue
+            ttl = self._negative_ttl if value is None and self._negative_ttl is not None else st.ttl
+            encoded = self._encode(value, delta, ttl)
+            if encoded is None:
+                results[key] = flight.value = value
+                continue
+            text, value, expiry = encoded
+            results[key] = flight.value = value
+            if key in epochs:
+                writes.append((keys[key], epochs[key], text, expiry))
+            self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
+        if conn is not None and writes and delta < st.guard_ttl / 2:
+            try:
+                _redis(conn, self._fill_pipeline, conn, writes)
+            except (BackendUnavailable, rex.RedisError) as exc:
+                self._count_error()
+                log.debug("cache %s: batch write-back failed (%s)", self.namespace, type(exc).__name__)
+
+    def _fill_pipeline(self, conn: RedisConnection, writes: Sequence[Tuple[Tuple[str, str], str, str, float]]) -> Any:
+        # EVAL, not EVALSHA: a cluster pipeline does not load scripts per node.
+        pipe = conn.client.pipeline(transaction=False)
+        now = time.time()
+        for (value_key, epoch_key), epoch, text, expiry in writes:
+            px = max(int((expiry - now + self._max_stale) * 1000), 1)
+            pipe.eval(_FILL_SRC, 2, value_key, epoch_key, epoch, text, px)
+        return pipe.execute()
+
+    def _load_batch(self, items: List[Any], loader: Optional[Callable[[List[Any]], Mapping[Any, Any]]]) -> Dict[Any, Any]:
+        with self._lock:
+            self._loader_calls += 1 if loader is not None else len(items)
+            self._misses += len(items)
+        METRICS.inc("cache_misses_total", len(items), namespace=self.namespace)
+        if loader is not None:
+            found = loader(list(items))
+            return {item: found.get(item) for item in items}
+        return {item: self._fn(item) for item in items}
+
+    # -- invalidation and write-through -------------------------------------------
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        """Evict ``f(*args, **kwargs)`` from L2 and from every process's L1.
+
+        Loads already in flight cannot write the old value back. If Redis is
+        unreachable the L2 eviction is remembered and replayed when it returns.
+        """
+        key, l2id = self._key(args, kwargs)
+        self._write(self._state(), key, l2id, _MISSING)
+
+    def set(self, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Write-through: make `value` the cached result of ``f(*args, **kwargs)``.
+
+        For after an update (the caller knows the new value): L2 gets it,
+        every other process drops its L1 copy, loads in flight are refused.
+        """
+        key, l2id = self._key(args, kwargs)
+        self._write(self._state(), key, l2id, value)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> R:
+        """Invalidate, then load and cache ``f(*args, **kwargs)`` now; returns it."""
+        self.invalidate(*args, **kwargs)
+        return self(*args, **kwargs)
+
+    def _write(self, st: _State, key: Hashable, l2id: str, value: Any) -> None:
+        self._count("invalidations")
+        METRICS.inc("cache_invalidations_total", namespace=self.namespace)
+        encoded = None
+        if value is not _MISSING:
+            encoded = self._encode(value, 0.0, st.ttl)
+        for cache in _same_namespace(self.namespace):
+            cache._drop_local(key)
+        if encoded is not None and st.mode is not Mode.OFF:
+            self._fill_l1(st, key, None, (encoded[1], encoded[2], 0.0, 0.0))
+        if st.mode is not Mode.REDIS:
+            return
+        conn = self._connection(st)
+        if conn is None:
+            self._remember(l2id)
+            return
+        try:
+            gen = self._generation(conn, st, fresh=True)
+            self._publish_write(conn, st, gen, l2id, encoded)
+        except (BackendUnavailable, rex.RedisError) as exc:
+            self._count_error()
+            self._remember(l2id)
+            log.warning("cache %s: invalidation could not reach Redis (%s); will replay it",
+                        self.namespace, type(exc).__name__)
+
+    def _publish_write(self, conn: RedisConnection, st: _State, gen: str, l2id: str,
+                       encoded: Optional[Tuple[str, Any, float]]) -> None:
+        keys = self._keys(st, gen, l2id)
+        message = _dumps({"o": _ORIGIN, "n": self.namespace, "op": "k", "k": l2id})
+        envelope, px = "", 0
+        if encoded is not None:
+            envelope = encoded[0]
+            px = max(int((encoded[2] - time.time() + self._max_stale) * 1000), 1)
+        _redis(conn, _scripts_for(conn).invalidate, keys=list(keys),
+               args=[int(st.guard_ttl * 1000), st.channel, envelope, px, message])
+
+    def invalidate_all(self) -> None:
+        """Evict every entry of this function everywhere: one generation bump."""
+        st = self._state()
+        self._count("invalidations")
+        METRICS.inc("cache_invalidations_total", namespace=self.namespace)
+        for cache in _same_namespace(self.namespace):
+            cache._flush_local()
+        if st.mode is not Mode.REDIS:
+            return
+        conn = self._connection(st)
+        if conn is None:
+            self._pending_all = True
+            return
+        try:
+            self._bump_generation(conn, st)
+        except (BackendUnavailable, rex.RedisError) as exc:
+            self._count_error()
+            self._pending_all = True
+            log.warning("cache %s: invalidate_all could not reach Redis (%s); will replay it",
+                        self.namespace, type(exc).__name__)
+
+    def _bump_generation(self, conn: RedisConnection, st: _State) -> None:
+        key = st.keys.key(_NS, self.namespace, suffix="gen")
+        prefix = _dumps({"o": _ORIGIN, "n": self.namespace, "op": "a"})[:-1] + ',"g":"'
+        gen = str(_redis(conn, _scripts_for(conn).generation, keys=[key],
+                         args=[int(st.guard_ttl * 1000), st.channel, prefix]))
+        for cache in _same_namespace(self.namespace):
+            cache._set_generation(gen, st)
+
+    def _remember(self, l2id: str) -> None:
+        with self._lock:
+            self._pending[l2id] = None
+            self._pending.move_to_end(l2id)
+            if len(self._pending) > _MAX_PENDING:
+                self._pending.clear()
+                self._pending_all = True
+
+    def _replay_pending(self) -> None:
+        """Send the invalidations Redis missed while it was unreachable."""
+        st = self._state()
+        conn = self._connection(st)
+        if conn is None:
+            return
+        with self._lock:
+            pending, self._pending = list(self._pending), OrderedDict()
+            everything, self._pending_all = self._pending_all, False
+        try:
+            if everything:
+                self._bump_generation(conn, st)
+            if pending:
+                gen = self._generation(conn, st, fresh=True)
+                for l2id in pending:
+                    self._publish_write(conn, st, gen, l2id, None)
+            if pending or everything:
+                log.info("cache %s: replayed %d invalidation(s)%s", self.namespace, len(pending),
+                         " and invalidate_all" if everything else "")
+        except (BackendUnavailable, rex.RedisError):
+            self._count_error()
+            with self._lock:
+                for l2id in pending:
+                    self._pending.setdefault(l2id, None)
+                self._pending_all = self._pending_all or everything
+
+    # -- local state -------------------------------------------------------------------
+    def _drop_local(self, key: Hashable) -> None:
+        with self._lock:
+            self._l1.pop(key, None)
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.stale = True
+
+    def _flush_local(self) -> None:
+        with self._lock:
+            self._l1.clear()
+            for flight in self._flights.values():
+                flight.stale = True
+            self._flights.clear()
+            self._gen = None
+            self._gen_seq += 1
+
+    def _set_generation(self, gen: str, st: _State) -> None:
+        with self._lock:
+            cached = self._gen
+            if cached is None or int(gen) > int(cached[0]):
+                self._gen = (gen, time.monotonic() + st.l1_ttl, st.settings)
+            self._gen_seq += 1
+
+    def _apply_remote(self, msg: Mapping[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "k":
+            self._drop_local(_l1_key_of(str(msg["k"])))
+        elif op == "a":
+            self._flush_local()
+            self._set_generation(str(msg["g"]), self._state())
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._flights = {}
+        self._gen = None
+        self._gen_seq += 1
+
+    # -- stats ---------------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, "_" + name, getattr(self, "_" + name) + 1)
+        if name != "stale_served":
+            METRICS.inc(f"cache_{name}_total", namespace=self.namespace)
+
+    def _count_error(self) -> None:
+        self._count("errors")
+
+    def cache_info(self) -> CacheInfo:
+        """This process's counters for this function (L1 hits are counted here only)."""
+        with self._lock:
+            return CacheInfo(self._l1_hits, self._l2_hits, self._misses, self._loader_calls, self._errors,
+                             self._invalidations, self._stale_served, self._early_refreshes,
+                             int(self._l1.currsize), self._maxsize)
+
+    def cache_clear(self) -> None:
+        """Empty this process's L1 (L2 and the counters are kept)."""
+        self._flush_local()
+
+
+def _l1_deadline(key: Hashable, entry: _Entry, now: float) -> float:
+    return entry[3]
+
+
+# -- the decorator ---------------------------------------------------------------
+@overload
+def cached_metadata(fn: Callable[..., R], /) -> CachedFunction[R]: ...
+
+
+@overload
+def cached_metadata(
+    fn: Union[float, None] = None,
+    /,
+    *,
+    ttl: Optional[float] = None,
+    namespace: Optional[str] = None,
+    maxsize: int = 4096,
+    l1_ttl: float = 30.0,
+    beta: float = 1.0,
+    jitter: float = 0.1,
+    max_stale: Optional[float] = None,
+    negative_ttl: Optional[float] = None,
+    id_params: Optional[Iterable[str]] = None,
+) -> Callable[[Callable[..., R]], CachedFunction[R]]: ...
+
+
+def cached_metadata(
+    fn: Union[Callable[..., Any], float, None] = None,
+    /,
+    *,
+    ttl: Optional[float] = None,
+    namespace: Optional[str] = None,
+    maxsize: int = 4096,
+    l1_ttl: float = 30.0,
+    beta: float = 1.0,
+    jitter: float = 0.1,
+    max_stale: Optional[float] = None,
+    negative_ttl: Optional[float] = None,
+    id_params: Optional[Iterable[str]] = None,
+) -> Any:
+    """Cache a loader in two tiers: per-process L1, Redis L2 shared by all.
+
+    ``@cached_metadata`` or ``@cached_metadata(ttl=300, ...)``; ``ttl=None``
+    reads ``REDIS_METADATA_TTL`` when called. See docs/cache.md for options.
+    """
+    options: Dict[str, Any] = dict(
+        namespace=namespace, maxsize=maxsize, l1_ttl=l1_ttl, beta=beta, jitter=jitter,
+        max_stale=max_stale, negative_ttl=negative_ttl, id_params=id_params,
+    )
+    if fn is not None and not callable(fn):
+        if ttl is not None:
+            raise InvalidArgument("ttl", "given twice")
+        ttl = fn  # @cached_metadata(300)
+        fn = None
+    _check_number("ttl", ttl, allow_none=True)
+    if fn is not None:
+        return CachedFunction(fn, ttl=ttl, **options)
+
+    def decorate(func: Callable[..., R]) -> CachedFunction[R]:
+        return CachedFunction(func, ttl=ttl, **options)
+
+    return decorate
