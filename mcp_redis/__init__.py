@@ -58,6 +58,9 @@ from .ratelimit import Algorithm, Limit, LimitStatus, RateLimiter, RateLimitResu
 
 __all__ += ["rate_limited", "RateLimiter", "RateLimitResult", "Limit", "LimitStatus", "Algorithm", "ratelimit_headers"]
 # --- cache ---
+from .cache import CachedFunction, CacheInfo, cached_metadata  # noqa: E402
+
+__all__ += ["cached_metadata", "CachedFunction", "CacheInfo"]
 # --- sessions ---
 from .sessions import SessionMap, SessionStore  # noqa: E402
 
