@@ -409,7 +409,8 @@ def publish_agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, 
 # -- durable streams -------------------------------------------------------------
 _LUA_DIR = Path(__file__).with_name("lua")
 _SCRIPT_SOURCES = {
-    name: (_LUA_DIR / f"events_{name}.lua").read_text(encoding="utf-8") for name in ("add", "group")
+    name: (_LUA_DIR / f"events_{name}.lua").read_text(encoding="utf-8")
+    for name in ("add", "group", "deadletter")
 }
 _scripts_lock = threading.Lock()
 _scripts: Dict[str, Tuple[Any, Any]] = {}  # name -> (client, Script)
@@ -453,7 +454,9 @@ class EventStream:
     died or is stuck) are claimed by another consumer, so handlers must be
     idempotent (use the entry id). The stream holds about `maxlen` entries
     (``MAXLEN ~``) and expires `ttl` seconds after the last `add` (None: no
-    TTL; then `maxlen` is the only bound). Data survives a Redis restart only
+    TTL; then `maxlen` is the only bound). With `max_deliveries`, an entry
+    re-delivered more often than that (a poison event) is moved to a
+    dead-letter stream (`dead_letters()`) and acked. Data survives a Redis restart only
     with persistence (AOF); without it the stream and group are recreated
     empty on next use.
     """
@@ -469,6 +472,7 @@ class EventStream:
         min_idle_ms: int = 30_000,
         start_id: str = "0",
         claim_interval: Optional[float] = None,
+        max_deliveries: Optional[int] = None,
     ) -> None:
         self.name = validate_id(name, "name")
         self.group = None if group is None else validate_id(group, "group")
@@ -487,6 +491,7 @@ class EventStream:
         if claim_interval is None:
             claim_interval = max(self.min_idle_ms / 2000.0, 0.05)
         self.claim_interval = float(claim_interval)
+        self.max_deliveries = None if max_deliveries is None else _check_int(max_deliveries, "max_deliveries", 1)
         self._lock = threading.RLock()
         self._group_ready: Optional[Any] = None  # the client the group was ensured on
         self._own_cursor: Optional[str] = "0"  # re-read our own pending entries first
@@ -494,6 +499,7 @@ class EventStream:
         self._next_claim = 0.0
         self.claimed = 0
         self.recreated = 0
+        self.dead_lettered = 0
 
     def __repr__(self) -> str:
         return f"EventStream({self.name!r}, group={self.group!r}, consumer={self.consumer!r}, maxlen={self.maxlen})"
@@ -502,6 +508,11 @@ class EventStream:
     def key(self) -> str:
         """The stream's Redis key under the prefix in force."""
         return KeySpace(settings().key_prefix).key("stream", self.name, tag=True)
+
+    @property
+    def dead_letter_key(self) -> str:
+        """Where entries past `max_deliveries` go (same hash slot as `key`)."""
+        return KeySpace(settings().key_prefix).key("stream", self.name, tag=True, suffix="dead")
 
     def _ttl_ms(self) -> int:
         return 0 if self.ttl is None else max(1, int(self.ttl * 1000))
@@ -584,11 +595,11 @@ class EventStream:
         group = self._need_group()
         _check_read_args(count, block_ms)
         if self._own_cursor is not None:
-            entries = self._read_own(group, count)
+            entries = self._screen(self._read_own(group, count))
             if entries:
                 return entries
         if time.monotonic() >= self._next_claim:
-            entries = self.claim(count)
+            entries = self._screen(self.claim(count))
             if entries:
                 return entries
         key = self.key
@@ -626,6 +637,37 @@ class EventStream:
             METRICS.inc("events_stream_claimed_total", float(len(entries)))
             log.info("stream %r: consumer %r claimed %d idle pending entries", self.name, self.consumer, len(entries))
         return entries
+
+    def _screen(self, entries: List[StreamEntry]) -> List[StreamEntry]:
+        """Dead-letter re-delivered entries past `max_deliveries` (when set)."""
+        if self.max_deliveries is None or not entries:
+            return entries
+        group = self._need_group()
+        key = self.key
+        first, last = entries[0].id, entries[-1].id
+        rows = self._group_call(lambda c: c.call(
+            c.client.xpending_range, key, group, first, last, max(2 * len(entries), 1000),
+            consumername=self.consumer))
+        limit = self.max_deliveries
+        over = [str(r["message_id"]) for r in rows if int(r["times_delivered"]) > limit]
+        if not over:
+            return entries
+        conn = self._conn()
+        conn.call(_script(conn, "deadletter"), keys=[key, self.dead_letter_key],
+                  args=[group, self.maxlen, self._ttl_ms(), self.consumer, *over], client=conn.client)
+        self.dead_lettered += len(over)
+        METRICS.inc("events_stream_dead_lettered_total", float(len(over)))
+        log.warning("stream %r: %d entries delivered more than %d times moved to the dead-letter stream",
+                    self.name, len(over), limit)
+        gone = set(over)
+        return [e for e in entries if e.id not in gone]
+
+    def dead_letters(self, count: int = 100) -> List[StreamEntry]:
+        """The oldest `count` dead-lettered entries (ids are the original ids)."""
+        _check_int(count, "count", 1, 10_000)
+        conn = self._conn()
+        rows = conn.call(conn.client.xrange, self.dead_letter_key, "-", "+", count)
+        return [StreamEntry(str(f.get("id", eid)), decode_event(f.get("e"))) for eid, f in rows]
 
     def _entries(self, reply: Any, *, claimed: bool) -> List[StreamEntry]:
         out: List[StreamEntry] = []

@@ -19,7 +19,7 @@ from redis import Redis
 
 import mcp_redis
 from mcp_redis.errors import ConfigurationError, InvalidArgument, InvalidArgumentType
-from mcp_redis.events import EventStream
+from mcp_redis.events import EventStream, StreamEntry
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import wait_for
 
@@ -210,3 +210,23 @@ def test_bad_arguments_raise_naming_the_argument(raw: Redis) -> None:
 def test_streams_need_redis() -> None:
     with pytest.raises(ConfigurationError):
         EventStream("s").add({"a": 1})
+
+
+def test_a_poison_event_goes_to_the_dead_letter_stream_after_max_deliveries(raw: Redis) -> None:
+    s = EventStream("s", "g", "c", min_idle_ms=0, claim_interval=0, max_deliveries=2, ttl=60)
+    entry_id = s.add({"poison": True})
+    s.add({"fine": True})
+    calls: List[Any] = []
+
+    def handler(event: Dict[str, Any]) -> None:
+        calls.append(event)
+        if event.get("poison"):
+            raise ValueError("cannot handle")
+
+    assert s.process(handler, block_ms=0) == (1, 1)  # delivery 1
+    assert s.process(handler, block_ms=0) == (0, 1)  # delivery 2 (claimed)
+    assert s.process(handler, block_ms=0) == (0, 0)  # delivery 3: dead-lettered instead
+    assert calls.count({"poison": True}) == 2
+    assert s.pending() == 0 and s.dead_lettered == 1
+    assert s.dead_letters() == [StreamEntry(entry_id, {"poison": True})]
+    assert 0 < raw.pttl(s.dead_letter_key) <= 60_000
