@@ -1,13 +1,22 @@
-"""The `mcp-redis` command: health, migrate (and more sub-commands as features land)."""
+"""The `mcp-redis` command (also ``python -m mcp_redis``).
+
+Sub-commands: ``demo`` (the multi-process tour), ``health`` (exit code for
+monitors), ``stats``, ``migrate``, ``sessions cleanup`` and ``bench``. Every
+report takes ``--json``. Exit codes: 0 fine, 1 the check failed (a backend
+down, a demo invariant broken), 2 usage or configuration error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
+import os
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: Dict[str, Command] = {}
@@ -44,6 +53,19 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import stats
+
+    report = stats(scan_limit=args.scan_limit)
+    report["note"] = (
+        "process counters are this CLI process's only; a server exposes its own "
+        "with mcp_redis.stats.stats() or mcp_redis.prometheus"
+    )
+    _print(report, args.json)
+    redis_part = report.get("redis", {})
+    return 1 if redis_part.get("configured") and not redis_part.get("ok") else 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .config import settings
     from .postgres import migrate
@@ -56,26 +78,152 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
+    try:
+        sessions = importlib.import_module("mcp_redis.sessions")
+    except ImportError:
+        print("mcp-redis sessions cleanup: the sessions feature is not available", file=sys.stderr)
+        return 2
+    fn = getattr(sessions, "cleanup_expired", None)
+    if fn is None:
+        store_cls = getattr(sessions, "SessionStore", None)
+        fn = getattr(store_cls(), "cleanup_expired", None) if store_cls is not None else None
+    if fn is None:
+        print("mcp-redis sessions cleanup: this version has no cleanup_expired()", file=sys.stderr)
+        return 2
+    removed = fn()
+    _print({"ok": True, "removed": removed}, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(
+        workers=args.workers,
+        seconds=args.seconds,
+        threads=args.threads,
+        agents=args.agents,
+        unsafe=args.unsafe,
+        restart=not args.no_restart,
+        progress=not args.quiet,
+    )
+    report = run_demo(options)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    run_all = _import_bench()
+    if run_all is None:
+        print("mcp-redis bench: bench/run_all.py not found (run from a clone of the repository)", file=sys.stderr)
+        return 2
+    argv: List[str] = []
+    if args.quick:
+        argv.append("--quick")
+    if args.only:
+        argv += ["--only", args.only]
+    return int(run_all.main(argv))
+
+
+def _import_bench() -> Any:
+    """`bench.run_all` from the current directory or the source tree (not installed)."""
+    candidates = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "bench", "run_all.py")):
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            return importlib.import_module("bench.run_all")
+    return None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-redis",
-        description="Operate mcp_redis: health, migrations, stats, the demo and benchmarks.",
+        description="Operate mcp_redis: the demo, health, stats, migrations, session cleanup and benchmarks.",
     )
+    parser.add_argument("--log-level", default=os.environ.get("MCP_REDIS_LOG_LEVEL", "WARNING"),
+                        help="level of the 'mcp_redis' logger on stderr (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="several worker processes sharing state through the library, with a report")
+    p.add_argument("--workers", type=_positive_int, default=4, help="worker processes (default 4)")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="run time (default 10)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="threads per worker (default 2)")
+    p.add_argument("--agents", type=_positive_int, default=8, help="distinct agents (default 8)")
+    p.add_argument("--unsafe", action="store_true",
+                   help="skip agent_lock around the read-modify-write, to see lost updates")
+    p.add_argument("--no-restart", action="store_true", help="do not kill and restart a worker mid-run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("health", help="check Redis and PostgreSQL; exit 1 when a configured backend is down")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("stats", help="metrics of this process, Redis memory and keys per namespace, pools")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--scan-limit", type=_positive_int, default=100_000,
+                   help="stop counting keys after this many (SCAN, never KEYS)")
+    p.set_defaults(func=cmd_stats)
+
     p = sub.add_parser("migrate", help="create the library's PostgreSQL tables (idempotent)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("sessions", help="session maintenance")
+    ssub = p.add_subparsers(dest="action", required=True)
+    c = ssub.add_parser("cleanup", help="delete expired session bindings from PostgreSQL")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_sessions_cleanup)
+
+    p = sub.add_parser("bench", help="run the comparisons in bench/ and print their ratio tables")
+    p.add_argument("--quick", action="store_true", help="fewer iterations")
+    p.add_argument("--only", default="", help="comma-separated features (locks,ratelimit,cache,sessions)")
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _setup_logging(level: str) -> None:
+    logger = logging.getLogger("mcp_redis")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _setup_logging(args.log_level)
+    except ValueError:
+        parser.error(f"--log-level: unknown level {args.log_level!r}")
+    try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"mcp-redis {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # every library error message is secret-free
         print(f"mcp-redis {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

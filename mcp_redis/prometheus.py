@@ -1,0 +1,198 @@
+"""Prometheus exposition of `METRICS` (needs the ``prometheus`` extra).
+
+::
+
+    from mcp_redis.prometheus import start_http_server
+    start_http_server(9464)            # serves /metrics on 127.0.0.1:9464
+
+or register the collector in a registry you already serve::
+
+    from mcp_redis.prometheus import register
+    register()                         # prometheus_client.REGISTRY by default
+
+Every in-process counter ``<name>_total`` becomes the Prometheus counter
+``mcp_redis_<name>_total``, every latency histogram ``<name>`` the histogram
+``mcp_redis_<name>`` (seconds, buckets `LATENCY_BUCKETS`), with the same
+labels. Two gauge families describe the backends: ``mcp_redis_breaker_state``
+and ``mcp_redis_pool_connections``. The metric list is in docs/operations.md.
+prometheus_client is imported lazily, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import ConfigurationError
+from .metrics import LATENCY_BUCKETS, METRICS, Metrics
+
+__all__ = ["MetricsCollector", "register", "start_http_server", "exposition", "NAMESPACE", "DOCS"]
+
+NAMESPACE = "mcp_redis"
+
+# Help text of the metrics the library records (others get a generic line).
+DOCS: Dict[str, str] = {
+    "backend_retries_total": "Retries of a transient backend failure (label backend).",
+    "backend_failures_total": "Backend calls that failed with a transient error (label backend).",
+    "breaker_transitions_total": "Circuit-breaker state changes (labels backend, to).",
+    "breaker_rejections_total": "Calls refused at once because the breaker was open (label backend).",
+    "health_checks_total": "health() probes (labels backend, ok).",
+    "pubsub_reconnects_total": "Pub/sub listener reconnects.",
+    "pubsub_handler_errors_total": "Exceptions raised by pub/sub handlers (logged, not fatal).",
+}
+
+_BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def _require_client() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ConfigurationError(
+            "prometheus exposition needs prometheus_client: pip install 'mcp_redis[prometheus]'"
+        ) from exc
+    return prometheus_client
+
+
+def _family_name(name: str) -> str:
+    base = name[: -len("_total")] if name.endswith("_total") else name
+    return f"{NAMESPACE}_{base}"
+
+
+def _label_names(rows: Sequence[Mapping[str, str]]) -> List[str]:
+    names: set[str] = set()
+    for labels in rows:
+        names.update(labels)
+    return sorted(names)
+
+
+class MetricsCollector:
+    """A prometheus_client collector reading a `Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics = METRICS, *, backends: bool = True) -> None:
+        self.metrics = metrics
+        self.backends = backends
+
+    def describe(self) -> List[Any]:
+        # Families appear as features record; no fixed description up front.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        counters: Dict[str, List[Tuple[Mapping[str, str], float]]] = {}
+        for name, labels, value in self.metrics.counters():
+            counters.setdefault(name, []).append((labels, value))
+        for name, rows in counters.items():
+            label_names = _label_names([lb for lb, _ in rows])
+            fam = CounterMetricFamily(_family_name(name), DOCS.get(name, f"mcp_redis counter {name}."),
+                                      labels=label_names)
+            for labels, value in rows:
+                fam.add_metric([labels.get(n, "") for n in label_names], value)
+            yield fam
+
+        hists: Dict[str, List[Tuple[Mapping[str, str], List[int], float, int]]] = {}
+        for name, labels, counts, total, count in self.metrics.histograms():
+            hists.setdefault(name, []).append((labels, counts, total, count))
+        for name, hrows in hists.items():
+            label_names = _label_names([row[0] for row in hrows])
+            hfam = HistogramMetricFamily(f"{NAMESPACE}_{name}",
+                                         DOCS.get(name, f"mcp_redis latency of {name}, in seconds."),
+                                         labels=label_names)
+            for labels, counts, total, count in hrows:
+                buckets: List[Tuple[str, float]] = []
+                cumulative = 0
+                for bound, c in zip(LATENCY_BUCKETS, counts):
+                    cumulative += c
+                    buckets.append((repr(float(bound)), cumulative))
+                buckets.append(("+Inf", count))
+                hfam.add_metric([labels.get(n, "") for n in label_names], buckets, total)
+            yield hfam
+
+        if self.backends:
+            breaker = GaugeMetricFamily(f"{NAMESPACE}_breaker_state",
+                                        "1 for the current circuit-breaker state of each backend.",
+                                        labels=["backend", "state"])
+            pool = GaugeMetricFamily(f"{NAMESPACE}_pool_connections",
+                                     "Connection-pool use of each backend (state: in_use, idle, max).",
+                                     labels=["backend", "state"])
+            for backend, state, stats in _backend_facts():
+                for s in _BREAKER_STATES:
+                    breaker.add_metric([backend, s], 1.0 if s == state else 0.0)
+                for key in ("in_use", "idle", "max"):
+                    if key in stats:
+                        pool.add_metric([backend, key], float(stats[key]))
+            yield breaker
+            yield pool
+
+
+def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:
+    """(backend, breaker state, pool stats) of the configured backends; never raises."""
+    from .config import settings
+
+    out: List[Tuple[str, str, Mapping[str, int]]] = []
+    try:
+        s = settings()
+    except Exception:
+        return out
+    if s.redis_url:
+        try:
+            from .connections import get_redis
+
+            conn = get_redis()
+            out.append(("redis", conn.policy.breaker.state.value, conn.pool_stats()))
+        except Exception:
+            pass
+    if s.database_url:
+        try:
+            from .postgres import get_postgres
+
+            pg = get_postgres()
+            out.append(("postgres", pg.policy.breaker.state.value, pg.pool_stats()))
+        except Exception:
+            pass
+    return out
+
+
+_registered_lock = threading.Lock()
+_registered: Dict[int, MetricsCollector] = {}
+
+
+def register(registry: Optional[Any] = None, metrics: Metrics = METRICS) -> MetricsCollector:
+    """Register a `MetricsCollector` in `registry` (default: prometheus_client's) once."""
+    client = _require_client()
+    reg = registry if registry is not None else client.REGISTRY
+    with _registered_lock:
+        existing = _registered.get(id(reg))
+        if existing is not None:
+            return existing
+        collector = MetricsCollector(metrics)
+        reg.register(collector)
+        _registered[id(reg)] = collector
+        return collector
+
+
+def start_http_server(port: int, addr: str = "127.0.0.1", registry: Optional[Any] = None) -> Tuple[Any, Any]:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns (server, thread).
+
+    Loopback by default: bind another address only behind your own access
+    control. Uses prometheus_client's default registry unless `registry`
+    is given, so the process's other metrics are served alongside.
+    """
+    client = _require_client()
+    reg = registry if registry is not None else client.REGISTRY
+    register(reg)
+    result = client.start_http_server(port, addr=addr, registry=reg)
+    if isinstance(result, tuple):
+        return result[0], result[1]
+    return result, None  # pragma: no cover - prometheus_client < 0.17 returns None
+
+
+def exposition(registry: Optional[Any] = None) -> str:
+    """The text exposition of the library's metrics (for an existing HTTP route)."""
+    client = _require_client()
+    if registry is None:
+        registry = client.CollectorRegistry()
+        registry.register(MetricsCollector())
+    data: bytes = client.generate_latest(registry)
+    return data.decode("utf-8")

@@ -1,0 +1,167 @@
+"""`stats()`: what this process has done, and what Redis holds right now.
+
+Two kinds of facts, kept apart on purpose:
+
+* ``process``: the in-process counters and latency histograms of `METRICS`
+  (cache hits per tier, fallbacks, retries, lock waits, rate-limit
+  rejections...). They describe *this* process only: a server exposes its
+  own by calling `stats()` (or by serving `mcp_redis.prometheus`); the
+  ``mcp-redis stats`` command, a separate process, sees only its own.
+* ``redis`` / ``postgres``: facts the backends hold for every process —
+  Redis ``used_memory``, key counts per namespace (a bounded ``SCAN`` of the
+  key prefix), pool use and breaker state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .config import settings
+from .metrics import METRICS, Metrics
+
+__all__ = ["stats", "process_stats", "redis_stats", "postgres_stats", "FEATURE_PREFIXES"]
+
+# Metric name prefix -> section of the report.
+FEATURE_PREFIXES: Tuple[Tuple[str, str], ...] = (
+    ("lock_", "locks"),
+    ("ratelimit_", "rate_limits"),
+    ("cache_", "metadata_cache"),
+    ("session_", "sessions"),
+    ("events_", "events"),
+    ("pubsub_", "events"),
+    ("backend_", "backends"),
+    ("breaker_", "backends"),
+    ("health_", "backends"),
+)
+
+DEFAULT_SCAN_LIMIT = 100_000
+
+
+def _section(name: str) -> str:
+    for prefix, section in FEATURE_PREFIXES:
+        if name.startswith(prefix):
+            return section
+    return "other"
+
+
+def _flat(name: str, labels: Mapping[str, str]) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def process_stats(metrics: Metrics = METRICS) -> Dict[str, Any]:
+    """This process's counters and latencies, grouped by feature.
+
+    ``{"pid": ..., "<feature>": {"counters": {...}, "latencies": {...}}}``;
+    counter keys are ``name{label=value,...}``, latencies give count, p50 and
+    p99 in seconds (the upper bound of the histogram bucket).
+    """
+    out: Dict[str, Any] = {"pid": os.getpid()}
+    for name, labels, value in metrics.counters():
+        sec = out.setdefault(_section(name), {"counters": {}, "latencies": {}})
+        sec["counters"][_flat(name, labels)] = value
+    snap = metrics.snapshot()
+    latencies = snap.get("latencies", {})
+    assert isinstance(latencies, dict)
+    for key, hist in latencies.items():
+        sec = out.setdefault(_section(key), {"counters": {}, "latencies": {}})
+        sec["latencies"][key] = hist
+    return out
+
+
+def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT) -> Dict[str, Any]:
+    """Redis-side facts: memory, keys per namespace under the prefix, pool, breaker.
+
+    The key count walks ``SCAN MATCH <prefix>*`` and stops after `scan_limit`
+    keys (``keys_truncated`` tells); it never uses ``KEYS``.
+    """
+    s = settings()
+    if not s.redis_url:
+        return {"configured": False}
+    from .connections import get_redis
+
+    out: Dict[str, Any] = {"configured": True}
+    try:
+        conn = get_redis()
+    except Exception as exc:
+        return {"configured": True, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    out["url"] = conn.url
+    out["kind"] = conn.kind
+    try:
+        info = conn.call(conn.client.info, "memory", attempts=1)
+        if conn.is_cluster and isinstance(info, dict) and "used_memory" not in info:
+            # RedisCluster returns {node: info}; sum the primaries' figures.
+            info = {"used_memory": sum(int(v.get("used_memory", 0)) for v in info.values() if isinstance(v, dict))}
+        out["used_memory"] = int(info.get("used_memory", 0))
+        if "used_memory_human" in info:
+            out["used_memory_human"] = info["used_memory_human"]
+        started = time.perf_counter()
+        out["keys"], out["keys_truncated"] = _count_keys(conn, s.key_prefix, scan_limit)
+        out["scan_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        out["ok"] = True
+    except Exception as exc:
+        out["ok"] = False
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["breaker"] = conn.policy.breaker.state.value
+    out["pool"] = conn.pool_stats()
+    return out
+
+
+def _count_keys(conn: Any, prefix: str, limit: int) -> Tuple[Dict[str, int], bool]:
+    counts: Dict[str, int] = {}
+    seen = 0
+    pattern = _glob_escape(prefix) + "*"
+    for key in conn.client.scan_iter(match=pattern, count=1000):
+        rest = key[len(prefix):] if isinstance(key, str) else str(key)[len(prefix):]
+        namespace = rest.split(":", 1)[0] or "(none)"
+        counts[namespace] = counts.get(namespace, 0) + 1
+        seen += 1
+        if seen >= limit:
+            return dict(sorted(counts.items())), True
+    return dict(sorted(counts.items())), False
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def postgres_stats() -> Dict[str, Any]:
+    """PostgreSQL pool use and breaker state (no query is run)."""
+    s = settings()
+    if not s.database_url:
+        return {"configured": False}
+    from .postgres import get_postgres
+
+    try:
+        pg = get_postgres()
+    except Exception as exc:
+        return {"configured": True, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "configured": True,
+        "url": pg.url,
+        "breaker": pg.policy.breaker.state.value,
+        "pool": pg.pool_stats(),
+    }
+
+
+def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
+          metrics: Optional[Metrics] = None) -> Dict[str, Any]:
+    """A JSON-ready report: this process's metrics, plus backend facts.
+
+    Call it inside a server to expose that server's own counters (for
+    example from an admin endpoint); ``backends=False`` skips the Redis and
+    PostgreSQL round trips.
+    """
+    s = settings()
+    report: Dict[str, Any] = {
+        "mode": "local" if s.local_mode else "redis",
+        "key_prefix": s.key_prefix,
+        "process": process_stats(metrics or METRICS),
+    }
+    if backends:
+        report["redis"] = redis_stats(scan_limit)
+        report["postgres"] = postgres_stats()
+    return report
