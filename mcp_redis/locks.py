@@ -225,8 +225,7 @@ class _RedisBackend(_Backend):
                     return None
                 pttl = int(value)
                 wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
-                # BLPOP's timeout 0 means forever: never send less than 2 ms.
-                _call(conn, client.blpop, [signal], timeout=round(max(wait, 0.002), 3))
+                _call(conn, _wait_for_signal, client, signal, wait, wait < slice_cap)
         finally:
             if queued:
                 self._leave_queue(conn, scripts, keys, signal)
@@ -264,6 +263,34 @@ class _RedisBackend(_Backend):
     def locked(self, keys: _Keys) -> bool:
         conn = get_redis()
         return bool(_call(conn, conn.client.exists, keys.lock))
+
+
+def _wait_for_signal(client: Any, key: str, wait: float, precise: bool) -> bool:
+    """BLPOP `key` for up to `wait` seconds on a connection of our own; True if signalled.
+
+    Redis times blocked commands out only on its cron tick (100 ms at the
+    default ``hz 10``), so a wait that must end on time (the lease's end, the
+    caller's deadline) is timed here: when it runs out first, the connection
+    is dropped, abandoning the BLPOP. A signal lost that way is harmless: the
+    release also reserved the lock for us, and our next try claims it.
+    """
+    target = client
+    if hasattr(client, "get_node_from_key"):  # RedisCluster: the node owning the key
+        target = client.get_redis_connection(client.get_node_from_key(key))
+    pool = target.connection_pool
+    connection = pool.get_connection()
+    try:
+        # BLPOP's timeout 0 means forever: never send less than 2 ms.
+        connection.send_command("BLPOP", key, round(max(wait, 0.002), 3))
+        if connection.can_read(timeout=wait if precise else wait + 0.25):
+            return connection.read_response() is not None
+        connection.disconnect()
+        return False
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 def advisory_key(lock_key: str) -> int:
