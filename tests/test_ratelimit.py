@@ -1,0 +1,354 @@
+"""Rate limiting: the behaviour of `RateLimiter` and `@rate_limited` on every backend."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, List
+
+import pytest
+
+import mcp_redis
+from mcp_redis import Algorithm, Limit, RateLimiter, RateLimitExceeded, rate_limited
+from mcp_redis.errors import InvalidArgument, InvalidArgumentType
+from mcp_redis.metrics import METRICS
+from mcp_redis.testing import RedisServer
+
+ALGORITHMS = [a for a in Algorithm if a.name != "TOKEN_BUCKET"]
+
+
+@pytest.fixture(params=["redis", "local", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The library configured for one rate-limit backend."""
+    mode = request.param
+    if mode == "redis":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"))
+    elif mode == "postgres":
+        mcp_redis.configure(database_url=request.getfixturevalue("database_url"), rate_limits="postgres")
+    else:
+        mcp_redis.configure(rate_limits="local")
+    return str(mode)
+
+
+def keys_of(server: RedisServer) -> List[str]:
+    return sorted(server.client().scan_iter(match="mcp:*"))
+
+
+# -- the verbs -----------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_hit_admits_up_to_limit_then_refuses_with_retry_after(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("store", 3, 60, algorithm=algorithm)
+    results = [limiter.hit("agent-1") for _ in range(4)]
+    assert [r.allowed for r in results] == [True, True, True, False]
+    assert [r.remaining for r in results] == [2, 1, 0, 0]
+    refused = results[-1]
+    assert refused.limit == 3 and refused.backend == backend
+    # The counter may wait into the next window, while the previous one's share decays.
+    longest = 120 if algorithm is Algorithm.SLIDING_WINDOW_COUNTER else 60
+    assert 0 < refused.retry_after <= longest
+    assert 0 < refused.reset_after <= 120
+    assert refused.refused_by == "3/60s"
+    assert all(r.retry_after == 0 for r in results[:3])
+    assert limiter.hit("agent-2").allowed, "keys are independent"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_multi_limit_refusal_consumes_from_no_limit(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("kg", limits=[(10, 3600), Limit(3, 60, "burst")], algorithm=algorithm)
+    assert limiter.hit("a", cost=2).allowed
+    refused = limiter.hit("a", cost=2)
+    assert not refused.allowed and refused.refused_by == "burst"
+    hourly, burst = limiter.peek("a").statuses
+    assert (hourly.remaining, burst.remaining) == (8, 1), "the refused hit took nothing from either limit"
+    assert limiter.hit("a").allowed
+    assert not limiter.hit("a").allowed
+    assert limiter.peek("a").statuses[0].remaining == 7
+
+
+def test_multi_limit_result_reports_the_tightest_limit(backend: str) -> None:
+    limiter = RateLimiter("kg", limits=[(20, 3600), (5, 60)])
+    result = limiter.hit("a")
+    assert (result.limit, result.remaining) == (5, 4)
+    assert [s.remaining for s in result.statuses] == [19, 4]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_peek_does_not_consume(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("p", 2, 60, algorithm=algorithm)
+    assert limiter.peek("k").remaining == 2
+    limiter.hit("k")
+    for _ in range(3):
+        peeked = limiter.peek("k")
+        assert peeked.allowed and peeked.remaining == 1
+    limiter.hit("k")
+    assert not limiter.peek("k").allowed
+    assert limiter.peek("k").retry_after > 0
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_reset_forgets_the_key(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("r", limits=[(1, 60), (5, 3600)], algorithm=algorithm)
+    limiter.hit("k")
+    assert not limiter.hit("k").allowed
+    limiter.reset("k")
+    assert limiter.hit("k").allowed
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_caller_sleeping_retry_after_is_admitted(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("s", 2, 0.2, algorithm=algorithm)
+    for _ in range(5):
+        result = limiter.hit("k")
+        if not result.allowed:
+            break
+    assert not result.allowed
+    time.sleep(result.retry_after)
+    assert limiter.hit("k").allowed
+
+
+def test_cost_counts_units_and_is_all_or_nothing(backend: str) -> None:
+    limiter = RateLimiter("c", 5, 60)
+    assert limiter.hit("k", cost=3).remaining == 2
+    refused = limiter.hit("k", cost=3)
+    assert not refused.allowed and refused.remaining == 2
+    assert limiter.hit("k", cost=2).remaining == 0
+
+
+def test_ids_with_any_unicode_are_distinct_keys(backend: str) -> None:
+    limiter = RateLimiter("n\0ame *", 1, 60)
+    for key in ("a", "a*", "a\0", "ä", "{a}", "a:b"):
+        assert limiter.hit(key).allowed, key
+
+
+# -- arguments --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, argument, kind",
+    [
+        ({"name": "", "limit": 1, "window": 1}, "name", InvalidArgument),
+        ({"name": None, "limit": 1, "window": 1}, "name", InvalidArgumentType),
+        ({"name": "x", "limit": 0, "window": 1}, "limit", InvalidArgument),
+        ({"name": "x", "limit": 1.5, "window": 1}, "limit", InvalidArgumentType),
+        ({"name": "x", "limit": 1, "window": 0}, "window", InvalidArgument),
+        ({"name": "x", "limit": 1, "window": "1"}, "window", InvalidArgumentType),
+        ({"name": "x", "limit": 1, "window": 1, "algorithm": "leaky"}, "algorithm", InvalidArgument),
+        ({"name": "x"}, "limit", InvalidArgument),
+        ({"name": "x", "limits": []}, "limits", InvalidArgument),
+        ({"name": "x", "limit": 1, "limits": [(1, 1)]}, "limits", InvalidArgument),
+    ],
+)
+def test_bad_limiter_arguments_name_the_argument(kwargs: Any, argument: str, kind: type) -> None:
+    with pytest.raises(kind, match=f"^{argument}:"):
+        RateLimiter(**kwargs)
+
+
+def test_bad_call_arguments_raise_before_anything_is_written(redis_mode: str, redis_server: RedisServer) -> None:
+    limiter = RateLimiter("x", 3, 60)
+    for key, argument, kind in [(None, "key", InvalidArgumentType), ("", "key", InvalidArgument),
+                                ("k" * 1025, "key", InvalidArgument)]:
+        with pytest.raises(kind, match=f"^{argument}:"):
+            limiter.hit(key)  # type: ignore[arg-type]
+    for cost, kind in [(0, InvalidArgument), (4, InvalidArgument), (True, InvalidArgumentType), (1.0, InvalidArgumentType)]:
+        with pytest.raises(kind, match="^cost:"):
+            limiter.hit("k", cost=cost)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="^limits:"):
+        RateLimiter("x", limits=[(1, 60), (2, 60.0)]).hit("k")
+    assert keys_of(redis_server) == []
+
+
+# -- the decorator ------------------------------------------------------------------
+def test_decorator_raises_with_fields_and_does_not_call(backend: str) -> None:
+    calls: List[str] = []
+
+    @rate_limited("kg_store", limit=2, window=3600, key="agent_id")
+    def store_knowledge(agent_id: str, payload: str) -> str:
+        """Store one item."""
+        calls.append(payload)
+        return payload
+
+    assert store_knowledge("a1", "x") == "x"
+    assert store_knowledge(agent_id="a1", payload="y") == "y"
+    with pytest.raises(RateLimitExceeded) as info:
+        store_knowledge("a1", payload="z")
+    err = info.value
+    assert calls == ["x", "y"]
+    assert isinstance(err, mcp_redis.McpRedisError)
+    assert (err.limit, err.remaining) == (2, 0)
+    assert 3590 < err.retry_after <= 3600 and err.reset_after > 0
+    assert err.result.headers()["Retry-After"]  # type: ignore[attr-defined]
+    assert store_knowledge("a2", "w") == "w"
+
+
+def test_decorator_keeps_name_doc_and_signature() -> None:
+    def store(agent_id: str, payload: int = 3) -> int:
+        """Docs."""
+        return payload
+
+    wrapped = rate_limited("n", 5, 60)(store)
+    assert wrapped.__name__ == "store" and wrapped.__doc__ == "Docs."
+    assert inspect.signature(wrapped) == inspect.signature(store)
+    assert isinstance(wrapped.limiter, RateLimiter)  # type: ignore[attr-defined]
+
+
+def test_decorator_key_from_method_default_and_callable(backend: str) -> None:
+    class Service:
+        @rate_limited("svc", 1, 60, key="agent_id")
+        def call(self, agent_id: str = "default") -> str:
+            return agent_id
+
+    service = Service()
+    assert service.call("a") == "a"
+    assert service.call() == "default"
+    with pytest.raises(RateLimitExceeded):
+        service.call(agent_id="a")
+    with pytest.raises(RateLimitExceeded):
+        service.call()
+
+    @rate_limited("cb", 1, 60, key=lambda user, *_, **__: f"user-{user['id']}")
+    def handler(user: dict, body: str) -> str:
+        return body
+
+    assert handler({"id": 7}, "x") == "x"
+    with pytest.raises(RateLimitExceeded):
+        handler({"id": 7}, body="y")
+    assert handler({"id": 8}, "z") == "z"
+
+
+def test_decorator_cost_callable_and_on_limited_hook(backend: str) -> None:
+    seen: List[Any] = []
+
+    def refuse(error: RateLimitExceeded, agent_id: str, n: int) -> str:
+        seen.append((error.retry_after > 0, agent_id, n))
+        return "later"
+
+    @rate_limited("w", 5, 60, cost=lambda agent_id, n: n, on_limited=refuse)
+    def work(agent_id: str, n: int) -> str:
+        return "done"
+
+    assert work("a", 4) == "done"
+    assert work("a", 2) == "later"
+    assert seen == [(True, "a", 2)]
+    assert work("a", 1) == "done"
+
+
+def test_decorator_rejects_unknown_parameter_at_decoration() -> None:
+    with pytest.raises(InvalidArgument, match="^key:"):
+        @rate_limited("x", 1, 60, key="agent")
+        def f(agent_id: str) -> None: ...
+
+
+def test_decorator_bad_key_value_names_the_parameter(redis_mode: str, redis_server: RedisServer) -> None:
+    @rate_limited("x", 1, 60)
+    def f(agent_id: Any) -> None: ...
+
+    with pytest.raises(InvalidArgumentType, match="^agent_id:"):
+        f(None)
+    with pytest.raises(InvalidArgument, match="^agent_id:"):
+        f("")
+    assert keys_of(redis_server) == []
+
+
+def test_window_none_reads_settings_when_called(redis_url: str) -> None:
+    limiter = RateLimiter("late", 1)
+    mcp_redis.configure(redis_url=redis_url, rate_limit_window=7)
+    result = limiter.hit("k")
+    assert result.statuses[0].window == 7.0
+    assert 6 < limiter.hit("k").retry_after <= 7
+
+
+def test_switch_off_admits_every_call() -> None:
+    mcp_redis.configure(rate_limits="off")
+    limiter = RateLimiter("off", 1, 60)
+    assert all(limiter.hit("k").allowed for _ in range(5))
+    assert limiter.hit("k").backend == "off"
+
+
+def test_configure_switches_backend_for_existing_limiters(redis_url: str) -> None:
+    limiter = RateLimiter("sw", 1, 60)
+    mcp_redis.configure(rate_limits="local")
+    assert limiter.hit("k").backend == "local"
+    mcp_redis.configure(redis_url=redis_url, rate_limits="redis")
+    assert limiter.hit("k").backend == "redis"
+
+
+# -- headers --------------------------------------------------------------------------
+def test_headers_follow_the_ietf_draft() -> None:
+    mcp_redis.configure(rate_limits="local")
+    limiter = RateLimiter("api", limits=[(20, 3600), Limit(2, 60, 'b"urst')])
+    ok = limiter.hit("k")
+    assert ok.headers() == {
+        "RateLimit-Policy": '"b\\"urst";q=2;w=60, "20/3600s";q=20;w=3600',
+        "RateLimit": '"b\\"urst";r=1;t=60, "20/3600s";r=19;t=3600',
+    }
+    limiter.hit("k")
+    refused = limiter.hit("k")
+    headers = mcp_redis.ratelimit_headers(refused)
+    assert headers["Retry-After"] == "60"
+    assert headers["RateLimit"].startswith('"b\\"urst";r=0;t=60')
+
+
+# -- when the backend is down -----------------------------------------------------------
+def _down_redis(redis_factory: Any, **extra: Any) -> None:
+    server = redis_factory()
+    url = server.url
+    server.kill()
+    mcp_redis.configure(redis_url=url, retry_attempts=1, breaker_reset_timeout=30, socket_connect_timeout=0.2, **extra)
+
+
+def test_redis_down_falls_back_to_local_logged_once_and_counted(
+    redis_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _down_redis(redis_factory)
+
+    @rate_limited("fb", 2, 60)
+    def f(agent_id: str) -> str:
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="mcp_redis.ratelimit"):
+        assert f("a") == "ok" and f("a") == "ok"
+        with pytest.raises(RateLimitExceeded):
+            f("a")
+        assert f.limiter.hit("b").backend == "local"  # type: ignore[attr-defined]
+    warnings = [r for r in caplog.records if r.name == "mcp_redis.ratelimit" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "fallback" in warnings[0].getMessage()
+    assert METRICS.counter("ratelimit_fallback_total", backend="redis", to="local") == 4
+
+
+@pytest.mark.parametrize("policy, allowed", [("open", True), ("closed", False)])
+def test_redis_down_open_and_closed_policies(redis_factory: Any, policy: str, allowed: bool) -> None:
+    _down_redis(redis_factory, rate_limit_fallback=policy)
+    result = RateLimiter("fb", 1, 60).hit("k")
+    assert result.allowed is allowed and result.backend == policy
+    if not allowed:
+        assert result.retry_after == 30
+
+
+def test_redis_down_postgres_policy_uses_the_table(redis_factory: Any, database_url: str) -> None:
+    _down_redis(redis_factory, rate_limit_fallback="postgres", database_url=database_url)
+    limiter = RateLimiter("fb", 1, 60)
+    first = limiter.hit("k")
+    assert first.allowed and first.backend == "postgres"
+    assert not limiter.hit("k").allowed
+
+
+def test_redis_back_after_outage_is_used_again(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, retry_attempts=1, breaker_reset_timeout=0.05)
+    limiter = RateLimiter("back", 5, 60)
+    assert limiter.hit("k").backend == "redis"
+    server.stop()
+    assert limiter.hit("k").backend == "local"
+    server.start()
+    mcp_redis.testing.wait_for(lambda: limiter.hit("k").backend == "redis", 5, what="redis used again")
+
+
+def test_noscript_after_restart_reloads_the_script(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    limiter = RateLimiter("ns", 2, 60)
+    assert limiter.hit("k").backend == "redis"
+    server.restart()  # empty: no data, no scripts
+    server.client().script_flush()
+    results = [limiter.hit("k") for _ in range(3)]
+    assert [r.backend for r in results] == ["redis"] * 3
+    assert [r.allowed for r in results] == [True, True, False]

@@ -1,0 +1,50 @@
+"""Worker functions for the multi-process rate-limit tests (importable under spawn)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, List, Optional
+
+
+def hammer(
+    config: Dict[str, Any], name: str, key: str, limit: int, window: float, algorithm: str,
+    threads: int, calls_per_thread: int,
+) -> int:
+    """Configure the library, start `threads` threads each calling `hit` `calls_per_thread` times; count admissions."""
+    import mcp_redis
+
+    mcp_redis.configure(**config)
+    limiter = mcp_redis.RateLimiter(name, limit, window, algorithm=algorithm)
+    admitted: List[int] = [0] * threads
+    errors: List[Optional[BaseException]] = [None] * threads
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(calls_per_thread):
+                if limiter.hit(key).allowed:
+                    admitted[i] += 1
+        except BaseException as exc:  # reported to the parent below
+            errors[i] = exc
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    backends = {limiter.peek(key).backend}
+    mcp_redis.reset(configuration=True)
+    if backends != {config.get("rate_limits", "redis")}:
+        raise AssertionError(f"ran on {backends}, not {config.get('rate_limits')}")
+    return sum(admitted)
+
+
+def ping() -> bool:
+    """Warm a pool process up (imports done)."""
+    import mcp_redis  # noqa: F401
+
+    return True
