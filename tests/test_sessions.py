@@ -1,0 +1,449 @@
+"""Specification of `mcp_redis.SessionStore`: bindings shared by every process,
+Redis in front of PostgreSQL, with real redis-server and PostgreSQL processes."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import threading
+import time
+from typing import Iterator, List
+
+import psycopg2
+import pytest
+
+import mcp_redis
+from mcp_redis import (
+    AmbiguousPrefix,
+    BackendUnavailable,
+    FeatureDisabled,
+    InvalidArgument,
+    InvalidArgumentType,
+    SessionMap,
+    SessionStore,
+)
+from mcp_redis.faultproxy import FaultProxy
+from mcp_redis.keys import encode_id
+from mcp_redis.metrics import METRICS
+from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
+from tests import workers_sessions
+
+ODD_IDS = ["nul\x00inside", "lone\ud800surrogate", "new\nline *?[glob]", "ключ:{tag}", "~tilde"]
+
+
+def binding_key(session_key: str) -> str:
+    return "mcp:session:" + encode_id(session_key)
+
+
+def pg_rows(pg: PostgresDatabase, where: str = "true") -> List[tuple]:
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT session_key, agent_id, expires_at > now(), redis_pending FROM core.sessions WHERE {where}")
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def pg_exec(pg: PostgresDatabase, sql: str, params: tuple = ()) -> None:
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def write_through(redis_url: str, database_url: str) -> SessionStore:
+    """Redis mode with DATABASE_URL: PostgreSQL is the source of truth."""
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    return SessionStore()
+
+
+@pytest.fixture
+def redis_only(redis_mode: str) -> SessionStore:
+    return SessionStore()
+
+
+@pytest.fixture
+def own_redis(redis_factory) -> RedisServer:  # type: ignore[no-untyped-def]
+    """A redis-server this test may stop and restart (empty) on the same port."""
+    return redis_factory()
+
+
+@pytest.fixture(params=["redis", "write_through", "postgres", "local"])
+def any_store(request: pytest.FixtureRequest) -> Iterator[SessionStore]:
+    """The same contract in every mode."""
+    mode = request.param
+    if mode == "redis":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"))
+    elif mode == "write_through":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"),
+                            database_url=request.getfixturevalue("database_url"))
+    elif mode == "postgres":
+        mcp_redis.configure(database_url=request.getfixturevalue("database_url"), sessions="postgres")
+    else:
+        mcp_redis.configure(sessions="local")
+    yield SessionStore()
+
+
+# -- the contract in every mode ------------------------------------------------------------
+def test_bind_get_unbind_round_trip_in_every_mode(any_store: SessionStore) -> None:
+    assert any_store.get("s1") is None
+    any_store.bind("s1", "agent-1")
+    assert any_store.get("s1") == "agent-1"
+    assert any_store.unbind("s1") is True
+    assert any_store.get("s1") is None
+    assert any_store.unbind("s1") is False
+
+
+def test_odd_identifiers_round_trip_in_every_mode(any_store: SessionStore) -> None:
+    for i, sid in enumerate(ODD_IDS):
+        any_store.bind(sid, ODD_IDS[-1 - i])
+    for i, sid in enumerate(ODD_IDS):
+        assert any_store.get(sid) == ODD_IDS[-1 - i]
+    assert any_store.sessions_for("nul\x00inside") == ["~tilde"]
+    assert any_store.resolve_agent_prefix("lone\ud800") == "lone\ud800surrogate"
+
+
+def test_rebinding_moves_the_session_to_the_new_agents_index(any_store: SessionStore) -> None:
+    any_store.bind("s1", "alice")
+    any_store.bind("s2", "alice")
+    any_store.bind("s1", "bob")
+    assert any_store.get("s1") == "bob"
+    assert any_store.sessions_for("alice") == ["s2"]
+    assert any_store.sessions_for("bob") == ["s1"]
+
+
+def test_resolve_agent_prefix_unique_exact_unknown_and_ambiguous(any_store: SessionStore) -> None:
+    for i in range(15):
+        any_store.bind(f"s{i}", f"7f3a-{i:02d}")
+    any_store.bind("x", "abc")
+    any_store.bind("y", "abcd")
+    assert any_store.resolve_agent_prefix("7f3a-07") == "7f3a-07"
+    assert any_store.resolve_agent_prefix("abc") == "abc"  # an exact id wins over longer ones
+    assert any_store.resolve_agent_prefix("abcd") == "abcd"
+    assert any_store.resolve_agent_prefix("zzz") is None
+    with pytest.raises(AmbiguousPrefix) as info:
+        any_store.resolve_agent_prefix("7f3a", max_candidates=5)
+    assert info.value.argument == "prefix"
+    assert len(info.value.candidates) == 5
+    assert all(c.startswith("7f3a-") for c in info.value.candidates)
+    assert "7f3a-00" in str(info.value)
+
+
+def test_expired_bindings_are_never_returned_in_any_mode(any_store: SessionStore) -> None:
+    any_store.bind("short", "agent-short", ttl=0.05)
+    any_store.bind("long", "agent-long", ttl=60)
+    time.sleep(0.15)  # expiry is a deadline, not a race: 0.1 s past it
+    assert any_store.get("short") is None
+    assert any_store.touch("short") is None
+    assert any_store.sessions_for("agent-short") == []
+    assert any_store.resolve_agent_prefix("agent-s") is None
+    assert any_store.get("long") == "agent-long"
+
+
+def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> None:
+    sessions = any_store.mapping()
+    assert isinstance(sessions, SessionMap)
+    sessions["s1"] = "agent-1"
+    assert "s1" in sessions and "nope" not in sessions
+    assert sessions["s1"] == "agent-1"
+    assert sessions.get("s1") == "agent-1" and sessions.get("nope") is None
+    assert sessions.get("nope", "default") == "default"
+    assert list(sessions) == ["s1"] and len(sessions) == 1
+    del sessions["s1"]
+    with pytest.raises(KeyError):
+        sessions["s1"]
+    with pytest.raises(KeyError):
+        del sessions["s1"]
+
+
+# -- arguments -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ttl, error", [
+    (0, InvalidArgument), (-1, InvalidArgument), (math.nan, InvalidArgument), (math.inf, InvalidArgument),
+    (True, InvalidArgumentType), ("10", InvalidArgumentType), ([1], InvalidArgumentType),
+])
+def test_bad_ttl_is_refused_naming_ttl_before_anything_is_written(redis_only: SessionStore, redis_url: str,
+                                                                  ttl: object, error: type) -> None:
+    with pytest.raises(error, match="ttl") as info:
+        redis_only.bind("s1", "agent-1", ttl=ttl)  # type: ignore[arg-type]
+    assert info.value.argument == "ttl"  # type: ignore[attr-defined]
+    assert isinstance(info.value, ValueError if error is InvalidArgument else TypeError)
+    with pytest.raises(error):
+        SessionStore(ttl=ttl)  # type: ignore[arg-type]
+    import redis
+
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+@pytest.mark.parametrize("bad, error", [(None, InvalidArgumentType), ("", InvalidArgument),
+                                        ("x" * 1025, InvalidArgument), (b"bytes", InvalidArgumentType)])
+def test_bad_identifiers_are_refused_naming_the_argument(bad: object, error: type) -> None:
+    mcp_redis.configure(sessions="local")
+    store = SessionStore()
+    with pytest.raises(error, match="session_key"):
+        store.bind(bad, "agent")  # type: ignore[arg-type]
+    with pytest.raises(error, match="agent_id"):
+        store.bind("s", bad)  # type: ignore[arg-type]
+    with pytest.raises(error, match="session_key"):
+        store.get(bad)  # type: ignore[arg-type]
+    with pytest.raises(error, match="prefix"):
+        store.resolve_agent_prefix(bad)  # type: ignore[arg-type]
+    assert store.get("s") is None
+
+
+def test_off_mode_raises_feature_disabled() -> None:
+    mcp_redis.configure(sessions="off")
+    store = SessionStore()
+    for call in (lambda: store.bind("s", "a"), lambda: store.get("s"), lambda: store.unbind("s"),
+                 lambda: store.touch("s"), lambda: store.sessions_for("a")):
+        with pytest.raises(FeatureDisabled):
+            call()
+
+
+# -- Redis layout ---------------------------------------------------------------------------------------
+def test_every_key_written_has_a_ttl_and_the_prefix(redis_only: SessionStore, redis_url: str) -> None:
+    for sid in ODD_IDS + ["plain"]:
+        redis_only.bind(sid, "agent-" + sid, ttl=30)
+    redis_only.bind("plain", "other")
+    redis_only.touch("plain")
+    redis_only.sessions_for("other")
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = client.keys("*")
+    assert len(keys) > len(ODD_IDS)
+    for key in keys:
+        assert key.startswith(b"mcp:")
+        assert 0 < client.pttl(key) <= (3600 + 300) * 1000, key  # ttl + index grace
+
+
+def test_concurrent_rebinds_leave_the_session_in_exactly_its_agents_index(redis_only: SessionStore,
+                                                                         redis_url: str) -> None:
+    agents = ["a0", "a1", "a2", "a3"]
+    errors: List[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(40):
+                redis_only.bind("contended", agents[(n + i) % 4])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    final = redis_only.get("contended")
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for agent in agents:
+        members = client.zrange("mcp:session_agent:" + agent, 0, -1)
+        assert ("contended" in members) == (agent == final), (agent, final, members)
+
+
+def test_touch_slides_redis_expiry_and_refreshes_postgres_at_most_once_per_interval(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = SessionStore(refresh_interval=60)
+    store.bind("s1", "agent-1", ttl=10)
+    assert client.pttl(binding_key("s1")) <= 10_000
+    METRICS.clear()
+    for _ in range(5):
+        assert store.touch("s1", ttl=100) == "agent-1"
+    assert 90_000 < client.pttl(binding_key("s1")) <= 100_000
+    assert METRICS.counter("session_touch_refresh_total") == 1
+    conn = psycopg2.connect(pg_database.dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT extract(epoch FROM expires_at - now()) FROM core.sessions")
+        assert 90 < cur.fetchone()[0] <= 100
+    conn.close()
+    sliding = SessionStore(sliding=True, refresh_interval=0)
+    client.pexpire(binding_key("s1"), 5_000)
+    assert sliding.get("s1") == "agent-1"
+    assert client.pttl(binding_key("s1")) > 5_000
+
+
+def test_redis_only_mode_fails_loudly_while_redis_is_down(own_redis: RedisServer) -> None:
+    mcp_redis.configure(redis_url=own_redis.url)
+    store = SessionStore()
+    store.bind("s1", "agent-1")
+    own_redis.stop()
+    with pytest.raises(BackendUnavailable):
+        store.bind("s2", "agent-2")
+    with pytest.raises(BackendUnavailable):
+        store.get("s1")
+
+
+# -- write-through: PostgreSQL is the source of truth ----------------------------------------
+def test_binding_made_by_process_a_is_read_by_b_and_survives_an_empty_redis_restart(
+        own_redis: RedisServer, database_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    writer = ctx.Process(target=workers_sessions.bind_once,
+                         args=(own_redis.url, database_url, "sess\x00A", "agent\ud800A"))
+    writer.start()
+    requests, replies = ctx.Queue(), ctx.Queue()
+    reader = ctx.Process(target=workers_sessions.reader_loop, args=(own_redis.url, database_url, requests, replies))
+    reader.start()
+    try:
+        writer.join(60)
+        assert writer.exitcode == 0
+        assert replies.get(timeout=60) == "ready"
+        requests.put(("get", "sess\x00A"))
+        assert replies.get(timeout=30) == ("ok", "agent\ud800A")
+
+        own_redis.restart()  # empty: nothing is persisted
+        client = own_redis.client(encoding_errors="surrogatepass")
+        assert client.get(binding_key("sess\x00A")) is None
+        requests.put(("get", "sess\x00A"))
+        assert replies.get(timeout=30) == ("ok", "agent\ud800A")  # from PostgreSQL
+        assert client.get(binding_key("sess\x00A")) == "agent\ud800A"  # and Redis holds it again
+        assert 0 < client.pttl(binding_key("sess\x00A")) <= 3600_000
+    finally:
+        requests.put(None)
+        reader.join(30)
+        if reader.is_alive():
+            reader.kill()
+
+
+def test_a_thousand_bindings_made_while_redis_is_down_are_all_in_redis_after_it_returns(
+        own_redis: RedisServer, database_url: str, pg_database: PostgresDatabase) -> None:
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    store = SessionStore()
+    store.bind("warm-up", "agent-0")
+    own_redis.stop()
+    n = 1000
+
+    def bind_range(start: int) -> None:
+        for i in range(start, n, 4):
+            store.bind(f"down-{i}", f"agent-{i % 10}", ttl=600)
+
+    threads = [threading.Thread(target=bind_range, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get("down-7") == "agent-7"  # served by PostgreSQL meanwhile
+    own_redis.start()
+    client = own_redis.client()
+    keys = [binding_key(f"down-{i}") for i in range(n)]
+    wait_for(lambda: client.exists(*keys) == n, timeout=30, what="the replay of 1,000 bindings")
+    values = client.mget(keys)
+    assert values == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
+    assert all(0 < client.pttl(k) <= 600_000 for k in keys[:50])
+    assert len(client.zrange("mcp:session_agent:agent-3", 0, -1)) == n // 10
+    wait_for(lambda: not pg_rows(pg_database, "redis_pending"), timeout=10, what="pending flags cleared")
+    assert METRICS.counter("session_replayed_total") >= n
+
+
+def test_pending_rows_of_a_process_that_died_are_replayed_by_another(
+        own_redis: RedisServer, database_url: str) -> None:
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    store = SessionStore()
+    own_redis.stop()
+    for i in range(20):
+        store.bind(f"orphan-{i}", "agent-x")
+    mcp_redis.reset()  # this process's replayer is gone, as if it had died
+    own_redis.start()
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    assert mcp_redis.sessions.replay_pending() == 20
+    client = own_redis.client()
+    assert client.mget([binding_key(f"orphan-{i}") for i in range(20)]) == ["agent-x"] * 20
+
+
+def test_unbind_while_redis_is_unreachable_is_forgotten_by_redis_when_it_returns(
+        own_redis: RedisServer, database_url: str) -> None:
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url)
+        store = SessionStore()
+        store.bind("gone", "agent-1")
+        store.bind("moved", "agent-1")
+        client = own_redis.client()
+        assert client.get(binding_key("gone")) == "agent-1"
+        proxy.drop()  # Redis keeps its data but this process cannot reach it
+        assert store.unbind("gone") is True
+        store.bind("moved", "agent-2")
+        assert store.get("gone") is None and store.get("moved") == "agent-2"  # PostgreSQL answers
+        assert client.get(binding_key("gone")) == "agent-1"  # stale, until replay
+        proxy.pass_through()
+        wait_for(lambda: client.get(binding_key("gone")) is None and client.get(binding_key("moved")) == "agent-2",
+                 timeout=20, what="the replay of an unbind and a rebind")
+        assert store.get("gone") is None
+        assert store.sessions_for("agent-1") == []
+
+
+def test_read_repair_restores_the_remaining_ttl(write_through: SessionStore, redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("s1", "agent-1", ttl=100)
+    client.flushall()
+    assert write_through.get("s1") == "agent-1"
+    assert 90_000 < client.pttl(binding_key("s1")) <= 100_000
+    assert METRICS.counter("session_read_repair_total", result="hit") == 1
+
+
+def test_expired_postgres_row_is_not_served_nor_repaired(write_through: SessionStore, redis_url: str,
+                                                        pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("old", "agent-old", ttl=100)
+    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second'")
+    client.flushall()
+    assert write_through.get("old") is None
+    assert write_through.touch("old") is None
+    assert client.exists(binding_key("old")) == 0
+    assert write_through.sessions_for("agent-old") == []
+
+
+def test_expired_postgres_row_is_not_served_while_redis_is_down(own_redis: RedisServer, database_url: str,
+                                                                pg_database: PostgresDatabase) -> None:
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    store = SessionStore()
+    store.bind("old", "agent-old", ttl=100)
+    store.bind("live", "agent-live", ttl=100)
+    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'old'")
+    own_redis.stop()
+    assert store.get("old") is None
+    assert store.get("live") == "agent-live"
+
+
+def test_postgres_stores_odd_identifiers_safely(write_through: SessionStore, pg_database: PostgresDatabase,
+                                                redis_url: str) -> None:
+    import redis
+
+    for sid in ODD_IDS:
+        write_through.bind(sid, sid + "\x00agent")
+    rows = pg_rows(pg_database)
+    assert sorted(r[0] for r in rows) == sorted(encode_id(s) for s in ODD_IDS)
+    redis.Redis.from_url(redis_url).flushall()
+    for sid in ODD_IDS:
+        assert write_through.get(sid) == sid + "\x00agent"  # decoded from PostgreSQL
+
+
+def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, pg_database: PostgresDatabase) -> None:
+    write_through.bind("a", "agent", ttl=100)
+    write_through.bind("b", "agent", ttl=100)
+    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'a'")
+    assert mcp_redis.sessions.cleanup_expired() == 1
+    assert [r[0] for r in pg_rows(pg_database)] == ["b"]
+    assert write_through.cleanup_expired() == 0
+
+
+def test_local_mode_keeps_bindings_in_process_and_writes_no_redis_keys(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, sessions="local")
+    store = SessionStore()
+    store.bind("s1", "agent-1")
+    assert store.get("s1") == "agent-1"
+    import redis
+
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
