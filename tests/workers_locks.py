@@ -17,6 +17,8 @@ def _configure(settings: Dict[str, Any]) -> None:
 
 def _read(path_or_client: Any, counter_key: str) -> str:
     if isinstance(path_or_client, str):
+        if not os.path.exists(path_or_client):
+            return ""
         with open(path_or_client) as f:
             return f.read()
     return path_or_client.get(counter_key) or ""
@@ -73,8 +75,12 @@ def mutex_worker(
                     _write(store, counter, f"{count + 1},{fence}")
                     lost += held.lost
                 done += 1
-            except Exception:
+            except Exception as exc:
                 errors += 1
+                if errors == 1:
+                    import sys
+
+                    print(f"mutex_worker: {type(exc).__name__}: {exc}", file=sys.stderr)
         with guard:
             tallies["sections"] += done
             tallies["fence_not_increasing"] += fence_bad

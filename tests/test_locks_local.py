@@ -1,0 +1,204 @@
+"""Locks without Redis: fcntl file locks (local mode), PostgreSQL advisory locks, and off."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+import mcp_redis
+from mcp_redis import LockNotOwned, LockTimeout
+from mcp_redis.compat import StateLockManager
+from mcp_redis.locks import _LocalBackend
+from mcp_redis.metrics import METRICS
+from tests import workers_locks
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def local_mode(tmp_path: Any) -> str:
+    lock_dir = str(tmp_path / "locks")
+    mcp_redis.configure(lock_dir=lock_dir)
+    assert mcp_redis.settings().mode("locks") is mcp_redis.Mode.LOCAL
+    return lock_dir
+
+
+@pytest.fixture
+def postgres_mode(database_url: str) -> str:
+    mcp_redis.configure(database_url=database_url, locks="postgres")
+    return database_url
+
+
+def _contend(threads: int, rounds: int, name: str = "shared") -> List[int]:
+    """Threads take `name` in turn; returns the number of overlaps seen."""
+    inside = [0]
+    overlaps: List[int] = []
+    guard = threading.Lock()
+
+    def run() -> None:
+        for _ in range(rounds):
+            with mcp_redis.agent_lock(name, blocking_timeout=30):
+                with guard:
+                    inside[0] += 1
+                    if inside[0] > 1:
+                        overlaps.append(1)
+                time.sleep(0.0005)
+                with guard:
+                    inside[0] -= 1
+
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return overlaps
+
+
+# -- local mode: fcntl file locks ------------------------------------------------------
+def test_local_mode_excludes_threads(local_mode: str) -> None:
+    assert _contend(4, 25) == []
+
+
+def test_local_mode_excludes_processes_and_loses_no_update(local_mode: str, tmp_path: Any) -> None:
+    counter = str(tmp_path / "counter")
+    results = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=workers_locks.mutex_worker,
+                      args=({"lock_dir": local_mode}, "rmw", 2, 50, None, counter, 0, 0.0, results), daemon=True)
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    totals: Dict[str, int] = {}
+    for _ in procs:
+        for k, v in results.get(timeout=120).items():
+            totals[k] = totals.get(k, 0) + v
+    for p in procs:
+        p.join(10)
+    assert totals == {"sections": 300, "fence_not_increasing": 0, "lost": 0, "errors": 0}
+    with open(counter) as f:
+        assert f.read().split(",")[0] == "300"
+
+
+def test_local_mode_times_out_reenters_and_fences(local_mode: str) -> None:
+    with mcp_redis.agent_lock("a") as outer:
+        first = outer.fencing_token
+        with mcp_redis.agent_lock("a", blocking_timeout=0) as inner:
+            assert inner.backend == "local" and inner.fencing_token == first
+        outcome: List[BaseException] = []
+
+        def other() -> None:
+            start = time.monotonic()
+            try:
+                mcp_redis.agent_lock("a", blocking_timeout=0.2).__enter__()
+            except LockTimeout as exc:
+                outcome.append(exc)
+                outcome.append(time.monotonic() - start)  # type: ignore[arg-type]
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(5)
+        assert isinstance(outcome[0], TimeoutError) and 0.2 <= outcome[1] < 0.5  # type: ignore[operator]
+    with mcp_redis.agent_lock("a") as again:
+        assert first is not None and again.fencing_token == first + 1
+    with pytest.raises(LockNotOwned):
+        again.release()
+
+
+def test_local_lock_file_left_behind_never_blocks(local_mode: str) -> None:
+    held = mcp_redis.agent_lock("stale")
+    with held:
+        pass
+    path = _LocalBackend.path(held._resolve_keys())
+    assert os.path.exists(path)  # the file stays (it keeps the fencing counter) ...
+    with mcp_redis.agent_lock("stale", blocking_timeout=0):  # ... and is not a lock by itself
+        pass
+    assert not held.locked()
+
+
+def test_local_lock_of_a_killed_holder_is_free_at_once(local_mode: str) -> None:
+    ready = SPAWN.Queue()
+    proc = SPAWN.Process(target=workers_locks.hold_forever, args=({"lock_dir": local_mode}, "crash", 30.0, ready),
+                         daemon=True)
+    proc.start()
+    ready.get(timeout=60)
+    assert mcp_redis.agent_lock("crash").locked()
+    assert not mcp_redis.agent_lock("crash", blocking_timeout=0).acquire()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    start = time.monotonic()
+    with mcp_redis.agent_lock("crash", blocking_timeout=5):
+        assert time.monotonic() - start < 0.5
+
+
+def test_forked_child_cannot_release_parents_file_lock(local_mode: str) -> None:
+    held = mcp_redis.agent_lock("forked")
+    held.acquire()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                held.release()
+                code = 2
+            except LockNotOwned:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not mcp_redis.agent_lock("forked2", blocking_timeout=0).locked()
+    got: List[bool] = []
+    t = threading.Thread(target=lambda: got.append(mcp_redis.agent_lock("forked", blocking_timeout=0).acquire()))
+    t.start()
+    t.join(5)
+    assert got == [False]
+    held.release()
+
+
+def test_state_lock_manager_in_local_mode(local_mode: str) -> None:
+    with StateLockManager().acquire_agent_lock("legacy", timeout=5.0) as held:
+        assert held.backend == "local"
+
+
+# -- PostgreSQL advisory locks ------------------------------------------------------------
+def test_postgres_mode_excludes_threads_and_fences(postgres_mode: str) -> None:
+    assert _contend(3, 10) == []
+    fences = []
+    for _ in range(3):
+        with mcp_redis.agent_lock("pg-f") as held:
+            assert held.backend == "postgres" and held.owned() and held.locked()
+            fences.append(held.fencing_token)
+    assert fences == sorted(set(fences))
+
+
+def test_postgres_mode_times_out_and_releases(postgres_mode: str) -> None:
+    holder = mcp_redis.lock("pg-t")
+    assert holder.acquire()
+    start = time.monotonic()
+    outcome: List[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(mcp_redis.lock("pg-t").acquire(blocking_timeout=0.2)))
+    t.start()
+    t.join(5)
+    assert outcome == [False] and time.monotonic() - start >= 0.2
+    assert mcp_redis.lock("pg-t").acquire(blocking=False) is False
+    holder.release()
+    assert not holder.locked()
+    again = mcp_redis.lock("pg-t")
+    assert again.acquire(blocking=False)
+    again.release()
+
+
+# -- off -------------------------------------------------------------------------------------
+def test_off_mode_always_enters_and_counts_it_unsafe() -> None:
+    mcp_redis.configure(locks="off")
+    with mcp_redis.agent_lock("x") as a, mcp_redis.lock("x", blocking_timeout=0) as b:
+        assert a.backend == b.backend == "off"
+        assert b.fencing_token == 0
+    assert METRICS.counter("lock_unsafe_total", backend="off") == 2
