@@ -335,9 +335,7 @@ class EventBus:
         else:
             conn = get_redis()
             target = KeySpace(settings().key_prefix).channel(name)
-            start = time.perf_counter()
             receivers = int(conn.call(conn.client.publish, target, payload))
-            METRICS.observe("events_publish_seconds", time.perf_counter() - start)
         METRICS.inc("events_published_total")
         return receivers
 
