@@ -43,7 +43,7 @@ def hammer(
     return sum(admitted)
 
 
-def ping() -> bool:
+def ping(_: object = None) -> bool:
     """Warm a pool process up (imports done)."""
     import mcp_redis  # noqa: F401
 
