@@ -248,6 +248,12 @@ class SentinelTopology:
             return False
 
     def _sentinel_view_ok(self, sentinel: SentinelServer) -> bool:
+        """This Sentinel could fail over right now: it sees its peers and good replicas.
+
+        A replica is good when Sentinel's link to it is up and its last INFO
+        says it replicates from the master (what ``SENTINEL FAILOVER`` needs
+        to find a candidate rather than answer NOGOODSLAVE).
+        """
         client = _admin(sentinel)
         try:
             state = client.sentinel_master(self.service)
@@ -256,12 +262,20 @@ class SentinelTopology:
             client.close()
         if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
             return False
+        if "failover_in_progress" in str(state.get("flags", "")):
+            return False
         if int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
             return False
-        if ("failover_in_progress" in str(state.get("flags", ""))) or int(state.get("port", 0)) != self.master_address()[1]:
+        master_port = int(state.get("port", 0))
+        if master_port != self.master_address()[1]:
             return False
-        live = [r for r in replicas if not r.get("is_sdown") and not r.get("is_odown")]
-        return len(live) >= len(self.nodes) - 1
+        good = [
+            r for r in replicas
+            if not (r.get("is_sdown") or r.get("is_odown") or r.get("is_disconnected"))
+            and r.get("master-link-status") == "ok"
+            and int(r.get("master-port", 0)) == master_port
+        ]
+        return len(good) >= len(self.nodes) - 1
 
     def _replication_ok(self) -> bool:
         master = self.master
@@ -333,11 +347,13 @@ class SentinelTopology:
         """A graceful, forced failover (``SENTINEL FAILOVER``); returns the new master."""
         old = self.master
         sentinel = next(s for s in self.sentinels if s.running)
-        client = _admin(sentinel)
-        try:
-            client.sentinel_failover(self.service)
-        finally:
-            client.close()
+
+        def started() -> bool:
+            # NOGOODSLAVE / INPROG while Sentinel's view is catching up: ask again.
+            _command(sentinel, "SENTINEL", "FAILOVER", self.service)
+            return True
+
+        wait_for(started, timeout, interval=0.1, what=f"Sentinel on port {sentinel.port} to accept FAILOVER")
         return self.wait_for_failover(old, timeout)
 
     def heal(self, timeout: float = 30.0) -> None:

@@ -1,0 +1,379 @@
+"""The library's connection on real topologies: single, Sentinel, Cluster.
+
+Connection-level guarantees the feature suites stand on:
+
+- `get_redis()` works on each topology from nothing but ``configure(redis_url=...)``;
+- a Sentinel failover is absorbed with no process restart: calls fail as
+  `BackendUnavailable` (never a raw redis error) for a measured gap, then
+  resume on the promoted replica; asynchronous replication can lose a write
+  the old master acknowledged, and ``WAIT`` tells the writer when it would;
+- on a Cluster, keys sharing a hash tag share a slot, so MULTI and Lua work
+  on them, and a slot migration under load (ASK, then MOVED) is absorbed.
+
+Figures (the failover gap, what was lost) are printed (``pytest -s``) and
+attached as ``record_property`` for the JUnit report.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+import redis
+
+import mcp_redis
+import tests.conftest as _conftest
+from mcp_redis.connections import get_redis
+from mcp_redis.keys import KeySpace
+from mcp_redis.metrics import METRICS
+from mcp_redis.testing import RedisServer, wait_for
+from mcp_redis.topology import ClusterTopology, SentinelTopology, key_slot
+
+if not hasattr(_conftest, "any_redis_url"):  # until conftest does `from tests.topologies import *`
+    from tests.topologies import *  # noqa: F401,F403
+
+EXPECTED_KIND = {"single": "single", "sentinel": "sentinel", "cluster": "cluster"}
+
+
+# -- every topology ------------------------------------------------------------------------------
+def test_get_redis_works_on_every_topology_from_the_url_alone(any_redis_mode: str, redis_topology: str) -> None:
+    conn = get_redis()
+    assert conn.kind == EXPECTED_KIND[redis_topology]
+    key = KeySpace("mcp:").key("topology", "probe", tag=True)
+    assert conn.call(conn.client.set, key, "v", ex=60)
+    assert conn.call(conn.client.get, key) == "v"
+    assert conn.pool_stats()["created"] >= 1
+    report = mcp_redis.health()
+    assert report["ok"] and report["redis"]["kind"] == conn.kind, report
+
+
+def test_the_url_never_shows_a_password_on_any_topology(redis_topology: str, request: pytest.FixtureRequest) -> None:
+    if redis_topology == "single":
+        url = "redis://:s3cret@127.0.0.1:1/0"
+    elif redis_topology == "sentinel":
+        url = "redis+sentinel://:s3cret@127.0.0.1:1,127.0.0.1:2/mymaster"
+    else:
+        url = "redis+cluster://:s3cret@127.0.0.1:1,127.0.0.1:2"
+    mcp_redis.configure(redis_url=url)
+    assert "s3cret" not in repr(mcp_redis.settings())
+    try:
+        conn = get_redis()
+    except Exception as exc:  # the cluster client connects eagerly
+        assert "s3cret" not in str(exc) and "s3cret" not in repr(exc)
+        return
+    assert "s3cret" not in repr(conn)
+
+
+@pytest.mark.xfail(
+    reason="foundation: connections._build wraps only RedisError; redis-py's RedisClusterException "
+    "is not one (fix proposed in the topology report)",
+    strict=False,
+)
+def test_an_unreachable_cluster_raises_backend_unavailable() -> None:
+    mcp_redis.configure(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2")
+    with pytest.raises(mcp_redis.BackendUnavailable):
+        get_redis()
+
+
+# -- Sentinel ------------------------------------------------------------------------------------
+@dataclass
+class _Load:
+    """SET then GET of fresh keys in a loop through ``conn.call``, recording every outcome."""
+
+    conn: Any
+    prefix: str = "mcp:failover:"
+    pace: float = 0.002  # keeps a 2-core box responsive; not a synchronisation
+    acked: List[Tuple[float, str]] = field(default_factory=list)  # (monotonic time, key) of acknowledged SETs
+    failures: List[Tuple[float, BaseException]] = field(default_factory=list)
+    stale_reads: List[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: Optional[threading.Thread] = None
+
+    def start(self) -> _Load:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        client = self.conn.client
+        i = 0
+        while not self._stop.is_set():
+            key = f"{self.prefix}{i}"
+            try:
+                self.conn.call(client.set, key, str(i), ex=300)
+                self.acked.append((time.monotonic(), key))
+                if self.conn.call(client.get, key) != str(i):
+                    self.stale_reads.append(key)
+            except Exception as exc:  # recorded, judged by the test
+                self.failures.append((time.monotonic(), exc))
+                time.sleep(0.01)
+            i += 1
+            time.sleep(self.pace)
+
+    def successes_after(self, t: float) -> int:
+        return sum(1 for ts, _ in self.acked if ts > t)
+
+    def outage(self) -> Tuple[float, float]:
+        """(last success before the first failure, first success after the last failure)."""
+        first_failure = self.failures[0][0]
+        last_failure = self.failures[-1][0]
+        before = max(ts for ts, _ in self.acked if ts < first_failure)
+        after = min(ts for ts, _ in self.acked if ts > last_failure)
+        return before, after
+
+    def lost_on(self, server: RedisServer) -> List[str]:
+        """Keys acknowledged by the load that `server` does not hold."""
+        keys = [key for _, key in self.acked]
+        client = server.client()
+        present = [v for chunk in range(0, len(keys), 500) for v in client.mget(keys[chunk:chunk + 500])]
+        return [key for key, value in zip(keys, present) if value is None]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+@pytest.mark.sentinel
+def test_sentinel_url_reaches_the_master_and_writes_replicate(sentinel_topology: SentinelTopology) -> None:
+    mcp_redis.configure(redis_url=sentinel_topology.url)
+    conn = get_redis()
+    assert conn.kind == "sentinel" and conn.service_name == "mymaster"
+    conn.call(conn.client.set, "mcp:t:replicated", "yes")
+    assert conn.call(conn.client.wait, 2, 5000) == 2  # both replicas acknowledged
+    for replica in sentinel_topology.replicas:
+        assert replica.client().get("mcp:t:replicated") == "yes"
+
+
+@pytest.mark.sentinel
+@pytest.mark.slow
+def test_sentinel_failover_resumes_calls_on_the_promoted_replica_without_restart(
+    sentinel_topology: SentinelTopology, record_property: Callable[[str, object], None]
+) -> None:
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    load = _Load(conn).start()
+    try:
+        wait_for(lambda: len(load.acked) >= 50, 10, what="load to run against the first master")
+        old = topo.master
+        killed_at = time.monotonic()
+        topo.kill_master()
+        new = topo.wait_for_failover(old)
+        wait_for(lambda: load.successes_after(killed_at) >= 50, 30, what="calls to resume after failover")
+    finally:
+        load.stop()
+
+    assert new.port != old.port
+    assert get_redis() is conn, "the process kept its connection object: no restart, no rebuild"
+    # Every failure the caller saw is the library's own error, never a raw redis one.
+    assert load.failures, "killing the master interrupts calls"
+    assert [e for _, e in load.failures if not isinstance(e, mcp_redis.BackendUnavailable)] == []
+    assert all(ts >= killed_at for ts, _ in load.failures)
+    assert load.stale_reads == []
+    last_ok, resumed = load.outage()
+    lost = load.lost_on(new)
+
+    figures = {
+        "outage_s": round(resumed - last_ok, 3),
+        "kill_to_resume_s": round(resumed - killed_at, 3),
+        "failed_calls": len(load.failures),
+        "acked_writes": len(load.acked),
+        "lost_acked_writes": len(lost),
+        "down_after_ms": topo.down_after_ms,
+        "breaker_reset_s": mcp_redis.settings().breaker_reset_timeout,
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\nsentinel failover (kill): {figures}")
+    # Lost writes, if any, are the last ones the old master acknowledged before dying.
+    assert all(key in {k for ts, k in load.acked if ts <= last_ok} for key in lost)
+    # down-after (1 s) + election and promotion + at most one breaker reset, with room for a loaded box.
+    assert resumed - killed_at < 15.0, figures
+
+
+@pytest.mark.sentinel
+@pytest.mark.slow
+def test_failover_loses_a_write_acknowledged_before_replication_and_wait_tells(
+    sentinel_topology: SentinelTopology,
+) -> None:
+    """The asynchronous-replication window, made deterministic.
+
+    A lock granted by the old master in this window is lost in the same way:
+    a second holder can then acquire it on the promoted replica. Fencing
+    tokens are how the protected resource tells the two apart; ``WAIT`` is how
+    the writer learns that its write is not yet on any replica.
+    """
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    conn.call(conn.client.set, "mcp:t:replicated", "1")
+    assert conn.call(conn.client.wait, 1, 5000) >= 1
+    with topo.replication_cut():
+        conn.call(conn.client.set, "mcp:t:acknowledged", "1")
+        assert conn.call(conn.client.wait, 1, 100) == 0, "WAIT reports that no replica has the write"
+        old = topo.kill_master()
+    topo.wait_for_failover(old)
+    wait_for(lambda: conn.call(conn.client.get, "mcp:t:replicated") == "1", 30, what="calls to resume")
+    assert conn.call(conn.client.get, "mcp:t:acknowledged") is None  # acknowledged, then lost
+
+
+@pytest.mark.sentinel
+@pytest.mark.slow
+def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
+    sentinel_topology: SentinelTopology, record_property: Callable[[str, object], None]
+) -> None:
+    """``SENTINEL FAILOVER`` with the old master alive.
+
+    redis-py re-asks Sentinel only when it opens a connection, and Sentinel
+    demotes the old master only ~8-10 s after the switch: until then pooled
+    sockets keep writing to the old master, and what they write is dropped
+    when it resyncs as a replica. The test records that window and the loss.
+    """
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    load = _Load(conn, prefix="mcp:graceful:").start()
+    try:
+        wait_for(lambda: len(load.acked) >= 50, 10, what="load to run against the first master")
+        old = topo.master
+        switched_at = time.monotonic()
+        new = topo.failover()
+        wait_for(lambda: new.client().exists(load.acked[-1][1]) == 1, 30, interval=0.05,
+                 what="acknowledged writes to land on the new master")
+        moved_at = time.monotonic()
+        wait_for(lambda: old.client().info("replication")["role"] == "slave", 30, what="the old master's demotion")
+        topo.wait_until_healthy()
+    finally:
+        load.stop()
+
+    assert get_redis() is conn
+    assert [e for _, e in load.failures if not isinstance(e, mcp_redis.BackendUnavailable)] == []
+    lost = load.lost_on(topo.master)
+    figures = {
+        "stale_write_window_s": round(moved_at - switched_at, 3),
+        "failed_calls": len(load.failures),
+        "acked_writes": len(load.acked),
+        "lost_acked_writes": len(lost),
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\nsentinel failover (graceful): {figures}")
+    assert moved_at - switched_at < 20.0, figures
+
+
+# -- Cluster -------------------------------------------------------------------------------------
+@pytest.mark.cluster
+def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology: ClusterTopology) -> None:
+    mcp_redis.configure(redis_url=cluster_topology.url)
+    conn = get_redis()
+    client = conn.client
+    space = KeySpace("mcp:")
+    lock = space.key("lock", "agent-7", tag=True)
+    fence = space.key("lock", "agent-7", tag=True, suffix="fence")
+    queue = space.key("lock", "agent-7", tag=True, suffix="queue")
+    assert key_slot(lock) == key_slot(fence) == key_slot(queue)
+
+    script = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])"
+    assert conn.call(client.eval, script, 2, lock, fence, "token") == 1
+
+    def transaction() -> List[Any]:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(fence)
+        pipe.rpush(queue, "w1")
+        pipe.get(lock)
+        return list(pipe.execute())
+
+    assert conn.call(transaction) == [2, 1, "token"]
+
+    other = space.key("lock", "agent-8", tag=True)
+    if key_slot(other) != key_slot(lock):  # different tags: Redis Cluster refuses the pair
+        with pytest.raises((redis.exceptions.RedisError, redis.exceptions.RedisClusterException)):
+            conn.call(client.eval, script, 2, lock, other, "x")
+
+
+@dataclass
+class _ClusterLoad:
+    """INCR + GET on keys of one slot, one writer per key, through ``conn.call``."""
+
+    conn: Any
+    keys: List[str]
+    ops: int = 0
+    counts: Dict[str, int] = field(default_factory=dict)
+    failures: List[BaseException] = field(default_factory=list)
+    mismatches: List[Tuple[str, Any, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: List[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, workers: int = 2) -> _ClusterLoad:
+        for w in range(workers):
+            mine = self.keys[w::workers]
+            t = threading.Thread(target=self._run, args=(mine,), daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def _run(self, keys: List[str]) -> None:
+        client = self.conn.client
+        local = dict.fromkeys(keys, 0)
+        i = 0
+        while not self._stop.is_set():
+            key = keys[i % len(keys)]
+            try:
+                local[key] = self.conn.call(client.incr, key)
+                got = self.conn.call(client.get, key)
+                if got != str(local[key]):
+                    self.mismatches.append((key, got, local[key]))
+            except Exception as exc:  # judged by the test
+                self.failures.append(exc)
+                time.sleep(0.01)
+            with self._lock:
+                self.ops += 1
+            i += 1
+            time.sleep(0.001)
+        with self._lock:
+            self.counts.update(local)
+
+    def wait_ops(self, more: int, timeout: float = 20.0) -> None:
+        target = self.ops + more
+        wait_for(lambda: self.ops >= target, timeout, interval=0.005, what=f"{more} more operations")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_slot_migration_under_load_is_absorbed(
+    cluster_topology: ClusterTopology, record_property: Callable[[str, object], None]
+) -> None:
+    cluster = cluster_topology
+    mcp_redis.configure(redis_url=cluster.url)
+    conn = get_redis()
+    keys = [f"mcp:migrate:{{agent-42}}:{i}" for i in range(120)]
+    slot = key_slot(keys[0])
+    source = cluster.owner(slot)
+    load = _ClusterLoad(conn, keys).start()
+    try:
+        load.wait_ops(len(keys))  # every key exists on the source before the move
+        target = cluster.migrate_slot(slot, batch=15, between_batches=lambda moved: load.wait_ops(20))
+        load.wait_ops(100)  # clients with the old slot map get MOVED and follow it
+    finally:
+        load.stop()
+
+    assert cluster.owner(slot) is target and target is not source
+    assert load.failures == [], load.failures[:3]
+    assert load.mismatches == []
+    # Each key on the target holds exactly the number of acknowledged INCRs: nothing lost or doubled.
+    stored = target.client().mget(keys)
+    assert stored == [str(load.counts[k]) for k in keys]
+    retries = METRICS.counter("backend_retries_total", backend="redis")
+    record_property("ops", load.ops)
+    record_property("retries", retries)
+    print(f"\nslot {slot} {source.port}->{target.port}: {load.ops} ops, 0 errors, retries={retries}")
