@@ -39,6 +39,25 @@ DOCS: Dict[str, str] = {
     "health_checks_total": "health() probes (labels backend, ok).",
     "pubsub_reconnects_total": "Pub/sub listener reconnects.",
     "pubsub_handler_errors_total": "Exceptions raised by pub/sub handlers (logged, not fatal).",
+    "lock_acquire_total": "Lock acquisitions (labels backend, outcome: acquired, reentered, timeout).",
+    "lock_wait_seconds": "Time spent waiting for a lock, in seconds.",
+    "lock_release_total": "Lock releases (labels backend, outcome: released, not_owned).",
+    "lock_renew_total": "Background lease renewals (label outcome).",
+    "lock_lost_total": "Leases lost while held (label backend).",
+    "lock_fallback_total": "Locks taken by the fallback backend (label to).",
+    "ratelimit_hits_total": "Rate-limited calls admitted (labels limiter, backend).",
+    "ratelimit_rejections_total": "Rate-limited calls refused (labels limiter, backend).",
+    "ratelimit_fallback_total": "Rate-limit decisions made by the fallback (labels backend, to).",
+    "cache_l2_hits_total": "Metadata-cache hits in Redis (L2).",
+    "cache_misses_total": "Metadata-cache lookups found in neither tier.",
+    "cache_loader_calls_total": "Metadata loader runs (queries to the source of truth).",
+    "cache_load_seconds": "Metadata loader latency, in seconds.",
+    "cache_errors_total": "Metadata-cache errors absorbed (Redis errors, bad values).",
+    "cache_invalidations_total": "Metadata-cache invalidations made in this process.",
+    "session_bind_total": "Session bindings written (label mode).",
+    "session_fallback_total": "Session calls served by PostgreSQL while Redis was down (label op).",
+    "events_published_total": "Events published.",
+    "events_delivered_total": "Events handed to handlers in this process (label kind).",
 }
 
 _BREAKER_STATES = ("closed", "open", "half_open")
@@ -109,6 +128,8 @@ class MetricsCollector:
                 hfam.add_metric([labels.get(n, "") for n in label_names], buckets, total)
             yield hfam
 
+        yield from _cache_families(skip=set(counters) | set(hists))
+
         if self.backends:
             breaker = GaugeMetricFamily(f"{NAMESPACE}_breaker_state",
                                         "1 for the current circuit-breaker state of each backend.",
@@ -124,6 +145,27 @@ class MetricsCollector:
                         pool.add_metric([backend, key], float(stats[key]))
             yield breaker
             yield pool
+
+
+def _cache_families(skip: set[str]) -> Iterator[Any]:
+    """L1 hits and sizes from ``cache_info()`` (L1 hits are not in `METRICS`)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from .stats import cache_functions
+
+    functions = cache_functions()
+    if not functions:
+        return
+    hits = CounterMetricFamily(f"{NAMESPACE}_cache_l1_hits", "Metadata-cache hits served from the in-process L1.",
+                               labels=["namespace"])
+    size = GaugeMetricFamily(f"{NAMESPACE}_cache_l1_entries", "Entries in the in-process L1 metadata cache.",
+                             labels=["namespace"])
+    for namespace, info in functions.items():
+        hits.add_metric([namespace], float(info.get("l1_hits", 0)))
+        size.add_metric([namespace], float(info.get("l1_size", 0)))
+    if "cache_l1_hits_total" not in skip and "cache_l1_hits" not in skip:  # the feature may count them itself
+        yield hits
+    yield size
 
 
 def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:

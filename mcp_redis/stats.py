@@ -14,6 +14,7 @@ Two kinds of facts, kept apart on purpose:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -21,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from .config import settings
 from .metrics import METRICS, Metrics
 
-__all__ = ["stats", "process_stats", "redis_stats", "postgres_stats", "FEATURE_PREFIXES"]
+__all__ = ["stats", "process_stats", "redis_stats", "postgres_stats", "cache_functions", "FEATURE_PREFIXES"]
 
 # Metric name prefix -> section of the report.
 FEATURE_PREFIXES: Tuple[Tuple[str, str], ...] = (
@@ -37,6 +38,7 @@ FEATURE_PREFIXES: Tuple[Tuple[str, str], ...] = (
 )
 
 DEFAULT_SCAN_LIMIT = 100_000
+log = logging.getLogger("mcp_redis.stats")
 
 
 def _section(name: str) -> str:
@@ -69,6 +71,42 @@ def process_stats(metrics: Metrics = METRICS) -> Dict[str, Any]:
     for key, hist in latencies.items():
         sec = out.setdefault(_section(key), {"counters": {}, "latencies": {}})
         sec["latencies"][key] = hist
+    functions = cache_functions()
+    if functions:
+        sec = out.setdefault("metadata_cache", {"counters": {}, "latencies": {}})
+        sec["functions"] = functions
+    return out
+
+
+def cache_functions() -> Dict[str, Dict[str, Any]]:
+    """``cache_info()`` of this process's `cached_metadata` functions, summed per namespace.
+
+    L1 hits are counted only here (not in `METRICS`, to keep the hit path
+    lock-free), so this is where the per-tier hit ratio comes from.
+    """
+    try:
+        from . import cache as cache_module
+    except ImportError:  # the cache feature is not in this build
+        return {}
+    every = getattr(cache_module, "_all_caches", None)
+    if every is None:
+        return {}
+    out: Dict[str, Dict[str, Any]] = {}
+    for fn in every():
+        try:
+            info = fn.cache_info()._asdict()
+        except Exception:  # a function mid-reset: skip it this time
+            log.debug("cache_info() failed", exc_info=True)
+            continue
+        agg = out.setdefault(str(getattr(fn, "namespace", "?")), {})
+        for k, v in info.items():
+            if isinstance(v, (int, float)):
+                agg[k] = agg.get(k, 0) + v
+    for agg in out.values():
+        calls = agg.get("l1_hits", 0) + agg.get("l2_hits", 0) + agg.get("misses", 0)
+        if calls:
+            agg["hit_ratio_l1"] = round(agg.get("l1_hits", 0) / calls, 4)
+            agg["hit_ratio_l2"] = round(agg.get("l2_hits", 0) / calls, 4)
     return out
 
 

@@ -1,0 +1,117 @@
+"""`health()` and `stats()` in-process: what an operator (or a server's admin route) sees."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import mcp_redis
+from mcp_redis.metrics import METRICS
+from mcp_redis.stats import process_stats, stats
+from mcp_redis.testing import free_port
+
+
+def test_health_in_local_mode_is_ok_and_says_local() -> None:
+    report = mcp_redis.health()
+    assert report["ok"] is True
+    assert report["mode"] == "local"
+    assert report["redis"] == {"configured": False}
+    assert report["postgres"] == {"configured": False}
+    json.dumps(report)  # JSON-ready
+
+
+def test_health_reports_ping_latency_pool_and_breaker_when_redis_answers(redis_mode: str) -> None:
+    report = mcp_redis.health()
+    assert report["ok"] is True
+    redis_part = report["redis"]
+    assert redis_part["ok"] is True
+    assert redis_part["ping_ms"] >= 0
+    assert redis_part["breaker"] == "closed"
+    assert set(redis_part["pool"]) >= {"in_use", "idle", "max"}
+
+
+def test_health_is_not_ok_within_seconds_when_redis_is_down_and_never_shows_the_password() -> None:
+    port = free_port()  # nothing listens there
+    mcp_redis.configure(redis_url=f"redis://:hunter2secret@127.0.0.1:{port}/0")
+    started = time.monotonic()
+    report = mcp_redis.health()
+    assert time.monotonic() - started < 5
+    assert report["ok"] is False
+    assert report["redis"]["ok"] is False
+    assert "error" in report["redis"]
+    assert "hunter2secret" not in json.dumps(report)
+
+
+def test_health_reports_postgres_down_without_its_password() -> None:
+    port = free_port()
+    mcp_redis.configure(database_url=f"postgresql://postgres:pgsecret99@127.0.0.1:{port}/x")
+    report = mcp_redis.health()
+    assert report["ok"] is False
+    assert report["postgres"]["ok"] is False
+    assert "pgsecret99" not in json.dumps(report)
+
+
+def test_health_reports_postgres_when_it_answers(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    report = mcp_redis.health()
+    assert report["ok"] is True
+    assert report["postgres"]["ok"] is True
+    assert report["postgres"]["ping_ms"] >= 0
+
+
+def test_process_stats_group_counters_and_latencies_by_feature() -> None:
+    METRICS.inc("lock_acquire_total", backend="redis", outcome="timeout")
+    METRICS.inc("ratelimit_rejections_total", limiter="kg", backend="redis")
+    METRICS.inc("backend_retries_total", backend="redis")
+    METRICS.observe("lock_wait_seconds", 0.002, backend="redis")
+    out = process_stats()
+    assert out["locks"]["counters"]["lock_acquire_total{backend=redis,outcome=timeout}"] == 1
+    assert out["rate_limits"]["counters"]["ratelimit_rejections_total{backend=redis,limiter=kg}"] == 1
+    assert out["backends"]["counters"]["backend_retries_total{backend=redis}"] == 1
+    assert out["locks"]["latencies"]["lock_wait_seconds{backend=redis}"]["count"] == 1
+
+
+def test_stats_counts_keys_per_namespace_under_the_prefix_only(redis_mode: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    raw = redis_server.client()
+    for i in range(30):
+        raw.set(f"mcp:sess:k{i}", "a")
+    for i in range(5):
+        raw.set(f"mcp:lock:agent-{i}", "t")
+    raw.set("other-app:sess:x", "not ours")
+    report = stats()
+    redis_part = report["redis"]
+    assert redis_part["ok"] is True
+    assert redis_part["keys"] == {"lock": 5, "sess": 30}
+    assert redis_part["keys_truncated"] is False
+    assert redis_part["used_memory"] > 0
+    assert set(redis_part["pool"]) >= {"in_use", "idle", "max"}
+    assert redis_part["breaker"] == "closed"
+
+
+def test_stats_key_scan_is_bounded(redis_mode: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    raw = redis_server.client()
+    raw.mset({f"mcp:sess:k{i}": "a" for i in range(50)})
+    report = stats(scan_limit=10)
+    assert report["redis"]["keys_truncated"] is True
+    assert sum(report["redis"]["keys"].values()) == 10
+
+
+def test_stats_show_cache_hits_per_tier_for_this_process(redis_mode: str) -> None:
+    if not hasattr(mcp_redis, "cached_metadata"):
+        pytest.skip("the metadata cache is not in this build")
+    calls = []
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def load_agent_metadata(agent_id: str) -> dict:  # type: ignore[type-arg]
+        calls.append(agent_id)
+        return {"agent_id": agent_id}
+
+    for _ in range(3):
+        load_agent_metadata("a1")
+    functions = stats(backends=False)["process"]["metadata_cache"]["functions"]
+    (info,) = [v for v in functions.values() if v.get("loader_calls")]
+    assert info["loader_calls"] == 1
+    assert info["l1_hits"] + info["l2_hits"] == 2
+    assert info["hit_ratio_l1"] + info["hit_ratio_l2"] == pytest.approx(2 / 3, abs=1e-3)
