@@ -1,0 +1,561 @@
+"""Specification of the metadata cache (`@cached_metadata`) on a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+import mcp_redis
+from mcp_redis import cache as cache_module
+from mcp_redis.cache import CachedFunction, cached_metadata, wait_for_listener
+from mcp_redis.connections import get_redis
+from mcp_redis.testing import wait_for
+
+
+def values_in_redis(url: str) -> Dict[str, Any]:
+    """Every cached value in L2 (not epochs, generations or locks), decoded."""
+    client = redis_client(url)
+    out = {}
+    for key in client.keys("mcp:cache:*"):
+        if "#" not in key:
+            out[key] = json.loads(client.get(key))["v"]
+    return out
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+class Source:
+    """A fake table: the loader's source of truth, counting loads."""
+
+    def __init__(self) -> None:
+        self.rows: Dict[str, Any] = {}
+        self.loads: List[str] = []
+        self.lock = threading.Lock()
+
+    def load(self, agent_id: str) -> Any:
+        with self.lock:
+            self.loads.append(agent_id)
+            return self.rows.get(agent_id, {"agent_id": agent_id, "version": 0})
+
+
+def make(source: Source, **options: Any) -> CachedFunction[Any]:
+    options.setdefault("namespace", "tests.meta")
+
+    @cached_metadata(**options)
+    def get_agent_metadata(agent_id: str) -> Any:
+        return source.load(agent_id)
+
+    return get_agent_metadata
+
+
+def listening(fn: CachedFunction[Any]) -> None:
+    """Start the process's invalidation listener and let its first flush pass."""
+    fn.cache_clear()
+    fn("listener-warmup")
+    assert wait_for_listener(10)
+    fn.invalidate("listener-warmup")
+    fn.cache_clear()
+
+
+class Clock:
+    """A controllable clock for the cache module: `offset` shifts wall and
+    monotonic time; every perf_counter() call advances `perf_step` seconds
+    (so a load appears to take that long)."""
+
+    def __init__(self, perf_step: float = 0.0) -> None:
+        self.offset = 0.0
+        self.perf_step = perf_step
+        self.perf = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def perf_counter(self) -> float:
+        self.perf += self.perf_step
+        return self.perf
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+# -- the basic contract ------------------------------------------------------------
+def test_second_call_is_an_l1_hit_and_the_loader_runs_once(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    listening(load)
+    source.loads.clear()
+    assert load("a1") == {"agent_id": "a1", "version": 0}
+    assert load("a1") == {"agent_id": "a1", "version": 0}
+    info = load.cache_info()
+    assert source.loads == ["a1"]
+    assert (info.l1_hits, info.misses) == (1, 2)  # the warm-up was a miss too
+
+
+def test_value_loaded_by_one_process_is_an_l2_hit_for_another(redis_mode: str) -> None:
+    source = Source()
+    first, second = make(source), make(source)  # same namespace: the same L2 entries
+    first("a1")
+    assert second("a1") == {"agent_id": "a1", "version": 0}
+    assert source.loads == ["a1"]
+    assert second.cache_info().l2_hits == 1
+
+
+def test_bare_decorator_reads_ttl_from_settings_when_called(redis_url: str) -> None:
+    @cached_metadata
+    def get_agent_metadata(agent_id: str) -> Dict[str, str]:
+        return {"agent_id": agent_id}
+
+    mcp_redis.configure(redis_url=redis_url, metadata_ttl=1000)  # after decoration
+    get_agent_metadata("a1")
+    client = redis_client(redis_url)
+    [key] = [k for k in client.keys("mcp:cache:*") if "#" not in k]
+    assert 1000 * 0.9 * 1000 - 5000 <= client.pttl(key) <= 1000 * 1.1 * 1000
+
+
+def test_l2_ttls_are_jittered_within_ten_percent(redis_mode: str) -> None:
+    load = make(Source(), ttl=100)
+    for i in range(40):
+        load(f"a{i}")
+    client = redis_client(redis_mode)
+    ttls = [client.pttl(k) for k in client.keys("mcp:cache:*") if "#" not in k]
+    assert len(ttls) == 40
+    assert all(89_000 <= t <= 110_000 for t in ttls)
+    assert max(ttls) - min(ttls) > 2_000  # not all written to expire together
+
+
+def test_every_key_the_cache_writes_has_a_ttl(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Source()
+    load = make(source, ttl=60, negative_ttl=5)
+    load("a1")
+    load.invalidate("a1")
+    load("a1")
+    load.set({"agent_id": "a2"}, "a2")
+    load.get_many(["a3", "a4", "a1"])
+    load.invalidate_all()
+    load("a5")
+    monkeypatch.setattr(cache_module, "time", Clock(perf_step=5.0))  # loads take 5 s
+    load("a6")
+    monkeypatch.setattr(cache_module.random, "random", lambda: 0.999999)  # 5 s * 13.8 > ttl: refresh early
+    load("a6")
+    client = redis_client(redis_mode)
+    keys = client.keys("*")
+    assert any(k.endswith("#refresh") for k in keys) and any(k.endswith("#gen") for k in keys)
+    assert all(client.pttl(k) > 0 for k in keys), {k: client.pttl(k) for k in keys}
+    assert all(k.startswith("mcp:") for k in keys)
+
+
+def test_keyword_and_positional_calls_share_an_entry(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    load("a1")
+    load(agent_id="a1")
+    assert source.loads == ["a1"]
+
+
+def test_distinct_arguments_never_share_a_key(redis_mode: str) -> None:
+    calls: List[Any] = []
+
+    @cached_metadata(namespace="tests.pairs")
+    def lookup(kind: Any, name: Any = None) -> List[Any]:
+        calls.append((kind, name))
+        return [kind, name]
+
+    pairs = [("1", None), (1, None), (1.5, None), (True, None), ("a", "b"), ("a,b", None), ('["a"', '"b"]'),
+             ("a:b", None), ("*", None), ("x\n\x00", None), ({"k": 1}, None), ([1, 2], None), ("", "")]
+    for kind, name in pairs:
+        assert lookup(kind, name) == [kind, name] or isinstance(kind, dict) or isinstance(kind, list)
+    for kind, name in pairs:
+        lookup(kind, name)
+    assert len(calls) == len(pairs)  # one load each, then hits
+    assert len(values_in_redis(redis_mode)) == len(pairs)
+
+
+@pytest.mark.parametrize("bad, error", [(None, TypeError), ("", ValueError), ("x" * 1025, ValueError),
+                                        (7, TypeError)])
+def test_bad_ids_raise_naming_the_argument_before_anything_is_written(redis_mode: str, bad: Any,
+                                                                     error: type) -> None:
+    load = make(Source())
+    for call in (lambda: load(bad), lambda: load.invalidate(bad), lambda: load.set({}, bad),
+                 lambda: load.get_many(["ok", bad])):
+        with pytest.raises(error, match="agent_id"):
+            call()
+    assert redis_client(redis_mode).keys("*") == []
+
+
+def test_arguments_json_cannot_hold_are_refused(redis_mode: str) -> None:
+    @cached_metadata(namespace="tests.objects")
+    def lookup(query: Any) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="query"):
+        lookup(object())
+    with pytest.raises(ValueError, match="query"):
+        lookup(float("nan"))
+    assert redis_client(redis_mode).keys("*") == []
+
+
+def test_loader_exception_propagates_unchanged_and_is_not_cached(redis_mode: str) -> None:
+    class Boom(Exception):
+        pass
+
+    attempts: List[int] = []
+
+    @cached_metadata(namespace="tests.boom")
+    def get_agent_metadata(agent_id: str) -> Dict[str, int]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise Boom("database said no")
+        return {"ok": 1}
+
+    with pytest.raises(Boom, match="database said no"):
+        get_agent_metadata("a1")
+    assert values_in_redis(redis_mode) == {}
+    assert get_agent_metadata("a1") == {"ok": 1}
+    assert len(attempts) == 2
+
+
+def test_none_is_not_cached_unless_negative_ttl_is_set(redis_mode: str) -> None:
+    loads: List[str] = []
+
+    def missing(agent_id: str) -> None:
+        loads.append(agent_id)
+
+    plain = cached_metadata(namespace="tests.none_plain")(missing)
+    negative = cached_metadata(namespace="tests.none_neg", ttl=300, negative_ttl=7)(missing)
+    assert plain("a1") is None and plain("a1") is None
+    assert len(loads) == 2
+    assert negative("a1") is None and negative("a1") is None
+    assert len(loads) == 3
+    client = redis_client(redis_mode)
+    [key] = [k for k in client.keys("mcp:cache:*tests.none_neg*") if "#" not in k]
+    assert 0 < client.pttl(key) <= 7_700
+
+
+def test_values_come_back_as_json_round_trips_them_in_every_tier(redis_mode: str) -> None:
+    @cached_metadata(namespace="tests.shape")
+    def lookup(agent_id: str) -> Any:
+        return {"tags": ("x", "y"), "n": 1}
+
+    first = lookup("a1")
+    lookup.cache_clear()
+    second = lookup("a1")  # from L2
+    assert first == second == {"tags": ["x", "y"], "n": 1}
+
+
+# -- invalidation ------------------------------------------------------------------
+def test_invalidate_evicts_l2_and_l1_so_the_next_read_loads_the_new_value(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    assert load("a1")["version"] == 0
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}
+    load.invalidate("a1")
+    assert values_in_redis(redis_mode) == {}
+    assert load("a1")["version"] == 1
+    assert load.cache_info().invalidations == 1
+
+
+def test_invalidate_during_load_never_writes_back_stale_value(redis_mode: str) -> None:
+    """A slow load that started before an invalidation fills neither tier."""
+    source = Source()
+    loading, release = threading.Event(), threading.Event()
+    slow_once: List[bool] = [True]
+
+    @cached_metadata(namespace="tests.race")
+    def get_agent_metadata(agent_id: str) -> Any:
+        value = source.load(agent_id)  # reads the old row...
+        if agent_id == "a1" and slow_once and slow_once.pop():
+            loading.set()
+            assert release.wait(10)  # ...and is still running when the update lands
+        return value
+
+    listening(get_agent_metadata)
+    result: List[Any] = []
+    reader = threading.Thread(target=lambda: result.append(get_agent_metadata("a1")))
+    reader.start()
+    assert loading.wait(10)
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}  # the update commits...
+    get_agent_metadata.invalidate("a1")  # ...then invalidates, mid-load
+    release.set()
+    reader.join(10)
+    assert result == [{"agent_id": "a1", "version": 0}]  # the caller gets what it loaded
+    assert values_in_redis(redis_mode) == {}  # but L2 was not filled with it
+    assert get_agent_metadata("a1") == {"agent_id": "a1", "version": 1}  # nor L1
+
+
+def test_set_during_load_wins_over_the_stale_load(redis_mode: str) -> None:
+    source = Source()
+    loading, release = threading.Event(), threading.Event()
+
+    @cached_metadata(namespace="tests.race_set")
+    def get_agent_metadata(agent_id: str) -> Any:
+        value = source.load(agent_id)
+        if len(source.loads) == 1:
+            loading.set()
+            assert release.wait(10)
+        return value
+
+    reader = threading.Thread(target=get_agent_metadata, args=("a1",))
+    reader.start()
+    assert loading.wait(10)
+    get_agent_metadata.set({"agent_id": "a1", "version": 5}, "a1")
+    release.set()
+    reader.join(10)
+    assert list(values_in_redis(redis_mode).values()) == [{"agent_id": "a1", "version": 5}]
+    get_agent_metadata.cache_clear()
+    assert get_agent_metadata("a1") == {"agent_id": "a1", "version": 5}
+    assert len(source.loads) == 1
+
+
+def test_refresh_reloads_and_writes_through(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    other = make(source)
+    load("a1")
+    other("a1")
+    source.rows["a1"] = {"agent_id": "a1", "version": 2}
+    assert load.refresh("a1") == {"agent_id": "a1", "version": 2}
+    assert other("a1") == {"agent_id": "a1", "version": 2}  # its L1 copy was dropped, L2 has the new one
+    assert list(values_in_redis(redis_mode).values()) == [{"agent_id": "a1", "version": 2}]
+
+
+def test_invalidate_all_is_one_generation_bump_that_hides_every_entry(redis_mode: str) -> None:
+    source = Source()
+    load, other = make(source), make(source)
+    for i in range(5):
+        load(f"a{i}")
+    other("a0")
+    before = len(source.loads)
+    client = redis_client(redis_mode)
+    client.config_resetstat()
+    load.invalidate_all()
+    stats = client.info("commandstats")
+    assert "cmdstat_scan" not in stats and "cmdstat_del" not in stats
+    source.rows["a0"] = {"agent_id": "a0", "version": 9}
+    assert other("a0")["version"] == 9
+    load("a1")
+    assert len(source.loads) == before + 2
+
+
+def test_invalidate_all_from_another_process_reaches_this_one(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    listening(load)
+    load("a1")
+    # What another process's invalidate_all sends: a new generation on the channel.
+    gen_key = "mcp:cache:tests.meta#gen"
+    client = redis_client(redis_mode)
+    client.set(gen_key, "424242", px=600_000)
+    client.publish("mcp:cache:invalidate", json.dumps({"o": "elsewhere", "n": "tests.meta", "op": "a",
+                                                       "g": "424242"}))
+    wait_for(lambda: load.cache_info().l1_size == 0, 2, what="L1 flushed by the message")
+    source.rows["a1"] = {"agent_id": "a1", "version": 3}
+    assert load("a1")["version"] == 3
+
+
+def test_invalidation_while_redis_is_unreachable_is_replayed_when_it_returns(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    source = Source()
+    load = make(source)
+    load("a1")
+    client = server.client()
+    saved = {k: client.get(k) for k in client.keys("mcp:cache:*")}
+    server.kill()
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}
+    load.invalidate("a1")  # L2 is unreachable: remembered
+    assert load.cache_info().errors >= 1
+    server.start()
+    for k, v in saved.items():  # Redis comes back with its data (as with persistence or a replica)
+        server.client().set(k, v, px=60_000)
+    assert list(values_in_redis(server.url).values()) == [{"agent_id": "a1", "version": 0}]
+    conn = get_redis()
+    wait_for(lambda: conn.policy.available, 5, what="breaker closed")
+    other = make(source)  # another process that did not see the invalidation
+    assert load("a1")["version"] == 1  # replayed before this L2 read
+    assert other("a1")["version"] == 1
+
+
+# -- single flight -------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["redis", "local"])
+def test_sixteen_threads_missing_one_key_call_the_loader_once(redis_url: str, mode: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    mcp_redis.configure(redis_url=redis_url, metadata_cache=mode)
+    release = threading.Event()
+    waiting = []
+    original_wait = cache_module._Flight.wait
+
+    def counting_wait(flight: Any) -> Any:
+        waiting.append(1)
+        return original_wait(flight)
+
+    monkeypatch.setattr(cache_module._Flight, "wait", counting_wait)
+    loads: List[str] = []
+
+    @cached_metadata(namespace="tests.flight")
+    def get_agent_metadata(agent_id: str) -> Dict[str, str]:
+        loads.append(agent_id)
+        assert release.wait(10)
+        return {"agent_id": agent_id}
+
+    barrier = threading.Barrier(16)
+    results: List[Any] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(get_agent_metadata("hot"))
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(waiting) == 15 and len(loads) == 1, 10, what="15 followers behind one leader")
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert loads == ["hot"]
+    assert results == [{"agent_id": "hot"}] * 16
+
+
+# -- early refresh, stale, modes ------------------------------------------------------
+def test_xfetch_refreshes_a_hot_key_before_it_expires(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))  # loads take 1 s
+    source = Source()
+    load = make(source, ttl=30, beta=1.0)
+    load("a1")
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}
+    assert load("a1")["version"] == 0  # an ordinary hit: far from expiry
+    # rand -> 1: -delta*beta*ln(1-rand) = 36.7 s > 33 s left: this read recomputes.
+    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    assert load("a1")["version"] == 1
+    monkeypatch.undo()
+    info = load.cache_info()
+    assert (info.misses, info.early_refreshes, info.loader_calls) == (1, 1, 2)
+    assert list(values_in_redis(redis_mode).values()) == [{"agent_id": "a1", "version": 1}]
+
+
+def test_xfetch_with_beta_zero_never_refreshes_early(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))
+    source = Source()
+    load = make(source, beta=0)
+    load("a1")
+    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    load("a1")
+    load.cache_clear()
+    load("a1")
+    assert load.cache_info().early_refreshes == 0 and len(source.loads) == 1
+
+
+def test_early_refresh_is_claimed_by_one_process_only(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))
+    source = Source()
+    first, second = make(source, ttl=30), make(source, ttl=30)
+    first("a1")
+    second("a1")
+    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    first("a1")  # wins the SET NX refresh lock and reloads
+    second("a1")  # finds the lock taken: serves its (still valid) copy
+    assert len(source.loads) == 2
+    assert second.cache_info().early_refreshes == 0
+
+
+def test_loader_failure_serves_stale_value_within_max_stale(redis_mode: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(cache_module, "time", clock)
+    failing = [False]
+
+    @cached_metadata(namespace="tests.stale", ttl=10, jitter=0, max_stale=60, beta=0)
+    def get_agent_metadata(agent_id: str) -> Dict[str, int]:
+        if failing[0]:
+            raise ConnectionError("postgres down")
+        return {"version": 1}
+
+    get_agent_metadata("a1")
+    failing[0] = True
+    clock.offset = 30  # expired 20 s ago, within max_stale
+    assert get_agent_metadata("a1") == {"version": 1}
+    assert get_agent_metadata.cache_info().stale_served == 1
+    clock.offset = 80  # beyond max_stale: the error propagates
+    with pytest.raises(ConnectionError):
+        get_agent_metadata("a1")
+
+
+def test_off_mode_calls_the_loader_every_time_and_writes_nothing(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, metadata_cache="off")
+    source = Source()
+    load = make(source)
+    load("a1")
+    load("a1")
+    assert source.loads == ["a1", "a1"]
+    assert redis_client(redis_url).keys("*") == []
+
+
+def test_local_mode_uses_the_process_cache_only() -> None:
+    source = Source()
+    load = make(source)  # no REDIS_URL: local mode
+    load("a1")
+    load("a1")
+    load.invalidate("a1")
+    load("a1")
+    assert source.loads == ["a1", "a1"]
+    assert load.cache_info().l1_hits == 1
+
+
+def test_mode_switch_takes_effect_at_call_time(redis_url: str) -> None:
+    source = Source()
+    load = make(source)
+    mcp_redis.configure(redis_url=redis_url, metadata_cache="off")
+    load("a1")
+    mcp_redis.configure(metadata_cache="redis")
+    load("a1")
+    assert len(values_in_redis(redis_url)) == 1
+
+
+# -- batch ---------------------------------------------------------------------------------
+def test_get_many_does_one_mget_and_one_write_back_pipeline(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    for i in range(0, 1000, 2):
+        load(f"a{i}")  # half of them in L2 already
+    load.cache_clear()
+    batches: List[List[str]] = []
+
+    def batch_loader(ids: List[str]) -> Dict[str, Any]:
+        batches.append(ids)
+        return {i: {"agent_id": i, "version": 0} for i in ids}
+
+    client = redis_client(redis_mode)
+    client.config_resetstat()
+    ids = [f"a{i}" for i in range(1000)]
+    result = load.get_many(ids, loader=batch_loader)
+    stats = client.info("commandstats")
+    assert result == {i: {"agent_id": i, "version": 0} for i in ids}
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert stats["cmdstat_get"]["calls"] == 500  # inside the write-back scripts only
+    assert len(batches) == 1 and len(batches[0]) == 500
+    assert stats["cmdstat_eval"]["calls"] == 500  # one pipeline of guarded writes
+    load.cache_clear()
+    client.config_resetstat()
+    assert load.get_many(ids) == result  # now all L2 hits
+    assert "cmdstat_eval" not in client.info("commandstats")
+    assert load.get_many(ids) == result  # and all L1 hits
+    assert len(source.loads) == 500
+
+
+def test_get_many_without_batch_loader_calls_the_function_per_miss(redis_mode: str) -> None:
+    source = Source()
+    load = make(source)
+    load("a1")
+    assert load.get_many(["a1", "a2", "a3", "a2"]) == {f"a{i}": {"agent_id": f"a{i}", "version": 0}
+                                                     for i in (1, 2, 3)}
+    assert source.loads == ["a1", "a2", "a3"]
