@@ -243,7 +243,10 @@ class _RedisTier:
         self.cluster = conn.is_cluster
         self.lex = ks.key("session_agents", "index", tag=True)
         self.horizons = ks.key("session_agents", "index", tag=True, suffix="expiry")
-        self._session_head = ks.prefix + "session:"
+        # The hot path joins this head and encode_id() itself: the very string
+        # KeySpace.key("session", id) builds, minus its per-call namespace check.
+        self._session_head = ks.namespace_pattern("session")[:-1]
+        assert self.binding_key("probe") == ks.key("session", "probe")
         register = self.client.register_script
         self._bind = register(_lua("session_bind.lua"))
         self._index = register(_lua("session_index.lua"))
