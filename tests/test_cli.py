@@ -1,0 +1,107 @@
+"""The `mcp-redis` command end to end, in subprocesses (`python -m mcp_redis ...`).
+
+Exit codes are what monitors and scripts rely on: 0 healthy, 1 a configured
+backend is down (or a demo invariant broke), 2 usage/configuration errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, Optional
+
+import pytest
+
+from mcp_redis.config import ENVIRONMENT_VARIABLES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "cli-test-secret-pw"
+
+
+def run_cli(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {var for var, _ in ENVIRONMENT_VARIABLES}}
+    clean.update(env or {})
+    clean["PYTHONPATH"] = ROOT + (os.pathsep + clean["PYTHONPATH"] if clean.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "mcp_redis", *args], capture_output=True, text=True,
+                          env=clean, cwd=ROOT, timeout=timeout, check=False)
+
+
+def test_health_exits_0_while_redis_answers_and_1_once_it_is_down(redis_factory) -> None:  # type: ignore[no-untyped-def]
+    server = redis_factory(password=SECRET)
+    env = {"REDIS_URL": server.url}
+
+    up = run_cli("health", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    report = json.loads(up.stdout)
+    assert report["ok"] is True and report["mode"] == "redis"
+    assert report["redis"]["ok"] is True and report["redis"]["ping_ms"] >= 0
+    assert set(report["redis"]["pool"]) >= {"in_use", "idle", "max"}
+    assert report["postgres"] == {"configured": False}
+    assert set(report["features"]) == {"sessions", "locks", "rate_limits", "metadata_cache"}
+
+    server.kill()
+    down = run_cli("health", "--json", env=env)
+    assert down.returncode == 1
+    report = json.loads(down.stdout)
+    assert report["ok"] is False and report["redis"]["ok"] is False and report["redis"]["error"]
+    for out in (up, down):
+        assert SECRET not in out.stdout + out.stderr
+
+
+def test_health_text_output_and_local_mode_are_healthy() -> None:
+    out = run_cli("health")
+    assert out.returncode == 0, out.stderr
+    assert "mode: local" in out.stdout
+
+
+def test_stats_json_reports_redis_memory_and_keys_per_namespace_then_exits_1_when_down(redis_factory) -> None:  # type: ignore[no-untyped-def]
+    server = redis_factory()
+    raw = server.client()
+    raw.mset({**{f"app1:sess:s{i}": "a" for i in range(7)}, "app1:lock:x": "t", "elsewhere:sess:y": "z"})
+    env = {"REDIS_URL": server.url, "MCP_REDIS_KEY_PREFIX": "app1:"}
+
+    up = run_cli("stats", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    report = json.loads(up.stdout)
+    assert report["key_prefix"] == "app1:"
+    assert report["redis"]["keys"] == {"lock": 1, "sess": 7}
+    assert report["redis"]["keys_truncated"] is False
+    assert report["redis"]["used_memory"] > 0
+    assert report["redis"]["breaker"] == "closed"
+    assert isinstance(report["process"]["pid"], int)
+    assert "this CLI process" in report["note"]
+
+    server.kill()
+    down = run_cli("stats", "--json", env=env)
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["redis"]["ok"] is False
+
+
+def test_sessions_cleanup_and_migrate_report_json(database_url: str) -> None:
+    env = {"DATABASE_URL": database_url}
+    migrated = run_cli("migrate", "--json", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert json.loads(migrated.stdout)["ok"] is True
+    cleaned = run_cli("sessions", "cleanup", "--json", env=env)
+    assert cleaned.returncode == 0, cleaned.stderr
+    report = json.loads(cleaned.stdout)
+    assert report["ok"] is True and isinstance(report["removed"], int)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("migrate",), ("demo", "--workers", "0"), ("no-such-command",), ("bench", "--only", "no_such_feature")],
+)
+def test_usage_and_configuration_errors_exit_2(args: tuple) -> None:  # type: ignore[type-arg]
+    out = run_cli(*args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.strip()
+
+
+def test_a_bad_redis_url_is_a_configuration_error_without_the_password() -> None:
+    out = run_cli("health", env={"REDIS_URL": f"http://user:{SECRET}@host/0"})
+    assert out.returncode == 2
+    assert "REDIS_URL" in out.stderr or "redis_url" in out.stderr
+    assert SECRET not in out.stdout + out.stderr
