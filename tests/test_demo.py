@@ -1,0 +1,116 @@
+"""`mcp-redis demo`: the README's first command runs to its report, and its checks have teeth."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict
+
+import pytest
+
+from mcp_redis.config import ENVIRONMENT_VARIABLES
+from mcp_redis.demo import DemoOptions, format_report, run_demo
+from mcp_redis.testing import PostgresDatabase, redis_binary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_demo_command_reports_zero_violations_exact_admissions_and_surviving_sessions() -> None:
+    """`python -m mcp_redis demo` from a clean environment: own redis-server, throwaway PG database."""
+    if redis_binary() is None:
+        pytest.skip("redis-server not found (the demo would run in local mode)")
+    env = {k: v for k, v in os.environ.items() if k not in {var for var, _ in ENVIRONMENT_VARIABLES}}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcp_redis", "demo", "--workers", "3", "--seconds", "4", "--json"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=180, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report: Dict[str, Any] = json.loads(proc.stdout)
+    assert report["ok"] is True and report["failures"] == []
+    assert "own redis-server" in report["setup"]["redis"]
+    assert report["errors"]["count"] == 0, report["errors"]
+
+    locks = report["locks"]
+    assert locks["updates"] > 0
+    assert locks["violations"] == 0 and locks["lost_updates"] == 0 and locks["overlapping_holders"] == 0
+
+    rate = report["rate_limits"]
+    assert rate["scope"] == "shared by every worker"
+    assert rate["admitted"] == rate["expected_admitted"] and rate["exact"] is True
+    assert rate["admitted"] <= rate["limit_per_agent"] * rate["agents"]
+
+    sessions = report["sessions"]
+    assert sessions["cross_worker_reads"] > 0
+    assert sessions["found"] == sessions["cross_worker_reads"]
+    restart = sessions["restart"]
+    assert restart["killed_worker"] == 2
+    assert restart["survived"] == restart["checked"] == 50
+
+    cache = report["metadata_cache"]
+    assert cache["calls"] > 0 and cache["hit_ratio"] > 0.5
+    if PostgresDatabase().available():
+        assert cache["source"] == "postgresql"
+        assert cache["postgres_queries_avoided"] == cache["calls"] - cache["postgres_queries"]
+
+    events = report["events"]
+    assert events["published"] == locks["updates"] or events["published"] >= locks["updates"] - 1
+    assert events["delivered_to_observer"] >= events["published"]
+    assert set(report["latency_ms"]) >= {"session.get", "agent.update", "ratelimit.call", "metadata.get"}
+    for op in report["latency_ms"].values():
+        assert 0 < op["p50_ms"] <= op["p99_ms"]
+    # The progress bar and the setup notes went to stderr, not into the JSON.
+    assert "[" in proc.stderr and "redis:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_without_agent_lock_the_demo_sees_lost_updates_and_fails(redis_url: str) -> None:
+    import mcp_redis
+
+    mcp_redis.configure(redis_url=redis_url)
+    report = run_demo(DemoOptions(workers=2, threads=3, agents=1, seconds=2, unsafe=True, restart=False,
+                                  progress=False))
+    assert report["locks"]["violations"] > 0
+    assert report["ok"] is False
+    assert any("lock violation" in f for f in report["failures"])
+    assert "FAILED" in format_report(report)
+
+
+@pytest.mark.slow
+def test_the_demo_on_a_given_redis_removes_every_key_it_wrote(redis_url: str, redis_server) -> None:  # type: ignore[no-untyped-def]
+    import mcp_redis
+
+    mcp_redis.configure(redis_url=redis_url)
+    redis_server.client().set("users:own:key", "untouched")
+    stream = io.StringIO()
+    report = run_demo(DemoOptions(workers=2, seconds=2, restart=True, stream=stream))
+    assert report["ok"] is True, report["failures"]
+    assert report["setup"]["redis"].startswith("REDIS_URL redis://")
+    assert redis_server.client().keys("mcpdemo-*") == []
+    assert redis_server.client().get("users:own:key") == "untouched"
+    text = stream.getvalue()
+    assert "worker 1 killed" in text or "restarted" in text
+    assert "verdict: OK" in format_report(report)
+
+
+@pytest.mark.slow
+def test_without_redis_or_postgres_the_demo_runs_in_local_mode_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mcp_redis.testing
+
+    monkeypatch.setattr(mcp_redis.testing, "redis_binary", lambda name="redis-server": None)
+    monkeypatch.setattr(mcp_redis.testing.PostgresDatabase, "available", lambda self: False)
+    report = run_demo(DemoOptions(workers=2, seconds=2, restart=False, progress=False))
+    setup = report["setup"]
+    assert setup["redis"].startswith("local mode")
+    assert setup["postgres"].startswith("no PostgreSQL tier")
+    assert set(setup["modes"].values()) == {"local"}
+    # File locks still exclude across processes on one host...
+    assert report["locks"]["violations"] == 0 and report["locks"]["updates"] > 0
+    # ...while rate limits are per process, and the report says so.
+    assert report["rate_limits"]["scope"] == "per process (local mode)"
+    assert report["rate_limits"]["exact"] is True
+    assert report["metadata_cache"]["source"].startswith("simulated")
+    assert report["ok"] is True
