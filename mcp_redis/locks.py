@@ -130,6 +130,10 @@ def _register(client: Any) -> _Scripts:
 
 
 # -- one acquisition --------------------------------------------------------------
+_pid = os.getpid()  # this process's id, refreshed in a forked child
+_event_lock = threading.Lock()
+
+
 @dataclass(eq=False)
 class _Hold:
     """One acquisition: who holds it, how, and whether its lease was lost."""
@@ -141,11 +145,26 @@ class _Hold:
     lease: float
     expires_at: float  # monotonic; meaningful for the redis backend
     handle: Any = None  # backend-specific: RedisConnection, pg connection, fd
-    pid: int = field(default_factory=os.getpid)
+    pid: int = field(default_factory=lambda: _pid)
     count: int = 1
-    lost: threading.Event = field(default_factory=threading.Event)
+    is_lost: bool = False
     released: bool = False
     next_renewal: float = 0.0
+    _event: Optional[threading.Event] = None  # made on demand: most holds never need one
+
+    def mark_lost(self) -> None:
+        with _event_lock:
+            self.is_lost = True
+            if self._event is not None:
+                self._event.set()
+
+    def lost_event(self) -> threading.Event:
+        with _event_lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self.is_lost:
+                    self._event.set()
+            return self._event
 
 
 @dataclass(frozen=True)
@@ -177,10 +196,10 @@ class _Backend:
 
     def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
         """Lengthen (or with `replace`, set) the lease; False when not owned."""
-        return not hold.lost.is_set()
+        return not hold.is_lost
 
     def owned(self, hold: _Hold) -> bool:
-        return not hold.lost.is_set()
+        return not hold.is_lost
 
     def locked(self, keys: _Keys) -> bool:
         raise NotImplementedError
@@ -392,7 +411,7 @@ class _PostgresBackend(_Backend):
 
     def owned(self, hold: _Hold) -> bool:
         handle: _PgHandle = hold.handle
-        if hold.lost.is_set():
+        if hold.is_lost:
             return False
         with handle.guard:
             try:
@@ -534,7 +553,7 @@ class _Watchdog:
         self._cond = threading.Condition(threading.Lock())
         self._holds: Dict[int, _Hold] = {}
         self._thread: Optional[threading.Thread] = None
-        self._pid = os.getpid()
+        self._pid = _pid
 
     def add(self, hold: _Hold) -> None:
         with self._cond:
@@ -560,7 +579,7 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._pid != os.getpid():
+                if self._pid != _pid:
                     return
                 now = time.monotonic()
                 due = [h for h in self._holds.values() if h.next_renewal <= now]
@@ -589,7 +608,7 @@ class _Watchdog:
             return
         self.discard(hold)
         if not hold.released:
-            hold.lost.set()
+            hold.mark_lost()
             METRICS.inc("lock_lost_total", backend=hold.backend.name)
             log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
 
@@ -609,7 +628,9 @@ _THREAD_HOLDS = _ThreadHolds()
 @on_fork
 def _forget_in_child() -> None:
     """A forked child holds nothing: it must never renew or release its parent's locks."""
-    global _WATCHDOG, _scripts_lock, _scripts_cache
+    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock
+    _pid = os.getpid()
+    _event_lock = threading.Lock()
     _WATCHDOG = _Watchdog()
     _scripts_lock = threading.Lock()
     _scripts_cache = None
@@ -639,11 +660,11 @@ def _check_seconds(value: object, argument: str, *, allow_none: bool, allow_zero
 
 
 def _not_owned(message: str) -> LockNotOwned:
-    return LockNotOwned(message)  # type: ignore[no-untyped-call]
+    return LockNotOwned(message)  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def _timed_out(message: str) -> LockTimeout:
-    return LockTimeout(message)  # type: ignore[no-untyped-call]
+    return LockTimeout(message)  # type: ignore[no-untyped-call,unused-ignore]
 
 
 def _shown(name: str) -> str:
@@ -735,7 +756,7 @@ class DistributedLock:
             hold = _THREAD_HOLDS.holds.get(self._resolve_keys().lock)
         else:
             hold = self._state.hold
-        if hold is None or hold.pid != os.getpid() or hold.released:
+        if hold is None or hold.pid != _pid or hold.released:
             return None
         return hold
 
@@ -754,7 +775,7 @@ class DistributedLock:
         keys = self._resolve_keys()
         if self.reentrant:
             held = _THREAD_HOLDS.holds.get(keys.lock)
-            if held is not None and held.pid == os.getpid() and not held.released:
+            if held is not None and held.pid == _pid and not held.released:
                 held.count += 1
                 self._state.last = held
                 self._state.fence = held.fence
@@ -777,12 +798,13 @@ class DistributedLock:
         started = time.monotonic()
         deadline = None if wait is None else started + wait
         hold = self._acquire_with_fallback(keys, token, lease, deadline)
-        waited = time.monotonic() - started
         if hold is None:
             METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
             return False
         METRICS.inc("lock_acquire_total", backend=hold.backend.name, outcome="acquired")
-        METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
+        waited = time.monotonic() - started
+        if waited > 0.001:  # contended: worth a histogram entry
+            METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
         self._state.last = hold
         self._state.fence = hold.fence
         if self.reentrant:
@@ -828,8 +850,8 @@ class DistributedLock:
         if self.reentrant and _THREAD_HOLDS.holds.get(hold.keys.lock) is hold:
             del _THREAD_HOLDS.holds[hold.keys.lock]
         owned = hold.backend.release(hold)
-        if not owned or hold.lost.is_set():
-            hold.lost.set()
+        if not owned or hold.is_lost:
+            hold.mark_lost()
             METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="not_owned")
             raise _not_owned(
                 f"lock {_shown(self.name)} was no longer owned at release: its lease expired or was taken over"
@@ -844,7 +866,7 @@ class DistributedLock:
         if hold is None:
             raise _not_owned(f"cannot extend lock {_shown(self.name)}: not held by this thread")
         if not hold.backend.extend(hold, seconds, replace_ttl):
-            hold.lost.set()
+            hold.mark_lost()
             raise _not_owned(f"cannot extend lock {_shown(self.name)}: no longer owned")
         return True
 
@@ -875,13 +897,13 @@ class DistributedLock:
     def lost(self) -> bool:
         """True when this thread's (current or last) hold lost its lease."""
         last = self._state.last
-        return last is not None and last.lost.is_set()
+        return last is not None and last.is_lost
 
     @property
     def lost_event(self) -> threading.Event:
         """An Event set when this thread's current hold loses its lease (wait on it)."""
         last = self._state.last
-        return last.lost if last is not None else threading.Event()
+        return last.lost_event() if last is not None else threading.Event()
 
     @property
     def backend(self) -> Optional[str]:
@@ -971,5 +993,5 @@ def lock(
 
 def held_locks() -> List[str]:
     """Keys of the reentrant locks this thread holds (diagnostics)."""
-    pid = os.getpid()
+    pid = _pid
     return [k for k, h in _THREAD_HOLDS.holds.items() if h.pid == pid and not h.released]

@@ -228,9 +228,11 @@ def test_handoff_to_a_blocked_waiter_is_fast(redis_mode: str) -> None:
 def test_eight_threads_without_pause_take_turns(redis_mode: str) -> None:
     order: List[int] = []
     rounds = 40
+    barrier = threading.Barrier(8)
 
     def run(n: int) -> None:
         held = mcp_redis.lock("fair", timeout=10, blocking_timeout=30)
+        barrier.wait()
         for _ in range(rounds):
             with held:
                 order.append(n)
