@@ -49,6 +49,7 @@ log = logging.getLogger("mcp_redis.sessions")
 
 MAX_REFRESH_INTERVAL = 300.0  # seconds: PostgreSQL expiry refreshed at most this often on touch
 MAX_CANDIDATES = 10
+MAX_TTL = 10 * 365 * 86400  # seconds; beyond this a "session" is a configuration mistake
 _REPLAY_BATCH = 500
 _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
 
@@ -60,8 +61,8 @@ def _ttl_ms(ttl: object, default: float) -> int:
         ttl = default
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise InvalidArgumentType("ttl", f"must be a number of seconds, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgument("ttl", f"must be a finite number of seconds > 0, got {ttl!r}")
+    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL:
+        raise InvalidArgument("ttl", f"must be a number of seconds > 0 and <= {MAX_TTL}, got {ttl!r}")
     return max(1, int(round(ttl * 1000)))
 
 
@@ -473,6 +474,12 @@ class _Tiers:
             self._replayer = threading.Thread(target=self._replay_loop, name="mcp_redis-session-replay", daemon=True)
             self._replayer.start()
 
+    @property
+    def replaying(self) -> bool:
+        """True while this process has rows to write back to Redis."""
+        thread = self._replayer
+        return thread is not None and thread.is_alive()
+
     def _replay_loop(self) -> None:
         assert self.redis is not None and self.pg is not None
         redis = self.redis
@@ -534,9 +541,12 @@ def _build(s: Settings) -> _Tiers:
     with _tiers_lock:
         if _tiers is not None and _tiers.settings is s:
             return _tiers
-        if _tiers is not None:
-            _tiers.close()
+        old = _tiers
+        if old is not None:
+            old.close()
         _tiers = _Tiers(s)
+        if old is not None and old.replaying and _tiers.pg is not None and _tiers.redis is not None:
+            _tiers.note_outage()  # hand the unfinished replay over
         return _tiers
 
 
@@ -735,13 +745,12 @@ class SessionStore:
         """
         validate_id(agent_id, "agent_id")
         _check_limit(limit, "limit")
-        tiers = self._tiers()
-        if tiers.pg is not None:
-            return tiers.pg.sessions_for(agent_id, limit)
-        if tiers.redis is not None:
-            return tiers.redis.sessions_for(agent_id, limit)
-        assert tiers.local is not None
-        return tiers.local.sessions_for(agent_id, limit)
+        return self._lookup(
+            "sessions_for",
+            lambda pg: pg.sessions_for(agent_id, limit),
+            lambda redis: redis.sessions_for(agent_id, limit),
+            lambda local: local.sessions_for(agent_id, limit),
+        )
 
     def resolve_agent_prefix(self, prefix: str, *, max_candidates: int = MAX_CANDIDATES) -> Optional[str]:
         """The agent id that `prefix` names (a bound agent's id starting with it), or None.
@@ -751,15 +760,13 @@ class SessionStore:
         """
         validate_id(prefix, "prefix")
         _check_limit(max_candidates, "max_candidates")
-        tiers = self._tiers()
         want = max_candidates + 1
-        if tiers.pg is not None:
-            found = tiers.pg.agents_with_prefix(prefix, want)
-        elif tiers.redis is not None:
-            found = tiers.redis.agents_with_prefix(prefix, want)
-        else:
-            assert tiers.local is not None
-            found = tiers.local.agents_with_prefix(prefix, want)
+        found = self._lookup(
+            "resolve_agent_prefix",
+            lambda pg: pg.agents_with_prefix(prefix, want),
+            lambda redis: redis.agents_with_prefix(prefix, want),
+            lambda local: local.agents_with_prefix(prefix, want),
+        )
         if not found:
             return None
         if found[0] == prefix or len(found) == 1:
@@ -789,6 +796,24 @@ class SessionStore:
         return cleanup_expired()
 
     # -- internals ------------------------------------------------------------------------------------
+    def _lookup(self, op: str, pg: Callable[[_PostgresTier], List[str]], redis: Callable[[_RedisTier], List[str]],
+                local: Callable[[_LocalTier], List[str]]) -> List[str]:
+        """An index query: PostgreSQL when configured (complete even after Redis
+        lost its data), else the Redis index, else the local store. With
+        PostgreSQL down, the Redis index answers."""
+        tiers = self._tiers()
+        if tiers.pg is not None:
+            try:
+                return pg(tiers.pg)
+            except BackendUnavailable:
+                if tiers.redis is None:
+                    raise
+                METRICS.inc("session_fallback_total", op=op)
+        if tiers.redis is not None:
+            return redis(tiers.redis)
+        assert tiers.local is not None
+        return local(tiers.local)
+
     def _repair(self, tiers: _Tiers, session_key: str) -> Optional[str]:
         redis, pg = tiers.redis, tiers.pg
         assert redis is not None and pg is not None

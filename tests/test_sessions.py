@@ -164,6 +164,7 @@ def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> N
 # -- arguments -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ttl, error", [
     (0, InvalidArgument), (-1, InvalidArgument), (math.nan, InvalidArgument), (math.inf, InvalidArgument),
+    (1e12, InvalidArgument),
     (True, InvalidArgumentType), ("10", InvalidArgumentType), ([1], InvalidArgumentType),
 ])
 def test_bad_ttl_is_refused_naming_ttl_before_anything_is_written(redis_only: SessionStore, redis_url: str,
@@ -447,3 +448,15 @@ def test_local_mode_keeps_bindings_in_process_and_writes_no_redis_keys(redis_url
     import redis
 
     assert redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+def test_index_queries_fall_back_to_redis_while_postgres_is_down(redis_url: str, database_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore()
+    store.bind("s1", "agent-pg-down")
+    mcp_redis.configure(database_url="postgresql://postgres@127.0.0.1:1/nowhere")  # nothing listens there
+    assert store.get("s1") == "agent-pg-down"  # Redis hit: PostgreSQL not needed
+    assert store.sessions_for("agent-pg-down") == ["s1"]
+    assert store.resolve_agent_prefix("agent-pg") == "agent-pg-down"
+    with pytest.raises(BackendUnavailable):
+        store.bind("s2", "agent-pg-down")  # the source of truth is down: no silent Redis-only write
