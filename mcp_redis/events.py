@@ -439,6 +439,7 @@ class StreamEntry:
 
 
 _MAX_ADD_BATCH = 500
+_PRUNE_INTERVAL = 3600.0  # consume() forgets long-idle, empty consumers this often
 _DEFAULT_TTL = 7 * 24 * 3600.0
 
 
@@ -763,7 +764,14 @@ class EventStream:
         self._conn()  # fail fast in local mode
         handled = 0
         backoff = 0.05
+        next_prune = time.monotonic() + _PRUNE_INTERVAL
         while not stop.is_set() and (max_events is None or handled < max_events):
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + _PRUNE_INTERVAL
+                try:
+                    self.prune_consumers()
+                except Exception as exc:  # housekeeping only
+                    log.debug("stream %r: prune_consumers failed: %s", self.name, type(exc).__name__)
             want = count if max_events is None else max(1, min(count, max_events - handled))
             try:
                 n, _ = self.process(handler, count=want, block_ms=block_ms, with_id=with_id, stop=stop)

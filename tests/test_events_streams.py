@@ -230,3 +230,14 @@ def test_a_poison_event_goes_to_the_dead_letter_stream_after_max_deliveries(raw:
     assert s.pending() == 0 and s.dead_lettered == 1
     assert s.dead_letters() == [StreamEntry(entry_id, {"poison": True})]
     assert 0 < raw.pttl(s.dead_letter_key) <= 60_000
+
+
+def test_prune_consumers_forgets_idle_consumers_with_nothing_pending(raw: Redis) -> None:
+    EventStream("s").add_many([{"n": 1}, {"n": 2}])
+    done = EventStream("s", "g", "done")
+    done.ack(*[e.id for e in done.read(count=1, block_ms=0)])
+    busy = EventStream("s", "g", "busy")
+    assert len(busy.read(count=1, block_ms=0)) == 1  # still pending: must be kept
+    me = EventStream("s", "g", "me")
+    assert me.prune_consumers(min_idle_ms=0) == 1
+    assert sorted(c["name"] for c in raw.xinfo_consumers(me.key, "g")) == ["busy"]
