@@ -255,6 +255,7 @@ class _RedisTier:
         self._unindex = register(_lua("session_unindex.lua"))
         self._members = register(_lua("session_members.lua"))
         self._resolve = register(_lua("session_resolve.lua"))
+        self._forget = register(_lua("session_forget_agent.lua"))
 
     def binding_key(self, session_key: str) -> str:
         return self._session_head + encode_id(session_key)
@@ -303,11 +304,32 @@ class _RedisTier:
         return sorted(live)
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
+        """Agents starting with `prefix` that hold a live binding (verified), at most `limit`.
+
+        The prefix index only knows when an agent's latest binding would expire;
+        each candidate is checked against its bindings, and one found without
+        any is dropped from the index, then the range is read again.
+        """
         raw = _utf8(prefix)
-        found: List[str] = self.call(
-            self._resolve, keys=[self.lex, self.horizons], args=[b"[" + raw, b"(" + raw + b"\xff", limit]
-        )
-        return list(found)
+        bounds = [b"[" + raw, b"(" + raw + b"\xff", limit]
+        live: List[str] = []
+        for _ in range(4):
+            found: List[str] = self.call(self._resolve, keys=[self.lex, self.horizons], args=bounds)
+            live = [a for a in found if self.sessions_for(a, 64)]
+            if len(live) == len(found) or len(found) < limit:
+                return live
+            for agent in set(found) - set(live):
+                self._forget_agent(agent)
+        return live
+
+    def _forget_agent(self, agent_id: str) -> None:
+        index = self.index_key(agent_id)
+        if self.cluster:  # two slots: check, then remove (a concurrent bind may slip in)
+            if not self.call(self._members, keys=[index], args=[1]):
+                self.call(self.client.zrem, self.lex, agent_id)
+                self.call(self.client.zrem, self.horizons, agent_id)
+        else:
+            self.call(self._forget, keys=[index, self.lex, self.horizons], args=[agent_id])
 
     def session_keys(self) -> Iterator[str]:
         """Every bound session key: a SCAN, O(all keys) — for the mapping view only."""
