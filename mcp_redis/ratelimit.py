@@ -81,20 +81,31 @@ class RateLimitResult:
     """
 
     __slots__ = ("allowed", "limit", "remaining", "retry_after", "reset_after",
-                 "name", "refused_by", "statuses", "backend")
+                 "name", "refused_by", "backend", "_plan", "_outcomes")
 
-    def __init__(self, allowed: bool, name: str, statuses: Tuple[LimitStatus, ...], binding: int,
-                 backend: str) -> None:
-        top = statuses[binding]
+    def __init__(self, allowed: bool, name: str, plan: _Plan, outcomes: Sequence[Tuple[int, int, int]],
+                 binding: int, backend: str) -> None:
+        remaining, retry, reset = outcomes[binding]
         self.allowed = allowed
         self.name = name
-        self.limit = top.limit
-        self.remaining = max(0, top.remaining)
-        self.retry_after = 0.0 if allowed else top.retry_after
-        self.reset_after = top.reset_after
-        self.refused_by: Optional[str] = None if allowed else top.name
-        self.statuses = statuses
+        self.limit = plan.specs[binding][0]
+        self.remaining = remaining if remaining > 0 else 0
+        self.retry_after = 0.0 if allowed else retry / 1e6
+        self.reset_after = reset / 1e6
+        self.refused_by: Optional[str] = None if allowed else plan.labels[binding]
         self.backend = backend
+        self._plan = plan
+        self._outcomes = outcomes
+
+    @property
+    def statuses(self) -> Tuple[LimitStatus, ...]:
+        """Every limit's figures, in the order the limits were given."""
+        plan = self._plan
+        return tuple(
+            LimitStatus(label, spec[0], window, remaining, retry / 1e6, reset / 1e6)
+            for label, spec, window, (remaining, retry, reset) in zip(plan.labels, plan.specs, plan.windows,
+                                                                       self._outcomes)
+        )
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -124,12 +135,13 @@ def ratelimit_headers(result: RateLimitResult) -> Dict[str, str]:
     (binding one first); ``Retry-After`` (whole seconds, rounded up, never
     earlier than the binding ``t``) is present only when refused.
     """
-    order = sorted(range(len(result.statuses)),
-                   key=lambda i: (result.statuses[i].name != (result.refused_by or ""), result.statuses[i].remaining))
+    statuses = result.statuses
+    order = sorted(range(len(statuses)),
+                   key=lambda i: (statuses[i].name != (result.refused_by or ""), statuses[i].remaining))
     policies: List[str] = []
     states: List[str] = []
     for i in order:
-        st = result.statuses[i]
+        st = statuses[i]
         label = _sf_string(st.name)
         policies.append(f"{label};q={st.limit};w={max(1, math.ceil(st.window))}")
         states.append(f"{label};r={max(0, st.remaining)};t={max(0, math.ceil(st.reset_after))}")
@@ -203,6 +215,17 @@ class _Plan(NamedTuple):
     suffixes: Tuple[str, ...]
     labels: Tuple[str, ...]
     max_cost: int
+    redis_keys: Dict[str, List[str]]  # key -> its Redis keys (bounded memo)
+
+    def keys_for(self, name: str, key: str) -> List[str]:
+        """The Redis keys of `key`'s limits (one hash slot: the ids form the tag)."""
+        keys = self.redis_keys.get(key)
+        if keys is None:
+            if len(self.redis_keys) >= 4096:
+                self.redis_keys.clear()
+            keys = [self.keyspace.key(NAMESPACE, name, key, tag=True, suffix=x) for x in self.suffixes]
+            self.redis_keys[key] = keys
+        return keys
 
 
 # -- the limiter --------------------------------------------------------------------
@@ -253,8 +276,7 @@ class RateLimiter:
         plan = self._plan(s)
         mode = s.mode("rate_limits")
         if mode is Mode.REDIS:
-            keys = [plan.keyspace.key(NAMESPACE, self.name, key, tag=True, suffix=x) for x in plan.suffixes]
-            _redis_storage().clear(keys)
+            _redis_storage().clear(plan.keys_for(self.name, key))
         elif mode is Mode.POSTGRES:
             _pg_storage().clear(self.algorithm, self.name, key, plan.specs)
         local_storage().clear(self.algorithm, self.name, key, plan.specs)
@@ -279,6 +301,7 @@ class RateLimiter:
             suffixes=tuple(f"{short}_{w}" for _, w in specs),
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
             max_cost=min(lim.limit for lim in self.limits),
+            redis_keys={},
         )
         self._plan_cache = (s, plan)
         return plan
@@ -293,16 +316,16 @@ class RateLimiter:
         mode = s.mode("rate_limits")
         if mode is Mode.REDIS:
             try:
-                keys = [plan.keyspace.key(NAMESPACE, self.name, key, tag=True, suffix=x) for x in plan.suffixes]
-                reply = _redis_storage().acquire(self.algorithm, keys, plan.flat, cost, consume, _now_us)
+                reply = _redis_storage().acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
+                                                 consume, _now_us)
             except (BackendUnavailable, redis.exceptions.RedisError) as exc:
                 return self._fallback(s, plan, key, cost, consume, "redis", exc)
             if _outage["redis"]:
                 _recovered("redis")
-            return self._result(plan, reply, "redis", consume)
+            return self._result(plan, reply, "redis")
         if mode is Mode.LOCAL:
             reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            return self._result(plan, reply, "local", consume)
+            return self._result(plan, reply, "local")
         if mode is Mode.POSTGRES:
             try:
                 reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
@@ -310,7 +333,7 @@ class RateLimiter:
                 return self._fallback(s, plan, key, cost, consume, "postgres", exc)
             if _outage["postgres"]:
                 _recovered("postgres")
-            return self._result(plan, reply, "postgres", consume)
+            return self._result(plan, reply, "postgres")
         return self._verdict(plan, True, "off")
 
     def _fallback(self, s: Settings, plan: _Plan, key: str, cost: int, consume: bool, backend: str,
@@ -324,7 +347,7 @@ class RateLimiter:
                 exc, backend = pg_exc, "redis+postgres"
             else:
                 _outage_started(backend, "postgres", exc)
-                return self._result(plan, reply, "postgres", consume)
+                return self._result(plan, reply, "postgres")
         if policy is RateLimitFallback.OPEN:
             _outage_started(backend, "open", exc)
             return self._verdict(plan, True, "open")
@@ -333,32 +356,26 @@ class RateLimiter:
             return self._verdict(plan, False, "closed", retry_after=s.breaker_reset_timeout)
         _outage_started(backend, "local", exc)
         reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-        return self._result(plan, reply, "local", consume)
+        return self._result(plan, reply, "local")
 
-    def _result(self, plan: _Plan, reply: Reply, backend: str, consume: bool) -> RateLimitResult:
+    def _result(self, plan: _Plan, reply: Reply, backend: str) -> RateLimitResult:
         allowed, refused, outcomes = reply
-        statuses = tuple(
-            LimitStatus(label, spec[0], window, remaining, retry / 1e6, reset / 1e6)
-            for label, spec, window, (remaining, retry, reset) in zip(plan.labels, plan.specs, plan.windows, outcomes)
-        )
         if refused >= 0:
             binding = refused
             METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
+        elif len(outcomes) > 1:
+            binding = min(range(len(outcomes)), key=lambda i: outcomes[i][0])
         else:
-            binding = min(range(len(statuses)), key=lambda i: statuses[i].remaining) if len(statuses) > 1 else 0
-        if consume:
-            METRICS.inc("ratelimit_hits_total", limiter=self.name, backend=backend)
-        return RateLimitResult(allowed, self.name, statuses, binding, backend)
+            binding = 0
+        return RateLimitResult(allowed, self.name, plan, outcomes, binding, backend)
 
     def _verdict(self, plan: _Plan, allowed: bool, backend: str, retry_after: float = 0.0) -> RateLimitResult:
         """A result decided by policy, not by counting (switch off, fail open/closed)."""
-        statuses = tuple(
-            LimitStatus(label, spec[0], window, spec[0] if allowed else 0, 0.0 if allowed else retry_after, 0.0)
-            for label, spec, window in zip(plan.labels, plan.specs, plan.windows)
-        )
+        retry_us = round(retry_after * 1e6)
+        outcomes = [(spec[0], 0, 0) if allowed else (0, retry_us, 0) for spec in plan.specs]
         if not allowed:
             METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
-        return RateLimitResult(allowed, self.name, statuses, 0, backend)
+        return RateLimitResult(allowed, self.name, plan, outcomes, 0, backend)
 
 
 # -- process-wide storages and outage bookkeeping -------------------------------------

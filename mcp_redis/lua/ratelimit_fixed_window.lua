@@ -1,5 +1,5 @@
 -- Fixed window starting at a key's first admitted hit, all limits at once.
--- KEYS[i]: one hash per limit: s = window start (us), c = hits in it.
+-- KEYS[i]: one string per limit: "<window start us>:<hits in it>".
 -- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
 --       then limit_i, window_us_i for each key.
 -- Reply: {allowed, refused index (0 = none), then per limit:
@@ -19,8 +19,12 @@ local refused, worst = 0, -1
 for i = 1, n do
   local limit = tonumber(ARGV[2 + 2 * i])
   local window = tonumber(ARGV[3 + 2 * i])
-  local v = redis.call('HMGET', KEYS[i], 's', 'c')
-  local start, count = tonumber(v[1]), tonumber(v[2]) or 0
+  local v = redis.call('GET', KEYS[i])
+  local start, count
+  if v then
+    local s, c = string.match(v, '^(%d+):(%d+)$')
+    start, count = tonumber(s), tonumber(c)
+  end
   if start == nil or now >= start + window then
     start, count = now, 0
   end
@@ -40,8 +44,8 @@ elseif consume then
   for i = 1, n do
     local window = tonumber(ARGV[3 + 2 * i])
     local left = starts[i] + window - now
-    redis.call('HSET', KEYS[i], 's', string.format('%.0f', starts[i]), 'c', counts[i] + cost)
-    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil(left / 1000)))
+    redis.call('SET', KEYS[i], string.format('%.0f:%d', starts[i], counts[i] + cost),
+               'PX', math.max(1, math.ceil(left / 1000)))
     out[3 * i] = out[3 * i] - cost
     out[3 * i + 2] = left
   end

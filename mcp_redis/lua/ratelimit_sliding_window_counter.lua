@@ -1,8 +1,7 @@
 -- Sliding-window counter (approximate, O(1) memory), all limits at once.
 -- Windows are aligned on the server clock; the estimate is
 --   previous * (time left in the current window / window) + current.
--- KEYS[i]: one hash per limit: w = window index, c = current count,
---          p = previous window's count.
+-- KEYS[i]: one string per limit: "<window index>:<current count>:<previous count>".
 -- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
 --       then limit_i, window_us_i for each key.
 -- Reply: {allowed, refused index (0 = none), then per limit:
@@ -23,8 +22,12 @@ for i = 1, n do
   local limit = tonumber(ARGV[2 + 2 * i])
   local window = tonumber(ARGV[3 + 2 * i])
   local idx = math.floor(now / window)
-  local v = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
-  local w, c, p = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  local v = redis.call('GET', KEYS[i])
+  local w, c, p = nil, 0, 0
+  if v then
+    local sw, sc, sp = string.match(v, '^(%d+):(%d+):(%d+)$')
+    w, c, p = tonumber(sw), tonumber(sc) or 0, tonumber(sp) or 0
+  end
   if w == idx - 1 then
     p, c = c, 0
   elseif w ~= idx then
@@ -62,8 +65,8 @@ elseif consume then
   for i = 1, n do
     local window = tonumber(ARGV[3 + 2 * i])
     local start = idxs[i] * window
-    redis.call('HSET', KEYS[i], 'w', string.format('%.0f', idxs[i]), 'c', curs[i] + cost, 'p', prevs[i])
-    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((start + 2 * window - now) / 1000)))
+    redis.call('SET', KEYS[i], string.format('%.0f:%d:%d', idxs[i], curs[i] + cost, prevs[i]),
+               'PX', math.max(1, math.ceil((start + 2 * window - now) / 1000)))
     local limit = tonumber(ARGV[2 + 2 * i])
     local est = prevs[i] * (start + window - now) / window + curs[i] + cost
     out[3 * i] = math.floor(limit - est)

@@ -1,0 +1,140 @@
+"""Per-check latency of mcp_redis rate limiting beside its peers, in one process.
+
+    python -m bench.bench_ratelimit [--calls 2000] [--rounds 5]
+
+Starts its own redis-server (mcp_redis.testing.RedisServer) and measures,
+single-threaded on one key on the admitted path, every case against the same
+server: the floor (a raw EVALSHA of ``return 1``), PING, mcp_redis's four
+algorithms (full result: allowed, remaining, retry_after, reset_after) and
+a two-limit call, `limits` (moving window, sliding-window counter, fixed
+window; with and without ``get_window_stats``), and pyrate-limiter's Redis
+bucket (sliding log) and GCRA state bucket. Rounds rotate the case order;
+the table shows the median of the per-round medians (and of the p99s) and
+the ratio to the floor. Peers that are not installed are marked so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import mcp_redis
+from mcp_redis import Algorithm, RateLimiter
+from mcp_redis.testing import RedisServer
+
+Case = Tuple[str, Optional[Callable[[], object]], str]
+BIG = 10_000_000  # a limit never reached during the run: the admitted path
+
+
+def build_cases(server: RedisServer) -> List[Case]:
+    import redis
+
+    mcp_redis.configure(redis_url=server.url)
+    plain = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    trivial = plain.register_script("return 1")
+    trivial()
+    cases: List[Case] = [
+        ("floor: redis-py EVALSHA 'return 1'", lambda: plain.evalsha(trivial.sha, 0), "1 trip"),
+        ("redis-py PING", plain.ping, "1 trip"),
+    ]
+    for algorithm in (Algorithm.SLIDING_WINDOW, Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.FIXED_WINDOW,
+                      Algorithm.GCRA):
+        limiter = RateLimiter(f"bench-{algorithm.value}", BIG, 60, algorithm=algorithm)
+        cases.append((f"mcp_redis {algorithm.value} hit (full result)",
+                      lambda limiter=limiter: limiter.hit("k"), "1 trip"))
+    two = RateLimiter("bench-two", limits=[(BIG, 3600), (BIG, 60)])
+    cases.append(("mcp_redis sliding_window, 2 limits at once", lambda: two.hit("k"), "1 trip"))
+
+    try:
+        from limits import RateLimitItemPerMinute
+        from limits.storage import storage_from_string
+        from limits.strategies import (
+            FixedWindowRateLimiter,
+            MovingWindowRateLimiter,
+            SlidingWindowCounterRateLimiter,
+        )
+    except ImportError:
+        for name in ("moving window", "sliding-window counter", "fixed window"):
+            cases.append((f"limits {name}", None, "not installed"))
+    else:
+        storage = storage_from_string(f"redis://127.0.0.1:{server.port}/0")
+        item = RateLimitItemPerMinute(BIG)
+        for label, cls in (("moving window", MovingWindowRateLimiter),
+                           ("sliding-window counter", SlidingWindowCounterRateLimiter),
+                           ("fixed window", FixedWindowRateLimiter)):
+            strategy = cls(storage)
+            k1, k2 = f"{label}-1", f"{label}-2"
+            cases.append((f"limits {label} hit (bool)", lambda s=strategy, k=k1: s.hit(item, k), "1 trip"))
+            cases.append((f"limits {label} hit + get_window_stats",
+                          lambda s=strategy, k=k2: (s.hit(item, k), s.get_window_stats(item, k)), "2+ trips"))
+
+    try:
+        from pyrate_limiter import Duration, Limiter, Rate, RedisBucket, RedisStateStore, StateBucket
+    except ImportError:
+        cases.append(("pyrate-limiter RedisBucket", None, "not installed"))
+    else:
+        bucket = RedisBucket.init([Rate(BIG, Duration.MINUTE)], plain, "bench-pyrate")
+        pyrate = Limiter(bucket)
+        cases.append(("pyrate-limiter RedisBucket (sliding log) via Limiter",
+                      lambda: pyrate.try_acquire("k", blocking=False), "1 trip"))
+        gcra = Limiter(StateBucket([Rate(BIG, Duration.MINUTE)], store=RedisStateStore(plain, "bench-pyrate-gcra")))
+        cases.append(("pyrate-limiter StateBucket GCRA (RedisStateStore)",
+                      lambda: gcra.try_acquire("k", blocking=False), "1 trip"))
+    return cases
+
+
+def measure(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
+    for _ in range(200):
+        fn()
+    samples = []
+    clock = time.perf_counter
+    gc.disable()
+    try:
+        for _ in range(calls):
+            t = clock()
+            fn()
+            samples.append(clock() - t)
+    finally:
+        gc.enable()
+    samples.sort()
+    return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    with RedisServer() as server:
+        cases = build_cases(server)
+        runnable = [c for c in cases if c[1] is not None]
+        medians: Dict[str, List[float]] = {name: [] for name, _, _ in runnable}
+        p99s: Dict[str, List[float]] = {name: [] for name, _, _ in runnable}
+        for r in range(args.rounds):
+            order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
+            for name, fn, _ in order:
+                assert fn is not None
+                med, p99 = measure(fn, args.calls)
+                medians[name].append(med)
+                p99s[name].append(p99)
+        floor = statistics.median(medians[cases[0][0]])
+        print(f"redis-server on loopback; {args.rounds} rounds x {args.calls} calls, case order rotated; "
+              f"redis-py {__import__('redis').__version__}\n")
+        print("| case | median µs [min-max of rounds] | p99 µs | × floor | round trips |")
+        print("|---|---:|---:|---:|---|")
+        for name, fn, trips in cases:
+            if fn is None:
+                print(f"| {name} | — | — | — | {trips} |")
+                continue
+            med = statistics.median(medians[name])
+            lo, hi = min(medians[name]), max(medians[name])
+            print(f"| {name} | {med:.1f} [{lo:.0f}-{hi:.0f}] | {statistics.median(p99s[name]):.1f} | "
+                  f"{med / floor:.2f} | {trips} |")
+        mcp_redis.reset(configuration=True)
+
+
+if __name__ == "__main__":
+    main()
