@@ -297,11 +297,14 @@ def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology:
 
 @dataclass
 class _ClusterLoad:
-    """INCR + GET on keys of one slot, one writer per key, through ``conn.call``."""
+    """Through ``conn.call``: INCR + GET on keys of one slot (one writer per key), and a
+    two-key Lua script on a pair of them (TRYAGAIN while the pair is split)."""
 
     conn: Any
     keys: List[str]
+    pair: Tuple[str, str]
     ops: int = 0
+    script_calls: int = 0
     counts: Dict[str, int] = field(default_factory=dict)
     failures: List[BaseException] = field(default_factory=list)
     mismatches: List[Tuple[str, Any, int]] = field(default_factory=list)
@@ -310,9 +313,12 @@ class _ClusterLoad:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, workers: int = 2) -> _ClusterLoad:
-        for w in range(workers):
-            mine = self.keys[w::workers]
-            t = threading.Thread(target=self._run, args=(mine,), daemon=True)
+        targets: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = [
+            (self._run, (self.keys[w::workers],)) for w in range(workers)
+        ]
+        targets.append((self._run_script, ()))
+        for fn, args in targets:
+            t = threading.Thread(target=fn, args=args, daemon=True)
             self._threads.append(t)
             t.start()
         return self
@@ -338,6 +344,20 @@ class _ClusterLoad:
         with self._lock:
             self.counts.update(local)
 
+    def _run_script(self) -> None:
+        client = self.conn.client
+        script = "return {redis.call('INCR', KEYS[1]), redis.call('INCR', KEYS[2])}"
+        while not self._stop.is_set():
+            try:
+                a, b = self.conn.call(client.eval, script, 2, *self.pair)
+                if a != b:
+                    self.mismatches.append((self.pair[0], a, b))
+                self.script_calls += 1
+            except Exception as exc:  # judged by the test
+                self.failures.append(exc)
+                time.sleep(0.01)
+            time.sleep(0.002)
+
     def wait_ops(self, more: int, timeout: float = 20.0) -> None:
         target = self.ops + more
         wait_for(lambda: self.ops >= target, timeout, interval=0.005, what=f"{more} more operations")
@@ -346,6 +366,12 @@ class _ClusterLoad:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+
+
+def _redirections(server: RedisServer) -> Dict[str, int]:
+    """ASK / MOVED / TRYAGAIN replies `server` has sent (``INFO errorstats``)."""
+    stats = server.client().info("errorstats")
+    return {kind: int(stats.get(f"errorstat_{kind}", {}).get("count", 0)) for kind in ("ASK", "MOVED", "TRYAGAIN")}
 
 
 @pytest.mark.cluster
@@ -357,9 +383,12 @@ def test_slot_migration_under_load_is_absorbed(
     mcp_redis.configure(redis_url=cluster.url)
     conn = get_redis()
     keys = [f"mcp:migrate:{{agent-42}}:{i}" for i in range(120)]
+    pair = ("mcp:migrate:{agent-42}:lua-a", "mcp:migrate:{agent-42}:lua-b")
     slot = key_slot(keys[0])
+    assert key_slot(pair[0]) == key_slot(pair[1]) == slot
     source = cluster.owner(slot)
-    load = _ClusterLoad(conn, keys).start()
+    before = _redirections(source)
+    load = _ClusterLoad(conn, keys, pair).start()
     try:
         load.wait_ops(len(keys))  # every key exists on the source before the move
         target = cluster.migrate_slot(slot, batch=15, between_batches=lambda moved: load.wait_ops(20))
@@ -368,12 +397,17 @@ def test_slot_migration_under_load_is_absorbed(
         load.stop()
 
     assert cluster.owner(slot) is target and target is not source
+    after = _redirections(source)
+    redirected = {kind: after[kind] - before[kind] for kind in after}
+    assert redirected["ASK"] > 0 and redirected["MOVED"] > 0, redirected  # the load did meet both
     assert load.failures == [], load.failures[:3]
     assert load.mismatches == []
     # Each key on the target holds exactly the number of acknowledged INCRs: nothing lost or doubled.
-    stored = target.client().mget(keys)
-    assert stored == [str(load.counts[k]) for k in keys]
+    client = target.client()
+    assert client.mget(keys) == [str(load.counts[k]) for k in keys]
+    assert client.mget(list(pair)) == [str(load.script_calls)] * 2
     retries = METRICS.counter("backend_retries_total", backend="redis")
-    record_property("ops", load.ops)
-    record_property("retries", retries)
-    print(f"\nslot {slot} {source.port}->{target.port}: {load.ops} ops, 0 errors, retries={retries}")
+    figures = {"ops": load.ops, "script_calls": load.script_calls, "retries": retries, **redirected}
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\nslot {slot} {source.port}->{target.port}: {figures}")
