@@ -220,24 +220,29 @@ class _RedisBackend(_Backend):
         scripts = _scripts(conn.client)
         client = conn.client
         lease_ms = _ms(lease)
+        # First a plain try (the uncontended path: 2 keys, 2 args). A failed
+        # try with the queue keys joins the queue atomically, so the release
+        # that follows it is sure to signal us: no wake-up can be lost.
+        started = time.monotonic()
+        granted, value = _call(conn, scripts.acquire, [keys.lock, keys.fence], [token, lease_ms], client)
+        if granted:
+            return _Hold(self, keys, token, int(value), lease, started + lease, conn)
+        if deadline is not None and deadline <= time.monotonic():
+            return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
         queue_ttl = str(_ms(slice_cap + 2 * HANDOFF_GRACE))
         ticket = token[:24] if _TICKET.match(token) else secrets.token_hex(12)
         signal = keys.signal(ticket)
         key_list = [keys.lock, keys.fence, keys.queue, signal]
-        blocking = deadline is None or deadline > time.monotonic()
-        state = "1" if blocking else "0"
         queued = False
         try:
             while True:
                 started = time.monotonic()
-                granted, value = _call(conn, scripts.acquire, key_list, [token, lease_ms, state, queue_ttl], client)
+                queued = True
+                granted, value = _call(conn, scripts.acquire, key_list, [token, lease_ms, queue_ttl], client)
                 if granted:
                     queued = False
                     return _Hold(self, keys, token, int(value), lease, started + lease, conn)
-                if not blocking:
-                    return None
-                queued, state = True, "2"
                 now = time.monotonic()
                 remaining = float("inf") if deadline is None else deadline - now
                 if remaining <= 0:
@@ -856,7 +861,6 @@ class DistributedLock:
             raise _not_owned(
                 f"lock {_shown(self.name)} was no longer owned at release: its lease expired or was taken over"
             )
-        METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="released")
 
     def extend(self, additional_time: float, replace_ttl: bool = False) -> bool:
         """Add `additional_time` seconds to the lease (``replace_ttl``: set it to that)."""

@@ -1,31 +1,30 @@
--- Try to take a lock; on failure optionally join its FIFO of waiters.
+-- Try to take a lock; with a queue given, join its FIFO of waiters on failure.
 --
 -- KEYS[1] the lock (value: holder's token, or "r:" .. <signal key> while it
 --         is reserved for the waiter that owns that signal list)
 -- KEYS[2] the fencing counter (the only lock key without a TTL)
--- KEYS[3] the queue of waiters (a list of their signal-list keys)
--- KEYS[4] this caller's signal list
--- ARGV[1] token, ARGV[2] lease in ms,
--- ARGV[3] "0" try once | "1" join the queue on failure | "2" already queued
--- ARGV[4] queue TTL in ms
+-- KEYS[3] (optional) the queue of waiters (a list of their signal-list keys)
+-- KEYS[4] (with KEYS[3]) this caller's signal list
+-- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] queue TTL in ms (with KEYS[3])
+-- Without KEYS[3] this is a plain try (the uncontended fast path).
 -- Returns {1, fencing token} when granted, else {0, PTTL of the lock}.
 local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] or holder == 'r:' .. KEYS[4] then
+if holder == false or holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   local fence = redis.call('INCR', KEYS[2])
-  if ARGV[3] == '2' then
+  if KEYS[4] then
     redis.call('LREM', KEYS[3], 0, KEYS[4])
     redis.call('DEL', KEYS[4])
   end
   return {1, fence}
 end
-if ARGV[3] ~= '0' then
+if KEYS[4] then
   -- Armed atomically with the failed try: a release after this sees us.
   if not redis.call('LPOS', KEYS[3], KEYS[4]) then
     redis.call('RPUSH', KEYS[3], KEYS[4])
   end
-  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then
-    redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
   end
 end
 return {0, redis.call('PTTL', KEYS[1])}
