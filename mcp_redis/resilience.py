@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import threading
 import time
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar
 
 import redis.exceptions as rex
 from tenacity import (
-    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
@@ -232,31 +232,35 @@ class Resilience:
             return result
 
         n = self.attempts if attempts is None else attempts
-        if n <= 1:
-            try:
-                return attempt()
-            except BaseException as exc:
-                if self.transient(exc):
-                    raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
+        # Fast path: the first attempt runs outside tenacity, whose per-call
+        # set-up would otherwise dominate a loopback round trip.
+        try:
+            return attempt()
+        except BaseException as exc:
+            if not self.transient(exc):
                 raise
+            if n <= 1 or breaker.state is not BreakerState.CLOSED:
+                raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
 
         def should_retry(exc: BaseException) -> bool:
             return self.transient(exc) and breaker.state is BreakerState.CLOSED
 
-        def before_sleep(state: RetryCallState) -> None:
+        def retry_attempt() -> T:
             metrics.inc("backend_retries_total", backend=name)
+            return attempt()
 
+        # Attempts 2..n: exponential backoff with jitter before each.
+        time.sleep(min(self.max_backoff, self.initial_backoff * (1.0 + random.random())))  # noqa: S311
         retrying = Retrying(
-            stop=stop_after_attempt(n),
+            stop=stop_after_attempt(n - 1),
             wait=wait_exponential_jitter(
-                multiplier=self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
+                multiplier=2 * self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
             ),
             retry=retry_if_exception(should_retry),
-            before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            return retrying(attempt)
+            return retrying(retry_attempt)
         except BaseException as exc:
             if self.transient(exc):
                 raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
