@@ -1,0 +1,52 @@
+"""Locks on every Redis topology: single server, Sentinel (master_for) and Cluster.
+
+A lock's keys share one hash slot, so its scripts and its waiters' BLPOPs
+run on one cluster node.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import List
+
+from redis.crc import key_slot
+
+import mcp_redis
+from mcp_redis import LockNotOwned
+from mcp_redis.connections import get_redis
+from tests import conftest as _conftest
+
+if not hasattr(_conftest, "any_redis_mode"):  # until conftest shares the topology fixtures
+    from tests.topologies import *  # noqa: F401,F403
+
+
+def test_lock_handoff_fencing_and_ownership_on_every_topology(any_redis_mode: str) -> None:
+    holder = mcp_redis.agent_lock("topo", timeout=5)
+    holder.acquire()
+    first = holder.fencing_token
+    entered: List[float] = []
+
+    def wait() -> None:
+        with mcp_redis.agent_lock("topo", timeout=5, blocking_timeout=10) as held:
+            assert first is not None and held.fencing_token is not None and held.fencing_token > first
+            entered.append(time.perf_counter())
+
+    t = threading.Thread(target=wait)
+    t.start()
+    client = get_redis().client
+    deadline = time.monotonic() + 10
+    while client.llen(holder.key + "#queue") == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert holder.extend(1) and holder.owned() and holder.locked()
+    holder.release()
+    released = time.perf_counter()
+    t.join(10)
+    assert entered and entered[0] - released < 0.5
+    try:
+        holder.release()
+        raise AssertionError("a second release must raise")
+    except LockNotOwned:
+        pass
+    slots = {key_slot(k.encode()) for k in (holder.key, holder.key + "#fence", holder.key + "#queue")}
+    assert len(slots) == 1
