@@ -77,3 +77,6 @@ from .events import (  # noqa: E402
 
 __all__ += ["EventBus", "Subscription", "EventStream", "StreamEntry", "StreamConsumer", "publish_agent_update"]
 # --- backend ---
+from .backend import RedisBackend  # noqa: E402
+
+__all__ += ["RedisBackend"]
