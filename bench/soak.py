@@ -1,0 +1,433 @@
+"""Soak: a bounded mixed load of every feature, threads × processes.
+
+    python -m bench.soak --seconds 60 [--processes 2] [--threads 4] [--json out.json]
+        [--redis-url URL] [--database-url DSN]
+
+Without ``--redis-url`` it starts its own redis-server; without
+``--database-url`` it creates (and drops) a throwaway PostgreSQL database
+when one answers on 127.0.0.1:5432, else sessions run on Redis alone.
+``MCP_REDIS_SOAK_SECONDS`` overrides ``--seconds`` (CI runs a short soak).
+
+Each worker process runs `threads` threads, each looping over a weighted mix:
+metadata cache reads and invalidations, session bind/get, rate-limit hits,
+agent locks guarding a read-modify-write counter, and event publishes
+(received by one subscription per process). At the end it reports ops/s,
+p50/p99 per operation, errors, and for every process the RSS (start, peak,
+end), the thread count (after warm-up and at the end), the Redis and
+PostgreSQL pools' connections in use, and the L1 size against its bound.
+Checks (``ok``): no errors; the lock-guarded counters equal the number of
+acquisitions (no lost update); every session bound is readable; every event
+published reached every subscriber; no leaked threads or pooled connections;
+L1 within its bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+AGENTS = 2000  # cache/rate-limit key space (far more than L1 holds)
+LOCKED_AGENTS = 32  # lock key space (contention across processes)
+L1_MAXSIZE = 256
+WEIGHTS: List[Tuple[str, int]] = [
+    ("cache_get", 40),
+    ("cache_invalidate", 2),
+    ("session_bind", 8),
+    ("session_get", 15),
+    ("rate_limit", 15),
+    ("lock", 10),
+    ("publish", 10),
+]
+
+
+def _rss_kb() -> Tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in kB (0 where /proc is missing)."""
+    rss = hwm = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def _pick(rng: random.Random) -> str:
+    total = sum(w for _, w in WEIGHTS)
+    r = rng.uniform(0, total)
+    for name, w in WEIGHTS:
+        r -= w
+        if r <= 0:
+            return name
+    return WEIGHTS[-1][0]
+
+
+def _worker(index: int, cfg: Dict[str, Any], out: Any) -> None:
+    """One process: warm up, run the mix on `threads` threads, report."""
+    try:
+        out.put(_run_worker(index, cfg))
+    except BaseException:
+        out.put({"index": index, "fatal": traceback.format_exc()})
+
+
+def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    import mcp_redis
+    from mcp_redis.connections import get_redis
+
+    mcp_redis.configure(redis_url=cfg["redis_url"], database_url=cfg["database_url"])
+    run = cfg["run"]
+    rss_start, _ = _rss_kb()
+    loads = [0]
+
+    @mcp_redis.cached_metadata(ttl=30, maxsize=L1_MAXSIZE, namespace=f"soak-{run}")
+    def load(agent_id: str) -> Dict[str, Any]:
+        loads[0] += 1  # approximate under threads; only reported
+        return {"agent_id": agent_id, "tier": hash(agent_id) % 3}
+
+    store = mcp_redis.SessionStore()
+    limiter = mcp_redis.RateLimiter(f"soak-{run}", 1000, 60)
+    bus = mcp_redis.EventBus()
+    received = [0]
+    recv_lock = threading.Lock()
+
+    def on_event(event: Dict[str, Any]) -> None:
+        with recv_lock:
+            received[0] += 1
+
+    sub = bus.subscribe(f"soak-{run}", on_event)
+    conn = get_redis()
+    counter_key = f"mcp:soak:{run}:counter:"
+
+    # Warm up every path so the library's own threads and pools exist.
+    load("warm")
+    store.bind(f"warm-{run}-{index}", "warm", ttl=120)
+    store.get(f"warm-{run}-{index}")
+    limiter.hit("warm")
+    with mcp_redis.agent_lock(f"soak-{run}-warm", timeout=5, blocking_timeout=5):
+        pass
+    bus.publish(f"soak-{run}-warmup", {"warm": True})
+    threads_after_warmup = threading.active_count()
+    redis_in_use_after_warmup = conn.pool_stats()["in_use"]
+    rss_warm, _ = _rss_kb()
+
+    deadline = time.monotonic() + cfg["seconds"]
+    lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
+    errors: Dict[str, int] = {}
+    counts = {"published": 0, "rate_allowed": 0, "rate_refused": 0}
+    acquisitions: Dict[str, int] = {}
+    bound: List[Tuple[str, str]] = []
+    merge = threading.Lock()
+    rss_samples: List[int] = []
+
+    def thread_main(t: int) -> None:
+        rng = random.Random(f"{run}-{index}-{t}")
+        my_lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
+        my_err: Dict[str, int] = {}
+        my_acq: Dict[str, int] = {}
+        my_bound: List[Tuple[str, str]] = []
+        published = allowed = refused = 0
+        i = 0
+        while time.monotonic() < deadline:
+            op = _pick(rng)
+            agent = f"agent-{rng.randrange(AGENTS)}"
+            start = time.perf_counter()
+            try:
+                if op == "cache_get":
+                    value = load(agent)
+                    assert value["agent_id"] == agent
+                elif op == "cache_invalidate":
+                    load.invalidate(agent)
+                elif op == "session_bind":
+                    key = f"s-{run}-{index}-{t}-{i}"
+                    store.bind(key, agent, ttl=300)
+                    my_bound.append((key, agent))
+                elif op == "session_get":
+                    if my_bound:
+                        key, expected = my_bound[rng.randrange(len(my_bound))]
+                        got = store.get(key)
+                        assert got == expected, f"session {key}: {got!r} != {expected!r}"
+                    else:
+                        store.get(f"unknown-{i}")
+                elif op == "rate_limit":
+                    if limiter.hit(agent).allowed:
+                        allowed += 1
+                    else:
+                        refused += 1
+                elif op == "lock":
+                    name = f"soak-{run}-{rng.randrange(LOCKED_AGENTS)}"
+                    with mcp_redis.agent_lock(name, timeout=10, blocking_timeout=10):
+                        # A read-modify-write that loses updates unless the lock excludes.
+                        key = counter_key + name
+                        n = int(conn.client.get(key) or 0)
+                        conn.client.set(key, n + 1, ex=600)
+                    my_acq[name] = my_acq.get(name, 0) + 1
+                elif op == "publish":
+                    bus.publish(f"soak-{run}", {"p": index, "t": t, "i": i})
+                    published += 1
+            except Exception as exc:  # counted; the soak must show none
+                kind = f"{op}:{type(exc).__name__}"
+                my_err[kind] = my_err.get(kind, 0) + 1
+                if sum(my_err.values()) <= 3:
+                    sys.stderr.write(f"[soak p{index} t{t}] {kind}: {exc}\n")
+            my_lat[op].append(time.perf_counter() - start)
+            i += 1
+        with merge:
+            for name, values in my_lat.items():
+                lat[name].extend(values)
+            for k, v in my_err.items():
+                errors[k] = errors.get(k, 0) + v
+            for k, v in my_acq.items():
+                acquisitions[k] = acquisitions.get(k, 0) + v
+            bound.extend(my_bound)
+            counts["published"] += published
+            counts["rate_allowed"] += allowed
+            counts["rate_refused"] += refused
+
+    workers = [threading.Thread(target=thread_main, args=(t,), name=f"soak-{t}") for t in range(cfg["threads"])]
+    started = time.monotonic()
+    for w in workers:
+        w.start()
+    while any(w.is_alive() for w in workers):
+        rss_samples.append(_rss_kb()[0])
+        for w in workers:
+            w.join(timeout=max(0.1, min(5.0, cfg["seconds"] / 6)))
+    elapsed = time.monotonic() - started
+
+    # Every session this process bound is still there (nothing lost).
+    missing = [k for k, a in bound if store.get(k) != a]
+    info = load.cache_info()
+    time.sleep(0.2)  # let in-flight renewals and releases settle
+    pg_in_use = None
+    if cfg["database_url"]:
+        from mcp_redis.postgres import get_postgres
+
+        pg_in_use = get_postgres().pool_stats()["in_use"]
+    rss_end, rss_peak = _rss_kb()
+    report = {
+        "index": index,
+        "pid": os.getpid(),
+        "elapsed": elapsed,
+        "latencies": lat,
+        "errors": errors,
+        "acquisitions": acquisitions,
+        "sessions_bound": len(bound),
+        "sessions_missing": len(missing),
+        "published": counts["published"],
+        "rate_allowed": counts["rate_allowed"],
+        "rate_refused": counts["rate_refused"],
+        "loader_calls": loads[0],
+        "cache_info": info._asdict(),
+        "threads_after_warmup": threads_after_warmup,
+        "threads_end": threading.active_count(),
+        "redis_in_use_after_warmup": redis_in_use_after_warmup,
+        "redis_in_use_end": conn.pool_stats()["in_use"],
+        "redis_pool": conn.pool_stats(),
+        "pg_in_use_end": pg_in_use,
+        "rss_kb": {"start": rss_start, "warm": rss_warm, "end": rss_end, "peak": rss_peak,
+                   "samples": rss_samples},
+    }
+    # Let events published by the other processes at the very end arrive.
+    time.sleep(cfg.get("drain", 1.0))
+    report["received"] = received[0]
+    sub.close()
+    bus.close()
+    time.sleep(0.1)
+    report["redis_in_use_after_close"] = conn.pool_stats()["in_use"]
+    # What is left is held by the library's own pub/sub listeners (the metadata
+    # cache's invalidation channel): one connection each for the process's life.
+    from mcp_redis import pubsub
+
+    report["listeners"] = sum(1 for s in list(pubsub._live) if s.alive)
+    report["threads_after_close"] = threading.active_count()
+    return report
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[i]
+
+
+def run(seconds: float, processes: int = 2, threads: int = 4, redis_url: Optional[str] = None,
+        database_url: Optional[str] = None, drain: float = 1.0) -> Dict[str, Any]:
+    """Run the soak; returns the report (``report["ok"]`` and ``report["failures"]``)."""
+    from mcp_redis.testing import PostgresDatabase, RedisServer
+
+    own_server = own_db = None
+    if redis_url is None:
+        own_server = RedisServer().start()
+        redis_url = own_server.url
+    if database_url is None:
+        candidate = PostgresDatabase(prefix="mcp_redis_soak")
+        if candidate.available():
+            own_db = candidate.create()
+            database_url = own_db.url
+    run_id = uuid.uuid4().hex[:8]
+    cfg = {"redis_url": redis_url, "database_url": database_url, "seconds": seconds, "threads": threads,
+           "run": run_id, "drain": drain}
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(i, cfg, out), daemon=True) for i in range(processes)]
+    try:
+        for p in procs:
+            p.start()
+        reports = [out.get(timeout=seconds + 120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        return _summarise(reports, cfg, redis_url)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if own_db is not None:
+            own_db.drop()
+        if own_server is not None:
+            own_server.cleanup()
+
+
+def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: str) -> Dict[str, Any]:
+    import redis
+
+    failures: List[str] = []
+    fatal = [r["fatal"] for r in reports if "fatal" in r]
+    if fatal:
+        return {"ok": False, "failures": ["worker crashed:\n" + fatal[0]], "config": _public(cfg)}
+    all_lat: List[float] = []
+    per_op: Dict[str, Dict[str, float]] = {}
+    for name, _ in WEIGHTS:
+        values = sorted(v for r in reports for v in r["latencies"][name])
+        all_lat.extend(values)
+        per_op[name] = {"ops": len(values), "p50_ms": _percentile(values, 0.5) * 1e3,
+                        "p99_ms": _percentile(values, 0.99) * 1e3}
+    all_lat.sort()
+    elapsed = max(r["elapsed"] for r in reports)
+    errors: Dict[str, int] = {}
+    for r in reports:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    if errors:
+        failures.append(f"errors: {errors}")
+    # Locks: the guarded counters must equal the acquisitions of every process.
+    acquisitions: Dict[str, int] = {}
+    for r in reports:
+        for k, v in r["acquisitions"].items():
+            acquisitions[k] = acquisitions.get(k, 0) + v
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    lost = {}
+    for name, n in acquisitions.items():
+        value = int(client.get(f"mcp:soak:{cfg['run']}:counter:{name}") or 0)
+        if value != n:
+            lost[name] = (n, value)
+    if lost:
+        failures.append(f"lock-guarded counters lost updates (acquisitions, counter): {dict(list(lost.items())[:5])}")
+    missing = sum(r["sessions_missing"] for r in reports)
+    if missing:
+        failures.append(f"{missing} session bindings lost")
+    published = sum(r["published"] for r in reports)
+    expected = published * len(reports)  # one subscription per process
+    received = sum(r["received"] for r in reports)
+    if received != expected:
+        failures.append(f"events: {received} received of {expected} expected (published {published})")
+    processes = []
+    for r in reports:
+        info = r["cache_info"]
+        proc = {
+            "pid": r["pid"],
+            "rss_mb": {k: round(v / 1024, 1) for k, v in r["rss_kb"].items() if k != "samples"},
+            "rss_growth_after_warmup_mb": round((r["rss_kb"]["end"] - r["rss_kb"]["warm"]) / 1024, 1),
+            "threads": {"after_warmup": r["threads_after_warmup"], "end": r["threads_end"],
+                        "after_close": r["threads_after_close"]},
+            "redis_in_use": {"after_warmup": r["redis_in_use_after_warmup"], "end": r["redis_in_use_end"],
+                             "after_closing_subscriptions": r["redis_in_use_after_close"],
+                             "library_listeners": r["listeners"],
+                             "requests_in_flight": r["redis_in_use_after_close"] - r["listeners"]},
+            "redis_pool": r["redis_pool"],
+            "pg_in_use_end": r["pg_in_use_end"],
+            "l1": {"size": info["l1_size"], "maxsize": info["l1_maxsize"]},
+            "cache_info": info,
+        }
+        processes.append(proc)
+        if r["threads_end"] > r["threads_after_warmup"]:
+            failures.append(f"pid {r['pid']}: threads grew {r['threads_after_warmup']} -> {r['threads_end']}")
+        if r["redis_in_use_end"] > r["redis_in_use_after_warmup"]:
+            failures.append(f"pid {r['pid']}: redis connections in use grew "
+                            f"{r['redis_in_use_after_warmup']} -> {r['redis_in_use_end']}")
+        if r["redis_in_use_after_close"] - r["listeners"] != 0:
+            failures.append(f"pid {r['pid']}: {r['redis_in_use_after_close'] - r['listeners']} redis connections "
+                            "in use beyond the library's listeners")
+        if r["threads_after_close"] >= r["threads_after_warmup"]:
+            failures.append(f"pid {r['pid']}: closing the subscription did not end its thread")
+        if r["pg_in_use_end"] not in (None, 0):
+            failures.append(f"pid {r['pid']}: {r['pg_in_use_end']} postgres connections still in use")
+        if info["l1_size"] > info["l1_maxsize"]:
+            failures.append(f"pid {r['pid']}: L1 {info['l1_size']} > bound {info['l1_maxsize']}")
+    total = len(all_lat)
+    return {
+        "ok": not failures,
+        "failures": failures,
+        "config": _public(cfg),
+        "elapsed_s": round(elapsed, 2),
+        "ops": total,
+        "ops_per_s": round(total / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(_percentile(all_lat, 0.5) * 1e3, 3),
+        "p99_ms": round(_percentile(all_lat, 0.99) * 1e3, 3),
+        "per_op": {k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                   for k, v in per_op.items()},
+        "errors": errors,
+        "lock_acquisitions": sum(acquisitions.values()),
+        "lock_updates_lost": len(lost),
+        "sessions_bound": sum(r["sessions_bound"] for r in reports),
+        "sessions_lost": missing,
+        "events_published": published,
+        "events_received": received,
+        "events_expected": expected,
+        "rate_limit": {"allowed": sum(r["rate_allowed"] for r in reports),
+                       "refused": sum(r["rate_refused"] for r in reports)},
+        "processes": processes,
+    }
+
+
+def _public(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    from mcp_redis.config import redact_url
+
+    shown = dict(cfg)
+    for k in ("redis_url", "database_url"):
+        if shown.get(k):
+            shown[k] = redact_url(shown[k])
+    return shown
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--redis-url")
+    parser.add_argument("--database-url")
+    parser.add_argument("--json", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    seconds = float(os.environ.get("MCP_REDIS_SOAK_SECONDS", args.seconds))
+    report = run(seconds, args.processes, args.threads, args.redis_url, args.database_url)
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
