@@ -52,7 +52,8 @@ def test_three_subscriber_processes_receive_10000_events_in_order_and_resume_aft
         bus = EventBus()
         for seq in range(N):
             assert bus.publish("agent:updates", {"phase": 0, "seq": seq}) == 3
-        wait_for(lambda: all(s[w.BEFORE] == N for _, _, s in workers), 30, what="10,000 events in every subscriber")
+        wait_for(lambda: all(s[w.BEFORE] == N for _, _, s in workers), 60,
+                 what=f"10,000 events in every subscriber (have {[s[w.BEFORE] for _, _, s in workers]})")
 
         server.restart()  # empty: no persistence; every subscriber's socket drops
         published_after = 0
@@ -78,7 +79,7 @@ def test_three_subscriber_processes_receive_10000_events_in_order_and_resume_aft
             assert bus.publish("agent:updates", {"phase": 1, "seq": seq}) == 3
             seq += 1
         last = seq - 1
-        wait_for(lambda: all(s[w.LAST_AFTER] == last for _, _, s in workers), 30, what="post-restart events")
+        wait_for(lambda: all(s[w.LAST_AFTER] == last for _, _, s in workers), 60, what="post-restart events")
     finally:
         stop.set()
         for proc, _, _ in workers:
@@ -135,8 +136,13 @@ def test_consumer_killed_mid_batch_loses_nothing_of_10000(redis_factory: Any, tm
     survivors = [EventStream("work", "g", f"s{i}", min_idle_ms=1000) for i in range(2)]
     threads = [s.run_in_thread(handler, count=batch, block_ms=200, with_id=True) for s in survivors]
     try:
-        wait_for(lambda: len(set(handled) | set(victim_acked)) == N and survivors[0].pending() == 0,
-                 30, interval=0.05, what="every event acked")
+        try:
+            wait_for(lambda: len(set(handled) | set(victim_acked)) == N and survivors[0].pending() == 0,
+                     60, interval=0.05, what="every event acked")
+        except TimeoutError:
+            pytest.fail(f"not all acked: handled {len(set(handled))}+{len(victim_acked)} of {N}, "
+                        f"pending {raw.xpending(producer.key, 'g')}, "
+                        f"consumers {[(t.alive, t.handled, s.claimed) for t, s in zip(threads, survivors)]}")
     finally:
         for t in threads:
             t.close()
