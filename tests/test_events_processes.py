@@ -52,8 +52,11 @@ def test_three_subscriber_processes_receive_10000_events_in_order_and_resume_aft
         bus = EventBus()
         for seq in range(N):
             assert bus.publish("agent:updates", {"phase": 0, "seq": seq}) == 3
-        wait_for(lambda: all(s[w.BEFORE] == N for _, _, s in workers), 60,
-                 what=f"10,000 events in every subscriber (have {[s[w.BEFORE] for _, _, s in workers]})")
+        try:
+            wait_for(lambda: all(s[w.BEFORE] == N for _, _, s in workers), 60, what="10,000 events everywhere")
+        except TimeoutError:
+            pytest.fail(f"received {[s[w.BEFORE] for _, _, s in workers]} of {N}; "
+                        f"order errors {[s[w.ORDER_ERRORS] for _, _, s in workers]}")
 
         server.restart()  # empty: no persistence; every subscriber's socket drops
         published_after = 0
