@@ -181,7 +181,7 @@ class _Progress:
         filled = int(frac * width)
         line = f"[{'#' * filled}{'-' * (width - filled)}] {elapsed:5.1f}/{self.total:.1f}s  {int(ops):>8} ops  {note}"
         if self.tty:
-            self.stream.write("\r" + line[:118].ljust(118))
+            self.stream.write("\r" + line[:130].ljust(130))
             self.stream.flush()
         else:
             quarter = int(frac * 4)
@@ -194,7 +194,7 @@ class _Progress:
         if not self.enabled:
             return
         if self.tty:
-            self.stream.write("\r" + " " * 118 + "\r")
+            self.stream.write("\r" + " " * 130 + "\r")
         self.stream.write(text + "\n")
         self.stream.flush()
 
@@ -287,7 +287,7 @@ def run_demo(options: Optional[DemoOptions] = None) -> Dict[str, Any]:
                 procs[victim].join(10)
                 killed = {"worker": victim, "at_s": round(elapsed, 2), "signal": "SIGKILL"}
                 procs.append(spawn(make(opt.workers, victim, True)))
-                note = f"worker {victim} killed, restarting"
+                note = f"worker {victim} killed (SIGKILL); its lock leases lapse within {opt.lock_lease:g}s"
             if killed and counters[layout.counter(opt.workers, "ready")]:
                 note = f"worker {killed['worker']} restarted"
             if elapsed >= opt.seconds:
