@@ -384,15 +384,15 @@ class _PostgresBackend(_Backend):
                         except _lock_not_available():
                             got = False
                         cur.execute("RESET lock_timeout")
-                    if not got:
-                        conn.autocommit = False
-                        context.__exit__(None, None, None)
-                        return None
-                    cur.execute(_NEXT_FENCE, (keys.lock,))
-                    row = cur.fetchone()
+                    if got:
+                        cur.execute(_NEXT_FENCE, (keys.lock,))
+                        row = cur.fetchone()
             except BaseException as exc:
-                context.__exit__(type(exc), exc, exc.__traceback__)
+                _give_back(context, conn, exc)
                 raise
+            if not got:
+                _give_back(context, conn, None)
+                return None
             fence = int(row[0]) if row else 0
             return _Hold(self, keys, token, fence, lease, float("inf"), _PgHandle(context, conn))
 
@@ -406,12 +406,11 @@ class _PostgresBackend(_Backend):
                 with conn.cursor() as cur:
                     cur.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(hold.keys.lock),))
                     row = cur.fetchone()
-                conn.autocommit = False
             except Exception as exc:  # the session died, and its lock with it
                 log.warning("lock: postgres session of a held lock was lost: %s", type(exc).__name__)
-                handle.context.__exit__(type(exc), exc, exc.__traceback__)
+                _give_back(handle.context, conn, exc)
                 return False
-            handle.context.__exit__(None, None, None)
+            _give_back(handle.context, conn, None)
         return bool(row and row[0])
 
     def owned(self, hold: _Hold) -> bool:
@@ -423,7 +422,7 @@ class _PostgresBackend(_Backend):
                 with handle.connection.cursor() as cur:
                     cur.execute(
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-                        "AND granted AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+                        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
                         (advisory_key(hold.keys.lock),),
                     )
                     row = cur.fetchone()
@@ -438,6 +437,19 @@ class _PostgresBackend(_Backend):
             "SELECT NOT pg_try_advisory_xact_lock(%s)", (advisory_key(keys.lock),), fetch="one"
         )
         return bool(row and row[0])
+
+
+def _give_back(context: Any, conn: Any, exc: Optional[BaseException]) -> None:
+    """Return a held connection to the pool as it came (not autocommit); broken if `exc` says so."""
+    try:
+        if not conn.closed:
+            conn.autocommit = False
+    except Exception:  # noqa: S110 - a dead connection: the pool discards it below
+        pass
+    if exc is None:
+        context.__exit__(None, None, None)
+    else:
+        context.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def _lock_not_available() -> Type[BaseException]:
