@@ -203,7 +203,7 @@ def test_zipf_workload_over_10000_agents_cuts_postgres_queries_by_95_percent(
     2,000-read sample in `off` mode checks that, the rest is arithmetic."""
     agents.create(10_000)
     ids = zipf_ids(10_000, 200_000, 1.1, seed=5)
-    results: multiprocessing.Queue[Tuple[int, float, Tuple[int, ...]]] = SPAWN.Queue()
+    results: multiprocessing.Queue[Tuple[List[int], float, Tuple[int, ...]]] = SPAWN.Queue()
     procs = [SPAWN.Process(target=workers_cache.zipf_reader,
                            args=(redis_url, pg_database.dsn, ids[i::2], results, True)) for i in range(2)]
     for p in procs:
@@ -211,12 +211,12 @@ def test_zipf_workload_over_10000_agents_cuts_postgres_queries_by_95_percent(
     outcomes = [results.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(10)
-    cached_queries = sum(o[0] for o in outcomes)
+    cached_queries = sum(o[0][0] for o in outcomes)
 
     sample = SPAWN.Process(target=workers_cache.zipf_reader,
                            args=(redis_url, pg_database.dsn, ids[:2000], results, False))
     sample.start()
-    uncached_sample = results.get(timeout=120)[0]
+    uncached_sample = results.get(timeout=120)[0][0]
     sample.join(10)
     assert uncached_sample == 2000  # off: one query per read
     reduction = 1 - cached_queries / len(ids)

@@ -116,13 +116,18 @@ def invalidator(url: str, dsn: str, agent_id: str, meta: Dict[str, Any]) -> None
     db.close()
 
 
-def zipf_reader(url: str, dsn: str, ids: Any, result: Any, cached: bool) -> None:
-    """One server process of the Zipf workload: read every id, count PG queries."""
+def zipf_reader(url: str, dsn: str, ids: Any, result: Any, cached: bool, passes: int = 1) -> None:
+    """One server process of the Zipf workload: read every id `passes` times
+    (the first pass starts cold), reporting the PostgreSQL queries of each."""
     mcp_redis.configure(redis_url=url, metadata_cache="redis" if cached else "off")
     db = PgAgents(dsn)
     load = cached_loader(db, ttl=300, maxsize=4096)
     started = time.perf_counter()
-    for agent_id in ids:
-        load(agent_id)
-    result.put((db.queries, time.perf_counter() - started, tuple(load.cache_info())))
+    queries = []
+    for _ in range(passes):
+        before = db.queries
+        for agent_id in ids:
+            load(agent_id)
+        queries.append(db.queries - before)
+    result.put((queries, time.perf_counter() - started, tuple(load.cache_info())))
     db.close()
