@@ -131,6 +131,7 @@ def _register(client: Any) -> _Scripts:
 
 # -- one acquisition --------------------------------------------------------------
 _pid = os.getpid()  # this process's id, refreshed in a forked child
+_generation = 0  # bumped by reset()/configure(): older holds are never re-entered
 _event_lock = threading.Lock()
 
 
@@ -146,6 +147,7 @@ class _Hold:
     expires_at: float  # monotonic; meaningful for the redis backend
     handle: Any = None  # backend-specific: RedisConnection, pg connection, fd
     pid: int = field(default_factory=lambda: _pid)
+    generation: int = field(default_factory=lambda: _generation)
     count: int = 1
     is_lost: bool = False
     released: bool = False
@@ -655,7 +657,8 @@ def _forget_in_child() -> None:
 
 @on_reset
 def _forget_on_reset() -> None:
-    global _scripts_cache
+    global _scripts_cache, _generation
+    _generation += 1
     _WATCHDOG.clear()
     _scripts_cache = None
 
@@ -792,7 +795,7 @@ class DistributedLock:
         keys = self._resolve_keys()
         if self.reentrant:
             held = _THREAD_HOLDS.holds.get(keys.lock)
-            if held is not None and held.pid == _pid and not held.released:
+            if held is not None and held.pid == _pid and held.generation == _generation and not held.released:
                 held.count += 1
                 self._state.last = held
                 self._state.fence = held.fence

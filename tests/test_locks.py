@@ -573,3 +573,15 @@ def test_lock_waits_survive_queue_expiry_with_many_waiters(redis_mode: str) -> N
     for t in threads:
         t.join(10)
     assert sorted(done.get_nowait() for _ in range(3)) == [0, 1, 2]
+
+
+def test_reconfiguring_forgets_reentrancy_of_earlier_holds(redis_mode: str) -> None:
+    held = mcp_redis.agent_lock("gen", timeout=5)
+    held.acquire()
+    mcp_redis.configure(redis_url=redis_mode)  # drops clients; the hold stays in Redis
+    with pytest.raises(LockTimeout):
+        with mcp_redis.agent_lock("gen", blocking_timeout=0):
+            pass
+    held.release()  # the earlier hold can still be given back
+    with mcp_redis.agent_lock("gen", blocking_timeout=0):
+        pass
