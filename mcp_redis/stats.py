@@ -22,7 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from .config import settings
 from .metrics import METRICS, Metrics
 
-__all__ = ["stats", "process_stats", "redis_stats", "postgres_stats", "cache_functions", "FEATURE_PREFIXES"]
+__all__ = ["stats", "summary", "process_stats", "redis_stats", "postgres_stats", "cache_functions",
+           "FEATURE_PREFIXES"]
 
 # Metric name prefix -> section of the report.
 FEATURE_PREFIXES: Tuple[Tuple[str, str], ...] = (
@@ -185,6 +186,54 @@ def postgres_stats() -> Dict[str, Any]:
     }
 
 
+def summary(metrics: Metrics = METRICS) -> Dict[str, Any]:
+    """The handful of numbers an operator looks at first, for this process.
+
+    Cache hits per tier, fallbacks per feature, retries per backend, lock
+    waits and timeouts, rate-limit rejections. (Breaker states are in the
+    ``redis``/``postgres`` sections of `stats`.)
+    """
+    totals: Dict[str, float] = {}
+    by_label: Dict[str, Dict[str, float]] = {}
+    lock_timeouts = 0.0
+    for name, labels, value in metrics.counters():
+        totals[name] = totals.get(name, 0.0) + value
+        if name == "lock_acquire_total" and labels.get("outcome") == "timeout":
+            lock_timeouts += value
+        if name in ("backend_retries_total", "backend_failures_total", "breaker_rejections_total"):
+            per = by_label.setdefault(name, {})
+            backend = labels.get("backend", "")
+            per[backend] = per.get(backend, 0.0) + value
+    waits = [h for h in metrics.histograms() if h[0] == "lock_wait_seconds"]
+    wait_count = sum(h[4] for h in waits)
+    wait_total = sum(h[3] for h in waits)
+    cache: Dict[str, Any] = {}
+    for info in cache_functions().values():
+        for key in ("l1_hits", "l2_hits", "misses", "loader_calls", "errors", "stale_served"):
+            cache[key] = cache.get(key, 0) + info.get(key, 0)
+    lookups = cache.get("l1_hits", 0) + cache.get("l2_hits", 0) + cache.get("misses", 0)
+    if lookups:
+        cache["hit_ratio_l1"] = round(cache["l1_hits"] / lookups, 4)
+        cache["hit_ratio_l2"] = round(cache["l2_hits"] / lookups, 4)
+    return {
+        "metadata_cache": cache,
+        "fallbacks": {
+            "locks": totals.get("lock_fallback_total", 0.0),
+            "rate_limits": totals.get("ratelimit_fallback_total", 0.0),
+            "sessions": totals.get("session_fallback_total", 0.0),
+            "metadata_cache_stale_served": totals.get("cache_stale_served_total", 0.0),
+        },
+        "retries": by_label.get("backend_retries_total", {}),
+        "backend_failures": by_label.get("backend_failures_total", {}),
+        "breaker_rejections": by_label.get("breaker_rejections_total", {}),
+        "lock_waits": {"count": wait_count, "mean_s": wait_total / wait_count if wait_count else 0.0},
+        "lock_timeouts": lock_timeouts,
+        "locks_lost": totals.get("lock_lost_total", 0.0),
+        "ratelimit_rejections": totals.get("ratelimit_rejections_total", 0.0),
+        "ratelimit_admissions": totals.get("ratelimit_hits_total", 0.0),
+    }
+
+
 def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
           metrics: Optional[Metrics] = None) -> Dict[str, Any]:
     """A JSON-ready report: this process's metrics, plus backend facts.
@@ -197,6 +246,7 @@ def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
     report: Dict[str, Any] = {
         "mode": "local" if s.local_mode else "redis",
         "key_prefix": s.key_prefix,
+        "summary": summary(metrics or METRICS),
         "process": process_stats(metrics or METRICS),
     }
     if backends:

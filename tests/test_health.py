@@ -115,3 +115,18 @@ def test_stats_show_cache_hits_per_tier_for_this_process(redis_mode: str) -> Non
     assert info["loader_calls"] == 1
     assert info["l1_hits"] + info["l2_hits"] == 2
     assert info["hit_ratio_l1"] + info["hit_ratio_l2"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_stats_summary_gives_the_operator_numbers_first() -> None:
+    METRICS.inc("lock_acquire_total", backend="redis", outcome="timeout")
+    METRICS.inc("lock_acquire_total", backend="redis", outcome="acquired")
+    METRICS.observe("lock_wait_seconds", 0.5, backend="redis")
+    METRICS.inc("ratelimit_rejections_total", 3, limiter="kg", backend="redis")
+    METRICS.inc("lock_fallback_total", to="postgres")
+    METRICS.inc("backend_retries_total", 2, backend="redis")
+    summary = stats(backends=False)["summary"]
+    assert summary["lock_timeouts"] == 1
+    assert summary["lock_waits"] == {"count": 1, "mean_s": 0.5}
+    assert summary["ratelimit_rejections"] == 3
+    assert summary["fallbacks"]["locks"] == 1
+    assert summary["retries"] == {"redis": 2}
