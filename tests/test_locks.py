@@ -585,3 +585,30 @@ def test_reconfiguring_forgets_reentrancy_of_earlier_holds(redis_mode: str) -> N
     held.release()  # the earlier hold can still be given back
     with mcp_redis.agent_lock("gen", blocking_timeout=0):
         pass
+
+
+def test_waiter_killed_while_queued_delays_the_next_by_at_most_the_handoff_grace(redis_mode: str) -> None:
+    r = raw(redis_mode)
+    holder = mcp_redis.agent_lock("deadwaiter", timeout=10)
+    holder.acquire()
+    doomed = _spawn(workers_locks.wait_forever, {"redis_url": redis_mode}, "deadwaiter")
+    try:
+        wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=60, what="the doomed waiter queued")
+        entered: List[float] = []
+
+        def patient() -> None:
+            with mcp_redis.agent_lock("deadwaiter", blocking_timeout=10):
+                entered.append(time.monotonic())
+
+        t = threading.Thread(target=patient)
+        t.start()
+        wait_for(lambda: r.llen(holder.key + "#queue") == 2, timeout=5, what="the patient waiter queued")
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.join(10)
+        holder.release()  # reserves the lock for the dead waiter first
+        released = time.monotonic()
+        t.join(10)
+    finally:
+        if doomed.is_alive():
+            doomed.kill()
+    assert entered and entered[0] - released < HANDOFF_GRACE + 0.5

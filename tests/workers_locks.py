@@ -105,3 +105,13 @@ def hold_forever(settings: Dict[str, Any], name: str, lease: float, ready: Any) 
     ready.put((os.getpid(), held.fencing_token))
     while True:
         time.sleep(60)
+
+
+def wait_forever(settings: Dict[str, Any], name: str) -> None:
+    """Queue for agent_lock(name) and wait until killed."""
+    _configure(settings)
+    import mcp_redis
+
+    mcp_redis.agent_lock(name, blocking_timeout=None).acquire()
+    while True:
+        time.sleep(60)
