@@ -140,19 +140,30 @@ def bench_stream(url: str, latency_n: int, n: int) -> Dict[str, Any]:
     return summary("EventStream add -> handler (+ack)", lat, n, seconds)
 
 
+def median_row(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out = dict(rows[0])
+    for field in ("p50_us", "p99_us", "mean_us", "throughput_per_s"):
+        out[field] = statistics.median(r[field] for r in rows)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n", type=int, default=20_000, help="events per throughput case")
     parser.add_argument("--latency-n", type=int, default=2_000, help="events per latency case")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (cases interleaved); medians reported")
     args = parser.parse_args()
+    results: Dict[str, List[Dict[str, Any]]] = {}
     with RedisServer() as server:
-        rows = [
-            bench_raw(server.url, args.latency_n, args.n),
-            bench_bus(server.url, args.latency_n, args.n),
-            bench_stream(server.url, args.latency_n, args.n),
-        ]
+        for _ in range(args.rounds):
+            for case in (bench_raw, bench_bus, bench_stream):
+                row = case(server.url, args.latency_n, args.n)
+                results.setdefault(row["case"], []).append(row)
+                server.client().flushall()
     mcp_redis.reset(configuration=True)
+    rows = [median_row(r) for r in results.values()]
     width = max(len(r["case"]) for r in rows)
+    print(f"medians of {args.rounds} interleaved rounds; n={args.n}, latency-n={args.latency_n}")
     print(f"{'case':<{width}}  {'p50 µs':>8}  {'p99 µs':>8}  {'mean µs':>8}  {'events/s':>9}")
     for r in rows:
         print(f"{r['case']:<{width}}  {r['p50_us']:>8}  {r['p99_us']:>8}  {r['mean_us']:>8}  {r['throughput_per_s']:>9}")
