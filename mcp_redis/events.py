@@ -325,7 +325,8 @@ class EventBus:
         """Send `event` (a JSON-ready dict) on `channel`; returns the receivers.
 
         Receivers are counted by Redis (every subscribed connection, in every
-        process). At-most-once: nobody subscribed means nobody gets it.
+        process; in a cluster, only those on the node that took the PUBLISH).
+        At-most-once: nobody subscribed means nobody gets it.
         Raises `BackendUnavailable` when Redis does not answer.
         """
         name = _check_channel(channel)
