@@ -227,6 +227,7 @@ def run_demo(options: Optional[DemoOptions] = None) -> Dict[str, Any]:
             "lock_dir": os.path.join(state_dir, "locks"),
         }
         mcp_redis.configure(**worker_settings)
+        _check_redis_answers(backends)
         s = settings()
         modes = {f: s.mode(f).value for f in ("sessions", "locks", "rate_limits", "metadata_cache")}
         progress.message(f"mcp-redis demo: redis: {backends.redis_note}")
@@ -326,6 +327,20 @@ def run_demo(options: Optional[DemoOptions] = None) -> Dict[str, Any]:
         shutil.rmtree(state_dir, ignore_errors=True)
         # The demo's configure() overrides must not outlive it.
         mcp_redis.reset(configuration=True)
+
+
+def _check_redis_answers(backends: _Backends) -> None:
+    if not backends.redis_url:
+        return
+    from .connections import get_redis
+    from .errors import BackendUnavailable
+
+    conn = get_redis()
+    try:
+        conn.call(conn.client.ping, attempts=1)
+    except Exception as exc:
+        hint = "; unset REDIS_URL to let the demo start its own redis-server" if backends.server is None else ""
+        raise BackendUnavailable(f"Redis at {conn.url} does not answer ({type(exc).__name__}){hint}") from None
 
 
 def _wait(done: Callable[[], bool], failed: Callable[[], List[Any]], timeout: float, what: str) -> None:

@@ -105,3 +105,12 @@ def test_a_bad_redis_url_is_a_configuration_error_without_the_password() -> None
     assert out.returncode == 2
     assert "REDIS_URL" in out.stderr or "redis_url" in out.stderr
     assert SECRET not in out.stdout + out.stderr
+
+
+def test_demo_against_a_redis_that_does_not_answer_exits_2_and_says_why() -> None:
+    from mcp_redis.testing import free_port
+
+    out = run_cli("demo", "--seconds", "1", env={"REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"})
+    assert out.returncode == 2
+    assert "does not answer" in out.stderr
+    assert SECRET not in out.stdout + out.stderr
