@@ -238,17 +238,26 @@ class SentinelTopology:
 
     def healthy(self) -> bool:
         """Every process runs, and every Sentinel sees the master, all replicas and its peers."""
-        if not self.sentinels:
-            return False
-        if not all(n.running for n in self.nodes) or not all(s.running for s in self.sentinels):
-            return False
-        try:
-            return all(self._sentinel_view_ok(s) for s in self.sentinels) and self._replication_ok()
-        except Exception:
-            return False
+        return self.problem() is None
 
-    def _sentinel_view_ok(self, sentinel: SentinelServer) -> bool:
-        """This Sentinel could fail over right now: it sees its peers and good replicas.
+    def problem(self) -> Optional[str]:
+        """Why the topology is not at full strength (None when it is)."""
+        if not self.sentinels:
+            return "not started"
+        down = [str(x.port) for x in [*self.nodes, *self.sentinels] if not x.running]
+        if down:
+            return f"not running: {', '.join(down)}"
+        try:
+            for sentinel in self.sentinels:
+                problem = self._sentinel_problem(sentinel)
+                if problem:
+                    return f"sentinel {sentinel.port}: {problem}"
+            return self._replication_problem()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def _sentinel_problem(self, sentinel: SentinelServer) -> Optional[str]:
+        """Could this Sentinel fail over right now? (It sees its peers and good replicas.)
 
         A replica is good when Sentinel's link to it is up and its last INFO
         says it replicates from the master (what ``SENTINEL FAILOVER`` needs
@@ -260,31 +269,39 @@ class SentinelTopology:
             replicas = client.sentinel_slaves(self.service)
         finally:
             client.close()
-        if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown"):
-            return False
-        if "failover_in_progress" in str(state.get("flags", "")):
-            return False
+        flags = str(state.get("flags", ""))
+        if not state.get("is_master") or state.get("is_sdown") or state.get("is_odown") or "failover" in flags:
+            return f"master flags {flags}"
         if int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
-            return False
+            return f"sees {state.get('num-other-sentinels')} other sentinels"
         master_port = int(state.get("port", 0))
         if master_port != self.master_address()[1]:
-            return False
-        good = [
-            r for r in replicas
-            if not (r.get("is_sdown") or r.get("is_odown") or r.get("is_disconnected"))
-            and r.get("master-link-status") == "ok"
-            and int(r.get("master-port", 0)) == master_port
+            return f"names master {master_port}, another sentinel {self.master_address()[1]}"
+        bad = [
+            f"{r.get('port')}({r.get('flags')}, link {r.get('master-link-status')}, of {r.get('master-port')})"
+            for r in replicas
+            if r.get("is_sdown") or r.get("is_odown") or r.get("is_disconnected")
+            or r.get("master-link-status") != "ok"
+            or int(r.get("master-port", 0)) != master_port
         ]
-        return len(good) >= len(self.nodes) - 1
+        if len(replicas) - len(bad) < len(self.nodes) - 1:
+            return f"replicas not ready: {bad or 'none known'}"
+        return None
 
-    def _replication_ok(self) -> bool:
+    def _replication_problem(self) -> Optional[str]:
         master = self.master
         info = _info(master, "replication")
         online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"]
-        return info.get("role") == "master" and len(online) >= len(self.nodes) - 1
+        if info.get("role") != "master" or len(online) < len(self.nodes) - 1:
+            return f"master {master.port}: role {info.get('role')}, {len(online)} replicas online"
+        return None
 
     def wait_until_healthy(self, timeout: float = 30.0) -> None:
-        wait_for(self.healthy, timeout, interval=0.1, what="a healthy Sentinel topology")
+        """Wait for `healthy`; the timeout error says what was still wrong."""
+        try:
+            wait_for(self.healthy, timeout, interval=0.1, what="a healthy Sentinel topology")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self.problem()}") from None
 
     # -- faults ----------------------------------------------------------------
     def kill_master(self) -> RedisServer:
@@ -357,7 +374,11 @@ class SentinelTopology:
         return self.wait_for_failover(old, timeout)
 
     def heal(self, timeout: float = 30.0) -> None:
-        """Restart every stopped process (old masters as replicas of the current one)."""
+        """Restart every stopped process (old masters as replicas of the current one).
+
+        An old master still running as a master (after a graceful failover) is
+        made a replica at once rather than after Sentinel's ~8 s wait.
+        """
         for sentinel in self.sentinels:
             if not sentinel.running:
                 sentinel.start()
@@ -368,6 +389,9 @@ class SentinelTopology:
             if not node.running:
                 node.args = self._replica_args(master)
                 node.start()
+            elif node is not master and _info(node, "replication").get("role") == "master":
+                # A demoted master that Sentinel has not converted yet (it waits ~8 s).
+                _command(node, "REPLICAOF", "127.0.0.1", str(master.port))
         self.wait_until_healthy(timeout)
 
     def flushall(self) -> None:
@@ -485,26 +509,38 @@ class ClusterTopology:
 
     def healthy(self) -> bool:
         """All nodes up, ``cluster_state:ok``, one slot map, replicas in sync, no open migration."""
-        if not all(n.running for n in self.nodes):
-            return False
+        return self.problem() is None
+
+    def problem(self) -> Optional[str]:
+        """Why the cluster is not healthy (None when it is)."""
+        down = [str(n.port) for n in self.nodes if not n.running]
+        if down:
+            return f"not running: {', '.join(down)}"
         try:
             maps = set()
             for node in self.nodes:
                 info, nodes = self._cluster_view(node)
                 if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
-                    return False
-                if any("fail" in n["flags"] or n["migrating"] for n in nodes):
-                    return False
+                    return f"node {node.port}: state {info.get('cluster_state')}, knows {info.get('cluster_known_nodes')}"
+                odd = [f"{n['port']}({n['flags']})" for n in nodes if "fail" in n["flags"] or n["migrating"]]
+                if odd:
+                    return f"node {node.port} sees failing or migrating nodes: {odd}"
                 maps.add(tuple(sorted((n["port"], tuple(n["slots"])) for n in nodes if "master" in n["flags"])))
                 me = next(n for n in nodes if "myself" in n["flags"])
                 if "slave" in me["flags"] and _info(node, "replication").get("master_link_status") != "up":
-                    return False
-            return len(maps) == 1
-        except Exception:
-            return False
+                    return f"replica {node.port}: link to its master down"
+            if len(maps) != 1:
+                return "nodes disagree on the slot map"
+            return None
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     def wait_until_healthy(self, timeout: float = 60.0) -> None:
-        wait_for(self.healthy, timeout, interval=0.1, what="a healthy Redis Cluster")
+        """Wait for `healthy`; the timeout error says what was still wrong."""
+        try:
+            wait_for(self.healthy, timeout, interval=0.1, what="a healthy Redis Cluster")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self.problem()}") from None
 
     # -- the slot map ----------------------------------------------------------
     def _view(self) -> List[Dict[str, Any]]:

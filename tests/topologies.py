@@ -15,12 +15,17 @@ Import them in ``tests/conftest.py``::
 
 A missing binary skips (or fails, under ``MCP_REDIS_REQUIRE_SERVERS=1``) as
 ``missing_server`` does in conftest.
+
+Each topology is started once per process even when several test modules
+do ``from tests.topologies import *`` (which gives pytest one session
+fixture per module): the fixtures share the instances kept here.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-from typing import Iterator, List
+from typing import Callable, Dict, Iterator, List, TypeVar, Union
 
 import pytest
 
@@ -40,6 +45,29 @@ __all__ = [
 ]
 
 ALL_TOPOLOGIES = ("single", "sentinel", "cluster")
+Topology = Union[SentinelTopology, ClusterTopology]
+T = TypeVar("T", SentinelTopology, ClusterTopology)
+_running: Dict[str, Topology] = {}
+
+
+def _shared(name: str, make: Callable[[], T]) -> T:
+    """The process's one running topology called `name` (started on first use)."""
+    topology = _running.get(name)
+    if topology is None:
+        topology = _running[name] = make().start()
+    return topology  # type: ignore[return-value]
+
+
+def _stop(name: str) -> None:
+    topology = _running.pop(name, None)
+    if topology is not None:
+        topology.cleanup()
+
+
+@atexit.register
+def _stop_all() -> None:  # an interrupted run leaves no redis-server behind
+    for name in list(_running):
+        _stop(name)
 
 
 def _selected() -> List[str]:
@@ -65,8 +93,8 @@ def sentinel_topology_session() -> Iterator[SentinelTopology]:
     """One master, two replicas, three Sentinels for the whole run (unhealed, not flushed)."""
     if redis_binary() is None:
         _missing("redis-server binary not found (needed for Sentinel)")
-    with SentinelTopology() as topology:
-        yield topology
+    yield _shared("sentinel", SentinelTopology)
+    _stop("sentinel")
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +102,8 @@ def cluster_topology_session() -> Iterator[ClusterTopology]:
     """Three masters with a replica each for the whole run (unhealed, not flushed)."""
     if redis_binary() is None or redis_binary("redis-cli") is None:
         _missing("redis-server or redis-cli binary not found (needed for Cluster)")
-    with ClusterTopology(masters=3, replicas=1) as topology:
-        yield topology
+    yield _shared("cluster", lambda: ClusterTopology(masters=3, replicas=1))
+    _stop("cluster")
 
 
 @pytest.fixture
