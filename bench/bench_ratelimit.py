@@ -8,9 +8,11 @@ server: the floor (a raw EVALSHA of ``return 1``), PING, mcp_redis's four
 algorithms (full result: allowed, remaining, retry_after, reset_after) and
 a two-limit call, `limits` (moving window, sliding-window counter, fixed
 window; with and without ``get_window_stats``), and pyrate-limiter's Redis
-bucket (sliding log) and GCRA state bucket. Rounds rotate the case order;
-the table shows the median of the per-round medians (and of the p99s) and
-the ratio to the floor. Peers that are not installed are marked so.
+bucket (sliding log) and GCRA state bucket. Rounds rotate the case order, and
+every block of calls is paired with a block of the floor run just before it;
+the table shows the median of the per-round medians (and of the p99s) and the
+median of the paired ratios to the floor (robust to a machine whose load
+drifts). Peers that are not installed are marked so.
 """
 
 from __future__ import annotations
@@ -104,26 +106,33 @@ def measure(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000, help="timed calls per block")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     with RedisServer() as server:
         cases = build_cases(server)
+        floor_name, floor_fn, _ = cases[0]
+        assert floor_fn is not None
         runnable = [c for c in cases if c[1] is not None]
         medians: Dict[str, List[float]] = {name: [] for name, _, _ in runnable}
         p99s: Dict[str, List[float]] = {name: [] for name, _, _ in runnable}
+        ratios: Dict[str, List[float]] = {name: [] for name, _, _ in runnable}
         for r in range(args.rounds):
             order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
             for name, fn, _ in order:
                 assert fn is not None
+                # Each block is paired with a floor block run just before it:
+                # on a shared machine the load drifts, the paired ratio less so.
+                floor_med, _ = measure(floor_fn, args.calls)
                 med, p99 = measure(fn, args.calls)
                 medians[name].append(med)
                 p99s[name].append(p99)
-        floor = statistics.median(medians[cases[0][0]])
-        print(f"redis-server on loopback; {args.rounds} rounds x {args.calls} calls, case order rotated; "
+                ratios[name].append(med / floor_med)
+        print(f"redis-server {server.client().info('server')['redis_version']} on loopback; "
+              f"{args.rounds} rounds x {args.calls} calls per case, each block paired with a floor block; "
               f"redis-py {__import__('redis').__version__}\n")
-        print("| case | median µs [min-max of rounds] | p99 µs | × floor | round trips |")
+        print("| case | median µs [min-max of rounds] | p99 µs | × floor (paired) | round trips |")
         print("|---|---:|---:|---:|---|")
         for name, fn, trips in cases:
             if fn is None:
@@ -132,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             med = statistics.median(medians[name])
             lo, hi = min(medians[name]), max(medians[name])
             print(f"| {name} | {med:.1f} [{lo:.0f}-{hi:.0f}] | {statistics.median(p99s[name]):.1f} | "
-                  f"{med / floor:.2f} | {trips} |")
+                  f"{statistics.median(ratios[name]):.2f} | {trips} |")
         mcp_redis.reset(configuration=True)
 
 
