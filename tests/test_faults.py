@@ -412,3 +412,40 @@ def test_event_publish_is_bounded_and_subscription_resumes(faulty: FaultProxy, f
         wait_for(delivered, timeout=15, interval=0.1, what="subscription resumed after the fault")
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_backend_facade_follows_the_feature_policies(faulty: FaultProxy, database_url: str, fault: Fault,
+                                                     latency: float) -> None:
+    """RedisBackend under a fault: cache miss (None), sessions from PostgreSQL,
+    rate limits from the local limiter, locks fail closed — each within budget."""
+    RedisBackend = feature("RedisBackend")
+    mcp_redis.configure(database_url=database_url)
+    backend = RedisBackend()
+    session = unique("facade")
+    backend.set_session(session, "agent-facade", ttl=300)
+    backend.cache_set(session, {"v": 1}, ttl=60)
+    inject(faulty, fault, latency)
+    budget = 2 * call_budget()
+    outcomes = {}
+    for name, fn in [("get_session", lambda: backend.get_session(session)),
+                     ("cache_get", lambda: backend.cache_get(session)),
+                     ("cache_set", lambda: backend.cache_set(session, {"v": 2}, ttl=60)),
+                     ("check_rate_limit", lambda: backend.check_rate_limit(session, 5, 60))]:
+        seconds, value, exc = timed(fn)
+        assert exc is None, f"{name} raised under {fault.value}: {exc!r}"
+        assert seconds <= budget, f"{name} took {seconds:.2f}s"
+        outcomes[name] = value
+    assert outcomes["get_session"] == "agent-facade"
+    assert outcomes["cache_get"] in (None, {"v": 1})
+    assert outcomes["check_rate_limit"] is True
+
+    def take() -> None:
+        with backend.acquire_lock(session, timeout=2, blocking_timeout=1):
+            raise AssertionError("lock granted while Redis is unreachable")
+
+    seconds, _, exc = timed(take)
+    assert isinstance(exc, BackendUnavailable), repr(exc)
+    assert seconds <= budget
+    record("RedisBackend", fault, "session from PG, cache miss, local limit, lock fails closed", seconds)
+    faulty.pass_through()

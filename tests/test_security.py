@@ -193,7 +193,10 @@ class Pki:
                  "-days", "2", "-subj", "/CN=mcp_redis test CA", cwd=d)
         (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
         (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-        for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=mcp_redis client")):
+        # Signed by the trusted CA, but for another host: the name check must refuse it.
+        (d / "otherhost.ext").write_text("subjectAltName=DNS:redis.example.org\n")
+        for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=mcp_redis client"),
+                              ("otherhost", "/CN=redis.example.org")):
             _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                      "-subj", subject, cwd=d)
             _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -267,6 +270,20 @@ def test_untrusted_server_certificate_is_refused(pki: Pki) -> None:
         assert "certificate verify failed" in str(info.value).lower() or "ssl" in str(info.value).lower()
     finally:
         rogue.cleanup()
+
+
+def test_certificate_for_another_host_is_refused(pki: Pki) -> None:
+    """A valid certificate from the trusted CA, issued to another name: host name checking is on."""
+    impostor = _tls_server(pki, cert="otherhost", auth_clients="no")
+    try:
+        mcp_redis.configure(redis_url=tls_url(impostor), ssl_ca_certs=pki.path("ca.crt"), **FAST)
+        conn = get_redis()
+        with pytest.raises(BackendUnavailable) as info:
+            conn.call(conn.client.ping)
+        assert "hostname" in str(info.value).lower() or "ip address mismatch" in str(info.value).lower() or \
+            "certificate verify failed" in str(info.value).lower()
+    finally:
+        impostor.cleanup()
 
 
 def test_server_demanding_a_client_certificate_refuses_one_without(tls_server: RedisServer, pki: Pki) -> None:
