@@ -221,6 +221,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--log-level: unknown level {args.log_level!r}")
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `mcp-redis stats | head`: the reader left, not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"mcp-redis {args.command}: interrupted", file=sys.stderr)
         return 130
