@@ -54,6 +54,7 @@ class RedisBackend:
     # -- sessions ------------------------------------------------------------------
     def get_session(self, session_key: str) -> Optional[str]:
         """The agent bound to `session_key`, or None."""
+        validate_id(session_key, "session_key")
         return self._sessions.get(session_key)
 
     def set_session(self, session_key: str, agent_id: str, ttl: Optional[float] = 3600) -> None:
@@ -63,11 +64,13 @@ class RedisBackend:
     # -- locks ----------------------------------------------------------------------
     def acquire_lock(self, key: str, timeout: float = 30, blocking_timeout: Optional[float] = 5.0) -> AgentLock:
         """The lock named `key` (lease `timeout`, renewed while held) as a context manager."""
+        validate_id(key, "key")
         return agent_lock(key, timeout=timeout, blocking_timeout=blocking_timeout)
 
     # -- rate limits ------------------------------------------------------------------
     def check_rate_limit(self, key: str, limit: int, window: float) -> bool:
         """Consume one call of `limit` per `window` seconds for `key`; True = allowed."""
+        validate_id(key, "key")
         limiter = self._limiter(limit, window)
         return limiter.hit(key).allowed
 
