@@ -83,9 +83,9 @@ def micro(url: str, n: int) -> List[Tuple[str, float, float, str]]:
     lock = threading.Lock()
     ttl_cache["agent-1"] = json.loads(json.dumps(DOC))
 
-    def bare_l1() -> Any:
+    def bare_l1(agent_id: str) -> Any:
         with lock:
-            return ttl_cache["agent-1"]
+            return ttl_cache[agent_id]
 
     @cached_metadata(namespace="bench.l1", ttl=300)
     def l1_meta(agent_id: str) -> Dict[str, Any]:
@@ -98,8 +98,8 @@ def micro(url: str, n: int) -> List[Tuple[str, float, float, str]]:
     # Baseline 2: raw redis-py GET + json.loads, same client and server.
     client.set("bench:raw", json.dumps(DOC), ex=600)
 
-    def raw_get() -> Any:
-        return json.loads(client.get("bench:raw"))
+    def raw_get(key: str) -> Any:
+        return json.loads(client.get(key))
 
     # L2 hits: an L1 of one entry and two alternating keys, so every call
     # misses L1, hits L2 and refills L1 (the whole L2-hit path).
@@ -137,9 +137,9 @@ def micro(url: str, n: int) -> List[Tuple[str, float, float, str]]:
         print("dogpile.cache not installed (pip install dogpile.cache): its row is skipped", file=sys.stderr)
 
     cases: Dict[str, Tuple[Callable[[], Any], int]] = {
-        "bare TTLCache + Lock lookup": (bare_l1, 100),
+        "bare TTLCache + Lock lookup": (lambda: bare_l1("agent-1"), 100),
         "cached_metadata L1 hit": (lambda: l1_meta("agent-1"), 100),
-        "raw redis-py GET + json.loads": (raw_get, 1),
+        "raw redis-py GET + json.loads": (lambda: raw_get("bench:raw"), 1),
         "cached_metadata L2 hit": (l2_hit, 1),
     }
     if dogpile_get is not None:

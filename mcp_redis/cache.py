@@ -515,14 +515,16 @@ class CachedFunction(Generic[R]):
 
     # -- calls ---------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> R:
+        # The L1 hit path: keep it to one settings check, one lock, one lookup.
         st = self._st
-        if st is None or st.settings is not settings():
+        if st is None or st.settings is not settings() or st.mode is Mode.OFF:
             st = self._state()
-        if st.mode is Mode.OFF:
-            return self._call_off(args, kwargs)
+            if st.mode is Mode.OFF:
+                return self._call_off(args, kwargs)
         key: Hashable
-        if self._fast and not kwargs and len(args) == 1 and type(args[0]) is str:
-            key, l2id = args[0], None
+        if not kwargs and len(args) == 1 and type(args[0]) is str and self._fast:
+            key = args[0]
+            l2id = None
         else:
             key, l2id = self._key(args, kwargs)
         with self._lock:
@@ -533,7 +535,8 @@ class CachedFunction(Generic[R]):
                 entry = None
         if entry is not None:
             bd = entry[2]
-            # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry.
+            # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry
+            # (bd is 0 unless this L1 copy outlives the start of that window).
             if not bd or time.time() - bd * math.log(1.0 - random.random()) < entry[1]:
                 return entry[0]  # type: ignore[no-any-return]
         return self._miss(st, key, l2id, args, kwargs, entry)
@@ -827,12 +830,13 @@ class CachedFunction(Generic[R]):
                 log.debug("cache %s: batch write-back failed (%s)", self.namespace, type(exc).__name__)
 
     def _fill_pipeline(self, conn: RedisConnection, writes: Sequence[Tuple[Tuple[str, str], str, str, float]]) -> Any:
-        # EVAL, not EVALSHA: a cluster pipeline does not load scripts per node.
+        # EVAL, not EVALSHA: a cluster pipeline does not load scripts per node
+        # (and its .eval() is no command), so the command is sent as is.
         pipe = conn.client.pipeline(transaction=False)
         now = time.time()
         for (value_key, epoch_key), epoch, text, expiry in writes:
             px = max(int((expiry - now + self._max_stale) * 1000), 1)
-            pipe.eval(_FILL_SRC, 2, value_key, epoch_key, epoch, text, px)
+            pipe.execute_command("EVAL", _FILL_SRC, 2, value_key, epoch_key, epoch, text, px)
         return pipe.execute()
 
     def _load_batch(self, items: List[Any], loader: Optional[Callable[[List[Any]], Mapping[Any, Any]]]) -> Dict[Any, Any]:
