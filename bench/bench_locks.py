@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - optional peer
     redis_lock = None
 
 Case = Tuple[str, Callable[[], object]]
+server_side: Dict[str, float] = {}  # case -> µs of Redis CPU per iteration
 
 
 def _sample(fn: Callable[[], object], n: int) -> List[float]:
@@ -96,6 +97,12 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
     samples: Dict[str, List[float]] = {name: [] for name, _ in cases}
     for _, fn in cases:
         _sample(fn, min(300, n))
+    server_side.clear()
+    for name, fn in cases:  # Redis's own time per iteration (INFO commandstats)
+        client.config_resetstat()
+        _sample(fn, 1000)
+        stats = client.info("commandstats")
+        server_side[name] = sum(v["usec"] for v in stats.values() if isinstance(v, dict)) / 1000
     block = 100
     for r in range(rounds):
         for start in range(0, n, block):
@@ -226,11 +233,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         samples = uncontended(server, args.n, args.rounds)
         base = statistics.median(samples["redis-py Lock (object reused)"])
         print(f"## Uncontended acquire+release ({args.rounds} rounds × {args.n}, interleaved blocks of 100)\n")
-        print("| case | median µs | p99 µs | ratio to redis-py Lock (median) |")
-        print("|---|---:|---:|---:|")
+        print("| case | median µs | p99 µs | ratio to redis-py Lock (median) | Redis CPU µs |")
+        print("|---|---:|---:|---:|---:|")
         for name, values in samples.items():
             med = statistics.median(values)
-            print(f"| {name} | {med * 1e6:.1f} | {_p(values, 0.99) * 1e6:.1f} | {med / base:.2f}× |")
+            print(f"| {name} | {med * 1e6:.1f} | {_p(values, 0.99) * 1e6:.1f} | {med / base:.2f}× | "
+                  f"{server_side.get(name, 0.0):.1f} |")
         if redis_lock is None:
             print("| python-redis-lock | not installed | | |")
 

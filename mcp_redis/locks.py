@@ -182,6 +182,29 @@ class _Keys:
         return self.signal_base + ticket
 
 
+_KEYS_CACHE: Dict[Tuple[str, str, Tuple[str, ...]], _Keys] = {}
+_KEYS_CACHE_MAX = 4096
+
+
+def _keys_for(prefix: str, namespace: str, ids: Tuple[str, ...]) -> _Keys:
+    """The keys of one lock (memoised: `agent_lock` builds a new object per call)."""
+    cache_key = (prefix, namespace, ids)
+    keys = _KEYS_CACHE.get(cache_key)
+    if keys is None:
+        space = KeySpace(prefix)
+        keys = _Keys(
+            space.key(namespace, *ids, tag=True),
+            space.key(namespace, *ids, tag=True, suffix="fence"),
+            space.key(namespace, *ids, tag=True, suffix="queue"),
+            space.key(namespace, *ids, tag=True, suffix="w"),
+            prefix,
+        )
+        if len(_KEYS_CACHE) >= _KEYS_CACHE_MAX:
+            _KEYS_CACHE.clear()
+        _KEYS_CACHE[cache_key] = keys
+    return keys
+
+
 class _Backend:
     """How one kind of store takes, keeps and gives back a lock."""
 
@@ -573,6 +596,7 @@ class _Watchdog:
         self._holds: Dict[int, _Hold] = {}
         self._thread: Optional[threading.Thread] = None
         self._pid = _pid
+        self._wake_at = float("inf")  # when the thread will next look, unless notified
 
     def add(self, hold: _Hold) -> None:
         with self._cond:
@@ -581,7 +605,8 @@ class _Watchdog:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif hold.next_renewal < self._wake_at:
+                self._cond.notify()
 
     def discard(self, hold: _Hold) -> None:
         with self._cond:
@@ -603,9 +628,12 @@ class _Watchdog:
                 now = time.monotonic()
                 due = [h for h in self._holds.values() if h.next_renewal <= now]
                 if not due:
-                    nxt = min((h.next_renewal for h in self._holds.values()), default=None)
-                    self._cond.wait(None if nxt is None else nxt - now)
+                    nxt = min((h.next_renewal for h in self._holds.values()), default=float("inf"))
+                    self._wake_at = nxt
+                    self._cond.wait(None if nxt == float("inf") else nxt - now)
+                    self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
                     continue
+                self._wake_at = 0.0
             for hold in due:
                 self._renew(hold)
 
@@ -752,17 +780,7 @@ class DistributedLock:
         prefix = settings().key_prefix
         keys = self._keys
         if keys is None or keys.prefix != prefix:
-            space = KeySpace(prefix)
-            ids = self._ids()
-            ns = self._namespace
-            keys = _Keys(
-                space.key(ns, *ids, tag=True),
-                space.key(ns, *ids, tag=True, suffix="fence"),
-                space.key(ns, *ids, tag=True, suffix="queue"),
-                space.key(ns, *ids, tag=True, suffix="w"),
-                prefix,
-            )
-            self._keys = keys
+            keys = self._keys = _keys_for(prefix, self._namespace, self._ids())
         return keys
 
     @property
