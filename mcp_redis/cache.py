@@ -1005,7 +1005,10 @@ class CachedFunction(Generic[R]):
             self._set_generation(str(msg["g"]), self._state())
 
     def _after_fork(self) -> None:
+        # A parent thread may have held the lock mid-update; and the child's
+        # L1 would miss invalidations until its own listener starts.
         self._lock = threading.Lock()
+        self._l1 = TLRUCache(self._maxsize, ttu=_l1_deadline, timer=time.monotonic)
         self._flights = {}
         self._gen = None
         self._gen_seq += 1

@@ -556,3 +556,27 @@ def test_get_many_without_batch_loader_calls_the_function_per_miss(redis_mode: s
     assert load.get_many(["a1", "a2", "a3", "a2"]) == {f"a{i}": {"agent_id": f"a{i}", "version": 0}
                                                      for i in (1, 2, 3)}
     assert source.loads == ["a1", "a2", "a3"]
+
+
+def test_forked_child_starts_with_an_empty_l1(redis_mode: str) -> None:
+    """The child has no listener yet, so it must not serve the parent's L1."""
+    import os
+
+    source = Source()
+    load = make(source)
+    listening(load)
+    load("a1")
+    assert load.cache_info().l1_size == 1
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            code = 0 if load.cache_info().l1_size == 0 and load("a1") == {"agent_id": "a1", "version": 0} else 2
+        except BaseException as exc:
+            print("child failed:", repr(exc))
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert load.cache_info().l1_size == 1  # the parent's L1 is untouched
