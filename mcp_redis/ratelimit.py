@@ -306,7 +306,7 @@ class RateLimiter:
         self._plan_cache = (s, plan)
         return plan
 
-    def _run(self, key: str, cost: int, consume: bool, _now_us: int = -1) -> RateLimitResult:
+    def _run(self, key: str, cost: int, consume: bool) -> RateLimitResult:
         key = validate_id(key, "key")
         cost = _check_int(cost, "cost")
         s = settings()
@@ -317,7 +317,7 @@ class RateLimiter:
         if mode is Mode.REDIS:
             try:
                 reply = _redis_storage().acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
-                                                 consume, _now_us)
+                                                 consume)
             except (BackendUnavailable, redis.exceptions.RedisError) as exc:
                 return self._fallback(s, plan, key, cost, consume, "redis", exc)
             if _outage["redis"]:
