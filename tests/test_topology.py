@@ -410,3 +410,56 @@ def test_slot_migration_under_load_is_absorbed(
     for name, value in figures.items():
         record_property(name, value)
     print(f"\nslot {slot} {source.port}->{target.port}: {figures}")
+
+
+# -- features on the topologies ------------------------------------------------------------------
+class _FencedResource:
+    """What a lock protects: it remembers the highest fencing token and refuses any other."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.writes: List[Tuple[int, str]] = []
+
+    def write(self, token: int, value: str) -> bool:
+        if token <= self.highest:
+            return False
+        self.highest = token
+        self.writes.append((token, value))
+        return True
+
+
+@pytest.mark.sentinel
+@pytest.mark.slow
+def test_fencing_token_lets_the_resource_reject_a_holder_whose_lock_was_lost_in_failover(
+    sentinel_topology: SentinelTopology,
+) -> None:
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    resource = _FencedResource()
+    first = mcp_redis.lock("fenced", timeout=30)
+    assert first.acquire(blocking_timeout=0)
+    assert resource.write(first.fencing_token or 0, "first, before the failover")
+    first.release()
+
+    stale = mcp_redis.lock("fenced", timeout=30)
+    with topo.replication_cut():
+        assert stale.acquire(blocking_timeout=0)  # granted by the old master, never replicated
+        stale_token = stale.fencing_token
+        old = topo.kill_master()
+    topo.wait_for_failover(old)
+
+    def acquire_on_new_master() -> bool:
+        try:
+            return bool(second.acquire(blocking_timeout=0))
+        except mcp_redis.BackendUnavailable:
+            return False
+
+    second = mcp_redis.lock("fenced", timeout=30)
+    wait_for(acquire_on_new_master, 30, interval=0.05, what="the lock to be acquirable on the new master")
+    # The lock was lost: a second holder has it while the stale one still thinks it does.
+    assert second.fencing_token is not None and stale_token is not None
+    assert resource.write(second.fencing_token, "second holder")
+    assert not resource.write(stale_token, "stale holder"), "the resource rejects the stale holder"
+    assert [v for _, v in resource.writes] == ["first, before the failover", "second holder"]
+    print(f"\nfencing across failover: first {resource.writes[0][0]}, stale {stale_token}, second {second.fencing_token}")
+    second.release()
