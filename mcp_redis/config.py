@@ -378,5 +378,7 @@ def on_reset(hook: Callable[[], None]) -> Callable[[], None]:
 
 
 def _run_reset_hooks() -> None:
-    for hook in list(_reset_hooks):
+    # Newest first: features (registered after the connection modules) stop
+    # their threads before the pools they use are closed.
+    for hook in reversed(list(_reset_hooks)):
         hook()

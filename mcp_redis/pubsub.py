@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import redis.exceptions as rex
 
 from .connections import get_redis, on_fork
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, ConfigurationError
 from .metrics import METRICS
 
 __all__ = ["Subscriber", "Handler"]
@@ -30,7 +30,8 @@ log = logging.getLogger("mcp_redis.pubsub")
 # handler(channel, data): data is the published payload (str).
 Handler = Callable[[str, str], None]
 _live: weakref.WeakSet[Subscriber] = weakref.WeakSet()
-_LISTEN_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError, BackendUnavailable)
+# ValueError: redis-py reading a socket that reset()/close() shut under us.
+_LISTEN_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError, ValueError, BackendUnavailable)
 
 
 class Subscriber:
@@ -124,6 +125,12 @@ class Subscriber:
         while not self._closed.is_set():
             try:
                 self._listen()
+                return
+            except ConfigurationError:
+                # Reconfigured to local mode (or a bad URL): nothing to listen to.
+                log.info("subscriber %s: Redis no longer configured; stopping", self.name)
+                self._closed.set()
+                self._ready.clear()
                 return
             except Exception as exc:
                 if self._closed.is_set():
