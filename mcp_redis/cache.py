@@ -1,6 +1,8 @@
 """The metadata cache: ``@cached_metadata``, two tiers in front of a loader.
 
-L1 is a bounded cachetools ``TLRUCache`` per decorated function and process;
+L1 is a bounded cachetools ``LRUCache`` per decorated function and process,
+whose entries carry their own deadline (a per-entry TTL: never past the L2
+entry's expiry; cheaper per hit than ``TTLCache``/``TLRUCache``);
 L2 is Redis (JSON envelopes ``{"v": value, "d": load seconds, "x": expiry
 ms}``), shared by every process; the loader is the decorated function.
 
@@ -58,7 +60,7 @@ from typing import (
 )
 
 import redis.exceptions as rex
-from cachetools import TLRUCache
+from cachetools import LRUCache
 
 from .config import Mode, Settings, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
@@ -414,7 +416,7 @@ class CachedFunction(Generic[R]):
         self._fast_name = params[0].name if self._fast else ""
 
         self._lock = threading.Lock()
-        self._l1: TLRUCache[Hashable, _Entry] = TLRUCache(maxsize, ttu=_l1_deadline, timer=time.monotonic)
+        self._l1: LRUCache[Hashable, _Entry] = LRUCache(maxsize)
         self._flights: Dict[Hashable, _Flight] = {}
         self._gen: Optional[Tuple[str, float, Settings]] = None  # (generation, refresh deadline, settings)
         self._gen_seq = 0  # bumped whenever the cached generation is dropped or replaced
@@ -527,12 +529,17 @@ class CachedFunction(Generic[R]):
             l2id = None
         else:
             key, l2id = self._key(args, kwargs)
+        entry: Optional[_Entry]
         with self._lock:
             try:
                 entry = self._l1[key]
-                self._l1_hits += 1
             except KeyError:
                 entry = None
+            else:
+                if entry[3] > time.monotonic():
+                    self._l1_hits += 1
+                else:
+                    entry = None  # expired; the refill overwrites it
         if entry is not None:
             bd = entry[2]
             # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry
@@ -735,12 +742,11 @@ class CachedFunction(Generic[R]):
         followed: List[Tuple[Hashable, _Flight]] = []
         with self._lock:
             for item, key, l2id in order:
-                try:
-                    results[key] = self._l1[key][0]
+                entry = self._l1.get(key)
+                if entry is not None and entry[3] > time.monotonic():
+                    results[key] = entry[0]
                     self._l1_hits += 1
                     continue
-                except KeyError:
-                    pass
                 flight = self._flights.get(key)
                 if flight is not None:
                     followed.append((key, flight))
@@ -1008,7 +1014,7 @@ class CachedFunction(Generic[R]):
         # A parent thread may have held the lock mid-update; and the child's
         # L1 would miss invalidations until its own listener starts.
         self._lock = threading.Lock()
-        self._l1 = TLRUCache(self._maxsize, ttu=_l1_deadline, timer=time.monotonic)
+        self._l1 = LRUCache(self._maxsize)
         self._flights = {}
         self._gen = None
         self._gen_seq += 1
@@ -1033,10 +1039,6 @@ class CachedFunction(Generic[R]):
     def cache_clear(self) -> None:
         """Empty this process's L1 (L2 and the counters are kept)."""
         self._flush_local()
-
-
-def _l1_deadline(key: Hashable, entry: _Entry, now: float) -> float:
-    return entry[3]
 
 
 # -- the decorator ---------------------------------------------------------------
