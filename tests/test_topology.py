@@ -463,3 +463,129 @@ def test_fencing_token_lets_the_resource_reject_a_holder_whose_lock_was_lost_in_
     assert [v for _, v in resource.writes] == ["first, before the failover", "second holder"]
     print(f"\nfencing across failover: first {resource.writes[0][0]}, stale {stale_token}, second {second.fencing_token}")
     second.release()
+
+
+@dataclass
+class _FeatureLoad:
+    """One feature called in a loop on its own thread; each outcome timed.
+
+    `op(i)` returns True when Redis served the call, False when a fallback did,
+    None when the call cannot tell; an exception is recorded by its type name.
+    """
+
+    name: str
+    op: Callable[[int], Optional[bool]]
+    events: List[Tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: Optional[threading.Thread] = None
+
+    def start(self) -> _FeatureLoad:
+        self._thread = threading.Thread(target=self._run, name=f"load-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            try:
+                served = self.op(i)
+                outcome = {True: "redis", False: "fallback", None: "ok"}[served]
+            except Exception as exc:  # judged by the test
+                outcome = type(exc).__name__
+            self.events.append((time.monotonic(), outcome))
+            i += 1
+            time.sleep(0.005 if outcome in ("redis", "ok") else 0.02)
+
+    def count(self, outcome: str, after: float = 0.0) -> int:
+        return sum(1 for ts, o in self.events if o == outcome and ts > after)
+
+    def resumed(self, since: float) -> Optional[float]:
+        """When Redis served this feature again for good, after `since`."""
+        after = [(ts, o) for ts, o in self.events if ts > since]
+        last_other = max((ts for ts, o in after if o != "redis"), default=since)
+        return min((ts for ts, o in after if o == "redis" and ts > last_other), default=None)
+
+    def outcomes(self, since: float) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for ts, o in self.events:
+            if ts > since:
+                out[o] = out.get(o, 0) + 1
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+@pytest.mark.sentinel
+@pytest.mark.slow
+def test_every_feature_resumes_on_the_promoted_replica_after_the_master_is_killed(
+    sentinel_topology: SentinelTopology, database_url: str, record_property: Callable[[str, object], None]
+) -> None:
+    """Locks, rate limits, the metadata cache and sessions under load while the master dies."""
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url, database_url=database_url)
+    conn = get_redis()
+    limiter = mcp_redis.RateLimiter("failover", limit=10**6, window=60)
+    store = mcp_redis.SessionStore()
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def load_metadata(agent_id: str) -> Dict[str, str]:
+        return {"agent_id": agent_id}
+
+    def lock_op(i: int) -> bool:
+        with mcp_redis.agent_lock(f"fo-{i % 8}", timeout=5, blocking_timeout=1):
+            return True
+
+    def rate_op(i: int) -> bool:
+        return limiter.hit(f"k{i % 8}").backend == "redis"
+
+    def cache_op(i: int) -> bool:
+        load_metadata.cache_clear()  # L1 off the path: every call asks L2
+        before = load_metadata.cache_info().l2_hits
+        assert load_metadata(f"a{i % 8}") == {"agent_id": f"a{i % 8}"}
+        return load_metadata.cache_info().l2_hits > before
+
+    def session_op(i: int) -> None:
+        store.bind(f"s{i}", f"agent-{i}")
+        assert store.get(f"s{i}") == f"agent-{i}"
+
+    loads = [_FeatureLoad(n, op).start() for n, op in
+             (("locks", lock_op), ("rate_limits", rate_op), ("metadata_cache", cache_op), ("sessions", session_op))]
+    by_name = {load.name: load for load in loads}
+    try:
+        for load in loads:
+            good = "ok" if load.name == "sessions" else "redis"
+            wait_for(lambda load=load, good=good: load.count(good) >= 20, 20, what=f"{load.name} to run on Redis")
+        old = topo.master
+        killed_at = time.monotonic()
+        topo.kill_master()
+        topo.wait_for_failover(old)
+        for load in loads:
+            good = "ok" if load.name == "sessions" else "redis"
+            wait_for(lambda load=load, good=good: load.count(good, after=killed_at) >= 20 and
+                     (good == "ok" or load.resumed(killed_at) is not None), 30,
+                     what=f"{load.name} to resume on the new master")
+        time.sleep(0.5)  # a tail of calls after resumption, to see that they stay on Redis
+    finally:
+        for load in loads:
+            load.stop()
+
+    assert get_redis() is conn
+    figures: Dict[str, object] = {}
+    for name in ("locks", "rate_limits", "metadata_cache"):
+        resumed = by_name[name].resumed(killed_at)
+        assert resumed is not None, (name, by_name[name].outcomes(killed_at))
+        figures[f"{name}_resume_s"] = round(resumed - killed_at, 3)
+        assert resumed - killed_at < 15.0, (name, figures)
+    figures.update({f"{load.name}_outcomes": load.outcomes(killed_at) for load in loads})
+    for name, value in figures.items():
+        record_property(name, str(value))
+    print(f"\nmixed failover: {figures}")
+    # What callers saw: fallbacks for rate limits and the cache, PostgreSQL for sessions; only a
+    # lock (fail-closed by default) may raise, and only the library's errors.
+    assert set(by_name["rate_limits"].outcomes(0)) <= {"redis", "fallback"}
+    assert set(by_name["metadata_cache"].outcomes(0)) <= {"redis", "fallback"}
+    assert set(by_name["sessions"].outcomes(0)) == {"ok"}
+    assert set(by_name["locks"].outcomes(0)) <= {"redis", "BackendUnavailable", "BreakerOpen", "LockTimeout", "LockNotOwned"}
