@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from redis.crc import key_slot as _key_slot
 
@@ -585,6 +585,30 @@ class ClusterTopology:
         return self.owner(key_slot(key))
 
     # -- faults ----------------------------------------------------------------
+    def kill_master(self, slot: int) -> RedisServer:
+        """SIGKILL the master serving `slot`; its replica takes over after ``node_timeout_ms``."""
+        master = self.owner(slot)
+        master.kill()
+        return master
+
+    def wait_for_failover(self, old: RedisServer, slot: int, timeout: float = 60.0) -> RedisServer:
+        """Wait until every running node says a live replica of `old` now serves `slot`; return it."""
+
+        def promoted() -> bool:
+            owners: Set[int] = set()
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                info, nodes = self._cluster_view(node)
+                if info.get("cluster_state") != "ok":
+                    return False
+                owners.update(n["port"] for n in nodes
+                              if "master" in n["flags"] and any(lo <= slot <= hi for lo, hi in n["slots"]))
+            return len(owners) == 1 and old.port not in owners and self._server(owners.pop()).running
+
+        wait_for(promoted, timeout, interval=0.05, what=f"a replica to replace the master on port {old.port}")
+        return self.owner(slot)
+
     def migrate_slot(
         self,
         slot: int,

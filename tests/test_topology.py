@@ -589,3 +589,40 @@ def test_every_feature_resumes_on_the_promoted_replica_after_the_master_is_kille
     assert set(by_name["metadata_cache"].outcomes(0)) <= {"redis", "fallback"}
     assert set(by_name["sessions"].outcomes(0)) == {"ok"}
     assert set(by_name["locks"].outcomes(0)) <= {"redis", "BackendUnavailable", "BreakerOpen", "LockTimeout", "LockNotOwned"}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_cluster_master_crash_is_absorbed_once_its_replica_takes_over(
+    cluster_topology: ClusterTopology, record_property: Callable[[str, object], None]
+) -> None:
+    cluster = cluster_topology
+    mcp_redis.configure(redis_url=cluster.url)
+    conn = get_redis()
+    load = _Load(conn, prefix="mcp:crash:{agent-9}:").start()  # one tag: one shard
+    slot = key_slot("mcp:crash:{agent-9}:0")
+    try:
+        wait_for(lambda: len(load.acked) >= 50, 10, what="load to run on the shard")
+        killed_at = time.monotonic()
+        old = cluster.kill_master(slot)
+        new = cluster.wait_for_failover(old, slot)
+        wait_for(lambda: load.successes_after(killed_at) >= 50, 30, what="calls to resume on the promoted replica")
+    finally:
+        load.stop()
+
+    assert get_redis() is conn
+    assert [e for _, e in load.failures if not isinstance(e, mcp_redis.BackendUnavailable)] == []
+    assert load.stale_reads == []
+    resumed = min(ts for ts, _ in load.acked if ts > max([killed_at] + [ts for ts, _ in load.failures]))
+    lost = load.lost_on(new)
+    figures = {
+        "kill_to_resume_s": round(resumed - killed_at, 3),
+        "failed_calls": len(load.failures),
+        "acked_writes": len(load.acked),
+        "lost_acked_writes": len(lost),
+        "node_timeout_ms": cluster.node_timeout_ms,
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    print(f"\ncluster master crash: {figures}")
+    assert resumed - killed_at < 20.0, figures
