@@ -827,7 +827,7 @@ class DistributedLock:
         if not blocking:
             wait = 0.0
         if token is None:
-            token = secrets.token_hex(16)
+            token = os.urandom(16).hex()
         elif isinstance(token, bytes):
             token = token.decode("utf-8", "surrogatepass")
         elif not isinstance(token, str):

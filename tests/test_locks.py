@@ -371,8 +371,8 @@ def test_fencing_tokens_strictly_increase_across_processes(redis_mode: str) -> N
 # -- renewal --------------------------------------------------------------------------
 def test_agent_lock_renews_its_lease_while_the_block_runs(redis_mode: str) -> None:
     r = raw(redis_mode)
-    with mcp_redis.agent_lock("long", timeout=0.3) as held, mcp_redis.agent_lock("long2", timeout=0.3):
-        deadline = time.monotonic() + 1.0
+    with mcp_redis.agent_lock("long", timeout=0.5) as held, mcp_redis.agent_lock("long2", timeout=0.5):
+        deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
             assert r.exists(held.key)
             time.sleep(0.05)
@@ -384,12 +384,12 @@ def test_agent_lock_renews_its_lease_while_the_block_runs(redis_mode: str) -> No
 
 def test_plain_lock_is_not_renewed_unless_asked(redis_mode: str) -> None:
     r = raw(redis_mode)
-    plain = mcp_redis.lock("plain", timeout=0.15)
-    renewing = mcp_redis.lock("renewing", timeout=0.15, auto_renew=True)
+    plain = mcp_redis.lock("plain", timeout=0.4)
+    renewing = mcp_redis.lock("renewing", timeout=0.4, auto_renew=True)
     plain.acquire()
     renewing.acquire()
     wait_for(lambda: not r.exists(plain.key), timeout=5, what="plain lease end")
-    time.sleep(0.2)
+    time.sleep(0.3)
     assert renewing.owned()
     renewing.release()
     with pytest.raises(LockNotOwned):

@@ -8,22 +8,22 @@
 -- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] queue TTL in ms (with KEYS[3])
 -- Without KEYS[3] this is a plain try (the uncontended fast path).
 -- Returns {1, fencing token} when granted, else {0, PTTL of the lock}.
-local function grant()
+local granted = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if not granted then
+  -- Held: by us already (a retried call), reserved for us (a handoff), or not ours.
+  local holder = redis.call('GET', KEYS[1])
+  if holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    granted = true
+  end
+end
+if granted then
   local fence = redis.call('INCR', KEYS[2])
   if KEYS[4] then
     redis.call('LREM', KEYS[3], 0, KEYS[4])
     redis.call('DEL', KEYS[4])
   end
   return {1, fence}
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return grant()
-end
--- Held: by us already (a retried call), reserved for us (a handoff), or not ours.
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return grant()
 end
 if KEYS[4] then
   -- Armed atomically with the failed try: a release after this sees us.
