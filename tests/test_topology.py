@@ -78,6 +78,55 @@ def test_an_unreachable_cluster_raises_backend_unavailable() -> None:
         get_redis()
 
 
+def test_every_feature_works_on_every_topology(any_redis_mode: str, redis_topology: str) -> None:
+    """A smoke pass: each feature's multi-key scripts run (one hash slot each on a cluster)."""
+    with mcp_redis.agent_lock("smoke-agent", timeout=5, blocking_timeout=1) as held:
+        first_token = held.fencing_token
+        with mcp_redis.agent_lock("smoke-agent"):  # reentrant in this thread
+            pass
+    with mcp_redis.agent_lock("smoke-agent", timeout=5, blocking_timeout=1) as held:
+        assert held.fencing_token is not None and first_token is not None
+        assert held.fencing_token > first_token
+
+    limiter = mcp_redis.RateLimiter("smoke", limit=5, window=60)
+    results = [limiter.hit("k") for _ in range(7)]
+    assert [r.allowed for r in results] == [True] * 5 + [False] * 2
+    assert {r.backend for r in results} == {"redis"}
+
+    loads: List[str] = []
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def metadata(agent_id: str) -> Dict[str, str]:
+        loads.append(agent_id)
+        return {"agent_id": agent_id}
+
+    assert metadata("a1") == {"agent_id": "a1"}
+    metadata.cache_clear()  # L1 emptied: the next call is an L2 (Redis) hit
+    assert metadata("a1") == {"agent_id": "a1"}
+    assert loads == ["a1"] and metadata.cache_info().l2_hits == 1
+    metadata.invalidate("a1")
+    assert metadata("a1") == {"agent_id": "a1"} and loads == ["a1", "a1"]
+
+    store = mcp_redis.SessionStore()
+    store.bind("smoke-session", "a1")
+    assert store.get("smoke-session") == "a1"
+    store.unbind("smoke-session")
+    assert store.get("smoke-session") is None
+
+    received: List[Dict[str, Any]] = []
+    got = threading.Event()
+
+    def handler(event: Dict[str, Any]) -> None:
+        received.append(event)
+        got.set()
+
+    bus = mcp_redis.EventBus()
+    with bus.subscribe("smoke:updates", handler):
+        bus.publish("smoke:updates", {"agent_id": "a1", "event": "state_changed"})
+        assert got.wait(10)
+    assert received == [{"agent_id": "a1", "event": "state_changed"}]
+
+
 # -- Sentinel ------------------------------------------------------------------------------------
 @dataclass
 class _Load:
