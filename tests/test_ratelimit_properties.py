@@ -78,7 +78,10 @@ steps_st = st.lists(
 
 @examples(80)
 @given(
-    algorithm=st.sampled_from(ALGORITHMS),
+    # The fixed window's Lua times windows by key TTLs (the real server clock),
+    # which a simulated clock cannot drive; its behaviour is specified in
+    # test_ratelimit.py on every backend.
+    algorithm=st.sampled_from([a for a in ALGORITHMS if a is not Algorithm.FIXED_WINDOW]),
     specs=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1_000_000, 2_500_000, 3_333_333, 7_000_000])),
                    min_size=1, max_size=2, unique_by=lambda s: s[1]),
     base=st.integers(1_600_000_000_000_000, 1_800_000_000_000_000),

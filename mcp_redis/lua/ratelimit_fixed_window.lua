@@ -1,38 +1,43 @@
--- Fixed window starting at a key's first admitted hit, all limits at once.
--- KEYS[i]: one string per limit: "<window start us>:<hits in it>".
--- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
---       then limit_i, window_us_i for each key.
+-- Fixed window, all limits of one call at once. A window is a counter key's
+-- lifetime: it opens at the first admitted hit (PEXPIRE window) and the
+-- server's own clock ends it, so no timestamp is stored or sent. Admitted
+-- hits cost one INCRBY and one PTTL per limit; a refusal rolls back.
+-- KEYS[i]: one integer counter per limit.
+-- ARGV: consume (1 = hit, 0 = peek), cost, unused, then limit_i, window_us_i.
 -- Reply: {allowed, refused index (0 = none), then per limit:
 --         remaining, retry_after_us, reset_after_us}.
 local consume = ARGV[1] == '1'
 local cost = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
 local n = #KEYS
-local starts, counts = {}, {}
 local out = {1, 0}
+local counts = {}
 local refused, worst = 0, -1
 for i = 1, n do
+  local key = KEYS[i]
   local limit = tonumber(ARGV[2 + 2 * i])
-  local window = tonumber(ARGV[3 + 2 * i])
-  local v = redis.call('GET', KEYS[i])
-  local start, count
-  if v then
-    local s, c = string.match(v, '^(%d+):(%d+)$')
-    start, count = tonumber(s), tonumber(c)
+  local window_ms = math.max(1, math.ceil(tonumber(ARGV[3 + 2 * i]) / 1000))
+  local count
+  if consume then
+    count = redis.call('INCRBY', key, cost) - cost
+  else
+    count = tonumber(redis.call('GET', key) or '0')
   end
-  if start == nil or now >= start + window then
-    start, count = now, 0
+  counts[i] = count
+  local left = window_ms
+  if count > 0 then
+    left = redis.call('PTTL', key)
+    if left < 0 then -- never left without a TTL, whatever happened before
+      left = window_ms
+      redis.call('PEXPIRE', key, left)
+    end
+  elseif consume then
+    redis.call('PEXPIRE', key, window_ms)
   end
-  starts[i], counts[i] = start, count
   local retry, reset = 0, 0
-  if count > 0 then reset = start + window - now end
+  if count > 0 then reset = left * 1000 end
   if count + cost > limit then
-    retry = start + window - now
+    -- The key still exists at its expiry millisecond: one more to be gone.
+    retry = (left + 1) * 1000
     if retry > worst then worst, refused = retry, i end
   end
   out[3 * i], out[3 * i + 1], out[3 * i + 2] = limit - count, retry, reset
@@ -40,14 +45,19 @@ end
 
 if refused > 0 then
   out[1], out[2] = 0, refused
+  if consume then
+    for i = 1, n do
+      if counts[i] == 0 then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('DECRBY', KEYS[i], cost)
+      end
+    end
+  end
 elseif consume then
   for i = 1, n do
-    local window = tonumber(ARGV[3 + 2 * i])
-    local left = starts[i] + window - now
-    redis.call('SET', KEYS[i], string.format('%.0f:%d', starts[i], counts[i] + cost),
-               'PX', math.max(1, math.ceil(left / 1000)))
     out[3 * i] = out[3 * i] - cost
-    out[3 * i + 2] = left
+    if counts[i] == 0 then out[3 * i + 2] = math.max(1, math.ceil(tonumber(ARGV[3 + 2 * i]) / 1000)) * 1000 end
   end
 end
 return out
