@@ -420,6 +420,7 @@ class CachedFunction(Generic[R]):
         self._flights: Dict[Hashable, _Flight] = {}
         self._gen: Optional[Tuple[str, float, Settings]] = None  # (generation, refresh deadline, settings)
         self._gen_seq = 0  # bumped whenever the cached generation is dropped or replaced
+        self._drops = 0  # bumped by every local eviction (invalidation, flush)
         self._st: Optional[_State] = None
         self._pending: OrderedDict[str, None] = OrderedDict()  # invalidations Redis has not seen
         self._pending_all = False
@@ -558,6 +559,35 @@ class CachedFunction(Generic[R]):
               kwargs: Mapping[str, Any], early: Optional[_Entry]) -> R:
         if l2id is None:
             l2id = self._l2id(key, args, kwargs)
+        conn = self._connection(st)
+        if conn is not None:
+            _LISTENER.ensure(st.channel)
+            if self._pending or self._pending_all:
+                self._replay_pending()
+            if early is None:
+                # Optimistic L2 read, before any single-flight bookkeeping: an
+                # L2 hit costs one GET. `drops` tells whether an invalidation
+                # reached this process meanwhile (then L1 is not filled).
+                drops = self._drops
+                try:
+                    gen = self._generation(conn, st)
+                    raw = _redis(conn, conn.client.get, self._keys(st, gen, l2id)[0])
+                except (BackendUnavailable, rex.RedisError) as exc:
+                    self._count_error()
+                    log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace,
+                              type(exc).__name__)
+                    conn = None
+                else:
+                    found = self._decode(raw) if raw is not None else None
+                    if found is not None and time.time() < found[2]:
+                        value, delta, expiry = found
+                        bd = delta * self._beta
+                        entry = (value, expiry, bd, 0.0)
+                        # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry.
+                        if not bd or time.time() - bd * math.log(1.0 - random.random()) < expiry:
+                            self._fill_l1(st, key, None, entry, l2_hit=True, drops=drops)
+                            return value  # type: ignore[no-any-return]
+                        early = entry
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -568,7 +598,7 @@ class CachedFunction(Generic[R]):
                 return early[0]  # type: ignore[no-any-return]  # someone is refreshing it
             return flight.wait()  # type: ignore[no-any-return]
         try:
-            value = self._load_through(st, key, l2id, args, kwargs, flight, early)
+            value = self._load_through(st, conn, key, l2id, args, kwargs, flight, early)
         except BaseException as exc:
             flight.error = exc
             raise
@@ -581,10 +611,10 @@ class CachedFunction(Generic[R]):
                 if self._flights.get(key) is flight:
                     del self._flights[key]
 
-    def _load_through(self, st: _State, key: Hashable, l2id: str, args: Tuple[Any, ...],
-                      kwargs: Mapping[str, Any], flight: _Flight, early: Optional[_Entry]) -> R:
-        """The leader's path: L2, then the loader, then write-back to both tiers."""
-        conn = self._connection(st)
+    def _load_through(self, st: _State, conn: Optional[RedisConnection], key: Hashable, l2id: str,
+                      args: Tuple[Any, ...], kwargs: Mapping[str, Any], flight: _Flight,
+                      early: Optional[_Entry]) -> R:
+        """The leader's path: epoch (and a second look at L2), the loader, write-back."""
         epoch: Optional[str] = None  # observed before loading; None = do not fill L2
         current: Any = _MISSING  # a still-valid value (early refresh)
         stale: Any = _MISSING  # an expired value we may serve if the loader fails
@@ -592,34 +622,30 @@ class CachedFunction(Generic[R]):
         if early is not None:
             current = early[0]
         if conn is not None:
-            _LISTENER.ensure(st.channel)
-            if self._pending or self._pending_all:
-                self._replay_pending()
             try:
                 gen = self._generation(conn, st)
                 keys = self._keys(st, gen, l2id)
                 if early is None:
-                    raw = _redis(conn, conn.client.get, keys[0])
-                    if raw is not None:
-                        found = self._decode(raw)
-                        if found is not None:
-                            value, delta, expiry = found
-                            now = time.time()
-                            if now < expiry:
-                                bd = delta * self._beta
-                                if not bd or now - bd * math.log(1.0 - random.random()) < expiry:
-                                    self._fill_l1(st, key, flight, (value, expiry, bd, 0.0), l2_hit=True)
-                                    return value  # type: ignore[no-any-return]
-                                current = value
-                                early = (value, expiry, bd, 0.0)
-                            elif now < expiry + self._max_stale:
-                                stale = value
-                if early is not None and not self._claim_refresh(conn, st, gen, l2id, early):
-                    # Another process refreshes it; keep serving ours without
-                    # drawing again until that refresh has landed in L2.
-                    self._fill_l1(st, key, flight, early, no_early=True)
-                    return current  # type: ignore[no-any-return]
-                epoch = str(_redis(conn, conn.client.get, keys[1]) or "")
+                    # One round trip: the epoch to guard the write-back, and the
+                    # value again (a leader that just finished may have filled it).
+                    raw, seen = _redis(conn, conn.client.mget, list(keys))
+                    epoch = str(seen or "")
+                    found = self._decode(raw) if raw is not None else None
+                    if found is not None:
+                        value, delta, expiry = found
+                        now = time.time()
+                        if now < expiry:
+                            self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0), l2_hit=True)
+                            return value  # type: ignore[no-any-return]
+                        if now < expiry + self._max_stale:
+                            stale = value
+                else:
+                    if not self._claim_refresh(conn, st, gen, l2id, early):
+                        # Another process refreshes it; keep serving ours without
+                        # drawing again until that refresh has landed in L2.
+                        self._fill_l1(st, key, flight, early, no_early=True)
+                        return current  # type: ignore[no-any-return]
+                    epoch = str(_redis(conn, conn.client.get, keys[1]) or "")
             except (BackendUnavailable, rex.RedisError) as exc:
                 self._count_error()
                 log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace, type(exc).__name__)
@@ -674,7 +700,9 @@ class CachedFunction(Generic[R]):
         return bool(_redis(conn, conn.client.set, lock_key, _ORIGIN, nx=True, px=px))
 
     def _fill_l1(self, st: _State, key: Hashable, flight: Optional[_Flight], entry: _Entry,
-                 *, no_early: bool = False, l2_hit: bool = False) -> None:
+                 *, no_early: bool = False, l2_hit: bool = False, drops: Optional[int] = None) -> None:
+        """Put `entry` in L1 unless an invalidation arrived since it was read
+        (its flight was marked stale, or the drop counter moved)."""
         value, expiry, bd, _ = entry
         now = time.time()
         remaining = min(st.l1_ttl, expiry - now)
@@ -689,7 +717,7 @@ class CachedFunction(Generic[R]):
         with self._lock:
             if l2_hit:
                 self._l2_hits += 1
-            if remaining > 0 and (flight is None or not flight.stale):
+            if remaining > 0 and (flight is None or not flight.stale) and (drops is None or drops == self._drops):
                 self._l1[key] = stored
 
     def _encode(self, value: Any, delta: float, ttl: float) -> Optional[Tuple[str, Any, float]]:
@@ -981,6 +1009,7 @@ class CachedFunction(Generic[R]):
     # -- local state -------------------------------------------------------------------
     def _drop_local(self, key: Hashable) -> None:
         with self._lock:
+            self._drops += 1
             self._l1.pop(key, None)
             flight = self._flights.pop(key, None)
             if flight is not None:
@@ -988,6 +1017,7 @@ class CachedFunction(Generic[R]):
 
     def _flush_local(self) -> None:
         with self._lock:
+            self._drops += 1
             self._l1.clear()
             for flight in self._flights.values():
                 flight.stale = True

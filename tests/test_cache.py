@@ -405,6 +405,11 @@ def test_sixteen_threads_missing_one_key_call_the_loader_once(redis_url: str, mo
         assert release.wait(10)
         return {"agent_id": agent_id}
 
+    release.set()
+    if mode == "redis":
+        listening(get_agent_metadata)  # its first subscription would flush mid-test
+    release.clear()
+    loads.clear()
     barrier = threading.Barrier(16)
     results: List[Any] = []
 
