@@ -45,8 +45,8 @@ MINIMAL_ACL_COMMANDS = [
     # scripts: loaded once, then run by SHA (EVAL: the pipelined cache fill, and NOSCRIPT recovery)
     "+evalsha", "+eval", "+script|load",
     # commands the library calls directly or from its Lua scripts (scripts are checked too)
-    "+get", "+set", "+getex", "+getdel", "+del", "+exists", "+pexpire", "+pttl", "+incr", "+time",
-    "+hset", "+hmget",
+    "+get", "+mget", "+set", "+getex", "+getdel", "+del", "+exists", "+pexpire", "+pttl", "+incr", "+incrby",
+    "+time",
     "+zadd", "+zrem", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore",
     "+lpush", "+rpush", "+lpop", "+lpos", "+lrem", "+blpop",
     # pub/sub: cache invalidation and events
@@ -476,9 +476,19 @@ def _modules() -> List[pathlib.Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
-def _trees() -> Iterator[tuple]:
-    for path in _modules():
-        yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+def _parse_all() -> List[tuple]:
+    return [(p, ast.parse(p.read_text(encoding="utf-8"), filename=str(p))) for p in _modules()]
+
+
+def _trees() -> List[tuple]:
+    """Every module's AST, parsed on a fresh thread: CPython 3.11 < 3.11.8 can raise
+    "AST constructor recursion depth mismatch" in a thread that once hit a RecursionError."""
+    result: List[List[tuple]] = []
+    worker = threading.Thread(target=lambda: result.append(_parse_all()))
+    worker.start()
+    worker.join(60)
+    assert result, "parsing the package failed"
+    return result[0]
 
 
 UNSAFE_SERIALISERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
@@ -585,3 +595,33 @@ def test_lua_sources_are_loaded_verbatim_from_files() -> None:
         text = path.read_text(encoding="utf-8")
         if "register_script(" in text:
             assert ".lua" in text and "read_text" in text, f"{path.name} registers Lua not read from a file"
+
+
+def derive_commands() -> List[str]:
+    """Every command (scripts' included) that `exercise_every_feature` sends, as ACL rules.
+
+    ``python -m tests.test_security`` prints them: run it after a feature
+    changes, and update `MINIMAL_ACL_COMMANDS` and docs/security.md.
+    """
+    from mcp_redis.testing import PostgresDatabase
+
+    with RedisServer() as server, PostgresDatabase() as db:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "mcp", "on", ">derive", "~mcp:*", "&mcp:*", f"&mcp:{PATTERN}",
+                              "+@all")
+        admin.config_resetstat()
+        mcp_redis.configure(redis_url=_acl_url(server, "mcp", "derive"))
+        try:
+            exercise_every_feature(db.url)
+            time.sleep(0.3)
+        finally:
+            mcp_redis.reset(configuration=True)
+        used = sorted(k[len("cmdstat_"):] for k in admin.info("commandstats"))
+    return ["+" + c for c in used if c != "config|resetstat"]
+
+
+if __name__ == "__main__":
+    used = derive_commands()
+    print(" ".join(used))
+    print("unused in MINIMAL_ACL_COMMANDS:", " ".join(sorted(set(MINIMAL_ACL_COMMANDS) - set(used))))
+    print("missing from MINIMAL_ACL_COMMANDS:", " ".join(sorted(set(used) - set(MINIMAL_ACL_COMMANDS))))
