@@ -126,6 +126,7 @@ class _Scripts:
 
 
 _scripts: Optional[_Scripts] = None
+_conn: Optional[RedisConnection] = None  # get_redis(), remembered until reset or fork
 
 
 def _scripts_for(conn: RedisConnection) -> _Scripts:
@@ -237,19 +238,21 @@ def _on_subscribed(initial: bool) -> None:
 
 @on_reset
 def _on_reset() -> None:
-    global _scripts
+    global _scripts, _conn
     _LISTENER.close()
     _scripts = None
+    _conn = None
     for cache in _all_caches():
         cache._flush_local()
 
 
 @on_fork
 def _on_fork() -> None:
-    global _ORIGIN, _LISTENER, _scripts, _registry_lock
+    global _ORIGIN, _LISTENER, _scripts, _registry_lock, _conn
     _ORIGIN = uuid.uuid4().hex[:16]
     _LISTENER = _Listener()  # the parent's thread does not exist here
     _scripts = None
+    _conn = None
     _registry_lock = threading.Lock()
     for group in _registry.values():
         for cache in group:
@@ -451,13 +454,18 @@ class CachedFunction(Generic[R]):
 
     def _connection(self, st: _State) -> Optional[RedisConnection]:
         """The Redis connection when L2 is in use right now, else None."""
+        global _conn
         if st.mode is not Mode.REDIS:
             return None
-        try:
-            conn = get_redis()
-        except BackendUnavailable:
-            self._count_error()
-            return None
+        conn = _conn
+        if conn is None or conn.settings is not st.settings:
+            # get_redis() checks the pid (a syscall) on every call; our reset
+            # and fork hooks drop this copy instead.
+            try:
+                conn = _conn = get_redis()
+            except BackendUnavailable:
+                self._count_error()
+                return None
         if not conn.policy.available:
             return None  # breaker open: skip L2 entirely
         return conn
