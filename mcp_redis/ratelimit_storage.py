@@ -21,9 +21,12 @@ from __future__ import annotations
 import bisect
 import enum
 import importlib.resources
+import itertools
 import json
 import logging
 import math
+import os
+import secrets
 import threading
 import time
 import zlib
@@ -99,7 +102,7 @@ class _Model:
 
 
 class _SlidingWindow(_Model):
-    """A sorted list of unique, strictly increasing microsecond stamps."""
+    """A sorted list of the microsecond stamps of admitted units."""
 
     def check(self, state: Any, now: int, limit: int, window: int, cost: int) -> Tuple[Any, int, int, int]:
         log_: List[int] = state or []
@@ -111,10 +114,8 @@ class _SlidingWindow(_Model):
 
     def consume(self, view: Any, now: int, limit: int, window: int, cost: int) -> Tuple[Any, int, int, int]:
         live: List[int] = view
-        stamp = max(now, live[-1] + 1 if live else 0)
-        live.extend(range(stamp, stamp + cost))
-        left = stamp + cost - 1 + window - now
-        return live, limit - len(live), left, left
+        live.extend([now] * cost)
+        return live, limit - len(live), window, window
 
 
 class _FixedWindow(_Model):
@@ -246,7 +247,7 @@ class RedisStorage:
         retry policy. `BackendUnavailable` when Redis stays unreachable.
         """
         script = self._scripts[algorithm]
-        args = [1 if consume else 0, cost, now_us, *flat_specs]
+        args = [1 if consume else 0, cost, now_us, *flat_specs, _nonce()]
         policy = self.conn.policy
         try:
             raw = policy.call(script, keys=keys, args=args, attempts=1)
@@ -260,6 +261,24 @@ class RedisStorage:
     def clear(self, keys: Sequence[str]) -> None:
         """Delete the keys (one slot: they share a hash tag)."""
         self.conn.call(self.conn.client.delete, *keys)
+
+
+_caller = ""
+_calls = itertools.count()
+
+
+def _nonce() -> str:
+    """Unique per process and call: names sliding-window log entries (no collisions)."""
+    return f"{_caller}{next(_calls)}"
+
+
+@on_fork
+def _new_caller() -> None:
+    global _caller
+    _caller = f"{secrets.token_hex(6)}.{os.getpid()}."
+
+
+_new_caller()
 
 
 # -- in-process -------------------------------------------------------------------

@@ -1,9 +1,10 @@
 -- Exact sliding window (a log of hits), all limits of one call at once.
 -- KEYS[i]: one sorted set per limit; each admitted unit of cost is a member
---          whose score and name are the same integer microsecond stamp,
---          strictly increasing per key (so members never collide).
+--          scored by the server time in microseconds and named
+--          "<time>:<nonce>:<unit>" (the nonce is unique per caller and call,
+--          so members never collide, even within one microsecond).
 -- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
---       then limit_i, window_us_i for each key.
+--       then limit_i, window_us_i for each key, then the nonce.
 -- Reply: {allowed, refused index (0 = none), then per limit:
 --         remaining, retry_after_us, reset_after_us}.
 local consume = ARGV[1] == '1'
@@ -16,7 +17,8 @@ end
 local function us(x) return string.format('%.0f', x) end
 
 local n = #KEYS
-local counts, newest = {}, {}
+local nonce = ARGV[4 + 2 * n]
+local counts = {}
 local out = {1, 0}
 local refused, worst = 0, -1
 for i = 1, n do
@@ -31,13 +33,12 @@ for i = 1, n do
   else
     count = redis.call('ZCOUNT', key, floor_, '+inf')
   end
-  local last = 0
-  if count > 0 then
-    last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-  end
-  counts[i], newest[i] = count, last
+  counts[i] = count
   local retry, reset = 0, 0
-  if count > 0 then reset = last + window - now end
+  if count > 0 and (count + cost > limit or not consume) then
+    -- Admitted hits skip this: their own entry is the newest.
+    reset = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) + window - now
+  end
   if count + cost > limit then
     -- The hit fits once the (count + cost - limit)-th oldest live entry leaves.
     local e = redis.call('ZRANGEBYSCORE', key, floor_, '+inf', 'WITHSCORES', 'LIMIT', count + cost - limit - 1, 1)
@@ -49,26 +50,31 @@ end
 
 if refused > 0 then
   out[1], out[2] = 0, refused
+  for i = 1, n do
+    if consume and counts[i] > 0 and counts[i] + cost <= tonumber(ARGV[2 + 2 * i]) then
+      out[3 * i + 2] = tonumber(redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2])
+                       + tonumber(ARGV[3 + 2 * i]) - now
+    end
+  end
 elseif consume then
   for i = 1, n do
     local key = KEYS[i]
     local window = tonumber(ARGV[3 + 2 * i])
-    local stamp = math.max(now, newest[i] + 1)
+    local stamp = us(now)
+    local prefix = stamp .. ':' .. nonce .. ':'
     local args, added = {}, 0
-    for j = 0, cost - 1 do
-      local m = us(stamp + j)
-      args[#args + 1] = m
-      args[#args + 1] = m
+    for j = 1, cost do
+      args[#args + 1] = stamp
+      args[#args + 1] = prefix .. j
       added = added + 1
-      if added == 500 or j == cost - 1 then
+      if added == 500 or j == cost then
         redis.call('ZADD', key, unpack(args))
         args, added = {}, 0
       end
     end
-    local last = stamp + cost - 1
-    redis.call('PEXPIRE', key, math.max(1, math.ceil((last + window - now) / 1000)))
+    redis.call('PEXPIRE', key, math.max(1, math.ceil(window / 1000)))
     out[3 * i] = out[3 * i] - cost
-    out[3 * i + 2] = last + window - now
+    out[3 * i + 2] = window
   end
 end
 return out
