@@ -569,7 +569,9 @@ class CachedFunction(Generic[R]):
             l2id = self._l2id(key, args, kwargs)
         conn = self._connection(st)
         if conn is not None:
-            _LISTENER.ensure(st.channel)
+            listener = _LISTENER
+            if listener.channel != st.channel or listener.subscriber is None:
+                listener.ensure(st.channel)
             if self._pending or self._pending_all:
                 self._replay_pending()
             if early is None:
@@ -579,7 +581,7 @@ class CachedFunction(Generic[R]):
                 drops = self._drops
                 try:
                     gen = self._generation(conn, st)
-                    raw = _redis(conn, conn.client.get, self._keys(st, gen, l2id)[0])
+                    raw = _redis(conn, conn.client.get, _data_key(st.keys.prefix, self.namespace, gen, l2id, None))
                 except (BackendUnavailable, rex.RedisError) as exc:
                     self._count_error()
                     log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace,
@@ -587,12 +589,13 @@ class CachedFunction(Generic[R]):
                     conn = None
                 else:
                     found = self._decode(raw) if raw is not None else None
-                    if found is not None and time.time() < found[2]:
+                    now = time.time()
+                    if found is not None and now < found[2]:
                         value, delta, expiry = found
                         bd = delta * self._beta
                         entry = (value, expiry, bd, 0.0)
                         # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry.
-                        if not bd or time.time() - bd * math.log(1.0 - random.random()) < expiry:
+                        if not bd or now - bd * math.log(1.0 - random.random()) < expiry:
                             self._fill_l1(st, key, None, entry, l2_hit=True, drops=drops)
                             return value  # type: ignore[no-any-return]
                         early = entry
