@@ -50,11 +50,24 @@ T = TypeVar("T", SentinelTopology, ClusterTopology)
 _running: Dict[str, Topology] = {}
 
 
+_failed: Dict[str, str] = {}
+
+
 def _shared(name: str, make: Callable[[], T]) -> T:
-    """The process's one running topology called `name` (started on first use)."""
+    """The process's one running topology called `name` (started on first use).
+
+    A topology that failed to start is not tried again in this run: every
+    test that needs it fails at once with the first error.
+    """
+    if name in _failed:
+        pytest.fail(f"{name} topology did not start earlier in this run: {_failed[name]}", pytrace=False)
     topology = _running.get(name)
     if topology is None:
-        topology = _running[name] = make().start()
+        try:
+            topology = _running[name] = make().start()
+        except Exception as exc:
+            _failed[name] = f"{type(exc).__name__}: {exc}"
+            raise
     return topology  # type: ignore[return-value]
 
 
