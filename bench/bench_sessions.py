@@ -118,6 +118,28 @@ def main(argv: Optional[List[str]] = None) -> None:
             samples = _run(cases, args.n, args.rounds)
             print(f"## Sessions, Redis only (n={args.n} × {args.rounds} rounds, interleaved in blocks of 20)\n")
             print(_table(samples, "raw redis-py GET (default client)", notes))
+            raw_get = statistics.median(samples["raw redis-py GET (default client)"])
+
+            # The library's own cost, without the network: the client's GET stubbed out.
+            mcp_redis.configure(redis_url=server.url, key_prefix="mcp:")  # fresh client and tiers
+            stub_client = get_redis().client
+
+            def stub_get(name: str) -> str:
+                return agent
+
+            stub_client.get = stub_get
+            overhead = _run([
+                ("stubbed GET (no I/O)", lambda: stub_client.get(key)),
+                ("SessionStore.get over the stubbed GET", lambda: store.get(session_id)),
+            ], args.n * 4, args.rounds)
+            bare = statistics.median(overhead["stubbed GET (no I/O)"])
+            ours = statistics.median(overhead["SessionStore.get over the stubbed GET"])
+            print("\n## Python cost of SessionStore.get (client stubbed, no I/O)\n")
+            print("| case | median µs |\n|---|---:|")
+            print(f"| stubbed GET | {bare * 1e6:.2f} |\n| SessionStore.get over it | {ours * 1e6:.2f} |")
+            print(f"| **overhead** | **{(ours - bare) * 1e6:.2f}** "
+                  f"(= {(ours - bare) / raw_get:.1%} of this run's raw GET median) |")
+            mcp_redis.configure(redis_url=server.url, key_prefix="mcp:")
 
             if pg is None:
                 print("\nPostgreSQL not reachable: write-through cases skipped.")
