@@ -27,6 +27,7 @@ neither release nor renew its parent's locks.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -39,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 from .config import LockFallback, Mode, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
@@ -55,6 +56,8 @@ __all__ = [
     "lock",
     "AGENT_LOCK_BLOCKING_TIMEOUT",
     "HANDOFF_GRACE",
+    "advisory_key",
+    "held_locks",
 ]
 
 log = logging.getLogger("mcp_redis.locks")
@@ -484,6 +487,65 @@ def _lock_not_available() -> Type[BaseException]:
     return error
 
 
+class _FairTurn:
+    """FIFO turns among this process's threads for one local lock (direct handoff).
+
+    flock has no timed wait and no order, so without this a thread that
+    releases and asks again would beat the threads sleeping between polls.
+    Only the thread holding the turn polls the file.
+    """
+
+    __slots__ = ("held", "waiters", "users")
+
+    def __init__(self) -> None:
+        self.held = False
+        self.waiters: Deque[threading.Event] = collections.deque()
+        self.users = 0  # threads holding or waiting (the entry is dropped at 0)
+
+
+_turns_lock = threading.Lock()
+_turns: Dict[str, _FairTurn] = {}
+
+
+def _take_turn(path: str, deadline: Optional[float]) -> bool:
+    with _turns_lock:
+        turn = _turns.get(path)
+        if turn is None:
+            turn = _turns[path] = _FairTurn()
+        turn.users += 1
+        if not turn.held and not turn.waiters:
+            turn.held = True
+            return True
+        event = threading.Event()
+        turn.waiters.append(event)
+    if event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+        return True
+    with _turns_lock:
+        if event.is_set():  # handed over just as we gave up
+            return True
+        turn.waiters.remove(event)
+        _leave(path, turn)
+    return False
+
+
+def _pass_turn(path: str) -> None:
+    with _turns_lock:
+        turn = _turns.get(path)
+        if turn is None:
+            return
+        if turn.waiters:
+            turn.waiters.popleft().set()  # stays held: the next thread owns it now
+        else:
+            turn.held = False
+        _leave(path, turn)
+
+
+def _leave(path: str, turn: _FairTurn) -> None:
+    turn.users -= 1
+    if turn.users <= 0 and _turns.get(path) is turn:
+        del _turns[path]
+
+
 class _LocalBackend(_Backend):
     """``fcntl.flock`` on one file per lock; the file also keeps the fencing counter."""
 
@@ -494,14 +556,17 @@ class _LocalBackend(_Backend):
         digest = hashlib.sha256(keys.lock.encode("utf-8", "surrogatepass")).hexdigest()[:40]
         return os.path.join(settings().lock_dir, f"mcp_redis-{digest}.lock")
 
-    def _open(self, keys: _Keys) -> int:
-        path = self.path(keys)
+    def _open(self, path: str) -> int:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
 
     def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        fd = self._open(keys)
+        path = self.path(keys)
+        if not _take_turn(path, deadline):
+            return None
+        fd = -1
         try:
+            fd = self._open(path)
             delay = 0.0005
             while True:
                 try:
@@ -513,31 +578,35 @@ class _LocalBackend(_Backend):
                 remaining = float("inf") if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     os.close(fd)
+                    _pass_turn(path)
                     return None
-                # flock has no timed wait: back off from 0.5 ms to 20 ms.
+                # Another process holds it; flock has no timed wait: back off 0.5 ms -> 20 ms.
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.02)
             raw = os.pread(fd, 32, 0).strip()
             fence = (int(raw) if raw.isdigit() else 0) + 1
             os.pwrite(fd, b"%020d\n" % fence, 0)
         except BaseException:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _pass_turn(path)
             raise
-        return _Hold(self, keys, token, fence, lease, float("inf"), fd)
+        return _Hold(self, keys, token, fence, lease, float("inf"), (fd, path))
 
     def release(self, hold: _Hold) -> bool:
-        fd: int = hold.handle
+        fd, path = hold.handle
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+            _pass_turn(path)
         return True
 
     def locked(self, keys: _Keys) -> bool:
-        fd = self._open(keys)
+        fd = self._open(self.path(keys))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -675,9 +744,10 @@ _THREAD_HOLDS = _ThreadHolds()
 @on_fork
 def _forget_in_child() -> None:
     """A forked child holds nothing: it must never renew or release its parent's locks."""
-    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock
+    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock, _turns_lock, _turns
     _pid = os.getpid()
     _event_lock = threading.Lock()
+    _turns_lock, _turns = threading.Lock(), {}
     _WATCHDOG = _Watchdog()
     _scripts_lock = threading.Lock()
     _scripts_cache = None

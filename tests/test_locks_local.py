@@ -202,3 +202,27 @@ def test_off_mode_always_enters_and_counts_it_unsafe() -> None:
         assert a.backend == b.backend == "off"
         assert b.fencing_token == 0
     assert METRICS.counter("lock_unsafe_total", backend="off") == 2
+
+
+def test_local_mode_threads_without_pause_take_turns(local_mode: str) -> None:
+    order: List[int] = []
+    barrier = threading.Barrier(8)
+
+    def run(n: int) -> None:
+        barrier.wait()
+        for _ in range(30):
+            with mcp_redis.agent_lock("fair", blocking_timeout=30):
+                order.append(n)
+                time.sleep(0.0002)  # the section does some I/O (frees the GIL), as real ones do
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(order) == 240
+    longest = streak = 1
+    for a, b in zip(order, order[1:]):
+        streak = streak + 1 if a == b else 1
+        longest = max(longest, streak)
+    assert longest <= 10, order
