@@ -59,7 +59,7 @@ class Layout:
 
     @property
     def counter_size(self) -> int:
-        return len(COUNTERS) + 4 * self.agents  # + per-agent: updates, rl attempts, rl admitted, spare
+        return len(COUNTERS) + 4 * self.agents  # + per-agent: updates, rl attempts, rl admitted, rl unknown
 
     def counter(self, slot: int, name: str) -> int:
         return slot * self.counter_size + COUNTERS.index(name)
@@ -75,7 +75,10 @@ class Layout:
         return slot * self.latency_size + OPS.index(op) * (len(BUCKETS) + 1) + bucket
 
 
-AGENT_UPDATES, AGENT_RL_ATTEMPTS, AGENT_RL_ADMITTED = 0, 1, 2
+# Per-agent counters. Rate-limit calls whose outcome is unknown (the worker was
+# killed during the call, or it raised) stay counted in AGENT_RL_UNKNOWN:
+# the limiter may or may not have counted them.
+AGENT_UPDATES, AGENT_RL_ATTEMPTS, AGENT_RL_ADMITTED, AGENT_RL_UNKNOWN = 0, 1, 2, 3
 
 
 @dataclass
@@ -414,8 +417,7 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
     def knowledge(agent: int) -> None:
         assert store_knowledge is not None
         t0 = time.perf_counter()
-        rec.add_agent(AGENT_RL_ATTEMPTS, agent)
-        rec.add("rl_attempts")
+        rec.add_agent(AGENT_RL_UNKNOWN, agent)  # until the outcome is recorded
         try:
             store_knowledge(agent_name(agent), "fact")
         except feats.rate_limit_exceeded:
@@ -423,6 +425,9 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
         else:
             rec.add_agent(AGENT_RL_ADMITTED, agent)
             rec.add("rl_admitted")
+        rec.add_agent(AGENT_RL_ATTEMPTS, agent)
+        rec.add("rl_attempts")
+        rec.add_agent(AGENT_RL_UNKNOWN, agent, -1.0)
         rec.observe("ratelimit.call", time.perf_counter() - t0)
 
     def metadata(agent: int) -> None:

@@ -230,7 +230,6 @@ def summary(metrics: Metrics = METRICS) -> Dict[str, Any]:
         "lock_timeouts": lock_timeouts,
         "locks_lost": totals.get("lock_lost_total", 0.0),
         "ratelimit_rejections": totals.get("ratelimit_rejections_total", 0.0),
-        "ratelimit_admissions": totals.get("ratelimit_hits_total", 0.0),
     }
 
 

@@ -24,9 +24,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 # Sample names a scrape shows once each feature has been used (and Redis has failed once).
 DOCUMENTED_AFTER_USE = [
     "mcp_redis_lock_acquire_total",
-    "mcp_redis_lock_release_total",
     "mcp_redis_lock_wait_seconds_bucket",
-    "mcp_redis_ratelimit_hits_total",
     "mcp_redis_ratelimit_rejections_total",
     "mcp_redis_cache_misses_total",
     "mcp_redis_cache_loader_calls_total",
