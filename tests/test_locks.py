@@ -236,6 +236,7 @@ def test_eight_threads_without_pause_take_turns(redis_mode: str) -> None:
         for _ in range(rounds):
             with held:
                 order.append(n)
+                time.sleep(0.0002)  # a section does some I/O; none between sections
 
     threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
     for t in threads:
