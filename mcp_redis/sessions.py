@@ -441,9 +441,11 @@ class _LocalTier:
 
     def touch(self, session_key: str, ttl_ms: int) -> Optional[str]:
         def extend(old: Optional[str]) -> Tuple[str, float]:
-            return (old if old is not None else ""), ttl_ms / 1000.0 if old is not None else 0.0
+            if old is None:
+                return "", 0.0  # stays absent: an entry that is already expired
+            return old, ttl_ms / 1000.0
 
-        agent = self.store.update(session_key, extend)
+        agent = self.store.update(session_key, extend)  # atomic: no unbind slips in between
         return agent or None
 
     def unbind(self, session_key: str) -> bool:

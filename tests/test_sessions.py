@@ -145,6 +145,28 @@ def test_expired_bindings_are_never_returned_in_any_mode(any_store: SessionStore
     assert any_store.get("long") == "agent-long"
 
 
+def remaining_seconds(session_key: str) -> float:
+    """How long the authoritative tier will keep `session_key` (white-box, per mode)."""
+    tiers = mcp_redis.sessions._current()
+    if tiers.pg is not None:
+        row = tiers.pg.pg.execute("SELECT extract(epoch FROM expires_at - now()) FROM core.sessions "
+                                  "WHERE session_key = %s", (encode_id(session_key),), fetch="one")
+        return float(row[0])
+    if tiers.redis is not None:
+        return float(tiers.redis.client.pttl(binding_key(session_key))) / 1000
+    assert tiers.local is not None
+    return float(tiers.local.store.ttl(session_key) or 0)
+
+
+def test_touch_slides_the_expiry_in_every_mode(any_store: SessionStore) -> None:
+    any_store.bind("s1", "agent-1", ttl=5)
+    assert remaining_seconds("s1") <= 5
+    assert SessionStore(refresh_interval=0).touch("s1", ttl=100) == "agent-1"
+    assert 50 < remaining_seconds("s1") <= 100
+    assert any_store.touch("unknown") is None
+    assert any_store.get("unknown") is None
+
+
 def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> None:
     sessions = any_store.mapping()
     assert isinstance(sessions, SessionMap)
