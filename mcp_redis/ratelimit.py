@@ -215,6 +215,7 @@ class _Plan(NamedTuple):
     suffixes: Tuple[str, ...]
     labels: Tuple[str, ...]
     max_cost: int
+    mode: Mode
     redis_keys: Dict[str, List[str]]  # key -> its Redis keys (bounded memo)
 
     def keys_for(self, name: str, key: str) -> List[str]:
@@ -274,7 +275,7 @@ class RateLimiter:
         key = validate_id(key, "key")
         s = settings()
         plan = self._plan(s)
-        mode = s.mode("rate_limits")
+        mode = plan.mode
         if mode is Mode.REDIS:
             _redis_storage().clear(plan.keys_for(self.name, key))
         elif mode is Mode.POSTGRES:
@@ -301,6 +302,7 @@ class RateLimiter:
             suffixes=tuple(f"{short}_{w}" for _, w in specs),
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
             max_cost=min(lim.limit for lim in self.limits),
+            mode=s.mode("rate_limits"),
             redis_keys={},
         )
         self._plan_cache = (s, plan)
@@ -313,7 +315,7 @@ class RateLimiter:
         plan = self._plan(s)
         if cost > plan.max_cost:
             raise InvalidArgument("cost", f"{cost} exceeds the limit {plan.max_cost}: it could never pass")
-        mode = s.mode("rate_limits")
+        mode = plan.mode
         if mode is Mode.REDIS:
             try:
                 reply = _redis_storage().acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
