@@ -165,3 +165,16 @@ def test_without_prometheus_client_the_error_says_what_to_install(monkeypatch: p
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(ConfigurationError, match=r"mcp_redis\[prometheus\]"):
         prometheus.start_http_server(free_port())
+
+
+def test_every_metric_the_library_records_is_in_the_operations_doc() -> None:
+    import re
+
+    package = pathlib.Path(mcp_redis.__file__).resolve().parent
+    recorded = set()
+    for source in package.glob("*.py"):
+        for name in re.findall(r'\.(?:inc|observe)\(\s*"([a-z_]+)"', source.read_text(encoding="utf-8")):
+            recorded.add(name)
+    text = DOCS.read_text(encoding="utf-8")
+    undocumented = sorted(n for n in recorded if f"`mcp_redis_{n.removesuffix('_total')}" not in text)
+    assert undocumented == [], "add these to docs/operations.md's metric list"
