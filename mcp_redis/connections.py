@@ -280,7 +280,7 @@ def _build() -> RedisConnection:
         s = settings()
         try:
             client, kind, sentinel, service = build_client(s)
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             # RedisCluster connects eagerly; a down cluster must not escape
             # as a raw redis error.
             from .errors import BackendUnavailable
