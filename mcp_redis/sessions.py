@@ -927,7 +927,9 @@ class SessionMap(MutableMapping[str, str]):
             raise KeyError(session_key)
 
     def __contains__(self, session_key: object) -> bool:
-        return self.store.get(session_key) is not None  # type: ignore[arg-type]
+        if not isinstance(session_key, str):
+            return False  # as a dict of str keys would answer
+        return self.store.get(session_key) is not None
 
     def __iter__(self) -> Iterator[str]:
         return self.store.session_keys()

@@ -171,7 +171,9 @@ def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> N
     sessions = any_store.mapping()
     assert isinstance(sessions, SessionMap)
     sessions["s1"] = "agent-1"
-    assert "s1" in sessions and "nope" not in sessions
+    assert "s1" in sessions and "nope" not in sessions and 42 not in sessions
+    assert sessions.pop("s1") == "agent-1" and "s1" not in sessions
+    sessions.setdefault("s1", "agent-1")
     assert sessions["s1"] == "agent-1"
     assert sessions.get("s1") == "agent-1" and sessions.get("nope") is None
     assert sessions.get("nope", "default") == "default"
