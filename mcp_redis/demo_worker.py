@@ -435,6 +435,7 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
         load_metadata(agent_name(agent))
         rec.observe("metadata.get", time.perf_counter() - t0)
         rec.add("md_calls")
+        publish_cache_info()  # cheap; keeps the tiers current should this process be killed
         if rng.random() < 0.01:
             load_metadata.invalidate(agent_name(agent))
             rec.add("md_invalidations")
