@@ -358,7 +358,8 @@ _FENCE_TABLE = """
     )
 """
 _NEXT_FENCE = (
-    "INSERT INTO core.lock_fences (lock_key, fence) VALUES (%s, 1) "
+    "INSERT INTO core.lock_fences (lock_key, fence) "
+    "VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "
     "ON CONFLICT (lock_key) DO UPDATE SET fence = core.lock_fences.fence + 1 RETURNING fence"
 )
 
@@ -584,7 +585,8 @@ class _LocalBackend(_Backend):
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.02)
             raw = os.pread(fd, 32, 0).strip()
-            fence = (int(raw) if raw.isdigit() else 0) + 1
+            # A new counter starts at the clock in microseconds, as in Redis.
+            fence = int(raw) + 1 if raw.isdigit() else time.time_ns() // 1000
             os.pwrite(fd, b"%020d\n" % fence, 0)
         except BaseException:
             if fd >= 0:

@@ -53,6 +53,16 @@ def test_acquire_yields_strictly_increasing_fencing_tokens(redis_mode: str) -> N
     assert fences == sorted(set(fences)) and len(fences) == 5
 
 
+def test_fencing_tokens_keep_rising_after_redis_loses_its_data(redis_mode: str) -> None:
+    held = mcp_redis.lock("fence-restart", timeout=5)
+    with held:
+        before = held.fencing_token
+    raw(redis_mode).flushall()  # what a restart without persistence does
+    with held:
+        after = held.fencing_token
+    assert before is not None and after is not None and after > before
+
+
 def test_release_after_expiry_keeps_new_holders_lock(redis_mode: str) -> None:
     r = raw(redis_mode)
     first = mcp_redis.lock("job", timeout=0.1)
