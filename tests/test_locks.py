@@ -625,3 +625,12 @@ def test_waiter_killed_while_queued_delays_the_next_by_at_most_the_handoff_grace
         if doomed.is_alive():
             doomed.kill()
     assert entered and entered[0] - released < HANDOFF_GRACE + 0.5
+
+
+def test_thread_local_false_lets_another_thread_release_as_in_redis_py(redis_mode: str) -> None:
+    shared = mcp_redis.lock("handover", timeout=10, thread_local=False)
+    assert shared.acquire()
+    t = threading.Thread(target=shared.release)
+    t.start()
+    t.join(5)
+    assert not shared.locked()
