@@ -39,10 +39,12 @@ import mcp_redis
 
 try:  # mcp >= 2: FastMCP was renamed MCPServer
     from mcp.server.mcpserver import MCPServer as _Server
+    from mcp.server.mcpserver.exceptions import ToolError
 
     MCP_V2 = True
 except ImportError:  # mcp 1.x
     from mcp.server.fastmcp import FastMCP as _Server  # type: ignore[no-redef]
+    from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[no-redef]
 
     MCP_V2 = False
 
@@ -137,7 +139,8 @@ def _store_knowledge(agent_id: str, text: str) -> int:
 def _agent_of(session_key: str) -> str:
     agent_id = sessions.get(session_key)
     if agent_id is None:
-        raise ValueError(f"unknown or expired session {session_key!r}: call open_session first")
+        # ToolError: the SDK sends this message to the client as the tool's error.
+        raise ToolError(f"unknown or expired session {session_key!r}: call open_session first")
     return agent_id
 
 

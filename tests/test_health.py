@@ -130,3 +130,19 @@ def test_stats_summary_gives_the_operator_numbers_first() -> None:
     assert summary["ratelimit_rejections"] == 3
     assert summary["fallbacks"]["locks"] == 1
     assert summary["retries"] == {"redis": 2}
+
+
+def test_the_library_log_never_contains_a_password(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    mcp_redis.configure(redis_url=f"redis://:logsecret77@127.0.0.1:{port}/0", breaker_failure_threshold=1,
+                        database_url=f"postgresql://u:logsecret77@127.0.0.1:{port}/db")
+    with caplog.at_level("DEBUG", logger="mcp_redis"):
+        mcp_redis.health()
+        stats()
+        from mcp_redis.connections import get_redis
+
+        conn = get_redis()
+        with pytest.raises(mcp_redis.BackendUnavailable):
+            conn.call(conn.client.ping)
+    assert caplog.records, "expected the failures to be logged"
+    assert "logsecret77" not in caplog.text

@@ -155,6 +155,7 @@ def test_two_instances_share_sessions_rate_limits_locks_and_cached_metadata(inst
             assert final["updates"] == 20
 
             # An unknown session is a tool error, on either instance.
-            assert "error" in await two.call("update_agent_state", session_key="no-such-session")
+            refused = await two.call("update_agent_state", session_key="no-such-session")
+            assert "open_session" in refused["error"]
 
     anyio.run(scenario)
