@@ -67,11 +67,6 @@ def test_the_url_never_shows_a_password_on_any_topology(redis_topology: str, req
     assert "s3cret" not in repr(conn)
 
 
-@pytest.mark.xfail(
-    reason="foundation: connections._build wraps only RedisError; redis-py's RedisClusterException "
-    "is not one (fix proposed in the topology report)",
-    strict=False,
-)
 def test_an_unreachable_cluster_raises_backend_unavailable() -> None:
     mcp_redis.configure(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2")
     with pytest.raises(mcp_redis.BackendUnavailable):
