@@ -538,13 +538,9 @@ class CachedFunction(Generic[R]):
             l2id = None
         else:
             key, l2id = self._key(args, kwargs)
-        entry: Optional[_Entry]
         with self._lock:
-            try:
-                entry = self._l1[key]
-            except KeyError:
-                entry = None
-            else:
+            entry = self._l1.get(key)  # not [key]: a miss would raise twice inside cachetools
+            if entry is not None:
                 if entry[3] > time.monotonic():
                     self._l1_hits += 1
                 else:
