@@ -130,10 +130,17 @@ def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT) -> Dict[str, Any]:
     out["url"] = conn.url
     out["kind"] = conn.kind
     try:
-        info = conn.call(conn.client.info, "memory", attempts=1)
-        if conn.is_cluster and isinstance(info, dict) and "used_memory" not in info:
-            # RedisCluster returns {node: info}; sum the primaries' figures.
-            info = {"used_memory": sum(int(v.get("used_memory", 0)) for v in info.values() if isinstance(v, dict))}
+        if conn.is_cluster:
+            # One INFO per primary ({node: info}); the cluster's memory is their sum.
+            per_node = conn.call(conn.client.info, "memory", target_nodes=conn.client.PRIMARIES, attempts=1)
+            nodes = [v for v in per_node.values() if isinstance(v, dict)] if isinstance(per_node, dict) else []
+            if nodes:
+                info = {"used_memory": sum(int(v.get("used_memory", 0)) for v in nodes)}
+                out["primaries"] = len(nodes)
+            else:  # a single merged reply
+                info = per_node
+        else:
+            info = conn.call(conn.client.info, "memory", attempts=1)
         out["used_memory"] = int(info.get("used_memory", 0))
         if "used_memory_human" in info:
             out["used_memory_human"] = info["used_memory_human"]

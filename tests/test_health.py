@@ -146,3 +146,25 @@ def test_the_library_log_never_contains_a_password(caplog: pytest.LogCaptureFixt
             conn.call(conn.client.ping)
     assert caplog.records, "expected the failures to be logged"
     assert "logsecret77" not in caplog.text
+
+
+@pytest.mark.cluster
+def test_stats_on_a_cluster_sum_memory_over_primaries_and_scan_every_node() -> None:
+    from mcp_redis.testing import redis_binary
+    from mcp_redis.topology import ClusterTopology
+
+    if redis_binary() is None:
+        pytest.skip("redis-server binary not found")
+    with ClusterTopology() as cluster:
+        mcp_redis.configure(redis_url=cluster.url)
+        from mcp_redis.connections import get_redis
+
+        client = get_redis().client
+        for i in range(40):  # spread over the three primaries' slots
+            client.set(f"mcp:sess:k{i}", "a")
+        report = stats()
+        assert report["redis"]["ok"] is True
+        assert report["redis"]["primaries"] == 3
+        assert report["redis"]["keys"] == {"sess": 40}
+        assert report["redis"]["used_memory"] > 0
+        assert mcp_redis.health()["redis"]["ok"] is True
