@@ -99,13 +99,18 @@ UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond',
 WHERE session_key = %s AND expires_at > now()
 RETURNING agent_id
 """
+_PG_TOUCH_AGENT = """
+UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
+WHERE session_key = %s AND agent_id = %s AND expires_at > now()
+"""
+_PG_FLAG_PENDING = "UPDATE core.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM core.sessions WHERE session_key = %s RETURNING expires_at > now()"
+# A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
 _PG_TOMBSTONE = """
 INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending)
 VALUES (%s, ''::bytea, now(), true)
 ON CONFLICT (session_key) DO UPDATE SET
     agent_id = ''::bytea, expires_at = now(), redis_pending = true, updated_at = now()
-RETURNING (xmax = 0)
 """
 _PG_FOR_AGENT = """
 SELECT session_key FROM core.sessions
@@ -135,8 +140,8 @@ class _PostgresTier:
     def __init__(self, pg: Postgres) -> None:
         self.pg = pg
 
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, pending: bool = False) -> None:
-        self.pg.execute(_PG_BIND, (encode_id(session_key), _utf8(agent_id), ttl_ms, pending))
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
+        self.pg.execute(_PG_BIND, (encode_id(session_key), _utf8(agent_id), ttl_ms, False))
 
     def get(self, session_key: str) -> Optional[Tuple[str, int]]:
         row = self.pg.execute(_PG_GET, (encode_id(session_key),), fetch="one")
@@ -146,13 +151,65 @@ class _PostgresTier:
         row = self.pg.execute(_PG_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
         return None if row is None else _from_utf8(row[0])
 
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
+        """Slide the expiry of the row, if it still binds `agent_id`."""
+        self.pg.execute(_PG_TOUCH_AGENT, (ttl_ms, encode_id(session_key), _utf8(agent_id)))
+
     def unbind(self, session_key: str) -> bool:
         row = self.pg.execute(_PG_DELETE, (encode_id(session_key),), fetch="one")
         return bool(row and row[0])
 
-    def tombstone(self, session_key: str) -> None:
-        """Remember that Redis must forget `session_key` once it is reachable again."""
-        self.pg.execute(_PG_TOMBSTONE, (encode_id(session_key),), fetch="one")
+    def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                     redis_write: Optional[Callable[[], None]]) -> bool:
+        """Upsert the row and, while its lock is held, write Redis; False if Redis failed.
+
+        Writers of one session serialise on the row lock and each writes Redis
+        before committing, so Redis ends with the value PostgreSQL ends with. A
+        Redis failure (or `redis_write` None: known down) flags the row for
+        replay in the same transaction.
+        """
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_BIND, (key, _utf8(agent_id), ttl_ms, redis_write is None))
+                if redis_write is None:
+                    return False
+                try:
+                    redis_write()
+                    return True
+                except BackendUnavailable:
+                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    return False
+
+        self.pg.ensure_schema()
+        return bool(self.pg.policy.call(run))
+
+    def unbind_through(self, session_key: str, redis_unbind: Optional[Callable[[], bool]]) -> Tuple[bool, bool]:
+        """Delete the row and, in the same transaction, the Redis binding.
+
+        When Redis fails (or `redis_unbind` is None: known down) a tombstone row
+        remembers that Redis must forget the binding once it is reachable.
+        Returns (a live binding existed, Redis was updated).
+        """
+        key = encode_id(session_key)
+
+        def run() -> Tuple[bool, bool]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_DELETE, (key,))
+                row = cur.fetchone()
+                existed = bool(row and row[0])
+                if redis_unbind is not None:
+                    try:
+                        return (redis_unbind() or existed), True
+                    except BackendUnavailable:
+                        pass
+                cur.execute(_PG_TOMBSTONE, (key,))
+                return existed, False
+
+        self.pg.ensure_schema()
+        result: Tuple[bool, bool] = self.pg.policy.call(run)
+        return result
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
         rows = self.pg.execute(_PG_FOR_AGENT, (_utf8(agent_id), limit), fetch="all")
@@ -352,16 +409,23 @@ class _RedisTier:
             yield decode_id(key[head:])
 
     # writes -----------------------------------------------------------------------------
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, grace_ms: int) -> None:
+    def once(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A single attempt through the breaker: for calls made inside a PostgreSQL
+        transaction, which must not hold a row lock through retries (the row is
+        flagged for replay instead)."""
+        return self.conn.policy.call(fn, *args, attempts=1, **kwargs)
+
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, grace_ms: int, *, retry: bool = True) -> None:
         """SET the binding (atomic, PX ttl) and index it; unindex it from a previous agent."""
+        call = self.call if retry else self.once
         binding = self.binding_key(session_key)
         index = self.index_key(agent_id)
         if self.cluster:
-            old = self.call(self.client.set, binding, agent_id, px=ttl_ms, get=True)
-            self.call(self._index, keys=[index], args=[session_key, ttl_ms, grace_ms])
-            self.call(self._agents, keys=[self.lex, self.horizons], args=[agent_id, ttl_ms, grace_ms])
+            old = call(self.client.set, binding, agent_id, px=ttl_ms, get=True)
+            call(self._index, keys=[index], args=[session_key, ttl_ms, grace_ms])
+            call(self._agents, keys=[self.lex, self.horizons], args=[agent_id, ttl_ms, grace_ms])
         else:
-            old = self.call(
+            old = call(
                 self._bind,
                 keys=[binding, index, self.lex, self.horizons],
                 args=[agent_id, session_key, ttl_ms, grace_ms, "bind"],
@@ -381,8 +445,9 @@ class _RedisTier:
                 args=[agent_id, session_key, ttl_ms, grace_ms, "refresh"],
             )
 
-    def unbind(self, session_key: str) -> bool:
-        old: Optional[str] = self.call(self.client.getdel, self.binding_key(session_key))
+    def unbind(self, session_key: str, *, retry: bool = True) -> bool:
+        call = self.call if retry else self.once
+        old: Optional[str] = call(self.client.getdel, self.binding_key(session_key))
         if old is not None:
             self._drop_from_index(session_key, old)
         return old is not None
@@ -667,15 +732,12 @@ class SessionStore:
         if pg is None:
             redis.bind(session_key, agent_id, ttl_ms, grace)
             return
-        if not redis.conn.policy.available:  # known down: one statement, flagged for replay
-            pg.bind(session_key, agent_id, ttl_ms, pending=True)
-            self._fell_back(tiers, "bind")
-            return
-        pg.bind(session_key, agent_id, ttl_ms)
-        try:
-            redis.bind(session_key, agent_id, ttl_ms, grace)
-        except BackendUnavailable:
-            pg.bind(session_key, agent_id, ttl_ms, pending=True)
+        write: Optional[Callable[[], None]] = None  # None: Redis known down, flag the row at once
+        if redis.conn.policy.available:
+            def write() -> None:
+                redis.bind(session_key, agent_id, ttl_ms, grace, retry=False)
+
+        if not pg.bind_through(session_key, agent_id, ttl_ms, write):
             self._fell_back(tiers, "bind")
 
     def get(self, session_key: str) -> Optional[str]:
@@ -735,7 +797,8 @@ class SessionStore:
         if agent is None:
             if pg is None:
                 return None
-            agent = pg.repair(session_key, lambda a, ms: redis.bind(session_key, a, ms, grace), extend_ms=ttl_ms)
+            agent = pg.repair(session_key, lambda a, ms: redis.bind(session_key, a, ms, grace, retry=False),
+                              extend_ms=ttl_ms)
             METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
             return agent
         if tiers.refresh_due(session_key, agent, interval):
@@ -745,7 +808,7 @@ class SessionStore:
             except BackendUnavailable:
                 pass
             if pg is not None:
-                pg.touch(session_key, ttl_ms)
+                pg.extend(session_key, agent, ttl_ms)
         return agent
 
     def unbind(self, session_key: str) -> bool:
@@ -760,16 +823,13 @@ class SessionStore:
             return tiers.local.unbind(session_key)
         if pg is None:
             return redis.unbind(session_key)
-        if not redis.conn.policy.available:
-            existed = pg.get(session_key) is not None
-            pg.tombstone(session_key)
-            self._fell_back(tiers, "unbind")
-            return existed
-        existed = pg.unbind(session_key)
-        try:
-            existed = redis.unbind(session_key) or existed
-        except BackendUnavailable:
-            pg.tombstone(session_key)
+        forget: Optional[Callable[[], bool]] = None  # None: Redis known down, leave a tombstone
+        if redis.conn.policy.available:
+            def forget() -> bool:
+                return redis.unbind(session_key, retry=False)
+
+        existed, reached_redis = pg.unbind_through(session_key, forget)
+        if not reached_redis:
             self._fell_back(tiers, "unbind")
         return existed
 
@@ -855,7 +915,7 @@ class SessionStore:
         redis, pg = tiers.redis, tiers.pg
         assert redis is not None and pg is not None
         grace = _grace_ms(self.refresh_interval, self.ttl if self.ttl is not None else tiers.default_ttl)
-        agent = pg.repair(session_key, lambda a, ms: redis.bind(session_key, a, ms, grace))
+        agent = pg.repair(session_key, lambda a, ms: redis.bind(session_key, a, ms, grace, retry=False))
         METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
         return agent
 

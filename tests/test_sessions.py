@@ -484,3 +484,22 @@ def test_index_queries_fall_back_to_redis_while_postgres_is_down(redis_url: str,
     assert store.resolve_agent_prefix("agent-pg") == "agent-pg-down"
     with pytest.raises(BackendUnavailable):
         store.bind("s2", "agent-pg-down")  # the source of truth is down: no silent Redis-only write
+
+
+def test_concurrent_write_through_binds_leave_redis_agreeing_with_postgres(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    def worker(n: int) -> None:
+        for i in range(15):
+            write_through.bind("contended", f"agent-{(n + i) % 4}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    import redis
+
+    in_redis = redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("contended"))
+    [(_, agent_bytes, live, pending)] = pg_rows(pg_database)
+    assert live and not pending
+    assert in_redis == bytes(agent_bytes).decode()  # both tiers end on the same last writer
