@@ -340,8 +340,12 @@ class _RedisTier:
             return policy.call(fn, *args, **kwargs)
 
     # reads -------------------------------------------------------------------------
-    def get(self, session_key: str) -> Optional[str]:
-        """The hot path: one GET; `call` inlined (a Python frame is ~5% of a loopback GET)."""
+    def get(self, session_key: str, retry: bool) -> Optional[str]:
+        """The hot path: one GET; `call` inlined (a Python frame is ~5% of a loopback GET).
+
+        `retry` False: one attempt only — the caller has PostgreSQL to ask
+        instead of waiting out retries against a hung Redis.
+        """
         key = self._session_head + encode_id(session_key)
         policy = self._policy
         try:
@@ -349,13 +353,14 @@ class _RedisTier:
         except BreakerOpen:
             raise
         except BackendUnavailable:
-            if not policy.available:
+            if not retry or not policy.available:
                 raise
             result = policy.call(self._get, key)
         return result
 
-    def getex(self, session_key: str, ttl_ms: int) -> Optional[str]:
-        result: Optional[str] = self.call(self.client.getex, self.binding_key(session_key), px=ttl_ms)
+    def getex(self, session_key: str, ttl_ms: int, retry: bool) -> Optional[str]:
+        call = self.call if retry else self.once
+        result: Optional[str] = call(self.client.getex, self.binding_key(session_key), px=ttl_ms)
         return result
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
@@ -750,7 +755,7 @@ class SessionStore:
         redis = tiers.redis
         if redis is not None:  # the hot path: one GET
             try:
-                agent = redis.get(session_key)
+                agent = redis.get(session_key, tiers.pg is None)
             except BackendUnavailable:
                 if tiers.pg is None:
                     raise
@@ -784,7 +789,7 @@ class SessionStore:
             assert tiers.local is not None
             return tiers.local.touch(session_key, ttl_ms)
         try:
-            agent = redis.getex(session_key, ttl_ms)
+            agent = redis.getex(session_key, ttl_ms, pg is None)
         except BackendUnavailable:
             if pg is None:
                 raise

@@ -503,3 +503,20 @@ def test_concurrent_write_through_binds_leave_redis_agreeing_with_postgres(
     [(_, agent_bytes, live, pending)] = pg_rows(pg_database)
     assert live and not pending
     assert in_redis == bytes(agent_bytes).decode()  # both tiers end on the same last writer
+
+
+def test_hung_redis_is_bypassed_for_postgres_and_caught_up_when_it_answers(
+        own_redis: RedisServer, database_url: str) -> None:
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url, socket_timeout=0.2)
+        store = SessionStore()
+        store.bind("before", "agent-1")
+        proxy.blackhole()  # connections accepted, never answered
+        assert store.get("before") == "agent-1"  # one attempt times out, PostgreSQL answers
+        store.bind("during", "agent-2")
+        assert store.get("during") == "agent-2"
+        proxy.pass_through()
+        client = own_redis.client()
+        wait_for(lambda: client.get(binding_key("during")) == "agent-2", timeout=20,
+                 what="the binding made while Redis hung")
+        assert store.get("before") == "agent-1"
