@@ -271,7 +271,11 @@ def _cache_numbers(info: Any) -> Optional[Dict[str, float]]:
 
 def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any) -> None:
     """Entry point of a worker process (multiprocessing, spawn)."""
+    import signal
+
     import mcp_redis
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us and cleans up
 
     mcp_redis.configure(**cfg.settings)
     layout = Layout(slots=len(counters) // Layout(1, cfg.agents).counter_size, agents=cfg.agents)
