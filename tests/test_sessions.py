@@ -520,3 +520,16 @@ def test_hung_redis_is_bypassed_for_postgres_and_caught_up_when_it_answers(
         wait_for(lambda: client.get(binding_key("during")) == "agent-2", timeout=20,
                  what="the binding made while Redis hung")
         assert store.get("before") == "agent-1"
+
+
+def test_the_replayer_is_a_daemon_thread_that_stops_on_reset(own_redis: RedisServer, database_url: str) -> None:
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    own_redis.stop()
+    SessionStore().bind("s1", "agent-1")
+
+    def replayers() -> List[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "mcp_redis-session-replay"]
+
+    assert replayers() and all(t.daemon for t in replayers())
+    mcp_redis.reset()
+    wait_for(lambda: not replayers(), timeout=10, what="the replayer to stop")
