@@ -59,7 +59,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     report = stats(scan_limit=args.scan_limit)
     report["note"] = (
         "process counters are this CLI process's only; a server exposes its own "
-        "with mcp_redis.stats.stats() or mcp_redis.prometheus"
+        "with `from mcp_redis.stats import stats` or mcp_redis.prometheus"
     )
     _print(report, args.json)
     redis_part = report.get("redis", {})
