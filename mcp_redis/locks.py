@@ -70,6 +70,8 @@ AGENT_LOCK_BLOCKING_TIMEOUT = 5.0
 HANDOFF_GRACE = 1.0
 # The longest single BLPOP (s); also bounded by half the socket timeout.
 _MAX_WAIT_SLICE = 1.0
+# Redis's default cron period (hz 10): how late an idle server may time out a BLPOP.
+_SERVER_TICK = 0.1
 _RESERVED = "r:"
 _TICKET = re.compile(r"[0-9a-f]{24}")
 
@@ -277,7 +279,7 @@ class _RedisBackend(_Backend):
                     return None
                 pttl = int(value)
                 wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
-                _call(conn, _wait_for_signal, client, signal, wait, wait < slice_cap)
+                _call(conn, _wait_for_signal, client, signal, wait)
         finally:
             if queued:
                 self._leave_queue(conn, scripts, keys, signal)
@@ -317,24 +319,29 @@ class _RedisBackend(_Backend):
         return bool(_call(conn, conn.client.exists, keys.lock))
 
 
-def _wait_for_signal(client: Any, key: str, wait: float, precise: bool) -> bool:
-    """BLPOP `key` for up to `wait` seconds on a connection of our own; True if signalled.
+def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
+    """BLPOP `key` for at most `wait` seconds on a pooled connection; True if signalled.
 
-    Redis times blocked commands out only on its cron tick (100 ms at the
-    default ``hz 10``), so a wait that must end on time (the lease's end, the
-    caller's deadline) is timed here: when it runs out first, the connection
-    is dropped, abandoning the BLPOP. A signal lost that way is harmless: the
+    An idle Redis times blocked commands out only on its cron tick (100 ms at
+    the default ``hz 10``), late by up to a tick. So a long wait asks the
+    server for one tick less (its reply then comes by `wait`), and only a
+    short last stretch is timed here: if it runs out first, the connection is
+    dropped, abandoning the BLPOP. A signal lost that way is harmless: the
     release also reserved the lock for us, and our next try claims it.
     """
     target = client
     if hasattr(client, "get_node_from_key"):  # RedisCluster: the node owning the key
         target = client.get_redis_connection(client.get_node_from_key(key))
+    if wait > 1.5 * _SERVER_TICK:
+        server_wait, client_wait = wait - _SERVER_TICK, wait + 2 * _SERVER_TICK
+    else:
+        server_wait = client_wait = wait
     pool = target.connection_pool
     connection = pool.get_connection()
     try:
         # BLPOP's timeout 0 means forever: never send less than 2 ms.
-        connection.send_command("BLPOP", key, round(max(wait, 0.002), 3))
-        if connection.can_read(timeout=wait if precise else wait + 0.25):
+        connection.send_command("BLPOP", key, round(max(server_wait, 0.002), 3))
+        if connection.can_read(timeout=client_wait):
             return connection.read_response() is not None
         connection.disconnect()
         return False
