@@ -585,3 +585,40 @@ def test_forked_child_starts_with_an_empty_l1(redis_mode: str) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert load.cache_info().l1_size == 1  # the parent's L1 is untouched
+
+
+# -- keys: a property ---------------------------------------------------------------------
+def _tagged(value: Any) -> Any:
+    """`value` with every scalar's type made explicit (1, 1.0 and True differ)."""
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_tagged(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _tagged(v)) for k, v in value.items())))
+    if isinstance(value, float) and value == 0.0:
+        return ("float", str(value))  # keep -0.0 and 0.0 apart
+    return (type(value).__name__, value)
+
+
+def test_argument_ids_decode_back_to_the_arguments_so_keys_are_injective() -> None:
+    """Every call's argument id decodes to exactly its arguments (a left inverse),
+    so distinct arguments can never share a key; KeySpace then encodes the id
+    injectively."""
+    from hypothesis import given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as hs
+
+    scalars = hs.none() | hs.booleans() | hs.integers() | hs.floats(allow_nan=False, allow_infinity=False) | hs.text()
+    values = hs.recursive(scalars, lambda inner: hs.lists(inner, max_size=3) | hs.dictionaries(hs.text(), inner, max_size=3),
+                          max_leaves=8)
+
+    @cached_metadata(namespace="tests.injective")
+    def lookup(kind: Any, name: Any = None) -> None:
+        return None
+
+    @hsettings(max_examples=100, deadline=None)
+    @given(values, values)
+    def check(kind: Any, name: Any) -> None:
+        _, l2id = lookup._key((kind, name), {})
+        assert _tagged(json.loads(l2id)) == _tagged([kind, name])
+
+    check()
