@@ -918,8 +918,11 @@ class CachedFunction(Generic[R]):
         self._count("invalidations")
         METRICS.inc("cache_invalidations_total", namespace=self.namespace)
         encoded = None
+        if value is None and self._negative_ttl is None:
+            value = _MISSING  # None is only cached with negative_ttl: set(None) invalidates
         if value is not _MISSING:
-            encoded = self._encode(value, 0.0, st.ttl)
+            ttl = self._negative_ttl if value is None and self._negative_ttl is not None else st.ttl
+            encoded = self._encode(value, 0.0, ttl)
         for cache in _same_namespace(self.namespace):
             cache._drop_local(key)
         if encoded is not None and st.mode is not Mode.OFF:
