@@ -26,7 +26,7 @@ import psycopg2
 import redis.exceptions
 
 from .config import Mode, RateLimitFallback, Settings, on_reset, settings
-from .connections import get_redis
+from .connections import get_redis, on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
@@ -211,7 +211,7 @@ class _Plan(NamedTuple):
     limits: Tuple[Limit, ...]
     windows: Tuple[float, ...]
     specs: Tuple[Tuple[int, int], ...]  # (limit, window_us)
-    flat: Tuple[int, ...]
+    flat: Tuple[str, ...]  # limit_1, window_us_1, ... pre-formatted for the wire
     suffixes: Tuple[str, ...]
     labels: Tuple[str, ...]
     max_cost: int
@@ -298,7 +298,7 @@ class RateLimiter:
             limits=self.limits,
             windows=windows,
             specs=specs,
-            flat=tuple(x for spec in specs for x in spec),
+            flat=tuple(str(x) for spec in specs for x in spec),
             suffixes=tuple(f"{short}_{w}" for _, w in specs),
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
             max_cost=min(lim.limit for lim in self.limits),
@@ -388,11 +388,16 @@ _outage: Dict[str, bool] = {"redis": False, "postgres": False, "redis+postgres":
 
 
 def _redis_storage() -> RedisStorage:
-    conn = get_redis()
+    """The storage over the process's Redis client.
+
+    Cached without asking `get_redis()` each call (its fork check is a
+    syscall, slow in sandboxes): the reset and fork hooks below drop it
+    whenever the client changes.
+    """
     store = _redis
-    if store is not None and store.conn is conn:
+    if store is not None:
         return store
-    return _new_redis_storage(conn)
+    return _new_redis_storage(get_redis())
 
 
 def _new_redis_storage(conn: Any) -> RedisStorage:
@@ -435,6 +440,13 @@ def _forget() -> None:
     _redis = _pg = None
     for k in _outage:
         _outage[k] = False
+
+
+@on_fork
+def _forget_in_child() -> None:
+    global _storage_lock
+    _storage_lock = threading.Lock()  # a parent thread may have held it at fork
+    _forget()
 
 
 # -- the decorator -------------------------------------------------------------------

@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 import zlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .config import on_reset
 from .connections import RedisConnection, on_fork
@@ -237,8 +237,8 @@ class RedisStorage:
         self._scripts = {a: conn.client.register_script(src) for a, src in _SOURCES.items()}
 
     def acquire(
-        self, algorithm: Algorithm, keys: Sequence[str], flat_specs: Sequence[int], cost: int,
-        consume: bool, now_us: int = -1,
+        self, algorithm: Algorithm, keys: Sequence[str], flat_specs: Sequence[Union[int, str]], cost: int,
+        consume: bool, now_us: Optional[int] = None,
     ) -> Reply:
         """One EVALSHA: the verdict and every limit's figures.
 
@@ -247,7 +247,12 @@ class RedisStorage:
         retry policy. `BackendUnavailable` when Redis stays unreachable.
         """
         script = self._scripts[algorithm]
-        args = [1 if consume else 0, cost, now_us, *flat_specs, _nonce()]
+        # Few arguments on purpose: each costs the client ~1 us to pack.
+        args: List[Union[int, str]] = [cost if consume else -cost, *flat_specs]
+        if algorithm is Algorithm.SLIDING_WINDOW:
+            args.append(_nonce())
+        if now_us is not None:
+            args.append(now_us)
         policy = self.conn.policy
         try:
             raw = policy.call(script, keys=keys, args=args, attempts=1)
@@ -255,8 +260,9 @@ class RedisStorage:
             if not policy.available or policy.attempts <= 1 or exc.__cause__ is None:
                 raise
             raw = policy.call(script, keys=keys, args=args, attempts=policy.attempts - 1)
-        outcomes = [(int(raw[j]), int(raw[j + 1]), int(raw[j + 2])) for j in range(2, len(raw), 3)]
-        return bool(raw[0]), int(raw[1]) - 1, outcomes
+        f = [int(x) for x in raw.split()]
+        outcomes = [(f[j], f[j + 1], f[j + 2]) for j in range(2, len(f), 3)]
+        return f[0] == 1, f[1] - 1, outcomes
 
     def clear(self, keys: Sequence[str]) -> None:
         """Delete the keys (one slot: they share a hash tag)."""
@@ -367,10 +373,16 @@ def local_storage() -> LocalStorage:
 
 
 @on_reset
-@on_fork
 def _drop_local() -> None:
     global _local
     _local = None
+
+
+@on_fork
+def _drop_local_in_child() -> None:
+    global _local_lock
+    _local_lock = threading.Lock()  # a parent thread may have held it at fork
+    _drop_local()
 
 
 # -- PostgreSQL -------------------------------------------------------------------

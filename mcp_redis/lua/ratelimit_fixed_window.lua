@@ -3,19 +3,20 @@
 -- server's own clock ends it, so no timestamp is stored or sent. Admitted
 -- hits cost one INCRBY and one PTTL per limit; a refusal rolls back.
 -- KEYS[i]: one integer counter per limit.
--- ARGV: consume (1 = hit, 0 = peek), cost, unused, then limit_i, window_us_i.
--- Reply: {allowed, refused index (0 = none), then per limit:
---         remaining, retry_after_us, reset_after_us}.
-local consume = ARGV[1] == '1'
-local cost = tonumber(ARGV[2])
+-- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i.
+-- Reply: "allowed refused-index(0 = none)" then, per limit,
+--        " remaining retry_after_us reset_after_us" (integers, one string).
+local cost = tonumber(ARGV[1])
+local consume = cost > 0
+if not consume then cost = -cost end
 local n = #KEYS
 local out = {1, 0}
 local counts = {}
 local refused, worst = 0, -1
 for i = 1, n do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[2 + 2 * i])
-  local window_ms = math.max(1, math.ceil(tonumber(ARGV[3 + 2 * i]) / 1000))
+  local limit = tonumber(ARGV[2 * i])
+  local window_ms = math.max(1, math.ceil(tonumber(ARGV[2 * i + 1]) / 1000))
   local count
   if consume then
     count = redis.call('INCRBY', key, cost) - cost
@@ -57,7 +58,9 @@ if refused > 0 then
 elseif consume then
   for i = 1, n do
     out[3 * i] = out[3 * i] - cost
-    if counts[i] == 0 then out[3 * i + 2] = math.max(1, math.ceil(tonumber(ARGV[3 + 2 * i]) / 1000)) * 1000 end
+    if counts[i] == 0 then out[3 * i + 2] = math.max(1, math.ceil(tonumber(ARGV[2 * i + 1]) / 1000)) * 1000 end
   end
 end
-return out
+-- One bulk string, not an array: a client without hiredis parses it in one read.
+for j = 1, #out do out[j] = string.format('%d', out[j]) end
+return table.concat(out, ' ')

@@ -1,14 +1,15 @@
 -- GCRA (a token bucket of `limit` tokens refilled over `window`), all limits
 -- at once. Refill is exact: state is the theoretical arrival time (TAT).
 -- KEYS[i]: one string per limit: the TAT in microseconds.
--- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
---       then limit_i, window_us_i for each key.
--- Reply: {allowed, refused index (0 = none), then per limit:
---         remaining, retry_after_us, reset_after_us}.
-local consume = ARGV[1] == '1'
-local cost = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if now < 0 then
+-- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
+--       each key, then optionally the time in us (tests simulate a clock).
+-- Reply: "allowed refused-index(0 = none)" then, per limit,
+--        " remaining retry_after_us reset_after_us" (integers, one string).
+local cost = tonumber(ARGV[1])
+local consume = cost > 0
+if not consume then cost = -cost end
+local now = tonumber(ARGV[2 + 2 * #KEYS])
+if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
@@ -18,8 +19,8 @@ local news = {}
 local out = {1, 0}
 local refused, worst = 0, -1
 for i = 1, n do
-  local limit = tonumber(ARGV[2 + 2 * i])
-  local window = tonumber(ARGV[3 + 2 * i])
+  local limit = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
   local interval = window / limit
   -- Tolerate float rounding (TAT is stored to 1 ns) so a full burst fits.
   local eps = math.min(1, interval / 2)
@@ -41,8 +42,8 @@ if refused > 0 then
   out[1], out[2] = 0, refused
 elseif consume then
   for i = 1, n do
-    local limit = tonumber(ARGV[2 + 2 * i])
-    local window = tonumber(ARGV[3 + 2 * i])
+    local limit = tonumber(ARGV[2 * i])
+    local window = tonumber(ARGV[2 * i + 1])
     local interval = window / limit
     local eps = math.min(1, interval / 2)
     redis.call('SET', KEYS[i], string.format('%.3f', news[i]), 'PX', math.max(1, math.ceil((news[i] - now) / 1000)))
@@ -50,4 +51,6 @@ elseif consume then
     out[3 * i + 2] = math.ceil(news[i] - now)
   end
 end
-return out
+-- One bulk string, not an array: a client without hiredis parses it in one read.
+for j = 1, #out do out[j] = string.format('%d', out[j]) end
+return table.concat(out, ' ')

@@ -3,28 +3,29 @@
 --          scored by the server time in microseconds and named
 --          "<time>:<nonce>:<unit>" (the nonce is unique per caller and call,
 --          so members never collide, even within one microsecond).
--- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
---       then limit_i, window_us_i for each key, then the nonce.
--- Reply: {allowed, refused index (0 = none), then per limit:
---         remaining, retry_after_us, reset_after_us}.
-local consume = ARGV[1] == '1'
-local cost = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if now < 0 then
+-- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
+--       each key, then the nonce, then optionally the time in us (tests simulate a clock).
+-- Reply: "allowed refused-index(0 = none)" then, per limit,
+--        " remaining retry_after_us reset_after_us" (integers, one string).
+local cost = tonumber(ARGV[1])
+local consume = cost > 0
+if not consume then cost = -cost end
+local now = tonumber(ARGV[3 + 2 * #KEYS])
+if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function us(x) return string.format('%.0f', x) end
 
 local n = #KEYS
-local nonce = ARGV[4 + 2 * n]
+local nonce = ARGV[2 + 2 * n]
 local counts = {}
 local out = {1, 0}
 local refused, worst = 0, -1
 for i = 1, n do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[2 + 2 * i])
-  local window = tonumber(ARGV[3 + 2 * i])
+  local limit = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
   local floor_ = '(' .. us(now - window)
   local count
   if consume then
@@ -51,15 +52,15 @@ end
 if refused > 0 then
   out[1], out[2] = 0, refused
   for i = 1, n do
-    if consume and counts[i] > 0 and counts[i] + cost <= tonumber(ARGV[2 + 2 * i]) then
+    if consume and counts[i] > 0 and counts[i] + cost <= tonumber(ARGV[2 * i]) then
       out[3 * i + 2] = tonumber(redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2])
-                       + tonumber(ARGV[3 + 2 * i]) - now
+                       + tonumber(ARGV[2 * i + 1]) - now
     end
   end
 elseif consume then
   for i = 1, n do
     local key = KEYS[i]
-    local window = tonumber(ARGV[3 + 2 * i])
+    local window = tonumber(ARGV[2 * i + 1])
     local stamp = us(now)
     local prefix = stamp .. ':' .. nonce .. ':'
     local args, added = {}, 0
@@ -77,4 +78,6 @@ elseif consume then
     out[3 * i + 2] = window
   end
 end
-return out
+-- One bulk string, not an array: a client without hiredis parses it in one read.
+for j = 1, #out do out[j] = string.format('%d', out[j]) end
+return table.concat(out, ' ')

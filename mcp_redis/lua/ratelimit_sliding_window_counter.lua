@@ -2,14 +2,15 @@
 -- Windows are aligned on the server clock; the estimate is
 --   previous * (time left in the current window / window) + current.
 -- KEYS[i]: one string per limit: "<window index>:<current count>:<previous count>".
--- ARGV: consume (1 = hit, 0 = peek), cost, now override in us (-1 = TIME),
---       then limit_i, window_us_i for each key.
--- Reply: {allowed, refused index (0 = none), then per limit:
---         remaining, retry_after_us, reset_after_us}.
-local consume = ARGV[1] == '1'
-local cost = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if now < 0 then
+-- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
+--       each key, then optionally the time in us (tests simulate a clock).
+-- Reply: "allowed refused-index(0 = none)" then, per limit,
+--        " remaining retry_after_us reset_after_us" (integers, one string).
+local cost = tonumber(ARGV[1])
+local consume = cost > 0
+if not consume then cost = -cost end
+local now = tonumber(ARGV[2 + 2 * #KEYS])
+if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
@@ -19,8 +20,8 @@ local idxs, curs, prevs = {}, {}, {}
 local out = {1, 0}
 local refused, worst = 0, -1
 for i = 1, n do
-  local limit = tonumber(ARGV[2 + 2 * i])
-  local window = tonumber(ARGV[3 + 2 * i])
+  local limit = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
   local idx = math.floor(now / window)
   local v = redis.call('GET', KEYS[i])
   local w, c, p = nil, 0, 0
@@ -63,14 +64,16 @@ if refused > 0 then
   out[1], out[2] = 0, refused
 elseif consume then
   for i = 1, n do
-    local window = tonumber(ARGV[3 + 2 * i])
+    local window = tonumber(ARGV[2 * i + 1])
     local start = idxs[i] * window
     redis.call('SET', KEYS[i], string.format('%.0f:%d:%d', idxs[i], curs[i] + cost, prevs[i]),
                'PX', math.max(1, math.ceil((start + 2 * window - now) / 1000)))
-    local limit = tonumber(ARGV[2 + 2 * i])
+    local limit = tonumber(ARGV[2 * i])
     local est = prevs[i] * (start + window - now) / window + curs[i] + cost
     out[3 * i] = math.floor(limit - est)
     out[3 * i + 2] = start + 2 * window - now
   end
 end
-return out
+-- One bulk string, not an array: a client without hiredis parses it in one read.
+for j = 1, #out do out[j] = string.format('%d', out[j]) end
+return table.concat(out, ' ')
