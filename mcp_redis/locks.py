@@ -938,6 +938,9 @@ class DistributedLock:
             return backend.acquire(keys, token, lease, deadline)
         except BackendUnavailable:
             fallback = _fallback() if backend is _REDIS else None
+            if fallback is _POSTGRES and not settings().database_url:
+                log.error("lock: lock_fallback is 'postgres' but DATABASE_URL is not set; failing closed")
+                fallback = None
             if fallback is None:
                 METRICS.inc("lock_backend_unavailable_total", backend=backend.name)
                 raise
@@ -1094,11 +1097,16 @@ def lock(
     thread_local: bool = True,
     auto_renew: bool = False,
     raise_on_release_error: bool = True,
+    sleep: float = 0.1,
 ) -> DistributedLock:
-    """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`)."""
+    """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`).
+
+    `sleep` is accepted for redis-py compatibility and ignored: waiters are woken.
+    """
     return DistributedLock(
         name,
         timeout=timeout,
+        sleep=sleep,
         blocking=blocking,
         blocking_timeout=blocking_timeout,
         thread_local=thread_local,

@@ -634,3 +634,9 @@ def test_thread_local_false_lets_another_thread_release_as_in_redis_py(redis_mod
     t.start()
     t.join(5)
     assert not shared.locked()
+
+
+def test_postgres_fallback_without_database_url_fails_closed() -> None:
+    mcp_redis.configure(redis_url=f"redis://127.0.0.1:{free_port()}/0", retry_attempts=1, lock_fallback="postgres")
+    with pytest.raises(BackendUnavailable):
+        mcp_redis.agent_lock("down").acquire()
