@@ -1,7 +1,7 @@
 """Soak: a bounded mixed load of every feature, threads × processes.
 
     python -m bench.soak --seconds 60 [--processes 2] [--threads 4] [--json out.json]
-        [--redis-url URL] [--database-url DSN]
+        [--redis-url URL] [--database-url DSN] [--chaos]
 
 Without ``--redis-url`` it starts its own redis-server; without
 ``--database-url`` it creates (and drops) a throwaway PostgreSQL database
@@ -74,20 +74,25 @@ def _pick(rng: random.Random) -> str:
     return WEIGHTS[-1][0]
 
 
-def _worker(index: int, cfg: Dict[str, Any], out: Any) -> None:
+def _worker(index: int, cfg: Dict[str, Any], out: Any, barrier: Any) -> None:
     """One process: warm up, run the mix on `threads` threads, report."""
     try:
-        out.put(_run_worker(index, cfg))
+        out.put(_run_worker(index, cfg, barrier))
     except BaseException:
         out.put({"index": index, "fatal": traceback.format_exc()})
 
 
-def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]:
     import mcp_redis
     from mcp_redis.connections import get_redis
 
-    mcp_redis.configure(redis_url=cfg["redis_url"], database_url=cfg["database_url"])
+    mcp_redis.configure(redis_url=cfg["redis_url"], database_url=cfg["database_url"], **cfg.get("settings", {}))
     run = cfg["run"]
+    chaos = bool(cfg.get("chaos"))
+    # Under chaos, the documented outcomes of an unreachable Redis are not
+    # errors: locks fail closed, publishes fail; everything else must answer.
+    tolerated = {"lock": (mcp_redis.BackendUnavailable, mcp_redis.LockTimeout, mcp_redis.LockNotOwned),
+                 "publish": (mcp_redis.BackendUnavailable,)} if chaos else {}
     rss_start, _ = _rss_kb()
     loads = [0]
 
@@ -102,9 +107,16 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     received = [0]
     recv_lock = threading.Lock()
 
+    seen_events: set = set()
+    duplicates = [0]
+
     def on_event(event: Dict[str, Any]) -> None:
+        ident = (event.get("p"), event.get("t"), event.get("i"))
         with recv_lock:
             received[0] += 1
+            if ident in seen_events:
+                duplicates[0] += 1
+            seen_events.add(ident)
 
     sub = bus.subscribe(f"soak-{run}", on_event)
     conn = get_redis()
@@ -122,11 +134,14 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     redis_in_use_after_warmup = conn.pool_stats()["in_use"]
     rss_warm, _ = _rss_kb()
 
+    barrier.wait(timeout=120)  # every process starts the mix together...
     deadline = time.monotonic() + cfg["seconds"]
     lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
     errors: Dict[str, int] = {}
     counts = {"published": 0, "rate_allowed": 0, "rate_refused": 0}
+    tolerated_counts: Dict[str, int] = {}
     acquisitions: Dict[str, int] = {}
+    uncertain: Dict[str, int] = {}  # lock bodies that failed after sending their SET
     bound: List[Tuple[str, str]] = []
     merge = threading.Lock()
     rss_samples: List[int] = []
@@ -136,6 +151,8 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         my_lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
         my_err: Dict[str, int] = {}
         my_acq: Dict[str, int] = {}
+        my_unc: Dict[str, int] = {}
+        my_tol: Dict[str, int] = {}
         my_bound: List[Tuple[str, str]] = []
         published = allowed = refused = 0
         i = 0
@@ -167,17 +184,29 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
                         refused += 1
                 elif op == "lock":
                     name = f"soak-{run}-{rng.randrange(LOCKED_AGENTS)}"
-                    with mcp_redis.agent_lock(name, timeout=10, blocking_timeout=10):
-                        # A read-modify-write that loses updates unless the lock excludes.
-                        key = counter_key + name
-                        n = int(conn.client.get(key) or 0)
-                        conn.client.set(key, n + 1, ex=600)
+                    sent = False
+                    try:
+                        with mcp_redis.agent_lock(name, timeout=10, blocking_timeout=10):
+                            # A read-modify-write that loses updates unless the lock excludes.
+                            key = counter_key + name
+                            n = int(conn.call(conn.client.get, key) or 0)
+                            sent = True
+                            conn.call(conn.client.set, key, n + 1, ex=600)
+                    except BaseException:
+                        if sent:  # the SET may or may not have been applied
+                            my_unc[name] = my_unc.get(name, 0) + 1
+                        raise
                     my_acq[name] = my_acq.get(name, 0) + 1
                 elif op == "publish":
                     bus.publish(f"soak-{run}", {"p": index, "t": t, "i": i})
                     published += 1
             except Exception as exc:  # counted; the soak must show none
                 kind = f"{op}:{type(exc).__name__}"
+                if isinstance(exc, tolerated.get(op, ())):
+                    my_tol[kind] = my_tol.get(kind, 0) + 1
+                    my_lat[op].append(time.perf_counter() - start)
+                    i += 1
+                    continue
                 my_err[kind] = my_err.get(kind, 0) + 1
                 if sum(my_err.values()) <= 3:
                     sys.stderr.write(f"[soak p{index} t{t}] {kind}: {exc}\n")
@@ -190,6 +219,10 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
                 errors[k] = errors.get(k, 0) + v
             for k, v in my_acq.items():
                 acquisitions[k] = acquisitions.get(k, 0) + v
+            for k, v in my_unc.items():
+                uncertain[k] = uncertain.get(k, 0) + v
+            for k, v in my_tol.items():
+                tolerated_counts[k] = tolerated_counts.get(k, 0) + v
             bound.extend(my_bound)
             counts["published"] += published
             counts["rate_allowed"] += allowed
@@ -222,6 +255,8 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         "latencies": lat,
         "errors": errors,
         "acquisitions": acquisitions,
+        "uncertain": uncertain,
+        "tolerated": tolerated_counts,
         "sessions_bound": len(bound),
         "sessions_missing": len(missing),
         "published": counts["published"],
@@ -238,9 +273,10 @@ def _run_worker(index: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         "rss_kb": {"start": rss_start, "warm": rss_warm, "end": rss_end, "peak": rss_peak,
                    "samples": rss_samples},
     }
-    # Let events published by the other processes at the very end arrive.
+    barrier.wait(timeout=120)  # ...and nobody stops listening before everybody stopped publishing.
     time.sleep(cfg.get("drain", 1.0))
     report["received"] = received[0]
+    report["duplicates"] = duplicates[0]
     sub.close()
     bus.close()
     time.sleep(0.1)
@@ -261,9 +297,55 @@ def _percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[i]
 
 
+# Tight timeouts for chaos runs, so that every fault is felt and survived quickly.
+CHAOS_SETTINGS: Dict[str, Any] = dict(socket_timeout=0.25, socket_connect_timeout=0.25, retry_attempts=2,
+                                      retry_max_backoff=0.05, breaker_failure_threshold=3,
+                                      breaker_reset_timeout=0.5)
+CHAOS_HANG_BOUND = 5.0
+# (fault, seconds, latency): cycled until 2 s before the end, then healthy.
+CHAOS_CYCLE: List[Tuple[str, float, float]] = [
+    ("pass", 1.5, 0.0), ("latency", 1.0, 0.05), ("pass", 1.0, 0.0), ("blackhole", 1.0, 0.0),
+    ("pass", 1.5, 0.0), ("drop", 0.5, 0.0), ("pass", 1.0, 0.0), ("reset", 0.7, 0.0),
+    ("pass", 1.0, 0.0), ("latency", 1.0, 1.0),
+]
+
+
+def _conductor(barrier: Any, proxy: Any, seconds: float, log: List[Dict[str, Any]], stop: threading.Event) -> None:
+    """The parent's part: start with the workers, inject faults if asked, end with them."""
+    try:
+        barrier.wait(timeout=120)
+        if proxy is not None:
+            _chaos(proxy, time.monotonic() + max(0.0, seconds - 2.0), log, stop)
+        barrier.wait(timeout=seconds + 120)
+    except threading.BrokenBarrierError:
+        pass
+
+
+def _chaos(proxy: Any, until: float, log: List[Dict[str, Any]], stop: threading.Event) -> None:
+    i = 0
+    while not stop.is_set() and time.monotonic() < until:
+        fault, seconds, latency = CHAOS_CYCLE[i % len(CHAOS_CYCLE)]
+        proxy.set_fault(fault, latency=latency)
+        if fault != "pass":
+            log.append({"fault": fault, "seconds": seconds, "latency": latency})
+        stop.wait(min(seconds, max(0.0, until - time.monotonic())))
+        i += 1
+    proxy.pass_through()
+
+
 def run(seconds: float, processes: int = 2, threads: int = 4, redis_url: Optional[str] = None,
-        database_url: Optional[str] = None, drain: float = 1.0) -> Dict[str, Any]:
-    """Run the soak; returns the report (``report["ok"]`` and ``report["failures"]``)."""
+        database_url: Optional[str] = None, drain: float = 1.0, chaos: bool = False) -> Dict[str, Any]:
+    """Run the soak; returns the report (``report["ok"]`` and ``report["failures"]``).
+
+    With `chaos`, the workers reach Redis through a `FaultProxy` that cycles
+    latency, black holes, dropped connections and mid-reply resets for all
+    but the last 2 s; locks may then fail closed and publishes fail, but no
+    call may hang, no session may be lost and no lock-guarded update may be
+    lost or doubled.
+    """
+    from urllib.parse import urlsplit
+
+    from mcp_redis.faultproxy import FaultProxy
     from mcp_redis.testing import PostgresDatabase, RedisServer
 
     own_server = own_db = None
@@ -276,19 +358,42 @@ def run(seconds: float, processes: int = 2, threads: int = 4, redis_url: Optiona
             own_db = candidate.create()
             database_url = own_db.url
     run_id = uuid.uuid4().hex[:8]
-    cfg = {"redis_url": redis_url, "database_url": database_url, "seconds": seconds, "threads": threads,
-           "run": run_id, "drain": drain}
+    proxy = None
+    worker_url = redis_url
+    if chaos:
+        parts = urlsplit(redis_url)
+        proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379).start()
+        worker_url = proxy.url(int((parts.path or "/0").lstrip("/") or 0), password=parts.password,
+                               username=parts.username)
+    cfg = {"redis_url": worker_url, "database_url": database_url, "seconds": seconds, "threads": threads,
+           "run": run_id, "drain": drain, "chaos": chaos, "settings": CHAOS_SETTINGS if chaos else {}}
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(i, cfg, out), daemon=True) for i in range(processes)]
+    barrier = ctx.Barrier(processes + 1)  # the workers and the conductor
+    procs = [ctx.Process(target=_worker, args=(i, cfg, out, barrier), daemon=True) for i in range(processes)]
+    faults: List[Dict[str, Any]] = []
+    stop = threading.Event()
+    chaos_thread = None
     try:
         for p in procs:
             p.start()
+        chaos_thread = threading.Thread(target=_conductor, args=(barrier, proxy, seconds, faults, stop), daemon=True)
+        chaos_thread.start()
         reports = [out.get(timeout=seconds + 120) for _ in procs]
         for p in procs:
             p.join(30)
-        return _summarise(reports, cfg, redis_url)
+        report = _summarise(reports, cfg, redis_url)
+        if chaos:
+            report["faults_injected"] = faults
+        return report
     finally:
+        stop.set()
+        if chaos_thread is not None and chaos_thread.is_alive():
+            barrier.abort()
+        if chaos_thread is not None:
+            chaos_thread.join(5)
+        if proxy is not None:
+            proxy.stop()
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -322,25 +427,50 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
         failures.append(f"errors: {errors}")
     # Locks: the guarded counters must equal the acquisitions of every process.
     acquisitions: Dict[str, int] = {}
+    uncertain: Dict[str, int] = {}
+    tolerated: Dict[str, int] = {}
     for r in reports:
         for k, v in r["acquisitions"].items():
             acquisitions[k] = acquisitions.get(k, 0) + v
+        for k, v in r["uncertain"].items():
+            uncertain[k] = uncertain.get(k, 0) + v
+        for k, v in r["tolerated"].items():
+            tolerated[k] = tolerated.get(k, 0) + v
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     lost = {}
-    for name, n in acquisitions.items():
+    for name in set(acquisitions) | set(uncertain):
+        n, maybe = acquisitions.get(name, 0), uncertain.get(name, 0)
         value = int(client.get(f"mcp:soak:{cfg['run']}:counter:{name}") or 0)
-        if value != n:
-            lost[name] = (n, value)
+        # Exact when healthy; under chaos a body that failed after its SET
+        # may or may not have counted, so the counter lies in [n, n + maybe].
+        if not n <= value <= n + maybe:
+            lost[name] = (n, maybe, value)
     if lost:
-        failures.append(f"lock-guarded counters lost updates (acquisitions, counter): {dict(list(lost.items())[:5])}")
+        failures.append("lock-guarded counters outside [acquisitions, acquisitions + uncertain]: "
+                        f"{dict(list(lost.items())[:5])} (mutual exclusion broken)")
+    worst = {name: max((v for r in reports for v in r["latencies"][name]), default=0.0) for name, _ in WEIGHTS}
+    if cfg.get("chaos"):
+        # No call hangs: every operation but a lock wait (blocking_timeout 10 s
+        # by design) answers within a few of its timeouts, fault or not.
+        hung = {k: round(v, 2) for k, v in worst.items() if k != "lock" and v > CHAOS_HANG_BOUND}
+        if hung:
+            failures.append(f"calls took longer than {CHAOS_HANG_BOUND}s under faults: {hung}")
     missing = sum(r["sessions_missing"] for r in reports)
     if missing:
         failures.append(f"{missing} session bindings lost")
     published = sum(r["published"] for r in reports)
     expected = published * len(reports)  # one subscription per process
     received = sum(r["received"] for r in reports)
-    if received != expected:
-        failures.append(f"events: {received} received of {expected} expected (published {published})")
+    duplicates = sum(r["duplicates"] for r in reports)
+    failed_publishes = sum(v for k, v in tolerated.items() if k.startswith("publish:"))
+    # Pub/sub is at-most-once. Under chaos a publish that raised may still have
+    # reached Redis (its reply was lost), so up to (published + failed) arrive.
+    ceiling = (published + failed_publishes) * len(reports)
+    if received > ceiling or (received != expected and not cfg.get("chaos")):
+        failures.append(f"events: {received} received of {expected} expected (published {published}, "
+                        f"{failed_publishes} publishes raised)")
+    if duplicates:
+        failures.append(f"events: {duplicates} delivered twice (a retried PUBLISH whose first reply was lost)")
     processes = []
     for r in reports:
         info = r["cache_info"]
@@ -387,13 +517,17 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
         "per_op": {k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()}
                    for k, v in per_op.items()},
         "errors": errors,
+        "tolerated": tolerated,
+        "max_ms": {k: round(v * 1e3, 1) for k, v in worst.items()},
         "lock_acquisitions": sum(acquisitions.values()),
+        "lock_bodies_uncertain": sum(uncertain.values()),
         "lock_updates_lost": len(lost),
         "sessions_bound": sum(r["sessions_bound"] for r in reports),
         "sessions_lost": missing,
         "events_published": published,
         "events_received": received,
         "events_expected": expected,
+        "events_duplicated": duplicates,
         "rate_limit": {"allowed": sum(r["rate_allowed"] for r in reports),
                        "refused": sum(r["rate_refused"] for r in reports)},
         "processes": processes,
@@ -418,9 +552,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--redis-url")
     parser.add_argument("--database-url")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--chaos", action="store_true",
+                        help="reach Redis through a fault-injecting proxy cycling latency/black hole/drop/reset")
     args = parser.parse_args(argv)
     seconds = float(os.environ.get("MCP_REDIS_SOAK_SECONDS", args.seconds))
-    report = run(seconds, args.processes, args.threads, args.redis_url, args.database_url)
+    report = run(seconds, args.processes, args.threads, args.redis_url, args.database_url, chaos=args.chaos)
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.json:

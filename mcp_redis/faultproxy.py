@@ -20,6 +20,8 @@ connections alike):
   their protocol stream can no longer be trusted.
 * ``reset``     — requests are forwarded; the first reply chunk is cut in half
   and the connection is reset (RST) right after the partial reply.
+* ``reset_once`` — like ``reset`` for the next reply only, then ``pass``: the
+  request was executed, its reply lost — what a retry must cope with.
 
 Loopback only, threads only (one acceptor, two pumps per connection), no
 dependencies. Not part of the public API: a testing and benchmarking tool.
@@ -51,6 +53,7 @@ class Fault(str, enum.Enum):
     DROP = "drop"
     BLACKHOLE = "blackhole"
     RESET = "reset"
+    RESET_ONCE = "reset_once"
 
 
 class _Link:
@@ -141,7 +144,7 @@ class _Link:
                         delay = proxy.latency_seconds + random.uniform(0, proxy.jitter_seconds)
                         if self.closed.wait(delay):
                             return
-                    elif fault is Fault.RESET:
+                    elif fault is Fault.RESET or (fault is Fault.RESET_ONCE and proxy._claim_reset_once()):
                         cut = max(1, len(data) // 2) if len(data) > 1 else 0
                         if cut:
                             dst.sendall(data[:cut])
@@ -253,6 +256,17 @@ class FaultProxy:
 
     def reset_mid_reply(self) -> None:
         self.set_fault(Fault.RESET)
+
+    def reset_next_reply(self) -> None:
+        """Cut the next reply (from any connection) mid-way, then pass traffic again."""
+        self.set_fault(Fault.RESET_ONCE)
+
+    def _claim_reset_once(self) -> bool:
+        with self._lock:
+            if self.fault is not Fault.RESET_ONCE:
+                return False
+            self.fault = Fault.PASS
+            return True
 
     @contextlib.contextmanager
     def injected(self, fault: Fault | str, *, latency: float = 0.0, jitter: float = 0.0) -> Iterator[FaultProxy]:

@@ -21,11 +21,15 @@ SHORT = float(os.environ.get("MCP_REDIS_SOAK_SECONDS", "8"))
 MAX_RSS_GROWTH_MB = 40.0
 
 
-def check(report: Dict[str, Any]) -> None:
-    assert report["ok"], "soak failed:\n" + "\n".join(report["failures"])
+def check(report: Dict[str, Any], chaos: bool = False) -> None:
+    failures = report["failures"]
+    if chaos:  # a reported bug, tested deterministically in test_faults.py (xfail there)
+        failures = [f for f in failures if "delivered twice" not in f]
+    assert not failures, "soak failed:\n" + "\n".join(failures)
     assert report["ops"] > 0 and report["errors"] == {}
     assert report["lock_updates_lost"] == 0 and report["sessions_lost"] == 0
-    assert report["events_received"] == report["events_expected"]
+    if not chaos:
+        assert report["events_received"] == report["events_expected"]
     for proc in report["processes"]:
         assert proc["l1"]["size"] <= proc["l1"]["maxsize"]
         assert proc["threads"]["end"] <= proc["threads"]["after_warmup"]
@@ -38,6 +42,17 @@ def check(report: Dict[str, Any]) -> None:
 
 def test_short_soak_of_every_feature(redis_url: str, database_url: str) -> None:
     check(run(SHORT, processes=2, threads=3, redis_url=redis_url, database_url=database_url))
+
+
+def test_short_soak_through_cycling_network_faults(redis_url: str, database_url: str) -> None:
+    """The same mix while a proxy cycles latency, black holes, drops and resets: no call
+    hangs, no error beyond the documented ones (locks fail closed, publishes fail), no
+    session lost, no lock-guarded update lost or doubled, no leaked thread or connection."""
+    report = run(max(SHORT, 8.0), processes=2, threads=3, redis_url=redis_url, database_url=database_url,
+                 chaos=True)
+    check(report, chaos=True)
+    assert report["faults_injected"], "no fault was injected"
+    assert set(report["errors"]) == set()
 
 
 @pytest.mark.slow
