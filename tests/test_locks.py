@@ -364,10 +364,10 @@ def test_four_processes_by_four_threads_lose_no_update(redis_mode: str) -> None:
 
 @pytest.mark.slow
 def test_leases_shorter_than_the_work_are_renewed_and_lose_no_update(redis_mode: str) -> None:
-    # Lease 0.3 s; the last section of each thread holds 0.35 s, longer than the
+    # Lease 0.4 s; the last section of each thread holds 0.45 s, longer than the
     # lease, so only renewal keeps it. (1,280 sections: the 16 long ones run one
     # after another, and the 5,120-section run above covers the volume.)
-    totals = _run_mutex(redis_mode, 4, 4, 80, 0.3, long_every=80, long_sleep=0.35)
+    totals = _run_mutex(redis_mode, 4, 4, 80, 0.4, long_every=80, long_sleep=0.45)
     count = int(raw(redis_mode).get("test:counter").split(",")[0])
     assert totals == {"sections": 1280, "fence_not_increasing": 0, "lost": 0, "errors": 0}
     assert count == 1280
@@ -517,9 +517,9 @@ def test_forked_child_cannot_release_or_free_parents_lock(redis_mode: str) -> No
         return 0
 
     def child_takes_its_own_lock() -> int:
-        mine = mcp_redis.agent_lock("child-own", timeout=0.3)
+        mine = mcp_redis.agent_lock("child-own", timeout=0.6)
         mine.acquire()
-        time.sleep(0.5)  # its own watchdog must renew it
+        time.sleep(0.8)  # its own watchdog must renew it
         ok = mine.owned()
         mine.release()
         return 0 if ok and not mcp_redis.agent_lock("forked", blocking_timeout=0).acquire() else 4
