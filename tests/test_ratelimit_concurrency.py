@@ -89,3 +89,24 @@ def test_local_limiter_is_exact_across_threads_without_false_denials(algorithm: 
         for t in threads:
             t.join()
         assert sum(admitted) == expected
+
+
+def test_forked_children_count_into_the_same_log_without_collisions(redis_mode: str, redis_server: Any) -> None:
+    # A forked child drops the parent's client and log-entry nonce: the
+    # entries both processes write never overwrite each other.
+    import os
+
+    limiter = RateLimiter("fork", 100, 3600)
+    assert limiter.hit("k").allowed  # the parent's client and nonce exist before the fork
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # child
+            ok = all(limiter.hit("k").allowed for _ in range(30))
+            os._exit(0 if ok else 1)
+        pids.append(pid)
+    assert all(limiter.hit("k").allowed for _ in range(30))
+    assert [os.waitpid(pid, 0)[1] for pid in pids] == [0, 0]
+    assert limiter.peek("k").remaining == 100 - 91
+    (key,) = redis_server.client().keys("mcp:ratelimit:*")
+    assert redis_server.client().zcard(key) == 91
