@@ -49,6 +49,7 @@ log = logging.getLogger("mcp_redis.sessions")
 
 MAX_REFRESH_INTERVAL = 300.0  # seconds: PostgreSQL expiry refreshed at most this often on touch
 MAX_CANDIDATES = 10
+_OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
 MAX_TTL = 10 * 365 * 86400  # seconds; beyond this a "session" is a configuration mistake
 _REPLAY_BATCH = 500
 _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
@@ -711,7 +712,7 @@ class SessionStore:
     def _tiers(self) -> _Tiers:
         tiers = _current()
         if tiers.mode is Mode.OFF:
-            raise FeatureDisabled("sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)")
+            raise FeatureDisabled(_OFF)
         return tiers
 
     def _ttl(self, ttl: object, tiers: _Tiers) -> int:
@@ -766,7 +767,7 @@ class SessionStore:
                 return agent
             return self._repair(tiers, session_key)
         if tiers.mode is Mode.OFF:
-            self._tiers()
+            raise FeatureDisabled(_OFF)
         if tiers.pg is not None:
             row = tiers.pg.get(session_key)
             return None if row is None else row[0]

@@ -7,7 +7,7 @@ import math
 import multiprocessing
 import threading
 import time
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import psycopg2
 import pytest
@@ -68,7 +68,7 @@ def redis_only(redis_mode: str) -> SessionStore:
 
 
 @pytest.fixture
-def own_redis(redis_factory) -> RedisServer:  # type: ignore[no-untyped-def]
+def own_redis(redis_factory: Any) -> RedisServer:
     """A redis-server this test may stop and restart (empty) on the same port."""
     return redis_factory()
 
