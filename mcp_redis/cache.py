@@ -376,6 +376,7 @@ class CachedFunction(Generic[R]):
         max_stale: Optional[float] = None,
         negative_ttl: Optional[float] = None,
         id_params: Optional[Iterable[str]] = None,
+        lock_ttl: Optional[float] = None,
     ) -> None:
         if not callable(fn):
             raise InvalidArgumentType("fn", f"must be callable, not {type(fn).__name__}")
@@ -385,6 +386,7 @@ class CachedFunction(Generic[R]):
         _check_number("max_stale", max_stale, allow_none=True, strict=False)
         _check_number("negative_ttl", negative_ttl, allow_none=True)
         _check_number("jitter", jitter, strict=False)
+        _check_number("lock_ttl", lock_ttl, allow_none=True)
         if jitter > 0.5:
             raise InvalidArgument("jitter", f"must be <= 0.5, got {jitter!r}")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int):
@@ -401,6 +403,7 @@ class CachedFunction(Generic[R]):
         self._jitter = float(jitter)
         self._max_stale = float(max_stale) if max_stale else 0.0
         self._negative_ttl = negative_ttl
+        self._lock_ttl = lock_ttl
         self._maxsize = maxsize
 
         self._sig: Optional[inspect.Signature]
@@ -623,6 +626,7 @@ class CachedFunction(Generic[R]):
                       early: Optional[_Entry]) -> R:
         """The leader's path: epoch (and a second look at L2), the loader, write-back."""
         epoch: Optional[str] = None  # observed before loading; None = do not fill L2
+        fill_lock: Optional[str] = None  # the cross-process single-flight lock we hold
         current: Any = _MISSING  # a still-valid value (early refresh)
         stale: Any = _MISSING  # an expired value we may serve if the loader fails
         keys: Optional[Tuple[str, str]] = None
@@ -646,6 +650,15 @@ class CachedFunction(Generic[R]):
                             return value  # type: ignore[no-any-return]
                         if now < expiry + self._max_stale:
                             stale = value
+                    if self._lock_ttl:  # optional cross-process single flight
+                        lock_key = _data_key(st.keys.prefix, self.namespace, gen, l2id, "fill")
+                        px = int(self._lock_ttl * 1000)
+                        if _redis(conn, conn.client.set, lock_key, _ORIGIN, nx=True, px=px):
+                            fill_lock = lock_key
+                        else:
+                            waited = self._wait_for_fill(conn, st, key, flight, keys[0], gen, l2id)
+                            if waited is not _MISSING:
+                                return waited  # type: ignore[no-any-return]
                 else:
                     if not self._claim_refresh(conn, st, gen, l2id, early):
                         # Another process refreshes it; keep serving ours without
@@ -658,47 +671,74 @@ class CachedFunction(Generic[R]):
                 log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace, type(exc).__name__)
                 epoch = None
 
-        if early is not None:
-            self._count("early_refreshes")
-        else:
-            self._count("misses")
-        self._count("loader_calls")
-        started = time.perf_counter()
         try:
-            loaded = self._fn(*args, **kwargs)
-        except Exception as exc:
-            if current is not _MISSING:
-                self._count_error()
-                log.warning("cache %s: early refresh failed (%s); the cached value is still valid",
-                            self.namespace, type(exc).__name__)
-                return current  # type: ignore[no-any-return]
-            if stale is not _MISSING:
-                self._count("stale_served")
-                self._count_error()
-                METRICS.inc("cache_stale_served_total", namespace=self.namespace)
-                log.warning("cache %s: loader failed (%s); serving a stale value (max_stale=%ss)",
-                            self.namespace, type(exc).__name__, self._max_stale)
-                return stale  # type: ignore[no-any-return]
-            raise
-        delta = time.perf_counter() - started
-        METRICS.observe("cache_load_seconds", delta, namespace=self.namespace)
-
-        if loaded is None and self._negative_ttl is None:
-            return loaded  # None is not cached unless negative_ttl says so
-        ttl = self._negative_ttl if loaded is None and self._negative_ttl is not None else st.ttl
-        encoded = self._encode(loaded, delta, ttl)
-        if encoded is None:
-            return loaded
-        text, value, expiry = encoded
-        if conn is not None and keys is not None and epoch is not None and delta < st.guard_ttl / 2:
-            px = int((expiry - time.time() + self._max_stale) * 1000)
+            if early is not None:
+                self._count("early_refreshes")
+            else:
+                self._count("misses")
+            self._count("loader_calls")
+            started = time.perf_counter()
             try:
-                _redis(conn, _scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
-            except (BackendUnavailable, rex.RedisError) as exc:
-                self._count_error()
-                log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
-        self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
-        return value  # type: ignore[no-any-return]
+                loaded = self._fn(*args, **kwargs)
+            except Exception as exc:
+                if current is not _MISSING:
+                    self._count_error()
+                    log.warning("cache %s: early refresh failed (%s); the cached value is still valid",
+                                self.namespace, type(exc).__name__)
+                    return current  # type: ignore[no-any-return]
+                if stale is not _MISSING:
+                    self._count("stale_served")
+                    self._count_error()
+                    METRICS.inc("cache_stale_served_total", namespace=self.namespace)
+                    log.warning("cache %s: loader failed (%s); serving a stale value (max_stale=%ss)",
+                                self.namespace, type(exc).__name__, self._max_stale)
+                    return stale  # type: ignore[no-any-return]
+                raise
+            delta = time.perf_counter() - started
+            METRICS.observe("cache_load_seconds", delta, namespace=self.namespace)
+
+            if loaded is None and self._negative_ttl is None:
+                return loaded  # None is not cached unless negative_ttl says so
+            ttl = self._negative_ttl if loaded is None and self._negative_ttl is not None else st.ttl
+            encoded = self._encode(loaded, delta, ttl)
+            if encoded is None:
+                return loaded
+            text, value, expiry = encoded
+            if conn is not None and keys is not None and epoch is not None and delta < st.guard_ttl / 2:
+                px = int((expiry - time.time() + self._max_stale) * 1000)
+                try:
+                    _redis(conn, _scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
+                except (BackendUnavailable, rex.RedisError) as exc:
+                    self._count_error()
+                    log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
+            self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
+            return value  # type: ignore[no-any-return]
+        finally:
+            if fill_lock is not None and conn is not None:
+                try:  # let waiting processes go on at once (best effort: it expires anyway)
+                    _redis(conn, conn.client.delete, fill_lock)
+                except (BackendUnavailable, rex.RedisError):
+                    pass
+
+    def _wait_for_fill(self, conn: RedisConnection, st: _State, key: Hashable, flight: _Flight,
+                       value_key: str, gen: str, l2id: str) -> Any:
+        """Another process holds the fill lock: poll L2 for its value until the
+        lock goes (loaded, failed or expired); `_MISSING` means load ourselves."""
+        fill_lock = _data_key(st.keys.prefix, self.namespace, gen, l2id, "fill")
+        deadline = time.monotonic() + float(self._lock_ttl or 0.0)
+        pause = 0.002
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            raw, holder = _redis(conn, conn.client.mget, [value_key, fill_lock])
+            found = self._decode(raw) if raw is not None else None
+            if found is not None and time.time() < found[2]:
+                value, delta, expiry = found
+                self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0), l2_hit=True)
+                return value
+            if holder is None:
+                break
+        return _MISSING
 
     def _claim_refresh(self, conn: RedisConnection, st: _State, gen: str, l2id: str, early: _Entry) -> bool:
         """Cross-process guard for early refresh: one ``SET NX PX`` winner."""
@@ -1100,6 +1140,7 @@ def cached_metadata(
     max_stale: Optional[float] = None,
     negative_ttl: Optional[float] = None,
     id_params: Optional[Iterable[str]] = None,
+    lock_ttl: Optional[float] = None,
 ) -> Callable[[Callable[..., R]], CachedFunction[R]]: ...
 
 
@@ -1116,6 +1157,7 @@ def cached_metadata(
     max_stale: Optional[float] = None,
     negative_ttl: Optional[float] = None,
     id_params: Optional[Iterable[str]] = None,
+    lock_ttl: Optional[float] = None,
 ) -> Any:
     """Cache a loader in two tiers: per-process L1, Redis L2 shared by all.
 
@@ -1124,7 +1166,7 @@ def cached_metadata(
     """
     options: Dict[str, Any] = dict(
         namespace=namespace, maxsize=maxsize, l1_ttl=l1_ttl, beta=beta, jitter=jitter,
-        max_stale=max_stale, negative_ttl=negative_ttl, id_params=id_params,
+        max_stale=max_stale, negative_ttl=negative_ttl, id_params=id_params, lock_ttl=lock_ttl,
     )
     if fn is not None and not callable(fn):
         if ttl is not None:

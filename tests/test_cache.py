@@ -622,3 +622,43 @@ def test_argument_ids_decode_back_to_the_arguments_so_keys_are_injective() -> No
         assert _tagged(json.loads(l2id)) == _tagged([kind, name])
 
     check()
+
+
+def test_lock_ttl_makes_a_second_process_wait_for_the_first_ones_load(redis_mode: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-process single flight (optional): two caches of one namespace
+    stand for two processes; the second finds the fill lock and waits for L2."""
+    loading, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    original = CachedFunction._wait_for_fill
+
+    def signalling_wait(self: Any, *args: Any) -> Any:
+        waiting.set()
+        return original(self, *args)
+
+    monkeypatch.setattr(CachedFunction, "_wait_for_fill", signalling_wait)
+    loads: List[str] = []
+
+    def source(agent_id: str) -> Dict[str, str]:
+        loads.append(agent_id)
+        loading.set()
+        assert release.wait(10)
+        return {"agent_id": agent_id}
+
+    first = cached_metadata(namespace="tests.fill_lock", lock_ttl=10)(source)
+    second = cached_metadata(namespace="tests.fill_lock", lock_ttl=10)(source)
+    results: List[Any] = []
+    a = threading.Thread(target=lambda: results.append(first("a1")))
+    a.start()
+    assert loading.wait(10)
+    client = redis_client(redis_mode)
+    wait_for(lambda: any(k.endswith("#fill") for k in client.keys("*")), 5, what="fill lock taken")
+    b = threading.Thread(target=lambda: results.append(second("a1")))
+    b.start()
+    assert waiting.wait(10)  # the second process is polling L2 behind the lock
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert results == [{"agent_id": "a1"}] * 2
+    assert loads == ["a1"]
+    assert second.cache_info().l2_hits == 1
+    assert not any(k.endswith("#fill") for k in client.keys("*"))  # released after the fill
