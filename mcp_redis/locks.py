@@ -713,7 +713,11 @@ class _Watchdog:
                     continue
                 self._wake_at = 0.0
             for hold in due:
-                self._renew(hold)
+                try:
+                    self._renew(hold)
+                except Exception:  # never let the one renewer die
+                    log.exception("lock: watchdog renewal crashed")
+                    hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
 
     def _renew(self, hold: _Hold) -> None:
         started = time.monotonic()
