@@ -568,7 +568,7 @@ def test_redis_down_falls_back_to_postgres_advisory_locks_when_asked(database_ur
     assert METRICS.counter("lock_fallback_total", to="postgres") == 3  # two holds and one refused try
 
 
-def test_lock_waits_survive_queue_expiry_with_many_waiters(redis_mode: str) -> None:
+def test_every_queued_waiter_enters_once_in_turn(redis_mode: str) -> None:
     """Three waiters on one holder each enter exactly once, in turn."""
     holder = mcp_redis.lock("many", timeout=10)
     holder.acquire()
