@@ -137,7 +137,7 @@ def test_l2_ttls_are_jittered_within_ten_percent(redis_mode: str) -> None:
 
 def test_every_key_the_cache_writes_has_a_ttl(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     source = Source()
-    load = make(source, ttl=60, negative_ttl=5)
+    load = make(source, ttl=60, negative_ttl=5, lock_ttl=5)
     load("a1")
     load.invalidate("a1")
     load("a1")
