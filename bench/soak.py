@@ -478,6 +478,7 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
             "pid": r["pid"],
             "rss_mb": {k: round(v / 1024, 1) for k, v in r["rss_kb"].items() if k != "samples"},
             "rss_growth_after_warmup_mb": round((r["rss_kb"]["end"] - r["rss_kb"]["warm"]) / 1024, 1),
+            "rss_samples_mb": [round(v / 1024, 1) for v in r["rss_kb"]["samples"]],
             "threads": {"after_warmup": r["threads_after_warmup"], "end": r["threads_end"],
                         "after_close": r["threads_after_close"]},
             "redis_in_use": {"after_warmup": r["redis_in_use_after_warmup"], "end": r["redis_in_use_end"],
