@@ -640,3 +640,36 @@ def test_postgres_fallback_without_database_url_fails_closed() -> None:
     mcp_redis.configure(redis_url=f"redis://127.0.0.1:{free_port()}/0", retry_attempts=1, lock_fallback="postgres")
     with pytest.raises(BackendUnavailable):
         mcp_redis.agent_lock("down").acquire()
+
+
+# -- Redis failing under a held or awaited lock ------------------------------------------
+def test_redis_restart_under_a_held_agent_lock_flags_it_lost(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    with pytest.raises(LockNotOwned):
+        with mcp_redis.agent_lock("restarted", timeout=0.6) as held:
+            server.restart()  # comes back empty: the lease is gone
+            assert held.lost_event.wait(5)
+    assert METRICS.counter("lock_lost_total", backend="redis") == 1
+
+
+def test_redis_dying_under_a_waiter_fails_it_closed_promptly(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    holder = mcp_redis.lock("dying", timeout=30)
+    holder.acquire()
+    outcome: List[Any] = []
+
+    def wait() -> None:
+        start = time.monotonic()
+        try:
+            mcp_redis.lock("dying").acquire(blocking_timeout=20)
+        except BackendUnavailable as exc:
+            outcome.append((exc, time.monotonic() - start))
+
+    t = threading.Thread(target=wait)
+    t.start()
+    wait_for(lambda: server.client().llen(holder.key + "#queue") == 1, timeout=5, what="queued")
+    server.kill()
+    t.join(15)
+    assert outcome and isinstance(outcome[0][0], BackendUnavailable) and outcome[0][1] < 10
