@@ -12,8 +12,9 @@ bucket (sliding log) and GCRA state bucket. Rounds rotate the case order, and
 every block of calls is paired with a block of the floor run just before it;
 the table shows the median of the per-round medians (and of the p99s) and the
 median of the paired ratios to the floor (robust to a machine whose load
-drifts), and the server's CPU per call from ``INFO commandstats`` (best of
-three blocks; scripts include the commands they run). Peers that are not installed are marked so.
+drifts), and where the time goes: this process's CPU per call and the
+server's (``INFO commandstats``; a script includes the commands it runs),
+best of three blocks each. Peers that are not installed are marked so.
 """
 
 from __future__ import annotations
@@ -106,21 +107,27 @@ def measure(fn: Callable[[], object], calls: int) -> Tuple[float, float]:
     return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def server_time(server: RedisServer, cases: List[Case], calls: int) -> Dict[str, float]:
-    """Redis CPU per call (INFO commandstats), the part of a check the server spends."""
+def cpu_split(server: RedisServer, cases: List[Case], calls: int) -> Dict[str, Tuple[float, float]]:
+    """(client CPU, Redis CPU) in µs per call, best of three blocks.
+
+    Client: this process's CPU time (Python, packing, parsing, syscalls).
+    Server: INFO commandstats (a script includes the commands it runs).
+    """
     admin = server.client()
-    out: Dict[str, float] = {}
+    out: Dict[str, Tuple[float, float]] = {}
     for name, fn, _ in cases:
         assert fn is not None
-        best = float("inf")
+        best_client = best_server = float("inf")
         for _ in range(3):
             admin.config_resetstat()
+            start = time.process_time()
             for _ in range(calls):
                 fn()
+            best_client = min(best_client, (time.process_time() - start) / calls * 1e6)
             stats = admin.info("commandstats")
             used = sum(v["usec"] for k, v in stats.items() if k not in ("cmdstat_config|resetstat", "cmdstat_config"))
-            best = min(best, used / calls)
-        out[name] = best
+            best_server = min(best_server, used / calls)
+        out[name] = (best_client, best_server)
     return out
 
 
@@ -148,20 +155,20 @@ def main(argv: Optional[List[str]] = None) -> None:
                 medians[name].append(med)
                 p99s[name].append(p99)
                 ratios[name].append(med / floor_med)
-        server_us = server_time(server, runnable, args.calls)
+        split = cpu_split(server, runnable, args.calls)
         print(f"redis-server {server.client().info('server')['redis_version']} on loopback; "
               f"{args.rounds} rounds x {args.calls} calls per case, each block paired with a floor block; "
               f"redis-py {__import__('redis').__version__}\n")
-        print("| case | median µs [min-max of rounds] | p99 µs | × floor (paired) | server µs/call | round trips |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("| case | median µs [min-max of rounds] | p99 µs | × floor (paired) | client CPU µs | Redis CPU µs | round trips |")
+        print("|---|---:|---:|---:|---:|---:|---|")
         for name, fn, trips in cases:
             if fn is None:
-                print(f"| {name} | — | — | — | — | {trips} |")
+                print(f"| {name} | — | — | — | — | — | {trips} |")
                 continue
             med = statistics.median(medians[name])
             lo, hi = min(medians[name]), max(medians[name])
             print(f"| {name} | {med:.1f} [{lo:.0f}-{hi:.0f}] | {statistics.median(p99s[name]):.1f} | "
-                  f"{statistics.median(ratios[name]):.2f} | {server_us[name]:.1f} | {trips} |")
+                  f"{statistics.median(ratios[name]):.2f} | {split[name][0]:.1f} | {split[name][1]:.1f} | {trips} |")
         mcp_redis.reset(configuration=True)
 
 
