@@ -662,3 +662,67 @@ def test_lock_ttl_makes_a_second_process_wait_for_the_first_ones_load(redis_mode
     assert loads == ["a1"]
     assert second.cache_info().l2_hits == 1
     assert not any(k.endswith("#fill") for k in client.keys("*"))  # released after the fill
+
+
+def test_remote_invalidation_of_a_multi_argument_call_evicts_exactly_that_entry(redis_mode: str) -> None:
+    calls: List[Any] = []
+
+    @cached_metadata(namespace="tests.multi")
+    def lookup(kind: str, limit: int = 10) -> List[Any]:
+        calls.append((kind, limit))
+        return [kind, limit, len(calls)]
+
+    listening(lookup)
+    lookup("a", 1)
+    lookup("a", 2)
+    lookup("a")
+    calls.clear()
+    # What another process's invalidate("a", limit=1) publishes (it already deleted L2).
+    _, l2id = lookup._key(("a",), {"limit": 1})
+    redis_client(redis_mode).publish("mcp:cache:invalidate", json.dumps(
+        {"o": "elsewhere", "n": "tests.multi", "op": "k", "k": l2id}))
+    wait_for(lambda: lookup.cache_info().l1_size == 2, 2, what="one L1 entry evicted")
+    lookup("a", 2)
+    lookup("a")
+    assert calls == []  # the other entries are still L1 hits
+
+
+def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    waiting: List[int] = []
+    original_wait = cache_module._Flight.wait
+
+    def counting_wait(flight: Any) -> Any:
+        waiting.append(1)
+        return original_wait(flight)
+
+    monkeypatch.setattr(cache_module._Flight, "wait", counting_wait)
+
+    class Down(Exception):
+        pass
+
+    @cached_metadata(namespace="tests.flight_error")
+    def get_agent_metadata(agent_id: str) -> Any:
+        if agent_id == "hot":
+            assert release.wait(10)
+            raise Down(agent_id)
+        return None
+
+    listening(get_agent_metadata)
+    errors: List[BaseException] = []
+
+    def worker() -> None:
+        try:
+            get_agent_metadata("hot")
+        except Down as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(waiting) == 3, 10, what="3 followers")
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 4 and all(isinstance(e, Down) for e in errors)
+    assert get_agent_metadata.cache_info().loader_calls == 2  # warm-up + one load for four callers
