@@ -289,8 +289,8 @@ class _RedisBackend(_Backend):
         try:
             _call(conn, scripts.release, [keys.lock, keys.queue, signal], [_RESERVED + signal, _ms(HANDOFF_GRACE)],
                   conn.client)
-        except BackendUnavailable:
-            log.debug("lock: could not leave the queue (its entry lapses with the queue)", exc_info=True)
+        except Exception:  # the entry lapses with the queue's short TTL anyway
+            log.debug("lock: could not leave the queue", exc_info=True)
 
     def release(self, hold: _Hold) -> bool:
         conn: RedisConnection = hold.handle
