@@ -188,7 +188,7 @@ class _Keys:
 
 
 _KEYS_CACHE: Dict[Tuple[str, str, Tuple[str, ...]], _Keys] = {}
-_KEYS_CACHE_MAX = 4096
+_KEYS_CACHE_MAX = 1024
 
 
 def _keys_for(prefix: str, namespace: str, ids: Tuple[str, ...]) -> _Keys:

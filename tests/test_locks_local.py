@@ -226,3 +226,13 @@ def test_local_mode_threads_without_pause_take_turns(local_mode: str) -> None:
         streak = streak + 1 if a == b else 1
         longest = max(longest, streak)
     assert longest <= 10, order
+
+
+def test_waiter_signal_keys_are_keyspace_keys() -> None:
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.locks import _keys_for
+
+    for name in ("plain", "a b\n{x}*", "ü" * 300):
+        keys = _keys_for("mcp:", "agent-lock", (name,))
+        expected = KeySpace("mcp:").key("agent-lock", name, tag=True, suffix="w" + "0a" * 12)
+        assert keys.signal("0a" * 12) == expected
