@@ -70,6 +70,16 @@ def is_pg_transient(exc: BaseException) -> bool:
     )
 
 
+class _KeepIdlePool(psycopg2.pool.ThreadedConnectionPool):
+    """psycopg2's pool closes a returned connection once `minconn` are idle, so
+    ``minconn=0`` would reconnect on every query, and ``minconn=maxconn`` would
+    open them all up front. Start with none, keep up to `maxconn` idle."""
+
+    def __init__(self, maxconn: int, **kwargs: Any) -> None:
+        super().__init__(0, maxconn, **kwargs)
+        self.minconn = maxconn
+
+
 class Postgres:
     """A bounded, thread-safe pool of PostgreSQL connections with a policy.
 
@@ -110,8 +120,7 @@ class Postgres:
         with self._pool_lock:
             if self._pool is None:
                 try:
-                    self._pool = psycopg2.pool.ThreadedConnectionPool(
-                        0,
+                    self._pool = _KeepIdlePool(
                         self._maxconn,
                         dsn=self.settings.database_url,
                         connect_timeout=self.settings.postgres_connect_timeout,

@@ -119,11 +119,14 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go to the backend now? (Claims the probe when half-open.)"""
+        if self._state is BreakerState.CLOSED:  # the hot path takes no lock
+            return True
         with self._lock:
-            if self._state is BreakerState.CLOSED:
+            state: BreakerState = self._state  # re-read: another thread may have closed it
+            if state is BreakerState.CLOSED:
                 return True
             now = self._clock()
-            if self._state is BreakerState.OPEN:
+            if state is BreakerState.OPEN:
                 if now - self._opened_at < self.reset_timeout:
                     return False
                 self._transition(BreakerState.HALF_OPEN)
@@ -136,6 +139,8 @@ class CircuitBreaker:
             return True
 
     def record_success(self) -> None:
+        if self._state is BreakerState.CLOSED and not self._failures and not self._probing:
+            return  # nothing to reset: the hot path takes no lock
         with self._lock:
             self._failures = 0
             self._probing = False
