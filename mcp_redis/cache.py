@@ -68,7 +68,6 @@ from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
-from .resilience import BreakerOpen
 
 __all__ = ["cached_metadata", "CachedFunction", "CacheInfo", "wait_for_listener"]
 
@@ -138,16 +137,9 @@ def _scripts_for(conn: RedisConnection) -> _Scripts:
 
 
 def _redis(conn: RedisConnection, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """One fast attempt, then the policy's tenacity retries (~13 µs of setup
-    that an L2 hit must not pay when the first attempt succeeds)."""
-    try:
-        return conn.call(fn, *args, attempts=1, **kwargs)
-    except BreakerOpen:
-        raise
-    except BackendUnavailable:
-        if conn.policy.attempts <= 1:
-            raise
-        return conn.call(fn, *args, attempts=conn.policy.attempts - 1, **kwargs)
+    """Every Redis command goes through the connection's policy (retries,
+    breaker), which raises `BackendUnavailable` when Redis does not answer."""
+    return conn.call(fn, *args, **kwargs)
 
 
 # -- process-wide state: origin id, registry, listener -----------------------------
@@ -956,7 +948,6 @@ class CachedFunction(Generic[R]):
 
     def _write(self, st: _State, key: Hashable, l2id: str, value: Any) -> None:
         self._count("invalidations")
-        METRICS.inc("cache_invalidations_total", namespace=self.namespace)
         encoded = None
         if value is None and self._negative_ttl is None:
             value = _MISSING  # None is only cached with negative_ttl: set(None) invalidates
@@ -997,7 +988,6 @@ class CachedFunction(Generic[R]):
         """Evict every entry of this function everywhere: one generation bump."""
         st = self._state()
         self._count("invalidations")
-        METRICS.inc("cache_invalidations_total", namespace=self.namespace)
         for cache in _same_namespace(self.namespace):
             cache._flush_local()
         if st.mode is not Mode.REDIS:
