@@ -20,8 +20,9 @@ prometheus_client is imported lazily, so this module imports without it.
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigurationError
 from .metrics import LATENCY_BUCKETS, METRICS, Metrics
@@ -29,6 +30,7 @@ from .metrics import LATENCY_BUCKETS, METRICS, Metrics
 __all__ = ["MetricsCollector", "register", "start_http_server", "exposition", "NAMESPACE", "DOCS"]
 
 NAMESPACE = "mcp_redis"
+log = logging.getLogger("mcp_redis.prometheus")
 
 # Help text of the metrics the library records (others get a generic line).
 DOCS: Dict[str, str] = {
@@ -181,18 +183,28 @@ def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:
             from .connections import get_redis
 
             conn = get_redis()
-            out.append(("redis", conn.policy.breaker.state.value, conn.pool_stats()))
+            out.append(("redis", conn.policy.breaker.state.value, _pool_stats(conn.pool_stats)))
         except Exception:
-            pass
+            log.debug("redis facts unavailable", exc_info=True)
     if s.database_url:
         try:
             from .postgres import get_postgres
 
             pg = get_postgres()
-            out.append(("postgres", pg.policy.breaker.state.value, pg.pool_stats()))
+            out.append(("postgres", pg.policy.breaker.state.value, _pool_stats(pg.pool_stats)))
         except Exception:
-            pass
+            log.debug("postgres facts unavailable", exc_info=True)
     return out
+
+
+def _pool_stats(read: Callable[[], Mapping[str, int]]) -> Mapping[str, int]:
+    """Pool figures, read without locks: a pool changing under us is retried, then skipped."""
+    for _ in range(3):
+        try:
+            return read()
+        except RuntimeError:  # e.g. "deque mutated during iteration"
+            continue
+    return {}
 
 
 _registered_lock = threading.Lock()

@@ -95,7 +95,7 @@ def use_every_feature() -> object:
     sub = bus.subscribe("agent:updates", got.append)
     try:
         mcp_redis.publish_agent_update("agent-1", "state_changed", {"n": 1})
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
