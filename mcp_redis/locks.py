@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
+import redis.exceptions as rex
+
 from .config import LockFallback, Mode, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, LockNotOwned, LockTimeout
@@ -344,6 +346,10 @@ def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
         if connection.can_read(timeout=client_wait):
             return connection.read_response() is not None
         connection.disconnect()
+        return False
+    except (rex.MovedError, rex.AskError):
+        # The slot moved (cluster resharding): wake up; the next try goes
+        # through the cluster client, which follows the move and learns it.
         return False
     except BaseException:
         connection.disconnect()

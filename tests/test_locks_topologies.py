@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import List
+from typing import Any, List
 
+import pytest
 from redis.crc import key_slot
 
 import mcp_redis
@@ -50,3 +51,23 @@ def test_lock_handoff_fencing_and_ownership_on_every_topology(any_redis_mode: st
         pass
     slots = {key_slot(k.encode()) for k in (holder.key, holder.key + "#fence", holder.key + "#queue")}
     assert len(slots) == 1
+
+
+@pytest.mark.cluster
+def test_waiter_follows_its_lock_when_the_slot_migrates(cluster_topology: Any) -> None:
+    mcp_redis.configure(redis_url=cluster_topology.url)
+    holder = mcp_redis.lock("moving", timeout=10)
+    assert holder.acquire()
+    entered: List[bool] = []
+    t = threading.Thread(target=lambda: entered.append(mcp_redis.lock("moving").acquire(blocking_timeout=20)))
+    t.start()
+    client = get_redis().client
+    deadline = time.monotonic() + 10
+    while client.llen(holder.key + "#queue") == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    before = cluster_topology.owner_of(holder.key).port
+    cluster_topology.migrate_slot(key_slot(holder.key.encode()))
+    assert cluster_topology.owner_of(holder.key).port != before
+    holder.release()
+    t.join(20)
+    assert entered == [True]
