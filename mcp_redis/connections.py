@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -23,7 +24,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .config import Settings, on_reset, redact_url, settings
 from .errors import ConfigurationError
@@ -114,9 +115,68 @@ class RedisConnection:
             if self.is_cluster:
                 self.client.close()
             else:
-                self.client.connection_pool.disconnect()
+                pool = self.client.connection_pool
+                if isinstance(pool, WatchedSentinelPool):
+                    pool.stop_watching()
+                pool.disconnect()
         except Exception:  # pragma: no cover - best effort
             log.debug("close failed", exc_info=True)
+
+
+class WatchedSentinelPool(SentinelConnectionPool):
+    """A Sentinel pool whose daemon thread re-asks Sentinel for the master.
+
+    redis-py asks Sentinel only when it opens a socket, and Sentinel demotes
+    a live old master only ~8-10 s after a failover (graceful or partition):
+    until then pooled sockets keep writing to it, and those writes vanish
+    when it resyncs as a replica. Asking every `check_interval` seconds
+    (off the callers' threads, so slow Sentinels never delay a call) closes
+    idle sockets to the old master; busy ones are dropped when released.
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, check_interval: float = 1.0,
+                 **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self.check_interval = check_interval
+        self._watch_lock = threading.Lock()
+        self._watch_pid = 0
+        self._stop = threading.Event()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watch_pid != os.getpid():
+            self._start_watcher()
+        return super().get_connection(*args, **kwargs)
+
+    def _start_watcher(self) -> None:
+        with self._watch_lock:
+            if self._watch_pid == os.getpid():
+                return
+            self._watch_pid = os.getpid()
+            self._stop = threading.Event()
+            thread = threading.Thread(
+                target=_watch_master,
+                args=(weakref.ref(self), self._stop, self.check_interval),
+                name="mcp_redis-sentinel-watch",
+                daemon=True,
+            )
+            thread.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+
+
+def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        pool = ref()
+        if pool is None:
+            return
+        try:
+            pool.get_master_address()  # type: ignore[no-untyped-call]  # disconnects idle sockets if it moved
+        except redis.exceptions.ConnectionError:
+            pass  # no master known right now: the next connect() says so
+        except Exception:  # pragma: no cover - never let the watcher die
+            log.debug("sentinel watch failed", exc_info=True)
+        del pool
 
 
 def parse_host_list(netloc: str, default_port: int, argument: str = "redis_url") -> List[Tuple[str, int]]:
@@ -226,7 +286,12 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
                 db=db,
                 **common,
             )
-            client = sentinel.master_for(service, max_connections=s.max_connections)  # type: ignore[no-untyped-call]
+            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+                service,
+                connection_pool_class=WatchedSentinelPool,
+                max_connections=s.max_connections,
+                check_interval=1.0,
+            )
             return client, "sentinel", sentinel, service
         if scheme == "redis+cluster":
             nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]

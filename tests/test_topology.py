@@ -681,10 +681,13 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
 ) -> None:
     """``SENTINEL FAILOVER`` with the old master alive.
 
-    redis-py re-asks Sentinel only when it opens a connection, and Sentinel
-    demotes the old master only ~8-10 s after the switch: until then pooled
-    sockets keep writing to the old master, and what they write is dropped
-    when it resyncs as a replica. The test records that window and the loss.
+    Sentinel demotes the old master only ~8-10 s after the switch, and plain
+    redis-py re-asks Sentinel only when it opens a connection, so pooled
+    sockets would keep writing to the old master for that long (measured
+    10.8-11.3 s, thousands of acknowledged writes lost). The library's
+    `WatchedSentinelPool` re-asks every second, so the stale-write window is
+    bounded by Sentinel's own announcement plus about a second. The test
+    records the window and the loss.
     """
     topo = sentinel_topology
     mcp_redis.configure(redis_url=topo.url)
@@ -714,4 +717,4 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
     for name, value in figures.items():
         record_property(name, value)
     print(f"\nsentinel failover (graceful): {figures}")
-    assert moved_at - switched_at < 20.0, figures
+    assert moved_at - switched_at < 6.0, figures
