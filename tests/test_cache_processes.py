@@ -181,6 +181,7 @@ def test_listener_flushes_l1_after_resubscribing(redis_factory: Any) -> None:
 
     get_agent_metadata("x")
     assert wait_for_listener(10)
+    get_agent_metadata.cache_clear()
     get_agent_metadata("a1")
     assert get_agent_metadata.cache_info().l1_size == 1
     server.restart()
