@@ -16,7 +16,8 @@ p50/p99 per operation, errors, and for every process the RSS (start, peak,
 end), the thread count (after warm-up and at the end), the Redis and
 PostgreSQL pools' connections in use, and the L1 size against its bound.
 Checks (``ok``): no errors; the lock-guarded counters equal the number of
-acquisitions (no lost update); every session bound is readable; every event
+acquisitions (no lost update); a uniform sample (256 per thread) of the
+sessions bound is readable; every event
 published reached every subscriber; no leaked threads or pooled connections;
 L1 within its bound.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -47,6 +49,48 @@ WEIGHTS: List[Tuple[str, int]] = [
     ("lock", 10),
     ("publish", 10),
 ]
+
+
+class Histogram:
+    """Constant-memory latency histogram: log buckets 2.3 % wide, exact count and max.
+
+    The harness must not grow with the run, or it would hide (or fake) a leak
+    in the library it measures.
+    """
+
+    STEPS = 100  # buckets per decade
+
+    def __init__(self) -> None:
+        self.buckets: Dict[int, int] = {}
+        self.count = 0
+        self.max = 0.0
+
+    def add(self, seconds: float) -> None:
+        b = int(math.floor(math.log10(max(seconds, 1e-7)) * self.STEPS))
+        self.buckets[b] = self.buckets.get(b, 0) + 1
+        self.count += 1
+        self.max = max(self.max, seconds)
+
+    def merge(self, other: Histogram) -> None:
+        for b, n in other.buckets.items():
+            self.buckets[b] = self.buckets.get(b, 0) + n
+        self.count += other.count
+        self.max = max(self.max, other.max)
+
+    def quantile(self, q: float) -> float:
+        """Upper edge of the bucket holding the q-quantile (seconds)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for b in sorted(self.buckets):
+            seen += self.buckets[b]
+            if seen >= rank:
+                return float(min(10 ** ((b + 1) / self.STEPS), self.max))
+        return self.max
+
+
+RESERVOIR = 256  # session bindings per thread re-read at the end (a uniform sample)
 
 
 def _rss_kb() -> Tuple[int, int]:
@@ -107,16 +151,16 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
     received = [0]
     recv_lock = threading.Lock()
 
-    seen_events: set = set()
+    last_seen: Dict[Tuple[Any, Any], int] = {}  # one publisher thread's events arrive in order
     duplicates = [0]
 
     def on_event(event: Dict[str, Any]) -> None:
-        ident = (event.get("p"), event.get("t"), event.get("i"))
+        publisher, i = (event.get("p"), event.get("t")), int(event.get("i", -1))
         with recv_lock:
             received[0] += 1
-            if ident in seen_events:
+            if i <= last_seen.get(publisher, -1):
                 duplicates[0] += 1
-            seen_events.add(ident)
+            last_seen[publisher] = max(i, last_seen.get(publisher, -1))
 
     sub = bus.subscribe(f"soak-{run}", on_event)
     conn = get_redis()
@@ -136,24 +180,26 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
 
     barrier.wait(timeout=120)  # every process starts the mix together...
     deadline = time.monotonic() + cfg["seconds"]
-    lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
+    lat: Dict[str, Histogram] = {name: Histogram() for name, _ in WEIGHTS}
     errors: Dict[str, int] = {}
     counts = {"published": 0, "rate_allowed": 0, "rate_refused": 0}
     tolerated_counts: Dict[str, int] = {}
     acquisitions: Dict[str, int] = {}
     uncertain: Dict[str, int] = {}  # lock bodies that failed after sending their SET
-    bound: List[Tuple[str, str]] = []
+    bound: List[Tuple[str, str]] = []  # a reservoir sample per thread
+    bound_total = [0]
     merge = threading.Lock()
     rss_samples: List[int] = []
 
     def thread_main(t: int) -> None:
         rng = random.Random(f"{run}-{index}-{t}")
-        my_lat: Dict[str, List[float]] = {name: [] for name, _ in WEIGHTS}
+        my_lat: Dict[str, Histogram] = {name: Histogram() for name, _ in WEIGHTS}
         my_err: Dict[str, int] = {}
         my_acq: Dict[str, int] = {}
         my_unc: Dict[str, int] = {}
         my_tol: Dict[str, int] = {}
         my_bound: List[Tuple[str, str]] = []
+        n_bound = 0
         published = allowed = refused = 0
         i = 0
         while time.monotonic() < deadline:
@@ -169,7 +215,13 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
                 elif op == "session_bind":
                     key = f"s-{run}-{index}-{t}-{i}"
                     store.bind(key, agent, ttl=300)
-                    my_bound.append((key, agent))
+                    n_bound += 1
+                    if len(my_bound) < RESERVOIR:
+                        my_bound.append((key, agent))
+                    else:
+                        slot = rng.randrange(n_bound)
+                        if slot < RESERVOIR:
+                            my_bound[slot] = (key, agent)
                 elif op == "session_get":
                     if my_bound:
                         key, expected = my_bound[rng.randrange(len(my_bound))]
@@ -204,17 +256,17 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
                 kind = f"{op}:{type(exc).__name__}"
                 if isinstance(exc, tolerated.get(op, ())):
                     my_tol[kind] = my_tol.get(kind, 0) + 1
-                    my_lat[op].append(time.perf_counter() - start)
+                    my_lat[op].add(time.perf_counter() - start)
                     i += 1
                     continue
                 my_err[kind] = my_err.get(kind, 0) + 1
                 if sum(my_err.values()) <= 3:
                     sys.stderr.write(f"[soak p{index} t{t}] {kind}: {exc}\n")
-            my_lat[op].append(time.perf_counter() - start)
+            my_lat[op].add(time.perf_counter() - start)
             i += 1
         with merge:
-            for name, values in my_lat.items():
-                lat[name].extend(values)
+            for name, hist in my_lat.items():
+                lat[name].merge(hist)
             for k, v in my_err.items():
                 errors[k] = errors.get(k, 0) + v
             for k, v in my_acq.items():
@@ -224,6 +276,7 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
             for k, v in my_tol.items():
                 tolerated_counts[k] = tolerated_counts.get(k, 0) + v
             bound.extend(my_bound)
+            bound_total[0] += n_bound
             counts["published"] += published
             counts["rate_allowed"] += allowed
             counts["rate_refused"] += refused
@@ -252,12 +305,13 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
         "index": index,
         "pid": os.getpid(),
         "elapsed": elapsed,
-        "latencies": lat,
+        "latencies": {k: {"buckets": h.buckets, "count": h.count, "max": h.max} for k, h in lat.items()},
         "errors": errors,
         "acquisitions": acquisitions,
         "uncertain": uncertain,
         "tolerated": tolerated_counts,
-        "sessions_bound": len(bound),
+        "sessions_bound": bound_total[0],
+        "sessions_checked": len(bound),
         "sessions_missing": len(missing),
         "published": counts["published"],
         "rate_allowed": counts["rate_allowed"],
@@ -288,13 +342,6 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
     report["listeners"] = sum(1 for s in list(pubsub._live) if s.alive)
     report["threads_after_close"] = threading.active_count()
     return report
-
-
-def _percentile(sorted_values: List[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[i]
 
 
 # Tight timeouts for chaos runs, so that every fault is felt and survived quickly.
@@ -410,14 +457,17 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
     fatal = [r["fatal"] for r in reports if "fatal" in r]
     if fatal:
         return {"ok": False, "failures": ["worker crashed:\n" + fatal[0]], "config": _public(cfg)}
-    all_lat: List[float] = []
+    overall = Histogram()
     per_op: Dict[str, Dict[str, float]] = {}
     for name, _ in WEIGHTS:
-        values = sorted(v for r in reports for v in r["latencies"][name])
-        all_lat.extend(values)
-        per_op[name] = {"ops": len(values), "p50_ms": _percentile(values, 0.5) * 1e3,
-                        "p99_ms": _percentile(values, 0.99) * 1e3}
-    all_lat.sort()
+        hist = Histogram()
+        for r in reports:
+            part = Histogram()
+            part.buckets = {int(k): v for k, v in r["latencies"][name]["buckets"].items()}
+            part.count, part.max = r["latencies"][name]["count"], r["latencies"][name]["max"]
+            hist.merge(part)
+        overall.merge(hist)
+        per_op[name] = {"ops": hist.count, "p50_ms": hist.quantile(0.5) * 1e3, "p99_ms": hist.quantile(0.99) * 1e3}
     elapsed = max(r["elapsed"] for r in reports)
     errors: Dict[str, int] = {}
     for r in reports:
@@ -448,7 +498,7 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
     if lost:
         failures.append("lock-guarded counters outside [acquisitions, acquisitions + uncertain]: "
                         f"{dict(list(lost.items())[:5])} (mutual exclusion broken)")
-    worst = {name: max((v for r in reports for v in r["latencies"][name]), default=0.0) for name, _ in WEIGHTS}
+    worst = {name: max((r["latencies"][name]["max"] for r in reports), default=0.0) for name, _ in WEIGHTS}
     if cfg.get("chaos"):
         # No call hangs: every operation but a lock wait (blocking_timeout 10 s
         # by design) answers within a few of its timeouts, fault or not.
@@ -505,7 +555,7 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
             failures.append(f"pid {r['pid']}: {r['pg_in_use_end']} postgres connections still in use")
         if info["l1_size"] > info["l1_maxsize"]:
             failures.append(f"pid {r['pid']}: L1 {info['l1_size']} > bound {info['l1_maxsize']}")
-    total = len(all_lat)
+    total = overall.count
     return {
         "ok": not failures,
         "failures": failures,
@@ -513,8 +563,8 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
         "elapsed_s": round(elapsed, 2),
         "ops": total,
         "ops_per_s": round(total / elapsed, 1) if elapsed else 0.0,
-        "p50_ms": round(_percentile(all_lat, 0.5) * 1e3, 3),
-        "p99_ms": round(_percentile(all_lat, 0.99) * 1e3, 3),
+        "p50_ms": round(overall.quantile(0.5) * 1e3, 3),
+        "p99_ms": round(overall.quantile(0.99) * 1e3, 3),
         "per_op": {k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()}
                    for k, v in per_op.items()},
         "errors": errors,
@@ -524,6 +574,7 @@ def _summarise(reports: List[Dict[str, Any]], cfg: Dict[str, Any], redis_url: st
         "lock_bodies_uncertain": sum(uncertain.values()),
         "lock_updates_lost": len(lost),
         "sessions_bound": sum(r["sessions_bound"] for r in reports),
+        "sessions_checked": sum(r["sessions_checked"] for r in reports),
         "sessions_lost": missing,
         "events_published": published,
         "events_received": received,
