@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import math
 import os
 import queue
 import secrets
@@ -37,6 +36,7 @@ from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
+from .validation import optional_seconds, seconds
 
 __all__ = [
     "AGENT_UPDATES",
@@ -358,10 +358,9 @@ class EventBus:
         """
         name = _check_channel(channel, "pattern" if pattern else "channel")
         fn = _check_handler(handler)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise InvalidArgument("timeout", "must be a number > 0")
+        wait = seconds(timeout, "timeout")
         sub = Subscription(name, fn, pattern=bool(pattern), with_channel=bool(with_channel))
-        sub._start(float(timeout))
+        sub._start(wait)
         with self._lock:
             self._subs.add(sub)
         return sub
@@ -480,10 +479,7 @@ class EventStream:
             consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.consumer = validate_id(consumer, "consumer")
         self.maxlen = _check_int(maxlen, "maxlen", 1)
-        if ttl is not None:
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
-                raise InvalidArgument("ttl", f"must be None or a number of seconds > 0, got {ttl!r}")
-        self.ttl = ttl
+        self.ttl = optional_seconds(ttl, "ttl")
         self.min_idle_ms = _check_int(min_idle_ms, "min_idle_ms", 0)
         if start_id not in ("0", "$") and not _valid_stream_id(start_id):
             raise InvalidArgument("start_id", "must be '0', '$' or a stream id like '1700000000000-0'")
