@@ -22,6 +22,7 @@ from .errors import (
     RateLimitExceeded,
 )
 from .health import health
+from .stats import stats
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "LockFallback",
     "RateLimitFallback",
     "health",
+    "stats",
     "McpRedisError",
     "ConfigurationError",
     "InvalidArgument",
