@@ -32,6 +32,8 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import redis.exceptions
+
 from .config import on_reset
 from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable
@@ -255,11 +257,11 @@ class RedisStorage:
             args.append(now_us)
         policy = self.conn.policy
         try:
-            raw = policy.call(script, keys=keys, args=args, attempts=1)
+            raw = policy.call(_evalsha, self.conn.client, script, keys, args, attempts=1)
         except BackendUnavailable as exc:
             if not policy.available or policy.attempts <= 1 or exc.__cause__ is None:
                 raise
-            raw = policy.call(script, keys=keys, args=args, attempts=policy.attempts - 1)
+            raw = policy.call(_evalsha, self.conn.client, script, keys, args, attempts=policy.attempts - 1)
         f = [int(x) for x in raw.split()]
         outcomes = [(f[j], f[j + 1], f[j + 2]) for j in range(2, len(f), 3)]
         return f[0] == 1, f[1] - 1, outcomes
@@ -285,6 +287,14 @@ def _new_caller() -> None:
 
 
 _new_caller()
+
+
+def _evalsha(client: Any, script: Any, keys: Sequence[str], args: Sequence[Union[int, str]]) -> Any:
+    """EVALSHA straight away; on NOSCRIPT (a restart, a failover) the Script loads itself and runs."""
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return script(keys=keys, args=args)
 
 
 # -- in-process -------------------------------------------------------------------
