@@ -468,12 +468,6 @@ def test_fencing_token_lets_the_resource_reject_a_holder_whose_lock_was_lost_in_
 
 @pytest.mark.sentinel
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="locks: lock_acquire.lua seeds the fencing counter from TIME only when it is new; "
-    "after losing several increments in a failover the new holder's token can be lower than the "
-    "stale holder's (fix: fence = max(INCR, TIME in us) on every acquire)",
-    strict=False,
-)
 def test_fencing_tokens_after_failover_exceed_every_token_the_old_master_issued(
     sentinel_topology: SentinelTopology,
 ) -> None:

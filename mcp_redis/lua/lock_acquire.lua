@@ -2,7 +2,7 @@
 --
 -- KEYS[1] the lock (value: holder's token, or "r:" .. <signal key> while it
 --         is reserved for the waiter that owns that signal list)
--- KEYS[2] the fencing counter (the only lock key without a TTL; starts at TIME in us)
+-- KEYS[2] the fencing counter (the only lock key without a TTL; never below TIME in us)
 -- KEYS[3] (optional) the queue of waiters (a list of their signal-list keys)
 -- KEYS[4] (with KEYS[3]) this caller's signal list
 -- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] queue TTL in ms (with KEYS[3])
@@ -18,12 +18,14 @@ if not granted then
   end
 end
 if granted then
+  -- Never below the server's clock in microseconds: a counter lost with
+  -- Redis's data, or rolled back by a failover that lost increments, still
+  -- hands out tokens above every token issued before.
   local fence = redis.call('INCR', KEYS[2])
-  if fence == 1 then
-    -- A new counter (or one lost with Redis's data) starts at the server's
-    -- clock in microseconds, above every token handed out before.
-    local now = redis.call('TIME')
-    fence = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  if fence < floor then
+    fence = floor
     redis.call('SET', KEYS[2], fence)
   end
   if KEYS[4] then
