@@ -353,3 +353,18 @@ def test_noscript_after_restart_reloads_the_script(redis_factory: Any) -> None:
     results = [limiter.hit("k") for _ in range(3)]
     assert [r.backend for r in results] == ["redis"] * 3
     assert [r.allowed for r in results] == [True, True, False]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_application_clock_skew_changes_nothing(redis_mode: str, algorithm: Algorithm,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two hosts whose clocks disagree by an hour share one window: only the
+    # Redis server's clock times the limits.
+    limiter = RateLimiter("skew", 2, 60, algorithm=algorithm)
+    assert limiter.hit("k").allowed
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    monkeypatch.setattr(time, "time_ns", lambda: int((real() + 3600) * 1e9))
+    assert limiter.hit("k").allowed
+    refused = limiter.hit("k")
+    assert not refused.allowed and refused.retry_after <= 60.001
