@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+import mcp_redis
 from mcp_redis import Algorithm, RateLimiter, settings
 from mcp_redis.connections import get_redis
+from mcp_redis.testing import wait_for
 from tests.topologies import *  # noqa: F401,F403
 
 ALGORITHMS = [a for a in Algorithm if a.name != "TOKEN_BUCKET"]
@@ -31,3 +33,16 @@ def test_multi_limit_hits_work_on_every_topology(any_redis_mode: str, redis_topo
         client: Any = get_redis().client
         keys = limiter._plan(settings()).keys_for(limiter.name, "agent*{1}")
         assert len({client.keyslot(k) for k in keys}) == 1
+
+
+@pytest.mark.sentinel
+def test_sentinel_failover_keeps_limiting_on_the_new_master(sentinel_topology: Any) -> None:
+    mcp_redis.configure(redis_url=sentinel_topology.url, breaker_reset_timeout=0.2)
+    limiter = RateLimiter("failover", 1000, 3600)
+    assert limiter.hit("k").backend == "redis"
+    new_master = sentinel_topology.failover()
+    new_master.client().script_flush()  # whatever it inherited: NOSCRIPT must be handled
+    wait_for(lambda: limiter.hit("k").backend == "redis", 20, what="rate limiting on the new master")
+    results = [limiter.hit("k") for _ in range(3)]
+    assert all(r.allowed and r.backend == "redis" for r in results)
+    assert new_master.client().exists(*limiter._plan(settings()).keys_for("failover", "k")) == 1
