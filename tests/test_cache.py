@@ -615,11 +615,17 @@ def test_argument_ids_decode_back_to_the_arguments_so_keys_are_injective() -> No
     def lookup(kind: Any, name: Any = None) -> None:
         return None
 
+    @cached_metadata(namespace="tests.injective_one")
+    def one(name: str) -> None:
+        return None
+
     @hsettings(max_examples=100, deadline=None)
-    @given(values, values)
-    def check(kind: Any, name: Any) -> None:
+    @given(values, values, hs.text(min_size=1))
+    def check(kind: Any, name: Any, text: str) -> None:
         _, l2id = lookup._key((kind, name), {})
         assert _tagged(json.loads(l2id)) == _tagged([kind, name])
+        # the one-str-argument fast path builds the same id as the general path
+        assert one._l2id(text, (text,), {}) == one._key((text,), {})[1]
 
     check()
 
