@@ -126,6 +126,9 @@ class Settings:
                      "socket_connect_timeout", "pool_timeout",
                      "breaker_reset_timeout"):
             _check_number(name, getattr(self, name), minimum=0, strict=True)
+        for name in ("session_ttl", "metadata_ttl", "lock_timeout", "rate_limit_window"):
+            if getattr(self, name) > _MAX_DURATION:
+                raise ConfigurationError(f"{name}: must be at most {_MAX_DURATION:g} seconds (ten years)")
         for name in ("retry_initial_backoff", "retry_max_backoff"):
             _check_number(name, getattr(self, name), minimum=0)
         for name in ("max_connections", "postgres_max_connections",
@@ -149,6 +152,9 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigurationError(f"{name}: must be a str or None, not {type(value).__name__}")
+        for name in ("lock_fallback", "rate_limit_fallback"):
+            if getattr(self, name).value == "postgres" and not self.database_url:
+                raise ConfigurationError(f"{name}: 'postgres' needs DATABASE_URL")
         if self.redis_url:
             scheme = self.redis_url.split("://", 1)[0].lower() if "://" in self.redis_url else ""
             if scheme not in REDIS_SCHEMES:
@@ -220,6 +226,7 @@ class Settings:
         return cls(**values)
 
 
+_MAX_DURATION = 10 * 365 * 24 * 3600  # as mcp_redis.validation.MAX_SECONDS
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 
 

@@ -46,10 +46,11 @@ import redis.exceptions as rex
 
 from .config import LockFallback, Mode, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
-from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, LockNotOwned, LockTimeout
+from .errors import BackendUnavailable, InvalidArgumentType, LockNotOwned, LockTimeout
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .resilience import BreakerOpen
+from .validation import optional_seconds
 
 __all__ = [
     "DistributedLock",
@@ -782,18 +783,9 @@ def _forget_on_reset() -> None:
 
 # -- the lock objects ---------------------------------------------------------------
 def _check_seconds(value: object, argument: str, *, allow_none: bool, allow_zero: bool) -> Optional[float]:
-    if value is None:
-        if allow_none:
-            return None
+    if value is None and not allow_none:
         raise InvalidArgumentType(argument, "must be a number, not None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentType(argument, f"must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise InvalidArgument(argument, f"must be finite, got {value!r}")
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise InvalidArgument(argument, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return seconds
+    return optional_seconds(value, argument, allow_zero=allow_zero)
 
 
 def _not_owned(message: str) -> LockNotOwned:

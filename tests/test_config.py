@@ -34,7 +34,7 @@ def test_environment_is_read_on_first_use(monkeypatch: pytest.MonkeyPatch) -> No
 def test_configure_overrides_environment_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_SESSION_TTL", "60")
     monkeypatch.setenv("REDIS_METADATA_TTL", "77")
-    mcp_redis.configure(session_ttl=10, lock_fallback="postgres")
+    mcp_redis.configure(session_ttl=10, lock_fallback="postgres", database_url="postgresql://127.0.0.1/x")
     s = settings()
     assert s.session_ttl == 10 and s.metadata_ttl == 77
     assert s.lock_fallback is LockFallback.POSTGRES
@@ -42,7 +42,8 @@ def test_configure_overrides_environment_and_keeps_the_rest(monkeypatch: pytest.
 
 def test_bad_configure_changes_nothing() -> None:
     before = mcp_redis.configure(session_ttl=10)
-    for bad in ({"session_ttl": 0}, {"session_ttl": "x"}, {"lock_timeout": float("nan")},
+    for bad in ({"session_ttl": 0}, {"session_ttl": 10**12}, {"lock_timeout": 1e300},
+                {"lock_fallback": "postgres"}, {"rate_limit_fallback": "postgres"}, {"session_ttl": "x"}, {"lock_timeout": float("nan")},
                 {"locks": "sometimes"}, {"metadata_cache": "postgres"}, {"no_such_setting": 1},
                 {"redis_url": "http://x"}, {"key_prefix": "a*"}):
         with pytest.raises(ConfigurationError):

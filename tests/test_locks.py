@@ -636,10 +636,9 @@ def test_thread_local_false_lets_another_thread_release_as_in_redis_py(redis_mod
     assert not shared.locked()
 
 
-def test_postgres_fallback_without_database_url_fails_closed() -> None:
-    mcp_redis.configure(redis_url=f"redis://127.0.0.1:{free_port()}/0", retry_attempts=1, lock_fallback="postgres")
-    with pytest.raises(BackendUnavailable):
-        mcp_redis.agent_lock("down").acquire()
+def test_postgres_fallback_without_database_url_is_refused_up_front() -> None:
+    with pytest.raises(mcp_redis.ConfigurationError, match="lock_fallback"):
+        mcp_redis.configure(redis_url=f"redis://127.0.0.1:{free_port()}/0", lock_fallback="postgres")
 
 
 # -- Redis failing under a held or awaited lock ------------------------------------------
