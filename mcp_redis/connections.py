@@ -330,7 +330,7 @@ def get_redis() -> RedisConnection:
     Raises `ConfigurationError` in local mode (no `REDIS_URL`).
     """
     conn = _conn
-    if conn is not None and _pid == os.getpid():
+    if conn is not None:  # os.register_at_fork clears it in a forked child
         return conn
     return _build()
 

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 import redis.exceptions as rex
 
@@ -49,7 +49,6 @@ from .connections import RedisConnection, get_redis, on_fork
 from .errors import BackendUnavailable, InvalidArgumentType, LockNotOwned, LockTimeout
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
-from .resilience import BreakerOpen
 from .validation import optional_seconds
 
 __all__ = [
@@ -80,24 +79,6 @@ _TICKET = re.compile(r"[0-9a-f]{24}")
 
 
 # -- Redis calls -----------------------------------------------------------------
-def _call(conn: RedisConnection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args)`` under the connection's policy, the first try without tenacity.
-
-    The policy's retry machinery costs ~20 us per call; a lock's round trip is
-    ~60 us, so the healthy path tries once, and only a failure goes through
-    the full policy (its remaining attempts). Every outcome feeds the breaker.
-    """
-    policy = conn.policy
-    try:
-        return policy.call(fn, *args, attempts=1, **kwargs)
-    except BreakerOpen:
-        raise
-    except BackendUnavailable:
-        if policy.attempts <= 1:
-            raise
-        return policy.call(fn, *args, attempts=policy.attempts - 1, **kwargs)
-
-
 @dataclass(frozen=True)
 class _Scripts:
     client: Any
@@ -257,7 +238,7 @@ class _RedisBackend(_Backend):
         # try with the queue keys joins the queue atomically, so the release
         # that follows it is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        granted, value = _call(conn, scripts.acquire, [keys.lock, keys.fence], [token, lease_ms], client)
+        granted, value = conn.call(scripts.acquire, [keys.lock, keys.fence], [token, lease_ms], client)
         if granted:
             return _Hold(self, keys, token, int(value), lease, started + lease, conn)
         if deadline is not None and deadline <= time.monotonic():
@@ -272,7 +253,7 @@ class _RedisBackend(_Backend):
             while True:
                 started = time.monotonic()
                 queued = True
-                granted, value = _call(conn, scripts.acquire, key_list, [token, lease_ms, queue_ttl], client)
+                granted, value = conn.call(scripts.acquire, key_list, [token, lease_ms, queue_ttl], client)
                 if granted:
                     queued = False
                     return _Hold(self, keys, token, int(value), lease, started + lease, conn)
@@ -282,7 +263,7 @@ class _RedisBackend(_Backend):
                     return None
                 pttl = int(value)
                 wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
-                _call(conn, _wait_for_signal, client, signal, wait)
+                conn.call(_wait_for_signal, client, signal, wait)
         finally:
             if queued:
                 self._leave_queue(conn, scripts, keys, signal)
@@ -290,7 +271,7 @@ class _RedisBackend(_Backend):
     def _leave_queue(self, conn: RedisConnection, scripts: _Scripts, keys: _Keys, signal: str) -> None:
         """A waiter giving up: leave the queue; pass on a reservation made for us."""
         try:
-            _call(conn, scripts.release, [keys.lock, keys.queue, signal], [_RESERVED + signal, _ms(HANDOFF_GRACE)],
+            conn.call(scripts.release, [keys.lock, keys.queue, signal], [_RESERVED + signal, _ms(HANDOFF_GRACE)],
                   conn.client)
         except Exception:  # the entry lapses with the queue's short TTL anyway
             log.debug("lock: could not leave the queue", exc_info=True)
@@ -299,13 +280,13 @@ class _RedisBackend(_Backend):
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         keys = [hold.keys.lock, hold.keys.queue]
-        return bool(_call(conn, scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)], conn.client))
+        return bool(conn.call(scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)], conn.client))
 
     def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         started = time.monotonic()
-        ok = bool(_call(conn, scripts.extend, [hold.keys.lock], [hold.token, _ms(seconds), "1" if replace else "0"],
+        ok = bool(conn.call(scripts.extend, [hold.keys.lock], [hold.token, _ms(seconds), "1" if replace else "0"],
                         conn.client))
         if ok and replace:
             hold.expires_at = started + seconds
@@ -315,11 +296,11 @@ class _RedisBackend(_Backend):
 
     def owned(self, hold: _Hold) -> bool:
         conn: RedisConnection = hold.handle
-        return bool(_call(conn, conn.client.get, hold.keys.lock) == hold.token)
+        return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
 
     def locked(self, keys: _Keys) -> bool:
         conn = get_redis()
-        return bool(_call(conn, conn.client.exists, keys.lock))
+        return bool(conn.call(conn.client.exists, keys.lock))
 
 
 def _wait_for_signal(client: Any, key: str, wait: float) -> bool:

@@ -112,6 +112,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
+        if self._state is BreakerState.CLOSED:  # the hot path takes no lock
+            return BreakerState.CLOSED
         with self._lock:
             if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.reset_timeout:
                 return BreakerState.HALF_OPEN
