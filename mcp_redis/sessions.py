@@ -41,7 +41,6 @@ from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
 from .local import TTLStore
 from .metrics import METRICS
 from .postgres import Postgres, get_postgres
-from .resilience import BreakerOpen
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
 
@@ -324,21 +323,8 @@ class _RedisTier:
         return self.ks.key("session_agent", agent_id)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One fast attempt, then the shared retry policy if the breaker is still closed.
-
-        `Resilience.call` with retries costs ~25 µs of tenacity set-up, close to
-        a loopback round trip; the single attempt keeps the hot path cheap and
-        still feeds the breaker.
-        """
-        policy = self.conn.policy
-        try:
-            return policy.call(fn, *args, attempts=1, **kwargs)
-        except BreakerOpen:
-            raise
-        except BackendUnavailable:
-            if not policy.available:
-                raise
-            return policy.call(fn, *args, **kwargs)
+        """``fn(*args)`` under the shared retry/breaker policy."""
+        return self.conn.policy.call(fn, *args, **kwargs)
 
     # reads -------------------------------------------------------------------------
     def get(self, session_key: str, retry: bool) -> Optional[str]:
@@ -348,15 +334,7 @@ class _RedisTier:
         instead of waiting out retries against a hung Redis.
         """
         key = self._session_head + encode_id(session_key)
-        policy = self._policy
-        try:
-            result: Optional[str] = policy.call(self._get, key, attempts=1)
-        except BreakerOpen:
-            raise
-        except BackendUnavailable:
-            if not retry or not policy.available:
-                raise
-            result = policy.call(self._get, key)
+        result: Optional[str] = self._policy.call(self._get, key, attempts=None if retry else 1)
         return result
 
     def getex(self, session_key: str, ttl_ms: int, retry: bool) -> Optional[str]:
