@@ -369,3 +369,33 @@ def test_application_clock_skew_changes_nothing(redis_mode: str, algorithm: Algo
     refused = limiter.hit("k")
     longest = 120 if algorithm is Algorithm.SLIDING_WINDOW_COUNTER else 60.001
     assert not refused.allowed and refused.retry_after <= longest
+
+
+def test_postgres_down_in_postgres_mode_falls_back_and_the_decorator_does_not_raise() -> None:
+    from mcp_redis.testing import free_port
+
+    mcp_redis.configure(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
+                        rate_limits="postgres", retry_attempts=1)
+
+    @rate_limited("pgdown", 1, 60)
+    def f(agent_id: str) -> str:
+        return "ok"
+
+    assert f("a") == "ok"
+    with pytest.raises(RateLimitExceeded):
+        f("a")
+    assert f.limiter.peek("b").backend == "local"  # type: ignore[attr-defined]
+    assert METRICS.counter("ratelimit_fallback_total", backend="postgres", to="local") == 3
+
+
+def test_no_background_thread_is_started(backend: str) -> None:
+    import threading
+
+    limiter = RateLimiter("threads", limits=[(5, 60), (10, 3600)])
+    limiter.peek("warm-up")  # the backend's own clients exist before the count
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(7):
+        limiter.hit("k")
+    limiter.peek("k")
+    limiter.reset("k")
+    assert {t.ident for t in threading.enumerate()} - before == set()
