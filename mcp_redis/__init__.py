@@ -17,6 +17,7 @@ from .errors import (
     InvalidArgumentType,
     LockError,
     LockNotOwned,
+    LockNotReplicated,
     LockTimeout,
     McpRedisError,
     RateLimitExceeded,
@@ -46,6 +47,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "LockNotOwned",
+    "LockNotReplicated",
     "RateLimitExceeded",
     "AmbiguousPrefix",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "LockNotOwned",
+    "LockNotReplicated",
     "RateLimitExceeded",
     "AmbiguousPrefix",
 ]
@@ -70,6 +71,18 @@ class LockTimeout(LockError, TimeoutError):
 
 class LockNotOwned(LockError, _RedisLockNotOwnedError):
     """The lock is not (or no longer) held by this owner."""
+
+
+class LockNotReplicated(LockError):
+    """Acquired on the master, but fewer replicas than `min_replicas` confirmed
+    it within `replica_timeout` (``WAIT``); the lock was released again."""
+
+    def __init__(self, name: str, acknowledged: int, required: int) -> None:
+        self.acknowledged = acknowledged
+        self.required = required
+        super().__init__(
+            f"lock {name}: {acknowledged} of {required} replicas acknowledged; released"
+        )
 
 
 class RateLimitExceeded(McpRedisError):

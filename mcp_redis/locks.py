@@ -46,10 +46,18 @@ import redis.exceptions as rex
 
 from .config import LockFallback, Mode, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
-from .errors import BackendUnavailable, InvalidArgumentType, LockNotOwned, LockTimeout
+from .errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    InvalidArgumentType,
+    LockNotOwned,
+    LockNotReplicated,
+    LockTimeout,
+)
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .validation import optional_seconds
+from .validation import seconds as check_seconds
 
 __all__ = [
     "DistributedLock",
@@ -267,6 +275,31 @@ class _RedisBackend(_Backend):
         finally:
             if queued:
                 self._leave_queue(conn, scripts, keys, signal)
+
+    def replicate(self, hold: _Hold, replicas: int, timeout: float) -> int:
+        """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
+
+        ``WAIT`` counts the writes of its own connection, so one pipeline on
+        one connection (the key's node on a cluster) re-writes the lease with
+        the owner-checked extend script, then WAITs: replication is ordered,
+        so the acknowledgement covers the acquisition before it.
+        """
+        conn: RedisConnection = hold.handle
+        scripts = _scripts(conn.client)
+        target = conn.client
+        if conn.is_cluster:
+            target = target.get_redis_connection(target.get_node_from_key(hold.keys.lock))
+        wait_ms = max(1, min(_ms(timeout), _ms(conn.settings.socket_timeout * 0.8)))
+
+        def run() -> Tuple[int, int]:
+            pipe = target.pipeline(transaction=False)
+            scripts.extend([hold.keys.lock], [hold.token, _ms(hold.lease), "1"], client=pipe)
+            pipe.execute_command("WAIT", replicas, wait_ms)
+            extended, acked = pipe.execute()
+            return int(extended), int(acked)
+
+        extended, acked = conn.call(run)
+        return acked if extended else -1
 
     def _leave_queue(self, conn: RedisConnection, scripts: _Scripts, keys: _Keys, signal: str) -> None:
         """A waiter giving up: leave the queue; pass on a reservation made for us."""
@@ -817,9 +850,17 @@ class DistributedLock:
         *,
         auto_renew: bool = False,
         reentrant: bool = False,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.1,
         _argument: str = "name",
     ) -> None:
         self.name = validate_id(name, _argument)
+        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int):
+            raise InvalidArgumentType("min_replicas", f"must be an int, not {type(min_replicas).__name__}")
+        if not 0 <= min_replicas <= 64:
+            raise InvalidArgument("min_replicas", f"must be between 0 and 64, got {min_replicas!r}")
+        self.min_replicas = min_replicas
+        self.replica_timeout = check_seconds(replica_timeout, "replica_timeout", maximum=60.0)
         self.timeout = _check_seconds(timeout, "timeout", allow_none=True, allow_zero=False)
         self.sleep = sleep  # accepted for redis-py compatibility; waits are signalled, not polled
         self.blocking = bool(blocking)
@@ -901,6 +942,8 @@ class DistributedLock:
         if hold is None:
             METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
             return False
+        if self.min_replicas and hold.backend is _REDIS:
+            self._require_replicas(hold)
         METRICS.inc("lock_acquire_total", backend=hold.backend.name, outcome="acquired")
         waited = time.monotonic() - started
         if waited > 0.001:  # contended: worth a histogram entry
@@ -914,6 +957,26 @@ class DistributedLock:
         if self.auto_renew and hold.backend.leased:
             _WATCHDOG.add(hold)
         return True
+
+    def _require_replicas(self, hold: _Hold) -> None:
+        """Opt-in durability: the grant must reach `min_replicas` replicas, or it is undone."""
+        try:
+            acked = _REDIS.replicate(hold, self.min_replicas, self.replica_timeout)
+        except BaseException:
+            self._undo(hold)
+            raise
+        if acked >= self.min_replicas:
+            return
+        self._undo(hold)
+        METRICS.inc("lock_unreplicated_total")
+        raise LockNotReplicated(_shown(self.name), max(acked, 0), self.min_replicas)
+
+    @staticmethod
+    def _undo(hold: _Hold) -> None:
+        try:
+            hold.backend.release(hold)
+        except Exception:  # its lease runs out anyway
+            log.debug("lock: could not release an unreplicated grant", exc_info=True)
 
     def _acquire_with_fallback(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         backend = _primary()
@@ -1042,6 +1105,9 @@ class AgentLock(DistributedLock):
         agent_id: str,
         timeout: Optional[float] = None,
         blocking_timeout: Optional[float] = AGENT_LOCK_BLOCKING_TIMEOUT,
+        *,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.1,
     ) -> None:
         super().__init__(
             agent_id,
@@ -1049,6 +1115,8 @@ class AgentLock(DistributedLock):
             blocking_timeout=blocking_timeout,
             auto_renew=True,
             reentrant=True,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
             _argument="agent_id",
         )
 
@@ -1061,14 +1129,19 @@ def agent_lock(
     agent_id: str,
     timeout: Optional[float] = None,
     blocking_timeout: Optional[float] = AGENT_LOCK_BLOCKING_TIMEOUT,
+    *,
+    min_replicas: int = 0,
+    replica_timeout: float = 0.1,
 ) -> AgentLock:
     """The lock of `agent_id`'s state, as a context manager.
 
     `timeout`: lease in seconds (default ``REDIS_LOCK_TIMEOUT``), renewed in
     the background while held; `blocking_timeout`: longest wait (default 5 s,
-    ``0`` tries once, None waits forever), then `LockTimeout`.
+    ``0`` tries once, None waits forever), then `LockTimeout`. `min_replicas`:
+    see `lock`.
     """
-    return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout)
+    return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout,
+                     min_replicas=min_replicas, replica_timeout=replica_timeout)
 
 
 def lock(
@@ -1081,10 +1154,15 @@ def lock(
     auto_renew: bool = False,
     raise_on_release_error: bool = True,
     sleep: float = 0.1,
+    min_replicas: int = 0,
+    replica_timeout: float = 0.1,
 ) -> DistributedLock:
     """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`).
 
     `sleep` is accepted for redis-py compatibility and ignored: waiters are woken.
+    `min_replicas` > 0: each grant must be confirmed by that many replicas
+    within `replica_timeout` seconds (``WAIT``), else it is released and
+    `LockNotReplicated` raised — narrows, not closes, the failover window.
     """
     return DistributedLock(
         name,
@@ -1095,6 +1173,8 @@ def lock(
         thread_local=thread_local,
         raise_on_release_error=raise_on_release_error,
         auto_renew=auto_renew,
+        min_replicas=min_replicas,
+        replica_timeout=replica_timeout,
     )
 
 

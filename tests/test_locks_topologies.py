@@ -16,10 +16,7 @@ from redis.crc import key_slot
 import mcp_redis
 from mcp_redis import LockNotOwned
 from mcp_redis.connections import get_redis
-from tests import conftest as _conftest
-
-if not hasattr(_conftest, "any_redis_mode"):  # until conftest shares the topology fixtures
-    from tests.topologies import *  # noqa: F401,F403
+from mcp_redis.testing import wait_for
 
 
 def test_lock_handoff_fencing_and_ownership_on_every_topology(any_redis_mode: str) -> None:
@@ -71,3 +68,32 @@ def test_waiter_follows_its_lock_when_the_slot_migrates(cluster_topology: Any) -
     holder.release()
     t.join(20)
     assert entered == [True]
+
+
+# -- opt-in WAIT acknowledgement ------------------------------------------------------------
+def test_lock_with_min_replicas_is_granted_once_a_replica_acknowledges(redis_factory: Any) -> None:
+    master = redis_factory()
+    replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
+    wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 10,
+             what="the replica to sync")
+    mcp_redis.configure(redis_url=master.url)
+    held = mcp_redis.lock("replicated", timeout=10, min_replicas=1, replica_timeout=1.0)
+    assert held.acquire(blocking_timeout=0)
+    wait_for(lambda: replica.client().get(held.key) is not None, 5, what="the grant on the replica")
+    held.release()
+
+
+def test_lock_without_enough_replicas_is_released_and_raises(redis_mode: str) -> None:
+    held = mcp_redis.lock("lonely", timeout=10, min_replicas=1, replica_timeout=0.05)
+    with pytest.raises(mcp_redis.LockNotReplicated) as info:
+        held.acquire(blocking_timeout=0)
+    assert (info.value.acknowledged, info.value.required) == (0, 1)
+    assert isinstance(info.value, mcp_redis.LockError)
+    assert not held.locked()  # undone: nobody is left blocked by it
+    assert mcp_redis.lock("lonely", timeout=10).acquire(blocking_timeout=0)
+
+
+@pytest.mark.parametrize("bad", [-1, 65, 1.5, True, "1"])
+def test_min_replicas_must_be_a_small_int(bad: Any) -> None:
+    with pytest.raises((ValueError, TypeError), match="min_replicas"):
+        mcp_redis.lock("x", min_replicas=bad)
