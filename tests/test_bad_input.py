@@ -530,11 +530,7 @@ def _huge_calls(check: Callable[[], None] = lambda: None) -> Dict[str, Callable[
 
 
 KNOWN_HUGE_BUGS = {
-    "agent_lock(timeout)": "locks: huge lease accepted; the shared watchdog thread dies (OverflowError)",
-    "lock(timeout)": "locks: huge lease accepted or raw ResponseError from the acquire script",
-    "EventBus.subscribe(timeout)": "events: timeout=inf/huge raises OverflowError and leaks the subscriber thread",
     "cached_metadata(ttl)": "cache: no upper bound on ttl; 1e15 s writes an L2 key living ~30 million years",
-    "EventStream(ttl)": "events: huge ttl: raw ResponseError from events_add.lua after XADD (a stream without TTL)",
 }
 
 
