@@ -255,13 +255,7 @@ class RedisStorage:
             args.append(_nonce())
         if now_us is not None:
             args.append(now_us)
-        policy = self.conn.policy
-        try:
-            raw = policy.call(_evalsha, self.conn.client, script, keys, args, attempts=1)
-        except BackendUnavailable as exc:
-            if not policy.available or policy.attempts <= 1 or exc.__cause__ is None:
-                raise
-            raw = policy.call(_evalsha, self.conn.client, script, keys, args, attempts=policy.attempts - 1)
+        raw = self.conn.policy.call(_evalsha, self.conn.client, script, keys, args)
         f = [int(x) for x in raw.split()]
         outcomes = [(f[j], f[j + 1], f[j + 2]) for j in range(2, len(f), 3)]
         return f[0] == 1, f[1] - 1, outcomes
