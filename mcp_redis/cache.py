@@ -29,7 +29,6 @@ caller at a time; a short ``SET NX PX`` lock keeps that to one process.
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import inspect
 import json
 import logging
@@ -68,6 +67,7 @@ from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
+from .scripts import lua
 
 __all__ = ["cached_metadata", "CachedFunction", "CacheInfo", "wait_for_listener"]
 
@@ -105,13 +105,9 @@ class CacheInfo(NamedTuple):
 
 
 # -- Lua -------------------------------------------------------------------------
-def _lua(name: str) -> str:
-    return importlib.resources.files("mcp_redis").joinpath("lua").joinpath(f"cache_{name}.lua").read_text("utf-8")
-
-
-_FILL_SRC = _lua("fill")
-_INVALIDATE_SRC = _lua("invalidate")
-_GENERATION_SRC = _lua("generation")
+_FILL_SRC = lua("cache_fill")
+_INVALIDATE_SRC = lua("cache_invalidate")
+_GENERATION_SRC = lua("cache_generation")
 
 
 class _Scripts:

@@ -25,7 +25,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
@@ -36,6 +35,7 @@ from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
+from .scripts import lua
 from .validation import optional_seconds, seconds
 
 __all__ = [
@@ -405,11 +405,7 @@ def publish_agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, 
 
 
 # -- durable streams -------------------------------------------------------------
-_LUA_DIR = Path(__file__).with_name("lua")
-_SCRIPT_SOURCES = {
-    name: (_LUA_DIR / f"events_{name}.lua").read_text(encoding="utf-8")
-    for name in ("add", "group", "deadletter")
-}
+_SCRIPT_SOURCES = {name: lua(f"events_{name}") for name in ("add", "group", "deadletter")}
 _scripts_lock = threading.Lock()
 _scripts: Dict[str, Tuple[Any, Any]] = {}  # name -> (client, Script)
 

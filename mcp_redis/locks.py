@@ -31,7 +31,6 @@ import collections
 import errno
 import fcntl
 import hashlib
-import importlib.resources
 import logging
 import os
 import re
@@ -56,6 +55,7 @@ from .errors import (
 )
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
+from .scripts import lua
 from .validation import optional_seconds
 from .validation import seconds as check_seconds
 
@@ -99,10 +99,6 @@ _scripts_lock = threading.Lock()
 _scripts_cache: Optional[_Scripts] = None
 
 
-def _lua(name: str) -> str:
-    return (importlib.resources.files("mcp_redis") / "lua" / name).read_text("utf-8")
-
-
 def _scripts(client: Any) -> _Scripts:
     """The registered scripts for `client` (registered once per client)."""
     cached = _scripts_cache
@@ -118,9 +114,9 @@ def _register(client: Any) -> _Scripts:
         if cached is None or cached.client is not client:
             cached = _Scripts(
                 client,
-                client.register_script(_lua("lock_acquire.lua")),
-                client.register_script(_lua("lock_release.lua")),
-                client.register_script(_lua("lock_extend.lua")),
+                client.register_script(lua("lock_acquire")),
+                client.register_script(lua("lock_release")),
+                client.register_script(lua("lock_extend")),
             )
             _scripts_cache = cached
         return cached

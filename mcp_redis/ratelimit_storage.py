@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import importlib.resources
 import itertools
 import json
 import logging
@@ -39,6 +38,7 @@ from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable
 from .keys import encode_id
 from .postgres import Postgres
+from .scripts import lua
 
 __all__ = [
     "Algorithm",
@@ -221,8 +221,7 @@ def run_model(
 
 # -- Redis ------------------------------------------------------------------------
 def _lua_source(algorithm: Algorithm) -> str:
-    path = importlib.resources.files("mcp_redis").joinpath(f"lua/ratelimit_{algorithm.value}.lua")
-    return path.read_text(encoding="utf-8")
+    return lua(f"ratelimit_{algorithm.value}")
 
 
 _SOURCES: Dict[Algorithm, str] = {}

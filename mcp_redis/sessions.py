@@ -26,7 +26,6 @@ single-slot commands.
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import math
 import threading
@@ -41,6 +40,7 @@ from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
 from .local import TTLStore
 from .metrics import METRICS
 from .postgres import Postgres, get_postgres
+from .scripts import lua
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
 
@@ -72,10 +72,6 @@ def _utf8(value: str) -> bytes:
 
 def _from_utf8(raw: Any) -> str:
     return bytes(raw).decode("utf-8", "surrogatepass")
-
-
-def _lua(name: str) -> str:
-    return (importlib.resources.files("mcp_redis") / "lua" / name).read_text("utf-8")
 
 
 # -- PostgreSQL tier -----------------------------------------------------------------
@@ -308,13 +304,13 @@ class _RedisTier:
         self._session_head = ks.namespace_pattern("session")[:-1]
         assert self.binding_key("probe") == ks.key("session", "probe")
         register = self.client.register_script
-        self._bind = register(_lua("session_bind.lua"))
-        self._index = register(_lua("session_index.lua"))
-        self._agents = register(_lua("session_agents.lua"))
-        self._unindex = register(_lua("session_unindex.lua"))
-        self._members = register(_lua("session_members.lua"))
-        self._resolve = register(_lua("session_resolve.lua"))
-        self._forget = register(_lua("session_forget_agent.lua"))
+        self._bind = register(lua("session_bind"))
+        self._index = register(lua("session_index"))
+        self._agents = register(lua("session_agents"))
+        self._unindex = register(lua("session_unindex"))
+        self._members = register(lua("session_members"))
+        self._resolve = register(lua("session_resolve"))
+        self._forget = register(lua("session_forget_agent"))
 
     def binding_key(self, session_key: str) -> str:
         return self._session_head + encode_id(session_key)
