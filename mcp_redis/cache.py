@@ -68,6 +68,7 @@ from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
 from .scripts import lua
+from .validation import optional_seconds, seconds
 
 __all__ = ["cached_metadata", "CachedFunction", "CacheInfo", "wait_for_listener"]
 
@@ -368,13 +369,13 @@ class CachedFunction(Generic[R]):
     ) -> None:
         if not callable(fn):
             raise InvalidArgumentType("fn", f"must be callable, not {type(fn).__name__}")
-        _check_number("ttl", ttl, allow_none=True)
-        _check_number("l1_ttl", l1_ttl)
+        optional_seconds(ttl, "ttl")
+        seconds(l1_ttl, "l1_ttl")
         _check_number("beta", beta, strict=False)
-        _check_number("max_stale", max_stale, allow_none=True, strict=False)
-        _check_number("negative_ttl", negative_ttl, allow_none=True)
+        optional_seconds(max_stale, "max_stale", allow_zero=True)
+        optional_seconds(negative_ttl, "negative_ttl")
         _check_number("jitter", jitter, strict=False)
-        _check_number("lock_ttl", lock_ttl, allow_none=True)
+        optional_seconds(lock_ttl, "lock_ttl")
         if jitter > 0.5:
             raise InvalidArgument("jitter", f"must be <= 0.5, got {jitter!r}")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int):
@@ -1159,7 +1160,7 @@ def cached_metadata(
             raise InvalidArgument("ttl", "given twice")
         ttl = fn  # @cached_metadata(300)
         fn = None
-    _check_number("ttl", ttl, allow_none=True)
+    optional_seconds(ttl, "ttl")
     if fn is not None:
         return CachedFunction(fn, ttl=ttl, **options)
 
