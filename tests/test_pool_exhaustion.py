@@ -181,6 +181,11 @@ def test_features_under_an_exhausted_pool_follow_their_policies(small_pool: None
             seconds, exc = timed(take)
             assert isinstance(exc, BackendUnavailable), repr(exc)
             assert seconds <= 2 * exhaustion_budget()
+        RateLimiter = getattr(mcp_redis, "RateLimiter", None)
+        if RateLimiter is not None:  # default fallback: the local limiter admits
+            seconds, exc = timed(lambda: RateLimiter("pool", 5, 60).hit("k"))
+            assert exc is None, f"rate limit raised under pool exhaustion: {exc!r}"
+            assert seconds <= 2 * exhaustion_budget()
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
