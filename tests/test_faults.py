@@ -566,3 +566,17 @@ def test_postgres_calls_are_bounded_when_postgres_stalls(pg_proxy: Tuple[FaultPr
     proxy.close_all()  # unblock the hung reader before the proxy goes away
     assert not hung, f"a session read hung > 5 s while PostgreSQL was {fault.value}"
     assert outcome["exc"] is None or isinstance(outcome["exc"], BackendUnavailable)
+
+
+@pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
+def test_health_reports_redis_down_within_one_timeout(faulty: FaultProxy, fault: Fault, latency: float) -> None:
+    assert mcp_redis.health()["redis"]["ok"] is True
+    inject(faulty, fault, latency)
+    seconds, report, exc = timed(mcp_redis.health)
+    assert exc is None, repr(exc)
+    assert report["ok"] is False and report["redis"]["ok"] is False
+    s = settings()
+    assert seconds <= s.socket_connect_timeout + s.socket_timeout + SLACK
+    record("health()", fault, "ok=False", seconds)
+    faulty.pass_through()
+    wait_for(lambda: mcp_redis.health()["redis"]["ok"], timeout=5, what="health ok again")
