@@ -589,12 +589,25 @@ def test_lua_comes_only_from_package_files() -> None:
         assert not re.search(r"\b(loadstring|load|dofile|loadfile)\s*\(", text), f"{script.name} evaluates code"
 
 
-def test_lua_sources_are_loaded_verbatim_from_files() -> None:
-    """Every module that registers scripts reads them from the lua/ package directory."""
-    for path in _modules():
-        text = path.read_text(encoding="utf-8")
-        if "register_script(" in text:
-            assert ".lua" in text and "read_text" in text, f"{path.name} registers Lua not read from a file"
+def test_every_script_sent_to_redis_is_a_package_file(redis_mode: str, database_url: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """At run time, every Lua source registered, loaded or EVALed is byte-for-byte a file in mcp_redis/lua."""
+    import redis.commands.core as core
+
+    files = {p.read_text(encoding="utf-8") for p in (PACKAGE / "lua").glob("*.lua")}
+    sent: List[str] = []
+    for name in ("register_script", "eval", "script_load"):
+        original = getattr(core.ScriptCommands, name)
+
+        def spy(self: Any, script: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            sent.append(script.decode() if isinstance(script, bytes) else str(script))
+            return _original(self, script, *args, **kwargs)
+
+        monkeypatch.setattr(core.ScriptCommands, name, spy)
+    exercise_every_feature(database_url)
+    assert sent, "no script was registered: the spy missed the library's path"
+    foreign = [src[:80] for src in sent if src not in files]
+    assert not foreign, f"scripts not read verbatim from mcp_redis/lua/*.lua: {foreign[:3]}"
 
 
 def derive_commands() -> List[str]:
