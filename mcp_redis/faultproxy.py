@@ -1,4 +1,5 @@
-"""A fault-injecting TCP proxy for tests: put it between the library and Redis.
+"""A fault-injecting TCP proxy for tests: put it between the library and Redis
+(or PostgreSQL — it never parses the protocol).
 
     with FaultProxy("127.0.0.1", server.port) as proxy:
         mcp_redis.configure(redis_url=proxy.url())
@@ -12,8 +13,8 @@ connections alike):
 * ``pass``      — bytes flow unchanged.
 * ``latency``   — every reply chunk is held ``latency`` seconds (plus up to
   ``jitter``) before it is forwarded.
-* ``drop``      — every open connection is closed (FIN); new ones are accepted
-  and closed at once.
+* ``drop``      — every open connection is closed; new ones are accepted and
+  closed at once.
 * ``blackhole`` — connections are accepted (the kernel completes the
   handshake) but nothing is forwarded either way: the peer waits forever.
   Connections that had bytes withheld are closed when the fault clears, since
