@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
+from psycopg2 import sql
+
 from .config import redact_url, settings
 from .demo_worker import (
     AGENT_RL_ADMITTED,
@@ -109,11 +111,12 @@ class _Backends:
         from .postgres import get_postgres
 
         pg = get_postgres()
-        pg.execute(f"CREATE TABLE {self.metadata_table} (agent_id TEXT PRIMARY KEY, display_name TEXT, tier TEXT)")
+        table = sql.Identifier(self.metadata_table)
+        pg.execute(sql.SQL("CREATE TABLE {} (agent_id TEXT PRIMARY KEY, display_name TEXT, tier TEXT)").format(table))
+        insert = sql.SQL("INSERT INTO {} VALUES (%s, %s, %s)").format(table)
         for i in range(agents):
             name = agent_name(i)
-            pg.execute(f"INSERT INTO {self.metadata_table} VALUES (%s, %s, %s)",  # noqa: S608 - our table
-                       (name, name.replace("-", " ").title(), "gold" if i % 3 == 0 else "standard"))
+            pg.execute(insert, (name, name.replace("-", " ").title(), "gold" if i % 3 == 0 else "standard"))
 
     def cleanup(self, prefix: str, run_id: str) -> None:
         import mcp_redis
@@ -125,7 +128,7 @@ class _Backends:
 
                 pg = get_postgres()
                 if self.metadata_table:
-                    pg.execute(f"DROP TABLE IF EXISTS {self.metadata_table}")
+                    pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.metadata_table)))
                 pg.execute("DELETE FROM core.sessions WHERE session_key LIKE %s", (f"demo-{run_id}-%",))
             except Exception:
                 pass

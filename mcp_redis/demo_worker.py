@@ -21,6 +21,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
+from psycopg2 import sql
+
 __all__ = ["WorkerConfig", "Layout", "OPS", "BUCKETS", "worker_main", "session_key", "agent_for_session",
            "agent_name", "bucket_quantile"]
 
@@ -307,9 +309,9 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
             if cfg.metadata_table:
                 from .postgres import get_postgres
 
-                row = get_postgres().execute(
-                    f"SELECT agent_id, display_name, tier FROM {cfg.metadata_table} WHERE agent_id = %s",  # noqa: S608 - table name is ours
-                    (agent_id,), fetch="one")
+                query = sql.SQL("SELECT agent_id, display_name, tier FROM {} WHERE agent_id = %s").format(
+                    sql.Identifier(cfg.metadata_table))
+                row = get_postgres().execute(query, (agent_id,), fetch="one")
                 if row is None:
                     return {"agent_id": agent_id}
                 return {"agent_id": row[0], "display_name": row[1], "tier": row[2]}

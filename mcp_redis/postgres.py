@@ -12,11 +12,12 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
+import psycopg2.sql
 
 from .config import Settings, on_reset, redact_url, settings
 from .connections import on_fork
@@ -164,9 +165,12 @@ class Postgres:
                     pass
             self._slots.release()
 
-    def execute(self, sql: str, params: Sequence[Any] = (), *, fetch: str = "none") -> Any:
+    def execute(self, sql: Union[str, psycopg2.sql.Composable], params: Sequence[Any] = (), *,
+                fetch: str = "none") -> Any:
         """Run one parameterised statement under the policy.
 
+        `sql` is a constant string, or a ``psycopg2.sql`` composition when an
+        identifier (a table name) varies — never text formatted from values.
         `fetch`: ``"none"`` (returns rowcount), ``"one"`` or ``"all"``.
         """
 
