@@ -20,6 +20,7 @@ from .errors import (
     LockNotReplicated,
     LockTimeout,
     McpRedisError,
+    PoolExhausted,
     RateLimitExceeded,
 )
 from .health import health
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidArgumentType",
     "BackendUnavailable",
+    "PoolExhausted",
     "FeatureDisabled",
     "LockError",
     "LockTimeout",

@@ -106,6 +106,7 @@ class Settings:
     pool_timeout: float = 5.0
     postgres_max_connections: int = 10
     postgres_connect_timeout: int = 2
+    postgres_timeout: float = 5.0
     ssl_ca_certs: Optional[str] = None
     ssl_certfile: Optional[str] = None
     ssl_keyfile: Optional[str] = None
@@ -124,7 +125,7 @@ class Settings:
             _check_number(name, getattr(self, name), integer=True, minimum=0, strict=name != "health_check_interval")
         for name in ("lock_timeout", "rate_limit_window", "socket_timeout",
                      "socket_connect_timeout", "pool_timeout",
-                     "breaker_reset_timeout"):
+                     "breaker_reset_timeout", "postgres_timeout"):
             _check_number(name, getattr(self, name), minimum=0, strict=True)
         for name in ("session_ttl", "metadata_ttl", "lock_timeout", "rate_limit_window"):
             if getattr(self, name) > _MAX_DURATION:
@@ -287,6 +288,7 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "socket_connect_timeout": ("MCP_REDIS_CONNECT_TIMEOUT", _float),
     "max_connections": ("MCP_REDIS_MAX_CONNECTIONS", _int),
     "pool_timeout": ("MCP_REDIS_POOL_TIMEOUT", _float),
+    "postgres_timeout": ("MCP_REDIS_POSTGRES_TIMEOUT", _float),
     "ssl_ca_certs": ("MCP_REDIS_SSL_CA_CERTS", _str),
     "ssl_certfile": ("MCP_REDIS_SSL_CERTFILE", _str),
     "ssl_keyfile": ("MCP_REDIS_SSL_KEYFILE", _str),

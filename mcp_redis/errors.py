@@ -19,6 +19,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidArgumentType",
     "BackendUnavailable",
+    "PoolExhausted",
     "FeatureDisabled",
     "LockError",
     "LockTimeout",
@@ -55,6 +56,11 @@ class InvalidArgumentType(McpRedisError, TypeError):
 
 class BackendUnavailable(McpRedisError, ConnectionError):
     """The backend (Redis or PostgreSQL) did not answer, or its breaker is open."""
+
+
+class PoolExhausted(BackendUnavailable):
+    """Every pooled connection stayed busy for `pool_timeout`: this process is
+    saturated, the backend is not down (the circuit breaker ignores it)."""
 
 
 class FeatureDisabled(McpRedisError):

@@ -327,7 +327,9 @@ class EventBus:
         Receivers are counted by Redis (every subscribed connection, in every
         process; in a cluster, only those on the node that took the PUBLISH).
         At-most-once: nobody subscribed means nobody gets it.
-        Raises `BackendUnavailable` when Redis does not answer.
+        Raises `BackendUnavailable` when Redis does not answer. Never retried:
+        a reply lost after Redis published would make a retry deliver twice,
+        and pub/sub promises at most once.
         """
         name = _check_channel(channel)
         payload = encode_event(event)
@@ -336,7 +338,7 @@ class EventBus:
         else:
             conn = get_redis()
             target = KeySpace(settings().key_prefix).channel(name)
-            receivers = int(conn.call(conn.client.publish, target, payload))
+            receivers = int(conn.call(conn.client.publish, target, payload, attempts=1))
         METRICS.inc("events_published_total")
         return receivers
 

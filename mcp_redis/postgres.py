@@ -21,7 +21,8 @@ import psycopg2.sql
 
 from .config import Settings, on_reset, redact_url, settings
 from .connections import on_fork
-from .errors import BackendUnavailable, ConfigurationError
+from .errors import BackendUnavailable, ConfigurationError, PoolExhausted
+from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
 
 __all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "is_pg_transient"]
@@ -69,6 +70,31 @@ def is_pg_transient(exc: BaseException) -> bool:
     return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
         exc, BackendUnavailable
     )
+
+
+def _connect_options(s: Settings) -> dict[str, Any]:
+    """libpq options that bound every call by `postgres_timeout`.
+
+    ``statement_timeout`` bounds a slow statement on the server; TCP keepalives
+    and ``tcp_user_timeout`` notice a dead peer or a network that drops
+    packets. (A peer that accepts bytes but never answers — a stopped server
+    process — is not bounded by any libpq option; see docs/reliability.md.)
+    """
+    ms = max(1, int(s.postgres_timeout * 1000))
+    dsn = psycopg2.extensions.parse_dsn(s.database_url or "")
+    options = (dsn.get("options", "") + f" -c statement_timeout={ms}").strip()
+    out: dict[str, Any] = {
+        "connect_timeout": s.postgres_connect_timeout,
+        "application_name": dsn.get("application_name", "mcp_redis"),
+        "options": options,
+        "keepalives": 1,
+        "keepalives_idle": max(1, min(30, int(s.postgres_timeout))),
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+    }
+    if psycopg2.extensions.libpq_version() >= 120000:
+        out["tcp_user_timeout"] = ms
+    return out
 
 
 class _KeepIdlePool(psycopg2.pool.ThreadedConnectionPool):
@@ -124,8 +150,7 @@ class Postgres:
                     self._pool = _KeepIdlePool(
                         self._maxconn,
                         dsn=self.settings.database_url,
-                        connect_timeout=self.settings.postgres_connect_timeout,
-                        application_name="mcp_redis",
+                        **_connect_options(self.settings),
                     )
                 except psycopg2.ProgrammingError:
                     # A malformed DSN: psycopg2 may echo it, password included.
@@ -136,7 +161,8 @@ class Postgres:
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
         """A pooled connection in a transaction: committed on success, else rolled back."""
         if not self._slots.acquire(timeout=self.settings.pool_timeout):
-            raise BackendUnavailable(
+            METRICS.inc("pool_exhausted_total", backend="postgres")
+            raise PoolExhausted(
                 f"postgres pool exhausted: {self._maxconn} connections in use for {self.settings.pool_timeout}s"
             )
         conn = None

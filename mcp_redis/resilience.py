@@ -28,7 +28,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, PoolExhausted
 from .metrics import METRICS, Metrics
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "BreakerOpen",
     "REDIS_TRANSIENT",
     "is_redis_transient",
+    "is_pool_exhausted",
 ]
 
 log = logging.getLogger("mcp_redis.resilience")
@@ -57,6 +58,13 @@ REDIS_TRANSIENT: Tuple[Type[BaseException], ...] = (
     BrokenPipeError,
     TimeoutError,
 )
+
+
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """redis-py's pools ran out of connections (the server may be perfectly fine)."""
+    return isinstance(exc, rex.MaxConnectionsError) or (
+        type(exc) is rex.ConnectionError and str(exc) == "No connection available."
+    )
 
 
 def is_redis_transient(exc: BaseException) -> bool:
@@ -227,6 +235,12 @@ class Resilience:
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
+                if is_pool_exhausted(exc):
+                    # A saturated pool is not a down backend: no breaker
+                    # failure, and no retry (it already waited pool_timeout).
+                    breaker.release_probe()
+                    metrics.inc("pool_exhausted_total", backend=name)
+                    raise PoolExhausted(f"{name} pool exhausted: {exc}") from exc
                 if self.transient(exc):
                     metrics.inc("backend_failures_total", backend=name)
                     breaker.record_failure()

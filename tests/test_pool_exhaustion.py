@@ -248,9 +248,6 @@ def test_postgres_many_threads_share_two_connections_without_deadlock(small_pg_p
     assert ok[0] > 0
 
 
-@pytest.mark.xfail(reason="reported: 'No connection available' counts as a Redis failure, so an exhausted pool "
-                          "opens the breaker and a healthy Redis is treated as down for breaker_reset_timeout",
-                   strict=False)
 def test_an_exhausted_pool_does_not_open_the_breaker(redis_url: str) -> None:
     """A busy pool is not a down Redis: the breaker (and every feature's fallback) must stay out of it."""
     from mcp_redis.resilience import BreakerState

@@ -70,3 +70,13 @@ def test_sql_errors_propagate_unchanged(database_url: str) -> None:
     mcp_redis.configure(database_url=database_url)
     with pytest.raises(psycopg2.errors.UndefinedTable):
         get_postgres().execute("SELECT * FROM no_such_table")
+
+
+def test_every_pooled_connection_is_bounded_by_postgres_timeout(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url + "?options=-c%20search_path%3Dcore", postgres_timeout=1.5)
+    pg = get_postgres()
+    assert pg.execute("SHOW statement_timeout", fetch="one") == ("1500ms",)
+    assert pg.execute("SHOW search_path", fetch="one") == ("core",)  # the DSN's own options are kept
+    with pytest.raises(BackendUnavailable) as info:
+        pg.execute("SELECT pg_sleep(3)")
+    assert isinstance(info.value.__cause__, psycopg2.errors.QueryCanceled)
