@@ -12,18 +12,9 @@ from typing import Any, Dict, List
 
 from mcp_redis.cache import cached_metadata, wait_for_listener
 from mcp_redis.testing import wait_for
-from tests.topologies import (  # noqa: F401  (fixtures)
-    any_redis_mode,
-    any_redis_url,
-    cluster_topology,
-    cluster_topology_session,
-    redis_topology,
-    sentinel_topology,
-    sentinel_topology_session,
-)
 
 
-def test_cache_round_trip_invalidation_and_batch_on_every_topology(any_redis_mode: str) -> None:  # noqa: F811
+def test_cache_round_trip_invalidation_and_batch_on_every_topology(any_redis_mode: str) -> None:
     rows: Dict[str, int] = {}
     loads: List[str] = []
 

@@ -12,7 +12,6 @@ from typing import Any, List
 
 from mcp_redis.events import EventBus, EventStream
 from mcp_redis.testing import wait_for
-from tests.topologies import *  # noqa: F401,F403 - the topology fixtures
 
 
 def test_channel_and_pattern_subscribers_receive_every_event_in_order(any_redis_mode: str) -> None:

@@ -14,7 +14,6 @@ import mcp_redis
 from mcp_redis import Algorithm, RateLimiter, settings
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import wait_for
-from tests.topologies import *  # noqa: F401,F403
 
 ALGORITHMS = [a for a in Algorithm if a.name != "TOKEN_BUCKET"]
 

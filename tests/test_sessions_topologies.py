@@ -11,7 +11,6 @@ import mcp_redis
 from mcp_redis import AmbiguousPrefix, SessionStore
 from mcp_redis.connections import get_redis
 from mcp_redis.keys import encode_id
-from tests.topologies import *  # noqa: F401,F403 - the topology fixtures
 
 
 def test_bind_rebind_index_and_prefix_on_every_topology(any_redis_mode: str) -> None:

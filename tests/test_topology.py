@@ -25,15 +25,11 @@ import pytest
 import redis
 
 import mcp_redis
-import tests.conftest as _conftest
 from mcp_redis.connections import get_redis
 from mcp_redis.keys import KeySpace
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.topology import ClusterTopology, SentinelTopology, key_slot
-
-if not hasattr(_conftest, "any_redis_url"):  # until conftest does `from tests.topologies import *`
-    from tests.topologies import *  # noqa: F401,F403
 
 EXPECTED_KIND = {"single": "single", "sentinel": "sentinel", "cluster": "cluster"}
 
