@@ -594,7 +594,7 @@ def test_hostile_ids_round_trip_inside_the_prefix(redis_url: str, redis_server: 
 
 
 def test_bad_input_summary() -> None:
-    """Prints how many bad inputs each entry point was given (for docs/reliability_faults.md)."""
+    """Prints how many bad inputs each entry point was given (for docs/reliability.md)."""
     total = sum(TRIED.values())
     if total:
         print(f"\nbad inputs tried: {total} across {len(TRIED)} entry points")

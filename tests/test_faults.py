@@ -13,7 +13,7 @@ specification, for the foundation and for every feature:
   back to the per-process limiter.
 
 Set ``MCP_REDIS_FAULT_REPORT=path.jsonl`` to record every injected fault and
-its outcome (docs/reliability_faults.md is written from that file).
+its outcome (docs/reliability.md is written from that file).
 """
 
 from __future__ import annotations
