@@ -364,13 +364,12 @@ def test_four_processes_by_four_threads_lose_no_update(redis_mode: str) -> None:
 
 @pytest.mark.slow
 def test_leases_shorter_than_the_work_are_renewed_and_lose_no_update(redis_mode: str) -> None:
-    # Lease 0.4 s; the last section of each thread holds 0.45 s, longer than the
-    # lease, so only renewal keeps it. (1,280 sections: the 16 long ones run one
-    # after another, and the 5,120-section run above covers the volume.)
-    totals = _run_mutex(redis_mode, 4, 4, 80, 0.4, long_every=80, long_sleep=0.45)
+    # Lease 0.4 s for all 5,120 sections; the last section of each thread holds
+    # 0.45 s, longer than the lease, so only renewal keeps it.
+    totals = _run_mutex(redis_mode, 4, 4, 320, 0.4, long_every=320, long_sleep=0.45)
     count = int(raw(redis_mode).get("test:counter").split(",")[0])
-    assert totals == {"sections": 1280, "fence_not_increasing": 0, "lost": 0, "errors": 0}
-    assert count == 1280
+    assert totals == {"sections": 5120, "fence_not_increasing": 0, "lost": 0, "errors": 0}
+    assert count == 5120
     assert raw(redis_mode).keys("mcp:agent-lock:*") == ["mcp:agent-lock:{rmw}#fence"]
 
 
