@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import cachetools
 
 import mcp_redis
+from bench.common import percentile as p
 from mcp_redis.cache import cached_metadata
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import PostgresDatabase, RedisServer
@@ -78,11 +79,6 @@ def interleaved(cases: Dict[str, Tuple[Callable[[], Any], int]], n: int,
             wall[name].extend(w)
             cpu[name].extend(c)
     return wall, cpu
-
-
-def p(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def micro(url: str, n: int) -> List[Tuple[str, float, float, str]]:

@@ -23,13 +23,9 @@ from typing import Any, Callable, Dict, List
 import redis
 
 import mcp_redis
+from bench.common import percentile as pct
 from mcp_redis.events import EventBus, EventStream
 from mcp_redis.testing import RedisServer
-
-
-def pct(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(name: str, lat: List[float], n: int, seconds: float) -> Dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import redis
 
 import mcp_redis
+from bench.common import percentile as _p
+from bench.common import sample as _sample
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import RedisServer
 
@@ -35,21 +37,6 @@ except ImportError:  # pragma: no cover - optional peer
 
 Case = Tuple[str, Callable[[], object]]
 server_side: Dict[str, float] = {}  # case -> µs of Redis CPU per iteration
-
-
-def _sample(fn: Callable[[], object], n: int) -> List[float]:
-    out = []
-    clock = time.perf_counter
-    for _ in range(n):
-        start = clock()
-        fn()
-        out.append(clock() - start)
-    return out
-
-
-def _p(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- 1. uncontended ------------------------------------------------------------------

@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import redis
 
 import mcp_redis
+from bench.common import percentile as _p
+from bench.common import sample as _sample
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import PostgresDatabase, RedisServer
 
 Case = Tuple[str, Callable[[], object]]
-
-
-def _sample(fn: Callable[[], object], n: int) -> List[float]:
-    out = []
-    clock = time.perf_counter
-    for _ in range(n):
-        start = clock()
-        fn()
-        out.append(clock() - start)
-    return out
 
 
 def _run(cases: List[Case], n: int, rounds: int, block: int = 20) -> Dict[str, List[float]]:
@@ -48,11 +39,6 @@ def _run(cases: List[Case], n: int, rounds: int, block: int = 20) -> Dict[str, L
             for name, fn in cases[shift:] + cases[:shift]:
                 samples[name].extend(_sample(fn, block))
     return samples
-
-
-def _p(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _table(samples: Dict[str, List[float]], baseline: str, notes: Dict[str, str]) -> str:
