@@ -122,7 +122,6 @@ class _Scripts:
 
 
 _scripts: Optional[_Scripts] = None
-_conn: Optional[RedisConnection] = None  # get_redis(), remembered until reset or fork
 
 
 def _scripts_for(conn: RedisConnection) -> _Scripts:
@@ -131,12 +130,6 @@ def _scripts_for(conn: RedisConnection) -> _Scripts:
     if current is None or current.conn is not conn:
         current = _scripts = _Scripts(conn)
     return current
-
-
-def _redis(conn: RedisConnection, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Every Redis command goes through the connection's policy (retries,
-    breaker), which raises `BackendUnavailable` when Redis does not answer."""
-    return conn.call(fn, *args, **kwargs)
 
 
 # -- process-wide state: origin id, registry, listener -----------------------------
@@ -227,21 +220,19 @@ def _on_subscribed(initial: bool) -> None:
 
 @on_reset
 def _on_reset() -> None:
-    global _scripts, _conn
+    global _scripts
     _LISTENER.close()
     _scripts = None
-    _conn = None
     for cache in _all_caches():
         cache._flush_local()
 
 
 @on_fork
 def _on_fork() -> None:
-    global _ORIGIN, _LISTENER, _scripts, _registry_lock, _conn
+    global _ORIGIN, _LISTENER, _scripts, _registry_lock
     _ORIGIN = uuid.uuid4().hex[:16]
     _LISTENER = _Listener()  # the parent's thread does not exist here
     _scripts = None
-    _conn = None
     _registry_lock = threading.Lock()
     for group in _registry.values():
         for cache in group:
@@ -446,18 +437,13 @@ class CachedFunction(Generic[R]):
 
     def _connection(self, st: _State) -> Optional[RedisConnection]:
         """The Redis connection when L2 is in use right now, else None."""
-        global _conn
         if st.mode is not Mode.REDIS:
             return None
-        conn = _conn
-        if conn is None or conn.settings is not st.settings:
-            # get_redis() checks the pid (a syscall) on every call; our reset
-            # and fork hooks drop this copy instead.
-            try:
-                conn = _conn = get_redis()
-            except BackendUnavailable:
-                self._count_error()
-                return None
+        try:
+            conn = get_redis()
+        except BackendUnavailable:
+            self._count_error()
+            return None
         if not conn.policy.available:
             return None  # breaker open: skip L2 entirely
         return conn
@@ -510,7 +496,7 @@ class CachedFunction(Generic[R]):
         seq = self._gen_seq
         key = st.keys.key(_NS, self.namespace, suffix="gen")
         # GETEX keeps a generation in use alive; a missing one reads as "0".
-        gen = str(_redis(conn, conn.client.getex, key, px=int(st.guard_ttl * 1000)) or "0")
+        gen = str(conn.call(conn.client.getex, key, px=int(st.guard_ttl * 1000)) or "0")
         with self._lock:
             if self._gen_seq == seq:
                 self._gen = (gen, now + st.l1_ttl, st.settings)
@@ -569,7 +555,7 @@ class CachedFunction(Generic[R]):
                 drops = self._drops
                 try:
                     gen = self._generation(conn, st)
-                    raw = _redis(conn, conn.client.get, _data_key(st.keys.prefix, self.namespace, gen, l2id, None))
+                    raw = conn.call(conn.client.get, _data_key(st.keys.prefix, self.namespace, gen, l2id, None))
                 except (BackendUnavailable, rex.RedisError) as exc:
                     self._count_error()
                     log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace,
@@ -628,7 +614,7 @@ class CachedFunction(Generic[R]):
                 if early is None:
                     # One round trip: the epoch to guard the write-back, and the
                     # value again (a leader that just finished may have filled it).
-                    raw, seen = _redis(conn, conn.client.mget, list(keys))
+                    raw, seen = conn.call(conn.client.mget, list(keys))
                     epoch = str(seen or "")
                     found = self._decode(raw) if raw is not None else None
                     if found is not None:
@@ -642,7 +628,7 @@ class CachedFunction(Generic[R]):
                     if self._lock_ttl:  # optional cross-process single flight
                         lock_key = _data_key(st.keys.prefix, self.namespace, gen, l2id, "fill")
                         px = int(self._lock_ttl * 1000)
-                        if _redis(conn, conn.client.set, lock_key, _ORIGIN, nx=True, px=px):
+                        if conn.call(conn.client.set, lock_key, _ORIGIN, nx=True, px=px):
                             fill_lock = lock_key
                         else:
                             waited = self._wait_for_fill(conn, st, key, flight, keys[0], gen, l2id)
@@ -654,7 +640,7 @@ class CachedFunction(Generic[R]):
                         # drawing again until that refresh has landed in L2.
                         self._fill_l1(st, key, flight, early, no_early=True)
                         return current  # type: ignore[no-any-return]
-                    epoch = str(_redis(conn, conn.client.get, keys[1]) or "")
+                    epoch = str(conn.call(conn.client.get, keys[1]) or "")
             except (BackendUnavailable, rex.RedisError) as exc:
                 self._count_error()
                 log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace, type(exc).__name__)
@@ -696,7 +682,7 @@ class CachedFunction(Generic[R]):
             if conn is not None and keys is not None and epoch is not None and delta < st.guard_ttl / 2:
                 px = int((expiry - time.time() + self._max_stale) * 1000)
                 try:
-                    _redis(conn, _scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
+                    conn.call(_scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
                 except (BackendUnavailable, rex.RedisError) as exc:
                     self._count_error()
                     log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
@@ -705,7 +691,7 @@ class CachedFunction(Generic[R]):
         finally:
             if fill_lock is not None and conn is not None:
                 try:  # let waiting processes go on at once (best effort: it expires anyway)
-                    _redis(conn, conn.client.delete, fill_lock)
+                    conn.call(conn.client.delete, fill_lock)
                 except (BackendUnavailable, rex.RedisError):
                     pass
 
@@ -719,7 +705,7 @@ class CachedFunction(Generic[R]):
         while time.monotonic() < deadline:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
-            raw, holder = _redis(conn, conn.client.mget, [value_key, fill_lock])
+            raw, holder = conn.call(conn.client.mget, [value_key, fill_lock])
             found = self._decode(raw) if raw is not None else None
             if found is not None and time.time() < found[2]:
                 value, delta, expiry = found
@@ -733,7 +719,7 @@ class CachedFunction(Generic[R]):
         """Cross-process guard for early refresh: one ``SET NX PX`` winner."""
         lock_key = st.keys.key(_NS, self.namespace, gen, l2id, tag=True, suffix="refresh")
         px = int(min(max(4 * early[2], 0.25), 10.0) * 1000)
-        return bool(_redis(conn, conn.client.set, lock_key, _ORIGIN, nx=True, px=px))
+        return bool(conn.call(conn.client.set, lock_key, _ORIGIN, nx=True, px=px))
 
     def _fill_l1(self, st: _State, key: Hashable, flight: Optional[_Flight], entry: _Entry,
                  *, no_early: bool = False, l2_hit: bool = False, drops: Optional[int] = None) -> None:
@@ -853,7 +839,7 @@ class CachedFunction(Generic[R]):
                     keys[key] = self._keys(st, gen, l2id)
                     flat.extend(keys[key])
                 mget = conn.client.mget_nonatomic if conn.is_cluster else conn.client.mget
-                replies = _redis(conn, mget, flat)
+                replies = conn.call(mget, flat)
                 missing = []
                 now = time.time()
                 for i, (item, key, l2id, flight) in enumerate(led):
@@ -894,7 +880,7 @@ class CachedFunction(Generic[R]):
             self._fill_l1(st, key, flight, (value, expiry, delta * self._beta, 0.0))
         if conn is not None and writes and delta < st.guard_ttl / 2:
             try:
-                _redis(conn, self._fill_pipeline, conn, writes)
+                conn.call(self._fill_pipeline, conn, writes)
             except (BackendUnavailable, rex.RedisError) as exc:
                 self._count_error()
                 log.debug("cache %s: batch write-back failed (%s)", self.namespace, type(exc).__name__)
@@ -978,7 +964,7 @@ class CachedFunction(Generic[R]):
         if encoded is not None:
             envelope = encoded[0]
             px = max(int((encoded[2] - time.time() + self._max_stale) * 1000), 1)
-        _redis(conn, _scripts_for(conn).invalidate, keys=list(keys),
+        conn.call(_scripts_for(conn).invalidate, keys=list(keys),
                args=[int(st.guard_ttl * 1000), st.channel, envelope, px, message])
 
     def invalidate_all(self) -> None:
@@ -1004,7 +990,7 @@ class CachedFunction(Generic[R]):
     def _bump_generation(self, conn: RedisConnection, st: _State) -> None:
         key = st.keys.key(_NS, self.namespace, suffix="gen")
         prefix = _dumps({"o": _ORIGIN, "n": self.namespace, "op": "a"})[:-1] + ',"g":"'
-        gen = str(_redis(conn, _scripts_for(conn).generation, keys=[key],
+        gen = str(conn.call(_scripts_for(conn).generation, keys=[key],
                          args=[int(st.guard_ttl * 1000), st.channel, prefix]))
         for cache in _same_namespace(self.namespace):
             cache._set_generation(gen, st)

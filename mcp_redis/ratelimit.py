@@ -388,11 +388,10 @@ _outage: Dict[str, bool] = {"redis": False, "postgres": False, "redis+postgres":
 
 
 def _redis_storage() -> RedisStorage:
-    """The storage over the process's Redis client.
+    """The storage over the process's Redis client, with its scripts registered.
 
-    Cached without asking `get_redis()` each call (its fork check is a
-    syscall, slow in sandboxes): the reset and fork hooks below drop it
-    whenever the client changes.
+    Built once per client; the reset and fork hooks below drop it whenever
+    the client changes.
     """
     store = _redis
     if store is not None:
