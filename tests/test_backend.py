@@ -84,7 +84,7 @@ def test_local_mode_backend_works_without_redis() -> None:
     assert backend.cache_get("k") == {"x": 1}
     assert [backend.check_rate_limit("a", 2, 60) for _ in range(3)] == [True, True, False]
     with backend.acquire_lock("agent", timeout=5) as held:
-        assert held is not None
+        assert held.backend == "local" and isinstance(held.fencing_token, int)
 
 
 def test_backend_with_settings_applies_them_process_wide(redis_url: str) -> None:

@@ -27,6 +27,7 @@ import redis
 import mcp_redis
 from mcp_redis.connections import get_redis
 from mcp_redis.keys import KeySpace
+from mcp_redis.locks import DistributedLock
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.topology import ClusterTopology, SentinelTopology, key_slot
@@ -445,14 +446,7 @@ def test_fencing_token_lets_the_resource_reject_a_holder_whose_lock_was_lost_in_
         old = topo.kill_master()
     topo.wait_for_failover(old)
 
-    def acquire_on_new_master() -> bool:
-        try:
-            return bool(second.acquire(blocking_timeout=0))
-        except mcp_redis.BackendUnavailable:
-            return False
-
-    second = mcp_redis.lock("fenced", timeout=30)
-    wait_for(acquire_on_new_master, 30, interval=0.05, what="the lock to be acquirable on the new master")
+    second = _acquire_on_new_master("fenced")
     # The lock was lost: a second holder has it while the stale one still thinks it does.
     assert second.fencing_token is not None and stale_token is not None
     assert resource.write(second.fencing_token, "second holder")
@@ -460,6 +454,20 @@ def test_fencing_token_lets_the_resource_reject_a_holder_whose_lock_was_lost_in_
     assert [v for _, v in resource.writes] == ["first, before the failover", "second holder"]
     print(f"\nfencing across failover: first {resource.writes[0][0]}, stale {stale_token}, second {second.fencing_token}")
     second.release()
+
+
+def _acquire_on_new_master(name: str) -> DistributedLock:
+    """A lock on `name`, taken as soon as the promoted replica answers."""
+    second = mcp_redis.lock(name, timeout=30)
+
+    def attempt() -> bool:
+        try:
+            return bool(second.acquire(blocking_timeout=0))
+        except mcp_redis.BackendUnavailable:
+            return False
+
+    wait_for(attempt, 30, interval=0.05, what="the lock to be acquirable on the new master")
+    return second
 
 
 @pytest.mark.sentinel
@@ -485,14 +493,7 @@ def test_fencing_tokens_after_failover_exceed_every_token_the_old_master_issued(
         old = topo.kill_master()
     topo.wait_for_failover(old)
 
-    def acquire_on_new_master() -> bool:
-        try:
-            return bool(second.acquire(blocking_timeout=0))
-        except mcp_redis.BackendUnavailable:
-            return False
-
-    second = mcp_redis.lock("fenced-many", timeout=30)
-    wait_for(acquire_on_new_master, 30, interval=0.05, what="the lock to be acquirable on the new master")
+    second = _acquire_on_new_master("fenced-many")
     assert second.fencing_token is not None and stale.fencing_token is not None
     resource = _FencedResource()
     assert resource.write(second.fencing_token, "second holder")
