@@ -27,6 +27,7 @@ import redis
 import mcp_redis
 from bench.common import percentile as _p
 from bench.common import sample as _sample
+from bench.common import server_cpu_us
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import RedisServer
 
@@ -62,6 +63,10 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
         theirs.acquire()
         theirs.release()
 
+    def theirs_new_once() -> None:
+        with client.lock("bench-redis-py-new", timeout=30):
+            pass
+
     def minimal_once() -> None:
         client.set("bench-minimal", "t", nx=True, px=30000)
         cad(keys=["bench-minimal"], args=["t"])
@@ -71,6 +76,7 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
         ("SET NX PX + compare-and-delete (minimal)", minimal_once),
         ("redis-py Lock (object reused)", theirs_once),
         ("mcp_redis.lock + fencing token (object reused)", ours_once),
+        ("redis-py Lock (new object, with)", theirs_new_once),
         ("mcp_redis.agent_lock (new object, with, renewing)", agent_once),
     ]
     if redis_lock is not None:
@@ -85,11 +91,8 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
     for _, fn in cases:
         _sample(fn, min(300, n))
     server_side.clear()
-    for name, fn in cases:  # Redis's own time per iteration (INFO commandstats)
-        client.config_resetstat()
-        _sample(fn, 1000)
-        stats = client.info("commandstats")
-        server_side[name] = sum(v["usec"] for v in stats.values() if isinstance(v, dict)) / 1000
+    for name, fn in cases:  # Redis's own CPU per iteration (INFO cpu: its commands, Lua and socket work)
+        server_side[name] = server_cpu_us(client, fn, 2000)
     block = 100
     for r in range(rounds):
         for start in range(0, n, block):

@@ -13,7 +13,7 @@ every block of calls is paired with a block of the floor run just before it;
 the table shows the median of the per-round medians (and of the p99s) and the
 median of the paired ratios to the floor (robust to a machine whose load
 drifts), and where the time goes: this process's CPU per call and the
-server's (``INFO commandstats``; a script includes the commands it runs),
+server's (``INFO cpu``: parsing, the script and its socket work),
 best of three blocks each. Peers that are not installed are marked so.
 """
 
@@ -26,6 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import mcp_redis
+from bench.common import server_cpu_us
 from mcp_redis import Algorithm, RateLimiter
 from mcp_redis.testing import RedisServer
 
@@ -111,7 +112,7 @@ def cpu_split(server: RedisServer, cases: List[Case], calls: int) -> Dict[str, T
     """(client CPU, Redis CPU) in µs per call, best of three blocks.
 
     Client: this process's CPU time (Python, packing, parsing, syscalls).
-    Server: INFO commandstats (a script includes the commands it runs).
+    Server: Redis's own CPU time from ``INFO cpu`` (everything it does for a call).
     """
     admin = server.client()
     out: Dict[str, Tuple[float, float]] = {}
@@ -119,14 +120,10 @@ def cpu_split(server: RedisServer, cases: List[Case], calls: int) -> Dict[str, T
         assert fn is not None
         best_client = best_server = float("inf")
         for _ in range(3):
-            admin.config_resetstat()
             start = time.process_time()
-            for _ in range(calls):
-                fn()
+            server_us = server_cpu_us(admin, fn, calls)
             best_client = min(best_client, (time.process_time() - start) / calls * 1e6)
-            stats = admin.info("commandstats")
-            used = sum(v["usec"] for k, v in stats.items() if k not in ("cmdstat_config|resetstat", "cmdstat_config"))
-            best_server = min(best_server, used / calls)
+            best_server = min(best_server, server_us)
         out[name] = (best_client, best_server)
     return out
 

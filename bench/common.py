@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, List
+from typing import Any, Callable, List
 
 
 def sample(fn: Callable[[], object], n: int) -> List[float]:
@@ -21,3 +21,22 @@ def percentile(values: List[float], q: float) -> float:
     """The q-quantile (nearest rank) of `values`."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def server_cpu_us(client: Any, fn: Callable[[], object], n: int) -> float:
+    """Redis's own CPU time (user + system, µs) per call of `fn`, over `n` calls.
+
+    From ``INFO cpu``, so it covers everything the server does for a call:
+    parsing, the command or script, and its socket reads and writes. The
+    counters have microsecond resolution; `n` in the thousands keeps the
+    error under 0.1 µs a call.
+    """
+
+    def used() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    before = used()
+    for _ in range(n):
+        fn()
+    return (used() - before) * 1e6 / n

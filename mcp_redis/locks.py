@@ -242,7 +242,7 @@ class _RedisBackend(_Backend):
         # try with the queue keys joins the queue atomically, so the release
         # that follows it is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        granted, value = conn.call(scripts.acquire, [keys.lock, keys.fence], [token, lease_ms], client)
+        granted, value = conn.call(conn.run_script, scripts.acquire, [keys.lock, keys.fence], [token, lease_ms])
         if granted:
             return _Hold(self, keys, token, int(value), lease, started + lease, conn)
         if deadline is not None and deadline <= time.monotonic():
@@ -257,7 +257,7 @@ class _RedisBackend(_Backend):
             while True:
                 started = time.monotonic()
                 queued = True
-                granted, value = conn.call(scripts.acquire, key_list, [token, lease_ms, queue_ttl], client)
+                granted, value = conn.call(conn.run_script, scripts.acquire, key_list, [token, lease_ms, queue_ttl])
                 if granted:
                     queued = False
                     return _Hold(self, keys, token, int(value), lease, started + lease, conn)
@@ -300,8 +300,8 @@ class _RedisBackend(_Backend):
     def _leave_queue(self, conn: RedisConnection, scripts: _Scripts, keys: _Keys, signal: str) -> None:
         """A waiter giving up: leave the queue; pass on a reservation made for us."""
         try:
-            conn.call(scripts.release, [keys.lock, keys.queue, signal], [_RESERVED + signal, _ms(HANDOFF_GRACE)],
-                  conn.client)
+            conn.call(conn.run_script, scripts.release, [keys.lock, keys.queue, signal],
+                      [_RESERVED + signal, _ms(HANDOFF_GRACE)])
         except Exception:  # the entry lapses with the queue's short TTL anyway
             log.debug("lock: could not leave the queue", exc_info=True)
 
@@ -309,14 +309,14 @@ class _RedisBackend(_Backend):
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         keys = [hold.keys.lock, hold.keys.queue]
-        return bool(conn.call(scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)], conn.client))
+        return bool(conn.call(conn.run_script, scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)]))
 
     def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         started = time.monotonic()
-        ok = bool(conn.call(scripts.extend, [hold.keys.lock], [hold.token, _ms(seconds), "1" if replace else "0"],
-                        conn.client))
+        ok = bool(conn.call(conn.run_script, scripts.extend, [hold.keys.lock],
+                            [hold.token, _ms(seconds), "1" if replace else "0"]))
         if ok and replace:
             hold.expires_at = started + seconds
         elif ok:
@@ -692,11 +692,17 @@ class _Watchdog:
         self._thread: Optional[threading.Thread] = None
         self._pid = _pid
         self._wake_at = float("inf")  # when the thread will next look, unless notified
+        # With no holds the thread still looks every last-lease/3, so a new
+        # hold with a lease like the last one needs no wake-up: in a loop of
+        # short sections, waking it on every acquire would cost a thread
+        # switch each time.
+        self._idle_wait = float("inf")
 
     def add(self, hold: _Hold) -> None:
         with self._cond:
             hold.next_renewal = time.monotonic() + hold.lease / 3
             self._holds[id(hold)] = hold
+            self._idle_wait = hold.lease / 3
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
                 self._thread.start()
@@ -723,7 +729,7 @@ class _Watchdog:
                 now = time.monotonic()
                 due = [h for h in self._holds.values() if h.next_renewal <= now]
                 if not due:
-                    nxt = min((h.next_renewal for h in self._holds.values()), default=float("inf"))
+                    nxt = min((h.next_renewal for h in self._holds.values()), default=now + self._idle_wait)
                     self._wake_at = nxt
                     self._cond.wait(None if nxt == float("inf") else nxt - now)
                     self._wake_at = 0.0  # awake: it looks at every hold again before sleeping

@@ -31,8 +31,6 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import redis.exceptions
-
 from .config import on_reset
 from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable
@@ -254,7 +252,7 @@ class RedisStorage:
             args.append(_nonce())
         if now_us is not None:
             args.append(now_us)
-        raw = self.conn.policy.call(_evalsha, self.conn.client, script, keys, args)
+        raw = self.conn.policy.call(self.conn.run_script, script, keys, args)
         f = [int(x) for x in raw.split()]
         outcomes = [(f[j], f[j + 1], f[j + 2]) for j in range(2, len(f), 3)]
         return f[0] == 1, f[1] - 1, outcomes
@@ -280,14 +278,6 @@ def _new_caller() -> None:
 
 
 _new_caller()
-
-
-def _evalsha(client: Any, script: Any, keys: Sequence[str], args: Sequence[Union[int, str]]) -> Any:
-    """EVALSHA straight away; on NOSCRIPT (a restart, a failover) the Script loads itself and runs."""
-    try:
-        return client.evalsha(script.sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        return script(keys=keys, args=args)
 
 
 # -- in-process -------------------------------------------------------------------

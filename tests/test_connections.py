@@ -204,3 +204,39 @@ def test_connection_repr_never_shows_the_password(redis_factory: Any) -> None:
     assert conn.call(conn.client.ping)
     assert "s3cr3t-pw" not in repr(conn) and "s3cr3t-pw" not in repr(mcp_redis.settings())
     assert "s3cr3t-pw" not in str(mcp_redis.health())
+
+
+# -- run_script: EVALSHA on a pooled connection, packed by hand -----------------------
+def test_run_script_packs_evalsha_byte_for_byte_as_redis_py() -> None:
+    mcp_redis.configure(redis_url="redis://127.0.0.1:1/0")
+    conn = get_redis()
+    wire = conn.client.connection_pool.make_connection()
+    cases = [
+        (["k1", "k2"], ["token", 30000, "3"]),
+        (["mcp:lock:{é\udcff}"], [1, -7, 2.5, b"\x00raw", "x" * 7000]),  # surrogatepass, float, bytes, big
+        ([], []),
+    ]
+    for keys, args in cases:
+        for _ in range(2):  # packed afresh, then from the cached start
+            mine = conn._pack_evalsha(wire.encoder, "a" * 40, keys, args)
+            assert mine == b"".join(wire.pack_command("EVALSHA", "a" * 40, len(keys), *keys, *args))
+    for bad in (True, None, object()):
+        with pytest.raises(redis.DataError):
+            conn._pack_evalsha(wire.encoder, "a" * 40, [], [bad])
+
+
+def test_run_script_survives_script_flush_error_replies_and_killed_connections(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, retry_attempts=3)
+    conn = get_redis()
+    echo = conn.client.register_script("return {KEYS[1], ARGV[1], ARGV[2]}")
+    fails = conn.client.register_script("return redis.error_reply('ERR refused by script')")
+    assert conn.call(conn.run_script, echo, ["mcp:k"], ["a", 5]) == ["mcp:k", "a", "5"]
+    server.client().script_flush()  # as after a restart: NOSCRIPT, then loaded again
+    assert conn.call(conn.run_script, echo, ["mcp:k"], ["b", 6]) == ["mcp:k", "b", "6"]
+    with pytest.raises(redis.ResponseError, match="refused by script"):
+        conn.call(conn.run_script, fails, [], [])
+    assert conn.call(conn.run_script, echo, ["mcp:k"], ["c", 7]) == ["mcp:k", "c", "7"], "the socket stays usable"
+    server.client().client_kill_filter(_type="normal", skipme=True)  # the pooled socket dies under us
+    assert conn.call(conn.run_script, echo, ["mcp:k"], ["d", 8]) == ["mcp:k", "d", "8"]
+    assert conn.pool_stats()["in_use"] == 0, "every borrowed connection went back to the pool"

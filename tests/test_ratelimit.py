@@ -55,6 +55,20 @@ def test_hit_admits_up_to_limit_then_refuses_with_retry_after(backend: str, algo
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_decade_long_window_reports_exact_figures(backend: str, algorithm: Algorithm) -> None:
+    # 10 years is 3.15e14 µs: past the 1e14 where Lua's number-to-text
+    # conversion switches to exponent notation, so the scripts must format it.
+    decade = 10 * 365 * 24 * 3600.0
+    limiter = RateLimiter("decade", 1, decade, algorithm=algorithm)
+    admitted = limiter.hit("k")
+    refused = limiter.hit("k")
+    assert admitted.allowed and not refused.allowed
+    longest = 2 * decade if algorithm is Algorithm.SLIDING_WINDOW_COUNTER else decade + 0.001
+    assert decade - 60 < refused.retry_after <= longest
+    assert decade - 60 < refused.reset_after <= 2 * decade
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
 def test_multi_limit_refusal_consumes_from_no_limit(backend: str, algorithm: Algorithm) -> None:
     limiter = RateLimiter("kg", limits=[(10, 3600), Limit(3, 60, "burst")], algorithm=algorithm)
     assert limiter.hit("a", cost=2).allowed

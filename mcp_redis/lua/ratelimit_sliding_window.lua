@@ -1,83 +1,110 @@
 -- Exact sliding window (a log of hits), all limits of one call at once.
 -- KEYS[i]: one sorted set per limit; each admitted unit of cost is a member
---          scored by the server time in microseconds and named
---          "<time>:<nonce>:<unit>" (the nonce is unique per caller and call,
---          so members never collide, even within one microsecond).
+--          scored by the server time in microseconds and named "<nonce>"
+--          (cost 1) or "<nonce>:<unit>": the nonce is unique per caller
+--          and call, so members never collide, even within one microsecond.
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then the nonce, then optionally the time in us (tests simulate a clock).
+-- A call retried with the same nonce (its reply was lost) is counted once.
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
 --        " remaining retry_after_us reset_after_us" (integers, one string).
+-- Speed: this runs on every check, so the admitted path makes five calls
+-- (TIME, trim, count, add, expire) and turns one number into text.
+local fmt = string.format
+-- Integer to text: %d, since %.14g (Lua's own) is inexact from 1e14 on.
+local function d(v)
+  if v == 0 then return '0' end
+  return fmt('%d', v)
+end
+
 local cost = tonumber(ARGV[1])
 local consume = cost > 0
 if not consume then cost = -cost end
-local now = tonumber(ARGV[3 + 2 * #KEYS])
+local n = #KEYS
+local now = tonumber(ARGV[3 + 2 * n])
 if not now then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = t[1] * 1000000 + t[2]
 end
-local function us(x) return string.format('%.0f', x) end
-
-local n = #KEYS
 local nonce = ARGV[2 + 2 * n]
 local counts = {}
-local out = {1, 0}
+local out = {'1', '0'}
 local refused, worst = 0, -1
 for i = 1, n do
   local key = KEYS[i]
   local limit = tonumber(ARGV[2 * i])
   local window = tonumber(ARGV[2 * i + 1])
-  local floor_ = '(' .. us(now - window)
+  local edge = fmt('%.0f', now - window)
   local count
   if consume then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', us(now - window))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', edge)
     count = redis.call('ZCARD', key)
   else
-    count = redis.call('ZCOUNT', key, floor_, '+inf')
+    count = redis.call('ZCOUNT', key, '(' .. edge, '+inf')
   end
   counts[i] = count
   local retry, reset = 0, 0
   if count > 0 and (count + cost > limit or not consume) then
     -- Admitted hits skip this: their own entry is the newest.
-    reset = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) + window - now
+    reset = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2] + window - now
   end
   if count + cost > limit then
     -- The hit fits once the (count + cost - limit)-th oldest live entry leaves.
-    local e = redis.call('ZRANGEBYSCORE', key, floor_, '+inf', 'WITHSCORES', 'LIMIT', count + cost - limit - 1, 1)
-    retry = tonumber(e[2]) + window - now
+    local e = redis.call('ZRANGEBYSCORE', key, '(' .. edge, '+inf', 'WITHSCORES', 'LIMIT', count + cost - limit - 1, 1)
+    retry = e[2] + window - now
     if retry > worst then worst, refused = retry, i end
   end
   out[3 * i], out[3 * i + 1], out[3 * i + 2] = limit - count, retry, reset
 end
 
-if refused > 0 then
-  out[1], out[2] = 0, refused
+if refused > 0 and consume
+   and redis.call('ZSCORE', KEYS[1], cost == 1 and nonce or nonce .. ':1') then
+  -- This very call was admitted before (a retry after a lost reply): its
+  -- entries are in every log already, so it stays admitted, counted once.
+  refused = 0
+  for i = 1, n do
+    out[3 * i], out[3 * i + 1] = tonumber(ARGV[2 * i]) - counts[i], 0
+    out[3 * i + 2] = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2] + ARGV[2 * i + 1] - now
+  end
+elseif refused > 0 then
+  out[1], out[2] = '0', refused
   for i = 1, n do
     if consume and counts[i] > 0 and counts[i] + cost <= tonumber(ARGV[2 * i]) then
-      out[3 * i + 2] = tonumber(redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2])
-                       + tonumber(ARGV[2 * i + 1]) - now
+      out[3 * i + 2] = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2] + ARGV[2 * i + 1] - now
     end
   end
 elseif consume then
+  local stamp = fmt('%.0f', now)
   for i = 1, n do
     local key = KEYS[i]
-    local window = tonumber(ARGV[2 * i + 1])
-    local stamp = us(now)
-    local prefix = stamp .. ':' .. nonce .. ':'
-    local args, added = {}, 0
-    for j = 1, cost do
-      args[#args + 1] = stamp
-      args[#args + 1] = prefix .. j
-      added = added + 1
-      if added == 500 or j == cost then
-        redis.call('ZADD', key, unpack(args))
-        args, added = {}, 0
+    local window = ARGV[2 * i + 1]
+    -- NX: a retried call's entries keep their first score and are not
+    -- added twice; `added` (0 then) keeps `remaining` exact.
+    local added
+    if cost == 1 then
+      added = redis.call('ZADD', key, 'NX', stamp, nonce)
+    else
+      local prefix = nonce .. ':'
+      local args, batch = {'NX'}, 0
+      added = 0
+      for j = 1, cost do
+        args[#args + 1] = stamp
+        args[#args + 1] = prefix .. j
+        batch = batch + 1
+        if batch == 500 or j == cost then
+          added = added + redis.call('ZADD', key, unpack(args))
+          args, batch = {'NX'}, 0
+        end
       end
     end
-    redis.call('PEXPIRE', key, math.max(1, math.ceil(window / 1000)))
-    out[3 * i] = out[3 * i] - cost
-    out[3 * i + 2] = window
+    redis.call('PEXPIRE', key, math.ceil(window / 1000))
+    out[3 * i] = out[3 * i] - added
+    out[3 * i + 2] = window  -- the newest entry is this hit's: the text as sent
   end
 end
 -- One bulk string, not an array: a client without hiredis parses it in one read.
-for j = 1, #out do out[j] = string.format('%d', out[j]) end
+for j = 2, #out do
+  local v = out[j]
+  if type(v) == 'number' then out[j] = d(v) end
+end
 return table.concat(out, ' ')
