@@ -12,7 +12,7 @@ if not consume then cost = -cost end
 local now = tonumber(ARGV[2 + 2 * #KEYS])
 if not now then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = t[1] * 1000000 + t[2]
 end
 
 local n = #KEYS
