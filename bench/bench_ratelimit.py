@@ -1,6 +1,6 @@
 """Per-check latency of mcp_redis rate limiting beside its peers, in one process.
 
-    python -m bench.bench_ratelimit [--calls 2000] [--rounds 5]
+    python -m bench.bench_ratelimit [--calls 1000] [--rounds 15]
 
 Starts its own redis-server (mcp_redis.testing.RedisServer) and measures,
 single-threaded on one key on the admitted path, every case against the same
@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mcp_redis
 from bench.common import server_cpu_us
 from mcp_redis import Algorithm, RateLimiter
+from mcp_redis.connections import get_redis
 from mcp_redis.testing import RedisServer
 
 Case = Tuple[str, Optional[Callable[[], object]], str]
@@ -45,6 +46,12 @@ def build_cases(server: RedisServer) -> List[Case]:
         ("floor: redis-py EVALSHA 'return 1'", lambda: plain.evalsha(trivial.sha, 0), "1 trip"),
         ("redis-py PING", plain.ping, "1 trip"),
     ]
+    # The same trivial script through the pooled-connection path the limiter
+    # uses (RedisConnection.run_script): what the round trip costs without
+    # redis-py's per-command wrapper, i.e. the part of the gain that is not Lua.
+    conn = get_redis()
+    lean = conn.client.register_script("return 1")
+    cases.append(("EVALSHA 'return 1' via mcp_redis run_script", lambda: conn.run_script(lean, [], []), "1 trip"))
     for algorithm in (Algorithm.SLIDING_WINDOW, Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.FIXED_WINDOW,
                       Algorithm.GCRA):
         limiter = RateLimiter(f"bench-{algorithm.value}", BIG, 60, algorithm=algorithm)
@@ -131,7 +138,7 @@ def cpu_split(server: RedisServer, cases: List[Case], calls: int) -> Dict[str, T
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="timed calls per block")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
     with RedisServer() as server:
         cases = build_cases(server)

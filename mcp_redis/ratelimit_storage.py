@@ -253,9 +253,11 @@ class RedisStorage:
         if now_us is not None:
             args.append(now_us)
         raw = self.conn.policy.call(self.conn.run_script, script, keys, args)
-        f = [int(x) for x in raw.split()]
-        outcomes = [(f[j], f[j + 1], f[j + 2]) for j in range(2, len(f), 3)]
-        return f[0] == 1, f[1] - 1, outcomes
+        f = raw.split()
+        if len(f) == 5:  # one limit, the common case
+            return f[0] == "1", int(f[1]) - 1, [(int(f[2]), int(f[3]), int(f[4]))]
+        n = [int(x) for x in f]
+        return n[0] == 1, n[1] - 1, [(n[j], n[j + 1], n[j + 2]) for j in range(2, len(n), 3)]
 
     def clear(self, keys: Sequence[str]) -> None:
         """Delete the keys (one slot: they share a hash tag)."""
