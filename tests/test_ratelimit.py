@@ -369,6 +369,33 @@ def test_noscript_after_restart_reloads_the_script(redis_factory: Any) -> None:
     assert [r.allowed for r in results] == [True, True, False]
 
 
+def test_sliding_window_call_replayed_with_its_nonce_counts_once(redis_mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a retry after a lost reply sends: the same call, nonce and all.
+    # Its entries are there already, so it is admitted once and counted
+    # once, even after a shorter limit's window has emptied that limit's log.
+    from mcp_redis import ratelimit_storage
+    from mcp_redis.connections import get_redis
+    from mcp_redis.ratelimit import _redis_storage
+
+    store = _redis_storage()
+    keys = ["mcp:replay:{k}#long", "mcp:replay:{k}#short"]
+    flat = [1, 3_600_000_000, 1, 10_000]  # 1 per hour and 1 per 10 ms
+    nonces = iter(["call-a", "call-a", "call-a", "call-b"])
+    monkeypatch.setattr(ratelimit_storage, "_nonce", lambda: next(nonces))
+    now = 1_800_000_000_000_000
+    first = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now)
+    replay = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 1_000)
+    late = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
+    other = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
+    assert first[:2] == (True, -1) and first[2][0][0] == 0
+    assert replay[:2] == (True, -1) and replay[2][0][0] == 0, "the replay was admitted and took nothing more"
+    assert late[:2] == (True, -1), "still the same call once the short log is empty"
+    assert other[0] is False and other[1] == 0, "a different call is refused by the hourly limit"
+    client = get_redis().client
+    assert client.zcard(keys[0]) == 1 and client.zcard(keys[1]) == 0
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
 def test_application_clock_skew_changes_nothing(redis_mode: str, algorithm: Algorithm,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,8 +63,10 @@ if refused > 0 and consume
   -- entries are in every log already, so it stays admitted, counted once.
   refused = 0
   for i = 1, n do
-    out[3 * i], out[3 * i + 1] = tonumber(ARGV[2 * i]) - counts[i], 0
-    out[3 * i + 2] = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2] + ARGV[2 * i + 1] - now
+    out[3 * i], out[3 * i + 1], out[3 * i + 2] = tonumber(ARGV[2 * i]) - counts[i], 0, 0
+    if counts[i] > 0 then  -- a short window's log may be empty by now
+      out[3 * i + 2] = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')[2] + ARGV[2 * i + 1] - now
+    end
   end
 elseif refused > 0 then
   out[1], out[2] = '0', refused
