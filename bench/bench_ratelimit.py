@@ -1,6 +1,6 @@
 """Per-check latency of mcp_redis rate limiting beside its peers, in one process.
 
-    python -m bench.bench_ratelimit [--calls 1000] [--rounds 15]
+    python -m bench.bench_ratelimit [--calls 1000] [--rounds 15] [--quick]
 
 Starts its own redis-server (mcp_redis.testing.RedisServer) and measures,
 single-threaded on one key on the admitted path, every case against the same
@@ -139,7 +139,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="timed calls per block")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="a short run: 3 rounds x 300 calls (rough ratios)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.calls = 3, 300
     with RedisServer() as server:
         cases = build_cases(server)
         floor_name, floor_fn, _ = cases[0]

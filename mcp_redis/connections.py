@@ -107,7 +107,7 @@ class RedisConnection:
             if len(self._heads) >= _HEADS_MAX:
                 self._heads.clear()
             self._heads[cached] = head
-        return b"".join([b"*%d\r\n" % (2 + len(keys) + len(args) + 1), head,
+        return b"".join([b"*%d\r\n" % (3 + len(keys) + len(args)), head,
                          *(_resp_bulk(encoder, a) for a in args)])
 
     def pool_stats(self) -> Dict[str, Any]:
