@@ -47,7 +47,7 @@ MINIMAL_ACL_COMMANDS = [
     # commands the library calls directly or from its Lua scripts (scripts are checked too)
     "+get", "+mget", "+set", "+getex", "+getdel", "+del", "+exists", "+pexpire", "+pttl", "+incr", "+incrby",
     "+time",
-    "+zadd", "+zrem", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore",
+    "+zadd", "+zrem", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore", "+zscore",
     "+lpush", "+rpush", "+lpop", "+lpos", "+lrem", "+blpop",
     # pub/sub: cache invalidation and events
     "+publish", "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe",
