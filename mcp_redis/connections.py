@@ -78,8 +78,8 @@ class RedisConnection:
         only the client's per-command wrapper: its retry is off here anyway
         (see the module doc), and its OpenTelemetry bookkeeping costs about
         10 us a call, a tenth of a loopback round trip. The command's start
-        (sha and keys) is packed once per key set, since packing costs about
-        0.6 us an argument. The connection still health-checks, reconnects,
+        (sha and keys) is packed once per key set: redis-py's packer does
+        Python work per argument. The connection still health-checks, reconnects,
         and drops its socket on any error before it goes back to the pool.
         A cluster (routed by key) and a ``NOSCRIPT`` reply (a restarted or
         failed-over server) take redis-py's ``Script`` path, which loads the
