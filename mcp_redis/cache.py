@@ -28,6 +28,8 @@ caller at a time; a short ``SET NX PX`` lock keeps that to one process.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 import json
@@ -42,6 +44,7 @@ from collections import OrderedDict
 from json.encoder import encode_basestring as _encode_str
 from typing import (
     Any,
+    Awaitable,
     Callable,
     Dict,
     Generic,
@@ -536,6 +539,33 @@ class CachedFunction(Generic[R]):
             self._loader_calls += 1
             self._misses += 1
         return self._fn(*args, **kwargs)
+
+    def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The L1 hit path without the miss path: the value, or `_MISSING`.
+
+        For the coroutine front, which answers L1 hits on the event loop and
+        sends everything else (Redis, the loader) to a worker thread. Bad
+        arguments raise here, before anything happens.
+        """
+        st = self._st
+        if st is None or st.settings is not settings():
+            st = self._state()
+        if st.mode is Mode.OFF:
+            return _MISSING
+        key: Hashable
+        if not kwargs and len(args) == 1 and type(args[0]) is str and self._fast:
+            key = args[0]
+        else:
+            key, _ = self._key(args, kwargs)
+        with self._lock:
+            entry = self._l1.get(key)
+            if entry is None or entry[3] <= time.monotonic():
+                return _MISSING
+            bd = entry[2]
+            if bd and time.time() - bd * math.log(1.0 - random.random()) >= entry[1]:
+                return _MISSING  # XFetch: let the miss path refresh it
+            self._l1_hits += 1
+        return entry[0]
 
     def _miss(self, st: _State, key: Hashable, l2id: Optional[str], args: Tuple[Any, ...],
               kwargs: Mapping[str, Any], early: Optional[_Entry]) -> R:
@@ -1148,9 +1178,95 @@ def cached_metadata(
         fn = None
     optional_seconds(ttl, "ttl")
     if fn is not None:
-        return CachedFunction(fn, ttl=ttl, **options)
+        return _cached(fn, ttl, options)
 
     def decorate(func: Callable[..., R]) -> CachedFunction[R]:
-        return CachedFunction(func, ttl=ttl, **options)
+        return _cached(func, ttl, options)  # type: ignore[no-any-return]
 
     return decorate
+
+
+def _cached(fn: Callable[..., Any], ttl: Optional[float], options: Dict[str, Any]) -> Any:
+    """A `CachedFunction`, or for an ``async def`` the coroutine front over one."""
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise InvalidArgumentType(
+            "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: its values cannot be cached")
+    if inspect.iscoroutinefunction(fn):
+        return _async_cached(fn, ttl, options)
+    return CachedFunction(fn, ttl=ttl, **options)
+
+
+# -- coroutine functions ----------------------------------------------------------
+# The event loop of the coroutine whose miss a worker thread is serving
+# (``asyncio.to_thread`` copies the context, so the worker sees it).
+_CALLER_LOOP: contextvars.ContextVar[Optional[asyncio.AbstractEventLoop]] = contextvars.ContextVar(
+    "mcp_redis_cache_caller_loop", default=None)
+
+
+def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """From a worker thread: run ``coro_fn(*args, **kwargs)`` on the awaiting caller's loop, wait, return."""
+    loop = _CALLER_LOOP.get()
+    if loop is None:
+        raise InvalidArgumentType(
+            "fn", f"{getattr(coro_fn, '__qualname__', coro_fn)!r} is a coroutine function: await the cached "
+            "function instead of calling its synchronous core")
+    coro = coro_fn(*args, **kwargs)
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
+
+
+def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], options: Dict[str, Any]) -> Any:
+    """``@cached_metadata`` on an ``async def``: an ``async def`` with the same methods.
+
+    Awaiting it answers an L1 hit on the loop (no I/O); anything else runs the
+    synchronous `CachedFunction` in a worker thread (``asyncio.to_thread``),
+    whose loader call runs the coroutine on the caller's loop and waits for
+    it. So what is cached is the awaited value, Redis is never waited for on
+    the loop, and single flight, epochs and invalidation work as for a
+    plain function. `invalidate`, `set`, `invalidate_all`, `cache_info` and
+    `cache_clear` stay synchronous (they never call the loader); `refresh`
+    and `get_many` are coroutines.
+    """
+
+    @functools.wraps(fn)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return _run_on_caller_loop(fn, args, kwargs)
+
+    core: CachedFunction[Any] = CachedFunction(load, ttl=ttl, **options)
+
+    async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        token = _CALLER_LOOP.set(asyncio.get_running_loop())
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        finally:
+            _CALLER_LOOP.reset(token)
+
+    @functools.wraps(fn)
+    async def cached(*args: Any, **kwargs: Any) -> Any:
+        value = core._l1_peek(args, kwargs)
+        if value is not _MISSING:
+            return value
+        return await in_thread(core, *args, **kwargs)
+
+    async def refresh(*args: Any, **kwargs: Any) -> Any:
+        """Invalidate, then load and cache ``f(*args, **kwargs)`` now; returns it."""
+        return await in_thread(core.refresh, *args, **kwargs)
+
+    async def get_many(ids: Iterable[Any], *, loader: Optional[Callable[[List[Any]], Any]] = None) -> Dict[Any, Any]:
+        """``{id: f(id)}`` for many ids (see `CachedFunction.get_many`); `loader` may be async."""
+        batch = loader
+        if loader is not None and inspect.iscoroutinefunction(loader):
+            async_loader = loader
+
+            def batch(missing: List[Any]) -> Mapping[Any, Any]:
+                return _run_on_caller_loop(async_loader, (missing,), {})  # type: ignore[no-any-return]
+
+        return await in_thread(core.get_many, list(ids), loader=batch)  # type: ignore[no-any-return]
+
+    attributes: Dict[str, Any] = dict(
+        invalidate=core.invalidate, invalidate_all=core.invalidate_all, set=core.set,
+        cache_info=core.cache_info, cache_clear=core.cache_clear, refresh=refresh, get_many=get_many,
+        namespace=core.namespace, cached_function=core,
+    )
+    for name, value in attributes.items():
+        setattr(cached, name, value)
+    return cached
