@@ -186,6 +186,70 @@ class _Listener:
 
 _LISTENER = _Listener()
 
+_REPLAY_FIRST_PAUSE = 0.05  # seconds before the first retry of a missed invalidation
+_REPLAY_MAX_PAUSE = 2.0  # the pause doubles up to this between attempts
+
+
+class _Replayer:
+    """The daemon thread that retries invalidations Redis missed, on its own.
+
+    A process that only writes (no L2 reads, hence no listener) would
+    otherwise keep them until its next L2 read, and readers elsewhere would
+    serve the old L2 value for its whole ``ttl``. Started on demand when an
+    invalidation cannot reach Redis; retries after `_REPLAY_FIRST_PAUSE`,
+    doubling up to `_REPLAY_MAX_PAUSE` (attempts made while the breaker is
+    open cost nothing); exits as soon as nothing is pending. `reset()` stops
+    it (what is pending stays, replayed by the next invalidation or L2 read,
+    which restart it); a forked child starts with none.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+        self.stop_event = threading.Event()
+
+    def ensure(self) -> None:
+        """Start the thread unless it runs (it re-checks for work before exiting)."""
+        with self.lock:
+            if self.thread is not None:
+                return
+            self.stop_event = threading.Event()
+            self.thread = threading.Thread(target=self._run, args=(self.stop_event,),
+                                           name="mcp_redis-cache-replay", daemon=True)
+            self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self.lock:
+            thread, self.thread = self.thread, None
+            self.stop_event.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)  # at most one attempt in progress; the thread is a daemon anyway
+
+    def _run(self, stop: threading.Event) -> None:
+        pause = _REPLAY_FIRST_PAUSE
+        while not stop.wait(pause):
+            done = True
+            for cache in _all_caches():
+                if cache._has_pending():
+                    try:
+                        done = cache._replay_pending() and done
+                    except Exception:  # never let the thread die with work left  # pragma: no cover
+                        log.exception("cache %s: replaying invalidations failed", cache.namespace)
+                        done = False
+            if done:
+                with self.lock:  # exit only if no invalidation was remembered meanwhile
+                    if not any(cache._has_pending() for cache in _all_caches()):
+                        if self.thread is threading.current_thread():
+                            self.thread = None
+                        return
+            pause = _REPLAY_FIRST_PAUSE if done else min(pause * 2, _REPLAY_MAX_PAUSE)
+        with self.lock:
+            if self.thread is threading.current_thread():
+                self.thread = None
+
+
+_REPLAYER = _Replayer()
+
 
 def wait_for_listener(timeout: float = 5.0) -> bool:
     """Block until this process's invalidation listener is subscribed.
@@ -224,6 +288,7 @@ def _on_subscribed(initial: bool) -> None:
 @on_reset
 def _on_reset() -> None:
     global _scripts
+    _REPLAYER.stop()
     _LISTENER.close()
     _scripts = None
     for cache in _all_caches():
@@ -232,9 +297,10 @@ def _on_reset() -> None:
 
 @on_fork
 def _on_fork() -> None:
-    global _ORIGIN, _LISTENER, _scripts, _registry_lock
+    global _ORIGIN, _LISTENER, _REPLAYER, _scripts, _registry_lock
     _ORIGIN = uuid.uuid4().hex[:16]
-    _LISTENER = _Listener()  # the parent's thread does not exist here
+    _LISTENER = _Listener()  # the parent's threads do not exist here
+    _REPLAYER = _Replayer()  # the child's pending invalidations restart it on demand
     _scripts = None
     _registry_lock = threading.Lock()
     for group in _registry.values():
@@ -576,8 +642,8 @@ class CachedFunction(Generic[R]):
             listener = _LISTENER
             if listener.channel != st.channel or listener.subscriber is None:
                 listener.ensure(st.channel)
-            if self._pending or self._pending_all:
-                self._replay_pending()
+            if (self._pending or self._pending_all) and not self._replay_pending():
+                _REPLAYER.ensure()
             if early is None:
                 # Optimistic L2 read, before any single-flight bookkeeping: an
                 # L2 hit costs one GET. `drops` tells whether an invalidation
@@ -860,8 +926,8 @@ class CachedFunction(Generic[R]):
         missing = led
         if conn is not None:
             _LISTENER.ensure(st.channel)
-            if self._pending or self._pending_all:
-                self._replay_pending()
+            if (self._pending or self._pending_all) and not self._replay_pending():
+                _REPLAYER.ensure()
             try:
                 gen = self._generation(conn, st)
                 flat: List[str] = []
@@ -985,6 +1051,9 @@ class CachedFunction(Generic[R]):
             self._remember(l2id)
             log.warning("cache %s: invalidation could not reach Redis (%s); will replay it",
                         self.namespace, type(exc).__name__)
+        else:
+            if self._has_pending():  # Redis answers: older missed ones can go now (e.g. after a reset)
+                _REPLAYER.ensure()
 
     def _publish_write(self, conn: RedisConnection, st: _State, gen: str, l2id: str,
                        encoded: Optional[Tuple[str, Any, float]]) -> None:
@@ -1007,13 +1076,13 @@ class CachedFunction(Generic[R]):
             return
         conn = self._connection(st)
         if conn is None:
-            self._pending_all = True
+            self._remember_all()
             return
         try:
             self._bump_generation(conn, st)
         except (BackendUnavailable, rex.RedisError) as exc:
             self._count_error()
-            self._pending_all = True
+            self._remember_all()
             log.warning("cache %s: invalidate_all could not reach Redis (%s); will replay it",
                         self.namespace, type(exc).__name__)
 
@@ -1026,22 +1095,40 @@ class CachedFunction(Generic[R]):
             cache._set_generation(gen, st)
 
     def _remember(self, l2id: str) -> None:
+        """Keep an invalidation Redis missed (bounded) and make sure the replayer runs."""
         with self._lock:
             self._pending[l2id] = None
             self._pending.move_to_end(l2id)
             if len(self._pending) > _MAX_PENDING:
                 self._pending.clear()
                 self._pending_all = True
+        _REPLAYER.ensure()
 
-    def _replay_pending(self) -> None:
-        """Send the invalidations Redis missed while it was unreachable."""
+    def _remember_all(self) -> None:
+        with self._lock:
+            self._pending_all = True
+        _REPLAYER.ensure()
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending) or self._pending_all
+
+    def _replay_pending(self) -> bool:
+        """Send the invalidations Redis missed while it was unreachable.
+
+        True when nothing is left pending; False when Redis is still out of
+        reach (they stay pending, in order, for the next attempt).
+        """
+        if not self._has_pending():
+            return True
         st = self._state()
         conn = self._connection(st)
         if conn is None:
-            return
+            return False
         with self._lock:
             pending, self._pending = list(self._pending), OrderedDict()
             everything, self._pending_all = self._pending_all, False
+        if not pending and not everything:
+            return True
         try:
             if everything:
                 self._bump_generation(conn, st)
@@ -1058,6 +1145,8 @@ class CachedFunction(Generic[R]):
                 for l2id in pending:
                     self._pending.setdefault(l2id, None)
                 self._pending_all = self._pending_all or everything
+            return False
+        return True
 
     # -- local state -------------------------------------------------------------------
     def _drop_local(self, key: Hashable) -> None:
