@@ -334,11 +334,11 @@ class LocalStorage:
                 if item is None:
                     new += 1
                 states.append(item[0] if item is not None and item[1] > now else None)
-            if consume and new and len(shard) + new > self._room[stripe]:
+            if new and len(shard) + new > self._room[stripe]:
                 if self._next_expiry[stripe] <= now:
                     self._sweep(stripe, now)
                 if len(shard) + new > self._room[stripe]:
-                    return self._full(name, stripe, now, specs)
+                    return self._full(name, stripe, now, specs, consume)
             reply, written = run_model(algorithm, states, now, specs, cost, consume)
             if written:
                 for ident, (state, ttl) in zip(ids, written):
@@ -350,13 +350,16 @@ class LocalStorage:
                     self._sweep(stripe, now)
         return reply
 
-    def _full(self, name: str, stripe: int, now: int, specs: Sequence[Spec]) -> Reply:
-        """The refusal of a new key while its stripe is full of live state.
+    def _full(self, name: str, stripe: int, now: int, specs: Sequence[Spec], consume: bool) -> Reply:
+        """The refusal of a new key while its stripe is full of live state
+        (a peek answers the same, uncounted).
 
         ``retry_after`` is the time until the stripe's next entry expires
         (then a sweep frees a place).
         """
         retry = max(1, self._next_expiry[stripe] - now)
+        if not consume:
+            return False, 0, [(0, retry, 0) for _ in specs]
         METRICS.inc("ratelimit_local_full_total", limiter=name)
         if not self._warned_full:
             self._warned_full = True

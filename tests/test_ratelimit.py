@@ -484,7 +484,8 @@ def test_local_bound_frees_room_once_windows_have_passed() -> None:
     admitted = [k for k in map(str, range(1_000)) if store.acquire(Algorithm.SLIDING_WINDOW, "n", k, spec, 1, True,
                                                                     now_us=10_000_000)[0]]
     assert len(admitted) == 64
-    # Still inside the window: a new key is refused, an admitted one stays refused.
+    # Still inside the window: a new key is refused (and a peek says so), an admitted one stays refused.
+    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, False, now_us=10_500_000)[0]
     assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=10_500_000)[0]
     assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", admitted[0], spec, 1, True, now_us=10_500_000)[0]
     # Once the window has passed, the expired entries make room.
