@@ -28,6 +28,8 @@ caller at a time; a short ``SET NX PX`` lock keeps that to one process.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 import json
@@ -42,6 +44,7 @@ from collections import OrderedDict
 from json.encoder import encode_basestring as _encode_str
 from typing import (
     Any,
+    Awaitable,
     Callable,
     Dict,
     Generic,
@@ -183,6 +186,70 @@ class _Listener:
 
 _LISTENER = _Listener()
 
+_REPLAY_FIRST_PAUSE = 0.05  # seconds before the first retry of a missed invalidation
+_REPLAY_MAX_PAUSE = 2.0  # the pause doubles up to this between attempts
+
+
+class _Replayer:
+    """The daemon thread that retries invalidations Redis missed, on its own.
+
+    A process that only writes (no L2 reads, hence no listener) would
+    otherwise keep them until its next L2 read, and readers elsewhere would
+    serve the old L2 value for its whole ``ttl``. Started on demand when an
+    invalidation cannot reach Redis; retries after `_REPLAY_FIRST_PAUSE`,
+    doubling up to `_REPLAY_MAX_PAUSE` (attempts made while the breaker is
+    open cost nothing); exits as soon as nothing is pending. `reset()` stops
+    it (what is pending stays, replayed by the next invalidation or L2 read,
+    which restart it); a forked child starts with none.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+        self.stop_event = threading.Event()
+
+    def ensure(self) -> None:
+        """Start the thread unless it runs (it re-checks for work before exiting)."""
+        with self.lock:
+            if self.thread is not None:
+                return
+            self.stop_event = threading.Event()
+            self.thread = threading.Thread(target=self._run, args=(self.stop_event,),
+                                           name="mcp_redis-cache-replay", daemon=True)
+            self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self.lock:
+            thread, self.thread = self.thread, None
+            self.stop_event.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)  # at most one attempt in progress; the thread is a daemon anyway
+
+    def _run(self, stop: threading.Event) -> None:
+        pause = _REPLAY_FIRST_PAUSE
+        while not stop.wait(pause):
+            done = True
+            for cache in _all_caches():
+                if cache._has_pending():
+                    try:
+                        done = cache._replay_pending() and done
+                    except Exception:  # never let the thread die with work left  # pragma: no cover
+                        log.exception("cache %s: replaying invalidations failed", cache.namespace)
+                        done = False
+            if done:
+                with self.lock:  # exit only if no invalidation was remembered meanwhile
+                    if not any(cache._has_pending() for cache in _all_caches()):
+                        if self.thread is threading.current_thread():
+                            self.thread = None
+                        return
+            pause = _REPLAY_FIRST_PAUSE if done else min(pause * 2, _REPLAY_MAX_PAUSE)
+        with self.lock:
+            if self.thread is threading.current_thread():
+                self.thread = None
+
+
+_REPLAYER = _Replayer()
+
 
 def wait_for_listener(timeout: float = 5.0) -> bool:
     """Block until this process's invalidation listener is subscribed.
@@ -221,6 +288,7 @@ def _on_subscribed(initial: bool) -> None:
 @on_reset
 def _on_reset() -> None:
     global _scripts
+    _REPLAYER.stop()
     _LISTENER.close()
     _scripts = None
     for cache in _all_caches():
@@ -229,9 +297,10 @@ def _on_reset() -> None:
 
 @on_fork
 def _on_fork() -> None:
-    global _ORIGIN, _LISTENER, _scripts, _registry_lock
+    global _ORIGIN, _LISTENER, _REPLAYER, _scripts, _registry_lock
     _ORIGIN = uuid.uuid4().hex[:16]
-    _LISTENER = _Listener()  # the parent's thread does not exist here
+    _LISTENER = _Listener()  # the parent's threads do not exist here
+    _REPLAYER = _Replayer()  # the child's pending invalidations restart it on demand
     _scripts = None
     _registry_lock = threading.Lock()
     for group in _registry.values():
@@ -537,6 +606,33 @@ class CachedFunction(Generic[R]):
             self._misses += 1
         return self._fn(*args, **kwargs)
 
+    def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The L1 hit path without the miss path: the value, or `_MISSING`.
+
+        For the coroutine front, which answers L1 hits on the event loop and
+        sends everything else (Redis, the loader) to a worker thread. Bad
+        arguments raise here, before anything happens.
+        """
+        st = self._st
+        if st is None or st.settings is not settings():
+            st = self._state()
+        if st.mode is Mode.OFF:
+            return _MISSING
+        key: Hashable
+        if not kwargs and len(args) == 1 and type(args[0]) is str and self._fast:
+            key = args[0]
+        else:
+            key, _ = self._key(args, kwargs)
+        with self._lock:
+            entry = self._l1.get(key)
+            if entry is None or entry[3] <= time.monotonic():
+                return _MISSING
+            bd = entry[2]
+            if bd and time.time() - bd * math.log(1.0 - random.random()) >= entry[1]:
+                return _MISSING  # XFetch: let the miss path refresh it
+            self._l1_hits += 1
+        return entry[0]
+
     def _miss(self, st: _State, key: Hashable, l2id: Optional[str], args: Tuple[Any, ...],
               kwargs: Mapping[str, Any], early: Optional[_Entry]) -> R:
         if l2id is None:
@@ -546,8 +642,8 @@ class CachedFunction(Generic[R]):
             listener = _LISTENER
             if listener.channel != st.channel or listener.subscriber is None:
                 listener.ensure(st.channel)
-            if self._pending or self._pending_all:
-                self._replay_pending()
+            if (self._pending or self._pending_all) and not self._replay_pending():
+                _REPLAYER.ensure()
             if early is None:
                 # Optimistic L2 read, before any single-flight bookkeeping: an
                 # L2 hit costs one GET. `drops` tells whether an invalidation
@@ -830,8 +926,8 @@ class CachedFunction(Generic[R]):
         missing = led
         if conn is not None:
             _LISTENER.ensure(st.channel)
-            if self._pending or self._pending_all:
-                self._replay_pending()
+            if (self._pending or self._pending_all) and not self._replay_pending():
+                _REPLAYER.ensure()
             try:
                 gen = self._generation(conn, st)
                 flat: List[str] = []
@@ -955,6 +1051,9 @@ class CachedFunction(Generic[R]):
             self._remember(l2id)
             log.warning("cache %s: invalidation could not reach Redis (%s); will replay it",
                         self.namespace, type(exc).__name__)
+        else:
+            if self._has_pending():  # Redis answers: older missed ones can go now (e.g. after a reset)
+                _REPLAYER.ensure()
 
     def _publish_write(self, conn: RedisConnection, st: _State, gen: str, l2id: str,
                        encoded: Optional[Tuple[str, Any, float]]) -> None:
@@ -977,13 +1076,13 @@ class CachedFunction(Generic[R]):
             return
         conn = self._connection(st)
         if conn is None:
-            self._pending_all = True
+            self._remember_all()
             return
         try:
             self._bump_generation(conn, st)
         except (BackendUnavailable, rex.RedisError) as exc:
             self._count_error()
-            self._pending_all = True
+            self._remember_all()
             log.warning("cache %s: invalidate_all could not reach Redis (%s); will replay it",
                         self.namespace, type(exc).__name__)
 
@@ -996,22 +1095,40 @@ class CachedFunction(Generic[R]):
             cache._set_generation(gen, st)
 
     def _remember(self, l2id: str) -> None:
+        """Keep an invalidation Redis missed (bounded) and make sure the replayer runs."""
         with self._lock:
             self._pending[l2id] = None
             self._pending.move_to_end(l2id)
             if len(self._pending) > _MAX_PENDING:
                 self._pending.clear()
                 self._pending_all = True
+        _REPLAYER.ensure()
 
-    def _replay_pending(self) -> None:
-        """Send the invalidations Redis missed while it was unreachable."""
+    def _remember_all(self) -> None:
+        with self._lock:
+            self._pending_all = True
+        _REPLAYER.ensure()
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending) or self._pending_all
+
+    def _replay_pending(self) -> bool:
+        """Send the invalidations Redis missed while it was unreachable.
+
+        True when nothing is left pending; False when Redis is still out of
+        reach (they stay pending, in order, for the next attempt).
+        """
+        if not self._has_pending():
+            return True
         st = self._state()
         conn = self._connection(st)
         if conn is None:
-            return
+            return False
         with self._lock:
             pending, self._pending = list(self._pending), OrderedDict()
             everything, self._pending_all = self._pending_all, False
+        if not pending and not everything:
+            return True
         try:
             if everything:
                 self._bump_generation(conn, st)
@@ -1028,6 +1145,8 @@ class CachedFunction(Generic[R]):
                 for l2id in pending:
                     self._pending.setdefault(l2id, None)
                 self._pending_all = self._pending_all or everything
+            return False
+        return True
 
     # -- local state -------------------------------------------------------------------
     def _drop_local(self, key: Hashable) -> None:
@@ -1148,9 +1267,95 @@ def cached_metadata(
         fn = None
     optional_seconds(ttl, "ttl")
     if fn is not None:
-        return CachedFunction(fn, ttl=ttl, **options)
+        return _cached(fn, ttl, options)
 
     def decorate(func: Callable[..., R]) -> CachedFunction[R]:
-        return CachedFunction(func, ttl=ttl, **options)
+        return _cached(func, ttl, options)  # type: ignore[no-any-return]
 
     return decorate
+
+
+def _cached(fn: Callable[..., Any], ttl: Optional[float], options: Dict[str, Any]) -> Any:
+    """A `CachedFunction`, or for an ``async def`` the coroutine front over one."""
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise InvalidArgumentType(
+            "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: its values cannot be cached")
+    if inspect.iscoroutinefunction(fn):
+        return _async_cached(fn, ttl, options)
+    return CachedFunction(fn, ttl=ttl, **options)
+
+
+# -- coroutine functions ----------------------------------------------------------
+# The event loop of the coroutine whose miss a worker thread is serving
+# (``asyncio.to_thread`` copies the context, so the worker sees it).
+_CALLER_LOOP: contextvars.ContextVar[Optional[asyncio.AbstractEventLoop]] = contextvars.ContextVar(
+    "mcp_redis_cache_caller_loop", default=None)
+
+
+def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """From a worker thread: run ``coro_fn(*args, **kwargs)`` on the awaiting caller's loop, wait, return."""
+    loop = _CALLER_LOOP.get()
+    if loop is None:
+        raise InvalidArgumentType(
+            "fn", f"{getattr(coro_fn, '__qualname__', coro_fn)!r} is a coroutine function: await the cached "
+            "function instead of calling its synchronous core")
+    coro = coro_fn(*args, **kwargs)
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
+
+
+def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], options: Dict[str, Any]) -> Any:
+    """``@cached_metadata`` on an ``async def``: an ``async def`` with the same methods.
+
+    Awaiting it answers an L1 hit on the loop (no I/O); anything else runs the
+    synchronous `CachedFunction` in a worker thread (``asyncio.to_thread``),
+    whose loader call runs the coroutine on the caller's loop and waits for
+    it. So what is cached is the awaited value, Redis is never waited for on
+    the loop, and single flight, epochs and invalidation work as for a
+    plain function. `invalidate`, `set`, `invalidate_all`, `cache_info` and
+    `cache_clear` stay synchronous (they never call the loader); `refresh`
+    and `get_many` are coroutines.
+    """
+
+    @functools.wraps(fn)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return _run_on_caller_loop(fn, args, kwargs)
+
+    core: CachedFunction[Any] = CachedFunction(load, ttl=ttl, **options)
+
+    async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        token = _CALLER_LOOP.set(asyncio.get_running_loop())
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        finally:
+            _CALLER_LOOP.reset(token)
+
+    @functools.wraps(fn)
+    async def cached(*args: Any, **kwargs: Any) -> Any:
+        value = core._l1_peek(args, kwargs)
+        if value is not _MISSING:
+            return value
+        return await in_thread(core, *args, **kwargs)
+
+    async def refresh(*args: Any, **kwargs: Any) -> Any:
+        """Invalidate, then load and cache ``f(*args, **kwargs)`` now; returns it."""
+        return await in_thread(core.refresh, *args, **kwargs)
+
+    async def get_many(ids: Iterable[Any], *, loader: Optional[Callable[[List[Any]], Any]] = None) -> Dict[Any, Any]:
+        """``{id: f(id)}`` for many ids (see `CachedFunction.get_many`); `loader` may be async."""
+        batch = loader
+        if loader is not None and inspect.iscoroutinefunction(loader):
+            async_loader = loader
+
+            def batch(missing: List[Any]) -> Mapping[Any, Any]:
+                return _run_on_caller_loop(async_loader, (missing,), {})  # type: ignore[no-any-return]
+
+        return await in_thread(core.get_many, list(ids), loader=batch)  # type: ignore[no-any-return]
+
+    attributes: Dict[str, Any] = dict(
+        invalidate=core.invalidate, invalidate_all=core.invalidate_all, set=core.set,
+        cache_info=core.cache_info, cache_clear=core.cache_clear, refresh=refresh, get_many=get_many,
+        namespace=core.namespace, cached_function=core,
+    )
+    for name, value in attributes.items():
+        setattr(cached, name, value)
+    return cached

@@ -97,6 +97,7 @@ class Settings:
     metadata_cache: Optional[Mode] = None
     lock_fallback: LockFallback = LockFallback.NONE
     rate_limit_fallback: RateLimitFallback = RateLimitFallback.LOCAL
+    rate_limit_local_maxsize: int = 100_000  # entries of the in-process limiter (local mode, fallback)
     lock_dir: str = dataclasses.field(default_factory=_default_lock_dir)
     # Connections.
     socket_timeout: float = 2.0
@@ -136,6 +137,7 @@ class Settings:
                      "retry_attempts", "breaker_failure_threshold",
                      "postgres_connect_timeout"):
             _check_number(name, getattr(self, name), integer=True, minimum=1)
+        _check_number("rate_limit_local_maxsize", self.rate_limit_local_maxsize, integer=True, minimum=64)
         for name in _FEATURES:
             value = getattr(self, name)
             if value is None:
@@ -283,6 +285,7 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "metadata_cache": (_FEATURE_ENV["metadata_cache"], _str),
     "lock_fallback": ("MCP_REDIS_LOCK_FALLBACK", _str),
     "rate_limit_fallback": ("MCP_REDIS_RATE_LIMIT_FALLBACK", _str),
+    "rate_limit_local_maxsize": ("MCP_REDIS_RATE_LIMIT_LOCAL_MAXSIZE", _int),
     "lock_dir": ("MCP_REDIS_LOCK_DIR", _str),
     "socket_timeout": ("MCP_REDIS_SOCKET_TIMEOUT", _float),
     "socket_connect_timeout": ("MCP_REDIS_CONNECT_TIMEOUT", _float),

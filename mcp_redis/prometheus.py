@@ -49,6 +49,7 @@ DOCS: Dict[str, str] = {
     "lock_fallback_total": "Locks taken by the fallback backend (label to).",
     "ratelimit_rejections_total": "Rate-limited calls refused (labels limiter, backend).",
     "ratelimit_fallback_total": "Rate-limit decisions made by the fallback (labels backend, to).",
+    "ratelimit_local_full_total": "Calls refused because the in-process limiter was full of live state (label limiter).",
     "cache_l2_hits_total": "Metadata-cache hits in Redis (L2).",
     "cache_misses_total": "Metadata-cache lookups found in neither tier.",
     "cache_loader_calls_total": "Metadata loader runs (queries to the source of truth).",

@@ -15,6 +15,7 @@ storages live in `mcp_redis.ratelimit_storage`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -480,7 +481,13 @@ def rate_limited(
         raise InvalidArgumentType("on_limited", "must be callable")
 
     def decorate(fn: F) -> F:
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+            raise InvalidArgumentType(
+                "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a call would be counted "
+                "when the generator is created, not when it runs; rate-limit the function that consumes it")
         key_of = _key_getter(fn, key)
+        if inspect.iscoroutinefunction(fn):
+            return _async_wrapper(fn, limiter, key_of, cost, on_limited)  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -497,6 +504,36 @@ def rate_limited(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _async_wrapper(fn: Callable[..., Any], limiter: RateLimiter, key_of: Callable[[Tuple[Any, ...], Dict[str, Any]], str],
+                   cost: CostArg, on_limited: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+    """`rate_limited` on an ``async def``: counted when awaited, never when the coroutine is created.
+
+    The hit runs in a worker thread (``asyncio.to_thread``) unless the
+    in-process limiter answers it (local mode, no I/O), so a Redis or
+    PostgreSQL round trip, retry or fallback never blocks the event loop.
+    An async `on_limited` is awaited.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        units = cost(*args, **kwargs) if callable(cost) else cost
+        rate_key = key_of(args, kwargs)
+        if limiter._plan(settings()).mode in (Mode.REDIS, Mode.POSTGRES):
+            result = await asyncio.to_thread(limiter.hit, rate_key, units)
+        else:
+            result = limiter.hit(rate_key, units)
+        if not result.allowed:
+            error = result.error()
+            if on_limited is not None:
+                outcome = on_limited(error, *args, **kwargs)
+                return await outcome if inspect.isawaitable(outcome) else outcome
+            raise error
+        return await fn(*args, **kwargs)
+
+    wrapper.limiter = limiter  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _key_getter(fn: Callable[..., Any], key: KeyArg) -> Callable[[Tuple[Any, ...], Dict[str, Any]], str]:

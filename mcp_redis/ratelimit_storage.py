@@ -31,10 +31,11 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .config import on_reset
+from .config import on_reset, settings
 from .connections import RedisConnection, on_fork
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, InvalidArgument
 from .keys import encode_id
+from .metrics import METRICS
 from .postgres import Postgres
 from .scripts import lua
 
@@ -289,15 +290,27 @@ _STRIPES = 64
 class LocalStorage:
     """Per-process state behind 64 striped locks: threads on different keys never wait on each other.
 
-    Memory stays bounded: each stripe drops expired entries every 256
-    writes and its oldest entries beyond `maxsize / 64`.
+    Memory stays bounded by `maxsize` entries (``maxsize / 64`` per stripe),
+    and the bound never re-admits anyone: only entries whose window has
+    passed are dropped (every 256 writes, and whenever a stripe is full).
+    When a stripe is full of live state, a key that has no state yet is
+    refused (the safe side) until an entry expires, and the refusal is
+    counted in ``ratelimit_local_full_total{limiter}``. Keys that already
+    have state are counted as usual.
     """
 
     def __init__(self, maxsize: int = 100_000) -> None:
-        self._per_stripe = max(16, maxsize // _STRIPES)
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < _STRIPES:
+            raise InvalidArgument("maxsize", f"must be an int >= {_STRIPES}, got {maxsize!r}")
+        self.maxsize = maxsize
+        # The stripes' shares add up to `maxsize` exactly.
+        self._room = [maxsize // _STRIPES + (i < maxsize % _STRIPES) for i in range(_STRIPES)]
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
         self._shards: List[Dict[Tuple[str, ...], Tuple[Any, int]]] = [{} for _ in range(_STRIPES)]
         self._writes = [0] * _STRIPES
+        # Per stripe: no entry expires before this (a full stripe is swept only once one can go).
+        self._next_expiry = [0] * _STRIPES
+        self._warned_full = False
 
     @staticmethod
     def now_us() -> int:
@@ -315,25 +328,57 @@ class LocalStorage:
             now = self.now_us() if now_us is None else now_us
             shard = self._shards[stripe]
             states = []
+            new = 0
             for ident in ids:
                 item = shard.get(ident)
+                if item is None:
+                    new += 1
                 states.append(item[0] if item is not None and item[1] > now else None)
+            if new and len(shard) + new > self._room[stripe]:
+                if self._next_expiry[stripe] <= now:
+                    self._sweep(stripe, now)
+                if len(shard) + new > self._room[stripe]:
+                    return self._full(name, stripe, now, specs, consume)
             reply, written = run_model(algorithm, states, now, specs, cost, consume)
             if written:
                 for ident, (state, ttl) in zip(ids, written):
-                    shard.pop(ident, None)
                     shard[ident] = (state, now + ttl)
+                    if now + ttl < self._next_expiry[stripe]:
+                        self._next_expiry[stripe] = now + ttl
                 self._writes[stripe] += 1
-                if self._writes[stripe] >= 256 or len(shard) > self._per_stripe:
-                    self._writes[stripe] = 0
-                    self._sweep(shard, now)
+                if self._writes[stripe] >= 256:
+                    self._sweep(stripe, now)
         return reply
 
-    def _sweep(self, shard: Dict[Tuple[str, ...], Tuple[Any, int]], now: int) -> None:
-        for ident in [i for i, (_, exp) in shard.items() if exp <= now]:
-            del shard[ident]
-        while len(shard) > self._per_stripe:
-            shard.pop(next(iter(shard)))
+    def _full(self, name: str, stripe: int, now: int, specs: Sequence[Spec], consume: bool) -> Reply:
+        """The refusal of a new key while its stripe is full of live state
+        (a peek answers the same, uncounted).
+
+        ``retry_after`` is the time until the stripe's next entry expires
+        (then a sweep frees a place).
+        """
+        retry = max(1, self._next_expiry[stripe] - now)
+        if not consume:
+            return False, 0, [(0, retry, 0) for _ in specs]
+        METRICS.inc("ratelimit_local_full_total", limiter=name)
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning("rate limiting: the in-process limiter is full of live state (%d entries); "
+                        "refusing keys it has no room for until entries expire", self.maxsize)
+        return False, 0, [(0, retry, 0) for _ in specs]
+
+    def _sweep(self, stripe: int, now: int) -> None:
+        """Drop the stripe's entries whose window has passed (never a live one)."""
+        shard = self._shards[stripe]
+        self._writes[stripe] = 0
+        earliest = 1 << 62
+        for ident in list(shard):
+            expiry = shard[ident][1]
+            if expiry <= now:
+                del shard[ident]
+            elif expiry < earliest:
+                earliest = expiry
+        self._next_expiry[stripe] = earliest
 
     def clear(self, algorithm: Algorithm, name: str, key: str, specs: Sequence[Spec]) -> None:
         stripe = zlib.crc32(f"{name}\0{key}".encode("utf-8", "surrogatepass")) % _STRIPES
@@ -356,13 +401,17 @@ _local_lock = threading.Lock()
 
 
 def local_storage() -> LocalStorage:
-    """The process-wide in-process limiter (local mode and the Redis-down fallback)."""
+    """The process-wide in-process limiter (local mode and the Redis-down fallback).
+
+    Bounded by ``settings().rate_limit_local_maxsize`` when first used after
+    a `reset()`/`configure()`.
+    """
     global _local
     store = _local
     if store is None:
         with _local_lock:
             if _local is None:
-                _local = LocalStorage()
+                _local = LocalStorage(settings().rate_limit_local_maxsize)
             store = _local
     return store
 

@@ -732,3 +732,94 @@ def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytes
         t.join(10)
     assert len(errors) == 4 and all(isinstance(e, Down) for e in errors)
     assert get_agent_metadata.cache_info().loader_calls == 2  # warm-up + one load for four callers
+
+
+# -- invalidations Redis missed: the replayer ---------------------------------------------
+@pytest.fixture
+def blip(redis_url: str, redis_server: Any) -> Any:
+    """The library configured through a fault proxy (``.drop()`` is a Redis blip for this process)."""
+    from mcp_redis.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), socket_connect_timeout=0.5, socket_timeout=0.5,
+                            retry_attempts=1, breaker_reset_timeout=0.2)
+        yield proxy
+
+
+def replayer() -> Any:
+    return cache_module._REPLAYER.thread
+
+
+def test_writer_only_invalidation_during_a_blip_is_delivered_by_the_replayer_which_then_exits(
+        blip: Any, redis_url: str) -> None:
+    load = make(Source())
+    for version, agent in enumerate(["a1", "a2"]):
+        load.set({"agent_id": agent, "version": version}, agent)  # write-through: no read, no listener
+        assert len(values_in_redis(redis_url)) == 1
+        blip.drop()
+        load.invalidate(agent)
+        thread = replayer()
+        assert thread is not None and thread.is_alive() and thread.daemon
+        blip.pass_through()
+        thread.join(10)
+        assert not thread.is_alive() and replayer() is None  # nothing pending: it exited
+        assert values_in_redis(redis_url) == {}  # delivered with no further call of ours
+        assert cache_module._LISTENER.subscriber is None and not load._pending
+    # the second blip started a new thread on demand (the loop above joined two threads)
+
+
+def test_invalidate_all_during_a_blip_is_delivered_by_the_replayer(blip: Any, redis_url: str) -> None:
+    load = make(Source())
+    load.set({"agent_id": "a1", "version": 0}, "a1")
+    blip.drop()
+    load.invalidate_all()
+    thread = replayer()
+    assert thread is not None
+    blip.pass_through()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert redis_client(redis_url).get("mcp:cache:tests.meta#gen") not in (None, "0")
+
+
+def test_reset_stops_the_replayer_and_keeps_what_is_pending(blip: Any, redis_url: str, redis_server: Any) -> None:
+    load = make(Source())
+    load.set({"agent_id": "a1", "version": 0}, "a1")
+    blip.drop()
+    load.invalidate("a1")
+    thread = replayer()
+    assert thread is not None and thread.is_alive()
+    mcp_redis.reset()
+    assert not thread.is_alive() and replayer() is None
+    assert list(load._pending)  # kept: replayed once this process reaches Redis again
+    blip.pass_through()
+    mcp_redis.configure(redis_url=redis_url)
+    load.invalidate("a2")  # the next invalidation (or L2 read) restarts it
+    thread = replayer()
+    assert thread is not None
+    thread.join(10)
+    assert values_in_redis(redis_url) == {} and not load._pending
+
+
+def test_forked_child_has_no_replayer_until_it_needs_one(blip: Any) -> None:
+    import os
+
+    load = make(Source())
+    blip.drop()
+    load.invalidate("a1")
+    assert replayer() is not None
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            inherited = replayer()
+            load.invalidate("a2")  # still unreachable: the child's own replayer starts
+            own = replayer()
+            code = 0 if inherited is None and own is not None and own.is_alive() else 2
+        except BaseException as exc:
+            print("child failed:", repr(exc))
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    blip.pass_through()

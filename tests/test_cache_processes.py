@@ -223,3 +223,45 @@ def test_zipf_workload_over_10000_agents_cuts_postgres_queries_by_95_percent(
     reduction = 1 - cached_queries / len(ids)
     print(f"zipf: {cached_queries} queries for {len(ids)} reads with the cache ({reduction:.2%} fewer)")
     assert reduction >= 0.95, (cached_queries, outcomes)
+
+
+def test_writer_only_process_delivers_an_invalidation_made_during_a_blip(
+        redis_url: str, redis_server: Any, agents: PgAgents, pg_database: PostgresDatabase,
+        reader_process: Any) -> None:
+    """A writer-only process (no L2 reads, no listener) invalidates while it
+    cannot reach Redis; once Redis answers again, the reader sees the new
+    row within the documented bound without the writer doing anything more."""
+    from mcp_redis.faultproxy import FaultProxy
+
+    agents.update("agent-1", {"version": 0})
+    reader_process.send(("read", "agent-1"))
+    assert reader_process.recv()["version"] == 0  # in the reader's L1 and in L2
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        parent, child = SPAWN.Pipe()
+        writer = SPAWN.Process(target=workers_cache.writer_only, args=(proxy.url(), pg_database.dsn, child),
+                               daemon=True)
+        writer.start()
+        try:
+            assert parent.poll(60) and parent.recv() == "ready"
+            proxy.drop()  # the writer's Redis blip: every connection closed at once
+            parent.send(("update", "agent-1", {"version": 1}))
+            assert parent.recv() >= 1  # the invalidation did not reach Redis
+            reader_process.send(("read", "agent-1"))
+            assert reader_process.recv()["version"] == 0  # readers still serve the old value
+            reader_process.send(("watch", "agent-1", "version", 1))
+            assert reader_process.recv() == "watching"
+            healed = time.time()
+            proxy.pass_through()  # from here on the writer is sent nothing until the reader has seen it
+            seen = reader_process.recv()
+            # docs/cache.md: MCP_REDIS_BREAKER_RESET_TIMEOUT (1 s) + the longest pause (2 s) + one
+            # attempt (the writer's 0.5 s socket timeouts).
+            bound = 1.0 + 2.0 + 0.5
+            assert seen is not None and seen - healed <= bound, (seen and seen - healed)
+            parent.send(("state",))
+            pending, _, listening = parent.recv()
+            assert pending == 0 and not listening  # delivered by the replayer, not a listener or a read
+        finally:
+            parent.send(("stop",))
+            writer.join(10)
+            if writer.is_alive():
+                writer.kill()

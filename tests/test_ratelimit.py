@@ -440,3 +440,59 @@ def test_no_background_thread_is_started(backend: str) -> None:
     limiter.peek("k")
     limiter.reset("k")
     assert {t.ident for t in threading.enumerate()} - before == set()
+
+
+# -- the in-process limiter's bound ---------------------------------------------------
+def test_local_bound_never_evicts_live_state_and_refuses_instead() -> None:
+    mcp_redis.configure(rate_limits="local")  # default bound: 100,000 entries
+    limiter = RateLimiter("bound", 1, 3600)
+    assert limiter.hit("first").allowed
+    refused_others = sum(not limiter.hit(f"other-{i}").allowed for i in range(120_000))
+    assert not limiter.hit("first").allowed
+    assert refused_others >= 20_000  # no room for them: refused, never made room by evicting live state
+    assert METRICS.counter("ratelimit_local_full_total", limiter="bound") == refused_others
+
+
+def test_local_bound_is_configurable_and_counted_in_stats() -> None:
+    mcp_redis.configure(rate_limits="local", rate_limit_local_maxsize=640)
+    limiter = RateLimiter("small", 1, 3600)
+    assert limiter.hit("first").allowed
+    results = [limiter.hit(f"other-{i}") for i in range(2_000)]
+    refusals = [r for r in results if not r.allowed]
+    assert len(results) - len(refusals) <= 640
+    assert refusals and all(r.retry_after > 0 and r.backend == "local" for r in refusals)
+    assert not limiter.hit("first").allowed
+    counters = mcp_redis.stats(backends=False)["process"]["rate_limits"]["counters"]
+    assert counters["ratelimit_local_full_total{limiter=small}"] == len(refusals)
+
+
+def test_local_fallback_bound_never_re_admits(redis_factory: Any) -> None:
+    _down_redis(redis_factory, rate_limit_local_maxsize=640)
+    limiter = RateLimiter("fb-bound", 1, 3600)
+    assert limiter.hit("first").backend == "local"
+    for i in range(2_000):
+        limiter.hit(f"other-{i}")
+    refused = limiter.hit("first")
+    assert not refused.allowed and refused.backend == "local"
+
+
+def test_local_bound_frees_room_once_windows_have_passed() -> None:
+    from mcp_redis.ratelimit_storage import LocalStorage
+
+    store = LocalStorage(maxsize=64)  # one entry per stripe
+    spec = [(1, 1_000_000)]  # 1 per second
+    admitted = [k for k in map(str, range(1_000)) if store.acquire(Algorithm.SLIDING_WINDOW, "n", k, spec, 1, True,
+                                                                    now_us=10_000_000)[0]]
+    assert len(admitted) == 64
+    # Still inside the window: a new key is refused (and a peek says so), an admitted one stays refused.
+    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, False, now_us=10_500_000)[0]
+    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=10_500_000)[0]
+    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", admitted[0], spec, 1, True, now_us=10_500_000)[0]
+    # Once the window has passed, the expired entries make room.
+    assert store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=11_000_001)[0]
+
+
+@pytest.mark.parametrize("value", [0, 63, 1.5, True, "100"])
+def test_bad_local_bound_names_the_setting(value: Any) -> None:
+    with pytest.raises(mcp_redis.ConfigurationError, match="rate_limit_local_maxsize"):
+        mcp_redis.configure(rate_limit_local_maxsize=value)

@@ -132,3 +132,32 @@ def zipf_reader(url: str, dsn: str, ids: Any, result: Any, cached: bool, passes:
         queries.append(db.queries - before)
     result.put((queries, time.perf_counter() - started, tuple(load.cache_info())))
     db.close()
+
+
+def writer_only(url: str, dsn: str, pipe: Any) -> None:
+    """A process that only writes: updates PostgreSQL and invalidates, never
+    reads the cache (so it has no L2 read and no listener to replay from).
+
+    ``("update", id, meta)`` replies with the number of Redis errors absorbed;
+    ``("state",)`` with (invalidations still pending, replayer thread alive).
+    """
+    from mcp_redis import cache as cache_module
+
+    mcp_redis.configure(redis_url=url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_attempts=1)
+    db = PgAgents(dsn)
+    load = cached_loader(db, ttl=300)
+    pipe.send("ready")
+    while True:
+        command = pipe.recv()
+        if command[0] == "stop":
+            break
+        if command[0] == "update":
+            _, agent_id, meta = command
+            db.update(agent_id, meta)
+            load.invalidate(agent_id)
+            pipe.send(load.cache_info().errors)
+        elif command[0] == "state":
+            thread = cache_module._REPLAYER.thread
+            pipe.send((len(load._pending) + load._pending_all, thread is not None and thread.is_alive(),
+                       cache_module._LISTENER.subscriber is not None))
+    db.close()

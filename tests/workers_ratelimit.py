@@ -48,3 +48,35 @@ def ping(_: object = None) -> bool:
     import mcp_redis  # noqa: F401
 
     return True
+
+
+def transitions(config: Dict[str, Any], name: str, key: str, limit: int, window: float, pipe: Any) -> None:
+    """One server process of the transition tests, driven over a pipe.
+
+    ``("hit", n)`` makes `n` calls and replies ``{backend: admitted}`` (refused
+    calls are not listed); ``("wait_redis",)`` peeks (consuming nothing) until
+    Redis answers again and replies True (False after 20 s).
+    """
+    import time
+
+    import mcp_redis
+
+    mcp_redis.configure(**config)
+    limiter = mcp_redis.RateLimiter(name, limit, window)
+    pipe.send("ready")
+    while True:
+        command = pipe.recv()
+        if command[0] == "stop":
+            break
+        if command[0] == "hit":
+            admitted: Dict[str, int] = {}
+            for _ in range(command[1]):
+                result = limiter.hit(key)
+                if result.allowed:
+                    admitted[result.backend] = admitted.get(result.backend, 0) + 1
+            pipe.send(admitted)
+        elif command[0] == "wait_redis":
+            deadline = time.monotonic() + 20
+            while limiter.peek(key).backend != "redis" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pipe.send(limiter.peek(key).backend == "redis")
