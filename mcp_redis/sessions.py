@@ -95,9 +95,13 @@ UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond',
 WHERE session_key = %s AND expires_at > now()
 RETURNING agent_id
 """
+# No "expires_at > now()": the caller just read the binding live from Redis, so a row
+# that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
+# catches up; a row unbound or rebound meanwhile no longer names the agent.
 _PG_TOUCH_AGENT = """
 UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
-WHERE session_key = %s AND agent_id = %s AND expires_at > now()
+WHERE session_key = %s AND agent_id = %s
+RETURNING true
 """
 _PG_FLAG_PENDING = "UPDATE core.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM core.sessions WHERE session_key = %s RETURNING expires_at > now()"
@@ -150,6 +154,32 @@ class _PostgresTier:
     def extend(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
         """Slide the expiry of the row, if it still binds `agent_id`."""
         self.pg.execute(_PG_TOUCH_AGENT, (ttl_ms, encode_id(session_key), _utf8(agent_id)))
+
+    def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                        redis_write: Callable[[], bool]) -> bool:
+        """Set the row's expiry to `ttl_ms` from now, then (row still locked) Redis's.
+
+        PostgreSQL first: read repair can then never serve the binding past the
+        shorter expiry, whatever Redis does. A Redis failure flags the row for
+        replay (which writes its remaining TTL). Returns what `redis_write`
+        returned (False: the binding no longer names `agent_id`).
+        """
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, _utf8(agent_id)))
+                had_row = cur.fetchone() is not None
+                try:
+                    return redis_write()
+                except BackendUnavailable:
+                    if not had_row:
+                        raise
+                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    return True
+
+        self.pg.ensure_schema()
+        return bool(self.pg.policy.call(run))
 
     def unbind(self, session_key: str) -> bool:
         row = self.pg.execute(_PG_DELETE, (encode_id(session_key),), fetch="one")
@@ -311,6 +341,7 @@ class _RedisTier:
         self._members = register(lua("session_members"))
         self._resolve = register(lua("session_resolve"))
         self._forget = register(lua("session_forget_agent"))
+        self._touch = register(lua("session_touch"))
 
     def binding_key(self, session_key: str) -> str:
         return self._session_head + encode_id(session_key)
@@ -337,6 +368,23 @@ class _RedisTier:
         call = self.call if retry else self.once
         result: Optional[str] = call(self.client.getex, self.binding_key(session_key), px=ttl_ms)
         return result
+
+    def touch(self, session_key: str, ttl_ms: int) -> Optional[Tuple[str, bool]]:
+        """Write-through sliding expiry (one attempt): extend the binding to `ttl_ms`.
+
+        None: no binding. (agent, True): `ttl_ms` is shorter than what the
+        binding has left, so Redis was left alone for `shorten` to apply once
+        PostgreSQL holds the shorter expiry.
+        """
+        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms])
+        if not reply:
+            return None
+        return str(reply[0]), bool(int(reply[1]))
+
+    def shorten(self, session_key: str, agent_id: str, ttl_ms: int) -> bool:
+        """Set the binding's expiry to `ttl_ms` (even if shorter) while it names `agent_id`."""
+        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms, agent_id])
+        return bool(reply)
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
         members: List[str] = self.call(self._members, keys=[self.index_key(agent_id)], args=[limit])
@@ -545,6 +593,11 @@ class _Tiers:
                 self._refreshed.popitem(last=False)
             return True
 
+    def refresh_missed(self, session_key: str, agent_id: str) -> None:
+        """PostgreSQL's expiry was not refreshed: let the next touch try again."""
+        with self._lock:
+            self._refreshed.pop((session_key, agent_id), None)
+
     # the outage replayer --------------------------------------------------------------------
     def note_outage(self) -> None:
         """Rows were flagged pending: make sure this process replays them when Redis returns."""
@@ -749,10 +802,15 @@ class SessionStore:
         return tiers.local.get(session_key)
 
     def touch(self, session_key: str, ttl: Optional[float] = None) -> Optional[str]:
-        """Like `get`, and extend the binding to `ttl` from now (sliding expiry).
+        """Like `get`, and set the binding's expiry to `ttl` from now (sliding expiry).
 
-        Redis: one GETEX. PostgreSQL's expiry and the indexes are rewritten at
-        most every `refresh_interval` per session and process.
+        Redis only: one GETEX. Write-through: one script that extends the
+        binding; PostgreSQL's expiry and the indexes are rewritten at most every
+        `refresh_interval` per session and process, and a missed rewrite
+        (PostgreSQL down) is retried by the next touch. A `ttl` shorter than
+        what the binding has left is written to PostgreSQL first, then to Redis,
+        so read repair never serves the binding past it; with PostgreSQL down
+        such a touch raises `BackendUnavailable` and changes nothing.
         """
         validate_id(session_key, "session_key")
         tiers = self._tiers()
@@ -763,8 +821,13 @@ class SessionStore:
                 return pg.touch(session_key, ttl_ms)
             assert tiers.local is not None
             return tiers.local.touch(session_key, ttl_ms)
+        shorter = False
         try:
-            agent = redis.getex(session_key, ttl_ms, pg is None)
+            if pg is None:
+                agent = redis.getex(session_key, ttl_ms, True)
+            else:
+                found = redis.touch(session_key, ttl_ms)
+                agent, shorter = found if found is not None else (None, False)
         except BackendUnavailable:
             if pg is None:
                 raise
@@ -781,6 +844,12 @@ class SessionStore:
                               extend_ms=ttl_ms)
             METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
             return agent
+        if shorter:
+            assert pg is not None
+            bound = agent
+            if not pg.shorten_through(session_key, bound, ttl_ms, lambda: redis.shorten(session_key, bound, ttl_ms)):
+                return None  # unbound or rebound meanwhile
+            return agent
         if tiers.refresh_due(session_key, agent, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
@@ -788,7 +857,13 @@ class SessionStore:
             except BackendUnavailable:
                 pass
             if pg is not None:
-                pg.extend(session_key, agent, ttl_ms)
+                try:
+                    pg.extend(session_key, agent, ttl_ms)
+                except BackendUnavailable:
+                    # Redis answered and stays right; PostgreSQL's expiry lags (errs
+                    # early) until a touch after it returns rewrites it.
+                    tiers.refresh_missed(session_key, agent)
+                    METRICS.inc("session_refresh_missed_total")
         return agent
 
     def unbind(self, session_key: str) -> bool:
