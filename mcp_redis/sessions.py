@@ -27,7 +27,6 @@ single-slot commands.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from .local import TTLStore
 from .metrics import METRICS
 from .postgres import Postgres, get_postgres
 from .scripts import lua
+from .validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
 
@@ -49,7 +49,7 @@ log = logging.getLogger("mcp_redis.sessions")
 MAX_REFRESH_INTERVAL = 300.0  # seconds: PostgreSQL expiry refreshed at most this often on touch
 MAX_CANDIDATES = 10
 _OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
-MAX_TTL = 10 * 365 * 86400  # seconds; beyond this a "session" is a configuration mistake
+MAX_TTL = MAX_SECONDS  # ten years; beyond this a "session" is a configuration mistake
 _REPLAY_BATCH = 500
 _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
 
@@ -57,13 +57,7 @@ _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
 # -- arguments -------------------------------------------------------------------
 def _ttl_ms(ttl: object, default: float) -> int:
     """`ttl` in seconds (None: `default`) as whole milliseconds, validated."""
-    if ttl is None:
-        ttl = default
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise InvalidArgumentType("ttl", f"must be a number of seconds, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL:
-        raise InvalidArgument("ttl", f"must be a number of seconds > 0 and <= {MAX_TTL}, got {ttl!r}")
-    return max(1, int(round(ttl * 1000)))
+    return max(1, int(round(seconds(default if ttl is None else ttl, "ttl") * 1000)))
 
 
 def _utf8(value: str) -> bytes:
@@ -704,8 +698,9 @@ def _grace_ms(refresh_interval: Optional[float], ttl_s: float) -> int:
 
 
 def _refresh_interval(configured: Optional[float], ttl_s: float) -> float:
+    """How often a touch rewrites PostgreSQL and the indexes: never less often than once per ttl."""
     if configured is not None:
-        return configured
+        return min(configured, ttl_s)
     return min(MAX_REFRESH_INTERVAL, ttl_s / 4.0)
 
 
@@ -723,11 +718,10 @@ class SessionStore:
                  refresh_interval: Optional[float] = None) -> None:
         if ttl is not None:
             _ttl_ms(ttl, 0)
-        if refresh_interval is not None:
-            if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, (int, float)):
-                raise InvalidArgumentType("refresh_interval", f"must be a number, not {type(refresh_interval).__name__}")
-            if not math.isfinite(refresh_interval) or refresh_interval < 0:
-                raise InvalidArgument("refresh_interval", f"must be a finite number >= 0, got {refresh_interval!r}")
+        # A refresh interval is at most the TTL it refreshes (this store's, else ten
+        # years; a per-call ttl caps it again, see _refresh_interval).
+        optional_seconds(refresh_interval, "refresh_interval", allow_zero=True,
+                         maximum=MAX_TTL if ttl is None else ttl)
         self.ttl = ttl
         self.sliding = bool(sliding)
         self.refresh_interval = refresh_interval
