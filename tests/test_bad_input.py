@@ -602,6 +602,17 @@ def test_lock_refuses_bad_sleeps(witness: Witness, sleep: Any) -> None:
     witness.unchanged()
 
 
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"claim_interval": math.nan}, "claim_interval"), ({"claim_interval": "1"}, "claim_interval"),
+    ({"claim_interval": 1e300}, "claim_interval"), ({"claim_interval": 0}, "claim_interval"),
+    ({"min_idle_ms": 10**30}, "min_idle_ms"),
+])
+def test_event_stream_refuses_bad_claim_durations(witness: Witness, kwargs: Dict[str, Any], argument: str) -> None:
+    EventStream = feature("EventStream")
+    rejected("EventStream(claim durations)", lambda: EventStream("s", group="g", **kwargs).claim(), argument)
+    witness.unchanged()
+
+
 @pytest.mark.parametrize("name, value", [
     ("socket_timeout", 1e12), ("socket_connect_timeout", 1e12), ("pool_timeout", 1e12),
     ("postgres_timeout", THIRTY_DAYS), ("postgres_connect_timeout", 10**12), ("breaker_reset_timeout", 1e12),
