@@ -485,7 +485,7 @@ class EventStream:
         self.start_id = start_id
         if claim_interval is None:
             claim_interval = max(self.min_idle_ms / 2000.0, 0.05)
-        self.claim_interval = seconds(claim_interval, "claim_interval")
+        self.claim_interval = seconds(claim_interval, "claim_interval", allow_zero=True)  # 0: on every read
         self.max_deliveries = None if max_deliveries is None else _check_int(max_deliveries, "max_deliveries", 1)
         self._lock = threading.RLock()
         self._group_ready: Optional[Any] = None  # the client the group was ensured on
