@@ -145,9 +145,32 @@ class _PostgresTier:
         row = self.pg.execute(_PG_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
         return None if row is None else _from_utf8(row[0])
 
-    def extend(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
-        """Slide the expiry of the row, if it still binds `agent_id`."""
-        self.pg.execute(_PG_TOUCH_AGENT, (ttl_ms, encode_id(session_key), _utf8(agent_id)))
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
+        """Slide the row's expiry to `ttl_ms` from now if it still binds `agent_id`,
+        never past what the Redis binding has left (`redis_left`: ms, None: no expiry).
+
+        Redis is asked with the row locked, so a shorter touch that committed
+        meanwhile (PostgreSQL, then Redis, under this lock) is seen and this late
+        refresh cannot lengthen PostgreSQL past it. If Redis cannot be asked the
+        refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early).
+        """
+        key, agent = encode_id(session_key), _utf8(agent_id)
+
+        def run() -> None:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, agent))
+                if cur.fetchone() is None:
+                    return
+                try:
+                    left = redis_left()
+                except BackendUnavailable:
+                    conn.rollback()
+                    return
+                if left is not None and left < ttl_ms:
+                    cur.execute(_PG_TOUCH_AGENT, (max(left, 0), key, agent))
+
+        self.pg.ensure_schema()
+        self.pg.policy.call(run)
 
     def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
                         redis_write: Callable[[], bool]) -> bool:
@@ -374,6 +397,11 @@ class _RedisTier:
         if not reply:
             return None
         return str(reply[0]), bool(int(reply[1]))
+
+    def left_ms(self, session_key: str) -> Optional[int]:
+        """What the binding has left in ms (0: gone; None: no expiry), one attempt."""
+        left = int(self.once(self.client.pttl, self.binding_key(session_key)))
+        return None if left == -1 else max(left, 0)
 
     def shorten(self, session_key: str, agent_id: str, ttl_ms: int) -> bool:
         """Set the binding's expiry to `ttl_ms` (even if shorter) while it names `agent_id`."""
@@ -852,7 +880,7 @@ class SessionStore:
                 pass
             if pg is not None:
                 try:
-                    pg.extend(session_key, agent, ttl_ms)
+                    pg.extend(session_key, agent, ttl_ms, lambda: redis.left_ms(session_key))
                 except BackendUnavailable:
                     # Redis answered and stays right; PostgreSQL's expiry lags (errs
                     # early) until a touch after it returns rewrites it.

@@ -648,3 +648,30 @@ def test_sliding_reads_and_touch_keep_working_from_redis_while_postgres_is_down(
                  what="PostgreSQL's expiry to catch up on a touch after it returns")
         client.flushdb()
         assert SessionStore().get("s1") == "agent-1"  # read repair from the caught-up row
+
+
+def test_a_late_postgres_refresh_never_lengthens_past_a_shorter_touch_made_meanwhile(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Touch A extends Redis; touch B (a shorter ttl) completes before A's PostgreSQL refresh lands."""
+    import redis
+
+    from mcp_redis.sessions import _PostgresTier
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("s1", "agent-1", ttl=600)
+    refresh = _PostgresTier.extend
+    interleaved: List[str] = []
+
+    def b_first_then_a(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not interleaved:
+            interleaved.append("b")
+            assert write_through.touch("s1", ttl=1) == "agent-1"  # B: PostgreSQL then Redis
+        refresh(self, *args, **kwargs)  # A's refresh, late
+
+    monkeypatch.setattr(_PostgresTier, "extend", b_first_then_a)
+    assert write_through.touch("s1", ttl=600) == "agent-1"  # A: Redis extended, then the late refresh
+    assert interleaved == ["b"]
+    assert pg_seconds_left(pg_database, "s1") <= 1
+    wait_for(lambda: client.exists(binding_key("s1")) == 0, timeout=10, what="the binding to expire in Redis")
+    assert write_through.get("s1") is None
