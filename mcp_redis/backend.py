@@ -11,7 +11,6 @@ process; off → always a miss).
 from __future__ import annotations
 
 import json
-import math
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,6 +23,7 @@ from .locks import AgentLock, agent_lock
 from .metrics import METRICS
 from .ratelimit import RateLimiter
 from .sessions import SessionStore
+from .validation import seconds
 
 __all__ = ["RedisBackend"]
 
@@ -111,10 +111,7 @@ class RedisBackend:
     def cache_set(self, key: str, value: Any, ttl: float = 300) -> None:
         """Cache JSON-serialisable `value` under `key` for `ttl` seconds (best effort)."""
         validate_id(key, "key")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise InvalidArgumentType("ttl", f"must be a number of seconds, not {type(ttl).__name__}")
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise InvalidArgument("ttl", f"must be a finite number > 0, got {ttl!r}")
+        ttl = seconds(ttl, "ttl")  # at most ten years, like every TTL
         try:
             raw = json.dumps(value, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:

@@ -14,11 +14,12 @@ import os
 import re
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import validate_prefix
+from .validation import MAX_NETWORK_SECONDS, MAX_SECONDS, MAX_STATEMENT_SECONDS, seconds
 
 __all__ = [
     "Mode",
@@ -122,20 +123,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         validate_prefix(self.key_prefix)
-        for name in ("session_ttl", "metadata_ttl", "health_check_interval"):
-            _check_number(name, getattr(self, name), integer=True, minimum=0, strict=name != "health_check_interval")
-        for name in ("lock_timeout", "rate_limit_window", "socket_timeout",
-                     "socket_connect_timeout", "pool_timeout",
-                     "breaker_reset_timeout", "postgres_timeout"):
-            _check_number(name, getattr(self, name), minimum=0, strict=True)
-        for name in ("session_ttl", "metadata_ttl", "lock_timeout", "rate_limit_window"):
-            if getattr(self, name) > _MAX_DURATION:
-                raise ConfigurationError(f"{name}: must be at most {_MAX_DURATION:g} seconds (ten years)")
-        for name in ("retry_initial_backoff", "retry_max_backoff"):
-            _check_number(name, getattr(self, name), minimum=0)
+        for name, bounds in _DURATIONS.items():
+            _check_duration(name, getattr(self, name), bounds)
         for name in ("max_connections", "postgres_max_connections",
-                     "retry_attempts", "breaker_failure_threshold",
-                     "postgres_connect_timeout"):
+                     "retry_attempts", "breaker_failure_threshold"):
             _check_number(name, getattr(self, name), integer=True, minimum=1)
         _check_number("rate_limit_local_maxsize", self.rate_limit_local_maxsize, integer=True, minimum=64)
         for name in _FEATURES:
@@ -226,10 +217,53 @@ class Settings:
                 f"configure(): unknown setting(s) {sorted(unknown)}; known: {sorted(_FIELD_NAMES)}"
             )
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigurationError as exc:
+            # Every check above starts its message with the setting's name: name
+            # the environment variable too when the bad value came from there.
+            name = str(exc).split(":", 1)[0]
+            if name in _ENV and name not in overrides and env.get(_ENV[name][0]):
+                raise ConfigurationError(f"{_ENV[name][0]}: {exc}") from None
+            raise
 
 
-_MAX_DURATION = 10 * 365 * 24 * 3600  # as mcp_redis.validation.MAX_SECONDS
+class _Duration(NamedTuple):
+    """How a duration setting is checked (by `mcp_redis.validation.seconds`)."""
+
+    maximum: float
+    integer: bool = False
+    allow_zero: bool = False
+    minimum: float = 0.0
+
+
+# Every duration setting, with a bound each of its uses can honour (see validation).
+_DURATIONS: Dict[str, _Duration] = {
+    "session_ttl": _Duration(MAX_SECONDS, integer=True),
+    "metadata_ttl": _Duration(MAX_SECONDS, integer=True),
+    "lock_timeout": _Duration(MAX_SECONDS),
+    "rate_limit_window": _Duration(MAX_SECONDS, minimum=0.001),  # RateLimiter's own bounds
+    "health_check_interval": _Duration(MAX_SECONDS, integer=True, allow_zero=True),
+    "socket_timeout": _Duration(MAX_NETWORK_SECONDS),
+    "socket_connect_timeout": _Duration(MAX_NETWORK_SECONDS),
+    "pool_timeout": _Duration(MAX_NETWORK_SECONDS),
+    "postgres_connect_timeout": _Duration(MAX_NETWORK_SECONDS, integer=True),  # libpq: whole seconds
+    "postgres_timeout": _Duration(MAX_STATEMENT_SECONDS),  # statement_timeout, tcp_user_timeout: int32 ms
+    "retry_initial_backoff": _Duration(MAX_NETWORK_SECONDS, allow_zero=True),
+    "retry_max_backoff": _Duration(MAX_NETWORK_SECONDS, allow_zero=True),
+    "breaker_reset_timeout": _Duration(MAX_NETWORK_SECONDS),
+}
+
+
+def _check_duration(name: str, value: Any, bounds: _Duration) -> None:
+    """The one validator, its argument errors turned into `ConfigurationError`."""
+    if bounds.integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigurationError(f"{name}: must be an int, not {type(value).__name__}")
+    try:
+        seconds(value, name, allow_zero=bounds.allow_zero, maximum=bounds.maximum, minimum=bounds.minimum)
+    except (InvalidArgument, InvalidArgumentType) as exc:
+        raise ConfigurationError(str(exc)) from None
+
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 
 

@@ -36,7 +36,7 @@ from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
 from .scripts import lua
-from .validation import optional_seconds, seconds
+from .validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = [
     "AGENT_UPDATES",
@@ -439,6 +439,7 @@ class StreamEntry:
 _MAX_ADD_BATCH = 500
 _PRUNE_INTERVAL = 3600.0  # consume() forgets long-idle, empty consumers this often
 _DEFAULT_TTL = 7 * 24 * 3600.0
+_MAX_MS = int(MAX_SECONDS * 1000)  # idle times in ms: the same ten-year bound as every duration
 
 
 class EventStream:
@@ -478,13 +479,13 @@ class EventStream:
         self.consumer = validate_id(consumer, "consumer")
         self.maxlen = _check_int(maxlen, "maxlen", 1)
         self.ttl = optional_seconds(ttl, "ttl")
-        self.min_idle_ms = _check_int(min_idle_ms, "min_idle_ms", 0)
+        self.min_idle_ms = _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         if start_id not in ("0", "$") and not _valid_stream_id(start_id):
             raise InvalidArgument("start_id", "must be '0', '$' or a stream id like '1700000000000-0'")
         self.start_id = start_id
         if claim_interval is None:
             claim_interval = max(self.min_idle_ms / 2000.0, 0.05)
-        self.claim_interval = float(claim_interval)
+        self.claim_interval = seconds(claim_interval, "claim_interval", allow_zero=True)  # 0: on every read
         self.max_deliveries = None if max_deliveries is None else _check_int(max_deliveries, "max_deliveries", 1)
         self._lock = threading.RLock()
         self._group_ready: Optional[Any] = None  # the client the group was ensured on
@@ -614,7 +615,7 @@ class EventStream:
     def claim(self, count: int = 100, min_idle_ms: Optional[int] = None) -> List[StreamEntry]:
         """Take over up to `count` entries pending longer than `min_idle_ms` (XAUTOCLAIM)."""
         group = self._need_group()
-        idle = self.min_idle_ms if min_idle_ms is None else _check_int(min_idle_ms, "min_idle_ms", 0)
+        idle = self.min_idle_ms if min_idle_ms is None else _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         key = self.key
         cursor = self._claim_cursor
         reply = self._group_call(lambda c: c.call(
@@ -697,7 +698,7 @@ class EventStream:
     def prune_consumers(self, min_idle_ms: int = 24 * 3600 * 1000) -> int:
         """Forget consumers with nothing pending, idle over `min_idle_ms`; returns how many."""
         group = self._need_group()
-        _check_int(min_idle_ms, "min_idle_ms", 0)
+        _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         key = self.key
         consumers = self._group_call(lambda c: c.call(c.client.xinfo_consumers, key, group))
         removed = 0

@@ -864,7 +864,7 @@ class DistributedLock:
         self.min_replicas = min_replicas
         self.replica_timeout = check_seconds(replica_timeout, "replica_timeout", maximum=60.0)
         self.timeout = _check_seconds(timeout, "timeout", allow_none=True, allow_zero=False)
-        self.sleep = sleep  # accepted for redis-py compatibility; waits are signalled, not polled
+        self.sleep = check_seconds(sleep, "sleep", allow_zero=True)  # redis-py compatibility; waits are signalled
         self.blocking = bool(blocking)
         self.blocking_timeout = _check_seconds(blocking_timeout, "blocking_timeout", allow_none=True, allow_zero=True)
         self.thread_local = bool(thread_local)

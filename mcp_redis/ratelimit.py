@@ -33,6 +33,7 @@ from .keys import KeySpace, validate_id
 from .metrics import METRICS
 from .postgres import get_postgres
 from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
+from .validation import seconds as check_seconds
 
 __all__ = [
     "Algorithm",
@@ -168,11 +169,7 @@ def _check_int(value: Any, argument: str, minimum: int = 1) -> int:
 
 
 def _check_window(value: Any, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentType(argument, f"must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0.001 or value > _MAX_WINDOW:
-        raise InvalidArgument(argument, f"must be between 0.001 and {_MAX_WINDOW:g} seconds, got {value!r}")
-    return float(value)
+    return check_seconds(value, argument, minimum=0.001, maximum=_MAX_WINDOW)
 
 
 def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:

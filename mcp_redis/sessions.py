@@ -27,7 +27,6 @@ single-slot commands.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from .local import TTLStore
 from .metrics import METRICS
 from .postgres import Postgres, get_postgres
 from .scripts import lua
+from .validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
 
@@ -49,7 +49,7 @@ log = logging.getLogger("mcp_redis.sessions")
 MAX_REFRESH_INTERVAL = 300.0  # seconds: PostgreSQL expiry refreshed at most this often on touch
 MAX_CANDIDATES = 10
 _OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
-MAX_TTL = 10 * 365 * 86400  # seconds; beyond this a "session" is a configuration mistake
+MAX_TTL = MAX_SECONDS  # ten years; beyond this a "session" is a configuration mistake
 _REPLAY_BATCH = 500
 _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
 
@@ -57,13 +57,7 @@ _REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
 # -- arguments -------------------------------------------------------------------
 def _ttl_ms(ttl: object, default: float) -> int:
     """`ttl` in seconds (None: `default`) as whole milliseconds, validated."""
-    if ttl is None:
-        ttl = default
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise InvalidArgumentType("ttl", f"must be a number of seconds, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL:
-        raise InvalidArgument("ttl", f"must be a number of seconds > 0 and <= {MAX_TTL}, got {ttl!r}")
-    return max(1, int(round(ttl * 1000)))
+    return max(1, int(round(seconds(default if ttl is None else ttl, "ttl") * 1000)))
 
 
 def _utf8(value: str) -> bytes:
@@ -95,9 +89,13 @@ UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond',
 WHERE session_key = %s AND expires_at > now()
 RETURNING agent_id
 """
+# No "expires_at > now()": the caller just read the binding live from Redis, so a row
+# that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
+# catches up; a row unbound or rebound meanwhile no longer names the agent.
 _PG_TOUCH_AGENT = """
 UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
-WHERE session_key = %s AND agent_id = %s AND expires_at > now()
+WHERE session_key = %s AND agent_id = %s
+RETURNING true
 """
 _PG_FLAG_PENDING = "UPDATE core.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM core.sessions WHERE session_key = %s RETURNING expires_at > now()"
@@ -147,9 +145,58 @@ class _PostgresTier:
         row = self.pg.execute(_PG_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
         return None if row is None else _from_utf8(row[0])
 
-    def extend(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
-        """Slide the expiry of the row, if it still binds `agent_id`."""
-        self.pg.execute(_PG_TOUCH_AGENT, (ttl_ms, encode_id(session_key), _utf8(agent_id)))
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
+        """Slide the row's expiry to `ttl_ms` from now if it still binds `agent_id`,
+        never past what the Redis binding has left (`redis_left`: ms, None: no expiry).
+
+        Redis is asked with the row locked, so a shorter touch that committed
+        meanwhile (PostgreSQL, then Redis, under this lock) is seen and this late
+        refresh cannot lengthen PostgreSQL past it. If Redis cannot be asked the
+        refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early).
+        """
+        key, agent = encode_id(session_key), _utf8(agent_id)
+
+        def run() -> None:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, agent))
+                if cur.fetchone() is None:
+                    return
+                try:
+                    left = redis_left()
+                except BackendUnavailable:
+                    conn.rollback()
+                    return
+                if left is not None and left < ttl_ms:
+                    cur.execute(_PG_TOUCH_AGENT, (max(left, 0), key, agent))
+
+        self.pg.ensure_schema()
+        self.pg.policy.call(run)
+
+    def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                        redis_write: Callable[[], bool]) -> bool:
+        """Set the row's expiry to `ttl_ms` from now, then (row still locked) Redis's.
+
+        PostgreSQL first: read repair can then never serve the binding past the
+        shorter expiry, whatever Redis does. A Redis failure flags the row for
+        replay (which writes its remaining TTL). Returns what `redis_write`
+        returned (False: the binding no longer names `agent_id`).
+        """
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, _utf8(agent_id)))
+                had_row = cur.fetchone() is not None
+                try:
+                    return redis_write()
+                except BackendUnavailable:
+                    if not had_row:
+                        raise
+                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    return True
+
+        self.pg.ensure_schema()
+        return bool(self.pg.policy.call(run))
 
     def unbind(self, session_key: str) -> bool:
         row = self.pg.execute(_PG_DELETE, (encode_id(session_key),), fetch="one")
@@ -311,6 +358,7 @@ class _RedisTier:
         self._members = register(lua("session_members"))
         self._resolve = register(lua("session_resolve"))
         self._forget = register(lua("session_forget_agent"))
+        self._touch = register(lua("session_touch"))
 
     def binding_key(self, session_key: str) -> str:
         return self._session_head + encode_id(session_key)
@@ -337,6 +385,28 @@ class _RedisTier:
         call = self.call if retry else self.once
         result: Optional[str] = call(self.client.getex, self.binding_key(session_key), px=ttl_ms)
         return result
+
+    def touch(self, session_key: str, ttl_ms: int) -> Optional[Tuple[str, bool]]:
+        """Write-through sliding expiry (one attempt): extend the binding to `ttl_ms`.
+
+        None: no binding. (agent, True): `ttl_ms` is shorter than what the
+        binding has left, so Redis was left alone for `shorten` to apply once
+        PostgreSQL holds the shorter expiry.
+        """
+        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms])
+        if not reply:
+            return None
+        return str(reply[0]), bool(int(reply[1]))
+
+    def left_ms(self, session_key: str) -> Optional[int]:
+        """What the binding has left in ms (0: gone; None: no expiry), one attempt."""
+        left = int(self.once(self.client.pttl, self.binding_key(session_key)))
+        return None if left == -1 else max(left, 0)
+
+    def shorten(self, session_key: str, agent_id: str, ttl_ms: int) -> bool:
+        """Set the binding's expiry to `ttl_ms` (even if shorter) while it names `agent_id`."""
+        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms, agent_id])
+        return bool(reply)
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
         members: List[str] = self.call(self._members, keys=[self.index_key(agent_id)], args=[limit])
@@ -545,6 +615,11 @@ class _Tiers:
                 self._refreshed.popitem(last=False)
             return True
 
+    def refresh_missed(self, session_key: str, agent_id: str) -> None:
+        """PostgreSQL's expiry was not refreshed: let the next touch try again."""
+        with self._lock:
+            self._refreshed.pop((session_key, agent_id), None)
+
     # the outage replayer --------------------------------------------------------------------
     def note_outage(self) -> None:
         """Rows were flagged pending: make sure this process replays them when Redis returns."""
@@ -651,8 +726,9 @@ def _grace_ms(refresh_interval: Optional[float], ttl_s: float) -> int:
 
 
 def _refresh_interval(configured: Optional[float], ttl_s: float) -> float:
+    """How often a touch rewrites PostgreSQL and the indexes: never less often than once per ttl."""
     if configured is not None:
-        return configured
+        return min(configured, ttl_s)
     return min(MAX_REFRESH_INTERVAL, ttl_s / 4.0)
 
 
@@ -670,11 +746,10 @@ class SessionStore:
                  refresh_interval: Optional[float] = None) -> None:
         if ttl is not None:
             _ttl_ms(ttl, 0)
-        if refresh_interval is not None:
-            if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, (int, float)):
-                raise InvalidArgumentType("refresh_interval", f"must be a number, not {type(refresh_interval).__name__}")
-            if not math.isfinite(refresh_interval) or refresh_interval < 0:
-                raise InvalidArgument("refresh_interval", f"must be a finite number >= 0, got {refresh_interval!r}")
+        # A refresh interval is at most the TTL it refreshes (this store's, else ten
+        # years; a per-call ttl caps it again, see _refresh_interval).
+        optional_seconds(refresh_interval, "refresh_interval", allow_zero=True,
+                         maximum=MAX_TTL if ttl is None else ttl)
         self.ttl = ttl
         self.sliding = bool(sliding)
         self.refresh_interval = refresh_interval
@@ -749,10 +824,15 @@ class SessionStore:
         return tiers.local.get(session_key)
 
     def touch(self, session_key: str, ttl: Optional[float] = None) -> Optional[str]:
-        """Like `get`, and extend the binding to `ttl` from now (sliding expiry).
+        """Like `get`, and set the binding's expiry to `ttl` from now (sliding expiry).
 
-        Redis: one GETEX. PostgreSQL's expiry and the indexes are rewritten at
-        most every `refresh_interval` per session and process.
+        Redis only: one GETEX. Write-through: one script that extends the
+        binding; PostgreSQL's expiry and the indexes are rewritten at most every
+        `refresh_interval` per session and process, and a missed rewrite
+        (PostgreSQL down) is retried by the next touch. A `ttl` shorter than
+        what the binding has left is written to PostgreSQL first, then to Redis,
+        so read repair never serves the binding past it; with PostgreSQL down
+        such a touch raises `BackendUnavailable` and changes nothing.
         """
         validate_id(session_key, "session_key")
         tiers = self._tiers()
@@ -763,8 +843,13 @@ class SessionStore:
                 return pg.touch(session_key, ttl_ms)
             assert tiers.local is not None
             return tiers.local.touch(session_key, ttl_ms)
+        shorter = False
         try:
-            agent = redis.getex(session_key, ttl_ms, pg is None)
+            if pg is None:
+                agent = redis.getex(session_key, ttl_ms, True)
+            else:
+                found = redis.touch(session_key, ttl_ms)
+                agent, shorter = found if found is not None else (None, False)
         except BackendUnavailable:
             if pg is None:
                 raise
@@ -781,6 +866,12 @@ class SessionStore:
                               extend_ms=ttl_ms)
             METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
             return agent
+        if shorter:
+            assert pg is not None
+            bound = agent
+            if not pg.shorten_through(session_key, bound, ttl_ms, lambda: redis.shorten(session_key, bound, ttl_ms)):
+                return None  # unbound or rebound meanwhile
+            return agent
         if tiers.refresh_due(session_key, agent, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
@@ -788,7 +879,13 @@ class SessionStore:
             except BackendUnavailable:
                 pass
             if pg is not None:
-                pg.extend(session_key, agent, ttl_ms)
+                try:
+                    pg.extend(session_key, agent, ttl_ms, lambda: redis.left_ms(session_key))
+                except BackendUnavailable:
+                    # Redis answered and stays right; PostgreSQL's expiry lags (errs
+                    # early) until a touch after it returns rewrites it.
+                    tiers.refresh_missed(session_key, agent)
+                    METRICS.inc("session_refresh_missed_total")
         return agent
 
     def unbind(self, session_key: str) -> bool:

@@ -1,9 +1,16 @@
 """Argument checks shared by every feature: durations and counts.
 
 A duration must be a real number of seconds (``bool`` is refused), finite,
-and at most `MAX_SECONDS` (ten years): larger values overflow Redis's integer
-expiries and ``threading.Event.wait``. Errors name the argument and are
-raised before anything is written.
+and at most a bound that every use of it can honour: `MAX_SECONDS` (ten
+years) for TTLs, leases and windows, since larger values overflow Redis's
+integer expiries and ``threading.Event.wait``; `MAX_NETWORK_SECONDS` (one hour)
+for socket, connect and pool waits, retry backoffs and the breaker's reset
+(``socket.settimeout`` overflows far below ten years, and every call may wait
+that long); `MAX_STATEMENT_SECONDS` for PostgreSQL's per-call bound
+(``statement_timeout`` and libpq's ``tcp_user_timeout`` are int32
+milliseconds). Every duration setting and argument of the library goes
+through `seconds`. Errors name the argument and are raised before anything
+is written.
 """
 
 from __future__ import annotations
@@ -13,29 +20,37 @@ from typing import Optional
 
 from .errors import InvalidArgument, InvalidArgumentType
 
-__all__ = ["MAX_SECONDS", "seconds", "optional_seconds"]
+__all__ = ["MAX_SECONDS", "MAX_NETWORK_SECONDS", "MAX_STATEMENT_SECONDS", "seconds", "optional_seconds"]
 
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
+MAX_NETWORK_SECONDS = 3600.0
+MAX_STATEMENT_SECONDS = float((2**31 - 1) // 1000)  # int32 ms in whole seconds: 2,147,483 s (~24.8 days)
 
 
-def seconds(value: object, argument: str, *, allow_zero: bool = False, maximum: float = MAX_SECONDS) -> float:
-    """`value` as float seconds: > 0 (>= 0 with `allow_zero`), finite, <= `maximum`."""
+def seconds(value: object, argument: str, *, allow_zero: bool = False, maximum: float = MAX_SECONDS,
+            minimum: float = 0.0) -> float:
+    """`value` as float seconds: > 0 (>= 0 with `allow_zero`), >= `minimum`, finite, <= `maximum`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentType(argument, f"must be a number of seconds, not {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        raise InvalidArgument(argument, f"must be at most {maximum:,.0f} seconds, got an int beyond any float") from None
     if not math.isfinite(number):
         raise InvalidArgument(argument, f"must be finite, got {value!r}")
     if number < 0 or (number == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidArgument(argument, f"must be {bound} seconds, got {value!r}")
+    if number < minimum:
+        raise InvalidArgument(argument, f"must be at least {minimum:g} seconds, got {value!r}")
     if number > maximum:
-        raise InvalidArgument(argument, f"must be at most {maximum:g} seconds, got {value!r}")
+        raise InvalidArgument(argument, f"must be at most {maximum:,.0f} seconds, got {value!r}")
     return number
 
 
 def optional_seconds(value: object, argument: str, *, allow_zero: bool = False,
-                     maximum: float = MAX_SECONDS) -> Optional[float]:
+                     maximum: float = MAX_SECONDS, minimum: float = 0.0) -> Optional[float]:
     """Like `seconds`, with None passed through (meaning "default" or "forever")."""
     if value is None:
         return None
-    return seconds(value, argument, allow_zero=allow_zero, maximum=maximum)
+    return seconds(value, argument, allow_zero=allow_zero, maximum=maximum, minimum=minimum)

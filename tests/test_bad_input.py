@@ -485,7 +485,8 @@ def test_redis_backend_cache_set_rejects_non_json(witness: Witness, value: Any) 
 
 @EXAMPLES
 @given(name=st.sampled_from(["session_ttl", "metadata_ttl", "lock_timeout", "rate_limit_window", "socket_timeout",
-                             "socket_connect_timeout", "pool_timeout", "max_connections", "retry_attempts"]),
+                             "socket_connect_timeout", "pool_timeout", "max_connections", "retry_attempts",
+                             "postgres_timeout", "postgres_connect_timeout", "breaker_reset_timeout"]),
        value=st.one_of(bad_seconds, st.just(math.nan)))
 def test_configure_rejects_bad_settings_and_keeps_the_old_ones(witness: Witness, name: str, value: Any) -> None:
     before = mcp_redis.settings()
@@ -508,7 +509,7 @@ def test_configure_rejects_unknown_keys_and_bad_prefixes(witness: Witness) -> No
 # -- huge but finite numbers: a documented error or a bounded value, never a raw backend error -----
 
 TEN_YEARS_MS = 10 * 365 * 24 * 3600 * 1000
-HUGE = [1e15, 1e300, 2**63, 10**30]
+HUGE = [1e15, 1e300, 2**63, 10**30, 10**400]
 
 
 def _huge_calls(check: Callable[[], None] = lambda: None) -> Dict[str, Callable[[Any], Any]]:
@@ -519,6 +520,9 @@ def _huge_calls(check: Callable[[], None] = lambda: None) -> Dict[str, Callable[
 
     return {
         "SessionStore.bind(ttl)": lambda v: feature("SessionStore")().bind("huge", "a", ttl=v),
+        "SessionStore.touch(ttl)": lambda v: feature("SessionStore")().touch("huge", ttl=v),
+        "SessionStore(refresh_interval)": lambda v: feature("SessionStore")(refresh_interval=v).bind("huge", "a"),
+        "RedisBackend.cache_set(ttl)": lambda v: feature("RedisBackend")().cache_set("huge", {"a": 1}, ttl=v),
         "agent_lock(timeout)": lambda v: _hold_briefly(feature("agent_lock")("huge", timeout=v, blocking_timeout=0)),
         "lock(timeout)": lambda v: _hold_briefly(feature("lock")("huge2", timeout=v, blocking_timeout=0)),
         "RateLimiter(window)": lambda v: feature("RateLimiter")("huge", 5, v).hit("k"),
@@ -554,7 +558,7 @@ def test_huge_durations_are_rejected_or_bounded(witness: Witness,
         try:
             _huge_calls(bounded_ttls)[entry](value)
         except DOCUMENTED as exc:
-            assert exc.argument in ("ttl", "timeout", "window", "blocking_timeout"), repr(exc)
+            assert exc.argument in ("ttl", "timeout", "window", "blocking_timeout", "refresh_interval"), repr(exc)
             witness.unchanged()
             return
         except Exception as exc:
@@ -567,6 +571,98 @@ def test_huge_durations_are_rejected_or_bounded(witness: Witness,
         # Whatever an accepted call wrote is judged above; start the next case clean.
         client.flushall()
         witness.before = witness.snapshot()
+
+
+# -- every duration through the one validator, with a bound each use can honour ---------------------
+
+TWENTY_YEARS = 20 * 365 * 24 * 3600
+THIRTY_DAYS = 30 * 24 * 3600
+
+
+@pytest.mark.parametrize("ttl", [TWENTY_YEARS, 1e17, 10**400])
+def test_redis_backend_cache_set_refuses_ttls_past_ten_years(witness: Witness, ttl: Any) -> None:
+    backend = feature("RedisBackend")()
+    rejected("RedisBackend.cache_set(ttl) past ten years", lambda: backend.cache_set("k", {"a": 1}, ttl=ttl), "ttl")
+    witness.unchanged()
+
+
+@pytest.mark.parametrize("kwargs", [{"refresh_interval": 1e12}, {"refresh_interval": TWENTY_YEARS},
+                                    {"ttl": 60, "refresh_interval": 61}])
+def test_session_store_refuses_refresh_intervals_longer_than_the_ttl_they_refresh(
+        witness: Witness, kwargs: Dict[str, Any]) -> None:
+    SessionStore = feature("SessionStore")
+    rejected("SessionStore(refresh_interval) too long", lambda: SessionStore(**kwargs).bind("s", "a"),
+             "refresh_interval")
+    witness.unchanged()
+
+
+@pytest.mark.parametrize("sleep", [math.nan, -1, "0.1", 1e300])
+def test_lock_refuses_bad_sleeps(witness: Witness, sleep: Any) -> None:
+    rejected("lock(sleep)", lambda: feature("lock")("k", sleep=sleep).acquire(blocking=False), "sleep")
+    witness.unchanged()
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"claim_interval": math.nan}, "claim_interval"), ({"claim_interval": "1"}, "claim_interval"),
+    ({"claim_interval": 1e300}, "claim_interval"), ({"claim_interval": -1}, "claim_interval"),
+    ({"min_idle_ms": 10**30}, "min_idle_ms"),
+])
+def test_event_stream_refuses_bad_claim_durations(witness: Witness, kwargs: Dict[str, Any], argument: str) -> None:
+    EventStream = feature("EventStream")
+    rejected("EventStream(claim durations)", lambda: EventStream("s", group="g", **kwargs).claim(), argument)
+    witness.unchanged()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("socket_timeout", 1e12), ("socket_connect_timeout", 1e12), ("pool_timeout", 1e12),
+    ("postgres_timeout", THIRTY_DAYS), ("postgres_connect_timeout", 10**12), ("breaker_reset_timeout", 1e12),
+    ("retry_initial_backoff", 1e12), ("retry_max_backoff", 1e12), ("health_check_interval", 10**12),
+    ("session_ttl", 10**400), ("rate_limit_window", 0.0001),
+])
+def test_configure_refuses_durations_that_no_use_of_them_can_honour(witness: Witness, name: str, value: Any) -> None:
+    before = mcp_redis.settings()
+    with pytest.raises(ConfigurationError, match=f"^{name}: "):
+        mcp_redis.configure(**{name: value})
+    assert mcp_redis.settings() == before
+    witness.unchanged()
+
+
+@pytest.mark.parametrize("var, name, raw", [
+    ("MCP_REDIS_SOCKET_TIMEOUT", "socket_timeout", "1e12"),
+    ("MCP_REDIS_CONNECT_TIMEOUT", "socket_connect_timeout", "1e12"),
+    ("MCP_REDIS_POOL_TIMEOUT", "pool_timeout", "86400"),
+    ("MCP_REDIS_POSTGRES_TIMEOUT", "postgres_timeout", str(THIRTY_DAYS)),
+    ("MCP_REDIS_BREAKER_RESET_TIMEOUT", "breaker_reset_timeout", "1e12"),
+    ("REDIS_SESSION_TTL", "session_ttl", str(TWENTY_YEARS)),
+    ("REDIS_METADATA_TTL", "metadata_ttl", "0"),
+    ("REDIS_LOCK_TIMEOUT", "lock_timeout", "1e17"),
+    ("REDIS_RATE_LIMIT_WINDOW", "rate_limit_window", "inf"),
+])
+def test_duration_environment_variables_are_refused_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, var: str, name: str, raw: str) -> None:
+    monkeypatch.setenv(var, raw)
+    mcp_redis.reset(configuration=True)
+    with pytest.raises(ConfigurationError, match=f"^{var}: {name}: "):
+        mcp_redis.settings()
+
+
+def test_the_largest_accepted_timeouts_are_honoured_by_every_feature(redis_url: str, database_url: str) -> None:
+    """At each bound the clients still work: sockets, waits and PostgreSQL's statement_timeout take it."""
+    from mcp_redis.validation import MAX_NETWORK_SECONDS, MAX_STATEMENT_SECONDS
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url, socket_timeout=MAX_NETWORK_SECONDS,
+                        socket_connect_timeout=MAX_NETWORK_SECONDS, pool_timeout=MAX_NETWORK_SECONDS,
+                        postgres_timeout=MAX_STATEMENT_SECONDS, postgres_connect_timeout=int(MAX_NETWORK_SECONDS),
+                        breaker_reset_timeout=MAX_NETWORK_SECONDS, retry_max_backoff=MAX_NETWORK_SECONDS)
+    store = feature("SessionStore")()
+    store.bind("s", "agent", ttl=60)  # PostgreSQL first: statement_timeout and tcp_user_timeout accepted
+    assert store.get("s") == "agent"
+    assert feature("RateLimiter")("bounds", 5, 60).hit("k").allowed
+    with feature("agent_lock")("bounds", timeout=5, blocking_timeout=1):
+        pass
+    backend = feature("RedisBackend")()
+    backend.cache_set("k", {"a": 1}, ttl=10 * 365 * 24 * 3600)  # exactly ten years: accepted
+    assert backend.cache_get("k") == {"a": 1}
 
 
 # -- valid but hostile ids: accepted, round-trip, never outside the prefix -------------------------

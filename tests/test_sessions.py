@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import time
 from typing import Any, Iterator, List
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -533,3 +534,144 @@ def test_the_replayer_is_a_daemon_thread_that_stops_on_reset(own_redis: RedisSer
     assert replayers() and all(t.daemon for t in replayers())
     mcp_redis.reset()
     wait_for(lambda: not replayers(), timeout=10, what="the replayer to stop")
+
+
+# -- sliding expiry against the source of truth ---------------------------------------------------
+def pg_seconds_left(pg: PostgresDatabase, session_key: str) -> float:
+    """How long PostgreSQL's row for `session_key` has left (negative: expired; -inf: no row)."""
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT extract(epoch FROM expires_at - clock_timestamp()) FROM core.sessions "
+                        "WHERE session_key = %s", (encode_id(session_key),))
+            row = cur.fetchone()
+            return -math.inf if row is None else float(row[0])
+    finally:
+        conn.close()
+
+
+def pg_clock_after(pg: PostgresDatabase, seconds: float) -> Any:
+    """PostgreSQL's clock `seconds` from now: a deadline to wait for on the server's own clock."""
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT clock_timestamp() + %s * interval '1 second'", (seconds,))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def pg_clock_passed(pg: PostgresDatabase, deadline: Any) -> bool:
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT clock_timestamp() > %s", (deadline,))
+            return bool(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_touch_with_a_shorter_ttl_is_never_read_repaired_back_from_postgres(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("s1", "agent-1", ttl=600)
+    assert write_through.touch("s1", ttl=600) == "agent-1"  # PostgreSQL refreshed: the next touch is throttled
+    assert write_through.touch("s1", ttl=1) == "agent-1"
+    wait_for(lambda: client.exists(binding_key("s1")) == 0, timeout=10, what="the binding to expire in Redis")
+    assert write_through.get("s1") is None
+    assert write_through.touch("s1") is None
+    assert client.exists(binding_key("s1")) == 0
+
+
+def test_touch_with_a_shorter_ttl_is_never_read_repaired_back_after_redis_lost_its_data(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("s1", "agent-1", ttl=600)
+    assert write_through.touch("s1", ttl=600) == "agent-1"
+    assert write_through.touch("s1", ttl=1) == "agent-1"
+    deadline = pg_clock_after(pg_database, 1.0)  # the binding must be dead by then
+    client.flushdb()
+    wait_for(lambda: pg_clock_passed(pg_database, deadline), timeout=10, what="1 s on PostgreSQL's clock")
+    assert write_through.get("s1") is None  # the Redis miss reads PostgreSQL: expired there too
+    assert client.exists(binding_key("s1")) == 0
+
+
+def test_a_longer_touch_from_a_sliding_get_keeps_working_and_a_shorter_one_reaches_postgres(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    sliding = SessionStore(sliding=True, ttl=600)
+    write_through.bind("s1", "agent-1", ttl=60)
+    assert sliding.get("s1") == "agent-1"
+    assert 590_000 < client.pttl(binding_key("s1")) <= 600_000
+    assert 590 < pg_seconds_left(pg_database, "s1") <= 600
+    assert write_through.touch("s1", ttl=30) == "agent-1"
+    assert client.pttl(binding_key("s1")) <= 30_000
+    assert pg_seconds_left(pg_database, "s1") <= 30
+
+
+def test_sliding_reads_and_touch_keep_working_from_redis_while_postgres_is_down(
+        redis_url: str, database_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    pg_url = urlsplit(database_url)
+    with FaultProxy(pg_url.hostname or "127.0.0.1", pg_url.port or 5432) as proxy:
+        through_proxy = urlunsplit(pg_url._replace(netloc=f"{pg_url.username}@127.0.0.1:{proxy.port}"))
+        mcp_redis.configure(redis_url=redis_url, database_url=through_proxy, postgres_timeout=1,
+                            breaker_reset_timeout=0.2)
+        store = SessionStore(sliding=True, ttl=60)
+        store.bind("s1", "agent-1", ttl=2)
+        proxy.drop()  # PostgreSQL unreachable for the store (the machine's server keeps running)
+
+        assert store.get("s1") == "agent-1"  # sliding: Redis extended, PostgreSQL's refresh missed
+        assert store.touch("s1") == "agent-1"
+        assert client.pttl(binding_key("s1")) > 50_000
+        assert METRICS.counter("session_refresh_missed_total") == 2  # each touch tried PostgreSQL again
+        assert SessionStore().get("s1") == "agent-1"
+        with pytest.raises(BackendUnavailable):
+            store.bind("s2", "agent-2")  # the source of truth is down: no silent Redis-only write
+        with pytest.raises(BackendUnavailable):
+            store.touch("s1", ttl=1)  # a shorter expiry needs the source of truth, like bind
+        assert client.pttl(binding_key("s1")) > 50_000  # ... and changed nothing
+        assert client.exists(binding_key("s2")) == 0
+
+        wait_for(lambda: pg_seconds_left(pg_database, "s1") < 0, timeout=10,
+                 what="PostgreSQL's row to expire while it is unreachable")
+        proxy.pass_through()
+        wait_for(lambda: store.get("s1") == "agent-1" and pg_seconds_left(pg_database, "s1") > 50, timeout=20,
+                 what="PostgreSQL's expiry to catch up on a touch after it returns")
+        client.flushdb()
+        assert SessionStore().get("s1") == "agent-1"  # read repair from the caught-up row
+
+
+def test_a_late_postgres_refresh_never_lengthens_past_a_shorter_touch_made_meanwhile(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Touch A extends Redis; touch B (a shorter ttl) completes before A's PostgreSQL refresh lands."""
+    import redis
+
+    from mcp_redis.sessions import _PostgresTier
+
+    client = redis.Redis.from_url(redis_url)
+    write_through.bind("s1", "agent-1", ttl=600)
+    refresh = _PostgresTier.extend
+    interleaved: List[str] = []
+
+    def b_first_then_a(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not interleaved:
+            interleaved.append("b")
+            assert write_through.touch("s1", ttl=1) == "agent-1"  # B: PostgreSQL then Redis
+        refresh(self, *args, **kwargs)  # A's refresh, late
+
+    monkeypatch.setattr(_PostgresTier, "extend", b_first_then_a)
+    assert write_through.touch("s1", ttl=600) == "agent-1"  # A: Redis extended, then the late refresh
+    assert interleaved == ["b"]
+    assert pg_seconds_left(pg_database, "s1") <= 1
+    wait_for(lambda: client.exists(binding_key("s1")) == 0, timeout=10, what="the binding to expire in Redis")
+    assert write_through.get("s1") is None
