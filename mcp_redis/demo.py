@@ -27,8 +27,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from psycopg2 import sql
-
 from .config import redact_url, settings
 from .demo_worker import (
     AGENT_RL_ADMITTED,
@@ -108,6 +106,8 @@ class _Backends:
     def seed(self, agents: int) -> None:
         if not self.metadata_table:
             return
+        from psycopg2 import sql
+
         from .postgres import get_postgres
 
         pg = get_postgres()
@@ -124,6 +124,8 @@ class _Backends:
         if self.database_url and self.database is None:
             # The user's database: remove what the demo wrote.
             try:
+                from psycopg2 import sql
+
                 from .postgres import get_postgres
 
                 pg = get_postgres()
