@@ -558,6 +558,18 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
+def workers_delivery_note(published: int, workers: int) -> str:
+    """Why "to workers" exceeds "published": every worker process subscribes too.
+
+    Each event reaches every worker subscribed when it is published (the
+    publisher included), so the sum over workers is at most published x
+    workers; less by what a worker missed while it was down (the killed one,
+    until its replacement subscribed) or not yet subscribed.
+    """
+    return (f"(each worker process subscribes: an event reaches every subscribed worker, "
+            f"so at most {published} x {workers} = {published * workers})")
+
+
 def format_report(r: Dict[str, Any]) -> str:
     """The human-readable report."""
     out: List[str] = []
@@ -619,6 +631,7 @@ def format_report(r: Dict[str, Any]) -> str:
         obs = e["delivered_to_observer"]
         add(f"agent:updates       {e['published']} published, {obs} delivered to the observer, "
             f"{e['delivered_to_workers']} to workers")
+        add("                    " + workers_delivery_note(e["published"], st["workers"]))
     else:
         add("agent:updates       not available")
     add("")
