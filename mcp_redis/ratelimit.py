@@ -52,8 +52,8 @@ class Limit(NamedTuple):
     """`limit` units per `window` seconds (None: ``REDIS_RATE_LIMIT_WINDOW`` at call time)."""
 
     limit: int
-    window: Optional[float] = None
-    name: Optional[str] = None
+    window: float | None = None  # PEP 604 spelling: the API reference (pdoc) resolves it without imports
+    name: str | None = None
 
     def label(self, window: float) -> str:
         """The policy name shown in headers and errors: `name`, else ``"<limit>/<window>s"``."""
