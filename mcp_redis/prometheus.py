@@ -204,8 +204,9 @@ def _redis_memory_families() -> Iterator[Any]:
     The probe bypasses the resilience policy, so a failing scrape never feeds
     the circuit breaker, and it is skipped while the breaker is open (Redis
     is then reported down without waiting a timeout). On Cluster each primary
-    is one ``node``; otherwise the one node is ``node="master"``. Nothing is
-    yielded when ``REDIS_URL`` is unset.
+    is one ``node``; otherwise the one node is ``node="master"``. An error
+    reply (e.g. ``NOPERM``: the user lacks ``+info``) counts as up, without
+    memory gauges. Nothing is yielded when ``REDIS_URL`` is unset.
     """
     from prometheus_client.core import GaugeMetricFamily
 
@@ -222,7 +223,10 @@ def _redis_memory_families() -> Iterator[Any]:
                              labels=["node"])
     limit = GaugeMetricFamily(f"{NAMESPACE}_redis_memory_max_bytes",
                               "Redis maxmemory, bytes (INFO memory); 0 means no limit.", labels=["node"])
+    import redis.exceptions
+
     nodes: Dict[str, Mapping[str, Any]] = {}
+    answered = False
     try:
         from .connections import get_redis
         from .resilience import BreakerState
@@ -234,10 +238,16 @@ def _redis_memory_families() -> Iterator[Any]:
                 nodes = {str(k): v for k, v in reply.items() if isinstance(v, dict)}
             else:
                 nodes = {"master": conn.client.info("memory")}
+            answered = bool(nodes)
+    except redis.exceptions.ResponseError:
+        # Redis answered with an error reply: reachable, but INFO is not allowed
+        # (the least-privilege ACL of docs/security.md has no +info).
+        log.debug("redis INFO memory refused", exc_info=True)
+        answered, nodes = True, {}
     except Exception:
         log.debug("redis INFO memory unavailable", exc_info=True)
         nodes = {}
-    up.add_metric([], 1.0 if nodes else 0.0)
+    up.add_metric([], 1.0 if answered else 0.0)
     yield up
     if nodes:
         for node, info in nodes.items():

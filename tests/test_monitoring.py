@@ -179,3 +179,13 @@ def test_cache_l2_hits_are_exported_as_the_operations_doc_lists(redis_mode: str)
     load("agent-1")  # L2 hit
     assert load.cache_info().l2_hits == 1
     assert value(scrape(), "mcp_redis_cache_l2_hits_total", namespace="monitoring_l2") == 1
+
+
+def test_redis_up_stays_one_when_the_acl_user_may_not_run_info(redis_factory: object) -> None:
+    server = redis_factory()  # type: ignore[operator]
+    server.client().execute_command("ACL", "SETUSER", "app", "on", ">app-secret", "~mcp:*", "&mcp:*", "-@all",
+                                    "+auth", "+ping", "+client|setname", "+get", "+set")
+    mcp_redis.configure(redis_url=f"redis://app:app-secret@{server.host}:{server.port}/0")
+    samples = scrape()
+    assert value(samples, "mcp_redis_redis_up") == 1
+    assert "mcp_redis_redis_memory_used_bytes" not in samples
