@@ -62,3 +62,45 @@ def test_readme_says_plainly_that_importing_the_library_loads_asyncio_through_re
     assert "no asyncio anywhere" not in readme
     if proc.stdout.strip() == "True":
         assert "redis-py 8 imports `asyncio`" in readme
+
+
+def test_production_guide_names_only_settings_that_exist() -> None:
+    import dataclasses
+
+    from mcp_redis.config import _ENV, Settings
+
+    text = (ROOT / "docs" / "production.md").read_text(encoding="utf-8")
+    variables = {var for var, _ in _ENV.values()} | {"REDIS_URL", "DATABASE_URL"}
+    named_variables = set(re.findall(r"`((?:MCP_)?REDIS_[A-Z_]+|DATABASE_URL)`", text))
+    assert named_variables, "the guide names its variables"
+    assert sorted(named_variables - variables) == []
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    keywords = set(re.findall(r"`([a-z][a-z_]+_[a-z_]+)`", text))
+    libpq = {"statement_timeout", "tcp_user_timeout"}  # PostgreSQL's names, not the library's
+    settings_like = {k for k in keywords if k.endswith(("_timeout", "_interval", "_connections", "_backoff"))} - libpq
+    assert settings_like and sorted(settings_like - fields) == []
+    assert "contrib/monitoring/mcp_redis.rules.yml" in text
+
+
+def test_each_subscription_and_the_cache_listener_hold_one_pooled_connection(redis_mode: str) -> None:
+    """What docs/production.md's pool-sizing table counts."""
+    from mcp_redis.connections import get_redis
+
+    conn = get_redis()
+    conn.call(conn.client.ping)
+    assert conn.pool_stats()["in_use"] == 0
+    sub = mcp_redis.EventBus().subscribe("agent:updates", lambda event: None)
+    try:
+        assert conn.pool_stats()["in_use"] == 1
+
+        @mcp_redis.cached_metadata(ttl=60)
+        def load(agent_id: str) -> dict:  # type: ignore[type-arg]
+            return {"agent_id": agent_id}
+
+        load("agent-1")  # the first Redis-mode miss starts the listener
+        from mcp_redis.cache import wait_for_listener
+
+        assert wait_for_listener(10)
+        assert conn.pool_stats()["in_use"] == 2
+    finally:
+        sub.close()
