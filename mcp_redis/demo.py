@@ -99,7 +99,8 @@ class _Backends:
                 self.database_url = db.url
                 self.pg_note = f"throwaway database {db.name} on 127.0.0.1:5432 (DATABASE_URL unset)"
             else:
-                self.pg_note = "no PostgreSQL tier: DATABASE_URL unset and 127.0.0.1:5432 does not answer"
+                self.pg_note = ("no PostgreSQL tier: DATABASE_URL unset and PostgreSQL on 127.0.0.1:5432 "
+                                f"(or MCP_REDIS_TEST_PG_ADMIN_DSN) is not usable: {db.error}")
         if self.database_url:
             self.metadata_table = f"mcp_redis_demo_agents_{run_id}"
 

@@ -73,3 +73,19 @@ def test_host_networking_is_documented_as_linux_only(services: Dict[str, Dict[st
     readme = (ROOT / "README.md").read_text()
     assert "network_mode: host" in readme and "Linux only" in readme
     assert "Linux only" in COMPOSE.read_text()
+
+
+def test_postgres_availability_check_says_why_instead_of_swallowing_the_error() -> None:
+    """With the wrong credentials the tests and the demo report the server's reason (no password echoed)."""
+    from mcp_redis.testing import PostgresDatabase, free_port
+
+    db = PostgresDatabase("host=127.0.0.1 port=5432 user=mcp_redis_no_such_role password=s3cret-value "
+                          "dbname=postgres connect_timeout=3")
+    if PostgresDatabase().available():
+        assert db.available() is False
+        assert 'role "mcp_redis_no_such_role" does not exist' in db.error
+    refused = PostgresDatabase(f"host=127.0.0.1 port={free_port()} user=postgres password=s3cret-value "
+                               "dbname=postgres connect_timeout=3")
+    assert refused.available() is False
+    assert "Connection refused" in refused.error
+    assert "s3cret-value" not in db.error + refused.error
