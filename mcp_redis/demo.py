@@ -27,8 +27,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from psycopg2 import sql
-
 from .config import redact_url, settings
 from .demo_worker import (
     AGENT_RL_ADMITTED,
@@ -101,13 +99,16 @@ class _Backends:
                 self.database_url = db.url
                 self.pg_note = f"throwaway database {db.name} on 127.0.0.1:5432 (DATABASE_URL unset)"
             else:
-                self.pg_note = "no PostgreSQL tier: DATABASE_URL unset and 127.0.0.1:5432 does not answer"
+                self.pg_note = ("no PostgreSQL tier: DATABASE_URL unset and PostgreSQL on 127.0.0.1:5432 "
+                                f"(or MCP_REDIS_TEST_PG_ADMIN_DSN) is not usable: {db.error}")
         if self.database_url:
             self.metadata_table = f"mcp_redis_demo_agents_{run_id}"
 
     def seed(self, agents: int) -> None:
         if not self.metadata_table:
             return
+        from psycopg2 import sql
+
         from .postgres import get_postgres
 
         pg = get_postgres()
@@ -124,6 +125,8 @@ class _Backends:
         if self.database_url and self.database is None:
             # The user's database: remove what the demo wrote.
             try:
+                from psycopg2 import sql
+
                 from .postgres import get_postgres
 
                 pg = get_postgres()
@@ -556,6 +559,18 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
+def workers_delivery_note(published: int, workers: int) -> str:
+    """Why "to workers" exceeds "published": every worker process subscribes too.
+
+    Each event reaches every worker subscribed when it is published (the
+    publisher included), so the sum over workers is at most published x
+    workers; less by what a worker missed while it was down (the killed one,
+    until its replacement subscribed) or not yet subscribed.
+    """
+    return (f"(each worker process subscribes: an event reaches every subscribed worker, "
+            f"so at most {published} x {workers} = {published * workers})")
+
+
 def format_report(r: Dict[str, Any]) -> str:
     """The human-readable report."""
     out: List[str] = []
@@ -617,6 +632,7 @@ def format_report(r: Dict[str, Any]) -> str:
         obs = e["delivered_to_observer"]
         add(f"agent:updates       {e['published']} published, {obs} delivered to the observer, "
             f"{e['delivered_to_workers']} to workers")
+        add("                    " + workers_delivery_note(e["published"], st["workers"]))
     else:
         add("agent:updates       not available")
     add("")

@@ -21,8 +21,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
-from psycopg2 import sql
-
 __all__ = ["WorkerConfig", "Layout", "OPS", "BUCKETS", "worker_main", "session_key", "agent_for_session",
            "agent_name", "bucket_quantile"]
 
@@ -307,6 +305,8 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
         def _load(agent_id: str) -> Dict[str, Any]:
             rec.add("md_loader_calls")
             if cfg.metadata_table:
+                from psycopg2 import sql
+
                 from .postgres import get_postgres
 
                 query = sql.SQL("SELECT agent_id, display_name, tier FROM {} WHERE agent_id = %s").format(

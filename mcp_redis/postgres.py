@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Type, Union
 
-import psycopg2
-import psycopg2.extensions
-import psycopg2.pool
-import psycopg2.sql
+if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` does not load it
+    import psycopg2
+    import psycopg2.extensions
+    import psycopg2.pool
+    import psycopg2.sql
 
 from .config import Settings, on_reset, redact_url, settings
 from .connections import on_fork
@@ -25,7 +27,7 @@ from .errors import BackendUnavailable, ConfigurationError, PoolExhausted
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
 
-__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "is_pg_transient"]
+__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "is_pg_transient", "pg_error"]
 
 log = logging.getLogger("mcp_redis.postgres")
 
@@ -65,8 +67,29 @@ SCHEMA: List[str] = [
 ]
 
 
+class _NotRaised(Exception):
+    """Stands for psycopg2's errors before psycopg2 is loaded: nothing raises it."""
+
+
+def pg_error() -> Type[Exception]:
+    """``psycopg2.Error`` once PostgreSQL has been used, else a class nothing raises.
+
+    For ``except`` clauses in modules that must not import psycopg2 at import
+    time: before psycopg2 is loaded no psycopg2 error can exist.
+    """
+    module = sys.modules.get("psycopg2")
+    if module is None:
+        return _NotRaised
+    error: Type[Exception] = module.Error
+    return error
+
+
 def is_pg_transient(exc: BaseException) -> bool:
     """Connection-level failures (server gone, network), not SQL errors."""
+    if "psycopg2" not in sys.modules:
+        return False
+    import psycopg2
+
     return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
         exc, BackendUnavailable
     )
@@ -80,6 +103,8 @@ def _connect_options(s: Settings) -> dict[str, Any]:
     packets. (A peer that accepts bytes but never answers — a stopped server
     process — is not bounded by any libpq option; see docs/reliability.md.)
     """
+    import psycopg2.extensions
+
     ms = max(1, int(s.postgres_timeout * 1000))
     dsn = psycopg2.extensions.parse_dsn(s.database_url or "")
     options = (dsn.get("options", "") + f" -c statement_timeout={ms}").strip()
@@ -97,14 +122,18 @@ def _connect_options(s: Settings) -> dict[str, Any]:
     return out
 
 
-class _KeepIdlePool(psycopg2.pool.ThreadedConnectionPool):
-    """psycopg2's pool closes a returned connection once `minconn` are idle, so
-    ``minconn=0`` would reconnect on every query, and ``minconn=maxconn`` would
-    open them all up front. Start with none, keep up to `maxconn` idle."""
+def _keep_idle_pool(maxconn: int, **kwargs: Any) -> psycopg2.pool.ThreadedConnectionPool:
+    """A pool that starts with no connection and keeps up to `maxconn` idle.
 
-    def __init__(self, maxconn: int, **kwargs: Any) -> None:
-        super().__init__(0, maxconn, **kwargs)
-        self.minconn = maxconn
+    psycopg2's pool closes a returned connection once `minconn` are idle, so
+    ``minconn=0`` would reconnect on every query, and ``minconn=maxconn`` would
+    open them all up front. (Built here, not at import: psycopg2 loads lazily.)
+    """
+    import psycopg2.pool
+
+    pool = psycopg2.pool.ThreadedConnectionPool(0, maxconn, **kwargs)
+    pool.minconn = maxconn
+    return pool
 
 
 class Postgres:
@@ -144,10 +173,12 @@ class Postgres:
         pool = self._pool
         if pool is not None:
             return pool
+        import psycopg2
+
         with self._pool_lock:
             if self._pool is None:
                 try:
-                    self._pool = _KeepIdlePool(
+                    self._pool = _keep_idle_pool(
                         self._maxconn,
                         dsn=self.settings.database_url,
                         **_connect_options(self.settings),
@@ -160,6 +191,8 @@ class Postgres:
     @contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
         """A pooled connection in a transaction: committed on success, else rolled back."""
+        import psycopg2.pool
+
         if not self._slots.acquire(timeout=self.settings.pool_timeout):
             METRICS.inc("pool_exhausted_total", backend="postgres")
             raise PoolExhausted(
@@ -255,6 +288,8 @@ class Postgres:
         return {"in_use": len(used), "idle": len(idle), "max": self._maxconn}
 
     def close(self) -> None:
+        import psycopg2.pool
+
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:

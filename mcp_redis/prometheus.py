@@ -13,8 +13,12 @@ or register the collector in a registry you already serve::
 Every in-process counter ``<name>_total`` becomes the Prometheus counter
 ``mcp_redis_<name>_total``, every latency histogram ``<name>`` the histogram
 ``mcp_redis_<name>`` (seconds, buckets `LATENCY_BUCKETS`), with the same
-labels. Two gauge families describe the backends: ``mcp_redis_breaker_state``
-and ``mcp_redis_pool_connections``. The metric list is in docs/operations.md.
+labels. Gauge families describe the backends: ``mcp_redis_breaker_state``,
+``mcp_redis_pool_connections`` and, read from Redis ``INFO memory`` at scrape
+time, ``mcp_redis_redis_up`` and ``mcp_redis_redis_memory_{used,max}_bytes``;
+``mcp_redis_cache_invalidations_pending`` counts cache invalidations waiting
+for Redis. The metric list is in docs/operations.md; alert rules and a
+Grafana dashboard over these names are in contrib/monitoring/.
 prometheus_client is imported lazily, so this module imports without it.
 """
 
@@ -147,10 +151,11 @@ class MetricsCollector:
                         pool.add_metric([backend, key], float(stats[key]))
             yield breaker
             yield pool
+            yield from _redis_memory_families()
 
 
 def _cache_families(skip: set[str]) -> Iterator[Any]:
-    """L1 hits and sizes from ``cache_info()`` (L1 hits are not in `METRICS`)."""
+    """L1/L2 hits and L1 sizes from ``cache_info()`` (those hits are not in `METRICS`), pending invalidations."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     from .stats import cache_functions
@@ -160,14 +165,97 @@ def _cache_families(skip: set[str]) -> Iterator[Any]:
         return
     hits = CounterMetricFamily(f"{NAMESPACE}_cache_l1_hits", "Metadata-cache hits served from the in-process L1.",
                                labels=["namespace"])
+    l2_hits = CounterMetricFamily(f"{NAMESPACE}_cache_l2_hits", "Metadata-cache hits in Redis (L2).",
+                                  labels=["namespace"])
     size = GaugeMetricFamily(f"{NAMESPACE}_cache_l1_entries", "Entries in the in-process L1 metadata cache.",
                              labels=["namespace"])
     for namespace, info in functions.items():
         hits.add_metric([namespace], float(info.get("l1_hits", 0)))
+        l2_hits.add_metric([namespace], float(info.get("l2_hits", 0)))
         size.add_metric([namespace], float(info.get("l1_size", 0)))
     if "cache_l1_hits_total" not in skip and "cache_l1_hits" not in skip:  # the feature may count them itself
         yield hits
+    if "cache_l2_hits_total" not in skip:  # counted in cache_info() only, like L1 hits
+        yield l2_hits
     yield size
+    pending = GaugeMetricFamily(f"{NAMESPACE}_cache_invalidations_pending",
+                                "Invalidations made while Redis was unreachable, not yet published to other "
+                                "processes (an invalidate_all counts as one).", labels=["namespace"])
+    for namespace, count in _pending_invalidations().items():
+        pending.add_metric([namespace], float(count))
+    yield pending
+
+
+def _pending_invalidations() -> Dict[str, int]:
+    """Invalidations each namespace still has to replay into Redis (see cache.py ``_pending``)."""
+    from . import cache as cache_module
+
+    out: Dict[str, int] = {}
+    for fn in cache_module._all_caches():
+        # Read without the function's lock: a gauge may be one scrape behind.
+        count = len(getattr(fn, "_pending", ())) + (1 if getattr(fn, "_pending_all", False) else 0)
+        namespace = str(getattr(fn, "namespace", "?"))
+        out[namespace] = out.get(namespace, 0) + count
+    return out
+
+
+def _redis_memory_families() -> Iterator[Any]:
+    """``mcp_redis_redis_up`` and the memory gauges, from one ``INFO memory`` per scrape.
+
+    The probe bypasses the resilience policy, so a failing scrape never feeds
+    the circuit breaker, and it is skipped while the breaker is open (Redis
+    is then reported down without waiting a timeout). On Cluster each primary
+    is one ``node``; otherwise the one node is ``node="master"``. An error
+    reply (e.g. ``NOPERM``: the user lacks ``+info``) counts as up, without
+    memory gauges. Nothing is yielded when ``REDIS_URL`` is unset.
+    """
+    from prometheus_client.core import GaugeMetricFamily
+
+    from .config import settings
+
+    try:
+        if not settings().redis_url:
+            return
+    except Exception:
+        return
+    up = GaugeMetricFamily(f"{NAMESPACE}_redis_up",
+                           "1 when Redis answered INFO at this scrape, 0 when it did not or the breaker is open.")
+    used = GaugeMetricFamily(f"{NAMESPACE}_redis_memory_used_bytes", "Redis used_memory, bytes (INFO memory).",
+                             labels=["node"])
+    limit = GaugeMetricFamily(f"{NAMESPACE}_redis_memory_max_bytes",
+                              "Redis maxmemory, bytes (INFO memory); 0 means no limit.", labels=["node"])
+    import redis.exceptions
+
+    nodes: Dict[str, Mapping[str, Any]] = {}
+    answered = False
+    try:
+        from .connections import get_redis
+        from .resilience import BreakerState
+
+        conn = get_redis()
+        if conn.policy.breaker.state is not BreakerState.OPEN:
+            if conn.is_cluster:
+                reply = conn.client.info("memory", target_nodes=conn.client.PRIMARIES)
+                nodes = {str(k): v for k, v in reply.items() if isinstance(v, dict)}
+            else:
+                nodes = {"master": conn.client.info("memory")}
+            answered = bool(nodes)
+    except redis.exceptions.ResponseError:
+        # Redis answered with an error reply: reachable, but INFO is not allowed
+        # (the least-privilege ACL of docs/security.md has no +info).
+        log.debug("redis INFO memory refused", exc_info=True)
+        answered, nodes = True, {}
+    except Exception:
+        log.debug("redis INFO memory unavailable", exc_info=True)
+        nodes = {}
+    up.add_metric([], 1.0 if answered else 0.0)
+    yield up
+    if nodes:
+        for node, info in nodes.items():
+            used.add_metric([node], float(info.get("used_memory", 0)))
+            limit.add_metric([node], float(info.get("maxmemory", 0)))
+        yield used
+        yield limit
 
 
 def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:

@@ -23,7 +23,6 @@ import math
 import threading
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
-import psycopg2
 import redis.exceptions
 
 from .config import Mode, RateLimitFallback, Settings, on_reset, settings
@@ -31,7 +30,7 @@ from .connections import get_redis, on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
-from .postgres import get_postgres
+from .postgres import get_postgres, pg_error
 from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
 from .validation import seconds as check_seconds
 
@@ -55,8 +54,8 @@ class Limit(NamedTuple):
     """`limit` units per `window` seconds (None: ``REDIS_RATE_LIMIT_WINDOW`` at call time)."""
 
     limit: int
-    window: Optional[float] = None
-    name: Optional[str] = None
+    window: float | None = None  # PEP 604 spelling: the API reference (pdoc) resolves it without imports
+    name: str | None = None
 
     def label(self, window: float) -> str:
         """The policy name shown in headers and errors: `name`, else ``"<limit>/<window>s"``."""
@@ -329,7 +328,7 @@ class RateLimiter:
         if mode is Mode.POSTGRES:
             try:
                 reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            except (BackendUnavailable, psycopg2.Error) as exc:
+            except (BackendUnavailable, pg_error()) as exc:
                 return self._fallback(s, plan, key, cost, consume, "postgres", exc)
             if _outage["postgres"]:
                 _recovered("postgres")
@@ -343,7 +342,7 @@ class RateLimiter:
         if policy is RateLimitFallback.POSTGRES and backend == "redis" and s.database_url:
             try:
                 reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            except (BackendUnavailable, psycopg2.Error) as pg_exc:
+            except (BackendUnavailable, pg_error()) as pg_exc:
                 exc, backend = pg_exc, "redis+postgres"
             else:
                 _outage_started(backend, "postgres", exc)

@@ -208,6 +208,7 @@ class PostgresDatabase:
         self.admin_dsn = admin_dsn or os.environ.get("MCP_REDIS_TEST_PG_ADMIN_DSN", DEFAULT_ADMIN_DSN)
         self.name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         self.created = False
+        self.error = ""  # why available() last returned False (password-free)
 
     @property
     def dsn(self) -> str:
@@ -227,12 +228,18 @@ class PostgresDatabase:
         return f"postgresql://{user}@{p.get('host', '127.0.0.1')}:{p.get('port', '5432')}/{self.name}"
 
     def available(self) -> bool:
+        """True when the admin DSN connects; otherwise `error` says why (e.g. a password is required)."""
         import psycopg2
+
+        from .postgres import _scrub
 
         try:
             psycopg2.connect(self.admin_dsn).close()
+            self.error = ""
             return True
-        except psycopg2.Error:
+        except psycopg2.Error as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            self.error = _scrub(lines[0] if lines else type(exc).__name__, self.admin_dsn)
             return False
 
     def create(self) -> PostgresDatabase:

@@ -86,7 +86,7 @@ def pg_database() -> Iterator[PostgresDatabase]:
     """A uniquely named PostgreSQL database for the run, dropped after."""
     db = PostgresDatabase()
     if not db.available():
-        missing_server("PostgreSQL not reachable at 127.0.0.1:5432")
+        missing_server(f"PostgreSQL not usable at 127.0.0.1:5432 (or MCP_REDIS_TEST_PG_ADMIN_DSN): {db.error}")
     db.create()
     yield db
     db.drop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import threading
 import time
 import urllib.request
 from typing import Dict, Iterator, List, Set
@@ -70,8 +71,27 @@ def scrape(url: str) -> Dict[str, List[object]]:
 
 def use_every_feature() -> object:
     """What a server does in its first minute: every feature once, over Redis."""
-    with mcp_redis.agent_lock("agent-1", blocking_timeout=5):
+    # A contended acquisition (only those are timed): another thread holds the
+    # lock until this one has joined the queue of waiters.
+    from mcp_redis.keys import KeySpace
+
+    queue = KeySpace(mcp_redis.settings().key_prefix).key("agent-lock", "agent-1", tag=True, suffix="queue")
+    held = threading.Event()
+
+    def holder() -> None:
+        with mcp_redis.agent_lock("agent-1", blocking_timeout=5):
+            held.set()
+            client = get_redis().client
+            deadline = time.monotonic() + 10
+            while not client.llen(queue) and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(10)
+    with mcp_redis.agent_lock("agent-1", blocking_timeout=15):
         pass
+    thread.join(10)
 
     @mcp_redis.rate_limited("prom_test", limit=1, window=60, key="agent_id")
     def store_knowledge(agent_id: str) -> None:
