@@ -244,6 +244,9 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+_record_ms_memo: Tuple[Any, int] = (None, 0)  # (settings, ms): computed once per configuration
+
+
 def _record_ms(conn: RedisConnection) -> int:
     """How long (ms) a per-call record must last: past every retry of that call.
 
@@ -251,9 +254,15 @@ def _record_ms(conn: RedisConnection) -> int:
     backoff after the attempt before it; a second and further retries each
     find the record made by the attempt that ran. One second of slack.
     """
+    global _record_ms_memo
     s = conn.settings
+    memo = _record_ms_memo
+    if memo[0] is s:
+        return memo[1]
     per_attempt = s.socket_connect_timeout + s.socket_timeout + s.retry_max_backoff
-    return _ms(max(1, s.retry_attempts) * per_attempt + 1.0)
+    ms = _ms(max(1, s.retry_attempts) * per_attempt + 1.0)
+    _record_ms_memo = (s, ms)
+    return ms
 
 
 class _RedisBackend(_Backend):
