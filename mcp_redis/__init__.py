@@ -11,6 +11,7 @@ from .config import LockFallback, Mode, RateLimitFallback, Settings, configure, 
 from .errors import (
     AmbiguousPrefix,
     BackendUnavailable,
+    BlockingCallInEventLoop,
     ConfigurationError,
     FeatureDisabled,
     InvalidArgument,
@@ -50,6 +51,7 @@ __all__ = [
     "LockTimeout",
     "LockNotOwned",
     "LockNotReplicated",
+    "BlockingCallInEventLoop",
     "RateLimitExceeded",
     "AmbiguousPrefix",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "LockTimeout",
     "LockNotOwned",
     "LockNotReplicated",
+    "BlockingCallInEventLoop",
     "RateLimitExceeded",
     "AmbiguousPrefix",
 ]
@@ -89,6 +90,16 @@ class LockNotReplicated(LockError):
         super().__init__(
             f"lock {name}: {acknowledged} of {required} replicas acknowledged; released"
         )
+
+
+class BlockingCallInEventLoop(McpRedisError, RuntimeError):
+    """A blocking call was made from a thread that is running an asyncio event loop.
+
+    Coroutines on one loop share a thread, so per-thread ownership cannot
+    tell them apart, and a blocking wait would freeze the loop. Not a
+    `LockError`: code catching ``LockError`` as "not acquired" must not
+    swallow it.
+    """
 
 
 class RateLimitExceeded(McpRedisError):

@@ -1,12 +1,17 @@
 """Distributed locks: `agent_lock` and `lock`, one story from acquire to release.
 
-A lock is a lease owned by a token: a fresh random token per acquisition,
-held by one (process, thread). In Redis every operation is one Lua script
-(one round trip). Acquire also INCRs a per-name fencing counter, and a failed
-try joins a FIFO of waiters in the same script, so no release can slip by
-unseen. Release hands the lock to the longest waiter (reserving it for a
-moment so a releaser that loops cannot barge in) and wakes it through its own
-signal list (BLPOP): no polling. Every wait is capped at the lock's remaining
+A lock is a lease owned by a value unique to one acquire call: a fresh
+random nonce (after the caller's `token`, when one is given: a token is a
+dedupe id, not an identity, so two holders passing the same token are still
+two holders), held by one (process, thread). In Redis every operation is one
+Lua script (one round trip); a retry of one call after a lost reply is
+recognised by that value (acquire) or by a short-lived per-call record
+(release, additive extend), so it never grants, releases or extends twice.
+Acquire also INCRs a per-name fencing counter, and a failed try joins a FIFO
+of waiters in the same script, so no release can slip by unseen. Release
+hands the lock to the longest waiter (reserving it for a moment so a
+releaser that loops cannot barge in) and wakes it through its own signal
+list (BLPOP): no polling. Every wait is capped at the lock's remaining
 lease, so a holder that crashed is noticed when its lease ends.
 
 Backends, per ``settings().mode("locks")``:
@@ -21,8 +26,11 @@ Backends, per ``settings().mode("locks")``:
 * ``off``: a no-op lock that always enters (logged once as unsafe).
 
 `agent_lock` renews its lease from one shared watchdog thread per process and
-is reentrant per thread. After ``os.fork()`` the child holds nothing: it can
-neither release nor renew its parent's locks.
+is reentrant per thread (a hold already lost is never re-entered). After
+``os.fork()`` the child holds nothing: it can neither release nor renew its
+parent's locks. Ownership is per thread, so every acquire from a thread that
+is running an asyncio event loop is refused (`BlockingCallInEventLoop`):
+coroutines sharing the thread would all "own" the lock.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import re
 import secrets
 import threading
 import time
+from asyncio.events import _get_running_loop
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
@@ -47,6 +56,7 @@ from .config import LockFallback, Mode, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
 from .errors import (
     BackendUnavailable,
+    BlockingCallInEventLoop,
     InvalidArgument,
     InvalidArgumentType,
     LockNotOwned,
@@ -84,6 +94,9 @@ _MAX_WAIT_SLICE = 1.0
 _SERVER_TICK = 0.1
 _RESERVED = "r:"
 _TICKET = re.compile(r"[0-9a-f]{24}")
+#: Hex digits of the per-call nonce that ends every Redis holder's value (the
+#: release script reads them back to name its record: keep the two in step).
+_NONCE_HEX = 32
 
 
 # -- Redis calls -----------------------------------------------------------------
@@ -205,7 +218,11 @@ class _Backend:
     leased = False  # does the hold expire unless renewed?
 
     def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        """A hold, or None when not acquired before `deadline` (monotonic; None = forever)."""
+        """A hold, or None when not acquired before `deadline` (monotonic; None = forever).
+
+        `token` is this acquire call's value, unique per call (it ends with a
+        fresh nonce): the holder's identity, never shared by two holders.
+        """
         raise NotImplementedError
 
     def release(self, hold: _Hold) -> bool:
@@ -225,6 +242,27 @@ class _Backend:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+_record_ms_memo: Tuple[Any, int] = (None, 0)  # (settings, ms): computed once per configuration
+
+
+def _record_ms(conn: RedisConnection) -> int:
+    """How long (ms) a per-call record must last: past every retry of that call.
+
+    A retry reaches the server at most one connect, one reply timeout and one
+    backoff after the attempt before it; a second and further retries each
+    find the record made by the attempt that ran. One second of slack.
+    """
+    global _record_ms_memo
+    s = conn.settings
+    memo = _record_ms_memo
+    if memo[0] is s:
+        return memo[1]
+    per_attempt = s.socket_connect_timeout + s.socket_timeout + s.retry_max_backoff
+    ms = _ms(max(1, s.retry_attempts) * per_attempt + 1.0)
+    _record_ms_memo = (s, ms)
+    return ms
 
 
 class _RedisBackend(_Backend):
@@ -249,7 +287,8 @@ class _RedisBackend(_Backend):
             return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
         queue_ttl = str(_ms(slice_cap + 2 * HANDOFF_GRACE))
-        ticket = token[:24] if _TICKET.match(token) else secrets.token_hex(12)
+        # The signal list is named by this call's nonce (the value's tail): unique per waiter.
+        ticket = token[-24:] if _TICKET.fullmatch(token[-24:]) else secrets.token_hex(12)
         signal = keys.signal(ticket)
         key_list = [keys.lock, keys.fence, keys.queue, signal]
         queued = False
@@ -306,17 +345,24 @@ class _RedisBackend(_Backend):
             log.debug("lock: could not leave the queue", exc_info=True)
 
     def release(self, hold: _Hold) -> bool:
+        """One round trip; leaves a release record, so a retry after a lost reply still answers True."""
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         keys = [hold.keys.lock, hold.keys.queue]
-        return bool(conn.call(conn.run_script, scripts.release, keys, [hold.token, _ms(HANDOFF_GRACE)]))
+        args = [hold.token, _ms(HANDOFF_GRACE), _record_ms(conn)]
+        return bool(conn.call(conn.run_script, scripts.release, keys, args))
 
     def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
+        """Set (`replace`, idempotent) or add to the lease; an addition is recorded
+        per call, so a retry after a lost reply does not add it twice."""
         conn: RedisConnection = hold.handle
         scripts = _scripts(conn.client)
         started = time.monotonic()
-        ok = bool(conn.call(conn.run_script, scripts.extend, [hold.keys.lock],
-                            [hold.token, _ms(seconds), "1" if replace else "0"]))
+        if replace:
+            args: List[Any] = [hold.token, _ms(seconds), "1"]
+        else:
+            args = [hold.token, _ms(seconds), "0", os.urandom(12).hex(), _record_ms(conn)]
+        ok = bool(conn.call(conn.run_script, scripts.extend, [hold.keys.lock], args))
         if ok and replace:
             hold.expires_at = started + seconds
         elif ok:
@@ -812,6 +858,15 @@ def _timed_out(message: str) -> LockTimeout:
     return LockTimeout(message)  # type: ignore[no-untyped-call,unused-ignore]
 
 
+def _in_event_loop(name: str) -> BlockingCallInEventLoop:
+    return BlockingCallInEventLoop(
+        f"lock {_shown(name)}: blocking lock call from a thread running an asyncio event loop "
+        "(coroutines share the thread, so the lock could not tell them apart, and a wait would "
+        "freeze the loop); use the async alternative `mcp_redis.compat.StateLockManager.acquire_agent_lock_async` "
+        "(`async with`), or run the blocking call in a worker thread with `asyncio.to_thread`"
+    )
+
+
 def _shown(name: str) -> str:
     text = repr(name)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -913,12 +968,23 @@ class DistributedLock:
         """Take the lock; False when not acquired in time (``blocking=False``: one try).
 
         `blocking_timeout` (seconds, float) defaults to the object's; None waits
-        forever. A thread already holding a reentrant lock enters at once.
+        forever. A thread already holding a reentrant lock enters at once,
+        unless that hold was lost (`LockNotOwned`). `token` is a dedupe id
+        stored with the hold, not an identity: a second acquire passing a
+        token another holder holds waits or fails like any other. Refused in
+        a thread running an asyncio event loop (`BlockingCallInEventLoop`).
         """
+        if _get_running_loop() is not None:
+            raise _in_event_loop(self.name)
         keys = self._resolve_keys()
         if self.reentrant:
             held = _THREAD_HOLDS.holds.get(keys.lock)
             if held is not None and held.pid == _pid and held.generation == _generation and not held.released:
+                if held.is_lost:
+                    raise _not_owned(
+                        f"cannot enter lock {_shown(self.name)}: this thread's hold was lost "
+                        "(its lease expired or was taken over)"
+                    )
                 held.count += 1
                 self._state.last = held
                 self._state.fence = held.fence
@@ -931,16 +997,18 @@ class DistributedLock:
             wait = self.blocking_timeout
         if not blocking:
             wait = 0.0
-        if token is None:
-            token = os.urandom(16).hex()
-        elif isinstance(token, bytes):
-            token = token.decode("utf-8", "surrogatepass")
-        elif not isinstance(token, str):
-            raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
+        # The holder's value: a fresh nonce per call, after the caller's token if given.
+        value = os.urandom(_NONCE_HEX // 2).hex()
+        if token is not None:
+            if isinstance(token, bytes):
+                token = token.decode("utf-8", "surrogatepass")
+            elif not isinstance(token, str):
+                raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
+            value = f"{token}:{value}"
         lease = self.timeout if self.timeout is not None else settings().lock_timeout
         started = time.monotonic()
         deadline = None if wait is None else started + wait
-        hold = self._acquire_with_fallback(keys, token, lease, deadline)
+        hold = self._acquire_with_fallback(keys, value, lease, deadline)
         if hold is None:
             METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
             return False

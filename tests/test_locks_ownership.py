@@ -1,0 +1,197 @@
+"""Lock ownership at its edges, on a real redis-server: caller-supplied tokens,
+lost holds, lost replies (through the package's fault proxy) and coroutines.
+
+Each test states one guarantee of docs/locks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Iterator, List
+
+import pytest
+import redis
+
+import mcp_redis
+from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
+from mcp_redis.compat import StateLockManager
+from mcp_redis.connections import get_redis
+from mcp_redis.faultproxy import FaultProxy
+from mcp_redis.testing import RedisServer
+
+
+def raw(url: str) -> redis.Redis[str]:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+@pytest.fixture
+def lost_reply(redis_url: str, redis_server: RedisServer) -> Iterator[FaultProxy]:
+    """The library through a fault proxy whose next reply can be cut (the command ran, its answer is lost)."""
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), socket_timeout=1.0, retry_attempts=3, breaker_failure_threshold=10)
+        conn = get_redis()
+        assert conn.call(conn.client.ping) is True  # a pooled connection, so the cut hits the call under test
+        yield proxy
+
+
+# -- a caller-supplied token is a dedupe id, not an identity -----------------------------
+def test_two_holders_with_the_same_token_do_not_both_acquire(redis_mode: str) -> None:
+    # Two lock objects with their own state: what two processes are.
+    first = mcp_redis.lock("nightly-job", timeout=10)
+    second = mcp_redis.lock("nightly-job", timeout=10)
+    assert first.acquire(blocking_timeout=2, token="job-42") is True
+    assert second.acquire(blocking_timeout=0.2, token="job-42") is False
+    with pytest.raises(LockNotOwned):
+        second.release()
+    assert first.owned() and not second.owned()
+    first.release()
+    assert not first.locked()
+
+
+def test_expired_holder_cannot_release_a_new_holder_using_the_same_token(redis_mode: str) -> None:
+    r = raw(redis_mode)
+    first = mcp_redis.lock("nightly-job", timeout=0.1)
+    assert first.acquire(token="job-42")
+    second = mcp_redis.lock("nightly-job", timeout=10)
+    assert second.acquire(blocking_timeout=5, token="job-42")  # enters once the first lease ends
+    held = r.get(second.key)
+    with pytest.raises(LockNotOwned):
+        first.release()
+    with pytest.raises(LockNotOwned):
+        first.extend(5)
+    assert r.get(second.key) == held and second.owned()
+    second.release()
+
+
+def test_acquire_retried_after_a_lost_reply_takes_the_lock_once(lost_reply: FaultProxy) -> None:
+    held = mcp_redis.lock("nightly-job", timeout=10)
+    assert held.acquire(token="job-42")
+    before = held.fencing_token
+    held.release()
+    lost_reply.reset_next_reply()
+    assert held.acquire(blocking_timeout=2, token="job-42") is True  # the retry finds its own grant
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the acquire retried"
+    assert before is not None and held.fencing_token is not None and held.fencing_token > before
+    assert mcp_redis.lock("nightly-job").acquire(blocking=False, token="job-42") is False
+    held.release()  # no orphaned lease: the lock is free at once
+    assert not held.locked()
+
+
+# -- a lost lock is never re-entered -----------------------------------------------------------
+def test_nested_agent_lock_refuses_to_enter_a_lost_lock(redis_mode: str) -> None:
+    r = raw(redis_mode)
+    with pytest.raises(LockNotOwned):
+        with mcp_redis.agent_lock("lost-nest", timeout=0.3) as outer:
+            r.set(outer.key, "someone-else", px=10_000)  # a takeover behind our back
+            assert outer.lost_event.wait(5)
+            with pytest.raises(LockNotOwned):
+                with mcp_redis.agent_lock("lost-nest", blocking_timeout=0):
+                    pytest.fail("entered a lock that was already lost")
+            with pytest.raises(LockNotOwned):
+                with StateLockManager().acquire_agent_lock("lost-nest", timeout=0):
+                    pytest.fail("entered a lock that was already lost")
+    assert r.get(outer.key) == "someone-else"
+
+
+# -- a lost reply never turns a done release into LockNotOwned ----------------------------------
+def test_release_retried_after_a_lost_reply_is_reported_done(lost_reply: FaultProxy) -> None:
+    held = mcp_redis.lock("release-lost", timeout=10)
+    assert held.acquire()
+    lost_reply.reset_next_reply()
+    held.release()  # the retry finds this call's release record: no LockNotOwned
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
+    assert not held.locked() and not held.lost
+
+
+def test_release_handed_to_a_waiter_is_reported_done_after_a_lost_reply(
+    lost_reply: FaultProxy, redis_server: RedisServer
+) -> None:
+    r = redis_server.client()
+    held = mcp_redis.lock("release-lost", timeout=10)
+    assert held.acquire()
+    waiter = held.key + "#wfeedfacefeedfacefeedface"  # a waiter queued from another process
+    r.rpush(held.key + "#queue", waiter)
+    r.pexpire(held.key + "#queue", 10_000)
+    lost_reply.reset_next_reply()
+    held.release()
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
+    assert r.get(held.key) == "r:" + waiter, "reserved for the waiter once, not touched by the retry"
+    assert r.lrange(waiter, 0, -1) == ["1"]
+
+
+def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
+                                                              redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    held = mcp_redis.lock("extend-lost", timeout=10)
+    assert held.acquire()
+    lost_reply.reset_next_reply()
+    assert held.extend(20) is True
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the extend retried"
+    assert 20_000 < r.pttl(held.key) <= 30_000, "10 s lease + 20 s, added once"
+    held.release()
+
+
+# -- coroutines: refused, with the way out named --------------------------------------------------
+def _run_handlers(handler: Callable[[], Awaitable[None]], n: int = 10) -> List[object]:
+    """Run `n` copies of `handler` concurrently on one event loop; their results or exceptions."""
+
+    async def main() -> List[object]:
+        return list(await asyncio.gather(*(handler() for _ in range(n)), return_exceptions=True))
+
+    return asyncio.run(main())
+
+
+def test_agent_lock_in_coroutines_on_one_loop_raises_naming_the_async_alternative(redis_mode: str) -> None:
+    counter = {"n": 0}
+
+    async def handler() -> None:
+        with mcp_redis.agent_lock("coro-agent"):
+            n = counter["n"]
+            await asyncio.sleep(0)  # the awaited read-modify-write of a legacy handler
+            counter["n"] = n + 1
+
+    results = _run_handlers(handler)
+    assert all(isinstance(r, BlockingCallInEventLoop) for r in results), results
+    error = results[0]
+    assert isinstance(error, McpRedisError) and isinstance(error, RuntimeError)
+    assert not isinstance(error, mcp_redis.LockError)
+    message = str(error)
+    assert "StateLockManager.acquire_agent_lock_async" in message and "asyncio.to_thread" in message
+    assert counter["n"] == 0
+    assert not raw(redis_mode).exists(mcp_redis.agent_lock("coro-agent").key)
+
+
+def test_every_lock_entry_point_refuses_a_thread_running_an_event_loop(redis_mode: str) -> None:
+    async def attempts() -> List[str]:
+        refused = []
+        for name, call in [
+            ("lock().acquire", lambda: mcp_redis.lock("coro").acquire()),
+            ("lock().acquire(blocking=False)", lambda: mcp_redis.lock("coro").acquire(blocking=False)),
+            ("with lock()", lambda: mcp_redis.lock("coro").__enter__()),
+            ("agent_lock().acquire", lambda: mcp_redis.agent_lock("coro").acquire()),
+            ("StateLockManager", lambda: StateLockManager().acquire_agent_lock("coro").__enter__()),
+        ]:
+            try:
+                call()
+            except BlockingCallInEventLoop:
+                refused.append(name)
+        return refused
+
+    assert len(asyncio.run(attempts())) == 5
+    assert not raw(redis_mode).keys("*coro*")
+
+
+def test_agent_lock_under_asyncio_to_thread_excludes_every_coroutine(redis_mode: str) -> None:
+    r = raw(redis_mode)
+
+    def section() -> None:
+        with mcp_redis.agent_lock("coro-agent", blocking_timeout=30):
+            n = int(r.get("coro-counter") or 0)
+            r.set("coro-counter", n + 1)
+
+    async def handler() -> None:
+        await asyncio.to_thread(section)
+
+    results = _run_handlers(handler)
+    assert results == [None] * 10
+    assert r.get("coro-counter") == "10"
