@@ -29,7 +29,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .config import Settings, on_reset, redact_url, settings
 from .errors import ConfigurationError
-from .resilience import CircuitBreaker, Resilience
+from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 
 __all__ = [
     "RedisConnection",
@@ -68,6 +68,14 @@ class RedisConnection:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` under the retry/breaker policy."""
         return self.policy.call(fn, *args, **kwargs)
+
+    def misconfiguration(self, exc: BaseException) -> Optional[ConfigurationError]:
+        """The `ConfigurationError` a redis-py error from this client stands for, or None.
+
+        The policy applies it to every call; background threads (which read
+        outside the policy) use it to tell misconfiguration from an outage.
+        """
+        return redis_misconfiguration(exc, follows_failover=self.kind != "single")
 
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a registered script (``client.register_script``) in one round trip.
@@ -271,8 +279,22 @@ def _split_userinfo(netloc: str) -> Tuple[Optional[str], Optional[str], str]:
     return (unquote(user) or None), (unquote(password) or None), hosts
 
 
+# redis-py >= 5 sends CLIENT SETINFO (lib-name, lib-ver) on connect to servers
+# >= 7.2 and swallows a refusal: with the minimal ACL of docs/security.md each
+# connect would leave a denial in ACL LOG. The library names its connections
+# with CLIENT SETNAME instead, so SETINFO is not sent (the same handshake on
+# Redis 7.0, 7.2+ and Valkey).
+try:
+    import redis.driver_info  # noqa: F401 - redis-py >= 7.1: lib_name/lib_version are deprecated
+
+    _NO_SETINFO: Dict[str, Any] = {"driver_info": None}
+except ImportError:  # pragma: no cover - older redis-py
+    _NO_SETINFO = {"lib_name": None, "lib_version": None}
+
+
 def _common_kwargs(s: Settings) -> Dict[str, Any]:
     return {
+        **_NO_SETINFO,
         "socket_timeout": s.socket_timeout,
         "socket_connect_timeout": s.socket_connect_timeout,
         "socket_keepalive": True,
@@ -408,6 +430,9 @@ def _build() -> RedisConnection:
             # as a raw redis error.
             from .errors import BackendUnavailable
 
+            misconfigured = redis_misconfiguration(exc, follows_failover=True)
+            if misconfigured is not None:
+                raise misconfigured from exc
             raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
         holder: List[RedisConnection] = []
         breaker = CircuitBreaker(
@@ -422,6 +447,7 @@ def _build() -> RedisConnection:
             initial_backoff=s.retry_initial_backoff,
             max_backoff=s.retry_max_backoff,
             breaker=breaker,
+            misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
         )
         conn = RedisConnection(client, policy, kind, redact_url(s.redis_url or ""), s, sentinel, service)
         holder.append(conn)
