@@ -84,7 +84,8 @@ def _redis_health() -> Dict[str, Any]:
         conn.policy.breaker.record_success()
     except Exception as exc:
         out["ok"] = False
-        out["error"] = f"{type(exc).__name__}: {exc}"
+        shown = conn.misconfiguration(exc) or exc  # a refusal says what to fix
+        out["error"] = f"{type(shown).__name__}: {shown}"
     out["breaker"] = conn.policy.breaker.state.value
     out["pool"] = conn.pool_stats()
     METRICS.inc("health_checks_total", backend="redis", ok=str(out["ok"]).lower())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any, Callable, Dict
 
 import pytest
@@ -233,3 +234,66 @@ def test_cli_sessions_cleanup_without_database_url_says_so_instead_of_removing_n
     assert out.returncode == 2
     assert "DATABASE_URL is not set" in out.stderr
     assert "removed" not in out.stdout
+
+
+# -- PostgreSQL refusals are configuration errors too ----------------------------------------
+
+
+def test_unknown_postgres_role_is_authentication_failed_naming_database_url(pg_database: Any) -> None:
+    url = f"postgresql://no_such_role_{uuid.uuid4().hex[:8]}@127.0.0.1:5432/{pg_database.name}"
+    mcp_redis.configure(database_url=url, rate_limits="postgres", **STRICT)
+    for _ in range(2):
+        with pytest.raises(mcp_redis.AuthenticationFailed, match="^DATABASE_URL: PostgreSQL refused"):
+            mcp_redis.RateLimiter("misconf", 5, 60).hit("agent-1")
+    from mcp_redis.postgres import get_postgres
+
+    assert get_postgres().policy.breaker.state is BreakerState.CLOSED
+    assert METRICS.counter("backend_failures_total", backend="postgres") == 0
+
+
+def test_postgres_user_without_privileges_is_permission_denied(pg_database: Any) -> None:
+    import psycopg2
+
+    role = f"mcp_noperm_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE ROLE {role} LOGIN")  # may connect; may neither create nor write tables
+        mcp_redis.configure(database_url=f"postgresql://{role}@127.0.0.1:5432/{pg_database.name}",
+                            rate_limits="postgres", **STRICT)
+        with pytest.raises(mcp_redis.PermissionDenied, match="^DATABASE_URL: the PostgreSQL user lacks a privilege"):
+            mcp_redis.RateLimiter("misconf", 5, 60).hit("agent-1")
+        from mcp_redis.postgres import get_postgres
+
+        assert get_postgres().policy.breaker.state is BreakerState.CLOSED
+    finally:
+        mcp_redis.reset(configuration=True)
+        with admin.cursor() as cur:
+            cur.execute(f"DROP ROLE IF EXISTS {role}")
+        admin.close()
+
+
+def test_health_names_the_fix_for_a_wrong_password(redis_factory: Any) -> None:
+    server = redis_factory(password=PASSWORD)
+    mcp_redis.configure(redis_url=f"redis://:not-{PASSWORD}@127.0.0.1:{server.port}/0")
+    report = mcp_redis.health()
+    assert report["ok"] is False
+    assert report["redis"]["error"].startswith("AuthenticationFailed: REDIS_URL: the Redis server refused")
+    assert PASSWORD not in repr(report)
+
+
+def test_lock_watchdog_logs_a_refused_renewal_once_until_the_lease_ends(
+        redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mcp_redis")
+    server = redis_factory()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "holder", "on", ">holder-pw", "~mcp:*", "&mcp:*", "+@all")
+    mcp_redis.configure(redis_url=f"redis://holder:holder-pw@127.0.0.1:{server.port}/0")
+    with pytest.raises(mcp_redis.PermissionDenied):  # leaving the block: the release is refused too
+        with mcp_redis.agent_lock("agent-1", timeout=1.5, blocking_timeout=0) as held:
+            admin.execute_command("ACL", "SETUSER", "holder", "-evalsha", "-eval")  # renewals now refused
+            assert held.lost_event.wait(30), "the lease should run out"
+    records = [r for r in caplog.records if r.name == "mcp_redis.locks" and r.levelno >= logging.ERROR]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "REDIS_URL" in records[0].getMessage() and records[0].exc_info is None
