@@ -297,3 +297,26 @@ def test_lock_watchdog_logs_a_refused_renewal_once_until_the_lease_ends(
     records = [r for r in caplog.records if r.name == "mcp_redis.locks" and r.levelno >= logging.ERROR]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert "REDIS_URL" in records[0].getMessage() and records[0].exc_info is None
+
+
+def test_stream_consumer_logs_a_refused_read_once_while_it_retries(
+        redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mcp_redis")
+    server = redis_factory()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~mcp:*", "&mcp:*", "+@all", "-xreadgroup")
+    mcp_redis.configure(redis_url=f"redis://reader:reader-pw@127.0.0.1:{server.port}/0")
+    stream = mcp_redis.EventStream("misconf", group="g", consumer="c")
+
+    def refusals() -> int:
+        return sum(int(e["count"]) for e in admin.execute_command("ACL", "LOG") if e["object"] == "xreadgroup")
+
+    consumer = stream.run_in_thread(lambda event: None, block_ms=100)
+    try:
+        wait_for(lambda: refusals() >= 3, timeout=30, what="three refused reads")
+    finally:
+        consumer.close()
+    records = [r for r in caplog.records if r.name == "mcp_redis.events" and r.levelno >= logging.WARNING]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "PermissionDenied" not in records[0].getMessage() and "REDIS_URL" in records[0].getMessage()
+    assert records[0].exc_info is None
