@@ -320,3 +320,26 @@ def test_stream_consumer_logs_a_refused_read_once_while_it_retries(
     assert len(records) == 1, [r.getMessage() for r in records]
     assert "PermissionDenied" not in records[0].getMessage() and "REDIS_URL" in records[0].getMessage()
     assert records[0].exc_info is None
+
+
+def test_session_replayer_logs_a_refused_replay_once_while_it_retries(
+        redis_factory: Any, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mcp_redis")
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, database_url=database_url)
+    store = mcp_redis.SessionStore()
+    store.bind("warm-up", "agent-0")
+    server.stop()
+    store.bind("while-down", "agent-1", ttl=600)  # PostgreSQL takes it; the replayer starts
+    server.password = PASSWORD  # back, but now asking for a password REDIS_URL lacks
+    server.start()
+    admin = server.client()
+
+    def connections() -> int:
+        return int(admin.info("stats")["total_connections_received"])
+
+    before = connections()
+    wait_for(lambda: connections() >= before + 3, timeout=30, what="three replay attempts")
+    records = [r for r in caplog.records if r.name == "mcp_redis.sessions" and r.levelno >= logging.WARNING]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "REDIS_URL" in records[0].getMessage() and records[0].exc_info is None
