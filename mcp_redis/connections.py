@@ -245,7 +245,7 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
         del pool
 
 
-def parse_host_list(netloc: str, default_port: int, argument: str = "redis_url") -> List[Tuple[str, int]]:
+def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
     """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
     hosts: List[Tuple[str, int]] = []
     for item in netloc.split(","):
@@ -322,7 +322,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
     """The redis-py client for ``s.redis_url``: (client, kind, sentinel, service)."""
     url = s.redis_url
     if not url:
-        raise ConfigurationError("redis_url: not set (local mode has no Redis client)")
+        raise ConfigurationError("REDIS_URL (redis_url): not set (local mode has no Redis client)")
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
@@ -345,7 +345,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
         if scheme == "redis+sentinel":
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"redis_url: {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
@@ -393,8 +393,8 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
         raise
     except (ValueError, TypeError) as exc:
         # redis-py's parse errors can quote the URL: never let it through.
-        raise ConfigurationError(f"redis_url: cannot use {shown!r}: {type(exc).__name__}") from None
-    raise ConfigurationError(f"redis_url: unsupported scheme in {shown!r}")
+        raise ConfigurationError(f"REDIS_URL (redis_url): cannot use {shown!r}: {type(exc).__name__}") from None
+    raise ConfigurationError(f"REDIS_URL (redis_url): unsupported scheme in {shown!r}")
 
 
 # -- the process-wide connection -----------------------------------------------

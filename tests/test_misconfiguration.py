@@ -343,3 +343,11 @@ def test_session_replayer_logs_a_refused_replay_once_while_it_retries(
     records = [r for r in caplog.records if r.name == "mcp_redis.sessions" and r.levelno >= logging.WARNING]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert "REDIS_URL" in records[0].getMessage() and records[0].exc_info is None
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://127.0.0.1:26379", "redis+cluster://h:notaport"])
+def test_a_malformed_redis_url_names_the_variable(url: str) -> None:
+    from mcp_redis.connections import build_client
+
+    with pytest.raises(mcp_redis.ConfigurationError, match=r"^REDIS_URL \(redis_url\): "):
+        build_client(mcp_redis.Settings(redis_url=url))
