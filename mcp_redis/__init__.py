@@ -88,3 +88,15 @@ __all__ += ["EventBus", "Subscription", "EventStream", "StreamEntry", "StreamCon
 from .backend import RedisBackend  # noqa: E402
 
 __all__ += ["RedisBackend"]
+# --- misconfiguration: the ConfigurationError subclasses a backend's refusal raises ---
+from .errors import (  # noqa: E402
+    AuthenticationFailed,
+    BadDatabaseIndex,
+    PermissionDenied,
+    ReadOnlyServer,
+    UnsupportedServer,
+    WrongKeyType,
+)
+
+__all__ += ["AuthenticationFailed", "PermissionDenied", "BadDatabaseIndex", "UnsupportedServer",
+            "WrongKeyType", "ReadOnlyServer"]

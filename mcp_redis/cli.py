@@ -79,6 +79,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
+    from .config import settings
+
+    if not settings().database_url:
+        print("mcp-redis sessions cleanup: DATABASE_URL is not set: no PostgreSQL session rows to clean "
+              "(Redis and local bindings expire by themselves)", file=sys.stderr)
+        return 2
     try:
         sessions = importlib.import_module("mcp_redis.sessions")
     except ImportError:

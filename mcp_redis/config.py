@@ -8,18 +8,22 @@ follow a later `configure()`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import logging
 import math
 import os
 import re
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import validate_prefix
 from .validation import MAX_NETWORK_SECONDS, MAX_SECONDS, MAX_STATEMENT_SECONDS, seconds
+
+log = logging.getLogger("mcp_redis.config")
 
 __all__ = [
     "Mode",
@@ -210,22 +214,20 @@ class Settings:
                 values[name] = parse(raw)
             except (ValueError, TypeError):
                 shown = "***" if "PASSWORD" in var else repr(raw)
-                raise ConfigurationError(f"{var}: cannot parse {shown}") from None
+                raise ConfigurationError(f"{var} must be {_expected(name, parse)}, got {shown}",
+                                         variable=var) from None
+        warn_unknown_variables(env)
         unknown = set(overrides) - _FIELD_NAMES
         if unknown:
             raise ConfigurationError(
                 f"configure(): unknown setting(s) {sorted(unknown)}; known: {sorted(_FIELD_NAMES)}"
             )
+        from_environment = set(values) - set(overrides)
         values.update(overrides)
         try:
             return cls(**values)
         except ConfigurationError as exc:
-            # Every check above starts its message with the setting's name: name
-            # the environment variable too when the bad value came from there.
-            name = str(exc).split(":", 1)[0]
-            if name in _ENV and name not in overrides and env.get(_ENV[name][0]):
-                raise ConfigurationError(f"{_ENV[name][0]}: {exc}") from None
-            raise
+            raise _naming_the_variable(exc, from_environment) from None
 
 
 class _Duration(NamedTuple):
@@ -336,6 +338,64 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
 }
 _FIELD_NAMES = {f.name for f in dataclasses.fields(Settings)}
 assert set(_ENV) <= _FIELD_NAMES
+
+# The unit of each number read from the environment, for error messages.
+_UNITS: Dict[str, str] = {
+    "session_ttl": "seconds", "metadata_ttl": "seconds", "lock_timeout": "seconds",
+    "rate_limit_window": "seconds", "socket_timeout": "seconds", "socket_connect_timeout": "seconds",
+    "pool_timeout": "seconds", "postgres_timeout": "seconds", "breaker_reset_timeout": "seconds",
+    "max_connections": "connections", "retry_attempts": "attempts",
+    "breaker_failure_threshold": "consecutive failures",
+}
+
+
+def _expected(name: str, parse: Callable[[str], Any]) -> str:
+    """What the variable of setting `name` must hold: "a whole number of seconds"."""
+    unit = _UNITS.get(name)
+    kind = "a whole number" if parse is _int else "a number"
+    return f"{kind} of {unit}" if unit else kind
+
+
+def _naming_the_variable(exc: ConfigurationError, from_environment: Iterable[str]) -> ConfigurationError:
+    """`exc` ("lock_timeout: ...") restated with the variable the user set, when
+    the setting came from the environment: "REDIS_LOCK_TIMEOUT (lock_timeout, seconds): ..."."""
+    message = str(exc)
+    if type(exc) is not ConfigurationError:
+        return exc
+    for name in from_environment:
+        if message.startswith(f"{name}:"):
+            var = _ENV[name][0]
+            unit = f", {_UNITS[name]}" if name in _UNITS else ""
+            return ConfigurationError(f"{var} ({name}{unit}):{message[len(name) + 1:]}", variable=var)
+    return exc
+
+
+# Variables read by the test suite, benchmarks and tools rather than by Settings.
+TOOL_VARIABLES = (
+    "MCP_REDIS_REQUIRE_SERVERS", "MCP_REDIS_SKIP_SLOW", "MCP_REDIS_TOPOLOGIES", "MCP_REDIS_SERVER_BINARIES",
+    "MCP_REDIS_TEST_PG_ADMIN_DSN", "MCP_REDIS_SOAK_SECONDS", "MCP_REDIS_SOAK_FULL",
+    "MCP_REDIS_FAULT_REPORT", "MCP_REDIS_LOG_LEVEL",
+)
+_warned_unknown: Set[str] = set()
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> List[str]:
+    """Warn once per process about each ``MCP_REDIS_*`` variable nothing reads.
+
+    A misspelled variable (``MCP_REDIS_LOCK_BACKEND``) would otherwise be
+    ignored in silence; the warning names the closest known one. Returns the
+    unknown names.
+    """
+    known = {var for var, _ in _ENV.values()} | set(TOOL_VARIABLES)
+    unknown = sorted(v for v in environ if v.startswith("MCP_REDIS_") and v not in known)
+    for var in unknown:
+        if var in _warned_unknown:
+            continue
+        _warned_unknown.add(var)
+        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the README's list of variables"
+        log.warning("unknown environment variable %s is ignored; %s", var, hint)
+    return unknown
 
 ENVIRONMENT_VARIABLES: List[Tuple[str, str]] = [(var, name) for name, (var, _) in _ENV.items()]
 

@@ -29,7 +29,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .config import Settings, on_reset, redact_url, settings
 from .errors import ConfigurationError
-from .resilience import CircuitBreaker, Resilience
+from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 
 __all__ = [
     "RedisConnection",
@@ -68,6 +68,14 @@ class RedisConnection:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` under the retry/breaker policy."""
         return self.policy.call(fn, *args, **kwargs)
+
+    def misconfiguration(self, exc: BaseException) -> Optional[ConfigurationError]:
+        """The `ConfigurationError` a redis-py error from this client stands for, or None.
+
+        The policy applies it to every call; background threads (which read
+        outside the policy) use it to tell misconfiguration from an outage.
+        """
+        return redis_misconfiguration(exc, follows_failover=self.kind != "single")
 
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a registered script (``client.register_script``) in one round trip.
@@ -237,7 +245,7 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
         del pool
 
 
-def parse_host_list(netloc: str, default_port: int, argument: str = "redis_url") -> List[Tuple[str, int]]:
+def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
     """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
     hosts: List[Tuple[str, int]] = []
     for item in netloc.split(","):
@@ -271,8 +279,22 @@ def _split_userinfo(netloc: str) -> Tuple[Optional[str], Optional[str], str]:
     return (unquote(user) or None), (unquote(password) or None), hosts
 
 
+# redis-py >= 5 sends CLIENT SETINFO (lib-name, lib-ver) on connect to servers
+# >= 7.2 and swallows a refusal: with the minimal ACL of docs/security.md each
+# connect would leave a denial in ACL LOG. The library names its connections
+# with CLIENT SETNAME instead, so SETINFO is not sent (the same handshake on
+# Redis 7.0, 7.2+ and Valkey).
+try:
+    import redis.driver_info  # noqa: F401 - redis-py >= 7.1: lib_name/lib_version are deprecated
+
+    _NO_SETINFO: Dict[str, Any] = {"driver_info": None}
+except ImportError:  # pragma: no cover - older redis-py
+    _NO_SETINFO = {"lib_name": None, "lib_version": None}
+
+
 def _common_kwargs(s: Settings) -> Dict[str, Any]:
     return {
+        **_NO_SETINFO,
         "socket_timeout": s.socket_timeout,
         "socket_connect_timeout": s.socket_connect_timeout,
         "socket_keepalive": True,
@@ -300,7 +322,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
     """The redis-py client for ``s.redis_url``: (client, kind, sentinel, service)."""
     url = s.redis_url
     if not url:
-        raise ConfigurationError("redis_url: not set (local mode has no Redis client)")
+        raise ConfigurationError("REDIS_URL (redis_url): not set (local mode has no Redis client)")
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
@@ -323,7 +345,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
         if scheme == "redis+sentinel":
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"redis_url: {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
@@ -371,8 +393,8 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
         raise
     except (ValueError, TypeError) as exc:
         # redis-py's parse errors can quote the URL: never let it through.
-        raise ConfigurationError(f"redis_url: cannot use {shown!r}: {type(exc).__name__}") from None
-    raise ConfigurationError(f"redis_url: unsupported scheme in {shown!r}")
+        raise ConfigurationError(f"REDIS_URL (redis_url): cannot use {shown!r}: {type(exc).__name__}") from None
+    raise ConfigurationError(f"REDIS_URL (redis_url): unsupported scheme in {shown!r}")
 
 
 # -- the process-wide connection -----------------------------------------------
@@ -408,6 +430,9 @@ def _build() -> RedisConnection:
             # as a raw redis error.
             from .errors import BackendUnavailable
 
+            misconfigured = redis_misconfiguration(exc, follows_failover=True)
+            if misconfigured is not None:
+                raise misconfigured from exc
             raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
         holder: List[RedisConnection] = []
         breaker = CircuitBreaker(
@@ -422,6 +447,7 @@ def _build() -> RedisConnection:
             initial_backoff=s.retry_initial_backoff,
             max_backoff=s.retry_max_backoff,
             breaker=breaker,
+            misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
         )
         conn = RedisConnection(client, policy, kind, redact_url(s.redis_url or ""), s, sentinel, service)
         holder.append(conn)

@@ -16,6 +16,12 @@ from redis.exceptions import LockNotOwnedError as _RedisLockNotOwnedError
 __all__ = [
     "McpRedisError",
     "ConfigurationError",
+    "AuthenticationFailed",
+    "PermissionDenied",
+    "BadDatabaseIndex",
+    "UnsupportedServer",
+    "WrongKeyType",
+    "ReadOnlyServer",
     "InvalidArgument",
     "InvalidArgumentType",
     "BackendUnavailable",
@@ -36,7 +42,45 @@ class McpRedisError(Exception):
 
 
 class ConfigurationError(McpRedisError, ValueError):
-    """A setting (environment variable or `configure()` argument) is invalid."""
+    """A setting (environment variable or `configure()` argument) is invalid.
+
+    Also raised when a backend refuses the library for a reason only its
+    operator can fix (the subclasses below): never retried, never a breaker
+    trip, never a fallback. ``variable`` names the environment variable to fix
+    (None when the message names it otherwise).
+    """
+
+    variable: Optional[str] = None
+
+    def __init__(self, message: str, *, variable: Optional[str] = None) -> None:
+        if variable is not None:
+            self.variable = variable
+        super().__init__(message)
+
+
+class AuthenticationFailed(ConfigurationError):
+    """The server refused the credentials in `REDIS_URL` / `DATABASE_URL`."""
+
+
+class PermissionDenied(ConfigurationError):
+    """The user of `REDIS_URL` / `DATABASE_URL` lacks a permission (Redis ``NOPERM``)."""
+
+
+class BadDatabaseIndex(ConfigurationError):
+    """The database index in `REDIS_URL` does not exist on the server."""
+
+
+class UnsupportedServer(ConfigurationError):
+    """The server does not know a command the library uses (too old, or renamed)."""
+
+
+class WrongKeyType(ConfigurationError):
+    """A key under `MCP_REDIS_KEY_PREFIX` holds another type (``WRONGTYPE``):
+    something else writes under the library's prefix."""
+
+
+class ReadOnlyServer(ConfigurationError):
+    """`REDIS_URL` names a read-only replica (``READONLY``), not the master."""
 
 
 class InvalidArgument(McpRedisError, ValueError):

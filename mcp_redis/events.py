@@ -31,7 +31,7 @@ import redis.exceptions as rex
 
 from .config import on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
-from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from .errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
@@ -835,9 +835,15 @@ class StreamConsumer:
         self.handled += 1
 
     def _run(self) -> None:
+        logged: Optional[str] = None
         while not self._stop.is_set():
             try:
                 self.stream.consume(self._count, stop=self._stop, **self._kw)
+            except ConfigurationError as exc:  # only the operator can fix it: one line, not a loop
+                if str(exc) != logged:
+                    log.error("stream %r: consumer stopped: %s (retrying every 1s)", self.stream.name, exc)
+                    logged = str(exc)
+                self._stop.wait(1.0)
             except Exception:  # a bug or a non-transient error: log, pause, go on
                 log.exception("stream %r: consumer loop failed; restarting it", self.stream.name)
                 self._stop.wait(1.0)

@@ -57,6 +57,7 @@ from .connections import RedisConnection, get_redis, on_fork
 from .errors import (
     BackendUnavailable,
     BlockingCallInEventLoop,
+    ConfigurationError,
     InvalidArgument,
     InvalidArgumentType,
     LockNotOwned,
@@ -158,6 +159,7 @@ class _Hold:
     is_lost: bool = False
     released: bool = False
     next_renewal: float = 0.0
+    misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
     _event: Optional[threading.Event] = None  # made on demand: most holds never need one
 
     def mark_lost(self) -> None:
@@ -793,6 +795,9 @@ class _Watchdog:
         try:
             ok = hold.backend.extend(hold, hold.lease, True)
         except Exception as exc:
+            if isinstance(exc, ConfigurationError) and not hold.misconfiguration_logged:
+                hold.misconfiguration_logged = True
+                log.error("lock: lease renewal refused, retrying until the lease ends: %s", exc)
             if time.monotonic() < hold.expires_at:
                 # Keep trying until the lease would have ended anyway.
                 METRICS.inc("lock_renew_total", outcome="error")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` 
 
 from .config import Settings, on_reset, redact_url, settings
 from .connections import on_fork
-from .errors import BackendUnavailable, ConfigurationError, PoolExhausted
+from .errors import AuthenticationFailed, BackendUnavailable, ConfigurationError, PermissionDenied, PoolExhausted
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
 
@@ -95,6 +95,34 @@ def is_pg_transient(exc: BaseException) -> bool:
     )
 
 
+# libpq's words for a refusal only the operator can fix (the server answered).
+_PG_AUTH_FAILURES = ("password authentication failed", "no password supplied", "does not exist",
+                     "no pg_hba.conf entry", "authentication failed")
+
+
+def pg_misconfiguration(exc: BaseException) -> Optional[ConfigurationError]:
+    """The `ConfigurationError` a psycopg2 error stands for, or None (see
+    `mcp_redis.resilience.redis_misconfiguration`): refused credentials, an
+    unknown role or database, a missing privilege. Messages are scrubbed of
+    the DSN before they get here."""
+    if "psycopg2" not in sys.modules:  # no psycopg2 error can exist yet
+        return None
+    import psycopg2.errors
+
+    if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
+        return PermissionDenied(
+            f"DATABASE_URL: the PostgreSQL user lacks a privilege ({said}); grant what "
+            "docs/security.md lists, or use another user in DATABASE_URL", variable="DATABASE_URL")
+    if isinstance(exc, psycopg2.OperationalError) and not isinstance(exc, BackendUnavailable):
+        said = " ".join(str(exc).split())
+        if any(words in said for words in _PG_AUTH_FAILURES):
+            return AuthenticationFailed(
+                f"DATABASE_URL: PostgreSQL refused the connection ({said}); fix the user, password "
+                "or database name in DATABASE_URL", variable="DATABASE_URL")
+    return None
+
+
 def _connect_options(s: Settings) -> dict[str, Any]:
     """libpq options that bound every call by `postgres_timeout`.
 
@@ -164,6 +192,7 @@ class Postgres:
                 reset_timeout=s.breaker_reset_timeout,
             ),
             transient=is_pg_transient,
+            misconfiguration=pg_misconfiguration,
         )
 
     def __repr__(self) -> str:

@@ -40,6 +40,7 @@ log = logging.getLogger("mcp_redis.prometheus")
 DOCS: Dict[str, str] = {
     "backend_retries_total": "Retries of a transient backend failure (label backend).",
     "backend_failures_total": "Backend calls that failed with a transient error (label backend).",
+    "configuration_errors_total": "Backend refusals only the operator can fix: credentials, ACL, DB index, ... (label backend).",
     "breaker_transitions_total": "Circuit-breaker state changes (labels backend, to).",
     "breaker_rejections_total": "Calls refused at once because the breaker was open (label backend).",
     "health_checks_total": "health() probes (labels backend, ok).",

@@ -4,6 +4,9 @@ redis-py's ``PubSub.run_in_thread`` dies when a reconnect fails (redis-py
 #816, #717); this listener instead loops forever with backoff, resubscribes
 after every reconnect and tells its owner (``on_subscribed(initial=False)``)
 so that state which may have missed messages (an L1 cache) can be flushed.
+Misconfiguration (wrong password, ``NOPERM``, a bad DB index: see
+`mcp_redis.resilience.redis_misconfiguration`) is logged once, as one line
+naming the fix, and retried every `max_backoff` seconds until it is fixed.
 
 Used by the metadata cache's cross-process invalidation and by `EventBus`.
 """
@@ -69,6 +72,8 @@ class Subscriber:
         self._pid = os.getpid()
         self._pubsub: Any = None
         self._subscribed_once = False
+        self._settled = threading.Event()  # subscribed, or found misconfigured
+        self.misconfigured: Optional[ConfigurationError] = None  # until subscribed again
         self.reconnects = 0
         self.delivered = 0
 
@@ -90,16 +95,23 @@ class Subscriber:
         """Start the listener thread; with `wait`, return once subscribed.
 
         Raises `BackendUnavailable` (and stops) if `wait` and the
-        subscription is not active within `timeout` seconds.
+        subscription is not active within `timeout` seconds, and the
+        `ConfigurationError` at once if `wait` and Redis refuses the
+        subscription for a reason only its operator can fix.
         """
         if self._thread is not None:
             return self
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         _live.add(self)
         self._thread.start()
-        if wait and not self._ready.wait(timeout):
-            self.close()
-            raise BackendUnavailable(f"redis unavailable: subscription not active within {timeout}s")
+        if wait:
+            self._settled.wait(timeout)
+            misconfigured = self.misconfigured
+            if not self._ready.is_set():
+                self.close()
+                if misconfigured is not None:
+                    raise misconfigured
+                raise BackendUnavailable(f"redis unavailable: subscription not active within {timeout}s")
         return self
 
     def wait_active(self, timeout: float) -> bool:
@@ -136,6 +148,15 @@ class Subscriber:
                 if self._closed.is_set():
                     return  # close() shut the socket under us
                 self._ready.clear()
+                misconfigured = self._misconfiguration(exc)
+                if misconfigured is not None:
+                    if self.misconfigured is None:  # once, until subscribed again
+                        log.error("subscriber %s: %s (retrying every %gs)", self.name, misconfigured, self._max_backoff)
+                        METRICS.inc("configuration_errors_total", backend="redis")
+                    self.misconfigured = misconfigured
+                    self._settled.set()
+                    self._closed.wait(self._max_backoff)
+                    continue
                 if isinstance(exc, _LISTEN_ERRORS):
                     METRICS.inc("pubsub_reconnects_total")
                     self.reconnects += 1
@@ -146,6 +167,13 @@ class Subscriber:
                 backoff = min(backoff * 2, self._max_backoff)
             finally:
                 self._drop_pubsub()
+
+    @staticmethod
+    def _misconfiguration(exc: Exception) -> Optional[ConfigurationError]:
+        try:
+            return get_redis().misconfiguration(exc)
+        except Exception:  # reconfigured meanwhile: the next _listen() says so
+            return None
 
     def _listen(self) -> None:
         conn = get_redis()
@@ -177,7 +205,9 @@ class Subscriber:
                 self._on_subscribed(first)
             except Exception:
                 log.exception("subscriber %s: on_subscribed hook failed", self.name)
+        self.misconfigured = None
         self._ready.set()
+        self._settled.set()
         for msg in pending:
             self._dispatch(msg)
         while not self._closed.is_set():

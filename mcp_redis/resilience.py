@@ -9,6 +9,13 @@ probe, and its success closes the breaker again.
 
 Features never catch Redis errors themselves: they call through the policy
 and decide their fallback on `BackendUnavailable`.
+
+Misconfiguration is not an outage: an error only the operator can fix (a
+wrong password, a missing ACL permission, a bad DB index, a command the
+server lacks, a foreign key under the prefix, a read-only replica) is turned
+by `redis_misconfiguration` into a `ConfigurationError` naming the variable
+to fix. The policy raises it at once: no retry, no breaker failure, and no
+feature fallback (fallbacks catch `BackendUnavailable` only).
 """
 
 from __future__ import annotations
@@ -28,7 +35,17 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import BackendUnavailable, PoolExhausted
+from .errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    BadDatabaseIndex,
+    ConfigurationError,
+    PermissionDenied,
+    PoolExhausted,
+    ReadOnlyServer,
+    UnsupportedServer,
+    WrongKeyType,
+)
 from .metrics import METRICS, Metrics
 
 __all__ = [
@@ -39,6 +56,8 @@ __all__ = [
     "REDIS_TRANSIENT",
     "is_redis_transient",
     "is_pool_exhausted",
+    "redis_misconfiguration",
+    "SUPPORTED_SERVERS",
 ]
 
 log = logging.getLogger("mcp_redis.resilience")
@@ -72,6 +91,61 @@ def is_redis_transient(exc: BaseException) -> bool:
     if isinstance(exc, BackendUnavailable):
         return False
     return isinstance(exc, REDIS_TRANSIENT)
+
+
+SUPPORTED_SERVERS = "Redis 7.0 or later, or Valkey 8"
+
+
+def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False) -> Optional[ConfigurationError]:
+    """The `ConfigurationError` that a redis-py error stands for, or None.
+
+    None means "not the operator's to fix": a transient fault (the resilience
+    path) or an ordinary error reply. `follows_failover` is True for Sentinel
+    and Cluster clients, where ``READONLY`` is a failover in progress
+    (transient); with a plain ``redis://`` URL it means the URL names a replica.
+    Messages quote the server's words, which never contain a password.
+    """
+    if not isinstance(exc, rex.RedisError):
+        return None
+    said = str(exc).strip()
+    upper = said.upper()
+    if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)) or (
+        isinstance(exc, rex.ResponseError) and upper.startswith(("WRONGPASS", "NOAUTH"))
+    ):
+        return AuthenticationFailed(
+            f"REDIS_URL: the Redis server refused the credentials ({said}); put the user and "
+            "password of an enabled ACL user (or the requirepass password) in REDIS_URL: "
+            "redis://USER:PASSWORD@host:port/db", variable="REDIS_URL")
+    if isinstance(exc, (rex.NoPermissionError, rex.AuthorizationError)) or "NOPERM" in upper:
+        return PermissionDenied(
+            f"REDIS_URL: the Redis user lacks a permission ({said}); grant the ACL rule in "
+            "docs/security.md (keys and channels under MCP_REDIS_KEY_PREFIX, and its commands) "
+            "or use another user in REDIS_URL", variable="REDIS_URL")
+    if isinstance(exc, rex.ResponseError) and "DB INDEX IS OUT OF RANGE" in upper:
+        return BadDatabaseIndex(
+            f"REDIS_URL: the server has no such database ({said}); the number after the last "
+            "'/' of REDIS_URL must be below the server's 'databases' setting (16 by default), "
+            "e.g. redis://host:6379/0", variable="REDIS_URL")
+    if isinstance(exc, rex.ResponseError) and ("UNKNOWN COMMAND" in upper or "UNKNOWN REDIS COMMAND" in upper):
+        return UnsupportedServer(
+            f"REDIS_URL: the server does not know a command mcp_redis uses ({said}); it is too "
+            f"old or renames/disables that command: point REDIS_URL at {SUPPORTED_SERVERS} "
+            "with the commands of docs/security.md enabled", variable="REDIS_URL")
+    if isinstance(exc, rex.ResponseError) and "WRONGTYPE" in upper:
+        return WrongKeyType(
+            f"MCP_REDIS_KEY_PREFIX: a key under the prefix holds a value of another type ({said}); "
+            "something else writes under this prefix: give mcp_redis its own MCP_REDIS_KEY_PREFIX "
+            "(or delete the foreign keys)", variable="MCP_REDIS_KEY_PREFIX")
+    if isinstance(exc, rex.ReadOnlyError) and not follows_failover:
+        return ReadOnlyServer(
+            f"REDIS_URL: the server is a read-only replica ({said}); point REDIS_URL at the "
+            "master, or use redis+sentinel://sentinel:26379/<service> so the library follows "
+            "failovers", variable="REDIS_URL")
+    return None
+
+
+def _no_misconfiguration(exc: BaseException) -> Optional[ConfigurationError]:
+    return None
 
 
 class BreakerOpen(BackendUnavailable):
@@ -199,6 +273,7 @@ class Resilience:
         max_backoff: float = 0.25,
         breaker: Optional[CircuitBreaker] = None,
         transient: Callable[[BaseException], bool] = is_redis_transient,
+        misconfiguration: Callable[[BaseException], Optional[ConfigurationError]] = _no_misconfiguration,
         metrics: Metrics = METRICS,
     ) -> None:
         self.name = name
@@ -207,6 +282,7 @@ class Resilience:
         self.max_backoff = max_backoff
         self.breaker = breaker if breaker is not None else CircuitBreaker(name, metrics=metrics)
         self.transient = transient
+        self.misconfiguration = misconfiguration
         self._metrics = metrics
 
     def __repr__(self) -> str:
@@ -222,11 +298,14 @@ class Resilience:
 
         Transient failures that outlast the retries, and calls made while the
         breaker is open, raise `BackendUnavailable` (chained to the cause).
-        Any other exception propagates unchanged.
+        Misconfiguration raises `ConfigurationError` at once (chained to the
+        cause; the breaker counts it as an answer). Any other exception
+        propagates unchanged.
         """
         breaker = self.breaker
         metrics = self._metrics
         name = self.name
+        misconfiguration = self.misconfiguration
 
         def attempt() -> T:
             if not breaker.allow():
@@ -235,6 +314,12 @@ class Resilience:
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
+                misconfigured = misconfiguration(exc)
+                if misconfigured is not None:
+                    # The backend answered; only its operator can fix this.
+                    breaker.record_success()
+                    metrics.inc("configuration_errors_total", backend=name)
+                    raise misconfigured from exc
                 if is_pool_exhausted(exc):
                     # A saturated pool is not a down backend: no breaker
                     # failure, and no retry (it already waited pool_timeout).

@@ -34,7 +34,14 @@ from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequ
 
 from .config import Mode, Settings, on_reset, settings
 from .connections import RedisConnection, get_redis, on_fork
-from .errors import AmbiguousPrefix, BackendUnavailable, FeatureDisabled, InvalidArgument, InvalidArgumentType
+from .errors import (
+    AmbiguousPrefix,
+    BackendUnavailable,
+    ConfigurationError,
+    FeatureDisabled,
+    InvalidArgument,
+    InvalidArgumentType,
+)
 from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
 from .local import TTLStore
 from .metrics import METRICS
@@ -640,6 +647,7 @@ class _Tiers:
         assert self.redis is not None and self.pg is not None
         redis = self.redis
         pause = _REPLAY_POLL
+        refused = False
         while not self._stop.is_set():
             with self._lock:
                 generation = self._generation
@@ -649,6 +657,12 @@ class _Tiers:
             except BackendUnavailable:
                 self._stop.wait(pause)
                 pause = min(pause * 1.5, 2.0)
+                continue
+            except ConfigurationError as exc:  # only the operator can fix it: one line, not a loop
+                if not refused:
+                    log.error("session replay refused: %s (retrying every %gs)", exc, _REPLAY_POLL * 5)
+                    refused = True
+                self._stop.wait(_REPLAY_POLL * 5)
                 continue
             except Exception:  # never let the thread die silently with rows pending
                 log.exception("session replay failed; retrying")

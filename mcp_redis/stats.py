@@ -248,9 +248,13 @@ def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
     example from an admin endpoint); ``backends=False`` skips the Redis and
     PostgreSQL round trips.
     """
+    from .health import deployment_warnings
+
     s = settings()
     report: Dict[str, Any] = {
         "mode": "local" if s.local_mode else "redis",
+        "shared": not s.local_mode,
+        "warnings": deployment_warnings(s),
         "key_prefix": s.key_prefix,
         "summary": summary(metrics or METRICS),
         "process": process_stats(metrics or METRICS),

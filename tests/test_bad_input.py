@@ -642,8 +642,9 @@ def test_duration_environment_variables_are_refused_naming_the_variable(
         monkeypatch: pytest.MonkeyPatch, var: str, name: str, raw: str) -> None:
     monkeypatch.setenv(var, raw)
     mcp_redis.reset(configuration=True)
-    with pytest.raises(ConfigurationError, match=f"^{var}: {name}: "):
+    with pytest.raises(ConfigurationError, match=rf"^{var} \({name}, seconds\): ") as raised:
         mcp_redis.settings()
+    assert raised.value.variable == var
 
 
 def test_the_largest_accepted_timeouts_are_honoured_by_every_feature(redis_url: str, database_url: str) -> None:
