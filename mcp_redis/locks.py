@@ -524,15 +524,9 @@ class _PostgresBackend(_Backend):
         with handle.guard:
             try:
                 with handle.connection.cursor() as cur:
-                    cur.execute(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-                        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
-                        (advisory_key(hold.keys.lock),),
-                    )
-                    row = cur.fetchone()
+                    return _holds_advisory(cur, advisory_key(hold.keys.lock))
             except Exception:
                 return False
-        return bool(row and row[0])
 
     def locked(self, keys: _Keys) -> bool:
         from .postgres import get_postgres
@@ -571,6 +565,17 @@ def _lock_not_available() -> Type[BaseException]:
     return error
 
 
+def _holds_advisory(cur: Any, lock_id: int) -> bool:
+    """True when this session holds the session advisory lock `lock_id`."""
+    cur.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+        (lock_id,),
+    )
+    row = cur.fetchone()
+    return bool(row and row[0])
+
+
 def _wait_advisory(cur: Any, lock_id: int, deadline: Optional[float], slice_cap: float) -> bool:
     """Take the session advisory lock `lock_id` by `deadline` (monotonic; None: forever).
 
@@ -594,7 +599,9 @@ def _wait_advisory(cur: Any, lock_id: int, deadline: Optional[float], slice_cap:
                 cur.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
                 got = True
             except _lock_not_available():
-                pass
+                # The timeout can fire as the lock is granted: PostgreSQL then
+                # raises *and* keeps the (session) lock. Ours, then.
+                got = _holds_advisory(cur, lock_id)
     finally:
         try:
             cur.execute("RESET lock_timeout")
