@@ -14,10 +14,18 @@ Backends, per ``settings().mode("locks")``:
 * ``redis``: the above. When Redis is unreachable, ``settings().lock_fallback``
   decides: ``none`` fails closed (`BackendUnavailable`), ``postgres`` takes a
   PostgreSQL advisory lock, ``local`` a host-local file lock (unsafe across
-  hosts; logged and counted).
-* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold.
+  hosts; logged and counted). Under ``postgres`` the two tiers exclude each
+  other: Redis grants pass a per-name gate that PostgreSQL vouches for, and a
+  fallback grant waits out the Redis leases that may still run
+  (`_GatedRedisBackend`, `_PostgresBackend.acquire_fallback`).
+* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold; waits
+  are contention, never a backend failure.
 * ``local``: ``fcntl.flock`` on a file in ``settings().lock_dir``; the kernel
-  frees a crashed holder's lock, so a lock file left behind never blocks.
+  frees a crashed holder's lock, so a lock file left behind never blocks, and
+  a forked child closes its copies so it never keeps its parent's lock.
+
+Every backend's fencing tokens are ``max(previous + 1, clock in µs)``, so the
+tokens of one name keep rising across backends and fallback episodes.
 * ``off``: a no-op lock that always enters (logged once as unsafe).
 
 `agent_lock` renews its lease from one shared watchdog thread per process and
@@ -798,8 +806,14 @@ class _GatedRedisBackend(_RedisBackend):
         delay = 0.002
         while True:
             hold = super().acquire(keys, token, lease, deadline)
-            if hold is None or self._through_gate(hold):
-                return hold
+            if hold is None:
+                return None
+            try:
+                if self._through_gate(hold):
+                    return hold
+            except BaseException:  # PostgreSQL could not say: fail closed, hold nothing
+                self._give_back(hold)
+                raise
             self._give_back(hold)
             remaining = float("inf") if deadline is None else deadline - time.monotonic()
             if remaining <= 0:

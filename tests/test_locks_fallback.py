@@ -12,6 +12,7 @@ import threading
 from typing import Any, Dict, List, Tuple
 
 import pytest
+import redis
 
 import mcp_redis
 from mcp_redis import LockNotOwned
@@ -236,3 +237,12 @@ def test_four_processes_by_four_threads_lose_no_update_across_a_redis_outage(red
     assert all(a < b for a, b in zip(in_order, in_order[1:]))
     backends = [backend for _, _, backend in sorted(seen)]
     assert backends[0] == "redis" and "postgres" in backends and backends[-1] == "redis"
+
+
+def test_redis_grant_fails_closed_when_postgres_cannot_rule_out_a_fallback_hold(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, lock_fallback="postgres", retry_attempts=1,
+                        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=1")
+    probe = mcp_redis.lock("unconfirmed", timeout=5)
+    with pytest.raises(mcp_redis.BackendUnavailable):
+        probe.acquire(blocking_timeout=0)
+    assert not redis.Redis.from_url(redis_url).exists(probe.key)  # the Redis grant was given back
