@@ -168,13 +168,25 @@ def test_postgres_lock_waits_outlast_postgres_timeout_and_never_open_the_breaker
     mcp_redis.configure(database_url=database_url, locks="postgres", postgres_timeout=1)
     holder = mcp_redis.lock("pg-wait", thread_local=False)
     assert holder.acquire()
+    forever: List[bool] = []
+
+    def wait_forever() -> None:  # blocking_timeout None (the default of mcp_redis.lock)
+        with mcp_redis.lock("pg-wait") as held:
+            forever.append(held.backend == "postgres")
+
+    patient = threading.Thread(target=wait_forever)
+    patient.start()
     releaser = threading.Timer(3.0, holder.release)  # holds three postgres_timeouts
     releaser.start()
     try:
         waiter = mcp_redis.lock("pg-wait")
         assert waiter.acquire(blocking_timeout=6) and waiter.backend == "postgres"
+        waiter.release()
+        patient.join(30)
+        assert forever == [True]
     finally:
         releaser.join()
+    assert waiter.acquire(blocking_timeout=0)
     # Five waiters each give up after 1.5 s on a held lock: contention, not a failure.
     outcomes: List[Any] = []
 
