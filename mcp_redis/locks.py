@@ -23,10 +23,10 @@ Backends, per ``settings().mode("locks")``:
 * ``local``: ``fcntl.flock`` on a file in ``settings().lock_dir``; the kernel
   frees a crashed holder's lock, so a lock file left behind never blocks, and
   a forked child closes its copies so it never keeps its parent's lock.
+* ``off``: a no-op lock that always enters (logged once as unsafe).
 
 Every backend's fencing tokens are ``max(previous + 1, clock in µs)``, so the
 tokens of one name keep rising across backends and fallback episodes.
-* ``off``: a no-op lock that always enters (logged once as unsafe).
 
 `agent_lock` renews its lease from one shared watchdog thread per process and
 is reentrant per thread. After ``os.fork()`` the child holds nothing: it can
