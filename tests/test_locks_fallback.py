@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -258,3 +259,38 @@ def test_redis_grant_fails_closed_when_postgres_cannot_rule_out_a_fallback_hold(
     with pytest.raises(mcp_redis.BackendUnavailable):
         probe.acquire(blocking_timeout=0)
     assert not redis.Redis.from_url(redis_url).exists(probe.key)  # the Redis grant was given back
+
+
+def test_postgres_wait_whose_timeout_fires_as_the_lock_is_granted_keeps_it() -> None:
+    """PostgreSQL raises lock_timeout *and* keeps a session lock granted at that instant.
+
+    The race cannot be produced on demand with a real server, so a scripted
+    cursor plays it: the wait must count the lock as taken (its holder later
+    releases it), never hand the session back to the pool still holding it.
+    """
+    import psycopg2.errors
+
+    from mcp_redis.locks import _wait_advisory
+
+    class Cursor:
+        def __init__(self) -> None:
+            self.statements: List[str] = []
+            self.row: Tuple[Any, ...] = ()
+
+        def execute(self, sql: str, params: Any = ()) -> None:
+            self.statements.append(sql)
+            if "pg_try_advisory_lock" in sql:
+                self.row = (False,)
+            elif sql.startswith("SELECT pg_advisory_lock"):
+                raise psycopg2.errors.LockNotAvailable("canceling statement due to lock timeout")
+            elif "FROM pg_locks" in sql:
+                self.row = (1,)  # ... but the lock was granted as the timeout fired
+            else:
+                self.row = ("",)
+
+        def fetchone(self) -> Tuple[Any, ...]:
+            return self.row
+
+    cursor = Cursor()
+    assert _wait_advisory(cursor, 42, time.monotonic() + 1.0, 0.5) is True
+    assert cursor.statements[-1] == "RESET lock_timeout"
