@@ -19,11 +19,19 @@ Backends, per ``settings().mode("locks")``:
 * ``redis``: the above. When Redis is unreachable, ``settings().lock_fallback``
   decides: ``none`` fails closed (`BackendUnavailable`), ``postgres`` takes a
   PostgreSQL advisory lock, ``local`` a host-local file lock (unsafe across
-  hosts; logged and counted).
-* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold.
+  hosts; logged and counted). Under ``postgres`` the two tiers exclude each
+  other: Redis grants pass a per-name gate that PostgreSQL vouches for, and a
+  fallback grant waits out the Redis leases that may still run
+  (`_GatedRedisBackend`, `_PostgresBackend.acquire_fallback`).
+* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold; waits
+  are contention, never a backend failure.
 * ``local``: ``fcntl.flock`` on a file in ``settings().lock_dir``; the kernel
-  frees a crashed holder's lock, so a lock file left behind never blocks.
+  frees a crashed holder's lock, so a lock file left behind never blocks, and
+  a forked child closes its copies so it never keeps its parent's lock.
 * ``off``: a no-op lock that always enters (logged once as unsafe).
+
+Every backend's fencing tokens are ``max(previous + 1, clock in µs)``, so the
+tokens of one name keep rising across backends and fallback episodes.
 
 `agent_lock` renews its lease from one shared watchdog thread per process and
 is reentrant per thread (a hold already lost is never re-entered). After
@@ -48,7 +56,7 @@ import time
 from asyncio.events import _get_running_loop
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, TypeVar, Union
 
 import redis.exceptions as rex
 
@@ -429,21 +437,49 @@ _FENCE_TABLE = """
         fence    BIGINT NOT NULL
     )
 """
+# A fallback episode of one lock name: since when PostgreSQL fallback holds
+# of it may exist. Started by the first fallback hold, ended by the Redis
+# side when it opens the name's gate (see _GatedRedisBackend).
+_EPISODE_TABLE = """
+    CREATE TABLE IF NOT EXISTS core.lock_fallback_episodes (
+        lock_key TEXT PRIMARY KEY,
+        since    TIMESTAMPTZ NOT NULL
+    )
+"""
+# Never below PostgreSQL's clock in microseconds, and above every token
+# handed out before: like Redis's max(INCR, TIME), on every acquisition.
 _NEXT_FENCE = (
-    "INSERT INTO core.lock_fences (lock_key, fence) "
+    "INSERT INTO core.lock_fences AS f (lock_key, fence) "
     "VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "
-    "ON CONFLICT (lock_key) DO UPDATE SET fence = core.lock_fences.fence + 1 RETURNING fence"
+    "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence + 1, EXCLUDED.fence) RETURNING fence"
+)
+# Seconds a fallback grant must still wait: the episode's start plus the settle time, minus now.
+_JOIN_EPISODE = (
+    "INSERT INTO core.lock_fallback_episodes AS e (lock_key, since) VALUES (%s, clock_timestamp()) "
+    "ON CONFLICT (lock_key) DO UPDATE SET since = e.since "
+    "RETURNING extract(epoch FROM (e.since - clock_timestamp()))::float8 + %s"
+)
+_END_EPISODE = "DELETE FROM core.lock_fallback_episodes WHERE lock_key = %s"
+_LAST_FENCE = "SELECT fence FROM core.lock_fences WHERE lock_key = %s"
+_RECORD_FENCE = (
+    "INSERT INTO core.lock_fences AS f (lock_key, fence) VALUES (%s, %s) "
+    "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence, EXCLUDED.fence)"
 )
 
 
 def _register_schema() -> None:
     from .postgres import SCHEMA
 
-    if _FENCE_TABLE not in SCHEMA:
-        SCHEMA.append(_FENCE_TABLE)
+    for table in (_FENCE_TABLE, _EPISODE_TABLE):
+        if table not in SCHEMA:
+            SCHEMA.append(table)
 
 
 _register_schema()
+
+# How often (s) a waiter for a PostgreSQL advisory lock re-checks its deadline
+# at most; each wait is also kept under the statement_timeout (postgres_timeout).
+_PG_WAIT_SLICE = 1.0
 
 
 @dataclass
@@ -454,41 +490,64 @@ class _PgHandle:
 
 
 class _PostgresBackend(_Backend):
-    """Session advisory locks on a pooled connection kept for the whole hold."""
+    """Session advisory locks on a pooled connection kept for the whole hold.
+
+    A wait is lock contention, not a backend failure: it is cut into slices
+    (``lock_timeout``) each shorter than the connection's statement_timeout,
+    so it honours `deadline` (None: forever) and never trips the breaker.
+    """
 
     name = "postgres"
 
     def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        return self._acquire(keys, token, lease, deadline, settle=None)
+
+    def acquire_fallback(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        """Acquire in place of Redis: also wait out every Redis hold that may still exist.
+
+        A process that cannot reach Redis cannot see its holds. So the first
+        fallback grant of a name in an episode waits two leases after the
+        episode began (holding the advisory lock, so no Redis gate can open
+        meanwhile): one for the name's gate (TTL one lease), one for a Redis
+        hold granted just before the gate closed. Later fallback grants of the
+        episode wait no more.
+        """
+        return self._acquire(keys, token, lease, deadline, settle=2 * lease)
+
+    def _acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float],
+                 settle: Optional[float]) -> Optional[_Hold]:
         from .postgres import get_postgres
 
         pg = get_postgres()
         pg.ensure_schema()
         lock_id = advisory_key(keys.lock)
+        # Each slice of a wait ends before the statement_timeout would cut it.
+        slice_cap = max(0.001, min(_PG_WAIT_SLICE, pg.settings.postgres_timeout / 2))
 
         def attempt() -> Optional[_Hold]:
             context = pg.connection()
             conn = context.__enter__()
+            got = False
             try:
                 conn.autocommit = True
                 with conn.cursor() as cur:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining < 0.001:
-                        cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
+                    got = _wait_advisory(cur, lock_id, deadline, slice_cap)
+                    if got and settle is not None:
+                        cur.execute(_JOIN_EPISODE, (keys.lock, settle))
                         row = cur.fetchone()
-                        got = bool(row and row[0])
-                    else:
-                        wait_ms = "0" if remaining is None else str(_ms(remaining))
-                        cur.execute("SELECT set_config('lock_timeout', %s, false)", (wait_ms,))
-                        try:
-                            cur.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
-                            got = True
-                        except _lock_not_available():
-                            got = False
-                        cur.execute("RESET lock_timeout")
+                        pause = float(row[0]) if row else 0.0
+                        if pause > 0:
+                            if deadline is not None and time.monotonic() + pause > deadline:
+                                got = False
+                                cur.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+                            else:
+                                time.sleep(pause)
                     if got:
                         cur.execute(_NEXT_FENCE, (keys.lock,))
                         row = cur.fetchone()
             except BaseException as exc:
+                if got:  # never pool a session that may still hold the lock
+                    _close_quietly(conn)
                 _give_back(context, conn, exc)
                 raise
             if not got:
@@ -521,15 +580,9 @@ class _PostgresBackend(_Backend):
         with handle.guard:
             try:
                 with handle.connection.cursor() as cur:
-                    cur.execute(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-                        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
-                        (advisory_key(hold.keys.lock),),
-                    )
-                    row = cur.fetchone()
+                    return _holds_advisory(cur, advisory_key(hold.keys.lock))
             except Exception:
                 return False
-        return bool(row and row[0])
 
     def locked(self, keys: _Keys) -> bool:
         from .postgres import get_postgres
@@ -553,11 +606,64 @@ def _give_back(context: Any, conn: Any, exc: Optional[BaseException]) -> None:
         context.__exit__(type(exc), exc, exc.__traceback__)
 
 
+def _close_quietly(conn: Any) -> None:
+    """Close `conn` (the pool then discards it, and PostgreSQL frees its session locks)."""
+    try:
+        conn.close()
+    except Exception:  # noqa: S110 - already dead
+        pass
+
+
 def _lock_not_available() -> Type[BaseException]:
     import psycopg2.errors
 
     error: Type[BaseException] = psycopg2.errors.LockNotAvailable
     return error
+
+
+def _holds_advisory(cur: Any, lock_id: int) -> bool:
+    """True when this session holds the session advisory lock `lock_id`."""
+    cur.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+        (lock_id,),
+    )
+    row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def _wait_advisory(cur: Any, lock_id: int, deadline: Optional[float], slice_cap: float) -> bool:
+    """Take the session advisory lock `lock_id` by `deadline` (monotonic; None: forever).
+
+    One try first (the uncontended path); then waits of at most `slice_cap`
+    seconds each (``lock_timeout``): PostgreSQL wakes a waiter as soon as the
+    lock is free, and no wait runs into the statement_timeout.
+    """
+    cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
+    row = cur.fetchone()
+    if row and row[0]:
+        return True
+    got = False
+    try:
+        while not got:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            wait = slice_cap if remaining is None else min(slice_cap, remaining)
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", (str(_ms(wait)),))
+            try:
+                cur.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+                got = True
+            except _lock_not_available():
+                # The timeout can fire as the lock is granted: PostgreSQL then
+                # raises *and* keeps the (session) lock. Ours, then.
+                got = _holds_advisory(cur, lock_id)
+    finally:
+        try:
+            cur.execute("RESET lock_timeout")
+        except Exception:  # noqa: S110 - a dead connection: the pool discards it
+            pass
+    return got
 
 
 class _FairTurn:
@@ -619,6 +725,13 @@ def _leave(path: str, turn: _FairTurn) -> None:
         del _turns[path]
 
 
+# Every lock-file fd this process has open. flock belongs to the open file
+# description, which a fork shares: a child that kept its copies would keep
+# its parent's locks after the parent died. The at-fork hook closes them.
+_open_fds_lock = threading.Lock()
+_open_fds: Set[int] = set()
+
+
 class _LocalBackend(_Backend):
     """``fcntl.flock`` on one file per lock; the file also keeps the fencing counter."""
 
@@ -630,8 +743,18 @@ class _LocalBackend(_Backend):
         return os.path.join(settings().lock_dir, f"mcp_redis-{digest}.lock")
 
     def _open(self, path: str) -> int:
+        """Open the lock file; the fd is tracked so a forked child closes its copy."""
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        with _open_fds_lock:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            _open_fds.add(fd)
+        return fd
+
+    @staticmethod
+    def _close(fd: int) -> None:
+        with _open_fds_lock:
+            _open_fds.discard(fd)
+            os.close(fd)
 
     def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         path = self.path(keys)
@@ -650,20 +773,21 @@ class _LocalBackend(_Backend):
                         raise
                 remaining = float("inf") if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
-                    os.close(fd)
+                    self._close(fd)
                     _pass_turn(path)
                     return None
                 # Another process holds it; flock has no timed wait: back off 0.5 ms -> 20 ms.
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.02)
             raw = os.pread(fd, 32, 0).strip()
-            # A new counter starts at the clock in microseconds, as in Redis.
-            fence = int(raw) + 1 if raw.isdigit() else time.time_ns() // 1000
+            # Never below the clock in microseconds, as in Redis and PostgreSQL:
+            # tokens of one name keep rising across backends and episodes.
+            fence = max(int(raw) + 1 if raw.isdigit() else 0, time.time_ns() // 1000)
             os.pwrite(fd, b"%020d\n" % fence, 0)
         except BaseException:
             if fd >= 0:
                 try:
-                    os.close(fd)
+                    self._close(fd)
                 except OSError:
                     pass
             _pass_turn(path)
@@ -675,7 +799,7 @@ class _LocalBackend(_Backend):
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            os.close(fd)
+            self._close(fd)
             _pass_turn(path)
         return True
 
@@ -686,7 +810,7 @@ class _LocalBackend(_Backend):
         except OSError:
             return True
         finally:
-            os.close(fd)  # closing drops the probe's lock too
+            self._close(fd)  # closing drops the probe's lock too
         return False
 
 
@@ -710,15 +834,135 @@ class _OffBackend(_Backend):
         return False
 
 
+class _GatedRedisBackend(_RedisBackend):
+    """Redis under ``lock_fallback=postgres``: a grant or renewal counts only through the name's gate.
+
+    A fallback hold lives in PostgreSQL, invisible to Redis. The gate
+    (``<lock key>#gate``, TTL one lease) records that PostgreSQL said no
+    fallback hold of the name exists; it is opened only while holding the
+    name's advisory lock, so no fallback grant can start meanwhile. Absent
+    (expired, never set, or lost with Redis's data), the holder asks
+    PostgreSQL first: while a fallback hold exists, the grant is given back
+    and retried until `deadline`; a renewal fails (the lease is lost). With
+    the gate open a grant costs one ``EXISTS`` more than plain Redis, and no
+    PostgreSQL round trip. A fallback grant waits two leases after its
+    episode began (`_PostgresBackend.acquire_fallback`), so every Redis hold
+    granted or renewed before the gate closed has ended.
+    """
+
+    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        delay = 0.002
+        while True:
+            hold = super().acquire(keys, token, lease, deadline)
+            if hold is None:
+                return None
+            try:
+                if self._through_gate(hold):
+                    return hold
+            except BaseException:  # PostgreSQL could not say: fail closed, hold nothing
+                self._give_back(hold)
+                raise
+            self._give_back(hold)
+            remaining = float("inf") if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # A fallback hold exists: it frees in PostgreSQL, where no release
+            # signals us. Back off 2 ms -> 100 ms.
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
+        if not super().extend(hold, seconds, replace):
+            return False
+        if self._through_gate(hold):
+            return True
+        self._give_back(hold)
+        return False
+
+    def _give_back(self, hold: _Hold) -> None:
+        try:
+            self.release(hold)
+        except Exception:  # its lease runs out anyway
+            log.debug("lock: could not give back a grant the gate refused", exc_info=True)
+
+    def _through_gate(self, hold: _Hold) -> bool:
+        """True when no PostgreSQL fallback hold of the name can exist while `hold` lasts."""
+        conn: RedisConnection = hold.handle
+        if conn.call(conn.client.exists, _gate_key(hold.keys)):
+            return True
+        return self._open_gate(hold)
+
+    def _open_gate(self, hold: _Hold) -> bool:
+        """Ask PostgreSQL; if no fallback hold exists, end its episode and open the gate.
+
+        Under the name's transaction-scoped advisory lock: the gate is set,
+        and the fencing tokens of both tiers reconciled (the hold's token
+        rises above PostgreSQL's, which records it), before any fallback
+        grant can begin.
+        """
+        from .postgres import get_postgres
+
+        pg = get_postgres()
+        pg.ensure_schema()
+        conn: RedisConnection = hold.handle
+        lock_key = hold.keys.lock
+
+        def run() -> bool:
+            with pg.connection() as pgconn, pgconn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (advisory_key(lock_key),))
+                row = cur.fetchone()
+                if not (row and row[0]):
+                    return False
+                cur.execute(_END_EPISODE, (lock_key,))
+                cur.execute(_LAST_FENCE, (lock_key,))
+                row = cur.fetchone()
+                floor = int(row[0]) if row else 0
+                script = _gate_script(conn.client)
+                fence = conn.call(conn.run_script, script, [_gate_key(hold.keys), hold.keys.fence],
+                                  [_ms(hold.lease), floor, hold.fence])
+                hold.fence = int(fence)
+                cur.execute(_RECORD_FENCE, (lock_key, hold.fence))
+            return True
+
+        opened = bool(pg.policy.call(run))
+        if opened:
+            METRICS.inc("lock_gate_total", outcome="opened")
+        else:
+            METRICS.inc("lock_gate_total", outcome="fallback_held")
+        return opened
+
+
+def _gate_key(keys: _Keys) -> str:
+    """``space.key(ns, *ids, tag=True, suffix="gate")``: the lock's key plus ``#gate`` (same slot)."""
+    return keys.lock + "#gate"
+
+
+_gate_scripts: Dict[int, Any] = {}
+
+
+def _gate_script(client: Any) -> Any:
+    script = _gate_scripts.get(id(client))
+    if script is None or script.registered_client is not client:
+        script = client.register_script(lua("lock_gate"))
+        _gate_scripts.clear()
+        _gate_scripts[id(client)] = script
+    return script
+
+
 _REDIS = _RedisBackend()
 _POSTGRES = _PostgresBackend()
+_GATED_REDIS = _GatedRedisBackend()
 _LOCAL = _LocalBackend()
 _OFF = _OffBackend()
 _BY_MODE: Dict[Mode, _Backend] = {Mode.REDIS: _REDIS, Mode.POSTGRES: _POSTGRES, Mode.LOCAL: _LOCAL, Mode.OFF: _OFF}
 
 
 def _primary() -> _Backend:
-    return _BY_MODE[settings().mode("locks")]
+    s = settings()
+    backend = _BY_MODE[s.mode("locks")]
+    if backend is _REDIS and s.lock_fallback is LockFallback.POSTGRES:
+        return _GATED_REDIS
+    return backend
 
 
 def _fallback() -> Optional[_Backend]:
@@ -728,6 +972,11 @@ def _fallback() -> Optional[_Backend]:
     if choice is LockFallback.LOCAL:
         return _LOCAL
     return None
+
+
+if hasattr(os, "register_at_fork"):
+    # No fork while a thread is between opening a lock file and registering it.
+    os.register_at_fork(before=lambda: _open_fds_lock.acquire(), after_in_parent=lambda: _open_fds_lock.release())
 
 
 # -- the watchdog ------------------------------------------------------------------
@@ -831,8 +1080,19 @@ _THREAD_HOLDS = _ThreadHolds()
 @on_fork
 def _forget_in_child() -> None:
     """A forked child holds nothing: it must never renew or release its parent's locks."""
-    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock, _turns_lock, _turns
+    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock, _turns_lock, _turns, _open_fds_lock
+    global _gate_scripts
     _pid = os.getpid()
+    # The parent's lock files: closing our copies leaves its flocks to it alone
+    # (another thread may have held the registry's lock at the fork: no lock here).
+    for fd in list(_open_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _open_fds.clear()
+    _open_fds_lock = threading.Lock()
+    _gate_scripts = {}
     _event_lock = threading.Lock()
     _turns_lock, _turns = threading.Lock(), {}
     _WATCHDOG = _Watchdog()
@@ -1017,7 +1277,7 @@ class DistributedLock:
         if hold is None:
             METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
             return False
-        if self.min_replicas and hold.backend is _REDIS:
+        if self.min_replicas and isinstance(hold.backend, _RedisBackend):
             self._require_replicas(hold)
         METRICS.inc("lock_acquire_total", backend=hold.backend.name, outcome="acquired")
         waited = time.monotonic() - started
@@ -1058,7 +1318,7 @@ class DistributedLock:
         try:
             return backend.acquire(keys, token, lease, deadline)
         except BackendUnavailable:
-            fallback = _fallback() if backend is _REDIS else None
+            fallback = _fallback() if isinstance(backend, _RedisBackend) else None
             if fallback is _POSTGRES and not settings().database_url:
                 log.error("lock: lock_fallback is 'postgres' but DATABASE_URL is not set; failing closed")
                 fallback = None
@@ -1071,6 +1331,7 @@ class DistributedLock:
             log.warning("lock: redis unavailable, using a host-local file lock (NOT exclusive across hosts)")
         else:
             log.warning("lock: redis unavailable, using a postgres advisory lock")
+            return _POSTGRES.acquire_fallback(keys, token, lease, deadline)
         return fallback.acquire(keys, token, lease, deadline)
 
     def release(self) -> None:

@@ -569,15 +569,17 @@ def test_redis_down_falls_back_to_a_local_file_lock_when_asked() -> None:
 def test_redis_down_falls_back_to_postgres_advisory_locks_when_asked(database_url: str) -> None:
     mcp_redis.configure(redis_url=f"redis://127.0.0.1:{free_port()}/0", retry_attempts=1,
                         database_url=database_url, lock_fallback="postgres")
-    with mcp_redis.agent_lock("down") as held:
+    # The first fallback grant of an episode waits two leases (see test_locks_fallback.py).
+    with mcp_redis.agent_lock("down", timeout=0.5) as held:
         assert held.backend == "postgres" and held.owned()
         first = held.fencing_token
         got: List[bool] = []
-        t = threading.Thread(target=lambda: got.append(mcp_redis.agent_lock("down", blocking_timeout=0.1).acquire()))
+        t = threading.Thread(
+            target=lambda: got.append(mcp_redis.agent_lock("down", timeout=0.5, blocking_timeout=0.1).acquire()))
         t.start()
         t.join(5)
         assert got == [False]
-    with mcp_redis.agent_lock("down") as again:
+    with mcp_redis.agent_lock("down", timeout=0.5) as again:
         assert again.fencing_token is not None and first is not None and again.fencing_token > first
     assert METRICS.counter("lock_fallback_total", to="postgres") == 3  # two holds and one refused try
 

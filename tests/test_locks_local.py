@@ -106,7 +106,7 @@ def test_local_mode_times_out_reenters_and_fences(local_mode: str) -> None:
         t.join(5)
         assert isinstance(outcome[0], TimeoutError) and 0.2 <= outcome[1] < 0.5  # type: ignore[operator]
     with mcp_redis.agent_lock("a") as again:
-        assert first is not None and again.fencing_token == first + 1
+        assert first is not None and again.fencing_token is not None and again.fencing_token > first
     with pytest.raises(LockNotOwned):
         again.release()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 def _configure(settings: Dict[str, Any]) -> None:
@@ -115,3 +115,82 @@ def wait_forever(settings: Dict[str, Any], name: str) -> None:
     mcp_redis.agent_lock(name, blocking_timeout=None).acquire()
     while True:
         time.sleep(60)
+
+
+def hold_then_fork(settings: Dict[str, Any], name: str, ready: Any) -> None:
+    """Take agent_lock(name), fork a child that lives on, report both pids, hold until killed."""
+    _configure(settings)
+    import mcp_redis
+
+    mcp_redis.agent_lock(name, blocking_timeout=10).acquire()
+    child = os.fork()
+    if child == 0:
+        while True:  # the child outlives its parent, as a worker or helper process would
+            time.sleep(60)
+    ready.put((os.getpid(), child))
+    while True:
+        time.sleep(60)
+
+
+def outage_worker(settings: Dict[str, Any], name: str, threads: int, sections: int, lease: float,
+                  counter: str, results: Any) -> None:
+    """`threads` threads each run `sections` read-modify-write sections of the file `counter`.
+
+    Each section records (count it read, its fencing token, backend). Errors
+    raised when leaving a block (a release that cannot reach Redis) are
+    counted, not retried: the section already ran. Acquire errors are retried.
+    """
+    _configure(settings)
+    import mcp_redis
+
+    seen: List[Tuple[int, int, str]] = []
+    tallies = {"exit_errors": 0, "acquire_errors": 0}
+    guard = threading.Lock()
+
+    def run() -> None:
+        done = 0
+        while done < sections:
+            held = mcp_redis.agent_lock(name, timeout=lease, blocking_timeout=None)
+            try:
+                held.acquire()
+            except Exception as exc:
+                with guard:
+                    tallies["acquire_errors"] += 1
+                    if tallies["acquire_errors"] == 1:
+                        import sys
+
+                        print(f"outage_worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+                time.sleep(0.01)
+                continue
+            try:
+                raw = _read(counter, "")
+                count = int(raw) if raw else 0
+                _write(counter, "", str(count + 1))
+                with guard:
+                    seen.append((count, held.fencing_token or 0, held.backend or "?"))
+                done += 1
+            finally:
+                try:
+                    held.release()
+                except Exception:
+                    with guard:
+                        tallies["exit_errors"] += 1
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    results.put((seen, tallies))
+
+
+def try_lock(settings: Dict[str, Any], name: str, blocking_timeout: float, out: Any) -> None:
+    """Try lock(name) once for `blocking_timeout` s; put (acquired, backend) on `out`."""
+    _configure(settings)
+    import mcp_redis
+
+    held = mcp_redis.lock(name, timeout=5, blocking_timeout=blocking_timeout)
+    got = held.acquire()
+    out.put((got, held.backend))
+    if got:
+        held.release()
