@@ -31,9 +31,9 @@ import mcp_redis
 from mcp_redis.config import settings
 from mcp_redis.connections import get_redis
 from mcp_redis.errors import BackendUnavailable
-from mcp_redis.faultproxy import Fault, FaultProxy
 from mcp_redis.resilience import BreakerState
 from mcp_redis.testing import RedisServer, wait_for
+from mcp_redis.testing.faultproxy import Fault, FaultProxy
 
 # Tight timeouts so that every fault is quick to observe on a loaded box.
 FAST: Dict[str, Any] = dict(

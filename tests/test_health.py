@@ -151,7 +151,7 @@ def test_the_library_log_never_contains_a_password(caplog: pytest.LogCaptureFixt
 @pytest.mark.cluster
 def test_stats_on_a_cluster_sum_memory_over_primaries_and_scan_every_node() -> None:
     from mcp_redis.testing import redis_binary
-    from mcp_redis.topology import ClusterTopology
+    from mcp_redis.testing.topology import ClusterTopology
 
     if redis_binary() is None:
         pytest.skip("redis-server binary not found")

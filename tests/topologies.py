@@ -31,7 +31,7 @@ import pytest
 
 import mcp_redis
 from mcp_redis.testing import redis_binary, servers_required
-from mcp_redis.topology import ClusterTopology, SentinelTopology
+from mcp_redis.testing.topology import ClusterTopology, SentinelTopology
 
 __all__ = [
     "TOPOLOGIES",
