@@ -99,8 +99,6 @@ def test_stats_key_scan_is_bounded(redis_mode: str, redis_server) -> None:  # ty
 
 
 def test_stats_show_cache_hits_per_tier_for_this_process(redis_mode: str) -> None:
-    if not hasattr(mcp_redis, "cached_metadata"):
-        pytest.skip("the metadata cache is not in this build")
     calls = []
 
     @mcp_redis.cached_metadata(ttl=60)
