@@ -1,6 +1,7 @@
 """Run every ``bench/bench_<feature>.py`` present and print their ratio tables.
 
-This is what ``mcp-redis bench`` runs (from a clone of the repository). Each
+Run it from the root of a clone: ``python -m bench.run_all [--quick] [--only locks,cache]``
+(the benchmarks are not in the installed package). Each
 module runs in its own interpreter (``python -m bench.bench_<feature>``), so a
 bench that parses ``sys.argv``, starts servers or crashes cannot disturb the
 others; its output (the ratio table) goes straight to stdout. A summary with

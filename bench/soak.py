@@ -392,8 +392,8 @@ def run(seconds: float, processes: int = 2, threads: int = 4, redis_url: Optiona
     """
     from urllib.parse import urlsplit
 
-    from mcp_redis.faultproxy import FaultProxy
     from mcp_redis.testing import PostgresDatabase, RedisServer
+    from mcp_redis.testing.faultproxy import FaultProxy
 
     own_server = own_db = None
     if redis_url is None:

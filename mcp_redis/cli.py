@@ -1,9 +1,13 @@
 """The `mcp-redis` command (also ``python -m mcp_redis``).
 
 Sub-commands: ``demo`` (the multi-process tour), ``health`` (exit code for
-monitors), ``stats``, ``migrate``, ``sessions cleanup`` and ``bench``. Every
-report takes ``--json``. Exit codes: 0 fine, 1 the check failed (a backend
+monitors), ``stats``, ``migrate`` and ``sessions cleanup``. Every report
+takes ``--json``. Exit codes: 0 fine, 1 the check failed (a backend
 down, a demo invariant broken), 2 usage or configuration error.
+
+The benchmarks are not a sub-command: they compare against peer libraries and
+reuse the test suite's worker processes, so they run from a clone of the
+repository (``python -m bench.run_all``; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -122,30 +126,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    run_all = _import_bench()
-    if run_all is None:
-        print("mcp-redis bench: bench/run_all.py not found (run from a clone of the repository)", file=sys.stderr)
-        return 2
-    argv: List[str] = []
-    if args.quick:
-        argv.append("--quick")
-    if args.only:
-        argv += ["--only", args.only]
-    return int(run_all.main(argv))
-
-
-def _import_bench() -> Any:
-    """`bench.run_all` from the current directory or the source tree (not installed)."""
-    candidates = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    for root in candidates:
-        if os.path.isfile(os.path.join(root, "bench", "run_all.py")):
-            if root not in sys.path:
-                sys.path.insert(0, root)
-            return importlib.import_module("bench.run_all")
-    return None
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -163,7 +143,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcp-redis",
-        description="Operate mcp_redis: the demo, health, stats, migrations, session cleanup and benchmarks.",
+        description="Operate mcp_redis: the demo, health, stats, migrations and session cleanup.",
     )
     parser.add_argument("--log-level", default=os.environ.get("MCP_REDIS_LOG_LEVEL", "WARNING"),
                         help="level of the 'mcp_redis' logger on stderr (default WARNING)")
@@ -201,10 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=cmd_sessions_cleanup)
 
-    p = sub.add_parser("bench", help="run the comparisons in bench/ and print their ratio tables")
-    p.add_argument("--quick", action="store_true", help="fewer iterations")
-    p.add_argument("--only", default="", help="comma-separated features (locks,ratelimit,cache,sessions)")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -11,7 +11,7 @@ python="${PYTHON:-python3}"
 
 # The public modules, package first (docs/api.md lists what each holds).
 # Not documented: cli/__main__ (the command; see docs/operations.md), demo and
-# demo_worker (the demo; docs/demo.md), scripts and validation (internal).
+# demo.worker (the demo; docs/demo.md), scripts and validation (internal).
 modules=(
   mcp_redis
   mcp_redis.config mcp_redis.errors mcp_redis.keys
@@ -19,7 +19,7 @@ modules=(
   mcp_redis.sessions mcp_redis.events mcp_redis.pubsub mcp_redis.backend mcp_redis.compat
   mcp_redis.resilience mcp_redis.connections mcp_redis.postgres mcp_redis.local
   mcp_redis.metrics mcp_redis.prometheus
-  mcp_redis.topology mcp_redis.testing mcp_redis.faultproxy
+  mcp_redis.testing mcp_redis.testing.servers mcp_redis.testing.topology mcp_redis.testing.faultproxy
 )
 rm -rf "$out"
 "$python" -W error -m pdoc --docformat markdown -o "$out" "${modules[@]}"

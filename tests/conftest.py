@@ -16,7 +16,9 @@ import mcp_redis
 from mcp_redis.config import ENVIRONMENT_VARIABLES
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import PostgresDatabase, RedisServer, redis_binary, servers_required
-from tests.topologies import *  # noqa: F401,F403 - sentinel_topology, cluster_topology, any_redis_url, any_redis_mode
+
+# sentinel_topology, cluster_topology, redis_topology, any_redis_url, any_redis_mode.
+pytest_plugins = ["tests.topologies"]
 
 
 def missing_server(reason: str) -> None:

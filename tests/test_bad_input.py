@@ -36,7 +36,7 @@ EXAMPLES = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 DOCUMENTED = (InvalidArgument, InvalidArgumentType)
-TRIED: Dict[str, int] = {}  # entry point -> bad inputs tried (reported by the summary test)
+TRIED: Dict[str, int] = {}  # entry point -> bad inputs tried (printed after the module, with -s)
 
 # -- strategies ---------------------------------------------------------------------------
 
@@ -182,11 +182,16 @@ def rejected(entry: str, fn: Callable[[], Any], *names: str) -> None:
     raise AssertionError(f"{entry}: bad input accepted")
 
 
-def feature(name: str) -> Any:
-    obj = getattr(mcp_redis, name, None)
-    if obj is None:
-        pytest.skip(f"mcp_redis.{name} has not landed yet")
-    return obj
+@pytest.fixture(scope="module", autouse=True)
+def report_bad_inputs_tried() -> Iterator[None]:
+    """After the module: how many bad inputs each entry point was given
+    (``pytest tests/test_bad_input.py -s`` shows it; docs/reliability.md quotes it)."""
+    yield
+    total = sum(TRIED.values())
+    if total:
+        print(f"\nbad inputs tried: {total} across {len(TRIED)} entry points")
+        for entry, n in sorted(TRIED.items()):
+            print(f"  {entry}: {n}")
 
 
 @pytest.fixture
@@ -213,7 +218,7 @@ def _enter(cm: Any) -> None:
 @EXAMPLES
 @given(agent_id=bad_id)
 def test_agent_lock_rejects_bad_ids(witness: Witness, agent_id: Any) -> None:
-    agent_lock = feature("agent_lock")
+    agent_lock = mcp_redis.agent_lock
     rejected("agent_lock(agent_id)", lambda: _enter(agent_lock(agent_id)), "agent_id")
     witness.unchanged()
 
@@ -221,7 +226,7 @@ def test_agent_lock_rejects_bad_ids(witness: Witness, agent_id: Any) -> None:
 @EXAMPLES
 @given(timeout=bad_seconds)
 def test_agent_lock_rejects_bad_leases(witness: Witness, timeout: Any) -> None:
-    agent_lock = feature("agent_lock")
+    agent_lock = mcp_redis.agent_lock
     rejected("agent_lock(timeout)", lambda: _enter(agent_lock("a1", timeout=timeout)), "timeout")
     witness.unchanged()
 
@@ -229,7 +234,7 @@ def test_agent_lock_rejects_bad_leases(witness: Witness, timeout: Any) -> None:
 @EXAMPLES
 @given(blocking_timeout=bad_wait)
 def test_agent_lock_rejects_bad_waits(witness: Witness, blocking_timeout: Any) -> None:
-    agent_lock = feature("agent_lock")
+    agent_lock = mcp_redis.agent_lock
     rejected("agent_lock(blocking_timeout)",
              lambda: _enter(agent_lock("a1", blocking_timeout=blocking_timeout)), "blocking_timeout")
     witness.unchanged()
@@ -238,7 +243,7 @@ def test_agent_lock_rejects_bad_waits(witness: Witness, blocking_timeout: Any) -
 @EXAMPLES
 @given(name=bad_id, timeout=st.one_of(st.none(), bad_seconds))
 def test_lock_rejects_bad_names_and_leases(witness: Witness, name: Any, timeout: Any) -> None:
-    lock = feature("lock")
+    lock = mcp_redis.lock
     rejected("lock(name, timeout)", lambda: lock(name, timeout=timeout).acquire(blocking=False), "name", "timeout")
     rejected("lock(timeout)", lambda: lock("ok", timeout=timeout if timeout is not None else -1).acquire(
         blocking=False), "timeout")
@@ -248,7 +253,7 @@ def test_lock_rejects_bad_names_and_leases(witness: Witness, name: Any, timeout:
 @EXAMPLES
 @given(blocking_timeout=bad_wait)
 def test_lock_acquire_rejects_bad_waits(witness: Witness, blocking_timeout: Any) -> None:
-    lock = feature("lock")
+    lock = mcp_redis.lock
     rejected("lock.acquire(blocking_timeout)", lambda: lock("ok", timeout=5).acquire(blocking_timeout=blocking_timeout),
              "blocking_timeout")
     witness.unchanged()
@@ -270,8 +275,8 @@ def test_compat_state_lock_manager_rejects_bad_input(witness: Witness, agent_id:
 @EXAMPLES
 @given(name=bad_id)
 def test_rate_limiter_rejects_bad_names(witness: Witness, name: Any) -> None:
-    RateLimiter = feature("RateLimiter")
-    rate_limited = feature("rate_limited")
+    RateLimiter = mcp_redis.RateLimiter
+    rate_limited = mcp_redis.rate_limited
     rejected("RateLimiter(name)", lambda: RateLimiter(name, 5, 60), "name")
     rejected("rate_limited(name)", lambda: rate_limited(name, limit=5, window=60), "name")
     witness.unchanged()
@@ -280,8 +285,8 @@ def test_rate_limiter_rejects_bad_names(witness: Witness, name: Any) -> None:
 @EXAMPLES
 @given(limit=bad_count)
 def test_rate_limiter_rejects_bad_limits(witness: Witness, limit: Any) -> None:
-    RateLimiter = feature("RateLimiter")
-    rate_limited = feature("rate_limited")
+    RateLimiter = mcp_redis.RateLimiter
+    rate_limited = mcp_redis.rate_limited
     rejected("RateLimiter(limit)", lambda: RateLimiter("n", limit, 60).hit("k"), "limit")
     rejected("rate_limited(limit)", lambda: rate_limited("n", limit=limit, window=60), "limit")
     witness.unchanged()
@@ -290,8 +295,8 @@ def test_rate_limiter_rejects_bad_limits(witness: Witness, limit: Any) -> None:
 @EXAMPLES
 @given(window=bad_seconds)
 def test_rate_limiter_rejects_bad_windows(witness: Witness, window: Any) -> None:
-    RateLimiter = feature("RateLimiter")
-    rate_limited = feature("rate_limited")
+    RateLimiter = mcp_redis.RateLimiter
+    rate_limited = mcp_redis.rate_limited
     rejected("RateLimiter(window)", lambda: RateLimiter("n", 5, window).hit("k"), "window")
     rejected("rate_limited(window)", lambda: rate_limited("n", limit=5, window=window), "window")
     witness.unchanged()
@@ -300,7 +305,7 @@ def test_rate_limiter_rejects_bad_windows(witness: Witness, window: Any) -> None
 @EXAMPLES
 @given(key=bad_id, cost=st.one_of(st.just(1), bad_count))
 def test_rate_limiter_verbs_reject_bad_keys_and_costs(witness: Witness, key: Any, cost: Any) -> None:
-    RateLimiter = feature("RateLimiter")
+    RateLimiter = mcp_redis.RateLimiter
     limiter = RateLimiter("verbs", 5, 60)
     rejected("RateLimiter.hit", lambda: limiter.hit(key, cost), "key", "cost")
     rejected("RateLimiter.peek", lambda: limiter.peek(key), "key")
@@ -311,7 +316,7 @@ def test_rate_limiter_verbs_reject_bad_keys_and_costs(witness: Witness, key: Any
 @EXAMPLES
 @given(agent_id=bad_id)
 def test_rate_limited_function_rejects_bad_key_values_without_calling(witness: Witness, agent_id: Any) -> None:
-    rate_limited = feature("rate_limited")
+    rate_limited = mcp_redis.rate_limited
     called = []
 
     @rate_limited("deco", limit=5, window=60, key="agent_id")
@@ -326,7 +331,7 @@ def test_rate_limited_function_rejects_bad_key_values_without_calling(witness: W
 @EXAMPLES
 @given(key=st.one_of(st.integers(), st.none(), st.builds(Opaque), st.lists(st.text(max_size=2), max_size=1)))
 def test_rate_limited_rejects_bad_key_arguments(witness: Witness, key: Any) -> None:
-    rate_limited = feature("rate_limited")
+    rate_limited = mcp_redis.rate_limited
     rejected("rate_limited(key)", lambda: rate_limited("deco", limit=5, window=60, key=key)(lambda agent_id: None),
              "key")
     witness.unchanged()
@@ -338,7 +343,7 @@ def test_rate_limited_rejects_bad_key_arguments(witness: Witness, key: Any) -> N
 @EXAMPLES
 @given(session_key=bad_id, agent_id=bad_id)
 def test_session_store_rejects_bad_ids(witness: Witness, session_key: Any, agent_id: Any) -> None:
-    store = feature("SessionStore")()
+    store = mcp_redis.SessionStore()
     rejected("SessionStore.bind(session_key)", lambda: store.bind(session_key, "agent"), "session_key")
     rejected("SessionStore.bind(agent_id)", lambda: store.bind("session", agent_id), "agent_id")
     rejected("SessionStore.get", lambda: store.get(session_key), "session_key")
@@ -350,7 +355,7 @@ def test_session_store_rejects_bad_ids(witness: Witness, session_key: Any, agent
 @EXAMPLES
 @given(ttl=bad_seconds)
 def test_session_store_rejects_bad_ttls(witness: Witness, ttl: Any) -> None:
-    SessionStore = feature("SessionStore")
+    SessionStore = mcp_redis.SessionStore
     rejected("SessionStore.bind(ttl)", lambda: SessionStore().bind("s", "a", ttl=ttl), "ttl")
     rejected("SessionStore(ttl)", lambda: SessionStore(ttl=ttl), "ttl")
     witness.unchanged()
@@ -362,7 +367,7 @@ def test_session_store_rejects_bad_ttls(witness: Witness, ttl: Any) -> None:
 @EXAMPLES
 @given(channel=bad_id)
 def test_event_bus_rejects_bad_channels(witness: Witness, channel: Any) -> None:
-    bus = feature("EventBus")()
+    bus = mcp_redis.EventBus()
     rejected("EventBus.publish(channel)", lambda: bus.publish(channel, {"a": 1}), "channel")
     rejected("EventBus.subscribe(channel)", lambda: bus.subscribe(channel, lambda e: None), "channel")
     witness.unchanged()
@@ -371,7 +376,7 @@ def test_event_bus_rejects_bad_channels(witness: Witness, channel: Any) -> None:
 @EXAMPLES
 @given(event=st.one_of(unserialisable_dict, not_a_dict))
 def test_event_bus_rejects_non_json_events(witness: Witness, event: Any) -> None:
-    bus = feature("EventBus")()
+    bus = mcp_redis.EventBus()
     rejected("EventBus.publish(event)", lambda: bus.publish("ch", event), "event")
     witness.unchanged()
 
@@ -379,7 +384,7 @@ def test_event_bus_rejects_non_json_events(witness: Witness, event: Any) -> None
 @EXAMPLES
 @given(handler=st.one_of(st.none(), st.integers(), st.text(max_size=3)), timeout=st.one_of(st.just(1.0), bad_seconds))
 def test_event_bus_rejects_bad_handlers_and_timeouts(witness: Witness, handler: Any, timeout: Any) -> None:
-    bus = feature("EventBus")()
+    bus = mcp_redis.EventBus()
     rejected("EventBus.subscribe(handler, timeout)", lambda: bus.subscribe("ch", handler, timeout=timeout),
              "handler", "timeout")
     if timeout not in (math.inf,):  # inf: reported bug, see test_huge_durations_are_rejected_or_bounded
@@ -392,7 +397,7 @@ def test_event_bus_rejects_bad_handlers_and_timeouts(witness: Witness, handler: 
 @EXAMPLES
 @given(name=bad_id, event=st.one_of(unserialisable_dict, not_a_dict))
 def test_event_stream_rejects_bad_names_and_events(witness: Witness, name: Any, event: Any) -> None:
-    EventStream = feature("EventStream")
+    EventStream = mcp_redis.EventStream
     rejected("EventStream(name)", lambda: EventStream(name), "name")
     rejected("EventStream.add(event)", lambda: EventStream("s").add(event), "event")
     witness.unchanged()
@@ -404,7 +409,7 @@ def test_event_stream_rejects_bad_names_and_events(witness: Witness, name: Any, 
 @EXAMPLES
 @given(ttl=bad_seconds)
 def test_cached_metadata_rejects_bad_ttls(witness: Witness, ttl: Any) -> None:
-    cached_metadata = feature("cached_metadata")
+    cached_metadata = mcp_redis.cached_metadata
     rejected("cached_metadata(ttl)", lambda: cached_metadata(ttl=ttl)(lambda agent_id: {}), "ttl")
     witness.unchanged()
 
@@ -412,7 +417,7 @@ def test_cached_metadata_rejects_bad_ttls(witness: Witness, ttl: Any) -> None:
 @EXAMPLES
 @given(agent_id=bad_id)
 def test_cached_metadata_rejects_bad_ids_without_loading(witness: Witness, agent_id: Any) -> None:
-    cached_metadata = feature("cached_metadata")
+    cached_metadata = mcp_redis.cached_metadata
     loaded = []
 
     @cached_metadata(ttl=60)
@@ -430,7 +435,7 @@ def test_cached_metadata_rejects_bad_ids_without_loading(witness: Witness, agent
 @given(value=st.one_of(unserialisable_dict, st.builds(Opaque), st.sets(st.integers(), max_size=2)))
 def test_cached_metadata_never_writes_a_non_json_value(witness: Witness, value: Any) -> None:
     """A loader returning a non-JSON value: a documented error or the value itself, never a write."""
-    cached_metadata = feature("cached_metadata")
+    cached_metadata = mcp_redis.cached_metadata
 
     @cached_metadata(ttl=60)
     def load(agent_id: str) -> Any:
@@ -450,7 +455,7 @@ def test_cached_metadata_never_writes_a_non_json_value(witness: Witness, value: 
 @EXAMPLES
 @given(key=bad_id, ttl=bad_seconds, limit=bad_count, window=bad_seconds)
 def test_redis_backend_rejects_bad_input(witness: Witness, key: Any, ttl: Any, limit: Any, window: Any) -> None:
-    backend = feature("RedisBackend")()
+    backend = mcp_redis.RedisBackend()
     rejected("RedisBackend.get_session", lambda: backend.get_session(key), "session_key", "key")
     rejected("RedisBackend.set_session(key)", lambda: backend.set_session(key, "a"), "session_key", "key")
     rejected("RedisBackend.set_session(ttl)", lambda: backend.set_session("s", "a", ttl=ttl), "ttl")
@@ -465,7 +470,7 @@ def test_redis_backend_rejects_bad_input(witness: Witness, key: Any, ttl: Any, l
 @EXAMPLES
 @given(key=bad_id, timeout=bad_seconds)
 def test_redis_backend_acquire_lock_rejects_bad_input(witness: Witness, key: Any, timeout: Any) -> None:
-    backend = feature("RedisBackend")()
+    backend = mcp_redis.RedisBackend()
     rejected("RedisBackend.acquire_lock(key)", lambda: _enter(backend.acquire_lock(key)), "key")
     rejected("RedisBackend.acquire_lock(timeout)", lambda: _enter(backend.acquire_lock("k", timeout=timeout)),
              "timeout")
@@ -475,7 +480,7 @@ def test_redis_backend_acquire_lock_rejects_bad_input(witness: Witness, key: Any
 @EXAMPLES
 @given(value=st.one_of(unserialisable_dict, st.builds(Opaque)))
 def test_redis_backend_cache_set_rejects_non_json(witness: Witness, value: Any) -> None:
-    backend = feature("RedisBackend")()
+    backend = mcp_redis.RedisBackend()
     rejected("RedisBackend.cache_set(value)", lambda: backend.cache_set("k", value), "value")
     witness.unchanged()
 
@@ -519,17 +524,17 @@ def _huge_calls(check: Callable[[], None] = lambda: None) -> Dict[str, Callable[
             check()
 
     return {
-        "SessionStore.bind(ttl)": lambda v: feature("SessionStore")().bind("huge", "a", ttl=v),
-        "SessionStore.touch(ttl)": lambda v: feature("SessionStore")().touch("huge", ttl=v),
-        "SessionStore(refresh_interval)": lambda v: feature("SessionStore")(refresh_interval=v).bind("huge", "a"),
-        "RedisBackend.cache_set(ttl)": lambda v: feature("RedisBackend")().cache_set("huge", {"a": 1}, ttl=v),
-        "agent_lock(timeout)": lambda v: _hold_briefly(feature("agent_lock")("huge", timeout=v, blocking_timeout=0)),
-        "lock(timeout)": lambda v: _hold_briefly(feature("lock")("huge2", timeout=v, blocking_timeout=0)),
-        "RateLimiter(window)": lambda v: feature("RateLimiter")("huge", 5, v).hit("k"),
-        "cached_metadata(ttl)": lambda v: feature("cached_metadata")(ttl=v)(lambda agent_id: {"a": 1})("huge"),
-        "EventBus.subscribe(timeout)": lambda v: feature("EventBus")().subscribe("huge", lambda e: None,
+        "SessionStore.bind(ttl)": lambda v: mcp_redis.SessionStore().bind("huge", "a", ttl=v),
+        "SessionStore.touch(ttl)": lambda v: mcp_redis.SessionStore().touch("huge", ttl=v),
+        "SessionStore(refresh_interval)": lambda v: mcp_redis.SessionStore(refresh_interval=v).bind("huge", "a"),
+        "RedisBackend.cache_set(ttl)": lambda v: mcp_redis.RedisBackend().cache_set("huge", {"a": 1}, ttl=v),
+        "agent_lock(timeout)": lambda v: _hold_briefly(mcp_redis.agent_lock("huge", timeout=v, blocking_timeout=0)),
+        "lock(timeout)": lambda v: _hold_briefly(mcp_redis.lock("huge2", timeout=v, blocking_timeout=0)),
+        "RateLimiter(window)": lambda v: mcp_redis.RateLimiter("huge", 5, v).hit("k"),
+        "cached_metadata(ttl)": lambda v: mcp_redis.cached_metadata(ttl=v)(lambda agent_id: {"a": 1})("huge"),
+        "EventBus.subscribe(timeout)": lambda v: mcp_redis.EventBus().subscribe("huge", lambda e: None,
                                                                                  timeout=v).close(),
-        "EventStream(ttl)": lambda v: feature("EventStream")("huge", ttl=v).add({"a": 1}),
+        "EventStream(ttl)": lambda v: mcp_redis.EventStream("huge", ttl=v).add({"a": 1}),
     }
 
 
@@ -581,7 +586,7 @@ THIRTY_DAYS = 30 * 24 * 3600
 
 @pytest.mark.parametrize("ttl", [TWENTY_YEARS, 1e17, 10**400])
 def test_redis_backend_cache_set_refuses_ttls_past_ten_years(witness: Witness, ttl: Any) -> None:
-    backend = feature("RedisBackend")()
+    backend = mcp_redis.RedisBackend()
     rejected("RedisBackend.cache_set(ttl) past ten years", lambda: backend.cache_set("k", {"a": 1}, ttl=ttl), "ttl")
     witness.unchanged()
 
@@ -590,7 +595,7 @@ def test_redis_backend_cache_set_refuses_ttls_past_ten_years(witness: Witness, t
                                     {"ttl": 60, "refresh_interval": 61}])
 def test_session_store_refuses_refresh_intervals_longer_than_the_ttl_they_refresh(
         witness: Witness, kwargs: Dict[str, Any]) -> None:
-    SessionStore = feature("SessionStore")
+    SessionStore = mcp_redis.SessionStore
     rejected("SessionStore(refresh_interval) too long", lambda: SessionStore(**kwargs).bind("s", "a"),
              "refresh_interval")
     witness.unchanged()
@@ -598,7 +603,7 @@ def test_session_store_refuses_refresh_intervals_longer_than_the_ttl_they_refres
 
 @pytest.mark.parametrize("sleep", [math.nan, -1, "0.1", 1e300])
 def test_lock_refuses_bad_sleeps(witness: Witness, sleep: Any) -> None:
-    rejected("lock(sleep)", lambda: feature("lock")("k", sleep=sleep).acquire(blocking=False), "sleep")
+    rejected("lock(sleep)", lambda: mcp_redis.lock("k", sleep=sleep).acquire(blocking=False), "sleep")
     witness.unchanged()
 
 
@@ -608,7 +613,7 @@ def test_lock_refuses_bad_sleeps(witness: Witness, sleep: Any) -> None:
     ({"min_idle_ms": 10**30}, "min_idle_ms"),
 ])
 def test_event_stream_refuses_bad_claim_durations(witness: Witness, kwargs: Dict[str, Any], argument: str) -> None:
-    EventStream = feature("EventStream")
+    EventStream = mcp_redis.EventStream
     rejected("EventStream(claim durations)", lambda: EventStream("s", group="g", **kwargs).claim(), argument)
     witness.unchanged()
 
@@ -655,13 +660,13 @@ def test_the_largest_accepted_timeouts_are_honoured_by_every_feature(redis_url: 
                         socket_connect_timeout=MAX_NETWORK_SECONDS, pool_timeout=MAX_NETWORK_SECONDS,
                         postgres_timeout=MAX_STATEMENT_SECONDS, postgres_connect_timeout=int(MAX_NETWORK_SECONDS),
                         breaker_reset_timeout=MAX_NETWORK_SECONDS, retry_max_backoff=MAX_NETWORK_SECONDS)
-    store = feature("SessionStore")()
+    store = mcp_redis.SessionStore()
     store.bind("s", "agent", ttl=60)  # PostgreSQL first: statement_timeout and tcp_user_timeout accepted
     assert store.get("s") == "agent"
-    assert feature("RateLimiter")("bounds", 5, 60).hit("k").allowed
-    with feature("agent_lock")("bounds", timeout=5, blocking_timeout=1):
+    assert mcp_redis.RateLimiter("bounds", 5, 60).hit("k").allowed
+    with mcp_redis.agent_lock("bounds", timeout=5, blocking_timeout=1):
         pass
-    backend = feature("RedisBackend")()
+    backend = mcp_redis.RedisBackend()
     backend.cache_set("k", {"a": 1}, ttl=10 * 365 * 24 * 3600)  # exactly ten years: accepted
     assert backend.cache_get("k") == {"a": 1}
 
@@ -673,27 +678,16 @@ def test_the_largest_accepted_timeouts_are_honoured_by_every_feature(redis_url: 
 @given(session_key=hostile_id, agent_id=hostile_id)
 def test_hostile_ids_round_trip_inside_the_prefix(redis_url: str, redis_server: RedisServer,
                                                   session_key: str, agent_id: str) -> None:
-    SessionStore = feature("SessionStore")
+    SessionStore = mcp_redis.SessionStore
     assume(len(session_key) <= MAX_ID_LENGTH and len(agent_id) <= MAX_ID_LENGTH)
     mcp_redis.configure(redis_url=redis_url)
     store = SessionStore()
     store.bind(session_key, agent_id, ttl=60)
     assert store.get(session_key) == agent_id
-    if hasattr(mcp_redis, "RateLimiter"):
-        assert mcp_redis.RateLimiter("hostile", 1000, 60).hit(agent_id).allowed
-    if hasattr(mcp_redis, "agent_lock"):
-        with mcp_redis.agent_lock(agent_id, timeout=5, blocking_timeout=1):
-            pass
+    assert mcp_redis.RateLimiter("hostile", 1000, 60).hit(agent_id).allowed
+    with mcp_redis.agent_lock(agent_id, timeout=5, blocking_timeout=1):
+        pass
     outside = [k for k in redis_server.client().scan_iter(count=1000) if not k.startswith("mcp:")]
     assert outside == [], f"keys outside the prefix: {outside[:3]}"
     assert store.unbind(session_key) is True
     assert store.get(session_key) is None
-
-
-def test_bad_input_summary() -> None:
-    """Prints how many bad inputs each entry point was given (for docs/reliability.md)."""
-    total = sum(TRIED.values())
-    if total:
-        print(f"\nbad inputs tried: {total} across {len(TRIED)} entry points")
-        for entry, n in sorted(TRIED.items()):
-            print(f"  {entry}: {n}")

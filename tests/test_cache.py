@@ -738,7 +738,7 @@ def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytes
 @pytest.fixture
 def blip(redis_url: str, redis_server: Any) -> Any:
     """The library configured through a fault proxy (``.drop()`` is a Redis blip for this process)."""
-    from mcp_redis.faultproxy import FaultProxy
+    from mcp_redis.testing.faultproxy import FaultProxy
 
     with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         mcp_redis.configure(redis_url=proxy.url(), socket_connect_timeout=0.5, socket_timeout=0.5,

@@ -231,7 +231,7 @@ def test_writer_only_process_delivers_an_invalidation_made_during_a_blip(
     """A writer-only process (no L2 reads, no listener) invalidates while it
     cannot reach Redis; once Redis answers again, the reader sees the new
     row within the documented bound without the writer doing anything more."""
-    from mcp_redis.faultproxy import FaultProxy
+    from mcp_redis.testing.faultproxy import FaultProxy
 
     agents.update("agent-1", {"version": 0})
     reader_process.send(("read", "agent-1"))

@@ -100,6 +100,19 @@ def test_usage_and_configuration_errors_exit_2(args: tuple) -> None:  # type: ig
     assert out.stderr.strip()
 
 
+def test_bench_is_a_repository_command_not_a_cli_subcommand() -> None:
+    # The benchmarks import peer libraries and tests/ helpers, so they cannot run
+    # from an installed package; the CLI does not offer them (python -m bench.run_all).
+    out = run_cli("bench", "--only", "no_such_feature")
+    assert out.returncode == 2
+    assert "invalid choice: 'bench'" in out.stderr
+    listed = run_cli("--help")
+    assert listed.returncode == 0 and "bench" not in listed.stdout
+    repo = subprocess.run([sys.executable, "-m", "bench.run_all", "--only", "no_such_feature"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    assert repo.returncode == 2 and "no bench module for: no_such_feature" in repo.stderr
+
+
 def test_a_bad_redis_url_is_a_configuration_error_without_the_password() -> None:
     out = run_cli("health", env={"REDIS_URL": f"http://user:{SECRET}@host/0"})
     assert out.returncode == 2

@@ -31,9 +31,9 @@ import mcp_redis
 from mcp_redis.config import settings
 from mcp_redis.connections import get_redis
 from mcp_redis.errors import BackendUnavailable
-from mcp_redis.faultproxy import Fault, FaultProxy
 from mcp_redis.resilience import BreakerState
 from mcp_redis.testing import RedisServer, wait_for
+from mcp_redis.testing.faultproxy import Fault, FaultProxy
 
 # Tight timeouts so that every fault is quick to observe on a loaded box.
 FAST: Dict[str, Any] = dict(
@@ -62,14 +62,6 @@ def call_budget() -> float:
     s = settings()
     per_attempt = s.socket_connect_timeout + s.socket_timeout
     return s.retry_attempts * (per_attempt + s.retry_max_backoff) + SLACK
-
-
-def feature(name: str) -> Any:
-    """A public feature by its API.md name; skip while it has not landed."""
-    obj = getattr(mcp_redis, name, None)
-    if obj is None:
-        pytest.skip(f"mcp_redis.{name} has not landed yet")
-    return obj
 
 
 def timed(fn: Callable[[], Any]) -> Tuple[float, Any, Optional[BaseException]]:
@@ -249,7 +241,7 @@ def unique(prefix: str) -> str:
 
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_cache_reads_return_the_loader_value_under_fault(faulty: FaultProxy, fault: Fault, latency: float) -> None:
-    cached_metadata = feature("cached_metadata")
+    cached_metadata = mcp_redis.cached_metadata
     calls: List[str] = []
 
     @cached_metadata(ttl=60)
@@ -278,7 +270,7 @@ def test_cache_reads_return_the_loader_value_under_fault(faulty: FaultProxy, fau
 
 def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
     """While Redis stays down, calls don't pay a timeout each (the breaker is open)."""
-    cached_metadata = feature("cached_metadata")
+    cached_metadata = mcp_redis.cached_metadata
 
     @cached_metadata(ttl=60)
     def load(agent_id: str) -> str:
@@ -296,7 +288,7 @@ def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
 
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_locks_fail_closed_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
-    agent_lock = feature("agent_lock")
+    agent_lock = mcp_redis.agent_lock
     name = unique("agent")
     with agent_lock(name, timeout=2, blocking_timeout=1):
         pass
@@ -323,7 +315,7 @@ def _lock_once(agent_lock: Any, name: str) -> bool:
 
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_rate_limits_fall_back_to_the_local_limiter(faulty: FaultProxy, fault: Fault, latency: float) -> None:
-    rate_limited = feature("rate_limited")
+    rate_limited = mcp_redis.rate_limited
     RateLimitExceeded = mcp_redis.RateLimitExceeded
     calls: List[str] = []
 
@@ -353,7 +345,7 @@ def test_rate_limits_fall_back_to_the_local_limiter(faulty: FaultProxy, fault: F
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_session_reads_fall_back_to_postgres(faulty: FaultProxy, database_url: str, fault: Fault,
                                              latency: float, redis_server: RedisServer) -> None:
-    SessionStore = feature("SessionStore")
+    SessionStore = mcp_redis.SessionStore
     mcp_redis.configure(database_url=database_url)
     store = SessionStore()
     before = unique("sess-before")
@@ -381,7 +373,7 @@ def test_session_reads_fall_back_to_postgres(faulty: FaultProxy, database_url: s
 
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_event_publish_is_bounded_and_subscription_resumes(faulty: FaultProxy, fault: Fault, latency: float) -> None:
-    EventBus = feature("EventBus")
+    EventBus = mcp_redis.EventBus
     bus = EventBus()
     got: List[Dict[str, Any]] = []
     arrived = threading.Event()
@@ -419,7 +411,7 @@ def test_backend_facade_follows_the_feature_policies(faulty: FaultProxy, databas
                                                      latency: float) -> None:
     """RedisBackend under a fault: cache miss (None), sessions from PostgreSQL,
     rate limits from the local limiter, locks fail closed — each within budget."""
-    RedisBackend = feature("RedisBackend")
+    RedisBackend = mcp_redis.RedisBackend
     mcp_redis.configure(database_url=database_url)
     backend = RedisBackend()
     session = unique("facade")
@@ -463,7 +455,7 @@ def lost_reply(proxy: FaultProxy) -> FaultProxy:
 
 
 def test_lock_acquired_once_after_a_lost_reply(lost_reply: FaultProxy, redis_server: RedisServer) -> None:
-    agent_lock = feature("agent_lock")
+    agent_lock = mcp_redis.agent_lock
     name = unique("lost")
     lost_reply.reset_next_reply()
     with agent_lock(name, timeout=5, blocking_timeout=2):
@@ -475,8 +467,8 @@ def test_lock_acquired_once_after_a_lost_reply(lost_reply: FaultProxy, redis_ser
 
 
 def test_session_bind_and_cache_survive_a_lost_reply(lost_reply: FaultProxy) -> None:
-    store = feature("SessionStore")()
-    cached_metadata = feature("cached_metadata")
+    store = mcp_redis.SessionStore()
+    cached_metadata = mcp_redis.cached_metadata
     key = unique("lost")
     lost_reply.reset_next_reply()
     store.bind(key, "agent-lost", ttl=60)
@@ -493,7 +485,7 @@ def test_session_bind_and_cache_survive_a_lost_reply(lost_reply: FaultProxy) -> 
 
 def test_publish_after_a_lost_reply_is_delivered_at_most_once(lost_reply: FaultProxy,
                                                              redis_server: RedisServer) -> None:
-    bus = feature("EventBus")()
+    bus = mcp_redis.EventBus()
     channel = unique("lost")
     raw = redis_server.client().pubsub()
     raw.subscribe(f"mcp:{channel}")
@@ -525,7 +517,7 @@ _COUNTED_TWICE = pytest.mark.xfail(
     pytest.param("gcra", 2, marks=_COUNTED_TWICE),
 ])
 def test_rate_limit_hit_after_a_lost_reply_is_counted_once(lost_reply: FaultProxy, algorithm: str, limit: int) -> None:
-    RateLimiter = feature("RateLimiter")
+    RateLimiter = mcp_redis.RateLimiter
     limiter = RateLimiter(unique("lost"), limit, 60, algorithm=algorithm)
     limiter.hit("warm")
     lost_reply.reset_next_reply()
@@ -558,7 +550,7 @@ def pg_proxy(database_url: str, pg_database: Any) -> Iterator[Tuple[FaultProxy, 
 def test_postgres_calls_are_bounded_when_postgres_stalls(pg_proxy: Tuple[FaultProxy, str], fault: Fault,
                                                          latency: float) -> None:
     proxy, url = pg_proxy
-    SessionStore = feature("SessionStore")
+    SessionStore = mcp_redis.SessionStore
     mcp_redis.configure(database_url=url, sessions="postgres", retry_attempts=2, postgres_connect_timeout=1)
     store = SessionStore()
     store.bind("pg-stall", "agent", ttl=60)

@@ -99,8 +99,6 @@ def test_stats_key_scan_is_bounded(redis_mode: str, redis_server) -> None:  # ty
 
 
 def test_stats_show_cache_hits_per_tier_for_this_process(redis_mode: str) -> None:
-    if not hasattr(mcp_redis, "cached_metadata"):
-        pytest.skip("the metadata cache is not in this build")
     calls = []
 
     @mcp_redis.cached_metadata(ttl=60)
@@ -151,7 +149,7 @@ def test_the_library_log_never_contains_a_password(caplog: pytest.LogCaptureFixt
 @pytest.mark.cluster
 def test_stats_on_a_cluster_sum_memory_over_primaries_and_scan_every_node() -> None:
     from mcp_redis.testing import redis_binary
-    from mcp_redis.topology import ClusterTopology
+    from mcp_redis.testing.topology import ClusterTopology
 
     if redis_binary() is None:
         pytest.skip("redis-server binary not found")

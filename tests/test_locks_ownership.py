@@ -16,8 +16,8 @@ import mcp_redis
 from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
 from mcp_redis.compat import StateLockManager
 from mcp_redis.connections import get_redis
-from mcp_redis.faultproxy import FaultProxy
 from mcp_redis.testing import RedisServer
+from mcp_redis.testing.faultproxy import FaultProxy
 
 
 def raw(url: str) -> redis.Redis[str]:

@@ -52,3 +52,40 @@ def test_wheel_builds_without_setuptools_warnings_and_ships_lua_and_license(tmp_
     assert "mcp_redis/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "bench/")) or "__pycache__" in n for n in names)
+
+
+TOOLING = ("mcp_redis.testing", "mcp_redis.demo")
+
+
+def _imports(path: Path) -> set:  # type: ignore[type-arg]
+    """Absolute names of the mcp_redis modules `path` imports (relative imports resolved)."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("mcp_redis")}
+
+
+def test_test_tooling_and_the_demo_live_in_subpackages_the_library_never_imports() -> None:
+    package = ROOT / "mcp_redis"
+    for old in ("testing.py", "topology.py", "faultproxy.py", "demo.py", "demo_worker.py"):
+        assert not (package / old).exists(), f"mcp_redis/{old} belongs in mcp_redis/testing/ or mcp_redis/demo/"
+    assert {p.name for p in (package / "testing").glob("*.py")} == {"__init__.py", "servers.py", "topology.py",
+                                                                     "faultproxy.py"}
+    assert {p.name for p in (package / "demo").glob("*.py")} == {"__init__.py", "worker.py"}
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if module.startswith(TOOLING) or module == "mcp_redis.cli":  # the CLI runs the demo
+            continue
+        uses = sorted(name for name in _imports(path) if name.startswith(TOOLING))
+        assert not uses, f"{module} imports test tooling or the demo: {uses}"

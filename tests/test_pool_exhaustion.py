@@ -155,37 +155,30 @@ def test_many_threads_share_two_connections_without_deadlock(small_pool: None) -
 
 def test_features_under_an_exhausted_pool_follow_their_policies(small_pool: None) -> None:
     """Cache returns the loader's value; locks fail closed; both within the budget."""
-    cached_metadata = getattr(mcp_redis, "cached_metadata", None)
-    agent_lock = getattr(mcp_redis, "agent_lock", None)
-    if cached_metadata is None and agent_lock is None:
-        pytest.skip("cache and locks have not landed yet")
     conn = get_redis()
     with Holders(2, hold_redis_connection):
         wait_for(lambda: conn.pool_stats()["in_use"] == 2, timeout=5, what="both connections busy")
-        if cached_metadata is not None:
 
-            @cached_metadata(ttl=60)
-            def load(agent_id: str) -> str:
-                return agent_id + "!"
+        @mcp_redis.cached_metadata(ttl=60)
+        def load(agent_id: str) -> str:
+            return agent_id + "!"
 
-            seconds, exc = timed(lambda: load("pool-agent"))
-            assert exc is None, f"cache raised under pool exhaustion: {exc!r}"
-            assert load("pool-agent") == "pool-agent!"
-            assert seconds <= 2 * exhaustion_budget()
-        if agent_lock is not None:
+        seconds, exc = timed(lambda: load("pool-agent"))
+        assert exc is None, f"cache raised under pool exhaustion: {exc!r}"
+        assert load("pool-agent") == "pool-agent!"
+        assert seconds <= 2 * exhaustion_budget()
 
-            def take() -> None:
-                with agent_lock("pool-agent", timeout=5, blocking_timeout=1):
-                    raise AssertionError("acquired without a connection")
+        def take() -> None:
+            with mcp_redis.agent_lock("pool-agent", timeout=5, blocking_timeout=1):
+                raise AssertionError("acquired without a connection")
 
-            seconds, exc = timed(take)
-            assert isinstance(exc, BackendUnavailable), repr(exc)
-            assert seconds <= 2 * exhaustion_budget()
-        RateLimiter = getattr(mcp_redis, "RateLimiter", None)
-        if RateLimiter is not None:  # default fallback: the local limiter admits
-            seconds, exc = timed(lambda: RateLimiter("pool", 5, 60).hit("k"))
-            assert exc is None, f"rate limit raised under pool exhaustion: {exc!r}"
-            assert seconds <= 2 * exhaustion_budget()
+        seconds, exc = timed(take)
+        assert isinstance(exc, BackendUnavailable), repr(exc)
+        assert seconds <= 2 * exhaustion_budget()
+        # default fallback: the local limiter admits
+        seconds, exc = timed(lambda: mcp_redis.RateLimiter("pool", 5, 60).hit("k"))
+        assert exc is None, f"rate limit raised under pool exhaustion: {exc!r}"
+        assert seconds <= 2 * exhaustion_budget()
 
 
 # -- PostgreSQL -------------------------------------------------------------------------

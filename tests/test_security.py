@@ -163,16 +163,15 @@ def exercise_every_feature(database_url: Optional[str] = None) -> Dict[str, Any]
     stream.pending()
     stream.length()
     seen["events"] = got
-    if hasattr(mcp_redis, "RedisBackend"):
-        backend = mcp_redis.RedisBackend()
-        backend.set_session(f"b-{tag}", "agent", ttl=60)
-        assert backend.get_session(f"b-{tag}") == "agent"
-        with backend.acquire_lock(f"b-{tag}", timeout=5):
-            pass
-        assert backend.check_rate_limit(f"b-{tag}", 5, 60) is True
-        backend.cache_set(f"b-{tag}", {"v": 1}, ttl=60)
-        assert backend.cache_get(f"b-{tag}") == {"v": 1}
-        seen["backend"] = True
+    backend = mcp_redis.RedisBackend()
+    backend.set_session(f"b-{tag}", "agent", ttl=60)
+    assert backend.get_session(f"b-{tag}") == "agent"
+    with backend.acquire_lock(f"b-{tag}", timeout=5):
+        pass
+    assert backend.check_rate_limit(f"b-{tag}", 5, 60) is True
+    backend.cache_set(f"b-{tag}", {"v": 1}, ttl=60)
+    assert backend.cache_get(f"b-{tag}") == {"v": 1}
+    seen["backend"] = True
     return seen
 
 

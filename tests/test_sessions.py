@@ -23,10 +23,10 @@ from mcp_redis import (
     SessionMap,
     SessionStore,
 )
-from mcp_redis.faultproxy import FaultProxy
 from mcp_redis.keys import encode_id
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
+from mcp_redis.testing.faultproxy import FaultProxy
 from tests import workers_sessions
 
 ODD_IDS = ["nul\x00inside", "lone\ud800surrogate", "new\nline *?[glob]", "ключ:{tag}", "~tilde"]

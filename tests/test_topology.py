@@ -30,7 +30,7 @@ from mcp_redis.keys import KeySpace
 from mcp_redis.locks import DistributedLock
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import RedisServer, wait_for
-from mcp_redis.topology import ClusterTopology, SentinelTopology, key_slot
+from mcp_redis.testing.topology import ClusterTopology, SentinelTopology, key_slot
 
 EXPECTED_KIND = {"single": "single", "sentinel": "sentinel", "cluster": "cluster"}
 

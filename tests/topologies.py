@@ -1,8 +1,8 @@
 """Fixtures for running tests on every Redis topology: single, Sentinel, Cluster.
 
-Import them in ``tests/conftest.py``::
+``tests/conftest.py`` loads them as a plugin::
 
-    from tests.topologies import *  # noqa: F401,F403
+    pytest_plugins = ["tests.topologies"]
 
 - ``sentinel_topology`` / ``cluster_topology``: one real topology per test
   session (started on first use), healed and emptied before each test that
@@ -16,9 +16,8 @@ Import them in ``tests/conftest.py``::
 A missing binary skips (or fails, under ``MCP_REDIS_REQUIRE_SERVERS=1``) as
 ``missing_server`` does in conftest.
 
-Each topology is started once per process even when several test modules
-do ``from tests.topologies import *`` (which gives pytest one session
-fixture per module): the fixtures share the instances kept here.
+Each topology is started once per process (the instances are kept in
+``_running``) and stopped at exit.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import pytest
 
 import mcp_redis
 from mcp_redis.testing import redis_binary, servers_required
-from mcp_redis.topology import ClusterTopology, SentinelTopology
+from mcp_redis.testing.topology import ClusterTopology, SentinelTopology
 
 __all__ = [
     "TOPOLOGIES",

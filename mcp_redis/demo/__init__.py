@@ -2,7 +2,7 @@
 
 The parent sets up the backends (a throwaway redis-server and PostgreSQL
 database unless ``REDIS_URL``/``DATABASE_URL`` are set), starts `workers`
-processes (`mcp_redis.demo_worker`) that act as server instances behind a
+processes (`mcp_redis.demo.worker`) that act as server instances behind a
 load balancer, kills one with SIGKILL half-way and starts its replacement,
 listens to ``agent:updates`` as an observer, and then checks the invariants:
 
@@ -27,8 +27,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from .config import redact_url, settings
-from .demo_worker import (
+from ..config import redact_url, settings
+from .worker import (
     AGENT_RL_ADMITTED,
     AGENT_RL_ATTEMPTS,
     AGENT_RL_UNKNOWN,
@@ -78,7 +78,7 @@ class _Backends:
             self.redis_url = s.redis_url
             self.redis_note = f"REDIS_URL {redact_url(s.redis_url)}"
         else:
-            from .testing import RedisServer, redis_binary
+            from ..testing import RedisServer, redis_binary
 
             if redis_binary() is not None:
                 self.server = RedisServer().start()
@@ -90,7 +90,7 @@ class _Backends:
             self.database_url = s.database_url
             self.pg_note = f"DATABASE_URL {redact_url(s.database_url)}"
         else:
-            from .testing import PostgresDatabase
+            from ..testing import PostgresDatabase
 
             db = PostgresDatabase(prefix="mcp_redis_demo")
             if db.available():
@@ -109,7 +109,7 @@ class _Backends:
             return
         from psycopg2 import sql
 
-        from .postgres import get_postgres
+        from ..postgres import get_postgres
 
         pg = get_postgres()
         table = sql.Identifier(self.metadata_table)
@@ -127,7 +127,7 @@ class _Backends:
             try:
                 from psycopg2 import sql
 
-                from .postgres import get_postgres
+                from ..postgres import get_postgres
 
                 pg = get_postgres()
                 if self.metadata_table:
@@ -138,7 +138,7 @@ class _Backends:
         if self.redis_url and self.server is None:
             # The user's Redis: delete the run's keys (they all carry its prefix).
             try:
-                from .connections import get_redis
+                from ..connections import get_redis
 
                 client = get_redis().client
                 batch: List[str] = []
@@ -340,8 +340,8 @@ def run_demo(options: Optional[DemoOptions] = None) -> Dict[str, Any]:
 def _check_redis_answers(backends: _Backends) -> None:
     if not backends.redis_url:
         return
-    from .connections import get_redis
-    from .errors import BackendUnavailable
+    from ..connections import get_redis
+    from ..errors import BackendUnavailable
 
     conn = get_redis()
     try:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 from redis.crc import key_slot as _key_slot
 
-from .testing import RedisServer, free_port, redis_binary, wait_for
+from .servers import RedisServer, free_port, redis_binary, wait_for
 
 __all__ = [
     "SentinelServer",

@@ -307,7 +307,7 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
             if cfg.metadata_table:
                 from psycopg2 import sql
 
-                from .postgres import get_postgres
+                from ..postgres import get_postgres
 
                 query = sql.SQL("SELECT agent_id, display_name, tier FROM {} WHERE agent_id = %s").format(
                     sql.Identifier(cfg.metadata_table))

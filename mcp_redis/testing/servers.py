@@ -279,7 +279,7 @@ class PostgresDatabase:
         """True when the admin DSN connects; otherwise `error` says why (e.g. a password is required)."""
         import psycopg2
 
-        from .postgres import _scrub
+        from ..postgres import _scrub
 
         try:
             psycopg2.connect(self.admin_dsn).close()
