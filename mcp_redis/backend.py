@@ -14,8 +14,8 @@ import json
 import threading
 from typing import Any, Dict, Optional, Tuple
 
+from .client import default_client
 from .config import Mode, Settings, configure, settings
-from .connections import get_redis
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .local import TTLStore
@@ -97,7 +97,7 @@ class RedisBackend:
         if mode is Mode.LOCAL:
             raw = _local_kv.get(_kv_key(s, key))
         else:
-            conn = get_redis()
+            conn = default_client().redis("metadata_cache")
             if not conn.policy.available:
                 METRICS.inc("backend_cache_fallback_total", op="get")
                 return None
@@ -123,7 +123,7 @@ class RedisBackend:
         if mode is Mode.LOCAL:
             _local_kv.set(_kv_key(s, key), raw, ttl)
             return
-        conn = get_redis()
+        conn = default_client().redis("metadata_cache")
         try:
             conn.call(conn.client.set, _kv_key(s, key), raw, px=max(1, int(ttl * 1000)))
         except BackendUnavailable:

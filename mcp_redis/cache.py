@@ -64,8 +64,9 @@ from typing import (
 import redis.exceptions as rex
 from cachetools import LRUCache
 
+from .client import default_client
 from .config import Mode, Settings, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
@@ -173,6 +174,7 @@ class _Listener:
                 channels=[channel],
                 on_subscribed=_on_subscribed,
                 name="mcp_redis-cache-invalidation",
+                connection=lambda: default_client().redis("metadata_cache"),
             )
             sub.start(wait=False)
             self.subscriber, self.channel = sub, channel
@@ -509,7 +511,7 @@ class CachedFunction(Generic[R]):
         if st.mode is not Mode.REDIS:
             return None
         try:
-            conn = get_redis()
+            conn = default_client().redis("metadata_cache")
         except BackendUnavailable:
             self._count_error()
             return None

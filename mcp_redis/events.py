@@ -29,9 +29,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
 
-from .config import on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
-from .errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from .client import default_client
+from .config import Mode, on_reset, settings
+from .connections import RedisConnection, on_fork
+from .errors import BackendUnavailable, ConfigurationError, FeatureDisabled, InvalidArgument, InvalidArgumentType
 from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
@@ -117,7 +118,15 @@ def _check_int(value: object, argument: str, minimum: int, maximum: Optional[int
 
 
 def _redis_mode() -> bool:
-    return bool(settings().redis_url)
+    """True when events go through Redis (``settings().mode("events")``).
+
+    ``local`` (the default without a Redis URL) and ``off`` use the
+    in-process broker: events then reach only this process's subscribers.
+    """
+    mode = settings().mode("events")
+    if mode is Mode.OFF:
+        raise FeatureDisabled("events: off (MCP_REDIS_EVENTS_BACKEND=off)")
+    return mode is Mode.REDIS
 
 
 # -- pub/sub -------------------------------------------------------------------
@@ -194,6 +203,7 @@ class Subscription:
                 channels=() if self.pattern else key,
                 patterns=key if self.pattern else (),
                 name=name,
+                connection=_events_redis,
             )
             _live.add(self)
             try:
@@ -336,7 +346,7 @@ class EventBus:
         if not _redis_mode():
             receivers = _BROKER.publish(name, payload)
         else:
-            conn = get_redis()
+            conn = _events_redis()
             target = KeySpace(settings().key_prefix).channel(name)
             receivers = int(conn.call(conn.client.publish, target, payload, attempts=1))
         METRICS.inc("events_published_total")
@@ -420,6 +430,11 @@ def _script(conn: RedisConnection, name: str) -> Any:
         script = conn.client.register_script(_SCRIPT_SOURCES[name])
         _scripts[name] = (conn.client, script)
     return script
+
+
+def _events_redis() -> RedisConnection:
+    """The events deployment of the default client (MCP_REDIS_EVENTS_URL, else REDIS_URL)."""
+    return default_client().redis("events")
 
 
 def _is_nogroup(exc: BaseException) -> bool:
@@ -513,7 +528,7 @@ class EventStream:
         return 0 if self.ttl is None else max(1, int(self.ttl * 1000))
 
     def _conn(self) -> RedisConnection:
-        return get_redis()  # ConfigurationError in local mode: streams need Redis
+        return _events_redis()  # ConfigurationError in local mode: streams need Redis
 
     # -- producing ----------------------------------------------------------------
     def add(self, event: Dict[str, Any]) -> str:

@@ -60,8 +60,9 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, TypeVar, 
 
 import redis.exceptions as rex
 
+from .client import default_client
 from .config import LockFallback, Mode, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .connections import RedisConnection, on_fork
 from .errors import (
     BackendUnavailable,
     BlockingCallInEventLoop,
@@ -282,7 +283,7 @@ class _RedisBackend(_Backend):
     leased = True
 
     def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        conn = get_redis()
+        conn = default_client().redis("locks")
         scripts = _scripts(conn.client)
         client = conn.client
         lease_ms = _ms(lease)
@@ -384,7 +385,7 @@ class _RedisBackend(_Backend):
         return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
 
     def locked(self, keys: _Keys) -> bool:
-        conn = get_redis()
+        conn = default_client().redis("locks")
         return bool(conn.call(conn.client.exists, keys.lock))
 
 
@@ -516,9 +517,7 @@ class _PostgresBackend(_Backend):
 
     def _acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float],
                  settle: Optional[float]) -> Optional[_Hold]:
-        from .postgres import get_postgres
-
-        pg = get_postgres()
+        pg = default_client().postgres()
         pg.ensure_schema()
         lock_id = advisory_key(keys.lock)
         # Each slice of a wait ends before the statement_timeout would cut it.
@@ -585,9 +584,7 @@ class _PostgresBackend(_Backend):
                 return False
 
     def locked(self, keys: _Keys) -> bool:
-        from .postgres import get_postgres
-
-        row = get_postgres().execute(
+        row = default_client().postgres().execute(
             "SELECT NOT pg_try_advisory_xact_lock(%s)", (advisory_key(keys.lock),), fetch="one"
         )
         return bool(row and row[0])
@@ -900,9 +897,8 @@ class _GatedRedisBackend(_RedisBackend):
         rises above PostgreSQL's, which records it), before any fallback
         grant can begin.
         """
-        from .postgres import get_postgres
 
-        pg = get_postgres()
+        pg = default_client().postgres()
         pg.ensure_schema()
         conn: RedisConnection = hold.handle
         lock_key = hold.keys.lock

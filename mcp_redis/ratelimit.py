@@ -25,12 +25,13 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import redis.exceptions
 
+from .client import default_client
 from .config import Mode, RateLimitFallback, Settings, on_reset, settings
-from .connections import get_redis, on_fork
+from .connections import on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
-from .postgres import get_postgres, pg_error
+from .postgres import pg_error
 from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
 from .validation import seconds as check_seconds
 
@@ -393,7 +394,7 @@ def _redis_storage() -> RedisStorage:
     store = _redis
     if store is not None:
         return store
-    return _new_redis_storage(get_redis())
+    return _new_redis_storage(default_client().redis("rate_limits"))
 
 
 def _new_redis_storage(conn: Any) -> RedisStorage:
@@ -406,7 +407,7 @@ def _new_redis_storage(conn: Any) -> RedisStorage:
 
 def _pg_storage() -> PostgresStorage:
     global _pg
-    pg = get_postgres()
+    pg = default_client().postgres()
     store = _pg
     if store is not None and store.pg is pg:
         return store

@@ -32,8 +32,9 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence, Tuple
 
+from .client import default_client
 from .config import Mode, Settings, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .connections import RedisConnection, on_fork
 from .errors import (
     AmbiguousPrefix,
     BackendUnavailable,
@@ -45,7 +46,7 @@ from .errors import (
 from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
 from .local import TTLStore
 from .metrics import METRICS
-from .postgres import Postgres, get_postgres
+from .postgres import Postgres
 from .scripts import lua
 from .validation import MAX_SECONDS, optional_seconds, seconds
 
@@ -595,11 +596,11 @@ class _Tiers:
         self.pg: Optional[_PostgresTier] = None
         self.local: Optional[_LocalTier] = None
         if self.mode is Mode.REDIS:
-            self.redis = _RedisTier(get_redis(), KeySpace(s.key_prefix))
+            self.redis = _RedisTier(default_client().redis("sessions"), KeySpace(s.key_prefix))
             if s.database_url:
-                self.pg = _PostgresTier(get_postgres())
+                self.pg = _PostgresTier(default_client().postgres())
         elif self.mode is Mode.POSTGRES:
-            self.pg = _PostgresTier(get_postgres())
+            self.pg = _PostgresTier(default_client().postgres())
         elif self.mode is Mode.LOCAL:
             self.local = _LocalTier()
         self._lock = threading.Lock()

@@ -120,11 +120,11 @@ def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT) -> Dict[str, Any]:
     s = settings()
     if not s.redis_url:
         return {"configured": False}
-    from .connections import get_redis
+    from .client import default_client
 
     out: Dict[str, Any] = {"configured": True}
     try:
-        conn = get_redis()
+        conn = default_client().redis()
     except Exception as exc:
         return {"configured": True, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     out["url"] = conn.url
@@ -179,10 +179,10 @@ def postgres_stats() -> Dict[str, Any]:
     s = settings()
     if not s.database_url:
         return {"configured": False}
-    from .postgres import get_postgres
+    from .client import default_client
 
     try:
-        pg = get_postgres()
+        pg = default_client().postgres()
     except Exception as exc:
         return {"configured": True, "error": f"{type(exc).__name__}: {exc}"}
     return {
