@@ -90,7 +90,7 @@ class Client:
             self._check_open()
             conn = self._by_url.get(url)
             if conn is None:
-                conn = connect(self._settings, url)
+                conn = connect(self._settings, url, self.scripts)
                 self._by_url[url] = conn
             self._by_feature[feature] = conn
             return conn

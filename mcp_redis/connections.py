@@ -30,6 +30,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from .config import Settings, redact_url
 from .errors import ConfigurationError
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
+from .scripts import ScriptSet
 
 __all__ = [
     "RedisConnection",
@@ -56,6 +57,8 @@ class RedisConnection:
     settings: Settings
     sentinel: Optional[Sentinel] = None
     service_name: Optional[str] = None
+    # The client's one script registry (`mcp_redis.Client.scripts`).
+    scripts: ScriptSet = dataclasses.field(default_factory=ScriptSet, repr=False, compare=False)
     # (sha, *keys) -> the packed start of an EVALSHA command: see run_script
     _heads: Dict[Tuple[Any, ...], bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -69,6 +72,10 @@ class RedisConnection:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` under the retry/breaker policy."""
         return self.policy.call(fn, *args, **kwargs)
+
+    def script(self, name: str) -> Any:
+        """The script ``mcp_redis/lua/<name>.lua`` registered on this client (once)."""
+        return self.scripts.get(self.client, name)
 
     def misconfiguration(self, exc: BaseException) -> Optional[ConfigurationError]:
         """The `ConfigurationError` a redis-py error from this client stands for, or None.
@@ -399,7 +406,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
 
 
 # -- building a connection ---------------------------------------------------------
-def connect(s: Settings, url: Optional[str] = None) -> RedisConnection:
+def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet] = None) -> RedisConnection:
     """A new `RedisConnection` to `url` (default ``s.redis_url``) with its own policy.
 
     `mcp_redis.Client` builds one per distinct URL and owns it.
@@ -431,7 +438,8 @@ def connect(s: Settings, url: Optional[str] = None) -> RedisConnection:
         breaker=breaker,
         misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
     )
-    conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service)
+    conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service,
+                           scripts=scripts if scripts is not None else ScriptSet())
     holder.append(conn)
     log.info("redis client ready: %s (%s)", conn.url, kind)
     return conn

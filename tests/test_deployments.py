@@ -71,7 +71,7 @@ def test_cache_invalidation_is_published_on_the_cache_deployment(two_servers: Tu
         assert ps.get_message(timeout=5)["type"] == "psubscribe"
     metadata.invalidate("agent-1")
 
-    seen: "queue.Queue[str]" = queue.Queue()
+    seen: queue.Queue[str] = queue.Queue()
     message = watchers["cache"].get_message(ignore_subscribe_messages=True, timeout=5)
     if message is not None:
         seen.put("cache")
@@ -153,3 +153,78 @@ def test_configure_replaces_the_default_client(redis_url: str) -> None:
     mcp_redis.configure(redis_url=redis_url)
     assert default_client() is not first
     assert default_client().settings.redis_url == redis_url
+
+
+def test_features_given_a_client_use_its_server_not_the_default_ones(two_servers: Tuple[RedisServer, RedisServer]) -> None:
+    default, other = two_servers
+    mcp_redis.configure(redis_url=default.url)
+    with Client(redis_url=other.url) as client:
+        with mcp_redis.agent_lock("agent-c", client=client):
+            assert any("agent-c" in k for k in _keys(other))
+        with mcp_redis.lock("job-c", client=client):
+            assert any("job-c" in k for k in _keys(other))
+        assert mcp_redis.RateLimiter("calls-c", 5, 60, client=client).hit("u").allowed
+        store = mcp_redis.SessionStore(client=client)
+        store.bind("session-c", "agent-c")
+        assert store.get("session-c") == "agent-c"
+        assert mcp_redis.SessionStore().get("session-c") is None  # the default client's server
+        backend = mcp_redis.RedisBackend(client)
+        backend.set_session("session-d", "agent-d")
+        assert backend.check_rate_limit("u", 5, 60)
+        stream = mcp_redis.EventStream("audit-c", client=client)
+        stream.add({"n": 1})
+        assert mcp_redis.EventBus(client=client).publish("ch", {"n": 1}) == 0
+        assert mcp_redis.health(client=client)["redis"]["url"] == client.redis().url
+        assert mcp_redis.stats(client=client)["redis"]["url"] == client.redis().url
+    other_keys = _keys(other)
+    assert any("calls-c" in k for k in other_keys)
+    assert any("session-c" in k or "session" in k for k in other_keys)
+    assert any("audit-c" in k for k in other_keys)
+    assert _keys(default) == []
+
+
+def test_a_feature_object_made_before_configure_follows_the_new_configuration(
+        two_servers: Tuple[RedisServer, RedisServer]) -> None:
+    first, second = two_servers
+    mcp_redis.configure(redis_url=first.url)
+    limiter = mcp_redis.RateLimiter("moving", 5, 60)
+    store = mcp_redis.SessionStore()
+    limiter.hit("u")
+    mcp_redis.configure(redis_url=second.url)
+    limiter.hit("u")
+    store.bind("s", "a")
+    assert any("moving" in k for k in _keys(second))
+    assert not any("session" in k for k in _keys(first))
+
+
+def test_a_client_argument_of_the_wrong_type_is_refused() -> None:
+    with pytest.raises(mcp_redis.InvalidArgumentType, match="client"):
+        mcp_redis.lock("x", client="redis://localhost")  # type: ignore[arg-type]
+    with pytest.raises(mcp_redis.InvalidArgumentType, match="client"):
+        mcp_redis.RateLimiter("x", 1, 1, client=object())  # type: ignore[arg-type]
+    with pytest.raises(mcp_redis.InvalidArgumentType, match="client"):
+        mcp_redis.SessionStore(client=1)  # type: ignore[arg-type]
+    with pytest.raises(mcp_redis.InvalidArgumentType, match="client"):
+        mcp_redis.EventBus(client=1)  # type: ignore[arg-type]
+
+
+def test_a_forked_child_forgets_the_clients_connections_and_singletons(redis_url: str) -> None:
+    import os
+
+    with Client(redis_url=redis_url) as client:
+        parent_conn = client.redis()
+        parent_conn.client.ping()
+        thing = client.singleton("thing", object)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: fresh objects, its own socket
+            try:
+                fresh = client.redis() is not parent_conn and client.singleton("thing", object) is not thing
+                ok = fresh and client.redis().client.ping()
+                os.write(write_end, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read_end, 1) == b"1"
+        assert client.redis() is parent_conn and parent_conn.client.ping()  # the parent's still work
+        assert client.singleton("thing", object) is thing
