@@ -11,7 +11,7 @@ from mcp_redis.errors import BackendUnavailable, ConfigurationError
 from mcp_redis.resilience import CircuitBreaker, Resilience
 
 
-def _flaky(failures: int) -> "tuple[List[int], object]":
+def _flaky(failures: int) -> tuple[List[int], object]:
     calls: List[int] = []
 
     def fn() -> str:
