@@ -228,3 +228,17 @@ def test_a_forked_child_forgets_the_clients_connections_and_singletons(redis_url
         assert os.read(read_end, 1) == b"1"
         assert client.redis() is parent_conn and parent_conn.client.ping()  # the parent's still work
         assert client.singleton("thing", object) is thing
+
+
+def test_the_per_feature_variables_are_known_to_the_unknown_variable_warning() -> None:
+    from mcp_redis.config import warn_unknown_variables
+
+    names = ["MCP_REDIS_LOCKS_URL", "MCP_REDIS_SESSIONS_URL", "MCP_REDIS_RATE_LIMITS_URL", "MCP_REDIS_CACHE_URL",
+             "MCP_REDIS_EVENTS_URL", "MCP_REDIS_EVENTS_BACKEND"]
+    assert warn_unknown_variables({name: "x" for name in names}) == []
+
+
+def test_events_switched_off_raise_feature_disabled() -> None:
+    mcp_redis.configure(events="off")
+    with pytest.raises(mcp_redis.FeatureDisabled):
+        mcp_redis.EventBus().publish("ch", {"n": 1})
