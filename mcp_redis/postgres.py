@@ -362,4 +362,6 @@ def get_postgres() -> Postgres:
 
 def migrate() -> List[str]:
     """Create the library's PostgreSQL schema (idempotent); returns the statements run."""
-    return get_postgres().migrate()
+    from .client import default_client
+
+    return default_client().postgres().migrate()
