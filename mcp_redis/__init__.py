@@ -88,6 +88,10 @@ __all__ += ["EventBus", "Subscription", "EventStream", "StreamEntry", "StreamCon
 from .backend import RedisBackend  # noqa: E402
 
 __all__ += ["RedisBackend"]
+# --- client: one configuration with its connections, scripts and threads ---
+from .client import Client, default_client  # noqa: E402
+
+__all__ += ["Client", "default_client"]
 # --- misconfiguration: the ConfigurationError subclasses a backend's refusal raises ---
 from .errors import (  # noqa: E402
     AuthenticationFailed,

@@ -1,4 +1,4 @@
-"""`RedisBackend`: the primitives without decorators, over the process-wide clients.
+"""`RedisBackend`: the primitives without decorators, over one `Client` (default: the default client).
 
 The synchronous version of the facade the original proposal sketched. Each
 method fronts a feature and follows that feature's switch and fallback
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
+from .client import Client, resolve
 from .config import Mode, Settings, configure, settings
-from .connections import get_redis
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .local import TTLStore
@@ -34,22 +34,26 @@ class RedisBackend:
     """One thread-safe object over the configured clients.
 
     ``RedisBackend()`` uses the configuration in force; ``RedisBackend(settings)``
-    first applies `settings` process-wide (like `configure`), since the pools
-    it shares are process-wide.
+    first applies `settings` process-wide (like `configure`) and uses the
+    default client; ``RedisBackend(client)`` uses that `mcp_redis.Client`
+    and changes nothing process-wide.
     """
 
-    def __init__(self, settings_: Optional[Settings] = None) -> None:
-        if settings_ is not None:
+    def __init__(self, settings_: Optional[Union[Settings, Client]] = None) -> None:
+        self.client: Optional[Client] = None
+        if isinstance(settings_, Client):
+            self.client = settings_
+        elif settings_ is not None:
             if not isinstance(settings_, Settings):
-                raise InvalidArgumentType("settings", f"must be a Settings, not {type(settings_).__name__}")
+                raise InvalidArgumentType("settings", f"must be a Settings or a Client, not {type(settings_).__name__}")
             if settings_ != settings():
                 configure(**{f: getattr(settings_, f) for f in settings_.__dataclass_fields__})
-        self._sessions = SessionStore()
+        self._sessions = SessionStore(client=self.client)
         self._limiters: Dict[Tuple[int, float], RateLimiter] = {}
         self._limiters_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"RedisBackend({settings()!r})"
+        return f"RedisBackend({resolve(self.client).settings!r})"
 
     # -- sessions ------------------------------------------------------------------
     def get_session(self, session_key: str) -> Optional[str]:
@@ -65,7 +69,7 @@ class RedisBackend:
     def acquire_lock(self, key: str, timeout: float = 30, blocking_timeout: Optional[float] = 5.0) -> AgentLock:
         """The lock named `key` (lease `timeout`, renewed while held) as a context manager."""
         validate_id(key, "key")
-        return agent_lock(key, timeout=timeout, blocking_timeout=blocking_timeout)
+        return agent_lock(key, timeout=timeout, blocking_timeout=blocking_timeout, client=self.client)
 
     # -- rate limits ------------------------------------------------------------------
     def check_rate_limit(self, key: str, limit: int, window: float) -> bool:
@@ -81,7 +85,7 @@ class RedisBackend:
         except TypeError:  # unhashable argument: let RateLimiter name it
             limiter = None
         if limiter is None:
-            limiter = RateLimiter("backend", limit, window)  # validates limit and window
+            limiter = RateLimiter("backend", limit, window, client=self.client)  # validates limit and window
             with self._limiters_lock:
                 limiter = self._limiters.setdefault(spec, limiter)
         return limiter
@@ -90,14 +94,15 @@ class RedisBackend:
     def cache_get(self, key: str) -> Any:
         """The JSON value cached under `key`, or None (miss, expired, or Redis down)."""
         validate_id(key, "key")
-        s = settings()
+        client = resolve(self.client)
+        s = client.settings
         mode = s.mode("metadata_cache")
         if mode is Mode.OFF:
             return None
         if mode is Mode.LOCAL:
             raw = _local_kv.get(_kv_key(s, key))
         else:
-            conn = get_redis()
+            conn = client.redis("metadata_cache")
             if not conn.policy.available:
                 METRICS.inc("backend_cache_fallback_total", op="get")
                 return None
@@ -116,14 +121,15 @@ class RedisBackend:
             raw = json.dumps(value, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument("value", f"must be JSON-serialisable: {exc}") from None
-        s = settings()
+        client = resolve(self.client)
+        s = client.settings
         mode = s.mode("metadata_cache")
         if mode is Mode.OFF:
             return
         if mode is Mode.LOCAL:
             _local_kv.set(_kv_key(s, key), raw, ttl)
             return
-        conn = get_redis()
+        conn = client.redis("metadata_cache")
         try:
             conn.call(conn.client.set, _kv_key(s, key), raw, px=max(1, int(ttl * 1000)))
         except BackendUnavailable:

@@ -64,8 +64,9 @@ from typing import (
 import redis.exceptions as rex
 from cachetools import LRUCache
 
+from .client import default_client
 from .config import Mode, Settings, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
@@ -108,33 +109,6 @@ class CacheInfo(NamedTuple):
         return self.l1_hits + self.l2_hits
 
 
-# -- Lua -------------------------------------------------------------------------
-_FILL_SRC = lua("cache_fill")
-_INVALIDATE_SRC = lua("cache_invalidate")
-_GENERATION_SRC = lua("cache_generation")
-
-
-class _Scripts:
-    __slots__ = ("conn", "fill", "invalidate", "generation")
-
-    def __init__(self, conn: RedisConnection) -> None:
-        self.conn = conn
-        self.fill = conn.client.register_script(_FILL_SRC)
-        self.invalidate = conn.client.register_script(_INVALIDATE_SRC)
-        self.generation = conn.client.register_script(_GENERATION_SRC)
-
-
-_scripts: Optional[_Scripts] = None
-
-
-def _scripts_for(conn: RedisConnection) -> _Scripts:
-    global _scripts
-    current = _scripts
-    if current is None or current.conn is not conn:
-        current = _scripts = _Scripts(conn)
-    return current
-
-
 # -- process-wide state: origin id, registry, listener -----------------------------
 _ORIGIN = uuid.uuid4().hex[:16]
 _registry_lock = threading.Lock()
@@ -173,6 +147,7 @@ class _Listener:
                 channels=[channel],
                 on_subscribed=_on_subscribed,
                 name="mcp_redis-cache-invalidation",
+                connection=lambda: default_client().redis("metadata_cache"),
             )
             sub.start(wait=False)
             self.subscriber, self.channel = sub, channel
@@ -287,21 +262,18 @@ def _on_subscribed(initial: bool) -> None:
 
 @on_reset
 def _on_reset() -> None:
-    global _scripts
     _REPLAYER.stop()
     _LISTENER.close()
-    _scripts = None
     for cache in _all_caches():
         cache._flush_local()
 
 
 @on_fork
 def _on_fork() -> None:
-    global _ORIGIN, _LISTENER, _REPLAYER, _scripts, _registry_lock
+    global _ORIGIN, _LISTENER, _REPLAYER, _registry_lock
     _ORIGIN = uuid.uuid4().hex[:16]
     _LISTENER = _Listener()  # the parent's threads do not exist here
     _REPLAYER = _Replayer()  # the child's pending invalidations restart it on demand
-    _scripts = None
     _registry_lock = threading.Lock()
     for group in _registry.values():
         for cache in group:
@@ -509,7 +481,7 @@ class CachedFunction(Generic[R]):
         if st.mode is not Mode.REDIS:
             return None
         try:
-            conn = get_redis()
+            conn = default_client().redis("metadata_cache")
         except BackendUnavailable:
             self._count_error()
             return None
@@ -778,7 +750,7 @@ class CachedFunction(Generic[R]):
             if conn is not None and keys is not None and epoch is not None and delta < st.guard_ttl / 2:
                 px = int((expiry - time.time() + self._max_stale) * 1000)
                 try:
-                    conn.call(_scripts_for(conn).fill, keys=list(keys), args=[epoch, text, max(px, 1)])
+                    conn.call(conn.script("cache_fill"), keys=list(keys), args=[epoch, text, max(px, 1)])
                 except (BackendUnavailable, rex.RedisError) as exc:
                     self._count_error()
                     log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
@@ -988,7 +960,7 @@ class CachedFunction(Generic[R]):
         now = time.time()
         for (value_key, epoch_key), epoch, text, expiry in writes:
             px = max(int((expiry - now + self._max_stale) * 1000), 1)
-            pipe.execute_command("EVAL", _FILL_SRC, 2, value_key, epoch_key, epoch, text, px)
+            pipe.execute_command("EVAL", lua("cache_fill"), 2, value_key, epoch_key, epoch, text, px)
         return pipe.execute()
 
     def _load_batch(self, items: List[Any], loader: Optional[Callable[[List[Any]], Mapping[Any, Any]]]) -> Dict[Any, Any]:
@@ -1063,7 +1035,7 @@ class CachedFunction(Generic[R]):
         if encoded is not None:
             envelope = encoded[0]
             px = max(int((encoded[2] - time.time() + self._max_stale) * 1000), 1)
-        conn.call(_scripts_for(conn).invalidate, keys=list(keys),
+        conn.call(conn.script("cache_invalidate"), keys=list(keys),
                args=[int(st.guard_ttl * 1000), st.channel, envelope, px, message])
 
     def invalidate_all(self) -> None:
@@ -1089,7 +1061,7 @@ class CachedFunction(Generic[R]):
     def _bump_generation(self, conn: RedisConnection, st: _State) -> None:
         key = st.keys.key(_NS, self.namespace, suffix="gen")
         prefix = _dumps({"o": _ORIGIN, "n": self.namespace, "op": "a"})[:-1] + ',"g":"'
-        gen = str(conn.call(_scripts_for(conn).generation, keys=[key],
+        gen = str(conn.call(conn.script("cache_generation"), keys=[key],
                          args=[int(st.guard_ttl * 1000), st.channel, prefix]))
         for cache in _same_namespace(self.namespace):
             cache._set_generation(gen, st)

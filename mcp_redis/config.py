@@ -65,18 +65,29 @@ class RateLimitFallback(str, enum.Enum):
 
 
 # name -> (environment variable, parser); names are `configure()` keywords.
-_FEATURES = ("sessions", "locks", "rate_limits", "metadata_cache")
+_FEATURES = ("sessions", "locks", "rate_limits", "metadata_cache", "events")
 _FEATURE_ENV = {
     "sessions": "MCP_REDIS_SESSIONS_BACKEND",
     "locks": "MCP_REDIS_LOCKS_BACKEND",
     "rate_limits": "MCP_REDIS_RATE_LIMITS_BACKEND",
     "metadata_cache": "MCP_REDIS_CACHE_BACKEND",
+    "events": "MCP_REDIS_EVENTS_BACKEND",
 }
+# feature -> the setting naming its own Redis deployment (None: REDIS_URL).
+FEATURE_URLS = {
+    "sessions": "sessions_url",
+    "locks": "locks_url",
+    "rate_limits": "rate_limits_url",
+    "metadata_cache": "cache_url",
+    "events": "events_url",
+}
+_URL_FIELDS = ("redis_url", "database_url", *FEATURE_URLS.values())
 _ALLOWED_MODES = {
     "sessions": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
     "locks": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
     "rate_limits": {Mode.REDIS, Mode.POSTGRES, Mode.LOCAL, Mode.OFF},
     "metadata_cache": {Mode.REDIS, Mode.LOCAL, Mode.OFF},
+    "events": {Mode.REDIS, Mode.LOCAL, Mode.OFF},
 }
 
 
@@ -100,6 +111,14 @@ class Settings:
     locks: Optional[Mode] = None
     rate_limits: Optional[Mode] = None
     metadata_cache: Optional[Mode] = None
+    events: Optional[Mode] = None
+    # Per-feature Redis deployments; None means REDIS_URL (e.g. caches on an
+    # evicting instance, locks/sessions/rate limits on a `noeviction` one).
+    locks_url: Optional[str] = None
+    sessions_url: Optional[str] = None
+    rate_limits_url: Optional[str] = None
+    cache_url: Optional[str] = None
+    events_url: Optional[str] = None
     lock_fallback: LockFallback = LockFallback.NONE
     rate_limit_fallback: RateLimitFallback = RateLimitFallback.LOCAL
     rate_limit_local_maxsize: int = 100_000  # entries of the in-process limiter (local mode, fallback)
@@ -146,20 +165,37 @@ class Settings:
             object.__setattr__(self, name, mode)
         object.__setattr__(self, "lock_fallback", _coerce_enum(LockFallback, self.lock_fallback, "lock_fallback"))
         object.__setattr__(self, "rate_limit_fallback", _coerce_enum(RateLimitFallback, self.rate_limit_fallback, "rate_limit_fallback"))
-        for name in ("redis_url", "database_url"):
+        for name in _URL_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigurationError(f"{name}: must be a str or None, not {type(value).__name__}")
         for name in ("lock_fallback", "rate_limit_fallback"):
             if getattr(self, name).value == "postgres" and not self.database_url:
                 raise ConfigurationError(f"{name}: 'postgres' needs DATABASE_URL")
-        if self.redis_url:
-            scheme = self.redis_url.split("://", 1)[0].lower() if "://" in self.redis_url else ""
+        for name in ("redis_url", *FEATURE_URLS.values()):
+            url = getattr(self, name)
+            if not url:
+                continue
+            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
             if scheme not in REDIS_SCHEMES:
                 raise ConfigurationError(
-                    f"redis_url: unsupported scheme in {redact_url(self.redis_url)!r}; "
+                    f"{name}: unsupported scheme in {redact_url(url)!r}; "
                     f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
                 )
+
+    def url(self, feature: str) -> Optional[str]:
+        """The Redis URL `feature` uses: its own ``*_url`` setting, else `redis_url`."""
+        if feature not in _FEATURES:
+            raise ValueError(f"feature: unknown {feature!r}")
+        return getattr(self, FEATURE_URLS[feature]) or self.redis_url
+
+    def redis_urls(self) -> List[str]:
+        """Every distinct Redis URL a feature could use (REDIS_URL first)."""
+        out: List[str] = []
+        for url in (self.redis_url, *(getattr(self, name) for name in FEATURE_URLS.values())):
+            if url and url not in out:
+                out.append(url)
+        return out
 
     # -- the effective backend of each feature ---------------------------------
     def mode(self, feature: str) -> Mode:
@@ -167,11 +203,12 @@ class Settings:
         if feature not in _FEATURES:
             raise ValueError(f"feature: unknown {feature!r}")
         explicit: Optional[Mode] = getattr(self, feature)
+        url = getattr(self, FEATURE_URLS[feature]) or self.redis_url
         if explicit is not None:
             mode = explicit
         else:
-            mode = Mode.REDIS if self.redis_url else Mode.LOCAL
-        if mode is Mode.REDIS and not self.redis_url:
+            mode = Mode.REDIS if url else Mode.LOCAL
+        if mode is Mode.REDIS and not url:
             raise ConfigurationError(f"{feature}: backend 'redis' needs REDIS_URL")
         if mode is Mode.POSTGRES and not self.database_url:
             raise ConfigurationError(f"{feature}: backend 'postgres' needs DATABASE_URL")
@@ -180,7 +217,7 @@ class Settings:
     @property
     def local_mode(self) -> bool:
         """True when no Redis is configured (the single-host behaviour)."""
-        return not self.redis_url
+        return not self.redis_urls()
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (validated)."""
@@ -192,7 +229,7 @@ class Settings:
             if not field.repr:
                 continue
             value = getattr(self, field.name)
-            if field.name in ("redis_url", "database_url") and value:
+            if field.name in _URL_FIELDS and value:
                 value = redact_url(value)
             if isinstance(value, enum.Enum):
                 value = value.value
@@ -319,6 +356,12 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "locks": (_FEATURE_ENV["locks"], _str),
     "rate_limits": (_FEATURE_ENV["rate_limits"], _str),
     "metadata_cache": (_FEATURE_ENV["metadata_cache"], _str),
+    "events": (_FEATURE_ENV["events"], _str),
+    "locks_url": ("MCP_REDIS_LOCKS_URL", _str),
+    "sessions_url": ("MCP_REDIS_SESSIONS_URL", _str),
+    "rate_limits_url": ("MCP_REDIS_RATE_LIMITS_URL", _str),
+    "cache_url": ("MCP_REDIS_CACHE_URL", _str),
+    "events_url": ("MCP_REDIS_EVENTS_URL", _str),
     "lock_fallback": ("MCP_REDIS_LOCK_FALLBACK", _str),
     "rate_limit_fallback": ("MCP_REDIS_RATE_LIMIT_FALLBACK", _str),
     "rate_limit_local_maxsize": ("MCP_REDIS_RATE_LIMIT_LOCAL_MAXSIZE", _int),

@@ -27,13 +27,15 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .config import Settings, on_reset, redact_url, settings
+from .config import Settings, redact_url
 from .errors import ConfigurationError
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
+from .scripts import ScriptSet
 
 __all__ = [
     "RedisConnection",
     "get_redis",
+    "connect",
     "redis_available",
     "build_client",
     "parse_host_list",
@@ -55,6 +57,8 @@ class RedisConnection:
     settings: Settings
     sentinel: Optional[Sentinel] = None
     service_name: Optional[str] = None
+    # The client's one script registry (`mcp_redis.Client.scripts`).
+    scripts: ScriptSet = dataclasses.field(default_factory=ScriptSet, repr=False, compare=False)
     # (sha, *keys) -> the packed start of an EVALSHA command: see run_script
     _heads: Dict[Tuple[Any, ...], bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -68,6 +72,10 @@ class RedisConnection:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` under the retry/breaker policy."""
         return self.policy.call(fn, *args, **kwargs)
+
+    def script(self, name: str) -> Any:
+        """The script ``mcp_redis/lua/<name>.lua`` registered on this client (once)."""
+        return self.scripts.get(self.client, name)
 
     def misconfiguration(self, exc: BaseException) -> Optional[ConfigurationError]:
         """The `ConfigurationError` a redis-py error from this client stands for, or None.
@@ -318,9 +326,9 @@ def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
     return out
 
 
-def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
-    """The redis-py client for ``s.redis_url``: (client, kind, sentinel, service)."""
-    url = s.redis_url
+def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
+    """The redis-py client for `url` (default ``s.redis_url``): (client, kind, sentinel, service)."""
+    url = s.redis_url if url is None else url
     if not url:
         raise ConfigurationError("REDIS_URL (redis_url): not set (local mode has no Redis client)")
     shown = redact_url(url)
@@ -358,7 +366,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
             }
             if s.sentinel_password:
                 sentinel_kwargs["password"] = s.sentinel_password
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = Sentinel(
                 sentinels,
                 sentinel_kwargs=sentinel_kwargs,
                 username=user,
@@ -366,7 +374,7 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
                 db=db,
                 **common,
             )
-            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            client = sentinel.master_for(
                 service,
                 connection_pool_class=WatchedSentinelPool,
                 max_connections=s.max_connections,
@@ -397,70 +405,68 @@ def build_client(s: Settings) -> Tuple[Any, str, Optional[Sentinel], Optional[st
     raise ConfigurationError(f"REDIS_URL (redis_url): unsupported scheme in {shown!r}")
 
 
-# -- the process-wide connection -----------------------------------------------
-_lock = threading.Lock()
-_conn: Optional[RedisConnection] = None
-_pid = os.getpid()
-_fork_hooks: List[Callable[[], None]] = []
+# -- building a connection ---------------------------------------------------------
+def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet] = None) -> RedisConnection:
+    """A new `RedisConnection` to `url` (default ``s.redis_url``) with its own policy.
+
+    `mcp_redis.Client` builds one per distinct URL and owns it.
+    """
+    url = s.redis_url if url is None else url
+    try:
+        client, kind, sentinel, service = build_client(s, url)
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        # RedisCluster connects eagerly; a down cluster must not escape
+        # as a raw redis error.
+        from .errors import BackendUnavailable
+
+        misconfigured = redis_misconfiguration(exc, follows_failover=True)
+        if misconfigured is not None:
+            raise misconfigured from exc
+        raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+    holder: List[RedisConnection] = []
+    breaker = CircuitBreaker(
+        "redis",
+        failure_threshold=s.breaker_failure_threshold,
+        reset_timeout=s.breaker_reset_timeout,
+        on_open=lambda: holder[0].disconnect() if holder else None,
+    )
+    policy = Resilience(
+        "redis",
+        attempts=s.retry_attempts,
+        initial_backoff=s.retry_initial_backoff,
+        max_backoff=s.retry_max_backoff,
+        breaker=breaker,
+        misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
+    )
+    conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service,
+                           scripts=scripts if scripts is not None else ScriptSet())
+    holder.append(conn)
+    log.info("redis client ready: %s (%s)", conn.url, kind)
+    return conn
 
 
 def get_redis() -> RedisConnection:
-    """The process's `RedisConnection` for the settings in force (built lazily).
+    """Deprecated: the default client's `RedisConnection` for REDIS_URL.
 
-    Raises `ConfigurationError` in local mode (no `REDIS_URL`).
+    Use ``mcp_redis.default_client().redis(feature)``; nothing in the package
+    calls this. Raises `ConfigurationError` in local mode (no `REDIS_URL`).
     """
-    conn = _conn
-    if conn is not None:  # os.register_at_fork clears it in a forked child
-        return conn
-    return _build()
+    from .client import default_client
 
-
-def _build() -> RedisConnection:
-    global _conn
-    with _lock:
-        if _pid != os.getpid():
-            _after_fork_in_child()
-        if _conn is not None:
-            return _conn
-        s = settings()
-        try:
-            client, kind, sentinel, service = build_client(s)
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            # RedisCluster connects eagerly; a down cluster must not escape
-            # as a raw redis error.
-            from .errors import BackendUnavailable
-
-            misconfigured = redis_misconfiguration(exc, follows_failover=True)
-            if misconfigured is not None:
-                raise misconfigured from exc
-            raise BackendUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
-        holder: List[RedisConnection] = []
-        breaker = CircuitBreaker(
-            "redis",
-            failure_threshold=s.breaker_failure_threshold,
-            reset_timeout=s.breaker_reset_timeout,
-            on_open=lambda: holder[0].disconnect() if holder else None,
-        )
-        policy = Resilience(
-            "redis",
-            attempts=s.retry_attempts,
-            initial_backoff=s.retry_initial_backoff,
-            max_backoff=s.retry_max_backoff,
-            breaker=breaker,
-            misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
-        )
-        conn = RedisConnection(client, policy, kind, redact_url(s.redis_url or ""), s, sentinel, service)
-        holder.append(conn)
-        _conn = conn
-        log.info("redis client ready: %s (%s)", conn.url, kind)
-        return conn
+    return default_client().redis()
 
 
 def redis_available() -> bool:
     """True when Redis is configured and its breaker is not open."""
-    if not settings().redis_url:
+    from .client import default_client
+
+    client = default_client()
+    if not client.settings.redis_url:
         return False
-    return get_redis().policy.available
+    return client.redis().policy.available
+
+
+_fork_hooks: List[Callable[[], None]] = []
 
 
 def on_fork(hook: Callable[[], None]) -> Callable[[], None]:
@@ -469,20 +475,7 @@ def on_fork(hook: Callable[[], None]) -> Callable[[], None]:
     return hook
 
 
-@on_reset
-def _close() -> None:
-    global _conn
-    with _lock:
-        conn, _conn = _conn, None
-    if conn is not None and _pid == os.getpid():
-        conn.close()
-
-
 def _after_fork_in_child() -> None:
-    """Forget the parent's connection without touching its sockets."""
-    global _conn, _pid
-    _conn = None
-    _pid = os.getpid()
     for hook in list(_fork_hooks):
         try:
             hook()
@@ -491,8 +484,6 @@ def _after_fork_in_child() -> None:
 
 
 def _at_fork_child() -> None:
-    global _lock
-    _lock = threading.Lock()  # a parent thread may have held it while forking
     _after_fork_in_child()
 
 

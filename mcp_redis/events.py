@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
 
-from .config import on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
-from .errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from .client import Client, resolve
+from .config import Mode, on_reset, settings
+from .connections import RedisConnection, on_fork
+from .errors import BackendUnavailable, ConfigurationError, FeatureDisabled, InvalidArgument, InvalidArgumentType
 from .keys import MAX_ID_LENGTH, KeySpace, validate_id
 from .metrics import METRICS
 from .pubsub import Subscriber
-from .scripts import lua
 from .validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = [
@@ -116,8 +116,16 @@ def _check_int(value: object, argument: str, minimum: int, maximum: Optional[int
     return value
 
 
-def _redis_mode() -> bool:
-    return bool(settings().redis_url)
+def _redis_mode(client: Client) -> bool:
+    """True when events go through Redis (``client.mode("events")``).
+
+    ``local`` (the default without a Redis URL) and ``off`` use the
+    in-process broker: events then reach only this process's subscribers.
+    """
+    mode = client.settings.mode("events")
+    if mode is Mode.OFF:
+        raise FeatureDisabled("events: off (MCP_REDIS_EVENTS_BACKEND=off)")
+    return mode is Mode.REDIS
 
 
 # -- pub/sub -------------------------------------------------------------------
@@ -130,7 +138,9 @@ class Subscription:
     JSON object), `reconnects`.
     """
 
-    def __init__(self, channel: str, handler: EventHandler, *, pattern: bool, with_channel: bool) -> None:
+    def __init__(self, channel: str, handler: EventHandler, *, pattern: bool, with_channel: bool,
+                 client: Optional[Client] = None) -> None:
+        self.client = resolve(client)
         self.channel = channel
         self.pattern = pattern
         self.with_channel = with_channel
@@ -185,8 +195,9 @@ class Subscription:
 
     # -- used by the listeners --------------------------------------------------
     def _start(self, timeout: float) -> Subscription:
-        if _redis_mode():
-            self._prefix = settings().key_prefix
+        client = self.client
+        if _redis_mode(client):
+            self._prefix = client.settings.key_prefix
             name = f"mcp_redis-events-{'p' if self.pattern else 'c'}:{self.channel[:40]}"
             key = [self.redis_channel]
             self._listener = Subscriber(
@@ -194,6 +205,7 @@ class Subscription:
                 channels=() if self.pattern else key,
                 patterns=key if self.pattern else (),
                 name=name,
+                connection=lambda: client.redis("events"),
             )
             _live.add(self)
             try:
@@ -308,7 +320,8 @@ class EventBus:
     the settings in force are read on every call. Thread-safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, client: Optional[Client] = None) -> None:
+        self.client = _check_client(client)  # None: the default client at each call
         self._lock = threading.Lock()
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
@@ -333,11 +346,12 @@ class EventBus:
         """
         name = _check_channel(channel)
         payload = encode_event(event)
-        if not _redis_mode():
+        client = resolve(self.client)
+        if not _redis_mode(client):
             receivers = _BROKER.publish(name, payload)
         else:
-            conn = get_redis()
-            target = KeySpace(settings().key_prefix).channel(name)
+            conn = client.redis("events")
+            target = KeySpace(client.settings.key_prefix).channel(name)
             receivers = int(conn.call(conn.client.publish, target, payload, attempts=1))
         METRICS.inc("events_published_total")
         return receivers
@@ -361,7 +375,7 @@ class EventBus:
         name = _check_channel(channel, "pattern" if pattern else "channel")
         fn = _check_handler(handler)
         wait = seconds(timeout, "timeout")
-        sub = Subscription(name, fn, pattern=bool(pattern), with_channel=bool(with_channel))
+        sub = Subscription(name, fn, pattern=bool(pattern), with_channel=bool(with_channel), client=self.client)
         sub._start(wait)
         with self._lock:
             self._subs.add(sub)
@@ -407,19 +421,10 @@ def publish_agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, 
 
 
 # -- durable streams -------------------------------------------------------------
-_SCRIPT_SOURCES = {name: lua(f"events_{name}") for name in ("add", "group", "deadletter")}
-_scripts_lock = threading.Lock()
-_scripts: Dict[str, Tuple[Any, Any]] = {}  # name -> (client, Script)
-
-
-def _script(conn: RedisConnection, name: str) -> Any:
-    cached = _scripts.get(name)
-    if cached is not None and cached[0] is conn.client:
-        return cached[1]
-    with _scripts_lock:
-        script = conn.client.register_script(_SCRIPT_SOURCES[name])
-        _scripts[name] = (conn.client, script)
-    return script
+def _check_client(client: Optional[Client]) -> Optional[Client]:
+    if client is not None and not isinstance(client, Client):
+        raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
+    return client
 
 
 def _is_nogroup(exc: BaseException) -> bool:
@@ -471,8 +476,10 @@ class EventStream:
         start_id: str = "0",
         claim_interval: Optional[float] = None,
         max_deliveries: Optional[int] = None,
+        client: Optional[Client] = None,
     ) -> None:
         self.name = validate_id(name, "name")
+        self.client = _check_client(client)  # None: the default client at each call
         self.group = None if group is None else validate_id(group, "group")
         if consumer is None:
             consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -502,18 +509,18 @@ class EventStream:
     @property
     def key(self) -> str:
         """The stream's Redis key under the prefix in force."""
-        return KeySpace(settings().key_prefix).key("stream", self.name, tag=True)
+        return KeySpace(resolve(self.client).settings.key_prefix).key("stream", self.name, tag=True)
 
     @property
     def dead_letter_key(self) -> str:
         """Where entries past `max_deliveries` go (same hash slot as `key`)."""
-        return KeySpace(settings().key_prefix).key("stream", self.name, tag=True, suffix="dead")
+        return KeySpace(resolve(self.client).settings.key_prefix).key("stream", self.name, tag=True, suffix="dead")
 
     def _ttl_ms(self) -> int:
         return 0 if self.ttl is None else max(1, int(self.ttl * 1000))
 
     def _conn(self) -> RedisConnection:
-        return get_redis()  # ConfigurationError in local mode: streams need Redis
+        return resolve(self.client).redis("events")  # ConfigurationError in local mode: streams need Redis
 
     # -- producing ----------------------------------------------------------------
     def add(self, event: Dict[str, Any]) -> str:
@@ -529,7 +536,7 @@ class EventStream:
     def _add(self, payloads: List[str]) -> List[str]:
         conn = self._conn()
         key = self.key
-        script = _script(conn, "add")
+        script = conn.script("events_add")
         ids: List[str] = []
         for i in range(0, len(payloads), _MAX_ADD_BATCH):
             chunk = payloads[i:i + _MAX_ADD_BATCH]
@@ -553,7 +560,7 @@ class EventStream:
         """Create the group (and stream) if missing; True if it was created."""
         group = self._need_group()
         conn = self._conn()
-        created = bool(conn.call(_script(conn, "group"), keys=[self.key],
+        created = bool(conn.call(conn.script("events_group"), keys=[self.key],
                                  args=[group, self.start_id, self._ttl_ms()], client=conn.client))
         with self._lock:
             self._group_ready = conn.client
@@ -648,7 +655,7 @@ class EventStream:
         if not over:
             return entries
         conn = self._conn()
-        conn.call(_script(conn, "deadletter"), keys=[key, self.dead_letter_key],
+        conn.call(conn.script("events_deadletter"), keys=[key, self.dead_letter_key],
                   args=[group, self.maxlen, self._ttl_ms(), self.consumer, *over], client=conn.client)
         self.dead_lettered += len(over)
         METRICS.inc("events_stream_dead_lettered_total", float(len(over)))
@@ -867,8 +874,6 @@ def _close_all() -> None:
             log.debug("close on reset failed", exc_info=True)
     for li in _BROKER.clear():
         li.close(0)
-    with _scripts_lock:
-        _scripts.clear()
 
 
 @on_fork
@@ -876,4 +881,3 @@ def _forget_in_child() -> None:
     # Threads do not survive fork: the child starts with no subscriptions.
     _live.clear()
     _BROKER.clear()
-    _scripts.clear()

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .config import _FEATURE_ENV, Mode, Settings, settings
+from .config import _FEATURE_ENV, _FEATURES, Mode, Settings, redact_url
 from .metrics import METRICS
 
-__all__ = ["health", "deployment_warnings"]
+if TYPE_CHECKING:
+    from .client import Client
+    from .connections import RedisConnection
 
-_FEATURES = ("sessions", "locks", "rate_limits", "metadata_cache")
+__all__ = ["health", "deployment_warnings", "maxmemory_policy"]
+
+# Features whose keys must never be evicted: a lost lock key lets a second
+# holder in, a lost session or rate-limit counter forgets state.
+_STATEFUL = ("locks", "sessions", "rate_limits")
 
 
 def deployment_warnings(s: Settings) -> List[str]:
@@ -21,7 +27,7 @@ def deployment_warnings(s: Settings) -> List[str]:
     are reported by `health()`, `stats()` and the CLI; none makes ``ok`` False.
     """
     out: List[str] = []
-    if not s.redis_url:
+    if not s.redis_urls():
         out.append("REDIS_URL is not set: local mode, nothing is shared between processes or hosts "
                    "(host-local file locks, per-process rate limits, caches and sessions)")
     for feature in _FEATURES:
@@ -29,7 +35,7 @@ def deployment_warnings(s: Settings) -> List[str]:
         var = _FEATURE_ENV[feature]
         if mode is Mode.OFF:
             out.append(f"{feature} is off ({var}=off): calls to it raise FeatureDisabled")
-        elif mode is Mode.LOCAL and s.redis_url:
+        elif mode is Mode.LOCAL and s.url(feature):
             out.append(f"{feature} is local ({var}=local): not shared between processes or hosts")
     if not s.database_url:
         out.append("DATABASE_URL is not set: no PostgreSQL (no durable session store, "
@@ -37,7 +43,7 @@ def deployment_warnings(s: Settings) -> List[str]:
     return out
 
 
-def health() -> Dict[str, Any]:
+def health(client: Optional[Client] = None) -> Dict[str, Any]:
     """A JSON-ready report; ``ok`` is False when a configured backend is down.
 
     ``shared`` is False in local mode (no ``REDIS_URL``: nothing is shared
@@ -47,33 +53,95 @@ def health() -> Dict[str, Any]:
     Probes bypass the retry policy (one attempt) so a down backend is
     reported within about one connect timeout.
     """
-    s = settings()
+    from .client import resolve
+
+    client = resolve(client)
+    s = client.settings
     report: Dict[str, Any] = {
         "ok": True,
         "mode": "local" if s.local_mode else "redis",
         "shared": not s.local_mode,
         "warnings": deployment_warnings(s),
         "features": {f: s.mode(f).value for f in _FEATURES},
-        "redis": {"configured": bool(s.redis_url)},
+        "redis": {"configured": bool(s.redis_urls())},
         "postgres": {"configured": bool(s.database_url)},
     }
-    if s.redis_url:
-        report["redis"].update(_redis_health())
-        report["ok"] = report["ok"] and report["redis"]["ok"]
+    deployments = _deployments(s)
+    if deployments:
+        report["deployments"] = []
+        for url, features in deployments.items():
+            entry = {"features": features, **_redis_health(client, features[0] if features else None, url)}
+            report["deployments"].append(entry)
+            report["ok"] = report["ok"] and entry["ok"]
+            risky = [f for f in features if f in _STATEFUL]
+            policy = entry.get("maxmemory_policy")
+            if risky and policy is not None and policy != "noeviction":
+                report["warnings"].append(
+                    f"{', '.join(risky)} on {entry.get('url', redact_url(url))}, whose maxmemory-policy is "
+                    f"{policy!r}: Redis may evict their keys (a lost lock admits a second holder); "
+                    "give them an instance with maxmemory-policy noeviction (MCP_REDIS_LOCKS_URL, ...)"
+                )
+        first = report["deployments"][0]
+        report["redis"].update({k: v for k, v in first.items() if k != "features"})
     if s.database_url:
-        report["postgres"].update(_postgres_health())
+        report["postgres"].update(_postgres_health(client))
         report["ok"] = report["ok"] and report["postgres"]["ok"]
     return report
 
 
-def _redis_health() -> Dict[str, Any]:
-    from .connections import get_redis
+def _deployments(s: Settings) -> Dict[str, List[str]]:
+    """Each distinct Redis URL (REDIS_URL first) with the Redis-mode features on it."""
+    out: Dict[str, List[str]] = {url: [] for url in s.redis_urls()}
+    for feature in _FEATURES:
+        url = s.url(feature)
+        if url and s.mode(feature) is Mode.REDIS:
+            out[url].append(feature)
+    if s.redis_url and not out[s.redis_url]:
+        pass  # REDIS_URL itself is still probed (the CLI and the old report read it)
+    return {url: features for url, features in out.items() if features or url == s.redis_url}
 
+
+def maxmemory_policy(conn: RedisConnection) -> Optional[str]:
+    """The server's ``maxmemory-policy``: ``INFO memory``, else ``CONFIG GET``.
+
+    INFO first: the minimal ACL of docs/security.md grants ``+info`` but not
+    ``CONFIG`` (refused on most managed services too), so the probe leaves no
+    denial in ``ACL LOG``. None when neither answers; a cluster reports the
+    first node's policy.
+    """
+    client = conn.client
+    try:
+        info = client.info("memory")
+        if isinstance(info, dict):
+            value = info.get("maxmemory_policy")
+            if value is None:  # a cluster: per node
+                for node_info in info.values():
+                    if isinstance(node_info, dict) and "maxmemory_policy" in node_info:
+                        value = node_info["maxmemory_policy"]
+                        break
+            if value is not None:
+                return str(value)
+    except Exception:  # noqa: S110 - INFO renamed or refused: try CONFIG
+        pass
+    try:
+        reply = client.config_get("maxmemory-policy")
+        if isinstance(reply, dict):
+            for value in reply.values():
+                if isinstance(value, dict):  # a cluster: per node
+                    value = value.get("maxmemory-policy")
+                if isinstance(value, str):
+                    return value
+    except Exception:  # noqa: S110 - reported as unknown
+        pass
+    return None
+
+
+def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     try:
-        conn = get_redis()
+        conn = client.redis(feature) if feature is not None else client.redis()
     except Exception as exc:  # configuration or eager cluster connect
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "url": redact_url(url), "error": f"{type(exc).__name__}: {exc}"}
     out["url"] = conn.url
     out["kind"] = conn.kind
     start = time.perf_counter()
@@ -82,6 +150,7 @@ def _redis_health() -> Dict[str, Any]:
         out["ok"] = True
         out["ping_ms"] = round((time.perf_counter() - start) * 1000, 3)
         conn.policy.breaker.record_success()
+        out["maxmemory_policy"] = maxmemory_policy(conn)
     except Exception as exc:
         out["ok"] = False
         shown = conn.misconfiguration(exc) or exc  # a refusal says what to fix
@@ -92,12 +161,10 @@ def _redis_health() -> Dict[str, Any]:
     return out
 
 
-def _postgres_health() -> Dict[str, Any]:
-    from .postgres import get_postgres
-
+def _postgres_health(client: Client) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     try:
-        pg = get_postgres()
+        pg = client.postgres()
         out["url"] = pg.url
         out["ping_ms"] = round(pg.ping() * 1000, 3)
         out["ok"] = True

@@ -14,9 +14,9 @@ releaser that loops cannot barge in) and wakes it through its own signal
 list (BLPOP): no polling. Every wait is capped at the lock's remaining
 lease, so a holder that crashed is noticed when its lease ends.
 
-Backends, per ``settings().mode("locks")``:
+Backends, per ``client.mode("locks")`` (the lock's client, else the default one):
 
-* ``redis``: the above. When Redis is unreachable, ``settings().lock_fallback``
+* ``redis``: the above. When Redis is unreachable, ``settings.lock_fallback``
   decides: ``none`` fails closed (`BackendUnavailable`), ``postgres`` takes a
   PostgreSQL advisory lock, ``local`` a host-local file lock (unsafe across
   hosts; logged and counted). Under ``postgres`` the two tiers exclude each
@@ -25,7 +25,7 @@ Backends, per ``settings().mode("locks")``:
   (`_GatedRedisBackend`, `_PostgresBackend.acquire_fallback`).
 * ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold; waits
   are contention, never a backend failure.
-* ``local``: ``fcntl.flock`` on a file in ``settings().lock_dir``; the kernel
+* ``local``: ``fcntl.flock`` on a file in ``settings.lock_dir``; the kernel
   frees a crashed holder's lock, so a lock file left behind never blocks, and
   a forked child closes its copies so it never keeps its parent's lock.
 * ``off``: a no-op lock that always enters (logged once as unsafe).
@@ -60,8 +60,9 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, TypeVar, 
 
 import redis.exceptions as rex
 
-from .config import LockFallback, Mode, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .client import Client, default_client, resolve
+from .config import LockFallback, Mode, Settings, on_reset
+from .connections import RedisConnection, on_fork
 from .errors import (
     BackendUnavailable,
     BlockingCallInEventLoop,
@@ -74,7 +75,6 @@ from .errors import (
 )
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
-from .scripts import lua
 from .validation import optional_seconds
 from .validation import seconds as check_seconds
 
@@ -109,41 +109,6 @@ _NONCE_HEX = 32
 
 
 # -- Redis calls -----------------------------------------------------------------
-@dataclass(frozen=True)
-class _Scripts:
-    client: Any
-    acquire: Any
-    release: Any
-    extend: Any
-
-
-_scripts_lock = threading.Lock()
-_scripts_cache: Optional[_Scripts] = None
-
-
-def _scripts(client: Any) -> _Scripts:
-    """The registered scripts for `client` (registered once per client)."""
-    cached = _scripts_cache
-    if cached is not None and cached.client is client:
-        return cached
-    return _register(client)
-
-
-def _register(client: Any) -> _Scripts:
-    global _scripts_cache
-    with _scripts_lock:
-        cached = _scripts_cache
-        if cached is None or cached.client is not client:
-            cached = _Scripts(
-                client,
-                client.register_script(lua("lock_acquire")),
-                client.register_script(lua("lock_release")),
-                client.register_script(lua("lock_extend")),
-            )
-            _scripts_cache = cached
-        return cached
-
-
 # -- one acquisition --------------------------------------------------------------
 _pid = os.getpid()  # this process's id, refreshed in a forked child
 _generation = 0  # bumped by reset()/configure(): older holds are never re-entered
@@ -168,6 +133,7 @@ class _Hold:
     released: bool = False
     next_renewal: float = 0.0
     misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
+    client: Optional[Client] = None  # whose connections the hold uses (renewals, the gate)
     _event: Optional[threading.Event] = None  # made on demand: most holds never need one
 
     def mark_lost(self) -> None:
@@ -227,7 +193,7 @@ class _Backend:
     name = "?"
     leased = False  # does the hold expire unless renewed?
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         """A hold, or None when not acquired before `deadline` (monotonic; None = forever).
 
         `token` is this acquire call's value, unique per call (it ends with a
@@ -246,7 +212,7 @@ class _Backend:
     def owned(self, hold: _Hold) -> bool:
         return not hold.is_lost
 
-    def locked(self, keys: _Keys) -> bool:
+    def locked(self, client: Client, keys: _Keys) -> bool:
         raise NotImplementedError
 
 
@@ -281,18 +247,16 @@ class _RedisBackend(_Backend):
     name = "redis"
     leased = True
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        conn = get_redis()
-        scripts = _scripts(conn.client)
-        client = conn.client
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        conn = client.redis("locks")
         lease_ms = _ms(lease)
         # First a plain try (the uncontended path: 2 keys, 2 args). A failed
         # try with the queue keys joins the queue atomically, so the release
         # that follows it is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        granted, value = conn.call(conn.run_script, scripts.acquire, [keys.lock, keys.fence], [token, lease_ms])
+        granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
         if granted:
-            return _Hold(self, keys, token, int(value), lease, started + lease, conn)
+            return _Hold(self, keys, token, int(value), lease, started + lease, conn, client=client)
         if deadline is not None and deadline <= time.monotonic():
             return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
@@ -306,20 +270,20 @@ class _RedisBackend(_Backend):
             while True:
                 started = time.monotonic()
                 queued = True
-                granted, value = conn.call(conn.run_script, scripts.acquire, key_list, [token, lease_ms, queue_ttl])
+                granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, [token, lease_ms, queue_ttl])
                 if granted:
                     queued = False
-                    return _Hold(self, keys, token, int(value), lease, started + lease, conn)
+                    return _Hold(self, keys, token, int(value), lease, started + lease, conn, client=client)
                 now = time.monotonic()
                 remaining = float("inf") if deadline is None else deadline - now
                 if remaining <= 0:
                     return None
                 pttl = int(value)
                 wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
-                conn.call(_wait_for_signal, client, signal, wait)
+                conn.call(_wait_for_signal, conn.client, signal, wait)
         finally:
             if queued:
-                self._leave_queue(conn, scripts, keys, signal)
+                self._leave_queue(conn, keys, signal)
 
     def replicate(self, hold: _Hold, replicas: int, timeout: float) -> int:
         """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
@@ -330,7 +294,6 @@ class _RedisBackend(_Backend):
         so the acknowledgement covers the acquisition before it.
         """
         conn: RedisConnection = hold.handle
-        scripts = _scripts(conn.client)
         target = conn.client
         if conn.is_cluster:
             target = target.get_redis_connection(target.get_node_from_key(hold.keys.lock))
@@ -338,7 +301,7 @@ class _RedisBackend(_Backend):
 
         def run() -> Tuple[int, int]:
             pipe = target.pipeline(transaction=False)
-            scripts.extend([hold.keys.lock], [hold.token, _ms(hold.lease), "1"], client=pipe)
+            conn.script("lock_extend")([hold.keys.lock], [hold.token, _ms(hold.lease), "1"], client=pipe)
             pipe.execute_command("WAIT", replicas, wait_ms)
             extended, acked = pipe.execute()
             return int(extended), int(acked)
@@ -346,10 +309,10 @@ class _RedisBackend(_Backend):
         extended, acked = conn.call(run)
         return acked if extended else -1
 
-    def _leave_queue(self, conn: RedisConnection, scripts: _Scripts, keys: _Keys, signal: str) -> None:
+    def _leave_queue(self, conn: RedisConnection, keys: _Keys, signal: str) -> None:
         """A waiter giving up: leave the queue; pass on a reservation made for us."""
         try:
-            conn.call(conn.run_script, scripts.release, [keys.lock, keys.queue, signal],
+            conn.call(conn.run_script, conn.script("lock_release"), [keys.lock, keys.queue, signal],
                       [_RESERVED + signal, _ms(HANDOFF_GRACE)])
         except Exception:  # the entry lapses with the queue's short TTL anyway
             log.debug("lock: could not leave the queue", exc_info=True)
@@ -357,22 +320,20 @@ class _RedisBackend(_Backend):
     def release(self, hold: _Hold) -> bool:
         """One round trip; leaves a release record, so a retry after a lost reply still answers True."""
         conn: RedisConnection = hold.handle
-        scripts = _scripts(conn.client)
         keys = [hold.keys.lock, hold.keys.queue]
         args = [hold.token, _ms(HANDOFF_GRACE), _record_ms(conn)]
-        return bool(conn.call(conn.run_script, scripts.release, keys, args))
+        return bool(conn.call(conn.run_script, conn.script("lock_release"), keys, args))
 
     def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
         """Set (`replace`, idempotent) or add to the lease; an addition is recorded
         per call, so a retry after a lost reply does not add it twice."""
         conn: RedisConnection = hold.handle
-        scripts = _scripts(conn.client)
         started = time.monotonic()
         if replace:
             args: List[Any] = [hold.token, _ms(seconds), "1"]
         else:
             args = [hold.token, _ms(seconds), "0", os.urandom(12).hex(), _record_ms(conn)]
-        ok = bool(conn.call(conn.run_script, scripts.extend, [hold.keys.lock], args))
+        ok = bool(conn.call(conn.run_script, conn.script("lock_extend"), [hold.keys.lock], args))
         if ok and replace:
             hold.expires_at = started + seconds
         elif ok:
@@ -383,8 +344,8 @@ class _RedisBackend(_Backend):
         conn: RedisConnection = hold.handle
         return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
 
-    def locked(self, keys: _Keys) -> bool:
-        conn = get_redis()
+    def locked(self, client: Client, keys: _Keys) -> bool:
+        conn = client.redis("locks")
         return bool(conn.call(conn.client.exists, keys.lock))
 
 
@@ -499,10 +460,10 @@ class _PostgresBackend(_Backend):
 
     name = "postgres"
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        return self._acquire(keys, token, lease, deadline, settle=None)
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        return self._acquire(client, keys, token, lease, deadline, settle=None)
 
-    def acquire_fallback(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+    def acquire_fallback(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         """Acquire in place of Redis: also wait out every Redis hold that may still exist.
 
         A process that cannot reach Redis cannot see its holds. So the first
@@ -512,13 +473,11 @@ class _PostgresBackend(_Backend):
         hold granted just before the gate closed. Later fallback grants of the
         episode wait no more.
         """
-        return self._acquire(keys, token, lease, deadline, settle=2 * lease)
+        return self._acquire(client, keys, token, lease, deadline, settle=2 * lease)
 
-    def _acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float],
+    def _acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float],
                  settle: Optional[float]) -> Optional[_Hold]:
-        from .postgres import get_postgres
-
-        pg = get_postgres()
+        pg = client.postgres()
         pg.ensure_schema()
         lock_id = advisory_key(keys.lock)
         # Each slice of a wait ends before the statement_timeout would cut it.
@@ -554,7 +513,7 @@ class _PostgresBackend(_Backend):
                 _give_back(context, conn, None)
                 return None
             fence = int(row[0]) if row else 0
-            return _Hold(self, keys, token, fence, lease, float("inf"), _PgHandle(context, conn))
+            return _Hold(self, keys, token, fence, lease, float("inf"), _PgHandle(context, conn), client=client)
 
         return pg.policy.call(attempt, attempts=1)
 
@@ -584,10 +543,8 @@ class _PostgresBackend(_Backend):
             except Exception:
                 return False
 
-    def locked(self, keys: _Keys) -> bool:
-        from .postgres import get_postgres
-
-        row = get_postgres().execute(
+    def locked(self, client: Client, keys: _Keys) -> bool:
+        row = client.postgres().execute(
             "SELECT NOT pg_try_advisory_xact_lock(%s)", (advisory_key(keys.lock),), fetch="one"
         )
         return bool(row and row[0])
@@ -738,9 +695,11 @@ class _LocalBackend(_Backend):
     name = "local"
 
     @staticmethod
-    def path(keys: _Keys) -> str:
+    def path(keys: _Keys, lock_dir: Optional[str] = None) -> str:
+        """The lock file of `keys` in `lock_dir` (default: the default client's)."""
         digest = hashlib.sha256(keys.lock.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-        return os.path.join(settings().lock_dir, f"mcp_redis-{digest}.lock")
+        directory = lock_dir if lock_dir is not None else default_client().settings.lock_dir
+        return os.path.join(directory, f"mcp_redis-{digest}.lock")
 
     def _open(self, path: str) -> int:
         """Open the lock file; the fd is tracked so a forked child closes its copy."""
@@ -756,8 +715,8 @@ class _LocalBackend(_Backend):
             _open_fds.discard(fd)
             os.close(fd)
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        path = self.path(keys)
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+        path = self.path(keys, client.settings.lock_dir)
         if not _take_turn(path, deadline):
             return None
         fd = -1
@@ -803,8 +762,8 @@ class _LocalBackend(_Backend):
             _pass_turn(path)
         return True
 
-    def locked(self, keys: _Keys) -> bool:
-        fd = self._open(self.path(keys))
+    def locked(self, client: Client, keys: _Keys) -> bool:
+        fd = self._open(self.path(keys, client.settings.lock_dir))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -820,7 +779,7 @@ class _OffBackend(_Backend):
     name = "off"
     _warned = False
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         if not _OffBackend._warned:
             _OffBackend._warned = True
             log.warning("locks backend is 'off': locks are no-ops and exclude nothing")
@@ -830,7 +789,7 @@ class _OffBackend(_Backend):
     def release(self, hold: _Hold) -> bool:
         return True
 
-    def locked(self, keys: _Keys) -> bool:
+    def locked(self, client: Client, keys: _Keys) -> bool:
         return False
 
 
@@ -850,10 +809,10 @@ class _GatedRedisBackend(_RedisBackend):
     granted or renewed before the gate closed has ended.
     """
 
-    def acquire(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
+    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
         delay = 0.002
         while True:
-            hold = super().acquire(keys, token, lease, deadline)
+            hold = super().acquire(client, keys, token, lease, deadline)
             if hold is None:
                 return None
             try:
@@ -900,9 +859,8 @@ class _GatedRedisBackend(_RedisBackend):
         rises above PostgreSQL's, which records it), before any fallback
         grant can begin.
         """
-        from .postgres import get_postgres
 
-        pg = get_postgres()
+        pg = (hold.client or default_client()).postgres()
         pg.ensure_schema()
         conn: RedisConnection = hold.handle
         lock_key = hold.keys.lock
@@ -917,7 +875,7 @@ class _GatedRedisBackend(_RedisBackend):
                 cur.execute(_LAST_FENCE, (lock_key,))
                 row = cur.fetchone()
                 floor = int(row[0]) if row else 0
-                script = _gate_script(conn.client)
+                script = conn.script("lock_gate")
                 fence = conn.call(conn.run_script, script, [_gate_key(hold.keys), hold.keys.fence],
                                   [_ms(hold.lease), floor, hold.fence])
                 hold.fence = int(fence)
@@ -937,18 +895,6 @@ def _gate_key(keys: _Keys) -> str:
     return keys.lock + "#gate"
 
 
-_gate_scripts: Dict[int, Any] = {}
-
-
-def _gate_script(client: Any) -> Any:
-    script = _gate_scripts.get(id(client))
-    if script is None or script.registered_client is not client:
-        script = client.register_script(lua("lock_gate"))
-        _gate_scripts.clear()
-        _gate_scripts[id(client)] = script
-    return script
-
-
 _REDIS = _RedisBackend()
 _POSTGRES = _PostgresBackend()
 _GATED_REDIS = _GatedRedisBackend()
@@ -957,16 +903,15 @@ _OFF = _OffBackend()
 _BY_MODE: Dict[Mode, _Backend] = {Mode.REDIS: _REDIS, Mode.POSTGRES: _POSTGRES, Mode.LOCAL: _LOCAL, Mode.OFF: _OFF}
 
 
-def _primary() -> _Backend:
-    s = settings()
+def _primary(s: Settings) -> _Backend:
     backend = _BY_MODE[s.mode("locks")]
     if backend is _REDIS and s.lock_fallback is LockFallback.POSTGRES:
         return _GATED_REDIS
     return backend
 
 
-def _fallback() -> Optional[_Backend]:
-    choice = settings().lock_fallback
+def _fallback(s: Settings) -> Optional[_Backend]:
+    choice = s.lock_fallback
     if choice is LockFallback.POSTGRES:
         return _POSTGRES
     if choice is LockFallback.LOCAL:
@@ -1080,8 +1025,7 @@ _THREAD_HOLDS = _ThreadHolds()
 @on_fork
 def _forget_in_child() -> None:
     """A forked child holds nothing: it must never renew or release its parent's locks."""
-    global _WATCHDOG, _scripts_lock, _scripts_cache, _pid, _event_lock, _turns_lock, _turns, _open_fds_lock
-    global _gate_scripts
+    global _WATCHDOG, _pid, _event_lock, _turns_lock, _turns, _open_fds_lock
     _pid = os.getpid()
     # The parent's lock files: closing our copies leaves its flocks to it alone
     # (another thread may have held the registry's lock at the fork: no lock here).
@@ -1092,20 +1036,16 @@ def _forget_in_child() -> None:
             pass
     _open_fds.clear()
     _open_fds_lock = threading.Lock()
-    _gate_scripts = {}
     _event_lock = threading.Lock()
     _turns_lock, _turns = threading.Lock(), {}
     _WATCHDOG = _Watchdog()
-    _scripts_lock = threading.Lock()
-    _scripts_cache = None
 
 
 @on_reset
 def _forget_on_reset() -> None:
-    global _scripts_cache, _generation
+    global _generation
     _generation += 1
     _WATCHDOG.clear()
-    _scripts_cache = None
 
 
 # -- the lock objects ---------------------------------------------------------------
@@ -1174,9 +1114,14 @@ class DistributedLock:
         reentrant: bool = False,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        client: Optional[Client] = None,
         _argument: str = "name",
     ) -> None:
         self.name = validate_id(name, _argument)
+        if client is not None and not isinstance(client, Client):
+            raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
+        # None: the default client, resolved at each call (follows configure()).
+        self.client = client
         if isinstance(min_replicas, bool) or not isinstance(min_replicas, int):
             raise InvalidArgumentType("min_replicas", f"must be an int, not {type(min_replicas).__name__}")
         if not 0 <= min_replicas <= 64:
@@ -1201,8 +1146,12 @@ class DistributedLock:
     def _ids(self) -> Tuple[str, ...]:
         return (self.name,)
 
-    def _resolve_keys(self) -> _Keys:
-        prefix = settings().key_prefix
+    def _client(self) -> Client:
+        """The client in force: this lock's, else the default client now."""
+        return resolve(self.client)
+
+    def _resolve_keys(self, client: Optional[Client] = None) -> _Keys:
+        prefix = (client or resolve(self.client)).settings.key_prefix
         keys = self._keys
         if keys is None or keys.prefix != prefix:
             keys = self._keys = _keys_for(prefix, self._namespace, self._ids())
@@ -1241,7 +1190,8 @@ class DistributedLock:
         """
         if _get_running_loop() is not None:
             raise _in_event_loop(self.name)
-        keys = self._resolve_keys()
+        client = resolve(self.client)
+        keys = self._resolve_keys(client)
         if self.reentrant:
             held = _THREAD_HOLDS.holds.get(keys.lock)
             if held is not None and held.pid == _pid and held.generation == _generation and not held.released:
@@ -1270,12 +1220,12 @@ class DistributedLock:
             elif not isinstance(token, str):
                 raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
             value = f"{token}:{value}"
-        lease = self.timeout if self.timeout is not None else settings().lock_timeout
+        lease = self.timeout if self.timeout is not None else client.settings.lock_timeout
         started = time.monotonic()
         deadline = None if wait is None else started + wait
-        hold = self._acquire_with_fallback(keys, value, lease, deadline)
+        hold = self._acquire_with_fallback(client, keys, value, lease, deadline)
         if hold is None:
-            METRICS.inc("lock_acquire_total", backend=_primary().name, outcome="timeout")
+            METRICS.inc("lock_acquire_total", backend=_primary(client.settings).name, outcome="timeout")
             return False
         if self.min_replicas and isinstance(hold.backend, _RedisBackend):
             self._require_replicas(hold)
@@ -1313,13 +1263,15 @@ class DistributedLock:
         except Exception:  # its lease runs out anyway
             log.debug("lock: could not release an unreplicated grant", exc_info=True)
 
-    def _acquire_with_fallback(self, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        backend = _primary()
+    def _acquire_with_fallback(self, client: Client, keys: _Keys, token: str, lease: float,
+                               deadline: Optional[float]) -> Optional[_Hold]:
+        s = client.settings
+        backend = _primary(s)
         try:
-            return backend.acquire(keys, token, lease, deadline)
+            return backend.acquire(client, keys, token, lease, deadline)
         except BackendUnavailable:
-            fallback = _fallback() if isinstance(backend, _RedisBackend) else None
-            if fallback is _POSTGRES and not settings().database_url:
+            fallback = _fallback(s) if isinstance(backend, _RedisBackend) else None
+            if fallback is _POSTGRES and not s.database_url:
                 log.error("lock: lock_fallback is 'postgres' but DATABASE_URL is not set; failing closed")
                 fallback = None
             if fallback is None:
@@ -1331,8 +1283,8 @@ class DistributedLock:
             log.warning("lock: redis unavailable, using a host-local file lock (NOT exclusive across hosts)")
         else:
             log.warning("lock: redis unavailable, using a postgres advisory lock")
-            return _POSTGRES.acquire_fallback(keys, token, lease, deadline)
-        return fallback.acquire(keys, token, lease, deadline)
+            return _POSTGRES.acquire_fallback(client, keys, token, lease, deadline)
+        return fallback.acquire(client, keys, token, lease, deadline)
 
     def release(self) -> None:
         """Give the lock back (the outermost release of a reentrant hold).
@@ -1373,15 +1325,17 @@ class DistributedLock:
 
     def reacquire(self) -> bool:
         """Reset the lease to the lock's `timeout`."""
-        lease = self.timeout if self.timeout is not None else settings().lock_timeout
+        lease = self.timeout if self.timeout is not None else resolve(self.client).settings.lock_timeout
         return self.extend(lease, replace_ttl=True)
 
     def locked(self) -> bool:
         """True when anyone holds the lock."""
+        client = resolve(self.client)
+        primary = _primary(client.settings)
         hold = self._hold()
-        if hold is not None and hold.backend is not _primary():
+        if hold is not None and hold.backend is not primary:
             return hold.backend.owned(hold)
-        return _primary().locked(self._resolve_keys())
+        return primary.locked(client, self._resolve_keys(client))
 
     def owned(self) -> bool:
         """True when this thread holds the lock and its lease is still its own."""
@@ -1444,6 +1398,7 @@ class AgentLock(DistributedLock):
         *,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        client: Optional[Client] = None,
     ) -> None:
         super().__init__(
             agent_id,
@@ -1453,6 +1408,7 @@ class AgentLock(DistributedLock):
             reentrant=True,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            client=client,
             _argument="agent_id",
         )
 
@@ -1468,16 +1424,18 @@ def agent_lock(
     *,
     min_replicas: int = 0,
     replica_timeout: float = 0.1,
+    client: Optional[Client] = None,
 ) -> AgentLock:
     """The lock of `agent_id`'s state, as a context manager.
 
     `timeout`: lease in seconds (default ``REDIS_LOCK_TIMEOUT``), renewed in
     the background while held; `blocking_timeout`: longest wait (default 5 s,
     ``0`` tries once, None waits forever), then `LockTimeout`. `min_replicas`:
-    see `lock`.
+    see `lock`. `client`: a `mcp_redis.Client` (default: the default client,
+    resolved at each call).
     """
     return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout,
-                     min_replicas=min_replicas, replica_timeout=replica_timeout)
+                     min_replicas=min_replicas, replica_timeout=replica_timeout, client=client)
 
 
 def lock(
@@ -1492,6 +1450,7 @@ def lock(
     sleep: float = 0.1,
     min_replicas: int = 0,
     replica_timeout: float = 0.1,
+    client: Optional[Client] = None,
 ) -> DistributedLock:
     """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`).
 
@@ -1511,6 +1470,7 @@ def lock(
         auto_renew=auto_renew,
         min_replicas=min_replicas,
         replica_timeout=replica_timeout,
+        client=client,
     )
 
 

@@ -9,7 +9,6 @@ and on first use by the features that need it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -21,8 +20,7 @@ if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` 
     import psycopg2.pool
     import psycopg2.sql
 
-from .config import Settings, on_reset, redact_url, settings
-from .connections import on_fork
+from .config import Settings, redact_url
 from .errors import AuthenticationFailed, BackendUnavailable, ConfigurationError, PermissionDenied, PoolExhausted
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
@@ -351,41 +349,19 @@ def _scrub(message: str, dsn: Optional[str]) -> str:
     return message.replace(secret, "***") if secret else message
 
 
-_lock = threading.Lock()
-_pg: Optional[Postgres] = None
-_pid = os.getpid()
-
-
 def get_postgres() -> Postgres:
-    """The process-wide `Postgres` for the settings in force (raises without DATABASE_URL)."""
-    global _pg, _pid
-    pg = _pg
-    if pg is not None and _pid == os.getpid():
-        return pg
-    with _lock:
-        if _pid != os.getpid():
-            _pg, _pid = None, os.getpid()
-        if _pg is None:
-            _pg = Postgres(settings())
-        return _pg
+    """Deprecated: the default client's `Postgres` (raises without DATABASE_URL).
+
+    Use ``mcp_redis.default_client().postgres()``; nothing in the package calls this.
+    """
+    from .client import default_client
+
+    pg: Postgres = default_client().postgres()
+    return pg
 
 
 def migrate() -> List[str]:
     """Create the library's PostgreSQL schema (idempotent); returns the statements run."""
-    return get_postgres().migrate()
+    from .client import default_client
 
-
-@on_reset
-def _close() -> None:
-    global _pg
-    with _lock:
-        pg, _pg = _pg, None
-    if pg is not None and _pid == os.getpid():
-        pg.close()
-
-
-@on_fork
-def _forget_in_child() -> None:
-    # The parent's sockets must not be closed or reused by the child.
-    global _pg, _pid, _lock
-    _pg, _pid, _lock = None, os.getpid(), threading.Lock()
+    return default_client().postgres().migrate()

@@ -230,10 +230,10 @@ def _redis_memory_families() -> Iterator[Any]:
     nodes: Dict[str, Mapping[str, Any]] = {}
     answered = False
     try:
-        from .connections import get_redis
+        from .client import default_client
         from .resilience import BreakerState
 
-        conn = get_redis()
+        conn = default_client().redis()
         if conn.policy.breaker.state is not BreakerState.OPEN:
             if conn.is_cluster:
                 reply = conn.client.info("memory", target_nodes=conn.client.PRIMARIES)
@@ -270,17 +270,17 @@ def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:
         return out
     if s.redis_url:
         try:
-            from .connections import get_redis
+            from .client import default_client
 
-            conn = get_redis()
+            conn = default_client().redis()
             out.append(("redis", conn.policy.breaker.state.value, _pool_stats(conn.pool_stats)))
         except Exception:
             log.debug("redis facts unavailable", exc_info=True)
     if s.database_url:
         try:
-            from .postgres import get_postgres
+            from .client import default_client
 
-            pg = get_postgres()
+            pg = default_client().postgres()
             out.append(("postgres", pg.policy.breaker.state.value, _pool_stats(pg.pool_stats)))
         except Exception:
             log.debug("postgres facts unavailable", exc_info=True)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
 
-from .connections import get_redis, on_fork
+from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable, ConfigurationError
 from .metrics import METRICS
 
@@ -56,12 +56,15 @@ class Subscriber:
         name: str = "mcp_redis-subscriber",
         poll_interval: float = 0.5,
         max_backoff: float = 1.0,
+        connection: Optional[Callable[[], RedisConnection]] = None,
     ) -> None:
         self.channels: Tuple[str, ...] = tuple(channels)
         self.patterns: Tuple[str, ...] = tuple(patterns)
         if not self.channels and not self.patterns:
             raise ValueError("channels/patterns: subscribe to at least one")
         self._handler = handler
+        # Where to subscribe, read at each (re)connect: the feature's deployment.
+        self._connection: Callable[[], RedisConnection] = connection or _default_connection
         self._on_subscribed = on_subscribed
         self.name = name
         self._poll = poll_interval
@@ -168,15 +171,14 @@ class Subscriber:
             finally:
                 self._drop_pubsub()
 
-    @staticmethod
-    def _misconfiguration(exc: Exception) -> Optional[ConfigurationError]:
+    def _misconfiguration(self, exc: Exception) -> Optional[ConfigurationError]:
         try:
-            return get_redis().misconfiguration(exc)
+            return self._connection().misconfiguration(exc)
         except Exception:  # reconfigured meanwhile: the next _listen() says so
             return None
 
     def _listen(self) -> None:
-        conn = get_redis()
+        conn = self._connection()
         ps = conn.client.pubsub(ignore_subscribe_messages=False)
         self._pubsub = ps
         expected = 0
@@ -232,6 +234,12 @@ class Subscriber:
                 ps.close()
             except Exception:
                 pass
+
+
+def _default_connection() -> RedisConnection:
+    from .client import default_client
+
+    return default_client().redis()
 
 
 @on_fork

@@ -7,8 +7,9 @@
     @rate_limited("kg_store", limit=20, window=3600, key="agent_id")
     def store_knowledge(agent_id, payload): ...
 
-The backend is chosen per call by ``settings().mode("rate_limits")``; when
-it is unreachable, ``settings().rate_limit_fallback`` decides (default: the
+The backend is chosen per call by ``client.mode("rate_limits")`` (the
+limiter's client, else the default one); when it is unreachable, the
+client's ``rate_limit_fallback`` setting decides (default: the
 in-process limiter, logged once per outage and counted). Algorithms and
 storages live in `mcp_redis.ratelimit_storage`.
 """
@@ -20,17 +21,17 @@ import functools
 import inspect
 import logging
 import math
-import threading
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import redis.exceptions
 
-from .config import Mode, RateLimitFallback, Settings, on_reset, settings
-from .connections import get_redis, on_fork
+from .client import Client, resolve
+from .config import Mode, RateLimitFallback, Settings, on_reset
+from .connections import on_fork
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
 from .keys import KeySpace, validate_id
 from .metrics import METRICS
-from .postgres import get_postgres, pg_error
+from .postgres import pg_error
 from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
 from .validation import seconds as check_seconds
 
@@ -244,8 +245,13 @@ class RateLimiter:
         *,
         algorithm: Union[Algorithm, str] = Algorithm.SLIDING_WINDOW,
         limits: Optional[Sequence[Union[Limit, Tuple[Any, ...]]]] = None,
+        client: Optional[Client] = None,
     ) -> None:
         self.name = validate_id(name, "name")
+        if client is not None and not isinstance(client, Client):
+            raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
+        # None: the default client, resolved at each call (follows configure()).
+        self.client = client
         try:
             self.algorithm = Algorithm(algorithm)
         except ValueError:
@@ -270,14 +276,14 @@ class RateLimiter:
     def reset(self, key: str) -> None:
         """Forget every limit's state for `key` (in the backend in force)."""
         key = validate_id(key, "key")
-        s = settings()
-        plan = self._plan(s)
+        client = resolve(self.client)
+        plan = self._plan(client.settings)
         mode = plan.mode
         if mode is Mode.REDIS:
-            _redis_storage().clear(plan.keys_for(self.name, key))
+            _redis_storage(client).clear(plan.keys_for(self.name, key))
         elif mode is Mode.POSTGRES:
-            _pg_storage().clear(self.algorithm, self.name, key, plan.specs)
-        local_storage().clear(self.algorithm, self.name, key, plan.specs)
+            _pg_storage(client).clear(self.algorithm, self.name, key, plan.specs)
+        local_storage(client).clear(self.algorithm, self.name, key, plan.specs)
 
     # -- internals -------------------------------------------------------------------
     def _plan(self, s: Settings) -> _Plan:
@@ -308,40 +314,42 @@ class RateLimiter:
     def _run(self, key: str, cost: int, consume: bool) -> RateLimitResult:
         key = validate_id(key, "key")
         cost = _check_int(cost, "cost")
-        s = settings()
+        client = resolve(self.client)
+        s = client.settings
         plan = self._plan(s)
         if cost > plan.max_cost:
             raise InvalidArgument("cost", f"{cost} exceeds the limit {plan.max_cost}: it could never pass")
         mode = plan.mode
         if mode is Mode.REDIS:
             try:
-                reply = _redis_storage().acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
+                reply = _redis_storage(client).acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
                                                  consume)
             except (BackendUnavailable, redis.exceptions.RedisError) as exc:
-                return self._fallback(s, plan, key, cost, consume, "redis", exc)
+                return self._fallback(client, plan, key, cost, consume, "redis", exc)
             if _outage["redis"]:
                 _recovered("redis")
             return self._result(plan, reply, "redis")
         if mode is Mode.LOCAL:
-            reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+            reply = local_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
             return self._result(plan, reply, "local")
         if mode is Mode.POSTGRES:
             try:
-                reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+                reply = _pg_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
             except (BackendUnavailable, pg_error()) as exc:
-                return self._fallback(s, plan, key, cost, consume, "postgres", exc)
+                return self._fallback(client, plan, key, cost, consume, "postgres", exc)
             if _outage["postgres"]:
                 _recovered("postgres")
             return self._result(plan, reply, "postgres")
         return self._verdict(plan, True, "off")
 
-    def _fallback(self, s: Settings, plan: _Plan, key: str, cost: int, consume: bool, backend: str,
+    def _fallback(self, client: Client, plan: _Plan, key: str, cost: int, consume: bool, backend: str,
                   exc: BaseException) -> RateLimitResult:
         """The documented policy when `backend` does not answer (never raises a backend error)."""
+        s = client.settings
         policy = s.rate_limit_fallback
         if policy is RateLimitFallback.POSTGRES and backend == "redis" and s.database_url:
             try:
-                reply = _pg_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+                reply = _pg_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
             except (BackendUnavailable, pg_error()) as pg_exc:
                 exc, backend = pg_exc, "redis+postgres"
             else:
@@ -354,7 +362,7 @@ class RateLimiter:
             _outage_started(backend, "closed", exc)
             return self._verdict(plan, False, "closed", retry_after=s.breaker_reset_timeout)
         _outage_started(backend, "local", exc)
-        reply = local_storage().acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
+        reply = local_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
         return self._result(plan, reply, "local")
 
     def _result(self, plan: _Plan, reply: Reply, backend: str) -> RateLimitResult:
@@ -377,43 +385,24 @@ class RateLimiter:
         return RateLimitResult(allowed, self.name, plan, outcomes, 0, backend)
 
 
-# -- process-wide storages and outage bookkeeping -------------------------------------
-_storage_lock = threading.Lock()
-_redis: Optional[RedisStorage] = None
-_pg: Optional[PostgresStorage] = None
+# -- per-client storages and process-wide outage bookkeeping ----------------------------
 _outage: Dict[str, bool] = {"redis": False, "postgres": False, "redis+postgres": False}
 
 
-def _redis_storage() -> RedisStorage:
-    """The storage over the process's Redis client, with its scripts registered.
-
-    Built once per client; the reset and fork hooks below drop it whenever
-    the client changes.
-    """
-    store = _redis
-    if store is not None:
-        return store
-    return _new_redis_storage(get_redis())
+def _redis_storage(client: Optional[Client] = None) -> RedisStorage:
+    """The client's storage over its rate-limit deployment (scripts registered once)."""
+    c = resolve(client)
+    return c.singleton(_REDIS_STORAGE, lambda: RedisStorage(c.redis("rate_limits")))
 
 
-def _new_redis_storage(conn: Any) -> RedisStorage:
-    global _redis
-    with _storage_lock:
-        if _redis is None or _redis.conn is not conn:
-            _redis = RedisStorage(conn)
-        return _redis
+def _pg_storage(client: Optional[Client] = None) -> PostgresStorage:
+    """The client's storage over its PostgreSQL table."""
+    c = resolve(client)
+    return c.singleton(_PG_STORAGE, lambda: PostgresStorage(c.postgres()))
 
 
-def _pg_storage() -> PostgresStorage:
-    global _pg
-    pg = get_postgres()
-    store = _pg
-    if store is not None and store.pg is pg:
-        return store
-    with _storage_lock:
-        if _pg is None or _pg.pg is not pg:
-            _pg = PostgresStorage(pg)
-        return _pg
+_REDIS_STORAGE = "ratelimit.redis_storage"
+_PG_STORAGE = "ratelimit.postgres_storage"
 
 
 def _outage_started(backend: str, to: str, exc: BaseException) -> None:
@@ -431,18 +420,11 @@ def _recovered(backend: str) -> None:
 
 
 @on_reset
+@on_fork
 def _forget() -> None:
-    global _redis, _pg
-    _redis = _pg = None
+    """A new configuration (or a forked child) starts with no outage logged."""
     for k in _outage:
         _outage[k] = False
-
-
-@on_fork
-def _forget_in_child() -> None:
-    global _storage_lock
-    _storage_lock = threading.Lock()  # a parent thread may have held it at fork
-    _forget()
 
 
 # -- the decorator -------------------------------------------------------------------
@@ -460,6 +442,7 @@ def rate_limited(
     algorithm: Union[Algorithm, str] = Algorithm.SLIDING_WINDOW,
     limits: Optional[Sequence[Union[Limit, Tuple[Any, ...]]]] = None,
     on_limited: Optional[Callable[..., Any]] = None,
+    client: Optional[Client] = None,
 ) -> Callable[[F], F]:
     """Limit calls of the decorated function per key; over the limit raise `RateLimitExceeded`.
 
@@ -468,7 +451,7 @@ def rate_limited(
     called instead of raising; its return value is returned. The function is
     not called when refused. ``wrapper.limiter`` is the `RateLimiter`.
     """
-    limiter = RateLimiter(name, limit, window, algorithm=algorithm, limits=limits)
+    limiter = RateLimiter(name, limit, window, algorithm=algorithm, limits=limits, client=client)
     if not callable(key) and not isinstance(key, str):
         raise InvalidArgumentType("key", f"must be a parameter name or a callable, not {type(key).__name__}")
     if not callable(cost):
@@ -516,7 +499,7 @@ def _async_wrapper(fn: Callable[..., Any], limiter: RateLimiter, key_of: Callabl
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         units = cost(*args, **kwargs) if callable(cost) else cost
         rate_key = key_of(args, kwargs)
-        if limiter._plan(settings()).mode in (Mode.REDIS, Mode.POSTGRES):
+        if limiter._plan(resolve(limiter.client).settings).mode in (Mode.REDIS, Mode.POSTGRES):
             result = await asyncio.to_thread(limiter.hit, rate_key, units)
         else:
             result = limiter.hit(rate_key, units)

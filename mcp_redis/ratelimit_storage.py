@@ -31,13 +31,12 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .config import on_reset, settings
+from .client import Client, resolve
 from .connections import RedisConnection, on_fork
 from .errors import BackendUnavailable, InvalidArgument
 from .keys import encode_id
 from .metrics import METRICS
 from .postgres import Postgres
-from .scripts import lua
 
 __all__ = [
     "Algorithm",
@@ -219,22 +218,12 @@ def run_model(
 
 
 # -- Redis ------------------------------------------------------------------------
-def _lua_source(algorithm: Algorithm) -> str:
-    return lua(f"ratelimit_{algorithm.value}")
-
-
-_SOURCES: Dict[Algorithm, str] = {}
-
-
 class RedisStorage:
-    """The Lua scripts, registered once per client (redis-py reloads on NOSCRIPT)."""
+    """The Lua scripts from the client's `ScriptSet` (redis-py reloads on NOSCRIPT)."""
 
     def __init__(self, conn: RedisConnection) -> None:
         self.conn = conn
-        if not _SOURCES:
-            for algorithm in MODELS:
-                _SOURCES[algorithm] = _lua_source(algorithm)
-        self._scripts = {a: conn.client.register_script(src) for a, src in _SOURCES.items()}
+        self._scripts = {a: conn.script(f"ratelimit_{a.value}") for a in MODELS}
 
     def acquire(
         self, algorithm: Algorithm, keys: Sequence[str], flat_specs: Sequence[Union[int, str]], cost: int,
@@ -396,37 +385,17 @@ class LocalStorage:
         return out
 
 
-_local: Optional[LocalStorage] = None
-_local_lock = threading.Lock()
+_LOCAL_STORAGE = "ratelimit.local_storage"
 
 
-def local_storage() -> LocalStorage:
-    """The process-wide in-process limiter (local mode and the Redis-down fallback).
+def local_storage(client: Optional[Client] = None) -> LocalStorage:
+    """The client's in-process limiter (local mode and the Redis-down fallback).
 
-    Bounded by ``settings().rate_limit_local_maxsize`` when first used after
-    a `reset()`/`configure()`.
+    One per client and process (`Client.singleton`), bounded by the client's
+    ``rate_limit_local_maxsize``; `reset()`/`configure()` start a new one.
     """
-    global _local
-    store = _local
-    if store is None:
-        with _local_lock:
-            if _local is None:
-                _local = LocalStorage(settings().rate_limit_local_maxsize)
-            store = _local
-    return store
-
-
-@on_reset
-def _drop_local() -> None:
-    global _local
-    _local = None
-
-
-@on_fork
-def _drop_local_in_child() -> None:
-    global _local_lock
-    _local_lock = threading.Lock()  # a parent thread may have held it at fork
-    _drop_local()
+    c = resolve(client)
+    return c.singleton(_LOCAL_STORAGE, lambda: LocalStorage(c.settings.rate_limit_local_maxsize))
 
 
 # -- PostgreSQL -------------------------------------------------------------------

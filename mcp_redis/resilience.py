@@ -1,7 +1,7 @@
 """One resilience policy for every feature: retry with backoff, then a breaker.
 
-`Resilience.call(fn)` runs `fn` under a tenacity retry (exponential backoff
-with jitter, bounded attempts) on *transient* errors only, and feeds every
+`Resilience.call(fn)` runs `fn` in one plain retry loop (exponential backoff
+with jitter from tenacity's wait policy, bounded attempts) on *transient* errors only, and feeds every
 attempt's outcome to a `CircuitBreaker`. While the breaker is open, calls fail
 at once with `BackendUnavailable` instead of waiting a connect timeout each;
 after `reset_timeout` one caller's call is let through as the half-open
@@ -28,12 +28,7 @@ import time
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar
 
 import redis.exceptions as rex
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import RetryCallState, wait_exponential_jitter
 
 from .errors import (
     AuthenticationFailed,
@@ -275,11 +270,14 @@ class Resilience:
         transient: Callable[[BaseException], bool] = is_redis_transient,
         misconfiguration: Callable[[BaseException], Optional[ConfigurationError]] = _no_misconfiguration,
         metrics: Metrics = METRICS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.name = name
         self.attempts = attempts
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
+        # Injectable for tests: the pause before each retry.
+        self.sleep = sleep
         self.breaker = breaker if breaker is not None else CircuitBreaker(name, metrics=metrics)
         self.transient = transient
         self.misconfiguration = misconfiguration
@@ -338,39 +336,36 @@ class Resilience:
             return result
 
         n = self.attempts if attempts is None else attempts
-        # Fast path: the first attempt runs outside tenacity, whose per-call
-        # set-up would otherwise dominate a loopback round trip.
-        try:
-            return attempt()
-        except BaseException as exc:
-            if not self.transient(exc):
-                raise
-            if n <= 1 or breaker.state is not BreakerState.CLOSED:
-                raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
+        # One plain loop (as redis-py's Retry.call_with_retry): the first
+        # attempt costs a function call, no retry machinery is built per call.
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    metrics.inc("backend_retries_total", backend=name)
+                return attempt()
+            except BaseException as exc:
+                if not self.transient(exc):
+                    raise
+                failures += 1
+                if failures >= n or breaker.state is not BreakerState.CLOSED:
+                    raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
+            self.sleep(self.backoff(failures))
 
-        def should_retry(exc: BaseException) -> bool:
-            return self.transient(exc) and breaker.state is BreakerState.CLOSED
+    def backoff(self, failures: int) -> float:
+        """The pause after `failures` consecutive transient failures.
 
-        def retry_attempt() -> T:
-            metrics.inc("backend_retries_total", backend=name)
-            return attempt()
-
-        # Attempts 2..n: exponential backoff with jitter before each.
-        time.sleep(min(self.max_backoff, self.initial_backoff * (1.0 + random.random())))  # noqa: S311
-        retrying = Retrying(
-            stop=stop_after_attempt(n - 1),
-            wait=wait_exponential_jitter(
-                multiplier=2 * self.initial_backoff, max=self.max_backoff, jitter=self.initial_backoff
-            ),
-            retry=retry_if_exception(should_retry),
-            reraise=True,
-        )
-        try:
-            return retrying(retry_attempt)
-        except BaseException as exc:
-            if self.transient(exc):
-                raise BackendUnavailable(f"{name} unavailable: {type(exc).__name__}: {exc}") from exc
-            raise
+        Exponential with jitter, capped at `max_backoff`: tenacity's
+        ``wait_exponential_jitter`` used as a plain function (the first pause
+        is ``initial_backoff`` plus up to ``initial_backoff`` of jitter).
+        """
+        if failures <= 1:
+            return min(self.max_backoff, self.initial_backoff * (1.0 + random.random()))  # noqa: S311
+        wait = wait_exponential_jitter(multiplier=2 * self.initial_backoff, max=self.max_backoff,
+                                       jitter=self.initial_backoff)
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # wait reads attempt_number only
+        state.attempt_number = failures - 1
+        return float(wait(state))
 
 
 def _server_answered(exc: Exception) -> bool:

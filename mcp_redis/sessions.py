@@ -2,7 +2,7 @@
 
 `SessionStore` replaces the legacy process-local ``_session_identities`` dict
 (and its ``_uuid_prefix_index``). Where a binding lives depends on
-``settings().mode("sessions")``, read on every call:
+``client.mode("sessions")`` (the store's client, else the default one), read on every call:
 
 * ``redis`` with ``DATABASE_URL``: write-through. PostgreSQL ``core.sessions``
   is the source of truth (written first); Redis is the fast path. A Redis miss
@@ -32,8 +32,9 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence, Tuple
 
-from .config import Mode, Settings, on_reset, settings
-from .connections import RedisConnection, get_redis, on_fork
+from .client import Client, resolve
+from .config import Mode
+from .connections import RedisConnection
 from .errors import (
     AmbiguousPrefix,
     BackendUnavailable,
@@ -45,8 +46,7 @@ from .errors import (
 from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
 from .local import TTLStore
 from .metrics import METRICS
-from .postgres import Postgres, get_postgres
-from .scripts import lua
+from .postgres import Postgres
 from .validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
@@ -357,15 +357,15 @@ class _RedisTier:
         # KeySpace.key("session", id) builds, minus its per-call namespace check.
         self._session_head = ks.namespace_pattern("session")[:-1]
         assert self.binding_key("probe") == ks.key("session", "probe")
-        register = self.client.register_script
-        self._bind = register(lua("session_bind"))
-        self._index = register(lua("session_index"))
-        self._agents = register(lua("session_agents"))
-        self._unindex = register(lua("session_unindex"))
-        self._members = register(lua("session_members"))
-        self._resolve = register(lua("session_resolve"))
-        self._forget = register(lua("session_forget_agent"))
-        self._touch = register(lua("session_touch"))
+        register = conn.script
+        self._bind = register("session_bind")
+        self._index = register("session_index")
+        self._agents = register("session_agents")
+        self._unindex = register("session_unindex")
+        self._members = register("session_members")
+        self._resolve = register("session_resolve")
+        self._forget = register("session_forget_agent")
+        self._touch = register("session_touch")
 
     def binding_key(self, session_key: str) -> str:
         return self._session_head + encode_id(session_key)
@@ -587,7 +587,8 @@ class _LocalTier:
 class _Tiers:
     """What one `Settings` means for sessions: the tiers, and the outage replayer."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, client: Client) -> None:
+        s = client.settings
         self.settings = s
         self.mode = s.mode("sessions")
         self.default_ttl = float(s.session_ttl)
@@ -595,11 +596,11 @@ class _Tiers:
         self.pg: Optional[_PostgresTier] = None
         self.local: Optional[_LocalTier] = None
         if self.mode is Mode.REDIS:
-            self.redis = _RedisTier(get_redis(), KeySpace(s.key_prefix))
+            self.redis = _RedisTier(client.redis("sessions"), KeySpace(s.key_prefix))
             if s.database_url:
-                self.pg = _PostgresTier(get_postgres())
+                self.pg = _PostgresTier(client.postgres())
         elif self.mode is Mode.POSTGRES:
-            self.pg = _PostgresTier(get_postgres())
+            self.pg = _PostgresTier(client.postgres())
         elif self.mode is Mode.LOCAL:
             self.local = _LocalTier()
         self._lock = threading.Lock()
@@ -694,45 +695,13 @@ class _Tiers:
         self._stop.set()
 
 
-_tiers_lock = threading.Lock()
-_tiers: Optional[_Tiers] = None
+_TIERS = "sessions.tiers"
 
 
-def _current() -> _Tiers:
-    s = settings()
-    tiers = _tiers
-    if tiers is not None and tiers.settings is s:
-        return tiers
-    return _build(s)
-
-
-def _build(s: Settings) -> _Tiers:
-    global _tiers
-    with _tiers_lock:
-        if _tiers is not None and _tiers.settings is s:
-            return _tiers
-        old = _tiers
-        if old is not None:
-            old.close()
-        _tiers = _Tiers(s)
-        if old is not None and old.replaying and _tiers.pg is not None and _tiers.redis is not None:
-            _tiers.note_outage()  # hand the unfinished replay over
-        return _tiers
-
-
-@on_reset
-def _drop_tiers() -> None:
-    global _tiers
-    with _tiers_lock:
-        tiers, _tiers = _tiers, None
-    if tiers is not None:
-        tiers.close()
-
-
-@on_fork
-def _forget_in_child() -> None:
-    global _tiers, _tiers_lock
-    _tiers, _tiers_lock = None, threading.Lock()
+def _current(client: Optional[Client] = None) -> _Tiers:
+    """The client's tiers (one per client: `Client.singleton`; closed with it)."""
+    c = resolve(client)
+    return c.singleton(_TIERS, lambda: _Tiers(c))
 
 
 def _grace_ms(refresh_interval: Optional[float], ttl_s: float) -> int:
@@ -757,7 +726,9 @@ class SessionStore:
     """
 
     def __init__(self, *, ttl: Optional[float] = None, sliding: bool = False,
-                 refresh_interval: Optional[float] = None) -> None:
+                 refresh_interval: Optional[float] = None, client: Optional[Client] = None) -> None:
+        if client is not None and not isinstance(client, Client):
+            raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
         if ttl is not None:
             _ttl_ms(ttl, 0)
         # A refresh interval is at most the TTL it refreshes (this store's, else ten
@@ -767,13 +738,15 @@ class SessionStore:
         self.ttl = ttl
         self.sliding = bool(sliding)
         self.refresh_interval = refresh_interval
+        # None: the default client, resolved at each call (follows configure()).
+        self.client = client
 
     def __repr__(self) -> str:
         return f"SessionStore(ttl={self.ttl!r}, sliding={self.sliding!r})"
 
     # -- helpers ----------------------------------------------------------------------------
     def _tiers(self) -> _Tiers:
-        tiers = _current()
+        tiers = _current(self.client)
         if tiers.mode is Mode.OFF:
             raise FeatureDisabled(_OFF)
         return tiers
@@ -815,7 +788,7 @@ class SessionStore:
             return self.touch(session_key)
         if type(session_key) is not str or not 0 < len(session_key) <= MAX_ID_LENGTH:
             validate_id(session_key, "session_key")  # raises, naming the argument
-        tiers = _current()
+        tiers = _current(self.client)
         redis = tiers.redis
         if redis is not None:  # the hot path: one GET
             try:

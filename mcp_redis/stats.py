@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
-from .config import settings
 from .metrics import METRICS, Metrics
+
+if TYPE_CHECKING:
+    from .client import Client
 
 __all__ = ["stats", "summary", "process_stats", "redis_stats", "postgres_stats", "cache_functions",
            "FEATURE_PREFIXES"]
@@ -111,20 +113,21 @@ def cache_functions() -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT) -> Dict[str, Any]:
+def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT, client: Optional[Client] = None) -> Dict[str, Any]:
     """Redis-side facts: memory, keys per namespace under the prefix, pool, breaker.
 
     The key count walks ``SCAN MATCH <prefix>*`` and stops after `scan_limit`
     keys (``keys_truncated`` tells); it never uses ``KEYS``.
     """
-    s = settings()
+    from .client import resolve
+
+    c = resolve(client)
+    s = c.settings
     if not s.redis_url:
         return {"configured": False}
-    from .connections import get_redis
-
     out: Dict[str, Any] = {"configured": True}
     try:
-        conn = get_redis()
+        conn = c.redis()
     except Exception as exc:
         return {"configured": True, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     out["url"] = conn.url
@@ -174,15 +177,15 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def postgres_stats() -> Dict[str, Any]:
+def postgres_stats(client: Optional[Client] = None) -> Dict[str, Any]:
     """PostgreSQL pool use and breaker state (no query is run)."""
-    s = settings()
-    if not s.database_url:
-        return {"configured": False}
-    from .postgres import get_postgres
+    from .client import resolve
 
+    c = resolve(client)
+    if not c.settings.database_url:
+        return {"configured": False}
     try:
-        pg = get_postgres()
+        pg = c.postgres()
     except Exception as exc:
         return {"configured": True, "error": f"{type(exc).__name__}: {exc}"}
     return {
@@ -241,16 +244,17 @@ def summary(metrics: Metrics = METRICS) -> Dict[str, Any]:
 
 
 def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
-          metrics: Optional[Metrics] = None) -> Dict[str, Any]:
+          metrics: Optional[Metrics] = None, client: Optional[Client] = None) -> Dict[str, Any]:
     """A JSON-ready report: this process's metrics, plus backend facts.
 
     Call it inside a server to expose that server's own counters (for
     example from an admin endpoint); ``backends=False`` skips the Redis and
     PostgreSQL round trips.
     """
+    from .client import resolve
     from .health import deployment_warnings
 
-    s = settings()
+    s = resolve(client).settings
     report: Dict[str, Any] = {
         "mode": "local" if s.local_mode else "redis",
         "shared": not s.local_mode,
@@ -260,6 +264,6 @@ def stats(*, backends: bool = True, scan_limit: int = DEFAULT_SCAN_LIMIT,
         "process": process_stats(metrics or METRICS),
     }
     if backends:
-        report["redis"] = redis_stats(scan_limit)
-        report["postgres"] = postgres_stats()
+        report["redis"] = redis_stats(scan_limit, client)
+        report["postgres"] = postgres_stats(client)
     return report

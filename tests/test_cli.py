@@ -39,7 +39,7 @@ def test_health_exits_0_while_redis_answers_and_1_once_it_is_down(redis_factory)
     assert report["redis"]["ok"] is True and report["redis"]["ping_ms"] >= 0
     assert set(report["redis"]["pool"]) >= {"in_use", "idle", "max"}
     assert report["postgres"] == {"configured": False}
-    assert set(report["features"]) == {"sessions", "locks", "rate_limits", "metadata_cache"}
+    assert set(report["features"]) == {"sessions", "locks", "rate_limits", "metadata_cache", "events"}
 
     server.kill()
     down = run_cli("health", "--json", env=env)

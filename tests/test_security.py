@@ -41,7 +41,7 @@ FAST = dict(socket_timeout=1.0, socket_connect_timeout=1.0, retry_attempts=1, br
 # user with +@all and reading INFO commandstats; see docs/security.md).
 MINIMAL_ACL_COMMANDS = [
     # connection set-up and health
-    "+auth", "+ping", "+client|setname",
+    "+auth", "+ping", "+client|setname", "+info",
     # scripts: loaded once, then run by SHA (EVAL: the pipelined cache fill, and NOSCRIPT recovery)
     "+evalsha", "+eval", "+script|load",
     # commands the library calls directly or from its Lua scripts (scripts are checked too)
