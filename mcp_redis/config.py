@@ -416,7 +416,7 @@ def _naming_the_variable(exc: ConfigurationError, from_environment: Iterable[str
 # Variables read by the test suite, benchmarks and tools rather than by Settings.
 TOOL_VARIABLES = (
     "MCP_REDIS_REQUIRE_SERVERS", "MCP_REDIS_SKIP_SLOW", "MCP_REDIS_TOPOLOGIES", "MCP_REDIS_SERVER_BINARIES",
-    "MCP_REDIS_TEST_PG_ADMIN_DSN", "MCP_REDIS_SOAK_SECONDS", "MCP_REDIS_SOAK_FULL",
+    "MCP_REDIS_TEST_PG_ADMIN_DSN", "MCP_REDIS_REDIS_PORT", "MCP_REDIS_POSTGRES_PORT", "MCP_REDIS_SOAK_SECONDS", "MCP_REDIS_SOAK_FULL",
     "MCP_REDIS_FAULT_REPORT", "MCP_REDIS_LOG_LEVEL",
 )
 _warned_unknown: Set[str] = set()

@@ -109,9 +109,9 @@ class _Backends:
             return
         from psycopg2 import sql
 
-        from ..postgres import get_postgres
+        from ..client import default_client
 
-        pg = get_postgres()
+        pg = default_client().postgres()
         table = sql.Identifier(self.metadata_table)
         pg.execute(sql.SQL("CREATE TABLE {} (agent_id TEXT PRIMARY KEY, display_name TEXT, tier TEXT)").format(table))
         insert = sql.SQL("INSERT INTO {} VALUES (%s, %s, %s)").format(table)
@@ -127,9 +127,9 @@ class _Backends:
             try:
                 from psycopg2 import sql
 
-                from ..postgres import get_postgres
+                from ..client import default_client
 
-                pg = get_postgres()
+                pg = default_client().postgres()
                 if self.metadata_table:
                     pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.metadata_table)))
                 pg.execute("DELETE FROM core.sessions WHERE session_key LIKE %s", (f"demo-{run_id}-%",))
@@ -138,9 +138,9 @@ class _Backends:
         if self.redis_url and self.server is None:
             # The user's Redis: delete the run's keys (they all carry its prefix).
             try:
-                from ..connections import get_redis
+                from ..client import default_client
 
-                client = get_redis().client
+                client = default_client().redis().client
                 batch: List[str] = []
                 for key in client.scan_iter(match=prefix + "*", count=1000):
                     batch.append(key)
@@ -340,10 +340,10 @@ def run_demo(options: Optional[DemoOptions] = None) -> Dict[str, Any]:
 def _check_redis_answers(backends: _Backends) -> None:
     if not backends.redis_url:
         return
-    from ..connections import get_redis
+    from ..client import default_client
     from ..errors import BackendUnavailable
 
-    conn = get_redis()
+    conn = default_client().redis()
     try:
         conn.call(conn.client.ping, attempts=1)
     except Exception as exc:

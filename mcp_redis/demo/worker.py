@@ -307,11 +307,11 @@ def worker_main(cfg: WorkerConfig, counters: Any, latencies: Any, start_at: Any)
             if cfg.metadata_table:
                 from psycopg2 import sql
 
-                from ..postgres import get_postgres
+                from ..client import default_client
 
                 query = sql.SQL("SELECT agent_id, display_name, tier FROM {} WHERE agent_id = %s").format(
                     sql.Identifier(cfg.metadata_table))
-                row = get_postgres().execute(query, (agent_id,), fetch="one")
+                row = default_client().postgres().execute(query, (agent_id,), fetch="one")
                 if row is None:
                     return {"agent_id": agent_id}
                 return {"agent_id": row[0], "display_name": row[1], "tier": row[2]}
