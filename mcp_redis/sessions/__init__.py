@@ -32,10 +32,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence, Tuple
 
-from .client import Client, resolve
-from .config import Mode
-from .connections import RedisConnection
-from .errors import (
+from ..client import Client, resolve
+from ..config import Mode
+from ..connections import RedisConnection
+from ..errors import (
     AmbiguousPrefix,
     BackendUnavailable,
     ConfigurationError,
@@ -43,11 +43,11 @@ from .errors import (
     InvalidArgument,
     InvalidArgumentType,
 )
-from .keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
-from .local import TTLStore
-from .metrics import METRICS
-from .postgres import Postgres
-from .validation import MAX_SECONDS, optional_seconds, seconds
+from ..keys import MAX_ID_LENGTH, KeySpace, decode_id, encode_id, validate_id
+from ..local import TTLStore
+from ..metrics import METRICS
+from ..postgres import Postgres
+from ..validation import MAX_SECONDS, optional_seconds, seconds
 
 __all__ = ["SessionStore", "SessionMap", "cleanup_expired", "replay_pending"]
 
