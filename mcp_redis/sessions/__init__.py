@@ -21,8 +21,8 @@ per client:
 
 The package: `base` (the `Backend` protocol every backend implements, the
 `Source` protocol of a source of truth, the named types between them),
-`redis` (the Redis tier: keys, scripts, prefix index; the Redis-only
-backend), `postgres`, `memory`, `writethrough` (Redis + a `Source`), `replay`
+`redis` (the Redis tier: keys and scripts; the Redis-only backend),
+`directory` (the prefix index), `postgres`, `memory`, `writethrough` (Redis + a `Source`), `replay`
 (the outage replayer, one per client). Redis layout (prefix ``mcp:``): see
 `mcp_redis.sessions.redis`.
 """
@@ -33,11 +33,12 @@ from typing import Callable, Dict, Iterator, List, MutableMapping, Optional, Tup
 
 from ..client import Client, resolve
 from ..config import Mode
-from ..errors import AmbiguousPrefix, FeatureDisabled, InvalidArgument, InvalidArgumentType
+from ..errors import FeatureDisabled, InvalidArgument, InvalidArgumentType
 from ..keys import MAX_ID_LENGTH, KeySpace, validate_id
 from ..metrics import METRICS
 from ..validation import MAX_SECONDS, optional_seconds, seconds
 from .base import MAX_REFRESH_INTERVAL, Backend, Pending, Record, Source, Timing, Touched
+from .directory import pick
 from .memory import MemoryBackend
 from .postgres import PostgresBackend
 from .redis import RedisBackend, RedisTier
@@ -230,12 +231,7 @@ class SessionStore:
         """
         validate_id(prefix, "prefix")
         _check_limit(max_candidates, "max_candidates")
-        found = _current(self.client).agents_with_prefix(prefix, max_candidates + 1)
-        if not found:
-            return None
-        if found[0] == prefix or len(found) == 1:
-            return found[0]
-        raise AmbiguousPrefix(prefix, found[:max_candidates])
+        return pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
 
     def mapping(self) -> SessionMap:
         """A `MutableMapping` view for legacy code that used the dict."""

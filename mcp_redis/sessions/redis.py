@@ -5,7 +5,7 @@ through the client's `ScriptSet`): the binding ``mcp:session:<sid>`` (the
 agent id, PX ttl); the agent's index ``mcp:session_agent:<aid>`` (ZSET of
 session keys scored by horizon ms); the prefix index
 ``mcp:session_agents:{index}`` (ZSET, lexicographic) and its horizons
-``mcp:session_agents:{index}#expiry``. On a single instance one Lua script
+``mcp:session_agents:{index}#expiry`` (`mcp_redis.sessions.directory`). On a single instance one Lua script
 writes them all; on Cluster they are separate single-slot commands.
 `RedisBackend` is the ``redis`` mode without ``DATABASE_URL``: Redis only,
 failing loudly (`BackendUnavailable`) while Redis is down.
@@ -23,12 +23,9 @@ from ..errors import BackendUnavailable
 from ..keys import KeySpace, decode_id, encode_id
 from ..metrics import METRICS
 from .base import Pending, Timing, Touched
+from .directory import PrefixIndex
 
 __all__ = ["RedisTier", "RedisBackend", "RefreshThrottle"]
-
-
-def _utf8(value: str) -> bytes:
-    return value.encode("utf-8", "surrogatepass")
 
 
 class RedisTier:
@@ -41,8 +38,6 @@ class RedisTier:
         self._get = conn.client.get
         self.ks = ks
         self.cluster = conn.is_cluster
-        self.lex = ks.key("session_agents", "index", tag=True)
-        self.horizons = ks.key("session_agents", "index", tag=True, suffix="expiry")
         # The hot path joins this head and encode_id() itself: the very string
         # KeySpace.key("session", id) builds, minus its per-call namespace check.
         self.session_head = ks.namespace_pattern("session")[:-1]
@@ -50,12 +45,11 @@ class RedisTier:
         register = conn.script
         self._bind = register("session_bind")
         self._index = register("session_index")
-        self._agents = register("session_agents")
         self._unindex = register("session_unindex")
         self._members = register("session_members")
-        self._resolve = register("session_resolve")
-        self._forget = register("session_forget_agent")
         self._touch = register("session_touch")
+        self.directory = PrefixIndex(self)
+        self.lex, self.horizons = self.directory.lex, self.directory.horizons  # the bind script writes them too
 
     def binding_key(self, session_key: str) -> str:
         return self.session_head + encode_id(session_key)
@@ -120,32 +114,8 @@ class RedisTier:
         return sorted(live)
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
-        """Agents starting with `prefix` that hold a live binding (verified), at most `limit`.
-
-        The prefix index only knows when an agent's latest binding would expire;
-        each candidate is checked against its bindings, and one found without
-        any is dropped from the index, then the range is read again.
-        """
-        raw = _utf8(prefix)
-        bounds = [b"[" + raw, b"(" + raw + b"\xff", limit]
-        live: List[str] = []
-        for _ in range(4):
-            found: List[str] = self.call(self._resolve, keys=[self.lex, self.horizons], args=bounds)
-            live = [a for a in found if self.sessions_for(a, 64)]
-            if len(live) == len(found) or len(found) < limit:
-                return live
-            for agent in set(found) - set(live):
-                self._forget_agent(agent)
-        return live
-
-    def _forget_agent(self, agent_id: str) -> None:
-        index = self.index_key(agent_id)
-        if self.cluster:  # two slots: check, then remove (a concurrent bind may slip in)
-            if not self.call(self._members, keys=[index], args=[1]):
-                self.call(self.client.zrem, self.lex, agent_id)
-                self.call(self.client.zrem, self.horizons, agent_id)
-        else:
-            self.call(self._forget, keys=[index, self.lex, self.horizons], args=[agent_id])
+        """Agents starting with `prefix` that hold a live binding (see `PrefixIndex`)."""
+        return self.directory.agents_with_prefix(prefix, limit)
 
     def session_keys(self) -> Iterator[str]:
         """Every bound session key: a SCAN, O(all keys) — for the mapping view only."""
@@ -170,7 +140,7 @@ class RedisTier:
         if self.cluster:
             old = call(self.client.set, binding, agent_id, px=ttl_ms, get=True)
             call(self._index, keys=[index], args=[session_key, ttl_ms, grace_ms])
-            call(self._agents, keys=[self.lex, self.horizons], args=[agent_id, ttl_ms, grace_ms])
+            self.directory.add(agent_id, ttl_ms, grace_ms, call)
         else:
             old = call(
                 self._bind,
@@ -184,7 +154,7 @@ class RedisTier:
         """Re-score the indexes after a sliding-expiry touch (only if still bound to `agent_id`)."""
         if self.cluster:
             self.call(self._index, keys=[self.index_key(agent_id)], args=[session_key, ttl_ms, grace_ms])
-            self.call(self._agents, keys=[self.lex, self.horizons], args=[agent_id, ttl_ms, grace_ms])
+            self.directory.add(agent_id, ttl_ms, grace_ms, self.call)
         else:
             self.call(
                 self._bind,

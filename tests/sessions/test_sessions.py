@@ -351,6 +351,23 @@ def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, 
     assert write_through.cleanup_expired() == 0
 
 
+def test_store_replay_and_cleanup_act_on_the_stores_own_client_not_the_default_one(
+        redis_url: str, database_url: str, pg_database: PostgresDatabase) -> None:
+    mcp_redis.configure(sessions="local")  # the default client has no PostgreSQL at all
+    with mcp_redis.Client(redis_url=redis_url, database_url=database_url) as client:
+        store = SessionStore(client=client)
+        client.postgres().ensure_schema()
+        pg_exec(pg_database, "INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending) "
+                             "VALUES ('pending', 'agent-p'::bytea, now() + interval '1 hour', true), "
+                             "('expired', 'agent-e'::bytea, now() - interval '1 second', false)")
+        assert store.replay_pending() == 1
+        import redis
+
+        assert redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("pending")) == "agent-p"
+        assert store.cleanup_expired() == 1
+        assert [r[0] for r in pg_rows(pg_database)] == ["pending"]
+
+
 def test_local_mode_keeps_bindings_in_process_and_writes_no_redis_keys(redis_url: str) -> None:
     mcp_redis.configure(redis_url=redis_url, sessions="local")
     store = SessionStore()
