@@ -47,13 +47,12 @@ from .writethrough import WriteThroughBackend
 __all__ = [
     "SessionStore", "SessionMap", "cleanup_expired", "replay_pending",
     "Backend", "Source", "Timing", "Record", "Touched", "Pending",
-    "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend",
+    "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend", "MAX_REFRESH_INTERVAL",
 ]
 
 MAX_CANDIDATES = 10
 _OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
 MAX_TTL = MAX_SECONDS  # ten years; beyond this a "session" is a configuration mistake
-__all__ += ["MAX_REFRESH_INTERVAL"]
 
 
 def _ttl_ms(ttl: object, default: float) -> int:
