@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import threading
-import time
-from typing import Any, Iterator, List
+from typing import Any, List
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -15,16 +14,15 @@ import pytest
 
 import mcp_redis
 from mcp_redis import (
-    AmbiguousPrefix,
     BackendUnavailable,
     FeatureDisabled,
     InvalidArgument,
     InvalidArgumentType,
-    SessionMap,
     SessionStore,
 )
 from mcp_redis.keys import encode_id
 from mcp_redis.metrics import METRICS
+from mcp_redis.sessions import PostgresBackend
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 from tests import workers_sessions
@@ -72,118 +70,6 @@ def redis_only(redis_mode: str) -> SessionStore:
 def own_redis(redis_factory: Any) -> RedisServer:
     """A redis-server this test may stop and restart (empty) on the same port."""
     return redis_factory()
-
-
-@pytest.fixture(params=["redis", "write_through", "postgres", "local"])
-def any_store(request: pytest.FixtureRequest) -> Iterator[SessionStore]:
-    """The same contract in every mode."""
-    mode = request.param
-    if mode == "redis":
-        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"))
-    elif mode == "write_through":
-        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"),
-                            database_url=request.getfixturevalue("database_url"))
-    elif mode == "postgres":
-        mcp_redis.configure(database_url=request.getfixturevalue("database_url"), sessions="postgres")
-    else:
-        mcp_redis.configure(sessions="local")
-    yield SessionStore()
-
-
-# -- the contract in every mode ------------------------------------------------------------
-def test_bind_get_unbind_round_trip_in_every_mode(any_store: SessionStore) -> None:
-    assert any_store.get("s1") is None
-    any_store.bind("s1", "agent-1")
-    assert any_store.get("s1") == "agent-1"
-    assert any_store.unbind("s1") is True
-    assert any_store.get("s1") is None
-    assert any_store.unbind("s1") is False
-
-
-def test_odd_identifiers_round_trip_in_every_mode(any_store: SessionStore) -> None:
-    for i, sid in enumerate(ODD_IDS):
-        any_store.bind(sid, ODD_IDS[-1 - i])
-    for i, sid in enumerate(ODD_IDS):
-        assert any_store.get(sid) == ODD_IDS[-1 - i]
-    assert any_store.sessions_for("nul\x00inside") == ["~tilde"]
-    assert any_store.resolve_agent_prefix("lone\ud800") == "lone\ud800surrogate"
-
-
-def test_rebinding_moves_the_session_to_the_new_agents_index(any_store: SessionStore) -> None:
-    any_store.bind("s1", "alice")
-    any_store.bind("s2", "alice")
-    any_store.bind("s1", "bob")
-    assert any_store.get("s1") == "bob"
-    assert any_store.sessions_for("alice") == ["s2"]
-    assert any_store.sessions_for("bob") == ["s1"]
-
-
-def test_resolve_agent_prefix_unique_exact_unknown_and_ambiguous(any_store: SessionStore) -> None:
-    for i in range(15):
-        any_store.bind(f"s{i}", f"7f3a-{i:02d}")
-    any_store.bind("x", "abc")
-    any_store.bind("y", "abcd")
-    assert any_store.resolve_agent_prefix("7f3a-07") == "7f3a-07"
-    assert any_store.resolve_agent_prefix("abc") == "abc"  # an exact id wins over longer ones
-    assert any_store.resolve_agent_prefix("abcd") == "abcd"
-    assert any_store.resolve_agent_prefix("zzz") is None
-    with pytest.raises(AmbiguousPrefix) as info:
-        any_store.resolve_agent_prefix("7f3a", max_candidates=5)
-    assert info.value.argument == "prefix"
-    assert len(info.value.candidates) == 5
-    assert all(c.startswith("7f3a-") for c in info.value.candidates)
-    assert "7f3a-00" in str(info.value)
-
-
-def test_expired_bindings_are_never_returned_in_any_mode(any_store: SessionStore) -> None:
-    any_store.bind("short", "agent-short", ttl=0.05)
-    any_store.bind("long", "agent-long", ttl=60)
-    time.sleep(0.15)  # expiry is a deadline, not a race: 0.1 s past it
-    assert any_store.get("short") is None
-    assert any_store.touch("short") is None
-    assert any_store.sessions_for("agent-short") == []
-    assert any_store.resolve_agent_prefix("agent-s") is None
-    assert any_store.get("long") == "agent-long"
-
-
-def remaining_seconds(session_key: str) -> float:
-    """How long the authoritative tier will keep `session_key` (white-box, per mode)."""
-    tiers = mcp_redis.sessions._current()
-    if tiers.pg is not None:
-        row = tiers.pg.pg.execute("SELECT extract(epoch FROM expires_at - now()) FROM core.sessions "
-                                  "WHERE session_key = %s", (encode_id(session_key),), fetch="one")
-        return float(row[0])
-    if tiers.redis is not None:
-        return float(tiers.redis.client.pttl(binding_key(session_key))) / 1000
-    assert tiers.local is not None
-    return float(tiers.local.store.ttl(session_key) or 0)
-
-
-def test_touch_slides_the_expiry_in_every_mode(any_store: SessionStore) -> None:
-    any_store.bind("s1", "agent-1", ttl=5)
-    assert remaining_seconds("s1") <= 5
-    assert SessionStore(refresh_interval=0).touch("s1", ttl=100) == "agent-1"
-    assert 50 < remaining_seconds("s1") <= 100
-    assert any_store.touch("unknown") is None
-    assert any_store.get("unknown") is None
-
-
-def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> None:
-    sessions = any_store.mapping()
-    assert isinstance(sessions, SessionMap)
-    sessions["s1"] = "agent-1"
-    assert "s1" in sessions and "nope" not in sessions and 42 not in sessions
-    assert sessions.pop("s1") == "agent-1" and "s1" not in sessions
-    sessions.setdefault("s1", "agent-1")
-    assert sessions["s1"] == "agent-1"
-    assert sessions.get("s1") == "agent-1" and sessions.get("nope") is None
-    assert sessions.get("nope", "default") == "default"
-    assert list(sessions) == ["s1"] and len(sessions) == 1
-    del sessions["s1"]
-    with pytest.raises(KeyError):
-        sessions["s1"]
-    with pytest.raises(KeyError):
-        del sessions["s1"]
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -465,6 +351,23 @@ def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, 
     assert write_through.cleanup_expired() == 0
 
 
+def test_store_replay_and_cleanup_act_on_the_stores_own_client_not_the_default_one(
+        redis_url: str, database_url: str, pg_database: PostgresDatabase) -> None:
+    mcp_redis.configure(sessions="local")  # the default client has no PostgreSQL at all
+    with mcp_redis.Client(redis_url=redis_url, database_url=database_url) as client:
+        store = SessionStore(client=client)
+        client.postgres().ensure_schema()
+        pg_exec(pg_database, "INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending) "
+                             "VALUES ('pending', 'agent-p'::bytea, now() + interval '1 hour', true), "
+                             "('expired', 'agent-e'::bytea, now() - interval '1 second', false)")
+        assert store.replay_pending() == 1
+        import redis
+
+        assert redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("pending")) == "agent-p"
+        assert store.cleanup_expired() == 1
+        assert [r[0] for r in pg_rows(pg_database)] == ["pending"]
+
+
 def test_local_mode_keeps_bindings_in_process_and_writes_no_redis_keys(redis_url: str) -> None:
     mcp_redis.configure(redis_url=redis_url, sessions="local")
     store = SessionStore()
@@ -656,11 +559,9 @@ def test_a_late_postgres_refresh_never_lengthens_past_a_shorter_touch_made_meanw
     """Touch A extends Redis; touch B (a shorter ttl) completes before A's PostgreSQL refresh lands."""
     import redis
 
-    from mcp_redis.sessions import _PostgresTier
-
     client = redis.Redis.from_url(redis_url)
     write_through.bind("s1", "agent-1", ttl=600)
-    refresh = _PostgresTier.extend
+    refresh = PostgresBackend.extend
     interleaved: List[str] = []
 
     def b_first_then_a(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -669,7 +570,7 @@ def test_a_late_postgres_refresh_never_lengthens_past_a_shorter_touch_made_meanw
             assert write_through.touch("s1", ttl=1) == "agent-1"  # B: PostgreSQL then Redis
         refresh(self, *args, **kwargs)  # A's refresh, late
 
-    monkeypatch.setattr(_PostgresTier, "extend", b_first_then_a)
+    monkeypatch.setattr(PostgresBackend, "extend", b_first_then_a)
     assert write_through.touch("s1", ttl=600) == "agent-1"  # A: Redis extended, then the late refresh
     assert interleaved == ["b"]
     assert pg_seconds_left(pg_database, "s1") <= 1

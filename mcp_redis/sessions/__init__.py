@@ -1,0 +1,317 @@
+"""Session → agent bindings shared by every process: Redis in front of PostgreSQL.
+
+`SessionStore` replaces the legacy process-local ``_session_identities`` dict
+(and its ``_uuid_prefix_index``). Where a binding lives depends on
+``client.mode("sessions")`` (the store's client, else the default one) and
+whether ``DATABASE_URL`` is set — a table, `_BY_MODE`, picks the backend once
+per client:
+
+* ``redis`` with ``DATABASE_URL``: write-through (`writethrough`). PostgreSQL
+  ``core.sessions`` is the source of truth (written first); Redis is the fast
+  path. A Redis miss reads PostgreSQL and repopulates Redis with the remaining
+  TTL (read repair). While Redis is down, calls go to PostgreSQL and rows
+  written then are flagged ``redis_pending``; a background replayer
+  (`replay`, and `replay_pending`) writes them back to Redis when it returns.
+* ``redis`` alone (`redis`): Redis only. Nothing already in Redis is lost by
+  an outage, but `bind` raises `BackendUnavailable` until Redis is back. A
+  binding never lives in a process-local dict in this mode.
+* ``postgres`` (`postgres`): PostgreSQL only. ``local`` (`memory`): an
+  in-process `TTLStore` (the single-host legacy behaviour). ``off``: every
+  call raises `FeatureDisabled`.
+
+The package: `base` (the `Backend` protocol every backend implements, the
+`Source` protocol of a source of truth, the named types between them),
+`redis` (the Redis tier: keys and scripts; the Redis-only backend),
+`directory` (the prefix index), `postgres`, `memory`, `writethrough` (Redis + a `Source`), `replay`
+(the outage replayer, one per client). Redis layout (prefix ``mcp:``): see
+`mcp_redis.sessions.redis`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, MutableMapping, Optional, Tuple
+
+from ..client import Client, resolve
+from ..config import Mode
+from ..errors import FeatureDisabled, InvalidArgument, InvalidArgumentType
+from ..keys import MAX_ID_LENGTH, KeySpace, validate_id
+from ..metrics import METRICS
+from ..validation import MAX_SECONDS, optional_seconds, seconds
+from .base import MAX_REFRESH_INTERVAL, Backend, Pending, Record, Source, Timing, Touched
+from .directory import pick
+from .memory import MemoryBackend
+from .postgres import PostgresBackend
+from .redis import RedisBackend, RedisTier
+from .writethrough import WriteThroughBackend
+
+__all__ = [
+    "SessionStore", "SessionMap", "cleanup_expired", "replay_pending",
+    "Backend", "Source", "Timing", "Record", "Touched", "Pending",
+    "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend", "MAX_REFRESH_INTERVAL",
+]
+
+MAX_CANDIDATES = 10
+_OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
+MAX_TTL = MAX_SECONDS  # ten years; beyond this a "session" is a configuration mistake
+
+
+def _ttl_ms(ttl: object, default: float) -> int:
+    """`ttl` in seconds (None: `default`) as whole milliseconds, validated."""
+    return max(1, int(round(seconds(default if ttl is None else ttl, "ttl") * 1000)))
+
+
+class OffBackend:
+    """``off``: every verb, even the default ttl, raises `FeatureDisabled` (maintenance: 0)."""
+
+    mode = "off"
+
+    @property
+    def default_ttl(self) -> float:
+        raise FeatureDisabled(_OFF)
+
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
+        raise FeatureDisabled(_OFF)
+
+    def get(self, session_key: str, timing: Timing) -> Optional[str]:
+        raise FeatureDisabled(_OFF)
+
+    def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
+        raise FeatureDisabled(_OFF)
+
+    def unbind(self, session_key: str) -> bool:
+        raise FeatureDisabled(_OFF)
+
+    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
+        raise FeatureDisabled(_OFF)
+
+    def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
+        raise FeatureDisabled(_OFF)
+
+    def session_keys(self) -> Iterator[str]:
+        raise FeatureDisabled(_OFF)
+
+    def replay_pending(self) -> int:
+        return 0
+
+    def cleanup_expired(self, batch: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+# -- mode -> backend, per client ------------------------------------------------------------------
+def _tier(client: Client) -> RedisTier:
+    return RedisTier(client.redis("sessions"), KeySpace(client.settings.key_prefix))
+
+
+def _ttl(client: Client) -> float:
+    return float(client.settings.session_ttl)
+
+
+# (mode, DATABASE_URL set) -> the backend; Redis with a database is write-through.
+_BY_MODE: Dict[Tuple[Mode, bool], Callable[[Client], Backend]] = {
+    (Mode.REDIS, True): lambda c: WriteThroughBackend(_tier(c), PostgresBackend(c.postgres(), _ttl(c)), _ttl(c)),
+    (Mode.REDIS, False): lambda c: RedisBackend(_tier(c), _ttl(c)),
+    (Mode.POSTGRES, True): lambda c: PostgresBackend(c.postgres(), _ttl(c)),
+    (Mode.POSTGRES, False): lambda c: PostgresBackend(c.postgres(), _ttl(c)),
+    (Mode.LOCAL, True): lambda c: MemoryBackend(_ttl(c)),
+    (Mode.LOCAL, False): lambda c: MemoryBackend(_ttl(c)),
+    (Mode.OFF, True): lambda c: OffBackend(),
+    (Mode.OFF, False): lambda c: OffBackend(),
+}
+_BACKEND = "sessions.backend"
+
+
+def _build(client: Client) -> Backend:
+    return _BY_MODE[client.mode("sessions"), bool(client.settings.database_url)](client)
+
+
+def _current(client: Optional[Client] = None) -> Backend:
+    """The client's sessions backend (one per client: `Client.singleton`; closed with it)."""
+    c = resolve(client)
+    return c.singleton(_BACKEND, lambda: _build(c))
+
+
+# -- the public front --------------------------------------------------------------------------------
+class SessionStore:
+    """Session key → agent id bindings, seen by every process (see the module doc).
+
+    `ttl` (seconds) overrides ``REDIS_SESSION_TTL`` for this store; `sliding`
+    makes `get` extend the binding like `touch`; `refresh_interval` bounds how
+    often a touch rewrites PostgreSQL's expiry (default min(300 s, ttl / 4)).
+    Thread-safe; cheap to create; reads the settings on every call.
+    """
+
+    def __init__(self, *, ttl: Optional[float] = None, sliding: bool = False,
+                 refresh_interval: Optional[float] = None, client: Optional[Client] = None) -> None:
+        if client is not None and not isinstance(client, Client):
+            raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
+        if ttl is not None:
+            _ttl_ms(ttl, 0)
+        # A refresh interval is at most the TTL it refreshes (this store's, else ten
+        # years; a per-call ttl caps it again, see _refresh_interval).
+        optional_seconds(refresh_interval, "refresh_interval", allow_zero=True,
+                         maximum=MAX_TTL if ttl is None else ttl)
+        self.sliding = bool(sliding)
+        self._timing = Timing(ttl, refresh_interval)
+        # None: the default client, resolved at each call (follows configure()).
+        self.client = client
+
+    @property
+    def ttl(self) -> Optional[float]:
+        return self._timing.ttl
+
+    @property
+    def refresh_interval(self) -> Optional[float]:
+        return self._timing.refresh_interval
+
+    def __repr__(self) -> str:
+        return f"SessionStore(ttl={self.ttl!r}, sliding={self.sliding!r})"
+
+    # -- the contract --------------------------------------------------------------------------------
+    def _ttl_ms(self, ttl: object, backend: Backend) -> int:
+        default = backend.default_ttl  # off: raises FeatureDisabled before ttl is judged
+        return _ttl_ms(ttl, self._timing.ttl if self._timing.ttl is not None else default)
+
+    def bind(self, session_key: str, agent_id: str, ttl: Optional[float] = None) -> None:
+        """Bind `session_key` to `agent_id` for `ttl` seconds (replacing any binding)."""
+        validate_id(session_key, "session_key")
+        validate_id(agent_id, "agent_id")
+        backend = _current(self.client)
+        ttl_ms = self._ttl_ms(ttl, backend)
+        METRICS.inc("session_bind_total", mode=backend.mode)
+        backend.bind(session_key, agent_id, ttl_ms, self._timing)
+
+    def get(self, session_key: str) -> Optional[str]:
+        """The agent bound to `session_key`, or None (unknown or expired)."""
+        if self.sliding:
+            return self.touch(session_key)
+        if type(session_key) is not str or not 0 < len(session_key) <= MAX_ID_LENGTH:
+            validate_id(session_key, "session_key")  # raises, naming the argument
+        return _current(self.client).get(session_key, self._timing)
+
+    def touch(self, session_key: str, ttl: Optional[float] = None) -> Optional[str]:
+        """Like `get`, and set the binding's expiry to `ttl` from now (sliding expiry).
+
+        Redis only: one GETEX. Write-through: one script that extends the
+        binding; PostgreSQL's expiry and the indexes are rewritten at most every
+        `refresh_interval` per session and process, and a missed rewrite
+        (PostgreSQL down) is retried by the next touch. A `ttl` shorter than
+        what the binding has left is written to PostgreSQL first, then to Redis,
+        so read repair never serves the binding past it; with PostgreSQL down
+        such a touch raises `BackendUnavailable` and changes nothing.
+        """
+        validate_id(session_key, "session_key")
+        backend = _current(self.client)
+        return backend.touch(session_key, self._ttl_ms(ttl, backend), self._timing)
+
+    def unbind(self, session_key: str) -> bool:
+        """Remove the binding of `session_key`; True if there was one."""
+        validate_id(session_key, "session_key")
+        return _current(self.client).unbind(session_key)
+
+    def sessions_for(self, agent_id: str, *, limit: int = 10_000) -> List[str]:
+        """The session keys bound to `agent_id` now (sorted), from an index — never a SCAN.
+
+        With PostgreSQL configured its index answers (complete even after Redis
+        lost its data; with PostgreSQL down the Redis index answers); otherwise
+        the agent's Redis index, verified against the bindings.
+        """
+        validate_id(agent_id, "agent_id")
+        _check_limit(limit, "limit")
+        return _current(self.client).sessions_for(agent_id, limit)
+
+    def resolve_agent_prefix(self, prefix: str, *, max_candidates: int = MAX_CANDIDATES) -> Optional[str]:
+        """The agent id that `prefix` names (a bound agent's id starting with it), or None.
+
+        An id equal to `prefix` wins; two or more others raise `AmbiguousPrefix`
+        listing at most `max_candidates` of them.
+        """
+        validate_id(prefix, "prefix")
+        _check_limit(max_candidates, "max_candidates")
+        return pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
+
+    def mapping(self) -> SessionMap:
+        """A `MutableMapping` view for legacy code that used the dict."""
+        return SessionMap(self)
+
+    def session_keys(self) -> Iterator[str]:
+        """Every bound session key. O(all sessions); a SCAN in Redis-only mode."""
+        return _current(self.client).session_keys()
+
+    def replay_pending(self) -> int:
+        """Write bindings made while Redis was down back to Redis now; returns the count."""
+        return _current(self.client).replay_pending()
+
+    def cleanup_expired(self, batch_size: int = 10_000) -> int:
+        """Delete expired PostgreSQL rows; returns the count (see `cleanup_expired`)."""
+        _check_limit(batch_size, "batch_size")
+        return _current(self.client).cleanup_expired(batch_size)
+
+
+def _check_limit(value: object, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise InvalidArgument(argument, f"must be >= 1, got {value!r}")
+
+
+def replay_pending() -> int:
+    """Write the PostgreSQL rows flagged while Redis was down back to Redis.
+
+    Runs by itself in the background of the process that saw the outage; call
+    it (or ``mcp-redis sessions cleanup``) to replay rows of a process that
+    died first. Returns how many rows were replayed; 0 outside write-through.
+    """
+    return _current().replay_pending()
+
+
+def cleanup_expired(batch_size: int = 10_000) -> int:
+    """Delete expired rows of ``core.sessions`` (not needed for correctness).
+
+    Pending rows are replayed to Redis first. Returns the number deleted;
+    0 when no PostgreSQL tier is configured. Meant for cron / the CLI.
+    """
+    _check_limit(batch_size, "batch_size")
+    return _current().cleanup_expired(batch_size)
+
+
+class SessionMap(MutableMapping[str, str]):
+    """``sessions[key] = agent_id``, ``sessions.get(key)``, ``del sessions[key]``, ``key in sessions``.
+
+    A view over a `SessionStore` for code written against the legacy dict.
+    Iteration and ``len()`` visit every session (a SCAN in Redis-only mode):
+    fine for tools, not for request paths.
+    """
+
+    def __init__(self, store: Optional[SessionStore] = None) -> None:
+        self.store = store if store is not None else SessionStore()
+
+    def __repr__(self) -> str:
+        return f"SessionMap({self.store!r})"
+
+    def __getitem__(self, session_key: str) -> str:
+        agent = self.store.get(session_key)
+        if agent is None:
+            raise KeyError(session_key)
+        return agent
+
+    def __setitem__(self, session_key: str, agent_id: str) -> None:
+        self.store.bind(session_key, agent_id)
+
+    def __delitem__(self, session_key: str) -> None:
+        if not self.store.unbind(session_key):
+            raise KeyError(session_key)
+
+    def __contains__(self, session_key: object) -> bool:
+        if not isinstance(session_key, str):
+            return False  # as a dict of str keys would answer
+        return self.store.get(session_key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return self.store.session_keys()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.store.session_keys())
+

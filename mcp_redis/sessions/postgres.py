@@ -1,0 +1,307 @@
+"""The PostgreSQL source of truth: bindings in ``core.sessions``, every statement parameterised.
+
+`PostgresBackend` is both a `Backend` (``postgres`` mode: PostgreSQL only)
+and the `Source` behind the Redis tier in write-through mode. ``session_key``
+holds ``keys.encode_id(session key)`` (readable for plain ids); ``agent_id``
+holds the UTF-8 bytes (surrogatepass) so NUL and lone surrogates survive and a
+prefix is a bytea range; ``redis_pending`` flags rows written while Redis was
+unreachable (the replayer writes them back, `mcp_redis.sessions.replay`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+from ..errors import BackendUnavailable
+from ..keys import decode_id, encode_id
+from ..postgres import Postgres
+from .base import Pending, Record, Timing
+
+__all__ = ["PostgresBackend"]
+
+
+def _utf8(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _from_utf8(raw: Any) -> str:
+    return bytes(raw).decode("utf-8", "surrogatepass")
+
+
+_PG_BIND = """
+INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending)
+VALUES (%s, %s, now() + %s * interval '1 millisecond', %s)
+ON CONFLICT (session_key) DO UPDATE SET
+    agent_id = EXCLUDED.agent_id, expires_at = EXCLUDED.expires_at,
+    redis_pending = EXCLUDED.redis_pending, updated_at = now()
+"""
+_PG_GET = """
+SELECT agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+FROM core.sessions WHERE session_key = %s AND expires_at > now()
+"""
+_PG_TOUCH = """
+UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond',
+    updated_at = now(), redis_pending = redis_pending OR %s
+WHERE session_key = %s AND expires_at > now()
+RETURNING agent_id
+"""
+# No "expires_at > now()": the caller just read the binding live from Redis, so a row
+# that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
+# catches up; a row unbound or rebound meanwhile no longer names the agent.
+_PG_TOUCH_AGENT = """
+UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
+WHERE session_key = %s AND agent_id = %s
+RETURNING true
+"""
+_PG_FLAG_PENDING = "UPDATE core.sessions SET redis_pending = true WHERE session_key = %s"
+_PG_DELETE = "DELETE FROM core.sessions WHERE session_key = %s RETURNING expires_at > now()"
+# A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
+_PG_TOMBSTONE = """
+INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending)
+VALUES (%s, ''::bytea, now(), true)
+ON CONFLICT (session_key) DO UPDATE SET
+    agent_id = ''::bytea, expires_at = now(), redis_pending = true, updated_at = now()
+"""
+_PG_FOR_AGENT = """
+SELECT session_key FROM core.sessions
+WHERE agent_id = %s AND expires_at > now() ORDER BY session_key LIMIT %s
+"""
+_PG_PREFIX = """
+SELECT DISTINCT agent_id FROM core.sessions
+WHERE agent_id >= %s AND agent_id < %s AND expires_at > now() ORDER BY agent_id LIMIT %s
+"""
+_PG_ALL = "SELECT session_key FROM core.sessions WHERE expires_at > now() ORDER BY session_key"
+_PG_PENDING = """
+SELECT session_key, agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+FROM core.sessions WHERE redis_pending ORDER BY session_key LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_PG_CLEAR_PENDING = "UPDATE core.sessions SET redis_pending = false WHERE session_key = ANY(%s) AND expires_at > now()"
+_PG_DROP_REPLAYED = "DELETE FROM core.sessions WHERE session_key = ANY(%s) AND expires_at <= now()"
+_PG_CLEANUP = """
+DELETE FROM core.sessions WHERE session_key IN (
+    SELECT session_key FROM core.sessions
+    WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
+"""
+
+
+class PostgresBackend:
+    """The bindings in ``core.sessions``: a `Backend` (postgres mode) and a `Source` (write-through)."""
+
+    mode = "postgres"
+
+    def __init__(self, pg: Postgres, default_ttl: float) -> None:
+        self.pg = pg
+        self.default_ttl = default_ttl
+
+    # -- Backend (postgres mode) ---------------------------------------------------------
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
+        self.pg.execute(_PG_BIND, (encode_id(session_key), _utf8(agent_id), ttl_ms, False))
+
+    def get(self, session_key: str, timing: Timing) -> Optional[str]:
+        record = self.load(session_key)
+        return None if record is None else record.agent_id
+
+    def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
+        return self.touch_record(session_key, ttl_ms)
+
+    def replay_pending(self) -> int:
+        return 0  # nothing is pending without a Redis tier
+
+    def close(self) -> None:
+        pass  # the pool belongs to the client
+
+    # -- Source (write-through) ------------------------------------------------------------
+    def load(self, session_key: str) -> Optional[Record]:
+        row = self.pg.execute(_PG_GET, (encode_id(session_key),), fetch="one")
+        return None if row is None else Record(_from_utf8(row[0]), int(row[1]))
+
+    def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:
+        row = self.pg.execute(_PG_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
+        return None if row is None else _from_utf8(row[0])
+
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
+        """Slide the row's expiry to `ttl_ms` from now if it still binds `agent_id`,
+        never past what the Redis binding has left (`redis_left`: ms, None: no expiry).
+
+        Redis is asked with the row locked, so a shorter touch that committed
+        meanwhile (PostgreSQL, then Redis, under this lock) is seen and this late
+        refresh cannot lengthen PostgreSQL past it. If Redis cannot be asked the
+        refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early).
+        """
+        key, agent = encode_id(session_key), _utf8(agent_id)
+
+        def run() -> None:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, agent))
+                if cur.fetchone() is None:
+                    return
+                try:
+                    left = redis_left()
+                except BackendUnavailable:
+                    conn.rollback()
+                    return
+                if left is not None and left < ttl_ms:
+                    cur.execute(_PG_TOUCH_AGENT, (max(left, 0), key, agent))
+
+        self.pg.ensure_schema()
+        self.pg.policy.call(run)
+
+    def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                        redis_write: Callable[[], bool]) -> bool:
+        """Set the row's expiry to `ttl_ms` from now, then (row still locked) Redis's.
+
+        PostgreSQL first: read repair can then never serve the binding past the
+        shorter expiry, whatever Redis does. A Redis failure flags the row for
+        replay (which writes its remaining TTL). Returns what `redis_write`
+        returned (False: the binding no longer names `agent_id`).
+        """
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, _utf8(agent_id)))
+                had_row = cur.fetchone() is not None
+                try:
+                    return redis_write()
+                except BackendUnavailable:
+                    if not had_row:
+                        raise
+                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    return True
+
+        self.pg.ensure_schema()
+        return bool(self.pg.policy.call(run))
+
+    def unbind(self, session_key: str) -> bool:
+        row = self.pg.execute(_PG_DELETE, (encode_id(session_key),), fetch="one")
+        return bool(row and row[0])
+
+    def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                     redis_write: Optional[Callable[[], None]]) -> bool:
+        """Upsert the row and, while its lock is held, write Redis; False if Redis failed.
+
+        Writers of one session serialise on the row lock and each writes Redis
+        before committing, so Redis ends with the value PostgreSQL ends with. A
+        Redis failure (or `redis_write` None: known down) flags the row for
+        replay in the same transaction.
+        """
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_BIND, (key, _utf8(agent_id), ttl_ms, redis_write is None))
+                if redis_write is None:
+                    return False
+                try:
+                    redis_write()
+                    return True
+                except BackendUnavailable:
+                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    return False
+
+        self.pg.ensure_schema()
+        return bool(self.pg.policy.call(run))
+
+    def unbind_through(self, session_key: str, redis_unbind: Optional[Callable[[], bool]]) -> Tuple[bool, bool]:
+        """Delete the row and, in the same transaction, the Redis binding.
+
+        When Redis fails (or `redis_unbind` is None: known down) a tombstone row
+        remembers that Redis must forget the binding once it is reachable.
+        Returns (a live binding existed, Redis was updated).
+        """
+        key = encode_id(session_key)
+
+        def run() -> Tuple[bool, bool]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_DELETE, (key,))
+                row = cur.fetchone()
+                existed = bool(row and row[0])
+                if redis_unbind is not None:
+                    try:
+                        return (redis_unbind() or existed), True
+                    except BackendUnavailable:
+                        pass
+                cur.execute(_PG_TOMBSTONE, (key,))
+                return existed, False
+
+        self.pg.ensure_schema()
+        result: Tuple[bool, bool] = self.pg.policy.call(run)
+        return result
+
+    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
+        rows = self.pg.execute(_PG_FOR_AGENT, (_utf8(agent_id), limit), fetch="all")
+        return [decode_id(r[0]) for r in rows]
+
+    def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
+        low = _utf8(prefix)
+        rows = self.pg.execute(_PG_PREFIX, (low, low + b"\xff", limit), fetch="all")
+        return [_from_utf8(r[0]) for r in rows]
+
+    def session_keys(self) -> Iterator[str]:
+        return iter([decode_id(r[0]) for r in self.pg.execute(_PG_ALL, (), fetch="all")])
+
+    def repair(self, session_key: str, write: Callable[[str, int], None],
+               extend_ms: Optional[int] = None) -> Optional[str]:
+        """Read an unexpired row (extending it by `extend_ms` if given) and pass
+        (agent_id, ttl ms) to `write` while the row is locked.
+
+        The lock orders the Redis write before any concurrent bind/unbind of the
+        same session (they change the row first), so a repair never resurrects
+        or overwrites a newer binding. A Redis failure inside `write` is
+        swallowed: the answer stands and a later read repairs again.
+        """
+        key = encode_id(session_key)
+
+        def run() -> Optional[str]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                if extend_ms is None:
+                    cur.execute(_PG_GET + " FOR SHARE", (key,))
+                else:
+                    cur.execute(_PG_TOUCH, (extend_ms, False, key))
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                agent_id = _from_utf8(row[0])
+                try:
+                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])))
+                except BackendUnavailable:
+                    pass
+                return agent_id
+
+        self.pg.ensure_schema()
+        result: Optional[str] = self.pg.policy.call(run)
+        return result
+
+    def replay(self, write_batch: Callable[[Sequence[Pending]], None], batch: int) -> int:
+        """Hand one batch of pending rows to `write_batch` (under row locks), then clear them.
+
+        Returns the number of rows replayed (0: nothing pending).
+        """
+
+        def run() -> int:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PG_PENDING, (batch,))
+                rows = cur.fetchall()
+                if not rows:
+                    return 0
+                items: List[Pending] = []
+                for key, agent, ms in rows:
+                    live = ms is not None and int(ms) > 0
+                    items.append(Pending(decode_id(key), _from_utf8(agent) if live else None, int(ms) if live else 0))
+                write_batch(items)  # raises BackendUnavailable: rolled back, still pending
+                keys = [r[0] for r in rows]
+                cur.execute(_PG_CLEAR_PENDING, (keys,))
+                cur.execute(_PG_DROP_REPLAYED, (keys,))
+                return len(rows)
+
+        self.pg.ensure_schema()
+        return int(self.pg.policy.call(run))
+
+    def cleanup_expired(self, batch: int) -> int:
+        total = 0
+        while True:
+            n = int(self.pg.execute(_PG_CLEANUP, (batch,)))
+            total += n
+            if n < batch:
+                return total
+

@@ -1,0 +1,160 @@
+"""Write-through sessions (``redis`` mode with ``DATABASE_URL``): Redis in front of a source of truth.
+
+The source (`PostgresBackend` over ``core.sessions``; any `Source`) is
+written first and Redis is written while the record is locked, so the two end
+equal. A Redis miss reads the source and repopulates Redis with the remaining
+TTL (read repair). While Redis is down calls go to the source, rows written
+then are flagged pending, and the client's `Replayer` writes them back.
+Index queries ask the source (complete even after Redis lost its data) and
+fall back to the Redis indexes while it is down.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional
+
+from ..errors import BackendUnavailable
+from ..keys import encode_id
+from ..metrics import METRICS
+from .base import Source, Timing
+from .redis import RedisTier, RefreshThrottle
+from .replay import Replayer
+
+__all__ = ["WriteThroughBackend"]
+
+
+class WriteThroughBackend:
+    """A `RedisTier` in front of a `Source`; one per client (with its replayer)."""
+
+    mode = "redis"
+
+    def __init__(self, tier: RedisTier, source: Source, default_ttl: float) -> None:
+        self.tier = tier
+        self.source = source
+        self.default_ttl = default_ttl
+        self.throttle = RefreshThrottle()
+        self.replayer = Replayer(tier, source, default_ttl)
+        # The hot path's parts, bound once: one GET through the policy, one attempt.
+        self._call = tier.conn.policy.call
+        self._get = tier.client.get
+        self._head = tier.session_head
+
+    # -- writes ------------------------------------------------------------------------------
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
+        tier = self.tier
+        grace = timing.grace_ms(ttl_ms / 1000.0)
+        write: Optional[Callable[[], None]] = None  # None: Redis known down, flag the row at once
+        if tier.conn.policy.available:
+            def write() -> None:
+                tier.bind(session_key, agent_id, ttl_ms, grace, retry=False)
+
+        if not self.source.bind_through(session_key, agent_id, ttl_ms, write):
+            self._fell_back("bind")
+
+    def unbind(self, session_key: str) -> bool:
+        tier = self.tier
+        forget: Optional[Callable[[], bool]] = None  # None: Redis known down, leave a tombstone
+        if tier.conn.policy.available:
+            def forget() -> bool:
+                return tier.unbind(session_key, retry=False)
+
+        existed, reached_redis = self.source.unbind_through(session_key, forget)
+        if not reached_redis:
+            self._fell_back("unbind")
+        return existed
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, session_key: str, timing: Timing) -> Optional[str]:
+        """The hot path: one GET (one attempt: the source answers instead of retries)."""
+        try:
+            agent: Optional[str] = self._call(self._get, self._head + encode_id(session_key), attempts=1)
+        except BackendUnavailable:
+            METRICS.inc("session_fallback_total", op="get")
+            record = self.source.load(session_key)
+            return None if record is None else record.agent_id
+        if agent is not None:
+            return agent
+        return self._repair(session_key, timing)
+
+    def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
+        """One script that extends the binding; the source's expiry and the indexes are
+        rewritten at most every refresh interval, a missed rewrite retried by the next
+        touch; a shorter ttl reaches the source first (see `SessionStore.touch`)."""
+        tier, source = self.tier, self.source
+        try:
+            found = tier.touch(session_key, ttl_ms)
+        except BackendUnavailable:
+            agent = source.touch_record(session_key, ttl_ms, pending=True)
+            if agent is not None:
+                self._fell_back("touch")
+            return agent
+        interval = timing.refresh_interval_for(ttl_ms / 1000.0)
+        grace = int(interval * 1000)
+        if found is None:
+            agent = source.repair(session_key, lambda a, ms: tier.bind(session_key, a, ms, grace, retry=False),
+                                  extend_ms=ttl_ms)
+            METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
+            return agent
+        bound = found.agent_id
+        if found.shorter:
+            if not source.shorten_through(session_key, bound, ttl_ms, lambda: tier.shorten(session_key, bound, ttl_ms)):
+                return None  # unbound or rebound meanwhile
+            return bound
+        if self.throttle.due(session_key, bound, interval):
+            METRICS.inc("session_touch_refresh_total")
+            try:
+                tier.refresh_index(session_key, bound, ttl_ms, grace)
+            except BackendUnavailable:
+                pass
+            try:
+                source.extend(session_key, bound, ttl_ms, lambda: tier.left_ms(session_key))
+            except BackendUnavailable:
+                # Redis answered and stays right; the source's expiry lags (errs
+                # early) until a touch after it returns rewrites it.
+                self.throttle.missed(session_key, bound)
+                METRICS.inc("session_refresh_missed_total")
+        return bound
+
+    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
+        try:
+            return self.source.sessions_for(agent_id, limit)
+        except BackendUnavailable:
+            METRICS.inc("session_fallback_total", op="sessions_for")
+        return self.tier.sessions_for(agent_id, limit)
+
+    def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
+        try:
+            return self.source.agents_with_prefix(prefix, limit)
+        except BackendUnavailable:
+            METRICS.inc("session_fallback_total", op="resolve_agent_prefix")
+        return self.tier.agents_with_prefix(prefix, limit)
+
+    def session_keys(self) -> Iterator[str]:
+        return self.source.session_keys()
+
+    # -- maintenance -------------------------------------------------------------------------
+    def replay_pending(self) -> int:
+        return self.replayer.replay_pending()
+
+    def cleanup_expired(self, batch: int) -> int:
+        """Replay pending rows first (best effort), then delete the source's expired rows."""
+        try:
+            self.replayer.replay_pending()
+        except BackendUnavailable:
+            pass
+        return self.source.cleanup_expired(batch)
+
+    def close(self) -> None:
+        self.replayer.close()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _repair(self, session_key: str, timing: Timing) -> Optional[str]:
+        tier = self.tier
+        grace = timing.grace_ms(timing.ttl if timing.ttl is not None else self.default_ttl)
+        agent = self.source.repair(session_key, lambda a, ms: tier.bind(session_key, a, ms, grace, retry=False))
+        METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
+        return agent
+
+    def _fell_back(self, op: str) -> None:
+        METRICS.inc("session_fallback_total", op=op)
+        self.replayer.note_outage()

@@ -1,0 +1,196 @@
+"""The sessions contract: the same behaviour asserted on every backend, on real servers.
+
+Parametrised over the modes `SessionStore` composes from its backends
+(`mcp_redis.sessions._BY_MODE`): ``redis`` (`RedisBackend`), ``write_through``
+(`WriteThroughBackend`: Redis in front of `PostgresBackend`), ``postgres``
+(`PostgresBackend`) and ``local`` (`MemoryBackend`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Iterator, Type
+
+import pytest
+
+import mcp_redis
+from mcp_redis import AmbiguousPrefix, SessionMap, SessionStore
+from mcp_redis.keys import encode_id
+from mcp_redis.sessions import MemoryBackend, PostgresBackend, RedisBackend, WriteThroughBackend
+from tests.sessions.test_sessions import ODD_IDS, binding_key
+
+MODES = ["redis", "write_through", "postgres", "local"]
+BACKEND_OF: Dict[str, Type[object]] = {
+    "redis": RedisBackend, "write_through": WriteThroughBackend, "postgres": PostgresBackend, "local": MemoryBackend,
+}
+
+
+@pytest.fixture(params=MODES)
+def any_store(request: pytest.FixtureRequest) -> Iterator[SessionStore]:
+    """The same contract in every mode."""
+    mode = request.param
+    if mode == "redis":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"))
+    elif mode == "write_through":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"),
+                            database_url=request.getfixturevalue("database_url"))
+    elif mode == "postgres":
+        mcp_redis.configure(database_url=request.getfixturevalue("database_url"), sessions="postgres")
+    else:
+        mcp_redis.configure(sessions="local")
+    yield SessionStore()
+
+
+# -- the contract in every mode ------------------------------------------------------------
+def test_bind_get_unbind_round_trip_in_every_mode(any_store: SessionStore) -> None:
+    assert any_store.get("s1") is None
+    any_store.bind("s1", "agent-1")
+    assert any_store.get("s1") == "agent-1"
+    assert any_store.unbind("s1") is True
+    assert any_store.get("s1") is None
+    assert any_store.unbind("s1") is False
+
+
+def test_odd_identifiers_round_trip_in_every_mode(any_store: SessionStore) -> None:
+    for i, sid in enumerate(ODD_IDS):
+        any_store.bind(sid, ODD_IDS[-1 - i])
+    for i, sid in enumerate(ODD_IDS):
+        assert any_store.get(sid) == ODD_IDS[-1 - i]
+    assert any_store.sessions_for("nul\x00inside") == ["~tilde"]
+    assert any_store.resolve_agent_prefix("lone\ud800") == "lone\ud800surrogate"
+
+
+def test_rebinding_moves_the_session_to_the_new_agents_index(any_store: SessionStore) -> None:
+    any_store.bind("s1", "alice")
+    any_store.bind("s2", "alice")
+    any_store.bind("s1", "bob")
+    assert any_store.get("s1") == "bob"
+    assert any_store.sessions_for("alice") == ["s2"]
+    assert any_store.sessions_for("bob") == ["s1"]
+
+
+def test_resolve_agent_prefix_unique_exact_unknown_and_ambiguous(any_store: SessionStore) -> None:
+    for i in range(15):
+        any_store.bind(f"s{i}", f"7f3a-{i:02d}")
+    any_store.bind("x", "abc")
+    any_store.bind("y", "abcd")
+    assert any_store.resolve_agent_prefix("7f3a-07") == "7f3a-07"
+    assert any_store.resolve_agent_prefix("abc") == "abc"  # an exact id wins over longer ones
+    assert any_store.resolve_agent_prefix("abcd") == "abcd"
+    assert any_store.resolve_agent_prefix("zzz") is None
+    with pytest.raises(AmbiguousPrefix) as info:
+        any_store.resolve_agent_prefix("7f3a", max_candidates=5)
+    assert info.value.argument == "prefix"
+    assert len(info.value.candidates) == 5
+    assert all(c.startswith("7f3a-") for c in info.value.candidates)
+    assert "7f3a-00" in str(info.value)
+
+
+def test_expired_bindings_are_never_returned_in_any_mode(any_store: SessionStore) -> None:
+    any_store.bind("short", "agent-short", ttl=0.05)
+    any_store.bind("long", "agent-long", ttl=60)
+    time.sleep(0.15)  # expiry is a deadline, not a race: 0.1 s past it
+    assert any_store.get("short") is None
+    assert any_store.touch("short") is None
+    assert any_store.sessions_for("agent-short") == []
+    assert any_store.resolve_agent_prefix("agent-s") is None
+    assert any_store.get("long") == "agent-long"
+
+
+def remaining_seconds(session_key: str) -> float:
+    """How long the authoritative tier will keep `session_key` (white-box, per mode)."""
+    backend = mcp_redis.sessions._current()
+    if isinstance(backend, WriteThroughBackend):
+        backend = backend.source
+    if isinstance(backend, PostgresBackend):
+        row = backend.pg.execute("SELECT extract(epoch FROM expires_at - now()) FROM core.sessions "
+                                 "WHERE session_key = %s", (encode_id(session_key),), fetch="one")
+        return float(row[0])
+    if isinstance(backend, RedisBackend):
+        return float(backend.tier.client.pttl(binding_key(session_key))) / 1000
+    assert isinstance(backend, MemoryBackend)
+    return float(backend.store.ttl(session_key) or 0)
+
+
+def test_touch_slides_the_expiry_in_every_mode(any_store: SessionStore) -> None:
+    any_store.bind("s1", "agent-1", ttl=5)
+    assert remaining_seconds("s1") <= 5
+    assert SessionStore(refresh_interval=0).touch("s1", ttl=100) == "agent-1"
+    assert 50 < remaining_seconds("s1") <= 100
+    assert any_store.touch("unknown") is None
+    assert any_store.get("unknown") is None
+
+
+def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> None:
+    sessions = any_store.mapping()
+    assert isinstance(sessions, SessionMap)
+    sessions["s1"] = "agent-1"
+    assert "s1" in sessions and "nope" not in sessions and 42 not in sessions
+    assert sessions.pop("s1") == "agent-1" and "s1" not in sessions
+    sessions.setdefault("s1", "agent-1")
+    assert sessions["s1"] == "agent-1"
+    assert sessions.get("s1") == "agent-1" and sessions.get("nope") is None
+    assert sessions.get("nope", "default") == "default"
+    assert list(sessions) == ["s1"] and len(sessions) == 1
+    del sessions["s1"]
+    with pytest.raises(KeyError):
+        sessions["s1"]
+    with pytest.raises(KeyError):
+        del sessions["s1"]
+
+
+def test_each_mode_is_served_by_its_backend_from_the_mode_table(any_store: SessionStore,
+                                                                request: pytest.FixtureRequest) -> None:
+    mode = request.node.callspec.params["any_store"]
+    assert type(mcp_redis.sessions._current()) is BACKEND_OF[mode]
+    assert mcp_redis.sessions._current() is mcp_redis.sessions._current()  # one per client
+
+
+def test_session_keys_lists_exactly_the_live_bindings_in_every_mode(any_store: SessionStore) -> None:
+    assert sorted(any_store.session_keys()) == []
+    for sid in ODD_IDS:
+        any_store.bind(sid, "agent-1")
+    any_store.bind("gone", "agent-1")
+    any_store.unbind("gone")
+    assert sorted(any_store.session_keys()) == sorted(ODD_IDS)
+
+
+def test_sessions_for_returns_at_most_limit_sorted_keys_in_every_mode(any_store: SessionStore) -> None:
+    for i in range(5):
+        any_store.bind(f"s{i}", "agent-1")
+    any_store.bind("other", "agent-2")
+    assert any_store.sessions_for("agent-1") == [f"s{i}" for i in range(5)]
+    limited = any_store.sessions_for("agent-1", limit=2)
+    assert len(limited) == 2 and set(limited) <= {f"s{i}" for i in range(5)}
+    assert any_store.sessions_for("nobody") == []
+
+
+def test_unbind_removes_the_session_from_its_agents_index_and_the_prefix_index_in_every_mode(
+        any_store: SessionStore) -> None:
+    any_store.bind("s1", "agent-only")
+    assert any_store.resolve_agent_prefix("agent-o") == "agent-only"
+    assert any_store.unbind("s1") is True
+    assert any_store.sessions_for("agent-only") == []
+    assert any_store.resolve_agent_prefix("agent-o") is None
+
+
+def test_maintenance_with_nothing_pending_or_expired_returns_zero_in_every_mode(any_store: SessionStore) -> None:
+    any_store.bind("s1", "agent-1", ttl=60)
+    assert any_store.replay_pending() == 0
+    assert any_store.cleanup_expired() == 0
+    assert mcp_redis.sessions.replay_pending() == 0
+    assert mcp_redis.sessions.cleanup_expired() == 0
+    assert any_store.get("s1") == "agent-1"
+
+
+def test_a_store_with_its_own_client_uses_that_clients_backend_in_every_mode(
+        any_store: SessionStore, request: pytest.FixtureRequest) -> None:
+    """Shared modes: the default client's store sees the binding; local mode: per client, it does not."""
+    mode = request.node.callspec.params["any_store"]
+    with mcp_redis.Client(mcp_redis.settings()) as client:
+        own = SessionStore(client=client)
+        own.bind("s1", "agent-1")
+        assert own.get("s1") == "agent-1"
+        assert any_store.get("s1") == (None if mode == "local" else "agent-1")
+        assert type(mcp_redis.sessions._current(client)) is BACKEND_OF[mode]
+        assert mcp_redis.sessions._current(client) is not mcp_redis.sessions._current()
