@@ -43,40 +43,32 @@ coroutines sharing the thread would all "own" the lock.
 
 from __future__ import annotations
 
-import collections
-import errno
-import fcntl
-import hashlib
 import logging
 import os
-import re
-import secrets
 import threading
 import time
 from asyncio.events import _get_running_loop
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Type, TypeVar, Union
+from typing import Dict, List, Optional, Tuple, Type, Union
 
-import redis.exceptions as rex
-
-from .client import Client, default_client, resolve
-from .config import LockFallback, Mode, Settings, on_reset
-from .connections import RedisConnection, on_fork
-from .errors import (
+from ..client import Client, resolve
+from ..errors import (
     BackendUnavailable,
     BlockingCallInEventLoop,
-    ConfigurationError,
     InvalidArgument,
     InvalidArgumentType,
     LockNotOwned,
     LockNotReplicated,
     LockTimeout,
 )
-from .keys import KeySpace, validate_id
-from .metrics import METRICS
-from .validation import optional_seconds
-from .validation import seconds as check_seconds
+from ..keys import validate_id
+from ..metrics import METRICS
+from ..validation import optional_seconds
+from ..validation import seconds as check_seconds
+from .base import Backend, Hold, LockKeys, keys_for
+from .postgres import PostgresBackend, advisory_key
+from .redis import HANDOFF_GRACE, RedisBackend
+from .runtime import LockRuntime, runtime
 
 __all__ = [
     "DistributedLock",
@@ -87,965 +79,31 @@ __all__ = [
     "HANDOFF_GRACE",
     "advisory_key",
     "held_locks",
+    "Backend",
 ]
 
 log = logging.getLogger("mcp_redis.locks")
-T = TypeVar("T")
 
 #: Default longest wait of `agent_lock` (seconds): the legacy manager's 5 s.
 AGENT_LOCK_BLOCKING_TIMEOUT = 5.0
-#: How long (s) a lock released to a waiter stays reserved for it; a waiter
-#: that died while queued delays the next holder by at most this.
-HANDOFF_GRACE = 1.0
-# The longest single BLPOP (s); also bounded by half the socket timeout.
-_MAX_WAIT_SLICE = 1.0
-# Redis's default cron period (hz 10): how late an idle server may time out a BLPOP.
-_SERVER_TICK = 0.1
-_RESERVED = "r:"
-_TICKET = re.compile(r"[0-9a-f]{24}")
 #: Hex digits of the per-call nonce that ends every Redis holder's value (the
 #: release script reads them back to name its record: keep the two in step).
 _NONCE_HEX = 32
 
 
-# -- Redis calls -----------------------------------------------------------------
-# -- one acquisition --------------------------------------------------------------
-_pid = os.getpid()  # this process's id, refreshed in a forked child
-_generation = 0  # bumped by reset()/configure(): older holds are never re-entered
-_event_lock = threading.Lock()
-
-
-@dataclass(eq=False)
-class _Hold:
-    """One acquisition: who holds it, how, and whether its lease was lost."""
-
-    backend: _Backend
-    keys: _Keys
-    token: str
-    fence: int
-    lease: float
-    expires_at: float  # monotonic; meaningful for the redis backend
-    handle: Any = None  # backend-specific: RedisConnection, pg connection, fd
-    pid: int = field(default_factory=lambda: _pid)
-    generation: int = field(default_factory=lambda: _generation)
-    count: int = 1
-    is_lost: bool = False
-    released: bool = False
-    next_renewal: float = 0.0
-    misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
-    client: Optional[Client] = None  # whose connections the hold uses (renewals, the gate)
-    _event: Optional[threading.Event] = None  # made on demand: most holds never need one
-
-    def mark_lost(self) -> None:
-        with _event_lock:
-            self.is_lost = True
-            if self._event is not None:
-                self._event.set()
-
-    def lost_event(self) -> threading.Event:
-        with _event_lock:
-            if self._event is None:
-                self._event = threading.Event()
-                if self.is_lost:
-                    self._event.set()
-            return self._event
-
-
-@dataclass(frozen=True)
-class _Keys:
-    lock: str
-    fence: str
-    queue: str
-    signal_base: str  # space.key(namespace, *ids, tag=True, suffix="w")
-    prefix: str
-
-    def signal(self, ticket: str) -> str:
-        """A waiter's signal list: ``space.key(ns, *ids, tag=True, suffix="w" + ticket)``."""
-        return self.signal_base + ticket
-
-
-_KEYS_CACHE: Dict[Tuple[str, str, Tuple[str, ...]], _Keys] = {}
-_KEYS_CACHE_MAX = 1024
-
-
-def _keys_for(prefix: str, namespace: str, ids: Tuple[str, ...]) -> _Keys:
-    """The keys of one lock (memoised: `agent_lock` builds a new object per call)."""
-    cache_key = (prefix, namespace, ids)
-    keys = _KEYS_CACHE.get(cache_key)
-    if keys is None:
-        space = KeySpace(prefix)
-        keys = _Keys(
-            space.key(namespace, *ids, tag=True),
-            space.key(namespace, *ids, tag=True, suffix="fence"),
-            space.key(namespace, *ids, tag=True, suffix="queue"),
-            space.key(namespace, *ids, tag=True, suffix="w"),
-            prefix,
-        )
-        if len(_KEYS_CACHE) >= _KEYS_CACHE_MAX:
-            _KEYS_CACHE.clear()
-        _KEYS_CACHE[cache_key] = keys
-    return keys
-
-
-class _Backend:
-    """How one kind of store takes, keeps and gives back a lock."""
-
-    name = "?"
-    leased = False  # does the hold expire unless renewed?
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        """A hold, or None when not acquired before `deadline` (monotonic; None = forever).
-
-        `token` is this acquire call's value, unique per call (it ends with a
-        fresh nonce): the holder's identity, never shared by two holders.
-        """
-        raise NotImplementedError
-
-    def release(self, hold: _Hold) -> bool:
-        """Give the lock back; False when it was no longer held by `hold`."""
-        raise NotImplementedError
-
-    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
-        """Lengthen (or with `replace`, set) the lease; False when not owned."""
-        return not hold.is_lost
-
-    def owned(self, hold: _Hold) -> bool:
-        return not hold.is_lost
-
-    def locked(self, client: Client, keys: _Keys) -> bool:
-        raise NotImplementedError
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-_record_ms_memo: Tuple[Any, int] = (None, 0)  # (settings, ms): computed once per configuration
-
-
-def _record_ms(conn: RedisConnection) -> int:
-    """How long (ms) a per-call record must last: past every retry of that call.
-
-    A retry reaches the server at most one connect, one reply timeout and one
-    backoff after the attempt before it; a second and further retries each
-    find the record made by the attempt that ran. One second of slack.
-    """
-    global _record_ms_memo
-    s = conn.settings
-    memo = _record_ms_memo
-    if memo[0] is s:
-        return memo[1]
-    per_attempt = s.socket_connect_timeout + s.socket_timeout + s.retry_max_backoff
-    ms = _ms(max(1, s.retry_attempts) * per_attempt + 1.0)
-    _record_ms_memo = (s, ms)
-    return ms
-
-
-class _RedisBackend(_Backend):
-    """Lease locks in Redis: Lua scripts, a FIFO of waiters, BLPOP wake-ups."""
-
-    name = "redis"
-    leased = True
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        conn = client.redis("locks")
-        lease_ms = _ms(lease)
-        # First a plain try (the uncontended path: 2 keys, 2 args). A failed
-        # try with the queue keys joins the queue atomically, so the release
-        # that follows it is sure to signal us: no wake-up can be lost.
-        started = time.monotonic()
-        granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
-        if granted:
-            return _Hold(self, keys, token, int(value), lease, started + lease, conn, client=client)
-        if deadline is not None and deadline <= time.monotonic():
-            return None
-        slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
-        queue_ttl = str(_ms(slice_cap + 2 * HANDOFF_GRACE))
-        # The signal list is named by this call's nonce (the value's tail): unique per waiter.
-        ticket = token[-24:] if _TICKET.fullmatch(token[-24:]) else secrets.token_hex(12)
-        signal = keys.signal(ticket)
-        key_list = [keys.lock, keys.fence, keys.queue, signal]
-        queued = False
-        try:
-            while True:
-                started = time.monotonic()
-                queued = True
-                granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, [token, lease_ms, queue_ttl])
-                if granted:
-                    queued = False
-                    return _Hold(self, keys, token, int(value), lease, started + lease, conn, client=client)
-                now = time.monotonic()
-                remaining = float("inf") if deadline is None else deadline - now
-                if remaining <= 0:
-                    return None
-                pttl = int(value)
-                wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
-                conn.call(_wait_for_signal, conn.client, signal, wait)
-        finally:
-            if queued:
-                self._leave_queue(conn, keys, signal)
-
-    def replicate(self, hold: _Hold, replicas: int, timeout: float) -> int:
-        """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
-
-        ``WAIT`` counts the writes of its own connection, so one pipeline on
-        one connection (the key's node on a cluster) re-writes the lease with
-        the owner-checked extend script, then WAITs: replication is ordered,
-        so the acknowledgement covers the acquisition before it.
-        """
-        conn: RedisConnection = hold.handle
-        target = conn.client
-        if conn.is_cluster:
-            target = target.get_redis_connection(target.get_node_from_key(hold.keys.lock))
-        wait_ms = max(1, min(_ms(timeout), _ms(conn.settings.socket_timeout * 0.8)))
-
-        def run() -> Tuple[int, int]:
-            pipe = target.pipeline(transaction=False)
-            conn.script("lock_extend")([hold.keys.lock], [hold.token, _ms(hold.lease), "1"], client=pipe)
-            pipe.execute_command("WAIT", replicas, wait_ms)
-            extended, acked = pipe.execute()
-            return int(extended), int(acked)
-
-        extended, acked = conn.call(run)
-        return acked if extended else -1
-
-    def _leave_queue(self, conn: RedisConnection, keys: _Keys, signal: str) -> None:
-        """A waiter giving up: leave the queue; pass on a reservation made for us."""
-        try:
-            conn.call(conn.run_script, conn.script("lock_release"), [keys.lock, keys.queue, signal],
-                      [_RESERVED + signal, _ms(HANDOFF_GRACE)])
-        except Exception:  # the entry lapses with the queue's short TTL anyway
-            log.debug("lock: could not leave the queue", exc_info=True)
-
-    def release(self, hold: _Hold) -> bool:
-        """One round trip; leaves a release record, so a retry after a lost reply still answers True."""
-        conn: RedisConnection = hold.handle
-        keys = [hold.keys.lock, hold.keys.queue]
-        args = [hold.token, _ms(HANDOFF_GRACE), _record_ms(conn)]
-        return bool(conn.call(conn.run_script, conn.script("lock_release"), keys, args))
-
-    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
-        """Set (`replace`, idempotent) or add to the lease; an addition is recorded
-        per call, so a retry after a lost reply does not add it twice."""
-        conn: RedisConnection = hold.handle
-        started = time.monotonic()
-        if replace:
-            args: List[Any] = [hold.token, _ms(seconds), "1"]
-        else:
-            args = [hold.token, _ms(seconds), "0", os.urandom(12).hex(), _record_ms(conn)]
-        ok = bool(conn.call(conn.run_script, conn.script("lock_extend"), [hold.keys.lock], args))
-        if ok and replace:
-            hold.expires_at = started + seconds
-        elif ok:
-            hold.expires_at += seconds
-        return ok
-
-    def owned(self, hold: _Hold) -> bool:
-        conn: RedisConnection = hold.handle
-        return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
-
-    def locked(self, client: Client, keys: _Keys) -> bool:
-        conn = client.redis("locks")
-        return bool(conn.call(conn.client.exists, keys.lock))
-
-
-def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
-    """BLPOP `key` for at most `wait` seconds on a pooled connection; True if signalled.
-
-    An idle Redis times blocked commands out only on its cron tick (100 ms at
-    the default ``hz 10``), late by up to a tick. So a long wait asks the
-    server for one tick less (its reply then comes by `wait`), and only a
-    short last stretch is timed here: if it runs out first, the connection is
-    dropped, abandoning the BLPOP. A signal lost that way is harmless: the
-    release also reserved the lock for us, and our next try claims it.
-    """
-    target = client
-    if hasattr(client, "get_node_from_key"):  # RedisCluster: the node owning the key
-        target = client.get_redis_connection(client.get_node_from_key(key))
-    if wait > 1.5 * _SERVER_TICK:
-        server_wait, client_wait = wait - _SERVER_TICK, wait + 2 * _SERVER_TICK
-    else:
-        server_wait = client_wait = wait
-    pool = target.connection_pool
-    connection = pool.get_connection()
-    try:
-        # BLPOP's timeout 0 means forever: never send less than 2 ms.
-        connection.send_command("BLPOP", key, round(max(server_wait, 0.002), 3))
-        if connection.can_read(timeout=client_wait):
-            return connection.read_response() is not None
-        connection.disconnect()
-        return False
-    except (rex.MovedError, rex.AskError):
-        # The slot moved (cluster resharding): wake up; the next try goes
-        # through the cluster client, which follows the move and learns it.
-        return False
-    except BaseException:
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
-
-
-def advisory_key(lock_key: str) -> int:
-    """A stable signed 64-bit id for PostgreSQL advisory locks, from the lock's key."""
-    digest = hashlib.blake2b(lock_key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-_FENCE_TABLE = """
-    CREATE TABLE IF NOT EXISTS core.lock_fences (
-        lock_key TEXT PRIMARY KEY,
-        fence    BIGINT NOT NULL
-    )
-"""
-# A fallback episode of one lock name: since when PostgreSQL fallback holds
-# of it may exist. Started by the first fallback hold, ended by the Redis
-# side when it opens the name's gate (see _GatedRedisBackend).
-_EPISODE_TABLE = """
-    CREATE TABLE IF NOT EXISTS core.lock_fallback_episodes (
-        lock_key TEXT PRIMARY KEY,
-        since    TIMESTAMPTZ NOT NULL
-    )
-"""
-# Never below PostgreSQL's clock in microseconds, and above every token
-# handed out before: like Redis's max(INCR, TIME), on every acquisition.
-_NEXT_FENCE = (
-    "INSERT INTO core.lock_fences AS f (lock_key, fence) "
-    "VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "
-    "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence + 1, EXCLUDED.fence) RETURNING fence"
-)
-# Seconds a fallback grant must still wait: the episode's start plus the settle time, minus now.
-_JOIN_EPISODE = (
-    "INSERT INTO core.lock_fallback_episodes AS e (lock_key, since) VALUES (%s, clock_timestamp()) "
-    "ON CONFLICT (lock_key) DO UPDATE SET since = e.since "
-    "RETURNING extract(epoch FROM (e.since - clock_timestamp()))::float8 + %s"
-)
-_END_EPISODE = "DELETE FROM core.lock_fallback_episodes WHERE lock_key = %s"
-_LAST_FENCE = "SELECT fence FROM core.lock_fences WHERE lock_key = %s"
-_RECORD_FENCE = (
-    "INSERT INTO core.lock_fences AS f (lock_key, fence) VALUES (%s, %s) "
-    "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence, EXCLUDED.fence)"
-)
-
-
-def _register_schema() -> None:
-    from .postgres import SCHEMA
-
-    for table in (_FENCE_TABLE, _EPISODE_TABLE):
-        if table not in SCHEMA:
-            SCHEMA.append(table)
-
-
-_register_schema()
-
-# How often (s) a waiter for a PostgreSQL advisory lock re-checks its deadline
-# at most; each wait is also kept under the statement_timeout (postgres_timeout).
-_PG_WAIT_SLICE = 1.0
-
-
-@dataclass
-class _PgHandle:
-    context: Any  # the Postgres.connection() context manager kept open
-    connection: Any
-    guard: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _PostgresBackend(_Backend):
-    """Session advisory locks on a pooled connection kept for the whole hold.
-
-    A wait is lock contention, not a backend failure: it is cut into slices
-    (``lock_timeout``) each shorter than the connection's statement_timeout,
-    so it honours `deadline` (None: forever) and never trips the breaker.
-    """
-
-    name = "postgres"
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        return self._acquire(client, keys, token, lease, deadline, settle=None)
-
-    def acquire_fallback(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        """Acquire in place of Redis: also wait out every Redis hold that may still exist.
-
-        A process that cannot reach Redis cannot see its holds. So the first
-        fallback grant of a name in an episode waits two leases after the
-        episode began (holding the advisory lock, so no Redis gate can open
-        meanwhile): one for the name's gate (TTL one lease), one for a Redis
-        hold granted just before the gate closed. Later fallback grants of the
-        episode wait no more.
-        """
-        return self._acquire(client, keys, token, lease, deadline, settle=2 * lease)
-
-    def _acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float],
-                 settle: Optional[float]) -> Optional[_Hold]:
-        pg = client.postgres()
-        pg.ensure_schema()
-        lock_id = advisory_key(keys.lock)
-        # Each slice of a wait ends before the statement_timeout would cut it.
-        slice_cap = max(0.001, min(_PG_WAIT_SLICE, pg.settings.postgres_timeout / 2))
-
-        def attempt() -> Optional[_Hold]:
-            context = pg.connection()
-            conn = context.__enter__()
-            got = False
-            try:
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    got = _wait_advisory(cur, lock_id, deadline, slice_cap)
-                    if got and settle is not None:
-                        cur.execute(_JOIN_EPISODE, (keys.lock, settle))
-                        row = cur.fetchone()
-                        pause = float(row[0]) if row else 0.0
-                        if pause > 0:
-                            if deadline is not None and time.monotonic() + pause > deadline:
-                                got = False
-                                cur.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
-                            else:
-                                time.sleep(pause)
-                    if got:
-                        cur.execute(_NEXT_FENCE, (keys.lock,))
-                        row = cur.fetchone()
-            except BaseException as exc:
-                if got:  # never pool a session that may still hold the lock
-                    _close_quietly(conn)
-                _give_back(context, conn, exc)
-                raise
-            if not got:
-                _give_back(context, conn, None)
-                return None
-            fence = int(row[0]) if row else 0
-            return _Hold(self, keys, token, fence, lease, float("inf"), _PgHandle(context, conn), client=client)
-
-        return pg.policy.call(attempt, attempts=1)
-
-    def release(self, hold: _Hold) -> bool:
-        handle: _PgHandle = hold.handle
-        with handle.guard:
-            conn = handle.connection
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(hold.keys.lock),))
-                    row = cur.fetchone()
-            except Exception as exc:  # the session died, and its lock with it
-                log.warning("lock: postgres session of a held lock was lost: %s", type(exc).__name__)
-                _give_back(handle.context, conn, exc)
-                return False
-            _give_back(handle.context, conn, None)
-        return bool(row and row[0])
-
-    def owned(self, hold: _Hold) -> bool:
-        handle: _PgHandle = hold.handle
-        if hold.is_lost:
-            return False
-        with handle.guard:
-            try:
-                with handle.connection.cursor() as cur:
-                    return _holds_advisory(cur, advisory_key(hold.keys.lock))
-            except Exception:
-                return False
-
-    def locked(self, client: Client, keys: _Keys) -> bool:
-        row = client.postgres().execute(
-            "SELECT NOT pg_try_advisory_xact_lock(%s)", (advisory_key(keys.lock),), fetch="one"
-        )
-        return bool(row and row[0])
-
-
-def _give_back(context: Any, conn: Any, exc: Optional[BaseException]) -> None:
-    """Return a held connection to the pool as it came (not autocommit); broken if `exc` says so."""
-    try:
-        if not conn.closed:
-            conn.autocommit = False
-    except Exception:  # noqa: S110 - a dead connection: the pool discards it below
-        pass
-    if exc is None:
-        context.__exit__(None, None, None)
-    else:
-        context.__exit__(type(exc), exc, exc.__traceback__)
-
-
-def _close_quietly(conn: Any) -> None:
-    """Close `conn` (the pool then discards it, and PostgreSQL frees its session locks)."""
-    try:
-        conn.close()
-    except Exception:  # noqa: S110 - already dead
-        pass
-
-
-def _lock_not_available() -> Type[BaseException]:
-    import psycopg2.errors
-
-    error: Type[BaseException] = psycopg2.errors.LockNotAvailable
-    return error
-
-
-def _holds_advisory(cur: Any, lock_id: int) -> bool:
-    """True when this session holds the session advisory lock `lock_id`."""
-    cur.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-        "AND granted AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
-        (lock_id,),
-    )
-    row = cur.fetchone()
-    return bool(row and row[0])
-
-
-def _wait_advisory(cur: Any, lock_id: int, deadline: Optional[float], slice_cap: float) -> bool:
-    """Take the session advisory lock `lock_id` by `deadline` (monotonic; None: forever).
-
-    One try first (the uncontended path); then waits of at most `slice_cap`
-    seconds each (``lock_timeout``): PostgreSQL wakes a waiter as soon as the
-    lock is free, and no wait runs into the statement_timeout.
-    """
-    cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
-    row = cur.fetchone()
-    if row and row[0]:
-        return True
-    got = False
-    try:
-        while not got:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            wait = slice_cap if remaining is None else min(slice_cap, remaining)
-            cur.execute("SELECT set_config('lock_timeout', %s, false)", (str(_ms(wait)),))
-            try:
-                cur.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
-                got = True
-            except _lock_not_available():
-                # The timeout can fire as the lock is granted: PostgreSQL then
-                # raises *and* keeps the (session) lock. Ours, then.
-                got = _holds_advisory(cur, lock_id)
-    finally:
-        try:
-            cur.execute("RESET lock_timeout")
-        except Exception:  # noqa: S110 - a dead connection: the pool discards it
-            pass
-    return got
-
-
-class _FairTurn:
-    """FIFO turns among this process's threads for one local lock (direct handoff).
-
-    flock has no timed wait and no order, so without this a thread that
-    releases and asks again would beat the threads sleeping between polls.
-    Only the thread holding the turn polls the file.
-    """
-
-    __slots__ = ("held", "waiters", "users")
-
-    def __init__(self) -> None:
-        self.held = False
-        self.waiters: Deque[threading.Event] = collections.deque()
-        self.users = 0  # threads holding or waiting (the entry is dropped at 0)
-
-
-_turns_lock = threading.Lock()
-_turns: Dict[str, _FairTurn] = {}
-
-
-def _take_turn(path: str, deadline: Optional[float]) -> bool:
-    with _turns_lock:
-        turn = _turns.get(path)
-        if turn is None:
-            turn = _turns[path] = _FairTurn()
-        turn.users += 1
-        if not turn.held and not turn.waiters:
-            turn.held = True
-            return True
-        event = threading.Event()
-        turn.waiters.append(event)
-    if event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-        return True
-    with _turns_lock:
-        if event.is_set():  # handed over just as we gave up
-            return True
-        turn.waiters.remove(event)
-        _leave(path, turn)
-    return False
-
-
-def _pass_turn(path: str) -> None:
-    with _turns_lock:
-        turn = _turns.get(path)
-        if turn is None:
-            return
-        if turn.waiters:
-            turn.waiters.popleft().set()  # stays held: the next thread owns it now
-        else:
-            turn.held = False
-        _leave(path, turn)
-
-
-def _leave(path: str, turn: _FairTurn) -> None:
-    turn.users -= 1
-    if turn.users <= 0 and _turns.get(path) is turn:
-        del _turns[path]
-
-
-# Every lock-file fd this process has open. flock belongs to the open file
-# description, which a fork shares: a child that kept its copies would keep
-# its parent's locks after the parent died. The at-fork hook closes them.
-_open_fds_lock = threading.Lock()
-_open_fds: Set[int] = set()
-
-
-class _LocalBackend(_Backend):
-    """``fcntl.flock`` on one file per lock; the file also keeps the fencing counter."""
-
-    name = "local"
-
-    @staticmethod
-    def path(keys: _Keys, lock_dir: Optional[str] = None) -> str:
-        """The lock file of `keys` in `lock_dir` (default: the default client's)."""
-        digest = hashlib.sha256(keys.lock.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-        directory = lock_dir if lock_dir is not None else default_client().settings.lock_dir
-        return os.path.join(directory, f"mcp_redis-{digest}.lock")
-
-    def _open(self, path: str) -> int:
-        """Open the lock file; the fd is tracked so a forked child closes its copy."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with _open_fds_lock:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-            _open_fds.add(fd)
-        return fd
-
-    @staticmethod
-    def _close(fd: int) -> None:
-        with _open_fds_lock:
-            _open_fds.discard(fd)
-            os.close(fd)
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        path = self.path(keys, client.settings.lock_dir)
-        if not _take_turn(path, deadline):
-            return None
-        fd = -1
-        try:
-            fd = self._open(path)
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise
-                remaining = float("inf") if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    self._close(fd)
-                    _pass_turn(path)
-                    return None
-                # Another process holds it; flock has no timed wait: back off 0.5 ms -> 20 ms.
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 0.02)
-            raw = os.pread(fd, 32, 0).strip()
-            # Never below the clock in microseconds, as in Redis and PostgreSQL:
-            # tokens of one name keep rising across backends and episodes.
-            fence = max(int(raw) + 1 if raw.isdigit() else 0, time.time_ns() // 1000)
-            os.pwrite(fd, b"%020d\n" % fence, 0)
-        except BaseException:
-            if fd >= 0:
-                try:
-                    self._close(fd)
-                except OSError:
-                    pass
-            _pass_turn(path)
-            raise
-        return _Hold(self, keys, token, fence, lease, float("inf"), (fd, path))
-
-    def release(self, hold: _Hold) -> bool:
-        fd, path = hold.handle
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            self._close(fd)
-            _pass_turn(path)
-        return True
-
-    def locked(self, client: Client, keys: _Keys) -> bool:
-        fd = self._open(self.path(keys, client.settings.lock_dir))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            self._close(fd)  # closing drops the probe's lock too
-        return False
-
-
-class _OffBackend(_Backend):
-    """``locks=off``: every acquire enters at once; nothing is excluded."""
-
-    name = "off"
-    _warned = False
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        if not _OffBackend._warned:
-            _OffBackend._warned = True
-            log.warning("locks backend is 'off': locks are no-ops and exclude nothing")
-        METRICS.inc("lock_unsafe_total", backend="off")
-        return _Hold(self, keys, token, 0, lease, float("inf"))
-
-    def release(self, hold: _Hold) -> bool:
-        return True
-
-    def locked(self, client: Client, keys: _Keys) -> bool:
-        return False
-
-
-class _GatedRedisBackend(_RedisBackend):
-    """Redis under ``lock_fallback=postgres``: a grant or renewal counts only through the name's gate.
-
-    A fallback hold lives in PostgreSQL, invisible to Redis. The gate
-    (``<lock key>#gate``, TTL one lease) records that PostgreSQL said no
-    fallback hold of the name exists; it is opened only while holding the
-    name's advisory lock, so no fallback grant can start meanwhile. Absent
-    (expired, never set, or lost with Redis's data), the holder asks
-    PostgreSQL first: while a fallback hold exists, the grant is given back
-    and retried until `deadline`; a renewal fails (the lease is lost). With
-    the gate open a grant costs one ``EXISTS`` more than plain Redis, and no
-    PostgreSQL round trip. A fallback grant waits two leases after its
-    episode began (`_PostgresBackend.acquire_fallback`), so every Redis hold
-    granted or renewed before the gate closed has ended.
-    """
-
-    def acquire(self, client: Client, keys: _Keys, token: str, lease: float, deadline: Optional[float]) -> Optional[_Hold]:
-        delay = 0.002
-        while True:
-            hold = super().acquire(client, keys, token, lease, deadline)
-            if hold is None:
-                return None
-            try:
-                if self._through_gate(hold):
-                    return hold
-            except BaseException:  # PostgreSQL could not say: fail closed, hold nothing
-                self._give_back(hold)
-                raise
-            self._give_back(hold)
-            remaining = float("inf") if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            # A fallback hold exists: it frees in PostgreSQL, where no release
-            # signals us. Back off 2 ms -> 100 ms.
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.1)
-
-    def extend(self, hold: _Hold, seconds: float, replace: bool) -> bool:
-        if not super().extend(hold, seconds, replace):
-            return False
-        if self._through_gate(hold):
-            return True
-        self._give_back(hold)
-        return False
-
-    def _give_back(self, hold: _Hold) -> None:
-        try:
-            self.release(hold)
-        except Exception:  # its lease runs out anyway
-            log.debug("lock: could not give back a grant the gate refused", exc_info=True)
-
-    def _through_gate(self, hold: _Hold) -> bool:
-        """True when no PostgreSQL fallback hold of the name can exist while `hold` lasts."""
-        conn: RedisConnection = hold.handle
-        if conn.call(conn.client.exists, _gate_key(hold.keys)):
-            return True
-        return self._open_gate(hold)
-
-    def _open_gate(self, hold: _Hold) -> bool:
-        """Ask PostgreSQL; if no fallback hold exists, end its episode and open the gate.
-
-        Under the name's transaction-scoped advisory lock: the gate is set,
-        and the fencing tokens of both tiers reconciled (the hold's token
-        rises above PostgreSQL's, which records it), before any fallback
-        grant can begin.
-        """
-
-        pg = (hold.client or default_client()).postgres()
-        pg.ensure_schema()
-        conn: RedisConnection = hold.handle
-        lock_key = hold.keys.lock
-
-        def run() -> bool:
-            with pg.connection() as pgconn, pgconn.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (advisory_key(lock_key),))
-                row = cur.fetchone()
-                if not (row and row[0]):
-                    return False
-                cur.execute(_END_EPISODE, (lock_key,))
-                cur.execute(_LAST_FENCE, (lock_key,))
-                row = cur.fetchone()
-                floor = int(row[0]) if row else 0
-                script = conn.script("lock_gate")
-                fence = conn.call(conn.run_script, script, [_gate_key(hold.keys), hold.keys.fence],
-                                  [_ms(hold.lease), floor, hold.fence])
-                hold.fence = int(fence)
-                cur.execute(_RECORD_FENCE, (lock_key, hold.fence))
-            return True
-
-        opened = bool(pg.policy.call(run))
-        if opened:
-            METRICS.inc("lock_gate_total", outcome="opened")
-        else:
-            METRICS.inc("lock_gate_total", outcome="fallback_held")
-        return opened
-
-
-def _gate_key(keys: _Keys) -> str:
-    """``space.key(ns, *ids, tag=True, suffix="gate")``: the lock's key plus ``#gate`` (same slot)."""
-    return keys.lock + "#gate"
-
-
-_REDIS = _RedisBackend()
-_POSTGRES = _PostgresBackend()
-_GATED_REDIS = _GatedRedisBackend()
-_LOCAL = _LocalBackend()
-_OFF = _OffBackend()
-_BY_MODE: Dict[Mode, _Backend] = {Mode.REDIS: _REDIS, Mode.POSTGRES: _POSTGRES, Mode.LOCAL: _LOCAL, Mode.OFF: _OFF}
-
-
-def _primary(s: Settings) -> _Backend:
-    backend = _BY_MODE[s.mode("locks")]
-    if backend is _REDIS and s.lock_fallback is LockFallback.POSTGRES:
-        return _GATED_REDIS
-    return backend
-
-
-def _fallback(s: Settings) -> Optional[_Backend]:
-    choice = s.lock_fallback
-    if choice is LockFallback.POSTGRES:
-        return _POSTGRES
-    if choice is LockFallback.LOCAL:
-        return _LOCAL
-    return None
-
-
-if hasattr(os, "register_at_fork"):
-    # No fork while a thread is between opening a lock file and registering it.
-    os.register_at_fork(before=lambda: _open_fds_lock.acquire(), after_in_parent=lambda: _open_fds_lock.release())
-
-
-# -- the watchdog ------------------------------------------------------------------
-class _Watchdog:
-    """One daemon thread per process renewing every auto-renewing lease at a third of it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._holds: Dict[int, _Hold] = {}
-        self._thread: Optional[threading.Thread] = None
-        self._pid = _pid
-        self._wake_at = float("inf")  # when the thread will next look, unless notified
-        # With no holds the thread still looks every last-lease/3, so a new
-        # hold with a lease like the last one needs no wake-up: in a loop of
-        # short sections, waking it on every acquire would cost a thread
-        # switch each time.
-        self._idle_wait = float("inf")
-
-    def add(self, hold: _Hold) -> None:
-        with self._cond:
-            hold.next_renewal = time.monotonic() + hold.lease / 3
-            self._holds[id(hold)] = hold
-            self._idle_wait = hold.lease / 3
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
-                self._thread.start()
-            elif hold.next_renewal < self._wake_at:
-                self._cond.notify()
-
-    def discard(self, hold: _Hold) -> None:
-        with self._cond:
-            self._holds.pop(id(hold), None)
-
-    def clear(self) -> None:
-        with self._cond:
-            self._holds.clear()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._holds)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._pid != _pid:
-                    return
-                now = time.monotonic()
-                due = [h for h in self._holds.values() if h.next_renewal <= now]
-                if not due:
-                    nxt = min((h.next_renewal for h in self._holds.values()), default=now + self._idle_wait)
-                    self._wake_at = nxt
-                    self._cond.wait(None if nxt == float("inf") else nxt - now)
-                    self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
-                    continue
-                self._wake_at = 0.0
-            for hold in due:
-                try:
-                    self._renew(hold)
-                except Exception:  # never let the one renewer die
-                    log.exception("lock: watchdog renewal crashed")
-                    hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
-
-    def _renew(self, hold: _Hold) -> None:
-        started = time.monotonic()
-        try:
-            ok = hold.backend.extend(hold, hold.lease, True)
-        except Exception as exc:
-            if isinstance(exc, ConfigurationError) and not hold.misconfiguration_logged:
-                hold.misconfiguration_logged = True
-                log.error("lock: lease renewal refused, retrying until the lease ends: %s", exc)
-            if time.monotonic() < hold.expires_at:
-                # Keep trying until the lease would have ended anyway.
-                METRICS.inc("lock_renew_total", outcome="error")
-                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
-                log.debug("lock: renewal failed, retrying: %s", type(exc).__name__)
-                return
-            ok = False
-        if ok:
-            METRICS.inc("lock_renew_total", outcome="renewed")
-            hold.next_renewal = started + hold.lease / 3
-            return
-        self.discard(hold)
-        if not hold.released:
-            hold.mark_lost()
-            METRICS.inc("lock_lost_total", backend=hold.backend.name)
-            log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
-
-
-_WATCHDOG = _Watchdog()
-
-
 # -- the per-thread reentrancy registry --------------------------------------------
 class _ThreadHolds(threading.local):
+    """This thread's reentrant holds, by (the client's `LockRuntime`, lock key).
+
+    Keyed by runtime too: the same name through another client may be another
+    deployment's lock, so a hold is re-entered only through its own client.
+    """
+
     def __init__(self) -> None:
-        self.holds: Dict[str, _Hold] = {}
+        self.holds: Dict[Tuple[LockRuntime, str], Hold] = {}
 
 
 _THREAD_HOLDS = _ThreadHolds()
-
-
-@on_fork
-def _forget_in_child() -> None:
-    """A forked child holds nothing: it must never renew or release its parent's locks."""
-    global _WATCHDOG, _pid, _event_lock, _turns_lock, _turns, _open_fds_lock
-    _pid = os.getpid()
-    # The parent's lock files: closing our copies leaves its flocks to it alone
-    # (another thread may have held the registry's lock at the fork: no lock here).
-    for fd in list(_open_fds):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _open_fds.clear()
-    _open_fds_lock = threading.Lock()
-    _event_lock = threading.Lock()
-    _turns_lock, _turns = threading.Lock(), {}
-    _WATCHDOG = _Watchdog()
-
-
-@on_reset
-def _forget_on_reset() -> None:
-    global _generation
-    _generation += 1
-    _WATCHDOG.clear()
 
 
 # -- the lock objects ---------------------------------------------------------------
@@ -1078,15 +136,15 @@ def _shown(name: str) -> str:
 
 
 class _Local(threading.local):
-    hold: Optional[_Hold] = None
+    hold: Optional[Hold] = None
     fence: Optional[int] = None
-    last: Optional[_Hold] = None
+    last: Optional[Hold] = None
 
 
 class _Shared:
-    hold: Optional[_Hold] = None
+    hold: Optional[Hold] = None
     fence: Optional[int] = None
-    last: Optional[_Hold] = None
+    last: Optional[Hold] = None
 
 
 class DistributedLock:
@@ -1137,7 +195,7 @@ class DistributedLock:
         self.auto_renew = bool(auto_renew)
         self.reentrant = bool(reentrant)
         self._state: Union[_Local, _Shared] = _Local() if thread_local else _Shared()
-        self._keys: Optional[_Keys] = None
+        self._keys: Optional[LockKeys] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_shown(self.name)}, timeout={self.timeout}, blocking_timeout={self.blocking_timeout})"
@@ -1150,11 +208,11 @@ class DistributedLock:
         """The client in force: this lock's, else the default client now."""
         return resolve(self.client)
 
-    def _resolve_keys(self, client: Optional[Client] = None) -> _Keys:
+    def _resolve_keys(self, client: Optional[Client] = None) -> LockKeys:
         prefix = (client or resolve(self.client)).settings.key_prefix
         keys = self._keys
         if keys is None or keys.prefix != prefix:
-            keys = self._keys = _keys_for(prefix, self._namespace, self._ids())
+            keys = self._keys = keys_for(prefix, self._namespace, self._ids())
         return keys
 
     @property
@@ -1162,13 +220,20 @@ class DistributedLock:
         """The lock's key under the current prefix (also names its file / advisory lock)."""
         return self._resolve_keys().lock
 
-    def _hold(self) -> Optional[_Hold]:
-        """This thread's live hold (reentrant locks: whichever object took it)."""
+    def _hold(self) -> Optional[Hold]:
+        """This thread's live hold (reentrant locks: whichever object of the client took it).
+
+        A hold taken before a fork belongs to the parent: the child's client
+        has a new runtime, of the child's pid. A hold this object took before
+        `configure()` replaced the default client stays this process's (it
+        can still be released).
+        """
+        client = resolve(self.client)
+        rt = runtime(client)
+        hold = self._state.hold
         if self.reentrant:
-            hold = _THREAD_HOLDS.holds.get(self._resolve_keys().lock)
-        else:
-            hold = self._state.hold
-        if hold is None or hold.pid != _pid or hold.released:
+            hold = _THREAD_HOLDS.holds.get((rt, self._resolve_keys(client).lock)) or hold
+        if hold is None or hold.released or hold.runtime is None or hold.runtime.pid != rt.pid:
             return None
         return hold
 
@@ -1191,10 +256,13 @@ class DistributedLock:
         if _get_running_loop() is not None:
             raise _in_event_loop(self.name)
         client = resolve(self.client)
+        rt = runtime(client)
         keys = self._resolve_keys(client)
         if self.reentrant:
-            held = _THREAD_HOLDS.holds.get(keys.lock)
-            if held is not None and held.pid == _pid and held.generation == _generation and not held.released:
+            held = _THREAD_HOLDS.holds.get((rt, keys.lock))
+            # Re-entered only through the runtime that took it: not after a
+            # fork, nor after configure()/reset() replaced the default client.
+            if held is not None and held.runtime is rt and not held.released:
                 if held.is_lost:
                     raise _not_owned(
                         f"cannot enter lock {_shown(self.name)}: this thread's hold was lost "
@@ -1223,11 +291,12 @@ class DistributedLock:
         lease = self.timeout if self.timeout is not None else client.settings.lock_timeout
         started = time.monotonic()
         deadline = None if wait is None else started + wait
-        hold = self._acquire_with_fallback(client, keys, value, lease, deadline)
+        hold = self._acquire_with_fallback(rt, keys, value, lease, deadline)
         if hold is None:
-            METRICS.inc("lock_acquire_total", backend=_primary(client.settings).name, outcome="timeout")
+            METRICS.inc("lock_acquire_total", backend=rt.primary.name, outcome="timeout")
             return False
-        if self.min_replicas and isinstance(hold.backend, _RedisBackend):
+        hold.runtime = rt
+        if self.min_replicas and isinstance(hold.backend, RedisBackend):
             self._require_replicas(hold)
         METRICS.inc("lock_acquire_total", backend=hold.backend.name, outcome="acquired")
         waited = time.monotonic() - started
@@ -1235,18 +304,18 @@ class DistributedLock:
             METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
         self._state.last = hold
         self._state.fence = hold.fence
+        self._state.hold = hold
         if self.reentrant:
-            _THREAD_HOLDS.holds[keys.lock] = hold
-        else:
-            self._state.hold = hold
+            _THREAD_HOLDS.holds[(rt, keys.lock)] = hold
         if self.auto_renew and hold.backend.leased:
-            _WATCHDOG.add(hold)
+            rt.watchdog.add(hold)
         return True
 
-    def _require_replicas(self, hold: _Hold) -> None:
+    def _require_replicas(self, hold: Hold) -> None:
         """Opt-in durability: the grant must reach `min_replicas` replicas, or it is undone."""
         try:
-            acked = _REDIS.replicate(hold, self.min_replicas, self.replica_timeout)
+            assert isinstance(hold.backend, RedisBackend)
+            acked = hold.backend.replicate(hold, self.min_replicas, self.replica_timeout)
         except BaseException:
             self._undo(hold)
             raise
@@ -1257,34 +326,32 @@ class DistributedLock:
         raise LockNotReplicated(_shown(self.name), max(acked, 0), self.min_replicas)
 
     @staticmethod
-    def _undo(hold: _Hold) -> None:
+    def _undo(hold: Hold) -> None:
         try:
             hold.backend.release(hold)
         except Exception:  # its lease runs out anyway
             log.debug("lock: could not release an unreplicated grant", exc_info=True)
 
-    def _acquire_with_fallback(self, client: Client, keys: _Keys, token: str, lease: float,
-                               deadline: Optional[float]) -> Optional[_Hold]:
-        s = client.settings
-        backend = _primary(s)
+    def _acquire_with_fallback(self, rt: LockRuntime, keys: LockKeys, token: str, lease: float,
+                               deadline: Optional[float]) -> Optional[Hold]:
+        backend = rt.primary
         try:
-            return backend.acquire(client, keys, token, lease, deadline)
+            return backend.acquire(keys, token, lease, deadline)
         except BackendUnavailable:
-            fallback = _fallback(s) if isinstance(backend, _RedisBackend) else None
-            if fallback is _POSTGRES and not s.database_url:
+            fallback = rt.fallback
+            if isinstance(fallback, PostgresBackend) and not rt.client.settings.database_url:
                 log.error("lock: lock_fallback is 'postgres' but DATABASE_URL is not set; failing closed")
                 fallback = None
             if fallback is None:
                 METRICS.inc("lock_backend_unavailable_total", backend=backend.name)
                 raise
         METRICS.inc("lock_fallback_total", to=fallback.name)
-        if fallback is _LOCAL:
-            METRICS.inc("lock_unsafe_total", backend="local")
-            log.warning("lock: redis unavailable, using a host-local file lock (NOT exclusive across hosts)")
-        else:
+        if isinstance(fallback, PostgresBackend):
             log.warning("lock: redis unavailable, using a postgres advisory lock")
-            return _POSTGRES.acquire_fallback(client, keys, token, lease, deadline)
-        return fallback.acquire(client, keys, token, lease, deadline)
+            return fallback.acquire_fallback(keys, token, lease, deadline)
+        METRICS.inc("lock_unsafe_total", backend="local")
+        log.warning("lock: redis unavailable, using a host-local file lock (NOT exclusive across hosts)")
+        return fallback.acquire(keys, token, lease, deadline)
 
     def release(self) -> None:
         """Give the lock back (the outermost release of a reentrant hold).
@@ -1300,9 +367,11 @@ class DistributedLock:
             return
         hold.released = True
         self._state.hold = None
-        _WATCHDOG.discard(hold)
-        if self.reentrant and _THREAD_HOLDS.holds.get(hold.keys.lock) is hold:
-            del _THREAD_HOLDS.holds[hold.keys.lock]
+        rt = hold.runtime
+        if rt is not None:
+            rt.watchdog.discard(hold)
+            if self.reentrant and _THREAD_HOLDS.holds.get((rt, hold.keys.lock)) is hold:
+                del _THREAD_HOLDS.holds[(rt, hold.keys.lock)]
         owned = hold.backend.release(hold)
         if not owned or hold.is_lost:
             hold.mark_lost()
@@ -1331,11 +400,11 @@ class DistributedLock:
     def locked(self) -> bool:
         """True when anyone holds the lock."""
         client = resolve(self.client)
-        primary = _primary(client.settings)
+        primary = runtime(client).primary
         hold = self._hold()
-        if hold is not None and hold.backend is not primary:
+        if hold is not None and hold.backend.name != primary.name:  # held through the fallback
             return hold.backend.owned(hold)
-        return primary.locked(client, self._resolve_keys(client))
+        return primary.locked(self._resolve_keys(client))
 
     def owned(self) -> bool:
         """True when this thread holds the lock and its lease is still its own."""
@@ -1476,5 +545,6 @@ def lock(
 
 def held_locks() -> List[str]:
     """Keys of the reentrant locks this thread holds (diagnostics)."""
-    pid = _pid
-    return [k for k, h in _THREAD_HOLDS.holds.items() if h.pid == pid and not h.released]
+    pid = os.getpid()
+    return [key for (_, key), h in _THREAD_HOLDS.holds.items()
+            if h.runtime is not None and h.runtime.pid == pid and not h.released]
