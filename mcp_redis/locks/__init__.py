@@ -14,29 +14,32 @@ releaser that loops cannot barge in) and wakes it through its own signal
 list (BLPOP): no polling. Every wait is capped at the lock's remaining
 lease, so a holder that crashed is noticed when its lease ends.
 
-Backends, per ``client.mode("locks")`` (the lock's client, else the default one):
+Backends (one module each, all offering the verbs of `base.Backend`), chosen
+per client from ``client.mode("locks")`` and ``lock_fallback`` through the
+table in `runtime` (the lock's client, else the default one):
 
-* ``redis``: the above. When Redis is unreachable, ``settings.lock_fallback``
+* ``redis`` (redis.py): the above. When Redis is unreachable, ``settings.lock_fallback``
   decides: ``none`` fails closed (`BackendUnavailable`), ``postgres`` takes a
   PostgreSQL advisory lock, ``local`` a host-local file lock (unsafe across
   hosts; logged and counted). Under ``postgres`` the two tiers exclude each
   other: Redis grants pass a per-name gate that PostgreSQL vouches for, and a
   fallback grant waits out the Redis leases that may still run
-  (`_GatedRedisBackend`, `_PostgresBackend.acquire_fallback`).
-* ``postgres``: ``pg_advisory_lock`` on a connection kept for the hold; waits
+  (`redis.GatedRedisBackend`, `postgres.PostgresBackend.acquire_fallback`).
+* ``postgres`` (postgres.py): ``pg_advisory_lock`` on a connection kept for the hold; waits
   are contention, never a backend failure.
-* ``local``: ``fcntl.flock`` on a file in ``settings.lock_dir``; the kernel
+* ``local`` (file.py): ``fcntl.flock`` on a file in ``settings.lock_dir``; the kernel
   frees a crashed holder's lock, so a lock file left behind never blocks, and
   a forked child closes its copies so it never keeps its parent's lock.
-* ``off``: a no-op lock that always enters (logged once as unsafe).
+* ``off`` (off.py): a no-op lock that always enters (logged once as unsafe).
 
 Every backend's fencing tokens are ``max(previous + 1, clock in µs)``, so the
 tokens of one name keep rising across backends and fallback episodes.
 
-`agent_lock` renews its lease from one shared watchdog thread per process and
-is reentrant per thread (a hold already lost is never re-entered). After
-``os.fork()`` the child holds nothing: it can neither release nor renew its
-parent's locks. Ownership is per thread, so every acquire from a thread that
+`agent_lock` renews its lease from its client's one watchdog thread
+(watchdog.py; closing the client ends it) and is reentrant per thread and
+client (holds.py; a hold already lost is never re-entered). After
+``os.fork()`` the child holds nothing: its client builds new backends and a
+new watchdog, so it can neither release nor renew its parent's locks. Ownership is per thread, so every acquire from a thread that
 is running an asyncio event loop is refused (`BlockingCallInEventLoop`):
 coroutines sharing the thread would all "own" the lock.
 """
@@ -49,7 +52,7 @@ import threading
 import time
 from asyncio.events import _get_running_loop
 from types import TracebackType
-from typing import Dict, List, Optional, Tuple, Type, Union
+from typing import Optional, Tuple, Type, Union
 
 from ..client import Client, resolve
 from ..errors import (
@@ -66,6 +69,7 @@ from ..metrics import METRICS
 from ..validation import optional_seconds
 from ..validation import seconds as check_seconds
 from .base import Backend, Hold, LockKeys, keys_for
+from .holds import _THREAD_HOLDS, _Local, _Shared, held_locks
 from .postgres import PostgresBackend, advisory_key
 from .redis import HANDOFF_GRACE, RedisBackend
 from .runtime import LockRuntime, runtime
@@ -89,21 +93,6 @@ AGENT_LOCK_BLOCKING_TIMEOUT = 5.0
 #: Hex digits of the per-call nonce that ends every Redis holder's value (the
 #: release script reads them back to name its record: keep the two in step).
 _NONCE_HEX = 32
-
-
-# -- the per-thread reentrancy registry --------------------------------------------
-class _ThreadHolds(threading.local):
-    """This thread's reentrant holds, by (the client's `LockRuntime`, lock key).
-
-    Keyed by runtime too: the same name through another client may be another
-    deployment's lock, so a hold is re-entered only through its own client.
-    """
-
-    def __init__(self) -> None:
-        self.holds: Dict[Tuple[LockRuntime, str], Hold] = {}
-
-
-_THREAD_HOLDS = _ThreadHolds()
 
 
 # -- the lock objects ---------------------------------------------------------------
@@ -133,18 +122,6 @@ def _in_event_loop(name: str) -> BlockingCallInEventLoop:
 def _shown(name: str) -> str:
     text = repr(name)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-class _Local(threading.local):
-    hold: Optional[Hold] = None
-    fence: Optional[int] = None
-    last: Optional[Hold] = None
-
-
-class _Shared:
-    hold: Optional[Hold] = None
-    fence: Optional[int] = None
-    last: Optional[Hold] = None
 
 
 class DistributedLock:
@@ -203,10 +180,6 @@ class DistributedLock:
     # -- keys and holds ----------------------------------------------------------
     def _ids(self) -> Tuple[str, ...]:
         return (self.name,)
-
-    def _client(self) -> Client:
-        """The client in force: this lock's, else the default client now."""
-        return resolve(self.client)
 
     def _resolve_keys(self, client: Optional[Client] = None) -> LockKeys:
         prefix = (client or resolve(self.client)).settings.key_prefix
@@ -541,10 +514,3 @@ def lock(
         replica_timeout=replica_timeout,
         client=client,
     )
-
-
-def held_locks() -> List[str]:
-    """Keys of the reentrant locks this thread holds (diagnostics)."""
-    pid = os.getpid()
-    return [key for (_, key), h in _THREAD_HOLDS.holds.items()
-            if h.runtime is not None and h.runtime.pid == pid and not h.released]
