@@ -14,7 +14,7 @@ import pytest
 import mcp_redis
 from mcp_redis import LockNotOwned, LockTimeout
 from mcp_redis.compat import StateLockManager
-from mcp_redis.locks import _LocalBackend
+from mcp_redis.locks.file import FileBackend
 from mcp_redis.metrics import METRICS
 from tests import workers_locks
 
@@ -115,7 +115,7 @@ def test_local_lock_file_left_behind_never_blocks(local_mode: str) -> None:
     held = mcp_redis.agent_lock("stale")
     with held:
         pass
-    path = _LocalBackend.path(held._resolve_keys())
+    path = FileBackend.path(held._resolve_keys())
     assert os.path.exists(path)  # the file stays (it keeps the fencing counter) ...
     with mcp_redis.agent_lock("stale", blocking_timeout=0):  # ... and is not a lock by itself
         pass
@@ -230,9 +230,9 @@ def test_local_mode_threads_without_pause_take_turns(local_mode: str) -> None:
 
 def test_waiter_signal_keys_are_keyspace_keys() -> None:
     from mcp_redis.keys import KeySpace
-    from mcp_redis.locks import _keys_for
+    from mcp_redis.locks.base import keys_for
 
     for name in ("plain", "a b\n{x}*", "ü" * 300):
-        keys = _keys_for("mcp:", "agent-lock", (name,))
+        keys = keys_for("mcp:", "agent-lock", (name,))
         expected = KeySpace("mcp:").key("agent-lock", name, tag=True, suffix="w" + "0a" * 12)
         assert keys.signal("0a" * 12) == expected

@@ -270,7 +270,7 @@ def test_postgres_wait_whose_timeout_fires_as_the_lock_is_granted_keeps_it() -> 
     """
     import psycopg2.errors
 
-    from mcp_redis.locks import _wait_advisory
+    from mcp_redis.locks.postgres import _wait_advisory
 
     class Cursor:
         def __init__(self) -> None:

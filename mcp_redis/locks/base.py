@@ -1,0 +1,152 @@
+"""The one lock backend protocol, and what passes between the front and a backend.
+
+`Backend` names the verbs every implementation offers (redis.py, postgres.py,
+file.py, off.py), with the same signatures; `LockKeys` is a lock's names in
+the store, `Hold` one acquisition. A backend object belongs to one
+`mcp_redis.Client` (built by its `LockRuntime`, see runtime.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Tuple
+
+from ..keys import KeySpace
+
+if TYPE_CHECKING:
+    from ..client import Client
+    from .runtime import LockRuntime
+
+__all__ = ["Backend", "Hold", "LockKeys", "keys_for", "ms"]
+
+log = logging.getLogger("mcp_redis.locks")
+
+
+@dataclass(frozen=True)
+class LockKeys:
+    """The names of one lock: its key, fencing counter, waiter queue and signal lists."""
+
+    lock: str
+    fence: str
+    queue: str
+    signal_base: str  # space.key(namespace, *ids, tag=True, suffix="w")
+    prefix: str
+
+    def signal(self, ticket: str) -> str:
+        """A waiter's signal list: ``space.key(ns, *ids, tag=True, suffix="w" + ticket)``."""
+        return self.signal_base + ticket
+
+
+_KEYS_CACHE: Dict[Tuple[str, str, Tuple[str, ...]], LockKeys] = {}
+_KEYS_CACHE_MAX = 1024
+
+
+def keys_for(prefix: str, namespace: str, ids: Tuple[str, ...]) -> LockKeys:
+    """The keys of one lock (memoised: `agent_lock` builds a new object per call)."""
+    cache_key = (prefix, namespace, ids)
+    keys = _KEYS_CACHE.get(cache_key)
+    if keys is None:
+        space = KeySpace(prefix)
+        keys = LockKeys(
+            space.key(namespace, *ids, tag=True),
+            space.key(namespace, *ids, tag=True, suffix="fence"),
+            space.key(namespace, *ids, tag=True, suffix="queue"),
+            space.key(namespace, *ids, tag=True, suffix="w"),
+            prefix,
+        )
+        if len(_KEYS_CACHE) >= _KEYS_CACHE_MAX:
+            _KEYS_CACHE.clear()
+        _KEYS_CACHE[cache_key] = keys
+    return keys
+
+
+def ms(seconds: float) -> int:
+    """`seconds` in whole milliseconds, at least 1 (PX and script arguments)."""
+    return max(1, int(seconds * 1000))
+
+
+@dataclass(eq=False)
+class Hold:
+    """One acquisition: who holds it, how, and whether its lease was lost.
+
+    `runtime` is the `LockRuntime` of the client that took it (set by the
+    front): a hold is this process's only while ``runtime.pid`` is the
+    current process's, and is re-entered only through that same runtime (a
+    reconfigured default client starts a new one).
+    """
+
+    backend: Backend
+    keys: LockKeys
+    token: str
+    fence: int
+    lease: float
+    expires_at: float  # monotonic; meaningful for the redis backend
+    handle: Any = None  # backend-specific: RedisConnection, pg connection, (fd, path)
+    runtime: Optional[LockRuntime] = None
+    count: int = 1
+    is_lost: bool = False
+    released: bool = False
+    next_renewal: float = 0.0
+    misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
+
+    # Made on demand (most holds never need one) and stored with dict.setdefault,
+    # atomic in CPython: with `mark_lost` writing is_lost before reading the event
+    # and `lost_event` storing the event before reading is_lost, one of the two
+    # always sees the other, so the event is set exactly when the hold is lost,
+    # with no lock (none to be left held across a fork).
+    _event: ClassVar[Optional[threading.Event]] = None
+
+    def mark_lost(self) -> None:
+        self.is_lost = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def lost_event(self) -> threading.Event:
+        event: threading.Event = self.__dict__.setdefault("_event", threading.Event())
+        if self.is_lost:
+            event.set()
+        return event
+
+
+class Backend:
+    """How one kind of store takes, keeps and gives back a lock (the protocol).
+
+    Every implementation offers these verbs with these signatures; one object
+    per client (`LockRuntime`), so `client` is the one whose connections and
+    settings it uses. `name` is the label in metrics and `DistributedLock.backend`
+    (``redis``/``postgres``/``local``/``off``); `leased`: the hold expires
+    unless renewed (the watchdog renews only those).
+    """
+
+    name: ClassVar[str] = "?"
+    leased: ClassVar[bool] = False
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+        """A hold, or None when not acquired before `deadline` (monotonic; None = forever).
+
+        `token` is this acquire call's value, unique per call (it ends with a
+        fresh nonce): the holder's identity, never shared by two holders.
+        """
+        raise NotImplementedError
+
+    def release(self, hold: Hold) -> bool:
+        """Give the lock back; False when it was no longer held by `hold`."""
+        raise NotImplementedError
+
+    def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
+        """Lengthen (or with `replace`, set) the lease; False when not owned."""
+        return not hold.is_lost
+
+    def owned(self, hold: Hold) -> bool:
+        """True while `hold` is still the lock's holder."""
+        return not hold.is_lost
+
+    def locked(self, keys: LockKeys) -> bool:
+        """True when anyone holds the lock of `keys`."""
+        raise NotImplementedError

@@ -1,0 +1,307 @@
+"""The Redis lock backend: one Lua script per operation, a FIFO of waiters, BLPOP wake-ups.
+
+`RedisBackend` is ``locks=redis``; `GatedRedisBackend` is the same under
+``lock_fallback=postgres``, where every grant and renewal passes a per-name
+gate PostgreSQL vouches for (see its docstring). The scripts are
+``mcp_redis/lua/lock_*.lua``, run through the client's `ScriptSet`
+(``conn.script(name)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+
+import redis.exceptions as rex
+
+from ..connections import RedisConnection
+from ..metrics import METRICS
+from .base import Backend, Hold, LockKeys, ms
+from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE"]
+
+log = logging.getLogger("mcp_redis.locks")
+
+#: How long (s) a lock released to a waiter stays reserved for it; a waiter
+#: that died while queued delays the next holder by at most this.
+HANDOFF_GRACE = 1.0
+# The longest single BLPOP (s); also bounded by half the socket timeout.
+_MAX_WAIT_SLICE = 1.0
+# Redis's default cron period (hz 10): how late an idle server may time out a BLPOP.
+_SERVER_TICK = 0.1
+_RESERVED = "r:"
+_TICKET = re.compile(r"[0-9a-f]{24}")
+
+
+def record_ms(settings: Any) -> int:
+    """How long (ms) a per-call record must last: past every retry of that call.
+
+    A retry reaches the server at most one connect, one reply timeout and one
+    backoff after the attempt before it; a second and further retries each
+    find the record made by the attempt that ran. One second of slack.
+    """
+    s = settings
+    per_attempt = s.socket_connect_timeout + s.socket_timeout + s.retry_max_backoff
+    return ms(max(1, s.retry_attempts) * per_attempt + 1.0)
+
+
+class RedisBackend(Backend):
+    """Lease locks in Redis: Lua scripts, a FIFO of waiters, BLPOP wake-ups."""
+
+    name = "redis"
+    leased = True
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        # Settings are fixed per client: computed once, not per release.
+        self._record_ms = record_ms(client.settings)
+
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+        conn = self.client.redis("locks")
+        lease_ms = ms(lease)
+        # First a plain try (the uncontended path: 2 keys, 2 args). A failed
+        # try with the queue keys joins the queue atomically, so the release
+        # that follows it is sure to signal us: no wake-up can be lost.
+        started = time.monotonic()
+        granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
+        if granted:
+            return Hold(self, keys, token, int(value), lease, started + lease, conn)
+        if deadline is not None and deadline <= time.monotonic():
+            return None
+        slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
+        queue_ttl = str(ms(slice_cap + 2 * HANDOFF_GRACE))
+        # The signal list is named by this call's nonce (the value's tail): unique per waiter.
+        ticket = token[-24:] if _TICKET.fullmatch(token[-24:]) else secrets.token_hex(12)
+        signal = keys.signal(ticket)
+        key_list = [keys.lock, keys.fence, keys.queue, signal]
+        queued = False
+        try:
+            while True:
+                started = time.monotonic()
+                queued = True
+                granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, [token, lease_ms, queue_ttl])
+                if granted:
+                    queued = False
+                    return Hold(self, keys, token, int(value), lease, started + lease, conn)
+                now = time.monotonic()
+                remaining = float("inf") if deadline is None else deadline - now
+                if remaining <= 0:
+                    return None
+                pttl = int(value)
+                wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
+                conn.call(_wait_for_signal, conn.client, signal, wait)
+        finally:
+            if queued:
+                self._leave_queue(conn, keys, signal)
+
+    def replicate(self, hold: Hold, replicas: int, timeout: float) -> int:
+        """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
+
+        ``WAIT`` counts the writes of its own connection, so one pipeline on
+        one connection (the key's node on a cluster) re-writes the lease with
+        the owner-checked extend script, then WAITs: replication is ordered,
+        so the acknowledgement covers the acquisition before it.
+        """
+        conn: RedisConnection = hold.handle
+        target = conn.client
+        if conn.is_cluster:
+            target = target.get_redis_connection(target.get_node_from_key(hold.keys.lock))
+        wait_ms = max(1, min(ms(timeout), ms(conn.settings.socket_timeout * 0.8)))
+
+        def run() -> Tuple[int, int]:
+            pipe = target.pipeline(transaction=False)
+            conn.script("lock_extend")([hold.keys.lock], [hold.token, ms(hold.lease), "1"], client=pipe)
+            pipe.execute_command("WAIT", replicas, wait_ms)
+            extended, acked = pipe.execute()
+            return int(extended), int(acked)
+
+        extended, acked = conn.call(run)
+        return acked if extended else -1
+
+    def _leave_queue(self, conn: RedisConnection, keys: LockKeys, signal: str) -> None:
+        """A waiter giving up: leave the queue; pass on a reservation made for us."""
+        try:
+            conn.call(conn.run_script, conn.script("lock_release"), [keys.lock, keys.queue, signal],
+                      [_RESERVED + signal, ms(HANDOFF_GRACE)])
+        except Exception:  # the entry lapses with the queue's short TTL anyway
+            log.debug("lock: could not leave the queue", exc_info=True)
+
+    def release(self, hold: Hold) -> bool:
+        """One round trip; leaves a release record, so a retry after a lost reply still answers True."""
+        conn: RedisConnection = hold.handle
+        keys = [hold.keys.lock, hold.keys.queue]
+        args = [hold.token, ms(HANDOFF_GRACE), self._record_ms]
+        return bool(conn.call(conn.run_script, conn.script("lock_release"), keys, args))
+
+    def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
+        """Set (`replace`, idempotent) or add to the lease; an addition is recorded
+        per call, so a retry after a lost reply does not add it twice."""
+        conn: RedisConnection = hold.handle
+        started = time.monotonic()
+        if replace:
+            args: List[Any] = [hold.token, ms(seconds), "1"]
+        else:
+            args = [hold.token, ms(seconds), "0", os.urandom(12).hex(), self._record_ms]
+        ok = bool(conn.call(conn.run_script, conn.script("lock_extend"), [hold.keys.lock], args))
+        if ok and replace:
+            hold.expires_at = started + seconds
+        elif ok:
+            hold.expires_at += seconds
+        return ok
+
+    def owned(self, hold: Hold) -> bool:
+        conn: RedisConnection = hold.handle
+        return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
+
+    def locked(self, keys: LockKeys) -> bool:
+        conn = self.client.redis("locks")
+        return bool(conn.call(conn.client.exists, keys.lock))
+
+
+def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
+    """BLPOP `key` for at most `wait` seconds on a pooled connection; True if signalled.
+
+    An idle Redis times blocked commands out only on its cron tick (100 ms at
+    the default ``hz 10``), late by up to a tick. So a long wait asks the
+    server for one tick less (its reply then comes by `wait`), and only a
+    short last stretch is timed here: if it runs out first, the connection is
+    dropped, abandoning the BLPOP. A signal lost that way is harmless: the
+    release also reserved the lock for us, and our next try claims it.
+    """
+    target = client
+    if hasattr(client, "get_node_from_key"):  # RedisCluster: the node owning the key
+        target = client.get_redis_connection(client.get_node_from_key(key))
+    if wait > 1.5 * _SERVER_TICK:
+        server_wait, client_wait = wait - _SERVER_TICK, wait + 2 * _SERVER_TICK
+    else:
+        server_wait = client_wait = wait
+    pool = target.connection_pool
+    connection = pool.get_connection()
+    try:
+        # BLPOP's timeout 0 means forever: never send less than 2 ms.
+        connection.send_command("BLPOP", key, round(max(server_wait, 0.002), 3))
+        if connection.can_read(timeout=client_wait):
+            return connection.read_response() is not None
+        connection.disconnect()
+        return False
+    except (rex.MovedError, rex.AskError):
+        # The slot moved (cluster resharding): wake up; the next try goes
+        # through the cluster client, which follows the move and learns it.
+        return False
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+class GatedRedisBackend(RedisBackend):
+    """Redis under ``lock_fallback=postgres``: a grant or renewal counts only through the name's gate.
+
+    A fallback hold lives in PostgreSQL, invisible to Redis. The gate
+    (``<lock key>#gate``, TTL one lease) records that PostgreSQL said no
+    fallback hold of the name exists; it is opened only while holding the
+    name's advisory lock, so no fallback grant can start meanwhile. Absent
+    (expired, never set, or lost with Redis's data), the holder asks
+    PostgreSQL first: while a fallback hold exists, the grant is given back
+    and retried until `deadline`; a renewal fails (the lease is lost). With
+    the gate open a grant costs one ``EXISTS`` more than plain Redis, and no
+    PostgreSQL round trip. A fallback grant waits two leases after its
+    episode began (`PostgresBackend.acquire_fallback`), so every Redis hold
+    granted or renewed before the gate closed has ended.
+    """
+
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+        delay = 0.002
+        while True:
+            hold = super().acquire(keys, token, lease, deadline)
+            if hold is None:
+                return None
+            try:
+                if self._through_gate(hold):
+                    return hold
+            except BaseException:  # PostgreSQL could not say: fail closed, hold nothing
+                self._give_back(hold)
+                raise
+            self._give_back(hold)
+            remaining = float("inf") if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # A fallback hold exists: it frees in PostgreSQL, where no release
+            # signals us. Back off 2 ms -> 100 ms.
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
+        if not super().extend(hold, seconds, replace):
+            return False
+        if self._through_gate(hold):
+            return True
+        self._give_back(hold)
+        return False
+
+    def _give_back(self, hold: Hold) -> None:
+        try:
+            self.release(hold)
+        except Exception:  # its lease runs out anyway
+            log.debug("lock: could not give back a grant the gate refused", exc_info=True)
+
+    def _through_gate(self, hold: Hold) -> bool:
+        """True when no PostgreSQL fallback hold of the name can exist while `hold` lasts."""
+        conn: RedisConnection = hold.handle
+        if conn.call(conn.client.exists, _gate_key(hold.keys)):
+            return True
+        return self._open_gate(hold)
+
+    def _open_gate(self, hold: Hold) -> bool:
+        """Ask PostgreSQL; if no fallback hold exists, end its episode and open the gate.
+
+        Under the name's transaction-scoped advisory lock: the gate is set,
+        and the fencing tokens of both tiers reconciled (the hold's token
+        rises above PostgreSQL's, which records it), before any fallback
+        grant can begin.
+        """
+
+        pg = self.client.postgres()
+        pg.ensure_schema()
+        conn: RedisConnection = hold.handle
+        lock_key = hold.keys.lock
+
+        def run() -> bool:
+            with pg.connection() as pgconn, pgconn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (advisory_key(lock_key),))
+                row = cur.fetchone()
+                if not (row and row[0]):
+                    return False
+                cur.execute(_END_EPISODE, (lock_key,))
+                cur.execute(_LAST_FENCE, (lock_key,))
+                row = cur.fetchone()
+                floor = int(row[0]) if row else 0
+                script = conn.script("lock_gate")
+                fence = conn.call(conn.run_script, script, [_gate_key(hold.keys), hold.keys.fence],
+                                  [ms(hold.lease), floor, hold.fence])
+                hold.fence = int(fence)
+                cur.execute(_RECORD_FENCE, (lock_key, hold.fence))
+            return True
+
+        opened = bool(pg.policy.call(run))
+        if opened:
+            METRICS.inc("lock_gate_total", outcome="opened")
+        else:
+            METRICS.inc("lock_gate_total", outcome="fallback_held")
+        return opened
+
+
+def _gate_key(keys: LockKeys) -> str:
+    """``space.key(ns, *ids, tag=True, suffix="gate")``: the lock's key plus ``#gate`` (same slot)."""
+    return keys.lock + "#gate"
+
+

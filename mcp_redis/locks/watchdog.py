@@ -1,0 +1,112 @@
+"""The lock watchdog: renews every auto-renewing lease of one client from one thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Dict, Optional
+
+from ..errors import ConfigurationError
+from ..metrics import METRICS
+from .base import Hold
+
+__all__ = ["Watchdog"]
+
+log = logging.getLogger("mcp_redis.locks")
+
+
+class Watchdog:
+    """One daemon thread per client renewing every auto-renewing lease at a third of it.
+
+    Built by the client's `LockRuntime` on first use; `close()` (the client
+    closing, or `configure()`/`reset()` closing the default client) stops
+    renewing and ends the thread. A forked child's client builds a new one:
+    threads do not survive a fork.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holds: Dict[int, Hold] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._wake_at = float("inf")  # when the thread will next look, unless notified
+        # With no holds the thread still looks every last-lease/3, so a new
+        # hold with a lease like the last one needs no wake-up: in a loop of
+        # short sections, waking it on every acquire would cost a thread
+        # switch each time.
+        self._idle_wait = float("inf")
+
+    def add(self, hold: Hold) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            hold.next_renewal = time.monotonic() + hold.lease / 3
+            self._holds[id(hold)] = hold
+            self._idle_wait = hold.lease / 3
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
+                self._thread.start()
+            elif hold.next_renewal < self._wake_at:
+                self._cond.notify()
+
+    def discard(self, hold: Hold) -> None:
+        with self._cond:
+            self._holds.pop(id(hold), None)
+
+    def close(self) -> None:
+        """Stop renewing every hold and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._holds.clear()
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._holds)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [h for h in self._holds.values() if h.next_renewal <= now]
+                if not due:
+                    nxt = min((h.next_renewal for h in self._holds.values()), default=now + self._idle_wait)
+                    self._wake_at = nxt
+                    self._cond.wait(None if nxt == float("inf") else nxt - now)
+                    self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
+                    continue
+                self._wake_at = 0.0
+            for hold in due:
+                try:
+                    self._renew(hold)
+                except Exception:  # never let the one renewer die
+                    log.exception("lock: watchdog renewal crashed")
+                    hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+
+    def _renew(self, hold: Hold) -> None:
+        started = time.monotonic()
+        try:
+            ok = hold.backend.extend(hold, hold.lease, True)
+        except Exception as exc:
+            if isinstance(exc, ConfigurationError) and not hold.misconfiguration_logged:
+                hold.misconfiguration_logged = True
+                log.error("lock: lease renewal refused, retrying until the lease ends: %s", exc)
+            if time.monotonic() < hold.expires_at:
+                # Keep trying until the lease would have ended anyway.
+                METRICS.inc("lock_renew_total", outcome="error")
+                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+                log.debug("lock: renewal failed, retrying: %s", type(exc).__name__)
+                return
+            ok = False
+        if ok:
+            METRICS.inc("lock_renew_total", outcome="renewed")
+            hold.next_renewal = started + hold.lease / 3
+            return
+        self.discard(hold)
+        if not hold.released:
+            hold.mark_lost()
+            METRICS.inc("lock_lost_total", backend=hold.backend.name)
+            log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
