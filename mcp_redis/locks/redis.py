@@ -135,11 +135,26 @@ class RedisBackend(Backend):
             log.debug("lock: could not leave the queue", exc_info=True)
 
     def release(self, hold: Hold) -> bool:
-        """One round trip; leaves a release record, so a retry after a lost reply still answers True."""
+        """One round trip. A retry after a lost reply that finds the lock gone or
+        handed on, while this hold's lease cannot yet have run out, reports the
+        release as done: nothing but that release (or Redis losing its data) can
+        have removed it. Past the lease it is `False`, as for any lost lock.
+        """
         conn: RedisConnection = hold.handle
+        script = conn.script("lock_release")
         keys = [hold.keys.lock, hold.keys.queue]
-        args = [hold.token, ms(HANDOFF_GRACE), self._record_ms]
-        return bool(conn.call(conn.run_script, conn.script("lock_release"), keys, args))
+        args = [hold.token, ms(HANDOFF_GRACE)]
+        tries = 0
+
+        def run() -> Any:
+            nonlocal tries
+            tries += 1
+            return conn.run_script(script, keys, args)
+
+        if conn.call(run):
+            return True
+        # `expires_at` was taken before the grant (or renewal) was sent: never late.
+        return tries > 1 and time.monotonic() < hold.expires_at
 
     def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
         """Set (`replace`, idempotent) or add to the lease; an addition is recorded

@@ -16,7 +16,7 @@ import mcp_redis
 from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
 from mcp_redis.compat import StateLockManager
 from mcp_redis.connections import get_redis
-from mcp_redis.testing import RedisServer
+from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 
 
@@ -98,7 +98,7 @@ def test_release_retried_after_a_lost_reply_is_reported_done(lost_reply: FaultPr
     held = mcp_redis.lock("release-lost", timeout=10)
     assert held.acquire()
     lost_reply.reset_next_reply()
-    held.release()  # the retry finds this call's release record: no LockNotOwned
+    held.release()  # the retry finds the lock gone within this hold's lease: no LockNotOwned
     assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
     assert not held.locked() and not held.lost
 
@@ -117,6 +117,23 @@ def test_release_handed_to_a_waiter_is_reported_done_after_a_lost_reply(
     assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
     assert r.get(held.key) == "r:" + waiter, "reserved for the waiter once, not touched by the retry"
     assert r.lrange(waiter, 0, -1) == ["1"]
+
+
+def test_release_retried_after_a_lost_reply_past_the_lease_still_raises_not_owned(
+    lost_reply: FaultProxy, redis_server: RedisServer
+) -> None:
+    """The retry rule never hides a lock that was really lost: past its lease, a
+    release whose reply was lost and whose lock someone else now holds raises."""
+    r = redis_server.client()
+    held = mcp_redis.lock("release-lost-late", timeout=0.2)
+    assert held.acquire()
+    wait_for(lambda: not r.exists(held.key), timeout=5, what="the lease to run out")
+    r.set(held.key, "someone-else", px=10_000)  # the next holder
+    lost_reply.reset_next_reply()
+    with pytest.raises(LockNotOwned):
+        held.release()
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
+    assert r.get(held.key) == "someone-else"
 
 
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
