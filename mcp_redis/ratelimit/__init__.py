@@ -8,10 +8,22 @@
     def store_knowledge(agent_id, payload): ...
 
 The backend is chosen per call by ``client.mode("rate_limits")`` (the
-limiter's client, else the default one); when it is unreachable, the
-client's ``rate_limit_fallback`` setting decides (default: the
-in-process limiter, logged once per outage and counted). Algorithms and
-storages live in `mcp_redis.ratelimit_storage`.
+limiter's client, else the default one) through `_BY_MODE`; when it does
+not answer, the client's ``rate_limit_fallback`` setting decides through
+`_FALLBACK` (default: the in-process limiter), logged once per outage of
+that client and counted.
+
+The package has the shape of every feature:
+
+* ``__init__`` (this front): `RateLimiter`, `rate_limited`, `Limit`, the
+  results and headers; the mode and fallback tables.
+* `base`: the `Backend` protocol (``acquire``, ``clear``) and the named types
+  between front and backend (`Policy`, `Spec`, `Reply`, `Outcome`).
+* `algorithms`: `Algorithm` and the Python models of the Lua scripts.
+* `redis` (`RedisBackend`: one Lua script per algorithm, ``mcp_redis/lua/``),
+  `postgres` (`PostgresBackend`: table ``audit.rate_limits``) and `memory`
+  (`MemoryBackend`: in-process, "local" in settings). Each is one per client
+  (`Client.singleton`).
 """
 
 from __future__ import annotations
@@ -20,23 +32,23 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar, Union
 
-import redis.exceptions
-
-from .client import Client, resolve
-from .config import Mode, RateLimitFallback, Settings, on_reset
-from .connections import on_fork
-from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, RateLimitExceeded
-from .keys import KeySpace, validate_id
-from .metrics import METRICS
-from .postgres import pg_error
-from .ratelimit_storage import Algorithm, PostgresStorage, RedisStorage, Reply, local_storage
-from .validation import seconds as check_seconds
+from ..client import Client, resolve
+from ..config import Mode, RateLimitFallback, Settings
+from ..errors import InvalidArgument, InvalidArgumentType
+from ..keys import KeySpace, validate_id
+from ..metrics import METRICS
+from .algorithms import Algorithm
+from .base import Backend, Outcome, Policy, Reply, Spec
+from .limits import Limit, LimitStatus, RateLimitResult, _check_int, _coerce_limits, _Plan, ratelimit_headers
+from .memory import MemoryBackend
+from .postgres import PostgresBackend
+from .redis import RedisBackend
 
 __all__ = [
     "Algorithm",
+    "Backend",
     "Limit",
     "LimitStatus",
     "RateLimitResult",
@@ -47,184 +59,52 @@ __all__ = [
 
 log = logging.getLogger("mcp_redis.ratelimit")
 F = TypeVar("F", bound=Callable[..., Any])
-NAMESPACE = "ratelimit"
-_MAX_WINDOW = 10 * 365 * 86400.0  # ten years; keeps microseconds well inside a double
+
+# -- the backends: mode and fallback as data ------------------------------------------
+def _redis(client: Client) -> Backend:
+    return RedisBackend(client.redis("rate_limits"))
 
 
-class Limit(NamedTuple):
-    """`limit` units per `window` seconds (None: ``REDIS_RATE_LIMIT_WINDOW`` at call time)."""
-
-    limit: int
-    window: float | None = None  # PEP 604 spelling: the API reference (pdoc) resolves it without imports
-    name: str | None = None
-
-    def label(self, window: float) -> str:
-        """The policy name shown in headers and errors: `name`, else ``"<limit>/<window>s"``."""
-        return self.name if self.name is not None else f"{self.limit}/{window:g}s"
+def _postgres(client: Client) -> Backend:
+    return PostgresBackend(client.postgres())
 
 
-class LimitStatus(NamedTuple):
-    """One limit's figures after a call (seconds as floats)."""
-
-    name: str
-    limit: int
-    window: float
-    remaining: int
-    retry_after: float
-    reset_after: float
+def _memory(client: Client) -> Backend:
+    return MemoryBackend(client.settings.rate_limit_local_maxsize)
 
 
-class RateLimitResult:
-    """The outcome of `hit`/`peek`: the verdict and the figures of the binding limit.
+#: A backend's name (in results and metrics) -> (its key among the client's singletons, its factory).
+_BACKENDS: Dict[str, Tuple[str, Callable[[Client], Backend]]] = {
+    "redis": ("ratelimit.redis", _redis),
+    "postgres": ("ratelimit.postgres", _postgres),
+    "local": ("ratelimit.memory", _memory),
+}
 
-    With several limits, `limit`/`remaining`/`reset_after` describe the one
-    that refused (or, when admitted, the one with the fewest units left);
-    `statuses` holds every limit's figures. Truthy when allowed.
-    """
+#: ``rate_limits`` mode -> the backend that counts (None: switched off, every call admitted as ``"off"``).
+_BY_MODE: Dict[Mode, Optional[str]] = {Mode.REDIS: "redis", Mode.POSTGRES: "postgres", Mode.LOCAL: "local",
+                                       Mode.OFF: None}
 
-    __slots__ = ("allowed", "limit", "remaining", "retry_after", "reset_after",
-                 "name", "refused_by", "backend", "_plan", "_outcomes")
+#: ``rate_limit_fallback`` -> what answers when the mode's backend does not, in order: a backend
+#: (skipped if it is the one that failed, or PostgreSQL without a DATABASE_URL; one that fails too
+#: passes to the next) or a verdict (`_VERDICTS`). The in-process backend always answers.
+_FALLBACK: Dict[RateLimitFallback, Tuple[str, ...]] = {
+    RateLimitFallback.LOCAL: ("local",),
+    RateLimitFallback.POSTGRES: ("postgres", "local"),
+    RateLimitFallback.OPEN: ("open",),
+    RateLimitFallback.CLOSED: ("closed",),
+}
 
-    def __init__(self, allowed: bool, name: str, plan: _Plan, outcomes: Sequence[Tuple[int, int, int]],
-                 binding: int, backend: str) -> None:
-        remaining, retry, reset = outcomes[binding]
-        self.allowed = allowed
-        self.name = name
-        self.limit = plan.specs[binding][0]
-        self.remaining = remaining if remaining > 0 else 0
-        self.retry_after = 0.0 if allowed else retry / 1e6
-        self.reset_after = reset / 1e6
-        self.refused_by: Optional[str] = None if allowed else plan.labels[binding]
-        self.backend = backend
-        self._plan = plan
-        self._outcomes = outcomes
-
-    @property
-    def statuses(self) -> Tuple[LimitStatus, ...]:
-        """Every limit's figures, in the order the limits were given."""
-        plan = self._plan
-        return tuple(
-            LimitStatus(label, spec[0], window, remaining, retry / 1e6, reset / 1e6)
-            for label, spec, window, (remaining, retry, reset) in zip(plan.labels, plan.specs, plan.windows,
-                                                                       self._outcomes)
-        )
-
-    def __bool__(self) -> bool:
-        return self.allowed
-
-    def __repr__(self) -> str:
-        return (f"RateLimitResult(allowed={self.allowed}, name={self.name!r}, limit={self.limit}, "
-                f"remaining={self.remaining}, retry_after={self.retry_after:.6f}, "
-                f"reset_after={self.reset_after:.6f}, refused_by={self.refused_by!r}, backend={self.backend!r})")
-
-    def error(self) -> RateLimitExceeded:
-        """The `RateLimitExceeded` describing this (refused) result; ``.result`` is attached."""
-        exc = RateLimitExceeded(self.name, self.limit, self.remaining, self.retry_after, self.reset_after,
-                                refused_by=self.refused_by)
-        exc.result = self  # type: ignore[attr-defined]
-        return exc
-
-    def headers(self) -> Dict[str, str]:
-        """The IETF ``RateLimit-Policy`` / ``RateLimit`` fields, and ``Retry-After`` when refused."""
-        return ratelimit_headers(self)
+#: Verdicts decided by policy, not by counting: name -> allowed.
+_VERDICTS: Dict[str, bool] = {"off": True, "open": True, "closed": False}
 
 
-def ratelimit_headers(result: RateLimitResult) -> Dict[str, str]:
-    """HTTP response fields per draft-ietf-httpapi-ratelimit-headers (-10).
-
-    ``RateLimit-Policy: "p";q=<limit>;w=<window s>`` and
-    ``RateLimit: "p";r=<remaining>;t=<s until reset>`` list every limit
-    (binding one first); ``Retry-After`` (whole seconds, rounded up, never
-    earlier than the binding ``t``) is present only when refused.
-    """
-    statuses = result.statuses
-    order = sorted(range(len(statuses)),
-                   key=lambda i: (statuses[i].name != (result.refused_by or ""), statuses[i].remaining))
-    policies: List[str] = []
-    states: List[str] = []
-    for i in order:
-        st = statuses[i]
-        label = _sf_string(st.name)
-        policies.append(f"{label};q={st.limit};w={max(1, math.ceil(st.window))}")
-        states.append(f"{label};r={max(0, st.remaining)};t={max(0, math.ceil(st.reset_after))}")
-    out = {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
-    if not result.allowed:
-        out["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
-    return out
-
-
-def _sf_string(text: str) -> str:
-    """A structured-field string: printable ASCII, quotes and backslashes escaped."""
-    safe = "".join(c if " " <= c <= "~" else "_" for c in text)
-    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-# -- limits and their per-settings plan ------------------------------------------
-def _check_int(value: Any, argument: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise InvalidArgument(argument, f"must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_window(value: Any, argument: str) -> float:
-    return check_seconds(value, argument, minimum=0.001, maximum=_MAX_WINDOW)
-
-
-def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:
-    if limits is None:
-        if limit is None:
-            raise InvalidArgument("limit", "is required (or pass limits=[(limit, window), ...])")
-        specs: Iterable[Any] = [Limit(limit, window)]
-        argument = "limit"
-    else:
-        if limit is not None or window is not None:
-            raise InvalidArgument("limits", "pass either limit/window or limits, not both")
-        if isinstance(limits, (str, bytes)) or not isinstance(limits, Iterable):
-            raise InvalidArgumentType("limits", f"must be a sequence of Limit or (limit, window), not {type(limits).__name__}")
-        specs = list(limits)
-        if not specs:
-            raise InvalidArgument("limits", "must not be empty")
-        argument = "limits"
-    out: List[Limit] = []
-    for item in specs:
-        if not isinstance(item, Limit):
-            if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
-                raise InvalidArgumentType(argument, f"items must be Limit or (limit, window[, name]), not {item!r}")
-            item = Limit(*item)
-        _check_int(item.limit, "limit")
-        if item.window is not None:
-            _check_window(item.window, "window")
-        if item.name is not None and (not isinstance(item.name, str) or not item.name):
-            raise InvalidArgument(argument, f"a limit's name must be a non-empty str, got {item.name!r}")
-        out.append(item)
-    return tuple(out)
-
-
-class _Plan(NamedTuple):
-    """Everything a call needs that depends only on the settings in force."""
-
-    keyspace: KeySpace
-    limits: Tuple[Limit, ...]
-    windows: Tuple[float, ...]
-    specs: Tuple[Tuple[int, int], ...]  # (limit, window_us)
-    flat: Tuple[str, ...]  # limit_1, window_us_1, ... pre-formatted for the wire
-    suffixes: Tuple[str, ...]
-    labels: Tuple[str, ...]
-    max_cost: int
-    mode: Mode
-    redis_keys: Dict[str, List[str]]  # key -> its Redis keys (bounded memo)
-
-    def keys_for(self, name: str, key: str) -> List[str]:
-        """The Redis keys of `key`'s limits (one hash slot: the ids form the tag)."""
-        keys = self.redis_keys.get(key)
-        if keys is None:
-            if len(self.redis_keys) >= 4096:
-                self.redis_keys.clear()
-            keys = [self.keyspace.key(NAMESPACE, name, key, tag=True, suffix=x) for x in self.suffixes]
-            self.redis_keys[key] = keys
-        return keys
+def _backend(client: Client, which: str) -> Backend:
+    """The client's backend `which` (one per client and process, built on first use)."""
+    singleton_key, build = _BACKENDS[which]
+    backend: Optional[Backend] = client.peek(singleton_key)
+    if backend is None:
+        backend = client.singleton(singleton_key, lambda: build(client))
+    return backend
 
 
 # -- the limiter --------------------------------------------------------------------
@@ -234,7 +114,7 @@ class RateLimiter:
     ``RateLimiter("kg_store", 20, 3600)`` or
     ``RateLimiter("kg_store", limits=[(20, 3600), Limit(5, 60, "burst")])``.
     `window` None means ``REDIS_RATE_LIMIT_WINDOW`` at call time. Thread-safe;
-    cheap to create; holds no connection (it uses the process-wide clients).
+    cheap to create; holds no connection (it uses its client's backends).
     """
 
     def __init__(
@@ -274,16 +154,13 @@ class RateLimiter:
         return self._run(key, cost, False)
 
     def reset(self, key: str) -> None:
-        """Forget every limit's state for `key` (in the backend in force)."""
+        """Forget every limit's state for `key` (in the backend in force, and in the in-process one)."""
         key = validate_id(key, "key")
         client = resolve(self.client)
         plan = self._plan(client.settings)
-        mode = plan.mode
-        if mode is Mode.REDIS:
-            _redis_storage(client).clear(plan.keys_for(self.name, key))
-        elif mode is Mode.POSTGRES:
-            _pg_storage(client).clear(self.algorithm, self.name, key, plan.specs)
-        local_storage(client).clear(self.algorithm, self.name, key, plan.specs)
+        if plan.backend is not None and plan.backend != "local":
+            _backend(client, plan.backend).clear(plan.policy, key)
+        _backend(client, "local").clear(plan.policy, key)
 
     # -- internals -------------------------------------------------------------------
     def _plan(self, s: Settings) -> _Plan:
@@ -292,21 +169,19 @@ class RateLimiter:
             return cached[1]
         windows = tuple(float(lim.window) if lim.window is not None else float(s.rate_limit_window)
                         for lim in self.limits)
-        specs = tuple((lim.limit, max(1, round(w * 1_000_000))) for lim, w in zip(self.limits, windows))
-        if len({w for _, w in specs}) != len(specs):
+        specs = tuple(Spec(lim.limit, max(1, round(w * 1_000_000))) for lim, w in zip(self.limits, windows))
+        if len({spec.window_us for spec in specs}) != len(specs):
             raise InvalidArgument("limits", "two limits share one window; keep the stricter one")
-        short = self.algorithm.short
+        mode = s.mode("rate_limits")
+        policy = Policy.of(self.algorithm, self.name, specs, KeySpace(s.key_prefix))
         plan = _Plan(
-            keyspace=KeySpace(s.key_prefix),
-            limits=self.limits,
-            windows=windows,
+            policy=policy,
             specs=specs,
-            flat=tuple(str(x) for spec in specs for x in spec),
-            suffixes=tuple(f"{short}_{w}" for _, w in specs),
+            windows=windows,
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
             max_cost=min(lim.limit for lim in self.limits),
-            mode=s.mode("rate_limits"),
-            redis_keys={},
+            mode=mode,
+            backend=_BY_MODE[mode],
         )
         self._plan_cache = (s, plan)
         return plan
@@ -315,55 +190,41 @@ class RateLimiter:
         key = validate_id(key, "key")
         cost = _check_int(cost, "cost")
         client = resolve(self.client)
-        s = client.settings
-        plan = self._plan(s)
+        plan = self._plan(client.settings)
         if cost > plan.max_cost:
             raise InvalidArgument("cost", f"{cost} exceeds the limit {plan.max_cost}: it could never pass")
-        mode = plan.mode
-        if mode is Mode.REDIS:
-            try:
-                reply = _redis_storage(client).acquire(self.algorithm, plan.keys_for(self.name, key), plan.flat, cost,
-                                                 consume)
-            except (BackendUnavailable, redis.exceptions.RedisError) as exc:
-                return self._fallback(client, plan, key, cost, consume, "redis", exc)
-            if _outage["redis"]:
-                _recovered("redis")
-            return self._result(plan, reply, "redis")
-        if mode is Mode.LOCAL:
-            reply = local_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            return self._result(plan, reply, "local")
-        if mode is Mode.POSTGRES:
-            try:
-                reply = _pg_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            except (BackendUnavailable, pg_error()) as exc:
-                return self._fallback(client, plan, key, cost, consume, "postgres", exc)
-            if _outage["postgres"]:
-                _recovered("postgres")
-            return self._result(plan, reply, "postgres")
-        return self._verdict(plan, True, "off")
+        which = plan.backend
+        if which is None:
+            return self._verdict(plan, "off", client)
+        backend = _backend(client, which)
+        try:
+            reply = backend.acquire(plan.policy, key, cost, consume)
+        except backend.errors as exc:
+            return self._fallback(client, plan, key, cost, consume, which, exc)
+        outages: Optional[Dict[str, bool]] = client.peek(_OUTAGES)
+        if outages and outages.get(which):
+            _recovered(outages, which)
+        return self._result(plan, reply, which)
 
-    def _fallback(self, client: Client, plan: _Plan, key: str, cost: int, consume: bool, backend: str,
+    def _fallback(self, client: Client, plan: _Plan, key: str, cost: int, consume: bool, failed: str,
                   exc: BaseException) -> RateLimitResult:
-        """The documented policy when `backend` does not answer (never raises a backend error)."""
+        """The documented policy when backend `failed` does not answer (never raises a backend error)."""
         s = client.settings
-        policy = s.rate_limit_fallback
-        if policy is RateLimitFallback.POSTGRES and backend == "redis" and s.database_url:
+        for step in _FALLBACK[s.rate_limit_fallback]:
+            if step in _VERDICTS:
+                _outage_started(client, failed, step, exc)
+                return self._verdict(plan, step, client)
+            if step == failed or (step == "postgres" and not s.database_url):
+                continue
+            backend = _backend(client, step)
             try:
-                reply = _pg_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-            except (BackendUnavailable, pg_error()) as pg_exc:
-                exc, backend = pg_exc, "redis+postgres"
-            else:
-                _outage_started(backend, "postgres", exc)
-                return self._result(plan, reply, "postgres")
-        if policy is RateLimitFallback.OPEN:
-            _outage_started(backend, "open", exc)
-            return self._verdict(plan, True, "open")
-        if policy is RateLimitFallback.CLOSED:
-            _outage_started(backend, "closed", exc)
-            return self._verdict(plan, False, "closed", retry_after=s.breaker_reset_timeout)
-        _outage_started(backend, "local", exc)
-        reply = local_storage(client).acquire(self.algorithm, self.name, key, plan.specs, cost, consume)
-        return self._result(plan, reply, "local")
+                reply = backend.acquire(plan.policy, key, cost, consume)
+            except backend.errors as step_exc:
+                exc, failed = step_exc, f"{failed}+{step}"
+                continue
+            _outage_started(client, failed, step, exc)
+            return self._result(plan, reply, step)
+        raise AssertionError("every fallback ends with a verdict or the in-process backend")  # pragma: no cover
 
     def _result(self, plan: _Plan, reply: Reply, backend: str) -> RateLimitResult:
         allowed, refused, outcomes = reply
@@ -371,60 +232,46 @@ class RateLimiter:
             binding = refused
             METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
         elif len(outcomes) > 1:
-            binding = min(range(len(outcomes)), key=lambda i: outcomes[i][0])
+            binding = min(range(len(outcomes)), key=lambda i: outcomes[i].remaining)
         else:
             binding = 0
         return RateLimitResult(allowed, self.name, plan, outcomes, binding, backend)
 
-    def _verdict(self, plan: _Plan, allowed: bool, backend: str, retry_after: float = 0.0) -> RateLimitResult:
-        """A result decided by policy, not by counting (switch off, fail open/closed)."""
-        retry_us = round(retry_after * 1e6)
-        outcomes = [(spec[0], 0, 0) if allowed else (0, retry_us, 0) for spec in plan.specs]
-        if not allowed:
-            METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=backend)
-        return RateLimitResult(allowed, self.name, plan, outcomes, 0, backend)
+    def _verdict(self, plan: _Plan, verdict: str, client: Client) -> RateLimitResult:
+        """A result decided by policy, not by counting (switch off, fail open/closed).
+
+        A refusal's ``retry_after`` is the client's ``breaker_reset_timeout``.
+        """
+        allowed = _VERDICTS[verdict]
+        if allowed:
+            outcomes = [Outcome(spec.limit, 0, 0) for spec in plan.specs]
+        else:
+            retry_us = round(client.settings.breaker_reset_timeout * 1e6)
+            outcomes = [Outcome(0, retry_us, 0) for _ in plan.specs]
+            METRICS.inc("ratelimit_rejections_total", limiter=self.name, backend=verdict)
+        return RateLimitResult(allowed, self.name, plan, outcomes, 0, verdict)
 
 
-# -- per-client storages and process-wide outage bookkeeping ----------------------------
-_outage: Dict[str, bool] = {"redis": False, "postgres": False, "redis+postgres": False}
+# -- outages, logged once per outage of a client --------------------------------------
+#: The client's singleton holding {backend or "a+b": in an outage}; built at the first outage.
+_OUTAGES = "ratelimit.outages"
 
 
-def _redis_storage(client: Optional[Client] = None) -> RedisStorage:
-    """The client's storage over its rate-limit deployment (scripts registered once)."""
-    c = resolve(client)
-    return c.singleton(_REDIS_STORAGE, lambda: RedisStorage(c.redis("rate_limits")))
-
-
-def _pg_storage(client: Optional[Client] = None) -> PostgresStorage:
-    """The client's storage over its PostgreSQL table."""
-    c = resolve(client)
-    return c.singleton(_PG_STORAGE, lambda: PostgresStorage(c.postgres()))
-
-
-_REDIS_STORAGE = "ratelimit.redis_storage"
-_PG_STORAGE = "ratelimit.postgres_storage"
-
-
-def _outage_started(backend: str, to: str, exc: BaseException) -> None:
+def _outage_started(client: Client, backend: str, to: str, exc: BaseException) -> None:
     METRICS.inc("ratelimit_fallback_total", backend=backend, to=to)
-    if not _outage.get(backend):
-        _outage[backend] = True
+    outages: Dict[str, bool] = client.singleton(_OUTAGES, dict)
+    if not outages.get(backend):
+        outages[backend] = True
         log.warning("rate limiting: %s unavailable (%s); applying fallback %r until it answers again",
                     backend, type(exc).__name__, to)
 
 
-def _recovered(backend: str) -> None:
-    _outage[backend] = False
-    _outage["redis+postgres"] = False
+def _recovered(outages: Dict[str, bool], backend: str) -> None:
+    """`backend` answers again: its outage and every combined one ("redis+postgres") are over."""
+    for label in list(outages):
+        if label == backend or "+" in label:
+            outages[label] = False
     log.info("rate limiting: %s answers again; fallback over", backend)
-
-
-@on_reset
-@on_fork
-def _forget() -> None:
-    """A new configuration (or a forked child) starts with no outage logged."""
-    for k in _outage:
-        _outage[k] = False
 
 
 # -- the decorator -------------------------------------------------------------------

@@ -374,20 +374,23 @@ def test_sliding_window_call_replayed_with_its_nonce_counts_once(redis_mode: str
     # What a retry after a lost reply sends: the same call, nonce and all.
     # Its entries are there already, so it is admitted once and counted
     # once, even after a shorter limit's window has emptied that limit's log.
-    from mcp_redis import ratelimit_storage
+    from mcp_redis.client import default_client
     from mcp_redis.connections import get_redis
-    from mcp_redis.ratelimit import _redis_storage
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit import _backend
+    from mcp_redis.ratelimit.base import Policy, Spec
 
-    store = _redis_storage()
-    keys = ["mcp:replay:{k}#long", "mcp:replay:{k}#short"]
-    flat = [1, 3_600_000_000, 1, 10_000]  # 1 per hour and 1 per 10 ms
+    store = _backend(default_client(), "redis")
+    # 1 per hour and 1 per 10 ms
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, "replay", [Spec(1, 3_600_000_000), Spec(1, 10_000)], KeySpace("mcp:"))
+    keys = policy.keys_for("k")
     nonces = iter(["call-a", "call-a", "call-a", "call-b"])
-    monkeypatch.setattr(ratelimit_storage, "_nonce", lambda: next(nonces))
+    monkeypatch.setattr(store, "_nonce", lambda: next(nonces))
     now = 1_800_000_000_000_000
-    first = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now)
-    replay = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 1_000)
-    late = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
-    other = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
+    first = store.acquire(policy, "k", 1, True, now_us=now)
+    replay = store.acquire(policy, "k", 1, True, now_us=now + 1_000)
+    late = store.acquire(policy, "k", 1, True, now_us=now + 50_000)
+    other = store.acquire(policy, "k", 1, True, now_us=now + 50_000)
     assert first[:2] == (True, -1) and first[2][0][0] == 0
     assert replay[:2] == (True, -1) and replay[2][0][0] == 0, "the replay was admitted and took nothing more"
     assert late[:2] == (True, -1), "still the same call once the short log is empty"
@@ -477,19 +480,20 @@ def test_local_fallback_bound_never_re_admits(redis_factory: Any) -> None:
 
 
 def test_local_bound_frees_room_once_windows_have_passed() -> None:
-    from mcp_redis.ratelimit_storage import LocalStorage
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit.base import Policy, Spec
+    from mcp_redis.ratelimit.memory import MemoryBackend
 
-    store = LocalStorage(maxsize=64)  # one entry per stripe
-    spec = [(1, 1_000_000)]  # 1 per second
-    admitted = [k for k in map(str, range(1_000)) if store.acquire(Algorithm.SLIDING_WINDOW, "n", k, spec, 1, True,
-                                                                    now_us=10_000_000)[0]]
+    store = MemoryBackend(maxsize=64)  # one entry per stripe
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, "n", [Spec(1, 1_000_000)], KeySpace("mcp:"))  # 1 per second
+    admitted = [k for k in map(str, range(1_000)) if store.acquire(policy, k, 1, True, now_us=10_000_000)[0]]
     assert len(admitted) == 64
     # Still inside the window: a new key is refused (and a peek says so), an admitted one stays refused.
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, False, now_us=10_500_000)[0]
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=10_500_000)[0]
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", admitted[0], spec, 1, True, now_us=10_500_000)[0]
+    assert not store.acquire(policy, "late", 1, False, now_us=10_500_000)[0]
+    assert not store.acquire(policy, "late", 1, True, now_us=10_500_000)[0]
+    assert not store.acquire(policy, admitted[0], 1, True, now_us=10_500_000)[0]
     # Once the window has passed, the expired entries make room.
-    assert store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=11_000_001)[0]
+    assert store.acquire(policy, "late", 1, True, now_us=11_000_001)[0]
 
 
 @pytest.mark.parametrize("value", [0, 63, 1.5, True, "100"])
