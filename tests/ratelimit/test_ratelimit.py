@@ -329,6 +329,28 @@ def test_redis_down_falls_back_to_local_logged_once_and_counted(
     assert METRICS.counter("ratelimit_fallback_total", backend="redis", to="local") == 4
 
 
+def test_each_client_logs_its_own_outage_once(redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Outage bookkeeping belongs to a client: one client's logged outage does
+    # not silence another client's, on another deployment.
+    clients = []
+    for _ in range(2):
+        server = redis_factory()
+        url = server.url
+        server.kill()
+        clients.append(mcp_redis.Client(redis_url=url, retry_attempts=1, breaker_reset_timeout=30,
+                                        socket_connect_timeout=0.2))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcp_redis.ratelimit"):
+            for client in clients:
+                limiter = RateLimiter("fb", 2, 60, client=client)
+                assert [limiter.hit("a").backend for _ in range(2)] == ["local", "local"]
+        warnings = [r for r in caplog.records if r.name == "mcp_redis.ratelimit" and r.levelno == logging.WARNING]
+        assert len(warnings) == 2, [w.getMessage() for w in warnings]
+    finally:
+        for client in clients:
+            client.close()
+
+
 @pytest.mark.parametrize("policy, allowed", [("open", True), ("closed", False)])
 def test_redis_down_open_and_closed_policies(redis_factory: Any, policy: str, allowed: bool) -> None:
     _down_redis(redis_factory, rate_limit_fallback=policy)
