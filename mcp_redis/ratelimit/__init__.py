@@ -15,15 +15,21 @@ that client and counted.
 
 The package has the shape of every feature:
 
-* ``__init__`` (this front): `RateLimiter`, `rate_limited`, `Limit`, the
-  results and headers; the mode and fallback tables.
+* ``__init__`` (this front): `RateLimiter`, `rate_limited`; the mode and
+  fallback tables. `limits`: `Limit`, the per-settings plan, the results
+  and `ratelimit_headers` (all re-exported here).
 * `base`: the `Backend` protocol (``acquire``, ``clear``) and the named types
   between front and backend (`Policy`, `Spec`, `Reply`, `Outcome`).
 * `algorithms`: `Algorithm` and the Python models of the Lua scripts.
 * `redis` (`RedisBackend`: one Lua script per algorithm, ``mcp_redis/lua/``),
   `postgres` (`PostgresBackend`: table ``audit.rate_limits``) and `memory`
   (`MemoryBackend`: in-process, "local" in settings). Each is one per client
-  (`Client.singleton`).
+  (`Client.singleton`), as is the outage log.
+
+Every backend answers the same figures: the in-process and PostgreSQL ones
+run the Python models, which mirror the Lua scripts step for step; times
+are integer microseconds between front and backend, float seconds in
+results.
 """
 
 from __future__ import annotations

@@ -329,6 +329,13 @@ def test_redis_down_falls_back_to_local_logged_once_and_counted(
     assert METRICS.counter("ratelimit_fallback_total", backend="redis", to="local") == 4
 
 
+def test_each_client_has_its_own_in_process_limiter() -> None:
+    with mcp_redis.Client(rate_limits="local") as first, mcp_redis.Client(rate_limits="local") as second:
+        one, other = RateLimiter("own", 1, 60, client=first), RateLimiter("own", 1, 60, client=second)
+        assert one.hit("k").allowed and not one.hit("k").allowed
+        assert other.hit("k").allowed, "the other client's limiter has counted nothing"
+
+
 def test_each_client_logs_its_own_outage_once(redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
     # Outage bookkeeping belongs to a client: one client's logged outage does
     # not silence another client's, on another deployment.
