@@ -136,6 +136,41 @@ def test_ids_with_any_unicode_are_distinct_keys(backend: str) -> None:
         assert limiter.hit(key).allowed, key
 
 
+# -- the backend protocol, called directly ---------------------------------------------
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a is not Algorithm.FIXED_WINDOW], ids=lambda a: a.value)
+def test_every_backend_answers_the_protocol_like_the_python_models(backend: str, algorithm: Algorithm) -> None:
+    # One signature on every backend, and the same replies as the models on a
+    # simulated clock. (The fixed window's script times windows by key TTLs,
+    # the real server clock, which a simulated clock cannot drive.)
+    from mcp_redis.client import default_client
+    from mcp_redis.connections import get_redis
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit import _backend
+    from mcp_redis.ratelimit.base import Policy, Spec
+    from mcp_redis.ratelimit.memory import MemoryBackend
+
+    store = _backend(default_client(), backend)
+    assert store.name == backend
+    model = MemoryBackend()
+    policy = Policy.of(algorithm, "contract", [Spec(3, 2_000_000), Spec(5, 7_000_000)], KeySpace("mcp:"))
+    now = time.time_ns() // 1000 + 3_600_000_000  # ahead of the real clock: no row or key expires for real
+    steps = [(0, 1, True), (10, 2, True), (10, 1, False), (10, 1, True), (500_000, 1, True),
+             (2_100_000, 2, True), (0, 1, False), (1, 3, True), (7_000_000, 3, True), (3, 1, True)]
+    replies = []
+    for dt, cost, consume in steps:
+        now += dt
+        reply = store.acquire(policy, "k", cost, consume, now_us=now)
+        assert reply == model.acquire(policy, "k", cost, consume, now_us=now), (dt, cost, consume)
+        replies.append(reply.allowed)
+        if backend == "redis":  # the scripts never read a TTL; keep a slow run from expiring state
+            for key in policy.keys_for("k"):
+                get_redis().client.pexpire(key, 600_000)
+    assert True in replies and False in replies, "the sequence exercises admissions and refusals"
+    store.clear(policy, "k")
+    assert store.acquire(policy, "k", 3, False, now_us=now) == (True, -1, [(3, 0, 0), (5, 0, 0)]), \
+        "cleared: nothing counted"
+
+
 # -- arguments --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, argument, kind",
