@@ -179,6 +179,7 @@ class RateLimiter:
         if len({spec.window_us for spec in specs}) != len(specs):
             raise InvalidArgument("limits", "two limits share one window; keep the stricter one")
         mode = s.mode("rate_limits")
+        backend = _BY_MODE[mode]
         policy = Policy.of(self.algorithm, self.name, specs, KeySpace(s.key_prefix))
         plan = _Plan(
             policy=policy,
@@ -187,7 +188,8 @@ class RateLimiter:
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
             max_cost=min(lim.limit for lim in self.limits),
             mode=mode,
-            backend=_BY_MODE[mode],
+            backend=backend,
+            singleton_key=_BACKENDS[backend][0] if backend is not None else "",
         )
         self._plan_cache = (s, plan)
         return plan
@@ -202,7 +204,9 @@ class RateLimiter:
         which = plan.backend
         if which is None:
             return self._verdict(plan, "off", client)
-        backend = _backend(client, which)
+        backend: Optional[Backend] = client.peek(plan.singleton_key)  # built: the one lookup of the hot path
+        if backend is None:
+            backend = _backend(client, which)
         try:
             reply = backend.acquire(plan.policy, key, cost, consume)
         except backend.errors as exc:

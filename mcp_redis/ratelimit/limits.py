@@ -181,4 +181,5 @@ class _Plan(NamedTuple):
     labels: Tuple[str, ...]
     max_cost: int
     mode: Mode
-    backend: Optional[str]  # _BY_MODE[mode]
+    backend: Optional[str]  # the front's _BY_MODE[mode]: the backend's name, None when switched off
+    singleton_key: str  # that backend's key among the client's singletons

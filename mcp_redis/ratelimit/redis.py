@@ -23,6 +23,8 @@ from .base import Outcome, Policy, Reply
 
 __all__ = ["RedisBackend"]
 
+_new = tuple.__new__
+
 
 class RedisBackend:
     """The rate-limit `Backend` over one Redis deployment (one per client: ``client.redis("rate_limits")``).
@@ -62,10 +64,13 @@ class RedisBackend:
             args.append(now_us)
         raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
         f = raw.split()
+        # _new(Reply, (...)) is Reply(...) without the generated __new__'s
+        # Python frame (~0.2 us of a call's ~4 us client time).
         if len(f) == 5:  # one limit, the common case
-            return Reply(f[0] == "1", int(f[1]) - 1, [Outcome(int(f[2]), int(f[3]), int(f[4]))])
+            return _new(Reply, (f[0] == "1", int(f[1]) - 1, [_new(Outcome, (int(f[2]), int(f[3]), int(f[4])))]))
         n = [int(x) for x in f]
-        return Reply(n[0] == 1, n[1] - 1, [Outcome(n[j], n[j + 1], n[j + 2]) for j in range(2, len(n), 3)])
+        return _new(Reply, (n[0] == 1, n[1] - 1,
+                            [_new(Outcome, (n[j], n[j + 1], n[j + 2])) for j in range(2, len(n), 3)]))
 
     def clear(self, policy: Policy, key: str) -> None:
         """Delete the key's keys (one slot: they share a hash tag)."""
