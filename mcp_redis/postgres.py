@@ -47,7 +47,7 @@ SCHEMA: List[str] = [
     "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON core.sessions (agent_id)",
     "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON core.sessions (expires_at)",
     "CREATE INDEX IF NOT EXISTS sessions_redis_pending_idx ON core.sessions (session_key) WHERE redis_pending",
-    # Rate limits (mcp_redis.ratelimit_storage.PostgresStorage): one row per
+    # Rate limits (mcp_redis.ratelimit.postgres.PostgresBackend): one row per
     # (name, key, algorithm, window); ids stored encoded (keys.encode_id).
     """
     CREATE TABLE IF NOT EXISTS audit.rate_limits (

@@ -20,7 +20,7 @@ import mcp_redis
 from mcp_redis import RateLimitExceeded, cached_metadata, rate_limited
 from mcp_redis.cache import CachedFunction
 from mcp_redis.errors import InvalidArgumentType
-from mcp_redis.ratelimit_storage import RedisStorage
+from mcp_redis.ratelimit.redis import RedisBackend
 
 
 def loop_keeps_running_while(patch_target: Any, attribute: str, monkeypatch: pytest.MonkeyPatch,
@@ -111,7 +111,7 @@ def test_rate_limit_hit_waits_for_redis_off_the_event_loop(redis_mode: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     handler = limited_handler()
     handler.limiter.peek("warm-up")  # the storage exists: its acquire is the Redis round trip
-    order = loop_keeps_running_while(RedisStorage, "acquire", monkeypatch, lambda: handler("a1"))
+    order = loop_keeps_running_while(RedisBackend, "acquire", monkeypatch, lambda: handler("a1"))
     assert order == ["loop ran", "blocking step done"]
     assert handler.limiter.peek("a1").remaining == 1  # and the call was counted, in Redis
 

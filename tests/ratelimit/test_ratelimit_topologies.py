@@ -30,7 +30,7 @@ def test_multi_limit_hits_work_on_every_topology(any_redis_mode: str, redis_topo
     assert limiter.hit("agent*{1}").allowed
     if redis_topology == "cluster":
         client: Any = get_redis().client
-        keys = limiter._plan(settings()).keys_for(limiter.name, "agent*{1}")
+        keys = limiter._plan(settings()).policy.keys_for("agent*{1}")
         assert len({client.keyslot(k) for k in keys}) == 1
 
 
@@ -44,4 +44,4 @@ def test_sentinel_failover_keeps_limiting_on_the_new_master(sentinel_topology: A
     wait_for(lambda: limiter.hit("k").backend == "redis", 20, what="rate limiting on the new master")
     results = [limiter.hit("k") for _ in range(3)]
     assert all(r.allowed and r.backend == "redis" for r in results)
-    assert new_master.client().exists(*limiter._plan(settings()).keys_for("failover", "k")) == 1
+    assert new_master.client().exists(*limiter._plan(settings()).policy.keys_for("k")) == 1

@@ -2,7 +2,7 @@
 
 * every key the limiter writes has a TTL, whatever the calls, crashes and
   script flushes in between;
-* the Python models (local and PostgreSQL storages) answer exactly like the
+* the Python models (run by the in-process and PostgreSQL backends) answer exactly like the
   Lua scripts, step for step, on a simulated server clock;
 * the sliding-window counter stays within its documented error bound.
 """
@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 import mcp_redis
 from mcp_redis import Algorithm, RateLimiter
 from mcp_redis.connections import get_redis
-from mcp_redis.ratelimit_storage import LocalStorage, RedisStorage
+from mcp_redis.keys import KeySpace
+from mcp_redis.ratelimit.base import Policy
+from mcp_redis.ratelimit.memory import MemoryBackend
+from mcp_redis.ratelimit.redis import RedisBackend
 from mcp_redis.testing import RedisServer
 
 ALGORITHMS = [a for a in Algorithm if a.name != "TOKEN_BUCKET"]
@@ -91,18 +94,18 @@ def test_python_models_answer_exactly_like_the_lua_scripts(
     redis_mode: str, algorithm: Algorithm, specs: List[Tuple[int, int]], base: int,
     steps: List[Tuple[int, int, bool]],
 ) -> None:
-    redis_store = RedisStorage(get_redis())
-    local = LocalStorage()
+    redis_store = RedisBackend(get_redis())
+    local = MemoryBackend()
     client = get_redis().client
     client.flushall()
-    keys = [f"mcp:model:{{k}}#w{i}" for i in range(len(specs))]
-    flat = [x for spec in specs for x in spec]
+    policy = Policy.of(algorithm, "model", specs, KeySpace("mcp:"))
+    keys = policy.keys_for("k")
     now = base
     for dt, cost, consume in steps:
         now += dt
         cost = min(cost, min(lim for lim, _ in specs))
-        from_lua = redis_store.acquire(algorithm, keys, flat, cost, consume, now_us=now)
-        from_model = local.acquire(algorithm, "model", "k", specs, cost, consume, now_us=now)
+        from_lua = redis_store.acquire(policy, "k", cost, consume, now_us=now)
+        from_model = local.acquire(policy, "k", cost, consume, now_us=now)
         assert from_lua == from_model, (now - base, cost, consume)
         # The scripts never read a TTL (state carries its own times), so
         # stretching real TTLs cannot change an answer: it keeps a slow run
@@ -112,11 +115,11 @@ def test_python_models_answer_exactly_like_the_lua_scripts(
 
 
 # -- the sliding-window counter's error bound ----------------------------------------
-def _counter_run(client_store: RedisStorage, arrivals: List[int], limit: int, window: int) -> List[int]:
-    keys = ["mcp:bound:{k}#c"]
+def _counter_run(client_store: RedisBackend, arrivals: List[int], limit: int, window: int) -> List[int]:
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "bound", [(limit, window)], KeySpace("mcp:"))
     admitted = []
     for t in arrivals:
-        allowed, _, _ = client_store.acquire(Algorithm.SLIDING_WINDOW_COUNTER, keys, [limit, window], 1, True, now_us=t)
+        allowed, _, _ = client_store.acquire(policy, "k", 1, True, now_us=t)
         if allowed:
             admitted.append(t)
     return admitted
@@ -133,7 +136,7 @@ def _max_per_aligned_window(admitted: List[int], window: int) -> int:
 def test_sliding_window_counter_worst_case_stays_under_twice_the_limit(redis_mode: str) -> None:
     # The documented worst case: the previous window's hits all land at its
     # very end, then callers hammer the next window.
-    store = RedisStorage(get_redis())
+    store = RedisBackend(get_redis())
     get_redis().client.flushall()
     limit, window = 50, 10_000_000
     start = 170_000_000 * window
@@ -155,7 +158,7 @@ def test_sliding_window_counter_error_bound_holds_for_any_arrivals(
     window = 2_000_000
     get_redis().client.flushall()
     arrivals = list(itertools.accumulate(gaps, initial=base))
-    admitted = _counter_run(RedisStorage(get_redis()), arrivals, limit, window)
+    admitted = _counter_run(RedisBackend(get_redis()), arrivals, limit, window)
     assert _max_per_aligned_window(admitted, window) <= limit
     assert _max_in_any_span(admitted, window) <= 2 * limit
     # No false denial while the estimate's inputs are empty: the first

@@ -14,8 +14,7 @@ import pytest
 
 import mcp_redis
 from mcp_redis import Algorithm, RateLimiter
-
-from . import workers_ratelimit
+from tests import workers_ratelimit
 
 PROCESSES, THREADS = 4, 8
 EXACT = [Algorithm.SLIDING_WINDOW, Algorithm.FIXED_WINDOW, Algorithm.GCRA]

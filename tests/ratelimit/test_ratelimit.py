@@ -136,6 +136,41 @@ def test_ids_with_any_unicode_are_distinct_keys(backend: str) -> None:
         assert limiter.hit(key).allowed, key
 
 
+# -- the backend protocol, called directly ---------------------------------------------
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a is not Algorithm.FIXED_WINDOW], ids=lambda a: a.value)
+def test_every_backend_answers_the_protocol_like_the_python_models(backend: str, algorithm: Algorithm) -> None:
+    # One signature on every backend, and the same replies as the models on a
+    # simulated clock. (The fixed window's script times windows by key TTLs,
+    # the real server clock, which a simulated clock cannot drive.)
+    from mcp_redis.client import default_client
+    from mcp_redis.connections import get_redis
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit import _backend
+    from mcp_redis.ratelimit.base import Policy, Spec
+    from mcp_redis.ratelimit.memory import MemoryBackend
+
+    store = _backend(default_client(), backend)
+    assert store.name == backend
+    model = MemoryBackend()
+    policy = Policy.of(algorithm, "contract", [Spec(3, 2_000_000), Spec(5, 7_000_000)], KeySpace("mcp:"))
+    now = time.time_ns() // 1000 + 3_600_000_000  # ahead of the real clock: no row or key expires for real
+    steps = [(0, 1, True), (10, 2, True), (10, 1, False), (10, 1, True), (500_000, 1, True),
+             (2_100_000, 2, True), (0, 1, False), (1, 3, True), (7_000_000, 3, True), (3, 1, True)]
+    replies = []
+    for dt, cost, consume in steps:
+        now += dt
+        reply = store.acquire(policy, "k", cost, consume, now_us=now)
+        assert reply == model.acquire(policy, "k", cost, consume, now_us=now), (dt, cost, consume)
+        replies.append(reply.allowed)
+        if backend == "redis":  # the scripts never read a TTL; keep a slow run from expiring state
+            for key in policy.keys_for("k"):
+                get_redis().client.pexpire(key, 600_000)
+    assert True in replies and False in replies, "the sequence exercises admissions and refusals"
+    store.clear(policy, "k")
+    assert store.acquire(policy, "k", 3, False, now_us=now) == (True, -1, [(3, 0, 0), (5, 0, 0)]), \
+        "cleared: nothing counted"
+
+
 # -- arguments --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, argument, kind",
@@ -329,6 +364,35 @@ def test_redis_down_falls_back_to_local_logged_once_and_counted(
     assert METRICS.counter("ratelimit_fallback_total", backend="redis", to="local") == 4
 
 
+def test_each_client_has_its_own_in_process_limiter() -> None:
+    with mcp_redis.Client(rate_limits="local") as first, mcp_redis.Client(rate_limits="local") as second:
+        one, other = RateLimiter("own", 1, 60, client=first), RateLimiter("own", 1, 60, client=second)
+        assert one.hit("k").allowed and not one.hit("k").allowed
+        assert other.hit("k").allowed, "the other client's limiter has counted nothing"
+
+
+def test_each_client_logs_its_own_outage_once(redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Outage bookkeeping belongs to a client: one client's logged outage does
+    # not silence another client's, on another deployment.
+    clients = []
+    for _ in range(2):
+        server = redis_factory()
+        url = server.url
+        server.kill()
+        clients.append(mcp_redis.Client(redis_url=url, retry_attempts=1, breaker_reset_timeout=30,
+                                        socket_connect_timeout=0.2))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcp_redis.ratelimit"):
+            for client in clients:
+                limiter = RateLimiter("fb", 2, 60, client=client)
+                assert [limiter.hit("a").backend for _ in range(2)] == ["local", "local"]
+        warnings = [r for r in caplog.records if r.name == "mcp_redis.ratelimit" and r.levelno == logging.WARNING]
+        assert len(warnings) == 2, [w.getMessage() for w in warnings]
+    finally:
+        for client in clients:
+            client.close()
+
+
 @pytest.mark.parametrize("policy, allowed", [("open", True), ("closed", False)])
 def test_redis_down_open_and_closed_policies(redis_factory: Any, policy: str, allowed: bool) -> None:
     _down_redis(redis_factory, rate_limit_fallback=policy)
@@ -374,20 +438,23 @@ def test_sliding_window_call_replayed_with_its_nonce_counts_once(redis_mode: str
     # What a retry after a lost reply sends: the same call, nonce and all.
     # Its entries are there already, so it is admitted once and counted
     # once, even after a shorter limit's window has emptied that limit's log.
-    from mcp_redis import ratelimit_storage
+    from mcp_redis.client import default_client
     from mcp_redis.connections import get_redis
-    from mcp_redis.ratelimit import _redis_storage
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit import _backend
+    from mcp_redis.ratelimit.base import Policy, Spec
 
-    store = _redis_storage()
-    keys = ["mcp:replay:{k}#long", "mcp:replay:{k}#short"]
-    flat = [1, 3_600_000_000, 1, 10_000]  # 1 per hour and 1 per 10 ms
+    store = _backend(default_client(), "redis")
+    # 1 per hour and 1 per 10 ms
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, "replay", [Spec(1, 3_600_000_000), Spec(1, 10_000)], KeySpace("mcp:"))
+    keys = policy.keys_for("k")
     nonces = iter(["call-a", "call-a", "call-a", "call-b"])
-    monkeypatch.setattr(ratelimit_storage, "_nonce", lambda: next(nonces))
+    monkeypatch.setattr(store, "_nonce", lambda: next(nonces))
     now = 1_800_000_000_000_000
-    first = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now)
-    replay = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 1_000)
-    late = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
-    other = store.acquire(Algorithm.SLIDING_WINDOW, keys, flat, 1, True, now_us=now + 50_000)
+    first = store.acquire(policy, "k", 1, True, now_us=now)
+    replay = store.acquire(policy, "k", 1, True, now_us=now + 1_000)
+    late = store.acquire(policy, "k", 1, True, now_us=now + 50_000)
+    other = store.acquire(policy, "k", 1, True, now_us=now + 50_000)
     assert first[:2] == (True, -1) and first[2][0][0] == 0
     assert replay[:2] == (True, -1) and replay[2][0][0] == 0, "the replay was admitted and took nothing more"
     assert late[:2] == (True, -1), "still the same call once the short log is empty"
@@ -477,19 +544,20 @@ def test_local_fallback_bound_never_re_admits(redis_factory: Any) -> None:
 
 
 def test_local_bound_frees_room_once_windows_have_passed() -> None:
-    from mcp_redis.ratelimit_storage import LocalStorage
+    from mcp_redis.keys import KeySpace
+    from mcp_redis.ratelimit.base import Policy, Spec
+    from mcp_redis.ratelimit.memory import MemoryBackend
 
-    store = LocalStorage(maxsize=64)  # one entry per stripe
-    spec = [(1, 1_000_000)]  # 1 per second
-    admitted = [k for k in map(str, range(1_000)) if store.acquire(Algorithm.SLIDING_WINDOW, "n", k, spec, 1, True,
-                                                                    now_us=10_000_000)[0]]
+    store = MemoryBackend(maxsize=64)  # one entry per stripe
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, "n", [Spec(1, 1_000_000)], KeySpace("mcp:"))  # 1 per second
+    admitted = [k for k in map(str, range(1_000)) if store.acquire(policy, k, 1, True, now_us=10_000_000)[0]]
     assert len(admitted) == 64
     # Still inside the window: a new key is refused (and a peek says so), an admitted one stays refused.
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, False, now_us=10_500_000)[0]
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=10_500_000)[0]
-    assert not store.acquire(Algorithm.SLIDING_WINDOW, "n", admitted[0], spec, 1, True, now_us=10_500_000)[0]
+    assert not store.acquire(policy, "late", 1, False, now_us=10_500_000)[0]
+    assert not store.acquire(policy, "late", 1, True, now_us=10_500_000)[0]
+    assert not store.acquire(policy, admitted[0], 1, True, now_us=10_500_000)[0]
     # Once the window has passed, the expired entries make room.
-    assert store.acquire(Algorithm.SLIDING_WINDOW, "n", "late", spec, 1, True, now_us=11_000_001)[0]
+    assert store.acquire(policy, "late", 1, True, now_us=11_000_001)[0]
 
 
 @pytest.mark.parametrize("value", [0, 63, 1.5, True, "100"])

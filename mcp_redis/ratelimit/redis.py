@@ -1,0 +1,77 @@
+"""The Redis rate-limit backend: one Lua script per algorithm, one round trip per call.
+
+The scripts (``mcp_redis/lua/ratelimit_*.lua``, from the client's
+`ScriptSet`; redis-py reloads one the server lost) read the server clock
+(``TIME``), check every limit, consume all or nothing and set each key's TTL
+(at least 1 ms) in the same step. A limiter's keys share one hash tag, so a
+call is one slot on a Cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from typing import List, Optional, Tuple, Type, Union
+
+import redis.exceptions
+
+from ..connections import RedisConnection
+from ..errors import BackendUnavailable
+from .algorithms import MODELS, Algorithm
+from .base import Outcome, Policy, Reply
+
+__all__ = ["RedisBackend"]
+
+_new = tuple.__new__
+
+
+class RedisBackend:
+    """The rate-limit `Backend` over one Redis deployment (one per client: ``client.redis("rate_limits")``).
+
+    Sliding-window log entries are named by a nonce unique per backend and
+    call (a random prefix, the pid, a counter): a forked child builds its own
+    backend (the client forgets its singletons), so it never reuses its
+    parent's names.
+    """
+
+    name = "redis"
+    errors: Tuple[Type[BaseException], ...] = (BackendUnavailable, redis.exceptions.RedisError)
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self.conn = conn
+        self._scripts = {a: conn.script(f"ratelimit_{a.value}") for a in MODELS}
+        self._caller = f"{secrets.token_hex(6)}.{os.getpid()}."
+        self._calls = itertools.count()
+
+    def _nonce(self) -> str:
+        """Unique per backend and call: names sliding-window log entries (no collisions)."""
+        return f"{self._caller}{next(self._calls)}"
+
+    def acquire(self, policy: Policy, key: str, cost: int, consume: bool, now_us: Optional[int] = None) -> Reply:
+        """One EVALSHA: the verdict and every limit's figures.
+
+        `BackendUnavailable` when Redis stays unreachable after the
+        connection's retry policy.
+        """
+        algorithm = policy.algorithm
+        script = self._scripts[algorithm]
+        # Few arguments on purpose: each costs the client ~1 us to pack.
+        args: List[Union[int, str]] = [cost if consume else -cost, *policy.flat]
+        if algorithm is Algorithm.SLIDING_WINDOW:
+            args.append(self._nonce())
+        if now_us is not None:
+            args.append(now_us)
+        raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
+        f = raw.split()
+        # _new(Reply, (...)) is Reply(...) without the generated __new__'s
+        # Python frame (~0.2 us of a call's ~4 us client time).
+        if len(f) == 5:  # one limit, the common case
+            return _new(Reply, (f[0] == "1", int(f[1]) - 1, [_new(Outcome, (int(f[2]), int(f[3]), int(f[4])))]))
+        n = [int(x) for x in f]
+        return _new(Reply, (n[0] == 1, n[1] - 1,
+                            [_new(Outcome, (n[j], n[j + 1], n[j + 2])) for j in range(2, len(n), 3)]))
+
+    def clear(self, policy: Policy, key: str) -> None:
+        """Delete the key's keys (one slot: they share a hash tag)."""
+        self.conn.call(self.conn.client.delete, *policy.keys_for(key))
