@@ -64,10 +64,10 @@ def exported_families() -> Set[str]:
     from mcp_redis.prometheus import _family_name
 
     recorded: Set[str] = set()
-    for source in PACKAGE.glob("*.py"):
+    for source in PACKAGE.rglob("*.py"):  # feature packages too (mcp_redis/cache/, ...)
         text = source.read_text(encoding="utf-8")
         recorded.update(re.findall(r'\.(?:inc|observe)\(\s*"([a-z_]+)"', text))
-        if source.name == "cache.py":  # CachedFunction._count(name) records cache_<name>_total
+        if source.parent.name == "cache":  # CachedFunction._count(name) records cache_<name>_total
             recorded.update(f"cache_{n}_total" for n in re.findall(r'_count\("([a-z_]+)"\)', text)
                             if n != "stale_served")
     families = {_family_name(n) for n in recorded}
