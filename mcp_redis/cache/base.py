@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Type
 
-__all__ = ["Backend", "Envelope", "L1Entry", "Fill", "encode_envelope", "decode_envelope"]
+__all__ = ["Backend", "Envelope", "L1Entry", "L1Stored", "Fill", "encode_envelope", "decode_envelope"]
 
 
 class Envelope(NamedTuple):
@@ -34,6 +34,13 @@ class L1Entry(NamedTuple):
     expiry: float  # logical expiry (unix seconds), the L2 entry's
     bd: float  # delta * beta; 0 when XFetch cannot fire before `deadline`
     deadline: float  # when this L1 copy expires, on the monotonic clock
+
+
+# What L1 holds: an `L1Entry`'s fields as a plain tuple, in the same order,
+# always read by unpacking (``value, expiry, bd, deadline = stored``). CPython
+# specialises unpacking an exact tuple, not a NamedTuple: ~50 ns on a ~0.9 µs
+# L1 hit (measured), which the hit path cannot afford.
+L1Stored = Tuple[Any, float, float, float]
 
 
 class Fill(NamedTuple):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List,
 
 from ..config import Mode
 from ..metrics import METRICS
-from .base import Fill, L1Entry
+from .base import Fill
 from .flight import Flight
 
 if TYPE_CHECKING:
@@ -39,10 +39,12 @@ def get_many(fn: CachedFunction[Any], ids: Iterable[Any], loader: BatchLoader) -
     with fn._lock:
         for item, key, l2id in order:
             entry = fn._l1.get(key)
-            if entry is not None and entry.deadline > time.monotonic():
-                results[key] = entry.value
-                fn._l1_hits += 1
-                continue
+            if entry is not None:
+                value, _, _, deadline = entry  # see base.L1Stored
+                if deadline > time.monotonic():
+                    results[key] = value
+                    fn._l1_hits += 1
+                    continue
             flight = fn._flights.get(key)
             if flight is not None:
                 followed.append((key, flight))
@@ -90,8 +92,7 @@ def _lead_batch(fn: CachedFunction[Any], st: _State, led: List[Tuple[Any, Hashab
                 found = fn._decode(raw) if raw is not None else None
                 if found is not None and now < found.expiry:
                     results[key] = flight.value = found.value
-                    fn._fill_l1(st, key, flight, L1Entry(found.value, found.expiry, found.delta * fn._beta, 0.0),
-                                l2_hit=True)
+                    fn._fill_l1(st, key, flight, found.value, found.expiry, found.delta * fn._beta, l2_hit=True)
                 else:
                     epochs[key] = str(epoch or "")
                     missing.append((item, key, l2id, flight))
@@ -122,7 +123,7 @@ def _lead_batch(fn: CachedFunction[Any], st: _State, led: List[Tuple[Any, Hashab
         if key in epochs:
             px = max(int((expiry - now + fn._max_stale) * 1000), 1)
             fills.append(Fill(keys[key][0], keys[key][1], epochs[key], text, px))
-        fn._fill_l1(st, key, flight, L1Entry(value, expiry, delta * fn._beta, 0.0))
+        fn._fill_l1(st, key, flight, value, expiry, delta * fn._beta)
     if backend is not None and fills and delta < st.guard_ttl / 2:
         try:
             backend.fill_many(fills)

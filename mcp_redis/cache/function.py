@@ -34,7 +34,7 @@ from ..metrics import METRICS
 from ..validation import optional_seconds, seconds
 from . import invalidation, writes
 from .arguments import check_json_arg, check_number, data_key, dumps, is_id_param, l1_key_of
-from .base import Backend, Envelope, L1Entry, decode_envelope, encode_envelope
+from .base import Backend, Envelope, L1Entry, L1Stored, encode_envelope
 from .flight import XFETCH_HORIZON, Flight, xfetch_fires
 from .redis import RedisBackend
 
@@ -88,7 +88,8 @@ class _State(NamedTuple):
     client: Client
     settings: Settings
     mode: Mode
-    l2: Optional[Callable[[Client], Backend]]
+    l2: Optional[Backend]  # the client's L2 backend (None: L1 only), resolved once per client
+    inv: Optional[invalidation.Invalidation]  # the client's listener and replayer (with an L2)
     keys: KeySpace
     ttl: float  # L2 logical lifetime (before jitter)
     l1_ttl: float
@@ -168,7 +169,7 @@ class CachedFunction(Generic[R]):
         self._fast_name = params[0].name if self._fast else ""
 
         self._lock = threading.Lock()
-        self._l1: LRUCache[Hashable, L1Entry] = LRUCache(maxsize)
+        self._l1: LRUCache[Hashable, L1Stored] = LRUCache(maxsize)
         self._flights: Dict[Hashable, Flight] = {}
         self._gen: Optional[Tuple[str, float, Settings]] = None  # (generation, refresh deadline, settings)
         self._gen_seq = 0  # bumped whenever the cached generation is dropped or replaced
@@ -206,17 +207,20 @@ class CachedFunction(Generic[R]):
         ttl = float(self._ttl if self._ttl is not None else s.metadata_ttl)
         longest = max(ttl, self._negative_ttl or 0.0) * (1 + self._jitter) + self._max_stale
         ks = KeySpace(s.key_prefix)
-        st = _State(client, s, mode, _L2_BY_MODE[mode], ks, ttl, min(self._l1_ttl, ttl), max(2 * longest, 600.0),
+        factory = _L2_BY_MODE[mode]
+        l2 = factory(client) if factory is not None else None
+        inv = invalidation.of(client) if l2 is not None else None
+        st = _State(client, s, mode, l2, inv, ks, ttl, min(self._l1_ttl, ttl), max(2 * longest, 600.0),
                     ks.channel(CHANNEL))
         self._st = st
         return st
 
     def _backend(self, st: _State) -> Optional[Backend]:
         """The L2 backend when it is in use right now, else None (L1 and the loader only)."""
-        if st.l2 is None:
+        backend = st.l2
+        if backend is None:
             return None
         try:
-            backend = st.l2(st.client)
             if not backend.available:
                 return None  # breaker open: skip L2 entirely
         except BackendUnavailable:
@@ -225,7 +229,7 @@ class CachedFunction(Generic[R]):
         return backend
 
     def _invalidation(self, st: _State) -> invalidation.Invalidation:
-        return invalidation.of(st.client)
+        return st.inv if st.inv is not None else invalidation.of(st.client)
 
     # -- keys -------------------------------------------------------------------
     def _key(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tuple[Hashable, str]:
@@ -296,17 +300,18 @@ class CachedFunction(Generic[R]):
         with self._lock:
             entry = self._l1.get(key)  # not [key]: a miss would raise twice inside cachetools
             if entry is not None:
-                if entry.deadline > time.monotonic():
+                value, expiry, bd, deadline = entry  # see base.L1Stored
+                if deadline > time.monotonic():
                     self._l1_hits += 1
                 else:
                     entry = None  # expired; the refill overwrites it
         if entry is not None:
-            bd = entry.bd
             # XFetch: recompute early iff now - delta*beta*ln(rand) >= expiry
             # (bd is 0 unless this L1 copy outlives the start of that window).
-            if not bd or time.time() - bd * math.log(1.0 - random.random()) < entry.expiry:
-                return entry.value  # type: ignore[no-any-return]
-        return self._miss(st, key, l2id, args, kwargs, entry)
+            if not bd or time.time() - bd * math.log(1.0 - random.random()) < expiry:
+                return value  # type: ignore[no-any-return]
+            return self._miss(st, key, l2id, args, kwargs, L1Entry(value, expiry, bd, deadline))
+        return self._miss(st, key, l2id, args, kwargs, None)
 
     def _call_off(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> R:
         with self._lock:
@@ -333,16 +338,21 @@ class CachedFunction(Generic[R]):
             key, _ = self._key(args, kwargs)
         with self._lock:
             entry = self._l1.get(key)
-            if entry is None or entry.deadline <= time.monotonic():
+            if entry is None:
                 return MISSING
-            if xfetch_fires(time.time(), entry.bd, entry.expiry):
+            value, expiry, bd, deadline = entry
+            if deadline <= time.monotonic():
+                return MISSING
+            if xfetch_fires(time.time(), bd, expiry):
                 return MISSING  # XFetch: let the miss path refresh it
             self._l1_hits += 1
-        return entry.value
+        return value
 
     def _prepare_l2(self, st: _State, backend: Backend) -> None:
         """Before reading L2: the listener runs, missed invalidations are replayed."""
-        inv = self._invalidation(st)
+        inv = st.inv
+        if inv is None:
+            inv = invalidation.of(st.client)
         if inv.channel != st.channel or inv.subscriber is None:
             inv.listen(st.channel)
         if (self._pending or self._pending_all) and not self._replay_pending():
@@ -354,7 +364,10 @@ class CachedFunction(Generic[R]):
             l2id = self._l2id(key, args, kwargs)
         backend = self._backend(st)
         if backend is not None:
-            self._prepare_l2(st, backend)
+            inv = st.inv  # _prepare_l2, inlined (the L2 hit path)
+            if inv is None or inv.channel != st.channel or inv.subscriber is None or self._pending \
+                    or self._pending_all:
+                self._prepare_l2(st, backend)
             if early is None:
                 # Optimistic L2 read, before any single-flight bookkeeping: an
                 # L2 hit costs one GET. `drops` tells whether an invalidation
@@ -372,11 +385,13 @@ class CachedFunction(Generic[R]):
                     found = self._decode(raw) if raw is not None else None
                     now = time.time()
                     if found is not None and now < found.expiry:
-                        entry = L1Entry(found.value, found.expiry, found.delta * self._beta, 0.0)
-                        if not xfetch_fires(now, entry.bd, entry.expiry):
-                            self._fill_l1(st, key, None, entry, l2_hit=True, drops=drops)
+                        bd = found.delta * self._beta
+                        # XFetch (inlined: this is the L2 hit path): refresh early iff
+                        # now - delta*beta*ln(rand) >= expiry.
+                        if not bd or now - bd * math.log(1.0 - random.random()) < found.expiry:
+                            self._fill_l1(st, key, None, found.value, found.expiry, bd, l2_hit=True, drops=drops)
                             return found.value  # type: ignore[no-any-return]
-                        early = entry
+                        early = L1Entry(found.value, found.expiry, bd, 0.0)
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -424,8 +439,8 @@ class CachedFunction(Generic[R]):
                     if found is not None:
                         now = time.time()
                         if now < found.expiry:
-                            self._fill_l1(st, key, flight, L1Entry(found.value, found.expiry,
-                                                                   found.delta * self._beta, 0.0), l2_hit=True)
+                            self._fill_l1(st, key, flight, found.value, found.expiry, found.delta * self._beta,
+                                          l2_hit=True)
                             return found.value  # type: ignore[no-any-return]
                         if now < found.expiry + self._max_stale:
                             stale = found.value
@@ -441,7 +456,7 @@ class CachedFunction(Generic[R]):
                     if not self._claim_refresh(backend, st, gen, l2id, early):
                         # Another process refreshes it; keep serving ours without
                         # drawing again until that refresh has landed in L2.
-                        self._fill_l1(st, key, flight, early, no_early=True)
+                        self._fill_l1(st, key, flight, early.value, early.expiry, early.bd, no_early=True)
                         return current  # type: ignore[no-any-return]
                     epoch = str(backend.get(keys[1]) or "")
             except backend.errors as exc:
@@ -489,7 +504,7 @@ class CachedFunction(Generic[R]):
                 except backend.errors as exc:
                     self._count_error()
                     log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
-            self._fill_l1(st, key, flight, L1Entry(value, expiry, delta * self._beta, 0.0))
+            self._fill_l1(st, key, flight, value, expiry, delta * self._beta)
             return value  # type: ignore[no-any-return]
         finally:
             if fill_lock is not None and backend is not None:
@@ -511,8 +526,7 @@ class CachedFunction(Generic[R]):
             raw, holder = backend.get_all([value_key, fill_lock])
             found = self._decode(raw) if raw is not None else None
             if found is not None and time.time() < found.expiry:
-                self._fill_l1(st, key, flight, L1Entry(found.value, found.expiry, found.delta * self._beta, 0.0),
-                              l2_hit=True)
+                self._fill_l1(st, key, flight, found.value, found.expiry, found.delta * self._beta, l2_hit=True)
                 return found.value
             if holder is None:
                 break
@@ -524,11 +538,11 @@ class CachedFunction(Generic[R]):
         px = int(min(max(4 * early.bd, 0.25), 10.0) * 1000)
         return backend.claim(lock_key, invalidation.origin(), px)
 
-    def _fill_l1(self, st: _State, key: Hashable, flight: Optional[Flight], entry: L1Entry,
+    def _fill_l1(self, st: _State, key: Hashable, flight: Optional[Flight], value: Any, expiry: float, bd: float,
                  *, no_early: bool = False, l2_hit: bool = False, drops: Optional[int] = None) -> None:
-        """Put `entry` in L1 unless an invalidation arrived since it was read
-        (its flight was marked stale, or the drop counter moved)."""
-        value, expiry, bd, _ = entry
+        """Put `value` (logical `expiry`, `bd` = delta * beta) in L1 unless an
+        invalidation arrived since it was read (its flight was marked stale, or
+        the drop counter moved). Fields, not an `L1Entry`: no object on the L2 hit path."""
         now = time.time()
         remaining = min(st.l1_ttl, expiry - now)
         if no_early:
@@ -538,7 +552,7 @@ class CachedFunction(Generic[R]):
             # XFetch cannot fire before this L1 copy expires (p < e^-30):
             # spare the L1 hit path the draw.
             bd = 0.0
-        stored = L1Entry(value, expiry, bd, time.monotonic() + remaining)
+        stored: L1Stored = (value, expiry, bd, time.monotonic() + remaining)
         with self._lock:
             if l2_hit:
                 self._l2_hits += 1
@@ -561,8 +575,9 @@ class CachedFunction(Generic[R]):
         return encode_envelope(text, delta, expiry), json.loads(text), expiry
 
     def _decode(self, raw: str) -> Optional[Envelope]:
-        try:
-            return decode_envelope(raw)
+        try:  # decode_envelope, inlined (the L2 hit path)
+            env = json.loads(raw)
+            return Envelope(env["v"], float(env["d"]), float(env["x"]) / 1000.0)
         except (ValueError, KeyError, TypeError):
             self._count_error()
             log.warning("cache %s: unreadable L2 entry ignored", self.namespace)
@@ -661,6 +676,7 @@ class CachedFunction(Generic[R]):
         self._flights = {}
         self._gen = None
         self._gen_seq += 1
+        self._st = None  # its backend and listener were the parent client's (forgotten in the child)
 
     # -- stats ---------------------------------------------------------------------
     def _count(self, name: str) -> None:

@@ -32,15 +32,23 @@ class RedisBackend:
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._conn: Optional[RedisConnection] = None
 
     @property
     def conn(self) -> RedisConnection:
-        """The cache deployment's connection (raises `BackendUnavailable`/`ConfigurationError`)."""
-        return self._client.redis("metadata_cache")
+        """The cache deployment's connection (raises `BackendUnavailable`/`ConfigurationError`).
+
+        Kept after first use: a client builds one connection per deployment
+        and this backend lives and dies with the client (and its fork reset).
+        """
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._client.redis("metadata_cache")
+        return conn
 
     @property
     def available(self) -> bool:
-        return self.conn.policy.available
+        return (self._conn or self.conn).policy.available
 
     def generation(self, key: str, px: int) -> str:
         conn = self.conn
@@ -48,7 +56,7 @@ class RedisBackend:
         return str(conn.call(conn.client.getex, key, px=px) or "0")
 
     def get(self, key: str) -> Optional[str]:
-        conn = self.conn
+        conn = self._conn or self.conn
         return conn.call(conn.client.get, key)  # type: ignore[no-any-return]
 
     def get_all(self, keys: Sequence[str]) -> List[Optional[str]]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Optional, Tuple
 from ..config import Mode
 from . import invalidation
 from .arguments import NS, dumps
-from .base import Backend, L1Entry
+from .base import Backend
 
 if TYPE_CHECKING:
     from .function import CachedFunction, _State
@@ -42,7 +42,7 @@ def write(fn: CachedFunction[Any], st: _State, key: Hashable, l2id: str, value: 
     for cache in invalidation.same_namespace(fn.namespace):
         cache._drop_local(key)
     if encoded is not None and st.mode is not Mode.OFF:
-        fn._fill_l1(st, key, None, L1Entry(encoded[1], encoded[2], 0.0, 0.0))
+        fn._fill_l1(st, key, None, encoded[1], encoded[2], 0.0)
     if st.l2 is None:
         return
     backend = fn._backend(st)
