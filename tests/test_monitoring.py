@@ -64,7 +64,7 @@ def exported_families() -> Set[str]:
     from mcp_redis.prometheus import _family_name
 
     recorded: Set[str] = set()
-    for source in PACKAGE.rglob("*.py"):  # feature packages too (mcp_redis/cache/, ...)
+    for source in PACKAGE.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         recorded.update(re.findall(r'\.(?:inc|observe)\(\s*"([a-z_]+)"', text))
         if source.parent.name == "cache":  # CachedFunction._count(name) records cache_<name>_total

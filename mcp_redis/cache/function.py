@@ -1,12 +1,15 @@
 """`CachedFunction`: one loader behind L1 (this process) and L2 (the backend).
 
-The class is the cache's engine, over the 300-line guideline on purpose:
-its hit paths (``__call__``, `_miss`) must stay flat — one lock, one
-lookup, no calls into helper objects — and the miss path, write-back and
-invalidation share the same epoch and generation bookkeeping. The rest
-lives beside it: the L2 verbs in `base`/`redis`, single flight and XFetch
-in `flight`, argument keys in `arguments`, batches in `batch`, the
-listener and replayer in `invalidation`.
+The class (and so this file) is over the 300-line (500-line) guideline on
+purpose: its hit paths (``__call__``, `_miss`) must stay flat — one lock,
+one lookup, no calls into helper objects (benchmarked: L1 hit <= 2x a bare
+TTLCache, L2 hit <= 1.2x GET + loads) — and the leader's load path
+(`_load_through`: epoch, second look, cross-process fill lock, loader,
+stale serving, guarded write-back) is one sequence over the same state.
+The rest lives beside it: the L2 verbs in `base`/`redis`, single flight
+and XFetch in `flight`, argument keys in `arguments`, batches in `batch`,
+invalidation writes and the pending queue in `writes`, the listener and
+replayer in `invalidation`.
 """
 
 from __future__ import annotations
