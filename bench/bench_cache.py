@@ -198,7 +198,7 @@ def overhead_us(client: Any, l2_hit: Callable[[], Any]) -> float:
 def zipf(url: str, dsn: str, reads: int, s: float, processes: int) -> List[Tuple[str, int, int, float]]:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests import workers_cache
-    from tests.test_cache_processes import zipf_ids
+    from tests.cache.test_cache_processes import zipf_ids
 
     db = workers_cache.PgAgents(dsn)
     db.create(10_000)

@@ -189,10 +189,10 @@ def _cache_families(skip: set[str]) -> Iterator[Any]:
 
 def _pending_invalidations() -> Dict[str, int]:
     """Invalidations each namespace still has to replay into Redis (see cache.py ``_pending``)."""
-    from . import cache as cache_module
+    from .cache.invalidation import all_caches
 
     out: Dict[str, int] = {}
-    for fn in cache_module._all_caches():
+    for fn in all_caches():
         # Read without the function's lock: a gauge may be one scrape behind.
         count = len(getattr(fn, "_pending", ())) + (1 if getattr(fn, "_pending_all", False) else 0)
         namespace = str(getattr(fn, "namespace", "?"))

@@ -130,7 +130,8 @@ def test_transient_fault_stays_on_the_resilience_path(redis_factory: Any) -> Non
 
 def test_invalidation_listener_logs_a_bad_database_index_once_while_it_retries(
         redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    from mcp_redis.cache import _LISTENER
+    from mcp_redis.cache import invalidation
+    from mcp_redis.client import default_client
 
     caplog.set_level(logging.DEBUG, logger="mcp_redis")
     mcp_redis.configure(redis_url=f"redis://127.0.0.1:{redis_server.port}/99")
@@ -140,10 +141,11 @@ def test_invalidation_listener_logs_a_bad_database_index_once_while_it_retries(
         return int(admin.info("stats")["total_connections_received"])
 
     before = connections()
-    _LISTENER.ensure("mcp:misconf-invalidation")
+    listener = invalidation.of(default_client())
+    listener.listen("mcp:misconf-invalidation")
     # Three reconnection attempts (max_backoff apart: a few seconds) ...
     wait_for(lambda: connections() >= before + 4, timeout=30, what="three retries of the listener")
-    sub = _LISTENER.subscriber
+    sub = listener.subscriber
     assert sub is not None and not sub.active
     assert isinstance(sub.misconfigured, mcp_redis.BadDatabaseIndex)
     # ... and one log line, naming the variable, without a traceback.

@@ -67,7 +67,7 @@ def exported_families() -> Set[str]:
     for source in PACKAGE.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         recorded.update(re.findall(r'\.(?:inc|observe)\(\s*"([a-z_]+)"', text))
-        if source.name == "cache.py":  # CachedFunction._count(name) records cache_<name>_total
+        if source.parent.name == "cache":  # CachedFunction._count(name) records cache_<name>_total
             recorded.update(f"cache_{n}_total" for n in re.findall(r'_count\("([a-z_]+)"\)', text)
                             if n != "stale_served")
     families = {_family_name(n) for n in recorded}

@@ -141,7 +141,8 @@ def writer_only(url: str, dsn: str, pipe: Any) -> None:
     ``("update", id, meta)`` replies with the number of Redis errors absorbed;
     ``("state",)`` with (invalidations still pending, replayer thread alive).
     """
-    from mcp_redis import cache as cache_module
+    from mcp_redis.cache import invalidation
+    from mcp_redis.client import default_client
 
     mcp_redis.configure(redis_url=url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_attempts=1)
     db = PgAgents(dsn)
@@ -157,7 +158,8 @@ def writer_only(url: str, dsn: str, pipe: Any) -> None:
             load.invalidate(agent_id)
             pipe.send(load.cache_info().errors)
         elif command[0] == "state":
-            thread = cache_module._REPLAYER.thread
+            inv = invalidation.of(default_client())
+            thread = inv.thread
             pipe.send((len(load._pending) + load._pending_all, thread is not None and thread.is_alive(),
-                       cache_module._LISTENER.subscriber is not None))
+                       inv.subscriber is not None))
     db.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from typing import Any, Dict, List
@@ -10,8 +11,11 @@ from typing import Any, Dict, List
 import pytest
 
 import mcp_redis
-from mcp_redis import cache as cache_module
-from mcp_redis.cache import CachedFunction, cached_metadata, wait_for_listener
+from mcp_redis.cache import CachedFunction, cached_metadata, invalidation, wait_for_listener
+from mcp_redis.cache import batch as cache_batch
+from mcp_redis.cache import function as cache_function
+from mcp_redis.cache.flight import Flight
+from mcp_redis.client import default_client
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import wait_for
 
@@ -90,6 +94,12 @@ class Clock:
         time.sleep(seconds)
 
 
+def use_clock(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
+    """Make the cache's modules read `clock` instead of the time module."""
+    for module in (cache_function, cache_batch):
+        monkeypatch.setattr(module, "time", clock)
+
+
 # -- the basic contract ------------------------------------------------------------
 def test_second_call_is_an_l1_hit_and_the_loader_runs_once(redis_mode: str) -> None:
     source = Source()
@@ -145,9 +155,9 @@ def test_every_key_the_cache_writes_has_a_ttl(redis_mode: str, monkeypatch: pyte
     load.get_many(["a3", "a4", "a1"])
     load.invalidate_all()
     load("a5")
-    monkeypatch.setattr(cache_module, "time", Clock(perf_step=5.0))  # loads take 5 s
+    use_clock(monkeypatch, Clock(perf_step=5.0))  # loads take 5 s
     load("a6")
-    monkeypatch.setattr(cache_module.random, "random", lambda: 0.999999)  # 5 s * 13.8 > ttl: refresh early
+    monkeypatch.setattr(random, "random", lambda: 0.999999)  # 5 s * 13.8 > ttl: refresh early
     load("a6")
     client = redis_client(redis_mode)
     keys = client.keys("*")
@@ -390,13 +400,13 @@ def test_sixteen_threads_missing_one_key_call_the_loader_once(redis_url: str, mo
     mcp_redis.configure(redis_url=redis_url, metadata_cache=mode)
     release = threading.Event()
     waiting = []
-    original_wait = cache_module._Flight.wait
+    original_wait = Flight.wait
 
     def counting_wait(flight: Any) -> Any:
         waiting.append(1)
         return original_wait(flight)
 
-    monkeypatch.setattr(cache_module._Flight, "wait", counting_wait)
+    monkeypatch.setattr(Flight, "wait", counting_wait)
     loads: List[str] = []
 
     @cached_metadata(namespace="tests.flight")
@@ -430,14 +440,14 @@ def test_sixteen_threads_missing_one_key_call_the_loader_once(redis_url: str, mo
 
 # -- early refresh, stale, modes ------------------------------------------------------
 def test_xfetch_refreshes_a_hot_key_before_it_expires(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))  # loads take 1 s
+    use_clock(monkeypatch, Clock(perf_step=1.0))  # loads take 1 s
     source = Source()
     load = make(source, ttl=30, beta=1.0)
     load("a1")
     source.rows["a1"] = {"agent_id": "a1", "version": 1}
     assert load("a1")["version"] == 0  # an ordinary hit: far from expiry
     # rand -> 1: -delta*beta*ln(1-rand) = 36.7 s > 33 s left: this read recomputes.
-    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    monkeypatch.setattr(random, "random", lambda: 1.0 - 2**-53)
     assert load("a1")["version"] == 1
     monkeypatch.undo()
     info = load.cache_info()
@@ -446,11 +456,11 @@ def test_xfetch_refreshes_a_hot_key_before_it_expires(redis_mode: str, monkeypat
 
 
 def test_xfetch_with_beta_zero_never_refreshes_early(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))
+    use_clock(monkeypatch, Clock(perf_step=1.0))
     source = Source()
     load = make(source, beta=0)
     load("a1")
-    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    monkeypatch.setattr(random, "random", lambda: 1.0 - 2**-53)
     load("a1")
     load.cache_clear()
     load("a1")
@@ -458,12 +468,12 @@ def test_xfetch_with_beta_zero_never_refreshes_early(redis_mode: str, monkeypatc
 
 
 def test_early_refresh_is_claimed_by_one_process_only(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_module, "time", Clock(perf_step=1.0))
+    use_clock(monkeypatch, Clock(perf_step=1.0))
     source = Source()
     first, second = make(source, ttl=30), make(source, ttl=30)
     first("a1")
     second("a1")
-    monkeypatch.setattr(cache_module.random, "random", lambda: 1.0 - 2**-53)
+    monkeypatch.setattr(random, "random", lambda: 1.0 - 2**-53)
     first("a1")  # wins the SET NX refresh lock and reloads
     second("a1")  # finds the lock taken: serves its (still valid) copy
     assert len(source.loads) == 2
@@ -473,7 +483,7 @@ def test_early_refresh_is_claimed_by_one_process_only(redis_mode: str, monkeypat
 def test_loader_failure_serves_stale_value_within_max_stale(redis_mode: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
-    monkeypatch.setattr(cache_module, "time", clock)
+    use_clock(monkeypatch, clock)
     failing = [False]
 
     @cached_metadata(namespace="tests.stale", ttl=10, jitter=0, max_stale=60, beta=0)
@@ -696,13 +706,13 @@ def test_remote_invalidation_of_a_multi_argument_call_evicts_exactly_that_entry(
 def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     waiting: List[int] = []
-    original_wait = cache_module._Flight.wait
+    original_wait = Flight.wait
 
     def counting_wait(flight: Any) -> Any:
         waiting.append(1)
         return original_wait(flight)
 
-    monkeypatch.setattr(cache_module._Flight, "wait", counting_wait)
+    monkeypatch.setattr(Flight, "wait", counting_wait)
 
     class Down(Exception):
         pass
@@ -747,7 +757,7 @@ def blip(redis_url: str, redis_server: Any) -> Any:
 
 
 def replayer() -> Any:
-    return cache_module._REPLAYER.thread
+    return invalidation.of(default_client()).thread
 
 
 def test_writer_only_invalidation_during_a_blip_is_delivered_by_the_replayer_which_then_exits(
@@ -764,7 +774,7 @@ def test_writer_only_invalidation_during_a_blip_is_delivered_by_the_replayer_whi
         thread.join(10)
         assert not thread.is_alive() and replayer() is None  # nothing pending: it exited
         assert values_in_redis(redis_url) == {}  # delivered with no further call of ours
-        assert cache_module._LISTENER.subscriber is None and not load._pending
+        assert invalidation.of(default_client()).subscriber is None and not load._pending
     # the second blip started a new thread on demand (the loop above joined two threads)
 
 

@@ -1,0 +1,49 @@
+"""Single flight and XFetch: one load per key and process, early refresh by draw.
+
+`Flight` is one in-process load of one key: the first caller (the leader)
+runs the loader, the others wait for its result (or, during an early
+refresh, keep serving the still-valid value). `xfetch_fires` is the draw of
+XFetch (Vattani et al., VLDB 2015): recompute early iff
+``now - delta * beta * ln(rand) >= expiry``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from typing import Any, Optional
+
+__all__ = ["Flight", "xfetch_fires", "XFETCH_HORIZON"]
+
+XFETCH_HORIZON = 30.0  # XFetch draws only within 30 * delta * beta of expiry (p < e^-30 beyond)
+
+
+def xfetch_fires(now: float, bd: float, expiry: float) -> bool:
+    """True when this caller should refresh early (`bd` = delta * beta, 0 = never)."""
+    return bool(bd) and now - bd * math.log(1.0 - random.random()) >= expiry
+
+
+class Flight:
+    """One in-process load of one key; followers wait for the leader's result."""
+
+    __slots__ = ("_running", "finished", "value", "error", "stale")
+
+    def __init__(self) -> None:
+        self._running = threading.Lock()  # held until the leader finishes (cheaper than an Event)
+        self._running.acquire()
+        self.finished = False
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.stale = False  # an invalidation arrived: do not fill L1
+
+    def finish(self) -> None:
+        self.finished = True
+        self._running.release()
+
+    def wait(self) -> Any:
+        with self._running:
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
