@@ -3,6 +3,10 @@
 One immutable `Settings` object is in force at a time. Features read it when
 they are *called* (never at import), so decorators applied at import time
 follow a later `configure()`.
+
+Over the 500-line guideline on purpose: every setting, its environment
+variable, parser, unit and bound, and the checks that name the variable the
+user set, are kept in one file so that one read shows them all.
 """
 
 from __future__ import annotations

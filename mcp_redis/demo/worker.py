@@ -7,6 +7,9 @@ handler, a `@cached_metadata` loader over PostgreSQL, and ``agent:updates``
 events. Everything the report needs is written to shared memory as it
 happens (no locks shared between processes), so a worker killed with SIGKILL
 loses nothing already done.
+
+Just over the 500-line guideline: one worker's whole life (every feature it
+exercises and what it records) in one file, like the demo it serves.
 """
 
 from __future__ import annotations

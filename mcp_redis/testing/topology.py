@@ -12,6 +12,9 @@ They also hold the faults the library must survive: `SentinelTopology.kill_maste
 and `wait_for_failover` (then `heal` to get back to full strength), and
 `ClusterTopology.migrate_slot` / `SlotMigration` to move a hash slot between
 masters step by step, so that clients see ASK and MOVED redirections.
+
+Test tooling, over the 500-line guideline: the two topologies share their
+process handling and are read together when a topology test fails.
 """
 
 from __future__ import annotations
