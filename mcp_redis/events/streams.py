@@ -1,24 +1,19 @@
-"""Events: JSON pub/sub (`EventBus`, at-most-once) and durable streams
-(`EventStream`, Redis Streams with consumer groups, at-least-once).
+"""Durable events: `EventStream` (Redis Streams read through a consumer group, at-least-once).
 
-Pub/sub is right for hints (a UI refresh, a cache invalidation): a message
-published while a subscriber is reconnecting is lost. Events that must not be
-lost go to an `EventStream`: entries stay in Redis until a consumer of the
-group acknowledges them, and entries a dead consumer read but never acked are
-re-delivered to another consumer (XAUTOCLAIM). Consumers must be idempotent.
+Entries stay in Redis until a consumer of the group acknowledges them;
+entries a dead consumer read but never acked are re-delivered to another
+consumer (XAUTOCLAIM), so consumers must be idempotent. Streams need Redis:
+in local mode every call raises `ConfigurationError`. Lua (``events_add``,
+``events_group``, ``events_deadletter``) comes from the client's `ScriptSet`.
 
-Channel names live under the key prefix: ``agent:updates`` is sent on
-``<prefix>agent:updates`` (``mcp:agent:updates`` by default). Without
-``REDIS_URL`` (local mode) the bus delivers inside this process only.
+`StreamConsumer` threads belong to the client they were started on: closing
+the client (``reset()``/``configure()`` close the default one) stops them.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import os
-import queue
 import secrets
 import socket
 import threading
@@ -29,399 +24,22 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
 
-from .client import Client, resolve
-from .config import Mode, on_reset, settings
-from .connections import RedisConnection, on_fork
-from .errors import BackendUnavailable, ConfigurationError, FeatureDisabled, InvalidArgument, InvalidArgumentType
-from .keys import MAX_ID_LENGTH, KeySpace, validate_id
-from .metrics import METRICS
-from .pubsub import Subscriber
-from .validation import MAX_SECONDS, optional_seconds, seconds
+from ..client import Client, resolve
+from ..config import Settings
+from ..connections import RedisConnection
+from ..errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from ..keys import KeySpace, validate_id
+from ..metrics import METRICS
+from ..validation import MAX_SECONDS, optional_seconds, seconds
+from .base import Event, EventHandler
+from .codec import check_handler, check_int, decode_event, encode_event
 
-__all__ = [
-    "AGENT_UPDATES",
-    "EventBus",
-    "Subscription",
-    "EventStream",
-    "StreamEntry",
-    "StreamConsumer",
-    "publish_agent_update",
-]
+__all__ = ["EventStream", "StreamEntry", "StreamConsumer", "check_client"]
 
 log = logging.getLogger("mcp_redis.events")
 
-AGENT_UPDATES = "agent:updates"
-"""The channel of `publish_agent_update` (sent on ``<prefix>agent:updates``)."""
 
-Event = Dict[str, Any]
-# handler(event), or handler(channel, event) / handler(entry_id, event) when asked.
-EventHandler = Callable[..., object]
-
-_live: weakref.WeakSet[Any] = weakref.WeakSet()  # open subscriptions and consumers
-
-
-# -- validation and encoding ---------------------------------------------------
-def _check_channel(value: object, argument: str = "channel") -> str:
-    """A channel name or pattern: a str of 1 to 1,024 characters."""
-    if not isinstance(value, str):
-        raise InvalidArgumentType(argument, f"must be a str, not {type(value).__name__}")
-    if not value:
-        raise InvalidArgument(argument, "must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(argument, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
-    return value
-
-
-def _check_handler(handler: object) -> EventHandler:
-    if not callable(handler):
-        raise InvalidArgumentType("handler", f"must be callable, not {type(handler).__name__}")
-    return handler
-
-
-def encode_event(event: object, argument: str = "event") -> str:
-    """`event` as compact JSON; raises naming `argument` unless a JSON-ready dict."""
-    if not isinstance(event, dict):
-        raise InvalidArgumentType(argument, f"must be a dict, not {type(event).__name__}")
-    try:
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except TypeError as exc:
-        # The message names the offending type only, never a value.
-        raise InvalidArgumentType(argument, f"is not JSON-serialisable ({_type_hint(exc)})") from None
-    except ValueError:
-        raise InvalidArgument(argument, "is not JSON-serialisable (NaN/Infinity or a circular reference)") from None
-
-
-def _type_hint(exc: TypeError) -> str:
-    text = str(exc)
-    return text.split(" is not JSON serializable")[0] if "JSON serializable" in text else "unsupported key or value"
-
-
-def decode_event(data: object) -> Optional[Event]:
-    """The event dict in a payload, or None if it is not a JSON object."""
-    if not isinstance(data, str):
-        return None
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _check_int(value: object, argument: str, minimum: int, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise InvalidArgument(argument, f"must be {bound}, got {value}")
-    return value
-
-
-def _redis_mode(client: Client) -> bool:
-    """True when events go through Redis (``client.mode("events")``).
-
-    ``local`` (the default without a Redis URL) and ``off`` use the
-    in-process broker: events then reach only this process's subscribers.
-    """
-    mode = client.settings.mode("events")
-    if mode is Mode.OFF:
-        raise FeatureDisabled("events: off (MCP_REDIS_EVENTS_BACKEND=off)")
-    return mode is Mode.REDIS
-
-
-# -- pub/sub -------------------------------------------------------------------
-class Subscription:
-    """One live subscription: its own daemon thread calls the handler.
-
-    Calls are one at a time and in publish order. `close()` stops it; it is
-    also a context manager. Counters: `delivered` (handler calls that
-    returned), `errors` (handler raised), `skipped` (payloads that were not a
-    JSON object), `reconnects`.
-    """
-
-    def __init__(self, channel: str, handler: EventHandler, *, pattern: bool, with_channel: bool,
-                 client: Optional[Client] = None) -> None:
-        self.client = resolve(client)
-        self.channel = channel
-        self.pattern = pattern
-        self.with_channel = with_channel
-        self._handler = handler
-        self.delivered = 0
-        self.errors = 0
-        self.skipped = 0
-        self._prefix = ""
-        self._listener: Optional[Subscriber] = None
-        self._local: Optional[_LocalListener] = None
-
-    def __repr__(self) -> str:
-        kind = "pattern" if self.pattern else "channel"
-        state = "active" if self.active else "inactive"
-        return f"Subscription({kind}={self.channel!r}, {state}, delivered={self.delivered})"
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def redis_channel(self) -> str:
-        """The channel (or pattern) as Redis sees it, prefix included."""
-        return self._prefix + self.channel
-
-    @property
-    def active(self) -> bool:
-        """True while subscribed (False while reconnecting or after close)."""
-        if self._listener is not None:
-            return self._listener.active
-        return self._local is not None and self._local.active
-
-    @property
-    def reconnects(self) -> int:
-        return self._listener.reconnects if self._listener is not None else 0
-
-    def wait_active(self, timeout: float) -> bool:
-        """Block until subscribed (again, after a reconnect); False on timeout."""
-        if self._listener is not None:
-            return self._listener.wait_active(timeout)
-        return self.active
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the listener and join its thread. Idempotent."""
-        _live.discard(self)
-        if self._listener is not None:
-            self._listener.close(timeout)
-        if self._local is not None:
-            self._local.close(timeout)
-
-    # -- used by the listeners --------------------------------------------------
-    def _start(self, timeout: float) -> Subscription:
-        client = self.client
-        if _redis_mode(client):
-            self._prefix = client.settings.key_prefix
-            name = f"mcp_redis-events-{'p' if self.pattern else 'c'}:{self.channel[:40]}"
-            key = [self.redis_channel]
-            self._listener = Subscriber(
-                self._on_message,
-                channels=() if self.pattern else key,
-                patterns=key if self.pattern else (),
-                name=name,
-                connection=lambda: client.redis("events"),
-            )
-            _live.add(self)
-            try:
-                self._listener.start(wait=True, timeout=timeout)
-            except BaseException:
-                _live.discard(self)
-                raise
-        else:
-            self._local = _LocalListener(self)
-            _live.add(self)
-            _BROKER.add(self._local)
-        return self
-
-    def _on_message(self, channel: str, data: str) -> None:
-        event = decode_event(data)
-        if event is None:
-            self.skipped += 1
-            METRICS.inc("events_decode_errors_total", kind="pubsub")
-            log.warning("subscription %r: skipped a payload that is not a JSON object", self.channel)
-            return
-        name = channel[len(self._prefix):] if channel.startswith(self._prefix) else channel
-        self._deliver(name, event)
-
-    def _deliver(self, channel: str, event: Event) -> None:
-        try:
-            if self.with_channel:
-                self._handler(channel, event)
-            else:
-                self._handler(event)
-        except Exception:
-            self.errors += 1
-            METRICS.inc("events_handler_errors_total", kind="pubsub")
-            log.exception("subscription %r: handler raised; the subscription lives on", self.channel)
-            return
-        self.delivered += 1
-        METRICS.inc("events_delivered_total", kind="pubsub")
-
-
-class _LocalListener:
-    """Local mode: a queue and a daemon thread per subscription, in-process only."""
-
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
-        self._queue: queue.SimpleQueue[Optional[Tuple[str, Event]]] = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"mcp_redis-events-local:{sub.channel[:40]}", daemon=True)
-        self._thread.start()
-
-    @property
-    def active(self) -> bool:
-        return not self._closed and self._thread.is_alive()
-
-    def matches(self, channel: str) -> bool:
-        if self.sub.pattern:
-            return fnmatch.fnmatchcase(channel, self.sub.channel)
-        return channel == self.sub.channel
-
-    def put(self, channel: str, payload: str) -> None:
-        event = decode_event(payload)  # each receiver gets its own copy
-        if event is not None:
-            self._queue.put((channel, event))
-
-    def close(self, timeout: float) -> None:
-        self._closed = True
-        _BROKER.discard(self)
-        self._queue.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None or self._closed:
-                return
-            self.sub._deliver(*item)
-
-
-class _LocalBroker:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._listeners: List[_LocalListener] = []
-
-    def add(self, listener: _LocalListener) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
-    def discard(self, listener: _LocalListener) -> None:
-        with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-    def publish(self, channel: str, payload: str) -> int:
-        with self._lock:
-            targets = [li for li in self._listeners if li.matches(channel)]
-        for li in targets:
-            li.put(channel, payload)
-        return len(targets)
-
-    def clear(self) -> List[_LocalListener]:
-        with self._lock:
-            out, self._listeners = self._listeners, []
-        return out
-
-
-_BROKER = _LocalBroker()
-
-
-class EventBus:
-    """Publish JSON events and subscribe handlers to channels or patterns.
-
-    Stateless apart from the subscriptions it made (`close()` closes them);
-    the settings in force are read on every call. Thread-safe.
-    """
-
-    def __init__(self, client: Optional[Client] = None) -> None:
-        self.client = _check_client(client)  # None: the default client at each call
-        self._lock = threading.Lock()
-        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
-
-    def __repr__(self) -> str:
-        return f"EventBus(subscriptions={len(self._subs)})"
-
-    def __enter__(self) -> EventBus:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def publish(self, channel: str, event: Dict[str, Any]) -> int:
-        """Send `event` (a JSON-ready dict) on `channel`; returns the receivers.
-
-        Receivers are counted by Redis (every subscribed connection, in every
-        process; in a cluster, only those on the node that took the PUBLISH).
-        At-most-once: nobody subscribed means nobody gets it.
-        Raises `BackendUnavailable` when Redis does not answer. Never retried:
-        a reply lost after Redis published would make a retry deliver twice,
-        and pub/sub promises at most once.
-        """
-        name = _check_channel(channel)
-        payload = encode_event(event)
-        client = resolve(self.client)
-        if not _redis_mode(client):
-            receivers = _BROKER.publish(name, payload)
-        else:
-            conn = client.redis("events")
-            target = KeySpace(client.settings.key_prefix).channel(name)
-            receivers = int(conn.call(conn.client.publish, target, payload, attempts=1))
-        METRICS.inc("events_published_total")
-        return receivers
-
-    def subscribe(
-        self,
-        channel: str,
-        handler: EventHandler,
-        *,
-        pattern: bool = False,
-        with_channel: bool = False,
-        timeout: float = 5.0,
-    ) -> Subscription:
-        """Call ``handler(event)`` for every event on `channel`; returns once active.
-
-        ``pattern=True`` treats `channel` as a Redis glob (``agent:*``) matched
-        under the prefix. ``with_channel=True`` calls ``handler(channel, event)``
-        with the channel name as published (prefix removed). Raises
-        `BackendUnavailable` if not subscribed within `timeout` seconds.
-        """
-        name = _check_channel(channel, "pattern" if pattern else "channel")
-        fn = _check_handler(handler)
-        wait = seconds(timeout, "timeout")
-        sub = Subscription(name, fn, pattern=bool(pattern), with_channel=bool(with_channel), client=self.client)
-        sub._start(wait)
-        with self._lock:
-            self._subs.add(sub)
-        return sub
-
-    def psubscribe(self, pattern: str, handler: EventHandler, *, with_channel: bool = False,
-                   timeout: float = 5.0) -> Subscription:
-        """`subscribe` with ``pattern=True``."""
-        return self.subscribe(pattern, handler, pattern=True, with_channel=with_channel, timeout=timeout)
-
-    def publish_agent_update(self, agent_id: str, event: str,
-                             metrics: Optional[Dict[str, Any]] = None) -> int:
-        """Publish ``{"agent_id", "event", "metrics", "ts"}`` on ``agent:updates``."""
-        return self.publish(AGENT_UPDATES, agent_update(agent_id, event, metrics))
-
-    def close(self) -> None:
-        """Close every subscription made through this bus."""
-        with self._lock:
-            subs = list(self._subs)
-            self._subs = weakref.WeakSet()
-        for sub in subs:
-            sub.close()
-
-
-def agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, Any]] = None) -> Event:
-    """The payload of an agent update (validated): agent_id, event, metrics, ts."""
-    validate_id(agent_id, "agent_id")
-    validate_id(event, "event")
-    if metrics is None:
-        metrics = {}
-    encode_event(metrics, "metrics")
-    return {"agent_id": agent_id, "event": event, "metrics": metrics, "ts": time.time()}
-
-
-def publish_agent_update(agent_id: str, event: str, metrics: Optional[Dict[str, Any]] = None) -> int:
-    """Publish an agent update on ``agent:updates``; returns the receivers.
-
-    The event is ``{"agent_id": ..., "event": ..., "metrics": {...}, "ts":
-    <unix seconds>}``. Best effort (pub/sub); for updates that must not be
-    lost, also `EventStream.add` them.
-    """
-    return EventBus().publish_agent_update(agent_id, event, metrics)
-
-
-# -- durable streams -------------------------------------------------------------
-def _check_client(client: Optional[Client]) -> Optional[Client]:
+def check_client(client: Optional[Client]) -> Optional[Client]:
     if client is not None and not isinstance(client, Client):
         raise InvalidArgumentType("client", f"must be a mcp_redis.Client, not {type(client).__name__}")
     return client
@@ -479,21 +97,21 @@ class EventStream:
         client: Optional[Client] = None,
     ) -> None:
         self.name = validate_id(name, "name")
-        self.client = _check_client(client)  # None: the default client at each call
+        self.client = check_client(client)  # None: the default client at each call
         self.group = None if group is None else validate_id(group, "group")
         if consumer is None:
             consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.consumer = validate_id(consumer, "consumer")
-        self.maxlen = _check_int(maxlen, "maxlen", 1)
+        self.maxlen = check_int(maxlen, "maxlen", 1)
         self.ttl = optional_seconds(ttl, "ttl")
-        self.min_idle_ms = _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
+        self.min_idle_ms = check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         if start_id not in ("0", "$") and not _valid_stream_id(start_id):
             raise InvalidArgument("start_id", "must be '0', '$' or a stream id like '1700000000000-0'")
         self.start_id = start_id
         if claim_interval is None:
             claim_interval = max(self.min_idle_ms / 2000.0, 0.05)
         self.claim_interval = seconds(claim_interval, "claim_interval", allow_zero=True)  # 0: on every read
-        self.max_deliveries = None if max_deliveries is None else _check_int(max_deliveries, "max_deliveries", 1)
+        self.max_deliveries = None if max_deliveries is None else check_int(max_deliveries, "max_deliveries", 1)
         self._lock = threading.RLock()
         self._group_ready: Optional[Any] = None  # the client the group was ensured on
         self._own_cursor: Optional[str] = "0"  # re-read our own pending entries first
@@ -595,7 +213,7 @@ class EventStream:
         below the socket timeout) for them.
         """
         group = self._need_group()
-        _check_read_args(count, block_ms)
+        _check_read_args(count, block_ms, resolve(self.client).settings)
         if self._own_cursor is not None:
             entries = self._screen(self._read_own(group, count))
             if entries:
@@ -622,7 +240,7 @@ class EventStream:
     def claim(self, count: int = 100, min_idle_ms: Optional[int] = None) -> List[StreamEntry]:
         """Take over up to `count` entries pending longer than `min_idle_ms` (XAUTOCLAIM)."""
         group = self._need_group()
-        idle = self.min_idle_ms if min_idle_ms is None else _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
+        idle = self.min_idle_ms if min_idle_ms is None else check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         key = self.key
         cursor = self._claim_cursor
         reply = self._group_call(lambda c: c.call(
@@ -666,7 +284,7 @@ class EventStream:
 
     def dead_letters(self, count: int = 100) -> List[StreamEntry]:
         """The oldest `count` dead-lettered entries (ids are the original ids)."""
-        _check_int(count, "count", 1, 10_000)
+        check_int(count, "count", 1, 10_000)
         conn = self._conn()
         rows = conn.call(conn.client.xrange, self.dead_letter_key, "-", "+", count)
         return [StreamEntry(str(f.get("id", eid)), decode_event(f.get("e"))) for eid, f in rows]
@@ -705,7 +323,7 @@ class EventStream:
     def prune_consumers(self, min_idle_ms: int = 24 * 3600 * 1000) -> int:
         """Forget consumers with nothing pending, idle over `min_idle_ms`; returns how many."""
         group = self._need_group()
-        _check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
+        check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         key = self.key
         consumers = self._group_call(lambda c: c.call(c.client.xinfo_consumers, key, group))
         removed = 0
@@ -725,7 +343,7 @@ class EventStream:
         pending: it is re-delivered after `min_idle_ms`. Entries that were
         trimmed away or are not a JSON object are acked and skipped.
         """
-        fn = _check_handler(handler)
+        fn = check_handler(handler)
         entries = self.read(count, block_ms)
         done: List[str] = []
         failed = 0
@@ -760,9 +378,9 @@ class EventStream:
         Survives Redis outages and restarts: waits with backoff and carries on
         (recreating the group if Redis came back empty).
         """
-        _check_handler(handler)
+        check_handler(handler)
         self._need_group()
-        _check_read_args(count, block_ms)
+        _check_read_args(count, block_ms, resolve(self.client).settings)
         stop = stop if stop is not None else threading.Event()
         self._conn()  # fail fast in local mode
         handled = 0
@@ -790,18 +408,18 @@ class EventStream:
     def run_in_thread(self, handler: EventHandler, *, count: int = 100, block_ms: int = 1000,
                       with_id: bool = False, name: Optional[str] = None) -> StreamConsumer:
         """`consume` on a daemon thread; returns a handle with `close()`."""
-        _check_handler(handler)
+        check_handler(handler)
         self._need_group()
-        _check_read_args(count, block_ms)
+        _check_read_args(count, block_ms, resolve(self.client).settings)
         self._conn()
         return StreamConsumer(self, handler, count=count, block_ms=block_ms, with_id=with_id, name=name)
 
 
-def _check_read_args(count: object, block_ms: object) -> None:
-    _check_int(count, "count", 1, 10_000)
-    # XREADGROUP BLOCK must end well before the socket timeout fires.
-    limit = max(0, min(1000, int(settings().socket_timeout * 500)))
-    _check_int(block_ms, "block_ms", 0, limit)
+def _check_read_args(count: object, block_ms: object, s: Settings) -> None:
+    check_int(count, "count", 1, 10_000)
+    # XREADGROUP BLOCK must end well before the socket timeout of the stream's client fires.
+    limit = max(0, min(1000, int(s.socket_timeout * 500)))
+    check_int(block_ms, "block_ms", 0, limit)
 
 
 def _valid_stream_id(value: str) -> bool:
@@ -821,7 +439,8 @@ class StreamConsumer:
         self._kw: Dict[str, Any] = {"count": count, "block_ms": block_ms, "with_id": with_id}
         self._thread = threading.Thread(target=self._run, name=name or f"mcp_redis-stream:{stream.name[:40]}",
                                         daemon=True)
-        _live.add(self)
+        self._owner = resolve(stream.client).singleton(_CONSUMERS, ConsumerThreads)
+        self._owner.add(self)
         self._thread.start()
 
     def __repr__(self) -> str:
@@ -857,27 +476,36 @@ class StreamConsumer:
 
     def close(self, timeout: float = 3.0) -> None:
         """Stop after the current event (its batch's handled entries are acked)."""
-        _live.discard(self)
+        self._owner.discard(self)
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
 
-# -- process-wide state ----------------------------------------------------------
-@on_reset
-def _close_all() -> None:
-    """`reset()`/`configure()` stop every subscription and consumer thread."""
-    for item in list(_live):
-        try:
-            item.close()
-        except Exception:  # pragma: no cover - defensive
-            log.debug("close on reset failed", exc_info=True)
-    for li in _BROKER.clear():
-        li.close(0)
+_CONSUMERS = ("events", "stream-consumers")
 
 
-@on_fork
-def _forget_in_child() -> None:
-    # Threads do not survive fork: the child starts with no subscriptions.
-    _live.clear()
-    _BROKER.clear()
+class ConsumerThreads:
+    """A client's running `StreamConsumer` threads (a per-client singleton).
+
+    The client closes it when it closes, which stops every consumer started
+    on it; a forked child forgets it (the threads stayed in the parent).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._consumers: weakref.WeakSet[StreamConsumer] = weakref.WeakSet()
+
+    def add(self, consumer: StreamConsumer) -> None:
+        with self._lock:
+            self._consumers.add(consumer)
+
+    def discard(self, consumer: StreamConsumer) -> None:
+        with self._lock:
+            self._consumers.discard(consumer)
+
+    def close(self) -> None:
+        with self._lock:
+            consumers = list(self._consumers)
+        for consumer in consumers:
+            consumer.close()
