@@ -18,7 +18,6 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -27,12 +26,13 @@ import redis.exceptions as rex
 from ..client import Client, resolve
 from ..config import Settings
 from ..connections import RedisConnection
-from ..errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
 from ..validation import MAX_SECONDS, optional_seconds, seconds
 from .base import Event, EventHandler
 from .codec import check_handler, check_int, decode_event, encode_event
+from .consumer import StreamConsumer, consume_loop, handle_batch
 
 __all__ = ["EventStream", "StreamEntry", "StreamConsumer", "check_client"]
 
@@ -60,7 +60,6 @@ class StreamEntry:
 
 
 _MAX_ADD_BATCH = 500
-_PRUNE_INTERVAL = 3600.0  # consume() forgets long-idle, empty consumers this often
 _DEFAULT_TTL = 7 * 24 * 3600.0
 _MAX_MS = int(MAX_SECONDS * 1000)  # idle times in ms: the same ten-year bound as every duration
 
@@ -344,28 +343,7 @@ class EventStream:
         trimmed away or are not a JSON object are acked and skipped.
         """
         fn = check_handler(handler)
-        entries = self.read(count, block_ms)
-        done: List[str] = []
-        failed = 0
-        for entry in entries:
-            if stop is not None and stop.is_set():
-                break  # the rest stay pending: claimed later, or re-read by this consumer
-            if entry.event is None:
-                METRICS.inc("events_decode_errors_total", kind="stream")
-                log.warning("stream %r: entry %s is gone or not a JSON object; acking it", self.name, entry.id)
-                done.append(entry.id)
-                continue
-            try:
-                if with_id:
-                    fn(entry.id, entry.event)
-                else:
-                    fn(entry.event)
-            except Exception:
-                failed += 1
-                METRICS.inc("events_handler_errors_total", kind="stream")
-                log.exception("stream %r: handler raised on %s; left pending for re-delivery", self.name, entry.id)
-                continue
-            done.append(entry.id)
+        done, failed = handle_batch(self, fn, self.read(count, block_ms), with_id=with_id, stop=stop)
         if done:
             self.ack(*done)
             METRICS.inc("events_delivered_total", float(len(done)), kind="stream")
@@ -381,29 +359,9 @@ class EventStream:
         check_handler(handler)
         self._need_group()
         _check_read_args(count, block_ms, resolve(self.client).settings)
-        stop = stop if stop is not None else threading.Event()
         self._conn()  # fail fast in local mode
-        handled = 0
-        backoff = 0.05
-        next_prune = time.monotonic() + _PRUNE_INTERVAL
-        while not stop.is_set() and (max_events is None or handled < max_events):
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + _PRUNE_INTERVAL
-                try:
-                    self.prune_consumers()
-                except Exception as exc:  # housekeeping only
-                    log.debug("stream %r: prune_consumers failed: %s", self.name, type(exc).__name__)
-            want = count if max_events is None else max(1, min(count, max_events - handled))
-            try:
-                n, _ = self.process(handler, count=want, block_ms=block_ms, with_id=with_id, stop=stop)
-            except (BackendUnavailable, rex.ConnectionError, rex.TimeoutError) as exc:
-                log.warning("stream %r: redis unavailable (%s); retrying", self.name, type(exc).__name__)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-            handled += n
-        return handled
+        return consume_loop(self, handler, count=count, block_ms=block_ms, with_id=with_id, stop=stop,
+                            max_events=max_events)
 
     def run_in_thread(self, handler: EventHandler, *, count: int = 100, block_ms: int = 1000,
                       with_id: bool = False, name: Optional[str] = None) -> StreamConsumer:
@@ -425,87 +383,3 @@ def _check_read_args(count: object, block_ms: object, s: Settings) -> None:
 def _valid_stream_id(value: str) -> bool:
     ms, dash, seq = value.partition("-")
     return ms.isdigit() and (not dash or seq.isdigit()) and ms.isascii() and seq.isascii()
-
-
-class StreamConsumer:
-    """A background `EventStream.consume` loop on a daemon thread."""
-
-    def __init__(self, stream: EventStream, handler: EventHandler, *, count: int, block_ms: int,
-                 with_id: bool, name: Optional[str]) -> None:
-        self.stream = stream
-        self._stop = threading.Event()
-        self.handled = 0
-        self._handler = handler
-        self._kw: Dict[str, Any] = {"count": count, "block_ms": block_ms, "with_id": with_id}
-        self._thread = threading.Thread(target=self._run, name=name or f"mcp_redis-stream:{stream.name[:40]}",
-                                        daemon=True)
-        self._owner = resolve(stream.client).singleton(_CONSUMERS, ConsumerThreads)
-        self._owner.add(self)
-        self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"StreamConsumer({self.stream!r}, alive={self.alive}, handled={self.handled})"
-
-    def __enter__(self) -> StreamConsumer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _count(self, *args: Any) -> None:
-        self._handler(*args)
-        self.handled += 1
-
-    def _run(self) -> None:
-        logged: Optional[str] = None
-        while not self._stop.is_set():
-            try:
-                self.stream.consume(self._count, stop=self._stop, **self._kw)
-            except ConfigurationError as exc:  # only the operator can fix it: one line, not a loop
-                if str(exc) != logged:
-                    log.error("stream %r: consumer stopped: %s (retrying every 1s)", self.stream.name, exc)
-                    logged = str(exc)
-                self._stop.wait(1.0)
-            except Exception:  # a bug or a non-transient error: log, pause, go on
-                log.exception("stream %r: consumer loop failed; restarting it", self.stream.name)
-                self._stop.wait(1.0)
-
-    def close(self, timeout: float = 3.0) -> None:
-        """Stop after the current event (its batch's handled entries are acked)."""
-        self._owner.discard(self)
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-
-_CONSUMERS = ("events", "stream-consumers")
-
-
-class ConsumerThreads:
-    """A client's running `StreamConsumer` threads (a per-client singleton).
-
-    The client closes it when it closes, which stops every consumer started
-    on it; a forked child forgets it (the threads stayed in the parent).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._consumers: weakref.WeakSet[StreamConsumer] = weakref.WeakSet()
-
-    def add(self, consumer: StreamConsumer) -> None:
-        with self._lock:
-            self._consumers.add(consumer)
-
-    def discard(self, consumer: StreamConsumer) -> None:
-        with self._lock:
-            self._consumers.discard(consumer)
-
-    def close(self) -> None:
-        with self._lock:
-            consumers = list(self._consumers)
-        for consumer in consumers:
-            consumer.close()

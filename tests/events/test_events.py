@@ -325,3 +325,13 @@ def test_a_forked_child_sees_the_parents_subscription_inactive_and_closing_it_th
     assert sub.active
     assert bus.publish("c", {"n": 1}) == 1
     assert inbox.wait(1) == [{"n": 1}]
+
+
+def test_reset_leaves_the_subscriptions_of_a_client_you_made_running(redis_url: str) -> None:
+    with mcp_redis.Client(redis_url=redis_url) as client:
+        inbox = Inbox()
+        sub = EventBus(client=client).subscribe("c", inbox)
+        mcp_redis.reset()
+        assert sub.active
+        assert EventBus(client=client).publish("c", {"n": 1}) == 1
+        assert inbox.wait(1) == [{"n": 1}]
