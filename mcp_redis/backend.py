@@ -27,7 +27,12 @@ from .validation import seconds
 
 __all__ = ["RedisBackend"]
 
-_local_kv: TTLStore[str] = TTLStore(maxsize=10_000)
+_LOCAL_KV = ("backend", "local-kv")
+
+
+def _local_kv(client: Client) -> TTLStore[str]:
+    """The local-mode key/value cache of `client` (one per client, like every backend's state)."""
+    return client.singleton(_LOCAL_KV, lambda: TTLStore(maxsize=10_000))
 
 
 class RedisBackend:
@@ -100,7 +105,7 @@ class RedisBackend:
         if mode is Mode.OFF:
             return None
         if mode is Mode.LOCAL:
-            raw = _local_kv.get(_kv_key(s, key))
+            raw = _local_kv(client).get(_kv_key(s, key))
         else:
             conn = client.redis("metadata_cache")
             if not conn.policy.available:
@@ -127,7 +132,7 @@ class RedisBackend:
         if mode is Mode.OFF:
             return
         if mode is Mode.LOCAL:
-            _local_kv.set(_kv_key(s, key), raw, ttl)
+            _local_kv(client).set(_kv_key(s, key), raw, ttl)
             return
         conn = client.redis("metadata_cache")
         try:

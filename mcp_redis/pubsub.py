@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
 
-from .connections import RedisConnection, on_fork
+from .connections import RedisConnection
 from .errors import BackendUnavailable, ConfigurationError
 from .metrics import METRICS
 
@@ -44,6 +44,11 @@ class Subscriber:
     this subscriber's own daemon thread. An exception in `handler` is logged
     and counted; the listener lives on. Pub/sub is at-most-once: a message
     published while the listener is reconnecting is lost.
+
+    A listener belongs to the process that started it: in a forked child it
+    is inactive (`active`, `alive` and `wait_active` say so, by pid) and
+    `close()` never touches the parent's socket, so no fork hook is needed;
+    its owner (a client singleton) is forgotten by the client's fork handling.
     """
 
     def __init__(
@@ -118,13 +123,21 @@ class Subscriber:
         return self
 
     def wait_active(self, timeout: float) -> bool:
-        """Block until subscribed (again); False on timeout."""
+        """Block until subscribed (again); False on timeout, and at once in a forked child."""
+        if self._pid != os.getpid():
+            return False
         return self._ready.wait(timeout)
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop listening and join the thread (never from inside the handler)."""
+        """Stop listening and join the thread (never from inside the handler).
+
+        In a forked child the listener is the parent's: it is only marked
+        closed; its socket and thread are left alone.
+        """
         self._closed.set()
         self._ready.clear()
+        if self._pid != os.getpid():
+            return
         ps = self._pubsub
         if ps is not None:
             try:
@@ -241,11 +254,3 @@ def _default_connection() -> RedisConnection:
 
     return default_client().redis()
 
-
-@on_fork
-def _forget_in_child() -> None:
-    # Threads do not survive fork; never touch the parent's sockets.
-    for sub in list(_live):
-        sub._pubsub = None
-        sub._ready.clear()
-    _live.clear()

@@ -93,3 +93,10 @@ def test_backend_with_settings_applies_them_process_wide(redis_url: str) -> None
     backend.cache_set("k", 1)
     assert mcp_redis.settings().key_prefix == "other:"
     assert list(get_redis().client.scan_iter("other:kv:*"))
+
+
+def test_local_mode_cache_belongs_to_its_client() -> None:
+    with mcp_redis.Client(redis_url=None) as one, mcp_redis.Client(redis_url=None) as other:
+        RedisBackend(one).cache_set("k", {"x": 1})
+        assert RedisBackend(one).cache_get("k") == {"x": 1}
+        assert RedisBackend(other).cache_get("k") is None

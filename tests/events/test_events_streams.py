@@ -241,3 +241,24 @@ def test_prune_consumers_forgets_idle_consumers_with_nothing_pending(raw: Redis)
     me = EventStream("s", "g", "me")
     assert me.prune_consumers(min_idle_ms=0) == 1
     assert sorted(c["name"] for c in raw.xinfo_consumers(me.key, "g")) == ["busy"]
+
+
+def test_block_ms_is_bounded_by_the_socket_timeout_of_the_streams_own_client(redis_url: str) -> None:
+    # The process-wide settings allow 1,000 ms (2 s socket timeout); this client's 0.5 s allows 250.
+    with mcp_redis.Client(redis_url=redis_url, socket_timeout=0.5) as client:
+        stream = EventStream("bounded", "g", client=client)
+        with pytest.raises(InvalidArgument) as info:
+            stream.read(count=1, block_ms=1000)
+        assert info.value.argument == "block_ms"
+        assert stream.read(count=1, block_ms=250) == []
+
+
+def test_consumer_threads_stop_when_their_client_closes(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url)
+    on_default = EventStream("owned", "g").run_in_thread(lambda event: None, block_ms=10)
+    with mcp_redis.Client(redis_url=redis_url) as client:
+        on_mine = EventStream("owned", "g2", client=client).run_in_thread(lambda event: None, block_ms=10)
+        mcp_redis.reset()  # closes the default client only
+        assert not on_default.alive
+        assert on_mine.alive
+    assert not on_mine.alive

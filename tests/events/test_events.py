@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from typing import Any, Dict, List, Tuple
 
@@ -293,3 +294,44 @@ def test_local_mode_delivers_inside_the_process() -> None:
     assert pattern.wait(100) == [("c", e) for e in events]
     sub.close()
     assert bus.publish("c", {"n": 1}) == 1
+
+
+def test_local_mode_delivers_only_to_subscriptions_of_the_same_client() -> None:
+    with mcp_redis.Client(redis_url=None) as one, mcp_redis.Client(redis_url=None) as other:
+        mine, theirs = Inbox(), Inbox()
+        EventBus(client=one).subscribe("c", mine)
+        EventBus(client=other).subscribe("c", theirs)
+        assert EventBus(client=one).publish("c", {"n": 1}) == 1
+        assert mine.wait(1) == [{"n": 1}]
+        assert theirs.items == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_sees_the_parents_subscription_inactive_and_closing_it_there_leaves_the_parent_subscribed(
+        bus: EventBus) -> None:
+    inbox = Inbox()
+    sub = bus.subscribe("c", inbox)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 3
+        try:
+            inactive = not sub.active and not sub.wait_active(0.2)
+            sub.close()
+            code = 0 if inactive else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sub.active
+    assert bus.publish("c", {"n": 1}) == 1
+    assert inbox.wait(1) == [{"n": 1}]
+
+
+def test_reset_leaves_the_subscriptions_of_a_client_you_made_running(redis_url: str) -> None:
+    with mcp_redis.Client(redis_url=redis_url) as client:
+        inbox = Inbox()
+        sub = EventBus(client=client).subscribe("c", inbox)
+        mcp_redis.reset()
+        assert sub.active
+        assert EventBus(client=client).publish("c", {"n": 1}) == 1
+        assert inbox.wait(1) == [{"n": 1}]
