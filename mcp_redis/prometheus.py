@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigurationError
@@ -298,7 +299,9 @@ def _pool_stats(read: Callable[[], Mapping[str, int]]) -> Mapping[str, int]:
 
 
 _registered_lock = threading.Lock()
-_registered: Dict[int, MetricsCollector] = {}
+# Keyed by the registry itself (weakly): an id() would be reused by a new
+# registry once an old one is collected, which then got no collector.
+_registered: "weakref.WeakKeyDictionary[Any, MetricsCollector]" = weakref.WeakKeyDictionary()
 
 
 def register(registry: Optional[Any] = None, metrics: Metrics = METRICS) -> MetricsCollector:
@@ -306,12 +309,12 @@ def register(registry: Optional[Any] = None, metrics: Metrics = METRICS) -> Metr
     client = _require_client()
     reg = registry if registry is not None else client.REGISTRY
     with _registered_lock:
-        existing = _registered.get(id(reg))
+        existing = _registered.get(reg)
         if existing is not None:
             return existing
         collector = MetricsCollector(metrics)
         reg.register(collector)
-        _registered[id(reg)] = collector
+        _registered[reg] = collector
         return collector
 
 

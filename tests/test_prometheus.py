@@ -179,6 +179,23 @@ def test_register_is_idempotent_per_registry() -> None:
     assert register(registry) is register(registry)
 
 
+def test_every_new_registry_gets_the_collector_even_where_an_old_one_was_freed() -> None:
+    # A registry that is garbage-collected frees its id(); CPython hands the
+    # same address to the next object, so a cache keyed by id() answered
+    # "already registered" for a registry that had nothing.
+    from prometheus_client import CollectorRegistry
+
+    from mcp_redis.prometheus import register
+
+    METRICS.inc("lock_acquire_total", backend="redis", outcome="acquired")
+    for _ in range(50):
+        registry = CollectorRegistry()
+        register(registry)
+        assert registry.get_sample_value(
+            "mcp_redis_lock_acquire_total", {"backend": "redis", "outcome": "acquired"}) == 1.0
+        del registry
+
+
 def test_without_prometheus_client_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from mcp_redis import prometheus
 
