@@ -301,7 +301,7 @@ def _pool_stats(read: Callable[[], Mapping[str, int]]) -> Mapping[str, int]:
 _registered_lock = threading.Lock()
 # Keyed by the registry itself (weakly): an id() would be reused by a new
 # registry once an old one is collected, which then got no collector.
-_registered: "weakref.WeakKeyDictionary[Any, MetricsCollector]" = weakref.WeakKeyDictionary()
+_registered: weakref.WeakKeyDictionary[Any, MetricsCollector] = weakref.WeakKeyDictionary()
 
 
 def register(registry: Optional[Any] = None, metrics: Metrics = METRICS) -> MetricsCollector:

@@ -15,7 +15,7 @@ python="${PYTHON:-python3}"
 modules=(
   mcp_redis
   mcp_redis.config mcp_redis.errors mcp_redis.keys
-  mcp_redis.locks mcp_redis.ratelimit mcp_redis.ratelimit_storage mcp_redis.cache
+  mcp_redis.client mcp_redis.locks mcp_redis.ratelimit mcp_redis.cache
   mcp_redis.sessions mcp_redis.events mcp_redis.pubsub mcp_redis.backend mcp_redis.compat
   mcp_redis.resilience mcp_redis.connections mcp_redis.postgres mcp_redis.local
   mcp_redis.metrics mcp_redis.prometheus

@@ -7,7 +7,6 @@ an L1 one, `Fill` one write-back of a batch: named types instead of
 f-strings and ``entry[3]``.
 """
 
-from __future__ import annotations
 
 import json
 from typing import Any, ClassVar, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Type

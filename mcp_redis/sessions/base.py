@@ -10,7 +10,6 @@ by agent, and the transactional ``*_through`` verbs that write Redis while
 the record is locked.
 """
 
-from __future__ import annotations
 
 from typing import Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
