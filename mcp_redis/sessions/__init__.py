@@ -37,6 +37,7 @@ from ..errors import ConfigurationError, FeatureDisabled, InvalidArgument, Inval
 from ..keys import MAX_ID_LENGTH, KeySpace, validate_id
 from ..metrics import METRICS
 from ..validation import MAX_SECONDS, optional_seconds, seconds
+from .agents import AgentDirectory
 from .base import MAX_REFRESH_INTERVAL, Backend, Pending, Record, Source, Timing, Touched
 from .directory import pick
 from .memory import MemoryBackend
@@ -45,7 +46,7 @@ from .redis import RedisBackend, RedisTier
 from .writethrough import WriteThroughBackend
 
 __all__ = [
-    "SessionStore", "SessionMap", "cleanup_expired", "replay_pending", "use_source",
+    "SessionStore", "SessionMap", "AgentDirectory", "cleanup_expired", "replay_pending", "use_source",
     "Backend", "Source", "Timing", "Record", "Touched", "Pending",
     "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend", "MAX_REFRESH_INTERVAL",
 ]
@@ -259,11 +260,17 @@ class SessionStore:
         """The agent id that `prefix` names (a bound agent's id starting with it), or None.
 
         An id equal to `prefix` wins; two or more others raise `AmbiguousPrefix`
-        listing at most `max_candidates` of them.
+        listing at most `max_candidates` of them. When no bound agent matches,
+        the `AgentDirectory` answers for registered agents (a 12-character
+        prefix, ``agent-<prefix12>``, or a whole registered id), live session
+        or not.
         """
         validate_id(prefix, "prefix")
         _check_limit(max_candidates, "max_candidates")
-        return pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
+        found = pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
+        if found is None:
+            found = AgentDirectory(client=self.client).resolve(prefix)
+        return found
 
     def mapping(self) -> SessionMap:
         """A `MutableMapping` view for legacy code that used the dict."""
