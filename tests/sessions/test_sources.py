@@ -149,6 +149,8 @@ def test_legacy_adapter_refuses_an_agent_the_legacy_server_never_registered(
     assert _legacy_sql(pg_database, "SELECT count(*) FROM core.sessions") == [(0,)]
     assert _legacy_sql(pg_database, "SELECT count(*) FROM core.agents") == [(0,)]
     assert legacy_store.get("s1") is None
+    with pytest.raises(InvalidArgument, match="agent_id"):
+        legacy_store.bind("s1", "nul\x00inside")  # legacy agent ids are TEXT
 
 
 def test_legacy_adapter_serves_the_servers_own_rows_and_ends_them_as_the_server_does(
