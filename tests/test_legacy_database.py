@@ -177,3 +177,24 @@ def test_pg_schema_is_read_from_its_variable_and_known_to_the_unknown_variable_w
     assert warn_unknown_variables(env) == []
     with pytest.raises(ConfigurationError, match="MCP_REDIS_PG_SCHEMA"):
         Settings.from_env({"MCP_REDIS_PG_SCHEMA": "core"})
+
+
+def test_a_schema_problem_at_a_call_site_is_a_configuration_error_never_the_local_fallback(
+        legacy_db: PostgresDatabase, caplog: pytest.LogCaptureFixture) -> None:
+    conn = psycopg2.connect(legacy_db.dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("DROP SCHEMA IF EXISTS dropped_col CASCADE")
+    finally:
+        conn.close()
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema="dropped_col", rate_limits="postgres")
+    migrate()
+    conn = psycopg2.connect(legacy_db.dsn)
+    try:
+        with conn, conn.cursor() as cur:  # the table changed under a running process
+            cur.execute("ALTER TABLE dropped_col.rate_limits DROP COLUMN state")
+    finally:
+        conn.close()
+    with pytest.raises(ConfigurationError, match="state"):
+        RateLimiter("legacy-db", 5, 60).hit("k")
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
