@@ -22,8 +22,11 @@ per client:
 The package: `base` (the `Backend` protocol every backend implements, the
 `Source` protocol of a source of truth, the named types between them),
 `redis` (the Redis tier: keys and scripts; the Redis-only backend),
-`directory` (the prefix index), `postgres`, `memory`, `writethrough` (Redis + a `Source`), `replay`
-(the outage replayer, one per client). Redis layout (prefix ``mcp:``): see
+`directory` (the prefix index of bound agents), `agents` (`AgentDirectory`: the
+prefix index of registered agents, session or not), `postgres`, `memory`,
+`writethrough` (Redis + a `Source`; `use_source` picks another source than
+`PostgresBackend`, e.g. ``examples/legacy_sessions.py``), `replay` (the outage
+replayer, one per client). Redis layout (prefix ``mcp:``): see
 `mcp_redis.sessions.redis`.
 """
 
