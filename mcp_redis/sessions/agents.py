@@ -182,7 +182,8 @@ class AgentDirectory:
         mode = c.mode("sessions")
         if mode is Mode.OFF:
             raise FeatureDisabled(_OFF)
-        return mode, mode is not Mode.LOCAL and bool(c.settings.database_url)
+        # postgres mode always has a record (without DATABASE_URL: the same ConfigurationError as SessionStore).
+        return mode, mode is Mode.POSTGRES or (mode is Mode.REDIS and bool(c.settings.database_url))
 
     @staticmethod
     def _key(c: Client, prefix: str) -> str:

@@ -107,3 +107,9 @@ def test_bad_arguments_are_refused_naming_them(mode: str) -> None:
     with pytest.raises(mcp_redis.InvalidArgumentType) as type_info:
         directory.resolve(42)  # type: ignore[arg-type]
     assert type_info.value.argument == "text"
+
+
+def test_postgres_mode_without_a_database_refuses_instead_of_keeping_nothing() -> None:
+    mcp_redis.configure(sessions="postgres")
+    with pytest.raises(mcp_redis.ConfigurationError, match="DATABASE_URL"):  # as SessionStore says
+        AgentDirectory().register(AGENT)
