@@ -95,6 +95,29 @@ _ALLOWED_MODES = {
 }
 
 
+_PG_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+# A legacy server's schemas (its core.sessions and audit.rate_limits have other
+# columns) and PostgreSQL's own.
+_PG_SCHEMA_RESERVED = {"core", "audit", "public", "information_schema"}
+
+
+def validate_pg_schema(name: object) -> str:
+    """`pg_schema`: a plain lower-case PostgreSQL identifier the library owns alone.
+
+    Raises `ConfigurationError` naming the setting for anything else: quoting
+    rules, ``pg_*`` (reserved by PostgreSQL), and the schemas of the legacy
+    server (``core``, ``audit``) or of everyone (``public``).
+    """
+    if not isinstance(name, str) or not _PG_SCHEMA_NAME.match(name):
+        raise ConfigurationError(
+            f"pg_schema: must be a lower-case PostgreSQL identifier ([a-z_][a-z0-9_]*, at most 63), got {name!r}")
+    if name in _PG_SCHEMA_RESERVED or name.startswith("pg_"):
+        raise ConfigurationError(
+            f"pg_schema: {name!r} is not the library's own schema (reserved: core, audit, public, pg_*); "
+            "use e.g. the default 'mcp_redis'")
+    return name
+
+
 def _default_lock_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "mcp_redis_locks")
 
@@ -106,6 +129,9 @@ class Settings:
     redis_url: Optional[str] = None
     database_url: Optional[str] = None
     key_prefix: str = "mcp:"
+    # PostgreSQL schema of every table the library owns; never a legacy server's
+    # ``core``/``audit`` (whose tables of the same names have other columns).
+    pg_schema: str = "mcp_redis"
     session_ttl: int = 3600
     metadata_ttl: int = 300
     lock_timeout: float = 30.0
@@ -150,6 +176,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         validate_prefix(self.key_prefix)
+        validate_pg_schema(self.pg_schema)
         for name, bounds in _DURATIONS.items():
             _check_duration(name, getattr(self, name), bounds)
         for name in ("max_connections", "postgres_max_connections",
@@ -352,6 +379,7 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "redis_url": ("REDIS_URL", _str),
     "database_url": ("DATABASE_URL", _str),
     "key_prefix": ("MCP_REDIS_KEY_PREFIX", _str),
+    "pg_schema": ("MCP_REDIS_PG_SCHEMA", _str),
     "session_ttl": ("REDIS_SESSION_TTL", _int),
     "metadata_ttl": ("REDIS_METADATA_TTL", _int),
     "lock_timeout": ("REDIS_LOCK_TIMEOUT", _float),

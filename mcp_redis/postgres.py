@@ -2,8 +2,11 @@
 
 PostgreSQL is the source of truth where data must not be lost (sessions) and
 the shared fallback for rate limits and locks. Every query is parameterised.
-The schema is created idempotently by `migrate()` (also `mcp-redis migrate`)
-and on first use by the features that need it.
+Every table lives in the library's own schema (setting `pg_schema`, variable
+``MCP_REDIS_PG_SCHEMA``, default ``mcp_redis``), never in a legacy server's
+``core``/``audit``. The DDL runs only in `migrate()` (also ``mcp-redis
+migrate``, and once per process on first use): idempotent, and a table of the
+library's name with another shape is a `ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Type, Union
 
 if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` does not load it
     import psycopg2
@@ -25,17 +28,18 @@ from .errors import AuthenticationFailed, BackendUnavailable, ConfigurationError
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
 
-__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "is_pg_transient", "pg_error"]
+__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "SHAPES", "is_pg_transient", "pg_error"]
 
 log = logging.getLogger("mcp_redis.postgres")
 
-# Statements run in order, each idempotent. Features append to this list
-# at import time for the tables they own.
+# Statements run in order by `migrate`, each idempotent; ``{schema}`` stands for
+# the library's own schema (setting `pg_schema`, default ``mcp_redis``), filled
+# in through ``psycopg2.sql.Identifier``. Features append to this list (and to
+# `SHAPES`) at import time for the tables they own.
 SCHEMA: List[str] = [
-    "CREATE SCHEMA IF NOT EXISTS core",
-    "CREATE SCHEMA IF NOT EXISTS audit",
+    "CREATE SCHEMA IF NOT EXISTS {schema}",
     """
-    CREATE TABLE IF NOT EXISTS core.sessions (
+    CREATE TABLE IF NOT EXISTS {schema}.sessions (
         session_key   TEXT PRIMARY KEY,            -- keys.encode_id(session key)
         agent_id      BYTEA NOT NULL,              -- UTF-8 (surrogatepass) bytes: NUL-safe, prefix = range
         expires_at    TIMESTAMPTZ NOT NULL,
@@ -44,13 +48,13 @@ SCHEMA: List[str] = [
         redis_pending BOOLEAN NOT NULL DEFAULT false -- written while Redis was down: replay it
     )
     """,
-    "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON core.sessions (agent_id)",
-    "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON core.sessions (expires_at)",
-    "CREATE INDEX IF NOT EXISTS sessions_redis_pending_idx ON core.sessions (session_key) WHERE redis_pending",
+    "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON {schema}.sessions (agent_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON {schema}.sessions (expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_redis_pending_idx ON {schema}.sessions (session_key) WHERE redis_pending",
     # Rate limits (mcp_redis.ratelimit.postgres.PostgresBackend): one row per
     # (name, key, algorithm, window); ids stored encoded (keys.encode_id).
     """
-    CREATE TABLE IF NOT EXISTS audit.rate_limits (
+    CREATE TABLE IF NOT EXISTS {schema}.rate_limits (
         name        TEXT NOT NULL,
         rate_key    TEXT NOT NULL,
         algorithm   TEXT NOT NULL,
@@ -61,8 +65,19 @@ SCHEMA: List[str] = [
         PRIMARY KEY (name, rate_key, algorithm, window_us)
     )
     """,
-    "CREATE INDEX IF NOT EXISTS rate_limits_expires_at_idx ON audit.rate_limits (expires_at)",
+    "CREATE INDEX IF NOT EXISTS rate_limits_expires_at_idx ON {schema}.rate_limits (expires_at)",
 ]
+
+# table (in the library's schema) -> {column: PostgreSQL type (udt_name)}: what
+# `migrate` checks an existing table against before creating anything, so a
+# table of the same name with another shape is a ConfigurationError naming the
+# table and the column, never a half-working schema.
+SHAPES: Dict[str, Dict[str, str]] = {
+    "sessions": {"session_key": "text", "agent_id": "bytea", "expires_at": "timestamptz",
+                 "created_at": "timestamptz", "updated_at": "timestamptz", "redis_pending": "bool"},
+    "rate_limits": {"name": "text", "rate_key": "text", "algorithm": "text", "window_us": "int8",
+                    "state": "jsonb", "expires_at": "timestamptz", "updated_at": "timestamptz"},
+}
 
 
 class _NotRaised(Exception):
@@ -107,6 +122,14 @@ def pg_misconfiguration(exc: BaseException) -> Optional[ConfigurationError]:
         return None
     import psycopg2.errors
 
+    if isinstance(exc, (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn)):
+        # The server answered: the library's schema is missing or has another
+        # shape. Falling back (or retrying) would hide it; only migrate fixes it.
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ConfigurationError(
+            f"PostgreSQL schema: {said}; run `mcp-redis migrate` (it creates the library's tables in "
+            "MCP_REDIS_PG_SCHEMA, default mcp_redis, and names any table of another shape)",
+            variable="MCP_REDIS_PG_SCHEMA")
     if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
         said = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
         return PermissionDenied(
@@ -173,6 +196,8 @@ class Postgres:
         if not s.database_url:
             raise ConfigurationError("database_url: not set")
         self.settings = s
+        self.schema = s.pg_schema
+        self._statements: Dict[str, psycopg2.sql.Composed] = {}
         self.url = redact_url(s.database_url)
         self._maxconn = s.postgres_max_connections
         self._slots = threading.BoundedSemaphore(self._maxconn)
@@ -251,6 +276,19 @@ class Postgres:
                     pass
             self._slots.release()
 
+    def sql(self, template: str) -> psycopg2.sql.Composed:
+        """`template` with ``{schema}`` filled in as ``psycopg2.sql.Identifier(pg_schema)``.
+
+        Composed once per template and pool (the templates are module constants).
+        """
+        statement = self._statements.get(template)
+        if statement is None:
+            import psycopg2.sql
+
+            statement = psycopg2.sql.SQL(template).format(schema=psycopg2.sql.Identifier(self.schema))
+            self._statements[template] = statement
+        return statement
+
     def execute(self, sql: Union[str, psycopg2.sql.Composable], params: Sequence[Any] = (), *,
                 fetch: str = "none") -> Any:
         """Run one parameterised statement under the policy.
@@ -273,14 +311,24 @@ class Postgres:
         return self.policy.call(run)
 
     def ensure_schema(self) -> None:
-        """Create the library's tables once per process (idempotent)."""
+        """Run `migrate` once per process before the first statement (idempotent).
+
+        The DDL itself lives only in `migrate`; this makes a fresh database work
+        without a deploy step, and a table of another shape fail on first use
+        with the same `ConfigurationError` that ``mcp-redis migrate`` raises.
+        """
         if self._migrated:
             return
         self.policy.call(self._migrate)
         self._migrated = True
 
     def migrate(self) -> List[str]:
-        """Run every `SCHEMA` statement; returns them. Safe to run again."""
+        """Check existing tables against `SHAPES`, then run every `SCHEMA` statement.
+
+        Returns the statements (schema filled in). Safe to run again. A table of
+        the library's name in `pg_schema` with another shape raises
+        `ConfigurationError` naming the table and the column; nothing is created.
+        """
         done = self.policy.call(self._migrate)
         self._migrated = True
         return done
@@ -289,9 +337,33 @@ class Postgres:
         with self.connection() as conn, conn.cursor() as cur:
             # Serialise concurrent migrations across processes.
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK_ID,))
+            self._check_shapes(cur)
             for stmt in SCHEMA:
-                cur.execute(stmt)
-        return [" ".join(s.split()) for s in SCHEMA]
+                cur.execute(self.sql(stmt))
+            return [" ".join(self.sql(s).as_string(conn).split()) for s in SCHEMA]
+
+    def _check_shapes(self, cur: Any) -> None:
+        """Raise `ConfigurationError` if a table of `SHAPES` exists in the schema with another shape."""
+        cur.execute(
+            "SELECT table_name, column_name, udt_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = ANY(%s)",
+            (self.schema, sorted(SHAPES)),
+        )
+        found: Dict[str, Dict[str, str]] = {}
+        for table, column, udt in cur.fetchall():
+            found.setdefault(table, {})[column] = udt
+        for table, columns in sorted(found.items()):
+            for column, udt in SHAPES[table].items():
+                if column not in columns:
+                    problem = f"has no column {column!r} ({udt})"
+                elif columns[column] != udt:
+                    problem = f"column {column!r} is {columns[column]}, expected {udt}"
+                else:
+                    continue
+                raise ConfigurationError(
+                    f"PostgreSQL table {self.schema}.{table} {problem}: it is not the library's table; "
+                    "set MCP_REDIS_PG_SCHEMA to a schema of the library's own (default mcp_redis)",
+                    variable="MCP_REDIS_PG_SCHEMA")
 
     def ping(self) -> float:
         """Round-trip one ``SELECT 1``; seconds."""

@@ -103,12 +103,12 @@ def database_url(pg_database: PostgresDatabase) -> str:
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('core.sessions'), to_regclass('audit.rate_limits')")
+            cur.execute("SELECT to_regclass('mcp_redis.sessions'), to_regclass('mcp_redis.rate_limits')")
             sessions, limits = cur.fetchone()
             if sessions:
-                cur.execute("TRUNCATE core.sessions")
+                cur.execute("TRUNCATE mcp_redis.sessions")
             if limits:
-                cur.execute("TRUNCATE audit.rate_limits")
+                cur.execute("TRUNCATE mcp_redis.rate_limits")
     finally:
         conn.close()
     return pg_database.url

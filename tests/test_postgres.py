@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 import mcp_redis
-from mcp_redis.errors import BackendUnavailable
+from mcp_redis.errors import BackendUnavailable, ConfigurationError
 from mcp_redis.postgres import get_postgres, migrate
 
 
@@ -19,9 +19,9 @@ def test_migrate_is_idempotent_and_creates_the_library_tables(database_url: str)
     second = migrate()
     assert first == second
     rows = get_postgres().execute(
-        "SELECT to_regclass('core.sessions')::text", fetch="one"
+        "SELECT to_regclass('mcp_redis.sessions')::text", fetch="one"
     )
-    assert rows == ("core.sessions",)
+    assert rows == ("mcp_redis.sessions",)
 
 
 def test_concurrent_migrations_do_not_collide(database_url: str) -> None:
@@ -44,7 +44,7 @@ def test_concurrent_migrations_do_not_collide(database_url: str) -> None:
 
 def test_queries_are_parameterised_and_round_trip_hostile_text(database_url: str) -> None:
     mcp_redis.configure(database_url=database_url)
-    hostile = "x'); DROP TABLE core.sessions; --"
+    hostile = "x'); DROP TABLE mcp_redis.sessions; --"
     assert get_postgres().execute("SELECT %s", (hostile,), fetch="one") == (hostile,)
 
 
@@ -68,8 +68,20 @@ def test_unreachable_postgres_is_backend_unavailable_without_the_password() -> N
 
 def test_sql_errors_propagate_unchanged(database_url: str) -> None:
     mcp_redis.configure(database_url=database_url)
-    with pytest.raises(psycopg2.errors.UndefinedTable):
-        get_postgres().execute("SELECT * FROM no_such_table")
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        get_postgres().execute("SELECT 1 / 0")
+
+
+def test_a_missing_table_or_column_is_a_configuration_error_not_an_outage(database_url: str) -> None:
+    mcp_redis.configure(database_url=database_url)
+    pg = get_postgres()
+    with pytest.raises(ConfigurationError, match="no_such_table.*mcp-redis migrate") as info:
+        pg.execute("SELECT * FROM no_such_table")
+    assert isinstance(info.value.__cause__, psycopg2.errors.UndefinedTable)
+    with pytest.raises(ConfigurationError, match="no_such_column"):
+        pg.execute("SELECT no_such_column FROM pg_class")
+    assert not isinstance(info.value, BackendUnavailable)
+    assert pg.policy.breaker.state.value == "closed"  # an answer, not a failure
 
 
 def test_every_pooled_connection_is_bounded_by_postgres_timeout(database_url: str) -> None:

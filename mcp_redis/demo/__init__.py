@@ -135,7 +135,7 @@ class _Backends:
                 pg = default_client().postgres()
                 if self.metadata_table:
                     pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.metadata_table)))
-                pg.execute("DELETE FROM core.sessions WHERE session_key LIKE %s", (f"demo-{run_id}-%",))
+                pg.execute(pg.sql("DELETE FROM {schema}.sessions WHERE session_key LIKE %s"), (f"demo-{run_id}-%",))
             except Exception:
                 pass
         if self.redis_url and self.server is None:

@@ -3,8 +3,8 @@
 ``locks=postgres`` takes ``pg_advisory_lock`` on a pooled connection kept for
 the whole hold; under ``lock_fallback=postgres`` the same lock stands in for
 Redis when it is unreachable (`PostgresBackend.acquire_fallback`). Fencing
-tokens live in ``core.lock_fences``; fallback episodes in
-``core.lock_fallback_episodes`` (read by `GatedRedisBackend`). Every query is
+tokens live in ``<pg_schema>.lock_fences``; fallback episodes in
+``<pg_schema>.lock_fallback_episodes`` (read by `GatedRedisBackend`). Every query is
 parameterised.
 """
 
@@ -31,7 +31,7 @@ def advisory_key(lock_key: str) -> int:
 
 
 _FENCE_TABLE = """
-    CREATE TABLE IF NOT EXISTS core.lock_fences (
+    CREATE TABLE IF NOT EXISTS {schema}.lock_fences (
         lock_key TEXT PRIMARY KEY,
         fence    BIGINT NOT NULL
     )
@@ -40,7 +40,7 @@ _FENCE_TABLE = """
 # of it may exist. Started by the first fallback hold, ended by the Redis
 # side when it opens the name's gate (see GatedRedisBackend).
 _EPISODE_TABLE = """
-    CREATE TABLE IF NOT EXISTS core.lock_fallback_episodes (
+    CREATE TABLE IF NOT EXISTS {schema}.lock_fallback_episodes (
         lock_key TEXT PRIMARY KEY,
         since    TIMESTAMPTZ NOT NULL
     )
@@ -48,30 +48,32 @@ _EPISODE_TABLE = """
 # Never below PostgreSQL's clock in microseconds, and above every token
 # handed out before: like Redis's max(INCR, TIME), on every acquisition.
 _NEXT_FENCE = (
-    "INSERT INTO core.lock_fences AS f (lock_key, fence) "
+    "INSERT INTO {schema}.lock_fences AS f (lock_key, fence) "
     "VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "
     "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence + 1, EXCLUDED.fence) RETURNING fence"
 )
 # Seconds a fallback grant must still wait: the episode's start plus the settle time, minus now.
 _JOIN_EPISODE = (
-    "INSERT INTO core.lock_fallback_episodes AS e (lock_key, since) VALUES (%s, clock_timestamp()) "
+    "INSERT INTO {schema}.lock_fallback_episodes AS e (lock_key, since) VALUES (%s, clock_timestamp()) "
     "ON CONFLICT (lock_key) DO UPDATE SET since = e.since "
     "RETURNING extract(epoch FROM (e.since - clock_timestamp()))::float8 + %s"
 )
-_END_EPISODE = "DELETE FROM core.lock_fallback_episodes WHERE lock_key = %s"
-_LAST_FENCE = "SELECT fence FROM core.lock_fences WHERE lock_key = %s"
+_END_EPISODE = "DELETE FROM {schema}.lock_fallback_episodes WHERE lock_key = %s"
+_LAST_FENCE = "SELECT fence FROM {schema}.lock_fences WHERE lock_key = %s"
 _RECORD_FENCE = (
-    "INSERT INTO core.lock_fences AS f (lock_key, fence) VALUES (%s, %s) "
+    "INSERT INTO {schema}.lock_fences AS f (lock_key, fence) VALUES (%s, %s) "
     "ON CONFLICT (lock_key) DO UPDATE SET fence = GREATEST(f.fence, EXCLUDED.fence)"
 )
 
 
 def _register_schema() -> None:
-    from ..postgres import SCHEMA
+    from ..postgres import SCHEMA, SHAPES
 
     for table in (_FENCE_TABLE, _EPISODE_TABLE):
         if table not in SCHEMA:
             SCHEMA.append(table)
+    SHAPES.setdefault("lock_fences", {"lock_key": "text", "fence": "int8"})
+    SHAPES.setdefault("lock_fallback_episodes", {"lock_key": "text", "since": "timestamptz"})
 
 
 _register_schema()
@@ -130,7 +132,7 @@ class PostgresBackend(Backend):
                 with conn.cursor() as cur:
                     got = _wait_advisory(cur, lock_id, deadline, slice_cap)
                     if got and settle is not None:
-                        cur.execute(_JOIN_EPISODE, (keys.lock, settle))
+                        cur.execute(pg.sql(_JOIN_EPISODE), (keys.lock, settle))
                         row = cur.fetchone()
                         pause = float(row[0]) if row else 0.0
                         if pause > 0:
@@ -140,7 +142,7 @@ class PostgresBackend(Backend):
                             else:
                                 time.sleep(pause)
                     if got:
-                        cur.execute(_NEXT_FENCE, (keys.lock,))
+                        cur.execute(pg.sql(_NEXT_FENCE), (keys.lock,))
                         row = cur.fetchone()
             except BaseException as exc:
                 if got:  # never pool a session that may still hold the lock

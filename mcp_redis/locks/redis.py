@@ -296,15 +296,15 @@ class GatedRedisBackend(RedisBackend):
                 row = cur.fetchone()
                 if not (row and row[0]):
                     return False
-                cur.execute(_END_EPISODE, (lock_key,))
-                cur.execute(_LAST_FENCE, (lock_key,))
+                cur.execute(pg.sql(_END_EPISODE), (lock_key,))
+                cur.execute(pg.sql(_LAST_FENCE), (lock_key,))
                 row = cur.fetchone()
                 floor = int(row[0]) if row else 0
                 script = conn.script("lock_gate")
                 fence = conn.call(conn.run_script, script, [_gate_key(hold.keys), hold.keys.fence],
                                   [ms(hold.lease), floor, hold.fence])
                 hold.fence = int(fence)
-                cur.execute(_RECORD_FENCE, (lock_key, hold.fence))
+                cur.execute(pg.sql(_RECORD_FENCE), (lock_key, hold.fence))
             return True
 
         opened = bool(pg.policy.call(run))

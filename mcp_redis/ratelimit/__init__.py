@@ -22,7 +22,7 @@ The package has the shape of every feature:
   between front and backend (`Policy`, `Spec`, `Reply`, `Outcome`).
 * `algorithms`: `Algorithm` and the Python models of the Lua scripts.
 * `redis` (`RedisBackend`: one Lua script per algorithm, ``mcp_redis/lua/``),
-  `postgres` (`PostgresBackend`: table ``audit.rate_limits``) and `memory`
+  `postgres` (`PostgresBackend`: table ``<pg_schema>.rate_limits``) and `memory`
   (`MemoryBackend`: in-process, "local" in settings). Each is one per client
   (`Client.singleton`), as is the outage log.
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL rate-limit backend: table ``audit.rate_limits``, on the database clock.
+"""The PostgreSQL rate-limit backend: table ``<pg_schema>.rate_limits``, on the database clock.
 
 It runs the Python models of the Lua scripts (`mcp_redis.ratelimit.algorithms`)
 inside one transaction per call, serialised per (name, key) by
@@ -23,20 +23,20 @@ _PG_LOCK_AND_CLOCK = (
     "FROM (SELECT pg_advisory_xact_lock(hashtextextended(%s, 7477)) AS locked) AS l"
 )
 _PG_READ = (
-    "SELECT window_us, state FROM audit.rate_limits "
+    "SELECT window_us, state FROM {schema}.rate_limits "
     "WHERE name = %s AND rate_key = %s AND algorithm = %s AND expires_at > clock_timestamp()"
 )
 _PG_WRITE = (
-    "INSERT INTO audit.rate_limits (name, rate_key, algorithm, window_us, state, expires_at) "
+    "INSERT INTO {schema}.rate_limits (name, rate_key, algorithm, window_us, state, expires_at) "
     "VALUES (%s, %s, %s, %s, %s, to_timestamp(%s / 1000000.0)) "
     "ON CONFLICT (name, rate_key, algorithm, window_us) DO UPDATE SET "
     "state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp()"
 )
-_PG_SWEEP = "DELETE FROM audit.rate_limits WHERE expires_at < clock_timestamp() - interval '1 minute'"
+_PG_SWEEP = "DELETE FROM {schema}.rate_limits WHERE expires_at < clock_timestamp() - interval '1 minute'"
 
 
 class PostgresBackend:
-    """`audit.rate_limits`: one transaction per hit, serialised per (name, key).
+    """`<pg_schema>.rate_limits`: one transaction per hit, serialised per (name, key).
 
     ``pg_advisory_xact_lock`` on the (name, key) hash makes read-check-write
     atomic across every process and host (exact under concurrency, every
@@ -67,7 +67,7 @@ class PostgresBackend:
             if self._writes >= 1000:
                 self._writes = 0
                 try:
-                    self.pg.execute(_PG_SWEEP)
+                    self.pg.execute(self.pg.sql(_PG_SWEEP))
                 except BackendUnavailable:  # pragma: no cover - next sweep will do
                     pass
         return reply
@@ -83,12 +83,12 @@ class PostgresBackend:
             row = cur.fetchone()
             assert row is not None
             now = int(row[0]) if now_us is None else now_us
-            cur.execute(_PG_READ, (name, key, algorithm.value))
+            cur.execute(self.pg.sql(_PG_READ), (name, key, algorithm.value))
             found = {int(w): s for w, s in cur.fetchall()}
             states = [found.get(window) for _, window in specs]
             reply, written = run_model(algorithm, states, now, specs, cost, consume)
             if written:
-                cur.executemany(_PG_WRITE, [
+                cur.executemany(self.pg.sql(_PG_WRITE), [
                     (name, key, algorithm.value, window, json.dumps(state), now + ttl)
                     for (_, window), (state, ttl) in zip(specs, written)
                 ])
@@ -98,9 +98,9 @@ class PostgresBackend:
         """Delete the key's rows of every limit of `policy`."""
         algorithm, specs = policy.algorithm, policy.specs
         name, key = encode_id(policy.name), encode_id(key)
-        self.pg.execute(
-            "DELETE FROM audit.rate_limits WHERE name = %s AND rate_key = %s AND algorithm = %s "
-            "AND window_us = ANY(%s)",
+        self.pg.execute(self.pg.sql(
+            "DELETE FROM {schema}.rate_limits WHERE name = %s AND rate_key = %s AND algorithm = %s "
+            "AND window_us = ANY(%s)"),
             (name, key, algorithm.value, [window for _, window in specs]),
         )
 

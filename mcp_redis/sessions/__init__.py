@@ -7,7 +7,7 @@ whether ``DATABASE_URL`` is set — a table, `_BY_MODE`, picks the backend once
 per client:
 
 * ``redis`` with ``DATABASE_URL``: write-through (`writethrough`). PostgreSQL
-  ``core.sessions`` is the source of truth (written first); Redis is the fast
+  ``<pg_schema>.sessions`` is the source of truth (written first); Redis is the fast
   path. A Redis miss reads PostgreSQL and repopulates Redis with the remaining
   TTL (read repair). While Redis is down, calls go to PostgreSQL and rows
   written then are flagged ``redis_pending``; a background replayer
@@ -22,8 +22,11 @@ per client:
 The package: `base` (the `Backend` protocol every backend implements, the
 `Source` protocol of a source of truth, the named types between them),
 `redis` (the Redis tier: keys and scripts; the Redis-only backend),
-`directory` (the prefix index), `postgres`, `memory`, `writethrough` (Redis + a `Source`), `replay`
-(the outage replayer, one per client). Redis layout (prefix ``mcp:``): see
+`directory` (the prefix index of bound agents), `agents` (`AgentDirectory`: the
+prefix index of registered agents, session or not), `postgres`, `memory`,
+`writethrough` (Redis + a `Source`; `use_source` picks another source than
+`PostgresBackend`, e.g. ``examples/legacy_sessions.py``), `replay` (the outage
+replayer, one per client). Redis layout (prefix ``mcp:``): see
 `mcp_redis.sessions.redis`.
 """
 
@@ -33,10 +36,11 @@ from typing import Callable, Dict, Iterator, List, MutableMapping, Optional, Tup
 
 from ..client import Client, resolve
 from ..config import Mode
-from ..errors import FeatureDisabled, InvalidArgument, InvalidArgumentType
+from ..errors import ConfigurationError, FeatureDisabled, InvalidArgument, InvalidArgumentType
 from ..keys import MAX_ID_LENGTH, KeySpace, validate_id
 from ..metrics import METRICS
 from ..validation import MAX_SECONDS, optional_seconds, seconds
+from .agents import AgentDirectory
 from .base import MAX_REFRESH_INTERVAL, Backend, Pending, Record, Source, Timing, Touched
 from .directory import pick
 from .memory import MemoryBackend
@@ -45,7 +49,7 @@ from .redis import RedisBackend, RedisTier
 from .writethrough import WriteThroughBackend
 
 __all__ = [
-    "SessionStore", "SessionMap", "cleanup_expired", "replay_pending",
+    "SessionStore", "SessionMap", "AgentDirectory", "cleanup_expired", "replay_pending", "use_source",
     "Backend", "Source", "Timing", "Record", "Touched", "Pending",
     "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend", "MAX_REFRESH_INTERVAL",
 ]
@@ -109,9 +113,42 @@ def _ttl(client: Client) -> float:
     return float(client.settings.session_ttl)
 
 
+class _SourceChoice:
+    """The client's source of truth for write-through (None: the library's own table)."""
+
+    def __init__(self) -> None:
+        self.factory: Optional[Callable[[Client], Source]] = None
+
+
+_SOURCE = "sessions.source"
+
+
+def _source(client: Client) -> Source:
+    """The write-through source: `use_source`'s factory, else `PostgresBackend`."""
+    chosen = client.singleton(_SOURCE, _SourceChoice).factory
+    return chosen(client) if chosen is not None else PostgresBackend(client.postgres(), _ttl(client))
+
+
+def use_source(factory: Optional[Callable[[Client], Source]], *, client: Optional[Client] = None) -> None:
+    """Make `factory(client)` the source of truth behind Redis (write-through mode) for `client`.
+
+    For an adapter over a legacy server's own tables (``examples/legacy_sessions.py``);
+    None restores the library's own table. Call it before the client's first
+    sessions call (the backend is built once per client): afterwards it raises
+    `ConfigurationError` rather than switch sources under live bindings.
+    ``configure()`` builds a new default client, so call it again after that.
+    """
+    if factory is not None and not callable(factory):
+        raise InvalidArgumentType("factory", f"must be callable, not {type(factory).__name__}")
+    c = resolve(client)
+    if c.peek(_BACKEND) is not None:
+        raise ConfigurationError("sessions: use_source() must run before the client's first sessions call")
+    c.singleton(_SOURCE, _SourceChoice).factory = factory
+
+
 # (mode, DATABASE_URL set) -> the backend; Redis with a database is write-through.
 _BY_MODE: Dict[Tuple[Mode, bool], Callable[[Client], Backend]] = {
-    (Mode.REDIS, True): lambda c: WriteThroughBackend(_tier(c), PostgresBackend(c.postgres(), _ttl(c)), _ttl(c)),
+    (Mode.REDIS, True): lambda c: WriteThroughBackend(_tier(c), _source(c), _ttl(c)),
     (Mode.REDIS, False): lambda c: RedisBackend(_tier(c), _ttl(c)),
     (Mode.POSTGRES, True): lambda c: PostgresBackend(c.postgres(), _ttl(c)),
     (Mode.POSTGRES, False): lambda c: PostgresBackend(c.postgres(), _ttl(c)),
@@ -226,11 +263,17 @@ class SessionStore:
         """The agent id that `prefix` names (a bound agent's id starting with it), or None.
 
         An id equal to `prefix` wins; two or more others raise `AmbiguousPrefix`
-        listing at most `max_candidates` of them.
+        listing at most `max_candidates` of them. When no bound agent matches,
+        the `AgentDirectory` answers for registered agents (a 12-character
+        prefix, ``agent-<prefix12>``, or a whole registered id), live session
+        or not.
         """
         validate_id(prefix, "prefix")
         _check_limit(max_candidates, "max_candidates")
-        return pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
+        found = pick(_current(self.client).agents_with_prefix(prefix, max_candidates + 1), prefix, max_candidates)
+        if found is None:
+            found = AgentDirectory(client=self.client).resolve(prefix)
+        return found
 
     def mapping(self) -> SessionMap:
         """A `MutableMapping` view for legacy code that used the dict."""
@@ -268,7 +311,7 @@ def replay_pending() -> int:
 
 
 def cleanup_expired(batch_size: int = 10_000) -> int:
-    """Delete expired rows of ``core.sessions`` (not needed for correctness).
+    """Delete expired rows of ``<pg_schema>.sessions`` (not needed for correctness).
 
     Pending rows are replayed to Redis first. Returns the number deleted;
     0 when no PostgreSQL tier is configured. Meant for cron / the CLI.

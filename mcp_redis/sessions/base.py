@@ -4,7 +4,7 @@
 (`mcp_redis.sessions._BY_MODE`), each verb with the same signature in every
 implementation. `Source` is the narrower protocol of a *source of truth*
 behind the Redis tier in write-through mode (today `PostgresBackend` over
-``core.sessions``; an adapter over a legacy server's own tables implements the
+``<pg_schema>.sessions``; an adapter over a legacy server's own tables implements the
 same verbs): load a record by session key, write / expire / unbind it, list
 by agent, and the transactional ``*_through`` verbs that write Redis while
 the record is locked.

@@ -5,7 +5,7 @@ The legacy server's ``_uuid_prefix_index``. In Redis: ``mcp:session_agents:{inde
 ``mcp:session_agents:{index}#expiry`` (when each agent's latest binding, plus
 one refresh interval, ends), one hash slot so one script reads both. The
 index only knows horizons: every candidate is verified against its bindings.
-PostgreSQL answers from a bytea range of ``core.sessions``, memory by a scan;
+PostgreSQL answers from a bytea range of ``<pg_schema>.sessions``, memory by a scan;
 `pick` turns the candidates of any backend into the answer.
 """
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL source of truth: bindings in ``core.sessions``, every statement parameterised.
+"""The PostgreSQL source of truth: bindings in ``<pg_schema>.sessions``, every statement parameterised.
 
 `PostgresBackend` is both a `Backend` (``postgres`` mode: PostgreSQL only)
 and the `Source` behind the Redis tier in write-through mode. ``session_key``
@@ -29,7 +29,7 @@ def _from_utf8(raw: Any) -> str:
 
 
 _PG_BIND = """
-INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending)
+INSERT INTO {schema}.sessions (session_key, agent_id, expires_at, redis_pending)
 VALUES (%s, %s, now() + %s * interval '1 millisecond', %s)
 ON CONFLICT (session_key) DO UPDATE SET
     agent_id = EXCLUDED.agent_id, expires_at = EXCLUDED.expires_at,
@@ -37,10 +37,10 @@ ON CONFLICT (session_key) DO UPDATE SET
 """
 _PG_GET = """
 SELECT agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
-FROM core.sessions WHERE session_key = %s AND expires_at > now()
+FROM {schema}.sessions WHERE session_key = %s AND expires_at > now()
 """
 _PG_TOUCH = """
-UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond',
+UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond',
     updated_at = now(), redis_pending = redis_pending OR %s
 WHERE session_key = %s AND expires_at > now()
 RETURNING agent_id
@@ -49,43 +49,43 @@ RETURNING agent_id
 # that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
 # catches up; a row unbound or rebound meanwhile no longer names the agent.
 _PG_TOUCH_AGENT = """
-UPDATE core.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
+UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
 WHERE session_key = %s AND agent_id = %s
 RETURNING true
 """
-_PG_FLAG_PENDING = "UPDATE core.sessions SET redis_pending = true WHERE session_key = %s"
-_PG_DELETE = "DELETE FROM core.sessions WHERE session_key = %s RETURNING expires_at > now()"
+_PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
+_PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"
 # A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
 _PG_TOMBSTONE = """
-INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending)
+INSERT INTO {schema}.sessions (session_key, agent_id, expires_at, redis_pending)
 VALUES (%s, ''::bytea, now(), true)
 ON CONFLICT (session_key) DO UPDATE SET
     agent_id = ''::bytea, expires_at = now(), redis_pending = true, updated_at = now()
 """
 _PG_FOR_AGENT = """
-SELECT session_key FROM core.sessions
+SELECT session_key FROM {schema}.sessions
 WHERE agent_id = %s AND expires_at > now() ORDER BY session_key LIMIT %s
 """
 _PG_PREFIX = """
-SELECT DISTINCT agent_id FROM core.sessions
+SELECT DISTINCT agent_id FROM {schema}.sessions
 WHERE agent_id >= %s AND agent_id < %s AND expires_at > now() ORDER BY agent_id LIMIT %s
 """
-_PG_ALL = "SELECT session_key FROM core.sessions WHERE expires_at > now() ORDER BY session_key"
+_PG_ALL = "SELECT session_key FROM {schema}.sessions WHERE expires_at > now() ORDER BY session_key"
 _PG_PENDING = """
 SELECT session_key, agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
-FROM core.sessions WHERE redis_pending ORDER BY session_key LIMIT %s FOR UPDATE SKIP LOCKED
+FROM {schema}.sessions WHERE redis_pending ORDER BY session_key LIMIT %s FOR UPDATE SKIP LOCKED
 """
-_PG_CLEAR_PENDING = "UPDATE core.sessions SET redis_pending = false WHERE session_key = ANY(%s) AND expires_at > now()"
-_PG_DROP_REPLAYED = "DELETE FROM core.sessions WHERE session_key = ANY(%s) AND expires_at <= now()"
+_PG_CLEAR_PENDING = "UPDATE {schema}.sessions SET redis_pending = false WHERE session_key = ANY(%s) AND expires_at > now()"
+_PG_DROP_REPLAYED = "DELETE FROM {schema}.sessions WHERE session_key = ANY(%s) AND expires_at <= now()"
 _PG_CLEANUP = """
-DELETE FROM core.sessions WHERE session_key IN (
-    SELECT session_key FROM core.sessions
+DELETE FROM {schema}.sessions WHERE session_key IN (
+    SELECT session_key FROM {schema}.sessions
     WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
 """
 
 
 class PostgresBackend:
-    """The bindings in ``core.sessions``: a `Backend` (postgres mode) and a `Source` (write-through)."""
+    """The bindings in ``<pg_schema>.sessions``: a `Backend` (postgres mode) and a `Source` (write-through)."""
 
     mode = "postgres"
 
@@ -95,7 +95,7 @@ class PostgresBackend:
 
     # -- Backend (postgres mode) ---------------------------------------------------------
     def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
-        self.pg.execute(_PG_BIND, (encode_id(session_key), _utf8(agent_id), ttl_ms, False))
+        self.pg.execute(self.pg.sql(_PG_BIND), (encode_id(session_key), _utf8(agent_id), ttl_ms, False))
 
     def get(self, session_key: str, timing: Timing) -> Optional[str]:
         record = self.load(session_key)
@@ -112,11 +112,11 @@ class PostgresBackend:
 
     # -- Source (write-through) ------------------------------------------------------------
     def load(self, session_key: str) -> Optional[Record]:
-        row = self.pg.execute(_PG_GET, (encode_id(session_key),), fetch="one")
+        row = self.pg.execute(self.pg.sql(_PG_GET), (encode_id(session_key),), fetch="one")
         return None if row is None else Record(_from_utf8(row[0]), int(row[1]))
 
     def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:
-        row = self.pg.execute(_PG_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
+        row = self.pg.execute(self.pg.sql(_PG_TOUCH), (ttl_ms, pending, encode_id(session_key)), fetch="one")
         return None if row is None else _from_utf8(row[0])
 
     def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
@@ -132,7 +132,7 @@ class PostgresBackend:
 
         def run() -> None:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, agent))
+                cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (ttl_ms, key, agent))
                 if cur.fetchone() is None:
                     return
                 try:
@@ -141,7 +141,7 @@ class PostgresBackend:
                     conn.rollback()
                     return
                 if left is not None and left < ttl_ms:
-                    cur.execute(_PG_TOUCH_AGENT, (max(left, 0), key, agent))
+                    cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (max(left, 0), key, agent))
 
         self.pg.ensure_schema()
         self.pg.policy.call(run)
@@ -159,21 +159,21 @@ class PostgresBackend:
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PG_TOUCH_AGENT, (ttl_ms, key, _utf8(agent_id)))
+                cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (ttl_ms, key, _utf8(agent_id)))
                 had_row = cur.fetchone() is not None
                 try:
                     return redis_write()
                 except BackendUnavailable:
                     if not had_row:
                         raise
-                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
                     return True
 
         self.pg.ensure_schema()
         return bool(self.pg.policy.call(run))
 
     def unbind(self, session_key: str) -> bool:
-        row = self.pg.execute(_PG_DELETE, (encode_id(session_key),), fetch="one")
+        row = self.pg.execute(self.pg.sql(_PG_DELETE), (encode_id(session_key),), fetch="one")
         return bool(row and row[0])
 
     def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
@@ -189,14 +189,14 @@ class PostgresBackend:
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PG_BIND, (key, _utf8(agent_id), ttl_ms, redis_write is None))
+                cur.execute(self.pg.sql(_PG_BIND), (key, _utf8(agent_id), ttl_ms, redis_write is None))
                 if redis_write is None:
                     return False
                 try:
                     redis_write()
                     return True
                 except BackendUnavailable:
-                    cur.execute(_PG_FLAG_PENDING, (key,))
+                    cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
                     return False
 
         self.pg.ensure_schema()
@@ -213,7 +213,7 @@ class PostgresBackend:
 
         def run() -> Tuple[bool, bool]:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PG_DELETE, (key,))
+                cur.execute(self.pg.sql(_PG_DELETE), (key,))
                 row = cur.fetchone()
                 existed = bool(row and row[0])
                 if redis_unbind is not None:
@@ -221,7 +221,7 @@ class PostgresBackend:
                         return (redis_unbind() or existed), True
                     except BackendUnavailable:
                         pass
-                cur.execute(_PG_TOMBSTONE, (key,))
+                cur.execute(self.pg.sql(_PG_TOMBSTONE), (key,))
                 return existed, False
 
         self.pg.ensure_schema()
@@ -229,16 +229,16 @@ class PostgresBackend:
         return result
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
-        rows = self.pg.execute(_PG_FOR_AGENT, (_utf8(agent_id), limit), fetch="all")
+        rows = self.pg.execute(self.pg.sql(_PG_FOR_AGENT), (_utf8(agent_id), limit), fetch="all")
         return [decode_id(r[0]) for r in rows]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         low = _utf8(prefix)
-        rows = self.pg.execute(_PG_PREFIX, (low, low + b"\xff", limit), fetch="all")
+        rows = self.pg.execute(self.pg.sql(_PG_PREFIX), (low, low + b"\xff", limit), fetch="all")
         return [_from_utf8(r[0]) for r in rows]
 
     def session_keys(self) -> Iterator[str]:
-        return iter([decode_id(r[0]) for r in self.pg.execute(_PG_ALL, (), fetch="all")])
+        return iter([decode_id(r[0]) for r in self.pg.execute(self.pg.sql(_PG_ALL), (), fetch="all")])
 
     def repair(self, session_key: str, write: Callable[[str, int], None],
                extend_ms: Optional[int] = None) -> Optional[str]:
@@ -255,9 +255,9 @@ class PostgresBackend:
         def run() -> Optional[str]:
             with self.pg.connection() as conn, conn.cursor() as cur:
                 if extend_ms is None:
-                    cur.execute(_PG_GET + " FOR SHARE", (key,))
+                    cur.execute(self.pg.sql(_PG_GET + " FOR SHARE"), (key,))
                 else:
-                    cur.execute(_PG_TOUCH, (extend_ms, False, key))
+                    cur.execute(self.pg.sql(_PG_TOUCH), (extend_ms, False, key))
                 row = cur.fetchone()
                 if row is None:
                     return None
@@ -280,7 +280,7 @@ class PostgresBackend:
 
         def run() -> int:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(_PG_PENDING, (batch,))
+                cur.execute(self.pg.sql(_PG_PENDING), (batch,))
                 rows = cur.fetchall()
                 if not rows:
                     return 0
@@ -290,8 +290,8 @@ class PostgresBackend:
                     items.append(Pending(decode_id(key), _from_utf8(agent) if live else None, int(ms) if live else 0))
                 write_batch(items)  # raises BackendUnavailable: rolled back, still pending
                 keys = [r[0] for r in rows]
-                cur.execute(_PG_CLEAR_PENDING, (keys,))
-                cur.execute(_PG_DROP_REPLAYED, (keys,))
+                cur.execute(self.pg.sql(_PG_CLEAR_PENDING), (keys,))
+                cur.execute(self.pg.sql(_PG_DROP_REPLAYED), (keys,))
                 return len(rows)
 
         self.pg.ensure_schema()
@@ -300,7 +300,7 @@ class PostgresBackend:
     def cleanup_expired(self, batch: int) -> int:
         total = 0
         while True:
-            n = int(self.pg.execute(_PG_CLEANUP, (batch,)))
+            n = int(self.pg.execute(self.pg.sql(_PG_CLEANUP), (batch,)))
             total += n
             if n < batch:
                 return total

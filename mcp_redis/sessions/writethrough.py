@@ -1,6 +1,6 @@
 """Write-through sessions (``redis`` mode with ``DATABASE_URL``): Redis in front of a source of truth.
 
-The source (`PostgresBackend` over ``core.sessions``; any `Source`) is
+The source (`PostgresBackend` over ``<pg_schema>.sessions``; any `Source`) is
 written first and Redis is written while the record is locked, so the two end
 equal. A Redis miss reads the source and repopulates Redis with the remaining
 TTL (read repair). While Redis is down calls go to the source, rows written

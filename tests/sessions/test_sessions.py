@@ -38,7 +38,7 @@ def pg_rows(pg: PostgresDatabase, where: str = "true") -> List[tuple]:
     conn = psycopg2.connect(pg.dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT session_key, agent_id, expires_at > now(), redis_pending FROM core.sessions WHERE {where}")
+            cur.execute(f"SELECT session_key, agent_id, expires_at > now(), redis_pending FROM mcp_redis.sessions WHERE {where}")
             return list(cur.fetchall())
     finally:
         conn.close()
@@ -175,7 +175,7 @@ def test_touch_slides_redis_expiry_and_refreshes_postgres_at_most_once_per_inter
     assert METRICS.counter("session_touch_refresh_total") == 1
     conn = psycopg2.connect(pg_database.dsn)
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT extract(epoch FROM expires_at - now()) FROM core.sessions")
+        cur.execute("SELECT extract(epoch FROM expires_at - now()) FROM mcp_redis.sessions")
         assert 90 < cur.fetchone()[0] <= 100
     conn.close()
     sliding = SessionStore(sliding=True, refresh_interval=0)
@@ -309,7 +309,7 @@ def test_expired_postgres_row_is_not_served_nor_repaired(write_through: SessionS
 
     client = redis.Redis.from_url(redis_url)
     write_through.bind("old", "agent-old", ttl=100)
-    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second'")
+    pg_exec(pg_database, "UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second'")
     client.flushall()
     assert write_through.get("old") is None
     assert write_through.touch("old") is None
@@ -323,7 +323,7 @@ def test_expired_postgres_row_is_not_served_while_redis_is_down(own_redis: Redis
     store = SessionStore()
     store.bind("old", "agent-old", ttl=100)
     store.bind("live", "agent-live", ttl=100)
-    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'old'")
+    pg_exec(pg_database, "UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'old'")
     own_redis.stop()
     assert store.get("old") is None
     assert store.get("live") == "agent-live"
@@ -345,7 +345,7 @@ def test_postgres_stores_odd_identifiers_safely(write_through: SessionStore, pg_
 def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, pg_database: PostgresDatabase) -> None:
     write_through.bind("a", "agent", ttl=100)
     write_through.bind("b", "agent", ttl=100)
-    pg_exec(pg_database, "UPDATE core.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'a'")
+    pg_exec(pg_database, "UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'a'")
     assert mcp_redis.sessions.cleanup_expired() == 1
     assert [r[0] for r in pg_rows(pg_database)] == ["b"]
     assert write_through.cleanup_expired() == 0
@@ -357,7 +357,7 @@ def test_store_replay_and_cleanup_act_on_the_stores_own_client_not_the_default_o
     with mcp_redis.Client(redis_url=redis_url, database_url=database_url) as client:
         store = SessionStore(client=client)
         client.postgres().ensure_schema()
-        pg_exec(pg_database, "INSERT INTO core.sessions (session_key, agent_id, expires_at, redis_pending) "
+        pg_exec(pg_database, "INSERT INTO mcp_redis.sessions (session_key, agent_id, expires_at, redis_pending) "
                              "VALUES ('pending', 'agent-p'::bytea, now() + interval '1 hour', true), "
                              "('expired', 'agent-e'::bytea, now() - interval '1 second', false)")
         assert store.replay_pending() == 1
@@ -445,7 +445,7 @@ def pg_seconds_left(pg: PostgresDatabase, session_key: str) -> float:
     conn = psycopg2.connect(pg.dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT extract(epoch FROM expires_at - clock_timestamp()) FROM core.sessions "
+            cur.execute("SELECT extract(epoch FROM expires_at - clock_timestamp()) FROM mcp_redis.sessions "
                         "WHERE session_key = %s", (encode_id(session_key),))
             row = cur.fetchone()
             return -math.inf if row is None else float(row[0])

@@ -1,0 +1,306 @@
+"""A sessions `Source` over the legacy server's own tables: ``core.sessions`` + ``core.identities``.
+
+The legacy MCP server (CIRWEL/unitares) keeps its sessions in ``core.sessions``
+(``session_id``, ``identity_id`` → ``core.identities.agent_id``, ``expires_at``,
+``last_active``, ``is_active``, ``client_type``, ``client_info``,
+``metadata``). `LegacySessionsSource` lets `mcp_redis.SessionStore` (Redis in
+front, write-through) use those rows as its source of truth, so the server and
+the library read and write the same sessions during a gradual roll-out::
+
+    import mcp_redis
+    from mcp_redis.sessions import use_source
+    from legacy_sessions import LegacySessionsSource
+
+    mcp_redis.configure()                         # REDIS_URL and DATABASE_URL set
+    use_source(LegacySessionsSource.factory())    # before the first sessions call
+    store = mcp_redis.SessionStore()
+
+How the tables are used (every statement parameterised; the table names are
+the legacy server's constants):
+
+* a session key is stored in ``session_id`` as ``mcp_redis.keys.encode_id``
+  (the key itself for plain ids such as UUIDs, so the server's own rows are
+  found under their ids);
+* the agent is the ``core.identities`` row of that ``agent_id``: binding an
+  agent the legacy server never registered raises `InvalidArgument` naming
+  ``agent_id`` (the adapter never invents agents or API keys) unless a
+  `register` hook is given. An agent id with NUL or a lone surrogate cannot be
+  a legacy ``TEXT`` id and is refused the same way;
+* unbind sets ``is_active = false`` (the legacy ``end_session``), never
+  deletes; a bind or touch sets ``last_active``;
+* a row written while Redis was down is flagged by the key
+  ``mcp_redis_pending`` in its ``metadata`` (the legacy table has no column
+  for it); the replayer clears it;
+* `cleanup_expired` deletes nothing: the legacy server's own cleanup owns
+  these rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+from mcp_redis.client import Client
+from mcp_redis.errors import BackendUnavailable, InvalidArgument
+from mcp_redis.keys import decode_id, encode_id
+from mcp_redis.postgres import Postgres
+from mcp_redis.sessions import Pending, Record
+
+__all__ = ["LegacySessionsSource", "Register"]
+
+# (cursor, agent_id) -> the new core.identities.identity_id; None: refuse unknown agents.
+Register = Callable[[Any, str], int]
+
+# Statements are constants (no formatting): a live row is "s.is_active AND s.expires_at > now()"; the
+# pending flag is the metadata key mcp_redis_pending.
+_IDENTITY = "SELECT identity_id FROM core.identities WHERE agent_id = %s"
+_BIND = """
+INSERT INTO core.sessions AS s (session_id, identity_id, expires_at, last_active, is_active, metadata)
+VALUES (%(sid)s, %(iid)s, now() + %(ms)s * interval '1 millisecond', now(), true,
+        CASE WHEN %(pending)s THEN '{"mcp_redis_pending": true}'::jsonb ELSE '{}'::jsonb END)
+ON CONFLICT (session_id) DO UPDATE SET
+    identity_id = EXCLUDED.identity_id, expires_at = EXCLUDED.expires_at, last_active = now(),
+    is_active = true,
+    metadata = CASE WHEN %(pending)s THEN s.metadata || '{"mcp_redis_pending": true}'::jsonb
+                    ELSE s.metadata - 'mcp_redis_pending' END
+"""
+_GET = """
+SELECT i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+FROM core.sessions s JOIN core.identities i USING (identity_id)
+WHERE s.session_id = %s AND s.is_active AND s.expires_at > now()
+"""
+_TOUCH = """
+UPDATE core.sessions s SET expires_at = now() + %s * interval '1 millisecond', last_active = now(),
+    metadata = CASE WHEN %s THEN s.metadata || '{"mcp_redis_pending": true}'::jsonb ELSE s.metadata END
+FROM core.identities i
+WHERE s.session_id = %s AND s.is_active AND s.expires_at > now() AND i.identity_id = s.identity_id
+RETURNING i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+"""
+# No expiry check (see mcp_redis.sessions.postgres._PG_TOUCH_AGENT): Redis just had it live.
+_TOUCH_AGENT = """
+UPDATE core.sessions s SET expires_at = now() + %s * interval '1 millisecond', last_active = now()
+FROM core.identities i
+WHERE s.session_id = %s AND s.is_active AND i.identity_id = s.identity_id AND i.agent_id = %s
+RETURNING true
+"""
+_FLAG_PENDING = """
+UPDATE core.sessions SET metadata = metadata || '{"mcp_redis_pending": true}'::jsonb WHERE session_id = %s
+"""
+_END = """
+UPDATE core.sessions SET is_active = false, metadata = metadata - 'mcp_redis_pending'
+WHERE session_id = %s AND is_active RETURNING expires_at > now()
+"""
+# An ended, expired row flagged for replay: Redis forgets the key once reachable.
+_TOMBSTONE = """
+UPDATE core.sessions SET is_active = false, expires_at = LEAST(expires_at, now()),
+    metadata = metadata || '{"mcp_redis_pending": true}'::jsonb
+WHERE session_id = %s
+"""
+_FOR_AGENT = """
+SELECT s.session_id FROM core.sessions s JOIN core.identities i USING (identity_id)
+WHERE i.agent_id = %s AND s.is_active AND s.expires_at > now() ORDER BY s.session_id COLLATE "C" LIMIT %s
+"""
+_PREFIX = """
+SELECT i.agent_id FROM core.sessions s JOIN core.identities i USING (identity_id)
+WHERE left(i.agent_id, char_length(%s)) = %s AND s.is_active AND s.expires_at > now()
+GROUP BY i.agent_id ORDER BY i.agent_id COLLATE "C" LIMIT %s
+"""
+_ALL = 'SELECT s.session_id FROM core.sessions s WHERE s.is_active AND s.expires_at > now() ORDER BY s.session_id COLLATE "C"'
+_PENDING_ROWS = """
+SELECT s.session_id, i.agent_id, s.is_active, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+FROM core.sessions s JOIN core.identities i USING (identity_id)
+WHERE (s.metadata ->> 'mcp_redis_pending') = 'true'
+ORDER BY s.session_id LIMIT %s FOR UPDATE OF s SKIP LOCKED
+"""
+_CLEAR_PENDING = "UPDATE core.sessions SET metadata = metadata - 'mcp_redis_pending' WHERE session_id = ANY(%s)"
+
+
+def _legacy_text(agent_id: str) -> bool:
+    """Whether `agent_id` can be a legacy TEXT id (no NUL, valid UTF-8)."""
+    if "\x00" in agent_id:
+        return False
+    try:
+        agent_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class LegacySessionsSource:
+    """The `mcp_redis.sessions.Source` verbs over ``core.sessions`` + ``core.identities``.
+
+    `register`: called as ``register(cursor, agent_id)`` inside the binding's
+    transaction for an agent without a ``core.identities`` row, returns its new
+    ``identity_id``; None (the default) refuses such agents with `InvalidArgument`.
+    """
+
+    def __init__(self, pg: Postgres, register: Optional[Register] = None) -> None:
+        self.pg = pg
+        self.register = register
+
+    @classmethod
+    def factory(cls, register: Optional[Register] = None) -> Callable[[Client], LegacySessionsSource]:
+        """For `mcp_redis.sessions.use_source`: one source per client, on the client's pool."""
+        return lambda client: cls(client.postgres(), register)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.pg.ensure_schema()  # the library's own tables (locks, limits) in its schema
+        return self.pg.policy.call(fn, *args)
+
+    def _identity(self, cur: Any, agent_id: str) -> int:
+        if _legacy_text(agent_id):
+            cur.execute(_IDENTITY, (agent_id,))
+            row = cur.fetchone()
+            if row is not None:
+                return int(row[0])
+            if self.register is not None:
+                return self.register(cur, agent_id)
+        raise InvalidArgument(
+            "agent_id", "is not an agent of the legacy server (no core.identities row); register it there first")
+
+    # -- reads ---------------------------------------------------------------------------------
+    def load(self, session_key: str) -> Optional[Record]:
+        row = self.pg.execute(_GET, (encode_id(session_key),), fetch="one")
+        return None if row is None else Record(str(row[0]), int(row[1]))
+
+    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
+        if not _legacy_text(agent_id):
+            return []
+        return [decode_id(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id, limit), fetch="all")]
+
+    def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
+        if not _legacy_text(prefix):
+            return []
+        return [str(r[0]) for r in self.pg.execute(_PREFIX, (prefix, prefix, limit), fetch="all")]
+
+    def session_keys(self) -> Iterator[str]:
+        return iter([decode_id(r[0]) for r in self.pg.execute(_ALL, (), fetch="all")])
+
+    # -- writes --------------------------------------------------------------------------------
+    def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:
+        row = self.pg.execute(_TOUCH, (ttl_ms, pending, encode_id(session_key)), fetch="one")
+        return None if row is None else str(row[0])
+
+    def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                     redis_write: Optional[Callable[[], None]]) -> bool:
+        """Upsert the row (active, agent's identity) and write Redis while it is locked."""
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                identity = self._identity(cur, agent_id)
+                cur.execute(_BIND, {"sid": key, "iid": identity, "ms": ttl_ms, "pending": redis_write is None})
+                if redis_write is None:
+                    return False
+                try:
+                    redis_write()
+                    return True
+                except BackendUnavailable:
+                    cur.execute(_FLAG_PENDING, (key,))
+                    return False
+
+        return bool(self._call(run))
+
+    def unbind_through(self, session_key: str, redis_unbind: Optional[Callable[[], bool]]) -> Tuple[bool, bool]:
+        """End the row (``is_active = false``) and forget the Redis binding in the same transaction."""
+        key = encode_id(session_key)
+
+        def run() -> Tuple[bool, bool]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_END, (key,))
+                row = cur.fetchone()
+                existed = bool(row and row[0])
+                if redis_unbind is not None:
+                    try:
+                        return (redis_unbind() or existed), True
+                    except BackendUnavailable:
+                        pass
+                cur.execute(_TOMBSTONE, (key,))
+                return existed, False
+
+        result: Tuple[bool, bool] = self._call(run)
+        return result
+
+    def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
+                        redis_write: Callable[[], bool]) -> bool:
+        """The row's expiry to `ttl_ms` first, then (row locked) Redis's; see `PostgresBackend`."""
+        key = encode_id(session_key)
+
+        def run() -> bool:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_TOUCH_AGENT, (ttl_ms, key, agent_id))
+                had_row = cur.fetchone() is not None
+                try:
+                    return redis_write()
+                except BackendUnavailable:
+                    if not had_row:
+                        raise
+                    cur.execute(_FLAG_PENDING, (key,))
+                    return True
+
+        return bool(self._call(run))
+
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
+        """Slide the row's expiry, never past what Redis has left; see `PostgresBackend.extend`."""
+        key = encode_id(session_key)
+
+        def run() -> None:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_TOUCH_AGENT, (ttl_ms, key, agent_id))
+                if cur.fetchone() is None:
+                    return
+                try:
+                    left = redis_left()
+                except BackendUnavailable:
+                    conn.rollback()
+                    return
+                if left is not None and left < ttl_ms:
+                    cur.execute(_TOUCH_AGENT, (max(left, 0), key, agent_id))
+
+        self._call(run)
+
+    def repair(self, session_key: str, write: Callable[[str, int], None],
+               extend_ms: Optional[int] = None) -> Optional[str]:
+        """Read a live row (extended by `extend_ms` if given) and write Redis while it is locked."""
+        key = encode_id(session_key)
+
+        def run() -> Optional[str]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                if extend_ms is None:
+                    cur.execute(_GET + " FOR SHARE OF s", (key,))
+                else:
+                    cur.execute(_TOUCH, (extend_ms, False, key))
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                agent_id = str(row[0])
+                try:
+                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])))
+                except BackendUnavailable:
+                    pass
+                return agent_id
+
+        result: Optional[str] = self._call(run)
+        return result
+
+    def replay(self, write_batch: Callable[[Sequence[Pending]], None], batch: int) -> int:
+        """One batch of flagged rows to `write_batch` (rows locked), then clear their flags."""
+
+        def run() -> int:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_PENDING_ROWS, (batch,))
+                rows = cur.fetchall()
+                if not rows:
+                    return 0
+                items: List[Pending] = []
+                for key, agent, active, ms in rows:
+                    live = bool(active) and ms is not None and int(ms) > 0
+                    items.append(Pending(decode_id(key), str(agent) if live else None, int(ms) if live else 0))
+                write_batch(items)  # raises BackendUnavailable: rolled back, still flagged
+                cur.execute(_CLEAR_PENDING, ([r[0] for r in rows],))
+                return len(rows)
+
+        return int(self._call(run))
+
+    def cleanup_expired(self, batch: int) -> int:
+        """Nothing: the legacy server's own cleanup owns ``core.sessions`` rows."""
+        return 0

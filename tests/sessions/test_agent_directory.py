@@ -1,0 +1,115 @@
+"""The agent directory: the legacy ``_uuid_prefix_index`` forms resolve for every registered agent.
+
+Parametrised over the sessions modes that keep it: ``redis`` (Redis only),
+``write_through`` (PostgreSQL record, Redis cache), ``postgres`` and ``local``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+
+import mcp_redis
+from mcp_redis import SessionStore
+from mcp_redis.sessions import AgentDirectory
+
+AGENT = "0f8e2a4c-6b1d-4e3f-9a7c-5d2b8e1f4a60"
+TWIN = "0f8e2a4c-6b1d-ffff-0000-000000000000"  # the same 12-character prefix
+PREFIX12 = AGENT[:12]
+
+
+@pytest.fixture(params=["redis", "write_through", "postgres", "local"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "redis":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"))
+        mcp_redis.default_client().redis("sessions").client.flushdb()
+    elif request.param == "write_through":
+        mcp_redis.configure(redis_url=request.getfixturevalue("redis_url"),
+                            database_url=request.getfixturevalue("database_url"))
+        mcp_redis.default_client().redis("sessions").client.flushdb()
+    elif request.param == "postgres":
+        mcp_redis.configure(database_url=request.getfixturevalue("database_url"), sessions="postgres")
+    else:
+        mcp_redis.configure(sessions="local")
+    if request.param in ("write_through", "postgres"):
+        pg = mcp_redis.default_client().postgres()
+        pg.ensure_schema()
+        pg.execute(pg.sql("TRUNCATE {schema}.agent_directory"))
+    yield request.param
+
+
+def test_prefix12_and_agent_key_form_resolve_after_unbind_and_after_the_ttl(mode: str) -> None:
+    store, directory = SessionStore(), AgentDirectory()
+    assert directory.register(AGENT) == AGENT
+    store.bind("s1", AGENT)
+    assert store.unbind("s1")
+    assert store.resolve_agent_prefix(PREFIX12) == AGENT
+    assert store.resolve_agent_prefix("agent-" + PREFIX12) == AGENT
+    store.bind("s2", AGENT, ttl=0.05)
+    time.sleep(0.15)  # expiry is a deadline: 0.1 s past it
+    assert store.get("s2") is None
+    assert store.resolve_agent_prefix(PREFIX12) == AGENT
+    assert directory.resolve("agent-" + PREFIX12) == AGENT
+    assert directory.resolve(AGENT) == AGENT
+
+
+def test_the_first_agent_registered_under_a_prefix_keeps_it(mode: str) -> None:
+    directory = AgentDirectory()
+    assert directory.register(AGENT) == AGENT
+    assert directory.register(TWIN) == AGENT  # refused: the prefix never moves silently
+    assert directory.register(AGENT) == AGENT
+    assert directory.resolve(PREFIX12) == AGENT
+    assert directory.resolve(TWIN) is None  # a whole id resolves only to itself
+    assert directory.unregister(TWIN) is False
+    assert directory.unregister(AGENT) is True
+    assert directory.resolve(PREFIX12) is None
+    assert directory.register(TWIN) == TWIN
+    assert directory.resolve("agent-" + PREFIX12) == TWIN
+
+
+def test_an_unregistered_agent_and_short_prefixes_do_not_resolve(mode: str) -> None:
+    directory = AgentDirectory()
+    directory.register(AGENT)
+    assert directory.resolve(PREFIX12[:8]) is None  # only the legacy 12-character form
+    assert directory.resolve("agent-" + PREFIX12[:8]) is None
+    assert directory.resolve("1234567890ab") is None
+
+
+def test_the_directory_is_rebuilt_from_postgres_after_a_redis_flushdb(redis_url: str, database_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    redis = mcp_redis.default_client().redis("sessions").client
+    directory = AgentDirectory()
+    directory.register(AGENT)
+    redis.flushdb()
+    assert directory.resolve("agent-" + PREFIX12) == AGENT
+    keys = redis.keys("mcp:agent_prefix:*")
+    assert keys == ["mcp:agent_prefix:" + PREFIX12]
+    assert redis.pttl(keys[0]) > 0  # rebuilt, with a TTL
+    assert directory.register(TWIN) == AGENT  # the record, not the cache, decides
+
+
+def test_every_directory_key_in_redis_has_a_ttl(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url)
+    redis = mcp_redis.default_client().redis("sessions").client
+    redis.flushdb()
+    AgentDirectory().register(AGENT)
+    keys = redis.keys("mcp:agent_prefix:*")
+    assert keys and all(redis.pttl(k) > 0 for k in keys)
+
+
+def test_bad_arguments_are_refused_naming_them(mode: str) -> None:
+    directory = AgentDirectory()
+    with pytest.raises(mcp_redis.InvalidArgument) as info:
+        directory.register("")
+    assert info.value.argument == "agent_id"
+    with pytest.raises(mcp_redis.InvalidArgumentType) as type_info:
+        directory.resolve(42)  # type: ignore[arg-type]
+    assert type_info.value.argument == "text"
+
+
+def test_postgres_mode_without_a_database_refuses_instead_of_keeping_nothing() -> None:
+    mcp_redis.configure(sessions="postgres")
+    with pytest.raises(mcp_redis.ConfigurationError, match="DATABASE_URL"):  # as SessionStore says
+        AgentDirectory().register(AGENT)

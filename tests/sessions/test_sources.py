@@ -1,0 +1,178 @@
+"""Write-through over each source of truth: the library's table and the legacy adapter.
+
+The Redis-facing guarantees of write-through (read repair after Redis lost
+its data, no binding lost through an outage, unbinds replayed) hold whatever
+`Source` stands behind Redis: parametrised over ``table`` (`PostgresBackend`,
+``mcp_redis.sessions``) and ``legacy`` (``examples/legacy_sessions.py`` over
+the legacy server's ``core.sessions`` + ``core.identities``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import psycopg2
+import pytest
+
+import mcp_redis
+from mcp_redis import SessionStore
+from mcp_redis.errors import ConfigurationError, InvalidArgument
+from mcp_redis.metrics import METRICS
+from mcp_redis.sessions import use_source
+from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
+from mcp_redis.testing.faultproxy import FaultProxy
+from tests.sessions import legacy
+from tests.sessions.test_sessions import binding_key
+
+LEGACY = legacy.load_example()
+
+
+@pytest.fixture
+def own_redis(redis_factory: Any) -> RedisServer:
+    """A redis-server this test may stop and restart (empty) on the same port."""
+    server: RedisServer = redis_factory()
+    return server
+
+
+@pytest.fixture(params=["table", "legacy"])
+def configure(request: pytest.FixtureRequest, database_url: str,
+              pg_database: PostgresDatabase) -> Callable[[str], None]:
+    """``configure(redis_url)``: write-through with this test's source of truth."""
+    if request.param == "legacy":
+        legacy.install(pg_database.dsn)
+
+    def run(redis_url: str) -> None:
+        mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+        if request.param == "legacy":
+            use_source(LEGACY.LegacySessionsSource.factory(register=legacy.register))
+
+    return run
+
+
+def test_read_repair_after_flushdb_restores_the_binding_and_its_remaining_ttl(
+        configure: Callable[[str], None], redis_url: str) -> None:
+    import redis
+
+    configure(redis_url)
+    store = SessionStore()
+    store.bind("s1", "agent-1", ttl=100)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    assert store.get("s1") == "agent-1"
+    assert client.get(binding_key("s1")) == "agent-1"
+    assert 90_000 < client.pttl(binding_key("s1")) <= 100_000
+    assert METRICS.counter("session_read_repair_total", result="hit") == 1
+    assert store.sessions_for("agent-1") == ["s1"]
+
+
+def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
+    configure(own_redis.url)
+    store = SessionStore()
+    store.bind("warm-up", "agent-0")
+    own_redis.stop()
+    n = 200
+
+    def bind_range(start: int) -> None:
+        for i in range(start, n, 4):
+            store.bind(f"down-{i}", f"agent-{i % 10}", ttl=600)
+
+    threads = [threading.Thread(target=bind_range, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get("down-7") == "agent-7"  # the source answers meanwhile
+    own_redis.start()
+    client = own_redis.client()
+    keys = [binding_key(f"down-{i}") for i in range(n)]
+    wait_for(lambda: client.exists(*keys) == n, timeout=30, what="the replay of the bindings")
+    assert client.mget(keys) == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
+    assert sorted(store.sessions_for("agent-3")) == sorted(f"down-{i}" for i in range(3, n, 10))
+
+
+def test_an_unbind_made_while_redis_is_unreachable_reaches_redis_when_it_returns(
+        configure: Callable[[str], None], own_redis: RedisServer) -> None:
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        configure(proxy.url())
+        store = SessionStore()
+        store.bind("gone", "agent-1")
+        client = own_redis.client()
+        proxy.drop()
+        assert store.unbind("gone") is True
+        assert store.get("gone") is None  # the source answers
+        assert client.get(binding_key("gone")) == "agent-1"  # stale, until replay
+        proxy.pass_through()
+        wait_for(lambda: client.get(binding_key("gone")) is None, timeout=20, what="the replay of an unbind")
+        assert store.sessions_for("agent-1") == []
+
+
+def test_pending_bindings_of_a_process_that_died_are_replayed_by_another(
+        configure: Callable[[str], None], own_redis: RedisServer) -> None:
+    configure(own_redis.url)
+    store = SessionStore()
+    own_redis.stop()
+    for i in range(20):
+        store.bind(f"orphan-{i}", "agent-x")
+    mcp_redis.reset()  # this process's replayer is gone, as if it had died
+    own_redis.start()
+    configure(own_redis.url)
+    assert mcp_redis.sessions.replay_pending() == 20
+    assert own_redis.client().mget([binding_key(f"orphan-{i}") for i in range(20)]) == ["agent-x"] * 20
+
+
+# -- the legacy adapter only ---------------------------------------------------------------------
+@pytest.fixture
+def legacy_store(redis_url: str, database_url: str, pg_database: PostgresDatabase) -> SessionStore:
+    """Write-through over the legacy tables, registering no agent by itself (production use)."""
+    legacy.install(pg_database.dsn)
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    use_source(LEGACY.LegacySessionsSource.factory())
+    return SessionStore()
+
+
+def _legacy_sql(pg: PostgresDatabase, statement: str, params: tuple = ()) -> Any:  # type: ignore[type-arg]
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+def test_legacy_adapter_refuses_an_agent_the_legacy_server_never_registered(
+        legacy_store: SessionStore, pg_database: PostgresDatabase, redis_url: str) -> None:
+    with pytest.raises(InvalidArgument, match="agent_id") as info:
+        legacy_store.bind("s1", "never-registered")
+    assert info.value.argument == "agent_id"
+    assert _legacy_sql(pg_database, "SELECT count(*) FROM core.sessions") == [(0,)]
+    assert _legacy_sql(pg_database, "SELECT count(*) FROM core.agents") == [(0,)]
+    assert legacy_store.get("s1") is None
+    with pytest.raises(InvalidArgument, match="agent_id"):
+        legacy_store.bind("s1", "nul\x00inside")  # legacy agent ids are TEXT
+
+
+def test_legacy_adapter_serves_the_servers_own_rows_and_ends_them_as_the_server_does(
+        legacy_store: SessionStore, pg_database: PostgresDatabase) -> None:
+    agent = "0f8e2a4c-6b1d-4e3f-9a7c-5d2b8e1f4a60"
+    _legacy_sql(pg_database, "INSERT INTO core.agents (id, api_key) VALUES (%s, 'k')", (agent,))
+    _legacy_sql(pg_database, "INSERT INTO core.identities (identity_id, agent_id, api_key_hash) VALUES (41, %s, 'h')",
+                (agent,))
+    _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, client_type) "
+                "VALUES ('server-made', 41, now() + interval '24 hours', 'sse')")
+    assert legacy_store.get("server-made") == agent  # read repair from the server's row
+    assert legacy_store.sessions_for(agent) == ["server-made"]
+    legacy_store.bind("library-made", agent)
+    assert _legacy_sql(pg_database, "SELECT identity_id, is_active, client_type FROM core.sessions "
+                       "WHERE session_id = 'library-made'") == [(41, True, None)]
+    assert legacy_store.unbind("server-made") is True
+    assert _legacy_sql(pg_database, "SELECT is_active, client_type FROM core.sessions "
+                       "WHERE session_id = 'server-made'") == [(False, "sse")]  # ended, not deleted
+    assert legacy_store.get("server-made") is None
+
+
+def test_use_source_after_the_first_sessions_call_is_refused(legacy_store: SessionStore) -> None:
+    legacy_store.get("anything")
+    with pytest.raises(ConfigurationError, match="use_source"):
+        use_source(None)
