@@ -80,3 +80,79 @@ def transitions(config: Dict[str, Any], name: str, key: str, limit: int, window:
             while limiter.peek(key).backend != "redis" and time.monotonic() < deadline:
                 time.sleep(0.01)
             pipe.send(limiter.peek(key).backend == "redis")
+
+
+def hammer_refunds(
+    config: Dict[str, Any], name: str, key: str, limit: int, window: float, algorithm: str,
+    threads: int, calls_per_thread: int,
+) -> int:
+    """`threads` threads each make `calls_per_thread` calls of a ``refund_on`` function, every other one failing.
+
+    Returns how many calls succeeded (admitted and did not raise).
+    """
+    import mcp_redis
+
+    mcp_redis.configure(**config)
+
+    @mcp_redis.rate_limited(name, limit, window, algorithm=algorithm, key="agent_id", refund_on=(RuntimeError,))
+    def store(agent_id: str, fail: bool) -> None:
+        if fail:
+            raise RuntimeError("the store failed")
+
+    succeeded: List[int] = [0] * threads
+    errors: List[Optional[BaseException]] = [None] * threads
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            for n in range(calls_per_thread):
+                try:
+                    store(key, fail=(n + i) % 2 == 0)
+                except (RuntimeError, mcp_redis.RateLimitExceeded):
+                    continue
+                succeeded[i] += 1
+        except BaseException as exc:  # reported to the parent below
+            errors[i] = exc
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    mcp_redis.reset(configuration=True)
+    return sum(succeeded)
+
+
+def legacy_requests(config: Dict[str, Any], key: str, threads: int, calls_per_thread: int) -> int:
+    """`threads` threads each call ``compat.RateLimiter(10, 1000).check_rate_limit(key)``; count admissions."""
+    import mcp_redis
+    from mcp_redis import compat
+
+    mcp_redis.configure(**config)
+    admitted: List[int] = [0] * threads
+    errors: List[Optional[BaseException]] = [None] * threads
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(calls_per_thread):
+                if compat.RateLimiter(10, 1000).check_rate_limit(key)[0]:
+                    admitted[i] += 1
+        except BaseException as exc:  # reported to the parent below
+            errors[i] = exc
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    mcp_redis.reset(configuration=True)
+    return sum(admitted)

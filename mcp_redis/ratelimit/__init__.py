@@ -38,7 +38,8 @@ import asyncio
 import functools
 import inspect
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar, Union
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from ..client import Client, resolve
 from ..config import Mode, RateLimitFallback, Settings
@@ -159,6 +160,14 @@ class RateLimiter:
         """What `hit(key, cost)` would answer now, without consuming anything."""
         return self._run(key, cost, False)
 
+    def _reset_all(self) -> None:
+        """Forget every key's state (the backend in force and the in-process one): the legacy ``reset()``."""
+        client = resolve(self.client)
+        plan = self._plan(client.settings)
+        if plan.backend is not None and plan.backend != "local":
+            _backend(client, plan.backend).clear_all(plan.policy)
+        _backend(client, "local").clear_all(plan.policy)
+
     def reset(self, key: str) -> None:
         """Forget every limit's state for `key` (in the backend in force, and in the in-process one)."""
         key = validate_id(key, "key")
@@ -207,17 +216,51 @@ class RateLimiter:
         backend: Optional[Backend] = client.peek(plan.singleton_key)  # built: the one lookup of the hot path
         if backend is None:
             backend = _backend(client, which)
+        t0 = time.monotonic_ns()  # before the hit: a refund over-estimates its age (the safe side)
         try:
             reply = backend.acquire(plan.policy, key, cost, consume)
         except backend.errors as exc:
-            return self._fallback(client, plan, key, cost, consume, which, exc)
+            return self._fallback(client, plan, key, cost, consume, which, exc, t0)
         outages: Optional[Dict[str, bool]] = client.peek(_OUTAGES)
         if outages and outages.get(which):
             _recovered(outages, which)
-        return self._result(plan, reply, which)
+        result = self._result(plan, reply, which)
+        if reply.allowed and consume:
+            result._ticket = (self, key, cost, reply, t0, which, plan.policy)
+        return result
+
+    def refund(self, result: RateLimitResult) -> bool:
+        """Give back, atomically, what the admitted hit that returned `result` consumed; True if anything was.
+
+        For a call that failed after being admitted. Exact per algorithm
+        (the backend's ``refund``): never more than the hit took and never
+        to a window that did not count it, so refunds never let more than
+        `limit` successful calls through in a window. False, changing
+        nothing: a refused hit, a peek, a verdict (off/open/closed), a
+        result already refunded, units already out of their window, or a
+        backend that does not answer now (logged; the units stay consumed,
+        the safe side).
+        """
+        if not isinstance(result, RateLimitResult):
+            raise InvalidArgumentType("result", f"must be a RateLimitResult, not {type(result).__name__}")
+        ticket = result._ticket
+        if ticket is None:
+            return False
+        limiter, key, cost, reply, t0, which, policy = ticket
+        if limiter is not self:
+            raise InvalidArgument("result", f"was returned by limiter {limiter.name!r}, not {self.name!r}")
+        result._ticket = None
+        elapsed_us = (time.monotonic_ns() - t0) // 1000
+        backend = _backend(resolve(self.client), which)
+        try:
+            return backend.refund(policy, key, cost, reply, elapsed_us)
+        except backend.errors as exc:
+            log.warning("rate limiting: refund on %s failed (%s); the units stay consumed", which,
+                        type(exc).__name__)
+            return False
 
     def _fallback(self, client: Client, plan: _Plan, key: str, cost: int, consume: bool, failed: str,
-                  exc: BaseException) -> RateLimitResult:
+                  exc: BaseException, t0: int) -> RateLimitResult:
         """The documented policy when backend `failed` does not answer (never raises a backend error)."""
         s = client.settings
         for step in _FALLBACK[s.rate_limit_fallback]:
@@ -233,7 +276,10 @@ class RateLimiter:
                 exc, failed = step_exc, f"{failed}+{step}"
                 continue
             _outage_started(client, failed, step, exc)
-            return self._result(plan, reply, step)
+            result = self._result(plan, reply, step)
+            if reply.allowed and consume:
+                result._ticket = (self, key, cost, reply, t0, step, plan.policy)
+            return result
         raise AssertionError("every fallback ends with a verdict or the in-process backend")  # pragma: no cover
 
     def _result(self, plan: _Plan, reply: Reply, backend: str) -> RateLimitResult:
@@ -299,9 +345,14 @@ def rate_limited(
     algorithm: Union[Algorithm, str] = Algorithm.SLIDING_WINDOW,
     limits: Optional[Sequence[Union[Limit, Tuple[Any, ...]]]] = None,
     on_limited: Optional[Callable[..., Any]] = None,
+    refund_on: Union[Type[BaseException], Tuple[Type[BaseException], ...]] = (),
     client: Optional[Client] = None,
 ) -> Callable[[F], F]:
     """Limit calls of the decorated function per key; over the limit raise `RateLimitExceeded`.
+
+    `refund_on`: exception classes; an admitted call that raises one of them
+    gives its units back (`RateLimiter.refund`) before the exception
+    propagates, so only calls that succeed (or fail otherwise) count.
 
     `key`: a parameter name, or a callable taking the call's arguments.
     `cost`: an int or such a callable. `on_limited(error, *args, **kwargs)`:
@@ -315,6 +366,7 @@ def rate_limited(
         _check_int(cost, "cost")
     if on_limited is not None and not callable(on_limited):
         raise InvalidArgumentType("on_limited", "must be callable")
+    refund_types = _check_refund_on(refund_on)
 
     def decorate(fn: F) -> F:
         if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
@@ -323,7 +375,8 @@ def rate_limited(
                 "when the generator is created, not when it runs; rate-limit the function that consumes it")
         key_of = _key_getter(fn, key)
         if inspect.iscoroutinefunction(fn):
-            return _async_wrapper(fn, limiter, key_of, cost, on_limited)  # type: ignore[return-value]
+            return _async_wrapper(fn, limiter, key_of, cost, on_limited,  # type: ignore[return-value]
+                                  refund_types)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -334,7 +387,13 @@ def rate_limited(
                 if on_limited is not None:
                     return on_limited(error, *args, **kwargs)
                 raise error
-            return fn(*args, **kwargs)
+            if not refund_types:
+                return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except refund_types:
+                limiter.refund(result)
+                raise
 
         wrapper.limiter = limiter  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -343,7 +402,8 @@ def rate_limited(
 
 
 def _async_wrapper(fn: Callable[..., Any], limiter: RateLimiter, key_of: Callable[[Tuple[Any, ...], Dict[str, Any]], str],
-                   cost: CostArg, on_limited: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+                   cost: CostArg, on_limited: Optional[Callable[..., Any]],
+                   refund_types: Tuple[Type[BaseException], ...] = ()) -> Callable[..., Any]:
     """`rate_limited` on an ``async def``: counted when awaited, never when the coroutine is created.
 
     The hit runs in a worker thread (``asyncio.to_thread``) unless the
@@ -356,7 +416,8 @@ def _async_wrapper(fn: Callable[..., Any], limiter: RateLimiter, key_of: Callabl
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         units = cost(*args, **kwargs) if callable(cost) else cost
         rate_key = key_of(args, kwargs)
-        if limiter._plan(resolve(limiter.client).settings).mode in (Mode.REDIS, Mode.POSTGRES):
+        remote = limiter._plan(resolve(limiter.client).settings).mode in (Mode.REDIS, Mode.POSTGRES)
+        if remote:
             result = await asyncio.to_thread(limiter.hit, rate_key, units)
         else:
             result = limiter.hit(rate_key, units)
@@ -366,10 +427,25 @@ def _async_wrapper(fn: Callable[..., Any], limiter: RateLimiter, key_of: Callabl
                 outcome = on_limited(error, *args, **kwargs)
                 return await outcome if inspect.isawaitable(outcome) else outcome
             raise error
-        return await fn(*args, **kwargs)
+        try:
+            return await fn(*args, **kwargs)
+        except refund_types:
+            if remote:
+                await asyncio.to_thread(limiter.refund, result)
+            else:
+                limiter.refund(result)
+            raise
 
     wrapper.limiter = limiter  # type: ignore[attr-defined]
     return wrapper
+
+
+def _check_refund_on(refund_on: Any) -> Tuple[Type[BaseException], ...]:
+    """`refund_on` as a tuple of exception classes (one class is accepted too)."""
+    types = (refund_on,) if isinstance(refund_on, type) else refund_on
+    if not isinstance(types, tuple) or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise InvalidArgumentType("refund_on", f"must be an exception class or a tuple of them, not {refund_on!r}")
+    return types
 
 
 def _key_getter(fn: Callable[..., Any], key: KeyArg) -> Callable[[Tuple[Any, ...], Dict[str, Any]], str]:

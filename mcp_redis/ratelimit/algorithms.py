@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .base import Outcome, Reply, Spec
 
-__all__ = ["Algorithm", "MODELS", "run_model"]
+__all__ = ["Algorithm", "MODELS", "run_model", "refund_model"]
 
 
 class Algorithm(str, enum.Enum):
@@ -177,3 +177,53 @@ def run_model(
         outcomes[i] = Outcome(remaining, 0, reset)
         written.append((state, max(1000, ttl)))
     return Reply(True, -1, outcomes), written
+
+
+#: A refunded limit's new state: (state, ttl_us), ttl None = keep the expiry, state None = delete.
+Refunded = Tuple[Any, Optional[int]]
+
+
+def refund_model(
+    algorithm: Algorithm, states: Sequence[Any], now: int, specs: Sequence[Spec], cost: int, hit_us: int,
+    resets_us: Sequence[int],
+) -> List[Optional[Refunded]]:
+    """Give back what one admitted call took (mirrors ``ratelimit_<name>_refund.lua``); None: unchanged.
+
+    `hit_us` is the hit's own clock reading (these backends know it
+    exactly), `resets_us` the hit's ``reset_after`` per limit. Never gives
+    back more than the call took, nor to a window that did not count it.
+    """
+    out: List[Optional[Refunded]] = []
+    for (limit, window), state, reset in zip(specs, states, resets_us):
+        new: Optional[Refunded] = None
+        if state is None:
+            pass
+        elif algorithm is Algorithm.SLIDING_WINDOW:
+            log_ = list(state)
+            start = bisect.bisect_left(log_, hit_us)
+            end = min(bisect.bisect_right(log_, hit_us), start + cost)
+            if end > start:
+                del log_[start:end]
+                new = (log_, None)
+        elif algorithm is Algorithm.FIXED_WINDOW:
+            begin, count = state
+            if begin <= hit_us < begin + window and now < begin + window and count > 0:
+                new = ([begin, count - min(cost, count)], None)
+        elif algorithm is Algorithm.SLIDING_WINDOW_COUNTER:
+            idx = hit_us // window
+            w, c, p = state
+            if w == idx and c > 0:
+                new = ([w, max(0, c - cost), p], None)
+            elif w == idx + 1 and p > 0:
+                new = ([w, c, max(0, p - cost)], None)
+        else:  # GCRA
+            interval = window / limit
+            tat = float(state)
+            tat_j = tat if tat < hit_us + reset + interval / 2 else hit_us + reset
+            if tat >= tat_j - interval / 2:
+                back = min(cost * interval, tat_j - now)
+                if back > 0:
+                    after = round(tat - back, 3)
+                    new = (None, None) if after <= now else (after, max(1000, math.ceil(after - now)))
+        out.append(new)
+    return out

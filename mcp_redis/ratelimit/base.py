@@ -9,14 +9,14 @@ with the same `Reply`, all or nothing; times are integer microseconds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Type
 
 from ..keys import KeySpace
 
 if TYPE_CHECKING:
     from .algorithms import Algorithm
 
-__all__ = ["Backend", "Outcome", "Policy", "Reply", "Spec", "NAMESPACE"]
+__all__ = ["Backend", "Granted", "Outcome", "Policy", "Reply", "Spec", "NAMESPACE", "granted"]
 
 #: The key namespace of rate limits: ``<prefix>ratelimit:{<name>:<key>}#<alg>_<window us>``.
 NAMESPACE = "ratelimit"
@@ -43,6 +43,25 @@ class Reply(NamedTuple):
     allowed: bool
     refused: int
     outcomes: List[Outcome]
+
+
+class Granted(Reply):
+    """An admitted hit's `Reply` that also names what the call took, for `Backend.refund`.
+
+    `ticket` is an attribute, not a tuple field, so a `Granted` equals the
+    plain `Reply` with the same figures: the sliding-window log entries'
+    nonce (Redis), or the backend's clock reading of the hit (in-process,
+    PostgreSQL). Backends whose refund needs no ticket return a plain `Reply`.
+    """
+
+    ticket: Any
+
+
+def granted(reply: Reply, ticket: Any) -> Granted:
+    """`reply` as a `Granted` carrying `ticket`."""
+    out: Granted = tuple.__new__(Granted, reply)
+    out.ticket = ticket
+    return out
 
 
 class Policy(NamedTuple):
@@ -105,6 +124,19 @@ class Backend(Protocol):
         """
         ...
 
+    def refund(self, policy: Policy, key: str, cost: int, reply: Reply, elapsed_us: int) -> bool:
+        """Give back, atomically, what the admitted call answered by `reply` took; True if anything was.
+
+        Never more than the call took, never to a window that did not count
+        it (so refunds never let more than `limit` successful calls through
+        in a window). `elapsed_us`: the caller's monotonic time since the hit.
+        """
+        ...
+
     def clear(self, policy: Policy, key: str) -> None:
         """Forget every limit's state of `policy` for `key`."""
+        ...
+
+    def clear_all(self, policy: Policy) -> None:
+        """Forget every key's state of `policy`'s limiter (the legacy ``reset()`` with no agent)."""
         ...

@@ -53,7 +53,7 @@ class RateLimitResult:
     """
 
     __slots__ = ("allowed", "limit", "remaining", "retry_after", "reset_after",
-                 "name", "refused_by", "backend", "_plan", "_outcomes")
+                 "name", "refused_by", "backend", "_plan", "_outcomes", "_ticket")
 
     def __init__(self, allowed: bool, name: str, plan: _Plan, outcomes: Sequence[Outcome],
                  binding: int, backend: str) -> None:
@@ -68,6 +68,8 @@ class RateLimitResult:
         self.backend = backend
         self._plan = plan
         self._outcomes = outcomes
+        # What `RateLimiter.refund` needs of an admitted hit (set by the front), else None.
+        self._ticket: Optional[Tuple[Any, ...]] = None
 
     @property
     def statuses(self) -> Tuple[LimitStatus, ...]:

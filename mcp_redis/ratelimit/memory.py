@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 from ..errors import InvalidArgument
 from ..metrics import METRICS
-from .algorithms import run_model
-from .base import Outcome, Policy, Reply, Spec
+from .algorithms import refund_model, run_model
+from .base import Outcome, Policy, Reply, Spec, granted
 
 __all__ = ["MemoryBackend"]
 
@@ -84,6 +84,7 @@ class MemoryBackend:
                     return self._full(name, stripe, now, specs, consume)
             reply, written = run_model(algorithm, states, now, specs, cost, consume)
             if written:
+                reply = granted(reply, now)
                 for ident, (state, ttl) in zip(ids, written):
                     shard[ident] = (state, now + ttl)
                     if now + ttl < self._next_expiry[stripe]:
@@ -122,6 +123,40 @@ class MemoryBackend:
             elif expiry < earliest:
                 earliest = expiry
         self._next_expiry[stripe] = earliest
+
+    def refund(self, policy: Policy, key: str, cost: int, reply: Reply, elapsed_us: int) -> bool:
+        """`refund_model` under the key's stripe lock; the hit's clock reading is the ticket."""
+        algorithm, name, specs = policy.algorithm, policy.name, policy.specs
+        hit_us = getattr(reply, "ticket", None)
+        if hit_us is None:
+            return False
+        stripe = zlib.crc32(f"{name}\0{key}".encode("utf-8", "surrogatepass")) % _STRIPES
+        ids = [(algorithm.value, name, key, str(window)) for _, window in specs]
+        with self._locks[stripe]:
+            now = self.now_us()
+            shard = self._shards[stripe]
+            items = [shard.get(ident) for ident in ids]
+            states = [item[0] if item is not None and item[1] > now else None for item in items]
+            changed = refund_model(algorithm, states, now, specs, cost, hit_us,
+                                   [o.reset_after_us for o in reply.outcomes])
+            done = False
+            for ident, item, new in zip(ids, items, changed):
+                if new is None or item is None:
+                    continue
+                done = True
+                state, ttl = new
+                if state is None:
+                    del shard[ident]
+                else:
+                    shard[ident] = (state, item[1] if ttl is None else now + ttl)
+        return done
+
+    def clear_all(self, policy: Policy) -> None:
+        """Forget every key's state of the limiter (all stripes)."""
+        for lock, shard in zip(self._locks, self._shards):
+            with lock:
+                for ident in [i for i in shard if i[0] == policy.algorithm.value and i[1] == policy.name]:
+                    del shard[ident]
 
     def clear(self, policy: Policy, key: str) -> None:
         """Forget the key's state of every limit of `policy`."""

@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Tuple, Type
 from ..errors import BackendUnavailable
 from ..keys import encode_id
 from ..postgres import Postgres, pg_error
-from .algorithms import Algorithm, run_model
-from .base import Policy, Reply, Spec
+from .algorithms import Algorithm, refund_model, run_model
+from .base import Policy, Reply, Spec, granted
 
 __all__ = ["PostgresBackend"]
 
@@ -32,6 +32,11 @@ _PG_WRITE = (
     "ON CONFLICT (name, rate_key, algorithm, window_us) DO UPDATE SET "
     "state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp()"
 )
+_PG_SET_STATE = (
+    "UPDATE {schema}.rate_limits SET state = %s, updated_at = clock_timestamp() "
+    "WHERE name = %s AND rate_key = %s AND algorithm = %s AND window_us = %s"
+)
+_PG_DELETE_ONE = "DELETE FROM {schema}.rate_limits WHERE name = %s AND rate_key = %s AND algorithm = %s AND window_us = %s"
 _PG_SWEEP = "DELETE FROM {schema}.rate_limits WHERE expires_at < clock_timestamp() - interval '1 minute'"
 
 
@@ -88,11 +93,52 @@ class PostgresBackend:
             states = [found.get(window) for _, window in specs]
             reply, written = run_model(algorithm, states, now, specs, cost, consume)
             if written:
+                reply = granted(reply, now)
                 cur.executemany(self.pg.sql(_PG_WRITE), [
                     (name, key, algorithm.value, window, json.dumps(state), now + ttl)
                     for (_, window), (state, ttl) in zip(specs, written)
                 ])
         return reply
+
+    def refund(self, policy: Policy, key: str, cost: int, reply: Reply, elapsed_us: int) -> bool:
+        """One transaction, serialised like a hit: `refund_model` on the rows; the hit's clock reading is the ticket."""
+        hit_us = getattr(reply, "ticket", None)
+        if hit_us is None:
+            return False
+        done: bool = self.pg.policy.call(self._refund, policy, key, cost, reply, int(hit_us))
+        return done
+
+    def _refund(self, policy: Policy, key: str, cost: int, reply: Reply, hit_us: int) -> bool:
+        algorithm, specs = policy.algorithm, policy.specs
+        name, key = encode_id(policy.name), encode_id(key)
+        with self.pg.connection() as conn, conn.cursor() as cur:
+            cur.execute(_PG_LOCK_AND_CLOCK, (f"{name}:{key}",))
+            row = cur.fetchone()
+            assert row is not None
+            now = int(row[0])
+            cur.execute(self.pg.sql(_PG_READ + " AND window_us = ANY(%s)"),
+                        (name, key, algorithm.value, [w for _, w in specs]))
+            found = {int(w): s for w, s in cur.fetchall()}
+            states = [found.get(w) for _, w in specs]
+            changed = refund_model(algorithm, states, now, specs, cost, hit_us,
+                                   [o.reset_after_us for o in reply.outcomes])
+            for (_, window), new in zip(specs, changed):
+                if new is None:
+                    continue
+                state, ttl = new
+                if state is None:
+                    cur.execute(self.pg.sql(_PG_DELETE_ONE), (name, key, algorithm.value, window))
+                elif ttl is None:
+                    cur.execute(self.pg.sql(_PG_SET_STATE), (json.dumps(state), name, key, algorithm.value, window))
+                else:
+                    cur.execute(self.pg.sql(_PG_WRITE), (name, key, algorithm.value, window, json.dumps(state), now + ttl))
+        return any(new is not None for new in changed)
+
+    def clear_all(self, policy: Policy) -> None:
+        """Delete every row of the limiter."""
+        self.pg.ensure_schema()
+        self.pg.execute(self.pg.sql("DELETE FROM {schema}.rate_limits WHERE name = %s AND algorithm = %s"),
+                        (encode_id(policy.name), policy.algorithm.value))
 
     def clear(self, policy: Policy, key: str) -> None:
         """Delete the key's rows of every limit of `policy`."""

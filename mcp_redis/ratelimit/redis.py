@@ -18,8 +18,9 @@ import redis.exceptions
 
 from ..connections import RedisConnection
 from ..errors import BackendUnavailable
+from ..keys import encode_id
 from .algorithms import MODELS, Algorithm
-from .base import Outcome, Policy, Reply
+from .base import NAMESPACE, Granted, Outcome, Policy, Reply
 
 __all__ = ["RedisBackend"]
 
@@ -41,6 +42,7 @@ class RedisBackend:
     def __init__(self, conn: RedisConnection) -> None:
         self.conn = conn
         self._scripts = {a: conn.script(f"ratelimit_{a.value}") for a in MODELS}
+        self._refunds = {a: conn.script(f"ratelimit_{a.value}_refund") for a in MODELS}
         self._caller = f"{secrets.token_hex(6)}.{os.getpid()}."
         self._calls = itertools.count()
 
@@ -58,20 +60,51 @@ class RedisBackend:
         script = self._scripts[algorithm]
         # Few arguments on purpose: each costs the client ~1 us to pack.
         args: List[Union[int, str]] = [cost if consume else -cost, *policy.flat]
+        nonce = None
         if algorithm is Algorithm.SLIDING_WINDOW:
-            args.append(self._nonce())
+            nonce = self._nonce()
+            args.append(nonce)
         if now_us is not None:
             args.append(now_us)
         raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
         f = raw.split()
+        # Only an admitted sliding-window hit carries a ticket (`Granted`): the
+        # nonce naming its log entries, for a refund.
+        cls = Granted if nonce is not None and f[0] == "1" else Reply
         # _new(Reply, (...)) is Reply(...) without the generated __new__'s
         # Python frame (~0.2 us of a call's ~4 us client time).
         if len(f) == 5:  # one limit, the common case
-            return _new(Reply, (f[0] == "1", int(f[1]) - 1, [_new(Outcome, (int(f[2]), int(f[3]), int(f[4])))]))
-        n = [int(x) for x in f]
-        return _new(Reply, (n[0] == 1, n[1] - 1,
-                            [_new(Outcome, (n[j], n[j + 1], n[j + 2])) for j in range(2, len(n), 3)]))
+            reply = _new(cls, (f[0] == "1", int(f[1]) - 1, [_new(Outcome, (int(f[2]), int(f[3]), int(f[4])))]))
+        else:
+            n = [int(x) for x in f]
+            reply = _new(cls, (n[0] == 1, n[1] - 1,
+                               [_new(Outcome, (n[j], n[j + 1], n[j + 2])) for j in range(2, len(n), 3)]))
+        if cls is Granted:
+            reply.ticket = nonce  # type: ignore[attr-defined]
+        return reply
+
+    def refund(self, policy: Policy, key: str, cost: int, reply: Reply, elapsed_us: int) -> bool:
+        """One EVALSHA of ``ratelimit_<algorithm>_refund.lua`` (see each script for its rule)."""
+        args: List[Union[int, str]] = [cost]
+        for (limit, window), outcome in zip(policy.specs, reply.outcomes):
+            args += [limit, window, outcome.reset_after_us]
+        args.append(max(0, elapsed_us))
+        if policy.algorithm is Algorithm.SLIDING_WINDOW:
+            nonce = getattr(reply, "ticket", None)
+            if nonce is None:
+                return False
+            args.append(nonce)
+        done = self.conn.policy.call(self.conn.run_script, self._refunds[policy.algorithm], policy.keys_for(key),
+                                     args)
+        return int(done) > 0
 
     def clear(self, policy: Policy, key: str) -> None:
         """Delete the key's keys (one slot: they share a hash tag)."""
         self.conn.call(self.conn.client.delete, *policy.keys_for(key))
+
+    def clear_all(self, policy: Policy) -> None:
+        """Delete every key of the limiter (SCAN by its name, then DEL key by key: slots differ)."""
+        pattern = f"{policy.keyspace.prefix}{NAMESPACE}:{{{encode_id(policy.name)}:*"
+        client = self.conn.client
+        for found in self.conn.call(lambda: list(client.scan_iter(match=pattern, count=500))):
+            self.conn.call(client.delete, found)

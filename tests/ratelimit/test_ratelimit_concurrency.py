@@ -109,3 +109,79 @@ def test_forked_children_count_into_the_same_log_without_collisions(redis_mode: 
     assert limiter.peek("k").remaining == 100 - 91
     (key,) = redis_server.client().keys("mcp:ratelimit:*")
     assert redis_server.client().zcard(key) == 91
+
+
+# -- refunds ---------------------------------------------------------------------------
+#: Long enough that no window ends (nor, for the clock-aligned counter, starts) during a test.
+REFUND_WINDOW = 30 * 86400.0
+
+
+def successes_with_refunds(pool: Any, config: Dict[str, Any], algorithm: Algorithm, limit: int) -> int:
+    """PROCESSES x THREADS x 25 calls on one fresh key, every other call failing and refunded; then top up.
+
+    Returns the workers' successful calls plus the calls admitted afterwards
+    by one caller hitting until refused: equal to `limit` iff every refund
+    gave back exactly what its call took.
+    """
+    name, key = f"refund-{algorithm.value}", uuid.uuid4().hex
+    jobs = [pool.apply_async(workers_ratelimit.hammer_refunds,
+                             (config, name, key, limit, REFUND_WINDOW, algorithm.value, THREADS, 25))
+            for _ in range(PROCESSES)]
+    succeeded = sum(job.get(timeout=120) for job in jobs)
+    assert succeeded <= limit
+    mcp_redis.configure(**config)
+    limiter = RateLimiter(name, limit, REFUND_WINDOW, algorithm=algorithm)
+    topped_up = 0
+    while limiter.hit(key).allowed:
+        topped_up += 1
+    return succeeded + topped_up
+
+
+@pytest.mark.parametrize("algorithm", list(EXACT) + [Algorithm.SLIDING_WINDOW_COUNTER], ids=lambda a: a.value)
+def test_redis_refunds_of_failed_calls_leave_exactly_limit_successes_across_processes(
+    pool: Any, redis_url: str, algorithm: Algorithm
+) -> None:
+    assert successes_with_refunds(pool, {"redis_url": redis_url}, algorithm, limit=100) == 100
+
+
+@pytest.mark.parametrize("algorithm", list(EXACT) + [Algorithm.SLIDING_WINDOW_COUNTER], ids=lambda a: a.value)
+def test_postgres_refunds_of_failed_calls_leave_exactly_limit_successes_across_processes(
+    pool: Any, database_url: str, algorithm: Algorithm
+) -> None:
+    config = {"database_url": database_url, "rate_limits": "postgres", "postgres_max_connections": 8}
+    assert successes_with_refunds(pool, config, algorithm, limit=40) == 40
+
+
+@pytest.mark.parametrize("algorithm", list(EXACT) + [Algorithm.SLIDING_WINDOW_COUNTER], ids=lambda a: a.value)
+def test_local_refunds_of_failed_calls_leave_exactly_limit_successes_across_threads(algorithm: Algorithm) -> None:
+    mcp_redis.configure(rate_limits="local")
+
+    limiter = RateLimiter("refund-local", 50, REFUND_WINDOW, algorithm=algorithm)
+    key = uuid.uuid4().hex
+    succeeded = [0] * THREADS
+    unrefunded: List[int] = []
+    start = threading.Barrier(THREADS)
+
+    def run(i: int) -> None:
+        start.wait()
+        for n in range(25):
+            result = limiter.hit(key)
+            if not result.allowed:
+                continue
+            if (n + i) % 2 == 0:
+                if not limiter.refund(result):
+                    unrefunded.append(i)
+            else:
+                succeeded[i] += 1
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    topped_up = 0
+    while limiter.hit(key).allowed:
+        topped_up += 1
+    assert unrefunded == []
+    assert sum(succeeded) <= 50
+    assert sum(succeeded) + topped_up == 50

@@ -1,0 +1,37 @@
+-- Refund of one admitted sliding-window-counter call: take `cost` off the
+-- count of the clock-aligned window that counted it (the current count, or
+-- the previous one once the window has moved on), never off another window.
+-- KEYS[i]: "<window index>:<current>:<previous>" strings, as in the hit.
+-- ARGV: cost, then limit_i, window_us_i, reset_us_i (the hit's reset_after:
+--       the end of the window after the hit's, minus the hit's time) for
+--       each key, then elapsed_us (the caller's time since the hit).
+-- The hit's window index is round((now - elapsed + reset) / window) - 2:
+-- exact while the caller's clock errs by less than half a window.
+-- SET ... KEEPTTL keeps the key's expiry. Reply: how many limits got units back.
+local cost = tonumber(ARGV[1])
+local n = #KEYS
+local elapsed = tonumber(ARGV[2 + 3 * n])
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local done = 0
+for i = 1, n do
+  local window = tonumber(ARGV[3 * i])
+  local reset = tonumber(ARGV[3 * i + 1])
+  local idx = math.floor((now - elapsed + reset) / window + 0.5) - 2
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local sw, sc, sp = string.match(v, '^(%d+):(%d+):(%d+)$')
+    local w, c, p = tonumber(sw), tonumber(sc) or 0, tonumber(sp) or 0
+    local changed = false
+    if w == idx and c > 0 then
+      c, changed = math.max(0, c - cost), true
+    elseif w == idx + 1 and p > 0 then
+      p, changed = math.max(0, p - cost), true
+    end
+    if changed then
+      redis.call('SET', KEYS[i], string.format('%.0f:%d:%d', w, c, p), 'KEEPTTL')
+      done = done + 1
+    end
+  end
+end
+return done
