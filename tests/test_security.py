@@ -46,6 +46,7 @@ MINIMAL_ACL_COMMANDS = [
     "+evalsha", "+eval", "+script|load",
     # commands the library calls directly or from its Lua scripts (scripts are checked too)
     "+get", "+mget", "+set", "+getex", "+getdel", "+del", "+exists", "+pexpire", "+pttl", "+incr", "+incrby",
+    "+decrby",
     "+time",
     "+zadd", "+zrem", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore", "+zscore",
     "+lpush", "+rpush", "+lpop", "+lpos", "+lrem", "+blpop",
@@ -110,6 +111,7 @@ def exercise_every_feature(database_url: Optional[str] = None) -> Dict[str, Any]
     for algorithm in mcp_redis.Algorithm:
         limiter = mcp_redis.RateLimiter(f"rl-{tag}-{algorithm.value}", 3, 60, algorithm=algorithm)
         assert limiter.hit("k").allowed
+        assert limiter.refund(limiter.hit("k")), "a refund runs its own script"
         limiter.peek("k")
         limiter.reset("k")
     seen["rate_limits"] = True
