@@ -1,10 +1,28 @@
-"""Drop-in replacements for the legacy server's helpers.
+"""Drop-in replacements for the legacy server's helpers (CIRWEL/unitares).
 
-`StateLockManager` keeps the legacy file-lock manager's signature, so code
-that does ``with manager.acquire_agent_lock(agent_id, timeout=5.0):`` moves
-to the shared lock without edits: it takes exactly the lock of
-``mcp_redis.agent_lock(agent_id)`` (reentrant with it in one thread), and a
-wait longer than `timeout` raises `TimeoutError` (`mcp_redis.LockTimeout`).
+`StateLockManager` is the legacy ``src/state_locking.py`` class: same
+constructor, same ``acquire_agent_lock(agent_id, timeout=5.0,
+max_retries=3)`` (sync) and ``acquire_agent_lock_async(...)`` (``async
+with``), same waits (`timeout` per attempt, `max_retries` attempts, backoff
+0.2 s, 0.4 s, ... between them, then `TimeoutError`), not reentrant, and the
+``as`` target is None as in the legacy API. Call sites do not change.
+
+Which lock it takes follows the library's ``locks`` mode:
+
+* ``local``: the legacy lock file ``<lock_dir>/<agent_id>.lock`` with the
+  legacy contents (`locks.legacyfile`), so legacy and compat processes on one
+  host exclude each other;
+* every other mode: the lock of ``mcp_redis.agent_lock(agent_id)`` (same key,
+  so compat and `agent_lock` exclude each other), auto-renewed while held,
+  but never reentrant.
+
+The async variant runs the same synchronous core: each blocking call runs
+in a worker thread (a pool of this module, per process), the event loop only
+awaits. Ownership belongs to the acquisition, not the thread, so the task
+that entered can leave from whichever worker runs its release; two tasks
+exclude each other like two threads; a task cancelled while it waits leaves
+nothing held (a grant that lands after the cancellation is given back at
+once, by the worker).
 
 `RateLimiter` and `get_rate_limiter` replace the legacy per-agent request
 limiter (``src/rate_limiter.py``: 60 requests a minute and 1,000 an hour)
@@ -17,39 +35,256 @@ store gives its slot back). See docs/migration.md, "Rate limits".
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
+import os
 import threading
+import time
+from asyncio.events import _get_running_loop
+from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar, Union
 
-from .client import Client
-from .errors import RateLimitExceeded
-from .locks import AgentLock, _check_seconds, agent_lock
+from .client import Client, resolve
+from .config import Mode
+from .errors import InvalidArgument, InvalidArgumentType, LockNotOwned, RateLimitExceeded
+from .keys import validate_id
+from .locks import DistributedLock, _check_seconds, _in_event_loop
+from .locks.legacyfile import LegacyFileLock, clean_stale
 from .ratelimit import KeyArg, Limit, _key_getter, rate_limited
 from .ratelimit import RateLimiter as _Limiter
 from .ratelimit.limits import _check_int
 
 __all__ = ["KgStoreRateLimitExceeded", "RateLimiter", "StateLockManager", "get_rate_limiter",
-           "kg_store_rate_limited"]
+           "is_process_alive", "kg_store_rate_limited"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+log = logging.getLogger("mcp_redis.locks")
+
+#: Pause before attempt n+1 (s): ``BACKOFF * 2**n``, the legacy schedule.
+BACKOFF = 0.2
+#: Extra pause after the cleanup removed a stale lock file (s), as in the legacy manager.
+CLEANED_PAUSE = 0.2
+
+
+def is_process_alive(pid: int) -> bool:
+    """True when a process `pid` exists (signal 0), as the legacy helper."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except (OSError, ProcessLookupError, OverflowError):
+        return False
+
+
+class _AgentLock(DistributedLock):
+    """`agent_lock`'s lock (same key), not reentrant, auto-renewed, owned by the acquisition."""
+
+    _namespace = "agent-lock"
+
+
+class _Acquisition:
+    """One acquire call of the compat manager: the synchronous core of both variants."""
+
+    __slots__ = ("manager", "agent_id", "timeout", "max_retries", "_file", "_lock")
+
+    def __init__(self, manager: StateLockManager, agent_id: str, timeout: object, max_retries: object) -> None:
+        self.manager = manager
+        self.agent_id = validate_id(agent_id, "agent_id")
+        wait = _check_seconds(timeout, "timeout", allow_none=False, allow_zero=True)
+        assert wait is not None
+        self.timeout = wait
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+            raise InvalidArgumentType("max_retries", f"must be an int, not {type(max_retries).__name__}")
+        if not 1 <= max_retries <= 100:
+            raise InvalidArgument("max_retries", f"must be between 1 and 100, got {max_retries!r}")
+        self.max_retries = max_retries
+        self._file: Optional[LegacyFileLock] = None
+        self._lock: Optional[_AgentLock] = None
+        if resolve(None).mode("locks") is Mode.LOCAL:
+            if "/" in self.agent_id or "\x00" in self.agent_id or self.agent_id in (".", ".."):
+                raise InvalidArgument("agent_id", "must name a file in lock_dir (no '/', NUL, '.' or '..') in local mode")
+            self._file = LegacyFileLock(manager.lock_dir, self.agent_id)
+        else:
+            self._lock = _AgentLock(self.agent_id, blocking_timeout=wait, thread_local=False,
+                                    auto_renew=True, reentrant=False, _argument="agent_id")
+
+    @property
+    def lock_file(self) -> Path:
+        return Path(self.manager.lock_dir) / f"{self.agent_id}.lock"
+
+    def clean(self) -> bool:
+        """The legacy stale-lock cleanup, in local mode only; never raises (as legacy)."""
+        if self._file is None or not self.manager.auto_cleanup_stale:
+            return False
+        try:
+            return bool(self.manager._check_and_clean_stale_lock(self.lock_file))
+        except Exception:
+            return False
+
+    def attempt(self) -> bool:
+        """One attempt: wait up to `timeout` seconds; True once held."""
+        if self._file is not None:
+            return self._file.try_for(self.timeout)
+        assert self._lock is not None
+        return self._lock.acquire(blocking_timeout=self.timeout)
+
+    def between(self, attempt: int) -> float:
+        """After failed attempt `attempt` (not the last): clean up, and the pause to take."""
+        return (CLEANED_PAUSE if self.clean() else 0.0) + BACKOFF * float(2 ** attempt)
+
+    def timed_out(self) -> TimeoutError:
+        return TimeoutError(
+            f"Lock timeout for agent {self.agent_id!r} after {self.max_retries} attempts of "
+            f"{self.timeout}s. Another process may be updating this agent."
+        )
+
+    def release(self) -> None:
+        """Give the lock back; `LockNotOwned` (redis mode) when its lease was lost meanwhile."""
+        if self._file is not None:
+            self._file.release()
+        else:
+            assert self._lock is not None
+            self._lock.release()
+
+    def leave(self, failed: bool) -> None:
+        """Release at the end of the block: a lost lock raises `LockNotOwned`, unless
+        the block itself failed (then it is logged, and the block's error goes on)."""
+        try:
+            self.release()
+        except LockNotOwned:
+            if not failed:
+                raise
+            log.warning("compat: lock of agent %r was no longer owned when its block failed", self.agent_id)
+
+
+class _SyncAgentLock:
+    """``with manager.acquire_agent_lock(...)``: blocks the calling thread."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: _Acquisition) -> None:
+        self._core = core
+
+    def __enter__(self) -> None:
+        core = self._core
+        if _get_running_loop() is not None:
+            raise _in_event_loop(core.agent_id)
+        core.clean()
+        for attempt in range(core.max_retries):
+            if core.attempt():
+                return None
+            if attempt < core.max_retries - 1:
+                time.sleep(core.between(attempt))
+        raise core.timed_out()
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        self._core.leave(exc_type is not None)
+
+
+# Worker threads of the async variant, per process (a forked child makes its own):
+# waits in one pool, releases in another, so waiting tasks never delay a release.
+_POOLS: Dict[str, Tuple[int, concurrent.futures.ThreadPoolExecutor]] = {}
+_POOLS_LOCK = threading.Lock()
+_POOL_SIZES = {"wait": 256, "release": 8}
+
+
+def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
+    entry = _POOLS.get(kind)
+    if entry is None or entry[0] != os.getpid():
+        with _POOLS_LOCK:
+            entry = _POOLS.get(kind)
+            if entry is None or entry[0] != os.getpid():
+                pool = concurrent.futures.ThreadPoolExecutor(_POOL_SIZES[kind], f"mcp_redis-compat-{kind}")
+                entry = _POOLS[kind] = (os.getpid(), pool)
+    return entry[1]
+
+
+def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:
+    """Done-callback of an attempt whose task was cancelled: release a grant nobody will use."""
+    if future.cancelled() or future.exception() is not None or not future.result():
+        return
+    try:
+        core.release()
+    except Exception:  # lost meanwhile: nothing left to give back
+        pass
+
+
+class _AsyncAgentLock:
+    """``async with manager.acquire_agent_lock_async(...)``: the loop only awaits."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: _Acquisition) -> None:
+        self._core = core
+
+    async def __aenter__(self) -> None:
+        core = self._core
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(_pool("wait"), core.clean)
+        for attempt in range(core.max_retries):
+            future = _pool("wait").submit(core.attempt)
+            try:
+                got = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                future.add_done_callback(lambda f: _give_back(core, f))
+                raise
+            if got:
+                return None
+            if attempt < core.max_retries - 1:
+                await asyncio.sleep(await loop.run_in_executor(_pool("wait"), core.between, attempt))
+        raise core.timed_out()
+
+    async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],
+                        traceback: Optional[TracebackType]) -> None:
+        future = _pool("release").submit(self._core.leave, exc_type is not None)
+        await asyncio.shield(asyncio.wrap_future(future))
+
 
 class StateLockManager:
-    """The legacy agent-state lock manager, backed by `agent_lock`.
+    """The legacy agent-state lock manager (CIRWEL/unitares ``src/state_locking.py``).
 
-    `lock_dir` is accepted for compatibility and ignored: the backend and the
-    lock directory come from the library's settings (``MCP_REDIS_LOCK_DIR``).
+    `lock_dir` (default ``./data/locks``, the legacy ``<project root>/data/locks``
+    when the server runs from its root) is created as in the legacy class;
+    the lock files live there in local mode. `auto_cleanup_stale` runs the
+    legacy stale-lock-file cleanup before and between attempts (local mode;
+    elsewhere there are no lock files and a dead holder's lock is freed by
+    the backend). `stale_threshold` is kept as an attribute; the cleanup never
+    needs it (a held lock file is never stale, an unheld one always is).
     """
 
-    def __init__(self, lock_dir: Optional[str] = None, **_legacy: Any) -> None:
-        self.lock_dir = lock_dir
+    def __init__(self, lock_dir: Optional[Union[str, os.PathLike[str]]] = None,
+                 auto_cleanup_stale: bool = True, stale_threshold: float = 60.0) -> None:
+        self.lock_dir = Path.cwd() / "data" / "locks" if lock_dir is None else Path(lock_dir)
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        self.auto_cleanup_stale = auto_cleanup_stale
+        self.stale_threshold = stale_threshold
 
     def __repr__(self) -> str:
-        return "StateLockManager()"
+        return f"StateLockManager(auto_cleanup_stale={self.auto_cleanup_stale})"
 
-    def acquire_agent_lock(self, agent_id: str, timeout: float = 5.0) -> AgentLock:
-        """A context manager holding `agent_id`'s lock; `timeout` is the longest wait (s)."""
-        wait = _check_seconds(timeout, "timeout", allow_none=True, allow_zero=True)
-        return agent_lock(agent_id, blocking_timeout=wait)
+    def _check_and_clean_stale_lock(self, lock_file: Path) -> bool:
+        """Remove `lock_file` when no process holds it; True if removed (legacy helper).
+
+        Works on the file whatever the backend (a held file is never removed).
+        """
+        return clean_stale(Path(lock_file))
+
+    def acquire_agent_lock(self, agent_id: str, timeout: float = 5.0, max_retries: int = 3) -> _SyncAgentLock:
+        """A context manager holding `agent_id`'s lock (``as`` target: None).
+
+        `timeout`: the wait of one attempt (s); `max_retries` attempts with
+        the legacy backoff between them, then `TimeoutError`. Not reentrant:
+        a nested acquire of the same agent waits like any other caller.
+        """
+        return _SyncAgentLock(_Acquisition(self, agent_id, timeout, max_retries))
+
+    def acquire_agent_lock_async(self, agent_id: str, timeout: float = 5.0,
+                                 max_retries: int = 3) -> _AsyncAgentLock:
+        """The same lock as an async context manager; the event loop never blocks."""
+        return _AsyncAgentLock(_Acquisition(self, agent_id, timeout, max_retries))
 
 
 # -- the request limiter ------------------------------------------------------------

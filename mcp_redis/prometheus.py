@@ -52,6 +52,7 @@ DOCS: Dict[str, str] = {
     "lock_release_total": "Releases that found the lease already lost (labels backend, outcome).",
     "lock_renew_total": "Background lease renewals (label outcome).",
     "lock_lost_total": "Leases lost while held (label backend).",
+    "lock_takeover_total": "Locks taken over from a holder whose process liveness key was gone.",
     "lock_fallback_total": "Locks taken by the fallback backend (label to).",
     "ratelimit_rejections_total": "Rate-limited calls refused (labels limiter, backend).",
     "ratelimit_fallback_total": "Rate-limit decisions made by the fallback (labels backend, to).",

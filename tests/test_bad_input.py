@@ -264,7 +264,8 @@ def test_lock_acquire_rejects_bad_waits(witness: Witness, blocking_timeout: Any)
 def test_compat_state_lock_manager_rejects_bad_input(witness: Witness, agent_id: Any, timeout: Any) -> None:
     from mcp_redis.compat import StateLockManager
 
-    rejected("StateLockManager.acquire_agent_lock", lambda: _enter(StateLockManager().acquire_agent_lock(
+    manager = StateLockManager(lock_dir=mcp_redis.settings().lock_dir)
+    rejected("StateLockManager.acquire_agent_lock", lambda: _enter(manager.acquire_agent_lock(
         agent_id, timeout=timeout)), "agent_id", "timeout", "blocking_timeout")
     witness.unchanged()
 

@@ -286,8 +286,8 @@ class DistributedLock:
         self._state.hold = hold
         if self.reentrant:
             _THREAD_HOLDS.holds[(rt, keys.lock)] = hold
-        if self.auto_renew and hold.backend.leased:
-            rt.watchdog.add(hold)
+        if hold.backend.leased and (self.auto_renew or hold.backend.heartbeat_every is not None):
+            rt.watchdog.add(hold, renew=self.auto_renew)  # not renewed: only its process's liveness is beaten
         return True
 
     def _require_replicas(self, hold: Hold) -> None:

@@ -123,6 +123,9 @@ class Backend:
 
     name: ClassVar[str] = "?"
     leased: ClassVar[bool] = False
+    #: Seconds between two `heartbeat` calls while this process holds a lock
+    #: of this backend (None: the backend has no per-process liveness).
+    heartbeat_every: ClassVar[Optional[float]] = None
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -150,3 +153,6 @@ class Backend:
     def locked(self, keys: LockKeys) -> bool:
         """True when anyone holds the lock of `keys`."""
         raise NotImplementedError
+
+    def heartbeat(self) -> None:
+        """Tell the store this process is alive (backends with `heartbeat_every`)."""

@@ -26,7 +26,7 @@ from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
 if TYPE_CHECKING:
     from ..client import Client
 
-__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE"]
+__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL"]
 
 log = logging.getLogger("mcp_redis.locks")
 
@@ -39,6 +39,12 @@ _MAX_WAIT_SLICE = 1.0
 _SERVER_TICK = 0.1
 _RESERVED = "r:"
 _TICKET = re.compile(r"[0-9a-f]{24}")
+#: How long (s) a process's liveness key outlives its last heartbeat: a holder
+#: process that died stops blocking others this long after its last beat (the
+#: watchdog beats every third of it while the process holds a lock).
+LIVENESS_TTL = 1.5
+# A holder's value starts with its process's liveness id: "L" + 24 hex + "|".
+_LIVE_TAG = re.compile(r"L([0-9a-f]{24})\|")
 
 
 def record_ms(settings: Any) -> int:
@@ -58,20 +64,40 @@ class RedisBackend(Backend):
 
     name = "redis"
     leased = True
+    heartbeat_every = LIVENESS_TTL / 3
 
     def __init__(self, client: Client) -> None:
         super().__init__(client)
         # Settings are fixed per client: computed once, not per release.
         self._record_ms = record_ms(client.settings)
+        # This process's liveness (per client, so a forked child has its own):
+        # every value it holds starts with `_live_tag`; while `_live_key`
+        # exists the holder is alive, however old its lease. Beaten by the
+        # watchdog; an acquire beats first only when the last beat is a third
+        # of LIVENESS_TTL old (so a hot loop pays no extra round trip).
+        live_id = secrets.token_hex(12)
+        self._live_tag = f"L{live_id}|"
+        self._live_key = _live_key(client.settings.key_prefix, live_id)
+        self._live_ok_until = 0.0
+
+    def heartbeat(self) -> None:
+        """Refresh this process's liveness key (TTL `LIVENESS_TTL`)."""
+        conn = self.client.redis("locks")
+        started = time.monotonic()
+        conn.call(conn.client.set, self._live_key, "1", px=ms(LIVENESS_TTL))
+        self._live_ok_until = started + self.heartbeat_every
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
         conn = self.client.redis("locks")
         lease_ms = ms(lease)
+        if time.monotonic() >= self._live_ok_until:
+            self.heartbeat()  # the key must exist before any value naming it does
+        token = self._live_tag + token
         # First a plain try (the uncontended path: 2 keys, 2 args). A failed
         # try with the queue keys joins the queue atomically, so the release
         # that follows it is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
+        granted, value, *_ = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
         if granted:
             return Hold(self, keys, token, int(value), lease, started + lease, conn)
         if deadline is not None and deadline <= time.monotonic():
@@ -83,24 +109,48 @@ class RedisBackend(Backend):
         signal = keys.signal(ticket)
         key_list = [keys.lock, keys.fence, keys.queue, signal]
         queued = False
+        dead_holder: Optional[str] = None
         try:
             while True:
                 started = time.monotonic()
+                if started >= self._live_ok_until:  # a long wait: beat before a grant can name us
+                    self.heartbeat()
                 queued = True
-                granted, value = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, [token, lease_ms, queue_ttl])
+                args = [token, lease_ms, queue_ttl] if dead_holder is None else [token, lease_ms, queue_ttl, dead_holder]
+                granted, value, *holder = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
                 if granted:
                     queued = False
                     return Hold(self, keys, token, int(value), lease, started + lease, conn)
+                pttl = int(value)
+                # A holder whose process's liveness key is gone died (or stalled
+                # past LIVENESS_TTL): take its lock over now, not at its lease's end.
+                dead_holder, live_pttl = self._holder_liveness(conn, keys, holder[0] if holder else "")
+                if dead_holder is not None:
+                    continue
+                if live_pttl > 0:
+                    pttl = min(pttl, live_pttl) if pttl > 0 else live_pttl
                 now = time.monotonic()
                 remaining = float("inf") if deadline is None else deadline - now
                 if remaining <= 0:
                     return None
-                pttl = int(value)
                 wait = min(remaining, slice_cap, pttl / 1000 + 0.001 if pttl > 0 else slice_cap)
                 conn.call(_wait_for_signal, conn.client, signal, wait)
         finally:
             if queued:
                 self._leave_queue(conn, keys, signal)
+
+    def _holder_liveness(self, conn: RedisConnection, keys: LockKeys, holder: Any) -> Tuple[Optional[str], int]:
+        """(the holder's value if its process is dead, else None; ms its liveness key has left, or -1)."""
+        if isinstance(holder, bytes):
+            holder = holder.decode("utf-8", "surrogatepass")
+        match = _LIVE_TAG.match(holder) if isinstance(holder, str) else None
+        if match is None:  # free, reserved, or held by a value with no liveness (older versions)
+            return None, -1
+        left = int(conn.call(conn.client.pttl, _live_key(keys.prefix, match.group(1))))
+        if left == -2:
+            METRICS.inc("lock_takeover_total")
+            return holder, -1
+        return None, left
 
     def replicate(self, hold: Hold, replicas: int, timeout: float) -> int:
         """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
@@ -179,6 +229,11 @@ class RedisBackend(Backend):
     def locked(self, keys: LockKeys) -> bool:
         conn = self.client.redis("locks")
         return bool(conn.call(conn.client.exists, keys.lock))
+
+
+def _live_key(prefix: str, live_id: str) -> str:
+    """The liveness key of the process (client) `live_id` (TTL `LIVENESS_TTL`)."""
+    return f"{prefix}lock-live:{live_id}"
 
 
 def _wait_for_signal(client: Any, key: str, wait: float) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConfigurationError
 from ..metrics import METRICS
-from .base import Hold
+from .base import Backend, Hold
 
 __all__ = ["Watchdog"]
 
@@ -18,6 +18,11 @@ log = logging.getLogger("mcp_redis.locks")
 
 class Watchdog:
     """One daemon thread per client renewing every auto-renewing lease at a third of it.
+
+    It also beats each backend's per-process liveness (`Backend.heartbeat`,
+    every `heartbeat_every` seconds) while it renews a hold of that backend:
+    a process that dies stops beating, and its locks are taken over once its
+    liveness key lapses, long before their leases end.
 
     Built by the client's `LockRuntime` on first use; `close()` (the client
     closing, or `configure()`/`reset()` closing the default client) stops
@@ -36,18 +41,31 @@ class Watchdog:
         # short sections, waking it on every acquire would cost a thread
         # switch each time.
         self._idle_wait = float("inf")
+        self._beats: Dict[int, Tuple[float, Backend]] = {}  # id(backend) -> (next beat (monotonic), backend)
 
-    def add(self, hold: Hold) -> None:
+    def add(self, hold: Hold, renew: bool = True) -> None:
+        """Watch `hold` until `discard`: renew its lease (`renew`) and beat its backend's liveness.
+
+        A hold that is not renewed (``lock()`` without ``auto_renew``) is
+        still watched while it is held: its process must stay alive for the
+        lease it asked for.
+        """
         with self._cond:
             if self._closed:
                 return
-            hold.next_renewal = time.monotonic() + hold.lease / 3
+            hold.next_renewal = time.monotonic() + hold.lease / 3 if renew else float("inf")
             self._holds[id(hold)] = hold
-            self._idle_wait = hold.lease / 3
+            if renew:
+                self._idle_wait = hold.lease / 3
+            first = hold.next_renewal
+            every = hold.backend.heartbeat_every
+            if every is not None and id(hold.backend) not in self._beats:
+                first = min(first, time.monotonic() + every)
+                self._beats[id(hold.backend)] = (first, hold.backend)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
                 self._thread.start()
-            elif hold.next_renewal < self._wake_at:
+            elif first < self._wake_at:
                 self._cond.notify()
 
     def discard(self, hold: Hold) -> None:
@@ -72,19 +90,46 @@ class Watchdog:
                     return
                 now = time.monotonic()
                 due = [h for h in self._holds.values() if h.next_renewal <= now]
-                if not due:
+                beats = self._due_beats(now)
+                if not due and not beats:
                     nxt = min((h.next_renewal for h in self._holds.values()), default=now + self._idle_wait)
+                    nxt = min([nxt] + [at for at, _ in self._beats.values()])
                     self._wake_at = nxt
                     self._cond.wait(None if nxt == float("inf") else nxt - now)
                     self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
                     continue
                 self._wake_at = 0.0
+            for backend in beats:
+                try:
+                    backend.heartbeat()
+                except Exception:  # the next beat retries; holds are renewed (or lost) as usual
+                    log.debug("lock: liveness heartbeat failed", exc_info=True)
             for hold in due:
                 try:
                     self._renew(hold)
                 except Exception:  # never let the one renewer die
                     log.exception("lock: watchdog renewal crashed")
                     hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+
+    def _due_beats(self, now: float) -> List[Backend]:
+        """The backends to beat now (under the condition's lock).
+
+        A backend with no holds is forgotten only when its beat falls due, not
+        as soon as its last hold goes: a loop of short sections then finds its
+        schedule in place and never wakes this thread (one wake-up per acquire
+        cost a thread switch each, measured at about +30 % per lock cycle).
+        """
+        live = {id(h.backend) for h in self._holds.values()}
+        due: List[Backend] = []
+        for key, (at, backend) in list(self._beats.items()):
+            if at > now:
+                continue
+            if key not in live:
+                del self._beats[key]
+                continue
+            self._beats[key] = (now + (backend.heartbeat_every or 0.0), backend)
+            due.append(backend)
+        return due
 
     def _renew(self, hold: Hold) -> None:
         started = time.monotonic()

@@ -6,13 +6,15 @@
 -- KEYS[3] (optional) the queue of waiters (a list of their signal-list keys)
 -- KEYS[4] (with KEYS[3]) this caller's signal list
 -- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] queue TTL in ms (with KEYS[3])
+-- ARGV[4] (optional, with KEYS[3]) a holder's value to take over: the caller
+--         found that holder's process liveness key gone (it died or stalled)
 -- Without KEYS[3] this is a plain try (the uncontended fast path).
--- Returns {1, fencing token} when granted, else {0, PTTL of the lock}.
+-- Returns {1, fencing token} when granted, else {0, PTTL of the lock, holder's value}.
 local granted = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not granted then
   -- Held: by us already (a retried call), reserved for us (a handoff), or not ours.
   local holder = redis.call('GET', KEYS[1])
-  if holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) then
+  if holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) or (ARGV[4] and holder == ARGV[4]) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     granted = true
   end
@@ -43,4 +45,4 @@ if KEYS[4] then
     redis.call('PEXPIRE', KEYS[3], ARGV[3])
   end
 end
-return {0, redis.call('PTTL', KEYS[1])}
+return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}

@@ -14,6 +14,7 @@ import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -147,7 +148,7 @@ def test_bad_arguments_raise_naming_the_argument_before_writing(redis_mode: str)
         (lambda: mcp_redis.lock(b"n"), TypeError, "name"),  # type: ignore[arg-type]
         (lambda: mcp_redis.lock("n", timeout=float("nan")), ValueError, "timeout"),
         (lambda: mcp_redis.lock("n").extend(-1), ValueError, "additional_time"),
-        (lambda: StateLockManager().acquire_agent_lock("a", timeout="5"), TypeError, "timeout"),  # type: ignore[arg-type]
+        (lambda: StateLockManager(lock_dir=mcp_redis.settings().lock_dir).acquire_agent_lock("a", timeout="5"), TypeError, "timeout"),  # type: ignore[arg-type]
     ]
     for make, kind, argument in cases:
         with pytest.raises(kind, match=argument):
@@ -174,14 +175,17 @@ def test_lock_keys_share_one_slot_and_only_the_fence_has_no_ttl(redis_mode: str)
     waiter = threading.Thread(target=lambda: seen.append(str(mcp_redis.agent_lock("slotted").acquire())))
     waiter.start()
     wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=5, what="a queued waiter")
-    keys = r.keys("*")
+    # The process's liveness key (one per client and process, not per lock) lives apart, with a TTL.
+    liveness = r.keys("*lock-live:*")
+    assert len(liveness) == 1 and 0 < r.pttl(liveness[0]) <= 1500
+    keys = [k for k in r.keys("*") if k not in liveness]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(holder.key.encode())}
     no_ttl = [k for k in keys if r.pttl(k) < 0]
     assert no_ttl == [holder.key + "#fence"]
     holder.release()
     waiter.join(5)
     assert seen == ["True"]
-    keys = r.keys("*")
+    keys = [k for k in r.keys("*") if k not in liveness]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(holder.key.encode())}
     assert [k for k in keys if r.pttl(k) == -1] == [holder.key + "#fence"]
 
@@ -464,26 +468,24 @@ def test_shared_lock_object_never_releases_another_threads_hold(redis_mode: str)
     shared.release()
 
 
-def test_state_lock_manager_takes_the_agent_lock(redis_mode: str) -> None:
-    manager = StateLockManager()
+def test_state_lock_manager_takes_the_agent_lock_and_is_not_reentrant(redis_mode: str, tmp_path: Path) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
     with mcp_redis.agent_lock("legacy"):
-        with manager.acquire_agent_lock("legacy", timeout=0.1):  # same thread: reentrant
-            pass
-        failures: List[BaseException] = []
-
-        def other() -> None:
-            try:
-                with manager.acquire_agent_lock("legacy", timeout=0.1):
-                    pass
-            except TimeoutError as exc:
-                failures.append(exc)
-
-        t = threading.Thread(target=other)
+        # Same key as agent_lock, and not reentrant (like the legacy manager): even this thread waits.
+        with pytest.raises(TimeoutError, match="legacy"):
+            with manager.acquire_agent_lock("legacy", timeout=0.1, max_retries=1):
+                pytest.fail("entered a lock this thread already holds through agent_lock")
+    with manager.acquire_agent_lock("legacy", timeout=0.1) as held:
+        assert held is None  # the legacy `as` target
+        with pytest.raises(TimeoutError):
+            with manager.acquire_agent_lock("legacy", timeout=0.1, max_retries=1):
+                pytest.fail("a nested acquire of the same agent entered")
+        got: List[bool] = []
+        t = threading.Thread(target=lambda: got.append(mcp_redis.agent_lock("legacy", blocking_timeout=0.1).acquire()))
         t.start()
         t.join(5)
-        assert len(failures) == 1
-    with manager.acquire_agent_lock("legacy", timeout=0.1) as held:
-        assert held.owned()
+        assert got == [False]
+    assert not raw(redis_mode).exists(mcp_redis.agent_lock("legacy").key)
 
 
 # -- fork ----------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -14,6 +17,7 @@ import pytest
 import mcp_redis
 from mcp_redis import LockNotOwned, LockTimeout
 from mcp_redis.compat import StateLockManager
+from mcp_redis.locks import legacyfile
 from mcp_redis.locks.file import FileBackend
 from mcp_redis.metrics import METRICS
 from tests import workers_locks
@@ -162,9 +166,50 @@ def test_forked_child_cannot_release_parents_file_lock(local_mode: str) -> None:
     held.release()
 
 
-def test_state_lock_manager_in_local_mode(local_mode: str) -> None:
-    with StateLockManager().acquire_agent_lock("legacy", timeout=5.0) as held:
-        assert held.backend == "local"
+def test_state_lock_manager_in_local_mode_takes_the_legacy_lock_file(local_mode: str, tmp_path: Path) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    with manager.acquire_agent_lock("legacy", timeout=5.0) as held:
+        assert held is None
+        info = json.loads((tmp_path / "legacy.lock").read_text())
+        assert info["pid"] == os.getpid() and info["agent_id"] == "legacy" and isinstance(info["timestamp"], float)
+        # What a legacy StateLockManager process does: flock the same file. It is refused.
+        fd = os.open(str(tmp_path / "legacy.lock"), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def test_stale_cleanup_unlinking_the_file_never_lets_two_holders_in(local_mode: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legacy manager's lost updates: a cleanup unlinks the file between another
+    acquirer's open and its flock; that acquirer must not count a lock on the orphan."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    path = tmp_path / "raced.lock"
+    path.write_text("{}")
+    real_open = os.open
+    legacy_fds: List[int] = []
+    raced: List[bool] = []
+
+    def open_then_race(file: Any, flags: int, *args: Any) -> int:
+        fd = real_open(file, flags, *args)
+        if not raced and str(file) == str(path) and flags & os.O_CREAT:  # the acquire's open
+            raced.append(True)
+            assert manager._check_and_clean_stale_lock(path)  # nobody holds it yet: unlinked
+            legacy = real_open(str(path), os.O_CREAT | os.O_RDWR)  # a legacy process enters anew
+            fcntl.flock(legacy, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            legacy_fds.append(legacy)
+        return fd
+
+    monkeypatch.setattr(legacyfile.os, "open", open_then_race)
+    try:
+        with pytest.raises(TimeoutError):
+            with manager.acquire_agent_lock("raced", timeout=0.2, max_retries=1):
+                pytest.fail("entered while a legacy process held the lock file")
+    finally:
+        for fd in legacy_fds:
+            os.close(fd)
 
 
 # -- PostgreSQL advisory locks ------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""mcp_redis.compat.StateLockManager: the legacy server's call sites, sync and async, on both backends.
+
+The legacy test file itself runs in tests/legacy/; these tests state what it
+does not: the async variant's ownership, cancellation and loop behaviour, the
+legacy `test_critical_fixes.py::test_state_locking` check, bad input, and the
+4-process harness of the legacy call pattern around a PostgreSQL row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+from pathlib import Path
+from typing import Any, Dict, List
+
+import psycopg2
+import pytest
+
+import mcp_redis
+from mcp_redis import compat
+from mcp_redis.compat import StateLockManager
+from tests import workers_compat
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture(params=["local", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Dict[str, Any]:
+    """Settings of one backend (also applied here): locks=local, or Redis."""
+    if request.param == "redis":
+        settings: Dict[str, Any] = {"redis_url": request.getfixturevalue("redis_url"), "locks": "redis"}
+    else:
+        settings = {"locks": "local", "lock_dir": str(tmp_path / "lib-locks")}
+    mcp_redis.configure(**settings)
+    return settings
+
+
+def held_elsewhere(manager: StateLockManager, agent_id: str) -> bool:
+    """True when another thread cannot take `agent_id` at once."""
+    got: List[bool] = []
+
+    def probe() -> None:
+        try:
+            with manager.acquire_agent_lock(agent_id, timeout=0, max_retries=1):
+                got.append(True)
+        except TimeoutError:
+            got.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(10)
+    return got == [False]
+
+
+# -- the legacy critical-fixes check ----------------------------------------------------------
+def test_nested_acquire_of_one_agent_in_one_thread_times_out_like_the_legacy_manager(
+        backend: Dict[str, Any], tmp_path: Path) -> None:
+    # test_critical_fixes.py::test_state_locking, with its default max_retries.
+    manager = StateLockManager(lock_dir=tmp_path)
+    with manager.acquire_agent_lock("test_lock_agent", timeout=1.0):
+        with pytest.raises(TimeoutError):
+            with manager.acquire_agent_lock("test_lock_agent", timeout=0.5):
+                pytest.fail("Should not acquire lock twice")
+    assert not held_elsewhere(manager, "test_lock_agent")
+
+
+def test_bad_max_retries_is_refused_naming_it_and_takes_nothing(backend: Dict[str, Any], tmp_path: Path) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    for bad, kind in [(0, ValueError), (-1, ValueError), ("3", TypeError), (2.0, TypeError), (True, TypeError)]:
+        with pytest.raises(kind, match="max_retries"):
+            manager.acquire_agent_lock("a", max_retries=bad)
+        with pytest.raises(kind, match="max_retries"):
+            manager.acquire_agent_lock_async("a", max_retries=bad)
+    assert not held_elsewhere(manager, "a")
+
+
+# -- the async variant -------------------------------------------------------------------------
+def test_two_tasks_on_one_loop_exclude_each_other(backend: Dict[str, Any], tmp_path: Path) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    inside: List[int] = [0]
+    overlaps: List[int] = []
+
+    async def section() -> None:
+        for _ in range(20):
+            async with manager.acquire_agent_lock_async("shared", timeout=5.0, max_retries=3):
+                inside[0] += 1
+                if inside[0] > 1:
+                    overlaps.append(inside[0])
+                await asyncio.sleep(0)  # let the other task run while we hold it
+                inside[0] -= 1
+
+    async def main() -> None:
+        await asyncio.gather(section(), section(), section())
+
+    asyncio.run(main())
+    assert overlaps == []
+    assert not held_elsewhere(manager, "shared")
+
+
+def test_a_task_releases_from_a_different_worker_thread_than_it_acquired_on(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    threads: Dict[str, int] = {}
+    attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
+
+    def recording_attempt(self: Any) -> bool:
+        threads["attempt"] = threading.get_ident()
+        return attempt(self)
+
+    def recording_release(self: Any) -> None:
+        threads["release"] = threading.get_ident()
+        release(self)
+
+    monkeypatch.setattr(compat._Acquisition, "attempt", recording_attempt)
+    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
+
+    async def main() -> bool:
+        async with manager.acquire_agent_lock_async("across", timeout=5.0, max_retries=1):
+            return held_elsewhere(manager, "across")
+
+    assert asyncio.run(main()) is True
+    assert threads["attempt"] != threads["release"] != threading.get_ident()
+    monkeypatch.undo()
+    assert not held_elsewhere(manager, "across")
+
+
+def test_the_event_loop_runs_while_a_task_waits_for_the_lock(backend: Dict[str, Any], tmp_path: Path) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    holding, let_go = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with manager.acquire_agent_lock("busy", timeout=5.0):
+            holding.set()
+            let_go.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+
+    async def main() -> None:
+        async def waiter() -> None:
+            async with manager.acquire_agent_lock_async("busy", timeout=20.0, max_retries=1):
+                pass
+
+        waiting = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0)  # the waiter is now blocked in a worker thread...
+        let_go.set()  # ...and only a running loop gets here to free the lock it waits for
+        await waiting
+
+    asyncio.run(main())
+    t.join(10)
+
+
+def test_cancelling_a_task_while_it_waits_leaves_nothing_held(backend: Dict[str, Any], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    holding, let_go, waiting_in_worker = threading.Event(), threading.Event(), threading.Event()
+    attempt = compat._Acquisition.attempt
+
+    def signalling_attempt(self: Any) -> bool:
+        if threading.current_thread() is not t:
+            waiting_in_worker.set()
+        return attempt(self)
+
+    monkeypatch.setattr(compat._Acquisition, "attempt", signalling_attempt)
+
+    def holder() -> None:
+        with manager.acquire_agent_lock("cancelled", timeout=5.0):
+            holding.set()
+            let_go.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+
+    async def main() -> None:
+        async def waiter() -> None:
+            async with manager.acquire_agent_lock_async("cancelled", timeout=10.0, max_retries=1):
+                pytest.fail("a cancelled task entered")
+
+        waiting = asyncio.ensure_future(waiter())
+        assert await asyncio.get_running_loop().run_in_executor(None, waiting_in_worker.wait, 10)
+        waiting.cancel()  # while its worker thread waits for the lock
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        let_go.set()  # the worker's wait now succeeds: its grant must be given back
+
+    asyncio.run(main())
+    t.join(10)
+    # The abandoned worker gets the lock once the holder leaves, and gives it back.
+    with manager.acquire_agent_lock("cancelled", timeout=10.0, max_retries=1):
+        pass
+
+
+# -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------
+@pytest.mark.slow
+def test_legacy_call_pattern_in_four_processes_loses_no_update(backend: Dict[str, Any], database_url: str,
+                                                               tmp_path: Path) -> None:
+    agents = [f"agent-{k}" for k in range(8)]
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS rmw_counts")
+        cur.execute("CREATE TABLE rmw_counts (agent TEXT PRIMARY KEY, n INT NOT NULL)")
+        cur.executemany("INSERT INTO rmw_counts VALUES (%s, 0)", [(a,) for a in agents])
+    results = SPAWN.Queue()
+    # Per process: 2 threads calling the sync manager, 2 threads each running a loop of 3 tasks.
+    sections = 63  # 4 processes x (2 + 2 x 3) workers x 63 = 2,016 sections
+    procs = [SPAWN.Process(target=workers_compat.rmw,
+                           args=(backend, database_url, str(tmp_path / "legacy-locks"), agents, sections, 2, 2, 3,
+                                 results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    tallies = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(30)
+    done = sum(t["sections"] for t in tallies)
+    assert [t["first_error"] for t in tallies if t["errors"]] == []
+    assert done == 4 * 8 * sections
+    with conn.cursor() as cur:
+        cur.execute("SELECT sum(n) FROM rmw_counts")
+        assert cur.fetchone()[0] == done  # 0 lost updates
+        cur.execute("DROP TABLE rmw_counts")
+    conn.close()
+
+
+# -- a lock lost while held (redis) -------------------------------------------------------------
+def test_a_lock_lost_while_held_raises_on_exit_but_never_hides_the_blocks_own_error(
+        redis_mode: str, tmp_path: Path) -> None:
+    import redis as redis_py
+
+    r = redis_py.Redis.from_url(redis_mode, decode_responses=True)
+    manager = StateLockManager(lock_dir=tmp_path)
+    key = mcp_redis.agent_lock("taken").key
+    with pytest.raises(mcp_redis.LockNotOwned):
+        with manager.acquire_agent_lock("taken", timeout=1.0):
+            r.set(key, "someone-else", px=10_000)  # a takeover behind our back
+    assert r.get(key) == "someone-else"
+    r.delete(key)
+    with pytest.raises(ValueError, match="the block's own"):
+        with manager.acquire_agent_lock("taken", timeout=1.0):
+            r.set(key, "someone-else", px=10_000)
+            raise ValueError("the block's own error")
+    assert r.get(key) == "someone-else"
