@@ -3,7 +3,36 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+
+def _count_in_threads(threads: int, calls_per_thread: int, call: Callable[[int, int], bool]) -> int:
+    """Start `threads` threads together; each makes `calls_per_thread` calls ``call(thread, n)``.
+
+    Returns how many calls returned True; re-raises the first error a thread hit.
+    """
+    counted: List[int] = [0] * threads
+    errors: List[Optional[BaseException]] = [None] * threads
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            for n in range(calls_per_thread):
+                if call(i, n):
+                    counted[i] += 1
+        except BaseException as exc:  # reported to the caller below
+            errors[i] = exc
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return sum(counted)
 
 
 def hammer(
@@ -15,32 +44,12 @@ def hammer(
 
     mcp_redis.configure(**config)
     limiter = mcp_redis.RateLimiter(name, limit, window, algorithm=algorithm)
-    admitted: List[int] = [0] * threads
-    errors: List[Optional[BaseException]] = [None] * threads
-    start = threading.Barrier(threads)
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            for _ in range(calls_per_thread):
-                if limiter.hit(key).allowed:
-                    admitted[i] += 1
-        except BaseException as exc:  # reported to the parent below
-            errors[i] = exc
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    admitted = _count_in_threads(threads, calls_per_thread, lambda i, n: limiter.hit(key).allowed)
     backends = {limiter.peek(key).backend}
     mcp_redis.reset(configuration=True)
     if backends != {config.get("rate_limits", "redis")}:
         raise AssertionError(f"ran on {backends}, not {config.get('rate_limits')}")
-    return sum(admitted)
+    return admitted
 
 
 def ping(_: object = None) -> bool:
@@ -99,32 +108,16 @@ def hammer_refunds(
         if fail:
             raise RuntimeError("the store failed")
 
-    succeeded: List[int] = [0] * threads
-    errors: List[Optional[BaseException]] = [None] * threads
-    start = threading.Barrier(threads)
-
-    def run(i: int) -> None:
+    def call(i: int, n: int) -> bool:
         try:
-            start.wait()
-            for n in range(calls_per_thread):
-                try:
-                    store(key, fail=(n + i) % 2 == 0)
-                except (RuntimeError, mcp_redis.RateLimitExceeded):
-                    continue
-                succeeded[i] += 1
-        except BaseException as exc:  # reported to the parent below
-            errors[i] = exc
+            store(key, fail=(n + i) % 2 == 0)
+        except (RuntimeError, mcp_redis.RateLimitExceeded):
+            return False
+        return True
 
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    succeeded = _count_in_threads(threads, calls_per_thread, call)
     mcp_redis.reset(configuration=True)
-    return sum(succeeded)
+    return succeeded
 
 
 def legacy_requests(config: Dict[str, Any], key: str, threads: int, calls_per_thread: int) -> int:
@@ -133,26 +126,7 @@ def legacy_requests(config: Dict[str, Any], key: str, threads: int, calls_per_th
     from mcp_redis import compat
 
     mcp_redis.configure(**config)
-    admitted: List[int] = [0] * threads
-    errors: List[Optional[BaseException]] = [None] * threads
-    start = threading.Barrier(threads)
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            for _ in range(calls_per_thread):
-                if compat.RateLimiter(10, 1000).check_rate_limit(key)[0]:
-                    admitted[i] += 1
-        except BaseException as exc:  # reported to the parent below
-            errors[i] = exc
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    admitted = _count_in_threads(
+        threads, calls_per_thread, lambda i, n: bool(compat.RateLimiter(10, 1000).check_rate_limit(key)[0]))
     mcp_redis.reset(configuration=True)
-    return sum(admitted)
+    return admitted

@@ -21,6 +21,7 @@ from mcp_redis import Client
 from mcp_redis.events import EventBus, backend
 from mcp_redis.events.memory import MemoryEventsBackend
 from mcp_redis.events.redis import RedisEventsBackend
+from mcp_redis.metrics import METRICS
 from mcp_redis.testing import wait_for
 
 BACKENDS = {"redis": RedisEventsBackend, "memory": MemoryEventsBackend}
@@ -101,6 +102,7 @@ def test_a_raising_handler_is_logged_and_counted_and_the_subscription_lives_on(
     assert [e["n"] for e in inbox.wait(5)] == [0, 2, 4, 6, 8]
     wait_for(lambda: sub.errors == 5, what="5 handler errors")
     assert sub.active and sub.delivered == 5
+    assert METRICS.counter("events_handler_errors_total", kind="pubsub") == 5
     assert "handler raised" in caplog.text and "boom" in caplog.text
 
 
