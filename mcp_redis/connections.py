@@ -359,6 +359,16 @@ def _cluster_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
     return {**out, **_tls_kwargs(s, tls)}
 
 
+def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
+    """TLS material configured for a URL that will not use it: say so rather than connect in silence."""
+    if scheme in ("redis", "redis+cluster") and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but %s connects in plaintext; use rediss://, rediss+sentinel:// "
+                    "or rediss+cluster:// for TLS", shown)
+    elif scheme == "redis+sentinel" and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but the data nodes of %s are reached in plaintext%s; use "
+                    "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
+
+
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
     """The redis-py client for `url` (default ``s.redis_url``): (client, kind, sentinel, service)."""
     url = s.redis_url if url is None else url
@@ -367,6 +377,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
+    _warn_if_plaintext(s, scheme, shown)
     try:
         if scheme in ("redis", "rediss", "unix"):
             extra = _ssl_kwargs(s) if scheme == "rediss" else {}

@@ -26,9 +26,10 @@ import uuid
 from typing import Any, Iterator, List
 
 import pytest
+import redis
 
 import mcp_redis
-from mcp_redis.connections import get_redis
+from mcp_redis.connections import build_client, get_redis
 from mcp_redis.errors import BackendUnavailable, ConfigurationError
 from mcp_redis.testing import RedisServer, redis_binary, server_flavor
 from mcp_redis.testing.tls import Pki, openssl_available
@@ -44,7 +45,7 @@ SENTINEL_USER, SENTINEL_USER_PASSWORD = "mcp-sentinel", "tls-sentinel-user-pw"
 
 # What the library sends to a Sentinel (redis-py's master discovery), and
 # nothing else: see docs/security.md.
-SENTINEL_ACL_COMMANDS = ["+auth", "+ping", "+sentinel|masters"]
+SENTINEL_ACL_COMMANDS = ["+sentinel|masters"]
 # What a cluster client needs on top of MINIMAL_ACL_COMMANDS: the slot map and
 # the command table redis-py routes by (docs/security.md).
 CLUSTER_ACL_COMMANDS = ["+cluster|slots", "+command"]
@@ -171,6 +172,15 @@ def test_every_feature_over_tls_as_the_minimal_acl_user(deployment: Deployment, 
     assert denials == [], f"denied under the minimal rules: {denials[:3]}"
     keys = deployment.keys()
     assert keys and all(k.startswith("mcp:") for k in keys)
+    for sentinel in deployment.sentinels[:1]:  # the Sentinel user can only look the master up
+        user = redis.Redis(port=sentinel.port, username=SENTINEL_USER, password=SENTINEL_USER_PASSWORD,
+                           **pki.client_kwargs())
+        try:
+            assert user.execute_command("SENTINEL", "MASTERS")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                user.execute_command("SENTINEL", "FAILOVER", deployment.topology.service)
+        finally:
+            user.close()
 
 
 def _refused(deployment: Deployment) -> BackendUnavailable:
@@ -261,3 +271,17 @@ def test_sentinel_tls_setting_is_validated_naming_the_variable(monkeypatch: pyte
         mcp_redis.configure(sentinel_tls="yes")
     monkeypatch.setenv("MCP_REDIS_SENTINEL_TLS", "off")
     assert mcp_redis.Settings.from_env().sentinel_tls is False
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "redis+sentinel://127.0.0.1:1/mymaster"])
+def test_tls_material_with_a_plaintext_url_is_warned_about(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """MCP_REDIS_SSL_* set, yet a plaintext scheme: a warning says so (nothing connects here)."""
+    settings = mcp_redis.Settings(redis_url=url, ssl_ca_certs="/nonexistent/ca.crt")
+    with caplog.at_level("WARNING", logger="mcp_redis.connections"):
+        client = build_client(settings)[0]
+    assert "connects in plaintext" in caplog.text or "reached in plaintext" in caplog.text
+    client.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mcp_redis.connections"):
+        build_client(settings.replace(redis_url=url.replace("redis", "rediss", 1)))[0].close()
+    assert "plaintext" not in caplog.text
