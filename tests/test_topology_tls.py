@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Any, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import redis
@@ -67,7 +67,7 @@ class Deployment:
         hosts = ",".join(h.replace("127.0.0.1", host) for h in self.hosts)
         return f"{scheme or self.scheme}://{USER}:{USER_PASSWORD}@{hosts}{self.path}"
 
-    def settings(self, pki: Pki, **changes: Any) -> dict:  # type: ignore[type-arg]
+    def settings(self, pki: Pki, **changes: Any) -> Dict[str, Any]:
         base = dict(ssl_ca_certs=pki.path("ca.crt"), ssl_certfile=pki.path("client.crt"),
                     ssl_keyfile=pki.path("client.key"))
         if self.kind == "sentinel":
@@ -285,3 +285,32 @@ def test_tls_material_with_a_plaintext_url_is_warned_about(url: str, caplog: pyt
     with caplog.at_level("WARNING", logger="mcp_redis.connections"):
         build_client(settings.replace(redis_url=url.replace("redis", "rediss", 1)))[0].close()
     assert "plaintext" not in caplog.text
+
+
+@pytest.mark.parametrize("scheme, sentinel_tls, to_sentinels, to_data_nodes", [
+    ("rediss+sentinel", None, True, True),
+    ("rediss+sentinel", False, False, True),
+    ("redis+sentinel", True, True, False),
+    ("redis+sentinel", None, False, False),
+])
+def test_sentinel_tls_follows_the_scheme_unless_set(scheme: str, sentinel_tls: Optional[bool], to_sentinels: bool,
+                                                    to_data_nodes: bool) -> None:
+    """Which connections use TLS, read from the clients built (Sentinel clients connect lazily)."""
+    settings = mcp_redis.Settings(redis_url=f"{scheme}://u:p@127.0.0.1:1,127.0.0.1:2/mymaster",
+                                  sentinel_tls=sentinel_tls, sentinel_username="su", sentinel_password="sp")
+    client, kind, sentinel, _ = build_client(settings)
+    try:
+        assert kind == "sentinel" and sentinel is not None
+        for node in sentinel.sentinels:
+            kwargs = node.connection_pool.connection_kwargs
+            assert issubclass(node.connection_pool.connection_class, redis.SSLConnection) is to_sentinels
+            assert (kwargs["username"], kwargs["password"]) == ("su", "sp")
+            if to_sentinels:
+                assert kwargs["ssl_cert_reqs"] == "required" and kwargs["ssl_check_hostname"] is True
+        pool = client.connection_pool
+        assert issubclass(pool.connection_class, redis.SSLConnection) is to_data_nodes
+        assert (pool.connection_kwargs["username"], pool.connection_kwargs["password"]) == ("u", "p")
+        if to_data_nodes:
+            assert pool.connection_kwargs["ssl_check_hostname"] is True
+    finally:
+        client.close()
