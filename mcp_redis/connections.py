@@ -349,6 +349,27 @@ def _sentinel_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
     return {**out, **_tls_kwargs(s, s.sentinel_tls if s.sentinel_tls is not None else tls)}
 
 
+class _SentinelClient(redis.Redis):
+    """A client of one Sentinel whose repr is its address.
+
+    redis-py's "No master found" error quotes each Sentinel's repr, which is
+    otherwise every connection keyword (certificate paths included) around
+    the reason that matters (e.g. a failed certificate check).
+    """
+
+    def __repr__(self) -> str:
+        kwargs = self.connection_pool.connection_kwargs
+        return f"<sentinel {kwargs.get('host')}:{kwargs.get('port')}>"
+
+
+class _Sentinel(Sentinel):
+    """`Sentinel` whose Sentinel clients are `_SentinelClient` (a short error message)."""
+
+    def __init__(self, sentinels: Sequence[Tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)
+        self.sentinels = [_SentinelClient(host, port, **self.sentinel_kwargs) for host, port in sentinels]
+
+
 def _cluster_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
     """Every cluster node's connections: `_common_kwargs` with the cluster's retry, and TLS."""
     out = _common_kwargs(s)
@@ -402,7 +423,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
-            sentinel = Sentinel(
+            sentinel = _Sentinel(
                 sentinels,
                 sentinel_kwargs=_sentinel_kwargs(s, tls),
                 username=user,

@@ -190,6 +190,7 @@ def _refused(deployment: Deployment) -> BackendUnavailable:
         conn = get_redis()  # a cluster connects here
         conn.call(conn.client.set, f"mcp:refused-{tag}", "x", ex=60)
     assert deployment.keys(f"*refused-{tag}*") == []
+    assert len(str(info.value)) < 1500 and "ssl_keyfile" not in str(info.value), "the reason, not every setting"
     print(f"refused ({deployment.kind}): {info.value}")
     return info.value
 
