@@ -201,6 +201,8 @@ class Settings:
         if self.sentinel_tls is not None and not isinstance(self.sentinel_tls, bool):
             raise ConfigurationError(f"sentinel_tls: must be True, False or None (as the data nodes), "
                                      f"not {self.sentinel_tls!r}")
+        if self.sentinel_username and not self.sentinel_password:
+            raise ConfigurationError("sentinel_username: needs sentinel_password (MCP_REDIS_SENTINEL_PASSWORD)")
         object.__setattr__(self, "lock_fallback", _coerce_enum(LockFallback, self.lock_fallback, "lock_fallback"))
         object.__setattr__(self, "rate_limit_fallback", _coerce_enum(RateLimitFallback, self.rate_limit_fallback, "rate_limit_fallback"))
         for name in _URL_FIELDS:

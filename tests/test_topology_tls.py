@@ -272,6 +272,10 @@ def test_sentinel_tls_setting_is_validated_naming_the_variable(monkeypatch: pyte
         mcp_redis.configure(sentinel_tls="yes")
     monkeypatch.setenv("MCP_REDIS_SENTINEL_TLS", "off")
     assert mcp_redis.Settings.from_env().sentinel_tls is False
+    monkeypatch.setenv("MCP_REDIS_SENTINEL_USERNAME", "mcp-sentinel")
+    with pytest.raises(ConfigurationError) as info:
+        mcp_redis.Settings.from_env()
+    assert str(info.value).startswith("MCP_REDIS_SENTINEL_USERNAME (sentinel_username): needs sentinel_password")
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "redis+sentinel://127.0.0.1:1/mymaster"])
