@@ -316,7 +316,8 @@ def _common_kwargs(s: Settings) -> Dict[str, Any]:
 
 
 def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs}
+    # Chain and host name verified (redis-py turns the name check off only with ssl_cert_reqs="none").
+    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs, "ssl_check_hostname": True}
     if s.ssl_ca_certs:
         out["ssl_ca_certs"] = s.ssl_ca_certs
     if s.ssl_certfile:
@@ -324,6 +325,69 @@ def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
     if s.ssl_keyfile:
         out["ssl_keyfile"] = s.ssl_keyfile
     return out
+
+
+def _tls_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """TLS for a client built from host lists (Sentinel, Cluster): the `_ssl_kwargs` of ``rediss://``."""
+    return {"ssl": True, **_ssl_kwargs(s)} if tls else {}
+
+
+def _sentinel_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """The connections to the Sentinels themselves: their own ACL user/password and TLS switch."""
+    out: Dict[str, Any] = {
+        **_NO_SETINFO,
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "protocol": 2,
+    }
+    if s.sentinel_username:
+        out["username"] = s.sentinel_username
+    if s.sentinel_password:
+        out["password"] = s.sentinel_password
+    return {**out, **_tls_kwargs(s, s.sentinel_tls if s.sentinel_tls is not None else tls)}
+
+
+class _SentinelClient(redis.Redis):
+    """A client of one Sentinel whose repr is its address.
+
+    redis-py's "No master found" error quotes each Sentinel's repr, which is
+    otherwise every connection keyword (certificate paths included) around
+    the reason that matters (e.g. a failed certificate check).
+    """
+
+    def __repr__(self) -> str:
+        kwargs = self.connection_pool.connection_kwargs
+        return f"<sentinel {kwargs.get('host')}:{kwargs.get('port')}>"
+
+
+class _Sentinel(Sentinel):
+    """`Sentinel` whose Sentinel clients are `_SentinelClient` (a short error message)."""
+
+    def __init__(self, sentinels: Sequence[Tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)
+        self.sentinels = [_SentinelClient(host, port, **self.sentinel_kwargs) for host, port in sentinels]
+
+
+def _cluster_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """Every cluster node's connections: `_common_kwargs` with the cluster's retry, and TLS."""
+    out = _common_kwargs(s)
+    # MOVED/ASK are followed inside redis-py; a small retry lets it
+    # re-read the slot map after a node goes away.
+    out["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
+    out.pop("health_check_interval", None)
+    return {**out, **_tls_kwargs(s, tls)}
+
+
+def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
+    """TLS material configured for a URL that will not use it: say so rather than connect in silence."""
+    if scheme in ("redis", "redis+cluster") and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but %s connects in plaintext; use rediss://, rediss+sentinel:// "
+                    "or rediss+cluster:// for TLS", shown)
+    elif scheme == "redis+sentinel" and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but the data nodes of %s are reached in plaintext%s; use "
+                    "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
 
 
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
@@ -334,6 +398,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
+    _warn_if_plaintext(s, scheme, shown)
     try:
         if scheme in ("redis", "rediss", "unix"):
             extra = _ssl_kwargs(s) if scheme == "rediss" else {}
@@ -350,29 +415,22 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
         parts = urlsplit(url)
         user, password, hosts_part = _split_userinfo(parts.netloc)
         query = dict(parse_qsl(parts.query))
-        if scheme == "redis+sentinel":
+        tls = scheme.startswith("rediss+")
+        if scheme in ("redis+sentinel", "rediss+sentinel"):
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: {scheme}://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
-            sentinel_kwargs: Dict[str, Any] = {
-                "socket_timeout": s.socket_timeout,
-                "socket_connect_timeout": s.socket_connect_timeout,
-                "retry": Retry(NoBackoff(), 0),
-                "decode_responses": True,
-                "protocol": 2,
-            }
-            if s.sentinel_password:
-                sentinel_kwargs["password"] = s.sentinel_password
-            sentinel = Sentinel(
+            sentinel = _Sentinel(
                 sentinels,
-                sentinel_kwargs=sentinel_kwargs,
+                sentinel_kwargs=_sentinel_kwargs(s, tls),
                 username=user,
                 password=password,
                 db=db,
                 **common,
+                **_tls_kwargs(s, tls),
             )
             client = sentinel.master_for(
                 service,
@@ -381,20 +439,15 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
                 check_interval=1.0,
             )
             return client, "sentinel", sentinel, service
-        if scheme == "redis+cluster":
+        if scheme in ("redis+cluster", "rediss+cluster"):
             nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
-            cluster_common = dict(common)
-            # MOVED/ASK are followed inside redis-py; a small retry lets it
-            # re-read the slot map after a node goes away.
-            cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
-            cluster_common.pop("health_check_interval", None)
             client = RedisCluster(
                 startup_nodes=nodes,
                 username=user,
                 password=password,
                 max_connections=s.max_connections,
                 require_full_coverage=True,
-                **cluster_common,
+                **_cluster_kwargs(s, tls),
             )
             return client, "cluster", None, None
     except ConfigurationError:
