@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import redis
@@ -183,13 +183,22 @@ def _fallback_gate(database_url: str, redis_url: str) -> None:
         mcp_redis.configure(redis_url=redis_url)
 
 
+PREFIX: List[str] = ["mcp:"]  # the key prefix in force during the workload
+GATED: List[bool] = []  # the PostgreSQL fallback gate was exercised (needs PostgreSQL)
+
+
 @pytest.fixture(scope="module")
-def keyspace(pg_database: PostgresDatabase) -> Iterator[Dict[str, int]]:
+def keyspace(request: pytest.FixtureRequest) -> Iterator[Dict[str, int]]:
     """Every key after the workload, with its PTTL (-1: no TTL)."""
+    try:
+        pg: Optional[PostgresDatabase] = request.getfixturevalue("pg_database")
+    except pytest.skip.Exception:  # no PostgreSQL: everything but the fallback gate
+        pg = None
     server = RedisServer().start()
     try:
         mcp_redis.reset(configuration=True)
         mcp_redis.configure(redis_url=server.url)
+        PREFIX[:] = [mcp_redis.settings().key_prefix]
         raw = redis.Redis(host=server.host, port=server.port)  # bytes: any key name survives the scan
         _locks(raw)
         _rate_limits()
@@ -197,7 +206,9 @@ def keyspace(pg_database: PostgresDatabase) -> Iterator[Dict[str, int]]:
         _sessions()
         _events()
         _compat()
-        _fallback_gate(pg_database.url, server.url)
+        if pg is not None:
+            _fallback_gate(pg.url, server.url)
+            GATED.append(True)
         mcp_redis.health()
         mcp_redis.stats()
         mcp_redis.reset(configuration=True)  # stops watchdogs and listeners: nothing writes after this
@@ -216,7 +227,7 @@ def keyspace(pg_database: PostgresDatabase) -> Iterator[Dict[str, int]]:
 def family(key: str) -> str:
     if key.endswith("#fence"):
         return "lock fencing counter"
-    if not key.startswith("mcp:"):
+    if not key.startswith(PREFIX[0]):
         return "outside the prefix"
     return "library"
 
@@ -247,5 +258,6 @@ def test_the_workload_reached_every_feature(keyspace: Dict[str, int]) -> None:
     text = "\n".join(keyspace)
     for needle in ("ttl-lock", "ttl-agent-1", "#queue", "ttl-sliding_window", "ttl-gcra", "ttl-fixed_window",
                    "ttl-sliding_window_counter", "ttl-multi", "ttl-decorated", "ttl.meta", "ttl-session-",
-                   "ttl-many-", "ttl-stream", "ttl-plain", "ttl-compat-agent", "ttl-gated-agent", "#gate"):
+                   "ttl-many-", "ttl-stream", "ttl-plain", "ttl-compat-agent", "#queue", "#fence", "lock-live",
+                   *(("ttl-gated-agent", "#gate") if GATED else ())):
         assert needle in text, f"no key containing {needle!r} after the workload; keys: {sorted(keyspace)}"
