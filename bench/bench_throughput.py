@@ -37,7 +37,9 @@ the fastest peer of the same kind in the same run.
 
 hiredis: the header says which parser redis-py uses. Run the bench once with
 and once without it (``pip install hiredis`` / ``pip uninstall -y hiredis``, or
-two virtualenvs, one with the ``hiredis`` extra): see docs/benchmarks.md.
+two virtualenvs, one with the ``hiredis`` extra), with ``--parser hiredis`` /
+``--parser python`` so that each run refuses the wrong environment: see
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -429,6 +431,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                    "(sliding_window, gcra, lock, session_get, ...) or case ids")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="2 processes x 4 threads, 1 s trials, 1 round")
+    parser.add_argument("--parser", choices=("any", "hiredis", "python"), default="any",
+                        help="refuse to run unless redis-py uses this reply parser (hiredis: `pip install hiredis` "
+                             "or the `hiredis` extra; python: `pip uninstall hiredis`), so a with/without pair of "
+                             "runs cannot be mislabelled")
     args = parser.parse_args(argv)
     if args.quick:
         args.processes, args.threads, args.seconds, args.rounds = 2, 4, 1.0, 1
@@ -442,6 +448,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import redis
     import redis.utils
+
+    in_use = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python"
+    if args.parser not in ("any", in_use):
+        parser.error(f"--parser {args.parser}: redis-py uses the {in_use} parser in this environment")
 
     import mcp_redis
     from mcp_redis.testing import RedisServer
