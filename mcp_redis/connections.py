@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import select
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -25,7 +27,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
 from .config import Settings, redact_url
 from .errors import ConfigurationError
@@ -197,29 +199,157 @@ def _resp_bulk(encoder: Any, value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+class _WatchedProxy(SentinelConnectionPoolProxy):
+    """Where new connections go: the address the pool's watcher holds, else Sentinel's."""
+
+    def get_master_address(self) -> Any:
+        pool = self.connection_pool_ref()
+        if isinstance(pool, WatchedSentinelPool) and self.is_master:
+            return pool.resolve_master()
+        return super().get_master_address()  # type: ignore[no-untyped-call]
+
+
 class WatchedSentinelPool(SentinelConnectionPool):
-    """A Sentinel pool whose daemon thread re-asks Sentinel for the master.
+    """A Sentinel pool that follows the Sentinels' failover as it happens.
 
     redis-py asks Sentinel only when it opens a socket, and Sentinel demotes
     a live old master only ~8-10 s after a failover (graceful or partition):
     until then pooled sockets keep writing to it, and those writes vanish
-    when it resyncs as a replica. Asking every `check_interval` seconds
-    (off the callers' threads, so slow Sentinels never delay a call) closes
-    idle sockets to the old master; busy ones are dropped when released.
+    when it resyncs as a replica. A daemon thread per pool (and process)
+    therefore subscribes to every Sentinel's event channels and:
+
+    - on ``+odown`` of the master or ``+selected-slave`` /
+      ``+failover-state-send-slaveof-noone`` (the leader Sentinel is about
+      to promote a replica) *fences* the pool: idle sockets are closed at
+      once, busy ones are dropped when released, and new calls wait (up to
+      the socket timeout, then `redis.ConnectionError`) instead of writing to
+      a master whose writes are about to be dropped;
+    - on ``+switch-master`` moves to the new address and lifts the fence;
+      ``-failover-abort-*`` and ``-odown`` lift it too, and it never lasts
+      longer than `fence_timeout`;
+    - every `check_interval` seconds (the safety net for a lost message or
+      a Sentinel that is down) asks every Sentinel for the master and keeps
+      the answer with the highest config epoch, so one Sentinel that has not
+      heard of the failover yet cannot send the pool back to the old master.
+
+    Only the leader Sentinel publishes the failover-state events, hence one
+    subscription per Sentinel (a few idle sockets, one thread).
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, check_interval: float = 1.0,
-                 **kwargs: Any) -> None:
+                 fence_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self.proxy = _WatchedProxy(  # type: ignore[no-untyped-call]
+            connection_pool=self, is_master=self.is_master, check_connection=self.check_connection,
+            service_name=service_name, sentinel_manager=sentinel_manager)
+        self.connection_kwargs["connection_pool"] = self.proxy
         self.check_interval = check_interval
+        self.fence_timeout = fence_timeout
+        self.fence_wait = float(kwargs.get("socket_timeout") or 1.0)
         self._watch_lock = threading.Lock()
         self._watch_pid = 0
         self._stop = threading.Event()
+        self._fence = threading.Condition()
+        self._fenced_until = 0.0  # monotonic deadline; 0 when not fenced
+        self._fence_reason = ""
+        self._known: Optional[Tuple[str, int]] = None  # the master the watcher last saw
+        self._known_at = 0.0
+        self.switches = 0  # master changes seen (for tests and logs)
 
+    # -- callers' side ---------------------------------------------------------
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._watch_pid != os.getpid():
             self._start_watcher()
+        if self._fenced_until:
+            self._wait_for_fence()
         return super().get_connection(*args, **kwargs)
+
+    def owns_connection(self, connection: Any) -> Any:
+        if self._fenced_until and self.fenced:
+            return False  # written to the master being replaced: drop it
+        return super().owns_connection(connection)  # type: ignore[no-untyped-call]
+
+    @property
+    def fenced(self) -> bool:
+        """True while a failover of the master is under way (see the class doc)."""
+        until = self._fenced_until
+        return bool(until) and time.monotonic() < until
+
+    def _wait_for_fence(self) -> None:
+        deadline = time.monotonic() + self.fence_wait
+        with self._fence:
+            while self.fenced:
+                left = min(deadline, self._fenced_until) - time.monotonic()
+                if left <= 0:
+                    break
+                self._fence.wait(left)
+            if self.fenced:
+                raise redis.exceptions.ConnectionError(
+                    f"Sentinel failover of {self.service_name!r} in progress ({self._fence_reason})")
+
+    def resolve_master(self) -> Tuple[str, int]:
+        """The master new connections go to (the watcher's if fresh, else Sentinel's)."""
+        known = self._known
+        if known is not None and time.monotonic() - self._known_at < 2 * self.check_interval + 1.0:
+            return known
+        return self.switch_to(self.discover_master(), "discovered")
+
+    def discover_master(self) -> Tuple[str, int]:
+        """The master named by the Sentinel with the highest config epoch.
+
+        Every Sentinel is asked (redis-py takes the first answer, which a
+        Sentinel that has not heard of a failover yet gets wrong).
+        """
+        manager = self.sentinel_manager
+        best: Optional[Tuple[int, Tuple[str, int]]] = None
+        errors: List[str] = []
+        for sentinel in list(manager.sentinels):
+            try:
+                state = sentinel.sentinel_master(self.service_name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError,
+                    redis.exceptions.TimeoutError) as exc:
+                errors.append(type(exc).__name__)
+                continue
+            if not manager.check_master_state(state, self.service_name):
+                continue
+            epoch = int(state.get("config-epoch", 0) or 0)
+            force_ip = getattr(manager, "_force_master_ip", None)
+            address = (str(force_ip if force_ip is not None else state["ip"]), int(state["port"]))
+            if best is None or epoch > best[0]:
+                best = (epoch, address)
+        if best is None:
+            raise MasterNotFoundError(
+                f"No master found for {self.service_name!r} ({len(manager.sentinels)} Sentinels asked"
+                + (f"; errors: {', '.join(errors)})" if errors else ")"))
+        return best[1]
+
+    # -- the watcher's side ------------------------------------------------------
+    def switch_to(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
+        """Make `address` the master: close sockets to another one, lift the fence."""
+        old = self.proxy.master_address
+        self._known, self._known_at = address, time.monotonic()
+        if old != address:
+            self.proxy.master_address = address
+            if old is not None:
+                self.switches += 1
+                log.warning("sentinel %r: master moved (%s)", self.service_name, why)
+            self.disconnect(inuse_connections=False)
+        self.lift_fence()
+        return address
+
+    def raise_fence(self, reason: str) -> None:
+        with self._fence:
+            self._fenced_until = time.monotonic() + self.fence_timeout
+            self._fence_reason = reason
+        log.warning("sentinel %r: failover under way (%s): writes held", self.service_name, reason)
+        self.disconnect(inuse_connections=False)
+
+    def lift_fence(self, reason: Optional[str] = None) -> None:
+        if not self._fenced_until or (reason is not None and reason != self._fence_reason):
+            return
+        with self._fence:
+            self._fenced_until = 0.0
+            self._fence.notify_all()
 
     def _start_watcher(self) -> None:
         with self._watch_lock:
@@ -227,6 +357,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
                 return
             self._watch_pid = os.getpid()
             self._stop = threading.Event()
+            self._fenced_until = 0.0
             thread = threading.Thread(
                 target=_watch_master,
                 args=(weakref.ref(self), self._stop, self.check_interval),
@@ -239,18 +370,147 @@ class WatchedSentinelPool(SentinelConnectionPool):
         self._stop.set()
 
 
-def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        pool = ref()
-        if pool is None:
-            return
+# Sentinel events (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/#pubsub-messages)
+_FENCE_EVENTS = ("+odown", "+selected-slave", "+failover-state-send-slaveof-noone")
+_WATCHED_CHANNELS = ("+switch-master", "-odown", *_FENCE_EVENTS)
+_ABORT_PATTERN = "-failover-abort-*"
+
+
+def _event_service(channel: str, data: str) -> Optional[str]:
+    """The master name an event is about (``master <name> ...`` or ``... @ <name> ip port``)."""
+    words = data.split()
+    if channel == "+switch-master":
+        return words[0] if words else None
+    if len(words) >= 2 and words[0] == "master":
+        return words[1]
+    if "@" in words and words.index("@") + 1 < len(words):
+        return words[words.index("@") + 1]
+    return None
+
+
+def _handle_event(pool: WatchedSentinelPool, channel: str, data: str) -> None:
+    if _event_service(channel, data) != pool.service_name:
+        return
+    if channel == "+switch-master":
+        words = data.split()
         try:
-            pool.get_master_address()  # type: ignore[no-untyped-call]  # disconnects idle sockets if it moved
-        except redis.exceptions.ConnectionError:
-            pass  # no master known right now: the next connect() says so
-        except Exception:  # pragma: no cover - never let the watcher die
-            log.debug("sentinel watch failed", exc_info=True)
-        del pool
+            pool.switch_to((words[3], int(words[4])), "+switch-master")
+        except (IndexError, ValueError):
+            log.debug("sentinel: unreadable +switch-master %r", data)
+    elif channel in _FENCE_EVENTS:
+        pool.raise_fence(channel)
+    elif channel == "-odown":
+        pool.lift_fence("+odown")
+    elif channel.startswith("-failover-abort"):
+        pool.lift_fence()
+
+
+class _Subscriptions:
+    """One pubsub per Sentinel of the pool's manager, reopened on error (at most once per interval)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.open: Dict[int, Any] = {}  # id(sentinel client) -> PubSub
+        self.retry_at: Dict[int, float] = {}
+
+    def refresh(self, sentinels: Sequence[Any]) -> bool:
+        """Subscribe where not subscribed; True when a new subscription opened (events may be missed)."""
+        opened = False
+        now = time.monotonic()
+        for sentinel in sentinels:
+            key = id(sentinel)
+            if key in self.open or self.retry_at.get(key, 0.0) > now:
+                continue
+            pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*_WATCHED_CHANNELS)
+                pubsub.psubscribe(_ABORT_PATTERN)
+            except Exception:
+                self.retry_at[key] = now + self.interval
+                _close_quietly(pubsub)
+                continue
+            self.open[key] = pubsub
+            opened = True
+        return opened
+
+    def sockets(self) -> List[Any]:
+        out = []
+        for pubsub in self.open.values():
+            sock = getattr(pubsub.connection, "_sock", None) if pubsub.connection is not None else None
+            if sock is not None:
+                out.append(sock)
+        return out
+
+    def drain(self, pool: WatchedSentinelPool) -> None:
+        for key, pubsub in list(self.open.items()):
+            try:
+                while True:
+                    message = pubsub.get_message(timeout=0)
+                    if message is None:
+                        break
+                    if message.get("type") in ("message", "pmessage"):
+                        _handle_event(pool, str(message["channel"]), str(message["data"]))
+            except Exception:
+                log.debug("sentinel subscription lost", exc_info=True)
+                _close_quietly(self.open.pop(key))
+                self.retry_at[key] = time.monotonic() + self.interval
+
+    def close(self) -> None:
+        for pubsub in self.open.values():
+            _close_quietly(pubsub)
+        self.open.clear()
+
+
+def _close_quietly(pubsub: Any) -> None:
+    try:
+        pubsub.close()
+    except Exception:  # noqa: S110 - a broken socket is being dropped anyway
+        pass
+
+
+def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
+    """The pool's watcher thread: Sentinel events as they come, a poll every `interval`."""
+    subs = _Subscriptions(interval)
+    next_poll = 0.0
+    try:
+        while not stop.is_set():
+            pool = ref()
+            if pool is None:
+                return
+            try:
+                if subs.refresh(list(pool.sentinel_manager.sentinels)):
+                    next_poll = 0.0  # events before the subscription are unknown: ask now
+                subs.drain(pool)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + interval
+                    try:
+                        pool.switch_to(pool.discover_master(), "poll") if not pool.fenced else _poll_fenced(pool)
+                    except redis.exceptions.ConnectionError:
+                        pass  # no master known right now: the next connect() says so
+            except Exception:  # pragma: no cover - never let the watcher die
+                log.debug("sentinel watch failed", exc_info=True)
+            sockets = subs.sockets()
+            del pool
+            wait = min(_EVENT_WAIT, max(0.0, next_poll - time.monotonic()))
+            if sockets:
+                try:
+                    select.select(sockets, [], [], wait)
+                except (OSError, ValueError):
+                    stop.wait(wait)
+            else:
+                stop.wait(wait)
+    finally:
+        subs.close()
+
+
+def _poll_fenced(pool: WatchedSentinelPool) -> None:
+    """While fenced, only a different master (the switch) ends the fence early."""
+    address = pool.discover_master()
+    if address != pool.proxy.master_address:
+        pool.switch_to(address, "poll")
+
+
+_EVENT_WAIT = 0.25  # longest sleep between reads of the subscriptions (TLS may buffer)
 
 
 def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
