@@ -674,11 +674,13 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
 
     Sentinel demotes the old master only ~8-10 s after the switch, and plain
     redis-py re-asks Sentinel only when it opens a connection, so pooled
-    sockets would keep writing to the old master for that long (measured
-    10.8-11.3 s, thousands of acknowledged writes lost). The library's
-    `WatchedSentinelPool` re-asks every second, so the stale-write window is
-    bounded by Sentinel's own announcement plus about a second. The test
-    records the window and the loss.
+    sockets would keep writing to it (measured 10.8-11.3 s, thousands of
+    acknowledged writes lost). Every write the old master acknowledges after
+    the replica's promotion is dropped when it resyncs. The library's
+    `WatchedSentinelPool` hears the leader Sentinel announce the promotion and
+    holds writes until ``+switch-master``; the test records the stale-write
+    window (from the first to the last write acknowledged and then dropped),
+    the loss, and how long the switch took.
     """
     topo = sentinel_topology
     mcp_redis.configure(redis_url=topo.url)
@@ -692,20 +694,25 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
         wait_for(lambda: new.client().exists(load.acked[-1][1]) == 1, 30, interval=0.05,
                  what="acknowledged writes to land on the new master")
         moved_at = time.monotonic()
+        wait_for(lambda: load.successes_after(moved_at) >= 50, 30, what="writes to go on on the new master")
     finally:
         load.stop()
 
     assert get_redis() is conn
     assert new.port != old.port
     assert [e for _, e in load.failures if not isinstance(e, mcp_redis.BackendUnavailable)] == []
-    lost = load.lost_on(new)
+    lost = set(load.lost_on(new))
+    lost_at = [ts for ts, key in load.acked if key in lost]
     figures = {
-        "stale_write_window_s": round(moved_at - switched_at, 3),
-        "failed_calls": len(load.failures),
-        "acked_writes": len(load.acked),
+        "stale_write_window_s": round(max(lost_at) - min(lost_at), 3) if lost_at else 0.0,
         "lost_acked_writes": len(lost),
+        "acked_writes": len(load.acked),
+        "failed_calls": len(load.failures),
+        "failover_to_writes_on_new_master_s": round(moved_at - switched_at, 3),
     }
     for name, value in figures.items():
         record_property(name, value)
     print(f"\nsentinel failover (graceful): {figures}")
     assert moved_at - switched_at < 6.0, figures
+    # The targets of issue 20 (today's code: 0 lost, window 0; plain redis-py polling each second: ~1-2 s).
+    assert figures["stale_write_window_s"] <= 0.3 and len(lost) <= 70, figures
