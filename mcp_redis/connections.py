@@ -42,6 +42,7 @@ __all__ = [
     "build_client",
     "parse_host_list",
     "on_fork",
+    "LazyCluster",
 ]
 
 log = logging.getLogger("mcp_redis.connections")
@@ -513,6 +514,100 @@ def _poll_fenced(pool: WatchedSentinelPool) -> None:
 _EVENT_WAIT = 0.25  # longest sleep between reads of the subscriptions (TLS may buffer)
 
 
+class LazyCluster:
+    """A `RedisCluster` built on first use, so a cluster that is down at start degrades like a single server.
+
+    redis-py's `RedisCluster` connects in its constructor (it reads the slot
+    map). Built here, that made `connect()` raise for a process started
+    while the cluster was down. This holder keeps the constructor's arguments
+    and builds the client inside the first call made through the policy:
+    a failed build is a transient `redis.ConnectionError` (counted by the
+    breaker, answered by each feature's fallback), and the next call tries
+    again, so the process recovers when the cluster comes up. Once built,
+    every attribute is the client's own.
+    """
+
+    PRIMARIES = RedisCluster.PRIMARIES
+    REPLICAS = RedisCluster.REPLICAS
+    ALL_NODES = RedisCluster.ALL_NODES
+    RANDOM = RedisCluster.RANDOM
+    DEFAULT_NODE = RedisCluster.DEFAULT_NODE
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._client: Any = None  # RedisCluster once built
+        self._lock = threading.Lock()
+        self._encoder = redis.connection.Encoder(  # type: ignore[attr-defined,no-untyped-call]
+            kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict"),
+            bool(kwargs.get("decode_responses", False)))
+
+    def __repr__(self) -> str:
+        return f"LazyCluster(built={self.built})"
+
+    @property
+    def built(self) -> bool:
+        return self._client is not None
+
+    def get(self) -> Any:
+        """The client, built now if need be (`redis.ConnectionError` while the cluster is down)."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = RedisCluster(**self._kwargs)
+                except redis.exceptions.RedisError as exc:
+                    if redis_misconfiguration(exc, follows_failover=True) is not None:
+                        raise  # the policy turns it into a ConfigurationError
+                    raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
+                except redis.exceptions.RedisClusterException as exc:
+                    raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
+                log.info("redis cluster client built")
+            return self._client
+
+    # Without a client: what needs no server.
+    def get_encoder(self) -> Any:
+        return self._client.get_encoder() if self._client is not None else self._encoder
+
+    def register_script(self, script: Any) -> Any:
+        from redis.commands.core import Script
+
+        return Script(self, script)  # type: ignore[arg-type]  # runs through this holder
+
+    def get_nodes(self) -> List[Any]:
+        return self._client.get_nodes() if self._client is not None else []
+
+    def disconnect_connection_pools(self) -> None:
+        if self._client is not None:
+            self._client.disconnect_connection_pools()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        client = self._client
+        if client is not None:
+            return getattr(client, name)
+        if not callable(getattr(RedisCluster, name, None)):
+            raise AttributeError(name)
+
+        def deferred(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self.get(), name)(*args, **kwargs)
+
+        deferred.__name__ = name
+        return deferred
+
+
+def _cluster_down(kwargs: Dict[str, Any], exc: BaseException) -> str:
+    nodes = ", ".join(f"{n.host}:{n.port}" for n in kwargs.get("startup_nodes", []))
+    return (f"Redis Cluster unreachable: no startup node ({nodes}) gave the slot map "
+            f"({type(exc).__name__}); calls use each feature's fallback and the next one tries again")
+
+
 def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
     """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
     hosts: List[Tuple[str, int]] = []
@@ -642,13 +737,20 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
             )
             return client, "sentinel", sentinel, service
         if scheme == "redis+cluster":
+            db_part = [p for p in parts.path.split("/") if p]
+            db_given = db_part[0] if db_part else query.get("db", "0")
+            if db_given != "0":
+                raise ConfigurationError(
+                    f"REDIS_URL (redis_url): {shown!r} names database {db_given!r}; Redis Cluster has only "
+                    "database 0 (managed clusters too): drop the '/<db>' (or db=) from the URL and give "
+                    "this deployment its own MCP_REDIS_KEY_PREFIX instead")
             nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
             cluster_common = dict(common)
             # MOVED/ASK are followed inside redis-py; a small retry lets it
             # re-read the slot map after a node goes away.
             cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
             cluster_common.pop("health_check_interval", None)
-            client = RedisCluster(
+            client = LazyCluster(
                 startup_nodes=nodes,
                 username=user,
                 password=password,
