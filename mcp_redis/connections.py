@@ -548,7 +548,7 @@ class LazyCluster:
     def built(self) -> bool:
         return self._client is not None
 
-    def get(self) -> Any:
+    def build(self) -> Any:
         """The client, built now if need be (`redis.ConnectionError` while the cluster is down)."""
         client = self._client
         if client is not None:
@@ -596,7 +596,7 @@ class LazyCluster:
             raise AttributeError(name)
 
         def deferred(*args: Any, **kwargs: Any) -> Any:
-            return getattr(self.get(), name)(*args, **kwargs)
+            return getattr(self.build(), name)(*args, **kwargs)
 
         deferred.__name__ = name
         return deferred

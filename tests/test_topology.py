@@ -64,10 +64,22 @@ def test_the_url_never_shows_a_password_on_any_topology(redis_topology: str, req
     assert "s3cret" not in repr(conn)
 
 
-def test_an_unreachable_cluster_raises_backend_unavailable() -> None:
-    mcp_redis.configure(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2")
-    with pytest.raises(mcp_redis.BackendUnavailable):
-        get_redis()
+def test_an_unreachable_cluster_raises_backend_unavailable_on_use_not_on_connect() -> None:
+    mcp_redis.configure(redis_url="redis+cluster://:s3cret@127.0.0.1:1,127.0.0.1:2")
+    conn = get_redis()  # built on first use (tests/test_cluster_down.py: fallbacks, then recovery)
+    with pytest.raises(mcp_redis.BackendUnavailable) as caught:
+        conn.call(conn.client.ping)
+    assert "Redis Cluster unreachable" in str(caught.value) and "127.0.0.1:1" in str(caught.value)
+    assert "s3cret" not in str(caught.value) and "s3cret" not in repr(caught.value.__cause__)
+
+
+def test_a_cluster_url_with_a_database_other_than_0_is_a_configuration_error() -> None:
+    for url in ("redis+cluster://127.0.0.1:7000/1", "redis+cluster://127.0.0.1:7000?db=2"):
+        mcp_redis.configure(redis_url=url)
+        with pytest.raises(mcp_redis.ConfigurationError, match="Redis Cluster has only database 0"):
+            get_redis()
+    mcp_redis.configure(redis_url="redis+cluster://127.0.0.1:7000/0")
+    assert get_redis().kind == "cluster"
 
 
 def test_every_feature_works_on_every_topology(any_redis_mode: str, redis_topology: str) -> None:
