@@ -19,7 +19,7 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -43,6 +43,7 @@ __all__ = [
     "parse_host_list",
     "on_fork",
     "LazyCluster",
+    "scan_keys",
 ]
 
 log = logging.getLogger("mcp_redis.connections")
@@ -184,6 +185,21 @@ class RedisConnection:
                 pool.disconnect()
         except Exception:  # pragma: no cover - best effort
             log.debug("close failed", exc_info=True)
+
+
+def scan_keys(conn: RedisConnection, pattern: str, what: str, *, count: int = 1000) -> List[str]:
+    """Every key matching `pattern` (``SCAN MATCH``, every primary of a cluster), through the policy.
+
+    Managed services and least-privilege ACLs may refuse ``SCAN``: the
+    `ConfigurationError` then names `what` needed it, instead of a bare
+    ``NOPERM`` or ``unknown command``.
+    """
+    try:
+        return conn.call(lambda: list(conn.client.scan_iter(match=pattern, count=count)))
+    except ConfigurationError as exc:
+        raise type(exc)(f"{what} needs SCAN, which this Redis refuses: {exc}. SCAN is not in the minimal "
+                        "ACL of docs/security.md; grant '+scan' to the user of REDIS_URL for this call "
+                        "(or run it with an operator account)", variable=exc.variable) from exc
 
 
 _HEADS_MAX = 4096  # packed EVALSHA starts kept per client (cleared when full)
@@ -666,8 +682,38 @@ def _common_kwargs(s: Settings) -> Dict[str, Any]:
         "decode_responses": True,
         "encoding_errors": "surrogatepass",
         "protocol": 2,
-        "client_name": "mcp_redis",
+        # Not "client_name": redis-py fails the connect when CLIENT SETNAME is
+        # refused, which some managed services and ACLs do (see _name_connection).
+        "redis_connect_func": _connect_and_name,
     }
+
+
+CLIENT_NAME = "mcp_redis"
+_SETNAME_REFUSED: Set[Any] = set()  # servers (host, port) / socket paths that refused CLIENT SETNAME
+
+
+def _connect_and_name(connection: Any) -> None:
+    """redis-py's handshake (AUTH, SELECT), then `_name_connection`."""
+    connection.on_connect()
+    _name_connection(connection)
+
+
+def _name_connection(connection: Any) -> None:
+    """``CLIENT SETNAME mcp_redis``, or nothing where the server refuses it.
+
+    Managed services (and least-privilege ACLs) may refuse ``CLIENT SETNAME``;
+    redis-py's own ``client_name`` would then fail every connect. A refusal is
+    logged once per server and the connections stay unnamed.
+    """
+    where = (getattr(connection, "host", None), getattr(connection, "port", None), getattr(connection, "path", None))
+    if where in _SETNAME_REFUSED:
+        return
+    connection.send_command("CLIENT", "SETNAME", CLIENT_NAME, check_health=False)
+    try:
+        connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        _SETNAME_REFUSED.add(where)
+        log.warning("the Redis server refused CLIENT SETNAME (%s): its connections stay unnamed", exc)
 
 
 def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
@@ -750,6 +796,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
             # re-read the slot map after a node goes away.
             cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
             cluster_common.pop("health_check_interval", None)
+            cluster_common["redis_connect_func"] = _name_connection  # RedisCluster runs the handshake first
             client = LazyCluster(
                 startup_nodes=nodes,
                 username=user,
