@@ -274,6 +274,35 @@ def test_failover_loses_a_write_acknowledged_before_replication_and_wait_tells(
     assert conn.call(conn.client.get, "mcp:t:acknowledged") is None  # acknowledged, then lost
 
 
+@pytest.mark.sentinel
+def test_min_replicas_to_write_refuses_the_write_that_failover_would_lose(sentinel_topology: SentinelTopology) -> None:
+    """The server-side help: ``min-replicas-to-write 1`` on the master.
+
+    The write that the test above sees acknowledged and then lost is refused
+    (``NOREPLICAS``: retried, counted by the breaker like an outage, then a
+    `BackendUnavailable` to the caller) while no replica is connected, so
+    nothing is acknowledged that a failover would drop.
+    """
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    master = topo.master
+    admin = master.client()
+    admin.config_set("min-replicas-to-write", 1)
+    admin.config_set("min-replicas-max-lag", 10)
+    try:
+        conn.call(conn.client.set, "mcp:t:replicated", "1")  # replicas connected: accepted
+        with topo.replication_cut():
+            with pytest.raises(mcp_redis.BackendUnavailable) as refused:
+                conn.call(conn.client.set, "mcp:t:acknowledged", "1")
+            assert "NOREPLICAS" in str(refused.value.__cause__)
+            with pytest.raises(mcp_redis.BackendUnavailable):  # a lock's script is refused as well
+                mcp_redis.lock("min-replicas", timeout=5).acquire(blocking_timeout=0)
+            assert admin.get("mcp:t:acknowledged") is None
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+
+
 # -- Cluster -------------------------------------------------------------------------------------
 @pytest.mark.cluster
 def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology: ClusterTopology) -> None:
