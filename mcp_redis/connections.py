@@ -309,7 +309,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
         known = self._known
         if known is not None and time.monotonic() - self._known_at < 2 * self.check_interval + 1.0:
             return known
-        return self.switch_to(self.discover_master(), "discovered")
+        return self.follow(self.discover_master(), "discovered")
 
     def discover_master(self) -> Tuple[str, int]:
         """The master named by the Sentinel with the highest config epoch.
@@ -341,6 +341,17 @@ class WatchedSentinelPool(SentinelConnectionPool):
         return best[1]
 
     # -- the watcher's side ------------------------------------------------------
+    def follow(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
+        """What Sentinel names now: a move when it differs, else only a fresher `resolve_master`.
+
+        The same address does not lift a fence: during a failover Sentinel
+        keeps naming the old master until ``+switch-master``.
+        """
+        if address != self.proxy.master_address:
+            return self.switch_to(address, why)
+        self._known, self._known_at = address, time.monotonic()
+        return address
+
     def switch_to(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
         """Make `address` the master: close sockets to another one, lift the fence."""
         old = self.proxy.master_address
@@ -501,7 +512,7 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + interval
                     try:
-                        pool.switch_to(pool.discover_master(), "poll") if not pool.fenced else _poll_fenced(pool)
+                        pool.follow(pool.discover_master(), "poll")
                     except redis.exceptions.ConnectionError:
                         pass  # no master known right now: the next connect() says so
             except Exception:  # pragma: no cover - never let the watcher die
@@ -518,13 +529,6 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
                 stop.wait(wait)
     finally:
         subs.close()
-
-
-def _poll_fenced(pool: WatchedSentinelPool) -> None:
-    """While fenced, only a different master (the switch) ends the fence early."""
-    address = pool.discover_master()
-    if address != pool.proxy.master_address:
-        pool.switch_to(address, "poll")
 
 
 _EVENT_WAIT = 0.25  # longest sleep between reads of the subscriptions (TLS may buffer)

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 import mcp_redis
-from mcp_redis.connections import get_redis
+from mcp_redis.connections import WatchedSentinelPool, _handle_event, get_redis
 from mcp_redis.keys import KeySpace
 from mcp_redis.locks import DistributedLock
 from mcp_redis.metrics import METRICS
@@ -272,6 +272,46 @@ def test_failover_loses_a_write_acknowledged_before_replication_and_wait_tells(
     topo.wait_for_failover(old)
     wait_for(lambda: conn.call(conn.client.get, "mcp:t:replicated") == "1", 30, what="calls to resume")
     assert conn.call(conn.client.get, "mcp:t:acknowledged") is None  # acknowledged, then lost
+
+
+@pytest.mark.sentinel
+def test_the_failover_fence_holds_calls_until_lifted_and_never_beyond_its_timeout(
+    sentinel_topology: SentinelTopology,
+) -> None:
+    """The fence the Sentinel events raise (see the graceful-failover test), driven by hand."""
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    assert conn.call(conn.client.ping) is True
+    pool = conn.client.connection_pool
+    assert isinstance(pool, WatchedSentinelPool)
+    pool.fence_wait = 0.05  # how long a call waits for the switch (the socket timeout by default)
+    host, port = topo.master_address()
+    promoting = f"slave 127.0.0.1:1 127.0.0.1 1 @ {topo.service} {host} {port}"
+
+    _handle_event(pool, "+odown", f"master other-service {host} {port} #quorum 2/2")
+    assert not pool.fenced, "another service's event is ignored"
+    _handle_event(pool, "+selected-slave", promoting)
+    assert pool.fenced
+    with pytest.raises(mcp_redis.BackendUnavailable) as held:
+        conn.call(conn.client.ping, attempts=1)
+    assert "failover of 'mymaster' in progress" in str(held.value.__cause__)
+    _handle_event(pool, "-failover-abort-not-elected", f"master {topo.service} {host} {port}")
+    assert not pool.fenced
+    wait_for(lambda: _answers(conn), 10, what="calls to pass once the fence is lifted")
+
+    pool.fence_timeout = 0.2  # never lasts longer, even if no event lifts it
+    _handle_event(pool, "+failover-state-send-slaveof-noone", promoting)
+    assert pool.fenced
+    wait_for(lambda: not pool.fenced, 10, what="the fence to expire")
+    wait_for(lambda: _answers(conn), 10, what="calls to pass once the fence expired")
+
+
+def _answers(conn: Any) -> bool:
+    try:
+        return bool(conn.call(conn.client.ping, attempts=1))
+    except mcp_redis.BackendUnavailable:
+        return False
 
 
 @pytest.mark.sentinel
