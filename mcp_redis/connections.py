@@ -828,8 +828,8 @@ def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet]
     try:
         client, kind, sentinel, service = build_client(s, url)
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        # RedisCluster connects eagerly; a down cluster must not escape
-        # as a raw redis error.
+        # A client that connects in its constructor must not let a down
+        # server escape as a raw redis error (clusters are built lazily now).
         from .errors import BackendUnavailable
 
         misconfigured = redis_misconfiguration(exc, follows_failover=True)
