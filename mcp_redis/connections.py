@@ -262,6 +262,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
         self.connection_kwargs["connection_pool"] = self.proxy
         self.check_interval = check_interval
         self.fence_timeout = fence_timeout
+        self.promotion_timeout = 60.0  # how long +promoted-slave outweighs Sentinels naming the old master
         self.fence_wait = float(kwargs.get("socket_timeout") or 1.0)
         self._watch_lock = threading.Lock()
         self._watch_pid = 0
@@ -271,7 +272,12 @@ class WatchedSentinelPool(SentinelConnectionPool):
         self._fence_reason = ""
         self._known: Optional[Tuple[str, int]] = None  # the master the watcher last saw
         self._known_at = 0.0
+        # After +promoted-slave: the demoted master, which every Sentinel still
+        # names until +switch-master, and until when to disbelieve them.
+        self._demoted: Optional[Tuple[str, int]] = None
+        self._demoted_until = 0.0
         self.switches = 0  # master changes seen (for tests and logs)
+        self.last_switch: Tuple[float, str] = (0.0, "")  # (monotonic time, what told) of the last change
 
     # -- callers' side ---------------------------------------------------------
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -347,19 +353,35 @@ class WatchedSentinelPool(SentinelConnectionPool):
         The same address does not lift a fence: during a failover Sentinel
         keeps naming the old master until ``+switch-master``.
         """
-        if address != self.proxy.master_address:
+        current = self.proxy.master_address
+        if address == self._demoted and time.monotonic() < self._demoted_until and current is not None:
+            # Promoted already: Sentinel names the old master until the other
+            # replicas are reconfigured (+switch-master), which may take a resync.
+            self._known, self._known_at = current, time.monotonic()
+            return current  # type: ignore[no-any-return]
+        if address != current:
             return self.switch_to(address, why)
         self._known, self._known_at = address, time.monotonic()
         return address
+
+    def promoted(self, address: Tuple[str, int]) -> None:
+        """``+promoted-slave``: `address` is the master now; its predecessor is disbelieved for a while."""
+        old = self.proxy.master_address
+        if old is not None and old != address:
+            self._demoted, self._demoted_until = old, time.monotonic() + self.promotion_timeout
+        self.switch_to(address, "+promoted-slave")
 
     def switch_to(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
         """Make `address` the master: close sockets to another one, lift the fence."""
         old = self.proxy.master_address
         self._known, self._known_at = address, time.monotonic()
+        if why != "+promoted-slave":
+            self._demoted = None  # the switch is announced (or a third master named): believe Sentinel again
         if old != address:
             self.proxy.master_address = address
             if old is not None:
                 self.switches += 1
+                self.last_switch = (time.monotonic(), why)
                 log.warning("sentinel %r: master moved (%s)", self.service_name, why)
             self.disconnect(inuse_connections=False)
         self.lift_fence()
@@ -400,7 +422,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
 
 # Sentinel events (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/#pubsub-messages)
 _FENCE_EVENTS = ("+odown", "+selected-slave", "+failover-state-send-slaveof-noone")
-_WATCHED_CHANNELS = ("+switch-master", "-odown", *_FENCE_EVENTS)
+_WATCHED_CHANNELS = ("+switch-master", "+promoted-slave", "-odown", *_FENCE_EVENTS)
 _ABORT_PATTERN = "-failover-abort-*"
 
 
@@ -425,6 +447,12 @@ def _handle_event(pool: WatchedSentinelPool, channel: str, data: str) -> None:
             pool.switch_to((words[3], int(words[4])), "+switch-master")
         except (IndexError, ValueError):
             log.debug("sentinel: unreadable +switch-master %r", data)
+    elif channel == "+promoted-slave":  # slave <ip:port> <ip> <port> @ <service> <ip> <port>
+        words = data.split()
+        try:
+            pool.promoted((words[2], int(words[3])))
+        except (IndexError, ValueError):
+            log.debug("sentinel: unreadable +promoted-slave %r", data)
     elif channel in _FENCE_EVENTS:
         pool.raise_fence(channel)
     elif channel == "-odown":

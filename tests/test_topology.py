@@ -306,6 +306,18 @@ def test_the_failover_fence_holds_calls_until_lifted_and_never_beyond_its_timeou
     wait_for(lambda: not pool.fenced, 10, what="the fence to expire")
     wait_for(lambda: _answers(conn), 10, what="calls to pass once the fence expired")
 
+    # +promoted-slave: the promoted replica is the master at once, and the Sentinels, which
+    # name the old master until +switch-master, are disbelieved until then.
+    old = (host, port)
+    replica = ("127.0.0.1", topo.replicas[0].port)
+    _handle_event(pool, "+promoted-slave", f"slave 127.0.0.1:{replica[1]} 127.0.0.1 {replica[1]} @ {topo.service} {host} {port}")
+    assert pool.proxy.master_address == replica and not pool.fenced
+    assert pool.follow(old, "poll") == replica and pool.proxy.master_address == replica
+    _handle_event(pool, "+switch-master", f"{topo.service} {replica[0]} {replica[1]} {host} {port}")  # "back"
+    assert pool.proxy.master_address == old
+    assert pool.follow(old, "poll") == old
+    wait_for(lambda: _answers(conn), 10, what="calls to pass on the master again")
+
 
 def _answers(conn: Any) -> bool:
     try:
@@ -790,6 +802,8 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
         "acked_writes": len(load.acked),
         "failed_calls": len(load.failures),
         "failover_to_writes_on_new_master_s": round(moved_at - switched_at, 3),
+        "pool_moved_after_s": round(conn.client.connection_pool.last_switch[0] - switched_at, 3),
+        "pool_moved_on": conn.client.connection_pool.last_switch[1],
     }
     for name, value in figures.items():
         record_property(name, value)
