@@ -241,9 +241,12 @@ class WatchedSentinelPool(SentinelConnectionPool):
       once, busy ones are dropped when released, and new calls wait (up to
       the socket timeout, then `redis.ConnectionError`) instead of writing to
       a master whose writes are about to be dropped;
-    - on ``+switch-master`` moves to the new address and lifts the fence;
-      ``-failover-abort-*`` and ``-odown`` lift it too, and it never lasts
-      longer than `fence_timeout`;
+    - on ``+promoted-slave`` (the replica now answers as master) moves to it
+      and lifts the fence, and disbelieves Sentinels that still name the old
+      master (they do until the other replicas have resynced) until
+      ``+switch-master`` or `promotion_timeout`; ``+switch-master`` moves
+      too, should the first message be missed; ``-failover-abort-*`` and
+      ``-odown`` lift the fence, and it never lasts longer than `fence_timeout`;
     - every `check_interval` seconds (the safety net for a lost message or
       a Sentinel that is down) asks every Sentinel for the master and keeps
       the answer with the highest config epoch, so one Sentinel that has not
