@@ -771,7 +771,8 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
     acknowledged writes lost). Every write the old master acknowledges after
     the replica's promotion is dropped when it resyncs. The library's
     `WatchedSentinelPool` hears the leader Sentinel announce the promotion and
-    holds writes until ``+switch-master``; the test records the stale-write
+    holds writes until the promoted replica answers as master
+    (``+promoted-slave``); the test records the stale-write
     window (from the first to the last write acknowledged and then dropped),
     the loss, and how long the switch took.
     """
