@@ -16,6 +16,7 @@ attached as ``record_property`` for the JUnit report.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -324,6 +325,40 @@ def _answers(conn: Any) -> bool:
         return bool(conn.call(conn.client.ping, attempts=1))
     except mcp_redis.BackendUnavailable:
         return False
+
+
+def _subscribers(topo: SentinelTopology) -> List[int]:
+    """Pub/sub clients connected to each Sentinel (the watchers' subscriptions)."""
+    counts = []
+    for sentinel in topo.sentinels:
+        client = sentinel.client()
+        counts.append(sum(1 for c in client.client_list() if int(c.get("sub", 0)) or int(c.get("psub", 0))))
+        client.close()
+    return counts
+
+
+@pytest.mark.sentinel
+def test_a_forked_child_watches_the_sentinels_with_its_own_subscriptions(sentinel_topology: SentinelTopology) -> None:
+    topo = sentinel_topology
+    mcp_redis.configure(redis_url=topo.url)
+    conn = get_redis()
+    assert conn.call(conn.client.ping)
+    wait_for(lambda: min(_subscribers(topo)) >= 1, 10, what="the parent's watcher to subscribe")
+    before = _subscribers(topo)
+    pid = os.fork()
+    if pid == 0:  # child: a fresh connection, whose first call starts its own watcher
+        code = 1
+        try:
+            child = get_redis()
+            assert child is not conn and child.call(child.client.ping)
+            wait_for(lambda: all(n > b for n, b in zip(_subscribers(topo), before)), 10,
+                     what="the child's watcher to subscribe to every Sentinel")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert get_redis() is conn and conn.call(conn.client.ping)
 
 
 @pytest.mark.sentinel
