@@ -281,6 +281,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
         self._demoted_until = 0.0
         self.switches = 0  # master changes seen (for tests and logs)
         self.last_switch: Tuple[float, str] = (0.0, "")  # (monotonic time, what told) of the last change
+        self.polls = 0  # safety-net polls answered (for tests)
 
     # -- callers' side ---------------------------------------------------------
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -330,13 +331,13 @@ class WatchedSentinelPool(SentinelConnectionPool):
         best: Optional[Tuple[int, Tuple[str, int]]] = None
         errors: List[str] = []
         for sentinel in list(manager.sentinels):
-            try:
-                state = sentinel.sentinel_master(self.service_name)
+            try:  # SENTINEL MASTERS, as redis-py asks: the one command the Sentinel ACL grants
+                state = sentinel.sentinel_masters().get(self.service_name)
             except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError,
                     redis.exceptions.TimeoutError) as exc:
-                errors.append(type(exc).__name__)
+                errors.append(f"{sentinel} - {exc!r}" + (f": {exc}" if str(exc) else ""))  # as redis-py words it
                 continue
-            if not manager.check_master_state(state, self.service_name):
+            if not state or not manager.check_master_state(state, self.service_name):
                 continue
             epoch = int(state.get("config-epoch", 0) or 0)
             force_ip = getattr(manager, "_force_master_ip", None)
@@ -345,8 +346,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
                 best = (epoch, address)
         if best is None:
             raise MasterNotFoundError(
-                f"No master found for {self.service_name!r} ({len(manager.sentinels)} Sentinels asked"
-                + (f"; errors: {', '.join(errors)})" if errors else ")"))
+                f"No master found for {self.service_name!r}" + (f" : {', '.join(errors)}" if errors else ""))
         return best[1]
 
     # -- the watcher's side ------------------------------------------------------
@@ -465,11 +465,18 @@ def _handle_event(pool: WatchedSentinelPool, channel: str, data: str) -> None:
 
 
 class _Subscriptions:
-    """One pubsub per Sentinel of the pool's manager, reopened on error (at most once per interval)."""
+    """One pubsub per Sentinel of the pool's manager, reopened on error (at most once per interval).
 
-    def __init__(self, interval: float) -> None:
+    A Sentinel whose user may not subscribe (``NOPERM``) is not asked again
+    in this process: the poll follows its failovers (docs/security.md lists
+    the grants for the events).
+    """
+
+    def __init__(self, interval: float, service: str) -> None:
         self.interval = interval
+        self.service = service
         self.open: Dict[int, Any] = {}  # id(sentinel client) -> PubSub
+        self.names: Dict[int, str] = {}  # id(sentinel client) -> its address, for logs
         self.retry_at: Dict[int, float] = {}
 
     def refresh(self, sentinels: Sequence[Any]) -> bool:
@@ -484,13 +491,24 @@ class _Subscriptions:
             try:
                 pubsub.subscribe(*_WATCHED_CHANNELS)
                 pubsub.psubscribe(_ABORT_PATTERN)
+            except redis.exceptions.NoPermissionError as exc:
+                _close_quietly(pubsub)
+                self._refused(key, str(sentinel), exc)
+                continue
             except Exception:
                 self.retry_at[key] = now + self.interval
                 _close_quietly(pubsub)
                 continue
             self.open[key] = pubsub
+            self.names[key] = str(sentinel)
             opened = True
         return opened
+
+    def _refused(self, key: int, name: str, exc: BaseException) -> None:
+        """The Sentinel's user may not subscribe: never ask it again in this process."""
+        self.retry_at[key] = float("inf")
+        log.warning("sentinel %r: %s may not subscribe to failover events (%s); failovers are followed "
+                    "by polling once a second (docs/security.md: the Sentinel user's grants)", self.service, name, exc)
 
     def sockets(self) -> List[Any]:
         out = []
@@ -509,6 +527,9 @@ class _Subscriptions:
                         break
                     if message.get("type") in ("message", "pmessage"):
                         _handle_event(pool, str(message["channel"]), str(message["data"]))
+            except redis.exceptions.NoPermissionError as exc:  # SUBSCRIBE's reply comes here
+                _close_quietly(self.open.pop(key))
+                self._refused(key, self.names.get(key, "a Sentinel"), exc)
             except Exception:
                 log.debug("sentinel subscription lost", exc_info=True)
                 _close_quietly(self.open.pop(key))
@@ -529,7 +550,9 @@ def _close_quietly(pubsub: Any) -> None:
 
 def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
     """The pool's watcher thread: Sentinel events as they come, a poll every `interval`."""
-    subs = _Subscriptions(interval)
+    pool = ref()
+    subs = _Subscriptions(interval, pool.service_name if pool is not None else "")
+    del pool
     next_poll = 0.0
     try:
         while not stop.is_set():
@@ -544,6 +567,7 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
                     next_poll = time.monotonic() + interval
                     try:
                         pool.follow(pool.discover_master(), "poll")
+                        pool.polls += 1
                     except redis.exceptions.ConnectionError:
                         pass  # no master known right now: the next connect() says so
             except Exception:  # pragma: no cover - never let the watcher die
@@ -655,8 +679,10 @@ class LazyCluster:
 
 def _cluster_down(kwargs: Dict[str, Any], exc: BaseException) -> str:
     nodes = ", ".join(f"{n.host}:{n.port}" for n in kwargs.get("startup_nodes", []))
+    said = str(exc).strip()  # redis-py's words: the node and the reason (refused, certificate...), no password
     return (f"Redis Cluster unreachable: no startup node ({nodes}) gave the slot map "
-            f"({type(exc).__name__}); calls use each feature's fallback and the next one tries again")
+            f"({type(exc).__name__}{': ' + said if said else ''}); calls use each feature's fallback "
+            "and the next one tries again")
 
 
 def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
@@ -752,7 +778,8 @@ def _name_connection(connection: Any) -> None:
 
 
 def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs}
+    # Chain and host name verified (redis-py turns the name check off only with ssl_cert_reqs="none").
+    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs, "ssl_check_hostname": True}
     if s.ssl_ca_certs:
         out["ssl_ca_certs"] = s.ssl_ca_certs
     if s.ssl_certfile:
@@ -760,6 +787,70 @@ def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
     if s.ssl_keyfile:
         out["ssl_keyfile"] = s.ssl_keyfile
     return out
+
+
+def _tls_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """TLS for a client built from host lists (Sentinel, Cluster): the `_ssl_kwargs` of ``rediss://``."""
+    return {"ssl": True, **_ssl_kwargs(s)} if tls else {}
+
+
+def _sentinel_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """The connections to the Sentinels themselves: their own ACL user/password and TLS switch."""
+    out: Dict[str, Any] = {
+        **_NO_SETINFO,
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "protocol": 2,
+    }
+    if s.sentinel_username:
+        out["username"] = s.sentinel_username
+    if s.sentinel_password:
+        out["password"] = s.sentinel_password
+    return {**out, **_tls_kwargs(s, s.sentinel_tls if s.sentinel_tls is not None else tls)}
+
+
+class _SentinelClient(redis.Redis):
+    """A client of one Sentinel whose repr is its address.
+
+    redis-py's "No master found" error quotes each Sentinel's repr, which is
+    otherwise every connection keyword (certificate paths included) around
+    the reason that matters (e.g. a failed certificate check).
+    """
+
+    def __repr__(self) -> str:
+        kwargs = self.connection_pool.connection_kwargs
+        return f"<sentinel {kwargs.get('host')}:{kwargs.get('port')}>"
+
+
+class _Sentinel(Sentinel):
+    """`Sentinel` whose Sentinel clients are `_SentinelClient` (a short error message)."""
+
+    def __init__(self, sentinels: Sequence[Tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)
+        self.sentinels = [_SentinelClient(host, port, **self.sentinel_kwargs) for host, port in sentinels]
+
+
+def _cluster_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """Every cluster node's connections: `_common_kwargs` with the cluster's retry, and TLS."""
+    out = _common_kwargs(s)
+    # MOVED/ASK are followed inside redis-py; a small retry lets it
+    # re-read the slot map after a node goes away.
+    out["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
+    out.pop("health_check_interval", None)
+    out["redis_connect_func"] = _name_connection  # RedisCluster runs redis-py's handshake first
+    return {**out, **_tls_kwargs(s, tls)}
+
+
+def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
+    """TLS material configured for a URL that will not use it: say so rather than connect in silence."""
+    if scheme in ("redis", "redis+cluster") and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but %s connects in plaintext; use rediss://, rediss+sentinel:// "
+                    "or rediss+cluster:// for TLS", shown)
+    elif scheme == "redis+sentinel" and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but the data nodes of %s are reached in plaintext%s; use "
+                    "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
 
 
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
@@ -770,6 +861,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
+    _warn_if_plaintext(s, scheme, shown)
     try:
         if scheme in ("redis", "rediss", "unix"):
             extra = _ssl_kwargs(s) if scheme == "rediss" else {}
@@ -786,29 +878,22 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
         parts = urlsplit(url)
         user, password, hosts_part = _split_userinfo(parts.netloc)
         query = dict(parse_qsl(parts.query))
-        if scheme == "redis+sentinel":
+        tls = scheme.startswith("rediss+")
+        if scheme in ("redis+sentinel", "rediss+sentinel"):
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: {scheme}://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
-            sentinel_kwargs: Dict[str, Any] = {
-                "socket_timeout": s.socket_timeout,
-                "socket_connect_timeout": s.socket_connect_timeout,
-                "retry": Retry(NoBackoff(), 0),
-                "decode_responses": True,
-                "protocol": 2,
-            }
-            if s.sentinel_password:
-                sentinel_kwargs["password"] = s.sentinel_password
-            sentinel = Sentinel(
+            sentinel = _Sentinel(
                 sentinels,
-                sentinel_kwargs=sentinel_kwargs,
+                sentinel_kwargs=_sentinel_kwargs(s, tls),
                 username=user,
                 password=password,
                 db=db,
                 **common,
+                **_tls_kwargs(s, tls),
             )
             client = sentinel.master_for(
                 service,
@@ -817,7 +902,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
                 check_interval=1.0,
             )
             return client, "sentinel", sentinel, service
-        if scheme == "redis+cluster":
+        if scheme in ("redis+cluster", "rediss+cluster"):
             db_part = [p for p in parts.path.split("/") if p]
             db_given = db_part[0] if db_part else query.get("db", "0")
             if db_given != "0":
@@ -826,19 +911,13 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
                     "database 0 (managed clusters too): drop the '/<db>' (or db=) from the URL and give "
                     "this deployment its own MCP_REDIS_KEY_PREFIX instead")
             nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
-            cluster_common = dict(common)
-            # MOVED/ASK are followed inside redis-py; a small retry lets it
-            # re-read the slot map after a node goes away.
-            cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
-            cluster_common.pop("health_check_interval", None)
-            cluster_common["redis_connect_func"] = _name_connection  # RedisCluster runs the handshake first
             client = LazyCluster(
                 startup_nodes=nodes,
                 username=user,
                 password=password,
                 max_connections=s.max_connections,
                 require_full_coverage=True,
-                **cluster_common,
+                **_cluster_kwargs(s, tls),
             )
             return client, "cluster", None, None
     except ConfigurationError:

@@ -362,6 +362,41 @@ def test_a_forked_child_watches_the_sentinels_with_its_own_subscriptions(sentine
 
 
 @pytest.mark.sentinel
+def test_a_sentinel_user_without_subscribe_is_asked_once_then_the_poll_follows(
+    sentinel_topology: SentinelTopology,
+) -> None:
+    """The Sentinel ACL of before issue 20 (``+sentinel|masters`` only) still works: one refusal per Sentinel."""
+    topo = sentinel_topology
+    for sentinel in topo.sentinels:
+        admin = sentinel.client()
+        admin.execute_command("ACL", "SETUSER", "old-rule", "on", ">old-rule-pw", "-@all", "+sentinel|masters")
+        admin.execute_command("ACL", "LOG", "RESET")
+        admin.close()
+    mcp_redis.configure(redis_url=topo.url, sentinel_username="old-rule", sentinel_password="old-rule-pw")
+    conn = get_redis()
+    assert conn.call(conn.client.ping)
+    pool = conn.client.connection_pool
+
+    def refused_everywhere() -> bool:
+        return all(len(_acl_log(sentinel)) == 2 for sentinel in topo.sentinels)
+
+    wait_for(refused_everywhere, 10, what="each Sentinel to refuse the subscription")
+    polls = pool.polls
+    wait_for(lambda: pool.polls >= polls + 2, 10, what="two more polls")  # the watcher goes on, by polling
+    assert conn.call(conn.client.ping)
+    for sentinel in topo.sentinels:  # SUBSCRIBE and PSUBSCRIBE refused once each, and not asked again
+        assert {e["object"]: int(e["count"]) for e in _acl_log(sentinel)} == {"subscribe": 1, "psubscribe": 1}
+
+
+def _acl_log(sentinel: Any) -> List[Dict[str, Any]]:
+    admin = sentinel.client()
+    try:
+        return list(admin.execute_command("ACL", "LOG"))
+    finally:
+        admin.close()
+
+
+@pytest.mark.sentinel
 def test_min_replicas_to_write_refuses_the_write_that_failover_would_lose(sentinel_topology: SentinelTopology) -> None:
     """The server-side help: ``min-replicas-to-write 1`` on the master.
 
