@@ -43,9 +43,14 @@ USER, USER_PASSWORD = "mcp", "tls-user-pw"
 SENTINEL_ADMIN_PASSWORD = "tls-sentinel-admin-pw"
 SENTINEL_USER, SENTINEL_USER_PASSWORD = "mcp-sentinel", "tls-sentinel-user-pw"
 
-# What the library sends to a Sentinel (redis-py's master discovery), and
-# nothing else: see docs/security.md.
-SENTINEL_ACL_COMMANDS = ["+sentinel|masters"]
+# What the library sends to a Sentinel (the master's address, and the
+# subscription to the failover events its watcher follows), and nothing else:
+# see docs/security.md.
+SENTINEL_ACL_COMMANDS = [
+    "+sentinel|masters", "+subscribe", "+psubscribe",
+    "resetchannels", "&+switch-master", "&+promoted-slave", "&+odown", "&-odown", "&+selected-slave",
+    "&+failover-state-send-slaveof-noone", "&-failover-abort-*",
+]
 # What a cluster client needs on top of MINIMAL_ACL_COMMANDS: the slot map and
 # the command table redis-py routes by (docs/security.md).
 CLUSTER_ACL_COMMANDS = ["+cluster|slots", "+command"]

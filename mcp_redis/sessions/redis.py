@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from ..connections import RedisConnection
+from ..connections import RedisConnection, scan_keys
 from ..errors import BackendUnavailable
 from ..keys import KeySpace, decode_id, encode_id
 from ..metrics import METRICS
@@ -121,7 +121,7 @@ class RedisTier:
         """Every bound session key: a SCAN, O(all keys) — for the mapping view only."""
         head = len(self.session_head)
         pattern = self.ks.namespace_pattern("session")
-        keys = self.call(lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        keys = scan_keys(self.conn, pattern, "SessionStore.session_keys() (the mapping view over Redis only)")
         for key in keys:
             yield decode_id(key[head:])
 
