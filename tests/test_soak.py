@@ -40,10 +40,12 @@ def check(report: Dict[str, Any], chaos: bool = False) -> None:
                                                    "sessions_bound", "events_received")}))
 
 
+@pytest.mark.long
 def test_short_soak_of_every_feature(redis_url: str, database_url: str) -> None:
     check(run(SHORT, processes=2, threads=3, redis_url=redis_url, database_url=database_url))
 
 
+@pytest.mark.long
 def test_short_soak_through_cycling_network_faults(redis_url: str, database_url: str) -> None:
     """The same mix while a proxy cycles latency, black holes, drops and resets: no call
     hangs, no error beyond the documented ones (locks fail closed, publishes fail), no

@@ -44,6 +44,7 @@ def test_a_killed_holder_process_stops_blocking_long_before_its_lease_ends(redis
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_live_holder_keeps_its_lock_through_a_60s_section_with_default_settings(redis_mode: str) -> None:
     proc, commands, replies, _ = start_holder({"redis_url": redis_mode}, "busy-60s")
     try:

@@ -362,6 +362,7 @@ def _run_mutex(url: str, processes: int, threads: int, sections: int, lease: Any
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_four_processes_by_four_threads_lose_no_update(redis_mode: str) -> None:
     totals = _run_mutex(redis_mode, 4, 4, 320, None)
     count = int(raw(redis_mode).get("test:counter").split(",")[0])
@@ -370,6 +371,7 @@ def test_four_processes_by_four_threads_lose_no_update(redis_mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_leases_shorter_than_the_work_are_renewed_and_lose_no_update(redis_mode: str) -> None:
     # Lease 0.4 s for all 5,120 sections; the last section of each thread holds
     # 0.45 s, longer than the lease, so only renewal keeps it.

@@ -212,6 +212,7 @@ def test_postgres_lock_waits_outlast_postgres_timeout_and_never_open_the_breaker
 
 # -- the outage run: mutual exclusion and fences across a Redis outage and recovery ------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_four_processes_by_four_threads_lose_no_update_across_a_redis_outage(redis_factory: Any, database_url: str,
                                                                              tmp_path: Any) -> None:
     server = redis_factory()
