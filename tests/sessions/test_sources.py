@@ -20,6 +20,7 @@ from mcp_redis import SessionStore
 from mcp_redis.errors import ConfigurationError, InvalidArgument
 from mcp_redis.metrics import METRICS
 from mcp_redis.sessions import use_source
+from mcp_redis.sessions.records import agent_of
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 from tests.sessions import legacy
@@ -60,7 +61,7 @@ def test_read_repair_after_flushdb_restores_the_binding_and_its_remaining_ttl(
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushdb()
     assert store.get("s1") == "agent-1"
-    assert client.get(binding_key("s1")) == "agent-1"
+    assert agent_of(client.get(binding_key("s1"))) == "agent-1"
     assert 90_000 < client.pttl(binding_key("s1")) <= 100_000
     assert METRICS.counter("session_read_repair_total", result="hit") == 1
     assert store.sessions_for("agent-1") == ["s1"]
@@ -87,7 +88,7 @@ def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], No
     client = own_redis.client()
     keys = [binding_key(f"down-{i}") for i in range(n)]
     wait_for(lambda: client.exists(*keys) == n, timeout=30, what="the replay of the bindings")
-    assert client.mget(keys) == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
+    assert [agent_of(v) for v in client.mget(keys)] == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
     assert sorted(store.sessions_for("agent-3")) == sorted(f"down-{i}" for i in range(3, n, 10))
 
 
@@ -101,7 +102,7 @@ def test_an_unbind_made_while_redis_is_unreachable_reaches_redis_when_it_returns
         proxy.drop()
         assert store.unbind("gone") is True
         assert store.get("gone") is None  # the source answers
-        assert client.get(binding_key("gone")) == "agent-1"  # stale, until replay
+        assert agent_of(client.get(binding_key("gone"))) == "agent-1"  # stale, until replay
         proxy.pass_through()
         wait_for(lambda: client.get(binding_key("gone")) is None, timeout=20, what="the replay of an unbind")
         assert store.sessions_for("agent-1") == []
@@ -118,7 +119,8 @@ def test_pending_bindings_of_a_process_that_died_are_replayed_by_another(
     own_redis.start()
     configure(own_redis.url)
     assert mcp_redis.sessions.replay_pending() == 20
-    assert own_redis.client().mget([binding_key(f"orphan-{i}") for i in range(20)]) == ["agent-x"] * 20
+    values = own_redis.client().mget([binding_key(f"orphan-{i}") for i in range(20)])
+    assert [agent_of(v) for v in values] == ["agent-x"] * 20
 
 
 # -- the legacy adapter only ---------------------------------------------------------------------
