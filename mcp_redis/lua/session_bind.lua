@@ -1,8 +1,8 @@
 -- Write a session binding (the agent id with its record packed in one string) and index it.
 -- KEYS[1] binding (string: see mcp_redis.sessions.records for the packed value)
--- KEYS[2] optional: the session index (ZSET, score 0, members "<agent id>\0<encoded session key>");
+-- KEYS[2] optional: the session index (ZSET, score 0, members "<agent id>\0<session key as index_id writes it>");
 --         without it (Cluster: another slot) the caller updates the index itself.
--- ARGV[1] mode   ARGV[2] agent id   ARGV[3] encoded session key   ARGV[4] ttl ms
+-- ARGV[1] mode   ARGV[2] agent id   ARGV[3] the session key as index_id writes it   ARGV[4] ttl ms
 -- ARGV[5] bind: the caller's packed fields; put: the whole packed value; update: fields to merge
 -- ARGV[6] update: the most bytes the merged fields may take
 -- Modes:
@@ -18,7 +18,7 @@ local mode, agent = ARGV[1], ARGV[2]
 
 local function parse(v)
   -- agent, bound_at, bind_count, last_active - bound_at, fields; nil for a bare agent id
-  return string.match(v, '^(.*)\31(%d+)\31(%d+)\31(%-?%d+)\31([^\31]*)$')
+  return string.match(v, '^(.*)\31(%x+)\31(%x+)\31(%x+)\31([^\31]*)$')
 end
 
 local function agent_of(v)
@@ -33,9 +33,9 @@ if mode == 'bind' then
   local count = 1
   if old then
     local a, _, n = parse(old)
-    if a then count = tonumber(n) + 1 end
+    if a then count = tonumber(n, 16) + 1 end
   end
-  new = agent .. US .. now .. US .. count .. US .. '0' .. US .. ARGV[5]
+  new = agent .. US .. string.format('%x', now) .. US .. string.format('%x', count) .. US .. '0' .. US .. ARGV[5]
   redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
 elseif mode == 'put' then
   new = ARGV[5]
@@ -43,7 +43,7 @@ elseif mode == 'put' then
 else
   if not old then return false end
   local a, bound, count, _, fields = parse(old)
-  if not a then a, bound, count, fields = old, now, 1, '' end
+  if not a then a, bound, count, fields = old, string.format('%x', now), '1', '' end
   if mode == 'refresh' or ARGV[2] ~= '' then
     if a ~= agent then return false end
   end
@@ -70,7 +70,7 @@ else
       return {old, false}
     end
   end
-  new = a .. US .. bound .. US .. count .. US .. (now - tonumber(bound)) .. US .. fields
+  new = a .. US .. bound .. US .. count .. US .. string.format('%x', math.max(0, now - tonumber(bound, 16))) .. US .. fields
   redis.call('SET', KEYS[1], new, 'KEEPTTL')
 end
 

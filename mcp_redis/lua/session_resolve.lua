@@ -1,5 +1,5 @@
 -- Distinct agent ids starting with a prefix, from the session index (not yet verified live).
--- KEYS[1] the session index (members "<agent id>\0<encoded session key>", score 0)
+-- KEYS[1] the session index (members "<agent id>\0<session key as index_id writes it>", score 0)
 -- ARGV[1] prefix   ARGV[2] at most this many agents
 -- Each step reads one member and jumps past that agent's entries: O(agents * log n).
 local want = tonumber(ARGV[2])

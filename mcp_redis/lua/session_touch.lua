@@ -11,7 +11,7 @@ local value = redis.call('GET', KEYS[1])
 if not value then
   return false
 end
-local agent = string.match(value, '^(.*)\31%d+\31%d+\31%-?%d+\31[^\31]*$') or value
+local agent = string.match(value, '^(.*)\31%x+\31%x+\31%x+\31[^\31]*$') or value
 local ttl = tonumber(ARGV[1])
 if ARGV[2] then
   if agent ~= ARGV[2] then

@@ -22,7 +22,8 @@ second key: see `mcp_redis.sessions.redis`)::
 
     <agent id> US <bound_at> US <bind_count> US <last_active - bound_at> US <fields>
 
-(US = ``\\x1f``); ``<fields>`` is ``name RS json RS name RS json ...``
+(US = ``\\x1f``; the three numbers in lower-case hex, which keeps the value
+of a UUID agent without fields in jemalloc's 56-byte class); ``<fields>`` is ``name RS json RS name RS json ...``
 (RS = ``\\x1e``), each value JSON-encoded on its own so a Lua script can merge
 fields by name without decoding values. JSON escapes every control
 character, so neither separator occurs inside a value; the agent id may hold
@@ -127,8 +128,8 @@ def fields_json(packed: str) -> Dict[str, str]:
 
 def pack(agent_id: str, data: RecordData) -> str:
     """The binding's Redis value."""
-    return (f"{agent_id}{US}{data.bound_at}{US}{data.bind_count}{US}"
-            f"{data.last_active - data.bound_at}{US}{data.fields}")
+    return (f"{agent_id}{US}{data.bound_at:x}{US}{data.bind_count:x}{US}"
+            f"{max(0, data.last_active - data.bound_at):x}{US}{data.fields}")
 
 
 def unpack(value: str) -> Tuple[str, Optional[RecordData]]:
@@ -136,8 +137,8 @@ def unpack(value: str) -> Tuple[str, Optional[RecordData]]:
     parts = value.rsplit(US, 4)
     if len(parts) == 5:
         try:
-            bound = int(parts[1])
-            return parts[0], RecordData(bound, int(parts[2]), bound + int(parts[3]), parts[4])
+            bound = int(parts[1], 16)
+            return parts[0], RecordData(bound, int(parts[2], 16), bound + int(parts[3], 16), parts[4])
         except ValueError:
             pass
     return value, None

@@ -6,7 +6,7 @@ through the client's `ScriptSet`). Two kinds of keys, nothing per agent:
 * the binding ``mcp:session:<sid>``: one string, PX ttl, holding the agent id
   with its record packed after it (`mcp_redis.sessions.records`);
 * the session index ``mcp:session_index:{all}``: one ZSET, every member at
-  score 0, ``<agent id>\\0<encoded session key>``. A lexicographic range
+  score 0, ``<agent id>\\0<session key>`` (the key as `index_id` writes it). A lexicographic range
   ``[aid\\0 .. (aid\\1`` lists an agent's sessions; a range on a prefix lists
   the agents it names (`mcp_redis.sessions.directory`). The key's TTL is kept
   at least as long as the longest binding written into it.
@@ -23,6 +23,8 @@ Redis is down.
 
 from __future__ import annotations
 
+import base64
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +47,32 @@ _PAGE = 256
 
 def _utf8(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def index_id(session_key: str) -> str:
+    """The session key as written in an index member: `encode_id`, except that the usual
+    forms (32 lower-case hex digits, a lower-case UUID) are packed into 22 base64 characters
+    behind ``!`` / ``*`` (characters `encode_id` never writes), 16 bytes less per entry."""
+    if len(session_key) == 32 and _HEX32.fullmatch(session_key):
+        return "!" + base64.urlsafe_b64encode(bytes.fromhex(session_key)).decode("ascii")[:22]
+    if len(session_key) == 36 and _UUID.fullmatch(session_key):
+        raw = bytes.fromhex(session_key.replace("-", ""))
+        return "*" + base64.urlsafe_b64encode(raw).decode("ascii")[:22]
+    return encode_id(session_key)
+
+
+def from_index_id(encoded: str) -> str:
+    """Invert `index_id`."""
+    if encoded[:1] in ("!", "*"):
+        hexed = base64.urlsafe_b64decode(encoded[1:] + "==").hex()
+        if encoded[0] == "!":
+            return hexed
+        return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+    return decode_id(encoded)
 
 
 class RedisTier:
@@ -76,13 +104,13 @@ class RedisTier:
 
     @staticmethod
     def member(agent_id: str, session_key: str) -> bytes:
-        return _utf8(agent_id) + b"\x00" + encode_id(session_key).encode("ascii")
+        return _utf8(agent_id) + b"\x00" + index_id(session_key).encode("ascii")
 
     @staticmethod
     def split_member(member: str) -> Tuple[str, str]:
         """(agent id, session key) of an index member."""
         agent, _, encoded = member.rpartition("\x00")
-        return agent, decode_id(encoded)
+        return agent, from_index_id(encoded)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` under the shared retry/breaker policy."""
@@ -177,10 +205,9 @@ class RedisTier:
     # writes -----------------------------------------------------------------------------
     def _write(self, call: Callable[..., Any], mode: str, session_key: str, agent_id: str, ttl_ms: int,
                payload: str = "", max_bytes: int = MAX_FIELDS_BYTES, client: Any = None) -> Any:
-        encoded = encode_id(session_key)
-        binding = self.session_head + encoded
+        binding = self.session_head + encode_id(session_key)
         keys = [binding] if self.cluster else [binding, self.index]
-        args = [mode, _utf8(agent_id), encoded, ttl_ms, payload, max_bytes]
+        args = [mode, _utf8(agent_id), index_id(session_key), ttl_ms, payload, max_bytes]
         if client is not None:
             return self._bind(keys=keys, args=args, client=client)
         reply = call(self._bind, keys=keys, args=args)
@@ -233,10 +260,10 @@ class RedisTier:
 
     def unbind(self, session_key: str, *, retry: bool = True) -> bool:
         call = self.call if retry else self.once
-        encoded = encode_id(session_key)
+        binding = self.binding_key(session_key)
         if not self.cluster:
-            return call(self._unbind, keys=[self.session_head + encoded, self.index], args=[encoded]) is not None
-        old: Optional[str] = call(self.client.getdel, self.session_head + encoded)
+            return call(self._unbind, keys=[binding, self.index], args=[index_id(session_key)]) is not None
+        old: Optional[str] = call(self.client.getdel, binding)
         agent = agent_of(old)
         if agent is not None:
             self.drop_entries([(self.member(agent, session_key).decode("utf-8", "surrogatepass"), session_key)],
@@ -292,9 +319,9 @@ class RedisTier:
         def run() -> List[Any]:
             pipe = self.client.pipeline(transaction=False)
             for item in items:
-                encoded = encode_id(item.session_key)
                 if item.agent_id is None:
-                    self._unbind(keys=[self.session_head + encoded, self.index], args=[encoded], client=pipe)
+                    self._unbind(keys=[self.binding_key(item.session_key), self.index],
+                                 args=[index_id(item.session_key)], client=pipe)
                 else:
                     self._write(self.call, "put", item.session_key, item.agent_id, item.ttl_ms,
                                 pack(item.agent_id, item.data or _now_record()), client=pipe)

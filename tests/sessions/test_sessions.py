@@ -20,10 +20,11 @@ from mcp_redis import (
     InvalidArgumentType,
     SessionStore,
 )
-from mcp_redis.keys import decode_id, encode_id
+from mcp_redis.keys import encode_id
 from mcp_redis.metrics import METRICS
 from mcp_redis.sessions import PostgresBackend
 from mcp_redis.sessions.records import agent_of, as_dict, unpack
+from mcp_redis.sessions.redis import from_index_id
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 from tests import workers_sessions
@@ -46,7 +47,7 @@ def indexed_sessions(client: Any, agent_id: str) -> List[str]:
     for member in members:
         agent, _, encoded = (member if isinstance(member, str) else member.decode()).rpartition("\x00")
         if agent == agent_id:
-            found.append(decode_id(encoded))
+            found.append(from_index_id(encoded))
     return found
 
 
