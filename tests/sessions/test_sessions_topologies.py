@@ -31,6 +31,12 @@ def test_bind_rebind_index_and_prefix_on_every_topology(any_redis_mode: str) -> 
         raise AssertionError("expected AmbiguousPrefix")
     except AmbiguousPrefix as exc:
         assert sorted(exc.candidates) == ["alice-1", "alice-2\ud800"]
+    store.bind("s3", "carol", ttl=60, client_type="sse")
+    assert store.update("s3", turns=1) is not None
+    record = store.record("s3")
+    assert record is not None and (record["bound_agent_id"], record["client_type"], record["turns"]) == (
+        "carol", "sse", 1)
+    assert store.sessions_for("carol") == ["s3"] and store.unbind("s3") is True
     assert store.unbind("s2") is True
     assert store.sessions_for("alice-1") == []
     client = get_redis().client
