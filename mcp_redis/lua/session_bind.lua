@@ -1,6 +1,6 @@
 -- Write a session binding (the agent id with its record packed in one string) and index it.
 -- KEYS[1] binding (string: see mcp_redis.sessions.records for the packed value)
--- KEYS[2] optional: the session index (ZSET, score 0, members "<agent id>\0<session key as index_id writes it>");
+-- KEYS[2] optional (not used by update): the session index (ZSET, score 0, members "<agent id>\0<session key as index_id writes it>");
 --         without it (Cluster: another slot) the caller updates the index itself.
 -- ARGV[1] mode   ARGV[2] agent id   ARGV[3] the session key as index_id writes it   ARGV[4] ttl ms
 -- ARGV[5] bind: the caller's packed fields; put: the whole packed value; update: fields to merge
@@ -74,7 +74,7 @@ else
   redis.call('SET', KEYS[1], new, 'KEEPTTL')
 end
 
-if KEYS[2] then
+if KEYS[2] and mode ~= 'update' then
   redis.call('ZADD', KEYS[2], 0, agent .. '\0' .. ARGV[3])
   if old then
     local was = agent_of(old)
@@ -82,9 +82,11 @@ if KEYS[2] then
       redis.call('ZREM', KEYS[2], was .. '\0' .. ARGV[3])
     end
   end
-  local ttl = tonumber(ARGV[4])
-  if ttl > 0 and redis.call('PTTL', KEYS[2]) < ttl then
-    redis.call('PEXPIRE', KEYS[2], ttl)  -- the index outlives every binding it lists
+  -- The index outlives every binding it lists: twice the ttl covers the touches that slide a
+  -- binding between two throttled refreshes (the refresh interval is at most the ttl).
+  local keep = 2 * tonumber(ARGV[4])
+  if redis.call('PTTL', KEYS[2]) < keep then
+    redis.call('PEXPIRE', KEYS[2], keep)
   end
 end
 return {old or false, new}

@@ -9,7 +9,8 @@ through the client's `ScriptSet`). Two kinds of keys, nothing per agent:
   score 0, ``<agent id>\\0<session key>`` (the key as `index_id` writes it). A lexicographic range
   ``[aid\\0 .. (aid\\1`` lists an agent's sessions; a range on a prefix lists
   the agents it names (`mcp_redis.sessions.directory`). The key's TTL is kept
-  at least as long as the longest binding written into it.
+  at twice the longest ttl written into it (a sliding binding is touched
+  between throttled refreshes, at most one ttl apart).
 
 An entry never expires by itself: readers verify every entry against its
 binding (one MGET) and drop dead ones; `bind` sweeps a few entries from a
@@ -211,7 +212,7 @@ class RedisTier:
         if client is not None:
             return self._bind(keys=keys, args=args, client=client)
         reply = call(self._bind, keys=keys, args=args)
-        if reply and self.cluster and reply[1]:
+        if reply and self.cluster and reply[1] and mode != "update":
             self._index_cluster(call, session_key, reply[0], str(unpack(reply[1])[0]), ttl_ms)
         return reply
 
@@ -220,8 +221,8 @@ class RedisTier:
         """Cluster: the binding's slot is written; now the index's (a concurrent rebind may slip in
         between: readers verify every entry, so the worst case is an entry swept later)."""
         call(self.client.zadd, self.index, {self.member(agent_id, session_key): 0})
-        if ttl_ms > 0 and int(call(self.client.pttl, self.index)) < ttl_ms:
-            call(self.client.pexpire, self.index, ttl_ms)
+        if int(call(self.client.pttl, self.index)) < 2 * ttl_ms:  # as session_bind.lua
+            call(self.client.pexpire, self.index, 2 * ttl_ms)
         was = agent_of(old)
         if was is not None and was != agent_id:
             self.drop_entries([(self.member(was, session_key).decode("utf-8", "surrogatepass"), session_key)],
