@@ -10,6 +10,7 @@ the legacy server's ``core.sessions`` + ``core.identities``).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import psycopg2
@@ -211,3 +212,25 @@ def test_legacy_adapter_keeps_the_record_in_the_servers_columns(
         "stdio", {"name": "claude"}, 3)
     with pytest.raises(InvalidArgument, match="client_type"):
         legacy_store.update("lib-made", client_type=7)  # the column is TEXT
+
+
+def test_prefix_resolution_after_unbind_ttl_and_flushdb_with_either_source(
+        configure: Callable[[str], None], redis_url: str) -> None:
+    from mcp_redis.sessions import AgentDirectory
+
+    configure(redis_url)
+    agent = "7c1d9e2f-3a4b-4c5d-8e6f-0a1b2c3d4e5f"
+    store, directory = SessionStore(), AgentDirectory()
+    directory.register(agent)
+    store.bind("s1", agent, client_type="sse")
+    assert store.resolve_agent_prefix("7c1d9e") == agent  # a live binding: any prefix
+    assert store.unbind("s1")
+    assert store.resolve_agent_prefix(agent[:12]) == agent  # the directory: unbound
+    assert store.resolve_agent_prefix("agent-" + agent[:12]) == agent
+    store.bind("s2", agent, ttl=0.05)
+    time.sleep(0.15)  # expiry is a deadline: 0.1 s past it
+    assert store.get("s2") is None and store.resolve_agent_prefix(agent[:12]) == agent  # expired
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    assert store.resolve_agent_prefix("agent-" + agent[:12]) == agent  # rebuilt from PostgreSQL
