@@ -405,6 +405,10 @@ def test_index_queries_fall_back_to_redis_while_postgres_is_down(redis_url: str,
     assert store.resolve_agent_prefix("agent-pg") == "agent-pg-down"
     with pytest.raises(BackendUnavailable):
         store.bind("s2", "agent-pg-down")  # the source of truth is down: no silent Redis-only write
+    with pytest.raises(BackendUnavailable):
+        store.update("s1", client_type="sse")  # nor a Redis-only record change
+    record = store.record("s1")  # a Redis hit: PostgreSQL not needed
+    assert record is not None and record["bound_agent_id"] == "agent-pg-down" and "client_type" not in record
 
 
 def test_concurrent_write_through_binds_leave_redis_agreeing_with_postgres(
