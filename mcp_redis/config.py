@@ -167,6 +167,10 @@ class Settings:
     ssl_keyfile: Optional[str] = None
     ssl_cert_reqs: str = "required"
     sentinel_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    sentinel_username: Optional[str] = None
+    # TLS to the Sentinels themselves; None: as to the data nodes (the URL's
+    # scheme, rediss+sentinel:// or redis+sentinel://).
+    sentinel_tls: Optional[bool] = None
     # Resilience.
     retry_attempts: int = 3
     retry_initial_backoff: float = 0.02
@@ -194,6 +198,11 @@ class Settings:
                     f"choose from {sorted(m.value for m in _ALLOWED_MODES[name])}"
                 )
             object.__setattr__(self, name, mode)
+        if self.sentinel_tls is not None and not isinstance(self.sentinel_tls, bool):
+            raise ConfigurationError(f"sentinel_tls: must be True, False or None (as the data nodes), "
+                                     f"not {self.sentinel_tls!r}")
+        if self.sentinel_username and not self.sentinel_password:
+            raise ConfigurationError("sentinel_username: needs sentinel_password (MCP_REDIS_SENTINEL_PASSWORD)")
         object.__setattr__(self, "lock_fallback", _coerce_enum(LockFallback, self.lock_fallback, "lock_fallback"))
         object.__setattr__(self, "rate_limit_fallback", _coerce_enum(RateLimitFallback, self.rate_limit_fallback, "rate_limit_fallback"))
         for name in _URL_FIELDS:
@@ -334,7 +343,7 @@ def _check_duration(name: str, value: Any, bounds: _Duration) -> None:
     except (InvalidArgument, InvalidArgumentType) as exc:
         raise ConfigurationError(str(exc)) from None
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
 
 def _check_number(name: str, value: Any, *, integer: bool = False,
@@ -375,6 +384,16 @@ def _float(raw: str) -> float:
     return float(raw.strip())
 
 
+_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False, "false": False, "off": False}
+
+
+def _bool(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
 _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "redis_url": ("REDIS_URL", _str),
     "database_url": ("DATABASE_URL", _str),
@@ -407,6 +426,8 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "ssl_certfile": ("MCP_REDIS_SSL_CERTFILE", _str),
     "ssl_keyfile": ("MCP_REDIS_SSL_KEYFILE", _str),
     "sentinel_password": ("MCP_REDIS_SENTINEL_PASSWORD", _str),
+    "sentinel_username": ("MCP_REDIS_SENTINEL_USERNAME", _str),
+    "sentinel_tls": ("MCP_REDIS_SENTINEL_TLS", _bool),
     "retry_attempts": ("MCP_REDIS_RETRY_ATTEMPTS", _int),
     "breaker_failure_threshold": ("MCP_REDIS_BREAKER_THRESHOLD", _int),
     "breaker_reset_timeout": ("MCP_REDIS_BREAKER_RESET_TIMEOUT", _float),
@@ -426,6 +447,8 @@ _UNITS: Dict[str, str] = {
 
 def _expected(name: str, parse: Callable[[str], Any]) -> str:
     """What the variable of setting `name` must hold: "a whole number of seconds"."""
+    if parse is _bool:
+        return "yes or no (also true/false, on/off, 1/0)"
     unit = _UNITS.get(name)
     kind = "a whole number" if parse is _int else "a number"
     return f"{kind} of {unit}" if unit else kind

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import select
 import threading
+import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -25,7 +27,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
 from .config import Settings, redact_url
 from .errors import ConfigurationError
@@ -40,6 +42,8 @@ __all__ = [
     "build_client",
     "parse_host_list",
     "on_fork",
+    "LazyCluster",
+    "scan_keys",
 ]
 
 log = logging.getLogger("mcp_redis.connections")
@@ -183,6 +187,21 @@ class RedisConnection:
             log.debug("close failed", exc_info=True)
 
 
+def scan_keys(conn: RedisConnection, pattern: str, what: str, *, count: int = 1000) -> List[str]:
+    """Every key matching `pattern` (``SCAN MATCH``, every primary of a cluster), through the policy.
+
+    Managed services and least-privilege ACLs may refuse ``SCAN``: the
+    `ConfigurationError` then names `what` needed it, instead of a bare
+    ``NOPERM`` or ``unknown command``.
+    """
+    try:
+        return conn.call(lambda: list(conn.client.scan_iter(match=pattern, count=count)))
+    except ConfigurationError as exc:
+        raise type(exc)(f"{what} needs SCAN, which this Redis refuses: {exc}. SCAN is not in the minimal "
+                        "ACL of docs/security.md; grant '+scan' to the user of REDIS_URL for this call "
+                        "(or run it with an operator account)", variable=exc.variable) from exc
+
+
 _HEADS_MAX = 4096  # packed EVALSHA starts kept per client (cleared when full)
 
 
@@ -197,29 +216,193 @@ def _resp_bulk(encoder: Any, value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+class _WatchedProxy(SentinelConnectionPoolProxy):
+    """Where new connections go: the address the pool's watcher holds, else Sentinel's."""
+
+    def get_master_address(self) -> Any:
+        pool = self.connection_pool_ref()
+        if isinstance(pool, WatchedSentinelPool) and self.is_master:
+            return pool.resolve_master()
+        return super().get_master_address()  # type: ignore[no-untyped-call]
+
+
 class WatchedSentinelPool(SentinelConnectionPool):
-    """A Sentinel pool whose daemon thread re-asks Sentinel for the master.
+    """A Sentinel pool that follows the Sentinels' failover as it happens.
 
     redis-py asks Sentinel only when it opens a socket, and Sentinel demotes
     a live old master only ~8-10 s after a failover (graceful or partition):
     until then pooled sockets keep writing to it, and those writes vanish
-    when it resyncs as a replica. Asking every `check_interval` seconds
-    (off the callers' threads, so slow Sentinels never delay a call) closes
-    idle sockets to the old master; busy ones are dropped when released.
+    when it resyncs as a replica. A daemon thread per pool (and process)
+    therefore subscribes to every Sentinel's event channels and:
+
+    - on ``+odown`` of the master or ``+selected-slave`` /
+      ``+failover-state-send-slaveof-noone`` (the leader Sentinel is about
+      to promote a replica) *fences* the pool: idle sockets are closed at
+      once, busy ones are dropped when released, and new calls wait (up to
+      the socket timeout, then `redis.ConnectionError`) instead of writing to
+      a master whose writes are about to be dropped;
+    - on ``+promoted-slave`` (the replica now answers as master) moves to it
+      and lifts the fence, and disbelieves Sentinels that still name the old
+      master (they do until the other replicas have resynced) until
+      ``+switch-master`` or `promotion_timeout`; ``+switch-master`` moves
+      too, should the first message be missed; ``-failover-abort-*`` and
+      ``-odown`` lift the fence, and it never lasts longer than `fence_timeout`;
+    - every `check_interval` seconds (the safety net for a lost message or
+      a Sentinel that is down) asks every Sentinel for the master and keeps
+      the answer with the highest config epoch, so one Sentinel that has not
+      heard of the failover yet cannot send the pool back to the old master.
+
+    Only the leader Sentinel publishes the failover-state events, hence one
+    subscription per Sentinel (a few idle sockets, one thread).
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, check_interval: float = 1.0,
-                 **kwargs: Any) -> None:
+                 fence_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self.proxy = _WatchedProxy(  # type: ignore[no-untyped-call]
+            connection_pool=self, is_master=self.is_master, check_connection=self.check_connection,
+            service_name=service_name, sentinel_manager=sentinel_manager)
+        self.connection_kwargs["connection_pool"] = self.proxy
         self.check_interval = check_interval
+        self.fence_timeout = fence_timeout
+        self.promotion_timeout = 60.0  # how long +promoted-slave outweighs Sentinels naming the old master
+        self.fence_wait = float(kwargs.get("socket_timeout") or 1.0)
         self._watch_lock = threading.Lock()
         self._watch_pid = 0
         self._stop = threading.Event()
+        self._fence = threading.Condition()
+        self._fenced_until = 0.0  # monotonic deadline; 0 when not fenced
+        self._fence_reason = ""
+        self._known: Optional[Tuple[str, int]] = None  # the master the watcher last saw
+        self._known_at = 0.0
+        # After +promoted-slave: the demoted master, which every Sentinel still
+        # names until +switch-master, and until when to disbelieve them.
+        self._demoted: Optional[Tuple[str, int]] = None
+        self._demoted_until = 0.0
+        self.switches = 0  # master changes seen (for tests and logs)
+        self.last_switch: Tuple[float, str] = (0.0, "")  # (monotonic time, what told) of the last change
+        self.polls = 0  # safety-net polls answered (for tests)
 
+    # -- callers' side ---------------------------------------------------------
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self._watch_pid != os.getpid():
             self._start_watcher()
+        if self._fenced_until:
+            self._wait_for_fence()
         return super().get_connection(*args, **kwargs)
+
+    def owns_connection(self, connection: Any) -> Any:
+        if self._fenced_until and self.fenced:
+            return False  # written to the master being replaced: drop it
+        return super().owns_connection(connection)  # type: ignore[no-untyped-call]
+
+    @property
+    def fenced(self) -> bool:
+        """True while a failover of the master is under way (see the class doc)."""
+        until = self._fenced_until
+        return bool(until) and time.monotonic() < until
+
+    def _wait_for_fence(self) -> None:
+        deadline = time.monotonic() + self.fence_wait
+        with self._fence:
+            while self.fenced:
+                left = min(deadline, self._fenced_until) - time.monotonic()
+                if left <= 0:
+                    break
+                self._fence.wait(left)
+            if self.fenced:
+                raise redis.exceptions.ConnectionError(
+                    f"Sentinel failover of {self.service_name!r} in progress ({self._fence_reason})")
+
+    def resolve_master(self) -> Tuple[str, int]:
+        """The master new connections go to (the watcher's if fresh, else Sentinel's)."""
+        known = self._known
+        if known is not None and time.monotonic() - self._known_at < 2 * self.check_interval + 1.0:
+            return known
+        return self.follow(self.discover_master(), "discovered")
+
+    def discover_master(self) -> Tuple[str, int]:
+        """The master named by the Sentinel with the highest config epoch.
+
+        Every Sentinel is asked (redis-py takes the first answer, which a
+        Sentinel that has not heard of a failover yet gets wrong).
+        """
+        manager = self.sentinel_manager
+        best: Optional[Tuple[int, Tuple[str, int]]] = None
+        errors: List[str] = []
+        for sentinel in list(manager.sentinels):
+            try:  # SENTINEL MASTERS, as redis-py asks: the one command the Sentinel ACL grants
+                state = sentinel.sentinel_masters().get(self.service_name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError,
+                    redis.exceptions.TimeoutError) as exc:
+                errors.append(f"{sentinel} - {exc!r}" + (f": {exc}" if str(exc) else ""))  # as redis-py words it
+                continue
+            if not state or not manager.check_master_state(state, self.service_name):
+                continue
+            epoch = int(state.get("config-epoch", 0) or 0)
+            force_ip = getattr(manager, "_force_master_ip", None)
+            address = (str(force_ip if force_ip is not None else state["ip"]), int(state["port"]))
+            if best is None or epoch > best[0]:
+                best = (epoch, address)
+        if best is None:
+            raise MasterNotFoundError(
+                f"No master found for {self.service_name!r}" + (f" : {', '.join(errors)}" if errors else ""))
+        return best[1]
+
+    # -- the watcher's side ------------------------------------------------------
+    def follow(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
+        """What Sentinel names now: a move when it differs, else only a fresher `resolve_master`.
+
+        The same address does not lift a fence: during a failover Sentinel
+        keeps naming the old master until ``+switch-master``.
+        """
+        current = self.proxy.master_address
+        if address == self._demoted and time.monotonic() < self._demoted_until and current is not None:
+            # Promoted already: Sentinel names the old master until the other
+            # replicas are reconfigured (+switch-master), which may take a resync.
+            self._known, self._known_at = current, time.monotonic()
+            return current  # type: ignore[no-any-return]
+        if address != current:
+            return self.switch_to(address, why)
+        self._known, self._known_at = address, time.monotonic()
+        return address
+
+    def promoted(self, address: Tuple[str, int]) -> None:
+        """``+promoted-slave``: `address` is the master now; its predecessor is disbelieved for a while."""
+        old = self.proxy.master_address
+        if old is not None and old != address:
+            self._demoted, self._demoted_until = old, time.monotonic() + self.promotion_timeout
+        self.switch_to(address, "+promoted-slave")
+
+    def switch_to(self, address: Tuple[str, int], why: str) -> Tuple[str, int]:
+        """Make `address` the master: close sockets to another one, lift the fence."""
+        old = self.proxy.master_address
+        self._known, self._known_at = address, time.monotonic()
+        if why != "+promoted-slave":
+            self._demoted = None  # the switch is announced (or a third master named): believe Sentinel again
+        if old != address:
+            self.proxy.master_address = address
+            if old is not None:
+                self.switches += 1
+                self.last_switch = (time.monotonic(), why)
+                log.warning("sentinel %r: master moved (%s)", self.service_name, why)
+            self.disconnect(inuse_connections=False)
+        self.lift_fence()
+        return address
+
+    def raise_fence(self, reason: str) -> None:
+        with self._fence:
+            self._fenced_until = time.monotonic() + self.fence_timeout
+            self._fence_reason = reason
+        log.warning("sentinel %r: failover under way (%s): writes held", self.service_name, reason)
+        self.disconnect(inuse_connections=False)
+
+    def lift_fence(self, reason: Optional[str] = None) -> None:
+        if not self._fenced_until or (reason is not None and reason != self._fence_reason):
+            return
+        with self._fence:
+            self._fenced_until = 0.0
+            self._fence.notify_all()
 
     def _start_watcher(self) -> None:
         with self._watch_lock:
@@ -227,6 +410,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
                 return
             self._watch_pid = os.getpid()
             self._stop = threading.Event()
+            self._fenced_until = 0.0
             thread = threading.Thread(
                 target=_watch_master,
                 args=(weakref.ref(self), self._stop, self.check_interval),
@@ -239,18 +423,266 @@ class WatchedSentinelPool(SentinelConnectionPool):
         self._stop.set()
 
 
-def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        pool = ref()
-        if pool is None:
-            return
+# Sentinel events (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/#pubsub-messages)
+_FENCE_EVENTS = ("+odown", "+selected-slave", "+failover-state-send-slaveof-noone")
+_WATCHED_CHANNELS = ("+switch-master", "+promoted-slave", "-odown", *_FENCE_EVENTS)
+_ABORT_PATTERN = "-failover-abort-*"
+
+
+def _event_service(channel: str, data: str) -> Optional[str]:
+    """The master name an event is about (``master <name> ...`` or ``... @ <name> ip port``)."""
+    words = data.split()
+    if channel == "+switch-master":
+        return words[0] if words else None
+    if len(words) >= 2 and words[0] == "master":
+        return words[1]
+    if "@" in words and words.index("@") + 1 < len(words):
+        return words[words.index("@") + 1]
+    return None
+
+
+def _handle_event(pool: WatchedSentinelPool, channel: str, data: str) -> None:
+    if _event_service(channel, data) != pool.service_name:
+        return
+    if channel == "+switch-master":
+        words = data.split()
         try:
-            pool.get_master_address()  # type: ignore[no-untyped-call]  # disconnects idle sockets if it moved
-        except redis.exceptions.ConnectionError:
-            pass  # no master known right now: the next connect() says so
-        except Exception:  # pragma: no cover - never let the watcher die
-            log.debug("sentinel watch failed", exc_info=True)
-        del pool
+            pool.switch_to((words[3], int(words[4])), "+switch-master")
+        except (IndexError, ValueError):
+            log.debug("sentinel: unreadable +switch-master %r", data)
+    elif channel == "+promoted-slave":  # slave <ip:port> <ip> <port> @ <service> <ip> <port>
+        words = data.split()
+        try:
+            pool.promoted((words[2], int(words[3])))
+        except (IndexError, ValueError):
+            log.debug("sentinel: unreadable +promoted-slave %r", data)
+    elif channel in _FENCE_EVENTS:
+        pool.raise_fence(channel)
+    elif channel == "-odown":
+        pool.lift_fence("+odown")
+    elif channel.startswith("-failover-abort"):
+        pool.lift_fence()
+
+
+class _Subscriptions:
+    """One pubsub per Sentinel of the pool's manager, reopened on error (at most once per interval).
+
+    A Sentinel whose user may not subscribe (``NOPERM``) is not asked again
+    in this process: the poll follows its failovers (docs/security.md lists
+    the grants for the events).
+    """
+
+    def __init__(self, interval: float, service: str) -> None:
+        self.interval = interval
+        self.service = service
+        self.open: Dict[int, Any] = {}  # id(sentinel client) -> PubSub
+        self.names: Dict[int, str] = {}  # id(sentinel client) -> its address, for logs
+        self.retry_at: Dict[int, float] = {}
+
+    def refresh(self, sentinels: Sequence[Any]) -> bool:
+        """Subscribe where not subscribed; True when a new subscription opened (events may be missed)."""
+        opened = False
+        now = time.monotonic()
+        for sentinel in sentinels:
+            key = id(sentinel)
+            if key in self.open or self.retry_at.get(key, 0.0) > now:
+                continue
+            pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*_WATCHED_CHANNELS)
+                pubsub.psubscribe(_ABORT_PATTERN)
+            except redis.exceptions.NoPermissionError as exc:
+                _close_quietly(pubsub)
+                self._refused(key, str(sentinel), exc)
+                continue
+            except Exception:
+                self.retry_at[key] = now + self.interval
+                _close_quietly(pubsub)
+                continue
+            self.open[key] = pubsub
+            self.names[key] = str(sentinel)
+            opened = True
+        return opened
+
+    def _refused(self, key: int, name: str, exc: BaseException) -> None:
+        """The Sentinel's user may not subscribe: never ask it again in this process."""
+        self.retry_at[key] = float("inf")
+        log.warning("sentinel %r: %s may not subscribe to failover events (%s); failovers are followed "
+                    "by polling once a second (docs/security.md: the Sentinel user's grants)", self.service, name, exc)
+
+    def sockets(self) -> List[Any]:
+        out = []
+        for pubsub in self.open.values():
+            sock = getattr(pubsub.connection, "_sock", None) if pubsub.connection is not None else None
+            if sock is not None:
+                out.append(sock)
+        return out
+
+    def drain(self, pool: WatchedSentinelPool) -> None:
+        for key, pubsub in list(self.open.items()):
+            try:
+                while True:
+                    message = pubsub.get_message(timeout=0)
+                    if message is None:
+                        break
+                    if message.get("type") in ("message", "pmessage"):
+                        _handle_event(pool, str(message["channel"]), str(message["data"]))
+            except redis.exceptions.NoPermissionError as exc:  # SUBSCRIBE's reply comes here
+                _close_quietly(self.open.pop(key))
+                self._refused(key, self.names.get(key, "a Sentinel"), exc)
+            except Exception:
+                log.debug("sentinel subscription lost", exc_info=True)
+                _close_quietly(self.open.pop(key))
+                self.retry_at[key] = time.monotonic() + self.interval
+
+    def close(self) -> None:
+        for pubsub in self.open.values():
+            _close_quietly(pubsub)
+        self.open.clear()
+
+
+def _close_quietly(pubsub: Any) -> None:
+    try:
+        pubsub.close()
+    except Exception:  # noqa: S110 - a broken socket is being dropped anyway
+        pass
+
+
+def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, interval: float) -> None:
+    """The pool's watcher thread: Sentinel events as they come, a poll every `interval`."""
+    pool = ref()
+    subs = _Subscriptions(interval, pool.service_name if pool is not None else "")
+    del pool
+    next_poll = 0.0
+    try:
+        while not stop.is_set():
+            pool = ref()
+            if pool is None:
+                return
+            try:
+                if subs.refresh(list(pool.sentinel_manager.sentinels)):
+                    next_poll = 0.0  # events before the subscription are unknown: ask now
+                subs.drain(pool)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + interval
+                    try:
+                        pool.follow(pool.discover_master(), "poll")
+                        pool.polls += 1
+                    except redis.exceptions.ConnectionError:
+                        pass  # no master known right now: the next connect() says so
+            except Exception:  # pragma: no cover - never let the watcher die
+                log.debug("sentinel watch failed", exc_info=True)
+            sockets = subs.sockets()
+            del pool
+            wait = min(_EVENT_WAIT, max(0.0, next_poll - time.monotonic()))
+            if sockets:
+                try:
+                    select.select(sockets, [], [], wait)
+                except (OSError, ValueError):
+                    stop.wait(wait)
+            else:
+                stop.wait(wait)
+    finally:
+        subs.close()
+
+
+_EVENT_WAIT = 0.25  # longest sleep between reads of the subscriptions (TLS may buffer)
+
+
+class LazyCluster:
+    """A `RedisCluster` built on first use, so a cluster that is down at start degrades like a single server.
+
+    redis-py's `RedisCluster` connects in its constructor (it reads the slot
+    map). Built here, that made `connect()` raise for a process started
+    while the cluster was down. This holder keeps the constructor's arguments
+    and builds the client inside the first call made through the policy:
+    a failed build is a transient `redis.ConnectionError` (counted by the
+    breaker, answered by each feature's fallback), and the next call tries
+    again, so the process recovers when the cluster comes up. Once built,
+    every attribute is the client's own.
+    """
+
+    PRIMARIES = RedisCluster.PRIMARIES
+    REPLICAS = RedisCluster.REPLICAS
+    ALL_NODES = RedisCluster.ALL_NODES
+    RANDOM = RedisCluster.RANDOM
+    DEFAULT_NODE = RedisCluster.DEFAULT_NODE
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._client: Any = None  # RedisCluster once built
+        self._lock = threading.Lock()
+        self._encoder = redis.connection.Encoder(  # type: ignore[attr-defined,no-untyped-call]
+            kwargs.get("encoding", "utf-8"), kwargs.get("encoding_errors", "strict"),
+            bool(kwargs.get("decode_responses", False)))
+
+    def __repr__(self) -> str:
+        return f"LazyCluster(built={self.built})"
+
+    @property
+    def built(self) -> bool:
+        return self._client is not None
+
+    def build(self) -> Any:
+        """The client, built now if need be (`redis.ConnectionError` while the cluster is down)."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = RedisCluster(**self._kwargs)
+                except redis.exceptions.RedisError as exc:
+                    if redis_misconfiguration(exc, follows_failover=True) is not None:
+                        raise  # the policy turns it into a ConfigurationError
+                    raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
+                except redis.exceptions.RedisClusterException as exc:
+                    raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
+                log.info("redis cluster client built")
+            return self._client
+
+    # Without a client: what needs no server.
+    def get_encoder(self) -> Any:
+        return self._client.get_encoder() if self._client is not None else self._encoder
+
+    def register_script(self, script: Any) -> Any:
+        from redis.commands.core import Script
+
+        return Script(self, script)  # type: ignore[arg-type]  # runs through this holder
+
+    def get_nodes(self) -> List[Any]:
+        return self._client.get_nodes() if self._client is not None else []
+
+    def disconnect_connection_pools(self) -> None:
+        if self._client is not None:
+            self._client.disconnect_connection_pools()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        client = self._client
+        if client is not None:
+            return getattr(client, name)
+        if not callable(getattr(RedisCluster, name, None)):
+            raise AttributeError(name)
+
+        def deferred(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self.build(), name)(*args, **kwargs)
+
+        deferred.__name__ = name
+        return deferred
+
+
+def _cluster_down(kwargs: Dict[str, Any], exc: BaseException) -> str:
+    nodes = ", ".join(f"{n.host}:{n.port}" for n in kwargs.get("startup_nodes", []))
+    said = str(exc).strip()  # redis-py's words: the node and the reason (refused, certificate...), no password
+    return (f"Redis Cluster unreachable: no startup node ({nodes}) gave the slot map "
+            f"({type(exc).__name__}{': ' + said if said else ''}); calls use each feature's fallback "
+            "and the next one tries again")
 
 
 def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
@@ -311,12 +743,43 @@ def _common_kwargs(s: Settings) -> Dict[str, Any]:
         "decode_responses": True,
         "encoding_errors": "surrogatepass",
         "protocol": 2,
-        "client_name": "mcp_redis",
+        # Not "client_name": redis-py fails the connect when CLIENT SETNAME is
+        # refused, which some managed services and ACLs do (see _name_connection).
+        "redis_connect_func": _connect_and_name,
     }
 
 
+CLIENT_NAME = "mcp_redis"
+_SETNAME_REFUSED: Set[Any] = set()  # servers (host, port) / socket paths that refused CLIENT SETNAME
+
+
+def _connect_and_name(connection: Any) -> None:
+    """redis-py's handshake (AUTH, SELECT), then `_name_connection`."""
+    connection.on_connect()
+    _name_connection(connection)
+
+
+def _name_connection(connection: Any) -> None:
+    """``CLIENT SETNAME mcp_redis``, or nothing where the server refuses it.
+
+    Managed services (and least-privilege ACLs) may refuse ``CLIENT SETNAME``;
+    redis-py's own ``client_name`` would then fail every connect. A refusal is
+    logged once per server and the connections stay unnamed.
+    """
+    where = (getattr(connection, "host", None), getattr(connection, "port", None), getattr(connection, "path", None))
+    if where in _SETNAME_REFUSED:
+        return
+    connection.send_command("CLIENT", "SETNAME", CLIENT_NAME, check_health=False)
+    try:
+        connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        _SETNAME_REFUSED.add(where)
+        log.warning("the Redis server refused CLIENT SETNAME (%s): its connections stay unnamed", exc)
+
+
 def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs}
+    # Chain and host name verified (redis-py turns the name check off only with ssl_cert_reqs="none").
+    out: Dict[str, Any] = {"ssl_cert_reqs": s.ssl_cert_reqs, "ssl_check_hostname": True}
     if s.ssl_ca_certs:
         out["ssl_ca_certs"] = s.ssl_ca_certs
     if s.ssl_certfile:
@@ -324,6 +787,70 @@ def _ssl_kwargs(s: Settings) -> Dict[str, Any]:
     if s.ssl_keyfile:
         out["ssl_keyfile"] = s.ssl_keyfile
     return out
+
+
+def _tls_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """TLS for a client built from host lists (Sentinel, Cluster): the `_ssl_kwargs` of ``rediss://``."""
+    return {"ssl": True, **_ssl_kwargs(s)} if tls else {}
+
+
+def _sentinel_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """The connections to the Sentinels themselves: their own ACL user/password and TLS switch."""
+    out: Dict[str, Any] = {
+        **_NO_SETINFO,
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        "protocol": 2,
+    }
+    if s.sentinel_username:
+        out["username"] = s.sentinel_username
+    if s.sentinel_password:
+        out["password"] = s.sentinel_password
+    return {**out, **_tls_kwargs(s, s.sentinel_tls if s.sentinel_tls is not None else tls)}
+
+
+class _SentinelClient(redis.Redis):
+    """A client of one Sentinel whose repr is its address.
+
+    redis-py's "No master found" error quotes each Sentinel's repr, which is
+    otherwise every connection keyword (certificate paths included) around
+    the reason that matters (e.g. a failed certificate check).
+    """
+
+    def __repr__(self) -> str:
+        kwargs = self.connection_pool.connection_kwargs
+        return f"<sentinel {kwargs.get('host')}:{kwargs.get('port')}>"
+
+
+class _Sentinel(Sentinel):
+    """`Sentinel` whose Sentinel clients are `_SentinelClient` (a short error message)."""
+
+    def __init__(self, sentinels: Sequence[Tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(sentinels, **kwargs)
+        self.sentinels = [_SentinelClient(host, port, **self.sentinel_kwargs) for host, port in sentinels]
+
+
+def _cluster_kwargs(s: Settings, tls: bool) -> Dict[str, Any]:
+    """Every cluster node's connections: `_common_kwargs` with the cluster's retry, and TLS."""
+    out = _common_kwargs(s)
+    # MOVED/ASK are followed inside redis-py; a small retry lets it
+    # re-read the slot map after a node goes away.
+    out["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
+    out.pop("health_check_interval", None)
+    out["redis_connect_func"] = _name_connection  # RedisCluster runs redis-py's handshake first
+    return {**out, **_tls_kwargs(s, tls)}
+
+
+def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
+    """TLS material configured for a URL that will not use it: say so rather than connect in silence."""
+    if scheme in ("redis", "redis+cluster") and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but %s connects in plaintext; use rediss://, rediss+sentinel:// "
+                    "or rediss+cluster:// for TLS", shown)
+    elif scheme == "redis+sentinel" and (s.ssl_ca_certs or s.ssl_certfile):
+        log.warning("MCP_REDIS_SSL_* is set but the data nodes of %s are reached in plaintext%s; use "
+                    "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
 
 
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
@@ -334,6 +861,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     shown = redact_url(url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
+    _warn_if_plaintext(s, scheme, shown)
     try:
         if scheme in ("redis", "rediss", "unix"):
             extra = _ssl_kwargs(s) if scheme == "rediss" else {}
@@ -350,29 +878,22 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
         parts = urlsplit(url)
         user, password, hosts_part = _split_userinfo(parts.netloc)
         query = dict(parse_qsl(parts.query))
-        if scheme == "redis+sentinel":
+        tls = scheme.startswith("rediss+")
+        if scheme in ("redis+sentinel", "rediss+sentinel"):
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: redis+sentinel://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: {scheme}://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
             sentinels = parse_host_list(hosts_part, 26379)
-            sentinel_kwargs: Dict[str, Any] = {
-                "socket_timeout": s.socket_timeout,
-                "socket_connect_timeout": s.socket_connect_timeout,
-                "retry": Retry(NoBackoff(), 0),
-                "decode_responses": True,
-                "protocol": 2,
-            }
-            if s.sentinel_password:
-                sentinel_kwargs["password"] = s.sentinel_password
-            sentinel = Sentinel(
+            sentinel = _Sentinel(
                 sentinels,
-                sentinel_kwargs=sentinel_kwargs,
+                sentinel_kwargs=_sentinel_kwargs(s, tls),
                 username=user,
                 password=password,
                 db=db,
                 **common,
+                **_tls_kwargs(s, tls),
             )
             client = sentinel.master_for(
                 service,
@@ -381,20 +902,22 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
                 check_interval=1.0,
             )
             return client, "sentinel", sentinel, service
-        if scheme == "redis+cluster":
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            db_part = [p for p in parts.path.split("/") if p]
+            db_given = db_part[0] if db_part else query.get("db", "0")
+            if db_given != "0":
+                raise ConfigurationError(
+                    f"REDIS_URL (redis_url): {shown!r} names database {db_given!r}; Redis Cluster has only "
+                    "database 0 (managed clusters too): drop the '/<db>' (or db=) from the URL and give "
+                    "this deployment its own MCP_REDIS_KEY_PREFIX instead")
             nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
-            cluster_common = dict(common)
-            # MOVED/ASK are followed inside redis-py; a small retry lets it
-            # re-read the slot map after a node goes away.
-            cluster_common["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
-            cluster_common.pop("health_check_interval", None)
-            client = RedisCluster(
+            client = LazyCluster(
                 startup_nodes=nodes,
                 username=user,
                 password=password,
                 max_connections=s.max_connections,
                 require_full_coverage=True,
-                **cluster_common,
+                **_cluster_kwargs(s, tls),
             )
             return client, "cluster", None, None
     except ConfigurationError:
@@ -415,8 +938,8 @@ def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet]
     try:
         client, kind, sentinel, service = build_client(s, url)
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        # RedisCluster connects eagerly; a down cluster must not escape
-        # as a raw redis error.
+        # A client that connects in its constructor must not let a down
+        # server escape as a raw redis error (clusters are built lazily now).
         from .errors import BackendUnavailable
 
         misconfigured = redis_misconfiguration(exc, follows_failover=True)

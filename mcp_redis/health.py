@@ -140,7 +140,7 @@ def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str,
     out: Dict[str, Any] = {}
     try:
         conn = client.redis(feature) if feature is not None else client.redis()
-    except Exception as exc:  # configuration or eager cluster connect
+    except Exception as exc:  # a configuration error (a cluster is built lazily)
         return {"ok": False, "url": redact_url(url), "error": f"{type(exc).__name__}: {exc}"}
     out["url"] = conn.url
     out["kind"] = conn.kind

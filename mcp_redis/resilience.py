@@ -85,6 +85,10 @@ def is_redis_transient(exc: BaseException) -> bool:
     """True for errors that mean "Redis did not answer", not "Redis said no"."""
     if isinstance(exc, BackendUnavailable):
         return False
+    if isinstance(exc, rex.ResponseError) and "NOREPLICAS" in str(exc).upper():
+        # min-replicas-to-write: the master refuses a write it could not
+        # replicate (its replicas are cut off or failing over): not durable now.
+        return True
     return isinstance(exc, REDIS_TRANSIENT)
 
 

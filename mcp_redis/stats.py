@@ -148,8 +148,18 @@ def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT, client: Optional[Client] =
         if "used_memory_human" in info:
             out["used_memory_human"] = info["used_memory_human"]
         started = time.perf_counter()
-        out["keys"], out["keys_truncated"] = _count_keys(conn, s.key_prefix, scan_limit)
-        out["scan_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            out["keys"], out["keys_truncated"] = _count_keys(conn, s.key_prefix, scan_limit)
+            out["scan_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        except Exception as exc:
+            refused = conn.misconfiguration(exc)
+            if refused is None:
+                raise
+            # Managed services and least-privilege users may refuse SCAN: the
+            # rest of the report stands, the key counts say why they are missing.
+            out["keys"] = None
+            out["keys_error"] = (f"key counts need SCAN, which this Redis refuses ({type(refused).__name__}: "
+                                 f"{refused}); run stats with a user granted '+scan'")
         out["ok"] = True
     except Exception as exc:
         out["ok"] = False

@@ -19,7 +19,7 @@ modules=(
   mcp_redis.sessions mcp_redis.events mcp_redis.pubsub mcp_redis.backend mcp_redis.compat
   mcp_redis.resilience mcp_redis.connections mcp_redis.postgres mcp_redis.local
   mcp_redis.metrics mcp_redis.prometheus
-  mcp_redis.testing mcp_redis.testing.servers mcp_redis.testing.topology mcp_redis.testing.faultproxy
+  mcp_redis.testing mcp_redis.testing.servers mcp_redis.testing.topology mcp_redis.testing.faultproxy mcp_redis.testing.tls
 )
 rm -rf "$out"
 "$python" -W error -m pdoc --docformat markdown -o "$out" "${modules[@]}"

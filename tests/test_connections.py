@@ -70,7 +70,7 @@ def test_cluster_url_builds_a_redis_cluster_from_every_startup_node(monkeypatch:
 
     monkeypatch.setattr("mcp_redis.connections.RedisCluster", FakeCluster)
     client, kind, _, _ = build_client(Settings(redis_url="redis+cluster://u:pw@127.0.0.1:7000,127.0.0.1:7001"))
-    assert kind == "cluster" and isinstance(client, FakeCluster)
+    assert kind == "cluster" and isinstance(client.build(), FakeCluster)  # built on first use
     assert [(n.host, n.port) for n in seen["startup_nodes"]] == [("127.0.0.1", 7000), ("127.0.0.1", 7001)]
     assert seen["username"] == "u" and seen["password"] == "pw"
 

@@ -3,10 +3,12 @@
 * TLS: a real redis-server with ``--tls-port`` and a CA, server and client
   certificate made here with ``openssl``; ``rediss://`` runs every feature,
   and an untrusted server, a missing client certificate or plaintext to the
-  TLS port fail as `BackendUnavailable` — never a silent downgrade.
+  TLS port fail as `BackendUnavailable` — never a silent downgrade
+  (Sentinel and Cluster over TLS, with the ACL below: tests/test_topology_tls.py).
 * ACL: a user limited to the key prefix (``~mcp:*``), its channels
   (``&mcp:*``) and `MINIMAL_ACL_COMMANDS` runs every feature with no denial
-  in ``ACL LOG``, and cannot touch anything outside the prefix.
+  in ``ACL LOG``, and cannot touch anything outside the prefix (the same
+  rule on Sentinel and Cluster: tests/test_topology_tls.py).
 * Secrets: passwords in ``REDIS_URL``/``DATABASE_URL`` never appear in a
   repr, an error, ``health()`` or a log record.
 * Code: no pickle anywhere in the package, SQL only parameterised, Lua only
@@ -19,8 +21,6 @@ import ast
 import logging
 import pathlib
 import re
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -32,6 +32,7 @@ import mcp_redis
 from mcp_redis.connections import get_redis
 from mcp_redis.errors import BackendUnavailable
 from mcp_redis.testing import RedisServer, free_port, redis_binary, server_flavor
+from mcp_redis.testing.tls import Pki, openssl_available
 from tests.conftest import missing_server
 
 PACKAGE = pathlib.Path(mcp_redis.__file__).parent
@@ -180,41 +181,9 @@ def exercise_every_feature(database_url: Optional[str] = None) -> Dict[str, Any]
 # -- TLS ---------------------------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: pathlib.Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-class Pki:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-
-    def __init__(self, directory: pathlib.Path) -> None:
-        self.dir = directory
-        d = directory
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-                 "-days", "2", "-subj", "/CN=mcp_redis test CA", cwd=d)
-        (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-        # Signed by the trusted CA, but for another host: the name check must refuse it.
-        (d / "otherhost.ext").write_text("subjectAltName=DNS:redis.example.org\n")
-        for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=mcp_redis client"),
-                              ("otherhost", "/CN=redis.example.org")):
-            _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                     "-subj", subject, cwd=d)
-            _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                     "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-        # A second, unrelated CA: a server signed by it must not be trusted.
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt",
-                 "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", cwd=d)
-        for f in d.glob("*.key"):
-            f.chmod(0o600)
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if shutil.which("openssl") is None:
+    if not openssl_available():
         missing_server("openssl CLI not found")
     return Pki(tmp_path_factory.mktemp("pki"))
 

@@ -180,6 +180,10 @@ class CachedFunction(Generic[R]):
         self._st: Optional[_State] = None
         self._pending: OrderedDict[str, None] = OrderedDict()  # invalidations Redis has not seen
         self._pending_all = False
+        # Held by a replay from taking the pending queue until it is published:
+        # a reader that finds a replay under way waits for it before reading L2.
+        self._replay_lock = threading.Lock()
+        self._replaying = False
         self._warned_unserialisable = False
         self._l1_hits = self._l2_hits = self._misses = self._loader_calls = 0
         self._errors = self._invalidations = self._stale_served = self._early_refreshes = 0
@@ -358,7 +362,7 @@ class CachedFunction(Generic[R]):
             inv = invalidation.of(st.client)
         if inv.channel != st.channel or inv.subscriber is None:
             inv.listen(st.channel)
-        if (self._pending or self._pending_all) and not self._replay_pending():
+        if (self._pending or self._pending_all or self._replaying) and not self._replay_pending():
             inv.replay_soon()
 
     def _miss(self, st: _State, key: Hashable, l2id: Optional[str], args: Tuple[Any, ...],
@@ -369,7 +373,7 @@ class CachedFunction(Generic[R]):
         if backend is not None:
             inv = st.inv  # _prepare_l2, inlined (the L2 hit path)
             if inv is None or inv.channel != st.channel or inv.subscriber is None or self._pending \
-                    or self._pending_all:
+                    or self._pending_all or self._replaying:
                 self._prepare_l2(st, backend)
             if early is None:
                 # Optimistic L2 read, before any single-flight bookkeeping: an
@@ -631,7 +635,7 @@ class CachedFunction(Generic[R]):
         writes.invalidate_all(self)
 
     def _has_pending(self) -> bool:
-        return bool(self._pending) or self._pending_all
+        return bool(self._pending) or self._pending_all or self._replaying
 
     def _replay_pending(self) -> bool:
         """Send the invalidations Redis missed (`writes.replay_pending`); True when none is left."""

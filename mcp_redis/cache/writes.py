@@ -127,13 +127,22 @@ def replay_pending(fn: CachedFunction[Any]) -> bool:
     """
     if not fn._has_pending():
         return True
+    # One replay at a time per function, and a reader that finds one under way
+    # waits here for it: the queue is empty while its entries are in flight,
+    # so without the wait a read could reach L2 before they are published.
+    with fn._replay_lock:
+        return _replay_locked(fn)
+
+
+def _replay_locked(fn: CachedFunction[Any]) -> bool:
     st = fn._state()
     backend = fn._backend(st)
     if backend is None:
-        return False
+        return not fn._has_pending()
     with fn._lock:
         pending, fn._pending = list(fn._pending), OrderedDict()
         everything, fn._pending_all = fn._pending_all, False
+        fn._replaying = bool(pending) or everything
     if not pending and not everything:
         return True
     try:
@@ -143,9 +152,8 @@ def replay_pending(fn: CachedFunction[Any]) -> bool:
             gen = fn._generation(backend, st, fresh=True)
             for l2id in pending:
                 _publish(fn, backend, st, gen, l2id, None)
-        if pending or everything:
-            log.info("cache %s: replayed %d invalidation(s)%s", fn.namespace, len(pending),
-                     " and invalidate_all" if everything else "")
+        log.info("cache %s: replayed %d invalidation(s)%s", fn.namespace, len(pending),
+                 " and invalidate_all" if everything else "")
     except backend.errors:
         fn._count_error()
         with fn._lock:
@@ -153,4 +161,6 @@ def replay_pending(fn: CachedFunction[Any]) -> bool:
                 fn._pending.setdefault(l2id, None)
             fn._pending_all = fn._pending_all or everything
         return False
+    finally:
+        fn._replaying = False
     return True

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple, Type, Union
 
 import redis.exceptions
 
-from ..connections import RedisConnection
+from ..connections import RedisConnection, scan_keys
 from ..errors import BackendUnavailable
 from ..keys import encode_id
 from .algorithms import MODELS, Algorithm
@@ -106,5 +106,5 @@ class RedisBackend:
         """Delete every key of the limiter (SCAN by its name, then DEL key by key: slots differ)."""
         pattern = f"{policy.keyspace.prefix}{NAMESPACE}:{{{encode_id(policy.name)}:*"
         client = self.conn.client
-        for found in self.conn.call(lambda: list(client.scan_iter(match=pattern, count=500))):
+        for found in scan_keys(self.conn, pattern, f"RateLimiter({policy.name!r}).clear_all()", count=500):
             self.conn.call(client.delete, found)

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..connections import RedisConnection
+from ..connections import RedisConnection, scan_keys
 from ..errors import BackendUnavailable, InvalidArgument
 from ..keys import KeySpace, decode_id, encode_id
 from ..metrics import METRICS
@@ -199,7 +199,7 @@ class RedisTier:
         """Every bound session key: a SCAN, O(all keys) — for the mapping view only."""
         head = len(self.session_head)
         pattern = self.ks.namespace_pattern("session")
-        keys = self.call(lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        keys = scan_keys(self.conn, pattern, "SessionStore.session_keys() (the mapping view over Redis only)")
         for key in keys:
             yield decode_id(key[head:])
 

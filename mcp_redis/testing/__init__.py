@@ -9,6 +9,8 @@ package (and the demo) imports it. Loopback only; every server is private.
 * `mcp_redis.testing.topology`: local Sentinel and Cluster topologies
   (`SentinelTopology`, `ClusterTopology`, `SlotMigration`).
 * `mcp_redis.testing.faultproxy`: `FaultProxy`, a fault-injecting TCP proxy.
+* `mcp_redis.testing.tls`: `Pki`, a throwaway CA and certificates made with
+  ``openssl`` for TLS-only servers and topologies (``tls=``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ creating and dropping its own uniquely named database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .tls import Pki
 
 __all__ = [
     "free_port",
@@ -95,7 +99,12 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01, what
 
 
 class RedisServer:
-    """A redis-server child process on 127.0.0.1, restartable on the same port."""
+    """A redis-server child process on 127.0.0.1, restartable on the same port.
+
+    With ``tls=`` (a `mcp_redis.testing.tls.Pki`) it serves TLS only: `port`
+    is its TLS port (the plaintext port is 0), clients must present a
+    certificate, and `ping`, `client` and `url` use TLS.
+    """
 
     def __init__(
         self,
@@ -105,6 +114,7 @@ class RedisServer:
         directory: Optional[str] = None,
         binary: str = "redis-server",
         password: Optional[str] = None,
+        tls: Optional[Pki] = None,
     ) -> None:
         path = redis_binary(binary)
         if path is None:
@@ -113,6 +123,7 @@ class RedisServer:
         self.port = port or free_port()
         self.args = list(args)
         self.password = password
+        self.tls = tls
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="mcp_redis_srv_")
         self.proc: Optional[subprocess.Popen[bytes]] = None
@@ -127,16 +138,18 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def command_line(self) -> List[str]:
+        port = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
         cmd = [
             self.binary,
-            "--port", str(self.port),
+            *port,
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
@@ -177,7 +190,10 @@ class RedisServer:
         if not self.running:
             return False
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), timeout=0.5))
+                if self.tls:
+                    s = stack.enter_context(self.tls.client_context().wrap_socket(s))
                 payload = b""
                 if self.password:
                     pw = self.password.encode()
@@ -198,6 +214,9 @@ class RedisServer:
         import redis
 
         kwargs.setdefault("decode_responses", True)
+        if self.tls:
+            for key, value in self.tls.client_kwargs().items():
+                kwargs.setdefault(key, value)
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
 
     def stop(self, timeout: float = 10.0) -> None:

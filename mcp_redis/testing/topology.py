@@ -24,11 +24,14 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from redis.crc import key_slot as _key_slot
 
 from .servers import RedisServer, free_port, redis_binary, wait_for
+
+if TYPE_CHECKING:
+    from .tls import Pki
 
 __all__ = [
     "SentinelServer",
@@ -80,8 +83,9 @@ class SentinelServer(RedisServer):
     there), and redis-server only reads a file named as its first argument.
     """
 
-    def __init__(self, config: str, port: Optional[int] = None, *, directory: Optional[str] = None) -> None:
-        super().__init__(port, directory=directory)
+    def __init__(self, config: str, port: Optional[int] = None, *, directory: Optional[str] = None,
+                 password: Optional[str] = None, tls: Optional[Pki] = None) -> None:
+        super().__init__(port, directory=directory, password=password, tls=tls)
         self.config_file = os.path.join(self.directory, "sentinel.conf")
         with open(self.config_file, "w", encoding="utf-8") as f:
             f.write(config)
@@ -105,6 +109,12 @@ class SentinelTopology:
             old = topo.kill_master()
             new = topo.wait_for_failover(old)
             topo.heal()          # restart `old` as a replica of `new`
+
+    ``password`` is the data nodes' (``requirepass``, ``masterauth``, Sentinel
+    ``auth-pass``), ``sentinel_password`` the Sentinels' own (``requirepass``,
+    ``sentinel-pass`` between them). With ``tls=`` (a
+    `mcp_redis.testing.tls.Pki`) every process serves TLS only, replication
+    and Sentinel links included, and `url` is ``rediss+sentinel://``.
     """
 
     def __init__(
@@ -117,6 +127,8 @@ class SentinelTopology:
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 4000,
         password: Optional[str] = None,
+        sentinel_password: Optional[str] = None,
+        tls: Optional[Pki] = None,
     ) -> None:
         if redis_binary() is None:
             raise FileNotFoundError("redis-server not found on PATH")
@@ -127,9 +139,11 @@ class SentinelTopology:
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.password = password
+        self.sentinel_password = sentinel_password
+        self.tls = tls
         self.directory = tempfile.mkdtemp(prefix="mcp_redis_sentinel_")
         self.nodes: List[RedisServer] = [
-            RedisServer(directory=self._subdir(f"node{i}"), password=password, args=_DATA_NODE_ARGS)
+            RedisServer(directory=self._subdir(f"node{i}"), password=password, args=_DATA_NODE_ARGS, tls=tls)
             for i in range(1 + replicas)
         ]
         self._initial_master = self.nodes[0]
@@ -144,10 +158,11 @@ class SentinelTopology:
     # -- addresses -------------------------------------------------------------
     @property
     def url(self) -> str:
-        """``redis+sentinel://[:password@]127.0.0.1:p1,...,127.0.0.1:pN/<service>``."""
+        """``redis+sentinel://[:password@]127.0.0.1:p1,...,127.0.0.1:pN/<service>`` (``rediss+`` with TLS)."""
         auth = f":{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{auth}{hosts}/{self.service}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{self.service}"
 
     @property
     def sentinel_addresses(self) -> List[Address]:
@@ -208,6 +223,8 @@ class SentinelTopology:
         ]
         if self.password:
             lines.append(f"sentinel auth-pass {s} {self.password}")
+        if self.sentinel_password:
+            lines.append(f"sentinel sentinel-pass {self.sentinel_password}")
         return "\n".join(lines) + "\n"
 
     # -- life cycle ------------------------------------------------------------
@@ -219,7 +236,9 @@ class SentinelTopology:
             self._wait_replicas_online(self._initial_master, len(self.nodes) - 1, timeout)
             config = self._sentinel_config()
             self.sentinels = [
-                SentinelServer(config, directory=self._subdir(f"sentinel{i}")) for i in range(self._sentinel_count)
+                SentinelServer(config, directory=self._subdir(f"sentinel{i}"), password=self.sentinel_password,
+                               tls=self.tls)
+                for i in range(self._sentinel_count)
             ]
             for sentinel in self.sentinels:
                 sentinel.start()
@@ -433,6 +452,9 @@ class ClusterTopology:
         with ClusterTopology() as cluster:
             mcp_redis.configure(redis_url=cluster.url)
             cluster.migrate_slot(key_slot("{agent:1}"))   # clients see ASK then MOVED
+
+    With ``tls=`` (a `mcp_redis.testing.tls.Pki`) every node serves TLS only
+    (``tls-cluster`` and ``tls-replication`` too) and `url` is ``rediss+cluster://``.
     """
 
     def __init__(
@@ -442,6 +464,7 @@ class ClusterTopology:
         *,
         node_timeout_ms: int = 2000,
         password: Optional[str] = None,
+        tls: Optional[Pki] = None,
     ) -> None:
         if redis_binary() is None or redis_binary("redis-cli") is None:
             raise FileNotFoundError("redis-server and redis-cli must be on PATH")
@@ -451,6 +474,7 @@ class ClusterTopology:
         self.replicas_per_master = replicas
         self.node_timeout_ms = node_timeout_ms
         self.password = password
+        self.tls = tls
         self.directory = tempfile.mkdtemp(prefix="mcp_redis_cluster_")
         self.nodes: List[RedisServer] = []
         for i in range(masters * (1 + replicas)):
@@ -466,7 +490,9 @@ class ClusterTopology:
             ]
             if password:
                 args += ["--masterauth", password]
-            self.nodes.append(RedisServer(directory=directory, args=args, password=password))
+            if tls:
+                args += ["--tls-cluster", "yes"]
+            self.nodes.append(RedisServer(directory=directory, args=args, password=password, tls=tls))
         self._migrations: List[SlotMigration] = []
 
     def __repr__(self) -> str:
@@ -474,9 +500,9 @@ class ClusterTopology:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://[:password@]127.0.0.1:p1,...`` naming every node."""
+        """``redis+cluster://[:password@]127.0.0.1:p1,...`` naming every node (``rediss+`` with TLS)."""
         auth = f":{self.password}@" if self.password else ""
-        return "redis+cluster://" + auth + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return ("rediss+cluster://" if self.tls else "redis+cluster://") + auth + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     # -- life cycle ------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> ClusterTopology:
@@ -484,7 +510,11 @@ class ClusterTopology:
         try:
             for node in self.nodes:
                 node.start()
-            cmd = [str(redis_binary("redis-cli")), "--cluster", "create"]
+            cmd = [str(redis_binary("redis-cli"))]
+            if self.tls:
+                cmd += ["--tls", "--cacert", self.tls.path("ca.crt"), "--cert", self.tls.path("client.crt"),
+                        "--key", self.tls.path("client.key")]
+            cmd += ["--cluster", "create"]
             cmd += [f"127.0.0.1:{n.port}" for n in self.nodes]
             cmd += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
             env = dict(os.environ)

@@ -393,6 +393,61 @@ def test_invalidation_while_redis_is_unreachable_is_replayed_when_it_returns(red
     assert other("a1")["version"] == 1
 
 
+def test_a_read_during_a_replay_waits_for_it_instead_of_reading_stale_l2(redis_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replayer takes the pending queue before it publishes: a read in between must wait for it."""
+    from mcp_redis.cache import writes as cache_writes
+
+    mcp_redis.configure(redis_url=redis_url)
+    source = Source()
+    source.rows["a1"] = {"agent_id": "a1", "version": 0}
+    load = make(source)
+    load("a1")  # L2 holds version 0
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}
+    load.cache_clear()  # L1 evicted, as a local invalidation does while Redis is unreachable
+    _, l2id = load._key(("a1",), {})
+    with load._lock:
+        load._pending[l2id] = None  # ... and the L2 eviction remembered
+
+    publishing, go, reader_waits = threading.Event(), threading.Event(), threading.Event()
+    real_publish = cache_writes._publish
+
+    def slow_publish(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "replayer":
+            publishing.set()
+            assert go.wait(10)
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(cache_writes, "_publish", slow_publish)
+
+    class WatchedLock:
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def __enter__(self) -> Any:
+            if threading.current_thread().name == "reader":
+                reader_waits.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self.lock.__exit__(*exc)
+
+    load._replay_lock = WatchedLock(load._replay_lock)  # type: ignore[assignment]
+    replayer = threading.Thread(target=load._replay_pending, name="replayer")
+    replayer.start()
+    assert publishing.wait(10), "the replayer never reached its publish"
+    seen: List[Any] = []
+    reader = threading.Thread(target=lambda: seen.append(load("a1")), name="reader")
+    reader.start()
+    try:
+        assert reader_waits.wait(10), "the read went on to L2 while the replay was in flight"
+    finally:
+        go.set()
+        reader.join(10)
+        replayer.join(10)
+    assert seen == [{"agent_id": "a1", "version": 1}]
+
+
 # -- single flight -------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["redis", "local"])
 def test_sixteen_threads_missing_one_key_call_the_loader_once(redis_url: str, mode: str,
