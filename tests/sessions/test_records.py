@@ -120,3 +120,17 @@ def test_migrate_upgrades_a_sessions_table_from_before_records(pg_database: Post
         with conn, conn.cursor() as cur:
             cur.execute("DROP SCHEMA IF EXISTS old_install CASCADE")
         conn.close()
+
+
+def test_a_binding_written_by_an_older_release_reads_as_a_record_without_fields(redis_url: str) -> None:
+    mcp_redis.configure(redis_url=redis_url)
+    store = SessionStore()
+    client = mcp_redis.default_client().redis("sessions").client
+    client.set(binding_key("old"), "agent-old", px=60_000)  # the bare agent id of the earlier layout
+    assert store.get("old") == "agent-old"
+    assert store.record("old") == {"bound_agent_id": "agent-old", "bound_at": None, "bind_count": None,
+                                   "last_active": None}
+    updated = store.update("old", client_type="sse")
+    assert updated is not None and updated["bound_agent_id"] == "agent-old" and updated["client_type"] == "sse"
+    assert updated["bind_count"] == 1 and 0 < client.pttl(binding_key("old")) <= 60_000  # expiry kept
+    assert store.unbind("old") is True and store.get("old") is None
