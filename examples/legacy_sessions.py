@@ -27,7 +27,14 @@ the legacy server's constants):
   `register` hook is given. An agent id with NUL or a lone surrogate cannot be
   a legacy ``TEXT`` id and is refused the same way;
 * unbind sets ``is_active = false`` (the legacy ``end_session``), never
-  deletes; a bind or touch sets ``last_active``;
+  deletes; a bind, touch or update sets ``last_active``;
+* the session record maps onto the row: ``bound_at`` is ``created_at`` (a
+  bind sets it), ``last_active`` is ``last_active``, the caller fields
+  ``client_type`` (a str or None: the column is TEXT) and ``client_info``
+  (JSONB; ``{}`` reads as absent) are those columns, every other caller field
+  is a top-level key of ``metadata``, and ``bind_count`` is the metadata key
+  ``mcp_redis_bind_count``. A bind replaces ``metadata`` with the caller's
+  fields (as it replaces the record); `update` merges into it;
 * a row written while Redis was down is flagged by the key
   ``mcp_redis_pending`` in its ``metadata`` (the legacy table has no column
   for it); the replayer clears it;
@@ -37,13 +44,16 @@ the legacy server's constants):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+import json
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mcp_redis.client import Client
 from mcp_redis.errors import BackendUnavailable, InvalidArgument
 from mcp_redis.keys import decode_id, encode_id
 from mcp_redis.postgres import Postgres
-from mcp_redis.sessions import Pending, Record
+from mcp_redis.sessions import Pending, Record, RecordData
+from mcp_redis.sessions.postgres import check_merged
+from mcp_redis.sessions.records import unpack_fields
 
 __all__ = ["LegacySessionsSource", "Register"]
 
@@ -53,18 +63,35 @@ Register = Callable[[Any, str], int]
 # Statements are constants (no formatting): a live row is "s.is_active AND s.expires_at > now()"; the
 # pending flag is the metadata key mcp_redis_pending.
 _IDENTITY = "SELECT identity_id FROM core.identities WHERE agent_id = %s"
+# The record columns, after the agent id and the ms left, in every read of a row.
+_RECORD = """floor(extract(epoch FROM s.created_at))::bigint, floor(extract(epoch FROM s.last_active))::bigint,
+    s.client_type, s.client_info, s.metadata"""
 _BIND = """
-INSERT INTO core.sessions AS s (session_id, identity_id, expires_at, last_active, is_active, metadata)
-VALUES (%(sid)s, %(iid)s, now() + %(ms)s * interval '1 millisecond', now(), true,
-        CASE WHEN %(pending)s THEN '{"mcp_redis_pending": true}'::jsonb ELSE '{}'::jsonb END)
+INSERT INTO core.sessions AS s (session_id, identity_id, expires_at, last_active, is_active, created_at,
+                                client_type, client_info, metadata)
+VALUES (%(sid)s, %(iid)s, now() + %(ms)s * interval '1 millisecond', now(), true, now(),
+        %(ctype)s, %(cinfo)s::jsonb,
+        %(meta)s::jsonb || CASE WHEN %(pending)s THEN '{"mcp_redis_pending": true}'::jsonb ELSE '{}'::jsonb END)
 ON CONFLICT (session_id) DO UPDATE SET
     identity_id = EXCLUDED.identity_id, expires_at = EXCLUDED.expires_at, last_active = now(),
-    is_active = true,
-    metadata = CASE WHEN %(pending)s THEN s.metadata || '{"mcp_redis_pending": true}'::jsonb
-                    ELSE s.metadata - 'mcp_redis_pending' END
+    is_active = true, created_at = now(), client_type = EXCLUDED.client_type, client_info = EXCLUDED.client_info,
+    metadata = EXCLUDED.metadata || jsonb_build_object('mcp_redis_bind_count',
+        CASE WHEN s.is_active AND s.expires_at > now()
+             THEN COALESCE((s.metadata ->> 'mcp_redis_bind_count')::bigint, 1) + 1 ELSE 1 END)
+RETURNING 0, 0, """ + _RECORD + """
+"""
+_UPDATE = """
+UPDATE core.sessions s SET last_active = now(),
+    client_type = CASE WHEN %(has_ctype)s THEN %(ctype)s ELSE s.client_type END,
+    client_info = CASE WHEN %(has_cinfo)s THEN %(cinfo)s::jsonb ELSE s.client_info END,
+    metadata = s.metadata || %(meta)s::jsonb
+        || CASE WHEN %(pending)s THEN '{"mcp_redis_pending": true}'::jsonb ELSE '{}'::jsonb END
+FROM core.identities i
+WHERE s.session_id = %(sid)s AND s.is_active AND s.expires_at > now() AND i.identity_id = s.identity_id
+RETURNING i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint, """ + _RECORD + """
 """
 _GET = """
-SELECT i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+SELECT i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint, """ + _RECORD + """
 FROM core.sessions s JOIN core.identities i USING (identity_id)
 WHERE s.session_id = %s AND s.is_active AND s.expires_at > now()
 """
@@ -73,7 +100,7 @@ UPDATE core.sessions s SET expires_at = now() + %s * interval '1 millisecond', l
     metadata = CASE WHEN %s THEN s.metadata || '{"mcp_redis_pending": true}'::jsonb ELSE s.metadata END
 FROM core.identities i
 WHERE s.session_id = %s AND s.is_active AND s.expires_at > now() AND i.identity_id = s.identity_id
-RETURNING i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+RETURNING i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint, """ + _RECORD + """
 """
 # No expiry check (see mcp_redis.sessions.postgres._PG_TOUCH_AGENT): Redis just had it live.
 _TOUCH_AGENT = """
@@ -106,12 +133,44 @@ GROUP BY i.agent_id ORDER BY i.agent_id COLLATE "C" LIMIT %s
 """
 _ALL = 'SELECT s.session_id FROM core.sessions s WHERE s.is_active AND s.expires_at > now() ORDER BY s.session_id COLLATE "C"'
 _PENDING_ROWS = """
-SELECT s.session_id, i.agent_id, s.is_active, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint
+SELECT s.session_id, i.agent_id, s.is_active, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::bigint,
+    """ + _RECORD + """
 FROM core.sessions s JOIN core.identities i USING (identity_id)
 WHERE (s.metadata ->> 'mcp_redis_pending') = 'true'
 ORDER BY s.session_id LIMIT %s FOR UPDATE OF s SKIP LOCKED
 """
 _CLEAR_PENDING = "UPDATE core.sessions SET metadata = metadata - 'mcp_redis_pending' WHERE session_id = ANY(%s)"
+
+
+_OWN_KEYS = ("mcp_redis_pending", "mcp_redis_bind_count")
+
+
+def _data(cols: Sequence[Any]) -> RecordData:
+    """The record from the columns of `_RECORD` (created_at, last_active, client_type, client_info, metadata)."""
+    created, last, ctype, cinfo, meta = cols
+    fields: Dict[str, Any] = {}
+    if ctype is not None:
+        fields["client_type"] = ctype
+    if cinfo:
+        fields["client_info"] = cinfo
+    meta = dict(meta or {})
+    count = int(meta.get("mcp_redis_bind_count") or 1)
+    fields.update((k, v) for k, v in meta.items() if k not in _OWN_KEYS)
+    packed = "\x1e".join(f"{k}\x1e{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}"
+                         for k, v in fields.items())
+    return RecordData(int(created), count, int(last), packed)
+
+
+def _columns(fields: Dict[str, Any]) -> Dict[str, Any]:
+    """Caller fields as statement parameters: client_type, client_info, the rest as metadata."""
+    rest = dict(fields)
+    ctype = rest.pop("client_type", None)
+    if ctype is not None and not isinstance(ctype, str):
+        raise InvalidArgument("client_type", "must be a str or None here (core.sessions.client_type is TEXT)")
+    has_cinfo = "client_info" in rest
+    cinfo = rest.pop("client_info", None)
+    return {"has_ctype": "client_type" in fields, "ctype": ctype, "has_cinfo": has_cinfo,
+            "cinfo": json.dumps(cinfo if cinfo is not None else {}), "meta": json.dumps(rest)}
 
 
 def _legacy_text(agent_id: str) -> bool:
@@ -160,7 +219,7 @@ class LegacySessionsSource:
     # -- reads ---------------------------------------------------------------------------------
     def load(self, session_key: str) -> Optional[Record]:
         row = self.pg.execute(_GET, (encode_id(session_key),), fetch="one")
-        return None if row is None else Record(str(row[0]), int(row[1]))
+        return None if row is None else Record(str(row[0]), int(row[1]), _data(row[2:]))
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
         if not _legacy_text(agent_id):
@@ -181,24 +240,56 @@ class LegacySessionsSource:
         return None if row is None else str(row[0])
 
     def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
-                     redis_write: Optional[Callable[[], None]]) -> bool:
-        """Upsert the row (active, agent's identity) and write Redis while it is locked."""
+                     redis_write: Optional[Callable[[RecordData], None]], fields: str = "") -> bool:
+        """Upsert the row (active, agent's identity, the record's columns) and write Redis while it is locked."""
         key = encode_id(session_key)
+        params = _columns(unpack_fields(fields))
+        meta = json.loads(params["meta"])
+        meta["mcp_redis_bind_count"] = 1
+        params.update(sid=key, ms=ttl_ms, pending=redis_write is None, meta=json.dumps(meta))
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                identity = self._identity(cur, agent_id)
-                cur.execute(_BIND, {"sid": key, "iid": identity, "ms": ttl_ms, "pending": redis_write is None})
+                params["iid"] = self._identity(cur, agent_id)
+                cur.execute(_BIND, params)
+                row = cur.fetchone()
                 if redis_write is None:
                     return False
                 try:
-                    redis_write()
+                    assert row is not None
+                    redis_write(_data(row[2:]))
                     return True
                 except BackendUnavailable:
                     cur.execute(_FLAG_PENDING, (key,))
                     return False
 
         return bool(self._call(run))
+
+    def update_through(self, session_key: str, fields: Dict[str, str],
+                       redis_write: Optional[Callable[[str, int, RecordData], None]]) -> Optional[Record]:
+        """Merge caller fields into the row's columns (one statement), then, row locked, Redis."""
+        key = encode_id(session_key)
+        params = _columns({k: json.loads(v) for k, v in fields.items()})
+        params.update(sid=key, pending=redis_write is None)
+
+        def run() -> Optional[Record]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(_UPDATE, params)
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                found = Record(str(row[0]), max(1, int(row[1])), _data(row[2:]))
+                assert found.data is not None
+                check_merged(found.data, fields)
+                if redis_write is not None:
+                    try:
+                        redis_write(found.agent_id, found.ttl_ms, found.data)
+                    except BackendUnavailable:
+                        cur.execute(_FLAG_PENDING, (key,))
+                return found
+
+        result: Optional[Record] = self._call(run)
+        return result
 
     def unbind_through(self, session_key: str, redis_unbind: Optional[Callable[[], bool]]) -> Tuple[bool, bool]:
         """End the row (``is_active = false``) and forget the Redis binding in the same transaction."""
@@ -258,7 +349,7 @@ class LegacySessionsSource:
 
         self._call(run)
 
-    def repair(self, session_key: str, write: Callable[[str, int], None],
+    def repair(self, session_key: str, write: Callable[[str, int, RecordData], None],
                extend_ms: Optional[int] = None) -> Optional[str]:
         """Read a live row (extended by `extend_ms` if given) and write Redis while it is locked."""
         key = encode_id(session_key)
@@ -274,7 +365,7 @@ class LegacySessionsSource:
                     return None
                 agent_id = str(row[0])
                 try:
-                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])))
+                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])), _data(row[2:]))
                 except BackendUnavailable:
                     pass
                 return agent_id
@@ -292,9 +383,11 @@ class LegacySessionsSource:
                 if not rows:
                     return 0
                 items: List[Pending] = []
-                for key, agent, active, ms in rows:
+                for row in rows:
+                    key, agent, active, ms = row[:4]
                     live = bool(active) and ms is not None and int(ms) > 0
-                    items.append(Pending(decode_id(key), str(agent) if live else None, int(ms) if live else 0))
+                    items.append(Pending(decode_id(key), str(agent) if live else None, int(ms) if live else 0,
+                                         _data(row[4:]) if live else None))
                 write_batch(items)  # raises BackendUnavailable: rolled back, still flagged
                 cur.execute(_CLEAR_PENDING, ([r[0] for r in rows],))
                 return len(rows)

@@ -28,7 +28,7 @@ from .errors import AuthenticationFailed, BackendUnavailable, ConfigurationError
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
 
-__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "SHAPES", "is_pg_transient", "pg_error"]
+__all__ = ["Postgres", "get_postgres", "migrate", "SCHEMA", "SHAPES", "UPGRADES", "is_pg_transient", "pg_error"]
 
 log = logging.getLogger("mcp_redis.postgres")
 
@@ -45,9 +45,12 @@ SCHEMA: List[str] = [
         expires_at    TIMESTAMPTZ NOT NULL,
         created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
         updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
-        redis_pending BOOLEAN NOT NULL DEFAULT false -- written while Redis was down: replay it
+        redis_pending BOOLEAN NOT NULL DEFAULT false, -- written while Redis was down: replay it
+        record        JSONB NOT NULL DEFAULT '{{}}'::jsonb  -- bound_at, bind_count, last_active, fields
     )
     """,
+    # Tables created before session records: upgraded in place (UPGRADES).
+    "ALTER TABLE {schema}.sessions ADD COLUMN IF NOT EXISTS record JSONB NOT NULL DEFAULT '{{}}'::jsonb",
     "CREATE INDEX IF NOT EXISTS sessions_agent_id_idx ON {schema}.sessions (agent_id)",
     "CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON {schema}.sessions (expires_at)",
     "CREATE INDEX IF NOT EXISTS sessions_redis_pending_idx ON {schema}.sessions (session_key) WHERE redis_pending",
@@ -74,10 +77,17 @@ SCHEMA: List[str] = [
 # table and the column, never a half-working schema.
 SHAPES: Dict[str, Dict[str, str]] = {
     "sessions": {"session_key": "text", "agent_id": "bytea", "expires_at": "timestamptz",
-                 "created_at": "timestamptz", "updated_at": "timestamptz", "redis_pending": "bool"},
+                 "created_at": "timestamptz", "updated_at": "timestamptz", "redis_pending": "bool",
+                 "record": "jsonb"},
     "rate_limits": {"name": "text", "rate_key": "text", "algorithm": "text", "window_us": "int8",
                     "state": "jsonb", "expires_at": "timestamptz", "updated_at": "timestamptz"},
 }
+
+
+# table -> columns a table of an older release may lack: `migrate` adds them (an
+# ``ADD COLUMN IF NOT EXISTS`` in `SCHEMA`) instead of refusing the table; a
+# column of that name with another type is still a ConfigurationError.
+UPGRADES: Dict[str, frozenset[str]] = {"sessions": frozenset({"record"})}
 
 
 class _NotRaised(Exception):
@@ -354,6 +364,8 @@ class Postgres:
             found.setdefault(table, {})[column] = udt
         for table, columns in sorted(found.items()):
             for column, udt in SHAPES[table].items():
+                if column not in columns and column in UPGRADES.get(table, frozenset()):
+                    continue
                 if column not in columns:
                     problem = f"has no column {column!r} ({udt})"
                 elif columns[column] != udt:

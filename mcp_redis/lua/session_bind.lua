@@ -1,44 +1,92 @@
--- Bind a session to an agent and index it, atomically (single instance / Sentinel).
--- KEYS[1] binding (string)            KEYS[2] the agent's session index (ZSET, score = horizon ms)
--- KEYS[3] agent-id lexical index (ZSET, score 0)   KEYS[4] agent horizon index (ZSET, score = horizon ms)
--- ARGV[1] agent id   ARGV[2] session key (index member)   ARGV[3] ttl ms   ARGV[4] index grace ms
--- ARGV[5] "bind": SET the binding (PX ttl) and return the previous agent id (or false).
---         "refresh": leave the binding alone; re-score the indexes only while the binding still
---         names ARGV[1]; returns ARGV[1] or false.
--- Server time (TIME) scores the indexes, so hosts with skewed clocks agree.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-local horizon = ttl + tonumber(ARGV[4])
-local result
-if ARGV[5] == 'refresh' then
-  if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return false
+-- Write a session binding (the agent id with its record packed in one string) and index it.
+-- KEYS[1] binding (string: see mcp_redis.sessions.records for the packed value)
+-- KEYS[2] optional (not used by update): the session index (ZSET, score 0, members "<agent id>\0<session key as index_id writes it>");
+--         without it (Cluster: another slot) the caller updates the index itself.
+-- ARGV[1] mode   ARGV[2] agent id   ARGV[3] the session key as index_id writes it   ARGV[4] ttl ms
+-- ARGV[5] bind: the caller's packed fields; put: the whole packed value; update: fields to merge
+-- ARGV[6] update: the most bytes the merged fields may take
+-- Modes:
+--   bind     SET a new record (bound_at = last_active = now, bind_count = previous + 1), PX ttl
+--   put      SET ARGV[5] as it is, PX ttl (a record copied from the source of truth)
+--   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry)
+--   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
+-- Reply: {previous value or false, new value}; false when refresh/update found no binding
+-- (or another agent); {previous value, false} when the merged fields exceed ARGV[6].
+-- Server time (TIME) stamps the record, so hosts with skewed clocks agree.
+local US, RS = '\31', '\30'
+local mode, agent = ARGV[1], ARGV[2]
+
+local function parse(v)
+  -- agent, bound_at, bind_count, last_active - bound_at, fields; nil for a bare agent id
+  return string.match(v, '^(.*)\31(%x+)\31(%x+)\31(%x+)\31([^\31]*)$')
+end
+
+local function agent_of(v)
+  local a = parse(v)
+  return a or v
+end
+
+local old = redis.call('GET', KEYS[1])
+local now = tonumber(redis.call('TIME')[1])
+local new
+if mode == 'bind' then
+  local count = 1
+  if old then
+    local a, _, n = parse(old)
+    if a then count = tonumber(n, 16) + 1 end
   end
-  result = ARGV[1]
+  new = agent .. US .. string.format('%x', now) .. US .. string.format('%x', count) .. US .. '0' .. US .. ARGV[5]
+  redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
+elseif mode == 'put' then
+  new = ARGV[5]
+  redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
 else
-  result = redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'GET')
+  if not old then return false end
+  local a, bound, count, _, fields = parse(old)
+  if not a then a, bound, count, fields = old, string.format('%x', now), '1', '' end
+  if mode == 'refresh' or ARGV[2] ~= '' then
+    if a ~= agent then return false end
+  end
+  agent = a
+  if mode == 'update' then
+    local names, values = {}, {}
+    local function add(packed)
+      if packed == '' then return end
+      local parts = {}
+      for part in string.gmatch(packed .. RS, '([^\30]*)\30') do parts[#parts + 1] = part end
+      for i = 1, #parts - 1, 2 do
+        if values[parts[i]] == nil then names[#names + 1] = parts[i] end
+        values[parts[i]] = parts[i + 1]
+      end
+    end
+    add(fields)
+    add(ARGV[5])
+    local out = {}
+    for _, name in ipairs(names) do
+      out[#out + 1] = name .. RS .. values[name]
+    end
+    fields = table.concat(out, RS)
+    if #fields > tonumber(ARGV[6]) then
+      return {old, false}
+    end
+  end
+  new = a .. US .. bound .. US .. count .. US .. string.format('%x', math.max(0, now - tonumber(bound, 16))) .. US .. fields
+  redis.call('SET', KEYS[1], new, 'KEEPTTL')
 end
 
-local function keep_for(key, ms)
-  -- a key's TTL only grows, and a key without one gets one
-  local left = redis.call('PTTL', key)
-  if left < ms then
-    redis.call('PEXPIRE', key, ms)
+if KEYS[2] and mode ~= 'update' then
+  redis.call('ZADD', KEYS[2], 0, agent .. '\0' .. ARGV[3])
+  if old then
+    local was = agent_of(old)
+    if was ~= agent then
+      redis.call('ZREM', KEYS[2], was .. '\0' .. ARGV[3])
+    end
+  end
+  -- The index outlives every binding it lists: twice the ttl covers the touches that slide a
+  -- binding between two throttled refreshes (the refresh interval is at most the ttl).
+  local keep = 2 * tonumber(ARGV[4])
+  if redis.call('PTTL', KEYS[2]) < keep then
+    redis.call('PEXPIRE', KEYS[2], keep)
   end
 end
-
-redis.call('ZADD', KEYS[2], now + horizon, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-keep_for(KEYS[2], horizon)
-
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('ZADD', KEYS[4], 'GT', now + horizon, ARGV[1])
-local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 64)
-for _, agent in ipairs(dead) do
-  redis.call('ZREM', KEYS[4], agent)
-  redis.call('ZREM', KEYS[3], agent)
-end
-keep_for(KEYS[3], horizon)
-keep_for(KEYS[4], horizon)
-return result
+return {old or false, new}

@@ -1,25 +1,18 @@
--- Agent ids starting with a prefix whose latest binding has not expired (lexicographic range).
--- KEYS[1] agent-id lexical index   KEYS[2] agent horizon index
--- ARGV[1] min (inclusive "[prefix")   ARGV[2] max (exclusive "(prefix\xff")   ARGV[3] at most this many
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local want = tonumber(ARGV[3])
+-- Distinct agent ids starting with a prefix, from the session index (not yet verified live).
+-- KEYS[1] the session index (members "<agent id>\0<session key as index_id writes it>", score 0)
+-- ARGV[1] prefix   ARGV[2] at most this many agents
+-- Each step reads one member and jumps past that agent's entries: O(agents * log n).
+local want = tonumber(ARGV[2])
 local found = {}
-local offset = 0
-for _ = 1, 20 do
-  local page = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2], 'LIMIT', offset, 64)
-  for _, agent in ipairs(page) do
-    local horizon = redis.call('ZSCORE', KEYS[2], agent)
-    if horizon and tonumber(horizon) > now then
-      found[#found + 1] = agent
-      if #found >= want then
-        return found
-      end
-    end
-  end
-  if #page < 64 then
+local low = '[' .. ARGV[1]
+local high = '(' .. ARGV[1] .. '\255'
+for _ = 1, want do
+  local page = redis.call('ZRANGEBYLEX', KEYS[1], low, high, 'LIMIT', 0, 1)
+  if #page == 0 then
     return found
   end
-  offset = offset + 64
+  local agent = string.match(page[1], '^(.*)%z[^%z]*$') or page[1]
+  found[#found + 1] = agent
+  low = '(' .. agent .. '\0\255'
 end
 return found

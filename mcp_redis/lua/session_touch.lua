@@ -1,16 +1,17 @@
 -- Sliding expiry in write-through mode: extend a binding, but never shorten it unasked.
 -- A shorter expiry must reach PostgreSQL (the source of truth) first, or read repair would
 -- serve the binding again from PostgreSQL's longer expiry once Redis has let it go.
--- KEYS[1] binding (string)   ARGV[1] ttl ms
+-- KEYS[1] binding (string: the agent id and its packed record)   ARGV[1] ttl ms
 -- ARGV[2] optional agent id: set the expiry to ARGV[1] ms even when shorter, but only while
 --         the binding still names ARGV[2] (called after PostgreSQL took the shorter expiry).
 -- Reply: false (no binding, or it names another agent than ARGV[2]);
 --        {agent id, 0}: the expiry is now ARGV[1] ms;
 --        {agent id, 1}: left alone, ARGV[1] ms is shorter than what it has left (no ARGV[2]).
-local agent = redis.call('GET', KEYS[1])
-if not agent then
+local value = redis.call('GET', KEYS[1])
+if not value then
   return false
 end
+local agent = string.match(value, '^(.*)\31%x+\31%x+\31%x+\31[^\31]*$') or value
 local ttl = tonumber(ARGV[1])
 if ARGV[2] then
   if agent ~= ARGV[2] then

@@ -32,7 +32,7 @@ replayer, one per client). Redis layout (prefix ``mcp:``): see
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Tuple
 
 from ..client import Client, resolve
 from ..config import Mode
@@ -45,6 +45,7 @@ from .base import MAX_REFRESH_INTERVAL, Backend, Pending, Record, Source, Timing
 from .directory import pick
 from .memory import MemoryBackend
 from .postgres import PostgresBackend
+from .records import AGENT_FIELD, LIBRARY_FIELDS, MAX_FIELDS_BYTES, RecordData, as_dict, check_fields, pack_fields
 from .redis import RedisBackend, RedisTier
 from .writethrough import WriteThroughBackend
 
@@ -52,6 +53,7 @@ __all__ = [
     "SessionStore", "SessionMap", "AgentDirectory", "cleanup_expired", "replay_pending", "use_source",
     "Backend", "Source", "Timing", "Record", "Touched", "Pending",
     "RedisBackend", "PostgresBackend", "MemoryBackend", "WriteThroughBackend", "MAX_REFRESH_INTERVAL",
+    "RecordData", "MAX_FIELDS_BYTES",
 ]
 
 MAX_CANDIDATES = 10
@@ -73,10 +75,16 @@ class OffBackend:
     def default_ttl(self) -> float:
         raise FeatureDisabled(_OFF)
 
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
         raise FeatureDisabled(_OFF)
 
     def get(self, session_key: str, timing: Timing) -> Optional[str]:
+        raise FeatureDisabled(_OFF)
+
+    def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]:
+        raise FeatureDisabled(_OFF)
+
+    def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]:
         raise FeatureDisabled(_OFF)
 
     def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
@@ -211,14 +219,48 @@ class SessionStore:
         default = backend.default_ttl  # off: raises FeatureDisabled before ttl is judged
         return _ttl_ms(ttl, self._timing.ttl if self._timing.ttl is not None else default)
 
-    def bind(self, session_key: str, agent_id: str, ttl: Optional[float] = None) -> None:
-        """Bind `session_key` to `agent_id` for `ttl` seconds (replacing any binding)."""
+    def bind(self, session_key: str, agent_id: str, ttl: Optional[float] = None, **fields: Any) -> None:
+        """Bind `session_key` to `agent_id` for `ttl` seconds (replacing any binding and its record).
+
+        `fields` are the record's caller fields (JSON values, e.g.
+        ``client_type="sse"``); the library keeps ``bound_at``, ``last_active``
+        and ``bind_count`` (binds of this key while it was bound, plus one).
+        A secret-like name (``api_key``, ``token``, ``password``, ...), a
+        library-kept name or more than `MAX_FIELDS_BYTES` packed raise
+        `InvalidArgument` naming the field, before anything is written.
+        """
         validate_id(session_key, "session_key")
         validate_id(agent_id, "agent_id")
+        packed = pack_fields(check_fields(fields)) if fields else ""
         backend = _current(self.client)
         ttl_ms = self._ttl_ms(ttl, backend)
         METRICS.inc("session_bind_total", mode=backend.mode)
-        backend.bind(session_key, agent_id, ttl_ms, self._timing)
+        backend.bind(session_key, agent_id, ttl_ms, self._timing, packed)
+
+    def record(self, session_key: str) -> Optional[Dict[str, Any]]:
+        """The binding's record, or None: ``bound_agent_id``, ``bound_at``, ``bind_count``,
+        ``last_active`` (whole epoch seconds) and the caller's fields. One GET in Redis modes;
+        a copy: change it with `update`."""
+        validate_id(session_key, "session_key")
+        found = _current(self.client).record(session_key)
+        return None if found is None else as_dict(found[0], found[1])
+
+    def update(self, session_key: str, **fields: Any) -> Optional[Dict[str, Any]]:
+        """Merge `fields` into the binding's record, atomically; returns the new record (None: not bound).
+
+        One Lua script in Redis, one statement in PostgreSQL (write-through:
+        PostgreSQL first, then Redis takes its result), one locked step in
+        memory: concurrent updates of different fields from any process all
+        land. ``last_active`` becomes now; the expiry and the agent stay.
+        Same checks as `bind`; the merged fields are at most `MAX_FIELDS_BYTES`.
+        """
+        validate_id(session_key, "session_key")
+        if not fields:
+            return self.record(session_key)
+        encoded = check_fields(fields)
+        pack_fields(encoded)
+        found = _current(self.client).update(session_key, encoded)
+        return None if found is None else as_dict(found[0], found[1])
 
     def get(self, session_key: str) -> Optional[str]:
         """The agent bound to `session_key`, or None (unknown or expired)."""
@@ -276,7 +318,7 @@ class SessionStore:
         return found
 
     def mapping(self) -> SessionMap:
-        """A `MutableMapping` view for legacy code that used the dict."""
+        """A `MutableMapping` of records for legacy code that used the dict of dicts."""
         return SessionMap(self)
 
     def session_keys(self) -> Iterator[str]:
@@ -320,10 +362,16 @@ def cleanup_expired(batch_size: int = 10_000) -> int:
     return _current().cleanup_expired(batch_size)
 
 
-class SessionMap(MutableMapping[str, str]):
-    """``sessions[key] = agent_id``, ``sessions.get(key)``, ``del sessions[key]``, ``key in sessions``.
+class SessionMap(MutableMapping[str, Dict[str, Any]]):
+    """The legacy dict of records: ``m[key]`` (a record dict), ``m[key] = {...}``, ``del m[key]``, ``key in m``.
 
-    A view over a `SessionStore` for code written against the legacy dict.
+    A view over a `SessionStore` for code written against the legacy
+    ``_session_identities`` dict: ``m[key].get('bound_agent_id')`` reads the
+    agent. ``m[key] = {'bound_agent_id': aid, 'client_type': ...}`` binds
+    with those caller fields (library-kept names are ignored: the library
+    keeps them); ``m[key] = aid`` binds without fields. A record read here is
+    a copy: in-place mutation (``m[key]['client_type'] = ...``) changes
+    nothing shared — call ``store.update(key, client_type=...)`` instead.
     Iteration and ``len()`` visit every session (a SCAN in Redis-only mode):
     fine for tools, not for request paths.
     """
@@ -334,14 +382,22 @@ class SessionMap(MutableMapping[str, str]):
     def __repr__(self) -> str:
         return f"SessionMap({self.store!r})"
 
-    def __getitem__(self, session_key: str) -> str:
-        agent = self.store.get(session_key)
-        if agent is None:
+    def __getitem__(self, session_key: str) -> Dict[str, Any]:
+        record = self.store.record(session_key)
+        if record is None:
             raise KeyError(session_key)
-        return agent
+        return record
 
-    def __setitem__(self, session_key: str, agent_id: str) -> None:
-        self.store.bind(session_key, agent_id)
+    def __setitem__(self, session_key: str, value: Any) -> None:
+        if isinstance(value, str):
+            self.store.bind(session_key, value)
+            return
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentType("value", f"must be an agent id or a record dict, not {type(value).__name__}")
+        if AGENT_FIELD not in value:
+            raise InvalidArgument(AGENT_FIELD, "a record assigned to a session must name its agent")
+        fields = {k: v for k, v in value.items() if k not in LIBRARY_FIELDS}
+        self.store.bind(session_key, value[AGENT_FIELD], **fields)
 
     def __delitem__(self, session_key: str) -> None:
         if not self.store.unbind(session_key):
@@ -357,4 +413,3 @@ class SessionMap(MutableMapping[str, str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.store.session_keys())
-

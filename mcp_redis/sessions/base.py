@@ -11,7 +11,9 @@ the record is locked.
 """
 
 
-from typing import Callable, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+
+from .records import RecordData
 
 __all__ = ["Backend", "Source", "Timing", "Record", "Touched", "Pending", "MAX_REFRESH_INTERVAL"]
 
@@ -36,10 +38,11 @@ class Timing(NamedTuple):
 
 
 class Record(NamedTuple):
-    """A live binding read from a source of truth: the agent and the ms it has left."""
+    """A live binding read from a source of truth: the agent, the ms it has left, its record."""
 
     agent_id: str
     ttl_ms: int
+    data: Optional[RecordData] = None
 
 
 class Touched(NamedTuple):
@@ -55,6 +58,7 @@ class Pending(NamedTuple):
     session_key: str
     agent_id: Optional[str]
     ttl_ms: int
+    data: Optional[RecordData] = None
 
 
 class Backend(Protocol):
@@ -71,9 +75,13 @@ class Backend(Protocol):
     @property
     def default_ttl(self) -> float: ...
 
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None: ...
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None: ...
 
     def get(self, session_key: str, timing: Timing) -> Optional[str]: ...
+
+    def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]: ...
+
+    def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]: ...
 
     def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]: ...
 
@@ -97,7 +105,9 @@ class Source(Protocol):
 
     Every ``*_through`` verb changes the record first and calls the Redis
     write while the record is locked, so Redis ends with what the source ends
-    with; a Redis failure flags the record for `replay`.
+    with; a Redis failure flags the record for `replay`. The source keeps
+    the record (`RecordData`: ``bound_at``, ``bind_count``, ``last_active``,
+    caller fields) and hands Redis the very record it stored.
     """
 
     def load(self, session_key: str) -> Optional[Record]: ...
@@ -111,7 +121,10 @@ class Source(Protocol):
     def session_keys(self) -> Iterator[str]: ...
 
     def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
-                     redis_write: Optional[Callable[[], None]]) -> bool: ...
+                     redis_write: Optional[Callable[[RecordData], None]], fields: str = "") -> bool: ...
+
+    def update_through(self, session_key: str, fields: Dict[str, str],
+                       redis_write: Optional[Callable[[str, int, RecordData], None]]) -> Optional[Record]: ...
 
     def unbind_through(self, session_key: str, redis_unbind: Optional[Callable[[], bool]]) -> Tuple[bool, bool]: ...
 
@@ -121,7 +134,7 @@ class Source(Protocol):
     def extend(self, session_key: str, agent_id: str, ttl_ms: int,
                redis_left: Callable[[], Optional[int]]) -> None: ...
 
-    def repair(self, session_key: str, write: Callable[[str, int], None],
+    def repair(self, session_key: str, write: Callable[[str, int, RecordData], None],
                extend_ms: Optional[int] = None) -> Optional[str]: ...
 
     def replay(self, write_batch: Callable[[Sequence[Pending]], None], batch: int) -> int: ...

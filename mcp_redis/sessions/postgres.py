@@ -5,17 +5,23 @@ and the `Source` behind the Redis tier in write-through mode. ``session_key``
 holds ``keys.encode_id(session key)`` (readable for plain ids); ``agent_id``
 holds the UTF-8 bytes (surrogatepass) so NUL and lone surrogates survive and a
 prefix is a bytea range; ``redis_pending`` flags rows written while Redis was
-unreachable (the replayer writes them back, `mcp_redis.sessions.replay`).
+unreachable (the replayer writes them back, `mcp_redis.sessions.replay`);
+``record`` (JSONB) holds the binding's record: ``bound_at``, ``bind_count``,
+``last_active`` (epoch seconds, PostgreSQL's clock) and the caller's
+``fields``. A row written before records existed has ``{}`` and reads as
+bound at its ``created_at``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+import json
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InvalidArgument
 from ..keys import decode_id, encode_id
 from ..postgres import Postgres
 from .base import Pending, Record, Timing
+from .records import MAX_FIELDS_BYTES, RecordData, fields_json, from_json, pack_fields, unpack_fields
 
 __all__ = ["PostgresBackend"]
 
@@ -28,31 +34,46 @@ def _from_utf8(raw: Any) -> str:
     return bytes(raw).decode("utf-8", "surrogatepass")
 
 
+_NOW_S = "floor(extract(epoch FROM now()))::bigint"
+_LEFT_MS = "ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint"
 _PG_BIND = """
-INSERT INTO {schema}.sessions (session_key, agent_id, expires_at, redis_pending)
-VALUES (%s, %s, now() + %s * interval '1 millisecond', %s)
+INSERT INTO {schema}.sessions AS s (session_key, agent_id, expires_at, redis_pending, record)
+VALUES (%s, %s, now() + %s * interval '1 millisecond', %s,
+        jsonb_build_object('bound_at', NOW_S, 'bind_count', 1, 'last_active', NOW_S, 'fields', %s::jsonb))
 ON CONFLICT (session_key) DO UPDATE SET
     agent_id = EXCLUDED.agent_id, expires_at = EXCLUDED.expires_at,
-    redis_pending = EXCLUDED.redis_pending, updated_at = now()
-"""
+    redis_pending = EXCLUDED.redis_pending, updated_at = now(),
+    record = EXCLUDED.record || jsonb_build_object('bind_count', CASE WHEN s.expires_at > now()
+        THEN COALESCE((s.record ->> 'bind_count')::bigint, 1) + 1 ELSE 1 END)
+RETURNING record
+""".replace("NOW_S", _NOW_S)
 _PG_GET = """
-SELECT agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+SELECT agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint
 FROM {schema}.sessions WHERE session_key = %s AND expires_at > now()
-"""
+""".replace("LEFT_MS", _LEFT_MS)
 _PG_TOUCH = """
 UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond',
-    updated_at = now(), redis_pending = redis_pending OR %s
+    updated_at = now(), redis_pending = redis_pending OR %s,
+    record = record || jsonb_build_object('last_active', NOW_S)
 WHERE session_key = %s AND expires_at > now()
-RETURNING agent_id
-"""
+RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint
+""".replace("NOW_S", _NOW_S).replace("LEFT_MS", _LEFT_MS)
+_PG_UPDATE = """
+UPDATE {schema}.sessions SET updated_at = now(), redis_pending = redis_pending OR %s,
+    record = record || jsonb_build_object('last_active', NOW_S,
+                                          'fields', COALESCE(record -> 'fields', '{{}}'::jsonb) || %s::jsonb)
+WHERE session_key = %s AND expires_at > now()
+RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint
+""".replace("NOW_S", _NOW_S).replace("LEFT_MS", _LEFT_MS)
 # No "expires_at > now()": the caller just read the binding live from Redis, so a row
 # that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
 # catches up; a row unbound or rebound meanwhile no longer names the agent.
 _PG_TOUCH_AGENT = """
-UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now()
+UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now(),
+    record = record || jsonb_build_object('last_active', NOW_S)
 WHERE session_key = %s AND agent_id = %s
 RETURNING true
-"""
+""".replace("NOW_S", _NOW_S)
 _PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"
 # A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
@@ -72,7 +93,8 @@ WHERE agent_id >= %s AND agent_id < %s AND expires_at > now() ORDER BY agent_id 
 """
 _PG_ALL = "SELECT session_key FROM {schema}.sessions WHERE expires_at > now() ORDER BY session_key"
 _PG_PENDING = """
-SELECT session_key, agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+SELECT session_key, agent_id, ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint, record,
+    floor(extract(epoch FROM created_at))::bigint
 FROM {schema}.sessions WHERE redis_pending ORDER BY session_key LIMIT %s FOR UPDATE SKIP LOCKED
 """
 _PG_CLEAR_PENDING = "UPDATE {schema}.sessions SET redis_pending = false WHERE session_key = ANY(%s) AND expires_at > now()"
@@ -82,6 +104,30 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
     SELECT session_key FROM {schema}.sessions
     WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
 """
+
+
+def _data(row: Any) -> RecordData:
+    """The record of a row read as (..., record, created_at seconds) at positions 2 and 3."""
+    return from_json(row[2], int(row[3]))
+
+
+def _fields_doc(fields: str) -> str:
+    """Packed caller fields as the JSON object stored under ``fields``."""
+    return json.dumps(unpack_fields(fields), ensure_ascii=False, separators=(",", ":"))
+
+
+def _merge_doc(fields: Dict[str, str]) -> str:
+    """{name: JSON text} as one JSON object (the values are already JSON)."""
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
+
+
+def check_merged(data: RecordData, fields: Dict[str, str]) -> None:
+    """Raise (rolling the update back) when the merged fields exceed `MAX_FIELDS_BYTES`."""
+    try:
+        pack_fields(fields_json(data.fields))
+    except InvalidArgument:
+        raise InvalidArgument(max(fields, key=lambda k: len(fields[k])),
+                              f"the record's fields would exceed {MAX_FIELDS_BYTES} bytes packed") from None
 
 
 class PostgresBackend:
@@ -94,12 +140,23 @@ class PostgresBackend:
         self.default_ttl = default_ttl
 
     # -- Backend (postgres mode) ---------------------------------------------------------
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
-        self.pg.execute(self.pg.sql(_PG_BIND), (encode_id(session_key), _utf8(agent_id), ttl_ms, False))
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
+        self.pg.execute(self.pg.sql(_PG_BIND),
+                        (encode_id(session_key), _utf8(agent_id), ttl_ms, False, _fields_doc(fields)))
 
     def get(self, session_key: str, timing: Timing) -> Optional[str]:
         record = self.load(session_key)
         return None if record is None else record.agent_id
+
+    def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]:
+        found = self.load(session_key)
+        return None if found is None else (found.agent_id, found.data)
+
+    def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]:
+        found = self.update_through(session_key, fields, None, pending=False)
+        if found is None or found.data is None:
+            return None
+        return found.agent_id, found.data
 
     def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
         return self.touch_record(session_key, ttl_ms)
@@ -113,7 +170,7 @@ class PostgresBackend:
     # -- Source (write-through) ------------------------------------------------------------
     def load(self, session_key: str) -> Optional[Record]:
         row = self.pg.execute(self.pg.sql(_PG_GET), (encode_id(session_key),), fetch="one")
-        return None if row is None else Record(_from_utf8(row[0]), int(row[1]))
+        return None if row is None else Record(_from_utf8(row[0]), int(row[1]), _data(row))
 
     def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:
         row = self.pg.execute(self.pg.sql(_PG_TOUCH), (ttl_ms, pending, encode_id(session_key)), fetch="one")
@@ -176,8 +233,35 @@ class PostgresBackend:
         row = self.pg.execute(self.pg.sql(_PG_DELETE), (encode_id(session_key),), fetch="one")
         return bool(row and row[0])
 
+    def update_through(self, session_key: str, fields: Dict[str, str],
+                       redis_write: Optional[Callable[[str, int, RecordData], None]],
+                       pending: bool = True) -> Optional[Record]:
+        """Merge `fields` into the row's record (one statement) and, row locked, hand Redis the
+        result; a Redis failure (or `redis_write` None) flags the row for replay. None: not bound."""
+        key = encode_id(session_key)
+
+        def run() -> Optional[Record]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(self.pg.sql(_PG_UPDATE), (pending and redis_write is None, _merge_doc(fields), key))
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                found = Record(_from_utf8(row[0]), max(1, int(row[1])), _data(row))
+                assert found.data is not None
+                check_merged(found.data, fields)
+                if redis_write is not None:
+                    try:
+                        redis_write(found.agent_id, found.ttl_ms, found.data)
+                    except BackendUnavailable:
+                        cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
+                return found
+
+        self.pg.ensure_schema()
+        result: Optional[Record] = self.pg.policy.call(run)
+        return result
+
     def bind_through(self, session_key: str, agent_id: str, ttl_ms: int,
-                     redis_write: Optional[Callable[[], None]]) -> bool:
+                     redis_write: Optional[Callable[[RecordData], None]], fields: str = "") -> bool:
         """Upsert the row and, while its lock is held, write Redis; False if Redis failed.
 
         Writers of one session serialise on the row lock and each writes Redis
@@ -189,11 +273,13 @@ class PostgresBackend:
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(self.pg.sql(_PG_BIND), (key, _utf8(agent_id), ttl_ms, redis_write is None))
+                cur.execute(self.pg.sql(_PG_BIND),
+                            (key, _utf8(agent_id), ttl_ms, redis_write is None, _fields_doc(fields)))
+                row = cur.fetchone()
                 if redis_write is None:
                     return False
                 try:
-                    redis_write()
+                    redis_write(from_json(row[0] if row is not None else None, 0))
                     return True
                 except BackendUnavailable:
                     cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
@@ -240,7 +326,7 @@ class PostgresBackend:
     def session_keys(self) -> Iterator[str]:
         return iter([decode_id(r[0]) for r in self.pg.execute(self.pg.sql(_PG_ALL), (), fetch="all")])
 
-    def repair(self, session_key: str, write: Callable[[str, int], None],
+    def repair(self, session_key: str, write: Callable[[str, int, RecordData], None],
                extend_ms: Optional[int] = None) -> Optional[str]:
         """Read an unexpired row (extending it by `extend_ms` if given) and pass
         (agent_id, ttl ms) to `write` while the row is locked.
@@ -263,7 +349,7 @@ class PostgresBackend:
                     return None
                 agent_id = _from_utf8(row[0])
                 try:
-                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])))
+                    write(agent_id, extend_ms if extend_ms is not None else max(1, int(row[1])), _data(row))
                 except BackendUnavailable:
                     pass
                 return agent_id
@@ -285,9 +371,10 @@ class PostgresBackend:
                 if not rows:
                     return 0
                 items: List[Pending] = []
-                for key, agent, ms in rows:
+                for key, agent, ms, doc, created in rows:
                     live = ms is not None and int(ms) > 0
-                    items.append(Pending(decode_id(key), _from_utf8(agent) if live else None, int(ms) if live else 0))
+                    items.append(Pending(decode_id(key), _from_utf8(agent) if live else None, int(ms) if live else 0,
+                                         from_json(doc, int(created)) if live else None))
                 write_batch(items)  # raises BackendUnavailable: rolled back, still pending
                 keys = [r[0] for r in rows]
                 cur.execute(self.pg.sql(_PG_CLEAR_PENDING), (keys,))

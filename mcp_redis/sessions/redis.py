@@ -1,35 +1,83 @@
 """The Redis tier of sessions, and the Redis-only backend.
 
 `RedisTier` holds the keys and scripts (``mcp_redis/lua/session_*.lua``,
-through the client's `ScriptSet`): the binding ``mcp:session:<sid>`` (the
-agent id, PX ttl); the agent's index ``mcp:session_agent:<aid>`` (ZSET of
-session keys scored by horizon ms); the prefix index
-``mcp:session_agents:{index}`` (ZSET, lexicographic) and its horizons
-``mcp:session_agents:{index}#expiry`` (`mcp_redis.sessions.directory`). On a single instance one Lua script
-writes them all; on Cluster they are separate single-slot commands.
-`RedisBackend` is the ``redis`` mode without ``DATABASE_URL``: Redis only,
-failing loudly (`BackendUnavailable`) while Redis is down.
+through the client's `ScriptSet`). Two kinds of keys, nothing per agent:
+
+* the binding ``mcp:session:<sid>``: one string, PX ttl, holding the agent id
+  with its record packed after it (`mcp_redis.sessions.records`);
+* the session index ``mcp:session_index:{all}``: one ZSET, every member at
+  score 0, ``<agent id>\\0<session key>`` (the key as `index_id` writes it). A lexicographic range
+  ``[aid\\0 .. (aid\\1`` lists an agent's sessions; a range on a prefix lists
+  the agents it names (`mcp_redis.sessions.directory`). The key's TTL is kept
+  at twice the longest ttl written into it (a sliding binding is touched
+  between throttled refreshes, at most one ttl apart).
+
+An entry never expires by itself: readers verify every entry against its
+binding (one MGET) and drop dead ones; `bind` sweeps a few entries from a
+rotating cursor (`SWEEP_EVERY`, `SWEEP_BATCH`), so entries of expired
+bindings nobody asks about are removed too. On a single instance one Lua
+script writes the binding and the index; on Cluster (two slots) they are
+separate single-slot commands. `RedisBackend` is the ``redis`` mode without
+``DATABASE_URL``: Redis only, failing loudly (`BackendUnavailable`) while
+Redis is down.
 """
 
 from __future__ import annotations
 
+import base64
+import re
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..connections import RedisConnection, scan_keys
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InvalidArgument
 from ..keys import KeySpace, decode_id, encode_id
 from ..metrics import METRICS
 from .base import Pending, Timing, Touched
 from .directory import PrefixIndex
+from .records import MAX_FIELDS_BYTES, RS, RecordData, agent_of, pack, unpack
 
-__all__ = ["RedisTier", "RedisBackend", "RefreshThrottle"]
+__all__ = ["RedisTier", "RedisBackend", "RefreshThrottle", "SWEEP_EVERY", "SWEEP_BATCH"]
+
+SWEEP_EVERY = 32  # a tier sweeps the index once per this many binds ...
+SWEEP_BATCH = 64  # ... checking this many entries (2 per bind: faster than bindings die)
+_PAGE = 256
+
+
+def _utf8(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def index_id(session_key: str) -> str:
+    """The session key as written in an index member: `encode_id`, except that the usual
+    forms (32 lower-case hex digits, a lower-case UUID) are packed into 22 base64 characters
+    behind ``!`` / ``*`` (characters `encode_id` never writes), 16 bytes less per entry."""
+    if len(session_key) == 32 and _HEX32.fullmatch(session_key):
+        return "!" + base64.urlsafe_b64encode(bytes.fromhex(session_key)).decode("ascii")[:22]
+    if len(session_key) == 36 and _UUID.fullmatch(session_key):
+        raw = bytes.fromhex(session_key.replace("-", ""))
+        return "*" + base64.urlsafe_b64encode(raw).decode("ascii")[:22]
+    return encode_id(session_key)
+
+
+def from_index_id(encoded: str) -> str:
+    """Invert `index_id`."""
+    if encoded[:1] in ("!", "*"):
+        hexed = base64.urlsafe_b64decode(encoded[1:] + "==").hex()
+        if encoded[0] == "!":
+            return hexed
+        return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+    return decode_id(encoded)
 
 
 class RedisTier:
-    """Bindings and their indexes in Redis, through the shared policy."""
+    """Bindings (with their records) and the session index in Redis, through the shared policy."""
 
     def __init__(self, conn: RedisConnection, ks: KeySpace) -> None:
         self.conn = conn
@@ -42,40 +90,54 @@ class RedisTier:
         # KeySpace.key("session", id) builds, minus its per-call namespace check.
         self.session_head = ks.namespace_pattern("session")[:-1]
         assert self.binding_key("probe") == ks.key("session", "probe")
+        self.index = ks.key("session_index", "all", tag=True)
         register = conn.script
         self._bind = register("session_bind")
-        self._index = register("session_index")
         self._unindex = register("session_unindex")
-        self._members = register("session_members")
+        self._unbind = register("session_unbind")
         self._touch = register("session_touch")
         self.directory = PrefixIndex(self)
-        self.lex, self.horizons = self.directory.lex, self.directory.horizons  # the bind script writes them too
+        self._binds = 0
+        self._cursor = b"-"
 
     def binding_key(self, session_key: str) -> str:
         return self.session_head + encode_id(session_key)
 
-    def index_key(self, agent_id: str) -> str:
-        return self.ks.key("session_agent", agent_id)
+    @staticmethod
+    def member(agent_id: str, session_key: str) -> bytes:
+        return _utf8(agent_id) + b"\x00" + index_id(session_key).encode("ascii")
+
+    @staticmethod
+    def split_member(member: str) -> Tuple[str, str]:
+        """(agent id, session key) of an index member."""
+        agent, _, encoded = member.rpartition("\x00")
+        return agent, from_index_id(encoded)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` under the shared retry/breaker policy."""
         return self.conn.policy.call(fn, *args, **kwargs)
 
+    def once(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A single attempt through the breaker: for calls made inside a PostgreSQL
+        transaction, which must not hold a row lock through retries (the row is
+        flagged for replay instead)."""
+        return self.conn.policy.call(fn, *args, attempts=1, **kwargs)
+
     # reads -------------------------------------------------------------------------
     def get(self, session_key: str, retry: bool) -> Optional[str]:
-        """The hot path: one GET; `call` inlined (a Python frame is ~5% of a loopback GET).
-
-        `retry` False: one attempt only — the caller has PostgreSQL to ask
-        instead of waiting out retries against a hung Redis.
-        """
+        """The agent bound to `session_key`: one GET (`retry` False: one attempt only —
+        the caller has PostgreSQL to ask instead of waiting out retries against a hung Redis)."""
         key = self.session_head + encode_id(session_key)
-        result: Optional[str] = self._policy.call(self._get, key, attempts=None if retry else 1)
-        return result
+        return agent_of(self._policy.call(self._get, key, attempts=None if retry else 1))
+
+    def record(self, session_key: str, retry: bool = True) -> Optional[Tuple[str, Optional[RecordData]]]:
+        """(agent id, record) of a live binding, or None: one GET."""
+        value: Optional[str] = (self.call if retry else self.once)(self._get, self.binding_key(session_key))
+        return None if value is None else unpack(value)
 
     def getex(self, session_key: str, ttl_ms: int, retry: bool) -> Optional[str]:
         call = self.call if retry else self.once
-        result: Optional[str] = call(self.client.getex, self.binding_key(session_key), px=ttl_ms)
-        return result
+        return agent_of(call(self.client.getex, self.binding_key(session_key), px=ttl_ms))
 
     def touch(self, session_key: str, ttl_ms: int) -> Optional[Touched]:
         """Write-through sliding expiry (one attempt): extend the binding to `ttl_ms`.
@@ -99,19 +161,35 @@ class RedisTier:
         reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms, agent_id])
         return bool(reply)
 
-    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
-        members: List[str] = self.call(self._members, keys=[self.index_key(agent_id)], args=[limit])
-        if not members:
+    def _values(self, keys: List[str]) -> List[Optional[str]]:
+        if not keys:
             return []
-        keys = [self.binding_key(m) for m in members]
         if self.cluster:
-            values = self.call(self.client.mget_nonatomic, keys)
-        else:
-            values = self.call(self.client.mget, keys)
-        live = [m for m, v in zip(members, values) if v == agent_id]
-        for stale in (m for m, v in zip(members, values) if v != agent_id):
-            self._drop_from_index(stale, agent_id)
-        return sorted(live)
+            return list(self.call(self.client.mget_nonatomic, keys))
+        return list(self.call(self.client.mget, keys))
+
+    def sessions_for(self, agent_id: str, limit: int) -> List[str]:
+        """The live sessions of `agent_id` (sorted, at most `limit`): index ranges, verified by MGET."""
+        head = _utf8(agent_id) + b"\x00"
+        low, high = b"[" + head, b"(" + _utf8(agent_id) + b"\x01"
+        live: List[str] = []
+        offset = 0
+        while len(live) < limit:
+            page: List[str] = self.call(self.client.zrangebylex, self.index, low, high, offset, _PAGE)
+            mine = [m for m in page if "\x00" not in m[len(agent_id) + 1:]]  # not "<agent>\0more\0..."
+            sessions = [self.split_member(m)[1] for m in mine]
+            values = self._values([self.binding_key(s) for s in sessions])
+            stale: List[Tuple[str, str]] = []
+            for member, session, value in zip(mine, sessions, values):
+                if agent_of(value) == agent_id:
+                    live.append(session)
+                else:
+                    stale.append((member, session))
+            self.drop_entries(stale)
+            if len(page) < _PAGE:
+                break
+            offset += _PAGE - len(stale)
+        return sorted(live)[:limit]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         """Agents starting with `prefix` that hold a live binding (see `PrefixIndex`)."""
@@ -126,86 +204,136 @@ class RedisTier:
             yield decode_id(key[head:])
 
     # writes -----------------------------------------------------------------------------
-    def once(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A single attempt through the breaker: for calls made inside a PostgreSQL
-        transaction, which must not hold a row lock through retries (the row is
-        flagged for replay instead)."""
-        return self.conn.policy.call(fn, *args, attempts=1, **kwargs)
+    def _write(self, call: Callable[..., Any], mode: str, session_key: str, agent_id: str, ttl_ms: int,
+               payload: str = "", max_bytes: int = MAX_FIELDS_BYTES, client: Any = None) -> Any:
+        binding = self.session_head + encode_id(session_key)
+        keys = [binding] if self.cluster else [binding, self.index]
+        args = [mode, _utf8(agent_id), index_id(session_key), ttl_ms, payload, max_bytes]
+        if client is not None:
+            return self._bind(keys=keys, args=args, client=client)
+        reply = call(self._bind, keys=keys, args=args)
+        if reply and self.cluster and reply[1] and mode != "update":
+            self._index_cluster(call, session_key, reply[0], str(unpack(reply[1])[0]), ttl_ms)
+        return reply
 
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, grace_ms: int, *, retry: bool = True) -> None:
-        """SET the binding (atomic, PX ttl) and index it; unindex it from a previous agent."""
-        call = self.call if retry else self.once
-        binding = self.binding_key(session_key)
-        index = self.index_key(agent_id)
-        if self.cluster:
-            old = call(self.client.set, binding, agent_id, px=ttl_ms, get=True)
-            call(self._index, keys=[index], args=[session_key, ttl_ms, grace_ms])
-            self.directory.add(agent_id, ttl_ms, grace_ms, call)
-        else:
-            old = call(
-                self._bind,
-                keys=[binding, index, self.lex, self.horizons],
-                args=[agent_id, session_key, ttl_ms, grace_ms, "bind"],
-            )
-        if old is not None and old != agent_id:
-            self._drop_from_index(session_key, old)
+    def _index_cluster(self, call: Callable[..., Any], session_key: str, old: Optional[str], agent_id: str,
+                       ttl_ms: int) -> None:
+        """Cluster: the binding's slot is written; now the index's (a concurrent rebind may slip in
+        between: readers verify every entry, so the worst case is an entry swept later)."""
+        call(self.client.zadd, self.index, {self.member(agent_id, session_key): 0})
+        if int(call(self.client.pttl, self.index)) < 2 * ttl_ms:  # as session_bind.lua
+            call(self.client.pexpire, self.index, 2 * ttl_ms)
+        was = agent_of(old)
+        if was is not None and was != agent_id:
+            self.drop_entries([(self.member(was, session_key).decode("utf-8", "surrogatepass"), session_key)],
+                              call)
 
-    def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int, grace_ms: int) -> None:
-        """Re-score the indexes after a sliding-expiry touch (only if still bound to `agent_id`)."""
-        if self.cluster:
-            self.call(self._index, keys=[self.index_key(agent_id)], args=[session_key, ttl_ms, grace_ms])
-            self.directory.add(agent_id, ttl_ms, grace_ms, self.call)
-        else:
-            self.call(
-                self._bind,
-                keys=[self.binding_key(session_key), self.index_key(agent_id), self.lex, self.horizons],
-                args=[agent_id, session_key, ttl_ms, grace_ms, "refresh"],
-            )
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, fields: str = "", *, retry: bool = True) -> None:
+        """SET the binding with a new record (atomic, PX ttl) and index it."""
+        self._write(self.call if retry else self.once, "bind", session_key, agent_id, ttl_ms, fields)
+        self._maybe_sweep()
+
+    def put(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *, retry: bool = True) -> None:
+        """SET the binding to a record copied from the source of truth, and index it."""
+        self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms, pack(agent_id, data))
+
+    def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
+        """After a sliding-expiry touch (throttled): ``last_active`` = now, the index entry and
+        its key's TTL kept, only while the binding still names `agent_id`."""
+        self._write(self.call, "refresh", session_key, agent_id, ttl_ms)
+
+    def update(self, session_key: str, fields: Dict[str, str], agent_id: str = "",
+               *, retry: bool = True) -> Optional[Tuple[str, RecordData]]:
+        """Merge `fields` ({name: JSON text}) into the record, atomically; None: not bound.
+
+        `agent_id` non-empty: only while the binding names it.
+        """
+        packed = RS.join(f"{k}{RS}{v}" for k, v in fields.items())
+        reply = self._write(self.call if retry else self.once, "update", session_key, agent_id, 0, packed)
+        if not reply:
+            return None
+        if not reply[1]:
+            raise InvalidArgument(max(fields, key=lambda k: len(fields[k])),
+                                  f"the record's fields would exceed {MAX_FIELDS_BYTES} bytes packed")
+        agent, data = unpack(reply[1])
+        assert data is not None
+        return agent, data
 
     def unbind(self, session_key: str, *, retry: bool = True) -> bool:
         call = self.call if retry else self.once
-        old: Optional[str] = call(self.client.getdel, self.binding_key(session_key))
-        if old is not None:
-            self._drop_from_index(session_key, old)
+        binding = self.binding_key(session_key)
+        if not self.cluster:
+            return call(self._unbind, keys=[binding, self.index], args=[index_id(session_key)]) is not None
+        old: Optional[str] = call(self.client.getdel, binding)
+        agent = agent_of(old)
+        if agent is not None:
+            self.drop_entries([(self.member(agent, session_key).decode("utf-8", "surrogatepass"), session_key)],
+                              call)
         return old is not None
 
-    def _drop_from_index(self, session_key: str, agent_id: str) -> None:
-        binding = self.binding_key(session_key)
-        index = self.index_key(agent_id)
+    def drop_entries(self, entries: Sequence[Tuple[str, str]], call: Optional[Callable[..., Any]] = None) -> None:
+        """Drop index entries (member, session key) whose binding is gone or names another agent."""
+        if not entries:
+            return
+        call = call or self.call
         if self.cluster:  # two slots: check, then remove (a concurrent rebind may slip in)
-            if self.call(self.client.get, binding) != agent_id:
-                self.call(self.client.zrem, index, session_key)
-        else:
-            self.call(self._unindex, keys=[binding, index], args=[agent_id, session_key])
+            values = self._values([self.binding_key(s) for _, s in entries])
+            dead = [m for (m, _), v in zip(entries, values) if agent_of(v) != self.split_member(m)[0]]
+            if dead:
+                call(self.client.zrem, self.index, *[m.encode("utf-8", "surrogatepass") for m in dead])
+            return
+        call(self._unindex, keys=[self.index] + [self.binding_key(s) for _, s in entries],
+             args=[m.encode("utf-8", "surrogatepass") for m, _ in entries])
 
-    def write_batch(self, items: Sequence[Pending], grace_ms: int) -> None:
-        """Replay rows from PostgreSQL: bind the live ones, forget the dead ones."""
+    def _maybe_sweep(self) -> None:
+        """Every `SWEEP_EVERY` binds, check `SWEEP_BATCH` index entries from a rotating cursor."""
+        self._binds += 1  # racy on purpose: a lost increment only delays a sweep
+        if self._binds % SWEEP_EVERY:
+            return
+        try:
+            self.sweep(SWEEP_BATCH)
+        except BackendUnavailable:
+            pass
+
+    def sweep(self, batch: int) -> int:
+        """Check `batch` index entries after the cursor, drop the dead; returns how many were checked."""
+        cursor = self._cursor
+        page: List[str] = self.call(self.client.zrangebylex, self.index, cursor, b"+", 0, batch)
+        self._cursor = b"-" if len(page) < batch else b"(" + page[-1].encode("utf-8", "surrogatepass")
+        entries = [(m, self.split_member(m)[1]) for m in page]
+        values = self._values([self.binding_key(s) for _, s in entries])
+        dead = [e for e, v in zip(entries, values) if agent_of(v) != self.split_member(e[0])[0]]
+        self.drop_entries(dead)
+        METRICS.inc("session_index_swept_total", len(dead))
+        return len(page)
+
+    def write_batch(self, items: Sequence[Pending]) -> None:
+        """Replay rows from the source: put the live ones, forget the dead ones."""
         if self.cluster:
-            for session_key, agent_id, ttl_ms in items:
-                if agent_id is None:
-                    self.unbind(session_key)
+            for item in items:
+                if item.agent_id is None:
+                    self.unbind(item.session_key)
                 else:
-                    self.bind(session_key, agent_id, ttl_ms, grace_ms)
+                    self.put(item.session_key, item.agent_id, item.ttl_ms, item.data or _now_record())
             return
 
         def run() -> List[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for session_key, agent_id, ttl_ms in items:
-                binding = self.binding_key(session_key)
-                if agent_id is None:
-                    pipe.getdel(binding)
+            for item in items:
+                if item.agent_id is None:
+                    self._unbind(keys=[self.binding_key(item.session_key), self.index],
+                                 args=[index_id(item.session_key)], client=pipe)
                 else:
-                    self._bind(
-                        keys=[binding, self.index_key(agent_id), self.lex, self.horizons],
-                        args=[agent_id, session_key, ttl_ms, grace_ms, "bind"],
-                        client=pipe,
-                    )
+                    self._write(self.call, "put", item.session_key, item.agent_id, item.ttl_ms,
+                                pack(item.agent_id, item.data or _now_record()), client=pipe)
             return list(pipe.execute())
 
-        olds = self.call(run)
-        for (session_key, agent_id, _), old in zip(items, olds):
-            if old is not None and old != agent_id:
-                self._drop_from_index(session_key, old)
+        self.call(run)
+
+
+def _now_record() -> RecordData:
+    now = int(time.time())
+    return RecordData(now, 1, now, "")
 
 
 class RefreshThrottle:
@@ -257,13 +385,21 @@ class RedisBackend:
         self._get = tier.client.get
         self._head = tier.session_head
 
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
-        self.tier.bind(session_key, agent_id, ttl_ms, timing.grace_ms(ttl_ms / 1000.0))
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
+        self.tier.bind(session_key, agent_id, ttl_ms, fields)
+
+    def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]:
+        return self.tier.record(session_key)
+
+    def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]:
+        return self.tier.update(session_key, fields)
 
     def get(self, session_key: str, timing: Timing) -> Optional[str]:
         """The hot path: one GET, the key built inline (a Python frame is ~5% of a loopback GET)."""
-        result: Optional[str] = self._call(self._get, self._head + encode_id(session_key), attempts=None)
-        return result
+        value: Optional[str] = self._call(self._get, self._head + encode_id(session_key), attempts=None)
+        if value is None:
+            return None
+        return value.rsplit("\x1f", 4)[0] if value.count("\x1f") >= 4 else value  # records.agent_of, inlined
 
     def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
         """One GETEX; the indexes are re-scored at most once per refresh interval."""
@@ -275,7 +411,7 @@ class RedisBackend:
         if self.throttle.due(session_key, agent, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
-                tier.refresh_index(session_key, agent, ttl_ms, int(interval * 1000))
+                tier.refresh_index(session_key, agent, ttl_ms)
             except BackendUnavailable:
                 pass
         return agent

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ..errors import BackendUnavailable, ConfigurationError
 from ..metrics import METRICS
-from .base import Pending, Source, Timing
+from .base import Pending, Source
 from .redis import RedisTier
 
 __all__ = ["Replayer"]
@@ -85,10 +85,9 @@ class Replayer:
     def replay_pending(self) -> int:
         """Write every pending row back to Redis; returns how many were replayed."""
         tier = self.tier
-        grace = Timing(None, None).grace_ms(self.default_ttl)
 
         def write(items: Sequence[Pending]) -> None:
-            tier.write_batch(items, grace)
+            tier.write_batch(items)
 
         total = 0
         while True:

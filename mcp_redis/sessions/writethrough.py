@@ -11,12 +11,13 @@ fall back to the Redis indexes while it is down.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import BackendUnavailable
 from ..keys import encode_id
 from ..metrics import METRICS
 from .base import Source, Timing
+from .records import RecordData
 from .redis import RedisTier, RefreshThrottle
 from .replay import Replayer
 
@@ -40,16 +41,46 @@ class WriteThroughBackend:
         self._head = tier.session_head
 
     # -- writes ------------------------------------------------------------------------------
-    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing) -> None:
+    def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
         tier = self.tier
-        grace = timing.grace_ms(ttl_ms / 1000.0)
-        write: Optional[Callable[[], None]] = None  # None: Redis known down, flag the row at once
+        write: Optional[Callable[[RecordData], None]] = None  # None: Redis known down, flag the row at once
         if tier.conn.policy.available:
-            def write() -> None:
-                tier.bind(session_key, agent_id, ttl_ms, grace, retry=False)
+            def write(data: RecordData) -> None:
+                tier.put(session_key, agent_id, ttl_ms, data, retry=False)
 
-        if not self.source.bind_through(session_key, agent_id, ttl_ms, write):
+        if not self.source.bind_through(session_key, agent_id, ttl_ms, write, fields):
             self._fell_back("bind")
+
+    def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]:
+        """The source merges the fields (one statement, row locked), then Redis takes its record."""
+        tier = self.tier
+        reached = [False]
+        write: Optional[Callable[[str, int, RecordData], None]] = None
+        if tier.conn.policy.available:
+            def write(agent: str, ttl_ms: int, data: RecordData) -> None:
+                tier.put(session_key, agent, ttl_ms, data, retry=False)
+                reached[0] = True
+
+        found = self.source.update_through(session_key, fields, write)
+        if found is None or found.data is None:
+            return None
+        if not reached[0]:
+            self._fell_back("update")
+        return found.agent_id, found.data
+
+    def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]:
+        """One GET; a miss is repaired from the source (as `get`), whose record answers."""
+        try:
+            found = self.tier.record(session_key, retry=False)
+        except BackendUnavailable:
+            METRICS.inc("session_fallback_total", op="record")
+            found = None
+        else:
+            if found is not None:
+                return found
+            self._repair(session_key, Timing(None, None))
+        loaded = self.source.load(session_key)
+        return None if loaded is None else (loaded.agent_id, loaded.data)
 
     def unbind(self, session_key: str) -> bool:
         tier = self.tier
@@ -73,7 +104,7 @@ class WriteThroughBackend:
             record = self.source.load(session_key)
             return None if record is None else record.agent_id
         if agent is not None:
-            return agent
+            return agent.rsplit("\x1f", 4)[0] if agent.count("\x1f") >= 4 else agent  # records.agent_of, inlined
         return self._repair(session_key, timing)
 
     def touch(self, session_key: str, ttl_ms: int, timing: Timing) -> Optional[str]:
@@ -89,9 +120,8 @@ class WriteThroughBackend:
                 self._fell_back("touch")
             return agent
         interval = timing.refresh_interval_for(ttl_ms / 1000.0)
-        grace = int(interval * 1000)
         if found is None:
-            agent = source.repair(session_key, lambda a, ms: tier.bind(session_key, a, ms, grace, retry=False),
+            agent = source.repair(session_key, lambda a, ms, d: tier.put(session_key, a, ms, d, retry=False),
                                   extend_ms=ttl_ms)
             METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
             return agent
@@ -103,7 +133,7 @@ class WriteThroughBackend:
         if self.throttle.due(session_key, bound, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
-                tier.refresh_index(session_key, bound, ttl_ms, grace)
+                tier.refresh_index(session_key, bound, ttl_ms)
             except BackendUnavailable:
                 pass
             try:
@@ -150,8 +180,7 @@ class WriteThroughBackend:
     # -- internals ---------------------------------------------------------------------------
     def _repair(self, session_key: str, timing: Timing) -> Optional[str]:
         tier = self.tier
-        grace = timing.grace_ms(timing.ttl if timing.ttl is not None else self.default_ttl)
-        agent = self.source.repair(session_key, lambda a, ms: tier.bind(session_key, a, ms, grace, retry=False))
+        agent = self.source.repair(session_key, lambda a, ms, d: tier.put(session_key, a, ms, d, retry=False))
         METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
         return agent
 

@@ -142,10 +142,10 @@ def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> N
     assert isinstance(sessions, SessionMap)
     sessions["s1"] = "agent-1"
     assert "s1" in sessions and "nope" not in sessions and 42 not in sessions
-    assert sessions.pop("s1") == "agent-1" and "s1" not in sessions
-    sessions.setdefault("s1", "agent-1")
-    assert sessions["s1"] == "agent-1"
-    assert sessions.get("s1") == "agent-1" and sessions.get("nope") is None
+    assert sessions.pop("s1")["bound_agent_id"] == "agent-1" and "s1" not in sessions
+    sessions.setdefault("s1", {"bound_agent_id": "agent-1"})
+    assert sessions["s1"]["bound_agent_id"] == "agent-1"
+    assert sessions.get("s1", {}).get("bound_agent_id") == "agent-1" and sessions.get("nope") is None
     assert sessions.get("nope", "default") == "default"
     assert list(sessions) == ["s1"] and len(sessions) == 1
     del sessions["s1"]
@@ -153,6 +153,79 @@ def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> N
         sessions["s1"]
     with pytest.raises(KeyError):
         del sessions["s1"]
+
+
+# -- records: the legacy dict-of-dicts idioms ------------------------------------------------
+def test_a_record_carries_the_callers_fields_and_the_library_kept_ones_in_every_mode(any_store: SessionStore) -> None:
+    before = int(time.time())
+    any_store.bind("s1", "agent-1", client_type="sse", client_info={"name": "claude", "v": [1, 2]}, hops=3)
+    record = any_store.record("s1")
+    assert record is not None
+    after = int(time.time()) + 1
+    assert record["bound_agent_id"] == "agent-1" and any_store.get("s1") == "agent-1"
+    assert record["client_type"] == "sse" and record["client_info"] == {"name": "claude", "v": [1, 2]}
+    assert record["hops"] == 3 and record["bind_count"] == 1
+    assert before - 1 <= record["bound_at"] <= record["last_active"] <= after
+    any_store.bind("s1", "agent-2", client_type="stdio")  # a rebind replaces the caller's fields
+    again = any_store.record("s1")
+    assert again is not None and again["bound_agent_id"] == "agent-2" and again["bind_count"] == 2
+    assert again["client_type"] == "stdio" and "hops" not in again and "client_info" not in again
+    assert any_store.record("nope") is None
+
+
+def test_the_legacy_record_lookup_and_other_sessions_scan_work_through_the_mapping_in_every_mode(
+        any_store: SessionStore) -> None:
+    m = any_store.mapping()
+    m["mine"] = {"bound_agent_id": "agent-7", "bound_at": "ignored", "bind_count": 99, "client_type": "sse"}
+    m["other-1"] = {"bound_agent_id": "agent-7", "client_type": "http"}
+    m["other-2"] = {"bound_agent_id": "agent-7"}
+    m["someone-else"] = {"bound_agent_id": "agent-8"}
+    assert m["mine"].get("bound_agent_id") == "agent-7" and m["mine"]["client_type"] == "sse"
+    assert m["mine"]["bind_count"] == 1  # library-kept: the assigned value is ignored
+    # the legacy scan for an agent's other sessions, and what replaces it (an index, no scan)
+    scanned = sorted(k for k, rec in m.items() if rec.get("bound_agent_id") == "agent-7" and k != "mine")
+    assert scanned == ["other-1", "other-2"]
+    assert [k for k in any_store.sessions_for("agent-7") if k != "mine"] == scanned
+    # in-place mutation changes a copy; update() changes the record everyone sees
+    m["mine"]["client_type"] = "lost"
+    assert m["mine"]["client_type"] == "sse"
+    updated = any_store.update("mine", client_type="stdio", turns=2)
+    assert updated is not None and updated["client_type"] == "stdio" and updated["turns"] == 2
+    assert m["mine"]["client_type"] == "stdio" and m["mine"]["turns"] == 2
+    assert m["mine"]["bound_agent_id"] == "agent-7" and any_store.get("mine") == "agent-7"
+    assert any_store.update("nope", turns=1) is None and any_store.get("nope") is None
+    with pytest.raises(mcp_redis.InvalidArgument, match="bound_agent_id"):
+        m["x"] = {"client_type": "sse"}
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"api_key": "k"}, "api_key"), ({"API_KEY": "k"}, "API_KEY"), ({"accessToken": "t"}, "accessToken"),
+    ({"password": "p"}, "password"), ({"client_secret": "s"}, "client_secret"),
+    ({"client_info": {"auth": {"session_token": "t"}}}, "client_info"),
+    ({"bound_at": 1}, "bound_at"), ({"big": "x" * 5000}, "big"),
+])
+def test_secret_like_library_kept_and_oversized_fields_are_refused_naming_the_field_changing_nothing(
+        any_store: SessionStore, fields: Dict[str, object], named: str) -> None:
+    any_store.bind("s1", "agent-1", client_type="sse")
+    with pytest.raises(ValueError, match=named) as info:
+        any_store.bind("s1", "agent-2", **fields)
+    assert info.value.argument == named  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=named):
+        any_store.update("s1", **fields)
+    with pytest.raises(ValueError, match=named):
+        any_store.bind("fresh", "agent-2", **fields)
+    record = any_store.record("s1")
+    assert record is not None and record["bound_agent_id"] == "agent-1" and record["client_type"] == "sse"
+    assert set(record) == {"bound_agent_id", "bound_at", "bind_count", "last_active", "client_type"}
+    assert any_store.get("fresh") is None
+
+
+def test_updates_that_would_grow_the_record_past_the_bound_are_refused_in_every_mode(any_store: SessionStore) -> None:
+    any_store.bind("s1", "agent-1", a="x" * 3000)
+    with pytest.raises(ValueError, match="b"):
+        any_store.update("s1", b="y" * 3000)
+    record = any_store.record("s1")
+    assert record is not None and "b" not in record and record["a"] == "x" * 3000
 
 
 def test_each_mode_is_served_by_its_backend_from_the_mode_table(any_store: SessionStore,

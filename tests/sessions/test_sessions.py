@@ -23,6 +23,8 @@ from mcp_redis import (
 from mcp_redis.keys import encode_id
 from mcp_redis.metrics import METRICS
 from mcp_redis.sessions import PostgresBackend
+from mcp_redis.sessions.records import agent_of, as_dict, unpack
+from mcp_redis.sessions.redis import from_index_id
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 from tests import workers_sessions
@@ -32,6 +34,21 @@ ODD_IDS = ["nul\x00inside", "lone\ud800surrogate", "new\nline *?[glob]", "клю
 
 def binding_key(session_key: str) -> str:
     return "mcp:session:" + encode_id(session_key)
+
+
+INDEX_KEY = "mcp:session_index:{all}"
+
+
+def indexed_sessions(client: Any, agent_id: str) -> List[str]:
+    """The session keys the Redis session index lists for `agent_id` (white-box, unverified)."""
+    head = agent_id.encode("utf-8", "surrogatepass") + b"\x00"
+    members = client.zrangebylex(INDEX_KEY, b"[" + head, b"(" + head[:-1] + b"\x01")
+    found = []
+    for member in members:
+        agent, _, encoded = (member if isinstance(member, str) else member.decode()).rpartition("\x00")
+        if agent == agent_id:
+            found.append(from_index_id(encoded))
+    return found
 
 
 def pg_rows(pg: PostgresDatabase, where: str = "true") -> List[tuple]:
@@ -130,7 +147,7 @@ def test_every_key_written_has_a_ttl_and_the_prefix(redis_only: SessionStore, re
     assert len(keys) > len(ODD_IDS)
     for key in keys:
         assert key.startswith(b"mcp:")
-        assert 0 < client.pttl(key) <= (3600 + 300) * 1000, key  # ttl + index grace
+        assert 0 < client.pttl(key) <= 2 * 3600 * 1000, key  # the index: twice the longest ttl
 
 
 def test_concurrent_rebinds_leave_the_session_in_exactly_its_agents_index(redis_only: SessionStore,
@@ -156,7 +173,7 @@ def test_concurrent_rebinds_leave_the_session_in_exactly_its_agents_index(redis_
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     for agent in agents:
-        members = client.zrange("mcp:session_agent:" + agent, 0, -1)
+        members = indexed_sessions(client, agent)
         assert ("contended" in members) == (agent == final), (agent, final, members)
 
 
@@ -217,7 +234,7 @@ def test_binding_made_by_process_a_is_read_by_b_and_survives_an_empty_redis_rest
         assert client.get(binding_key("sess\x00A")) is None
         requests.put(("get", "sess\x00A"))
         assert replies.get(timeout=30) == ("ok", "agent\ud800A")  # from PostgreSQL
-        assert client.get(binding_key("sess\x00A")) == "agent\ud800A"  # and Redis holds it again
+        assert agent_of(client.get(binding_key("sess\x00A"))) == "agent\ud800A"  # and Redis holds it again
         assert 0 < client.pttl(binding_key("sess\x00A")) <= 3600_000
     finally:
         requests.put(None)
@@ -248,10 +265,10 @@ def test_a_thousand_bindings_made_while_redis_is_down_are_all_in_redis_after_it_
     client = own_redis.client()
     keys = [binding_key(f"down-{i}") for i in range(n)]
     wait_for(lambda: client.exists(*keys) == n, timeout=30, what="the replay of 1,000 bindings")
-    values = client.mget(keys)
+    values = [agent_of(v) for v in client.mget(keys)]
     assert values == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
     assert all(0 < client.pttl(k) <= 600_000 for k in keys[:50])
-    assert len(client.zrange("mcp:session_agent:agent-3", 0, -1)) == n // 10
+    assert len(indexed_sessions(client, "agent-3")) == n // 10
     wait_for(lambda: not pg_rows(pg_database, "redis_pending"), timeout=10, what="pending flags cleared")
     assert METRICS.counter("session_replayed_total") >= n
 
@@ -268,7 +285,7 @@ def test_pending_rows_of_a_process_that_died_are_replayed_by_another(
     mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
     assert mcp_redis.sessions.replay_pending() == 20
     client = own_redis.client()
-    assert client.mget([binding_key(f"orphan-{i}") for i in range(20)]) == ["agent-x"] * 20
+    assert [agent_of(v) for v in client.mget([binding_key(f"orphan-{i}") for i in range(20)])] == ["agent-x"] * 20
 
 
 def test_unbind_while_redis_is_unreachable_is_forgotten_by_redis_when_it_returns(
@@ -279,14 +296,14 @@ def test_unbind_while_redis_is_unreachable_is_forgotten_by_redis_when_it_returns
         store.bind("gone", "agent-1")
         store.bind("moved", "agent-1")
         client = own_redis.client()
-        assert client.get(binding_key("gone")) == "agent-1"
+        assert agent_of(client.get(binding_key("gone"))) == "agent-1"
         proxy.drop()  # Redis keeps its data but this process cannot reach it
         assert store.unbind("gone") is True
         store.bind("moved", "agent-2")
         assert store.get("gone") is None and store.get("moved") == "agent-2"  # PostgreSQL answers
-        assert client.get(binding_key("gone")) == "agent-1"  # stale, until replay
+        assert agent_of(client.get(binding_key("gone"))) == "agent-1"  # stale, until replay
         proxy.pass_through()
-        wait_for(lambda: client.get(binding_key("gone")) is None and client.get(binding_key("moved")) == "agent-2",
+        wait_for(lambda: client.get(binding_key("gone")) is None and agent_of(client.get(binding_key("moved"))) == "agent-2",
                  timeout=20, what="the replay of an unbind and a rebind")
         assert store.get("gone") is None
         assert store.sessions_for("agent-1") == []
@@ -363,7 +380,7 @@ def test_store_replay_and_cleanup_act_on_the_stores_own_client_not_the_default_o
         assert store.replay_pending() == 1
         import redis
 
-        assert redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("pending")) == "agent-p"
+        assert agent_of(redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("pending"))) == "agent-p"
         assert store.cleanup_expired() == 1
         assert [r[0] for r in pg_rows(pg_database)] == ["pending"]
 
@@ -388,6 +405,10 @@ def test_index_queries_fall_back_to_redis_while_postgres_is_down(redis_url: str,
     assert store.resolve_agent_prefix("agent-pg") == "agent-pg-down"
     with pytest.raises(BackendUnavailable):
         store.bind("s2", "agent-pg-down")  # the source of truth is down: no silent Redis-only write
+    with pytest.raises(BackendUnavailable):
+        store.update("s1", client_type="sse")  # nor a Redis-only record change
+    record = store.record("s1")  # a Redis hit: PostgreSQL not needed
+    assert record is not None and record["bound_agent_id"] == "agent-pg-down" and "client_type" not in record
 
 
 def test_concurrent_write_through_binds_leave_redis_agreeing_with_postgres(
@@ -403,10 +424,13 @@ def test_concurrent_write_through_binds_leave_redis_agreeing_with_postgres(
         t.join()
     import redis
 
-    in_redis = redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("contended"))
+    value = redis.Redis.from_url(redis_url, decode_responses=True).get(binding_key("contended"))
     [(_, agent_bytes, live, pending)] = pg_rows(pg_database)
     assert live and not pending
+    in_redis, data = unpack(value)
     assert in_redis == bytes(agent_bytes).decode()  # both tiers end on the same last writer
+    assert write_through.record("contended") == as_dict(in_redis, data)
+    assert data is not None and data.bind_count == 60  # the source counted every bind, Redis holds its record
 
 
 def test_hung_redis_is_bypassed_for_postgres_and_caught_up_when_it_answers(
@@ -421,7 +445,7 @@ def test_hung_redis_is_bypassed_for_postgres_and_caught_up_when_it_answers(
         assert store.get("during") == "agent-2"
         proxy.pass_through()
         client = own_redis.client()
-        wait_for(lambda: client.get(binding_key("during")) == "agent-2", timeout=20,
+        wait_for(lambda: agent_of(client.get(binding_key("during"))) == "agent-2", timeout=20,
                  what="the binding made while Redis hung")
         assert store.get("before") == "agent-1"
 

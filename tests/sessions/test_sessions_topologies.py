@@ -11,6 +11,7 @@ import mcp_redis
 from mcp_redis import AmbiguousPrefix, SessionStore
 from mcp_redis.connections import get_redis
 from mcp_redis.keys import encode_id
+from mcp_redis.sessions.records import agent_of
 
 
 def test_bind_rebind_index_and_prefix_on_every_topology(any_redis_mode: str) -> None:
@@ -30,11 +31,17 @@ def test_bind_rebind_index_and_prefix_on_every_topology(any_redis_mode: str) -> 
         raise AssertionError("expected AmbiguousPrefix")
     except AmbiguousPrefix as exc:
         assert sorted(exc.candidates) == ["alice-1", "alice-2\ud800"]
+    store.bind("s3", "carol", ttl=60, client_type="sse")
+    assert store.update("s3", turns=1) is not None
+    record = store.record("s3")
+    assert record is not None and (record["bound_agent_id"], record["client_type"], record["turns"]) == (
+        "carol", "sse", 1)
+    assert store.sessions_for("carol") == ["s3"] and store.unbind("s3") is True
     assert store.unbind("s2") is True
     assert store.sessions_for("alice-1") == []
     client = get_redis().client
-    assert client.get("mcp:session:" + encode_id("s1")) == "bob"
-    assert 0 < client.pttl("mcp:session_agent:bob") <= (60 + 15) * 1000
+    assert agent_of(client.get("mcp:session:" + encode_id("s1"))) == "bob"
+    assert 0 < client.pttl("mcp:session_index:{all}") <= 2 * 120 * 1000  # twice the longest ttl written
 
 
 def test_write_through_read_repair_on_every_topology(any_redis_url: str, database_url: str) -> None:

@@ -10,6 +10,7 @@ the legacy server's ``core.sessions`` + ``core.identities``).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import psycopg2
@@ -20,6 +21,7 @@ from mcp_redis import SessionStore
 from mcp_redis.errors import ConfigurationError, InvalidArgument
 from mcp_redis.metrics import METRICS
 from mcp_redis.sessions import use_source
+from mcp_redis.sessions.records import agent_of, unpack, unpack_fields
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 from tests.sessions import legacy
@@ -56,13 +58,17 @@ def test_read_repair_after_flushdb_restores_the_binding_and_its_remaining_ttl(
 
     configure(redis_url)
     store = SessionStore()
-    store.bind("s1", "agent-1", ttl=100)
+    store.bind("s1", "agent-1", ttl=100, client_type="sse", client_info={"ua": "x"}, turns=1)
+    store.update("s1", turns=2)
+    before = store.record("s1")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushdb()
+    assert store.record("s1") == before  # the record, repaired from the source with the binding
+    client.flushdb()
     assert store.get("s1") == "agent-1"
-    assert client.get(binding_key("s1")) == "agent-1"
+    assert agent_of(client.get(binding_key("s1"))) == "agent-1"
     assert 90_000 < client.pttl(binding_key("s1")) <= 100_000
-    assert METRICS.counter("session_read_repair_total", result="hit") == 1
+    assert METRICS.counter("session_read_repair_total", result="hit") == 2  # record(), then get()
     assert store.sessions_for("agent-1") == ["s1"]
 
 
@@ -75,7 +81,7 @@ def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], No
 
     def bind_range(start: int) -> None:
         for i in range(start, n, 4):
-            store.bind(f"down-{i}", f"agent-{i % 10}", ttl=600)
+            store.bind(f"down-{i}", f"agent-{i % 10}", ttl=600, client_type="sse", n=i)
 
     threads = [threading.Thread(target=bind_range, args=(k,)) for k in range(4)]
     for t in threads:
@@ -87,8 +93,10 @@ def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], No
     client = own_redis.client()
     keys = [binding_key(f"down-{i}") for i in range(n)]
     wait_for(lambda: client.exists(*keys) == n, timeout=30, what="the replay of the bindings")
-    assert client.mget(keys) == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
+    assert [agent_of(v) for v in client.mget(keys)] == [f"agent-{i % 10}" for i in range(n)]  # 0 lost, none wrong
     assert sorted(store.sessions_for("agent-3")) == sorted(f"down-{i}" for i in range(3, n, 10))
+    replayed = unpack(client.get(binding_key("down-7")))[1]  # the record came back with the binding
+    assert replayed is not None and unpack_fields(replayed.fields) == {"client_type": "sse", "n": 7}
 
 
 def test_an_unbind_made_while_redis_is_unreachable_reaches_redis_when_it_returns(
@@ -101,7 +109,7 @@ def test_an_unbind_made_while_redis_is_unreachable_reaches_redis_when_it_returns
         proxy.drop()
         assert store.unbind("gone") is True
         assert store.get("gone") is None  # the source answers
-        assert client.get(binding_key("gone")) == "agent-1"  # stale, until replay
+        assert agent_of(client.get(binding_key("gone"))) == "agent-1"  # stale, until replay
         proxy.pass_through()
         wait_for(lambda: client.get(binding_key("gone")) is None, timeout=20, what="the replay of an unbind")
         assert store.sessions_for("agent-1") == []
@@ -118,7 +126,8 @@ def test_pending_bindings_of_a_process_that_died_are_replayed_by_another(
     own_redis.start()
     configure(own_redis.url)
     assert mcp_redis.sessions.replay_pending() == 20
-    assert own_redis.client().mget([binding_key(f"orphan-{i}") for i in range(20)]) == ["agent-x"] * 20
+    values = own_redis.client().mget([binding_key(f"orphan-{i}") for i in range(20)])
+    assert [agent_of(v) for v in values] == ["agent-x"] * 20
 
 
 # -- the legacy adapter only ---------------------------------------------------------------------
@@ -176,3 +185,52 @@ def test_use_source_after_the_first_sessions_call_is_refused(legacy_store: Sessi
     legacy_store.get("anything")
     with pytest.raises(ConfigurationError, match="use_source"):
         use_source(None)
+
+
+def test_legacy_adapter_keeps_the_record_in_the_servers_columns(
+        legacy_store: SessionStore, pg_database: PostgresDatabase, redis_url: str) -> None:
+    agent = "0f8e2a4c-6b1d-4e3f-9a7c-5d2b8e1f4a60"
+    _legacy_sql(pg_database, "INSERT INTO core.agents (id, api_key) VALUES (%s, 'k')", (agent,))
+    _legacy_sql(pg_database, "INSERT INTO core.identities (identity_id, agent_id, api_key_hash) VALUES (41, %s, 'h')",
+                (agent,))
+    _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, client_type, client_info, "
+                "metadata) VALUES ('server-made', 41, now() + interval '24 hours', 'sse', '{\"ua\": \"s\"}', "
+                "'{\"purpose\": \"chat\"}')")
+    record = legacy_store.record("server-made")  # the server's own row, as a record
+    assert record is not None and record["bound_agent_id"] == agent
+    assert (record["client_type"], record["client_info"], record["purpose"]) == ("sse", {"ua": "s"}, "chat")
+    legacy_store.bind("lib-made", agent, client_type="stdio", client_info={"name": "claude"}, hops=2)
+    legacy_store.update("lib-made", hops=3)
+    assert _legacy_sql(pg_database, "SELECT client_type, client_info, metadata ->> 'hops', "
+                       "metadata ->> 'mcp_redis_bind_count' FROM core.sessions WHERE session_id = 'lib-made'") == [
+        ("stdio", {"name": "claude"}, "3", "1")]
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    again = legacy_store.record("lib-made")  # read repair from the columns
+    assert again is not None and (again["client_type"], again["client_info"], again["hops"]) == (
+        "stdio", {"name": "claude"}, 3)
+    with pytest.raises(InvalidArgument, match="client_type"):
+        legacy_store.update("lib-made", client_type=7)  # the column is TEXT
+
+
+def test_prefix_resolution_after_unbind_ttl_and_flushdb_with_either_source(
+        configure: Callable[[str], None], redis_url: str) -> None:
+    from mcp_redis.sessions import AgentDirectory
+
+    configure(redis_url)
+    agent = "7c1d9e2f-3a4b-4c5d-8e6f-0a1b2c3d4e5f"
+    store, directory = SessionStore(), AgentDirectory()
+    directory.register(agent)
+    store.bind("s1", agent, client_type="sse")
+    assert store.resolve_agent_prefix("7c1d9e") == agent  # a live binding: any prefix
+    assert store.unbind("s1")
+    assert store.resolve_agent_prefix(agent[:12]) == agent  # the directory: unbound
+    assert store.resolve_agent_prefix("agent-" + agent[:12]) == agent
+    store.bind("s2", agent, ttl=0.05)
+    time.sleep(0.15)  # expiry is a deadline: 0.1 s past it
+    assert store.get("s2") is None and store.resolve_agent_prefix(agent[:12]) == agent  # expired
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    assert store.resolve_agent_prefix("agent-" + agent[:12]) == agent  # rebuilt from PostgreSQL
