@@ -81,6 +81,9 @@ class PipelinedBinder:
             self.queue.append((fn, args, kwargs))
 
         tier.call = record  # instance attribute: shadows the method for this loader's store only
+        # The periodic index sweep reads replies, which a queued call does not
+        # have; a fresh load leaves nothing to sweep.
+        tier._maybe_sweep = lambda: None
         try:
             for start in range(0, len(pairs), batch):
                 for sid, agent in pairs[start:start + batch]:
@@ -88,6 +91,7 @@ class PipelinedBinder:
                 self.flush()
         finally:
             del tier.call
+            del tier._maybe_sweep
 
     def flush(self) -> None:
         assert self.tier is not None
