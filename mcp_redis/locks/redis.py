@@ -31,7 +31,8 @@ __all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL",
 log = logging.getLogger("mcp_redis.locks")
 
 #: How long (s) a lock released to a waiter stays reserved for it; a waiter
-#: that died while queued delays the next holder by at most this.
+#: that died while queued delays the next holder by at most this. Also the
+#: default of lock_release.lua (1000 ms), which a release does not send.
 HANDOFF_GRACE = 1.0
 # The longest single BLPOP (s); also bounded by half the socket timeout.
 _MAX_WAIT_SLICE = 1.0
@@ -200,7 +201,7 @@ class RedisBackend(Backend):
         conn: RedisConnection = hold.handle
         script = conn.script("lock_release")
         keys = [hold.keys.lock, hold.keys.queue]
-        args = [hold.token, ms(HANDOFF_GRACE)]
+        args = [hold.token]  # the script's default grace is ms(HANDOFF_GRACE)
         tries = 0
 
         def run() -> Any:

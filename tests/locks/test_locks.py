@@ -158,6 +158,19 @@ def test_the_fallback_gate_raises_the_counter_with_a_ttl(redis_mode: str) -> Non
     assert int(conn.run_script(gate, [keys + "#gate", keys + "#fence"], [1000, 5, 7])) == 7
 
 
+def test_a_release_reserves_the_lock_for_the_head_waiter_for_handoff_grace(redis_mode: str) -> None:
+    # The release does not send the grace: the script's default must be HANDOFF_GRACE.
+    r = raw(redis_mode)
+    held = mcp_redis.lock("grace", timeout=10)
+    assert held.acquire()
+    waiter = held.key + "#wfeedfacefeedfacefeedface"  # a waiter queued from another process
+    r.rpush(held.key + "#queue", waiter)
+    held.release()
+    assert r.get(held.key) == "r:" + waiter and r.lrange(waiter, 0, -1) == ["1"]
+    for key in (held.key, waiter):
+        assert HANDOFF_GRACE * 1000 - 500 < r.pttl(key) <= HANDOFF_GRACE * 1000
+
+
 def test_release_after_expiry_keeps_new_holders_lock(redis_mode: str) -> None:
     r = raw(redis_mode)
     first = mcp_redis.lock("job", timeout=0.1)
