@@ -13,9 +13,10 @@
 -- Returns the fencing token (a decimal string) when granted, else
 -- {0, PTTL of the lock, holder's value}.
 local granted = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local holder
 if not granted then
   -- Held: by us already (a retried call), reserved for us (a handoff), or not ours.
-  local holder = redis.call('GET', KEYS[1])
+  holder = redis.call('GET', KEYS[1])
   if holder == ARGV[1] or (KEYS[4] and holder == 'r:' .. KEYS[4]) or (ARGV[4] and holder == ARGV[4]) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     granted = true
@@ -66,7 +67,7 @@ if KEYS[4] then
     redis.call('PEXPIRE', KEYS[3], ARGV[3])
   end
 end
-return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]) or ''}
+return {0, redis.call('PTTL', KEYS[1]), holder or ''}
 
 -- The fencing counter expires (FENCE_TTL_MS = 3600000, one hour; the literal
 -- above, mcp_redis.locks.redis.FENCE_TTL in Python), yet tokens keep rising
