@@ -34,7 +34,6 @@ from mcp_redis.sessions.agents import AgentDirectory
 from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
 
 ALGORITHMS = ["sliding_window", "sliding_window_counter", "fixed_window", "gcra"]
-FENCE_EXPIRES = False  # issue 18 (branch i18lock) gives the fencing counter a TTL: flip to True then
 
 
 MIDWAY: Dict[str, int] = {}  # keys that exist only while a call is under way (a waiter's queue), with their PTTL
@@ -234,8 +233,7 @@ def family(key: str) -> str:
 
 CASES = [
     pytest.param("library", id="every-other-key"),
-    pytest.param("lock fencing counter", id="lock-fence-counter", marks=() if FENCE_EXPIRES else pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="issue 18: the per-name fencing counter has no TTL until the i18lock work lands")),
+    pytest.param("lock fencing counter", id="lock-fence-counter"),  # the one TTL-less key until issue 18
 ]
 
 

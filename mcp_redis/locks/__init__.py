@@ -8,8 +8,9 @@ Lua script (one round trip); a retry of one call after a lost reply is
 recognised by that value (acquire), by the hold's lease not yet having run
 out (release), or by a short-lived per-call record (an additive extend), so
 it never grants, releases or extends twice.
-Acquire also INCRs a per-name fencing counter, and a failed try joins a FIFO
-of waiters in the same script, so no release can slip by unseen. Release
+Acquire also raises a per-name fencing counter (it expires: ``FENCE_TTL``),
+and a failed try joins a FIFO of waiters in the same script, so no release
+can slip by unseen. Release
 hands the lock to the longest waiter (reserving it for a moment so a
 releaser that loops cannot barge in) and wakes it through its own signal
 list (BLPOP): no polling. Every wait is capped at the lock's remaining

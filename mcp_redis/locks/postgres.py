@@ -46,7 +46,7 @@ _EPISODE_TABLE = """
     )
 """
 # Never below PostgreSQL's clock in microseconds, and above every token
-# handed out before: like Redis's max(INCR, TIME), on every acquisition.
+# handed out before: like Redis's max(last + 1, TIME), on every acquisition.
 _NEXT_FENCE = (
     "INSERT INTO {schema}.lock_fences AS f (lock_key, fence) "
     "VALUES (%s, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "

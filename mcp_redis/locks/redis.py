@@ -26,12 +26,13 @@ from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
 if TYPE_CHECKING:
     from ..client import Client
 
-__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL"]
+__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL", "FENCE_TTL"]
 
 log = logging.getLogger("mcp_redis.locks")
 
 #: How long (s) a lock released to a waiter stays reserved for it; a waiter
-#: that died while queued delays the next holder by at most this.
+#: that died while queued delays the next holder by at most this. Also the
+#: default of lock_release.lua (1000 ms), which a release does not send.
 HANDOFF_GRACE = 1.0
 # The longest single BLPOP (s); also bounded by half the socket timeout.
 _MAX_WAIT_SLICE = 1.0
@@ -39,6 +40,12 @@ _MAX_WAIT_SLICE = 1.0
 _SERVER_TICK = 0.1
 _RESERVED = "r:"
 _TICKET = re.compile(r"[0-9a-f]{24}")
+#: How long (s) a lock's fencing counter (``…#fence``) lives after it was
+#: last raised above the clock (or created): the literal 3600000 in
+#: lock_acquire.lua and lock_gate.lua. Tokens still rise across its expiry
+#: (see the end of lock_acquire.lua) while no token runs more than this
+#: ahead of the Redis server's clock.
+FENCE_TTL = 3600.0
 #: How long (s) a process's liveness key outlives its last heartbeat: a holder
 #: process that died stops blocking others this long after its last beat (the
 #: watchdog beats every third of it while the process holds a lock).
@@ -97,9 +104,9 @@ class RedisBackend(Backend):
         # try with the queue keys joins the queue atomically, so the release
         # that follows it is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        granted, value, *_ = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
-        if granted:
-            return Hold(self, keys, token, int(value), lease, started + lease, conn)
+        reply = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
+        if not isinstance(reply, list):  # granted: the fencing token
+            return Hold(self, keys, token, int(reply), lease, started + lease, conn)
         if deadline is not None and deadline <= time.monotonic():
             return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
@@ -117,10 +124,11 @@ class RedisBackend(Backend):
                     self.heartbeat()
                 queued = True
                 args = [token, lease_ms, queue_ttl] if dead_holder is None else [token, lease_ms, queue_ttl, dead_holder]
-                granted, value, *holder = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
-                if granted:
+                reply = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
+                if not isinstance(reply, list):  # granted: the fencing token
                     queued = False
-                    return Hold(self, keys, token, int(value), lease, started + lease, conn)
+                    return Hold(self, keys, token, int(reply), lease, started + lease, conn)
+                _, value, *holder = reply
                 pttl = int(value)
                 # A holder whose process's liveness key is gone died (or stalled
                 # past LIVENESS_TTL): take its lock over now, not at its lease's end.
@@ -193,7 +201,7 @@ class RedisBackend(Backend):
         conn: RedisConnection = hold.handle
         script = conn.script("lock_release")
         keys = [hold.keys.lock, hold.keys.queue]
-        args = [hold.token, ms(HANDOFF_GRACE)]
+        args = [hold.token]  # the script's default grace is ms(HANDOFF_GRACE)
         tries = 0
 
         def run() -> Any:

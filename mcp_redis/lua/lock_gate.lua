@@ -7,13 +7,13 @@
 -- ARGV[1] gate TTL in ms, ARGV[2] the highest fencing token PostgreSQL has
 -- recorded for the name, ARGV[3] the caller's fencing token
 -- Returns the caller's fencing token: ARGV[3], or a fresh one above ARGV[2]
--- when ARGV[3] is not above it (the counter is raised first, its TTL kept).
+-- (and above the counter), written to the counter with a fresh TTL
+-- (FENCE_TTL_MS, one hour: see the end of lock_acquire.lua), when ARGV[3]
+-- is not above ARGV[2].
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 if tonumber(ARGV[3]) > tonumber(ARGV[2]) then
   return tonumber(ARGV[3])
 end
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if current < tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
-end
-return redis.call('INCR', KEYS[2])
+local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[2])) + 1
+redis.call('SET', KEYS[2], fence, 'PX', 3600000)
+return fence

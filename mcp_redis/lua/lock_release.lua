@@ -4,7 +4,9 @@
 -- KEYS[3] (optional) the caller's own signal list: a waiter giving up
 --         leaves the queue, and passes on a reservation made for it.
 -- ARGV[1] the value the lock must hold (a holder's value, or "r:" .. KEYS[3])
--- ARGV[2] how long (ms) a reservation waits for its waiter to claim it
+-- ARGV[2] (optional) how long (ms) a reservation waits for its waiter to
+--         claim it; default 1000 (HANDOFF_GRACE: one argument less to send
+--         and convert on every release)
 -- Returns 1 when the lock held ARGV[1] (and was passed on or deleted), else 0.
 -- (A retry after a lost reply is told apart by the client: see RedisBackend.release.)
 if KEYS[3] then
@@ -16,11 +18,12 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local nxt = redis.call('LPOP', KEYS[2])
 if nxt then
+  local grace = ARGV[2] or 1000
   -- Reserve for the head waiter so a releaser looping back cannot barge in;
   -- the reservation lapses if that waiter died.
-  redis.call('SET', KEYS[1], 'r:' .. nxt, 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], 'r:' .. nxt, 'PX', grace)
   redis.call('LPUSH', nxt, '1')
-  redis.call('PEXPIRE', nxt, ARGV[2])
+  redis.call('PEXPIRE', nxt, grace)
 else
   redis.call('DEL', KEYS[1])
 end

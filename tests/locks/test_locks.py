@@ -26,6 +26,7 @@ import mcp_redis
 from mcp_redis import BackendUnavailable, LockNotOwned, LockTimeout, McpRedisError
 from mcp_redis.compat import StateLockManager
 from mcp_redis.locks import HANDOFF_GRACE
+from mcp_redis.locks.redis import FENCE_TTL
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import free_port, wait_for
 from tests import workers_locks
@@ -62,6 +63,112 @@ def test_fencing_tokens_keep_rising_after_redis_loses_its_data(redis_mode: str) 
     with held:
         after = held.fencing_token
     assert before is not None and after is not None and after > before
+
+
+def _server_us(r: redis.Redis[str]) -> int:
+    seconds, micros = r.time()
+    return seconds * 1_000_000 + micros
+
+
+def _fence_below_its_expiry(r: redis.Redis[str], key: str) -> bool:
+    """The invariant the counter's TTL rests on: its value is below its expiry time (µs, server clock)."""
+    return int(r.get(key) or 0) < int(r.execute_command("PEXPIRETIME", key)) * 1000
+
+
+def test_fencing_tokens_keep_rising_when_the_counter_expires_or_is_deleted(redis_mode: str) -> None:
+    r = raw(redis_mode)
+    held = mcp_redis.lock("fence-expiry", timeout=5)
+    fence_key = held.key + "#fence"
+    tokens: List[int] = []
+    for how in ("first", "kept", "expired", "kept", "deleted", "kept"):
+        if how == "expired":
+            r.pexpire(fence_key, 1)
+            wait_for(lambda: not r.exists(fence_key), timeout=5, what="the fencing counter to expire")
+        elif how == "deleted":
+            r.delete(fence_key)
+        with held:
+            assert held.fencing_token is not None
+            tokens.append(held.fencing_token)
+        assert 0 < r.pttl(fence_key) <= FENCE_TTL * 1000
+        assert _fence_below_its_expiry(r, fence_key)
+        assert int(r.get(fence_key)) == tokens[-1]
+    assert tokens == sorted(set(tokens)) and len(tokens) == 6
+    assert all(t <= _server_us(r) for t in tokens)  # floored at TIME, never ahead of it here
+
+
+def test_a_counter_ahead_of_the_clock_is_followed_and_outlives_its_lead(redis_mode: str) -> None:
+    # E.g. raised to PostgreSQL's token by the fallback gate, or a server
+    # clock stepped back: the counter, not TIME, gives the next token, and it
+    # is written with a fresh FENCE_TTL, so it expires only once the clock has
+    # passed it (tokens stay above it after the expiry too).
+    r = raw(redis_mode)
+    held = mcp_redis.lock("fence-ahead", timeout=5)
+    fence_key = held.key + "#fence"
+    ahead = _server_us(r) + 600 * 1_000_000  # ten minutes ahead of the server's clock
+    r.set(fence_key, ahead, px=1000)  # a short TTL: the grant must give it a full one back
+    tokens = []
+    for _ in range(3):
+        with held:
+            assert held.fencing_token is not None
+            tokens.append(held.fencing_token)
+        assert FENCE_TTL * 1000 - 60_000 < r.pttl(fence_key) <= FENCE_TTL * 1000  # a full FENCE_TTL
+        assert _fence_below_its_expiry(r, fence_key)
+    assert tokens == [ahead + 1, ahead + 2, ahead + 3]
+
+
+def test_a_counter_without_a_ttl_gets_one_back(redis_mode: str) -> None:
+    # Left by a version before the counter expired (or by one still running
+    # during a rolling upgrade, whose writes drop the TTL): a grant in the
+    # first tenth of a second of the server's clock sets a fresh one.
+    r = raw(redis_mode)
+    held = mcp_redis.lock("fence-legacy", timeout=5)
+    fence_key = held.key + "#fence"
+    r.set(fence_key, _server_us(r) - 1_000_000)
+    assert r.pttl(fence_key) == -1
+    tokens: List[int] = []
+
+    def grant() -> bool:
+        with held:
+            assert held.fencing_token is not None
+            tokens.append(held.fencing_token)
+        return r.pttl(fence_key) > 0
+
+    wait_for(grant, timeout=10, what="a grant to give the counter a TTL")
+    assert tokens == sorted(set(tokens))
+    assert _fence_below_its_expiry(r, fence_key)
+
+
+def test_the_fallback_gate_raises_the_counter_with_a_ttl(redis_mode: str) -> None:
+    # lock_gate.lua (lock_fallback=postgres) raises the counter above
+    # PostgreSQL's last token; it must never leave it without a TTL, even
+    # when the counter was gone.
+    r = raw(redis_mode)
+    conn = mcp_redis.default_client().redis("locks")
+    gate = conn.script("lock_gate")
+    keys = mcp_redis.lock("fence-gate").key
+    pg_token = _server_us(r) + 60 * 1_000_000
+    for counter in (None, pg_token - 5, pg_token + 5):
+        r.delete(keys + "#fence")
+        if counter is not None:
+            r.set(keys + "#fence", counter)
+        token = int(conn.run_script(gate, [keys + "#gate", keys + "#fence"], [1000, pg_token, pg_token - 1]))
+        assert token == max(counter or 0, pg_token) + 1 == int(r.get(keys + "#fence"))
+        assert 0 < r.pttl(keys + "#fence") <= FENCE_TTL * 1000
+    # A caller's token already above PostgreSQL's is kept, the counter untouched.
+    assert int(conn.run_script(gate, [keys + "#gate", keys + "#fence"], [1000, 5, 7])) == 7
+
+
+def test_a_release_reserves_the_lock_for_the_head_waiter_for_handoff_grace(redis_mode: str) -> None:
+    # The release does not send the grace: the script's default must be HANDOFF_GRACE.
+    r = raw(redis_mode)
+    held = mcp_redis.lock("grace", timeout=10)
+    assert held.acquire()
+    waiter = held.key + "#wfeedfacefeedfacefeedface"  # a waiter queued from another process
+    r.rpush(held.key + "#queue", waiter)
+    held.release()
+    assert r.get(held.key) == "r:" + waiter and r.lrange(waiter, 0, -1) == ["1"]
+    for key in (held.key, waiter):
+        assert HANDOFF_GRACE * 1000 - 500 < r.pttl(key) <= HANDOFF_GRACE * 1000
 
 
 def test_release_after_expiry_keeps_new_holders_lock(redis_mode: str) -> None:
@@ -167,7 +274,7 @@ def test_odd_names_are_distinct_locks(redis_mode: str) -> None:
         h.release()
 
 
-def test_lock_keys_share_one_slot_and_only_the_fence_has_no_ttl(redis_mode: str) -> None:
+def test_lock_keys_share_one_slot_and_every_one_has_a_ttl(redis_mode: str) -> None:
     r = raw(redis_mode)
     holder = mcp_redis.agent_lock("slotted", timeout=10)
     holder.acquire()
@@ -180,14 +287,14 @@ def test_lock_keys_share_one_slot_and_only_the_fence_has_no_ttl(redis_mode: str)
     assert len(liveness) == 1 and 0 < r.pttl(liveness[0]) <= 1500
     keys = [k for k in r.keys("*") if k not in liveness]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(holder.key.encode())}
-    no_ttl = [k for k in keys if r.pttl(k) < 0]
-    assert no_ttl == [holder.key + "#fence"]
+    assert [k for k in keys if r.pttl(k) < 0] == []
+    assert 0 < r.pttl(holder.key + "#fence") <= FENCE_TTL * 1000
     holder.release()
     waiter.join(5)
     assert seen == ["True"]
     keys = [k for k in r.keys("*") if k not in liveness]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(holder.key.encode())}
-    assert [k for k in keys if r.pttl(k) == -1] == [holder.key + "#fence"]
+    assert holder.key + "#fence" in keys and [k for k in keys if r.pttl(k) == -1] == []
 
 
 # -- waiting: signalled, fair, bounded by the lease --------------------------------------
@@ -379,8 +486,9 @@ def test_leases_shorter_than_the_work_are_renewed_and_lose_no_update(redis_mode:
     count = int(raw(redis_mode).get("test:counter").split(",")[0])
     assert totals == {"sections": 5120, "fence_not_increasing": 0, "lost": 0, "errors": 0}
     assert count == 5120
-    # Left behind: the fencing counter only (a release leaves no record).
+    # Left behind: the fencing counter only (a release leaves no record), and it expires.
     assert raw(redis_mode).keys("mcp:agent-lock:*") == ["mcp:agent-lock:{rmw}#fence"]
+    assert 0 < raw(redis_mode).pttl("mcp:agent-lock:{rmw}#fence") <= FENCE_TTL * 1000
 
 
 def test_fencing_tokens_strictly_increase_across_processes(redis_mode: str) -> None:
