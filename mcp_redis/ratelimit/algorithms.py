@@ -40,7 +40,7 @@ class Algorithm(str, enum.Enum):
 
 
 _SHORT = {
-    Algorithm.SLIDING_WINDOW: "sw",
+    Algorithm.SLIDING_WINDOW: "sl",  # a list of entries ("sw" held the former sorted set)
     Algorithm.SLIDING_WINDOW_COUNTER: "swc",
     Algorithm.FIXED_WINDOW: "fw",
     Algorithm.GCRA: "gcra",

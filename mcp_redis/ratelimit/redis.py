@@ -10,9 +10,8 @@ call is one slot on a Cluster.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
-from typing import List, Optional, Tuple, Type, Union
+from typing import Any, List, Optional, Tuple, Type, Union
 
 import redis.exceptions
 
@@ -30,10 +29,10 @@ _new = tuple.__new__
 class RedisBackend:
     """The rate-limit `Backend` over one Redis deployment (one per client: ``client.redis("rate_limits")``).
 
-    Sliding-window log entries are named by a nonce unique per backend and
-    call (a random prefix, the pid, a counter): a forked child builds its own
+    Sliding-window log entries carry an 8-byte nonce unique per backend and
+    call (4 random bytes, then a counter): a forked child builds its own
     backend (the client forgets its singletons), so it never reuses its
-    parent's names.
+    parent's nonces.
     """
 
     name = "redis"
@@ -43,12 +42,25 @@ class RedisBackend:
         self.conn = conn
         self._scripts = {a: conn.script(f"ratelimit_{a.value}") for a in MODELS}
         self._refunds = {a: conn.script(f"ratelimit_{a.value}_refund") for a in MODELS}
-        self._caller = f"{secrets.token_hex(6)}.{os.getpid()}."
+        self._caller = int.from_bytes(secrets.token_bytes(4), "big") << 32
         self._calls = itertools.count()
 
-    def _nonce(self) -> str:
-        """Unique per backend and call: names sliding-window log entries (no collisions)."""
-        return f"{self._caller}{next(self._calls)}"
+    def _nonce(self) -> bytes:
+        """8 bytes, unique per backend and call: marks a call's sliding-window log entries."""
+        return (self._caller | (next(self._calls) & 0xFFFFFFFF)).to_bytes(8, "big")
+
+    def _run_once_marked(self, script: Any, keys: List[str], args: List[Any], at: int) -> Any:
+        """`run_script`; after a failed attempt, ``args[at]`` (the nonce) gets a 9th byte.
+
+        The policy may run this again with the same `args`: the marked nonce
+        tells the sliding-window script that this call may have run already
+        (its reply lost), so it looks for the call's entries before adding.
+        """
+        try:
+            return self.conn.run_script(script, keys, args)
+        except BaseException:
+            args[at] = args[at][:8] + b"r"
+            raise
 
     def acquire(self, policy: Policy, key: str, cost: int, consume: bool, now_us: Optional[int] = None) -> Reply:
         """One EVALSHA: the verdict and every limit's figures.
@@ -59,14 +71,19 @@ class RedisBackend:
         algorithm = policy.algorithm
         script = self._scripts[algorithm]
         # Few arguments on purpose: each costs the client ~1 us to pack.
-        args: List[Union[int, str]] = [cost if consume else -cost, *policy.flat]
+        args: List[Union[int, str, bytes]] = [cost if consume else -cost, *policy.flat]
         nonce = None
         if algorithm is Algorithm.SLIDING_WINDOW:
             nonce = self._nonce()
             args.append(nonce)
-        if now_us is not None:
-            args.append(now_us)
-        raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
+            if now_us is not None:
+                args.append(now_us)
+            raw = self.conn.policy.call(self._run_once_marked, script, policy.keys_for(key), args, len(args) - 1
+                                        - (now_us is not None))
+        else:
+            if now_us is not None:
+                args.append(now_us)
+            raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
         f = raw.split()
         # Only an admitted sliding-window hit carries a ticket (`Granted`): the
         # nonce naming its log entries, for a refund.
@@ -85,7 +102,7 @@ class RedisBackend:
 
     def refund(self, policy: Policy, key: str, cost: int, reply: Reply, elapsed_us: int) -> bool:
         """One EVALSHA of ``ratelimit_<algorithm>_refund.lua`` (see each script for its rule)."""
-        args: List[Union[int, str]] = [cost]
+        args: List[Union[int, str, bytes]] = [cost]
         for (limit, window), outcome in zip(policy.specs, reply.outcomes):
             args += [limit, window, outcome.reset_after_us]
         args.append(max(0, elapsed_us))

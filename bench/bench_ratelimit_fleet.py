@@ -1,0 +1,146 @@
+"""Rate limits under concurrency: mcp_redis vs `limits`, same algorithm, one redis-server.
+
+    python -m bench.bench_ratelimit_fleet [--procs 4] [--threads 8] [--seconds 3] [--rounds 3]
+                                          [--names 1000] [--limit 1000] [--window 60] [--only fixed_window,...]
+
+P processes x T threads call ``hit(name)`` over `--names` names for
+`--seconds`; each pair (ours, the peer) runs interleaved in rounds on one
+loopback server. Prints ops/s and the server's CPU µs per op (``INFO cpu``
+delta / ops) per case, the medians over rounds, and the ratios. A small
+driver for issue 18's rate-limit part (the full bench is bench_throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import statistics
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+PAIRS = {
+    "sliding_window": "moving_window",
+    "fixed_window": "fixed_window",
+    "sliding_window_counter": "sliding_window_counter",
+}
+
+
+def _make(case: str, port: int, limit: int, window: int, tag: str) -> Callable[[str], object]:
+    side, algorithm = case.split(":", 1)
+    if side == "ours":
+        import mcp_redis
+        from mcp_redis import RateLimiter
+
+        mcp_redis.configure(redis_url=f"redis://127.0.0.1:{port}/0")
+        limiter = RateLimiter(f"fleet-{algorithm}-{tag}", limit, window, algorithm=algorithm)
+        return limiter.hit
+    from limits import RateLimitItemPerSecond
+    from limits.storage import storage_from_string
+    from limits.strategies import (
+        FixedWindowRateLimiter,
+        MovingWindowRateLimiter,
+        SlidingWindowCounterRateLimiter,
+    )
+
+    cls = {"moving_window": MovingWindowRateLimiter, "fixed_window": FixedWindowRateLimiter,
+           "sliding_window_counter": SlidingWindowCounterRateLimiter}[algorithm]
+    strategy = cls(storage_from_string(f"redis://127.0.0.1:{port}/0"))
+    item = RateLimitItemPerSecond(limit, window)
+    return lambda name: strategy.hit(item, tag, name)
+
+
+def _worker(case: str, port: int, limit: int, window: int, tag: str, names: int, threads: int, seconds: float,
+            start: float, out: "mp.Queue[int]") -> None:
+    fn = _make(case, port, limit, window, tag)
+    fn("warm")
+    counts = [0] * threads
+
+    def loop(i: int) -> None:
+        rnd = random.Random(i)
+        keys = [f"n{k}" for k in range(names)]
+        while time.time() < start:
+            time.sleep(0.001)
+        end = start + seconds
+        n = 0
+        while True:
+            for _ in range(50):
+                fn(keys[rnd.randrange(names)])
+            n += 50
+            if time.time() >= end:
+                break
+        counts[i] = n
+
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put(sum(counts))
+
+
+def run_case(case: str, port: int, args: argparse.Namespace, rnd: int) -> Tuple[float, float]:
+    import redis
+
+    admin = redis.Redis(port=port)
+    admin.flushall()
+
+    def cpu() -> float:
+        info = admin.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    q: "mp.Queue[int]" = mp.Queue()
+    start = time.time() + 1.5
+    ps = [mp.Process(target=_worker, args=(case, port, args.limit, args.window, f"r{rnd}", args.names,
+                                           args.threads, args.seconds, start, q)) for _ in range(args.procs)]
+    for p in ps:
+        p.start()
+    while time.time() < start:
+        time.sleep(0.001)
+    c0 = cpu()
+    total = sum(q.get() for _ in ps)
+    c1 = cpu()
+    for p in ps:
+        p.join()
+    admin.close()
+    # CPU over the window the workers ran in (their last batch may spill a little past it).
+    return total / args.seconds, (c1 - c0) * 1e6 / total
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--names", type=int, default=1000)
+    parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--window", type=int, default=60)
+    parser.add_argument("--only", default=",".join(PAIRS))
+    args = parser.parse_args(argv)
+    from mcp_redis.testing import RedisServer
+
+    algorithms = [a for a in args.only.split(",") if a]
+    results: Dict[str, List[Tuple[float, float]]] = {}
+    with RedisServer() as server:
+        for r in range(args.rounds):
+            for a in algorithms:
+                pair = [f"ours:{a}", f"limits:{PAIRS[a]}"]
+                if r % 2:
+                    pair.reverse()
+                for case in pair:
+                    results.setdefault(case, []).append(run_case(case, server.port, args, r))
+    print(f"{args.procs} procs x {args.threads} threads, {args.seconds:g} s x {args.rounds} rounds, "
+          f"{args.names} names, limit {args.limit}/{args.window}s (medians)")
+    print("| algorithm | ours ops/s | limits ops/s | ratio | ours Redis CPU µs/op | limits µs/op | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for a in algorithms:
+        o, p = results[f"ours:{a}"], results[f"limits:{PAIRS[a]}"]
+        oo, po = statistics.median(x[0] for x in o), statistics.median(x[0] for x in p)
+        oc, pc = statistics.median(x[1] for x in o), statistics.median(x[1] for x in p)
+        print(f"| {a} vs {PAIRS[a]} | {oo:,.0f} | {po:,.0f} | {oo / po:.2f} | {oc:.1f} | {pc:.1f} | {oc / pc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
