@@ -7,6 +7,31 @@
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
 --        " remaining retry_after_us reset_after_us" (integers, one string).
 local cost = tonumber(ARGV[1])
+local limit1 = tonumber(ARGV[2])
+if #KEYS == 1 and cost > 0 and limit1 < 1e14 then
+  -- The common call, inline: one limit. Time left is in ms, so its text
+  -- with '000' appended is the figure in us.
+  local key = KEYS[1]
+  local count = redis.call('INCRBY', key, cost)
+  local left
+  if count == cost then -- a new window (or one refunded to zero: restart it)
+    left = math.max(1, math.ceil(tonumber(ARGV[3]) / 1000))
+    redis.call('PEXPIRE', key, left)
+  else
+    left = redis.call('PTTL', key)
+    if left < 0 then -- never left without a TTL, whatever happened before
+      left = math.max(1, math.ceil(tonumber(ARGV[3]) / 1000))
+      redis.call('PEXPIRE', key, left)
+    end
+  end
+  if count <= limit1 then
+    return '1 0 ' .. (limit1 - count) .. ' 0 ' .. left .. '000'
+  end
+  local before = count - cost
+  if before == 0 then redis.call('DEL', key) else redis.call('DECRBY', key, cost) end
+  -- The key still exists at its expiry millisecond: one more to be gone.
+  return '0 1 ' .. (limit1 - before) .. ' ' .. (left + 1) .. '000 ' .. (before > 0 and left .. '000' or '0')
+end
 local consume = cost > 0
 if not consume then cost = -cost end
 local n = #KEYS

@@ -15,6 +15,19 @@ if not now then
 end
 
 local n = #KEYS
+if n == 1 and consume then
+  -- The common call, inline: one limit, admitted.
+  local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local interval = window / limit
+  local eps = math.min(1, interval / 2)
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  local new = tat + cost * interval
+  if not (new - window > now + eps) then
+    redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.max(1, math.ceil((new - now) / 1000)))
+    return string.format('1 0 %d 0 %d', math.floor((now + window - new + eps) / interval), math.ceil(new - now))
+  end
+end
 local news = {}
 local out = {'1', 0}
 local refused, worst = 0, -1

@@ -10,11 +10,38 @@
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
 --        " remaining retry_after_us reset_after_us" (integers, one string).
 -- Speed: the admitted path makes four calls (TIME, the oldest entry, the
--- push, the TTL): expired entries leave from the tail, each once, so the
--- log holds live entries only and its length is the count.
+-- push, the TTL) and formats one number: expired entries leave from the
+-- tail, each once, so the log holds live entries only and its length is the
+-- count. The general path below handles several limits, costs, peeks,
+-- retries and trimming.
 local fmt, pack, unpack_ = string.format, struct.pack, struct.unpack
 
 local cost = tonumber(ARGV[1])
+if cost == 1 and #KEYS == 1 and #ARGV[4] == 8 then
+  -- The common call, inline: one limit, one unit, a first attempt.
+  local key, limit, window = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+  local now = tonumber(ARGV[5])
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] * 1000000 + t[2]
+  end
+  local oldest = redis.call('LINDEX', key, -1)
+  if limit < 1e14 and (not oldest or unpack_('>I7', oldest) > now - window) then
+    -- Every entry is live, so the length is the count.
+    local len = redis.call('LPUSH', key, pack('>I7', now) .. ARGV[4])
+    if len <= limit then
+      redis.call('PEXPIRE', key, math.ceil(window / 1000))
+      return '1 0 ' .. (limit - len) .. ' 0 ' .. ARGV[3]
+    end
+    redis.call('LPOP', key)
+    -- Full: the oldest entry is the limit-th newest; it has to leave first.
+    local count = len - 1
+    local edge = oldest
+    if count ~= limit then edge = redis.call('LINDEX', key, limit - 1) end
+    return '0 1 ' .. (limit - count) .. ' ' .. fmt('%d', unpack_('>I7', edge) + window - now) .. ' '
+           .. fmt('%d', unpack_('>I7', redis.call('LINDEX', key, 0)) + window - now)
+  end
+end
 local consume = cost > 0
 if not consume then cost = -cost end
 local n = #KEYS

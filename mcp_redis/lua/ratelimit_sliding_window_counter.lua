@@ -1,11 +1,40 @@
 -- Sliding-window counter (approximate, O(1) memory), all limits at once.
 -- Windows are aligned on the server clock; the estimate is
 --   previous * (time left in the current window / window) + current.
--- KEYS[i]: one string per limit: "<window index>:<current count>:<previous count>".
+-- KEYS[i]: one integer per limit, (current * 2^22 + previous) * 512 + (window
+--          index mod 512), so Redis keeps it as a bare integer (no string).
+--          The key lives until the end of the window after its own, so the
+--          index mod 512 tells its window. Counts of 2^22 or more are kept
+--          as "<index>:<current>:<previous>" (both layouts are read).
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
 --        " remaining retry_after_us reset_after_us" (integers, one string).
+local M, W = 4194304, 512 -- 2^22 per count, 2^9 window indexes
+
+-- The (current, previous) counts of window `idx` from a key's value.
+local function counts(v, idx)
+  if not v then return 0, 0 end
+  local w, c, p
+  local sw, sc, sp = string.match(v, '^(%d+):(%d+):(%d+)$')
+  if sw then
+    w, c, p = tonumber(sw), tonumber(sc), tonumber(sp)
+  else
+    local x = tonumber(v)
+    local q = math.floor(x / W)
+    w = idx - (idx - x % W) % W
+    c, p = math.floor(q / M), q % M
+  end
+  if w == idx then return c, p end
+  if w == idx - 1 then return 0, c end
+  return 0, 0
+end
+
+local function encode(idx, c, p)
+  if c < M and p < M then return string.format('%.0f', (c * M + p) * W + idx % W) end
+  return string.format('%.0f:%d:%d', idx, c, p)
+end
+
 local cost = tonumber(ARGV[1])
 local consume = cost > 0
 if not consume then cost = -cost end
@@ -16,6 +45,19 @@ if not now then
 end
 
 local n = #KEYS
+if n == 1 and consume then
+  -- The common call, inline: one limit, admitted.
+  local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local idx = math.floor(now / window)
+  local c, p = counts(redis.call('GET', KEYS[1]), idx)
+  local start = idx * window
+  if p * (start + window - now) / window + c + cost <= limit then
+    local left = start + 2 * window - now
+    redis.call('SET', KEYS[1], encode(idx, c + cost, p), 'PX', math.max(1, math.ceil(left / 1000)))
+    local est = p * (start + window - now) / window + c + cost
+    return '1 0 ' .. string.format('%d %d %d', math.floor(limit - est), 0, left)
+  end
+end
 local idxs, curs, prevs = {}, {}, {}
 local out = {'1', 0}
 local refused, worst = 0, -1
@@ -23,17 +65,7 @@ for i = 1, n do
   local limit = tonumber(ARGV[2 * i])
   local window = tonumber(ARGV[2 * i + 1])
   local idx = math.floor(now / window)
-  local v = redis.call('GET', KEYS[i])
-  local w, c, p = nil, 0, 0
-  if v then
-    local sw, sc, sp = string.match(v, '^(%d+):(%d+):(%d+)$')
-    w, c, p = tonumber(sw), tonumber(sc) or 0, tonumber(sp) or 0
-  end
-  if w == idx - 1 then
-    p, c = c, 0
-  elseif w ~= idx then
-    p, c = 0, 0
-  end
+  local c, p = counts(redis.call('GET', KEYS[i]), idx)
   idxs[i], curs[i], prevs[i] = idx, c, p
   local start = idx * window
   local est = p * (start + window - now) / window + c
@@ -66,7 +98,7 @@ elseif consume then
   for i = 1, n do
     local window = tonumber(ARGV[2 * i + 1])
     local start = idxs[i] * window
-    redis.call('SET', KEYS[i], string.format('%.0f:%d:%d', idxs[i], curs[i] + cost, prevs[i]),
+    redis.call('SET', KEYS[i], encode(idxs[i], curs[i] + cost, prevs[i]),
                'PX', math.max(1, math.ceil((start + 2 * window - now) / 1000)))
     local limit = tonumber(ARGV[2 * i])
     local est = prevs[i] * (start + window - now) / window + curs[i] + cost

@@ -1,13 +1,14 @@
 -- Refund of one admitted sliding-window-counter call: take `cost` off the
 -- count of the clock-aligned window that counted it (the current count, or
 -- the previous one once the window has moved on), never off another window.
--- KEYS[i]: "<window index>:<current>:<previous>" strings, as in the hit.
+-- KEYS[i]: the counts, as in the hit (an integer, or "<index>:<current>:<previous>").
 -- ARGV: cost, then limit_i, window_us_i, reset_us_i (the hit's reset_after:
 --       the end of the window after the hit's, minus the hit's time) for
 --       each key, then elapsed_us (the caller's time since the hit).
 -- The hit's window index is round((now - elapsed + reset) / window) - 2:
 -- exact while the caller's clock errs by less than half a window.
 -- SET ... KEEPTTL keeps the key's expiry. Reply: how many limits got units back.
+local M, W = 4194304, 512 -- 2^22 per count, 2^9 window indexes
 local cost = tonumber(ARGV[1])
 local n = #KEYS
 local elapsed = tonumber(ARGV[2 + 3 * n])
@@ -20,8 +21,18 @@ for i = 1, n do
   local idx = math.floor((now - elapsed + reset) / window + 0.5) - 2
   local v = redis.call('GET', KEYS[i])
   if v then
+    -- The layouts of ratelimit_sliding_window_counter.lua.
+    local w, c, p
     local sw, sc, sp = string.match(v, '^(%d+):(%d+):(%d+)$')
-    local w, c, p = tonumber(sw), tonumber(sc) or 0, tonumber(sp) or 0
+    if sw then
+      w, c, p = tonumber(sw), tonumber(sc), tonumber(sp)
+    else
+      local x = tonumber(v)
+      local q = math.floor(x / W)
+      local cur = math.floor(now / window)
+      w = cur - (cur - x % W) % W
+      c, p = math.floor(q / M), q % M
+    end
     local changed = false
     if w == idx and c > 0 then
       c, changed = math.max(0, c - cost), true
@@ -29,7 +40,13 @@ for i = 1, n do
       p, changed = math.max(0, p - cost), true
     end
     if changed then
-      redis.call('SET', KEYS[i], string.format('%.0f:%d:%d', w, c, p), 'KEEPTTL')
+      local text
+      if c < M and p < M then
+        text = string.format('%.0f', (c * M + p) * W + w % W)
+      else
+        text = string.format('%.0f:%d:%d', w, c, p)
+      end
+      redis.call('SET', KEYS[i], text, 'KEEPTTL')
       done = done + 1
     end
   end
