@@ -85,6 +85,7 @@ def run_case(case: str, port: int, args: argparse.Namespace, rnd: int) -> Tuple[
 
     admin = redis.Redis(port=port)
     admin.flushall()
+    admin.config_resetstat()
 
     def cpu() -> float:
         info = admin.info("cpu")
@@ -101,6 +102,9 @@ def run_case(case: str, port: int, args: argparse.Namespace, rnd: int) -> Tuple[
     c0 = cpu()
     total = sum(q.get() for _ in ps)
     c1 = cpu()
+    if args.commandstats:
+        stats = admin.info("commandstats")
+        print(case, {k[8:]: (v["calls"], v["usec_per_call"]) for k, v in stats.items() if v["calls"] > 100})
     for p in ps:
         p.join()
     admin.close()
@@ -118,6 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--window", type=int, default=60)
     parser.add_argument("--only", default=",".join(PAIRS))
+    parser.add_argument("--commandstats", action="store_true", help="print each case's INFO commandstats")
     args = parser.parse_args(argv)
     from mcp_redis.testing import RedisServer
 

@@ -1,6 +1,8 @@
 -- GCRA (a token bucket of `limit` tokens refilled over `window`), all limits
 -- at once. Refill is exact: state is the theoretical arrival time (TAT).
--- KEYS[i]: one string per limit: the TAT in microseconds.
+-- KEYS[i]: one integer per limit: the TAT in quarter microseconds (a double
+--          near today's clock in us is a multiple of 1/4: exact, and Redis
+--          keeps the value as a bare integer, no string).
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
@@ -20,11 +22,12 @@ if n == 1 and consume then
   local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
   local interval = window / limit
   local eps = math.min(1, interval / 2)
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  local v = redis.call('GET', KEYS[1])
+  local tat = v and tonumber(v) / 4 or now
   if tat < now then tat = now end
   local new = tat + cost * interval
   if not (new - window > now + eps) then
-    redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.max(1, math.ceil((new - now) / 1000)))
+    redis.call('SET', KEYS[1], string.format('%.0f', new * 4), 'PX', math.max(1, math.ceil((new - now) / 1000)))
     return string.format('1 0 %d 0 %d', math.floor((now + window - new + eps) / interval), math.ceil(new - now))
   end
 end
@@ -35,9 +38,10 @@ for i = 1, n do
   local limit = tonumber(ARGV[2 * i])
   local window = tonumber(ARGV[2 * i + 1])
   local interval = window / limit
-  -- Tolerate float rounding (TAT is stored to 1 ns) so a full burst fits.
+  -- Tolerate float rounding so a full burst fits.
   local eps = math.min(1, interval / 2)
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  local v = redis.call('GET', KEYS[i])
+  local tat = v and tonumber(v) / 4 or now
   if tat < now then tat = now end
   local new = tat + cost * interval
   news[i] = new
@@ -59,7 +63,7 @@ elseif consume then
     local window = tonumber(ARGV[2 * i + 1])
     local interval = window / limit
     local eps = math.min(1, interval / 2)
-    redis.call('SET', KEYS[i], string.format('%.3f', news[i]), 'PX', math.max(1, math.ceil((news[i] - now) / 1000)))
+    redis.call('SET', KEYS[i], string.format('%.0f', news[i] * 4), 'PX', math.max(1, math.ceil((news[i] - now) / 1000)))
     out[3 * i] = math.floor((now + window - news[i] + eps) / interval)
     out[3 * i + 2] = math.ceil(news[i] - now)
   end

@@ -19,7 +19,8 @@ local done = 0
 for i = 1, n do
   local interval = tonumber(ARGV[3 * i]) / tonumber(ARGV[3 * i - 1])
   local tat_j = now - elapsed + tonumber(ARGV[3 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]))
+  local v = redis.call('GET', KEYS[i])
+  local tat = v and tonumber(v) / 4  -- quarter microseconds, as the hit stores it
   -- A call admitted since moved the TAT on by at least one interval: closer
   -- than half of one, the TAT is still this call's own, exactly (the
   -- caller's clock only estimates it, and errs on the early side).
@@ -32,7 +33,7 @@ for i = 1, n do
       if new <= now then
         redis.call('DEL', KEYS[i])
       else
-        redis.call('SET', KEYS[i], string.format('%.3f', new), 'PX', math.max(1, math.ceil((new - now) / 1000)))
+        redis.call('SET', KEYS[i], string.format('%.0f', new * 4), 'PX', math.max(1, math.ceil((new - now) / 1000)))
       end
       done = done + 1
     end

@@ -41,9 +41,9 @@ class Algorithm(str, enum.Enum):
 
 _SHORT = {
     Algorithm.SLIDING_WINDOW: "sl",  # a list of entries ("sw" held the former sorted set)
-    Algorithm.SLIDING_WINDOW_COUNTER: "swc",
+    Algorithm.SLIDING_WINDOW_COUNTER: "sc",  # one integer ("swc" held the former text)
     Algorithm.FIXED_WINDOW: "fw",
-    Algorithm.GCRA: "gcra",
+    Algorithm.GCRA: "gc",  # an integer in 1/4 us ("gcra" held the former text)
 }
 
 
@@ -142,7 +142,7 @@ class _GCRA(_Model):
     def consume(self, view: Any, now: int, limit: int, window: int, cost: int) -> Tuple[Any, int, int, int]:
         interval = window / limit
         eps = min(1.0, interval / 2)
-        new = round(float(view), 3)
+        new = round(float(view) * 4) / 4  # stored in quarter microseconds, as the script does
         left = math.ceil(new - now)
         return new, math.floor((now + window - new + eps) / interval), left, left
 
@@ -223,7 +223,7 @@ def refund_model(
             if tat >= tat_j - interval / 2:
                 back = min(cost * interval, tat_j - now)
                 if back > 0:
-                    after = round(tat - back, 3)
+                    after = round((tat - back) * 4) / 4
                     new = (None, None) if after <= now else (after, max(1000, math.ceil(after - now)))
         out.append(new)
     return out
