@@ -49,8 +49,8 @@ MINIMAL_ACL_COMMANDS = [
     "+get", "+mget", "+set", "+getex", "+getdel", "+del", "+exists", "+pexpire", "+pttl", "+incr", "+incrby",
     "+decrby",
     "+time",
-    "+zadd", "+zrem", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore", "+zscore",
-    "+lpush", "+rpush", "+lpop", "+lpos", "+lrem", "+blpop",
+    "+zadd", "+zrem", "+zcard", "+zrange", "+zrangebyscore", "+zremrangebyscore", "+zscore",
+    "+lpush", "+rpush", "+lpop", "+lpos", "+lrem", "+blpop", "+lindex", "+llen", "+lrange", "+ltrim",
     # pub/sub: cache invalidation and events
     "+publish", "+subscribe", "+unsubscribe", "+psubscribe", "+punsubscribe",
     # streams: the durable event variant (XINFO/XGROUP DELCONSUMER: prune_consumers)

@@ -74,7 +74,7 @@ local function trim(key, edge)
   while hi - k > 1 do
     local mid = math.floor((k + hi) / 2)
     local x = redis.call('LINDEX', key, -mid)
-    if x and stamp(x) > edge then hi = mid else k = mid end
+    if not x or stamp(x) > edge then hi = mid else k = mid end
   end
   redis.call('LTRIM', key, 0, -k - 1)
 end

@@ -1,0 +1,102 @@
+"""The Redis layouts of the rate-limit state (issue 18): compact, and the same figures as the models.
+
+Each test drives the Redis backend on a simulated clock (``now_us``) and the
+in-process model side by side, then looks at what the key holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import pytest
+
+from mcp_redis import Algorithm
+from mcp_redis.keys import KeySpace
+from mcp_redis.ratelimit.base import Policy, Reply, Spec
+from mcp_redis.ratelimit.memory import MemoryBackend
+from mcp_redis.testing import RedisServer
+
+NOW = 1_800_000_000_000_000  # a simulated clock near today's (us)
+
+
+@pytest.fixture
+def stores(redis_mode: str) -> Tuple[Any, MemoryBackend]:
+    from mcp_redis.client import default_client
+    from mcp_redis.ratelimit import _backend
+
+    return _backend(default_client(), "redis"), MemoryBackend()
+
+
+def both(stores: Tuple[Any, MemoryBackend], policy: Policy, key: str, cost: int, consume: bool, now: int) -> Reply:
+    redis_store, model = stores
+    got = redis_store.acquire(policy, key, cost, consume, now_us=now)
+    assert got == model.acquire(policy, key, cost, consume, now_us=now), (cost, consume, now)
+    return got
+
+
+@pytest.mark.parametrize("expired", [1, 2, 3, 5, 8, 21, 49, 50])
+def test_sliding_log_drops_any_number_of_expired_entries_exactly(stores: Tuple[Any, MemoryBackend],
+                                                                 redis_server: RedisServer, expired: int) -> None:
+    # 50 hits 1 ms apart, then a check when `expired` of them have left the
+    # window: the tail is cut by galloping and bisecting, and what is left is
+    # exactly the live entries (their count is the list's length).
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, f"trim{expired}", [Spec(50, 1_000_000)], KeySpace("mcp:"))
+    for i in range(50):
+        both(stores, policy, "k", 1, True, NOW + i * 1000)
+    assert not both(stores, policy, "k", 1, True, NOW + 50_000).allowed
+    at = NOW + 1_000_000 + (expired - 1) * 1000  # entry i is gone from NOW + i ms + 1 s on
+    reply = both(stores, policy, "k", 1, False, at)
+    assert reply.outcomes[0].remaining == expired
+    reply = both(stores, policy, "k", 1, True, at)
+    assert reply.allowed and reply.outcomes[0].remaining == expired - 1
+    (key,) = policy.keys_for("k")
+    assert redis_server.client().llen(key) == 50 - expired + 1
+
+
+def test_sliding_log_entries_are_15_bytes_and_the_call_counts_once_per_unit(
+        stores: Tuple[Any, MemoryBackend], redis_server: RedisServer) -> None:
+    policy = Policy.of(Algorithm.SLIDING_WINDOW, "entries", [Spec(20, 3_600_000_000)], KeySpace("mcp:"))
+    both(stores, policy, "k", 3, True, NOW)
+    both(stores, policy, "k", 1, True, NOW + 1)
+    (key,) = policy.keys_for("k")
+    entries: List[bytes] = redis_server.client(decode_responses=False).lrange(key, 0, -1)
+    assert [len(e) for e in entries] == [15] * 4
+    assert entries[1] == entries[2] == entries[3] != entries[0], "a call's units share one entry text, newest first"
+    assert int.from_bytes(entries[0][:7], "big") == NOW + 1
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.GCRA, Algorithm.FIXED_WINDOW],
+                         ids=lambda a: a.value)
+def test_constant_state_is_one_bare_integer(redis_mode: str, redis_server: RedisServer, algorithm: Algorithm) -> None:
+    # Redis keeps an integer value in the key's object itself (encoding
+    # "int"): no string allocation, the smallest a key can be.
+    import mcp_redis
+
+    limiter = mcp_redis.RateLimiter(f"int-{algorithm.value}", 20, 3600, algorithm=algorithm)
+    for _ in range(5):
+        assert limiter.hit("agent").allowed
+    keys = [k for k in redis_server.client().keys(f"*int-{algorithm.value}*")]
+    assert len(keys) == 1
+    assert redis_server.client().object("encoding", keys[0]) == "int"
+
+
+def test_sliding_window_counter_beyond_2_22_per_window_keeps_exact_counts(
+        stores: Tuple[Any, MemoryBackend], redis_server: RedisServer) -> None:
+    # Counts of 2^22 and more do not fit the integer layout: the key holds
+    # "<index>:<current>:<previous>" then, and every figure stays the model's.
+    big = 10_000_000
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "big", [Spec(big, 60_000_000)], KeySpace("mcp:"))
+    start = NOW - NOW % 60_000_000
+    both(stores, policy, "k", 5_000_000, True, start + 1_000)
+    (key,) = policy.keys_for("k")
+    assert redis_server.client().get(key).count(":") == 2
+    both(stores, policy, "k", 1, True, start + 2_000)
+    both(stores, policy, "k", 4_999_999, True, start + 3_000)
+    assert not both(stores, policy, "k", 1, True, start + 4_000).allowed
+    # The next window: the 10,000,000 become the previous count, weighted.
+    reply = both(stores, policy, "k", 1, False, start + 60_000_000 + 30_000_000)
+    assert reply.outcomes[0].remaining == big - 5_000_000
+    both(stores, policy, "k", 7, True, start + 60_000_000 + 30_000_000)
+    # Small counts again: back to the integer layout.
+    both(stores, policy, "k", 3, True, start + 180_000_000)
+    assert redis_server.client().object("encoding", key) == "int"
