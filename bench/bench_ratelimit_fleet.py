@@ -2,12 +2,17 @@
 
     python -m bench.bench_ratelimit_fleet [--procs 4] [--threads 8] [--seconds 3] [--rounds 3]
                                           [--names 1000] [--limit 1000] [--window 60] [--only fixed_window,...]
+    python -m bench.bench_ratelimit_fleet --memory
 
 P processes x T threads call ``hit(name)`` over `--names` names for
 `--seconds`; each pair (ours, the peer) runs interleaved in rounds on one
 loopback server. Prints ops/s and the server's CPU µs per op (``INFO cpu``
 delta / ops) per case, the medians over rounds, and the ratios. A small
 driver for issue 18's rate-limit part (the full bench is bench_throughput).
+
+``--memory``: bytes per key (``MEMORY USAGE ... SAMPLES 0``, every key the
+call left) of one agent's key filled to the limit (20/hour, 1,000/minute),
+ours and the peers' with the same ids (limiter "api", key "agent-<16 hex>").
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import random
 import statistics
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 PAIRS = {
     "sliding_window": "moving_window",
@@ -52,7 +57,7 @@ def _make(case: str, port: int, limit: int, window: int, tag: str) -> Callable[[
 
 
 def _worker(case: str, port: int, limit: int, window: int, tag: str, names: int, threads: int, seconds: float,
-            start: float, out: "mp.Queue[int]") -> None:
+            start: float, out: mp.Queue[int]) -> None:
     fn = _make(case, port, limit, window, tag)
     fn("warm")
     counts = [0] * threads
@@ -91,7 +96,7 @@ def run_case(case: str, port: int, args: argparse.Namespace, rnd: int) -> Tuple[
         info = admin.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    q: "mp.Queue[int]" = mp.Queue()
+    q: mp.Queue[int] = mp.Queue()
     start = time.time() + 1.5
     ps = [mp.Process(target=_worker, args=(case, port, args.limit, args.window, f"r{rnd}", args.names,
                                            args.threads, args.seconds, start, q)) for _ in range(args.procs)]
@@ -112,6 +117,72 @@ def run_case(case: str, port: int, args: argparse.Namespace, rnd: int) -> Tuple[
     return total / args.seconds, (c1 - c0) * 1e6 / total
 
 
+def memory(port: int) -> None:
+    import redis
+
+    import mcp_redis
+    from mcp_redis import RateLimiter
+
+    admin = redis.Redis(port=port)
+    mcp_redis.configure(redis_url=f"redis://127.0.0.1:{port}/0")
+    key = "agent-0123456789abcdef"
+
+    def used() -> Tuple[int, int]:
+        keys = list(admin.scan_iter())
+        total = sum(admin.memory_usage(k, samples=0) or 0 for k in keys)
+        admin.flushall()
+        return total, len(keys)
+
+    def fill(hit: Callable[[], object], limit: int) -> int:
+        n = 0
+        while n < limit + 10 and hit():
+            n += 1
+        return n
+
+    print("| limit | algorithm | mcp_redis B | peer | peer B |")
+    print("|---|---|---:|---|---:|")
+    from limits import RateLimitItemPerSecond
+    from limits.storage import storage_from_string
+    from limits.strategies import (
+        FixedWindowRateLimiter,
+        MovingWindowRateLimiter,
+        SlidingWindowCounterRateLimiter,
+    )
+
+    storage = storage_from_string(f"redis://127.0.0.1:{port}/0")
+    admin.flushall()
+    for limit, window in ((20, 3600), (1000, 60)):
+        item = RateLimitItemPerSecond(limit, window)
+        for algorithm, peer in (("sliding_window", MovingWindowRateLimiter), ("fixed_window", FixedWindowRateLimiter),
+                                ("sliding_window_counter", SlidingWindowCounterRateLimiter), ("gcra", None)):
+            ours = RateLimiter("api", limit, window, algorithm=algorithm)
+            n = fill(lambda: ours.hit(key).allowed, limit)
+            mine, _ = used()
+            rows = []
+            if peer is not None:
+                strategy = peer(storage)
+                m = fill(lambda: strategy.hit(item, "api", key), limit)
+                rows.append((f"limits {peer.__name__} ({m} hits)", used()[0]))
+            try:
+                from pyrate_limiter import Duration, Limiter, Rate, RedisBucket, RedisStateStore, StateBucket
+            except ImportError:
+                pass
+            else:
+                rate = Rate(limit, Duration.SECOND * window)
+                if algorithm == "sliding_window":
+                    bucket: Any = RedisBucket.init([rate], admin, f"api:{key}")
+                elif algorithm == "gcra":
+                    bucket = StateBucket([rate], store=RedisStateStore(admin, f"api:{key}"))
+                else:
+                    bucket = None
+                if bucket is not None:
+                    pyrate = Limiter(bucket)
+                    m = fill(lambda: pyrate.try_acquire(key, blocking=False), limit)
+                    rows.append((f"pyrate-limiter {type(bucket).__name__} ({m} hits)", used()[0]))
+            for label, size in rows or [("—", 0)]:
+                print(f"| {limit}/{window} s | {algorithm} ({n} hits) | {mine} | {label} | {size or '—'} |")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--procs", type=int, default=4)
@@ -123,8 +194,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--window", type=int, default=60)
     parser.add_argument("--only", default=",".join(PAIRS))
     parser.add_argument("--commandstats", action="store_true", help="print each case's INFO commandstats")
+    parser.add_argument("--memory", action="store_true", help="bytes per key, filled to the limit, and exit")
     args = parser.parse_args(argv)
     from mcp_redis.testing import RedisServer
+
+    if args.memory:
+        with RedisServer() as server:
+            memory(server.port)
+        return
 
     algorithms = [a for a in args.only.split(",") if a]
     results: Dict[str, List[Tuple[float, float]]] = {}
