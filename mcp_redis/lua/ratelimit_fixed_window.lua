@@ -5,18 +5,23 @@
 -- KEYS[i]: one integer counter per limit.
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i.
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
---        " remaining retry_after_us reset_after_us" (integers, one string).
-local cost = tonumber(ARGV[1])
+--        " remaining retry_after_us reset_after_us" (integers, one string);
+--        one limit admitted: the integer reset_after_ms * (limit + 1) + remaining.
+-- (Comparing texts is cheaper than tonumber, a strtod: most calls cost '1'.)
+local cost = ARGV[1] == '1' and 1 or tonumber(ARGV[1])
 local limit1 = tonumber(ARGV[2])
-if #KEYS == 1 and cost > 0 and limit1 < 1e14 then
-  -- The common call, inline: one limit. Time left is in ms, so its text
-  -- with '000' appended is the figure in us.
+if cost > 0 and #KEYS == 1 and limit1 < 1e14 then
+  -- The common call, inline: one limit. Time left is in ms, so in the text
+  -- reply, its text with '000' appended is the figure in us.
   local key = KEYS[1]
-  local count = redis.call('INCRBY', key, cost)
+  local count
+  if cost == 1 then count = redis.call('INCR', key) else count = redis.call('INCRBY', key, ARGV[1]) end
   local left
   if count == cost then -- a new window (or one refunded to zero: restart it)
     left = math.max(1, math.ceil(tonumber(ARGV[3]) / 1000))
-    redis.call('PEXPIRE', key, left)
+    local ms = ARGV[3] -- as text when it can: a number argument costs Redis a sprintf
+    if string.sub(ms, -3) == '000' then ms = string.sub(ms, 1, -4) else ms = left end
+    redis.call('PEXPIRE', key, ms)
   else
     left = redis.call('PTTL', key)
     if left < 0 then -- never left without a TTL, whatever happened before
@@ -25,6 +30,9 @@ if #KEYS == 1 and cost > 0 and limit1 < 1e14 then
     end
   end
   if count <= limit1 then
+    -- An integer reply, no text to format: left_ms * (limit + 1) + remaining.
+    local v = left * (limit1 + 1) + (limit1 - count)
+    if v < 9e15 then return v end
     return '1 0 ' .. (limit1 - count) .. ' 0 ' .. left .. '000'
   end
   local before = count - cost

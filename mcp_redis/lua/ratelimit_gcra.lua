@@ -6,7 +6,8 @@
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
---        " remaining retry_after_us reset_after_us" (integers, one string).
+--        " remaining retry_after_us reset_after_us" (integers, one string);
+--        one limit admitted: the integer reset_after_us * (limit + 1) + remaining.
 local cost = tonumber(ARGV[1])
 local consume = cost > 0
 if not consume then cost = -cost end
@@ -28,7 +29,11 @@ if n == 1 and consume then
   local new = tat + cost * interval
   if not (new - window > now + eps) then
     redis.call('SET', KEYS[1], string.format('%.0f', new * 4), 'PX', math.max(1, math.ceil((new - now) / 1000)))
-    return string.format('1 0 %d 0 %d', math.floor((now + window - new + eps) / interval), math.ceil(new - now))
+    -- An integer reply, no text to format: reset_after_us * (limit + 1) + remaining.
+    local remaining, reset = math.floor((now + window - new + eps) / interval), math.ceil(new - now)
+    local v = reset * (limit + 1) + remaining
+    if v < 9e15 then return v end
+    return string.format('1 0 %d 0 %d', remaining, reset)
   end
 end
 local news = {}

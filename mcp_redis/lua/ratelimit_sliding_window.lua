@@ -8,7 +8,8 @@
 --       optionally the time in us (tests simulate a clock).
 -- A call retried with the same nonce (its reply was lost) is counted once.
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
---        " remaining retry_after_us reset_after_us" (integers, one string).
+--        " remaining retry_after_us reset_after_us" (integers, one string);
+--        one limit admitted: the integer `remaining` (reset_after = window).
 -- Speed: the admitted path makes four calls (TIME, the oldest entry, the
 -- push, the TTL) and formats one number: expired entries leave from the
 -- tail, each once, so the log holds live entries only and its length is the
@@ -30,8 +31,12 @@ if cost == 1 and #KEYS == 1 and #ARGV[4] == 8 then
     -- Every entry is live, so the length is the count.
     local len = redis.call('LPUSH', key, pack('>I7', now) .. ARGV[4])
     if len <= limit then
-      redis.call('PEXPIRE', key, math.ceil(window / 1000))
-      return '1 0 ' .. (limit - len) .. ' 0 ' .. ARGV[3]
+      -- The TTL in ms as text: a number argument costs Redis a sprintf.
+      local ms = ARGV[3]
+      if string.sub(ms, -3) == '000' then ms = string.sub(ms, 1, -4) else ms = math.ceil(window / 1000) end
+      redis.call('PEXPIRE', key, ms)
+      -- An integer reply, no text to format: `remaining` (reset is the window).
+      return limit - len
     end
     redis.call('LPOP', key)
     -- Full: the oldest entry is the limit-th newest; it has to leave first.

@@ -9,7 +9,8 @@
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
---        " remaining retry_after_us reset_after_us" (integers, one string).
+--        " remaining retry_after_us reset_after_us" (integers, one string);
+--        one limit admitted: the integer reset_after_us * (limit + 1) + remaining.
 local M, W = 4194304, 512 -- 2^22 per count, 2^9 window indexes
 
 -- The (current, previous) counts of window `idx` from a key's value.
@@ -49,12 +50,34 @@ if n == 1 and consume then
   -- The common call, inline: one limit, admitted.
   local limit, window = tonumber(ARGV[2]), tonumber(ARGV[3])
   local idx = math.floor(now / window)
-  local c, p = counts(redis.call('GET', KEYS[1]), idx)
+  local v = redis.call('GET', KEYS[1])
+  local x = v and tonumber(v) -- nil for the text layout
+  local c, p, same = 0, 0, false
+  if x then
+    local q = math.floor(x / W)
+    local w = idx - (idx - x % W) % W
+    if w == idx then
+      c, p, same = math.floor(q / M), q % M, true
+    elseif w == idx - 1 then
+      p = math.floor(q / M)
+    end
+  elseif v then
+    c, p = counts(v, idx)
+  end
   local start = idx * window
   if p * (start + window - now) / window + c + cost <= limit then
     local left = start + 2 * window - now
-    redis.call('SET', KEYS[1], encode(idx, c + cost, p), 'PX', math.max(1, math.ceil(left / 1000)))
+    local after = c + cost
+    if same and after < M then
+      -- This window's key already expires at its end (start + 2 windows).
+      redis.call('SET', KEYS[1], (after * M + p) * W + idx % W, 'KEEPTTL')
+    else
+      redis.call('SET', KEYS[1], encode(idx, after, p), 'PX', math.max(1, math.ceil(left / 1000)))
+    end
     local est = p * (start + window - now) / window + c + cost
+    -- An integer reply, no text to format: reset_after_us * (limit + 1) + remaining.
+    local r = left * (limit + 1) + math.floor(limit - est)
+    if r < 9e15 then return r end
     return '1 0 ' .. string.format('%d %d %d', math.floor(limit - est), 0, left)
   end
 end

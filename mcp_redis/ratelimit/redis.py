@@ -84,6 +84,19 @@ class RedisBackend:
             if now_us is not None:
                 args.append(now_us)
             raw = self.conn.policy.call(self.conn.run_script, script, policy.keys_for(key), args)
+        if type(raw) is int:
+            # One limit, admitted: the script answered one integer (no text to format or parse).
+            limit, window_us = policy.specs[0]
+            if algorithm is Algorithm.SLIDING_WINDOW:
+                remaining, reset = raw, window_us  # the newest entry is this hit's
+            else:
+                reset, remaining = divmod(raw, limit + 1)
+                if algorithm is Algorithm.FIXED_WINDOW:
+                    reset *= 1000  # the key's TTL, in ms
+            reply = _new(Granted if nonce is not None else Reply, (True, -1, [_new(Outcome, (remaining, 0, reset))]))
+            if nonce is not None:
+                reply.ticket = nonce  # type: ignore[attr-defined]
+            return reply
         f = raw.split()
         # Only an admitted sliding-window hit carries a ticket (`Granted`): the
         # nonce naming its log entries, for a refund.
