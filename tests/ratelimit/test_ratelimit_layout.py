@@ -100,3 +100,29 @@ def test_sliding_window_counter_beyond_2_22_per_window_keeps_exact_counts(
     # Small counts again: back to the integer layout.
     both(stores, policy, "k", 3, True, start + 180_000_000)
     assert redis_server.client().object("encoding", key) == "int"
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.SLIDING_WINDOW, Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.GCRA],
+                         ids=lambda a: a.value)
+@pytest.mark.parametrize("limit", [1, 7, 10_000_000])
+def test_one_limit_admitted_answers_the_models_figures(stores: Tuple[Any, MemoryBackend], algorithm: Algorithm,
+                                                      limit: int) -> None:
+    # One limit, admitted: the script answers one integer (the client knows
+    # the limit and the window), the same figures as the model's text would.
+    policy = Policy.of(algorithm, f"one-{limit}", [Spec(limit, 3_600_000_000)], KeySpace("mcp:"))
+    for i in range(min(limit, 5)):
+        reply = both(stores, policy, "k", 1, True, NOW + i * 999_983)
+        assert reply.allowed and reply.outcomes[0].remaining == limit - i - 1
+
+
+def test_fixed_window_one_limit_reports_its_window_in_microseconds(redis_mode: str) -> None:
+    import mcp_redis
+
+    limiter = mcp_redis.RateLimiter("fw-one", 3, 60, algorithm=Algorithm.FIXED_WINDOW)
+    first, second = limiter.hit("k"), limiter.hit("k")
+    assert (first.remaining, second.remaining) == (2, 1)
+    assert first.reset_after == 60.0
+    assert 59.0 < second.reset_after <= 60.0
+    limiter.hit("k")
+    refused = limiter.hit("k")
+    assert not refused.allowed and 59.0 < refused.retry_after <= 60.001
