@@ -3,6 +3,7 @@
     python -m bench.bench_ratelimit_fleet [--procs 4] [--threads 8] [--seconds 3] [--rounds 3]
                                           [--names 1000] [--limit 1000] [--window 60] [--only fixed_window,...]
     python -m bench.bench_ratelimit_fleet --memory
+    python -m bench.bench_ratelimit_fleet --callgrind [--n 3000]
 
 P processes x T threads call ``hit(name)`` over `--names` names for
 `--seconds`; each pair (ours, the peer) runs interleaved in rounds on one
@@ -13,6 +14,12 @@ driver for issue 18's rate-limit part (the full bench is bench_throughput).
 ``--memory``: bytes per key (``MEMORY USAGE ... SAMPLES 0``, every key the
 call left) of one agent's key filled to the limit (20/hour, 1,000/minute),
 ours and the peers' with the same ids (limiter "api", key "agent-<16 hex>").
+
+``--callgrind``: the redis-server's own instructions per admitted hit (one
+process, one thread, `--n` hits over 1,000 names, the limit never reached),
+counted by valgrind's callgrind around the measured calls only: unlike
+``INFO cpu`` on a busy 2-core VM, the same from run to run to about 1 %.
+Kernel socket work (the same per round trip for everyone) is left out.
 """
 
 from __future__ import annotations
@@ -183,6 +190,88 @@ def memory(port: int) -> None:
                 print(f"| {limit}/{window} s | {algorithm} ({n} hits) | {mine} | {label} | {size or '—'} |")
 
 
+def callgrind(n: int) -> None:
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import redis
+
+    import mcp_redis
+    from mcp_redis import RateLimiter
+    from mcp_redis.testing import free_port
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind (callgrind) is not installed")
+    out = tempfile.mkdtemp(prefix="mcp_redis_rl_cg_")
+    port = free_port()
+    server = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                               f"--callgrind-out-file={out}/cg.%p", "redis-server", "--port", str(port),
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def control(*flags: str) -> None:
+        subprocess.run(["callgrind_control", *flags, str(server.pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    try:
+        admin = redis.Redis(port=port)
+        for _ in range(600):
+            try:
+                admin.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        mcp_redis.configure(redis_url=f"redis://127.0.0.1:{port}/0")
+        big, window = 10_000_000, 60
+        cases: Dict[str, Callable[[str], object]] = {}
+        for algorithm in ("sliding_window", "fixed_window", "sliding_window_counter", "gcra"):
+            cases[f"mcp_redis {algorithm} (full result)"] = RateLimiter(f"cg-{algorithm}", big, window,
+                                                                         algorithm=algorithm).hit
+            if algorithm in PAIRS:
+                cases[f"  limits {PAIRS[algorithm]}"] = _make(f"limits:{PAIRS[algorithm]}", port, big, window,
+                                                                 f"cg-{algorithm}")
+        try:
+            from pyrate_limiter import Duration, Limiter, Rate, RedisStateStore, StateBucket
+        except ImportError:
+            pass
+        else:
+            def pyrate(name: str) -> object:
+                limiter = buckets.get(name)
+                if limiter is None:
+                    limiter = buckets[name] = Limiter(StateBucket([Rate(big, Duration.MINUTE)],
+                                                                  store=RedisStateStore(admin, f"cg:{name}")))
+                return limiter.try_acquire(name, blocking=False)
+
+            buckets: Dict[str, Any] = {}
+            cases["  pyrate-limiter GCRA state bucket"] = pyrate
+        names = [f"n{i}" for i in range(1000)]
+        print(f"redis-server instructions per admitted hit (callgrind, {n} hits over 1,000 names)")
+        for label, fn in cases.items():
+            for name in names:
+                fn(name)  # warm: scripts loaded, every key exists
+            for old in glob.glob(os.path.join(out, "cg.*")):
+                os.remove(old)
+            control("-z")
+            control("-i", "on")
+            for i in range(n):
+                fn(names[i % 1000])
+            control("-i", "off")
+            control("-d")
+            time.sleep(0.5)
+            total = 0
+            for path in glob.glob(os.path.join(out, "cg.*")):
+                with open(path) as fh:
+                    total = max([total] + [int(line.split()[1]) for line in fh if line.startswith("totals:")])
+            print(f"  {label:44s} {total / n:9,.0f}")
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--procs", type=int, default=4)
@@ -195,8 +284,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--only", default=",".join(PAIRS))
     parser.add_argument("--commandstats", action="store_true", help="print each case's INFO commandstats")
     parser.add_argument("--memory", action="store_true", help="bytes per key, filled to the limit, and exit")
+    parser.add_argument("--callgrind", action="store_true", help="Redis instructions per hit (valgrind), and exit")
+    parser.add_argument("--n", type=int, default=3000, help="hits per case with --callgrind")
     args = parser.parse_args(argv)
     from mcp_redis.testing import RedisServer
+
+    if args.callgrind:
+        callgrind(args.n)
+        return
 
     if args.memory:
         with RedisServer() as server:
