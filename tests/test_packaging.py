@@ -81,7 +81,7 @@ def test_test_tooling_and_the_demo_live_in_subpackages_the_library_never_imports
     for old in ("testing.py", "topology.py", "faultproxy.py", "demo.py", "demo_worker.py"):
         assert not (package / old).exists(), f"mcp_redis/{old} belongs in mcp_redis/testing/ or mcp_redis/demo/"
     assert {p.name for p in (package / "testing").glob("*.py")} == {"__init__.py", "servers.py", "topology.py",
-                                                                     "faultproxy.py"}
+                                                                     "faultproxy.py", "tls.py"}
     assert {p.name for p in (package / "demo").glob("*.py")} == {"__init__.py", "worker.py"}
     for path in sorted(package.rglob("*.py")):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
