@@ -35,6 +35,7 @@ def test_pyproject_declares_the_setuptools_build_backend() -> None:
     assert any(req.startswith("setuptools") for req in data["build-system"]["requires"])
 
 
+@pytest.mark.long
 def test_wheel_builds_without_setuptools_warnings_and_ships_lua_and_license(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(tmp_path), str(ROOT)],

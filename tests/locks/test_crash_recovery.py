@@ -71,6 +71,7 @@ def fenced_table(database_url: str) -> Any:
     conn.close()
 
 
+@pytest.mark.long
 def test_a_stopped_holder_learns_it_lost_and_its_fenced_write_is_refused(redis_mode: str, database_url: str,
                                                                          fenced_table: Any) -> None:
     proc, commands, replies, stale_fence = start_holder({"redis_url": redis_mode}, "stalled")
@@ -129,6 +130,7 @@ def test_fenced_update_refuses_bad_input_naming_it_and_writes_nothing(fenced_tab
         assert cur.fetchall() == [("initial", None)]
 
 
+@pytest.mark.long
 def test_a_live_holder_of_a_lock_without_renewal_keeps_it_for_its_whole_lease(redis_mode: str) -> None:
     proc, commands, replies, _ = start_holder({"redis_url": redis_mode}, "unrenewed", renewing=False)
     try:

@@ -407,6 +407,7 @@ def _spawn(target: Any, *args: Any) -> Any:
     return proc
 
 
+@pytest.mark.long
 def test_killed_holder_blocks_others_no_longer_than_its_lease(redis_mode: str) -> None:
     """Median over 3 holders SIGKILLed while holding: waiters enter within 50 ms of lease end."""
     r = raw(redis_mode)

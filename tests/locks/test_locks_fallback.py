@@ -145,6 +145,7 @@ def test_fencing_tokens_rise_across_alternating_fallback_episodes(redis_factory:
 
 
 # -- item 6: a forked child does not keep a crashed parent's file lock ------------------------
+@pytest.mark.long
 def test_forked_child_does_not_keep_a_killed_parents_file_lock(tmp_path: Any) -> None:
     lock_dir = str(tmp_path / "locks")
     mcp_redis.configure(lock_dir=lock_dir)
