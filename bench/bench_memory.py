@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import redis
 
 import mcp_redis
+from bench.common import Missing, limits_strategy
 from mcp_redis.testing import RedisServer
 
 DOC: Dict[str, Any] = {  # ~300 B of JSON: an agent's metadata entry
@@ -54,10 +55,6 @@ Row = Dict[str, Any]
 # Redis refreshes its per-client memory figures in clientsCron (every client within a second at hz 10):
 # reading INFO sooner would leave a connection's buffers in or out of the delta.
 SETTLE = 1.1
-
-
-class Missing(Exception):
-    """A peer library is not installed."""
 
 
 def _used(admin: Any) -> int:
@@ -207,19 +204,9 @@ def ratelimit_makers(server: RedisServer, algorithm: str, limit: int,
 
     def limits_peer(kind: str) -> Callable[[], Callable[[str], object]]:
         def make() -> Callable[[str], object]:
-            try:
-                from limits import RateLimitItemPerHour, RateLimitItemPerMinute
-                from limits.storage import storage_from_string
-                from limits.strategies import (
-                    FixedWindowRateLimiter,
-                    MovingWindowRateLimiter,
-                    SlidingWindowCounterRateLimiter,
-                )
-            except ImportError as exc:
-                raise Missing("limits") from exc
-            cls = {"moving": MovingWindowRateLimiter, "fixed": FixedWindowRateLimiter,
-                   "swc": SlidingWindowCounterRateLimiter}[kind]
-            strategy = cls(storage_from_string(url))
+            from limits import RateLimitItemPerHour, RateLimitItemPerMinute  # limits_strategy checked it is there
+
+            strategy = limits_strategy(kind, url)
             item = RateLimitItemPerHour(limit) if window == 3600 else RateLimitItemPerMinute(limit)
             return lambda key, cost=1: strategy.hit(item, key, cost=cost)
         return make

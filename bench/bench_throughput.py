@@ -55,6 +55,8 @@ import time
 from array import array
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from bench.common import Missing, limits_strategy
+
 BIG = 1_000_000_000  # a limit never reached: the admitted path
 DOC: Dict[str, Any] = {  # ~300 B of JSON, the size of an agent's metadata entry
     "agent_id": "3f0c9f7e-8a53-4c1e-9d59-1b7f0a2c6e41",
@@ -104,10 +106,6 @@ TARGETS: Dict[str, Tuple[float, float, Optional[str]]] = {
     "rl_gcra": (1.05, 1.10, None), "agent_lock": (1.05, 1.15, "redispy_lock")}
 
 
-class Missing(Exception):
-    """A peer library is not installed."""
-
-
 # -- operations, built inside each worker process ----------------------------------------
 def session_key(name: str) -> str:
     return "sess-" + name
@@ -125,19 +123,9 @@ def build(case: str, url: str, port: int) -> Callable[[str], object]:
         limiter = mcp_redis.RateLimiter(f"tp-{algorithm}", BIG, 60, algorithm=mcp_redis.Algorithm(algorithm))
         return limiter.hit
     if case.startswith("limits_"):
-        try:
-            from limits import RateLimitItemPerMinute
-            from limits.storage import storage_from_string
-            from limits.strategies import (
-                FixedWindowRateLimiter,
-                MovingWindowRateLimiter,
-                SlidingWindowCounterRateLimiter,
-            )
-        except ImportError as exc:
-            raise Missing("limits") from exc
-        cls = {"limits_moving": MovingWindowRateLimiter, "limits_fixed": FixedWindowRateLimiter,
-               "limits_swc": SlidingWindowCounterRateLimiter}[case]
-        strategy = cls(storage_from_string(f"redis://127.0.0.1:{port}/0"))
+        strategy = limits_strategy(case[len("limits_"):], f"redis://127.0.0.1:{port}/0")
+        from limits import RateLimitItemPerMinute
+
         item = RateLimitItemPerMinute(BIG)
         return lambda name: strategy.hit(item, case, name)  # the strategies share a key layout: apart by case
     if case.startswith("throttled_"):

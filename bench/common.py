@@ -40,3 +40,23 @@ def server_cpu_us(client: Any, fn: Callable[[], object], n: int) -> float:
     for _ in range(n):
         fn()
     return (used() - before) * 1e6 / n
+
+
+class Missing(Exception):
+    """A peer library is not installed."""
+
+
+def limits_strategy(kind: str, url: str) -> Any:
+    """`limits`' strategy `kind` ("moving", "fixed" or "swc") on the Redis at `url`."""
+    try:
+        from limits.storage import storage_from_string
+        from limits.strategies import (
+            FixedWindowRateLimiter,
+            MovingWindowRateLimiter,
+            SlidingWindowCounterRateLimiter,
+        )
+    except ImportError as exc:
+        raise Missing("limits") from exc
+    cls = {"moving": MovingWindowRateLimiter, "fixed": FixedWindowRateLimiter,
+           "swc": SlidingWindowCounterRateLimiter}[kind]
+    return cls(storage_from_string(url))
