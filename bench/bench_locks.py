@@ -5,7 +5,8 @@
 Starts its own redis-server (mcp_redis.testing.RedisServer); every library
 talks to that same server from this one process.
 
-1. Uncontended acquire+release (ours includes the fencing token): cases run
+1. Uncontended acquire+release (ours with the token read, drawn with the
+   grant by ``fencing=True``, and without reading it): cases run
    interleaved in blocks so machine noise hits all alike; medians/p99 in µs
    and the ratio of each median to redis-py's ``Lock`` (target ≤ 1.0×).
 2. Handoff: one holder, one waiter blocked in ``acquire()``; the gap from
@@ -44,7 +45,8 @@ server_side: Dict[str, float] = {}  # case -> µs of Redis CPU per iteration
 def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[float]]:
     client = get_redis().client  # the library's own client: same pool type for everyone
     raw_bytes = redis.Redis(host="127.0.0.1", port=server.port)
-    ours = mcp_redis.lock("bench-ours", timeout=30)
+    ours = mcp_redis.lock("bench-ours", timeout=30, fencing=True)
+    ours_plain = mcp_redis.lock("bench-ours-plain", timeout=30)
     theirs = client.lock("bench-redis-py", timeout=30)
     cad = client.register_script(
         "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -54,6 +56,10 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
         ours.acquire()
         assert ours.fencing_token
         ours.release()
+
+    def ours_plain_once() -> None:
+        ours_plain.acquire()
+        ours_plain.release()
 
     def agent_once() -> None:
         with mcp_redis.agent_lock("bench-agent"):
@@ -75,7 +81,8 @@ def uncontended(server: RedisServer, n: int, rounds: int) -> Dict[str, List[floa
         ("PING (one round trip)", client.ping),
         ("SET NX PX + compare-and-delete (minimal)", minimal_once),
         ("redis-py Lock (object reused)", theirs_once),
-        ("mcp_redis.lock + fencing token (object reused)", ours_once),
+        ("mcp_redis.lock (object reused, token not read)", ours_plain_once),
+        ("mcp_redis.lock(fencing=True) + token read (object reused)", ours_once),
         ("redis-py Lock (new object, with)", theirs_new_once),
         ("mcp_redis.agent_lock (new object, with, renewing)", agent_once),
     ]

@@ -80,8 +80,9 @@ CASES: List[Tuple[str, str, str, bool]] = [
     ("rl_gcra", "gcra", "mcp_redis gcra hit (full result)", True),
     ("throttled_gcra", "gcra", "throttled-py gcra limit (result)", False),
     ("pyrate_gcra", "gcra", "pyrate-limiter StateBucket GCRA (RedisStateStore), bucket per key", False),
-    ("agent_lock", "lock", "with mcp_redis.agent_lock(a) (fencing, renewal)", True),
-    ("mcp_lock", "lock", "with mcp_redis.lock(a) (fencing token)", True),
+    ("agent_lock", "lock", "with mcp_redis.agent_lock(a) (renewal; token drawn on read)", True),
+    ("agent_lock_fenced", "lock", "with mcp_redis.agent_lock(a, fencing=True), token read", True),
+    ("mcp_lock", "lock", "with mcp_redis.lock(a, fencing=True), token read", True),
     ("redispy_lock", "lock", "with redis.lock(a) (redis-py Lock)", False),
     ("prl_lock", "lock", "python-redis-lock acquire+release", False),
     ("session_get", "session_get", "SessionStore.get", True),
@@ -103,7 +104,8 @@ FAMILIES = {
 # or None for the fastest same-kind peer).
 TARGETS: Dict[str, Tuple[float, float, Optional[str]]] = {
     "rl_sw": (1.05, 1.10, None), "rl_fw": (1.05, 1.10, None), "rl_swc": (1.05, 1.10, None),
-    "rl_gcra": (1.05, 1.10, None), "agent_lock": (1.05, 1.15, "redispy_lock")}
+    "rl_gcra": (1.05, 1.10, None), "agent_lock": (1.05, 1.15, "redispy_lock"),
+    "agent_lock_fenced": (1.05, 1.15, "redispy_lock")}
 
 
 # -- operations, built inside each worker process ----------------------------------------
@@ -167,9 +169,14 @@ def build(case: str, url: str, port: int) -> Callable[[str], object]:
             with mcp_redis.agent_lock(name):
                 pass
         return agent_once
+    if case == "agent_lock_fenced":
+        def agent_fenced_once(name: str) -> None:
+            with mcp_redis.agent_lock("f:" + name, fencing=True) as lk:
+                assert lk.fencing_token
+        return agent_fenced_once
     if case == "mcp_lock":
         def lock_once(name: str) -> None:
-            with mcp_redis.lock("tp-lock:" + name, timeout=30) as lk:
+            with mcp_redis.lock("tp-lock:" + name, timeout=30, fencing=True) as lk:
                 assert lk.fencing_token
         return lock_once
     if case == "redispy_lock":

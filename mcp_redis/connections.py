@@ -117,6 +117,52 @@ class RedisConnection:
                 pool.release(connection)
         return script(keys, args, self.client)
 
+    def run_command(self, *args: Any) -> Any:
+        """One plain command in one round trip, the way `run_script` sends a script.
+
+        The raw reply, without redis-py's per-command reply conversion (``SET``
+        answers ``"OK"``, not True). A cluster routes it with redis-py's client.
+        """
+        if self.is_cluster:
+            return self.client.execute_command(*args)
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([_pack(connection.encoder, args)])
+            return connection.read_response()
+        finally:
+            pool.release(connection)
+
+    def run_command_and_script(self, command: Sequence[Any], script: Any, keys: Sequence[str],
+                               args: Sequence[Any]) -> Tuple[Any, Any]:
+        """`command`, then `script`, in one round trip (pipelined): both raw replies.
+
+        The script runs right after the command, so it sees its outcome. An
+        error reply to the command is raised after both replies are read; a
+        ``NOSCRIPT`` reply runs the script again through redis-py's ``Script``
+        (which loads it). A cluster sends the two one after the other.
+        """
+        if self.is_cluster:
+            return self.client.execute_command(*command), script(keys, args, self.client)
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([_pack(connection.encoder, command)
+                                            + self._pack_evalsha(connection.encoder, script.sha, keys, args)])
+            try:
+                first = connection.read_response()
+            except redis.ResponseError as exc:
+                first = exc
+            try:
+                second = connection.read_response()
+            except NoScriptError:
+                second = None if isinstance(first, Exception) else script(keys, args, self.client)
+        finally:
+            pool.release(connection)
+        if isinstance(first, Exception):
+            raise first
+        return first, second
+
     def _pack_evalsha(self, encoder: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
         """``EVALSHA sha len(keys) *keys *args`` in RESP, as redis-py's packer writes it."""
         cached = (sha, *keys)
@@ -203,6 +249,11 @@ def scan_keys(conn: RedisConnection, pattern: str, what: str, *, count: int = 10
 
 
 _HEADS_MAX = 4096  # packed EVALSHA starts kept per client (cleared when full)
+
+
+def _pack(encoder: Any, args: Sequence[Any]) -> bytes:
+    """A command in RESP, as redis-py's packer writes it (for `run_command`)."""
+    return b"".join([b"*%d\r\n" % len(args), *(_resp_bulk(encoder, a) for a in args)])
 
 
 def _resp_bulk(encoder: Any, value: Any) -> bytes:

@@ -644,16 +644,17 @@ def test_fencing_tokens_after_failover_exceed_every_token_the_old_master_issued(
     topo = sentinel_topology
     mcp_redis.configure(redis_url=topo.url)
     conn = get_redis()
-    replicated = mcp_redis.lock("fenced-many", timeout=30)
+    # fencing=True: every grant draws its token (raises the counter) on the old master.
+    replicated = mcp_redis.lock("fenced-many", timeout=30, fencing=True)
     assert replicated.acquire(blocking_timeout=0)
     replicated.release()
     assert conn.call(conn.client.wait, 2, 5000) == 2  # the counter exists on every replica
     with topo.replication_cut():
         for _ in range(2):
-            passing = mcp_redis.lock("fenced-many", timeout=30)
+            passing = mcp_redis.lock("fenced-many", timeout=30, fencing=True)
             assert passing.acquire(blocking_timeout=0)
             passing.release()
-        stale = mcp_redis.lock("fenced-many", timeout=30)
+        stale = mcp_redis.lock("fenced-many", timeout=30, fencing=True)
         assert stale.acquire(blocking_timeout=0)
         old = topo.kill_master()
     topo.wait_for_failover(old)

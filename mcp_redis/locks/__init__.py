@@ -156,6 +156,7 @@ class DistributedLock:
         reentrant: bool = False,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        fencing: bool = False,
         client: Optional[Client] = None,
         _argument: str = "name",
     ) -> None:
@@ -178,6 +179,7 @@ class DistributedLock:
         self.raise_on_release_error = raise_on_release_error
         self.auto_renew = bool(auto_renew)
         self.reentrant = bool(reentrant)
+        self.fencing = bool(fencing)
         self._state: Union[_Local, _Shared] = _Local() if thread_local else _Shared()
         self._keys: Optional[LockKeys] = None
 
@@ -250,7 +252,6 @@ class DistributedLock:
                     )
                 held.count += 1
                 self._state.last = held
-                self._state.fence = held.fence
                 METRICS.inc("lock_acquire_total", backend=held.backend.name, outcome="reentered")
                 return True
         if blocking is None:
@@ -271,7 +272,7 @@ class DistributedLock:
         lease = self.timeout if self.timeout is not None else client.settings.lock_timeout
         started = time.monotonic()
         deadline = None if wait is None else started + wait
-        hold = self._acquire_with_fallback(rt, keys, value, lease, deadline)
+        hold = self._acquire_with_fallback(rt, keys, value, lease, deadline, self.fencing)
         if hold is None:
             METRICS.inc("lock_acquire_total", backend=rt.primary.name, outcome="timeout")
             return False
@@ -283,7 +284,6 @@ class DistributedLock:
         if waited > 0.001:  # contended: worth a histogram entry
             METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
         self._state.last = hold
-        self._state.fence = hold.fence
         self._state.hold = hold
         if self.reentrant:
             _THREAD_HOLDS.holds[(rt, keys.lock)] = hold
@@ -313,10 +313,10 @@ class DistributedLock:
             log.debug("lock: could not release an unreplicated grant", exc_info=True)
 
     def _acquire_with_fallback(self, rt: LockRuntime, keys: LockKeys, token: str, lease: float,
-                               deadline: Optional[float]) -> Optional[Hold]:
+                               deadline: Optional[float], fencing: bool) -> Optional[Hold]:
         backend = rt.primary
         try:
-            return backend.acquire(keys, token, lease, deadline)
+            return backend.acquire(keys, token, lease, deadline, fencing)
         except BackendUnavailable:
             fallback = rt.fallback
             if isinstance(fallback, PostgresBackend) and not rt.client.settings.database_url:
@@ -394,8 +394,21 @@ class DistributedLock:
     # -- beyond redis-py -------------------------------------------------------------
     @property
     def fencing_token(self) -> Optional[int]:
-        """This thread's fencing token: strictly increasing per lock name (None before any acquire)."""
-        return self._state.fence
+        """This thread's fencing token: strictly increasing per lock name (None before any acquire).
+
+        The token of this thread's current (or last) hold. Redis draws it on
+        first read, one round trip, unless the lock was made with
+        ``fencing=True`` (drawn with the grant, in the same round trip); the
+        PostgreSQL and file backends always draw it with the grant. Read it
+        while holding the lock: a hold that ended (released, lost, or taken
+        before a fork) before its token was drawn raises `LockNotOwned`.
+        """
+        last = self._state.last
+        if last is None:
+            return None
+        if last.fence is None:
+            _draw_fence(last, self.name)
+        return last.fence
 
     @property
     def lost(self) -> bool:
@@ -434,6 +447,21 @@ class DistributedLock:
             log.warning("lock %s was no longer owned when leaving its block", _shown(self.name))
 
 
+def _draw_fence(hold: Hold, name: str) -> None:
+    """Draw `hold`'s fencing token (once, whichever threads read it at the same time)."""
+    with hold.fence_lock():
+        if hold.fence is not None:
+            return
+        if hold.released or hold.is_lost or hold.runtime is None or hold.runtime.pid != os.getpid():
+            raise _not_owned(f"lock {_shown(name)}: its hold ended before its fencing token was read")
+        fence = hold.backend.fence(hold)
+        if fence is None:
+            hold.mark_lost()
+            raise _not_owned(f"lock {_shown(name)}: lost before its fencing token was read "
+                             "(its lease expired or was taken over)")
+        hold.fence = fence
+
+
 class AgentLock(DistributedLock):
     """The lock of one agent's state: auto-renewing and reentrant per thread."""
 
@@ -447,6 +475,7 @@ class AgentLock(DistributedLock):
         *,
         min_replicas: int = 0,
         replica_timeout: float = 0.1,
+        fencing: bool = False,
         client: Optional[Client] = None,
     ) -> None:
         super().__init__(
@@ -457,6 +486,7 @@ class AgentLock(DistributedLock):
             reentrant=True,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            fencing=fencing,
             client=client,
             _argument="agent_id",
         )
@@ -473,18 +503,19 @@ def agent_lock(
     *,
     min_replicas: int = 0,
     replica_timeout: float = 0.1,
+    fencing: bool = False,
     client: Optional[Client] = None,
 ) -> AgentLock:
     """The lock of `agent_id`'s state, as a context manager.
 
     `timeout`: lease in seconds (default ``REDIS_LOCK_TIMEOUT``), renewed in
     the background while held; `blocking_timeout`: longest wait (default 5 s,
-    ``0`` tries once, None waits forever), then `LockTimeout`. `min_replicas`:
-    see `lock`. `client`: a `mcp_redis.Client` (default: the default client,
-    resolved at each call).
+    ``0`` tries once, None waits forever), then `LockTimeout`. `min_replicas`
+    and `fencing`: see `lock`. `client`: a `mcp_redis.Client` (default: the
+    default client, resolved at each call).
     """
-    return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout,
-                     min_replicas=min_replicas, replica_timeout=replica_timeout, client=client)
+    return AgentLock(agent_id, timeout=timeout, blocking_timeout=blocking_timeout, min_replicas=min_replicas,
+                     replica_timeout=replica_timeout, fencing=fencing, client=client)
 
 
 def lock(
@@ -499,6 +530,7 @@ def lock(
     sleep: float = 0.1,
     min_replicas: int = 0,
     replica_timeout: float = 0.1,
+    fencing: bool = False,
     client: Optional[Client] = None,
 ) -> DistributedLock:
     """A lock named `name` with redis-py's Lock methods (not renewed unless `auto_renew`).
@@ -507,6 +539,10 @@ def lock(
     `min_replicas` > 0: each grant must be confirmed by that many replicas
     within `replica_timeout` seconds (``WAIT``), else it is released and
     `LockNotReplicated` raised — narrows, not closes, the failover window.
+    `fencing=True`: draw the fencing token with each grant, in the same round
+    trip (for code that always reads `fencing_token`); otherwise an
+    uncontended Redis grant is one plain ``SET`` and the token is drawn on
+    first read (one round trip more).
     """
     return DistributedLock(
         name,
@@ -519,5 +555,6 @@ def lock(
         auto_renew=auto_renew,
         min_replicas=min_replicas,
         replica_timeout=replica_timeout,
+        fencing=fencing,
         client=client,
     )

@@ -80,7 +80,7 @@ class Hold:
     backend: Backend
     keys: LockKeys
     token: str
-    fence: int
+    fence: Optional[int]  # None until drawn (Redis draws it on first read: `Backend.fence`)
     lease: float
     expires_at: float  # monotonic; meaningful for the redis backend
     handle: Any = None  # backend-specific: RedisConnection, pg connection, (fd, path)
@@ -110,6 +110,11 @@ class Hold:
             event.set()
         return event
 
+    def fence_lock(self) -> threading.Lock:
+        """Serialises drawing the fencing token (made on demand, like the event)."""
+        lock: threading.Lock = self.__dict__.setdefault("_fence_lock", threading.Lock())
+        return lock
+
 
 class Backend:
     """How one kind of store takes, keeps and gives back a lock (the protocol).
@@ -130,13 +135,22 @@ class Backend:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         """A hold, or None when not acquired before `deadline` (monotonic; None = forever).
 
         `token` is this acquire call's value, unique per call (it ends with a
         fresh nonce): the holder's identity, never shared by two holders.
+        `fencing`: the caller will read the fencing token, so draw it with the
+        grant. A backend may leave `Hold.fence` None otherwise (Redis: drawn
+        by `fence` on first read); the PostgreSQL and file backends always
+        draw it with the grant, where it costs no extra round trip.
         """
         raise NotImplementedError
+
+    def fence(self, hold: Hold) -> Optional[int]:
+        """Draw `hold`'s fencing token now (`Hold.fence` was left None); None when no longer held."""
+        return hold.fence
 
     def release(self, hold: Hold) -> bool:
         """Give the lock back; False when it was no longer held by `hold`."""

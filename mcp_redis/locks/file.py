@@ -137,7 +137,8 @@ class FileBackend(Backend):
             _open_fds.discard(fd)
             os.close(fd)
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         path = self.path(keys, self.client.settings.lock_dir)
         if not self._turns.take(path, deadline):
             return None

@@ -37,13 +37,11 @@ _THREAD_HOLDS = _ThreadHolds()
 
 class _Local(threading.local):
     hold: Optional[Hold] = None
-    fence: Optional[int] = None
     last: Optional[Hold] = None
 
 
 class _Shared:
     hold: Optional[Hold] = None
-    fence: Optional[int] = None
     last: Optional[Hold] = None
 
 

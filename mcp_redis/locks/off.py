@@ -19,7 +19,8 @@ class OffBackend(Backend):
     name = "off"
     _warned = False
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         if not self._warned:
             self._warned = True
             log.warning("locks backend is 'off': locks are no-ops and exclude nothing")

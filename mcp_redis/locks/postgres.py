@@ -100,7 +100,8 @@ class PostgresBackend(Backend):
 
     name = "postgres"
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         return self._acquire(keys, token, lease, deadline, settle=None)
 
     def acquire_fallback(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:

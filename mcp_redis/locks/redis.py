@@ -42,8 +42,8 @@ _RESERVED = "r:"
 _TICKET = re.compile(r"[0-9a-f]{24}")
 #: How long (s) a lock's fencing counter (``…#fence``) lives after it was
 #: last raised above the clock (or created): the literal 3600000 in
-#: lock_acquire.lua and lock_gate.lua. Tokens still rise across its expiry
-#: (see the end of lock_acquire.lua) while no token runs more than this
+#: lock_fence.lua and lock_gate.lua. Tokens still rise across its expiry
+#: (see the end of lock_fence.lua) while no token runs more than this
 #: ahead of the Redis server's clock.
 FENCE_TTL = 3600.0
 #: How long (s) a process's liveness key outlives its last heartbeat: a holder
@@ -94,19 +94,32 @@ class RedisBackend(Backend):
         conn.call(conn.client.set, self._live_key, "1", px=ms(LIVENESS_TTL))
         self._live_ok_until = started + self.heartbeat_every
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         conn = self.client.redis("locks")
         lease_ms = ms(lease)
         if time.monotonic() >= self._live_ok_until:
             self.heartbeat()  # the key must exist before any value naming it does
         token = self._live_tag + token
-        # First a plain try (the uncontended path: 2 keys, 2 args). A failed
-        # try with the queue keys joins the queue atomically, so the release
-        # that follows it is sure to signal us: no wake-up can be lost.
+        # First a plain try, no script: the uncontended path costs Redis one
+        # SET, like redis-py's Lock. GET makes a retry after a lost reply see
+        # its own grant. With `fencing`, the token is drawn in the same round
+        # trip (the script runs right after the SET and sees its outcome);
+        # otherwise on first read of `fencing_token` (`fence`). A failed try
+        # joins the queue atomically in the script below, so the release that
+        # follows is sure to signal us: no wake-up can be lost.
         started = time.monotonic()
-        reply = conn.call(conn.run_script, conn.script("lock_acquire"), [keys.lock, keys.fence], [token, lease_ms])
-        if not isinstance(reply, list):  # granted: the fencing token
-            return Hold(self, keys, token, int(reply), lease, started + lease, conn)
+        command = ("SET", keys.lock, token, "NX", "PX", lease_ms, "GET")
+        fence: Any = None
+        if fencing:
+            previous, fence = conn.call(conn.run_command_and_script, command, conn.script("lock_fence"),
+                                        [keys.lock, keys.fence], [token])
+        else:
+            previous = conn.call(conn.run_command, *command)
+        if previous is None or _text(previous) == token:  # granted (or granted to this call's lost try)
+            if fencing and fence is None:  # a retried SET: draw it now
+                fence = self._draw(conn, keys, token)
+            return Hold(self, keys, token, None if fence is None else int(fence), lease, started + lease, conn)
         if deadline is not None and deadline <= time.monotonic():
             return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
@@ -114,7 +127,7 @@ class RedisBackend(Backend):
         # The signal list is named by this call's nonce (the value's tail): unique per waiter.
         ticket = token[-24:] if _TICKET.fullmatch(token[-24:]) else secrets.token_hex(12)
         signal = keys.signal(ticket)
-        key_list = [keys.lock, keys.fence, keys.queue, signal]
+        key_list = [keys.lock, keys.queue, signal]
         queued = False
         dead_holder: Optional[str] = None
         try:
@@ -125,9 +138,10 @@ class RedisBackend(Backend):
                 queued = True
                 args = [token, lease_ms, queue_ttl] if dead_holder is None else [token, lease_ms, queue_ttl, dead_holder]
                 reply = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
-                if not isinstance(reply, list):  # granted: the fencing token
+                if not isinstance(reply, list):  # granted
                     queued = False
-                    return Hold(self, keys, token, int(reply), lease, started + lease, conn)
+                    fence = self._draw(conn, keys, token) if fencing else None
+                    return Hold(self, keys, token, fence, lease, started + lease, conn)
                 _, value, *holder = reply
                 pttl = int(value)
                 # A holder whose process's liveness key is gone died (or stalled
@@ -147,10 +161,18 @@ class RedisBackend(Backend):
             if queued:
                 self._leave_queue(conn, keys, signal)
 
+    def fence(self, hold: Hold) -> Optional[int]:
+        """Draw `hold`'s fencing token (one round trip); None when the lock no longer holds it."""
+        return self._draw(hold.handle, hold.keys, hold.token)
+
+    @staticmethod
+    def _draw(conn: RedisConnection, keys: LockKeys, token: str) -> Optional[int]:
+        reply = conn.call(conn.run_script, conn.script("lock_fence"), [keys.lock, keys.fence], [token])
+        return None if reply is None else int(reply)
+
     def _holder_liveness(self, conn: RedisConnection, keys: LockKeys, holder: Any) -> Tuple[Optional[str], int]:
         """(the holder's value if its process is dead, else None; ms its liveness key has left, or -1)."""
-        if isinstance(holder, bytes):
-            holder = holder.decode("utf-8", "surrogatepass")
+        holder = _text(holder)
         match = _LIVE_TAG.match(holder) if isinstance(holder, str) else None
         if match is None:  # free, reserved, or held by a value with no liveness (older versions)
             return None, -1
@@ -239,6 +261,11 @@ class RedisBackend(Backend):
         return bool(conn.call(conn.client.exists, keys.lock))
 
 
+def _text(value: Any) -> Any:
+    """A reply as text (the lock connection may or may not decode responses)."""
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
 def _live_key(prefix: str, live_id: str) -> str:
     """The liveness key of the process (client) `live_id` (TTL `LIVENESS_TTL`)."""
     return f"{prefix}lock-live:{live_id}"
@@ -297,10 +324,11 @@ class GatedRedisBackend(RedisBackend):
     granted or renewed before the gate closed has ended.
     """
 
-    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float]) -> Optional[Hold]:
+    def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
+                fencing: bool = False) -> Optional[Hold]:
         delay = 0.002
         while True:
-            hold = super().acquire(keys, token, lease, deadline)
+            hold = super().acquire(keys, token, lease, deadline, fencing)
             if hold is None:
                 return None
             try:
@@ -352,6 +380,10 @@ class GatedRedisBackend(RedisBackend):
         pg.ensure_schema()
         conn: RedisConnection = hold.handle
         lock_key = hold.keys.lock
+        if hold.fence is None:  # reconciled below: drawn now (above the clock, like every token)
+            hold.fence = self.fence(hold)
+            if hold.fence is None:  # no longer held: nothing to open the gate for
+                return False
 
         def run() -> bool:
             with pg.connection() as pgconn, pgconn.cursor() as cur:

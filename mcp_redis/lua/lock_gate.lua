@@ -8,7 +8,7 @@
 -- recorded for the name, ARGV[3] the caller's fencing token
 -- Returns the caller's fencing token: ARGV[3], or a fresh one above ARGV[2]
 -- (and above the counter), written to the counter with a fresh TTL
--- (FENCE_TTL_MS, one hour: see the end of lock_acquire.lua), when ARGV[3]
+-- (FENCE_TTL_MS, one hour: see the end of lock_fence.lua), when ARGV[3]
 -- is not above ARGV[2].
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 if tonumber(ARGV[3]) > tonumber(ARGV[2]) then

@@ -276,10 +276,10 @@ def test_odd_names_are_distinct_locks(redis_mode: str) -> None:
 
 def test_lock_keys_share_one_slot_and_every_one_has_a_ttl(redis_mode: str) -> None:
     r = raw(redis_mode)
-    holder = mcp_redis.agent_lock("slotted", timeout=10)
+    holder = mcp_redis.agent_lock("slotted", timeout=10, fencing=True)  # the fencing counter too
     holder.acquire()
     seen: List[str] = []
-    waiter = threading.Thread(target=lambda: seen.append(str(mcp_redis.agent_lock("slotted").acquire())))
+    waiter = threading.Thread(target=lambda: seen.append(str(mcp_redis.agent_lock("slotted", fencing=True).acquire())))
     waiter.start()
     wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=5, what="a queued waiter")
     # The process's liveness key (one per client and process, not per lock) lives apart, with a TTL.
