@@ -14,17 +14,17 @@ from redis.sentinel import SentinelConnectionPool
 
 import mcp_redis
 from mcp_redis.config import Settings
-from mcp_redis.connections import build_client, get_redis, parse_host_list
+from mcp_redis.connections import ReadyCheckedPool, _pack, build_client, get_redis, parse_host_list
 from mcp_redis.errors import BackendUnavailable, ConfigurationError
 from mcp_redis.metrics import METRICS
 from mcp_redis.resilience import BreakerState, CircuitBreaker, Resilience
-from mcp_redis.testing import RedisServer
+from mcp_redis.testing import RedisServer, wait_for
 
 
 def test_redis_url_gives_a_client_over_a_blocking_pool_without_client_retries() -> None:
     client, kind, _, _ = build_client(Settings(redis_url="redis://127.0.0.1:6390/3", max_connections=7))
     pool = client.connection_pool
-    assert kind == "single" and isinstance(pool, redis.BlockingConnectionPool)
+    assert kind == "single" and isinstance(pool, redis.BlockingConnectionPool) and isinstance(pool, ReadyCheckedPool)
     assert pool.max_connections == 7
     kw = pool.connection_kwargs
     assert kw["db"] == 3 and kw["socket_timeout"] == 2.0 and kw["socket_connect_timeout"] == 1.0
@@ -240,3 +240,62 @@ def test_run_script_survives_script_flush_error_replies_and_killed_connections(r
     server.client().client_kill_filter(_type="normal", skipme=True)  # the pooled socket dies under us
     assert conn.call(conn.run_script, echo, ["mcp:k"], ["d", 8]) == ["mcp:k", "d", "8"]
     assert conn.pool_stats()["in_use"] == 0, "every borrowed connection went back to the pool"
+
+
+def test_run_command_and_the_pipelined_pair_pack_as_redis_py_and_read_raw_replies(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, retry_attempts=3)
+    conn = get_redis()
+    wire = conn.client.connection_pool.get_connection()
+    args = ("SET", "mcp:k{é\udcff}", "v", "NX", "PX", 30000, "GET", 2.5, b"\x00raw")
+    assert _pack(wire.encoder, args) == b"".join(wire.pack_command(*args))
+    conn.client.connection_pool.release(wire)
+    assert conn.call(conn.run_command, "SET", "mcp:a", "1", "NX", "PX", 30000, "GET") is None  # raw: nil, not True
+    assert conn.call(conn.run_command, "SET", "mcp:a", "2", "NX", "PX", 30000, "GET") == "1"
+    echo = conn.client.register_script("return {KEYS[1], ARGV[1], redis.call('GET', KEYS[1])}")
+    server.client().script_flush()  # NOSCRIPT on the pipelined script: loaded and run again
+    first, second = conn.call(conn.run_command_and_script, ("SET", "mcp:b", "x"), echo, ["mcp:b"], ["y"])
+    assert first == "OK" and second == ["mcp:b", "y", "x"]  # the script ran after the command
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+        conn.call(conn.run_command_and_script, ("SET", "mcp:b"), echo, ["mcp:b"], ["z"])
+    assert conn.call(conn.run_command, "GET", "mcp:b") == "x", "both replies were read: the socket stays in step"
+    assert conn.pool_stats()["in_use"] == 0
+
+
+# -- the pool's ready check (one select instead of redis-py's non-blocking recv) --------
+def test_a_pooled_connection_left_with_a_reply_to_read_is_never_used_as_is(redis_mode: str) -> None:
+    conn = get_redis()
+    pool = conn.client.connection_pool
+    assert isinstance(pool, ReadyCheckedPool)
+    connection = pool.get_connection()
+    stale_id = connection.send_command("CLIENT", "ID") or connection.read_response()
+    connection.send_command("ECHO", "stale reply")  # sent, never read: the reply waits on the socket
+    wait_for(lambda: _readable(connection), timeout=5, what="the stale reply to arrive")
+    pool.release(connection)
+    for i in range(3):  # LIFO pool: the dirty connection is the next one handed out
+        assert conn.call(conn.run_command, "ECHO", f"fresh {i}") == f"fresh {i}"
+    assert conn.call(conn.run_command, "CLIENT", "ID") != stale_id, "the dirty connection was replaced"
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_before_use(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, retry_attempts=1)  # no retry to hide a failed first try
+    conn = get_redis()
+    first = conn.call(conn.run_command, "CLIENT", "ID")
+    server.client().client_kill_filter(_type="normal", skipme=True)
+    wait_for(lambda: server.client().client_list(_type="normal") and
+             all(int(c["id"]) != first for c in server.client().client_list(_type="normal")),
+             timeout=5, what="the pooled connection to be closed")
+    assert conn.call(conn.run_command, "ECHO", "after the kill") == "after the kill"
+    assert conn.call(conn.run_command, "CLIENT", "ID") != first
+
+
+def test_a_clean_pooled_connection_is_reused_without_reconnecting(redis_mode: str) -> None:
+    conn = get_redis()
+    ids = {conn.call(conn.run_command, "CLIENT", "ID") for _ in range(20)}
+    assert len(ids) == 1
+
+
+def _readable(connection: Any) -> bool:
+    import select
+    return bool(select.select([connection._sock], [], [], 0)[0])

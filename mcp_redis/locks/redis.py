@@ -86,6 +86,11 @@ class RedisBackend(Backend):
         self._live_tag = f"L{live_id}|"
         self._live_key = _live_key(client.settings.key_prefix, live_id)
         self._live_ok_until = 0.0
+        # True once a lock script has run on this client: until then every
+        # acquire takes the script path, so a user whose ACL refuses scripts
+        # (EVALSHA) is refused before holding anything, instead of holding a
+        # lock it cannot release (a plain SET would be allowed).
+        self._scripts_run = False
 
     def heartbeat(self) -> None:
         """Refresh this process's liveness key (TTL `LIVENESS_TTL`)."""
@@ -107,21 +112,23 @@ class RedisBackend(Backend):
         # trip (the script runs right after the SET and sees its outcome);
         # otherwise on first read of `fencing_token` (`fence`). A failed try
         # joins the queue atomically in the script below, so the release that
-        # follows is sure to signal us: no wake-up can be lost.
-        started = time.monotonic()
-        command = ("SET", keys.lock, token, "NX", "PX", lease_ms, "GET")
-        fence: Any = None
-        if fencing:
-            previous, fence = conn.call(conn.run_command_and_script, command, conn.script("lock_fence"),
-                                        [keys.lock, keys.fence], [token])
-        else:
-            previous = conn.call(conn.run_command, *command)
-        if previous is None or _text(previous) == token:  # granted (or granted to this call's lost try)
-            if fencing and fence is None:  # a retried SET: draw it now
-                fence = self._draw(conn, keys, token)
-            return Hold(self, keys, token, None if fence is None else int(fence), lease, started + lease, conn)
-        if deadline is not None and deadline <= time.monotonic():
-            return None
+        # follows is sure to signal us: no wake-up can be lost. The client's
+        # first acquire takes the script path (see `_scripts_run`).
+        if self._scripts_run:
+            started = time.monotonic()
+            command = ("SET", keys.lock, token, "NX", "PX", lease_ms, "GET")
+            fence: Any = None
+            if fencing:
+                previous, fence = conn.call(conn.run_command_and_script, command, conn.script("lock_fence"),
+                                            [keys.lock, keys.fence], [token])
+            else:
+                previous = conn.call(conn.run_command, *command)
+            if previous is None or _text(previous) == token:  # granted (or granted to this call's lost try)
+                if fencing and fence is None:  # a retried SET: draw it now
+                    fence = self._draw(conn, keys, token)
+                return Hold(self, keys, token, None if fence is None else int(fence), lease, started + lease, conn)
+            if deadline is not None and deadline <= time.monotonic():
+                return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
         queue_ttl = str(ms(slice_cap + 2 * HANDOFF_GRACE))
         # The signal list is named by this call's nonce (the value's tail): unique per waiter.
@@ -138,6 +145,7 @@ class RedisBackend(Backend):
                 queued = True
                 args = [token, lease_ms, queue_ttl] if dead_holder is None else [token, lease_ms, queue_ttl, dead_holder]
                 reply = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
+                self._scripts_run = True
                 if not isinstance(reply, list):  # granted
                     queued = False
                     fence = self._draw(conn, keys, token) if fencing else None
