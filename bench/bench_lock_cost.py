@@ -11,9 +11,10 @@ percent in the scripts shows. It leaves out the kernel's socket work, the
 same per round trip for both (two round trips a cycle each), so the ratio of
 whole-CPU cost is smaller than the ratio shown here.
 
-``--scripts-only`` sends the library's two scripts directly (pipelined,
-like the peer's two commands), leaving out the process liveness key
-refreshed every half second. Needs ``valgrind`` on PATH.
+``--scripts-only`` sends the library's commands directly (pipelined, like
+the peer's two commands: the grant's plain ``SET``, the release script, and
+in the fenced case the token's script between them), leaving out the
+process liveness key refreshed every half second. Needs ``valgrind`` on PATH.
 """
 
 from __future__ import annotations
@@ -77,23 +78,32 @@ def main() -> None:
                 with mcp_redis.agent_lock(f"a{i % 1000}"):
                     pass
 
+        def ours_fenced() -> None:
+            for i in range(n):
+                with mcp_redis.agent_lock(f"e{i % 1000}", fencing=True) as held:
+                    assert held.fencing_token
+
         def theirs() -> None:
             for i in range(n):
                 with r.lock(f"b{i % 1000}", timeout=30):
                     pass
 
-        acquire, release = r.script_load(lua("lock_acquire")), r.script_load(lua("lock_release"))
+        fence, release = r.script_load(lua("lock_fence")), r.script_load(lua("lock_release"))
         cad = r.script_load(RedisPyLock.LUA_RELEASE_SCRIPT)
         value = "L" + os.urandom(12).hex() + "|" + os.urandom(16).hex()
 
-        def ours_scripts() -> None:
-            for start in range(0, n, 100):
-                pipe = r.pipeline(transaction=False)
-                for i in range(start, start + 100):
-                    key = f"mcp:agent-lock:{{c{i % 1000}}}"
-                    pipe.evalsha(acquire, 2, key, key + "#fence", value, 30000)
-                    pipe.evalsha(release, 2, key, key + "#queue", value)
-                pipe.execute()
+        def ours_commands(fenced: bool) -> Callable[[], None]:
+            def run() -> None:
+                for start in range(0, n, 100):
+                    pipe = r.pipeline(transaction=False)
+                    for i in range(start, start + 100):
+                        key = f"mcp:agent-lock:{{{'f' if fenced else 'c'}{i % 1000}}}"
+                        pipe.execute_command("SET", key, value, "NX", "PX", 30000, "GET")
+                        if fenced:
+                            pipe.evalsha(fence, 2, key, key + "#fence", value)
+                        pipe.evalsha(release, 2, key, key + "#queue", value)
+                    pipe.execute()
+            return run
 
         def theirs_scripts() -> None:
             for start in range(0, n, 100):
@@ -105,9 +115,12 @@ def main() -> None:
                 pipe.execute()
 
         cases: Dict[str, Callable[[], None]] = (
-            {"mcp_redis scripts (pipelined)": ours_scripts, "redis-py Lock commands (pipelined)": theirs_scripts}
+            {"mcp_redis commands (pipelined)": ours_commands(False),
+             "redis-py Lock commands (pipelined)": theirs_scripts,
+             "mcp_redis commands + fence (pipelined)": ours_commands(True)}
             if opts.scripts_only else
-            {"with agent_lock(a)": ours, "with redis.lock(a, timeout=30)": theirs})
+            {"with agent_lock(a)": ours, "with redis.lock(a, timeout=30)": theirs,
+             "with agent_lock(a, fencing=True), token read": ours_fenced})
 
         def control(*args: str) -> None:
             subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True,
@@ -125,7 +138,7 @@ def main() -> None:
             control("-d")
             time.sleep(0.5)
             counts[name] = _totals(directory) / n
-        base = list(counts.values())[1]
+        base = list(counts.values())[1]  # redis-py's
         print(f"redis-server instructions per acquire+release cycle (callgrind, n={n}, 1,000 names)")
         for name, count in counts.items():
             print(f"  {name:38s} {count:9,.0f}  x{count / base:.2f}")

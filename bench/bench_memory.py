@@ -15,8 +15,8 @@ API; then two figures per entity:
   key the case wrote / entities.
 
 Entities: a session binding (with its indexes: 1 session per agent and 10
-sessions per agent), a held lock (with its fencing counter and the process's
-liveness key), a rate-limit key per algorithm at 20/hour and at 1,000/minute
+sessions per agent), a held lock (with the process's liveness key; with and
+without its fencing counter, written when a token is drawn), a rate-limit key per algorithm at 20/hour and at 1,000/minute
 filled to the limit (logs one hit at a time, so they hold one member per hit;
 counters and GCRA with one hit of cost = limit, which leaves the same state), and
 a cached metadata entry (~300 B of JSON). Beside them: the naive layouts (SETEX
@@ -146,13 +146,15 @@ def lock_cases(server: RedisServer, n: int) -> List[Row]:
     def name(i: int) -> str:
         return "warm-up" if i < 0 else names[i]
 
-    def ours() -> Callable[[int], object]:
-        def one(i: int) -> object:
-            lk = mcp_redis.lock(name(i), timeout=600)
-            assert lk.acquire(blocking=False)
-            held.append(lk)
-            return lk
-        return one
+    def ours(fencing: bool) -> Callable[[], Callable[[int], object]]:
+        def build() -> Callable[[int], object]:
+            def one(i: int) -> object:
+                lk = mcp_redis.lock(name(i), timeout=600, fencing=fencing)
+                assert lk.acquire(blocking=False)
+                held.append(lk)
+                return lk
+            return one
+        return build
 
     def redis_py() -> Callable[[int], object]:
         def one(i: int) -> object:
@@ -177,7 +179,8 @@ def lock_cases(server: RedisServer, n: int) -> List[Row]:
     rows = [
         measure(server, "naive: SET <name> <token> NX PX", "lock", n,
                 lambda: lambda i: raw.set(name(i), token, nx=True, px=600_000)),
-        measure(server, "mcp_redis.lock held (fencing counter, liveness key)", "lock", n, ours),
+        measure(server, "mcp_redis.lock held (liveness key; token not drawn)", "lock", n, ours(False)),
+        measure(server, "mcp_redis.lock(fencing=True) held (+ fencing counter)", "lock", n, ours(True)),
         measure(server, "redis-py Lock held", "lock", n, redis_py),
         measure(server, "python-redis-lock held", "lock", n, prl),
     ]

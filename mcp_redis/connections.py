@@ -297,9 +297,10 @@ def _quiet(connection: Any) -> bool:
     sock = getattr(connection, "_sock", None)
     if sock is None or type(sock) is not socket.socket:  # not connected, or TLS
         return False
-    buffer = getattr(getattr(connection, "_parser", None), "_buffer", None)  # the pure-Python parser's
+    # The pure-Python parser's read buffer (hiredis's parser keeps a bytearray there: not ours to judge).
+    unread = getattr(getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None)
     try:
-        if buffer is None or buffer.unread_bytes():
+        if unread is None or unread():
             return False
         return not select.select([sock], [], [], 0)[0]
     except (OSError, ValueError, redis.ConnectionError):  # closed meanwhile, or a descriptor past FD_SETSIZE

@@ -14,7 +14,7 @@ from redis.sentinel import SentinelConnectionPool
 
 import mcp_redis
 from mcp_redis.config import Settings
-from mcp_redis.connections import ReadyCheckedPool, _pack, build_client, get_redis, parse_host_list
+from mcp_redis.connections import ReadyCheckedPool, _pack, _quiet, build_client, get_redis, parse_host_list
 from mcp_redis.errors import BackendUnavailable, ConfigurationError
 from mcp_redis.metrics import METRICS
 from mcp_redis.resilience import BreakerState, CircuitBreaker, Resilience
@@ -294,6 +294,21 @@ def test_a_clean_pooled_connection_is_reused_without_reconnecting(redis_mode: st
     conn = get_redis()
     ids = {conn.call(conn.run_command, "CLIENT", "ID") for _ in range(20)}
     assert len(ids) == 1
+
+
+def test_the_quick_ready_check_defers_to_redis_py_for_other_parsers_and_tls(redis_mode: str) -> None:
+    # hiredis's parser keeps a bytearray as `_buffer`; TLS sockets are not plain sockets:
+    # neither is judged by the quick check (redis-py's own check runs), and none raises.
+    import socket
+    import types
+    sock = socket.socket()
+    try:
+        for parser in (types.SimpleNamespace(_buffer=bytearray(b"+OK\r\n")), types.SimpleNamespace(), None):
+            assert _quiet(types.SimpleNamespace(_sock=sock, _parser=parser)) is False
+    finally:
+        sock.close()
+    assert _quiet(types.SimpleNamespace(_sock=object(), _parser=None)) is False
+    assert _quiet(types.SimpleNamespace(_sock=None)) is False
 
 
 def _readable(connection: Any) -> bool:
