@@ -4,13 +4,14 @@ A lock is a lease owned by a value unique to one acquire call: a fresh
 random nonce (after the caller's `token`, when one is given: a token is a
 dedupe id, not an identity, so two holders passing the same token are still
 two holders), held by one (process, thread). In Redis every operation is one
-Lua script (one round trip); a retry of one call after a lost reply is
-recognised by that value (acquire), by the hold's lease not yet having run
-out (release), or by a short-lived per-call record (an additive extend), so
-it never grants, releases or extends twice.
-Acquire also raises a per-name fencing counter (it expires: ``FENCE_TTL``),
-and a failed try joins a FIFO of waiters in the same script, so no release
-can slip by unseen. Release
+round trip: an uncontended grant a plain ``SET … NX PX … GET``, everything
+else a Lua script; a retry of one call after a lost reply is recognised by
+that value (acquire), by the hold's lease not yet having run out (release),
+or by a short-lived per-call record (an additive extend), so it never
+grants, releases or extends twice. The fencing token is drawn from a
+per-name counter (it expires: ``FENCE_TTL``) when first read while held, or
+with the grant under ``fencing=True``; a failed try joins a FIFO of waiters
+in one script, so no release can slip by unseen. Release
 hands the lock to the longest waiter (reserving it for a moment so a
 releaser that loops cannot barge in) and wakes it through its own signal
 list (BLPOP): no polling. Every wait is capped at the lock's remaining
