@@ -21,8 +21,8 @@ def test_operations_doc_names_the_key_namespaces_stats_reports(redis_mode: str) 
     held = mcp_redis.lock("nightly-report", timeout=30)
     assert held.acquire(blocking_timeout=5)
     try:
-        with mcp_redis.agent_lock("agent-1"):
-            pass
+        with mcp_redis.agent_lock("agent-1") as agent:
+            assert agent.fencing_token  # drawn: its counter outlives the hold, as in the example
         mcp_redis.RateLimiter("kg_store", limits=[(5, 60)]).hit("agent-1")
 
         @mcp_redis.cached_metadata(ttl=60)
