@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 import redis.exceptions as rex
 
@@ -26,7 +26,7 @@ from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
 if TYPE_CHECKING:
     from ..client import Client
 
-__all__ = ["RedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL", "FENCE_TTL"]
+__all__ = ["RedisBackend", "FencedRedisBackend", "GatedRedisBackend", "HANDOFF_GRACE", "LIVENESS_TTL", "FENCE_TTL"]
 
 log = logging.getLogger("mcp_redis.locks")
 
@@ -72,6 +72,11 @@ class RedisBackend(Backend):
     name = "redis"
     leased = True
     heartbeat_every = LIVENESS_TTL / 3
+    #: Draw every grant's fencing token with the grant (as ``fencing=True``).
+    #: True when a fallback is configured: a hold taken through Redis must
+    #: still have its token when Redis goes away mid-hold, the outage the
+    #: fallback is for (a token drawn on first read would be unavailable).
+    fence_with_grant: ClassVar[bool] = False
 
     def __init__(self, client: Client) -> None:
         super().__init__(client)
@@ -103,6 +108,7 @@ class RedisBackend(Backend):
                 fencing: bool = False) -> Optional[Hold]:
         conn = self.client.redis("locks")
         lease_ms = ms(lease)
+        fencing = fencing or self.fence_with_grant
         if time.monotonic() >= self._live_ok_until:
             self.heartbeat()  # the key must exist before any value naming it does
         token = self._live_tag + token
@@ -316,6 +322,12 @@ def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
         pool.release(connection)
 
 
+class FencedRedisBackend(RedisBackend):
+    """Redis under ``lock_fallback=local``: every grant draws its fencing token (`fence_with_grant`)."""
+
+    fence_with_grant = True
+
+
 class GatedRedisBackend(RedisBackend):
     """Redis under ``lock_fallback=postgres``: a grant or renewal counts only through the name's gate.
 
@@ -329,8 +341,12 @@ class GatedRedisBackend(RedisBackend):
     the gate open a grant costs one ``EXISTS`` more than plain Redis, and no
     PostgreSQL round trip. A fallback grant waits two leases after its
     episode began (`PostgresBackend.acquire_fallback`), so every Redis hold
-    granted or renewed before the gate closed has ended.
+    granted or renewed before the gate closed has ended. Every grant draws
+    its fencing token (`fence_with_grant`), which the gate reconciles with
+    PostgreSQL's.
     """
+
+    fence_with_grant = True
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
                 fencing: bool = False) -> Optional[Hold]:

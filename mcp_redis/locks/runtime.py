@@ -19,7 +19,7 @@ from .base import Backend
 from .file import FileBackend
 from .off import OffBackend
 from .postgres import PostgresBackend
-from .redis import GatedRedisBackend, RedisBackend
+from .redis import FencedRedisBackend, GatedRedisBackend, RedisBackend
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -34,11 +34,12 @@ BY_MODE: Dict[Mode, Type[Backend]] = {
     Mode.LOCAL: FileBackend,
     Mode.OFF: OffBackend,
 }
-#: Under ``locks=redis``: ``lock_fallback`` → the Redis backend (gated when PostgreSQL may stand in).
+#: Under ``locks=redis``: ``lock_fallback`` → the Redis backend (gated when PostgreSQL may stand in;
+#: with any fallback, every grant draws its fencing token).
 REDIS_BY_FALLBACK: Dict[LockFallback, Type[Backend]] = {
     LockFallback.NONE: RedisBackend,
     LockFallback.POSTGRES: GatedRedisBackend,
-    LockFallback.LOCAL: RedisBackend,
+    LockFallback.LOCAL: FencedRedisBackend,
 }
 #: ``lock_fallback`` → the backend used while Redis is unreachable (None: fail closed).
 FALLBACK: Dict[LockFallback, Optional[Type[Backend]]] = {

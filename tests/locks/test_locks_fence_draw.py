@@ -10,13 +10,13 @@ its token was drawn never gets one.
 from __future__ import annotations
 
 import threading
-from typing import List
+from typing import Any, List
 
 import pytest
 import redis
 
 import mcp_redis
-from mcp_redis import LockNotOwned
+from mcp_redis import BackendUnavailable, LockNotOwned
 from mcp_redis.testing import wait_for
 
 
@@ -129,3 +129,34 @@ def test_threads_sharing_one_hold_draw_one_token(redis_mode: str) -> None:
     assert len(seen) == 8 and len(set(seen)) == 1
     assert evalsha_calls(r) - before == 1
     shared.release()
+
+
+def test_a_token_not_yet_drawn_needs_redis_and_one_drawn_with_the_grant_does_not(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, retry_attempts=1)
+    lazy = mcp_redis.lock("outage-lazy", timeout=30)
+    eager = mcp_redis.lock("outage-eager", timeout=30, fencing=True)
+    assert lazy.acquire() and eager.acquire()
+    server.stop()
+    with pytest.raises(BackendUnavailable):  # fails closed: no token without the counter
+        lazy.fencing_token
+    assert isinstance(eager.fencing_token, int)
+
+
+@pytest.mark.parametrize("fallback", ["postgres", "local"])
+def test_with_a_fallback_every_redis_grant_draws_its_token(redis_factory: Any, database_url: str, fallback: str,
+                                                           tmp_path: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, database_url=database_url, lock_fallback=fallback,
+                        lock_dir=str(tmp_path), retry_attempts=1, breaker_failure_threshold=1_000_000)
+    r = raw(server.url)
+    with mcp_redis.agent_lock("gated") as first:  # (postgres: opens the name's gate, reconciling a token)
+        pass
+    fence_key = first.key + "#fence"
+    before = int(r.get(fence_key))
+    held = mcp_redis.agent_lock("gated")  # no fencing=True; the gate is open now
+    assert held.acquire()
+    drawn = int(r.get(fence_key))
+    assert drawn > before  # this grant drew its own token, before any read
+    server.stop()
+    assert held.fencing_token == drawn  # and has it with Redis gone (its lease runs out)
