@@ -408,6 +408,11 @@ class DistributedLock:
         if last is None:
             return None
         if last.fence is None:
+            if _get_running_loop() is not None:  # the draw is a round trip: never on a loop's thread
+                raise BlockingCallInEventLoop(
+                    f"lock {_shown(self.name)}: reading fencing_token would draw it from Redis (a blocking "
+                    "round trip) on a thread running an asyncio event loop; read it in the thread that "
+                    "holds the lock, or make the lock with fencing=True (drawn with the grant)")
             _draw_fence(last, self.name)
         return last.fence
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import mcp_redis
-from mcp_redis import BackendUnavailable, LockNotOwned
+from mcp_redis import BackendUnavailable, BlockingCallInEventLoop, LockNotOwned
 from mcp_redis.testing import wait_for
 
 
@@ -160,3 +160,21 @@ def test_with_a_fallback_every_redis_grant_draws_its_token(redis_factory: Any, d
     assert drawn > before  # this grant drew its own token, before any read
     server.stop()
     assert held.fencing_token == drawn  # and has it with Redis gone (its lease runs out)
+
+
+def test_a_token_still_to_draw_is_never_drawn_on_an_event_loop_thread(redis_mode: str) -> None:
+    import asyncio
+
+    lazy = mcp_redis.lock("loop-draw", timeout=10, thread_local=False)  # shared: the loop's thread sees the hold
+    eager = mcp_redis.lock("loop-draw-eager", timeout=10, thread_local=False, fencing=True)
+    assert lazy.acquire() and eager.acquire()
+
+    async def read() -> Any:
+        with pytest.raises(BlockingCallInEventLoop, match="fencing=True"):
+            lazy.fencing_token
+        return eager.fencing_token  # drawn with the grant: no round trip, allowed
+
+    assert isinstance(asyncio.run(read()), int)
+    assert isinstance(lazy.fencing_token, int)  # off the loop, the draw runs
+    lazy.release()
+    eager.release()

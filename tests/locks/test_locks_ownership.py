@@ -78,6 +78,21 @@ def test_acquire_retried_after_a_lost_reply_takes_the_lock_once(lost_reply: Faul
     assert not held.locked()
 
 
+def test_a_fenced_acquire_retried_after_a_lost_reply_takes_the_lock_once_with_a_fresh_token(
+        lost_reply: FaultProxy) -> None:
+    held = mcp_redis.lock("fenced-job", timeout=10, fencing=True)
+    assert held.acquire()
+    before = held.fencing_token
+    held.release()
+    lost_reply.reset_next_reply()  # the reply to the pipelined SET + token script is cut
+    assert held.acquire(blocking_timeout=2) is True  # the retry's SET … GET finds its own grant
+    assert lost_reply.stats.get("reset") == 1, "the reply was cut and the acquire retried"
+    assert before is not None and held.fencing_token is not None and held.fencing_token > before
+    assert mcp_redis.lock("fenced-job").acquire(blocking=False) is False
+    held.release()
+    assert not held.locked()
+
+
 # -- a lost lock is never re-entered -----------------------------------------------------------
 def test_nested_agent_lock_refuses_to_enter_a_lost_lock(redis_mode: str, tmp_path: Path) -> None:
     r = raw(redis_mode)
