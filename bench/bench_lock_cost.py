@@ -1,6 +1,6 @@
 """Redis's own work per lock cycle, counted in instructions: ``with agent_lock(a)`` vs redis-py ``Lock``.
 
-    python -m bench.bench_lock_cost [--n 2000] [--scripts-only]
+    python -m bench.bench_lock_cost [--n 2000] [--scripts-only | --breakdown]
 
 Runs a redis-server under valgrind's callgrind (instrumentation switched on
 only around the measured loop) and counts the instructions the server runs
@@ -14,7 +14,10 @@ whole-CPU cost is smaller than the ratio shown here.
 ``--scripts-only`` sends the library's commands directly (pipelined, like
 the peer's two commands: the grant's plain ``SET``, the release script, and
 in the fenced case the token's script between them), leaving out the
-process liveness key refreshed every half second. Needs ``valgrind`` on PATH.
+process liveness key refreshed every half second. ``--breakdown`` counts
+what the token's script costs part by part: single-purpose scripts, each
+pipelined on its own (a plain ``SET NX`` for scale; its first call per name
+sets it, the rest find it set). Needs ``valgrind`` on PATH.
 """
 
 from __future__ import annotations
@@ -46,10 +49,20 @@ def _totals(directory: str) -> int:
     return best
 
 
+def _plain_sets(r: redis.Redis[str], n: int, value: str) -> None:
+    for start in range(0, n, 100):
+        pipe = r.pipeline(transaction=False)
+        for i in range(start, start + 100):
+            pipe.set(f"plain{i % 1000}", value, nx=True, px=30000)
+        pipe.execute()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="cycles per case")
     parser.add_argument("--scripts-only", action="store_true", help="send the scripts directly, pipelined")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="what the fencing token's script costs, part by part (single-purpose scripts)")
     opts = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind (callgrind) is not installed")
@@ -114,7 +127,32 @@ def main() -> None:
                     pipe.evalsha(cad, 1, key, value)
                 pipe.execute()
 
-        cases: Dict[str, Callable[[], None]] = (
+        def script_case(source: str) -> Callable[[], None]:
+            sha = r.script_load(source)
+
+            def run() -> None:
+                for start in range(0, n, 100):
+                    pipe = r.pipeline(transaction=False)
+                    for i in range(start, start + 100):
+                        pipe.evalsha(sha, 2, f"held{i % 1000}", f"held{i % 1000}#fence", value)
+                    pipe.execute()
+            return run
+
+        check = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end "
+        breakdown: Dict[str, Callable[[], None]] = {
+            "plain SET NX PX (pipelined, for scale)": lambda: _plain_sets(r, n, value),
+            "script: return 1 (the call itself)": script_case("return 1"),
+            "script: the ownership GET": script_case(check + "return 1"),
+            "script: GET + TIME": script_case(check + "local t = redis.call('TIME') return 1"),
+            "script: GET + TIME + SET KEEPTTL GET": script_case(
+                check + "local t = redis.call('TIME') "
+                "redis.call('SET', KEYS[2], t[1] .. t[2], 'KEEPTTL', 'GET') return 1"),
+            "script: lock_fence.lua (the token)": script_case(lua("lock_fence")),
+        }
+        if opts.breakdown:
+            for i in range(1000):
+                r.set(f"held{i}", value)  # held by `value`: the ownership check passes
+        cases: Dict[str, Callable[[], None]] = breakdown if opts.breakdown else (
             {"mcp_redis commands (pipelined)": ours_commands(False),
              "redis-py Lock commands (pipelined)": theirs_scripts,
              "mcp_redis commands + fence (pipelined)": ours_commands(True)}
@@ -138,6 +176,11 @@ def main() -> None:
             control("-d")
             time.sleep(0.5)
             counts[name] = _totals(directory) / n
+        if opts.breakdown:
+            print(f"redis-server instructions per call (callgrind, n={n}, pipelined, 1,000 names)")
+            for name, count in counts.items():
+                print(f"  {name:40s} {count:9,.0f}")
+            return
         base = list(counts.values())[1]  # redis-py's
         print(f"redis-server instructions per acquire+release cycle (callgrind, n={n}, 1,000 names)")
         for name, count in counts.items():
