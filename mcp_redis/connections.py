@@ -273,21 +273,22 @@ class _QuickReadyCheck:
 
     Before handing out a pooled connection, redis-py makes sure no reply is
     left unread on it and the server has not closed it: a non-blocking
-    ``recv`` between two socket-timeout changes, five system calls per
-    command, a tenth of a lock cycle's client CPU on this VM. With the
+    ``recv`` between two socket-timeout changes (three system calls per
+    command: ``ioctl``, ``recvfrom``, ``ioctl``). With the
     pure-Python parser on a plain socket the same two facts come from the
     parser's buffer (nothing unread) and one ``select`` (nothing to read,
     no end of stream): both quiet, the connection is ready. Anything else
     (bytes buffered or arriving, a TLS socket whose plaintext may be
-    buffered in OpenSSL, hiredis, client-side caching, maintenance
-    notifications) runs redis-py's own check, which reconnects.
-    (tests/test_connections.py: a connection left with a reply to read, or
-    closed by the server, is never used as is.)
+    buffered in OpenSSL, hiredis) runs redis-py's own check, which
+    reconnects, or reads the push messages waiting there (RESP3 maintenance
+    notifications). When both are quiet redis-py's check would find nothing
+    to read and do nothing, whatever the protocol or settings: skipping it
+    changes no outcome. (tests/test_connections.py: a connection left with a
+    reply to read, or closed by the server, is never used as is.)
     """
 
     def ensure_connection(self, connection: Any) -> None:
-        if (_quiet(connection) and getattr(self, "cache", None) is None
-                and not getattr(self, "maint_notifications_enabled", lambda: False)()):
+        if _quiet(connection):
             return
         super().ensure_connection(connection)  # type: ignore[misc]
 

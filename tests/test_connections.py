@@ -290,6 +290,28 @@ def test_a_pooled_connection_the_server_closed_is_replaced_before_use(redis_fact
     assert conn.call(conn.run_command, "CLIENT", "ID") != first
 
 
+def test_a_clean_pooled_connection_skips_redis_pys_non_blocking_read(redis_mode: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The point of the quick check: redis-py's `can_read` (a non-blocking recv between two
+    # timeout changes) does not run for a connection with nothing to read. With hiredis's
+    # parser (CI's hiredis pass) redis-py's own check runs every time.
+    quick = not redis.utils.HIREDIS_AVAILABLE
+    conn = get_redis()
+    pool = conn.client.connection_pool
+    conn.call(conn.run_command, "PING")
+    connection = pool.get_connection()
+    calls: List[float] = []
+    real = connection.can_read
+    monkeypatch.setattr(connection, "can_read", lambda timeout=0: calls.append(timeout) or real(timeout))
+    pool.ensure_connection(connection)
+    assert (calls == []) is quick
+    connection.send_command("ECHO", "unread")
+    wait_for(lambda: _readable(connection), timeout=5, what="the reply to arrive")
+    pool.ensure_connection(connection)  # something to read: redis-py's check runs (and reconnects)
+    assert calls
+    pool.release(connection)
+
+
 def test_a_clean_pooled_connection_is_reused_without_reconnecting(redis_mode: str) -> None:
     conn = get_redis()
     ids = {conn.call(conn.run_command, "CLIENT", "ID") for _ in range(20)}
