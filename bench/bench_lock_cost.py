@@ -138,21 +138,22 @@ def main() -> None:
                     pipe.execute()
             return run
 
-        check = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end "
-        breakdown: Dict[str, Callable[[], None]] = {
-            "plain SET NX PX (pipelined, for scale)": lambda: _plain_sets(r, n, value),
-            "script: return 1 (the call itself)": script_case("return 1"),
-            "script: the ownership GET": script_case(check + "return 1"),
-            "script: GET + TIME": script_case(check + "local t = redis.call('TIME') return 1"),
-            "script: GET + TIME + SET KEEPTTL GET": script_case(
-                check + "local t = redis.call('TIME') "
-                "redis.call('SET', KEYS[2], t[1] .. t[2], 'KEEPTTL', 'GET') return 1"),
-            "script: lock_fence.lua (the token)": script_case(lua("lock_fence")),
-        }
-        if opts.breakdown:
+        def breakdown() -> Dict[str, Callable[[], None]]:
             for i in range(1000):
                 r.set(f"held{i}", value)  # held by `value`: the ownership check passes
-        cases: Dict[str, Callable[[], None]] = breakdown if opts.breakdown else (
+            check = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end "
+            return {
+                "plain SET NX PX (pipelined, for scale)": lambda: _plain_sets(r, n, value),
+                "script: return 1 (the call itself)": script_case("return 1"),
+                "script: the ownership GET": script_case(check + "return 1"),
+                "script: GET + TIME": script_case(check + "local t = redis.call('TIME') return 1"),
+                "script: GET + TIME + SET KEEPTTL GET": script_case(
+                    check + "local t = redis.call('TIME') "
+                    "redis.call('SET', KEYS[2], t[1] .. t[2], 'KEEPTTL', 'GET') return 1"),
+                "script: lock_fence.lua (the token)": script_case(lua("lock_fence")),
+            }
+
+        cases: Dict[str, Callable[[], None]] = breakdown() if opts.breakdown else (
             {"mcp_redis commands (pipelined)": ours_commands(False),
              "redis-py Lock commands (pipelined)": theirs_scripts,
              "mcp_redis commands + fence (pipelined)": ours_commands(True)}

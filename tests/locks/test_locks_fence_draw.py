@@ -13,19 +13,11 @@ import threading
 from typing import Any, List
 
 import pytest
-import redis
 
 import mcp_redis
 from mcp_redis import BackendUnavailable, BlockingCallInEventLoop, LockNotOwned
 from mcp_redis.testing import wait_for
-
-
-def raw(url: str) -> redis.Redis[str]:
-    return redis.Redis.from_url(url, decode_responses=True)
-
-
-def evalsha_calls(r: redis.Redis[str]) -> int:
-    return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+from tests.locks.test_locks import evalsha_calls, raw
 
 
 def test_an_uncontended_grant_runs_no_script_and_writes_no_fencing_counter(redis_mode: str) -> None:
