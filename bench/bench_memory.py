@@ -1,7 +1,8 @@
 """Redis memory per entity: mcp_redis's layouts beside the naive ones and the peers'.
 
     python -m bench.bench_memory [--n 20000] [--rl-keys 2000] [--rl-keys-big 40] [--only sessions,locks,ratelimit,cache]
-    python -m bench.bench_memory --quick      # n=2,000, 500 / 10 rate-limit keys: ~2 min
+                                 [--one-window]
+    python -m bench.bench_memory --quick      # n=2,000, 500 / 10 rate-limit keys, one window: ~2 min
 
 Starts its own redis-server (mcp_redis.testing.RedisServer). Every case runs
 on an emptied server (FLUSHALL, after one warm-up entity so script caches and
@@ -18,7 +19,10 @@ Entities: a session binding (with its indexes: 1 session per agent and 10
 sessions per agent), a held lock (with the process's liveness key; with and
 without its fencing counter, written when a token is drawn), a rate-limit key per algorithm at 20/hour and at 1,000/minute
 filled to the limit (logs one hit at a time, so they hold one member per hit;
-counters and GCRA with one hit of cost = limit, which leaves the same state), and
+counters and GCRA with one hit of cost = limit, which leaves the same state;
+and the sliding-window counters in their steady state too, with a count in
+the previous window and one in this: ~1 minute a layout, `--one-window`
+skips it), and
 a cached metadata entry (~300 B of JSON). Beside them: the naive layouts (SETEX
 of the agent id, SET NX PX of a token, INCR + EXPIRE, SETEX of the JSON) and
 the peers' (limits, pyrate-limiter, throttled-py, redis-py Lock,
@@ -64,8 +68,15 @@ def _used(admin: Any) -> int:
 
 
 def measure(server: RedisServer, label: str, group: str, entities: int,
-            make: Callable[[], Callable[[int], object]], threads: int = 1, warm: bool = True) -> Row:
-    """Create `entities` entities with ``make()(i)`` on an emptied server and measure them."""
+            make: Callable[[], Callable[[int], object]], threads: int = 1, warm: bool = True,
+            next_window: int = 0) -> Row:
+    """Create `entities` entities with ``make()(i)`` on an emptied server and measure them.
+
+    With `next_window` (seconds), ``make()(i)`` runs twice per entity: early in
+    a window of that length on the server's clock, then again once every key
+    the first pass wrote is more than a window old (the steady state of a
+    counter that keeps a previous window's count).
+    """
     admin = server.client()
     try:
         create = make()
@@ -77,12 +88,23 @@ def measure(server: RedisServer, label: str, group: str, entities: int,
     time.sleep(SETTLE)
     before = _used(admin)
     started = time.perf_counter()
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(create, range(entities), chunksize=64))
-    else:
-        for i in range(entities):
-            create(i)
+
+    def fill() -> None:
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(create, range(entities), chunksize=64))
+        else:
+            for i in range(entities):
+                create(i)
+
+    if next_window:
+        seconds, micros = admin.time()
+        into = (seconds + micros / 1e6) % next_window
+        if into > next_window / 4:  # start in the window's first quarter: the second pass lands in the next one
+            time.sleep(next_window - into + 0.2)
+        fill()
+        time.sleep(next_window + 0.5)
+    fill()
     elapsed = time.perf_counter() - started
     time.sleep(SETTLE)
     after = _used(admin)
@@ -267,7 +289,8 @@ def ratelimit_makers(server: RedisServer, algorithm: str, limit: int,
     return out
 
 
-def ratelimit_cases(server: RedisServer, keys_small: int, keys_big: int, threads: int) -> List[Row]:
+def ratelimit_cases(server: RedisServer, keys_small: int, keys_big: int, threads: int,
+                    two_windows: bool = True) -> List[Row]:
     rows: List[Row] = []
     for algorithm in ("sliding_window", "fixed_window", "sliding_window_counter", "gcra"):
         for rate_label, limit, window in RATE_LIMITS:
@@ -289,6 +312,32 @@ def ratelimit_cases(server: RedisServer, keys_small: int, keys_big: int, threads
                 row = measure(server, f"{label} at {rate_label}, full", f"{algorithm} {rate_label}", keys, make,
                               threads=threads)
                 rows.append(row)
+    if two_windows:
+        rows += two_window_cases(server, keys_small, threads)
+    return rows
+
+
+def two_window_cases(server: RedisServer, keys: int, threads: int) -> List[Row]:
+    """Sliding-window counters in their steady state: a count in the previous window and one in this.
+
+    At 1,000/minute (an hour's window would need an hour's wait): half the
+    limit early in one window, a quarter in the next (admitted: at most
+    500 × share + 250). Each layout waits a window: ~1 minute a case.
+    """
+    rows: List[Row] = []
+    limit, window, rate_label = 1000, 60, "1,000/min"
+    for label, make_hit in ratelimit_makers(server, "sliding_window_counter", limit, window):
+        def make(make_hit: Callable[..., Callable[..., object]] = make_hit) -> Callable[[int], object]:
+            hit = make_hit()
+            passes: Dict[int, int] = {}
+
+            def fill(i: int) -> object:
+                key = "warm-up" if i < 0 else f"agent-{uuid.UUID(int=i + 1)}"
+                n = passes[i] = passes.get(i, 0) + 1  # each i is filled by one thread at a time
+                return hit(key, limit // 2 if n == 1 else limit // 4)
+            return fill
+        rows.append(measure(server, f"{label} at {rate_label}, two windows", f"sliding_window_counter {rate_label} "
+                            "steady", keys, make, threads=threads, next_window=window))
     return rows
 
 
@@ -361,10 +410,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="threads filling rate-limit keys")
     parser.add_argument("--only", default="", help="comma-separated: sessions, locks, ratelimit, cache")
     parser.add_argument("--json", default="", help="also write the rows to this file")
-    parser.add_argument("--quick", action="store_true", help="n=2,000; 500 and 10 rate-limit keys")
+    parser.add_argument("--quick", action="store_true", help="n=2,000; 500 and 10 rate-limit keys; one window only")
+    parser.add_argument("--one-window", action="store_true",
+                        help="skip the sliding-window counters' two-window cases (they wait a minute each)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.rl_keys, args.rl_keys_big = 2000, 500, 10
+        args.n, args.rl_keys, args.rl_keys_big, args.one_window = 2000, 500, 10, True
     for flag in ("n", "rl_keys", "rl_keys_big", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -382,7 +433,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if "locks" in wanted:
                 rows += lock_cases(server, args.n)
             if "ratelimit" in wanted:
-                rows += ratelimit_cases(server, args.rl_keys, args.rl_keys_big, args.threads)
+                rows += ratelimit_cases(server, args.rl_keys, args.rl_keys_big, args.threads,
+                                        two_windows=not args.one_window)
             if "cache" in wanted:
                 rows += cache_cases(server, args.n)
         finally:

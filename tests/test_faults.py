@@ -530,6 +530,27 @@ def test_rate_limit_hit_after_a_lost_reply_is_counted_once(lost_reply: FaultProx
     assert not limiter.hit("k").allowed, "and the limit still holds"
 
 
+@pytest.mark.parametrize("algorithm", ["sliding_window", "sliding_window_counter", "fixed_window", "gcra"])
+def test_rate_limit_refund_after_a_lost_reply_is_applied_at_most_once(lost_reply: FaultProxy, algorithm: str) -> None:
+    # A refund whose reply is cut has run on the server: retried, a counter's
+    # refund would give the units back twice and let limit + 1 calls through.
+    limit = 3
+    limiter = mcp_redis.RateLimiter(unique("refund-lost"), limit, 60, algorithm=algorithm)
+    assert limiter.refund(limiter.hit("warm"))  # both scripts loaded, the connection open
+    for _ in range(limit - 1):
+        assert limiter.hit("k").allowed
+    last = limiter.hit("k")
+    assert last.allowed
+    lost_reply.reset_next_reply()
+    assert limiter.refund(last) is False, "unanswered: the caller cannot be told the units came back"
+    assert lost_reply.stats.get("reset") == 1
+    admitted = 0
+    while admitted <= limit and limiter.hit("k").allowed:
+        admitted += 1
+    record("rate limits", Fault.RESET_ONCE, f"{algorithm}: refund applied {admitted}x", 0.0)
+    assert admitted == 1, f"the refunded unit came back {admitted} times"
+
+
 # -- PostgreSQL behind the proxy ---------------------------------------------------------------
 
 

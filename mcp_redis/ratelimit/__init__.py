@@ -48,7 +48,7 @@ from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
 from .algorithms import Algorithm
 from .base import Backend, Outcome, Policy, Reply, Spec
-from .limits import Limit, LimitStatus, RateLimitResult, _check_int, _coerce_limits, _Plan, ratelimit_headers
+from .limits import Limit, LimitStatus, RateLimitResult, _check_int, _coerce_limits, _Plan, _Ticket, ratelimit_headers
 from .memory import MemoryBackend
 from .postgres import PostgresBackend
 from .redis import RedisBackend
@@ -226,7 +226,7 @@ class RateLimiter:
             _recovered(outages, which)
         result = self._result(plan, reply, which)
         if reply.allowed and consume:
-            result._ticket = (self, key, cost, reply, t0, which, plan.policy)
+            result._ticket = _Ticket(((self, key, cost, reply, t0, which, plan.policy),))
         return result
 
     def refund(self, result: RateLimitResult) -> bool:
@@ -239,17 +239,24 @@ class RateLimiter:
         nothing: a refused hit, a peek, a verdict (off/open/closed), a
         result already refunded, units already out of their window, or a
         backend that does not answer now (logged; the units stay consumed,
-        the safe side).
+        the safe side). A refund is never retried: when its reply is lost
+        it may have been applied, once, and False is returned all the same.
         """
         if not isinstance(result, RateLimitResult):
             raise InvalidArgumentType("result", f"must be a RateLimitResult, not {type(result).__name__}")
-        ticket = result._ticket
-        if ticket is None:
+        cell = result._ticket
+        if cell is None:
             return False
-        limiter, key, cost, reply, t0, which, policy = ticket
+        try:
+            limiter = cell[0][0]
+        except IndexError:  # already taken (by this result, a copy of it, or another thread)
+            return False
         if limiter is not self:
             raise InvalidArgument("result", f"was returned by limiter {limiter.name!r}, not {self.name!r}")
-        result._ticket = None
+        try:
+            _, key, cost, reply, t0, which, policy = cell.pop()  # once, whichever thread or copy comes first
+        except IndexError:
+            return False
         elapsed_us = (time.monotonic_ns() - t0) // 1000
         backend = _backend(resolve(self.client), which)
         try:
@@ -278,7 +285,7 @@ class RateLimiter:
             _outage_started(client, failed, step, exc)
             result = self._result(plan, reply, step)
             if reply.allowed and consume:
-                result._ticket = (self, key, cost, reply, t0, step, plan.policy)
+                result._ticket = _Ticket(((self, key, cost, reply, t0, step, plan.policy),))
             return result
         raise AssertionError("every fallback ends with a verdict or the in-process backend")  # pragma: no cover
 

@@ -44,6 +44,22 @@ class LimitStatus(NamedTuple):
     reset_after: float
 
 
+class _Ticket(list):  # type: ignore[type-arg]
+    """What `RateLimiter.refund` needs of an admitted hit: one item, taken once (``pop``, atomic).
+
+    Copies of a result share it (``copy``/``deepcopy`` return it as is), so
+    a hit is refunded at most once whichever copy is refunded.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> _Ticket:
+        return self
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> _Ticket:
+        return self
+
+
 class RateLimitResult:
     """The outcome of `hit`/`peek`: the verdict and the figures of the binding limit.
 
@@ -69,7 +85,7 @@ class RateLimitResult:
         self._plan = plan
         self._outcomes = outcomes
         # What `RateLimiter.refund` needs of an admitted hit (set by the front), else None.
-        self._ticket: Optional[Tuple[Any, ...]] = None
+        self._ticket: Optional[_Ticket] = None
 
     @property
     def statuses(self) -> Tuple[LimitStatus, ...]:

@@ -105,7 +105,9 @@ class PostgresBackend:
         hit_us = getattr(reply, "ticket", None)
         if hit_us is None:
             return False
-        done: bool = self.pg.policy.call(self._refund, policy, key, cost, reply, int(hit_us))
+        # One attempt, like the Redis refund: a commit whose reply was lost
+        # may have landed, and run again it would give the units back twice.
+        done: bool = self.pg.policy.call(self._refund, policy, key, cost, reply, int(hit_us), attempts=1)
         return done
 
     def _refund(self, policy: Policy, key: str, cost: int, reply: Reply, hit_us: int) -> bool:

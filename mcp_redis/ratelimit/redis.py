@@ -124,8 +124,12 @@ class RedisBackend:
             if nonce is None:
                 return False
             args.append(nonce)
+        # One attempt, never retried: a refund whose reply was lost may have
+        # run, and a counter's refund run twice would give back units the
+        # call never took (over-admission). Unanswered, the caller is told
+        # False (the units stay consumed, or were given back once).
         done = self.conn.policy.call(self.conn.run_script, self._refunds[policy.algorithm], policy.keys_for(key),
-                                     args)
+                                     args, attempts=1)
         return int(done) > 0
 
     def clear(self, policy: Policy, key: str) -> None:

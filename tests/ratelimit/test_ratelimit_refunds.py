@@ -7,6 +7,7 @@ The concurrent, multi-process exactness of refunds is in
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import List
 
 import pytest
@@ -39,6 +40,18 @@ def test_refund_gives_back_exactly_the_calls_units_once(backend: str, algorithm:
     assert all(r.allowed for r in results)
     assert limiter.refund(results[1]) is True
     assert limiter.refund(results[1]) is False, "a result is refunded once"
+    assert limiter.hit("agent-1").allowed, "the refunded unit is back"
+    assert not limiter.hit("agent-1").allowed, "and only that one"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_copies_of_a_result_share_its_one_refund(backend: str, algorithm: Algorithm) -> None:
+    limiter = RateLimiter("refunds-copies", 2, 600, algorithm=algorithm)
+    kept, failed = limiter.hit("agent-1"), limiter.hit("agent-1")
+    assert kept.allowed and failed.allowed
+    twins = [copy.copy(failed), copy.deepcopy(failed)]
+    assert limiter.refund(twins[1]) is True
+    assert limiter.refund(failed) is False and limiter.refund(twins[0]) is False, "one hit, one refund"
     assert limiter.hit("agent-1").allowed, "the refunded unit is back"
     assert not limiter.hit("agent-1").allowed, "and only that one"
 
