@@ -619,6 +619,12 @@ class CachedFunction(Generic[R]):
         For after an update (the caller knows the new value): L2 gets it,
         every other process drops its L1 copy, loads in flight are refused.
         """
+        try:  # checked before anything changes: a value JSON cannot hold is the caller's error
+            json.dumps(value, allow_nan=False)
+        except TypeError as exc:
+            raise InvalidArgumentType("value", f"must be a value JSON can hold: {exc}") from None
+        except ValueError as exc:  # NaN, infinities, a circular reference
+            raise InvalidArgument("value", f"must be a value JSON can hold: {exc}") from None
         key, l2id = self._key(args, kwargs)
         self._write(self._state(), key, l2id, value)
 

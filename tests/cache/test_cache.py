@@ -17,6 +17,7 @@ from mcp_redis.cache import function as cache_function
 from mcp_redis.cache.flight import Flight
 from mcp_redis.client import default_client
 from mcp_redis.connections import get_redis
+from mcp_redis.errors import InvalidArgument, InvalidArgumentType
 from mcp_redis.testing import wait_for
 
 
@@ -302,6 +303,24 @@ def test_invalidate_during_load_never_writes_back_stale_value(redis_mode: str) -
     assert result == [{"agent_id": "a1", "version": 0}]  # the caller gets what it loaded
     assert values_in_redis(redis_mode) == {}  # but L2 was not filled with it
     assert get_agent_metadata("a1") == {"agent_id": "a1", "version": 1}  # nor L1
+
+
+@pytest.mark.parametrize("value,error", [({"tags": {"x", "y"}}, InvalidArgumentType),
+                                         ({"score": float("nan")}, InvalidArgument)], ids=["set", "nan"])
+def test_set_of_a_value_json_cannot_hold_names_it_and_changes_nothing(redis_mode: str, value: Any,
+                                                                     error: type) -> None:
+    source = Source()
+
+    @cached_metadata(namespace="tests.set_bad")
+    def get_agent_metadata(agent_id: str) -> Any:
+        return source.load(agent_id)
+
+    first = get_agent_metadata("a1")
+    in_redis = values_in_redis(redis_mode)
+    with pytest.raises(error, match="value"):
+        get_agent_metadata.set(value, "a1")
+    assert values_in_redis(redis_mode) == in_redis, "L2 unchanged"
+    assert get_agent_metadata("a1") == first and len(source.loads) == 1, "L1 unchanged: no reload"
 
 
 def test_set_during_load_wins_over_the_stale_load(redis_mode: str) -> None:
