@@ -259,6 +259,21 @@ def test_lock_acquire_rejects_bad_waits(witness: Witness, blocking_timeout: Any)
     witness.unchanged()
 
 
+@pytest.mark.parametrize("bad", [{"blocking_timeout": float("nan")}, {"blocking_timeout": -5}, {"token": 123},
+                                 {"token": b"\xff\xfe"}], ids=["nan-wait", "negative-wait", "int-token", "non-utf8"])
+def test_a_held_reentrant_lock_rejects_bad_acquire_arguments_and_keeps_its_count(
+        redis_url: str, redis_server: RedisServer, bad: Dict[str, Any]) -> None:
+    # The re-entry shortcut comes after the checks: a nested acquire with a
+    # bad argument raises, and the hold's count is unchanged (released once).
+    mcp_redis.configure(redis_url=redis_url)
+    lk = mcp_redis.agent_lock("nested-bad", timeout=5)  # reentrant
+    with lk:
+        rejected("lock.acquire(held, reentrant)", lambda: lk.acquire(**bad), *bad)
+    assert not redis_server.client().exists(lk.key), "the one release freed it"
+    rejected("lock.acquire(free)", lambda: lk.acquire(**bad), *bad)
+    assert not redis_server.client().exists(lk.key)
+
+
 @EXAMPLES
 @given(agent_id=bad_id, timeout=st.one_of(st.just(1.0), bad_wait))
 def test_compat_state_lock_manager_rejects_bad_input(witness: Witness, agent_id: Any, timeout: Any) -> None:

@@ -238,6 +238,22 @@ class DistributedLock:
         """
         if _get_running_loop() is not None:
             raise _in_event_loop(self.name)
+        # Arguments first: a bad one raises and changes nothing, re-entry included.
+        if blocking is None:
+            blocking = self.blocking
+        wait = _check_seconds(blocking_timeout, "blocking_timeout", allow_none=True, allow_zero=True)
+        if wait is None:
+            wait = self.blocking_timeout
+        if not blocking:
+            wait = 0.0
+        if token is not None:
+            if isinstance(token, bytes):
+                try:
+                    token = token.decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    raise InvalidArgument("token", "bytes must be UTF-8 text (the token is stored as text)") from None
+            elif not isinstance(token, str):
+                raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
         client = resolve(self.client)
         rt = runtime(client)
         keys = self._resolve_keys(client)
@@ -255,20 +271,9 @@ class DistributedLock:
                 self._state.last = held
                 METRICS.inc("lock_acquire_total", backend=held.backend.name, outcome="reentered")
                 return True
-        if blocking is None:
-            blocking = self.blocking
-        wait = _check_seconds(blocking_timeout, "blocking_timeout", allow_none=True, allow_zero=True)
-        if wait is None:
-            wait = self.blocking_timeout
-        if not blocking:
-            wait = 0.0
         # The holder's value: a fresh nonce per call, after the caller's token if given.
         value = os.urandom(_NONCE_HEX // 2).hex()
         if token is not None:
-            if isinstance(token, bytes):
-                token = token.decode("utf-8", "surrogatepass")
-            elif not isinstance(token, str):
-                raise InvalidArgumentType("token", f"must be str or bytes, not {type(token).__name__}")
             value = f"{token}:{value}"
         lease = self.timeout if self.timeout is not None else client.settings.lock_timeout
         started = time.monotonic()
