@@ -90,6 +90,7 @@ class Hold:
     released: bool = False
     next_renewal: float = 0.0
     misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
+    granted_at: float = 0.0  # monotonic, before the grant was sent (the redis backend's liveness checks)
 
     # Made on demand (most holds never need one) and stored with dict.setdefault,
     # atomic in CPython: with `mark_lost` writing is_lost before reading the event
@@ -170,3 +171,10 @@ class Backend:
 
     def heartbeat(self) -> None:
         """Tell the store this process is alive (backends with `heartbeat_every`)."""
+
+    def liveness_gap(self) -> float:
+        """When (monotonic) the store last may have thought this process dead; -inf: never.
+
+        Holds taken before then may have been taken over: the watchdog checks them.
+        """
+        return float("-inf")

@@ -91,6 +91,12 @@ class RedisBackend(Backend):
         self._live_tag = f"L{live_id}|"
         self._live_key = _live_key(client.settings.key_prefix, live_id)
         self._live_ok_until = 0.0
+        # What the beats prove (monotonic times): the key lives at least until
+        # `_live_until` (the last beat's send time + LIVENESS_TTL), and it may
+        # have lapsed at `_live_gap_at` (a beat answered after the one before
+        # it could have expired; -inf: never since this client began).
+        self._live_until = 0.0
+        self._live_gap_at = float("-inf")
         # True once a lock script has run on this client: until then every
         # acquire takes the script path, so a user whose ACL refuses scripts
         # (EVALSHA) is refused before holding anything, instead of holding a
@@ -98,11 +104,41 @@ class RedisBackend(Backend):
         self._scripts_run = False
 
     def heartbeat(self) -> None:
-        """Refresh this process's liveness key (TTL `LIVENESS_TTL`)."""
+        """Refresh this process's liveness key (TTL `LIVENESS_TTL`).
+
+        A beat answered after the beat before it could have expired records
+        a gap (`liveness_gap`): meanwhile another caller may have taken over
+        any lock this process held.
+        """
         conn = self.client.redis("locks")
         started = time.monotonic()
         conn.call(conn.client.set, self._live_key, "1", px=ms(LIVENESS_TTL))
+        answered = time.monotonic()
+        if answered >= self._live_until:
+            self._live_gap_at = answered
+        self._live_until = max(self._live_until, started + LIVENESS_TTL)
         self._live_ok_until = started + self.heartbeat_every
+
+    def liveness_gap(self) -> float:
+        return self._live_gap_at
+
+    def live_since(self, moment: float) -> bool:
+        """True if this process's liveness key has lived without a gap from `moment` until now."""
+        return self._live_gap_at < moment and time.monotonic() < self._live_until
+
+    def _confirm(self, conn: RedisConnection, keys: LockKeys, token: str) -> bool:
+        """After a grant: False if it named a liveness key that may have lapsed, and the lock was taken over.
+
+        A grant that Redis ran late (a busy server, a retry after a lost
+        reply) can name this process after its liveness key expired: a
+        waiter may then have taken the lock over as a dead holder's. Then
+        the key is beaten again (from here on no takeover script can pass:
+        it checks the key), and the lock read back.
+        """
+        if time.monotonic() < self._live_until - self.heartbeat_every:  # the usual case: no round trip
+            return True
+        self.heartbeat()
+        return bool(_text(conn.call(conn.client.get, keys.lock)) == token)
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
                 fencing: bool = False) -> Optional[Hold]:
@@ -129,10 +165,13 @@ class RedisBackend(Backend):
                                             [keys.lock, keys.fence], [token])
             else:
                 previous = conn.call(conn.run_command, *command)
-            if previous is None or _text(previous) == token:  # granted (or granted to this call's lost try)
+            if (previous is None or _text(previous) == token) and self._confirm(conn, keys, token):
+                # Granted (or granted to this call's lost try).
                 if fencing and fence is None:  # a retried SET: draw it now
                     fence = self._draw(conn, keys, token)
-                return Hold(self, keys, token, None if fence is None else int(fence), lease, started + lease, conn)
+                hold = Hold(self, keys, token, None if fence is None else int(fence), lease, started + lease, conn)
+                hold.granted_at = started
+                return hold
             if deadline is not None and deadline <= time.monotonic():
                 return None
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
@@ -143,24 +182,35 @@ class RedisBackend(Backend):
         key_list = [keys.lock, keys.queue, signal]
         queued = False
         dead_holder: Optional[str] = None
+        dead_live_key: Optional[str] = None
         try:
             while True:
                 started = time.monotonic()
                 if started >= self._live_ok_until:  # a long wait: beat before a grant can name us
                     self.heartbeat()
                 queued = True
-                args = [token, lease_ms, queue_ttl] if dead_holder is None else [token, lease_ms, queue_ttl, dead_holder]
-                reply = conn.call(conn.run_script, conn.script("lock_acquire"), key_list, args)
+                args = [token, lease_ms, queue_ttl]
+                script_keys = key_list
+                if dead_holder is not None:
+                    args.append(dead_holder)
+                    if dead_live_key is not None:  # checked in the script too (one slot: not on a Cluster)
+                        script_keys = key_list + [dead_live_key]
+                reply = conn.call(conn.run_script, conn.script("lock_acquire"), script_keys, args)
                 self._scripts_run = True
                 if not isinstance(reply, list):  # granted
                     queued = False
+                    if not self._confirm(conn, keys, token):
+                        dead_holder = None  # taken over while this grant was late: wait on
+                        continue
                     fence = self._draw(conn, keys, token) if fencing else None
-                    return Hold(self, keys, token, fence, lease, started + lease, conn)
+                    hold = Hold(self, keys, token, fence, lease, started + lease, conn)
+                    hold.granted_at = started
+                    return hold
                 _, value, *holder = reply
                 pttl = int(value)
                 # A holder whose process's liveness key is gone died (or stalled
                 # past LIVENESS_TTL): take its lock over now, not at its lease's end.
-                dead_holder, live_pttl = self._holder_liveness(conn, keys, holder[0] if holder else "")
+                dead_holder, live_pttl, dead_live_key = self._holder_liveness(conn, keys, holder[0] if holder else "")
                 if dead_holder is not None:
                     continue
                 if live_pttl > 0:
@@ -184,17 +234,20 @@ class RedisBackend(Backend):
         reply = conn.call(conn.run_script, conn.script("lock_fence"), [keys.lock, keys.fence], [token])
         return None if reply is None else int(reply)
 
-    def _holder_liveness(self, conn: RedisConnection, keys: LockKeys, holder: Any) -> Tuple[Optional[str], int]:
-        """(the holder's value if its process is dead, else None; ms its liveness key has left, or -1)."""
+    def _holder_liveness(self, conn: RedisConnection, keys: LockKeys,
+                         holder: Any) -> Tuple[Optional[str], int, Optional[str]]:
+        """(the holder's value if its process is dead, else None; ms its liveness key has left, or -1;
+        that key, for the takeover script to check again, or None on a Cluster: another slot)."""
         holder = _text(holder)
         match = _LIVE_TAG.match(holder) if isinstance(holder, str) else None
         if match is None:  # free, reserved, or held by a value with no liveness (older versions)
-            return None, -1
-        left = int(conn.call(conn.client.pttl, _live_key(keys.prefix, match.group(1))))
+            return None, -1, None
+        live_key = _live_key(keys.prefix, match.group(1))
+        left = int(conn.call(conn.client.pttl, live_key))
         if left == -2:
             METRICS.inc("lock_takeover_total")
-            return holder, -1
-        return None, left
+            return holder, -1, None if conn.is_cluster else live_key
+        return None, left, None
 
     def replicate(self, hold: Hold, replicas: int, timeout: float) -> int:
         """Wait until `replicas` replicas have the lock; returns how many did (-1: lost).
@@ -248,7 +301,9 @@ class RedisBackend(Backend):
         if conn.call(run):
             return True
         # `expires_at` was taken before the grant (or renewal) was sent: never late.
-        return tries > 1 and time.monotonic() < hold.expires_at
+        # And no takeover can have happened: this process's liveness key lived
+        # without a gap since the grant (a takeover needs it gone).
+        return tries > 1 and time.monotonic() < hold.expires_at and self.live_since(hold.granted_at)
 
     def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
         """Set (`replace`, idempotent) or add to the lease; an addition is recorded

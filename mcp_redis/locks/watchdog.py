@@ -42,6 +42,7 @@ class Watchdog:
         # switch each time.
         self._idle_wait = float("inf")
         self._beats: Dict[int, Tuple[float, Backend]] = {}  # id(backend) -> (next beat (monotonic), backend)
+        self._gaps_seen: Dict[int, float] = {}  # id(backend) -> the last liveness gap whose holds were checked
 
     def add(self, hold: Hold, renew: bool = True) -> None:
         """Watch `hold` until `discard`: renew its lease (`renew`) and beat its backend's liveness.
@@ -104,6 +105,11 @@ class Watchdog:
                     backend.heartbeat()
                 except Exception:  # the next beat retries; holds are renewed (or lost) as usual
                     log.debug("lock: liveness heartbeat failed", exc_info=True)
+                    continue
+                gap = backend.liveness_gap()  # recorded by this beat, or by any other since the last look
+                if gap > self._gaps_seen.get(id(backend), float("-inf")):
+                    self._gaps_seen[id(backend)] = gap
+                    self._check_after_gap(backend, gap)
             for hold in due:
                 try:
                     self._renew(hold)
@@ -131,6 +137,31 @@ class Watchdog:
             due.append(backend)
         return due
 
+    def _check_after_gap(self, backend: Backend, gap: float) -> None:
+        """The process may have looked dead (its liveness lapsed): learn now which holds were taken over.
+
+        Without this a hold taken over during a stall of more than
+        LIVENESS_TTL would learn it only at its next renewal (a third of
+        its lease later) or at release.
+        """
+        with self._cond:
+            holds = [h for h in self._holds.values() if h.backend is backend and h.granted_at < gap]
+        for hold in holds:
+            try:
+                owned = backend.owned(hold)
+            except Exception:  # unknown: the renewal (or the release) tells
+                log.debug("lock: ownership check after a liveness gap failed", exc_info=True)
+                continue
+            if not owned and not hold.released:
+                self._lost(hold)
+
+    def _lost(self, hold: Hold) -> None:
+        self.discard(hold)
+        if not hold.released:
+            hold.mark_lost()
+            METRICS.inc("lock_lost_total", backend=hold.backend.name)
+            log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
+
     def _renew(self, hold: Hold) -> None:
         started = time.monotonic()
         try:
@@ -150,8 +181,4 @@ class Watchdog:
             METRICS.inc("lock_renew_total", outcome="renewed")
             hold.next_renewal = started + hold.lease / 3
             return
-        self.discard(hold)
-        if not hold.released:
-            hold.mark_lost()
-            METRICS.inc("lock_lost_total", backend=hold.backend.name)
-            log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
+        self._lost(hold)

@@ -6,6 +6,8 @@
 -- KEYS[2] the queue of waiters (a list of their signal-list keys)
 -- KEYS[3] this caller's signal list
 -- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] queue TTL in ms
+-- KEYS[4] (optional, not on a Cluster: another slot) that holder's liveness
+--         key: still gone here, or no takeover (it beat again meanwhile)
 -- ARGV[4] (optional) a holder's value to take over: the caller found that
 --         holder's process liveness key gone (it died or stalled)
 -- Returns 1 when granted (the fencing token is drawn apart: lock_fence.lua),
@@ -15,7 +17,8 @@ local holder
 if not granted then
   -- Held: by us already (a retried call), reserved for us (a handoff), or not ours.
   holder = redis.call('GET', KEYS[1])
-  if holder == ARGV[1] or holder == 'r:' .. KEYS[3] or (ARGV[4] and holder == ARGV[4]) then
+  if holder == ARGV[1] or holder == 'r:' .. KEYS[3]
+      or (ARGV[4] and holder == ARGV[4] and not (KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1)) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     granted = true
   end

@@ -718,6 +718,18 @@ def test_reconfiguring_forgets_reentrancy_of_earlier_holds(redis_mode: str) -> N
         pass
 
 
+def test_a_hold_from_before_configure_loses_its_liveness_and_can_be_taken_over(redis_mode: str) -> None:
+    held = mcp_redis.agent_lock("gen-live", timeout=30)
+    held.acquire()
+    mcp_redis.configure(redis_url=redis_mode)  # nothing beats the old client's liveness any more
+    started = time.monotonic()
+    with mcp_redis.agent_lock("gen-live", blocking_timeout=10):
+        waited = time.monotonic() - started
+    assert waited < 10, "taken over as a dead holder's, long before the 30 s lease"
+    with pytest.raises(LockNotOwned):
+        held.release()
+
+
 def test_waiter_killed_while_queued_delays_the_next_by_at_most_the_handoff_grace(redis_mode: str) -> None:
     r = raw(redis_mode)
     holder = mcp_redis.agent_lock("deadwaiter", timeout=10)

@@ -7,11 +7,15 @@ Each test states one guarantee of docs/locks.md.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator, List
+from typing import Any, Awaitable, Callable, Iterator, List
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import mcp_redis
 from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
@@ -151,6 +155,100 @@ def test_release_retried_after_a_lost_reply_past_the_lease_still_raises_not_owne
         held.release()
     assert lost_reply.stats.get("reset") == 1, "the reply was cut and the release retried"
     assert r.get(held.key) == "someone-else"
+
+
+# -- the holder process's liveness (LIVENESS_TTL) at its edges ------------------------------
+def _redis_busy(server: RedisServer) -> bool:
+    """True while the server runs a blocking command: a PING gets no answer within 50 ms."""
+    probe = server.client(socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+    try:
+        probe.ping()
+        return False
+    except redis.TimeoutError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_a_grant_redis_runs_after_the_holders_liveness_lapsed_is_not_given_twice(redis_factory: Any) -> None:
+    # Redis busy for 2.5 s (DEBUG SLEEP, as a slow command or a stall would):
+    # the holder's SET waits behind it, its process's liveness key (1.5 s)
+    # lapses meanwhile, and the grant names a process Redis thinks dead.
+    # Before, the next caller took it over at once: two holders.
+    server = redis_factory(args=["--enable-debug-command", "yes"])
+    holder_client = mcp_redis.Client(redis_url=server.url, socket_timeout=5)
+    other_client = mcp_redis.Client(redis_url=server.url)
+    try:
+        warm = mcp_redis.lock("warm-up", client=holder_client)  # a process already using locks: beaten just now
+        warm.acquire()
+        warm.release()
+        sleeper = threading.Thread(target=lambda: server.client(socket_timeout=10).execute_command(
+            "DEBUG", "SLEEP", "2.5"))
+        sleeper.start()
+        wait_for(lambda: _redis_busy(server), timeout=5, what="Redis busy")
+        first = mcp_redis.lock("late-grant", timeout=30, client=holder_client)
+        assert first.acquire(blocking_timeout=10)
+        second = mcp_redis.lock("late-grant", timeout=30, client=other_client)
+        got = second.acquire(blocking=False)
+        sleeper.join(10)
+        assert not (got and not first.lost), "two callers told they hold it, neither told otherwise"
+        assert not got and first.owned(), "the first grant stands, its process alive"
+        first.release()
+    finally:
+        holder_client.close()
+        other_client.close()
+
+
+def test_a_release_retried_after_a_takeover_raises_not_owned(redis_server: RedisServer) -> None:
+    # The holder is cut off (its liveness lapses), another caller takes the
+    # lock over within the lease, then the holder's release reply is lost:
+    # the retry must not report the lost lock as released.
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=1.0, retry_attempts=3,
+                                         breaker_failure_threshold=10)
+        other_client = mcp_redis.Client(redis_url=redis_server.url)
+        try:
+            first = mcp_redis.lock("taken-over", timeout=30, client=holder_client)
+            assert first.acquire(blocking=False)
+            proxy.blackhole()
+            second = mcp_redis.lock("taken-over", timeout=30, client=other_client)
+            assert second.acquire(blocking_timeout=10), "taken over as a dead holder's, within the 30 s lease"
+            proxy.pass_through()
+            proxy.reset_next_reply()
+            with pytest.raises(LockNotOwned):
+                first.release()
+            assert first.lost and second.owned()
+            second.release()
+        finally:
+            holder_client.close()
+            other_client.close()
+
+
+def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reconnects(
+        redis_server: RedisServer) -> None:
+    # A stall longer than LIVENESS_TTL lets another caller take the lock over
+    # (as a dead holder's); the holder's next beat sees the gap and checks its
+    # holds, instead of waiting for a renewal a third of the lease away (10 s).
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=1.0)
+        other_client = mcp_redis.Client(redis_url=redis_server.url)
+        try:
+            first = mcp_redis.agent_lock("stalled", timeout=30, client=holder_client)
+            first.acquire()
+            proxy.blackhole()
+            second = mcp_redis.agent_lock("stalled", timeout=30, blocking_timeout=10, client=other_client)
+            assert second.acquire()
+            assert not first.lost
+            proxy.pass_through()
+            reconnected = time.monotonic()
+            wait_for(lambda: first.lost, timeout=10, what="the holder to learn its lock was taken over")
+            assert time.monotonic() - reconnected < 5, "learned at the first beats, not at the renewal (10 s)"
+            second.release()
+            with pytest.raises(LockNotOwned):
+                first.release()
+        finally:
+            holder_client.close()
+            other_client.close()
 
 
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
