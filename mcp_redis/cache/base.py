@@ -87,6 +87,13 @@ class Backend(Protocol):
     def get_all(self, keys: Sequence[str]) -> List[Optional[str]]:
         """Several values in one round trip (any keys; keys of one entry share a slot)."""
 
+    def begin(self, value_key: str, epoch_key: str, marker_px: int) -> Tuple[Optional[str], str]:
+        """Before a load: (the stored envelope or None, the epoch `fill` must find: the entry's, or a
+        marker of this load left for `marker_px` ms when it has none)."""
+
+    def begin_many(self, entries: Sequence[Tuple[str, str]], marker_px: int) -> List[str]:
+        """`begin`'s epochs for many (value key, epoch key) pairs in one round trip."""
+
     def fill(self, value_key: str, epoch_key: str, epoch: str, envelope: str, px: int) -> None:
         """Store `envelope` for `px` ms unless the entry's epoch moved from `epoch`."""
 

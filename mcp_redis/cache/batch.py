@@ -94,8 +94,14 @@ def _lead_batch(fn: CachedFunction[Any], st: _State, led: List[Tuple[Any, Hashab
                     results[key] = flight.value = found.value
                     fn._fill_l1(st, key, flight, found.value, found.expiry, found.delta * fn._beta, l2_hit=True)
                 else:
-                    epochs[key] = str(epoch or "")
+                    if epoch is not None:
+                        epochs[key] = str(epoch)
                     missing.append((item, key, l2id, flight))
+            # Entries with no epoch: their load's marker (cache_begin.lua), one more round trip.
+            unmarked = [m[1] for m in missing if m[1] not in epochs]
+            if unmarked:
+                marks = backend.begin_many([keys[k] for k in unmarked], int(st.guard_ttl * 1000))
+                epochs.update(zip(unmarked, marks))
         except backend.errors as exc:
             fn._count_error()
             log.debug("cache %s: batch L2 read failed (%s)", fn.namespace, type(exc).__name__)

@@ -438,10 +438,10 @@ class CachedFunction(Generic[R]):
                 gen = self._generation(backend, st)
                 keys = self._keys(st, gen, l2id)
                 if early is None:
-                    # One round trip: the epoch to guard the write-back, and the
-                    # value again (a leader that just finished may have filled it).
-                    raw, seen = backend.get_all(keys)
-                    epoch = str(seen or "")
+                    # One round trip: the epoch to guard the write-back (or this
+                    # load's marker: cache_begin.lua), and the value again (a
+                    # leader that just finished may have filled it).
+                    raw, epoch = backend.begin(keys[0], keys[1], int(st.guard_ttl * 1000))
                     found = self._decode(raw) if raw is not None else None
                     if found is not None:
                         now = time.time()
@@ -465,7 +465,7 @@ class CachedFunction(Generic[R]):
                         # drawing again until that refresh has landed in L2.
                         self._fill_l1(st, key, flight, early.value, early.expiry, early.bd, no_early=True)
                         return current  # type: ignore[no-any-return]
-                    epoch = str(backend.get(keys[1]) or "")
+                    epoch = backend.begin(keys[0], keys[1], int(st.guard_ttl * 1000))[1]
             except backend.errors as exc:
                 self._count_error()
                 log.debug("cache %s: L2 read failed (%s); using the loader", self.namespace, type(exc).__name__)

@@ -64,6 +64,22 @@ class RedisBackend:
         mget = conn.client.mget_nonatomic if conn.is_cluster else conn.client.mget
         return list(conn.call(mget, list(keys)))
 
+    def begin(self, value_key: str, epoch_key: str, marker_px: int) -> Tuple[Optional[str], str]:
+        conn = self.conn
+        raw, epoch = conn.call(conn.script("cache_begin"), keys=[value_key, epoch_key], args=[marker_px])
+        return raw, str(epoch)
+
+    def begin_many(self, entries: Sequence[Tuple[str, str]], marker_px: int) -> List[str]:
+        conn = self.conn
+        return [str(reply[1]) for reply in conn.call(self._begin_pipeline, conn, entries, marker_px)]
+
+    @staticmethod
+    def _begin_pipeline(conn: RedisConnection, entries: Sequence[Tuple[str, str]], marker_px: int) -> Any:
+        pipe = conn.client.pipeline(transaction=False)  # EVAL, as in _fill_pipeline
+        for value_key, epoch_key in entries:
+            pipe.execute_command("EVAL", lua("cache_begin"), 2, value_key, epoch_key, marker_px)
+        return pipe.execute()
+
     def fill(self, value_key: str, epoch_key: str, epoch: str, envelope: str, px: int) -> None:
         conn = self.conn
         conn.call(conn.script("cache_fill"), keys=[value_key, epoch_key], args=[epoch, envelope, px])

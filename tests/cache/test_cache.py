@@ -323,6 +323,51 @@ def test_set_of_a_value_json_cannot_hold_names_it_and_changes_nothing(redis_mode
     assert get_agent_metadata("a1") == first and len(source.loads) == 1, "L1 unchanged: no reload"
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["call", "get_many"])
+def test_a_load_across_a_redis_restart_never_writes_back_a_value_invalidated_meanwhile(
+        redis_factory: Any, batch: bool) -> None:
+    # The load reads the old row; the row changes and is invalidated; Redis
+    # restarts without persistence, losing the epoch; the load ends. Were
+    # "no epoch" compared with "no epoch", the old value would be written
+    # back, for every process to read for the whole TTL.
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    rows = {"a1": "OLD"}
+    loading, release = threading.Event(), threading.Event()
+
+    def slow(agent_id: str) -> Any:
+        value = {"v": rows[agent_id]}
+        if threading.current_thread().name == "slow":
+            loading.set()
+            assert release.wait(10)
+        return value
+
+    @cached_metadata(namespace="tests.restart_stale", ttl=300)
+    def meta(agent_id: str) -> Any:
+        return slow(agent_id)
+
+    out: Dict[str, Any] = {}
+
+    def target() -> None:
+        if batch:
+            out["slow"] = meta.get_many(["a1"], loader=lambda ids: {i: slow(i) for i in ids})
+        else:
+            out["slow"] = meta("a1")
+    reader = threading.Thread(target=target, name="slow")
+    reader.start()
+    assert loading.wait(10)
+    rows["a1"] = "NEW"
+    meta.invalidate("a1")
+    server.restart()
+    release.set()
+    reader.join(30)
+    assert out["slow"] in ({"v": "OLD"}, {"a1": {"v": "OLD"}}), "the caller gets what it loaded"
+    assert values_in_redis(server.url) == {}, "but L2 was not filled with it"
+    meta.cache_clear()
+    assert meta("a1") == {"v": "NEW"}
+    assert [k for k in redis_client(server.url).keys("*") if redis_client(server.url).pttl(k) < 0] == []
+
+
 def test_set_during_load_wins_over_the_stale_load(redis_mode: str) -> None:
     source = Source()
     loading, release = threading.Event(), threading.Event()
@@ -608,7 +653,7 @@ def test_mode_switch_takes_effect_at_call_time(redis_url: str) -> None:
 
 
 # -- batch ---------------------------------------------------------------------------------
-def test_get_many_does_one_mget_and_one_write_back_pipeline(redis_mode: str) -> None:
+def test_get_many_does_one_mget_one_marker_pipeline_and_one_write_back_pipeline(redis_mode: str) -> None:
     source = Source()
     load = make(source)
     for i in range(0, 1000, 2):
@@ -627,9 +672,12 @@ def test_get_many_does_one_mget_and_one_write_back_pipeline(redis_mode: str) -> 
     stats = client.info("commandstats")
     assert result == {i: {"agent_id": i, "version": 0} for i in ids}
     assert stats["cmdstat_mget"]["calls"] == 1
-    assert stats["cmdstat_get"]["calls"] == 500  # inside the write-back scripts only
+    # Inside scripts only: the misses' markers (cache_begin.lua, two GETs
+    # each: none of them was ever invalidated) and the write-backs (one each).
+    assert stats["cmdstat_get"]["calls"] == 500 * 2 + 500
     assert len(batches) == 1 and len(batches[0]) == 500
-    assert stats["cmdstat_eval"]["calls"] == 500  # one pipeline of guarded writes
+    assert stats["cmdstat_eval"]["calls"] == 500 + 500  # one pipeline of markers, one of guarded writes
+    assert not [k for k in client.keys("mcp:cache:*#epoch")], "each write-back took its marker away"
     load.cache_clear()
     client.config_resetstat()
     assert load.get_many(ids) == result  # now all L2 hits
