@@ -4,7 +4,9 @@ Rows written to the source of truth while Redis was unreachable are flagged
 pending; `Replayer.note_outage` starts a daemon thread that waits for Redis
 (a PING gate: no PostgreSQL work while Redis is down) and writes them back in
 batches. `replay_pending` does the same synchronously (``mcp-redis sessions
-cleanup``, or rows of a process that died first). Closing the client stops it.
+cleanup``). A sweeper thread replays rows other processes left pending (one
+cut off from Redis while this one is not, or one that died first) every
+`SWEEP_EVERY` seconds. Closing the client stops both.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ log = logging.getLogger("mcp_redis.sessions")
 
 REPLAY_BATCH = 500
 REPLAY_POLL = 0.2  # seconds between replay attempts while Redis is still down
+#: Seconds between two sweeps for rows another process left pending: one that
+#: cannot reach Redis while this one can (a partition of one host), or one that
+#: died first. Until a sweep, others' reads may still get the old binding from
+#: Redis. Each sweep is one PING and one indexed PostgreSQL query.
+SWEEP_EVERY = 5.0
 
 
 class Replayer:
@@ -37,6 +44,26 @@ class Replayer:
         self._stop = threading.Event()
         self._generation = 0
         self._thread: Optional[threading.Thread] = None
+        self._sweeper: Optional[threading.Thread] = None
+
+    def start_sweeping(self) -> None:
+        """Replay rows other processes left pending every `SWEEP_EVERY` seconds (a daemon thread)."""
+        with self._lock:
+            if self._stop.is_set() or (self._sweeper is not None and self._sweeper.is_alive()):
+                return
+            self._sweeper = threading.Thread(target=self._sweep, name="mcp_redis-session-sweep", daemon=True)
+            self._sweeper.start()
+
+    def _sweep(self) -> None:
+        tier = self.tier
+        while not self._stop.wait(SWEEP_EVERY):
+            if not tier.conn.policy.available:
+                continue  # Redis known down: the outage replayer has it
+            try:
+                tier.call(tier.client.ping)  # no PostgreSQL work unless Redis answers
+                self.replay_pending()
+            except Exception as exc:  # the next sweep tries again
+                log.debug("session sweep failed: %s", type(exc).__name__)
 
     def note_outage(self) -> None:
         """Rows were flagged pending: make sure this client replays them when Redis returns."""

@@ -35,6 +35,7 @@ class WriteThroughBackend:
         self.default_ttl = default_ttl
         self.throttle = RefreshThrottle()
         self.replayer = Replayer(tier, source, default_ttl)
+        self.replayer.start_sweeping()
         # The hot path's parts, bound once: one GET through the policy, one attempt.
         self._call = tier.conn.policy.call
         self._get = tier.client.get

@@ -309,6 +309,31 @@ def test_unbind_while_redis_is_unreachable_is_forgotten_by_redis_when_it_returns
         assert store.sessions_for("agent-1") == []
 
 
+def test_changes_made_by_a_process_cut_off_from_redis_reach_the_others_at_their_next_sweep(
+        own_redis: RedisServer, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the writer's link is down (one host partitioned): the others
+    # still read Redis, where the old bindings are. Their sweepers replay the
+    # writer's pending rows from PostgreSQL while it is still cut off.
+    monkeypatch.setattr(mcp_redis.sessions.replay, "SWEEP_EVERY", 0.5)
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        writer_client = mcp_redis.Client(redis_url=proxy.url(), database_url=database_url)
+        reader_client = mcp_redis.Client(redis_url=own_redis.url, database_url=database_url)
+        try:
+            writer, reader = SessionStore(client=writer_client), SessionStore(client=reader_client)
+            writer.bind("rebound", "agent-old")
+            writer.bind("unbound", "agent-old")
+            assert reader.get("rebound") == reader.get("unbound") == "agent-old"
+            proxy.drop()
+            writer.bind("rebound", "agent-new")
+            assert writer.unbind("unbound") is True
+            assert writer.get("rebound") == "agent-new"  # from PostgreSQL
+            wait_for(lambda: reader.get("rebound") == "agent-new" and reader.get("unbound") is None,
+                     timeout=10, what="the reader's sweep to replay the cut-off writer's rows")
+        finally:
+            writer_client.close()
+            reader_client.close()
+
+
 def test_read_repair_restores_the_remaining_ttl(write_through: SessionStore, redis_url: str) -> None:
     import redis
 
