@@ -259,6 +259,19 @@ def test_lock_acquire_rejects_bad_waits(witness: Witness, blocking_timeout: Any)
     witness.unchanged()
 
 
+@pytest.mark.parametrize("algorithm,limit,window", [("sliding_window", 10**15 + 1, 60), ("fixed_window", 10**19, 60),
+                                                    ("gcra", 10**15 + 1, 60), ("gcra", 1_000_001, 1)])
+def test_rate_limits_beyond_exact_arithmetic_are_refused(witness: Witness, algorithm: str, limit: int,
+                                                          window: int) -> None:
+    # Past 10^15 Lua's doubles lose units (remaining stuck, or 0 while
+    # admitting); GCRA's state is a time in whole microseconds, so it needs
+    # at most one unit a microsecond (it consumed nothing per hit above that).
+    def hit() -> Any:
+        return mcp_redis.RateLimiter("huge", limit, window, algorithm=algorithm).hit("k")
+    rejected("RateLimiter(limit) exact", hit, "limit")
+    witness.unchanged()
+
+
 @pytest.mark.parametrize("bad", [{"blocking_timeout": float("nan")}, {"blocking_timeout": -5}, {"token": 123},
                                  {"token": b"\xff\xfe"}], ids=["nan-wait", "negative-wait", "int-token", "non-utf8"])
 def test_a_held_reentrant_lock_rejects_bad_acquire_arguments_and_keeps_its_count(

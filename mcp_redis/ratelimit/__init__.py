@@ -187,6 +187,11 @@ class RateLimiter:
         specs = tuple(Spec(lim.limit, max(1, round(w * 1_000_000))) for lim, w in zip(self.limits, windows))
         if len({spec.window_us for spec in specs}) != len(specs):
             raise InvalidArgument("limits", "two limits share one window; keep the stricter one")
+        if self.algorithm is Algorithm.GCRA:
+            for spec in specs:  # its state is a time in whole microseconds: a unit must cost one at least
+                if spec.limit > spec.window_us:
+                    raise InvalidArgument("limit", f"{spec.limit} per {spec.window_us / 1e6:g}s is more than one a "
+                                                   "microsecond, finer than GCRA's clock: use another algorithm")
         mode = s.mode("rate_limits")
         backend = _BY_MODE[mode]
         policy = Policy.of(self.algorithm, self.name, specs, KeySpace(s.key_prefix))

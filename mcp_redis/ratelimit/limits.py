@@ -19,6 +19,8 @@ from .base import Outcome, Policy, Spec
 __all__ = ["Limit", "LimitStatus", "RateLimitResult", "ratelimit_headers"]
 
 _MAX_WINDOW = 10 * 365 * 86400.0  # ten years; keeps microseconds well inside a double
+#: The largest limit: every count and figure stays an exact integer in a double (Lua's numbers).
+MAX_LIMIT = 10**15
 
 
 class Limit(NamedTuple):
@@ -182,6 +184,8 @@ def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:
                 raise InvalidArgumentType(argument, f"items must be Limit or (limit, window[, name]), not {item!r}")
             item = Limit(*item)
         _check_int(item.limit, "limit")
+        if item.limit > MAX_LIMIT:  # counts and replies stay exact in Lua's doubles (2^53)
+            raise InvalidArgument("limit", f"must be <= {MAX_LIMIT:.0e}, got {item.limit}")
         if item.window is not None:
             _check_window(item.window, "window")
         if item.name is not None and (not isinstance(item.name, str) or not item.name):
