@@ -463,8 +463,14 @@ def test_cached_metadata_rejects_bad_ids_without_loading(witness: Witness, agent
 @EXAMPLES
 @given(value=st.one_of(unserialisable_dict, st.builds(Opaque), st.sets(st.integers(), max_size=2)))
 def test_cached_metadata_never_writes_a_non_json_value(witness: Witness, value: Any) -> None:
-    """A loader returning a non-JSON value: a documented error or the value itself, never a write."""
+    """A loader returning a non-JSON value: a documented error or the value itself, nothing left in Redis.
+
+    The miss leaves its load's guard marker before calling the loader (and
+    takes it away after): Redis's key set, not its write counter, is compared.
+    """
     cached_metadata = mcp_redis.cached_metadata
+    keys_before = sorted(witness.redis.keys("*"))
+    witness.before = (witness.before[0] + 2,) + witness.before[1:]  # the marker's SET and DEL
 
     @cached_metadata(ttl=60)
     def load(agent_id: str) -> Any:
@@ -475,6 +481,7 @@ def test_cached_metadata_never_writes_a_non_json_value(witness: Witness, value: 
         assert load("agent") is value
     except DOCUMENTED:
         pass
+    assert sorted(witness.redis.keys("*")) == keys_before, "nothing left behind"
     witness.unchanged()
 
 

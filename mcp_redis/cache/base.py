@@ -94,6 +94,9 @@ class Backend(Protocol):
     def begin_many(self, entries: Sequence[Tuple[str, str]], marker_px: int) -> List[str]:
         """`begin`'s epochs for many (value key, epoch key) pairs in one round trip."""
 
+    def abandon(self, epoch_keys: Sequence[Tuple[str, str]]) -> None:
+        """Delete the markers of loads that wrote nothing back: (epoch key, marker), where still in place."""
+
     def fill(self, value_key: str, epoch_key: str, epoch: str, envelope: str, px: int) -> None:
         """Store `envelope` for `px` ms unless the entry's epoch moved from `epoch`."""
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List,
 
 from ..config import Mode
 from ..metrics import METRICS
-from .base import Fill
+from .base import Backend, Fill
 from .flight import Flight
 
 if TYPE_CHECKING:
@@ -109,6 +109,22 @@ def _lead_batch(fn: CachedFunction[Any], st: _State, led: List[Tuple[Any, Hashab
             missing = [m for m in led if m[1] not in results]
     if not missing:
         return
+    marked = [(keys[key][1], epochs[key]) for _, key, _, _ in missing if epochs.get(key, "")[:1] == "m"]
+    filled = False
+    try:
+        filled = _load_and_fill(fn, st, backend, missing, keys, epochs, loader, results)
+    finally:
+        if marked and not filled and backend is not None:
+            try:  # nothing written back: take the loads' markers away (best effort: they expire anyway)
+                backend.abandon(marked)
+            except backend.errors:
+                pass
+
+
+def _load_and_fill(fn: CachedFunction[Any], st: _State, backend: Optional[Backend],
+                   missing: List[Tuple[Any, Hashable, str, Flight]], keys: Dict[Hashable, Tuple[str, str]],
+                   epochs: Dict[Hashable, str], loader: BatchLoader, results: Dict[Hashable, Any]) -> bool:
+    """Load the missing entries and write them back; True when the write-back pipeline ran."""
     started = time.perf_counter()
     loaded = _load_batch(fn, [m[0] for m in missing], loader)
     delta = (time.perf_counter() - started) / len(missing)
@@ -133,9 +149,11 @@ def _lead_batch(fn: CachedFunction[Any], st: _State, led: List[Tuple[Any, Hashab
     if backend is not None and fills and delta < st.guard_ttl / 2:
         try:
             backend.fill_many(fills)
+            return len(fills) == len(missing)  # entries not written back (None, not JSON) keep their marker
         except backend.errors as exc:
             fn._count_error()
             log.debug("cache %s: batch write-back failed (%s)", fn.namespace, type(exc).__name__)
+    return False
 
 
 def _load_batch(fn: CachedFunction[Any], items: List[Any], loader: BatchLoader) -> Dict[Any, Any]:

@@ -431,6 +431,7 @@ class CachedFunction(Generic[R]):
         current: Any = MISSING  # a still-valid value (early refresh)
         stale: Any = MISSING  # an expired value we may serve if the loader fails
         keys: Optional[Tuple[str, str]] = None
+        filled = False  # written back to L2 (else this load's marker, if it left one, is taken away)
         if early is not None:
             current = early.value
         if backend is not None:
@@ -508,12 +509,18 @@ class CachedFunction(Generic[R]):
                 px = int((expiry - time.time() + self._max_stale) * 1000)
                 try:
                     backend.fill(keys[0], keys[1], epoch, text, max(px, 1))
+                    filled = True
                 except backend.errors as exc:
                     self._count_error()
                     log.debug("cache %s: L2 write-back failed (%s)", self.namespace, type(exc).__name__)
             self._fill_l1(st, key, flight, value, expiry, delta * self._beta)
             return value  # type: ignore[no-any-return]
         finally:
+            if not filled and backend is not None and keys is not None and epoch and epoch[0] == "m":
+                try:  # nothing written back: take the load's marker away (best effort: it expires anyway)
+                    backend.abandon([(keys[1], epoch)])
+                except backend.errors:
+                    pass
             if fill_lock is not None and backend is not None:
                 try:  # let waiting processes go on at once (best effort: it expires anyway)
                     backend.release(fill_lock)

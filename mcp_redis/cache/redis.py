@@ -80,6 +80,20 @@ class RedisBackend:
             pipe.execute_command("EVAL", lua("cache_begin"), 2, value_key, epoch_key, marker_px)
         return pipe.execute()
 
+    def abandon(self, epoch_keys: Sequence[Tuple[str, str]]) -> None:
+        conn = self.conn
+        if len(epoch_keys) == 1:
+            conn.call(conn.script("cache_abandon"), keys=[epoch_keys[0][0]], args=[epoch_keys[0][1]])
+        else:
+            conn.call(self._abandon_pipeline, conn, epoch_keys)
+
+    @staticmethod
+    def _abandon_pipeline(conn: RedisConnection, epoch_keys: Sequence[Tuple[str, str]]) -> Any:
+        pipe = conn.client.pipeline(transaction=False)  # EVAL, as in _fill_pipeline
+        for epoch_key, marker in epoch_keys:
+            pipe.execute_command("EVAL", lua("cache_abandon"), 1, epoch_key, marker)
+        return pipe.execute()
+
     def fill(self, value_key: str, epoch_key: str, epoch: str, envelope: str, px: int) -> None:
         conn = self.conn
         conn.call(conn.script("cache_fill"), keys=[value_key, epoch_key], args=[epoch, envelope, px])

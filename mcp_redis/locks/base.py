@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..keys import KeySpace
 
@@ -164,6 +164,10 @@ class Backend:
     def owned(self, hold: Hold) -> bool:
         """True while `hold` is still the lock's holder."""
         return not hold.is_lost
+
+    def owned_all(self, holds: Sequence[Hold]) -> List[bool]:
+        """`owned` of each of `holds` (the redis backend: one round trip)."""
+        return [self.owned(hold) for hold in holds]
 
     def locked(self, keys: LockKeys) -> bool:
         """True when anyone holds the lock of `keys`."""

@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Sequence, Tuple
 
 import redis.exceptions as rex
 
@@ -185,9 +185,9 @@ class RedisBackend(Backend):
         dead_live_key: Optional[str] = None
         try:
             while True:
-                started = time.monotonic()
-                if started >= self._live_ok_until:  # a long wait: beat before a grant can name us
+                if time.monotonic() >= self._live_ok_until:  # a long wait: beat before a grant can name us
                     self.heartbeat()
+                started = time.monotonic()  # after the beat: a gap it found predates this grant
                 queued = True
                 args = [token, lease_ms, queue_ttl]
                 script_keys = key_list
@@ -324,6 +324,14 @@ class RedisBackend(Backend):
     def owned(self, hold: Hold) -> bool:
         conn: RedisConnection = hold.handle
         return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)
+
+    def owned_all(self, holds: Sequence[Hold]) -> List[bool]:
+        if not holds:
+            return []
+        conn: RedisConnection = holds[0].handle
+        mget = conn.client.mget_nonatomic if conn.is_cluster else conn.client.mget
+        values = conn.call(mget, [hold.keys.lock for hold in holds])
+        return [_text(value) == hold.token for hold, value in zip(holds, values)]
 
     def locked(self, keys: LockKeys) -> bool:
         conn = self.client.redis("locks")

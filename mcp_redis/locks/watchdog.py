@@ -15,6 +15,9 @@ __all__ = ["Watchdog"]
 
 log = logging.getLogger("mcp_redis.locks")
 
+#: Holds whose ownership one round trip checks after a liveness gap.
+_CHECK_BATCH = 500
+
 
 class Watchdog:
     """One daemon thread per client renewing every auto-renewing lease at a third of it.
@@ -100,22 +103,33 @@ class Watchdog:
                     self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
                     continue
                 self._wake_at = 0.0
+            self._beat(beats)
             for backend in beats:
-                try:
-                    backend.heartbeat()
-                except Exception:  # the next beat retries; holds are renewed (or lost) as usual
-                    log.debug("lock: liveness heartbeat failed", exc_info=True)
-                    continue
                 gap = backend.liveness_gap()  # recorded by this beat, or by any other since the last look
                 if gap > self._gaps_seen.get(id(backend), float("-inf")):
                     self._gaps_seen[id(backend)] = gap
                     self._check_after_gap(backend, gap)
             for hold in due:
+                self._beat_due()  # many renewals in a row must not starve the liveness beats
                 try:
                     self._renew(hold)
                 except Exception:  # never let the one renewer die
                     log.exception("lock: watchdog renewal crashed")
                     hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+
+    @staticmethod
+    def _beat(backends: List[Backend]) -> None:
+        for backend in backends:
+            try:
+                backend.heartbeat()
+            except Exception:  # the next beat retries; holds are renewed (or lost) as usual
+                log.debug("lock: liveness heartbeat failed", exc_info=True)
+
+    def _beat_due(self) -> None:
+        """Beat the backends whose beat is due now (between other work of this thread)."""
+        with self._cond:
+            beats = self._due_beats(time.monotonic())
+        self._beat(beats)
 
     def _due_beats(self, now: float) -> List[Backend]:
         """The backends to beat now (under the condition's lock).
@@ -146,14 +160,17 @@ class Watchdog:
         """
         with self._cond:
             holds = [h for h in self._holds.values() if h.backend is backend and h.granted_at < gap]
-        for hold in holds:
+        for start in range(0, len(holds), _CHECK_BATCH):  # one round trip per batch, beats between them
+            self._beat_due()
+            batch = holds[start:start + _CHECK_BATCH]
             try:
-                owned = backend.owned(hold)
+                owned = backend.owned_all(batch)
             except Exception:  # unknown: the renewal (or the release) tells
                 log.debug("lock: ownership check after a liveness gap failed", exc_info=True)
                 continue
-            if not owned and not hold.released:
-                self._lost(hold)
+            for hold, still in zip(batch, owned):
+                if not still and not hold.released:
+                    self._lost(hold)
 
     def _lost(self, hold: Hold) -> None:
         self.discard(hold)

@@ -323,6 +323,25 @@ def test_set_of_a_value_json_cannot_hold_names_it_and_changes_nothing(redis_mode
     assert get_agent_metadata("a1") == first and len(source.loads) == 1, "L1 unchanged: no reload"
 
 
+def test_misses_that_cache_nothing_leave_no_key_behind(redis_mode: str) -> None:
+    # Each miss leaves a guard marker before its load; a load that writes
+    # nothing back (None uncached, the loader raising) takes it away.
+    @cached_metadata(namespace="tests.nothing_left")
+    def lookup(agent_id: str) -> Any:
+        if agent_id.startswith("boom"):
+            raise LookupError(agent_id)
+        return None
+
+    for i in range(20):
+        assert lookup(f"none-{i}") is None
+        with pytest.raises(LookupError):
+            lookup(f"boom-{i}")
+    assert lookup.get_many([f"batch-{i}" for i in range(20)], loader=lambda ids: {i: None for i in ids}) == {
+        f"batch-{i}": None for i in range(20)}
+    client = redis_client(redis_mode)
+    assert [k for k in client.keys("mcp:cache:*") if "tests.nothing_left" in k] == []
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["call", "get_many"])
 def test_a_load_across_a_redis_restart_never_writes_back_a_value_invalidated_meanwhile(
         redis_factory: Any, batch: bool) -> None:
