@@ -251,6 +251,40 @@ def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reco
             other_client.close()
 
 
+def test_a_process_holding_many_locks_keeps_them_all_through_a_stall_of_its_link(
+        redis_server: RedisServer) -> None:
+    # 200 holds over a 15 ms link, then one 2 s stall: the gap check after it
+    # must not starve the liveness beats (checked one round trip per hold in
+    # the beating thread, it let the key lapse again and again, and a healthy
+    # process lost every lock to the next caller).
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=5.0)
+        other_client = mcp_redis.Client(redis_url=redis_server.url)
+        try:
+            holds = [mcp_redis.lock(f"many-{i}", timeout=60, auto_renew=True, client=holder_client)
+                     for i in range(200)]
+            for hold in holds:
+                assert hold.acquire(blocking_timeout=5)
+            proxy.add_latency(0.015)
+            proxy.add_latency(2.0)  # the stall: nothing is lost yet (nobody tries to take over)
+            wait_for(lambda: redis_server.client().exists(*[h.key for h in holds]) == 200 and
+                     redis_server.client().pttl(holds[0]._hold().backend._live_key) == -2,  # type: ignore[union-attr]
+                     timeout=10, what="the holder's liveness to lapse during the stall")
+            proxy.add_latency(0.015)
+            live_key = holds[0]._hold().backend._live_key  # type: ignore[union-attr]
+            wait_for(lambda: redis_server.client().pttl(live_key) > 0, timeout=10, what="the beats to resume")
+            healed = time.monotonic()
+            others = [mcp_redis.lock(f"many-{i}", timeout=60, client=other_client) for i in range(200)]
+            stolen = 0
+            while time.monotonic() - healed < 6:  # takers keep trying for two renewal periods
+                stolen += sum(1 for other in others[:20] if other.acquire(blocking_timeout=0.05))  # takes over the dead
+            assert stolen == 0, f"{stolen} locks taken over from a healthy process"
+            assert not any(hold.lost for hold in holds)
+        finally:
+            holder_client.close()
+            other_client.close()
+
+
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
                                                               redis_server: RedisServer) -> None:
     r = redis_server.client()
