@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Optional, Sequence
 
 from ..errors import BackendUnavailable, ConfigurationError
@@ -51,19 +52,23 @@ class Replayer:
         with self._lock:
             if self._stop.is_set() or (self._sweeper is not None and self._sweeper.is_alive()):
                 return
-            self._sweeper = threading.Thread(target=self._sweep, name="mcp_redis-session-sweep", daemon=True)
+            # A weak reference: a client dropped without close() takes its sweeper with it
+            # (collected, the replayer sets the stop event: the thread ends at once).
+            weakref.finalize(self, self._stop.set)
+            self._sweeper = threading.Thread(target=_sweep, args=(weakref.ref(self), self._stop),
+                                             name="mcp_redis-session-sweep", daemon=True)
             self._sweeper.start()
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
+        """One sweep: replay rows flagged pending, if Redis answers."""
         tier = self.tier
-        while not self._stop.wait(SWEEP_EVERY):
-            if not tier.conn.policy.available:
-                continue  # Redis known down: the outage replayer has it
-            try:
-                tier.call(tier.client.ping)  # no PostgreSQL work unless Redis answers
-                self.replay_pending()
-            except Exception as exc:  # the next sweep tries again
-                log.debug("session sweep failed: %s", type(exc).__name__)
+        if not tier.conn.policy.available:
+            return  # Redis known down: the outage replayer has it
+        try:
+            tier.call(tier.client.ping)  # no PostgreSQL work unless Redis answers
+            self.replay_pending()
+        except Exception as exc:  # the next sweep tries again
+            log.debug("session sweep failed: %s", type(exc).__name__)
 
     def note_outage(self) -> None:
         """Rows were flagged pending: make sure this client replays them when Redis returns."""
@@ -129,3 +134,13 @@ class Replayer:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def _sweep(ref: weakref.ReferenceType[Replayer], stop: threading.Event) -> None:
+    """The sweeper thread: ends with its client (closed, or dropped and collected)."""
+    while not stop.wait(SWEEP_EVERY):
+        replayer = ref()
+        if replayer is None:
+            return
+        replayer.sweep()
+        del replayer

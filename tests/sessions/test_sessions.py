@@ -3,6 +3,7 @@ Redis in front of PostgreSQL, with real redis-server and PostgreSQL processes.""
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import threading
@@ -332,6 +333,21 @@ def test_changes_made_by_a_process_cut_off_from_redis_reach_the_others_at_their_
         finally:
             writer_client.close()
             reader_client.close()
+
+
+def test_a_client_dropped_without_close_takes_its_sweeper_with_it(own_redis: RedisServer, database_url: str) -> None:
+    def sweepers() -> int:
+        return sum(t.name == "mcp_redis-session-sweep" and t.is_alive() for t in threading.enumerate())
+
+    before = sweepers()
+    clients = [mcp_redis.Client(redis_url=own_redis.url, database_url=database_url) for _ in range(5)]
+    for i, client in enumerate(clients):
+        SessionStore(client=client).bind(f"dropped-{i}", "agent-1")
+    assert sweepers() == before + 5, "each write-through client sweeps"
+    del client
+    clients.clear()  # never closed
+    gc.collect()
+    wait_for(lambda: sweepers() == before, timeout=5, what="the dropped clients' sweepers to end")
 
 
 def test_read_repair_restores_the_remaining_ttl(write_through: SessionStore, redis_url: str) -> None:
