@@ -21,7 +21,7 @@ import re
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import validate_prefix
@@ -501,27 +501,80 @@ ENVIRONMENT_VARIABLES: List[Tuple[str, str]] = [(var, name) for name, (var, _) i
 def redact_url(url: str) -> str:
     """`url` with any password (userinfo or query) replaced by ``***``.
 
-    Also handles libpq key/value DSNs (``host=... password=...``).
+    Also handles libpq key/value DSNs (``host=... password=...``), and
+    passwords with the characters a URL reserves (``/``, ``?``, ``#``, ``@``)
+    left unescaped: the userinfo runs to the last ``@`` (a parser would split
+    such a password; redaction never does).
     """
     if "://" not in url:
-        return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    userinfo, at, hostinfo = netloc.rpartition("@")
+        return scrub(re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url), url)
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hostinfo = rest.rpartition("@")
     if at:
         user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:***@{hostinfo}" if colon else f"***@{hostinfo}" if not user else f"{user}@{hostinfo}"
-        if not colon and user and parts.scheme.startswith("redis"):
-            # redis://secret@host treats the lone userinfo as a password.
-            netloc = f"***@{hostinfo}"
+        if colon and not _RESERVED.search(user):
+            masked = f"{user}:***"
+        elif user and not colon and not scheme.lower().startswith("redis") and not _RESERVED.search(user):
+            masked = user  # a user name alone (redis://secret@host treats it as a password)
+        else:
+            masked = "***"
+        rest = f"{masked}@{hostinfo}"
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError:
+        return "<unparseable url>"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if "password" in k.lower() or k.lower() in ("pass", "pwd", "secret") else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        query = urlencode([(k, "***" if _secret_key(k) else v) for k, v in pairs])
+    return scrub(urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment)), url)
+
+
+_RESERVED = re.compile(r"[/?#@]")
+_PIECES = re.compile(r"[/?#@:%]")
+
+
+def _secret_key(key: str) -> bool:
+    return "password" in key.lower() or key.lower() in ("pass", "pwd", "secret")
+
+
+def url_secrets(url: Optional[str]) -> List[str]:
+    """The secrets in `url` (its password, query passwords), with the pieces a parser would cut them into.
+
+    Longest first: what `scrub` replaces. A lone redis userinfo counts (a password there).
+    """
+    if not url:
+        return []
+    found: List[str] = []
+    if "://" not in url:
+        found += [m.strip("'") for m in re.findall(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)]
+    else:
+        scheme, _, rest = url.partition("://")
+        userinfo, at, hostinfo = rest.rpartition("@")
+        if at:
+            user, colon, password = userinfo.partition(":")
+            if colon:
+                found.append(password)
+            elif scheme.lower().startswith("redis") or _RESERVED.search(user):
+                found.append(user)  # redis://secret@host: a password; with / ? # @: a password cut short
+        query = hostinfo.partition("?")[2] if at else rest.partition("?")[2]
+        found += [v for k, v in parse_qsl(query.partition("#")[0], keep_blank_values=True) if _secret_key(k)]
+    out = set()
+    for secret in found:
+        if not secret:
+            continue
+        out.add(secret)
+        out.add(unquote(secret))
+        out.update(piece for piece in _PIECES.split(secret) if len(piece) >= 4)
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(message: str, *urls: Optional[str]) -> str:
+    """`message` with every secret of `urls` (see `url_secrets`) replaced by ``***``."""
+    for url in urls:
+        for secret in url_secrets(url):
+            message = message.replace(secret, "***")
+    return message
 
 
 # -- the settings in force -----------------------------------------------------

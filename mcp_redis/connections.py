@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
-from .config import Settings, redact_url
+from .config import Settings, redact_url, scrub
 from .errors import ConfigurationError
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 from .scripts import ScriptSet
@@ -1016,11 +1016,21 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
                 **_cluster_kwargs(s, tls),
             )
             return client, "cluster", None, None
-    except ConfigurationError:
-        raise
+    except ConfigurationError as exc:
+        said = scrub(str(exc), url)  # a misparsed password can be quoted as a host or a port
+        if said == str(exc):
+            raise
+        failed = ""
     except (ValueError, TypeError) as exc:
-        # redis-py's parse errors can quote the URL: never let it through.
-        raise ConfigurationError(f"REDIS_URL (redis_url): cannot use {shown!r}: {type(exc).__name__}") from None
+        # redis-py's parse errors can quote the URL (a password with '/' or '#'
+        # is cut into a "port"): raised outside this block, so not even the
+        # exception's context keeps the message.
+        failed = type(exc).__name__
+    else:
+        failed = said = ""
+    if failed or said:  # raised outside the except blocks: no context keeps the original message
+        raise ConfigurationError(f"REDIS_URL (redis_url): cannot use {shown!r}: {failed or said} (a password "
+                                 "with '/', '?', '#' or '@' must be percent-encoded)")
     raise ConfigurationError(f"REDIS_URL (redis_url): unsupported scheme in {shown!r}")
 
 

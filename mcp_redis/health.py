@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .config import _FEATURE_ENV, _FEATURES, Mode, Settings, redact_url
+from .config import _FEATURE_ENV, _FEATURES, Mode, Settings, redact_url, scrub
 from .metrics import METRICS
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str,
     try:
         conn = client.redis(feature) if feature is not None else client.redis()
     except Exception as exc:  # a configuration error (a cluster is built lazily)
-        return {"ok": False, "url": redact_url(url), "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "url": redact_url(url), "error": scrub(f"{type(exc).__name__}: {exc}", url)}
     out["url"] = conn.url
     out["kind"] = conn.kind
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str,
     except Exception as exc:
         out["ok"] = False
         shown = conn.misconfiguration(exc) or exc  # a refusal says what to fix
-        out["error"] = f"{type(shown).__name__}: {shown}"
+        out["error"] = scrub(f"{type(shown).__name__}: {shown}", url)
     out["breaker"] = conn.policy.breaker.state.value
     out["pool"] = conn.pool_stats()
     METRICS.inc("health_checks_total", backend="redis", ok=str(out["ok"]).lower())
@@ -170,7 +170,7 @@ def _postgres_health(client: Client) -> Dict[str, Any]:
         out["ok"] = True
     except Exception as exc:
         out["ok"] = False
-        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["error"] = scrub(f"{type(exc).__name__}: {exc}", client.settings.database_url)
         return out
     out["breaker"] = pg.policy.breaker.state.value
     out["pool"] = pg.pool_stats()

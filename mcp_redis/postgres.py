@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` 
     import psycopg2.pool
     import psycopg2.sql
 
-from .config import Settings, redact_url
+from .config import Settings, redact_url, scrub
 from .errors import AuthenticationFailed, BackendUnavailable, ConfigurationError, PermissionDenied, PoolExhausted
 from .metrics import METRICS
 from .resilience import CircuitBreaker, Resilience
@@ -414,23 +414,8 @@ _MIGRATE_LOCK_ID = 0x6D6370_7264  # "mcp" "rd": a fixed advisory-lock id for mig
 
 
 def _scrub(message: str, dsn: Optional[str]) -> str:
-    """Remove a password that a libpq error may echo."""
-    if not dsn:
-        return message
-    from urllib.parse import urlsplit
-
-    secret = None
-    if "://" in dsn:
-        try:
-            secret = urlsplit(dsn).password
-        except ValueError:
-            secret = None
-    else:
-        import re
-
-        m = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
-        secret = m.group(1).strip("'") if m else None
-    return message.replace(secret, "***") if secret else message
+    """Remove a password (or the pieces of one) that a libpq error may echo."""
+    return scrub(message, dsn)
 
 
 def get_postgres() -> Postgres:

@@ -391,6 +391,49 @@ def test_no_password_in_reprs_errors_health_or_logs(url: str, caplog: pytest.Log
     assert not leaked, f"password printed: {leaked[0][:300]}"
 
 
+RESERVED_SECRET = "Sup3rPiece/se#cr?et@x"  # unescaped characters a URL reserves: a parser cuts it short
+
+
+@pytest.mark.parametrize("url", [
+    f"redis://:{RESERVED_SECRET}@127.0.0.1:{{port}}/0",
+    f"redis://mcp:{RESERVED_SECRET}@127.0.0.1:{{port}}/0",
+    f"redis+sentinel://mcp:{RESERVED_SECRET}@127.0.0.1:{{port}}/mymaster",
+    f"postgresql://postgres:{RESERVED_SECRET}@127.0.0.1:{{port}}/db",
+])
+def test_no_password_with_reserved_characters_or_a_piece_of_it_is_ever_printed(
+        url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    from mcp_redis.cli import main
+    from mcp_redis.config import redact_url
+
+    caplog.set_level(logging.DEBUG)
+    url = url.format(port=free_port())
+    printed = [redact_url(url)]
+    if url.startswith("postgresql"):
+        mcp_redis.configure(database_url=url, postgres_connect_timeout=1, retry_attempts=1)
+    else:
+        mcp_redis.configure(redis_url=url, **FAST)
+    printed += [repr(mcp_redis.settings()), repr(mcp_redis.health())]
+    for call in (lambda: mcp_redis.RateLimiter("s", 5, 60).hit("k"), lambda: mcp_redis.SessionStore().get("s")):
+        try:
+            call()
+        except Exception as exc:
+            printed.append(_everything_printed(exc))
+    variable = "DATABASE_URL" if url.startswith("postgresql") else "REDIS_URL"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(variable, url)
+        mcp_redis.reset(configuration=True)
+        for argv in (["health"], ["health", "--json"]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+    out = capsys.readouterr()
+    printed += [out.out, out.err, caplog.text]
+    for secret in (RESERVED_SECRET, "Sup3rPiece"):
+        leaked = [p for p in printed if secret in p]
+        assert not leaked, f"{secret!r} printed: {leaked[0][:300]}"
+
+
 def test_wrong_password_error_does_not_echo_it(redis_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     server = redis_factory(password="the-right-one")
