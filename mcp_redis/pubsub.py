@@ -206,7 +206,7 @@ class Subscriber:
         while confirmed < expected:
             if self._closed.is_set():
                 return
-            msg = ps.get_message(timeout=self._poll)
+            msg = self._next(ps, False)
             if msg is None:
                 continue
             if msg["type"] in ("subscribe", "psubscribe"):
@@ -226,9 +226,21 @@ class Subscriber:
         for msg in pending:
             self._dispatch(msg)
         while not self._closed.is_set():
-            msg = ps.get_message(ignore_subscribe_messages=True, timeout=self._poll)
+            msg = self._next(ps, True)
             if msg is not None:
                 self._dispatch(msg)
+
+    def _next(self, ps: Any, ignore_subscribe_messages: bool) -> Any:
+        """The next message, or None. A payload that is not UTF-8 (a foreign
+        publisher) reaches the handler as ``("", None)``, which skips it; redis-py
+        drops the connection under it (a reply it failed to decode) and
+        resubscribes on the next read, so messages already queued behind that
+        payload are lost (pub/sub is at-most-once)."""
+        try:
+            return ps.get_message(ignore_subscribe_messages=ignore_subscribe_messages, timeout=self._poll)
+        except UnicodeDecodeError:
+            METRICS.inc("pubsub_undecodable_total")
+            return {"type": "message", "channel": "", "data": None}
 
     def _dispatch(self, msg: Any) -> None:
         if msg.get("type") not in ("message", "pmessage"):

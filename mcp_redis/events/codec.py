@@ -62,12 +62,25 @@ def _type_hint(exc: TypeError) -> str:
     return text.split(" is not JSON serializable")[0] if "JSON serializable" in text else "unsupported key or value"
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_event(data: object) -> Optional[Event]:
-    """The event dict in a payload, or None if it is not a JSON object."""
+    """The event dict in a payload (bytes: UTF-8), or None if it is not a strict JSON object.
+
+    Not UTF-8, NaN/Infinity (Python's json would take them), or anything but
+    an object: None, for the caller to skip.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     if not isinstance(data, str):
         return None
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

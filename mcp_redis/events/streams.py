@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis.exceptions as rex
+from redis.client import NEVER_DECODE
 
 from ..client import Client, resolve
 from ..config import Settings
@@ -33,6 +34,15 @@ from ..validation import MAX_SECONDS, optional_seconds, seconds
 from .base import Event, EventHandler
 from .codec import check_handler, check_int, decode_event, encode_event
 from .consumer import StreamConsumer, consume_loop, handle_batch
+
+# Stream reads come back undecoded (redis-py's NEVER_DECODE option): entries are decoded here.
+_RAW: Dict[str, Any] = {NEVER_DECODE: True}
+
+
+def _text(value: Any) -> str:
+    """An entry id or cursor (ASCII) as text."""
+    return value.decode("ascii", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
 
 __all__ = ["EventStream", "StreamEntry", "StreamConsumer", "check_client"]
 
@@ -173,12 +183,12 @@ class EventStream:
             raise InvalidArgument("group", "this EventStream has no consumer group; pass group= to read")
         return self.group
 
-    def ensure_group(self) -> bool:
-        """Create the group (and stream) if missing; True if it was created."""
+    def ensure_group(self, start_id: Optional[str] = None) -> bool:
+        """Create the group (and stream) if missing, at `start_id` (default the stream's); True if created."""
         group = self._need_group()
         conn = self._conn()
         created = bool(conn.call(conn.script("events_group"), keys=[self.key],
-                                 args=[group, self.start_id, self._ttl_ms()], client=conn.client))
+                                 args=[group, start_id or self.start_id, self._ttl_ms()], client=conn.client))
         with self._lock:
             self._group_ready = conn.client
         return created
@@ -199,7 +209,9 @@ class EventStream:
         with self._lock:
             self._own_cursor = "0"
             self._claim_cursor = "0-0"
-        self.ensure_group()
+        # From the stream's start, whatever `start_id` says: the entries a restarted,
+        # empty Redis holds were all added after the restart ("$" would skip them).
+        self.ensure_group("0")
         return fn(self._conn())
 
     def read(self, count: int = 100, block_ms: int = 1000) -> List[StreamEntry]:
@@ -222,15 +234,18 @@ class EventStream:
             if entries:
                 return entries
         key = self.key
+        block = ["BLOCK", block_ms] if block_ms else []
         reply = self._group_call(lambda c: c.call(
-            c.client.xreadgroup, group, self.consumer, {key: ">"}, count=count, block=block_ms or None))
+            c.client.execute_command, "XREADGROUP", "GROUP", group, self.consumer, "COUNT", count, *block,
+            "STREAMS", key, ">", **_RAW))
         return self._entries(reply, claimed=False)
 
     def _read_own(self, group: str, count: int) -> List[StreamEntry]:
         key = self.key
         cursor = self._own_cursor or "0"
         reply = self._group_call(lambda c: c.call(
-            c.client.xreadgroup, group, self.consumer, {key: cursor}, count=count))
+            c.client.execute_command, "XREADGROUP", "GROUP", group, self.consumer, "COUNT", count,
+            "STREAMS", key, cursor, **_RAW))
         entries = self._entries(reply, claimed=False)
         with self._lock:
             self._own_cursor = entries[-1].id if entries else None
@@ -243,8 +258,8 @@ class EventStream:
         key = self.key
         cursor = self._claim_cursor
         reply = self._group_call(lambda c: c.call(
-            c.client.xautoclaim, key, group, self.consumer, idle, start_id=cursor, count=count))
-        next_cursor = str(reply[0]) if reply else "0-0"
+            c.client.execute_command, "XAUTOCLAIM", key, group, self.consumer, idle, cursor, "COUNT", count, **_RAW))
+        next_cursor = _text(reply[0]) if reply else "0-0"
         with self._lock:
             self._claim_cursor = next_cursor
             if next_cursor == "0-0":  # a full pass over the PEL: rest a while
@@ -285,8 +300,8 @@ class EventStream:
         """The oldest `count` dead-lettered entries (ids are the original ids)."""
         check_int(count, "count", 1, 10_000)
         conn = self._conn()
-        rows = conn.call(conn.client.xrange, self.dead_letter_key, "-", "+", count)
-        return [StreamEntry(str(f.get("id", eid)), decode_event(f.get("e"))) for eid, f in rows]
+        rows = conn.call(conn.client.execute_command, "XRANGE", self.dead_letter_key, "-", "+", "COUNT", count, **_RAW)
+        return [StreamEntry(_text(f.get(b"id", eid)), decode_event(f.get(b"e"))) for eid, f in rows]
 
     def _entries(self, reply: Any, *, claimed: bool) -> List[StreamEntry]:
         out: List[StreamEntry] = []
@@ -297,8 +312,10 @@ class EventStream:
         return out
 
     def _entry(self, eid: Any, fields: Any, *, claimed: bool) -> StreamEntry:
-        data = fields.get("e") if isinstance(fields, dict) else None
-        return StreamEntry(str(eid), decode_event(data), claimed)
+        # Read undecoded (`_RAW`): an entry that is not UTF-8 (a foreign producer)
+        # is skipped like any non-JSON one, instead of failing every read after it.
+        data = fields.get(b"e") if isinstance(fields, dict) else None
+        return StreamEntry(_text(eid), decode_event(data), claimed)
 
     def ack(self, *ids: str) -> int:
         """Acknowledge entries (XACK); returns how many were pending."""

@@ -126,10 +126,14 @@ def test_trimmed_or_unreadable_entries_are_acked_and_skipped(raw: Redis) -> None
     s.ensure_group()
     raw.xadd(s.key, {"e": "not json"})
     raw.xadd(s.key, {"other": "field"})
+    raw.xadd(s.key, {"e": b"\xff not utf-8"})  # a foreign producer: read undecoded, never a decode error
+    raw.xadd(s.key, {"e": '{"n": NaN}'})  # not strict JSON
     s.add({"ok": 1})
     got: List[Any] = []
-    assert s.process(got.append, block_ms=0) == (3, 0)
+    assert s.process(got.append, block_ms=0) == (5, 0)
     assert got == [{"ok": 1}] and s.pending() == 0
+    s.add({"ok": 2})
+    assert s.process(got.append, block_ms=0) == (1, 0), "the group reads on past them"
 
 
 def test_consume_loop_stops_on_max_events_and_run_in_thread_closes(raw: Redis) -> None:
@@ -162,6 +166,22 @@ def test_consumer_thread_survives_a_redis_restart_and_recreates_the_group(redis_
     finally:
         consumer.close()
     assert s.recreated >= 1 and consumer.handled >= 2
+
+
+def test_a_group_starting_at_new_entries_still_gets_those_added_after_a_redis_restart(redis_factory: Any) -> None:
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    s = EventStream("s", "g", start_id="$")
+    s.ensure_group()
+    s.add({"n": 0})
+    got: List[Any] = []
+    assert s.process(got.append, block_ms=0) == (1, 0)
+    server.restart()  # empty: stream and group are gone
+    wait_for(lambda: _try_add(s, {"n": 1}), 20, interval=0.05, what="an add after the restart")
+    s.add({"n": 2})
+    wait_for(lambda: s.process(got.append, block_ms=0)[0] > 0 or len(got) >= 3, 20, what="the reads after it")
+    assert got == [{"n": 0}, {"n": 1}, {"n": 2}], "recreated at the stream's start, not at '$'"
+    assert s.recreated == 1
 
 
 def _try_add(s: EventStream, event: Dict[str, Any]) -> bool:
