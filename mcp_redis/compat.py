@@ -9,9 +9,10 @@ with``), same waits (`timeout` per attempt, `max_retries` attempts, backoff
 
 Which lock it takes follows the library's ``locks`` mode:
 
-* ``local``: the legacy lock file ``<lock_dir>/<agent_id>.lock`` with the
-  legacy contents (`locks.legacyfile`), so legacy and compat processes on one
-  host exclude each other;
+* ``local``: the lock of ``mcp_redis.agent_lock(agent_id)`` (its host-local
+  file) and then the legacy lock file ``<lock_dir>/<agent_id>.lock`` with the
+  legacy contents (`locks.legacyfile`), so compat, `agent_lock` and legacy
+  processes on one host all exclude each other;
 * every other mode: the lock of ``mcp_redis.agent_lock(agent_id)`` (same key,
   so compat and `agent_lock` exclude each other), auto-renewed while held,
   but never reentrant.
@@ -101,14 +102,14 @@ class _Acquisition:
             raise InvalidArgument("max_retries", f"must be between 1 and 100, got {max_retries!r}")
         self.max_retries = max_retries
         self._file: Optional[LegacyFileLock] = None
-        self._lock: Optional[_AgentLock] = None
         if resolve(None).mode("locks") is Mode.LOCAL:
             if "/" in self.agent_id or "\x00" in self.agent_id or self.agent_id in (".", ".."):
                 raise InvalidArgument("agent_id", "must name a file in lock_dir (no '/', NUL, '.' or '..') in local mode")
             self._file = LegacyFileLock(manager.lock_dir, self.agent_id)
-        else:
-            self._lock = _AgentLock(self.agent_id, blocking_timeout=wait, thread_local=False,
-                                    auto_renew=True, reentrant=False, _argument="agent_id")
+        # agent_lock's own lock in every mode (in local mode as well as the legacy
+        # file): compat and agent_lock call sites exclude each other everywhere.
+        self._lock: _AgentLock = _AgentLock(self.agent_id, blocking_timeout=wait, thread_local=False,
+                                             auto_renew=True, reentrant=False, _argument="agent_id")
 
     @property
     def lock_file(self) -> Path:
@@ -124,11 +125,25 @@ class _Acquisition:
             return False
 
     def attempt(self) -> bool:
-        """One attempt: wait up to `timeout` seconds; True once held."""
-        if self._file is not None:
-            return self._file.try_for(self.timeout)
-        assert self._lock is not None
-        return self._lock.acquire(blocking_timeout=self.timeout)
+        """One attempt: wait up to `timeout` seconds; True once held.
+
+        In local mode: agent_lock's lock, then the legacy file in the time
+        left (always in that order, so no two call sites wait on each other
+        in a cycle; legacy processes take the file alone).
+        """
+        started = time.monotonic()
+        if not self._lock.acquire(blocking_timeout=self.timeout):
+            return False
+        if self._file is None:
+            return True
+        try:
+            if self._file.try_for(max(0.0, self.timeout - (time.monotonic() - started))):
+                return True
+        except BaseException:
+            self._lock.release()
+            raise
+        self._lock.release()
+        return False
 
     def between(self, attempt: int) -> float:
         """After failed attempt `attempt` (not the last): clean up, and the pause to take."""
@@ -142,10 +157,10 @@ class _Acquisition:
 
     def release(self) -> None:
         """Give the lock back; `LockNotOwned` (redis mode) when its lease was lost meanwhile."""
-        if self._file is not None:
-            self._file.release()
-        else:
-            assert self._lock is not None
+        try:
+            if self._file is not None:
+                self._file.release()
+        finally:
             self._lock.release()
 
     def leave(self, failed: bool) -> None:

@@ -65,6 +65,33 @@ def test_nested_acquire_of_one_agent_in_one_thread_times_out_like_the_legacy_man
     assert not held_elsewhere(manager, "test_lock_agent")
 
 
+def test_compat_and_agent_lock_on_one_agent_exclude_each_other(backend: Dict[str, Any], tmp_path: Path) -> None:
+    # Migration step 4 mixes both kinds of call site: in local mode compat
+    # took only the legacy file, agent_lock only its own, and both held at once.
+    manager = StateLockManager(lock_dir=tmp_path)
+
+    def agent_lock_free() -> bool:
+        got: List[bool] = []
+
+        def probe() -> None:
+            try:
+                with mcp_redis.agent_lock("agent-7", blocking_timeout=0):
+                    got.append(True)
+            except mcp_redis.LockTimeout:
+                got.append(False)
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join(10)
+        return got == [True]
+
+    with manager.acquire_agent_lock("agent-7", timeout=1, max_retries=1):
+        assert not agent_lock_free(), "agent_lock entered while compat held the agent"
+    assert agent_lock_free()
+    with mcp_redis.agent_lock("agent-7"):
+        assert held_elsewhere(manager, "agent-7"), "compat entered while agent_lock held the agent"
+    assert not held_elsewhere(manager, "agent-7")
+
+
 def test_bad_max_retries_is_refused_naming_it_and_takes_nothing(backend: Dict[str, Any], tmp_path: Path) -> None:
     manager = StateLockManager(lock_dir=tmp_path)
     for bad, kind in [(0, ValueError), (-1, ValueError), ("3", TypeError), (2.0, TypeError), (True, TypeError)]:
