@@ -222,6 +222,13 @@ class Settings:
                     f"{name}: unsupported scheme in {redact_url(url)!r}; "
                     f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
                 )
+            if scheme in ("redis", "rediss"):
+                # The path names the database: a number or nothing (redis-py would read "/abc" as 0).
+                hosts = url.split("://", 1)[1].rpartition("@")[2]
+                path = hosts.partition("?")[0].partition("#")[0].partition("/")[2]
+                if path and not path.isdigit():
+                    raise ConfigurationError(f"{url_setting(name)}: the database in {redact_url(url)!r} must be "
+                                             "a number (redis://host:6379/0)")
 
     def url(self, feature: str) -> Optional[str]:
         """The Redis URL `feature` uses: its own ``*_url`` setting, else `redis_url`."""
@@ -496,6 +503,11 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> List[str]:
     return unknown
 
 ENVIRONMENT_VARIABLES: List[Tuple[str, str]] = [(var, name) for name, (var, _) in _ENV.items()]
+
+
+def url_setting(field: str) -> str:
+    """How errors name a URL setting: its variable and its `configure()` name, e.g. ``REDIS_URL (redis_url)``."""
+    return f"{_ENV[field][0]} ({field})" if field in _ENV else field
 
 
 def redact_url(url: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -30,7 +31,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
-from .config import Settings, redact_url, scrub
+from .config import FEATURE_URLS, Settings, redact_url, scrub, url_setting
 from .errors import ConfigurationError
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 from .scripts import ScriptSet
@@ -66,6 +67,8 @@ class RedisConnection:
     scripts: ScriptSet = dataclasses.field(default_factory=ScriptSet, repr=False, compare=False)
     # (sha, *keys) -> the packed start of an EVALSHA command: see run_script
     _heads: Dict[Tuple[Any, ...], bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # The variable its URL came from (REDIS_URL, or a feature's MCP_REDIS_*_URL): errors name it.
+    variable: str = "REDIS_URL"
 
     def __repr__(self) -> str:
         return f"RedisConnection(kind={self.kind!r}, url={self.url!r}, policy={self.policy!r})"
@@ -88,7 +91,7 @@ class RedisConnection:
         The policy applies it to every call; background threads (which read
         outside the policy) use it to tell misconfiguration from an outage.
         """
-        return redis_misconfiguration(exc, follows_failover=self.kind != "single")
+        return redis_misconfiguration(exc, follows_failover=self.kind != "single", variable=self.variable)
 
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a registered script (``client.register_script``) in one round trip.
@@ -949,12 +952,22 @@ def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
                     "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
 
 
+def _url_name(s: Settings, url: str) -> str:
+    """The setting `url` comes from, as errors name it (a feature's own URL, else REDIS_URL)."""
+    if url != s.redis_url:
+        for field in FEATURE_URLS.values():
+            if getattr(s, field) == url:
+                return url_setting(field)
+    return url_setting("redis_url")
+
+
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
     """The redis-py client for `url` (default ``s.redis_url``): (client, kind, sentinel, service)."""
     url = s.redis_url if url is None else url
     if not url:
         raise ConfigurationError("REDIS_URL (redis_url): not set (local mode has no Redis client)")
     shown = redact_url(url)
+    name = _url_name(s, url)
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
     _warn_if_plaintext(s, scheme, shown)
@@ -978,10 +991,10 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
         if scheme in ("redis+sentinel", "rediss+sentinel"):
             path = [p for p in parts.path.split("/") if p]
             if not path:
-                raise ConfigurationError(f"REDIS_URL (redis_url): {shown!r} needs a service name: {scheme}://h:26379/<service>[/<db>]")
+                raise ConfigurationError(f"{name}: {shown!r} needs a service name: {scheme}://h:26379/<service>[/<db>]")
             service = unquote(path[0])
             db = int(path[1]) if len(path) > 1 else int(query.get("db", 0))
-            sentinels = parse_host_list(hosts_part, 26379)
+            sentinels = parse_host_list(hosts_part, 26379, name)
             sentinel = _Sentinel(
                 sentinels,
                 sentinel_kwargs=_sentinel_kwargs(s, tls),
@@ -1003,10 +1016,10 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
             db_given = db_part[0] if db_part else query.get("db", "0")
             if db_given != "0":
                 raise ConfigurationError(
-                    f"REDIS_URL (redis_url): {shown!r} names database {db_given!r}; Redis Cluster has only "
+                    f"{name}: {shown!r} names database {db_given!r}; Redis Cluster has only "
                     "database 0 (managed clusters too): drop the '/<db>' (or db=) from the URL and give "
                     "this deployment its own MCP_REDIS_KEY_PREFIX instead")
-            nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379)]  # type: ignore[no-untyped-call]
+            nodes = [ClusterNode(h, p) for h, p in parse_host_list(hosts_part, 6379, name)]  # type: ignore[no-untyped-call]
             client = LazyCluster(
                 startup_nodes=nodes,
                 username=user,
@@ -1029,9 +1042,10 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     else:
         failed = said = ""
     if failed or said:  # raised outside the except blocks: no context keeps the original message
-        raise ConfigurationError(f"REDIS_URL (redis_url): cannot use {shown!r}: {failed or said} (a password "
-                                 "with '/', '?', '#' or '@' must be percent-encoded)")
-    raise ConfigurationError(f"REDIS_URL (redis_url): unsupported scheme in {shown!r}")
+        hint = (" (a password with '/', '?', '#' or '@' must be percent-encoded)"
+                if re.search(r"[/?#@]", url.split("://", 1)[-1].rpartition("@")[0]) else "")
+        raise ConfigurationError(f"{name}: cannot use {shown!r}: {failed or said}{hint}")
+    raise ConfigurationError(f"{name}: unsupported scheme in {shown!r}")
 
 
 # -- building a connection ---------------------------------------------------------
@@ -1068,7 +1082,8 @@ def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet]
         misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
     )
     conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service,
-                           scripts=scripts if scripts is not None else ScriptSet())
+                           scripts=scripts if scripts is not None else ScriptSet(),
+                           variable=_url_name(s, url or s.redis_url or "").split(" ", 1)[0])
     holder.append(conn)
     log.info("redis client ready: %s (%s)", conn.url, kind)
     return conn

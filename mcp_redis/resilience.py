@@ -95,14 +95,16 @@ def is_redis_transient(exc: BaseException) -> bool:
 SUPPORTED_SERVERS = "Redis 7.0 or later, or Valkey 8"
 
 
-def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False) -> Optional[ConfigurationError]:
+def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False,
+                           variable: str = "REDIS_URL") -> Optional[ConfigurationError]:
     """The `ConfigurationError` that a redis-py error stands for, or None.
 
     None means "not the operator's to fix": a transient fault (the resilience
     path) or an ordinary error reply. `follows_failover` is True for Sentinel
     and Cluster clients, where ``READONLY`` is a failover in progress
     (transient); with a plain ``redis://`` URL it means the URL names a replica.
-    Messages quote the server's words, which never contain a password.
+    Messages quote the server's words, which never contain a password, and
+    name `variable`: the setting the connection's URL came from.
     """
     if not isinstance(exc, rex.RedisError):
         return None
@@ -112,24 +114,24 @@ def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False
         isinstance(exc, rex.ResponseError) and upper.startswith(("WRONGPASS", "NOAUTH"))
     ):
         return AuthenticationFailed(
-            f"REDIS_URL: the Redis server refused the credentials ({said}); put the user and "
-            "password of an enabled ACL user (or the requirepass password) in REDIS_URL: "
-            "redis://USER:PASSWORD@host:port/db", variable="REDIS_URL")
+            f"{variable}: the Redis server refused the credentials ({said}); put the user and "
+            f"password of an enabled ACL user (or the requirepass password) in {variable}: "
+            "redis://USER:PASSWORD@host:port/db", variable=variable)
     if isinstance(exc, (rex.NoPermissionError, rex.AuthorizationError)) or "NOPERM" in upper:
         return PermissionDenied(
-            f"REDIS_URL: the Redis user lacks a permission ({said}); grant the ACL rule in "
+            f"{variable}: the Redis user lacks a permission ({said}); grant the ACL rule in "
             "docs/security.md (keys and channels under MCP_REDIS_KEY_PREFIX, and its commands) "
-            "or use another user in REDIS_URL", variable="REDIS_URL")
+            f"or use another user in {variable}", variable=variable)
     if isinstance(exc, rex.ResponseError) and "DB INDEX IS OUT OF RANGE" in upper:
         return BadDatabaseIndex(
-            f"REDIS_URL: the server has no such database ({said}); the number after the last "
-            "'/' of REDIS_URL must be below the server's 'databases' setting (16 by default), "
-            "e.g. redis://host:6379/0", variable="REDIS_URL")
+            f"{variable}: the server has no such database ({said}); the number after the last "
+            f"'/' of {variable} must be below the server's 'databases' setting (16 by default), "
+            "e.g. redis://host:6379/0", variable=variable)
     if isinstance(exc, rex.ResponseError) and ("UNKNOWN COMMAND" in upper or "UNKNOWN REDIS COMMAND" in upper):
         return UnsupportedServer(
-            f"REDIS_URL: the server does not know a command mcp_redis uses ({said}); it is too "
-            f"old or renames/disables that command: point REDIS_URL at {SUPPORTED_SERVERS} "
-            "with the commands of docs/security.md enabled", variable="REDIS_URL")
+            f"{variable}: the server does not know a command mcp_redis uses ({said}); it is too "
+            f"old or renames/disables that command: point {variable} at {SUPPORTED_SERVERS} "
+            "with the commands of docs/security.md enabled", variable=variable)
     if isinstance(exc, rex.ResponseError) and "WRONGTYPE" in upper:
         return WrongKeyType(
             f"MCP_REDIS_KEY_PREFIX: a key under the prefix holds a value of another type ({said}); "
@@ -137,9 +139,9 @@ def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False
             "(or delete the foreign keys)", variable="MCP_REDIS_KEY_PREFIX")
     if isinstance(exc, rex.ReadOnlyError) and not follows_failover:
         return ReadOnlyServer(
-            f"REDIS_URL: the server is a read-only replica ({said}); point REDIS_URL at the "
+            f"{variable}: the server is a read-only replica ({said}); point {variable} at the "
             "master, or use redis+sentinel://sentinel:26379/<service> so the library follows "
-            "failovers", variable="REDIS_URL")
+            "failovers", variable=variable)
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,32 @@ def test_unsupported_scheme_error_does_not_leak_the_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         mcp_redis.configure(redis_url="http://u:s3cr3t-pw@host/")
     assert "s3cr3t-pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["/abc", "/1x", "/0/1"])
+def test_a_database_that_is_not_a_number_is_refused_and_changes_nothing(path: str) -> None:
+    # redis-py reads "/abc" as database 0: the library would have written there.
+    before = mcp_redis.settings()
+    with pytest.raises(ConfigurationError, match=r"REDIS_URL \(redis_url\): the database") as info:
+        mcp_redis.configure(redis_url=f"redis://:pw-secret@127.0.0.1:6379{path}")
+    assert "pw-secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_EVENTS_URL \(events_url\)"):
+        mcp_redis.configure(events_url=f"redis://127.0.0.1:6379{path}")
+    assert mcp_redis.settings() == before
+    mcp_redis.configure(redis_url="redis://127.0.0.1:6379/3?socket_timeout=1")  # a number, and a query: fine
+
+
+def test_errors_of_a_features_own_url_name_its_variable(redis_factory: Any) -> None:
+    from mcp_redis.connections import get_redis
+
+    server = redis_factory(password="the-right-one")
+    mcp_redis.configure(redis_url=f"redis://:the-right-one@127.0.0.1:{server.port}/0",
+                        events_url=f"redis://:wrong@127.0.0.1:{server.port}/0", retry_attempts=1)
+    with pytest.raises(ConfigurationError, match="MCP_REDIS_EVENTS_URL: the Redis server refused") as info:
+        mcp_redis.EventBus().publish("c", {"a": 1})
+    assert info.value.variable == "MCP_REDIS_EVENTS_URL"
+    conn = get_redis()
+    assert conn.call(conn.client.ping) is True  # REDIS_URL itself is fine
+    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): cannot use"):
+        mcp_redis.configure(cache_url="redis://127.0.0.1:99999/0")
+        mcp_redis.default_client().redis("metadata_cache")
