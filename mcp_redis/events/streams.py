@@ -30,7 +30,7 @@ from ..connections import RedisConnection
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
-from ..validation import MAX_SECONDS, optional_seconds, seconds
+from ..validation import MAX_SECONDS, seconds
 from .base import Event, EventHandler
 from .codec import check_handler, check_int, decode_event, encode_event
 from .consumer import StreamConsumer, consume_loop, handle_batch
@@ -83,8 +83,8 @@ class EventStream:
     acked, and entries left pending longer than `min_idle_ms` (a consumer
     died or is stuck) are claimed by another consumer, so handlers must be
     idempotent (use the entry id). The stream holds about `maxlen` entries
-    (``MAXLEN ~``) and expires `ttl` seconds after the last `add` (None: no
-    TTL; then `maxlen` is the only bound). With `max_deliveries`, an entry
+    (``MAXLEN ~``) and expires `ttl` seconds after the last `add` (every key
+    the library writes expires: None is refused). With `max_deliveries`, an entry
     re-delivered more often than that (a poison event) is moved to a
     dead-letter stream (`dead_letters()`) and acked. Data survives a Redis restart only
     with persistence (AOF); without it the stream and group are recreated
@@ -112,7 +112,10 @@ class EventStream:
             consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
         self.consumer = validate_id(consumer, "consumer")
         self.maxlen = check_int(maxlen, "maxlen", 1)
-        self.ttl = optional_seconds(ttl, "ttl")
+        if ttl is None:  # every key the library writes expires
+            raise InvalidArgument("ttl", "must be a number of seconds: the stream expires that long after its last "
+                                         "add (a quiet stream that must live long: a long ttl, e.g. 365 days)")
+        self.ttl: float = seconds(ttl, "ttl")
         self.min_idle_ms = check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         if start_id not in ("0", "$") and not _valid_stream_id(start_id):
             raise InvalidArgument("start_id", "must be '0', '$' or a stream id like '1700000000000-0'")
@@ -144,7 +147,7 @@ class EventStream:
         return KeySpace(resolve(self.client).settings.key_prefix).key("stream", self.name, tag=True, suffix="dead")
 
     def _ttl_ms(self) -> int:
-        return 0 if self.ttl is None else max(1, int(self.ttl * 1000))
+        return max(1, int(self.ttl * 1000))
 
     def _conn(self) -> RedisConnection:
         return resolve(self.client).redis("events")  # ConfigurationError in local mode: streams need Redis

@@ -56,11 +56,11 @@ def test_add_keeps_the_stream_bounded_and_refreshes_its_idle_ttl(raw: Redis) -> 
     assert s.key.startswith("mcp:stream:")
 
 
-def test_a_stream_without_ttl_is_bounded_by_maxlen_only(raw: Redis) -> None:
-    s = EventStream("forever", "g", ttl=None, maxlen=10)
-    s.ensure_group()
-    s.add({"a": 1})
-    assert raw.ttl(s.key) == -1
+def test_a_stream_without_ttl_is_refused_naming_it(raw: Redis) -> None:
+    # Every key the library writes expires: a stream too (a long ttl for a quiet one).
+    with pytest.raises(InvalidArgument, match="ttl"):
+        EventStream("forever", "g", ttl=None, maxlen=10)
+    assert raw.keys("*forever*") == []
 
 
 def test_group_creation_is_idempotent_and_the_new_stream_expires(raw: Redis) -> None:
