@@ -25,11 +25,12 @@ prometheus_client is imported lazily, so this module imports without it.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .metrics import LATENCY_BUCKETS, METRICS, Metrics
 
 __all__ = ["MetricsCollector", "register", "start_http_server", "exposition", "NAMESPACE", "DOCS"]
@@ -326,8 +327,18 @@ def start_http_server(port: int, addr: str = "127.0.0.1", registry: Optional[Any
     control. Uses prometheus_client's default registry unless `registry`
     is given, so the process's other metrics are served alongside.
     """
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise InvalidArgumentType("port", f"must be an int, not {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise InvalidArgument("port", f"must be between 0 and 65535, got {port}")
+    if not isinstance(addr, str) or not addr:
+        raise InvalidArgumentType("addr", f"must be a non-empty str, not {addr!r}")
     client = _require_client()
     reg = registry if registry is not None else client.REGISTRY
+    try:
+        socket.getaddrinfo(addr, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidArgument("addr", f"cannot bind {addr!r}: {exc}") from None
     register(reg)
     result = client.start_http_server(port, addr=addr, registry=reg)
     if isinstance(result, tuple):

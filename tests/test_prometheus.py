@@ -215,3 +215,18 @@ def test_every_metric_the_library_records_is_in_the_operations_doc() -> None:
     text = DOCS.read_text(encoding="utf-8")
     undocumented = sorted(n for n in recorded if f"`mcp_redis_{n.removesuffix('_total')}" not in text)
     assert undocumented == [], "add these to docs/operations.md's metric list"
+
+
+@pytest.mark.parametrize("kwargs,argument", [({"port": -1}, "port"), ({"port": 70000}, "port"),
+                                             ({"port": True}, "port"), ({"port": "9100"}, "port"),
+                                             ({"port": 0, "addr": "no such host.invalid"}, "addr"),
+                                             ({"port": 0, "addr": ""}, "addr")])
+def test_start_http_server_refuses_bad_arguments_naming_them(kwargs: Dict[str, object], argument: str) -> None:
+    from mcp_redis.errors import InvalidArgument, InvalidArgumentType
+    from mcp_redis.prometheus import start_http_server
+
+    registry = prometheus_client.CollectorRegistry()
+    with pytest.raises((InvalidArgument, InvalidArgumentType)) as info:
+        start_http_server(registry=registry, **kwargs)  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    assert list(registry.collect()) == [], "nothing registered"
