@@ -16,8 +16,11 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["main", "build_parser"]
@@ -135,8 +138,10 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a finite number > 0")
+    if value > 86400:
+        raise argparse.ArgumentTypeError("must be at most 86400 (a day)")
     return value
 
 
@@ -201,8 +206,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         _setup_logging(args.log_level)
     except ValueError:
         parser.error(f"--log-level: unknown level {args.log_level!r}")
+    previous = _terminate_like_interrupt()
     try:
         return int(args.func(args))
+    except _Terminated:  # SIGTERM (timeout, systemd, docker stop): cleaned up like Ctrl-C
+        print(f"mcp-redis {args.command}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `mcp-redis stats | head`: the reader left, not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -213,6 +222,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # every library error message is secret-free
         print(f"mcp-redis {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: every ``finally`` (the demo's cleanup) runs, as for Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM raise `_Terminated` in the main thread; the previous handler (None: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 if __name__ == "__main__":  # pragma: no cover

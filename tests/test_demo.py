@@ -71,6 +71,68 @@ def test_the_demo_command_reports_zero_violations_exact_admissions_and_surviving
 
 
 @pytest.mark.slow
+def _demo_databases() -> set:  # type: ignore[type-arg]
+    import psycopg2
+
+    conn = psycopg2.connect(PostgresDatabase().admin_dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'mcp_redis_demo%%'")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def _children(pid: int) -> set:  # type: ignore[type-arg]
+    """Every live descendant of `pid` (from /proc)."""
+    parents: Dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out
+
+
+def test_a_demo_stopped_with_sigterm_cleans_up_like_one_interrupted() -> None:
+    """`timeout`, systemd and `docker stop` send SIGTERM: no redis-server, worker or database is left."""
+    if redis_binary() is None:
+        pytest.skip("redis-server not found (the demo would run in local mode)")
+    import signal
+    import time
+
+    from mcp_redis.testing import wait_for
+
+    env = {k: v for k, v in os.environ.items() if k not in {var for var, _ in ENVIRONMENT_VARIABLES}}
+    env["PYTHONPATH"] = ROOT
+    before = _demo_databases()
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_redis", "demo", "--workers", "2", "--seconds", "60",
+                             "--quiet", "--no-restart"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _demo_databases() - before and len(_children(proc.pid)) >= 3, timeout=60,
+                 what="the demo's database, redis-server and workers")
+        family = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in family):
+        time.sleep(0.1)
+    left = [p for p in family if os.path.exists(f"/proc/{p}")]
+    assert not left, f"left running: {left}"
+    assert _demo_databases() - before == set(), "its database dropped"
+
+
 def test_without_agent_lock_the_demo_sees_lost_updates_and_fails(redis_url: str) -> None:
     import mcp_redis
 
