@@ -205,6 +205,8 @@ class Settings:
             raise ConfigurationError("sentinel_username: needs sentinel_password (MCP_REDIS_SENTINEL_PASSWORD)")
         object.__setattr__(self, "lock_fallback", _coerce_enum(LockFallback, self.lock_fallback, "lock_fallback"))
         object.__setattr__(self, "rate_limit_fallback", _coerce_enum(RateLimitFallback, self.rate_limit_fallback, "rate_limit_fallback"))
+        if not isinstance(self.lock_dir, str) or not self.lock_dir or "\x00" in self.lock_dir:
+            raise ConfigurationError(f"MCP_REDIS_LOCK_DIR (lock_dir): must be a directory path, got {self.lock_dir!r}")
         for name in _URL_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

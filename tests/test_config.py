@@ -133,3 +133,18 @@ def test_errors_of_a_features_own_url_name_its_variable(redis_factory: Any) -> N
     with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): cannot use"):
         mcp_redis.configure(cache_url="redis://127.0.0.1:99999/0")
         mcp_redis.default_client().redis("metadata_cache")
+
+
+def test_a_lock_dir_that_is_no_path_is_refused_and_one_that_cannot_be_used_names_it(tmp_path: Any) -> None:
+    before = mcp_redis.settings()
+    for bad in ("", "x\x00y"):
+        with pytest.raises(ConfigurationError, match="MCP_REDIS_LOCK_DIR"):
+            mcp_redis.configure(lock_dir=bad)
+    assert mcp_redis.settings() == before
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    mcp_redis.configure(locks="local", lock_dir=str(blocker / "locks"))
+    with pytest.raises(ConfigurationError, match="MCP_REDIS_LOCK_DIR") as info:
+        with mcp_redis.agent_lock("a1"):
+            pass
+    assert info.value.variable == "MCP_REDIS_LOCK_DIR"

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Deque, Dict, Optional, Set
 
+from ..errors import ConfigurationError
 from .base import Backend, Hold, LockKeys
 
 if TYPE_CHECKING:
@@ -124,12 +125,22 @@ class FileBackend(Backend):
         return os.path.join(directory, f"mcp_redis-{digest}.lock")
 
     def _open(self, path: str) -> int:
-        """Open the lock file; the fd is tracked so a forked child closes its copy."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with _open_fds_lock:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-            _open_fds.add(fd)
-        return fd
+        """Open the lock file; the fd is tracked so a forked child closes its copy.
+
+        A directory that cannot be made or written is the operator's to fix:
+        `ConfigurationError` naming MCP_REDIS_LOCK_DIR (not a bare OSError).
+        """
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with _open_fds_lock:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+                _open_fds.add(fd)
+        except OSError as exc:
+            said = f"{type(exc).__name__}: {exc.strerror or exc}"
+        else:
+            return fd
+        raise ConfigurationError(f"MCP_REDIS_LOCK_DIR (lock_dir): cannot use {os.path.dirname(path)!r} for lock "
+                                 f"files ({said}); point it at a writable directory", variable="MCP_REDIS_LOCK_DIR")
 
     @staticmethod
     def _close(fd: int) -> None:
