@@ -116,7 +116,9 @@ class Subscriber:
             self._settled.wait(timeout)
             misconfigured = self.misconfigured
             if not self._ready.is_set():
-                self.close()
+                # Not joined: a thread stuck in a read of a hung server ends on its
+                # socket timeout by itself; the caller's `timeout` is the bound.
+                self.close(timeout=0.0)
                 if misconfigured is not None:
                     raise misconfigured
                 raise BackendUnavailable(f"redis unavailable: subscription not active within {timeout}s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from typing import Any, List, Tuple
 
 import pytest
@@ -318,3 +319,18 @@ def test_reset_leaves_the_subscriptions_of_a_client_you_made_running(redis_url: 
         assert sub.active
         assert EventBus(client=client).publish("c", {"n": 1}) == 1
         assert inbox.wait(1) == [{"n": 1}]
+
+
+def test_subscribe_to_a_hung_server_gives_up_after_its_own_timeout(redis_factory: Any) -> None:
+    # It used to join the listener thread, stuck in a read, for 2 s more.
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url)
+    mcp_redis.EventBus().publish("warm", {})  # the pool is connected
+    server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(mcp_redis.BackendUnavailable):
+            mcp_redis.EventBus().subscribe("c", lambda event: None, timeout=0.3)
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.resume()
