@@ -80,6 +80,17 @@ def _check_nested(value: Any, path: str) -> None:
             _check_nested(inner, path)
 
 
+def _has_nul(value: Any) -> bool:
+    """True if a NUL is in any string (value or key) of a JSON value."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
     """Validate caller fields; returns {name: JSON text}. Raises `InvalidArgument` naming the field."""
     encoded: Dict[str, str] = {}
@@ -94,9 +105,18 @@ def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
                                         "(see docs/security.md)")
         _check_nested(value, name)
         try:
-            encoded[name] = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentType(name, f"must be a JSON value ({exc})") from None
+        # Every mode keeps what PostgreSQL's JSONB can: no NUL, no lone surrogate
+        # (so turning DATABASE_URL on never breaks a caller that worked before).
+        if _has_nul(value):
+            raise InvalidArgument(name, "must not contain NUL (\\u0000): PostgreSQL's JSONB cannot hold it")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(name, "must be valid Unicode text (no lone surrogate)") from None
+        encoded[name] = text
     return encoded
 
 

@@ -283,3 +283,17 @@ def test_a_store_with_its_own_client_uses_that_clients_backend_in_every_mode(
         assert any_store.get("s1") == (None if mode == "local" else "agent-1")
         assert type(mcp_redis.sessions._current(client)) is BACKEND_OF[mode]
         assert mcp_redis.sessions._current(client) is not mcp_redis.sessions._current()
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "x\ud800y", {"k\x00": 1}, [1, {"a": "\x00"}]],
+                         ids=["nul", "lone-surrogate", "nul-key", "nested-nul"])
+def test_a_field_postgresql_cannot_hold_is_refused_in_every_mode_and_changes_nothing(
+        any_store: SessionStore, value: object) -> None:
+    # Redis alone could keep it, but turning DATABASE_URL on must not break a caller that worked.
+    with pytest.raises(mcp_redis.InvalidArgument, match="note"):
+        any_store.bind("s-field", "agent-1", note=value)
+    assert any_store.get("s-field") is None
+    any_store.bind("s-field", "agent-1", note="fine")
+    with pytest.raises(mcp_redis.InvalidArgument, match="note"):
+        any_store.update("s-field", note=value)
+    assert any_store.record("s-field")["note"] == "fine"  # type: ignore[index]
