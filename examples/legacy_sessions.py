@@ -124,7 +124,7 @@ WHERE session_id = %s
 """
 _FOR_AGENT = """
 SELECT s.session_id FROM core.sessions s JOIN core.identities i USING (identity_id)
-WHERE i.agent_id = %s AND s.is_active AND s.expires_at > now() ORDER BY s.session_id COLLATE "C" LIMIT %s
+WHERE i.agent_id = %s AND s.is_active AND s.expires_at > now()
 """
 _PREFIX = """
 SELECT i.agent_id FROM core.sessions s JOIN core.identities i USING (identity_id)
@@ -224,7 +224,8 @@ class LegacySessionsSource:
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
         if not _legacy_text(agent_id):
             return []
-        return [decode_id(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id, limit), fetch="all")]
+        # Sorted by the keys themselves, not their stored (encoded) form: see PostgresBackend.sessions_for.
+        return sorted(decode_id(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id,), fetch="all"))[:limit]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         if not _legacy_text(prefix):

@@ -85,7 +85,7 @@ ON CONFLICT (session_key) DO UPDATE SET
 """
 _PG_FOR_AGENT = """
 SELECT session_key FROM {schema}.sessions
-WHERE agent_id = %s AND expires_at > now() ORDER BY session_key LIMIT %s
+WHERE agent_id = %s AND expires_at > now()
 """
 _PG_PREFIX = """
 SELECT DISTINCT agent_id FROM {schema}.sessions
@@ -315,8 +315,11 @@ class PostgresBackend:
         return result
 
     def sessions_for(self, agent_id: str, limit: int) -> List[str]:
-        rows = self.pg.execute(self.pg.sql(_PG_FOR_AGENT), (_utf8(agent_id), limit), fetch="all")
-        return [decode_id(r[0]) for r in rows]
+        # Sorted here, not by SQL: the column holds the encoded keys (encode_id),
+        # whose order is not the keys' (an encoded key sorts last), and `limit`
+        # must keep the first keys in the keys' own order, as in every other mode.
+        rows = self.pg.execute(self.pg.sql(_PG_FOR_AGENT), (_utf8(agent_id),), fetch="all")
+        return sorted(decode_id(r[0]) for r in rows)[:limit]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         low = _utf8(prefix)

@@ -250,8 +250,14 @@ def test_sessions_for_returns_at_most_limit_sorted_keys_in_every_mode(any_store:
     any_store.bind("other", "agent-2")
     assert any_store.sessions_for("agent-1") == [f"s{i}" for i in range(5)]
     limited = any_store.sessions_for("agent-1", limit=2)
-    assert len(limited) == 2 and set(limited) <= {f"s{i}" for i in range(5)}
+    assert limited == ["s0", "s1"], "the first keys in their own order"
     assert any_store.sessions_for("nobody") == []
+    # Keys stored encoded (a space) sort among the others by their own text, in every mode.
+    odd = ["0123456789abcdef0123456789abcdef", "B1", "Z", "a b", "a1", "zzz"]
+    for key in odd:
+        any_store.bind(key, "agent-odd")
+    assert any_store.sessions_for("agent-odd") == sorted(odd)
+    assert any_store.sessions_for("agent-odd", limit=4) == sorted(odd)[:4]
 
 
 def test_unbind_removes_the_session_from_its_agents_index_and_the_prefix_index_in_every_mode(
