@@ -168,6 +168,10 @@ class AgentDirectory:
         validate_id(text, "text")
         c = resolve(self.client)
         wanted = _wanted(text)
+        if wanted != text:  # "agent-<12>": a prefix's key form, or a whole id of that shape
+            holder = self._holder(c, prefix_of(text))
+            if holder == text:
+                return holder  # a whole registered id resolves to itself, whatever its shape
         prefix = prefix_of(wanted)
         holder = self._holder(c, prefix)
         if holder is None or (len(wanted) > PREFIX_LENGTH and holder != wanted):

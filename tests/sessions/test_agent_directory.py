@@ -113,3 +113,15 @@ def test_postgres_mode_without_a_database_refuses_instead_of_keeping_nothing() -
     mcp_redis.configure(sessions="postgres")
     with pytest.raises(mcp_redis.ConfigurationError, match="DATABASE_URL"):  # as SessionStore says
         AgentDirectory().register(AGENT)
+
+
+def test_a_whole_id_shaped_like_a_key_form_resolves_to_itself(mode: str) -> None:
+    # "agent-<12 characters>" is also how a prefix is written in keys: a registered
+    # id of exactly that shape still resolves to itself.
+    directory = AgentDirectory()
+    assert directory.register("agent-abcdefabcdef") == "agent-abcdefabcdef"
+    assert directory.resolve("agent-abcdefabcdef") == "agent-abcdefabcdef"
+    assert directory.resolve("agent-abcdef") == "agent-abcdefabcdef"  # its own 12-character prefix
+    assert directory.register("abcdefabcdef-0000") == "abcdefabcdef-0000"
+    assert directory.resolve("agent-abcdefabcdef") == "agent-abcdefabcdef", "the whole id wins over the key form"
+    assert directory.resolve("abcdefabcdef") == "abcdefabcdef-0000"
