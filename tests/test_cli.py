@@ -127,3 +127,11 @@ def test_demo_against_a_redis_that_does_not_answer_exits_2_and_says_why() -> Non
     assert out.returncode == 2
     assert "does not answer" in out.stderr
     assert SECRET not in out.stdout + out.stderr
+
+
+def test_health_reports_a_backends_own_configuration_error_and_exits_1() -> None:
+    # A URL the settings accept but the client cannot use (a Cluster has no database 1):
+    # reported in the backend's error field, the other backends still shown.
+    out = run_cli("health", "--json", env={"REDIS_URL": "redis+cluster://127.0.0.1:7000/1"})
+    assert out.returncode == 1, out.stderr
+    assert "ConfigurationError" in out.stdout and "names database" in out.stdout

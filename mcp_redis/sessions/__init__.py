@@ -396,6 +396,9 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
             raise InvalidArgumentType("value", f"must be an agent id or a record dict, not {type(value).__name__}")
         if AGENT_FIELD not in value:
             raise InvalidArgument(AGENT_FIELD, "a record assigned to a session must name its agent")
+        bad = next((k for k in value if not isinstance(k, str)), None)
+        if bad is not None:
+            raise InvalidArgumentType("value", f"a record's field names must be str, not {type(bad).__name__}")
         fields = {k: v for k, v in value.items() if k not in LIBRARY_FIELDS}
         self.store.bind(session_key, value[AGENT_FIELD], **fields)
 

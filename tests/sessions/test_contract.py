@@ -303,3 +303,10 @@ def test_a_field_postgresql_cannot_hold_is_refused_in_every_mode_and_changes_not
     with pytest.raises(mcp_redis.InvalidArgument, match="note"):
         any_store.update("s-field", note=value)
     assert any_store.record("s-field")["note"] == "fine"  # type: ignore[index]
+
+
+def test_a_record_assigned_through_the_mapping_with_a_non_str_field_name_is_refused(any_store: SessionStore) -> None:
+    mapping = SessionMap(any_store)
+    with pytest.raises(mcp_redis.InvalidArgumentType, match="value"):
+        mapping["s-map"] = {"bound_agent_id": "a1", 5: "x"}
+    assert "s-map" not in mapping
