@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` does not load it
     import psycopg2
@@ -88,6 +88,10 @@ SHAPES: Dict[str, Dict[str, str]] = {
 # ``ADD COLUMN IF NOT EXISTS`` in `SCHEMA`) instead of refusing the table; a
 # column of that name with another type is still a ConfigurationError.
 UPGRADES: Dict[str, frozenset[str]] = {"sessions": frozenset({"record"})}
+
+# table -> its primary key's columns: the ``ON CONFLICT`` target of every upsert.
+PRIMARY_KEYS: Dict[str, Tuple[str, ...]] = {"sessions": ("session_key",),
+                                            "rate_limits": ("name", "rate_key", "algorithm", "window_us")}
 
 
 class _NotRaised(Exception):
@@ -355,14 +359,27 @@ class Postgres:
     def _check_shapes(self, cur: Any) -> None:
         """Raise `ConfigurationError` if a table of `SHAPES` exists in the schema with another shape."""
         cur.execute(
-            "SELECT table_name, column_name, udt_name FROM information_schema.columns "
-            "WHERE table_schema = %s AND table_name = ANY(%s)",
+            "SELECT c.table_name, c.column_name, c.udt_name, c.is_nullable = 'NO' AND c.column_default IS NULL "
+            "FROM information_schema.columns c WHERE c.table_schema = %s AND c.table_name = ANY(%s)",
             (self.schema, sorted(SHAPES)),
         )
         found: Dict[str, Dict[str, str]] = {}
-        for table, column, udt in cur.fetchall():
+        required: Dict[str, List[str]] = {}  # NOT NULL without a default: every insert must write them
+        for table, column, udt, needed in cur.fetchall():
             found.setdefault(table, {})[column] = udt
+            if needed:
+                required.setdefault(table, []).append(column)
+        cur.execute(  # each table's primary key, its columns in order
+            "SELECT t.relname, array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i "
+            "JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) "
+            "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum "
+            "WHERE i.indisprimary AND n.nspname = %s AND t.relname = ANY(%s) GROUP BY t.relname",
+            (self.schema, sorted(SHAPES)),
+        )
+        keys = {table: tuple(columns) for table, columns in cur.fetchall()}
         for table, columns in sorted(found.items()):
+            problem = ""
             for column, udt in SHAPES[table].items():
                 if column not in columns and column in UPGRADES.get(table, frozenset()):
                     continue
@@ -370,8 +387,15 @@ class Postgres:
                     problem = f"has no column {column!r} ({udt})"
                 elif columns[column] != udt:
                     problem = f"column {column!r} is {columns[column]}, expected {udt}"
-                else:
-                    continue
+                if problem:
+                    break
+            extra = [c for c in required.get(table, []) if c not in SHAPES[table]]
+            if not problem and extra:
+                problem = f"has a column the library does not write, NOT NULL without a default: {extra[0]!r}"
+            if not problem and table in PRIMARY_KEYS and keys.get(table) != PRIMARY_KEYS[table]:
+                problem = (f"has primary key {keys.get(table) or 'none'}, expected "
+                           f"({', '.join(PRIMARY_KEYS[table])})")
+            if problem:
                 raise ConfigurationError(
                     f"PostgreSQL table {self.schema}.{table} {problem}: it is not the library's table; "
                     "set MCP_REDIS_PG_SCHEMA to a schema of the library's own (default mcp_redis)",

@@ -163,6 +163,34 @@ def test_a_table_of_another_shape_in_the_schema_is_a_configuration_error_naming_
     assert "Traceback" not in cli.stderr
 
 
+@pytest.mark.parametrize("extra,problem", [
+    ("", r"has primary key none, expected \(session_key\)"),  # the right columns, no key: ON CONFLICT fails
+    (", PRIMARY KEY (session_key), tenant TEXT NOT NULL", r"NOT NULL without a default: 'tenant'"),
+], ids=["no-primary-key", "extra-not-null-column"])
+def test_a_table_with_the_right_columns_but_not_the_librarys_shape_is_refused(
+        legacy_db: PostgresDatabase, extra: str, problem: str) -> None:
+    # Before, migrate passed (exit 0) and every bind failed with a raw psycopg2
+    # error, whose DETAIL line quoted the whole row (session key, agent, fields).
+    schema = "odd_" + ("nopk" if not extra else "extra")
+    conn = psycopg2.connect(legacy_db.dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {schema}.sessions (session_key TEXT NOT NULL, "
+                        "agent_id BYTEA NOT NULL, expires_at TIMESTAMPTZ NOT NULL, created_at TIMESTAMPTZ NOT NULL "
+                        "DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), redis_pending BOOLEAN NOT NULL "
+                        f"DEFAULT false, record JSONB NOT NULL DEFAULT '{{}}'::jsonb{extra})")
+    finally:
+        conn.close()
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres")
+    with pytest.raises(ConfigurationError, match=problem):
+        migrate()
+    with pytest.raises(ConfigurationError, match=problem):
+        SessionStore().bind("s", AGENT, note="private-note")
+    cli = run_cli("migrate", env={"DATABASE_URL": legacy_db.url, "MCP_REDIS_PG_SCHEMA": schema})
+    assert cli.returncode == 2 and "private-note" not in cli.stderr
+
+
 @pytest.mark.parametrize("name", ["core", "audit", "public", "pg_temp", "Mixed", "a-b", "x; DROP", ""])
 def test_pg_schema_refuses_legacy_and_non_identifier_names(name: str) -> None:
     with pytest.raises(ConfigurationError, match=r"^pg_schema: "):
