@@ -149,7 +149,9 @@ def _load_and_fill(fn: CachedFunction[Any], st: _State, backend: Optional[Backen
     if backend is not None and fills and delta < st.guard_ttl / 2:
         try:
             backend.fill_many(fills)
-            return len(fills) == len(missing)  # entries not written back (None, not JSON) keep their marker
+            # True only if every entry was written back; else the caller takes the markers away
+            # (those of entries written back are gone already: cache_abandon.lua leaves them be).
+            return len(fills) == len(missing)
         except backend.errors as exc:
             fn._count_error()
             log.debug("cache %s: batch write-back failed (%s)", fn.namespace, type(exc).__name__)
