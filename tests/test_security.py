@@ -402,7 +402,6 @@ RESERVED_SECRET = "Sup3rPiece/se#cr?et@x"  # unescaped characters a URL reserves
 ])
 def test_no_password_with_reserved_characters_or_a_piece_of_it_is_ever_printed(
         url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    from mcp_redis.cli import main
     from mcp_redis.config import redact_url
 
     caplog.set_level(logging.DEBUG)
@@ -421,14 +420,8 @@ def test_no_password_with_reserved_characters_or_a_piece_of_it_is_ever_printed(
     variable = "DATABASE_URL" if url.startswith("postgresql") else "REDIS_URL"
     with pytest.MonkeyPatch.context() as env:
         env.setenv(variable, url)
-        mcp_redis.reset(configuration=True)
-        for argv in (["health"], ["health", "--json"]):
-            try:
-                main(argv)
-            except SystemExit:
-                pass
-    out = capsys.readouterr()
-    printed += [out.out, out.err, caplog.text]
+        printed += _cli_health_outputs(capsys)
+    printed.append(caplog.text)
     for secret in (RESERVED_SECRET, "Sup3rPiece"):
         leaked = [p for p in printed if secret in p]
         assert not leaked, f"{secret!r} printed: {leaked[0][:300]}"
@@ -472,18 +465,27 @@ def test_no_database_password_in_errors_health_or_logs(dsn: str, caplog: pytest.
 
 
 def test_cli_health_does_not_print_the_password(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from mcp_redis.cli import main
 
     monkeypatch.setenv("REDIS_URL", f"redis://:{SECRET}@127.0.0.1:{free_port()}/0")
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/db")
+    for printed in _cli_health_outputs(capsys):
+        assert SECRET not in printed
+
+
+def _cli_health_outputs(capsys: pytest.CaptureFixture[str]) -> List[str]:
+    """stdout and stderr of `mcp-redis health` and `health --json` under the environment in force."""
+    from mcp_redis.cli import main
+
     mcp_redis.reset(configuration=True)
+    outputs: List[str] = []
     for argv in (["health"], ["health", "--json"]):
         try:
             main(argv)
         except SystemExit:
             pass
         out = capsys.readouterr()
-        assert SECRET not in out.out and SECRET not in out.err
+        outputs += [out.out, out.err]
+    return outputs
 
 
 # -- the code: no pickle, parameterised SQL, Lua only from files ---------------------------------------

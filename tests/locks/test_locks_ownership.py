@@ -7,10 +7,11 @@ Each test states one guarantee of docs/locks.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, List
+from typing import Any, Awaitable, Callable, Iterator, List, Tuple
 
 import pytest
 import redis
@@ -199,29 +200,36 @@ def test_a_grant_redis_runs_after_the_holders_liveness_lapsed_is_not_given_twice
         other_client.close()
 
 
+@contextlib.contextmanager
+def holder_and_other(redis_server: RedisServer, **holder_settings: Any) -> Iterator[Tuple[FaultProxy, Any, Any]]:
+    """(proxy, the holder's client through it, another process's client straight to the server)."""
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        holder_client = mcp_redis.Client(redis_url=proxy.url(), **holder_settings)
+        other_client = mcp_redis.Client(redis_url=redis_server.url)
+        try:
+            yield proxy, holder_client, other_client
+        finally:
+            holder_client.close()
+            other_client.close()
+
+
 def test_a_release_retried_after_a_takeover_raises_not_owned(redis_server: RedisServer) -> None:
     # The holder is cut off (its liveness lapses), another caller takes the
     # lock over within the lease, then the holder's release reply is lost:
     # the retry must not report the lost lock as released.
-    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=1.0, retry_attempts=3,
-                                         breaker_failure_threshold=10)
-        other_client = mcp_redis.Client(redis_url=redis_server.url)
-        try:
-            first = mcp_redis.lock("taken-over", timeout=30, client=holder_client)
-            assert first.acquire(blocking=False)
-            proxy.blackhole()
-            second = mcp_redis.lock("taken-over", timeout=30, client=other_client)
-            assert second.acquire(blocking_timeout=10), "taken over as a dead holder's, within the 30 s lease"
-            proxy.pass_through()
-            proxy.reset_next_reply()
-            with pytest.raises(LockNotOwned):
-                first.release()
-            assert first.lost and second.owned()
-            second.release()
-        finally:
-            holder_client.close()
-            other_client.close()
+    with holder_and_other(redis_server, socket_timeout=1.0, retry_attempts=3,
+                          breaker_failure_threshold=10) as (proxy, holder_client, other_client):
+        first = mcp_redis.lock("taken-over", timeout=30, client=holder_client)
+        assert first.acquire(blocking=False)
+        proxy.blackhole()
+        second = mcp_redis.lock("taken-over", timeout=30, client=other_client)
+        assert second.acquire(blocking_timeout=10), "taken over as a dead holder's, within the 30 s lease"
+        proxy.pass_through()
+        proxy.reset_next_reply()
+        with pytest.raises(LockNotOwned):
+            first.release()
+        assert first.lost and second.owned()
+        second.release()
 
 
 def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reconnects(
@@ -229,26 +237,20 @@ def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reco
     # A stall longer than LIVENESS_TTL lets another caller take the lock over
     # (as a dead holder's); the holder's next beat sees the gap and checks its
     # holds, instead of waiting for a renewal a third of the lease away (10 s).
-    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=1.0)
-        other_client = mcp_redis.Client(redis_url=redis_server.url)
-        try:
-            first = mcp_redis.agent_lock("stalled", timeout=30, client=holder_client)
-            first.acquire()
-            proxy.blackhole()
-            second = mcp_redis.agent_lock("stalled", timeout=30, blocking_timeout=10, client=other_client)
-            assert second.acquire()
-            assert not first.lost
-            proxy.pass_through()
-            reconnected = time.monotonic()
-            wait_for(lambda: first.lost, timeout=10, what="the holder to learn its lock was taken over")
-            assert time.monotonic() - reconnected < 5, "learned at the first beats, not at the renewal (10 s)"
-            second.release()
-            with pytest.raises(LockNotOwned):
-                first.release()
-        finally:
-            holder_client.close()
-            other_client.close()
+    with holder_and_other(redis_server, socket_timeout=1.0) as (proxy, holder_client, other_client):
+        first = mcp_redis.agent_lock("stalled", timeout=30, client=holder_client)
+        first.acquire()
+        proxy.blackhole()
+        second = mcp_redis.agent_lock("stalled", timeout=30, blocking_timeout=10, client=other_client)
+        assert second.acquire()
+        assert not first.lost
+        proxy.pass_through()
+        reconnected = time.monotonic()
+        wait_for(lambda: first.lost, timeout=10, what="the holder to learn its lock was taken over")
+        assert time.monotonic() - reconnected < 5, "learned at the first beats, not at the renewal (10 s)"
+        second.release()
+        with pytest.raises(LockNotOwned):
+            first.release()
 
 
 def test_a_process_holding_many_locks_keeps_them_all_through_a_stall_of_its_link(
@@ -257,32 +259,25 @@ def test_a_process_holding_many_locks_keeps_them_all_through_a_stall_of_its_link
     # must not starve the liveness beats (checked one round trip per hold in
     # the beating thread, it let the key lapse again and again, and a healthy
     # process lost every lock to the next caller).
-    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        holder_client = mcp_redis.Client(redis_url=proxy.url(), socket_timeout=5.0)
-        other_client = mcp_redis.Client(redis_url=redis_server.url)
-        try:
-            holds = [mcp_redis.lock(f"many-{i}", timeout=60, auto_renew=True, client=holder_client)
-                     for i in range(200)]
-            for hold in holds:
-                assert hold.acquire(blocking_timeout=5)
-            proxy.add_latency(0.015)
-            proxy.add_latency(2.0)  # the stall: nothing is lost yet (nobody tries to take over)
-            wait_for(lambda: redis_server.client().exists(*[h.key for h in holds]) == 200 and
-                     redis_server.client().pttl(holds[0]._hold().backend._live_key) == -2,  # type: ignore[union-attr]
-                     timeout=10, what="the holder's liveness to lapse during the stall")
-            proxy.add_latency(0.015)
-            live_key = holds[0]._hold().backend._live_key  # type: ignore[union-attr]
-            wait_for(lambda: redis_server.client().pttl(live_key) > 0, timeout=10, what="the beats to resume")
-            healed = time.monotonic()
-            others = [mcp_redis.lock(f"many-{i}", timeout=60, client=other_client) for i in range(200)]
-            stolen = 0
-            while time.monotonic() - healed < 6:  # takers keep trying for two renewal periods
-                stolen += sum(1 for other in others[:20] if other.acquire(blocking_timeout=0.05))  # takes over the dead
-            assert stolen == 0, f"{stolen} locks taken over from a healthy process"
-            assert not any(hold.lost for hold in holds)
-        finally:
-            holder_client.close()
-            other_client.close()
+    with holder_and_other(redis_server, socket_timeout=5.0) as (proxy, holder_client, other_client):
+        holds = [mcp_redis.lock(f"many-{i}", timeout=60, auto_renew=True, client=holder_client)
+                 for i in range(200)]
+        for hold in holds:
+            assert hold.acquire(blocking_timeout=5)
+        proxy.add_latency(2.0)  # the stall: nothing is lost yet (nobody tries to take over)
+        wait_for(lambda: redis_server.client().exists(*[h.key for h in holds]) == 200 and
+                 redis_server.client().pttl(holds[0]._hold().backend._live_key) == -2,  # type: ignore[union-attr]
+                 timeout=10, what="the holder's liveness to lapse during the stall")
+        proxy.add_latency(0.015)
+        live_key = holds[0]._hold().backend._live_key  # type: ignore[union-attr]
+        wait_for(lambda: redis_server.client().pttl(live_key) > 0, timeout=10, what="the beats to resume")
+        healed = time.monotonic()
+        others = [mcp_redis.lock(f"many-{i}", timeout=60, client=other_client) for i in range(200)]
+        stolen = 0
+        while time.monotonic() - healed < 6:  # takers keep trying for two renewal periods
+            stolen += sum(1 for other in others[:20] if other.acquire(blocking_timeout=0.05))  # takes over the dead
+        assert stolen == 0, f"{stolen} locks taken over from a healthy process"
+        assert not any(hold.lost for hold in holds)
 
 
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
