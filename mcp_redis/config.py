@@ -507,9 +507,14 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> List[str]:
 ENVIRONMENT_VARIABLES: List[Tuple[str, str]] = [(var, name) for name, (var, _) in _ENV.items()]
 
 
+def setting_variable(field: str) -> str:
+    """The environment variable of the setting `field` (e.g. ``REDIS_URL`` for ``redis_url``)."""
+    return _ENV[field][0] if field in _ENV else field
+
+
 def url_setting(field: str) -> str:
     """How errors name a URL setting: its variable and its `configure()` name, e.g. ``REDIS_URL (redis_url)``."""
-    return f"{_ENV[field][0]} ({field})" if field in _ENV else field
+    return f"{setting_variable(field)} ({field})"
 
 
 def redact_url(url: str) -> str:

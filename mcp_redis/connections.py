@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
-from .config import FEATURE_URLS, Settings, redact_url, scrub, url_setting
+from .config import FEATURE_URLS, Settings, redact_url, scrub, setting_variable, url_setting
 from .errors import ConfigurationError
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 from .scripts import ScriptSet
@@ -952,13 +952,13 @@ def _warn_if_plaintext(s: Settings, scheme: str, shown: str) -> None:
                     "rediss+sentinel:// for TLS", shown, "" if s.sentinel_tls else " (and the Sentinels)")
 
 
-def _url_name(s: Settings, url: str) -> str:
-    """The setting `url` comes from, as errors name it (a feature's own URL, else REDIS_URL)."""
+def _url_field(s: Settings, url: str) -> str:
+    """The setting `url` comes from (a feature's own URL, else ``redis_url``): errors name it."""
     if url != s.redis_url:
         for field in FEATURE_URLS.values():
             if getattr(s, field) == url:
-                return url_setting(field)
-    return url_setting("redis_url")
+                return field
+    return "redis_url"
 
 
 def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Optional[Sentinel], Optional[str]]:
@@ -967,7 +967,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
     if not url:
         raise ConfigurationError("REDIS_URL (redis_url): not set (local mode has no Redis client)")
     shown = redact_url(url)
-    name = _url_name(s, url)
+    name = url_setting(_url_field(s, url))
     scheme = url.split("://", 1)[0].lower()
     common = _common_kwargs(s)
     _warn_if_plaintext(s, scheme, shown)
@@ -1083,7 +1083,7 @@ def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet]
     )
     conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service,
                            scripts=scripts if scripts is not None else ScriptSet(),
-                           variable=_url_name(s, url or s.redis_url or "").split(" ", 1)[0])
+                           variable=setting_variable(_url_field(s, url or s.redis_url or "")))
     holder.append(conn)
     log.info("redis client ready: %s (%s)", conn.url, kind)
     return conn

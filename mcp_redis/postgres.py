@@ -270,7 +270,7 @@ class Postgres:
             try:
                 conn = self._get_pool().getconn()
             except psycopg2.OperationalError as exc:
-                raise psycopg2.OperationalError(_scrub(str(exc), self.settings.database_url)) from None
+                raise psycopg2.OperationalError(scrub(str(exc), self.settings.database_url)) from None
             try:
                 yield conn
                 conn.commit()
@@ -435,11 +435,6 @@ class Postgres:
 
 
 _MIGRATE_LOCK_ID = 0x6D6370_7264  # "mcp" "rd": a fixed advisory-lock id for migrate
-
-
-def _scrub(message: str, dsn: Optional[str]) -> str:
-    """Remove a password (or the pieces of one) that a libpq error may echo."""
-    return scrub(message, dsn)
 
 
 def get_postgres() -> Postgres:

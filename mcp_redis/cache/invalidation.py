@@ -118,7 +118,9 @@ class Invalidation:
             sub.start(wait=False)
             self.subscriber, self.channel = sub, channel
 
-    def _on_message(self, channel: str, data: str) -> None:
+    def _on_message(self, channel: str, data: Optional[str]) -> None:
+        if data is None:  # a payload that was not UTF-8 (pubsub: a foreign publisher): not ours
+            return
         msg = json.loads(data)
         if msg.get("o") == _origin:
             return  # applied locally before publishing

@@ -146,6 +146,7 @@ class Watchdog:
                 continue
             if key not in live:
                 del self._beats[key]
+                self._gaps_seen.pop(key, None)
                 continue
             self._beats[key] = (now + (backend.heartbeat_every or 0.0), backend)
             due.append(backend)

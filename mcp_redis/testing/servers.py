@@ -298,7 +298,7 @@ class PostgresDatabase:
         """True when the admin DSN connects; otherwise `error` says why (e.g. a password is required)."""
         import psycopg2
 
-        from ..postgres import _scrub
+        from ..config import scrub
 
         try:
             psycopg2.connect(self.admin_dsn).close()
@@ -306,7 +306,7 @@ class PostgresDatabase:
             return True
         except psycopg2.Error as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            self.error = _scrub(lines[0] if lines else type(exc).__name__, self.admin_dsn)
+            self.error = scrub(lines[0] if lines else type(exc).__name__, self.admin_dsn)
             return False
 
     def create(self) -> PostgresDatabase:
