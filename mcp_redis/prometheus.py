@@ -50,7 +50,7 @@ DOCS: Dict[str, str] = {
     "pubsub_handler_errors_total": "Exceptions raised by pub/sub handlers (logged, not fatal).",
     "lock_acquire_total": "Lock acquisitions (labels backend, outcome: acquired, reentered, timeout).",
     "lock_wait_seconds": "Time spent waiting for a lock, in seconds.",
-    "lock_release_total": "Releases that found the lease already lost (labels backend, outcome).",
+    "lock_release_total": "Releases that found the lease lost, or were retried in the background (labels backend, outcome).",
     "lock_renew_total": "Background lease renewals (label outcome).",
     "lock_lost_total": "Leases lost while held (label backend).",
     "lock_takeover_total": "Locks taken over from a holder whose process liveness key was gone.",

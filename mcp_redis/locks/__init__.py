@@ -358,7 +358,12 @@ class DistributedLock:
             rt.watchdog.discard(hold)
             if self.reentrant and _THREAD_HOLDS.holds.get((rt, hold.keys.lock)) is hold:
                 del _THREAD_HOLDS.holds[(rt, hold.keys.lock)]
-        owned = hold.backend.release(hold)
+        try:
+            owned = hold.backend.release(hold)
+        except BackendUnavailable:
+            if rt is not None and rt.pid == os.getpid():
+                rt.watchdog.release_later(hold)  # freed as soon as the backend answers again
+            raise
         if not owned or hold.is_lost:
             hold.mark_lost()
             METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="not_owned")

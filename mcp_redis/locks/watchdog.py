@@ -18,6 +18,9 @@ log = logging.getLogger("mcp_redis.locks")
 #: Holds whose ownership one round trip checks after a liveness gap.
 _CHECK_BATCH = 500
 
+#: Seconds between tries of a release that could not reach the backend.
+RELEASE_RETRY_EVERY = 0.25
+
 
 class Watchdog:
     """One daemon thread per client renewing every auto-renewing lease at a third of it.
@@ -46,6 +49,7 @@ class Watchdog:
         self._idle_wait = float("inf")
         self._beats: Dict[int, Tuple[float, Backend]] = {}  # id(backend) -> (next beat (monotonic), backend)
         self._gaps_seen: Dict[int, float] = {}  # id(backend) -> the last liveness gap whose holds were checked
+        self._releases: Dict[int, Tuple[float, Hold]] = {}  # id(hold) -> (next try (monotonic), hold)
 
     def add(self, hold: Hold, renew: bool = True) -> None:
         """Watch `hold` until `discard`: renew its lease (`renew`) and beat its backend's liveness.
@@ -76,11 +80,38 @@ class Watchdog:
         with self._cond:
             self._holds.pop(id(hold), None)
 
+    def release_later(self, hold: Hold) -> None:
+        """Keep trying to release `hold`, whose release could not reach its backend, until its lease ends.
+
+        The release that failed was the holder's last word: without this the
+        lock would stay taken for the rest of its lease, and, while this
+        process beats its liveness for other holds, no waiter could take it
+        over as a dead holder's. A retry can only free this hold's own
+        value (the release script compares it), so it never touches a later
+        holder's lock.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            at = time.monotonic() + RELEASE_RETRY_EVERY
+            self._releases[id(hold)] = (at, hold)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
+                self._thread.start()
+            elif at < self._wake_at:
+                self._cond.notify()
+
+    def pending_releases(self) -> int:
+        """Releases still being retried in the background (diagnostics)."""
+        with self._cond:
+            return len(self._releases)
+
     def close(self) -> None:
-        """Stop renewing every hold and end the thread."""
+        """Stop renewing every hold, stop retrying releases, and end the thread."""
         with self._cond:
             self._closed = True
             self._holds.clear()
+            self._releases.clear()
             self._cond.notify()
 
     def __len__(self) -> int:
@@ -95,9 +126,11 @@ class Watchdog:
                 now = time.monotonic()
                 due = [h for h in self._holds.values() if h.next_renewal <= now]
                 beats = self._due_beats(now)
-                if not due and not beats:
+                releases = [h for at, h in self._releases.values() if at <= now]
+                if not due and not beats and not releases:
                     nxt = min((h.next_renewal for h in self._holds.values()), default=now + self._idle_wait)
-                    nxt = min([nxt] + [at for at, _ in self._beats.values()])
+                    nxt = min([nxt] + [at for at, _ in self._beats.values()] +
+                              [at for at, _ in self._releases.values()])
                     self._wake_at = nxt
                     self._cond.wait(None if nxt == float("inf") else nxt - now)
                     self._wake_at = 0.0  # awake: it looks at every hold again before sleeping
@@ -116,6 +149,25 @@ class Watchdog:
                 except Exception:  # never let the one renewer die
                     log.exception("lock: watchdog renewal crashed")
                     hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+            for hold in releases:
+                self._beat_due()
+                self._retry_release(hold)
+
+    def _retry_release(self, hold: Hold) -> None:
+        try:
+            freed = hold.backend.release(hold)
+        except Exception as exc:  # still unreachable (or refused): again later, while the lease may run
+            if time.monotonic() + RELEASE_RETRY_EVERY < hold.expires_at:
+                with self._cond:
+                    if id(hold) in self._releases:
+                        self._releases[id(hold)] = (time.monotonic() + RELEASE_RETRY_EVERY, hold)
+                log.debug("lock: background release failed, retrying: %s", type(exc).__name__)
+                return
+            freed = False  # the lease ends anyway: nothing left to free
+        with self._cond:
+            self._releases.pop(id(hold), None)
+        METRICS.inc("lock_release_total", backend=hold.backend.name,
+                    outcome="released_late" if freed else "expired_unreleased")
 
     @staticmethod
     def _beat(backends: List[Backend]) -> None:

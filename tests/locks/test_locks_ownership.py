@@ -232,6 +232,30 @@ def test_a_release_retried_after_a_takeover_raises_not_owned(redis_server: Redis
         second.release()
 
 
+def test_a_release_that_could_not_reach_redis_frees_the_lock_once_redis_answers(redis_server: RedisServer) -> None:
+    # The holder's link drops at release: release() raises BackendUnavailable,
+    # and the lock must not stay taken for the rest of its 30 s lease (a live
+    # process keeps beating for its other holds, so no waiter could take it
+    # over as a dead holder's).
+    with holder_and_other(redis_server, socket_timeout=0.5, retry_attempts=1,
+                          breaker_failure_threshold=100) as (proxy, holder_client, other_client):
+        other_hold = mcp_redis.agent_lock("kept", timeout=30, client=holder_client)
+        other_hold.acquire()  # keeps this process's liveness beating
+        first = mcp_redis.agent_lock("cut-at-release", timeout=30, client=holder_client)
+        first.acquire()
+        proxy.drop()
+        with pytest.raises(mcp_redis.BackendUnavailable):
+            first.release()
+        proxy.pass_through()
+        healed = time.monotonic()
+        second = mcp_redis.agent_lock("cut-at-release", timeout=30, blocking_timeout=10, client=other_client)
+        assert second.acquire()
+        assert time.monotonic() - healed < 5, "freed by the background release, not at the end of the lease"
+        assert not other_hold.lost
+        second.release()
+        other_hold.release()
+
+
 def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reconnects(
         redis_server: RedisServer) -> None:
     # A stall longer than LIVENESS_TTL lets another caller take the lock over
