@@ -85,6 +85,11 @@ def is_redis_transient(exc: BaseException) -> bool:
     """True for errors that mean "Redis did not answer", not "Redis said no"."""
     if isinstance(exc, BackendUnavailable):
         return False
+    if type(exc) is rex.ClusterError and "TTL exhausted" in str(exc):
+        # redis-py's cluster client ran out of redirections: TRYAGAIN (a
+        # script's keys split between the two nodes of a slot being
+        # migrated) or MOVED/ASK again and again while slots move.
+        return True
     if isinstance(exc, rex.ResponseError) and "NOREPLICAS" in str(exc).upper():
         # min-replicas-to-write: the master refuses a write it could not
         # replicate (its replicas are cut off or failing over): not durable now.

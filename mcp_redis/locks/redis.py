@@ -310,11 +310,13 @@ class RedisBackend(Backend):
         per call, so a retry after a lost reply does not add it twice."""
         conn: RedisConnection = hold.handle
         started = time.monotonic()
+        keys = [hold.keys.lock]
         if replace:
             args: List[Any] = [hold.token, ms(seconds), "1"]
         else:
-            args = [hold.token, ms(seconds), "0", os.urandom(12).hex(), self._record_ms]
-        ok = bool(conn.call(conn.run_script, conn.script("lock_extend"), [hold.keys.lock], args))
+            keys.append(f"{hold.keys.lock}#e{os.urandom(12).hex()}")
+            args = [hold.token, ms(seconds), "0", self._record_ms]
+        ok = bool(conn.call(conn.run_script, conn.script("lock_extend"), keys, args))
         if ok and replace:
             hold.expires_at = started + seconds
         elif ok:

@@ -17,13 +17,16 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 local nxt = redis.call('LPOP', KEYS[2])
-if nxt then
+-- Wake the head waiter first. Its signal list is not among KEYS (the queue
+-- names it), and in a Cluster slot being migrated Redis refuses a script's
+-- undeclared key that is not on the node yet: then the lock is just freed,
+-- and the waiter finds it at its next try (within a wait slice, <= 1 s).
+if nxt and type(redis.pcall('LPUSH', nxt, '1')) == 'number' then
   local grace = ARGV[2] or 1000
-  -- Reserve for the head waiter so a releaser looping back cannot barge in;
+  redis.call('PEXPIRE', nxt, grace)
+  -- Reserve for that waiter so a releaser looping back cannot barge in;
   -- the reservation lapses if that waiter died.
   redis.call('SET', KEYS[1], 'r:' .. nxt, 'PX', grace)
-  redis.call('LPUSH', nxt, '1')
-  redis.call('PEXPIRE', nxt, grace)
 else
   redis.call('DEL', KEYS[1])
 end

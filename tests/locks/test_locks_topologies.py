@@ -17,6 +17,7 @@ import mcp_redis
 from mcp_redis import LockNotOwned
 from mcp_redis.connections import get_redis
 from mcp_redis.testing import wait_for
+from mcp_redis.testing.topology import SlotMigration
 
 
 def test_lock_handoff_fencing_and_ownership_on_every_topology(any_redis_mode: str) -> None:
@@ -71,6 +72,42 @@ def test_waiter_follows_its_lock_when_the_slot_migrates(cluster_topology: Any) -
 
 
 # -- opt-in WAIT acknowledgement ------------------------------------------------------------
+@pytest.mark.cluster
+def test_release_and_extend_while_the_lock_slot_is_being_migrated(cluster_topology: Any) -> None:
+    # A slot marked MIGRATING with keys still on its source: Redis refuses a
+    # script's undeclared key that is not on the node yet. The release (whose
+    # queued waiter's signal list is such a key) and an additive extend (whose
+    # retry record was one) must neither fail halfway nor raise a raw error.
+    mcp_redis.configure(redis_url=cluster_topology.url)
+    holder = mcp_redis.agent_lock("migrating", timeout=10)
+    holder.acquire()
+    entered: List[bool] = []
+    t = threading.Thread(target=lambda: entered.append(
+        mcp_redis.agent_lock("migrating", timeout=10).acquire(blocking_timeout=20)))
+    t.start()
+    client = get_redis().client
+    wait_for(lambda: client.llen(holder.key + "#queue") > 0, 10, what="the waiter to queue")
+    migration = SlotMigration(cluster_topology, key_slot(holder.key.encode()))
+    migration.begin()
+    holder.release()  # freed; the waiter takes it at its next try
+    migration.finish()
+    t.join(20)
+    assert entered == [True]
+
+    extended = mcp_redis.agent_lock("extended", timeout=10)
+    extended.acquire()
+    migration = SlotMigration(cluster_topology, key_slot(extended.key.encode()))
+    migration.begin()
+    finishing = threading.Timer(0.1, migration.finish)  # TRYAGAIN until the keys have moved
+    finishing.start()
+    try:
+        assert extended.extend(5) is True
+    finally:
+        finishing.join()
+    assert 10_000 < client.pttl(extended.key) <= 15_000
+    extended.release()
+
+
 def test_lock_with_min_replicas_is_granted_once_a_replica_acknowledges(redis_factory: Any) -> None:
     master = redis_factory()
     replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
