@@ -282,7 +282,8 @@ class RedisBackend(Backend):
             log.debug("lock: could not leave the queue", exc_info=True)
 
     def release(self, hold: Hold) -> bool:
-        """One round trip. A retry after a lost reply that finds the lock gone or
+        """One round trip. A retry after a lost reply (in this call, or a
+        background retry of a release that raised) that finds the lock gone or
         handed on, while this hold's lease cannot yet have run out, reports the
         release as done: nothing but that release (or Redis losing its data) can
         have removed it. Past the lease it is `False`, as for any lost lock.
@@ -291,7 +292,10 @@ class RedisBackend(Backend):
         script = conn.script("lock_release")
         keys = [hold.keys.lock, hold.keys.queue]
         args = [hold.token]  # the script's default grace is ms(HANDOFF_GRACE)
-        tries = 0
+        # A retry: of this call's lost reply, or (the watchdog's background
+        # release) of an earlier call that could not tell whether it ran.
+        tries = 1 if hold.release_sent else 0
+        hold.release_sent = True
 
         def run() -> Any:
             nonlocal tries

@@ -22,6 +22,7 @@ import mcp_redis
 from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
 from mcp_redis.compat import StateLockManager
 from mcp_redis.connections import get_redis
+from mcp_redis.metrics import METRICS
 from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 
@@ -253,6 +254,18 @@ def test_a_release_that_could_not_reach_redis_frees_the_lock_once_redis_answers(
         assert time.monotonic() - healed < 5, "freed by the background release, not at the end of the lease"
         assert not other_hold.lost
         second.release()
+        wait_for(lambda: METRICS.counter("lock_release_total", backend="redis", outcome="released_late") == 1,
+                 timeout=5, what="the background release counted as done")
+        # A release that ran but whose reply came too late is a retry too: counted as done, not as expired.
+        late = mcp_redis.agent_lock("late-reply", timeout=30, client=holder_client)
+        late.acquire()
+        proxy.add_latency(1.0)
+        with pytest.raises(mcp_redis.BackendUnavailable):
+            late.release()
+        proxy.pass_through()
+        wait_for(lambda: METRICS.counter("lock_release_total", backend="redis", outcome="released_late") == 2,
+                 timeout=5, what="the background retry of a release that ran counted as done")
+        assert METRICS.counter("lock_release_total", backend="redis", outcome="expired_unreleased") == 0
         other_hold.release()
 
 
