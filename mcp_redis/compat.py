@@ -380,6 +380,18 @@ def get_rate_limiter() -> RateLimiter:
         return _rate_limiter
 
 
+def _after_fork_in_child() -> None:
+    global _POOLS_LOCK, _rate_limiter_lock
+    # A parent thread may have held them while forking (the pools themselves
+    # are rebuilt per process: `_pool` checks the pid).
+    _POOLS_LOCK = threading.Lock()
+    _rate_limiter_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # -- kg_store ---------------------------------------------------------------------
 class KgStoreRateLimitExceeded(RateLimitExceeded, ValueError):
     """The legacy ``kg_store`` refusal: a `ValueError` (what the legacy handler catches) with its message.

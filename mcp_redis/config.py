@@ -647,6 +647,15 @@ def reset(*, configuration: bool = False) -> None:
     _run_reset_hooks()
 
 
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # a parent thread may have held it while forking
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def on_reset(hook: Callable[[], None]) -> Callable[[], None]:
     """Register `hook` to run on `reset()`/`configure()` (modules holding clients)."""
     _reset_hooks.append(hook)

@@ -8,8 +8,10 @@ prometheus_client when that extra is installed.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Tuple
 
@@ -49,11 +51,15 @@ class _Histogram:
         return float("inf")
 
 
+_instances: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
 class Metrics:
     """Thread-safe counters and histograms keyed by name and labels."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        _instances.add(self)
         self._counters: Dict[Tuple[str, LabelKey], float] = {}
         self._histograms: Dict[Tuple[str, LabelKey], _Histogram] = {}
 
@@ -130,3 +136,14 @@ def _flat(name: str, labels: LabelKey) -> str:
 
 
 METRICS = Metrics()
+
+
+def _after_fork_in_child() -> None:
+    # A parent thread may have held a lock while forking: the child's first
+    # count would wait on it forever. The counts themselves are inherited.
+    for metrics in list(_instances):
+        metrics._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -25,6 +25,7 @@ prometheus_client is imported lazily, so this module imports without it.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import weakref
@@ -304,6 +305,15 @@ _registered_lock = threading.Lock()
 # Keyed by the registry itself (weakly): an id() would be reused by a new
 # registry once an old one is collected, which then got no collector.
 _registered: weakref.WeakKeyDictionary[Any, MetricsCollector] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    global _registered_lock
+    _registered_lock = threading.Lock()  # a parent thread may have held it while forking
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(registry: Optional[Any] = None, metrics: Metrics = METRICS) -> MetricsCollector:

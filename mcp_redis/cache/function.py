@@ -692,6 +692,8 @@ class CachedFunction(Generic[R]):
         # A parent thread may have held the lock mid-update; and the child's
         # L1 would miss invalidations until its own listener starts.
         self._lock = threading.Lock()
+        self._replay_lock = threading.Lock()
+        self._replaying = False
         self._l1 = LRUCache(self._maxsize)
         self._flights = {}
         self._gen = None

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Optional
 
 from ..client import Client, resolve
 from ..config import Mode
+from ..connections import on_fork
 from ..errors import FeatureDisabled
 from ..keys import validate_id
 from ..metrics import METRICS
@@ -171,6 +172,15 @@ class Subscription:
         METRICS.inc("events_delivered_total", kind="pubsub")
 
 
+_buses: weakref.WeakSet[EventBus] = weakref.WeakSet()
+
+
+@on_fork
+def _after_fork() -> None:
+    for bus in list(_buses):
+        bus._lock = threading.Lock()  # a parent thread may have held it while forking
+
+
 class EventBus:
     """Publish JSON events and subscribe handlers to channels or patterns.
 
@@ -181,6 +191,7 @@ class EventBus:
     def __init__(self, client: Optional[Client] = None) -> None:
         self.client = check_client(client)  # None: the default client at each call
         self._lock = threading.Lock()
+        _buses.add(self)
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
     def __repr__(self) -> str:

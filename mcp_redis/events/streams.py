@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -26,7 +27,7 @@ from redis.client import NEVER_DECODE
 
 from ..client import Client, resolve
 from ..config import Settings
-from ..connections import RedisConnection
+from ..connections import RedisConnection, on_fork
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
@@ -72,6 +73,15 @@ class StreamEntry:
 _MAX_ADD_BATCH = 500
 _DEFAULT_TTL = 7 * 24 * 3600.0
 _MAX_MS = int(MAX_SECONDS * 1000)  # idle times in ms: the same ten-year bound as every duration
+
+
+_streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+
+
+@on_fork
+def _after_fork() -> None:
+    for stream in list(_streams):
+        stream._lock = threading.RLock()  # a parent thread may have held it while forking
 
 
 class EventStream:
@@ -125,6 +135,7 @@ class EventStream:
         self.claim_interval = seconds(claim_interval, "claim_interval", allow_zero=True)  # 0: on every read
         self.max_deliveries = None if max_deliveries is None else check_int(max_deliveries, "max_deliveries", 1)
         self._lock = threading.RLock()
+        _streams.add(self)
         self._group_ready: Optional[Any] = None  # the client the group was ensured on
         self._own_cursor: Optional[str] = "0"  # re-read our own pending entries first
         self._claim_cursor = "0-0"

@@ -1,0 +1,77 @@
+"""A child forked while another thread of its parent held one of the library's
+locks: its first call must not wait forever on a lock no thread of its own
+holds (threads do not survive a fork; the lock's state does).
+
+Each case holds one lock in a parent thread, forks, and runs in the child one
+public call that takes that lock, under a 5 s alarm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Callable, Dict, Tuple
+
+import pytest
+
+import mcp_redis
+from mcp_redis import compat, config
+from mcp_redis.metrics import METRICS
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@mcp_redis.cached_metadata(ttl=60)
+def _load(agent_id: str) -> Dict[str, str]:
+    return {"agent_id": agent_id}
+
+
+_BUS = mcp_redis.EventBus()
+
+# name -> (the lock, read in the parent; the child's call that takes it)
+CASES: Dict[str, Tuple[Callable[[], Any], Callable[[], Any]]] = {
+    "metrics": (lambda: METRICS._lock, lambda: METRICS.inc("fork_safety_total")),
+    "settings": (lambda: config._lock, lambda: mcp_redis.reset()),
+    "cached function": (lambda: _load._lock, lambda: _load("agent-1")),
+    "event bus": (lambda: _BUS._lock, lambda: _BUS.subscribe("fork-safety", lambda *a: None).close()),
+    "compat limiter": (lambda: compat._rate_limiter_lock, lambda: compat.get_rate_limiter()),
+    "compat pools": (lambda: compat._POOLS_LOCK, lambda: compat._pool("release")),
+}
+
+
+def _fork_while_held(lock: Any, action: Callable[[], Any]) -> int:
+    """The child's exit status: 0 when `action` returned, else the signal or code that ended it."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler: end a child that hangs
+            signal.alarm(5)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    done.set()
+    holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_child_forked_while_a_parent_thread_held_a_library_lock_does_not_hang(name: str) -> None:
+    assert mcp_redis.settings().local_mode
+    lock_of, action = CASES[name]
+    status = _fork_while_held(lock_of(), action)
+    assert not os.WIFSIGNALED(status), f"{name}: the child hung (ended by signal {os.WTERMSIG(status)})"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"{name}: the child failed ({status})"
