@@ -32,7 +32,7 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
 from .config import FEATURE_URLS, Settings, redact_url, scrub, setting_variable, url_setting
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ReadOnlyServer
 from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
 from .scripts import ScriptSet
 
@@ -69,6 +69,8 @@ class RedisConnection:
     _heads: Dict[Tuple[Any, ...], bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     # The variable its URL came from (REDIS_URL, or a feature's MCP_REDIS_*_URL): errors name it.
     variable: str = "REDIS_URL"
+    # When READONLY was last logged (monotonic): once a minute at most.
+    _readonly_logged: float = dataclasses.field(default=float("-inf"), repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"RedisConnection(kind={self.kind!r}, url={self.url!r}, policy={self.policy!r})"
@@ -78,7 +80,27 @@ class RedisConnection:
         return self.kind == "cluster"
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` under the retry/breaker policy."""
+        """``fn(*args, **kwargs)`` under the retry/breaker policy.
+
+        ``READONLY`` from a plain URL's server (`ReadOnlyServer`) drops the
+        idle pooled sockets and tries once more on a fresh one: behind a DNS
+        name that follows failovers (a managed service's primary endpoint),
+        sockets opened before the failover still reach the demoted master,
+        and a new one reaches the new master. When the fresh socket says
+        ``READONLY`` too, the URL names a replica: `ReadOnlyServer`. A
+        refused write changed nothing, so the second try cannot act twice.
+        """
+        try:
+            return self.policy.call(fn, *args, **kwargs)
+        except ReadOnlyServer:
+            if self.kind != "single":
+                raise
+            now = time.monotonic()
+            if now - self._readonly_logged >= 60.0:
+                self._readonly_logged = now
+                log.warning("redis: %s answered READONLY (a master demoted behind its address?); "
+                            "reconnecting", self.url)
+            self.disconnect()
         return self.policy.call(fn, *args, **kwargs)
 
     def script(self, name: str) -> Any:

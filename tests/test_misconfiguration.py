@@ -25,6 +25,7 @@ from mcp_redis.metrics import METRICS
 from mcp_redis.pubsub import Subscriber
 from mcp_redis.resilience import BreakerState
 from mcp_redis.testing import RedisServer, wait_for
+from mcp_redis.testing.faultproxy import FaultProxy
 
 # One counted failure would open the breaker; rate limits would fall back to local.
 STRICT: Dict[str, Any] = dict(breaker_failure_threshold=1, retry_attempts=3, socket_timeout=2.0)
@@ -90,6 +91,26 @@ def test_replica_url_is_read_only_server(redis_factory: Any) -> None:
              what="the replica to sync")
     mcp_redis.configure(redis_url=replica.url, **STRICT)
     assert_refused_as(mcp_redis.ReadOnlyServer, "REDIS_URL", take_lock, hit_rate_limit)
+
+
+def test_a_master_demoted_behind_its_address_is_left_for_the_new_master(redis_factory: Any) -> None:
+    # A plain URL to a name that follows failovers (a managed service's primary
+    # endpoint; here a proxy switched to the promoted replica): pooled sockets
+    # still reach the demoted master and get READONLY. The next call must run
+    # on a fresh socket, at the new master, not fail as a misconfiguration.
+    old = redis_factory()
+    new = redis_factory(args=["--replicaof", "127.0.0.1", str(old.port)])
+    wait_for(lambda: new.client().info("replication")["master_link_status"] == "up", what="the replica to sync")
+    with FaultProxy("127.0.0.1", old.port) as endpoint:
+        mcp_redis.configure(redis_url=endpoint.url(), **STRICT)
+        take_lock()
+        hit_rate_limit()
+        new.client().execute_command("REPLICAOF", "NO", "ONE")
+        old.client().execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+        endpoint.upstream = ("127.0.0.1", new.port)
+        take_lock()
+        hit_rate_limit()
+    assert get_redis().policy.breaker.state is BreakerState.CLOSED
 
 
 def test_foreign_key_under_the_prefix_is_wrong_key_type(redis_url: str, redis_server: RedisServer) -> None:
