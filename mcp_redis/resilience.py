@@ -90,10 +90,20 @@ def is_redis_transient(exc: BaseException) -> bool:
         # script's keys split between the two nodes of a slot being
         # migrated) or MOVED/ASK again and again while slots move.
         return True
-    if isinstance(exc, rex.ResponseError) and "NOREPLICAS" in str(exc).upper():
+    if isinstance(exc, rex.OutOfMemoryError):
+        # OOM (maxmemory with noeviction): the server refuses writes for now.
+        return True
+    if isinstance(exc, rex.ResponseError):
+        said = str(exc).lstrip().upper()
         # min-replicas-to-write: the master refuses a write it could not
         # replicate (its replicas are cut off or failing over): not durable now.
-        return True
+        # BUSY: another client's script (or function) runs past its time limit,
+        # and the server serves nothing else until it ends or is killed.
+        # MISCONF: a failing snapshot with stop-writes-on-bgsave-error.
+        # None of these says anything about the call: the server cannot serve
+        # it now. ("BUSY " with its space: BUSYGROUP and BUSYKEY are answers.)
+        if "NOREPLICAS" in said or said.startswith(("BUSY ", "MISCONF ")):
+            return True
     return isinstance(exc, REDIS_TRANSIENT)
 
 

@@ -605,3 +605,69 @@ def test_health_reports_redis_down_within_one_timeout(faulty: FaultProxy, fault:
     record("health()", fault, "ok=False", seconds)
     faulty.pass_through()
     wait_for(lambda: mcp_redis.health()["redis"]["ok"], timeout=5, what="health ok again")
+
+
+# -- a server that answers but cannot serve: BUSY, OOM ------------------------------------
+def _every_feature_treats_redis_as_down(store: Any) -> None:
+    """What a Redis outage means per feature: sessions from PostgreSQL, a fail-closed lock raises
+    BackendUnavailable, rate limits fall back, the cache loads; no raw redis-py error."""
+    assert store.get("sess-1") == "agent-1"  # from PostgreSQL
+    store.bind("sess-2", "agent-2")
+    with pytest.raises(BackendUnavailable):
+        with mcp_redis.agent_lock("busy-agent", blocking_timeout=0.5):
+            pass
+    assert mcp_redis.RateLimiter("busy", limit=10, window=60).hit("k").backend != "redis"
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def meta(agent_id: str) -> Dict[str, str]:
+        return {"agent_id": agent_id}
+
+    assert meta("agent-1") == {"agent_id": "agent-1"}
+
+
+def test_a_server_busy_in_another_clients_script_is_an_outage_not_an_error(
+        redis_factory: Any, database_url: str) -> None:
+    server = redis_factory(args=["--busy-reply-threshold", "100"])
+    mcp_redis.configure(redis_url=server.url, database_url=database_url, socket_timeout=2.0)
+    store = mcp_redis.SessionStore()
+    store.bind("sess-1", "agent-1")
+    runaway = threading.Thread(target=lambda: _ignore(lambda: server.client().eval("while true do end", 0)))
+    runaway.start()
+    try:
+        wait_for(lambda: _answers_busy(server), what="the server to answer BUSY")
+        _every_feature_treats_redis_as_down(store)
+    finally:
+        _ignore(lambda: server.client().script_kill())
+        runaway.join(10)
+    assert mcp_redis.SessionStore().get("sess-2") == "agent-2"
+
+
+def test_a_server_out_of_memory_is_an_outage_for_writes_not_an_error(
+        redis_factory: Any, database_url: str) -> None:
+    server = redis_factory(args=["--maxmemory-policy", "noeviction"])
+    mcp_redis.configure(redis_url=server.url, database_url=database_url, socket_timeout=2.0)
+    store = mcp_redis.SessionStore()
+    store.bind("sess-1", "agent-1")
+    admin = server.client()
+    admin.set("ballast", "x" * (4 << 20))
+    admin.config_set("maxmemory", "1mb")  # well below what it holds: every write is refused (OOM)
+    try:
+        _every_feature_treats_redis_as_down(store)
+    finally:
+        admin.config_set("maxmemory", "0")
+    assert mcp_redis.SessionStore().get("sess-2") == "agent-2"
+
+
+def _ignore(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def _answers_busy(server: RedisServer) -> bool:
+    try:
+        server.client().ping()
+    except Exception as exc:
+        return str(exc).startswith("BUSY")
+    return False
