@@ -194,6 +194,15 @@ class Subscriber:
 
     def _listen(self) -> None:
         conn = self._connection()
+        if self.reconnects and conn.is_cluster:
+            _refresh_slot_map(conn.client)
+        # A Sentinel pool that follows failovers as they happen moves its
+        # commands at once; this socket (held for the whole subscription,
+        # never back in the pool) must follow too: else it stays on the
+        # demoted master, which answers nothing it is published, until
+        # Sentinel reconfigures it ~10 s later.
+        pool = getattr(conn.client, "connection_pool", None)
+        switches = getattr(pool, "switches", None)
         ps = conn.client.pubsub(ignore_subscribe_messages=False)
         self._pubsub = ps
         expected = 0
@@ -231,6 +240,8 @@ class Subscriber:
             msg = self._next(ps, True)
             if msg is not None:
                 self._dispatch(msg)
+            if switches is not None and pool.switches != switches:
+                raise rex.ConnectionError("the Sentinel master moved: subscribing on the new one")
 
     def _next(self, ps: Any, ignore_subscribe_messages: bool) -> Any:
         """The next message, or None. A payload that is not UTF-8 (a foreign
@@ -261,6 +272,19 @@ class Subscriber:
                 ps.close()
             except Exception:
                 pass
+
+
+def _refresh_slot_map(client: Any) -> None:
+    """Re-read a cluster's slot map before subscribing again.
+
+    redis-py subscribes on the node its cached map names for the channel,
+    and a pub/sub connection error does not refresh that map: after its node
+    died, a process that only subscribes would retry the dead node forever.
+    """
+    try:
+        client.nodes_manager.initialize()
+    except Exception:  # the cluster is still down: the next reconnect tries again
+        log.debug("pub/sub: cluster slot map refresh failed", exc_info=True)
 
 
 def _default_connection() -> RedisConnection:

@@ -16,6 +16,7 @@ attached as ``record_property`` for the JUnit report.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -802,14 +803,29 @@ def test_cluster_master_crash_is_absorbed_once_its_replica_takes_over(
     conn = get_redis()
     load = _Load(conn, prefix="mcp:crash:{agent-9}:").start()  # one tag: one shard
     slot = key_slot("mcp:crash:{agent-9}:0")
+    # A process that only subscribes, on the same shard: no other call of its
+    # own would refresh its slot map after the crash.
+    keys = KeySpace(mcp_redis.settings().key_prefix)
+    channel = next(f"crash-{i}" for i in itertools.count() if cluster.owner_of(keys.channel(f"crash-{i}")) is cluster.owner(slot))
+    listener_client = mcp_redis.Client(redis_url=cluster.url)
+    heard: List[int] = []
+    subscription = mcp_redis.EventBus(client=listener_client).subscribe(channel, lambda event: heard.append(1))
     try:
         wait_for(lambda: len(load.acked) >= 50, 10, what="load to run on the shard")
         killed_at = time.monotonic()
         old = cluster.kill_master(slot)
         new = cluster.wait_for_failover(old, slot)
         wait_for(lambda: load.successes_after(killed_at) >= 50, 30, what="calls to resume on the promoted replica")
+
+        def publish_and_hear() -> bool:
+            mcp_redis.EventBus().publish(channel, {"n": 1})
+            return bool(heard)
+
+        wait_for(publish_and_hear, 15, interval=0.1, what="the subscribe-only process to subscribe again")
     finally:
         load.stop()
+        subscription.close()
+        listener_client.close()
 
     assert get_redis() is conn
     assert [e for _, e in load.failures if not isinstance(e, mcp_redis.BackendUnavailable)] == []
@@ -852,6 +868,9 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
     topo = sentinel_topology
     mcp_redis.configure(redis_url=topo.url)
     conn = get_redis()
+    bus = mcp_redis.EventBus()
+    heard: List[int] = []
+    subscription = bus.subscribe("graceful", lambda event: heard.append(int(event["n"])))
     load = _Load(conn, prefix="mcp:graceful:").start()
     try:
         wait_for(lambda: len(load.acked) >= 50, 10, what="load to run against the first master")
@@ -862,8 +881,19 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
                  what="acknowledged writes to land on the new master")
         moved_at = time.monotonic()
         wait_for(lambda: load.successes_after(moved_at) >= 50, 30, what="writes to go on on the new master")
+        # The subscriber follows the pool to the new master, not ~10 s later
+        # when Sentinel demotes the old one (its socket is never back in the
+        # pool, so closing the pool's idle sockets does not move it).
+        with mcp_redis.Client(redis_url=new.url) as on_new:  # another process, its pool on the new master
+            def publish_and_hear() -> bool:
+                mcp_redis.EventBus(client=on_new).publish("graceful", {"n": 1})
+                return bool(heard)
+
+            wait_for(publish_and_hear, 10, interval=0.1, what="an event published on the new master to be heard")
+        assert old.client().info("replication")["role"] == "master", "heard only once Sentinel demoted the old master"
     finally:
         load.stop()
+        subscription.close()
 
     assert get_redis() is conn
     assert new.port != old.port
