@@ -201,7 +201,7 @@ class Subscriber:
         # never back in the pool) must follow too: else it stays on the
         # demoted master, which answers nothing it is published, until
         # Sentinel reconfigures it ~10 s later.
-        pool = getattr(conn.client, "connection_pool", None)
+        pool: Any = getattr(conn.client, "connection_pool", None)
         switches = getattr(pool, "switches", None)
         ps = conn.client.pubsub(ignore_subscribe_messages=False)
         self._pubsub = ps

@@ -255,3 +255,28 @@ def test_an_exhausted_pool_does_not_open_the_breaker(redis_url: str) -> None:
                 conn.call(conn.client.get, "mcp:pool-test:x")
         state = conn.policy.breaker.state
     assert state is BreakerState.CLOSED, f"breaker {state.value} after pool exhaustion alone"
+
+
+def test_threads_queued_on_one_lock_never_starve_its_release_of_a_connection(small_pool: None) -> None:
+    # 40 threads of one process on one agent_lock through 2 pooled connections:
+    # one of them waits in Redis (BLPOP on a connection), the rest wait their
+    # turn in the process, so the holder always finds a connection to release
+    # with. Before, every waiter held (or fought for) a connection: releases
+    # failed with PoolExhausted and the lock sat held by nobody for its lease.
+    entered: List[int] = []
+    errors: List[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with mcp_redis.agent_lock("crowded", blocking_timeout=60):
+                entered.append(i)
+                time.sleep(0.002)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert errors == [] and sorted(entered) == list(range(40))

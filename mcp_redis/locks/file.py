@@ -17,84 +17,22 @@ handling.
 
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import hashlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Deque, Dict, Optional, Set
+from typing import TYPE_CHECKING, Optional, Set
 
 from ..errors import ConfigurationError
 from .base import Backend, Hold, LockKeys
+from .turns import FairTurns
 
 if TYPE_CHECKING:
     from ..client import Client
 
-__all__ = ["FileBackend", "FairTurns"]
-
-
-class _FairTurn:
-    """FIFO turns among this client's threads for one lock file (direct handoff).
-
-    flock has no timed wait and no order, so without this a thread that
-    releases and asks again would beat the threads sleeping between polls.
-    Only the thread holding the turn polls the file.
-    """
-
-    __slots__ = ("held", "waiters", "users")
-
-    def __init__(self) -> None:
-        self.held = False
-        self.waiters: Deque[threading.Event] = collections.deque()
-        self.users = 0  # threads holding or waiting (the entry is dropped at 0)
-
-
-class FairTurns:
-    """The turns of every lock file one `FileBackend` uses (per client, so per process)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._turns: Dict[str, _FairTurn] = {}
-
-    def take(self, path: str, deadline: Optional[float]) -> bool:
-        """Wait for `path`'s turn until `deadline` (monotonic; None: forever); False if it passed."""
-        with self._lock:
-            turn = self._turns.get(path)
-            if turn is None:
-                turn = self._turns[path] = _FairTurn()
-            turn.users += 1
-            if not turn.held and not turn.waiters:
-                turn.held = True
-                return True
-            event = threading.Event()
-            turn.waiters.append(event)
-        if event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-            return True
-        with self._lock:
-            if event.is_set():  # handed over just as we gave up
-                return True
-            turn.waiters.remove(event)
-            self._leave(path, turn)
-        return False
-
-    def pass_on(self, path: str) -> None:
-        """Give `path`'s turn to the longest waiting thread (or free it)."""
-        with self._lock:
-            turn = self._turns.get(path)
-            if turn is None:
-                return
-            if turn.waiters:
-                turn.waiters.popleft().set()  # stays held: the next thread owns it now
-            else:
-                turn.held = False
-            self._leave(path, turn)
-
-    def _leave(self, path: str, turn: _FairTurn) -> None:
-        turn.users -= 1
-        if turn.users <= 0 and self._turns.get(path) is turn:
-            del self._turns[path]
+__all__ = ["FileBackend"]
 
 
 # Every lock-file fd this process has open. flock belongs to the open file

@@ -22,6 +22,7 @@ from ..connections import RedisConnection
 from ..metrics import METRICS
 from .base import Backend, Hold, LockKeys, ms
 from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
+from .turns import FairTurns
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -82,6 +83,11 @@ class RedisBackend(Backend):
         super().__init__(client)
         # Settings are fixed per client: computed once, not per release.
         self._record_ms = record_ms(client.settings)
+        # One waiter per lock in Redis from this process; its other threads
+        # wanting that lock wait their turn here, in FIFO order, holding no
+        # pooled connection (else a crowd of waiters could take every
+        # connection and leave none for the holder's release).
+        self._turns = FairTurns()
         # This process's liveness (per client, so a forked child has its own):
         # every value it holds starts with `_live_tag`; while `_live_key`
         # exists the holder is alive, however old its lease. Beaten by the
@@ -174,6 +180,16 @@ class RedisBackend(Backend):
                 return hold
             if deadline is not None and deadline <= time.monotonic():
                 return None
+        if not self._turns.take(keys.lock, deadline):
+            return None  # another thread of this process waited in Redis all along
+        try:
+            return self._wait(conn, keys, token, lease_ms, lease, deadline, fencing)
+        finally:
+            self._turns.pass_on(keys.lock)  # granted or given up: the next thread of ours queues in Redis
+
+    def _wait(self, conn: RedisConnection, keys: LockKeys, token: str, lease_ms: int, lease: float,
+              deadline: Optional[float], fencing: bool) -> Optional[Hold]:
+        """Queue in Redis for the lock (this thread's turn among this process's waiters) until granted or `deadline`."""
         slice_cap = min(_MAX_WAIT_SLICE, conn.settings.socket_timeout / 2)
         queue_ttl = str(ms(slice_cap + 2 * HANDOFF_GRACE))
         # The signal list is named by this call's nonce (the value's tail): unique per waiter.

@@ -27,6 +27,7 @@ from mcp_redis import BackendUnavailable, LockNotOwned, LockTimeout, McpRedisErr
 from mcp_redis.compat import StateLockManager
 from mcp_redis.locks import HANDOFF_GRACE
 from mcp_redis.locks.redis import FENCE_TTL
+from mcp_redis.locks.runtime import runtime
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import free_port, wait_for
 from tests import workers_locks
@@ -687,23 +688,57 @@ def test_redis_down_falls_back_to_postgres_advisory_locks_when_asked(database_ur
 
 
 def test_every_queued_waiter_enters_once_in_turn(redis_mode: str) -> None:
-    """Three waiters on one holder each enter exactly once, in turn."""
+    """Three waiters on one holder each enter exactly once, in turn.
+
+    Each through its own client, as three processes would be: the threads of
+    one client queue in Redis one at a time (the others wait their turn in
+    the process, holding no connection).
+    """
     holder = mcp_redis.lock("many", timeout=10)
     holder.acquire()
     done: queue.Queue[int] = queue.Queue()
+    clients = [mcp_redis.Client(redis_url=redis_mode) for _ in range(3)]
 
     def wait(n: int) -> None:
-        with mcp_redis.lock("many", timeout=10, blocking_timeout=10):
+        with mcp_redis.lock("many", timeout=10, blocking_timeout=10, client=clients[n]):
             done.put(n)
 
     threads = [threading.Thread(target=wait, args=(n,)) for n in range(3)]
     for t in threads:
         t.start()
-    wait_for(lambda: raw(redis_mode).llen(holder.key + "#queue") == 3, timeout=5, what="three queued")
+    try:
+        wait_for(lambda: raw(redis_mode).llen(holder.key + "#queue") == 3, timeout=5, what="three queued")
+        holder.release()
+        for t in threads:
+            t.join(10)
+    finally:
+        for client in clients:
+            client.close()
+    assert sorted(done.get_nowait() for _ in range(3)) == [0, 1, 2]
+
+
+def test_threads_of_one_process_queue_in_redis_one_at_a_time(redis_mode: str) -> None:
+    """Waiters of one client on one lock: one in Redis's queue, the rest wait their turn in the process."""
+    holder = mcp_redis.lock("crowd", timeout=10)
+    holder.acquire()
+    entered: List[int] = []
+    turns = runtime(mcp_redis.default_client()).primary._turns._turns  # type: ignore[attr-defined]
+
+    def wait(n: int) -> None:
+        with mcp_redis.lock("crowd", timeout=10, blocking_timeout=10):
+            entered.append(n)
+
+    threads = [threading.Thread(target=wait, args=(n,)) for n in range(5)]
+    for t in threads:
+        t.start()
+    r = raw(redis_mode)
+    wait_for(lambda: holder.key in turns and turns[holder.key].users == 5, timeout=5, what="all five waiting")
+    wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=5, what="one queued")
+    assert r.llen(holder.key + "#queue") == 1 and turns[holder.key].users == 5
     holder.release()
     for t in threads:
         t.join(10)
-    assert sorted(done.get_nowait() for _ in range(3)) == [0, 1, 2]
+    assert sorted(entered) == [0, 1, 2, 3, 4]
 
 
 def test_reconfiguring_forgets_reentrancy_of_earlier_holds(redis_mode: str) -> None:
