@@ -22,6 +22,7 @@ import mcp_redis
 from mcp_redis import BlockingCallInEventLoop, LockNotOwned, McpRedisError
 from mcp_redis.compat import StateLockManager
 from mcp_redis.connections import get_redis
+from mcp_redis.locks.runtime import runtime
 from mcp_redis.metrics import METRICS
 from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
@@ -266,6 +267,7 @@ def test_a_release_that_could_not_reach_redis_frees_the_lock_once_redis_answers(
         wait_for(lambda: METRICS.counter("lock_release_total", backend="redis", outcome="released_late") == 2,
                  timeout=5, what="the background retry of a release that ran counted as done")
         assert METRICS.counter("lock_release_total", backend="redis", outcome="expired_unreleased") == 0
+        assert runtime(holder_client).watchdog.pending_releases() == 0
         other_hold.release()
 
 
