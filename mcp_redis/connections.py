@@ -80,28 +80,29 @@ class RedisConnection:
         return self.kind == "cluster"
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` under the retry/breaker policy.
+        """``fn(*args, **kwargs)`` under the retry/breaker policy."""
+        return self.policy.call(fn, *args, **kwargs)
+
+    def recover(self, exc: ConfigurationError) -> bool:
+        """The policy's cure for a misconfiguration: True when the call is worth one more try.
 
         ``READONLY`` from a plain URL's server (`ReadOnlyServer`) drops the
-        idle pooled sockets and tries once more on a fresh one: behind a DNS
-        name that follows failovers (a managed service's primary endpoint),
-        sockets opened before the failover still reach the demoted master,
-        and a new one reaches the new master. When the fresh socket says
-        ``READONLY`` too, the URL names a replica: `ReadOnlyServer`. A
-        refused write changed nothing, so the second try cannot act twice.
+        idle pooled sockets: behind a DNS name that follows failovers (a
+        managed service's primary endpoint), sockets opened before the
+        failover still reach the demoted master, and a new one reaches the
+        new master. When the fresh socket says ``READONLY`` too, the URL
+        names a replica: `ReadOnlyServer`. A refused write changed nothing,
+        so the second try cannot act twice.
         """
-        try:
-            return self.policy.call(fn, *args, **kwargs)
-        except ReadOnlyServer:
-            if self.kind != "single":
-                raise
-            now = time.monotonic()
-            if now - self._readonly_logged >= 60.0:
-                self._readonly_logged = now
-                log.warning("redis: %s answered READONLY (a master demoted behind its address?); "
-                            "reconnecting", self.url)
-            self.disconnect()
-        return self.policy.call(fn, *args, **kwargs)
+        if self.kind != "single" or not isinstance(exc, ReadOnlyServer):
+            return False
+        now = time.monotonic()
+        if now - self._readonly_logged >= 60.0:
+            self._readonly_logged = now
+            log.warning("redis: %s answered READONLY (a master demoted behind its address?); reconnecting",
+                        self.url)
+        self.disconnect()
+        return True
 
     def script(self, name: str) -> Any:
         """The script ``mcp_redis/lua/<name>.lua`` registered on this client (once)."""
@@ -1102,6 +1103,7 @@ def connect(s: Settings, url: Optional[str] = None, scripts: Optional[ScriptSet]
         max_backoff=s.retry_max_backoff,
         breaker=breaker,
         misconfiguration=lambda exc: holder[0].misconfiguration(exc) if holder else None,
+        recover=lambda exc: holder[0].recover(exc) if holder else False,
     )
     conn = RedisConnection(client, policy, kind, redact_url(url or ""), s, sentinel, service,
                            scripts=scripts if scripts is not None else ScriptSet(),

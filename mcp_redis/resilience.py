@@ -290,6 +290,7 @@ class Resilience:
         breaker: Optional[CircuitBreaker] = None,
         transient: Callable[[BaseException], bool] = is_redis_transient,
         misconfiguration: Callable[[BaseException], Optional[ConfigurationError]] = _no_misconfiguration,
+        recover: Optional[Callable[[ConfigurationError], bool]] = None,
         metrics: Metrics = METRICS,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -302,6 +303,10 @@ class Resilience:
         self.breaker = breaker if breaker is not None else CircuitBreaker(name, metrics=metrics)
         self.transient = transient
         self.misconfiguration = misconfiguration
+        # Called with a misconfiguration before it is raised: True when it did
+        # something that may cure it (dropped stale sockets), and the call is
+        # then tried once more (a refusal changed nothing: safe to repeat).
+        self.recover = recover
         self._metrics = metrics
 
     def __repr__(self) -> str:
@@ -360,6 +365,7 @@ class Resilience:
         # One plain loop (as redis-py's Retry.call_with_retry): the first
         # attempt costs a function call, no retry machinery is built per call.
         failures = 0
+        recovered = False
         while True:
             try:
                 if failures:
@@ -367,6 +373,10 @@ class Resilience:
                 return attempt()
             except BaseException as exc:
                 if not self.transient(exc):
+                    if (isinstance(exc, ConfigurationError) and not recovered and self.recover is not None
+                            and self.recover(exc)):
+                        recovered = True
+                        continue
                     raise
                 failures += 1
                 if failures >= n or breaker.state is not BreakerState.CLOSED:

@@ -96,20 +96,38 @@ def test_replica_url_is_read_only_server(redis_factory: Any) -> None:
 def test_a_master_demoted_behind_its_address_is_left_for_the_new_master(redis_factory: Any) -> None:
     # A plain URL to a name that follows failovers (a managed service's primary
     # endpoint; here a proxy switched to the promoted replica): pooled sockets
-    # still reach the demoted master and get READONLY. The next call must run
-    # on a fresh socket, at the new master, not fail as a misconfiguration.
+    # still reach the demoted master and get READONLY. Each feature's next call
+    # must run on a fresh socket, at the new master, not fail as a
+    # misconfiguration; and the refused try must not count as one that ran.
     old = redis_factory()
     new = redis_factory(args=["--replicaof", "127.0.0.1", str(old.port)])
     wait_for(lambda: new.client().info("replication")["master_link_status"] == "up", what="the replica to sync")
     with FaultProxy("127.0.0.1", old.port) as endpoint:
         mcp_redis.configure(redis_url=endpoint.url(), **STRICT)
-        take_lock()
+        store = mcp_redis.SessionStore()
+        store.bind("s-1", "agent-1")
         hit_rate_limit()
+        lock_client = mcp_redis.Client(redis_url=endpoint.url(), **STRICT)  # its own pool, also on the old master
         new.client().execute_command("REPLICAOF", "NO", "ONE")
+        # A grant the failover loses (made on the old master after the
+        # promotion), and another process holding the lock on the new one.
+        held = mcp_redis.lock("job", timeout=30, client=lock_client)
+        assert held.acquire(blocking=False)
+        other = mcp_redis.Client(redis_url=new.url)
+        assert mcp_redis.lock("job", timeout=30, client=other).acquire(blocking=False)
         old.client().execute_command("REPLICAOF", "127.0.0.1", str(new.port))
         endpoint.upstream = ("127.0.0.1", new.port)
-        take_lock()
+        # The release's refused first try (READONLY) is no lost reply: the
+        # holder is told it lost the lock, not that it released it.
+        with pytest.raises(mcp_redis.LockNotOwned):
+            held.release()
+        # Rate limits and sessions call the policy directly: they recover too.
         hit_rate_limit()
+        store.bind("s-2", "agent-2")
+        assert store.get("s-2") == "agent-2"
+        take_lock()
+        other.close()
+        lock_client.close()
     assert get_redis().policy.breaker.state is BreakerState.CLOSED
 
 

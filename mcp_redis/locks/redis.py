@@ -316,7 +316,11 @@ class RedisBackend(Backend):
         def run() -> Any:
             nonlocal tries
             tries += 1
-            return conn.run_script(script, keys, args)
+            try:
+                return conn.run_script(script, keys, args)
+            except rex.ResponseError:
+                tries -= 1  # refused (READONLY, BUSY, NOREPLICAS...): it did nothing
+                raise
 
         if conn.call(run):
             return True

@@ -51,8 +51,17 @@ class FairTurns:
                 return True
             event = threading.Event()
             turn.waiters.append(event)
-        if event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-            return True
+        try:
+            if event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return True
+        except BaseException:  # interrupted (a signal handler raised): neither keep nor lose a turn
+            with self._lock:
+                if event.is_set():
+                    self._hand_on(name, turn)
+                else:
+                    turn.waiters.remove(event)
+                    self._leave(name, turn)
+            raise
         with self._lock:
             if event.is_set():  # handed over just as we gave up
                 return True
@@ -64,13 +73,15 @@ class FairTurns:
         """Give `name`'s turn to the longest waiting thread (or free it)."""
         with self._lock:
             turn = self._turns.get(name)
-            if turn is None:
-                return
-            if turn.waiters:
-                turn.waiters.popleft().set()  # stays held: the next thread owns it now
-            else:
-                turn.held = False
-            self._leave(name, turn)
+            if turn is not None:
+                self._hand_on(name, turn)
+
+    def _hand_on(self, name: str, turn: _FairTurn) -> None:
+        if turn.waiters:
+            turn.waiters.popleft().set()  # stays held: the next thread owns it now
+        else:
+            turn.held = False
+        self._leave(name, turn)
 
     def _leave(self, name: str, turn: _FairTurn) -> None:
         turn.users -= 1

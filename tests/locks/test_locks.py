@@ -741,6 +741,49 @@ def test_threads_of_one_process_queue_in_redis_one_at_a_time(redis_mode: str) ->
     assert sorted(entered) == [0, 1, 2, 3, 4]
 
 
+def test_a_thread_interrupted_while_waiting_its_turn_neither_keeps_nor_loses_it(redis_mode: str) -> None:
+    """A signal handler that raises in a thread waiting its turn (a request timeout, Ctrl-C)."""
+    holder = mcp_redis.lock("interrupted", timeout=10)
+    holder.acquire()
+    turns = runtime(mcp_redis.default_client()).primary._turns._turns  # type: ignore[attr-defined]
+    r = raw(redis_mode)
+    entered: List[int] = []
+
+    def wait() -> None:
+        with mcp_redis.lock("interrupted", timeout=10, blocking_timeout=10):
+            entered.append(1)
+
+    queued = threading.Thread(target=wait)
+    queued.start()
+    wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=5, what="the turn's holder queued in Redis")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            mcp_redis.lock("interrupted", timeout=10, blocking_timeout=5).acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    holder.release()
+    queued.join(10)
+    assert entered == [1]
+    assert holder.key not in turns, "the turn was handed to the interrupted thread and never came back"
+    holder.acquire()  # the next waiter of this process still gets its turn
+    again = threading.Thread(target=wait)
+    again.start()
+    wait_for(lambda: r.llen(holder.key + "#queue") == 1, timeout=5, what="the next waiter queued in Redis")
+    holder.release()
+    again.join(10)
+    assert entered == [1, 1]
+
+
 def test_reconfiguring_forgets_reentrancy_of_earlier_holds(redis_mode: str) -> None:
     held = mcp_redis.agent_lock("gen", timeout=5)
     held.acquire()
