@@ -136,6 +136,21 @@ def maxmemory_policy(conn: RedisConnection) -> Optional[str]:
     return None
 
 
+def _out_of_memory(conn: RedisConnection) -> Optional[str]:
+    """Why the server refuses writes for lack of memory (``noeviction`` at ``maxmemory``), or None."""
+    try:
+        info = conn.client.info("memory")
+    except Exception:  # INFO refused: the calls themselves will tell
+        return None
+    nodes = [info] if "used_memory" in info else [v for v in info.values() if isinstance(v, dict)]
+    for node in nodes:
+        used, limit = int(node.get("used_memory", 0)), int(node.get("maxmemory", 0))
+        if limit and used >= limit and node.get("maxmemory_policy") == "noeviction":
+            return (f"OutOfMemory: used_memory {used} >= maxmemory {limit} with maxmemory-policy "
+                    "noeviction: the server refuses writes (features use their fallbacks)")
+    return None
+
+
 def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     try:
@@ -147,9 +162,13 @@ def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str,
     start = time.perf_counter()
     try:
         conn.client.ping()
-        out["ok"] = True
         out["ping_ms"] = round((time.perf_counter() - start) * 1000, 3)
-        conn.policy.breaker.record_success()
+        full = _out_of_memory(conn)
+        out["ok"] = full is None
+        if full is None:
+            conn.policy.breaker.record_success()
+        else:
+            out["error"] = full
         out["maxmemory_policy"] = maxmemory_policy(conn)
     except Exception as exc:
         out["ok"] = False

@@ -653,9 +653,12 @@ def test_a_server_out_of_memory_is_an_outage_for_writes_not_an_error(
     admin.config_set("maxmemory", "1mb")  # well below what it holds: every write is refused (OOM)
     try:
         _every_feature_treats_redis_as_down(store)
+        report = mcp_redis.health()
+        assert report["ok"] is False and "OutOfMemory" in report["redis"]["error"]
     finally:
         admin.config_set("maxmemory", "0")
     assert mcp_redis.SessionStore().get("sess-2") == "agent-2"
+    assert mcp_redis.health()["ok"] is True
 
 
 def _ignore(fn: Callable[[], Any]) -> None:
