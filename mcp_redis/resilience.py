@@ -323,7 +323,8 @@ class Resilience:
         Transient failures that outlast the retries, and calls made while the
         breaker is open, raise `BackendUnavailable` (chained to the cause).
         Misconfiguration raises `ConfigurationError` at once (chained to the
-        cause; the breaker counts it as an answer). Any other exception
+        cause; the breaker counts it as an answer), unless `recover` cures
+        it: then the call is tried once more. Any other exception
         propagates unchanged.
         """
         breaker = self.breaker
