@@ -144,10 +144,13 @@ def _out_of_memory(conn: RedisConnection) -> Optional[str]:
         return None
     nodes = [info] if "used_memory" in info else [v for v in info.values() if isinstance(v, dict)]
     for node in nodes:
-        used, limit = int(node.get("used_memory", 0)), int(node.get("maxmemory", 0))
-        if limit and used >= limit and node.get("maxmemory_policy") == "noeviction":
-            return (f"OutOfMemory: used_memory {used} >= maxmemory {limit} with maxmemory-policy "
-                    "noeviction: the server refuses writes (features use their fallbacks)")
+        # Redis's own test: replica output and AOF buffers do not count
+        # (`mem_not_counted_for_evict`), and only memory above the limit refuses.
+        used = int(node.get("used_memory", 0)) - int(node.get("mem_not_counted_for_evict", 0))
+        limit = int(node.get("maxmemory", 0))
+        if limit and used > limit and node.get("maxmemory_policy") == "noeviction":
+            return (f"OutOfMemory: used memory {used} (buffers not counted) > maxmemory {limit} with "
+                    "maxmemory-policy noeviction: the server refuses writes (features use their fallbacks)")
     return None
 
 

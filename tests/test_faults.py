@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -674,3 +675,46 @@ def _answers_busy(server: RedisServer) -> bool:
     except Exception as exc:
         return str(exc).startswith("BUSY")
     return False
+
+
+def test_a_lock_release_whose_reply_is_lost_on_a_cluster_is_reported_done(redis_factory: Any) -> None:
+    # On a Cluster redis-py itself retries a call whose connection dropped
+    # (a retry the library cannot count): the retry finds the lock gone, and
+    # that must read as this release's own work, not as a lost lock.
+    node = redis_factory(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+    with FaultProxy("127.0.0.1", node.port) as proxy:
+        admin = node.client()
+        admin.config_set("cluster-announce-port", proxy.port)  # clients reach the node through the proxy
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        wait_for(lambda: admin.cluster("info")["cluster_state"] == "ok", what="the one-node cluster")
+        with mcp_redis.Client(redis_url=f"redis+cluster://127.0.0.1:{proxy.port}", socket_timeout=2.0) as client:
+            lock = mcp_redis.lock("job", timeout=30, client=client)
+            assert lock.acquire(blocking=False)
+            lock.release()  # scripts loaded; the next release runs its script by EVALSHA
+            assert lock.acquire(blocking=False)
+            proxy.reset_next_reply()  # the release runs; its reply is cut
+            lock.release()
+            assert admin.exists(lock.key) == 0
+
+
+def test_health_does_not_call_a_master_full_because_of_a_slow_replicas_buffer(redis_factory: Any) -> None:
+    # Redis leaves replica output buffers out of maxmemory (it keeps taking
+    # writes); health must use the same test, not the raw used_memory.
+    mb = 1 << 20
+    master = redis_factory(args=["--maxmemory", str(20 * mb), "--maxmemory-policy", "noeviction",
+                                 "--client-output-buffer-limit", "replica 0 0 0"])
+    replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
+    admin = master.client()
+    wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", what="the replica")
+    os.kill(replica.proc.pid, signal.SIGSTOP)  # a slow replica: the stream piles up in its output buffer
+    try:
+        for _ in range(30):  # the data stays ~1 MB; the buffer grows past maxmemory
+            admin.set("mcp:scratch", b"x" * mb)
+            admin.delete("mcp:scratch")
+        wait_for(lambda: admin.info("memory")["used_memory"] > 20 * mb, what="used_memory past maxmemory")
+        mcp_redis.configure(redis_url=master.url)
+        assert mcp_redis.health()["ok"] is True
+        with mcp_redis.agent_lock("still-writable", blocking_timeout=0):
+            pass
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)

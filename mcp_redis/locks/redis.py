@@ -309,8 +309,10 @@ class RedisBackend(Backend):
         keys = [hold.keys.lock, hold.keys.queue]
         args = [hold.token]  # the script's default grace is ms(HANDOFF_GRACE)
         # A retry: of this call's lost reply, or (the watchdog's background
-        # release) of an earlier call that could not tell whether it ran.
-        tries = 1 if hold.release_sent else 0
+        # release) of an earlier call that could not tell whether it ran. On a
+        # Cluster every try may be one: redis-py's cluster client retries a
+        # dropped connection itself, inside one `run()`.
+        tries = 1 if hold.release_sent or conn.is_cluster else 0
         hold.release_sent = True
 
         def run() -> Any:
