@@ -500,8 +500,13 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         """Make `address` the master: close sockets to another one, lift the fence."""
         old = self.proxy.master_address
         self._known, self._known_at = address, time.monotonic()
-        if why != "+promoted-slave":
-            self._demoted = None  # the switch is announced (or a third master named): believe Sentinel again
+        if why != "+promoted-slave" and address != old:
+            # A move Sentinel announces, or a third master named: believe it
+            # again. Not a `+switch-master` for the master already in use:
+            # the other Sentinels announce it before the leader has finished,
+            # and until then the leader (highest config epoch) still names
+            # the demoted master to the poll.
+            self._demoted = None
         if old != address:
             self.proxy.master_address = address
             if old is not None:

@@ -891,6 +891,9 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
 
             wait_for(publish_and_hear, 10, interval=0.1, what="an event published on the new master to be heard")
         assert old.client().info("replication")["role"] == "master", "heard only once Sentinel demoted the old master"
+        # On past the poll after the switch and the leader's own
+        # +switch-master: the pool must not go back to the demoted master.
+        wait_for(lambda: load.successes_after(moved_at + 2.5) >= 50, 30, what="writes 2.5 s after the move")
     finally:
         load.stop()
         subscription.close()
