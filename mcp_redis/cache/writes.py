@@ -2,7 +2,9 @@
 
 `write` is ``invalidate``/``set``: drop the L1 copies of the namespace here,
 then one backend script bumps the entry's epoch, deletes or stores the
-value and publishes the invalidation. `invalidate_all` bumps the
+value and publishes the invalidation, then drop them here again (this
+process ignores its own message, and a thread may have refilled L1 from
+the old L2 value in between). `invalidate_all` bumps the
 namespace's generation. What the backend misses while unreachable is
 remembered on the function (bounded: past `invalidation.MAX_PENDING` keys
 it becomes one ``invalidate_all``) and replayed by `replay_pending` — from
@@ -58,6 +60,13 @@ def write(fn: CachedFunction[Any], st: _State, key: Hashable, l2id: str, value: 
         log.warning("cache %s: invalidation could not reach Redis (%s); will replay it",
                     fn.namespace, type(exc).__name__)
     else:
+        # Again, now that Redis has it: a thread of this process that missed
+        # L1 in between may have read the old L2 value (or epoch) and put it
+        # back; this process ignores its own invalidation message.
+        for cache in invalidation.same_namespace(fn.namespace):
+            cache._drop_local(key)
+        if encoded is not None and st.mode is not Mode.OFF:
+            fn._fill_l1(st, key, None, encoded[1], encoded[2], 0.0)
         if fn._has_pending():  # Redis answers: older missed ones can go now (e.g. after a reset)
             invalidation.of(st.client).replay_soon()
 
@@ -99,6 +108,7 @@ def _bump_generation(fn: CachedFunction[Any], backend: Backend, st: _State) -> N
     prefix = dumps({"o": invalidation.origin(), "n": fn.namespace, "op": "a"})[:-1] + ',"g":"'
     gen = backend.bump_generation(key, int(st.guard_ttl * 1000), st.channel, prefix)
     for cache in invalidation.same_namespace(fn.namespace):
+        cache._flush_local()  # again: what a thread read under the old generation meanwhile goes too
         cache._set_generation(gen, st)
 
 

@@ -974,3 +974,43 @@ def test_forked_child_has_no_replayer_until_it_needs_one(blip: Any) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     blip.pass_through()
+
+
+@pytest.mark.parametrize("how", ["invalidate", "set", "invalidate_all"])
+def test_the_invalidating_process_never_reads_the_old_value_back(redis_mode: str, how: str) -> None:
+    # Reader threads of the same process keep missing and refilling L1 while
+    # the main thread changes the source and invalidates (or writes through).
+    # A reader that read the old L2 value between the local drop and the Redis
+    # write must not leave it in L1: this process ignores its own message.
+    source = {"v": 0}
+
+    @cached_metadata(ttl=300, namespace=f"same-process-{how}")
+    def load(agent_id: str) -> int:
+        return source["v"]
+
+    load("a")
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            load("a")
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for t in readers:
+        t.start()
+    stale = 0
+    try:
+        for _ in range(100):
+            source["v"] += 1
+            if how == "invalidate":
+                load.invalidate("a")
+            elif how == "set":
+                load.set(source["v"], "a")
+            else:
+                load.invalidate_all()
+            stale += load("a") != source["v"]
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+    assert stale == 0
