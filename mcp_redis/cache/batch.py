@@ -55,8 +55,8 @@ def get_many(fn: CachedFunction[Any], ids: Iterable[Any], loader: BatchLoader) -
         if led:
             _lead_batch(fn, st, led, loader, results)
     except BaseException as exc:
-        for _, _, _, flight in led:
-            if not flight.finished:
+        for _, key, _, flight in led:
+            if key not in results and flight.error is None:  # ids already served keep their values
                 flight.error = exc
         raise
     finally:
@@ -126,11 +126,15 @@ def _load_and_fill(fn: CachedFunction[Any], st: _State, backend: Optional[Backen
                    epochs: Dict[Hashable, str], loader: BatchLoader, results: Dict[Hashable, Any]) -> bool:
     """Load the missing entries and write them back; True when the write-back pipeline ran."""
     started = time.perf_counter()
-    loaded = _load_batch(fn, [m[0] for m in missing], loader)
+    errors: Dict[Any, BaseException] = {}
+    loaded = _load_batch(fn, [m[0] for m in missing], loader, errors)
     delta = (time.perf_counter() - started) / len(missing)
     fills: List[Fill] = []
     now = time.time()
     for item, key, _, flight in missing:
+        if item in errors:  # its own loader raised: its waiters get its own exception
+            flight.error = errors[item]
+            continue
         value = loaded[item]
         if value is None and fn._negative_ttl is None:
             results[key] = flight.value = None
@@ -146,19 +150,28 @@ def _load_and_fill(fn: CachedFunction[Any], st: _State, backend: Optional[Backen
             px = max(int((expiry - now + fn._max_stale) * 1000), 1)
             fills.append(Fill(keys[key][0], keys[key][1], epochs[key], text, px))
         fn._fill_l1(st, key, flight, value, expiry, delta * fn._beta)
+    filled = False
     if backend is not None and fills and delta < st.guard_ttl / 2:
         try:
             backend.fill_many(fills)
             # True only if every entry was written back; else the caller takes the markers away
             # (those of entries written back are gone already: cache_abandon.lua leaves them be).
-            return len(fills) == len(missing)
+            filled = len(fills) == len(missing)
         except backend.errors as exc:
             fn._count_error()
             log.debug("cache %s: batch write-back failed (%s)", fn.namespace, type(exc).__name__)
-    return False
+    if errors:
+        raise next(iter(errors.values()))  # the first id that failed, as a plain call of it would
+    return filled
 
 
-def _load_batch(fn: CachedFunction[Any], items: List[Any], loader: BatchLoader) -> Dict[Any, Any]:
+def _load_batch(fn: CachedFunction[Any], items: List[Any], loader: BatchLoader,
+                errors: Optional[Dict[Any, BaseException]] = None) -> Dict[Any, Any]:
+    """The values of `items` (the batch `loader`, else the function per id).
+
+    Per id, with `errors`: an id whose call raises is recorded there, and the
+    others are still loaded (their waiters get their values).
+    """
     with fn._lock:
         fn._loader_calls += 1 if loader is not None else len(items)
         fn._misses += len(items)
@@ -166,4 +179,12 @@ def _load_batch(fn: CachedFunction[Any], items: List[Any], loader: BatchLoader) 
     if loader is not None:
         found = loader(list(items))
         return {item: found.get(item) for item in items}
-    return {item: fn._fn(item) for item in items}
+    if errors is None:
+        return {item: fn._fn(item) for item in items}
+    out: Dict[Any, Any] = {}
+    for item in items:
+        try:
+            out[item] = fn._fn(item)
+        except Exception as exc:
+            errors[item] = exc
+    return out

@@ -27,11 +27,12 @@ def xfetch_fires(now: float, bd: float, expiry: float) -> bool:
 class Flight:
     """One in-process load of one key; followers wait for the leader's result."""
 
-    __slots__ = ("_running", "finished", "value", "error", "stale")
+    __slots__ = ("_running", "_leader", "finished", "value", "error", "stale")
 
     def __init__(self) -> None:
         self._running = threading.Lock()  # held until the leader finishes (cheaper than an Event)
         self._running.acquire()
+        self._leader = threading.get_ident()  # made by the thread that runs the load
         self.finished = False
         self.value: Any = None
         self.error: Optional[BaseException] = None
@@ -42,6 +43,10 @@ class Flight:
         self._running.release()
 
     def wait(self) -> Any:
+        if not self.finished and self._leader == threading.get_ident():
+            # The loader called its own cached function with the same
+            # arguments: waiting for itself would hang for ever.
+            raise RecursionError("a cached function's loader called it again with the same arguments")
         with self._running:
             pass
         if self.error is not None:

@@ -663,13 +663,19 @@ class CachedFunction(Generic[R]):
             if flight is not None:
                 flight.stale = True
 
-    def _flush_local(self) -> None:
+    def _flush_local(self, keep_flights: bool = False) -> None:
+        """Forget L1 and the cached generation; loads in flight fill no L1.
+
+        `keep_flights`: new callers still join those loads (nothing was
+        invalidated, messages may have been missed), else they start anew.
+        """
         with self._lock:
             self._drops += 1
             self._l1.clear()
             for flight in self._flights.values():
                 flight.stale = True
-            self._flights.clear()
+            if not keep_flights:
+                self._flights.clear()
             self._gen = None
             self._gen_seq += 1
 

@@ -1014,3 +1014,39 @@ def test_the_invalidating_process_never_reads_the_old_value_back(redis_mode: str
         for t in readers:
             t.join(10)
     assert stale == 0
+
+
+def test_a_loader_calling_itself_with_the_same_arguments_raises_instead_of_hanging(redis_mode: str) -> None:
+    @cached_metadata(ttl=60, namespace="self-call")
+    def load(agent_id: str) -> int:
+        return load(agent_id)  # a bug in the loader: it would wait for its own flight for ever
+
+    with pytest.raises(RecursionError):
+        load("a")
+
+
+def test_get_many_gives_each_waiting_caller_its_own_ids_outcome(redis_mode: str) -> None:
+    # get_many without a batch loader loads id by id: one id's loader raising
+    # must not become the exception of a concurrent caller of another id.
+    calls: List[str] = []
+    started = threading.Event()
+
+    @cached_metadata(ttl=60, namespace="batch-errors")
+    def load(agent_id: str) -> Dict[str, str]:
+        calls.append(agent_id)
+        if agent_id == "a":
+            started.set()
+            time.sleep(0.3)  # a slow row: the other caller joins its load
+        if agent_id == "bad":
+            raise LookupError("row 'bad' is corrupt")
+        return {"id": agent_id}
+
+    got: List[Any] = []
+    joiner = threading.Thread(target=lambda: started.wait(5) and got.append(load("a")))
+    joiner.start()
+    with pytest.raises(LookupError):
+        load.get_many(["a", "bad"])
+    joiner.join(10)
+    assert got == [{"id": "a"}]
+    assert calls == ["a", "bad"]  # "a" loaded once, its value kept
+    assert load("a") == {"id": "a"} and calls == ["a", "bad"]
