@@ -132,10 +132,11 @@ class Invalidation:
         # Messages published while we were (re)connecting are lost: forget L1.
         caches = _of_client(self.client)
         for cache in caches:
-            # Loads in flight stay joinable (marked stale: they fill no L1):
-            # on the first subscription, which a first miss starts, forgetting
-            # them would start a second load of the very key being loaded.
-            cache._flush_local(keep_flights=True)
+            # On the first subscription, which a first miss starts, loads in
+            # flight stay joinable (marked stale: they fill no L1): forgetting
+            # them would start a second load of the very key being loaded. On
+            # a resubscription they go: an invalidation may have been missed.
+            cache._flush_local(keep_flights=initial)
         if not initial:
             log.info("cache listener resubscribed: L1 caches flushed")
         for cache in caches:
