@@ -401,6 +401,7 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         # names until +switch-master, and until when to disbelieve them.
         self._demoted: Optional[Tuple[str, int]] = None
         self._demoted_until = 0.0
+        self._unanimous = False  # the last poll's Sentinels all named one master
         self.switches = 0  # master changes seen (for tests and logs)
         self.last_switch: Tuple[float, str] = (0.0, "")  # (monotonic time, what told) of the last change
         self.polls = 0  # safety-net polls answered (for tests)
@@ -451,6 +452,7 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         """
         manager = self.sentinel_manager
         best: Optional[Tuple[int, Tuple[str, int]]] = None
+        named: Set[Tuple[str, int]] = set()
         errors: List[str] = []
         for sentinel in list(manager.sentinels):
             try:  # SENTINEL MASTERS, as redis-py asks: the one command the Sentinel ACL grants
@@ -464,8 +466,12 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
             epoch = int(state.get("config-epoch", 0) or 0)
             force_ip = getattr(manager, "_force_master_ip", None)
             address = (str(force_ip if force_ip is not None else state["ip"]), int(state["port"]))
+            named.add(address)
             if best is None or epoch > best[0]:
                 best = (epoch, address)
+        # Every Sentinel that answered names one master: a failover, if any,
+        # is over everywhere (see `follow`).
+        self._unanimous = len(named) == 1
         if best is None:
             raise MasterNotFoundError(
                 f"No master found for {self.service_name!r}" + (f" : {', '.join(errors)}" if errors else ""))
@@ -479,6 +485,11 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         keeps naming the old master until ``+switch-master``.
         """
         current = self.proxy.master_address
+        if address == current and self._demoted is not None and self._unanimous:
+            # Every Sentinel names the new master now: the failover is over,
+            # and a later answer naming the old one is a new failover (a
+            # failback), to follow at once.
+            self._demoted = None
         if address == self._demoted and time.monotonic() < self._demoted_until and current is not None:
             # Promoted already: Sentinel names the old master until the other
             # replicas are reconfigured (+switch-master), which may take a resync.

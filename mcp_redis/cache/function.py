@@ -663,11 +663,13 @@ class CachedFunction(Generic[R]):
             if flight is not None:
                 flight.stale = True
 
-    def _flush_local(self, keep_flights: bool = False) -> None:
+    def _flush_local(self, keep_flights: bool = False, keep_generation: bool = False) -> None:
         """Forget L1 and the cached generation; loads in flight fill no L1.
 
         `keep_flights`: new callers still join those loads (nothing was
         invalidated, messages may have been missed), else they start anew.
+        `keep_generation`: the cached generation stays (the caller installs
+        a newer one next).
         """
         with self._lock:
             self._drops += 1
@@ -676,7 +678,8 @@ class CachedFunction(Generic[R]):
                 flight.stale = True
             if not keep_flights:
                 self._flights.clear()
-            self._gen = None
+            if not keep_generation:
+                self._gen = None
             self._gen_seq += 1
 
     def _set_generation(self, gen: str, st: _State) -> None:

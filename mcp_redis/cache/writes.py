@@ -45,6 +45,7 @@ def write(fn: CachedFunction[Any], st: _State, key: Hashable, l2id: str, value: 
         cache._drop_local(key)
     if encoded is not None and st.mode is not Mode.OFF:
         fn._fill_l1(st, key, None, encoded[1], encoded[2], 0.0)
+    drops = fn._drops  # any drop but our own second one below: someone wrote after us
     if st.l2 is None:
         return
     backend = fn._backend(st)
@@ -66,7 +67,9 @@ def write(fn: CachedFunction[Any], st: _State, key: Hashable, l2id: str, value: 
         for cache in invalidation.same_namespace(fn.namespace):
             cache._drop_local(key)
         if encoded is not None and st.mode is not Mode.OFF:
-            fn._fill_l1(st, key, None, encoded[1], encoded[2], 0.0)
+            # Unless another write (this process's or another's, through the
+            # listener) dropped it meanwhile: that one may be newer than ours.
+            fn._fill_l1(st, key, None, encoded[1], encoded[2], 0.0, drops=drops + 1)
         if fn._has_pending():  # Redis answers: older missed ones can go now (e.g. after a reset)
             invalidation.of(st.client).replay_soon()
 
@@ -108,8 +111,8 @@ def _bump_generation(fn: CachedFunction[Any], backend: Backend, st: _State) -> N
     prefix = dumps({"o": invalidation.origin(), "n": fn.namespace, "op": "a"})[:-1] + ',"g":"'
     gen = backend.bump_generation(key, int(st.guard_ttl * 1000), st.channel, prefix)
     for cache in invalidation.same_namespace(fn.namespace):
-        cache._flush_local()  # again: what a thread read under the old generation meanwhile goes too
-        cache._set_generation(gen, st)
+        cache._flush_local(keep_generation=True)  # again: what a thread read under the old one goes too
+        cache._set_generation(gen, st)  # only if newer: a later invalidate_all may have come first
 
 
 def _remember(fn: CachedFunction[Any], l2id: str) -> None:

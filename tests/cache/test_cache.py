@@ -1050,3 +1050,37 @@ def test_get_many_gives_each_waiting_caller_its_own_ids_outcome(redis_mode: str)
     assert got == [{"id": "a"}]
     assert calls == ["a", "bad"]  # "a" loaded once, its value kept
     assert load("a") == {"id": "a"} and calls == ["a", "bad"]
+
+
+def test_concurrent_writes_in_one_process_leave_l1_as_redis_has_it(redis_mode: str, redis_server: Any) -> None:
+    # Two threads write at the same moment: whatever order Redis applied them
+    # in, this process must not keep the other one's value in L1 (set), nor an
+    # older generation than Redis's (invalidate_all).
+    @cached_metadata(ttl=300, namespace="concurrent-writes")
+    def load(agent_id: str) -> int:
+        return 0
+
+    load("a")
+    load.invalidate_all()
+    generation_key = "mcp:cache:concurrent-writes#gen"
+    raw = redis_server.client()
+    for round_ in range(100):
+        gate = threading.Barrier(2)
+
+        def write(value: int) -> None:
+            gate.wait()
+            load.set(value, "a") if value >= 0 else load.invalidate_all()
+
+        pair = (2 * round_, 2 * round_ + 1) if round_ % 2 else (-1, -2)
+        threads = [threading.Thread(target=write, args=(v,)) for v in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        if round_ % 2:
+            in_l1 = load("a")
+            load.cache_clear()
+            assert in_l1 == load("a"), f"round {round_}: L1 kept the value Redis overwrote"
+        else:
+            assert load._gen is not None and int(load._gen[0]) == int(raw.get(generation_key)), \
+                f"round {round_}: an older generation than Redis's"
