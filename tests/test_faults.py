@@ -33,7 +33,7 @@ from mcp_redis.config import settings
 from mcp_redis.connections import get_redis
 from mcp_redis.errors import BackendUnavailable
 from mcp_redis.resilience import BreakerState
-from mcp_redis.testing import RedisServer, wait_for
+from mcp_redis.testing import RedisServer, free_port, wait_for
 from mcp_redis.testing.faultproxy import Fault, FaultProxy
 
 # Tight timeouts so that every fault is quick to observe on a loaded box.
@@ -681,7 +681,8 @@ def test_a_lock_release_whose_reply_is_lost_on_a_cluster_is_reported_done(redis_
     # On a Cluster redis-py itself retries a call whose connection dropped
     # (a retry the library cannot count): the retry finds the lock gone, and
     # that must read as this release's own work, not as a lost lock.
-    node = redis_factory(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+    node = redis_factory(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                               "--cluster-port", str(free_port())])  # not port + 10000: it may be past 65535
     with FaultProxy("127.0.0.1", node.port) as proxy:
         admin = node.client()
         admin.config_set("cluster-announce-port", proxy.port)  # clients reach the node through the proxy
