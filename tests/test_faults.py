@@ -629,9 +629,7 @@ def _every_feature_treats_redis_as_down(store: Any) -> None:
 def test_a_server_busy_in_another_clients_script_is_an_outage_not_an_error(
         redis_factory: Any, database_url: str) -> None:
     server = redis_factory(args=["--busy-reply-threshold", "100"])
-    mcp_redis.configure(redis_url=server.url, database_url=database_url, socket_timeout=2.0)
-    store = mcp_redis.SessionStore()
-    store.bind("sess-1", "agent-1")
+    store = _sessions_with_one_binding(server, database_url)
     runaway = threading.Thread(target=lambda: _ignore(lambda: server.client().eval("while true do end", 0)))
     runaway.start()
     try:
@@ -646,9 +644,7 @@ def test_a_server_busy_in_another_clients_script_is_an_outage_not_an_error(
 def test_a_server_out_of_memory_is_an_outage_for_writes_not_an_error(
         redis_factory: Any, database_url: str) -> None:
     server = redis_factory(args=["--maxmemory-policy", "noeviction"])
-    mcp_redis.configure(redis_url=server.url, database_url=database_url, socket_timeout=2.0)
-    store = mcp_redis.SessionStore()
-    store.bind("sess-1", "agent-1")
+    store = _sessions_with_one_binding(server, database_url)
     admin = server.client()
     admin.set("ballast", "x" * (4 << 20))
     admin.config_set("maxmemory", "1mb")  # well below what it holds: every write is refused (OOM)
@@ -660,6 +656,14 @@ def test_a_server_out_of_memory_is_an_outage_for_writes_not_an_error(
         admin.config_set("maxmemory", "0")
     assert mcp_redis.SessionStore().get("sess-2") == "agent-2"
     assert mcp_redis.health()["ok"] is True
+
+
+def _sessions_with_one_binding(server: RedisServer, database_url: str) -> Any:
+    """Configure the library on `server` with PostgreSQL behind sessions; bind sess-1 to agent-1."""
+    mcp_redis.configure(redis_url=server.url, database_url=database_url, socket_timeout=2.0)
+    store = mcp_redis.SessionStore()
+    store.bind("sess-1", "agent-1")
+    return store
 
 
 def _ignore(fn: Callable[[], Any]) -> None:

@@ -663,31 +663,42 @@ class CachedFunction(Generic[R]):
             if flight is not None:
                 flight.stale = True
 
-    def _flush_local(self, keep_flights: bool = False, keep_generation: bool = False) -> None:
+    def _flush_local(self, keep_flights: bool = False) -> None:
         """Forget L1 and the cached generation; loads in flight fill no L1.
 
         `keep_flights`: new callers still join those loads (nothing was
         invalidated, messages may have been missed), else they start anew.
-        `keep_generation`: the cached generation stays (the caller installs
-        a newer one next).
         """
         with self._lock:
-            self._drops += 1
-            self._l1.clear()
-            for flight in self._flights.values():
-                flight.stale = True
+            self._flush_l1()
             if not keep_flights:
                 self._flights.clear()
-            if not keep_generation:
-                self._gen = None
+            self._gen = None
             self._gen_seq += 1
 
-    def _set_generation(self, gen: str, st: _State) -> None:
+    def _flush_l1(self) -> None:
+        # Under self._lock.
+        self._drops += 1
+        self._l1.clear()
+        for flight in self._flights.values():
+            flight.stale = True
+
+    def _set_generation(self, gen: str, st: _State, flush: bool = False) -> None:
+        """Cache `gen` if newer than the cached one; `flush`: then forget L1 and the loads in flight.
+
+        In that order: a reader (which reads `_drops`, then `_gen`, without
+        the lock) that sees the new drop count sees the new generation too,
+        so nothing it reads under the older one passes `_fill_l1`'s check;
+        and no later caller joins a load that may have read under it.
+        """
         with self._lock:
             cached = self._gen
             if cached is None or int(gen) > int(cached[0]):
                 self._gen = (gen, time.monotonic() + st.l1_ttl, st.settings)
             self._gen_seq += 1
+            if flush:
+                self._flush_l1()
+                self._flights.clear()
 
     def _apply_remote(self, msg: Mapping[str, Any]) -> None:
         op = msg.get("op")

@@ -111,8 +111,9 @@ def _bump_generation(fn: CachedFunction[Any], backend: Backend, st: _State) -> N
     prefix = dumps({"o": invalidation.origin(), "n": fn.namespace, "op": "a"})[:-1] + ',"g":"'
     gen = backend.bump_generation(key, int(st.guard_ttl * 1000), st.channel, prefix)
     for cache in invalidation.same_namespace(fn.namespace):
-        cache._flush_local(keep_generation=True)  # again: what a thread read under the old one goes too
-        cache._set_generation(gen, st)  # only if newer: a later invalidate_all may have come first
+        # Only if newer (a later invalidate_all may have come first), and L1
+        # again: what a thread read under the old generation meanwhile goes too.
+        cache._set_generation(gen, st, flush=True)
 
 
 def _remember(fn: CachedFunction[Any], l2id: str) -> None:
