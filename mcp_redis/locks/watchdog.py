@@ -70,11 +70,7 @@ class Watchdog:
             if every is not None and id(hold.backend) not in self._beats:
                 first = min(first, time.monotonic() + every)
                 self._beats[id(hold.backend)] = (first, hold.backend)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
-                self._thread.start()
-            elif first < self._wake_at:
-                self._cond.notify()
+            self._look_by(first)
 
     def discard(self, hold: Hold) -> None:
         with self._cond:
@@ -95,11 +91,16 @@ class Watchdog:
                 return
             at = time.monotonic() + RELEASE_RETRY_EVERY
             self._releases[id(hold)] = (at, hold)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
-                self._thread.start()
-            elif at < self._wake_at:
-                self._cond.notify()
+            self._look_by(at)
+
+    def _look_by(self, at: float) -> None:
+        """Make the thread look again by `at` (monotonic): start it, or wake it if it sleeps longer."""
+        # Under self._cond.
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="mcp_redis-lock-watchdog", daemon=True)
+            self._thread.start()
+        elif at < self._wake_at:
+            self._cond.notify()
 
     def pending_releases(self) -> int:
         """Releases still being retried in the background (diagnostics)."""
