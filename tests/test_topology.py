@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -918,3 +919,20 @@ def test_graceful_failover_moves_writes_to_the_new_master_without_restart(
     assert moved_at - switched_at < 6.0, figures
     # The targets of issue 20 (today's code: 0 lost, window 0; plain redis-py polling each second: ~1-2 s).
     assert figures["stale_write_window_s"] <= 0.3 and len(lost) <= 70, figures
+
+
+def test_a_cluster_node_whose_bus_port_was_taken_meanwhile_starts_on_another() -> None:
+    # free_port() can hand out a port that something else binds before the
+    # server does (seen once in CI): the first start picks another bus port.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        node = RedisServer(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                 "--cluster-port", str(busy)])
+        try:
+            node.start()
+            assert node.ping() and node.args[-1] != str(busy)
+        finally:
+            node.stop()
+            node.cleanup()
