@@ -399,7 +399,9 @@ class SentinelTopology:
         """Restart every stopped process (old masters as replicas of the current one).
 
         An old master still running as a master (after a graceful failover) is
-        made a replica at once rather than after Sentinel's ~8 s wait.
+        restarted as a replica at once: Sentinel converts it only after ~8 s,
+        and a ``REPLICAOF`` sent to it live is seen by the Sentinels only at
+        their next 10 s ``INFO`` of it (a restarted node is asked at once).
         """
         for sentinel in self.sentinels:
             if not sentinel.running:
@@ -408,12 +410,11 @@ class SentinelTopology:
         if not master.running:  # killed, and not failed over yet
             master = self.wait_for_failover(master, timeout)
         for node in self.nodes:
+            if node.running and node is not master and _info(node, "replication").get("role") == "master":
+                node.kill()  # a demoted master that Sentinel has not converted yet
             if not node.running:
                 node.args = self._replica_args(master)
                 node.start()
-            elif node is not master and _info(node, "replication").get("role") == "master":
-                # A demoted master that Sentinel has not converted yet (it waits ~8 s).
-                _command(node, "REPLICAOF", "127.0.0.1", str(master.port))
         self.wait_until_healthy(timeout)
 
     def flushall(self) -> None:
