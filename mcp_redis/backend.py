@@ -126,6 +126,8 @@ class RedisBackend:
             raw = json.dumps(value, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument("value", f"must be JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument("value", "is nested too deeply to be stored as JSON") from None
         client = resolve(self.client)
         s = client.settings
         mode = s.mode("metadata_cache")

@@ -727,3 +727,27 @@ def test_hostile_ids_round_trip_inside_the_prefix(redis_url: str, redis_server: 
     assert outside == [], f"keys outside the prefix: {outside[:3]}"
     assert store.unbind(session_key) is True
     assert store.get(session_key) is None
+
+
+def test_values_nested_deeper_than_json_can_encode_are_refused_naming_the_argument(witness: Witness) -> None:
+    """json raises RecursionError past Python's recursion limit: an argument error, nothing written."""
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    event = {"a": deep}
+    bus, stream, store = mcp_redis.EventBus(), mcp_redis.EventStream("s"), mcp_redis.SessionStore()
+    rejected("EventBus.publish(deep event)", lambda: bus.publish("ch", event), "event")
+    rejected("EventStream.add(deep event)", lambda: stream.add(event), "event")
+    rejected("SessionStore.bind(deep field)", lambda: store.bind("s", "a", note=deep), "note")
+    rejected("RedisBackend.cache_set(deep value)", lambda: mcp_redis.RedisBackend().cache_set("k", deep), "value")
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def load(agent_id: str) -> Any:
+        return deep
+
+    rejected("cached_metadata.set(deep value)", lambda: load.set(deep, "agent"), "value")
+    witness.unchanged()
+    store.bind("s", "a", note=1)
+    witness.before = witness.snapshot()
+    rejected("SessionStore.update(deep field)", lambda: store.update("s", note=deep), "note")
+    assert store.record("s")["note"] == 1

@@ -577,7 +577,7 @@ class CachedFunction(Generic[R]):
         """(L2 envelope, the value as JSON round-trips it, logical expiry)."""
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             self._count_error()
             if not self._warned_unserialisable:
                 self._warned_unserialisable = True
@@ -592,7 +592,7 @@ class CachedFunction(Generic[R]):
         try:  # decode_envelope, inlined (the L2 hit path)
             env = json.loads(raw)
             return Envelope(env["v"], float(env["d"]), float(env["x"]) / 1000.0)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._count_error()
             log.warning("cache %s: unreadable L2 entry ignored", self.namespace)
             return None
@@ -632,6 +632,8 @@ class CachedFunction(Generic[R]):
             raise InvalidArgumentType("value", f"must be a value JSON can hold: {exc}") from None
         except ValueError as exc:  # NaN, infinities, a circular reference
             raise InvalidArgument("value", f"must be a value JSON can hold: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument("value", "is nested too deeply to be stored as JSON") from None
         key, l2id = self._key(args, kwargs)
         self._write(self._state(), key, l2id, value)
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Invalidation", "of", "wait_for_listener", "origin", "same_namespace", "all_caches", "register"]
 
 log = logging.getLogger("mcp_redis.cache")
+_foreign_logged = False
 
 MAX_PENDING = 10_000  # invalidations remembered per function while Redis is unreachable
 REPLAY_FIRST_PAUSE = 0.05  # seconds before the first retry of a missed invalidation
@@ -121,7 +122,16 @@ class Invalidation:
     def _on_message(self, channel: str, data: Optional[str]) -> None:
         if data is None:  # a payload that was not UTF-8 (pubsub: a foreign publisher): not ours
             return
-        msg = json.loads(data)
+        try:
+            msg = json.loads(data)
+        except (ValueError, RecursionError):
+            msg = None
+        if not isinstance(msg, dict):  # not ours: a foreign publisher on our channel (logged once)
+            global _foreign_logged
+            if not _foreign_logged:
+                _foreign_logged = True
+                log.warning("a message on %s that is not an invalidation was ignored (logged once)", channel)
+            return
         if msg.get("o") == _origin:
             return  # applied locally before publishing
         for cache in same_namespace(str(msg.get("n"))):

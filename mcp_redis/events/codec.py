@@ -55,6 +55,8 @@ def encode_event(event: object, argument: str = "event") -> str:
         raise InvalidArgumentType(argument, f"is not JSON-serialisable ({_type_hint(exc)})") from None
     except ValueError:
         raise InvalidArgument(argument, "is not JSON-serialisable (NaN/Infinity or a circular reference)") from None
+    except RecursionError:
+        raise InvalidArgument(argument, "is nested too deeply to be encoded as JSON") from None
 
 
 def _type_hint(exc: TypeError) -> str:
@@ -69,8 +71,9 @@ def _no_constant(name: str) -> object:
 def decode_event(data: object) -> Optional[Event]:
     """The event dict in a payload (bytes: UTF-8), or None if it is not a strict JSON object.
 
-    Not UTF-8, NaN/Infinity (Python's json would take them), or anything but
-    an object: None, for the caller to skip.
+    Not UTF-8, NaN/Infinity (Python's json would take them), nested deeper
+    than Python's recursion limit, or anything but an object: None, for the
+    caller to skip (or dead-letter).
     """
     if isinstance(data, (bytes, bytearray)):
         try:
@@ -81,6 +84,6 @@ def decode_event(data: object) -> Optional[Event]:
         return None
     try:
         value = json.loads(data, parse_constant=_no_constant)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

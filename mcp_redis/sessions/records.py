@@ -103,14 +103,17 @@ def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
         if is_secret_name(name):
             raise InvalidArgument(name, "looks like a secret: secrets never go into a session record "
                                         "(see docs/security.md)")
-        _check_nested(value, name)
         try:
+            _check_nested(value, name)
             text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            # Every mode keeps what PostgreSQL's JSONB can: no NUL, no lone surrogate
+            # (so turning DATABASE_URL on never breaks a caller that worked before).
+            nul = _has_nul(value)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentType(name, f"must be a JSON value ({exc})") from None
-        # Every mode keeps what PostgreSQL's JSONB can: no NUL, no lone surrogate
-        # (so turning DATABASE_URL on never breaks a caller that worked before).
-        if _has_nul(value):
+        except RecursionError:
+            raise InvalidArgument(name, "is nested too deeply to be stored as JSON") from None
+        if nul:
             raise InvalidArgument(name, "must not contain NUL (\\u0000): PostgreSQL's JSONB cannot hold it")
         try:
             text.encode("utf-8")

@@ -844,6 +844,28 @@ def test_remote_invalidation_of_a_multi_argument_call_evicts_exactly_that_entry(
     assert calls == []  # the other entries are still L1 hits
 
 
+def test_foreign_messages_on_the_invalidation_channel_are_ignored_and_invalidations_still_arrive(
+        redis_mode: str) -> None:
+    calls: List[Any] = []
+
+    @cached_metadata(namespace="tests.foreign")
+    def lookup(agent_id: str) -> int:
+        calls.append(agent_id)
+        return len(calls)
+
+    listening(lookup)
+    lookup("a")
+    assert lookup.cache_info().l1_size == 1
+    client = redis_client(redis_mode)
+    # Not JSON, not an object, and an object nested deeper than json's recursion limit.
+    for junk in ("not json", "[1]", "42", '{"a":' + "[" * 5000 + "]" * 5000 + "}"):
+        client.publish("mcp:cache:invalidate", junk)
+    _, l2id = lookup._key(("a",), {})
+    client.publish("mcp:cache:invalidate", json.dumps({"o": "elsewhere", "n": "tests.foreign", "op": "k", "k": l2id}))
+    wait_for(lambda: lookup.cache_info().l1_size == 0, 2, what="the invalidation after the junk applied")
+    assert invalidation.of(default_client()).subscriber.active
+
+
 def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     waiting: List[int] = []

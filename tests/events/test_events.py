@@ -117,13 +117,15 @@ def test_payloads_that_are_not_a_json_object_are_skipped(bus: EventBus, redis_ur
     from redis import Redis
 
     raw = Redis.from_url(redis_url, decode_responses=True)
-    for junk in ("not json", "[1, 2]", "42", "\"s\"", '{"n": NaN}', '{"n": -Infinity}'):
+    # A JSON object nested deeper than Python's recursion limit too (json raises RecursionError).
+    deep = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
+    for junk in ("not json", "[1, 2]", "42", "\"s\"", '{"n": NaN}', '{"n": -Infinity}', deep):
         raw.publish(sub.redis_channel, junk)
     bus.publish("c", {"ok": True})
     assert inbox.wait(1) == [{"ok": True}]
-    assert sub.skipped == 6 and sub.active
+    assert sub.skipped == 7 and sub.errors == 0 and sub.active
     raw.publish(sub.redis_channel, b"\xff not utf-8")  # skipped too; redis-py resubscribes under it
-    wait_for(lambda: sub.skipped == 7, what="the undecodable payload skipped")
+    wait_for(lambda: sub.skipped == 8, what="the undecodable payload skipped")
     wait_for(lambda: (bus.publish("c", {"ok": 2}), inbox.wait(0.2))[1][-1:] == [{"ok": 2}], timeout=10,
              what="events after it delivered")
     assert sub.active
