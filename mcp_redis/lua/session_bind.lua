@@ -8,10 +8,14 @@
 -- Modes:
 --   bind     SET a new record (bound_at = last_active = now, bind_count = previous + 1), PX ttl
 --   put      SET ARGV[5] as it is, PX ttl (a record copied from the source of truth)
+--   sync     as put, but a binding of the same agent that has longer to live keeps its TTL
+--            (sliding touches run ahead of the source's throttled expiry); ttl 0 (the
+--            source's row has expired): only while such a binding lives, else false
 --   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry)
 --   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
--- Reply: {previous value or false, new value}; false when refresh/update found no binding
--- (or another agent); {previous value, false} when the merged fields exceed ARGV[6].
+-- Reply: {previous value or false, new value}; false when refresh/update/sync found no binding
+-- (or another agent); {previous value, false} when the merged fields exceed ARGV[6];
+-- sync: {previous value or false, new value, the binding's ms to live}.
 -- Server time (TIME) stamps the record, so hosts with skewed clocks agree.
 local US, RS = '\31', '\30'
 local mode, agent = ARGV[1], ARGV[2]
@@ -27,6 +31,7 @@ local function agent_of(v)
 end
 
 local old = redis.call('GET', KEYS[1])
+local left -- sync: the binding's ms to live after the write
 local now = tonumber(redis.call('TIME')[1])
 local new
 if mode == 'bind' then
@@ -40,6 +45,19 @@ if mode == 'bind' then
 elseif mode == 'put' then
   new = ARGV[5]
   redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
+elseif mode == 'sync' then
+  local ttl = tonumber(ARGV[4])
+  left = -2
+  if old and agent_of(old) == agent then left = redis.call('PTTL', KEYS[1]) end
+  new = ARGV[5]
+  if left > ttl then
+    redis.call('SET', KEYS[1], new, 'KEEPTTL')
+  elseif ttl > 0 then
+    left = ttl
+    redis.call('SET', KEYS[1], new, 'PX', ttl)
+  else
+    return false
+  end
 else
   if not old then return false end
   local a, bound, count, _, fields = parse(old)
@@ -84,9 +102,10 @@ if KEYS[2] and mode ~= 'update' then
   end
   -- The index outlives every binding it lists: twice the ttl covers the touches that slide a
   -- binding between two throttled refreshes (the refresh interval is at most the ttl).
-  local keep = 2 * tonumber(ARGV[4])
+  local keep = 2 * (left or tonumber(ARGV[4]))
   if redis.call('PTTL', KEYS[2]) < keep then
     redis.call('PEXPIRE', KEYS[2], keep)
   end
 end
+if left then return {old or false, new, left} end
 return {old or false, new}

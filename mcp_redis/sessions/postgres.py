@@ -62,9 +62,12 @@ _PG_UPDATE = """
 UPDATE {schema}.sessions SET updated_at = now(), redis_pending = redis_pending OR %s,
     record = record || jsonb_build_object('last_active', NOW_S,
                                           'fields', COALESCE(record -> 'fields', '{{}}'::jsonb) || %s::jsonb)
-WHERE session_key = %s AND expires_at > now()
-RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint
+WHERE session_key = %s
+RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint, expires_at > now()
 """.replace("NOW_S", _NOW_S).replace("LEFT_MS", _LEFT_MS)
+# An expired row that Redis still has live (touches slide Redis's expiry, PostgreSQL's follows
+# only at the throttled refresh): it catches up with Redis's.
+_PG_EXTEND = "UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond' WHERE session_key = %s"
 # No "expires_at > now()": the caller just read the binding live from Redis, so a row
 # that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
 # catches up; a row unbound or rebound meanwhile no longer names the agent.
@@ -234,10 +237,15 @@ class PostgresBackend:
         return bool(row and row[0])
 
     def update_through(self, session_key: str, fields: Dict[str, str],
-                       redis_write: Optional[Callable[[str, int, RecordData], None]],
+                       redis_write: Optional[Callable[[str, int, RecordData], Optional[int]]],
                        pending: bool = True) -> Optional[Record]:
         """Merge `fields` into the row's record (one statement) and, row locked, hand Redis the
-        result; a Redis failure (or `redis_write` None) flags the row for replay. None: not bound."""
+        result; a Redis failure (or `redis_write` None) flags the row for replay. None: not bound.
+
+        `redis_write(agent, ttl_ms, data)` returns the binding's ms to live in Redis (None: not
+        written). A row expired here is handed over with ttl 0: Redis takes it only while it
+        still has the binding live (the row then catches up with its expiry); else, or with
+        Redis unreachable, the row is left as it was and the session is not bound."""
         key = encode_id(session_key)
 
         def run() -> Optional[Record]:
@@ -246,14 +254,23 @@ class PostgresBackend:
                 row = cur.fetchone()
                 if row is None:
                     return None
+                live = bool(row[4])
                 found = Record(_from_utf8(row[0]), max(1, int(row[1])), _data(row))
                 assert found.data is not None
                 check_merged(found.data, fields)
+                left: Optional[int] = None
                 if redis_write is not None:
                     try:
-                        redis_write(found.agent_id, found.ttl_ms, found.data)
+                        left = redis_write(found.agent_id, found.ttl_ms if live else 0, found.data)
                     except BackendUnavailable:
-                        cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
+                        if live:
+                            cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
+                if not live:
+                    if left is None:
+                        conn.rollback()  # expired, and Redis has no live binding (or did not answer)
+                        return None
+                    cur.execute(self.pg.sql(_PG_EXTEND), (left, key))
+                    found = found._replace(ttl_ms=left)
                 return found
 
         self.pg.ensure_schema()

@@ -91,6 +91,10 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
+def _too_deep(name: str) -> InvalidArgument:
+    return InvalidArgument(name, "is nested too deeply to be stored as JSON")
+
+
 def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
     """Validate caller fields; returns {name: JSON text}. Raises `InvalidArgument` naming the field."""
     encoded: Dict[str, str] = {}
@@ -105,14 +109,17 @@ def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
                                         "(see docs/security.md)")
         try:
             _check_nested(value, name)
-            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
             # Every mode keeps what PostgreSQL's JSONB can: no NUL, no lone surrogate
             # (so turning DATABASE_URL on never breaks a caller that worked before).
             nul = _has_nul(value)
+        except RecursionError:
+            raise _too_deep(name) from None
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentType(name, f"must be a JSON value ({exc})") from None
         except RecursionError:
-            raise InvalidArgument(name, "is nested too deeply to be stored as JSON") from None
+            raise _too_deep(name) from None
         if nul:
             raise InvalidArgument(name, "must not contain NUL (\\u0000): PostgreSQL's JSONB cannot hold it")
         try:

@@ -213,7 +213,8 @@ class RedisTier:
             return self._bind(keys=keys, args=args, client=client)
         reply = call(self._bind, keys=keys, args=args)
         if reply and self.cluster and reply[1] and mode != "update":
-            self._index_cluster(call, session_key, reply[0], str(unpack(reply[1])[0]), ttl_ms)
+            kept = int(reply[2]) if mode == "sync" else ttl_ms
+            self._index_cluster(call, session_key, reply[0], str(unpack(reply[1])[0]), kept)
         return reply
 
     def _index_cluster(self, call: Callable[..., Any], session_key: str, old: Optional[str], agent_id: str,
@@ -236,6 +237,15 @@ class RedisTier:
     def put(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *, retry: bool = True) -> None:
         """SET the binding to a record copied from the source of truth, and index it."""
         self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms, pack(agent_id, data))
+
+    def sync(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *,
+             retry: bool = True) -> Optional[int]:
+        """`put` a record from the source, keeping a longer TTL of a binding of the same agent;
+        `ttl_ms` 0 (the source's row expired): only while that binding lives. Returns its ms to
+        live, None when not written."""
+        reply = self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms,
+                            pack(agent_id, data))
+        return int(reply[2]) if reply else None
 
     def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
         """After a sliding-expiry touch (throttled): ``last_active`` = now, the index entry and

@@ -56,11 +56,12 @@ class WriteThroughBackend:
         """The source merges the fields (one statement, row locked), then Redis takes its record."""
         tier = self.tier
         reached = [False]
-        write: Optional[Callable[[str, int, RecordData], None]] = None
+        write: Optional[Callable[[str, int, RecordData], Optional[int]]] = None
         if tier.conn.policy.available:
-            def write(agent: str, ttl_ms: int, data: RecordData) -> None:
-                tier.put(session_key, agent, ttl_ms, data, retry=False)
+            def write(agent: str, ttl_ms: int, data: RecordData) -> Optional[int]:
+                left = tier.sync(session_key, agent, ttl_ms, data, retry=False)
                 reached[0] = True
+                return left
 
         found = self.source.update_through(session_key, fields, write)
         if found is None or found.data is None:

@@ -72,6 +72,53 @@ def test_read_repair_after_flushdb_restores_the_binding_and_its_remaining_ttl(
     assert store.sessions_for("agent-1") == ["s1"]
 
 
+def test_update_keeps_the_longer_expiry_that_touches_gave_the_binding_in_redis(
+        configure: Callable[[str], None], redis_url: str) -> None:
+    """Touches slide Redis's expiry; the source's follows only at the throttled refresh.
+    An update hands Redis the source's record but must not cut Redis's expiry back to the source's."""
+    import redis
+
+    configure(redis_url)
+    store = SessionStore(ttl=7200, refresh_interval=3600)
+    store.bind("s1", "agent-1", ttl=600)
+    store.touch("s1", ttl=3000)  # the source follows (its first refresh)
+    store.touch("s1", ttl=6000)  # throttled: the source stays at ~3000 s
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.pttl(binding_key("s1")) > 5_900_000
+    assert store.update("s1", client_type="sse") is not None
+    assert client.pttl(binding_key("s1")) > 5_900_000
+    assert store.record("s1")["client_type"] == "sse"
+
+
+def test_update_of_a_binding_live_in_redis_but_expired_in_postgres_applies_and_postgres_catches_up(
+        redis_url: str, database_url: str) -> None:
+    import redis
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore()
+    store.bind("live", "agent-1", ttl=60, turns=1)
+    store.bind("gone", "agent-2", ttl=60, turns=1)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(binding_key("gone"))  # ended in Redis (as by its TTL), not yet in PostgreSQL
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:  # PostgreSQL's expiry behind Redis's (its refresh is throttled)
+        cur.execute("UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second'")
+    assert store.update("live", turns=2) is not None
+    assert store.record("live")["turns"] == 2
+    assert 50_000 < client.pttl(binding_key("live")) <= 60_000
+    assert store.update("gone", turns=2) is None  # live nowhere: not bound, nothing changed
+    with conn.cursor() as cur:
+        cur.execute("SELECT session_key, extract(epoch FROM expires_at - now()), record -> 'fields' -> 'turns' "
+                    "FROM mcp_redis.sessions ORDER BY session_key")
+        rows = {key: (float(left), turns) for key, left, turns in cur.fetchall()}
+    conn.close()
+    live_key = next(k for k in rows if rows[k][1] == 2)
+    assert 50 < rows[live_key][0] <= 60  # caught up with Redis's expiry
+    assert [v for k, v in rows.items() if k != live_key][0][1] == 1  # the other row untouched
+    assert client.get(binding_key("gone")) is None
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
