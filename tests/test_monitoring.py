@@ -5,6 +5,7 @@ against maxmemory, pending invalidations) are on the Prometheus endpoint."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Set
@@ -189,3 +190,38 @@ def test_redis_up_stays_one_when_the_acl_user_may_not_run_info(redis_factory: ob
     samples = scrape()
     assert value(samples, "mcp_redis_redis_up") == 1
     assert "mcp_redis_redis_memory_used_bytes" not in samples
+
+
+def test_nothing_is_logged_per_call_at_info_or_above(redis_mode: str, database_url: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """docs/operations.md: what a healthy hot path logs at INFO or above is nothing, per call."""
+    mcp_redis.configure(redis_url=redis_mode, database_url=database_url)
+    limiter = mcp_redis.RateLimiter("log-quiet", limit=10**6, window=60)
+    store = mcp_redis.SessionStore()
+    bus = mcp_redis.EventBus()
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def load(agent_id: str) -> Dict[str, str]:
+        return {"agent_id": agent_id}
+
+    def calls(n: int) -> None:
+        for i in range(n):
+            with mcp_redis.agent_lock(f"a{i % 3}"):
+                pass
+            with mcp_redis.lock(f"l{i % 3}", timeout=5, fencing=True) as lk:
+                assert lk.fencing_token
+            limiter.hit(f"k{i % 3}")
+            load(f"a{i % 3}")
+            load.invalidate(f"a{i % 3}")
+            store.bind(f"s{i}", f"agent-{i}", note=i)
+            store.get(f"s{i}")
+            store.update(f"s{i}", note=i + 1)
+            store.touch(f"s{i}")
+            store.unbind(f"s{i}")
+            bus.publish("log-quiet", {"i": i})
+
+    calls(3)  # first use: clients, pools, schema (logged once, if at all)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mcp_redis"):
+        calls(30)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
