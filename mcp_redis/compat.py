@@ -280,6 +280,10 @@ class StateLockManager:
     def __repr__(self) -> str:
         return f"StateLockManager(auto_cleanup_stale={self.auto_cleanup_stale})"
 
+    #: The legacy module's `is_process_alive(pid)`, also reachable from the class
+    #: (``manager.is_process_alive(pid)``, ``StateLockManager.is_process_alive(pid)``).
+    is_process_alive = staticmethod(is_process_alive)
+
     def _check_and_clean_stale_lock(self, lock_file: Path) -> bool:
         """Remove `lock_file` when no process holds it; True if removed (legacy helper).
 

@@ -270,3 +270,18 @@ def test_a_lock_lost_while_held_raises_on_exit_but_never_hides_the_blocks_own_er
             r.set(key, "someone-else", px=10_000)
             raise ValueError("the block's own error")
     assert r.get(key) == "someone-else"
+
+
+def test_is_process_alive_is_the_module_function_and_reachable_from_the_class(tmp_path: Path) -> None:
+    """API.md lists `is_process_alive` with StateLockManager: both legacy spellings work."""
+    import os
+    import subprocess
+
+    from mcp_redis.compat import StateLockManager, is_process_alive
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    manager = StateLockManager(lock_dir=str(tmp_path))
+    for check in (is_process_alive, StateLockManager.is_process_alive, manager.is_process_alive):
+        assert check(os.getpid()) is True
+        assert check(dead.pid) is False
