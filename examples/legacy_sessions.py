@@ -267,7 +267,7 @@ class LegacySessionsSource:
         return bool(self._call(run))
 
     def update_through(self, session_key: str, fields: Dict[str, str],
-                       redis_write: Optional[Callable[[str, int, RecordData], Optional[int]]]) -> Optional[Record]:
+                       redis_write: Optional[Callable[[str, int, RecordData], None]]) -> Optional[Record]:
         """Merge caller fields into the row's columns (one statement), then, row locked, Redis."""
         key = encode_id(session_key)
         params = _columns({k: json.loads(v) for k, v in fields.items()})

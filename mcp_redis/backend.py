@@ -23,7 +23,7 @@ from .locks import AgentLock, agent_lock
 from .metrics import METRICS
 from .ratelimit import RateLimiter
 from .sessions import SessionStore
-from .validation import seconds
+from .validation import check_json_depth, seconds, too_deep
 
 __all__ = ["RedisBackend"]
 
@@ -116,7 +116,12 @@ class RedisBackend:
             except BackendUnavailable:
                 METRICS.inc("backend_cache_fallback_total", op="get")
                 return None
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):  # not written by cache_set (a foreign writer): a miss
+            return None
 
     def cache_set(self, key: str, value: Any, ttl: float = 300) -> None:
         """Cache JSON-serialisable `value` under `key` for `ttl` seconds (best effort)."""
@@ -127,7 +132,8 @@ class RedisBackend:
         except (TypeError, ValueError) as exc:
             raise InvalidArgument("value", f"must be JSON-serialisable: {exc}") from None
         except RecursionError:
-            raise InvalidArgument("value", "is nested too deeply to be stored as JSON") from None
+            raise too_deep("value") from None
+        check_json_depth(value, raw, "value")
         client = resolve(self.client)
         s = client.settings
         mode = s.mode("metadata_cache")

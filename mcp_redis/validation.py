@@ -16,15 +16,21 @@ is written.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 from .errors import InvalidArgument, InvalidArgumentType
 
-__all__ = ["MAX_SECONDS", "MAX_NETWORK_SECONDS", "MAX_STATEMENT_SECONDS", "seconds", "optional_seconds"]
+__all__ = ["MAX_SECONDS", "MAX_NETWORK_SECONDS", "MAX_STATEMENT_SECONDS", "MAX_JSON_DEPTH", "seconds",
+           "optional_seconds", "check_json_depth", "too_deep"]
 
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
 MAX_NETWORK_SECONDS = 3600.0
 MAX_STATEMENT_SECONDS = float((2**31 - 1) // 1000)  # int32 ms in whole seconds: 2,147,483 s (~24.8 days)
+# JSON values the library stores or sends (events, session fields, cached values) nest at most
+# this deep: Python's json recurses, and a value the caller's thread could encode near the
+# recursion limit would fail to decode in the library's own, deeper threads (a listener, a
+# stream consumer) and be dropped there. Far below the limit, so any thread decodes it.
+MAX_JSON_DEPTH = 256
 
 
 def seconds(value: object, argument: str, *, allow_zero: bool = False, maximum: float = MAX_SECONDS,
@@ -54,3 +60,29 @@ def optional_seconds(value: object, argument: str, *, allow_zero: bool = False,
     if value is None:
         return None
     return seconds(value, argument, allow_zero=allow_zero, maximum=maximum, minimum=minimum)
+
+
+def too_deep(argument: str) -> InvalidArgument:
+    return InvalidArgument(argument, f"is nested deeper than {MAX_JSON_DEPTH} levels (JSON)")
+
+
+def check_json_depth(value: object, text: str, argument: str) -> None:
+    """Refuse `value` (`text`: its JSON) when nested deeper than `MAX_JSON_DEPTH`.
+
+    Free for the usual value (fewer brackets in its JSON than the bound);
+    otherwise one walk of the value, without recursion.
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            inner: Iterable[object] = item.values()
+        elif isinstance(item, (list, tuple)):
+            inner = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep(argument)
+        stack.extend((child, depth + 1) for child in inner)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import psycopg2
 import pytest
@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 import mcp_redis
 from mcp_redis.errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from mcp_redis.keys import MAX_ID_LENGTH
-from mcp_redis.testing import PostgresDatabase, RedisServer
+from mcp_redis.testing import PostgresDatabase, RedisServer, wait_for
+from mcp_redis.validation import MAX_JSON_DEPTH
 
 EXAMPLES = settings(
     max_examples=25,
@@ -729,12 +730,21 @@ def test_hostile_ids_round_trip_inside_the_prefix(redis_url: str, redis_server: 
     assert store.get(session_key) is None
 
 
-def test_values_nested_deeper_than_json_can_encode_are_refused_naming_the_argument(witness: Witness) -> None:
-    """json raises RecursionError past Python's recursion limit: an argument error, nothing written."""
-    deep: Any = []
-    for _ in range(5000):
-        deep = [deep]
-    event = {"a": deep}
+def _nested(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH + 1, 900, 5000])
+def test_values_nested_deeper_than_the_json_bound_are_refused_naming_the_argument(witness: Witness,
+                                                                                   levels: int) -> None:
+    """Past MAX_JSON_DEPTH (and past where json raises RecursionError): an argument error, nothing
+    written. (Accepted near Python's recursion limit, a value would fail to decode in the library's
+    own listener and consumer threads, which run deeper, and be dropped there.)"""
+    deep = _nested(levels)
+    event = {"a": deep[0]}
     bus, stream, store = mcp_redis.EventBus(), mcp_redis.EventStream("s"), mcp_redis.SessionStore()
     rejected("EventBus.publish(deep event)", lambda: bus.publish("ch", event), "event")
     rejected("EventStream.add(deep event)", lambda: stream.add(event), "event")
@@ -751,3 +761,48 @@ def test_values_nested_deeper_than_json_can_encode_are_refused_naming_the_argume
     witness.before = witness.snapshot()
     rejected("SessionStore.update(deep field)", lambda: store.update("s", note=deep), "note")
     assert store.record("s")["note"] == 1
+
+
+def test_values_nested_to_the_json_bound_are_accepted_and_delivered(redis_url: str) -> None:
+    """At MAX_JSON_DEPTH a value goes through every feature, decoded in the library's own threads."""
+    mcp_redis.configure(redis_url=redis_url)
+    deepest = _nested(MAX_JSON_DEPTH)
+    event = {"a": deepest[0]}  # the dict is one level: MAX_JSON_DEPTH in all
+    got: List[Any] = []
+    bus = mcp_redis.EventBus()
+    sub = bus.subscribe("deep", got.append)
+    try:
+        bus.publish("deep", event)
+        stream = mcp_redis.EventStream("deep", group="g")
+        stream.add(event)
+        handled: List[Any] = []
+        consumer = stream.run_in_thread(handled.append, block_ms=50)
+        wait_for(lambda: got == [event] and handled == [event], what="the deepest event delivered")
+        consumer.close()
+    finally:
+        sub.close()
+    store = mcp_redis.SessionStore()
+    store.bind("s", "a", note=deepest)
+    assert store.record("s")["note"] == deepest
+
+    @mcp_redis.cached_metadata(ttl=60)
+    def load(agent_id: str) -> Any:
+        return deepest
+
+    load.set(deepest, "x")
+    load.cache_clear()
+    assert load("x") == deepest and load.cache_info().l2_hits == 1
+
+
+def test_redis_backend_cache_get_of_a_value_it_never_wrote_is_a_miss(redis_url: str) -> None:
+    """A foreign writer's value under the key (not JSON, or nested past json's recursion limit)."""
+    import redis
+
+    mcp_redis.configure(redis_url=redis_url)
+    backend = mcp_redis.RedisBackend()
+    backend.cache_set("k", {"a": 1})
+    raw = redis.Redis.from_url(redis_url)
+    key = next(k for k in raw.keys("*") if raw.get(k) == b'{"a":1}')
+    for foreign in (b"not json", b"[" * 5000 + b"]" * 5000):
+        raw.set(key, foreign, ex=60)
+        assert backend.cache_get("k") is None

@@ -34,7 +34,7 @@ from ..config import Mode, Settings
 from ..errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
-from ..validation import optional_seconds, seconds
+from ..validation import check_json_depth, optional_seconds, seconds, too_deep
 from . import invalidation, writes
 from .arguments import check_json_arg, check_number, data_key, dumps, is_id_param, l1_key_of
 from .base import Backend, Envelope, L1Entry, L1Stored, encode_envelope
@@ -577,6 +577,7 @@ class CachedFunction(Generic[R]):
         """(L2 envelope, the value as JSON round-trips it, logical expiry)."""
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            check_json_depth(value, text, "value")
         except (TypeError, ValueError, RecursionError) as exc:
             self._count_error()
             if not self._warned_unserialisable:
@@ -627,13 +628,15 @@ class CachedFunction(Generic[R]):
         every other process drops its L1 copy, loads in flight are refused.
         """
         try:  # checked before anything changes: a value JSON cannot hold is the caller's error
-            json.dumps(value, allow_nan=False)
+            check_json_depth(value, json.dumps(value, allow_nan=False), "value")
+        except InvalidArgument:
+            raise
         except TypeError as exc:
             raise InvalidArgumentType("value", f"must be a value JSON can hold: {exc}") from None
         except ValueError as exc:  # NaN, infinities, a circular reference
             raise InvalidArgument("value", f"must be a value JSON can hold: {exc}") from None
         except RecursionError:
-            raise InvalidArgument("value", "is nested too deeply to be stored as JSON") from None
+            raise too_deep("value") from None
         key, l2id = self._key(args, kwargs)
         self._write(self._state(), key, l2id, value)
 

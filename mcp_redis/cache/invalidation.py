@@ -41,6 +41,13 @@ MAX_PENDING = 10_000  # invalidations remembered per function while Redis is unr
 REPLAY_FIRST_PAUSE = 0.05  # seconds before the first retry of a missed invalidation
 REPLAY_MAX_PAUSE = 2.0  # the pause doubles up to this between attempts
 
+def _foreign(channel: str) -> None:
+    global _foreign_logged
+    if not _foreign_logged:
+        _foreign_logged = True
+        log.warning("a message on %s that is not an invalidation was ignored (logged once)", channel)
+
+
 # -- per process: origin id and registry ------------------------------------------------
 _origin = uuid.uuid4().hex[:16]
 _registry_lock = threading.Lock()
@@ -126,17 +133,19 @@ class Invalidation:
             msg = json.loads(data)
         except (ValueError, RecursionError):
             msg = None
-        if not isinstance(msg, dict):  # not ours: a foreign publisher on our channel (logged once)
-            global _foreign_logged
-            if not _foreign_logged:
-                _foreign_logged = True
-                log.warning("a message on %s that is not an invalidation was ignored (logged once)", channel)
+        # Ours: {"o": origin, "n": namespace, "op": "k", "k": argument id} or {..., "op": "a", "g": generation}.
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if not ((op == "k" and isinstance(msg.get("k"), str)) or (op == "a" and isinstance(msg.get("g"), str))):
+            _foreign(channel)  # a foreign publisher on our channel
             return
         if msg.get("o") == _origin:
             return  # applied locally before publishing
         for cache in same_namespace(str(msg.get("n"))):
             if cache._client_in_use() is self.client:
-                cache._apply_remote(msg)
+                try:
+                    cache._apply_remote(msg)
+                except (ValueError, RecursionError):  # an argument id we never wrote
+                    _foreign(channel)
 
     def _on_subscribed(self, initial: bool) -> None:
         # Messages published while we were (re)connecting are lost: forget L1.

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import MAX_ID_LENGTH
+from ..validation import check_json_depth, too_deep
 from .base import Event, EventHandler
 
 __all__ = ["encode_event", "decode_event", "check_channel", "check_handler", "check_int"]
@@ -49,14 +50,16 @@ def encode_event(event: object, argument: str = "event") -> str:
     if not isinstance(event, dict):
         raise InvalidArgumentType(argument, f"must be a dict, not {type(event).__name__}")
     try:
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except TypeError as exc:
         # The message names the offending type only, never a value.
         raise InvalidArgumentType(argument, f"is not JSON-serialisable ({_type_hint(exc)})") from None
     except ValueError:
         raise InvalidArgument(argument, "is not JSON-serialisable (NaN/Infinity or a circular reference)") from None
     except RecursionError:
-        raise InvalidArgument(argument, "is nested too deeply to be encoded as JSON") from None
+        raise too_deep(argument) from None
+    check_json_depth(event, text, argument)
+    return text
 
 
 def _type_hint(exc: TypeError) -> str:

@@ -9,11 +9,10 @@
 --   bind     SET a new record (bound_at = last_active = now, bind_count = previous + 1), PX ttl
 --   put      SET ARGV[5] as it is, PX ttl (a record copied from the source of truth)
 --   sync     as put, but a binding of the same agent that has longer to live keeps its TTL
---            (sliding touches run ahead of the source's throttled expiry); ttl 0 (the
---            source's row has expired): only while such a binding lives, else false
+--            (sliding touches run ahead of the source's throttled expiry)
 --   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry)
 --   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
--- Reply: {previous value or false, new value}; false when refresh/update/sync found no binding
+-- Reply: {previous value or false, new value}; false when refresh/update found no binding
 -- (or another agent); {previous value, false} when the merged fields exceed ARGV[6];
 -- sync: {previous value or false, new value, the binding's ms to live}.
 -- Server time (TIME) stamps the record, so hosts with skewed clocks agree.
@@ -52,11 +51,9 @@ elseif mode == 'sync' then
   new = ARGV[5]
   if left > ttl then
     redis.call('SET', KEYS[1], new, 'KEEPTTL')
-  elseif ttl > 0 then
+  else
     left = ttl
     redis.call('SET', KEYS[1], new, 'PX', ttl)
-  else
-    return false
   end
 else
   if not old then return false end

@@ -63,7 +63,8 @@ UPDATE {schema}.sessions SET updated_at = now(), redis_pending = redis_pending O
     record = record || jsonb_build_object('last_active', NOW_S,
                                           'fields', COALESCE(record -> 'fields', '{{}}'::jsonb) || %s::jsonb)
 WHERE session_key = %s
-RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint, expires_at > now()
+RETURNING agent_id, LEFT_MS, record, floor(extract(epoch FROM created_at))::bigint, expires_at > now(),
+    redis_pending
 """.replace("NOW_S", _NOW_S).replace("LEFT_MS", _LEFT_MS)
 # An expired row that Redis still has live (touches slide Redis's expiry, PostgreSQL's follows
 # only at the throttled refresh): it catches up with Redis's.
@@ -237,15 +238,16 @@ class PostgresBackend:
         return bool(row and row[0])
 
     def update_through(self, session_key: str, fields: Dict[str, str],
-                       redis_write: Optional[Callable[[str, int, RecordData], Optional[int]]],
-                       pending: bool = True) -> Optional[Record]:
+                       redis_write: Optional[Callable[[str, int, RecordData], None]],
+                       pending: bool = True, redis_left: Optional[Callable[[str], int]] = None) -> Optional[Record]:
         """Merge `fields` into the row's record (one statement) and, row locked, hand Redis the
         result; a Redis failure (or `redis_write` None) flags the row for replay. None: not bound.
 
-        `redis_write(agent, ttl_ms, data)` returns the binding's ms to live in Redis (None: not
-        written). A row expired here is handed over with ttl 0: Redis takes it only while it
-        still has the binding live (the row then catches up with its expiry); else, or with
-        Redis unreachable, the row is left as it was and the session is not bound."""
+        A row past its expiry here whose binding Redis still has live for the same agent
+        (`redis_left(agent)`: its ms left, 0: none; touches slide Redis's expiry ahead of this
+        row's throttled one) first catches up with Redis's expiry, then is updated as a live
+        one. Not when the row has changes Redis has not taken yet (pending): Redis's binding is
+        older than the row then. Otherwise the row is left as it was: not bound."""
         key = encode_id(session_key)
 
         def run() -> Optional[Record]:
@@ -254,23 +256,26 @@ class PostgresBackend:
                 row = cur.fetchone()
                 if row is None:
                     return None
-                live = bool(row[4])
-                found = Record(_from_utf8(row[0]), max(1, int(row[1])), _data(row))
-                assert found.data is not None
-                check_merged(found.data, fields)
-                left: Optional[int] = None
-                if redis_write is not None:
-                    try:
-                        left = redis_write(found.agent_id, found.ttl_ms if live else 0, found.data)
-                    except BackendUnavailable:
-                        if live:
-                            cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
-                if not live:
-                    if left is None:
-                        conn.rollback()  # expired, and Redis has no live binding (or did not answer)
+                data = _data(row)
+                check_merged(data, fields)
+                found = Record(_from_utf8(row[0]), max(1, int(row[1])), data)
+                if not row[4]:  # expired here
+                    left = 0
+                    if redis_left is not None and redis_write is not None and not row[5]:
+                        try:
+                            left = redis_left(found.agent_id)
+                        except BackendUnavailable:
+                            left = 0
+                    if left <= 0:
+                        conn.rollback()
                         return None
                     cur.execute(self.pg.sql(_PG_EXTEND), (left, key))
                     found = found._replace(ttl_ms=left)
+                if redis_write is not None:
+                    try:
+                        redis_write(found.agent_id, found.ttl_ms, data)
+                    except BackendUnavailable:
+                        cur.execute(self.pg.sql(_PG_FLAG_PENDING), (key,))
                 return found
 
         self.pg.ensure_schema()

@@ -38,6 +38,7 @@ import re
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from ..errors import InvalidArgument, InvalidArgumentType
+from ..validation import check_json_depth, too_deep
 
 __all__ = ["RecordData", "LIBRARY_FIELDS", "MAX_FIELDS_BYTES", "check_fields", "pack", "unpack",
            "unpack_fields", "pack_fields", "agent_of", "as_dict", "is_secret_name"]
@@ -91,10 +92,6 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _too_deep(name: str) -> InvalidArgument:
-    return InvalidArgument(name, "is nested too deeply to be stored as JSON")
-
-
 def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
     """Validate caller fields; returns {name: JSON text}. Raises `InvalidArgument` naming the field."""
     encoded: Dict[str, str] = {}
@@ -113,13 +110,14 @@ def check_fields(fields: Mapping[str, Any]) -> Dict[str, str]:
             # (so turning DATABASE_URL on never breaks a caller that worked before).
             nul = _has_nul(value)
         except RecursionError:
-            raise _too_deep(name) from None
+            raise too_deep(name) from None
         try:
             text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentType(name, f"must be a JSON value ({exc})") from None
         except RecursionError:
-            raise _too_deep(name) from None
+            raise too_deep(name) from None
+        check_json_depth(value, text, name)
         if nul:
             raise InvalidArgument(name, "must not contain NUL (\\u0000): PostgreSQL's JSONB cannot hold it")
         try:

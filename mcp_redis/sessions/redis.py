@@ -238,14 +238,24 @@ class RedisTier:
         """SET the binding to a record copied from the source of truth, and index it."""
         self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms, pack(agent_id, data))
 
-    def sync(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *,
-             retry: bool = True) -> Optional[int]:
-        """`put` a record from the source, keeping a longer TTL of a binding of the same agent;
-        `ttl_ms` 0 (the source's row expired): only while that binding lives. Returns its ms to
-        live, None when not written."""
-        reply = self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms,
-                            pack(agent_id, data))
-        return int(reply[2]) if reply else None
+    def sync(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *, retry: bool = True) -> None:
+        """`put` a record from the source, keeping the longer TTL of a binding of the same agent."""
+        self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms, pack(agent_id, data))
+
+    def live_left(self, session_key: str, agent_id: str) -> int:
+        """The ms the binding has left while it names `agent_id` (0: not so bound); a read, retried."""
+        key = self.binding_key(session_key)
+
+        def read() -> List[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            return list(pipe.execute())
+
+        value, left = self.call(read)
+        if value is None or agent_of(value) != agent_id:
+            return 0
+        return max(int(left), 0)
 
     def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
         """After a sliding-expiry touch (throttled): ``last_active`` = now, the index entry and

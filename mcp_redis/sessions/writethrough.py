@@ -17,6 +17,7 @@ from ..errors import BackendUnavailable
 from ..keys import encode_id
 from ..metrics import METRICS
 from .base import Source, Timing
+from .postgres import PostgresBackend
 from .records import RecordData
 from .redis import RedisTier, RefreshThrottle
 from .replay import Replayer
@@ -56,14 +57,19 @@ class WriteThroughBackend:
         """The source merges the fields (one statement, row locked), then Redis takes its record."""
         tier = self.tier
         reached = [False]
-        write: Optional[Callable[[str, int, RecordData], Optional[int]]] = None
+        write: Optional[Callable[[str, int, RecordData], None]] = None
         if tier.conn.policy.available:
-            def write(agent: str, ttl_ms: int, data: RecordData) -> Optional[int]:
-                left = tier.sync(session_key, agent, ttl_ms, data, retry=False)
+            def write(agent: str, ttl_ms: int, data: RecordData) -> None:
+                tier.sync(session_key, agent, ttl_ms, data, retry=False)
                 reached[0] = True
-                return left
 
-        found = self.source.update_through(session_key, fields, write)
+        def left(agent: str) -> int:
+            return tier.live_left(session_key, agent)
+
+        if isinstance(self.source, PostgresBackend):  # the library's table; other sources: not bound
+            found = self.source.update_through(session_key, fields, write, redis_left=left)
+        else:
+            found = self.source.update_through(session_key, fields, write)
         if found is None or found.data is None:
             return None
         if not reached[0]:

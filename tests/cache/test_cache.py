@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -845,7 +846,7 @@ def test_remote_invalidation_of_a_multi_argument_call_evicts_exactly_that_entry(
 
 
 def test_foreign_messages_on_the_invalidation_channel_are_ignored_and_invalidations_still_arrive(
-        redis_mode: str) -> None:
+        redis_mode: str, caplog: pytest.LogCaptureFixture) -> None:
     calls: List[Any] = []
 
     @cached_metadata(namespace="tests.foreign")
@@ -858,12 +859,16 @@ def test_foreign_messages_on_the_invalidation_channel_are_ignored_and_invalidati
     assert lookup.cache_info().l1_size == 1
     client = redis_client(redis_mode)
     # Not JSON, not an object, and an object nested deeper than json's recursion limit.
-    for junk in ("not json", "[1]", "42", '{"a":' + "[" * 5000 + "]" * 5000 + "}"):
+    # And objects shaped almost like ours: an op without its argument, an argument id we never wrote.
+    for junk in ("not json", "[1]", "42", '{"a":' + "[" * 5000 + "]" * 5000 + "}",
+                 '{"n": "tests.foreign", "op": "k"}', '{"n": "tests.foreign", "op": "a"}',
+                 '{"n": "tests.foreign", "op": "k", "k": "not json"}', '{"n": "tests.foreign", "op": "k", "k": 7}'):
         client.publish("mcp:cache:invalidate", junk)
     _, l2id = lookup._key(("a",), {})
     client.publish("mcp:cache:invalidate", json.dumps({"o": "elsewhere", "n": "tests.foreign", "op": "k", "k": l2id}))
     wait_for(lambda: lookup.cache_info().l1_size == 0, 2, what="the invalidation after the junk applied")
     assert invalidation.of(default_client()).subscriber.active
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,6 +119,59 @@ def test_update_of_a_binding_live_in_redis_but_expired_in_postgres_applies_and_p
     assert client.get(binding_key("gone")) is None
 
 
+def _expire_in_postgres(database_url: str, pending: bool = False) -> None:
+    """Put every row past its expiry (as a throttled refresh leaves it behind Redis's)."""
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second', redis_pending = %s",
+                    (pending,))
+    conn.close()
+
+
+def _pg_row(database_url: str) -> Any:
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT expires_at > now(), redis_pending, record -> 'fields' FROM mcp_redis.sessions")
+        row = cur.fetchone()
+    conn.close()
+    return row
+
+
+def test_an_expired_row_with_changes_redis_has_not_taken_does_not_catch_up_with_redis(
+        redis_url: str, database_url: str) -> None:
+    """A pending row is newer than Redis's binding (e.g. a shorter touch made while Redis was
+    unreachable): Redis's longer expiry must not bring it back."""
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore()
+    store.bind("s", "agent-1", ttl=600, turns=1)
+    _expire_in_postgres(database_url, pending=True)
+    assert store.update("s", turns=2) is None
+    assert _pg_row(database_url) == (False, True, {"turns": 1})
+
+
+def test_an_update_whose_redis_reply_is_lost_ends_the_same_in_both_stores(
+        own_redis: RedisServer, database_url: str) -> None:
+    """The row past its expiry, Redis's binding live, the first reply of the update cut: what
+    the caller is told is what both stores end with."""
+    import redis
+
+    with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url)
+        store = SessionStore()
+        store.bind("s", "agent-1", ttl=600, turns=1)
+        _expire_in_postgres(database_url)
+        proxy.reset_next_reply()
+        result = store.update("s", turns=2)
+        store.replay_pending()
+        redis_record = store.record("s")
+        redis.Redis(port=own_redis.port).delete(binding_key("s"))
+        pg_record = store.record("s")  # read repair from PostgreSQL
+    expected = 1 if result is None else 2
+    assert redis_record is not None and pg_record is not None
+    assert (redis_record["turns"], pg_record["turns"]) == (expected, expected), result
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
