@@ -723,3 +723,36 @@ def test_health_does_not_call_a_master_full_because_of_a_slow_replicas_buffer(re
             pass
     finally:
         os.kill(replica.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("op", ["bind", "update"])
+def test_a_session_write_redis_took_but_postgres_never_committed_is_forgotten_by_redis(
+        pg_proxy: Tuple[FaultProxy, str], redis_url: str, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """Write-through: Redis is written inside the PostgreSQL transaction, before COMMIT. When the
+    COMMIT's connection dies (and stays down through the retries), Redis must not keep a write that
+    the caller was told failed and PostgreSQL never got: the binding is forgotten, reads repair it."""
+    from mcp_redis.sessions.redis import RedisTier
+
+    proxy, url = pg_proxy
+    mcp_redis.configure(redis_url=redis_url, database_url=url, postgres_timeout=2.0)
+    store = mcp_redis.SessionStore(ttl=600)
+    store.bind("s", "agent-a", x=1)
+    for name in ("put", "sync"):  # Redis really takes the write; then PostgreSQL goes away
+        original = getattr(RedisTier, name)
+
+        def write_then_cut(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            result = _original(self, *args, **kwargs)
+            proxy.drop()
+            return result
+
+        monkeypatch.setattr(RedisTier, name, write_then_cut)
+    with pytest.raises(BackendUnavailable):
+        if op == "bind":
+            store.bind("s", "agent-b", x=2)
+        else:
+            store.update("s", x=2)
+    monkeypatch.undo()
+    proxy.pass_through()
+    assert store.get("s") == "agent-a"  # what PostgreSQL kept (read repair), not the uncommitted write
+    assert store.record("s")["x"] == 1
+    assert store.sessions_for("agent-a") == ["s"] and store.sessions_for("agent-b") == []

@@ -144,7 +144,7 @@ class Invalidation:
             if cache._client_in_use() is self.client:
                 try:
                     cache._apply_remote(msg)
-                except (ValueError, RecursionError):  # an argument id we never wrote
+                except (ValueError, TypeError, KeyError, RecursionError):  # an argument id we never wrote
                     _foreign(channel)
 
     def _on_subscribed(self, initial: bool) -> None:

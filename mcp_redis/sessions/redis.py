@@ -243,7 +243,8 @@ class RedisTier:
         self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms, pack(agent_id, data))
 
     def live_left(self, session_key: str, agent_id: str) -> int:
-        """The ms the binding has left while it names `agent_id` (0: not so bound); a read, retried."""
+        """The ms the binding has left while it names `agent_id` (0: not so bound); one attempt
+        (the caller holds the row's lock: a Redis that does not answer must not keep it long)."""
         key = self.binding_key(session_key)
 
         def read() -> List[Any]:
@@ -252,7 +253,7 @@ class RedisTier:
             pipe.pttl(key)
             return list(pipe.execute())
 
-        value, left = self.call(read)
+        value, left = self.once(read)
         if value is None or agent_of(value) != agent_id:
             return 0
         return max(int(left), 0)

@@ -11,6 +11,7 @@ fall back to the Redis indexes while it is down.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import BackendUnavailable
@@ -23,6 +24,8 @@ from .redis import RedisTier, RefreshThrottle
 from .replay import Replayer
 
 __all__ = ["WriteThroughBackend"]
+
+log = logging.getLogger("mcp_redis.sessions")
 
 
 class WriteThroughBackend:
@@ -45,12 +48,19 @@ class WriteThroughBackend:
     # -- writes ------------------------------------------------------------------------------
     def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
         tier = self.tier
+        written = [False]
         write: Optional[Callable[[RecordData], None]] = None  # None: Redis known down, flag the row at once
         if tier.conn.policy.available:
             def write(data: RecordData) -> None:
                 tier.put(session_key, agent_id, ttl_ms, data, retry=False)
+                written[0] = True
 
-        if not self.source.bind_through(session_key, agent_id, ttl_ms, write, fields):
+        try:
+            reached = self.source.bind_through(session_key, agent_id, ttl_ms, write, fields)
+        except BaseException:
+            self._undo_uncommitted(session_key, written[0])
+            raise
+        if not reached:
             self._fell_back("bind")
 
     def update(self, session_key: str, fields: Dict[str, str]) -> Optional[Tuple[str, RecordData]]:
@@ -66,10 +76,14 @@ class WriteThroughBackend:
         def left(agent: str) -> int:
             return tier.live_left(session_key, agent)
 
-        if isinstance(self.source, PostgresBackend):  # the library's table; other sources: not bound
-            found = self.source.update_through(session_key, fields, write, redis_left=left)
-        else:
-            found = self.source.update_through(session_key, fields, write)
+        try:
+            if isinstance(self.source, PostgresBackend):  # the library's table; other sources: not bound
+                found = self.source.update_through(session_key, fields, write, redis_left=left)
+            else:
+                found = self.source.update_through(session_key, fields, write)
+        except BaseException:
+            self._undo_uncommitted(session_key, reached[0])
+            raise
         if found is None or found.data is None:
             return None
         if not reached[0]:
@@ -191,6 +205,19 @@ class WriteThroughBackend:
         agent = self.source.repair(session_key, lambda a, ms, d: tier.put(session_key, a, ms, d, retry=False))
         METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
         return agent
+
+    def _undo_uncommitted(self, session_key: str, redis_written: bool) -> None:
+        """The source's transaction failed after Redis took its write (e.g. the COMMIT's
+        connection died): forget the binding in Redis, so reads repair it from the source,
+        which kept its value. One attempt; if Redis fails too, the two differ until the
+        binding is written again or expires."""
+        if not redis_written:
+            return
+        try:
+            self.tier.unbind(session_key, retry=False)
+        except Exception:  # already failing: the caller gets the source's error
+            log.warning("session: a write Redis took was not committed by the source, and Redis could not "
+                        "be told to forget it; it is served until rewritten or expired")
 
     def _fell_back(self, op: str) -> None:
         METRICS.inc("session_fallback_total", op=op)

@@ -862,13 +862,16 @@ def test_foreign_messages_on_the_invalidation_channel_are_ignored_and_invalidati
     # And objects shaped almost like ours: an op without its argument, an argument id we never wrote.
     for junk in ("not json", "[1]", "42", '{"a":' + "[" * 5000 + "]" * 5000 + "}",
                  '{"n": "tests.foreign", "op": "k"}', '{"n": "tests.foreign", "op": "a"}',
-                 '{"n": "tests.foreign", "op": "k", "k": "not json"}', '{"n": "tests.foreign", "op": "k", "k": 7}'):
+                 '{"n": "tests.foreign", "op": "k", "k": "not json"}', '{"n": "tests.foreign", "op": "k", "k": 7}',
+                 '{"n": "tests.foreign", "op": "k", "k": "5"}', '{"n": "tests.foreign", "op": "k", "k": "null"}',
+                 '{"n": "tests.foreign", "op": "k", "k": "{\\"a\\": 1}"}'):
         client.publish("mcp:cache:invalidate", junk)
     _, l2id = lookup._key(("a",), {})
     client.publish("mcp:cache:invalidate", json.dumps({"o": "elsewhere", "n": "tests.foreign", "op": "k", "k": l2id}))
     wait_for(lambda: lookup.cache_info().l1_size == 0, 2, what="the invalidation after the junk applied")
     assert invalidation.of(default_client()).subscriber.active
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert len([r for r in caplog.records if "not an invalidation" in r.getMessage()]) <= 1  # logged once
 
 
 def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
