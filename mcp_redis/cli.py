@@ -104,7 +104,13 @@ def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
     if fn is None:
         print("mcp-redis sessions cleanup: this version has no cleanup_expired()", file=sys.stderr)
         return 2
-    removed = fn()
+    from .errors import BackendUnavailable
+
+    try:
+        removed = fn()
+    except BackendUnavailable as exc:  # a backend down, like `health`: 1; nothing was deleted
+        print(f"mcp-redis sessions cleanup: {exc}", file=sys.stderr)
+        return 1
     _print({"ok": True, "removed": removed}, args.json)
     return 0
 

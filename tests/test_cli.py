@@ -10,11 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
+import psycopg2
 import pytest
 
 from mcp_redis.config import ENVIRONMENT_VARIABLES
+from mcp_redis.testing import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "cli-test-secret-pw"
@@ -88,6 +90,25 @@ def test_sessions_cleanup_and_migrate_report_json(database_url: str) -> None:
     assert cleaned.returncode == 0, cleaned.stderr
     report = json.loads(cleaned.stdout)
     assert report["ok"] is True and isinstance(report["removed"], int)
+
+
+def test_sessions_cleanup_exits_1_when_the_configured_redis_does_not_answer(database_url: str,
+                                                                           pg_database: Any) -> None:
+    """Write-through: cleanup asks Redis which expired rows it still serves; Redis down, it deletes nothing."""
+    env = {"DATABASE_URL": database_url, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    assert run_cli("migrate", env=env).returncode == 0
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO mcp_redis.sessions (session_key, agent_id, expires_at, redis_pending) "
+                    "VALUES ('old', 'agent'::bytea, now() - interval '1 second', false)")
+    out = run_cli("sessions", "cleanup", env=env)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "sessions cleanup" in out.stderr and out.stderr.count("\n") == 1
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mcp_redis.sessions")
+        assert cur.fetchone()[0] == 1
+    conn.close()
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,13 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
     SELECT session_key FROM {schema}.sessions
     WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
 """
+# Write-through: the batch is locked and read first, Redis is asked about it, then each row is
+# deleted or catches up with the binding Redis still has live.
+_PG_EXPIRED_BATCH = """
+SELECT session_key, agent_id FROM {schema}.sessions
+WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_PG_DELETE_KEYS = "DELETE FROM {schema}.sessions WHERE session_key = ANY(%s)"
 
 
 def _data(row: Any) -> RecordData:
@@ -415,5 +422,44 @@ class PostgresBackend:
             n = int(self.pg.execute(self.pg.sql(_PG_CLEANUP), (batch,)))
             total += n
             if n < batch:
+                return total
+
+    def cleanup_expired_through(self, batch: int,
+                                redis_left: Callable[[List[Tuple[str, str]]], List[int]]) -> int:
+        """`cleanup_expired` in front of Redis: a row past its expiry whose binding Redis still
+        has live for the same agent (touches slide Redis's expiry ahead of the row's throttled
+        one) catches up with Redis's expiry instead of being deleted. `redis_left([(stored
+        session key, agent), ...])`: the ms each binding has left (0: none). If Redis cannot be
+        asked, nothing is deleted (`BackendUnavailable`: run it again later)."""
+        unavailable: List[BackendUnavailable] = []
+
+        def run() -> Tuple[int, int]:
+            with self.pg.connection() as conn, conn.cursor() as cur:
+                cur.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,))
+                rows = [(str(key), _from_utf8(agent)) for key, agent in cur.fetchall()]
+                if not rows:
+                    return 0, 0
+                try:
+                    lefts = redis_left(rows)
+                except BackendUnavailable as exc:  # Redis's, not PostgreSQL's: not for this policy
+                    unavailable.append(exc)
+                    conn.rollback()
+                    return 0, 0
+                gone = [key for (key, _), left in zip(rows, lefts) if left <= 0]
+                for (key, _), left in zip(rows, lefts):
+                    if left > 0:
+                        cur.execute(self.pg.sql(_PG_EXTEND), (left, key))
+                if gone:
+                    cur.execute(self.pg.sql(_PG_DELETE_KEYS), (gone,))
+                return len(rows), len(gone)
+
+        self.pg.ensure_schema()
+        total = 0
+        while True:
+            seen, deleted = self.pg.policy.call(run)
+            if unavailable:
+                raise unavailable[0]
+            total += deleted
+            if seen < batch:
                 return total
 

@@ -245,18 +245,25 @@ class RedisTier:
     def live_left(self, session_key: str, agent_id: str) -> int:
         """The ms the binding has left while it names `agent_id` (0: not so bound); one attempt
         (the caller holds the row's lock: a Redis that does not answer must not keep it long)."""
-        key = self.binding_key(session_key)
+        return self.live_lefts([(encode_id(session_key), agent_id)])[0]
+
+    def live_lefts(self, bindings: Sequence[Tuple[str, str]]) -> List[int]:
+        """`live_left` of many (stored session key, agent id) pairs: one pipeline, one attempt."""
+        keys = [self.session_head + key for key, _ in bindings]
 
         def read() -> List[Any]:
             pipe = self.client.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.pttl(key)
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
             return list(pipe.execute())
 
-        value, left = self.once(read)
-        if value is None or agent_of(value) != agent_id:
-            return 0
-        return max(int(left), 0)
+        replies = self.once(read)
+        lefts = []
+        for i, (_, agent_id) in enumerate(bindings):
+            value, left = replies[2 * i], replies[2 * i + 1]
+            lefts.append(max(int(left), 0) if value is not None and agent_of(value) == agent_id else 0)
+        return lefts
 
     def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
         """After a sliding-expiry touch (throttled): ``last_active`` = now, the index entry and

@@ -189,11 +189,14 @@ class WriteThroughBackend:
         return self.replayer.replay_pending()
 
     def cleanup_expired(self, batch: int) -> int:
-        """Replay pending rows first (best effort), then delete the source's expired rows."""
+        """Replay pending rows first (best effort), then delete the source's expired rows
+        (the library's table: not those whose binding Redis still has live; they catch up)."""
         try:
             self.replayer.replay_pending()
         except BackendUnavailable:
             pass
+        if isinstance(self.source, PostgresBackend):
+            return self.source.cleanup_expired_through(batch, self.tier.live_lefts)
         return self.source.cleanup_expired(batch)
 
     def close(self) -> None:

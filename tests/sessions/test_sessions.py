@@ -400,10 +400,15 @@ def test_postgres_stores_odd_identifiers_safely(write_through: SessionStore, pg_
         assert write_through.get(sid) == sid + "\x00agent"  # decoded from PostgreSQL
 
 
-def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, pg_database: PostgresDatabase) -> None:
+def test_cleanup_expired_deletes_only_expired_rows(write_through: SessionStore, pg_database: PostgresDatabase,
+                                                   redis_url: str) -> None:
     write_through.bind("a", "agent", ttl=100)
     write_through.bind("b", "agent", ttl=100)
     pg_exec(pg_database, "UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second' WHERE session_key = 'a'")
+    # Ended in Redis too (a row whose binding Redis still has live is kept: tests/sessions/test_sources.py).
+    import redis
+
+    redis.Redis.from_url(redis_url).delete(binding_key("a"))
     assert mcp_redis.sessions.cleanup_expired() == 1
     assert [r[0] for r in pg_rows(pg_database)] == ["b"]
     assert write_through.cleanup_expired() == 0

@@ -169,6 +169,43 @@ def test_an_update_whose_redis_reply_is_lost_ends_the_same_in_both_stores(
     assert _pg_row(database_url)[2] == {"turns": expected}
 
 
+def test_cleanup_keeps_a_row_whose_binding_redis_still_has_live_and_it_catches_up(
+        own_redis: RedisServer, database_url: str) -> None:
+    """Touches slide Redis's expiry ahead of the row's: the cron cleanup must not delete the row of
+    a session Redis still serves (it would vanish from sessions_for, refuse updates, and be lost
+    with Redis's data)."""
+    import redis
+
+    mcp_redis.configure(redis_url=own_redis.url, database_url=database_url)
+    store = SessionStore()
+    store.bind("live", "agent-1", ttl=600)
+    store.bind("gone", "agent-2", ttl=600)
+    store.bind("moved", "agent-3", ttl=600)
+    raw = redis.Redis(port=own_redis.port)
+    raw.delete(binding_key("gone"))  # ended in Redis
+    store.bind("moved", "agent-4", ttl=600)
+    _expire_in_postgres(database_url)  # every row past its expiry; "moved" Redis names agent-4 now...
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:  # ... and its row, the agent before (as Redis ahead of a lost write)
+        cur.execute("UPDATE mcp_redis.sessions SET agent_id = 'agent-3' WHERE agent_id = 'agent-4'")
+    assert store.cleanup_expired() == 2
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id, extract(epoch FROM expires_at - now()) FROM mcp_redis.sessions")
+        rows = cur.fetchall()
+    assert [bytes(agent).decode() for agent, _ in rows] == ["agent-1"] and 590 < float(rows[0][1]) <= 600
+    assert store.sessions_for("agent-1") == ["live"] and store.update("live", turns=1) is not None
+    # Redis down: nothing is deleted, the caller is told.
+    _expire_in_postgres(database_url)
+    own_redis.stop()
+    with pytest.raises(mcp_redis.BackendUnavailable):
+        store.cleanup_expired()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mcp_redis.sessions")
+        assert cur.fetchone()[0] == 1
+    conn.close()
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
