@@ -291,6 +291,7 @@ def test_the_generation_key_lives_as_documented_and_each_read_renews_it(
 
 # docs/cache.md (Fallback policy): invalidations Redis missed are remembered "up to
 # 10,000 keys, then it becomes an `invalidate_all`".
+@pytest.mark.long
 @pytest.mark.parametrize("count", [10_000, 10_001])
 def test_pending_invalidations_past_ten_thousand_become_one_invalidate_all(redis_factory: Any, count: int) -> None:
     server = redis_factory()
