@@ -108,7 +108,7 @@ def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
 
     try:
         removed = fn()
-    except BackendUnavailable as exc:  # a backend down, like `health`: 1; nothing was deleted
+    except BackendUnavailable as exc:  # a backend down, like `health`: 1 (it stopped there)
         print(f"mcp-redis sessions cleanup: {exc}", file=sys.stderr)
         return 1
     _print({"ok": True, "removed": removed}, args.json)

@@ -726,17 +726,21 @@ def test_health_does_not_call_a_master_full_because_of_a_slow_replicas_buffer(re
 
 
 @pytest.mark.parametrize("op", ["bind", "update"])
-def test_a_session_write_redis_took_but_postgres_never_committed_is_forgotten_by_redis(
+def test_a_session_write_redis_took_but_postgres_never_committed_is_undone_in_redis(
         pg_proxy: Tuple[FaultProxy, str], redis_url: str, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
     """Write-through: Redis is written inside the PostgreSQL transaction, before COMMIT. When the
     COMMIT's connection dies (and stays down through the retries), Redis must not keep a write that
-    the caller was told failed and PostgreSQL never got: the binding is forgotten, reads repair it."""
+    the caller was told failed and PostgreSQL never got: what it held before comes back."""
+    import redis
+
     from mcp_redis.sessions.redis import RedisTier
 
     proxy, url = pg_proxy
     mcp_redis.configure(redis_url=redis_url, database_url=url, postgres_timeout=2.0)
-    store = mcp_redis.SessionStore(ttl=600)
-    store.bind("s", "agent-a", x=1)
+    store = mcp_redis.SessionStore(ttl=7200, refresh_interval=3600)
+    store.bind("s", "agent-a", ttl=600, x=1)
+    store.touch("s", ttl=3000)  # PostgreSQL follows (its first refresh) ...
+    store.touch("s", ttl=6000)  # ... then not (throttled): Redis's expiry is ahead of the row's
     for name in ("put", "sync"):  # Redis really takes the write; then PostgreSQL goes away
         original = getattr(RedisTier, name)
 
@@ -753,6 +757,8 @@ def test_a_session_write_redis_took_but_postgres_never_committed_is_forgotten_by
             store.update("s", x=2)
     monkeypatch.undo()
     proxy.pass_through()
-    assert store.get("s") == "agent-a"  # what PostgreSQL kept (read repair), not the uncommitted write
+    assert store.get("s") == "agent-a"  # what Redis held before, not the uncommitted write
     assert store.record("s")["x"] == 1
+    # With the expiry the touches gave it in Redis (not cut back to the row's).
+    assert redis.Redis.from_url(redis_url).pttl("mcp:session:s") > 5_900_000
     assert store.sessions_for("agent-a") == ["s"] and store.sessions_for("agent-b") == []

@@ -108,13 +108,20 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
     SELECT session_key FROM {schema}.sessions
     WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
 """
-# Write-through: the batch is locked and read first, Redis is asked about it, then each row is
-# deleted or catches up with the binding Redis still has live.
+# Write-through: a batch of expired rows is read (no lock held while Redis is asked about it),
+# then each row that is still expired is deleted, or catches up with the binding Redis still has
+# live for its agent. A row written meanwhile is no longer expired: neither statement touches it.
 _PG_EXPIRED_BATCH = """
-SELECT session_key, agent_id FROM {schema}.sessions
-WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED
+SELECT session_key, agent_id FROM {schema}.sessions WHERE expires_at <= now() AND NOT redis_pending LIMIT %s
 """
-_PG_DELETE_KEYS = "DELETE FROM {schema}.sessions WHERE session_key = ANY(%s)"
+_PG_DELETE_EXPIRED = """
+DELETE FROM {schema}.sessions WHERE session_key = ANY(%s) AND expires_at <= now() AND NOT redis_pending
+"""
+_PG_CATCH_UP = """
+UPDATE {schema}.sessions AS s SET expires_at = now() + v.ms * interval '1 millisecond'
+FROM unnest(%s::text[], %s::bigint[]) AS v(k, ms)
+WHERE s.session_key = v.k AND s.expires_at <= now() AND NOT s.redis_pending
+"""
 
 
 def _data(row: Any) -> RecordData:
@@ -429,37 +436,24 @@ class PostgresBackend:
         """`cleanup_expired` in front of Redis: a row past its expiry whose binding Redis still
         has live for the same agent (touches slide Redis's expiry ahead of the row's throttled
         one) catches up with Redis's expiry instead of being deleted. `redis_left([(stored
-        session key, agent), ...])`: the ms each binding has left (0: none). If Redis cannot be
-        asked, nothing is deleted (`BackendUnavailable`: run it again later)."""
-        unavailable: List[BackendUnavailable] = []
-
-        def run() -> Tuple[int, int]:
-            with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,))
-                rows = [(str(key), _from_utf8(agent)) for key, agent in cur.fetchall()]
-                if not rows:
-                    return 0, 0
-                try:
-                    lefts = redis_left(rows)
-                except BackendUnavailable as exc:  # Redis's, not PostgreSQL's: not for this policy
-                    unavailable.append(exc)
-                    conn.rollback()
-                    return 0, 0
-                gone = [key for (key, _), left in zip(rows, lefts) if left <= 0]
-                for (key, _), left in zip(rows, lefts):
-                    if left > 0:
-                        cur.execute(self.pg.sql(_PG_EXTEND), (left, key))
-                if gone:
-                    cur.execute(self.pg.sql(_PG_DELETE_KEYS), (gone,))
-                return len(rows), len(gone)
-
-        self.pg.ensure_schema()
+        session key, agent), ...])`: the ms each binding has left (0: none), one round trip per
+        batch, asked with no row locked. If Redis cannot be asked, `BackendUnavailable` is
+        raised; the batches done before it stay done."""
         total = 0
         while True:
-            seen, deleted = self.pg.policy.call(run)
-            if unavailable:
-                raise unavailable[0]
+            rows = [(str(key), _from_utf8(agent))
+                    for key, agent in self.pg.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,), fetch="all")]
+            if not rows:
+                return total
+            lefts = redis_left(rows)
+            gone = [key for (key, _), left in zip(rows, lefts) if left <= 0]
+            live = [(key, left) for (key, _), left in zip(rows, lefts) if left > 0]
+            deleted = int(self.pg.execute(self.pg.sql(_PG_DELETE_EXPIRED), (gone,))) if gone else 0
+            caught_up = 0
+            if live:
+                caught_up = int(self.pg.execute(self.pg.sql(_PG_CATCH_UP),
+                                                ([key for key, _ in live], [left for _, left in live])))
             total += deleted
-            if seen < batch:
+            if len(rows) < batch or deleted + caught_up == 0:  # the last batch, or rows written meanwhile
                 return total
 

@@ -76,6 +76,17 @@ def from_index_id(encoded: str) -> str:
     return decode_id(encoded)
 
 
+#: (the value a put/sync left, the value before it or None, when that one would have expired:
+#: server ms, 0 for none): what `RedisTier.restore` needs.
+Undo = Tuple[str, Optional[str], int]
+
+
+def _undo(reply: Any) -> Optional[Undo]:
+    if not reply:
+        return None
+    return str(reply[1]), None if reply[0] is None else str(reply[0]), int(reply[3])
+
+
 class RedisTier:
     """Bindings (with their records) and the session index in Redis, through the shared policy."""
 
@@ -96,6 +107,7 @@ class RedisTier:
         self._unindex = register("session_unindex")
         self._unbind = register("session_unbind")
         self._touch = register("session_touch")
+        self._restore = register("session_restore")
         self.directory = PrefixIndex(self)
         self._binds = 0
         self._cursor = b"-"
@@ -234,13 +246,25 @@ class RedisTier:
         self._write(self.call if retry else self.once, "bind", session_key, agent_id, ttl_ms, fields)
         self._maybe_sweep()
 
-    def put(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *, retry: bool = True) -> None:
-        """SET the binding to a record copied from the source of truth, and index it."""
-        self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms, pack(agent_id, data))
+    def put(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *,
+            retry: bool = True) -> Optional[Undo]:
+        """SET the binding to a record copied from the source of truth, and index it.
+        Returns what `restore` needs to undo it."""
+        return _undo(self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms,
+                                 pack(agent_id, data)))
 
-    def sync(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *, retry: bool = True) -> None:
+    def sync(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *,
+             retry: bool = True) -> Optional[Undo]:
         """`put` a record from the source, keeping the longer TTL of a binding of the same agent."""
-        self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms, pack(agent_id, data))
+        return _undo(self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms,
+                                 pack(agent_id, data)))
+
+    def restore(self, session_key: str, undo: Undo) -> bool:
+        """Undo a `put`/`sync` the source did not commit: the previous value with its expiry, while
+        the binding still holds what that write left (one attempt). True if undone."""
+        written, previous, expired_at = undo
+        return bool(self.once(self._restore, keys=[self.binding_key(session_key)],
+                              args=[written, previous or "", expired_at]))
 
     def live_left(self, session_key: str, agent_id: str) -> int:
         """The ms the binding has left while it names `agent_id` (0: not so bound); one attempt

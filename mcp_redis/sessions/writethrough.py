@@ -20,7 +20,7 @@ from ..metrics import METRICS
 from .base import Source, Timing
 from .postgres import PostgresBackend
 from .records import RecordData
-from .redis import RedisTier, RefreshThrottle
+from .redis import RedisTier, RefreshThrottle, Undo
 from .replay import Replayer
 
 __all__ = ["WriteThroughBackend"]
@@ -48,17 +48,18 @@ class WriteThroughBackend:
     # -- writes ------------------------------------------------------------------------------
     def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
         tier = self.tier
-        written = [False]
+        undo: List[Undo] = []
         write: Optional[Callable[[RecordData], None]] = None  # None: Redis known down, flag the row at once
         if tier.conn.policy.available:
             def write(data: RecordData) -> None:
-                tier.put(session_key, agent_id, ttl_ms, data, retry=False)
-                written[0] = True
+                done = tier.put(session_key, agent_id, ttl_ms, data, retry=False)
+                if done is not None:
+                    undo.append(done)
 
         try:
             reached = self.source.bind_through(session_key, agent_id, ttl_ms, write, fields)
         except BaseException:
-            self._undo_uncommitted(session_key, written[0])
+            self._undo_uncommitted(session_key, undo)
             raise
         if not reached:
             self._fell_back("bind")
@@ -67,11 +68,14 @@ class WriteThroughBackend:
         """The source merges the fields (one statement, row locked), then Redis takes its record."""
         tier = self.tier
         reached = [False]
+        undo: List[Undo] = []
         write: Optional[Callable[[str, int, RecordData], None]] = None
         if tier.conn.policy.available:
             def write(agent: str, ttl_ms: int, data: RecordData) -> None:
-                tier.sync(session_key, agent, ttl_ms, data, retry=False)
+                done = tier.sync(session_key, agent, ttl_ms, data, retry=False)
                 reached[0] = True
+                if done is not None:
+                    undo.append(done)
 
         def left(agent: str) -> int:
             return tier.live_left(session_key, agent)
@@ -82,7 +86,7 @@ class WriteThroughBackend:
             else:
                 found = self.source.update_through(session_key, fields, write)
         except BaseException:
-            self._undo_uncommitted(session_key, reached[0])
+            self._undo_uncommitted(session_key, undo)
             raise
         if found is None or found.data is None:
             return None
@@ -143,7 +147,7 @@ class WriteThroughBackend:
             return agent
         interval = timing.refresh_interval_for(ttl_ms / 1000.0)
         if found is None:
-            agent = source.repair(session_key, lambda a, ms, d: tier.put(session_key, a, ms, d, retry=False),
+            agent = source.repair(session_key, self._putter(session_key),
                                   extend_ms=ttl_ms)
             METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
             return agent
@@ -203,24 +207,32 @@ class WriteThroughBackend:
         self.replayer.close()
 
     # -- internals ---------------------------------------------------------------------------
-    def _repair(self, session_key: str, timing: Timing) -> Optional[str]:
+    def _putter(self, session_key: str) -> Callable[[str, int, RecordData], None]:
+        """A source's Redis write of `session_key`'s record (read repair, touch catch-up)."""
         tier = self.tier
-        agent = self.source.repair(session_key, lambda a, ms, d: tier.put(session_key, a, ms, d, retry=False))
+
+        def put(agent: str, ttl_ms: int, data: RecordData) -> None:
+            tier.put(session_key, agent, ttl_ms, data, retry=False)
+
+        return put
+
+    def _repair(self, session_key: str, timing: Timing) -> Optional[str]:
+        agent = self.source.repair(session_key, self._putter(session_key))
         METRICS.inc("session_read_repair_total", result="hit" if agent is not None else "miss")
         return agent
 
-    def _undo_uncommitted(self, session_key: str, redis_written: bool) -> None:
-        """The source's transaction failed after Redis took its write (e.g. the COMMIT's
-        connection died): forget the binding in Redis, so reads repair it from the source,
-        which kept its value. One attempt; if Redis fails too, the two differ until the
-        binding is written again or expires."""
-        if not redis_written:
-            return
+    def _undo_uncommitted(self, session_key: str, undo: List[Undo]) -> None:
+        """The source's transaction failed after Redis took its write(s) (e.g. the COMMIT's
+        connection died, through the retries): put back what Redis held before, with the
+        expiry it had (touches may have slid it past the source's), newest write first, each
+        only while the binding still holds what that write left. One attempt each; if Redis
+        fails too, the two differ until the binding is written again or expires."""
         try:
-            self.tier.unbind(session_key, retry=False)
+            for done in reversed(undo):
+                self.tier.restore(session_key, done)
         except Exception:  # already failing: the caller gets the source's error
             log.warning("session: a write Redis took was not committed by the source, and Redis could not "
-                        "be told to forget it; it is served until rewritten or expired")
+                        "be told to undo it; it is served until rewritten or expired")
 
     def _fell_back(self, op: str) -> None:
         METRICS.inc("session_fallback_total", op=op)
