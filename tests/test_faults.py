@@ -725,28 +725,29 @@ def test_health_does_not_call_a_master_full_because_of_a_slow_replicas_buffer(re
         os.kill(replica.proc.pid, signal.SIGCONT)
 
 
+@pytest.mark.parametrize("fault", [Fault.DROP, Fault.RESET], ids=["commit-failed", "commit-reply-lost"])
 @pytest.mark.parametrize("op", ["bind", "update"])
-def test_a_session_write_redis_took_but_postgres_never_committed_is_undone_in_redis(
-        pg_proxy: Tuple[FaultProxy, str], redis_url: str, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+def test_a_session_write_whose_commit_failed_or_went_unanswered_ends_as_postgres_kept_it(
+        pg_proxy: Tuple[FaultProxy, str], redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch,
+        op: str, fault: Fault) -> None:
     """Write-through: Redis is written inside the PostgreSQL transaction, before COMMIT. When the
-    COMMIT's connection dies (and stays down through the retries), Redis must not keep a write that
-    the caller was told failed and PostgreSQL never got: what it held before comes back."""
-    import redis
+    COMMIT's connection dies (drop: PostgreSQL never got it) or its reply is lost (reset: it may have
+    committed), through the retries, the caller gets BackendUnavailable, and Redis must end with what
+    PostgreSQL kept, whichever it was: never a write PostgreSQL does not have."""
+    import psycopg2
 
     from mcp_redis.sessions.redis import RedisTier
 
     proxy, url = pg_proxy
     mcp_redis.configure(redis_url=redis_url, database_url=url, postgres_timeout=2.0)
-    store = mcp_redis.SessionStore(ttl=7200, refresh_interval=3600)
-    store.bind("s", "agent-a", ttl=600, x=1)
-    store.touch("s", ttl=3000)  # PostgreSQL follows (its first refresh) ...
-    store.touch("s", ttl=6000)  # ... then not (throttled): Redis's expiry is ahead of the row's
-    for name in ("put", "sync"):  # Redis really takes the write; then PostgreSQL goes away
+    store = mcp_redis.SessionStore(ttl=7200)
+    store.bind("s", "agent-a", x=1)
+    for name in ("put", "sync"):  # Redis really takes the write; then PostgreSQL's link fails
         original = getattr(RedisTier, name)
 
         def write_then_cut(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             result = _original(self, *args, **kwargs)
-            proxy.drop()
+            proxy.set_fault(fault)
             return result
 
         monkeypatch.setattr(RedisTier, name, write_then_cut)
@@ -757,8 +758,12 @@ def test_a_session_write_redis_took_but_postgres_never_committed_is_undone_in_re
             store.update("s", x=2)
     monkeypatch.undo()
     proxy.pass_through()
-    assert store.get("s") == "agent-a"  # what Redis held before, not the uncommitted write
-    assert store.record("s")["x"] == 1
-    # With the expiry the touches gave it in Redis (not cut back to the row's).
-    assert redis.Redis.from_url(redis_url).pttl("mcp:session:s") > 5_900_000
-    assert store.sessions_for("agent-a") == ["s"] and store.sessions_for("agent-b") == []
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id, record -> 'fields' -> 'x' FROM mcp_redis.sessions")
+        agent, x = cur.fetchone()
+    conn.close()
+    kept = (bytes(agent).decode(), x)
+    assert kept in {("agent-a", 1), ("agent-b" if op == "bind" else "agent-a", 2)}
+    assert (store.get("s"), store.record("s")["x"]) == kept  # Redis: what PostgreSQL kept
+    assert store.sessions_for(kept[0]) == ["s"]

@@ -14,9 +14,7 @@
 --   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
 -- Reply: {previous value or false, new value}; false when refresh/update found no binding
 -- (or another agent); {previous value, false} when the merged fields exceed ARGV[6];
--- put and sync: {previous value or false, new value, the binding's ms to live, when the previous
--- value would have expired (server ms; 0: none)}, so a write the source did not commit can be
--- undone (session_restore.lua).
+-- sync: {previous value or false, new value, the binding's ms to live}.
 -- Server time (TIME) stamps the record, so hosts with skewed clocks agree.
 local US, RS = '\31', '\30'
 local mode, agent = ARGV[1], ARGV[2]
@@ -32,14 +30,8 @@ local function agent_of(v)
 end
 
 local old = redis.call('GET', KEYS[1])
-local left -- put and sync: the binding's ms to live after the write
-local was_at = 0 -- put and sync: when the previous value would have expired (server ms)
-local clock = redis.call('TIME')
-local now = tonumber(clock[1])
-if old and (mode == 'put' or mode == 'sync') then
-  local p = redis.call('PTTL', KEYS[1])
-  if p > 0 then was_at = now * 1000 + math.floor(tonumber(clock[2]) / 1000) + p end
-end
+local left -- sync: the binding's ms to live after the write
+local now = tonumber(redis.call('TIME')[1])
 local new
 if mode == 'bind' then
   local count = 1
@@ -51,7 +43,6 @@ if mode == 'bind' then
   redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
 elseif mode == 'put' then
   new = ARGV[5]
-  left = tonumber(ARGV[4])
   redis.call('SET', KEYS[1], new, 'PX', ARGV[4])
 elseif mode == 'sync' then
   local ttl = tonumber(ARGV[4])
@@ -113,5 +104,5 @@ if KEYS[2] and mode ~= 'update' then
     redis.call('PEXPIRE', KEYS[2], keep)
   end
 end
-if left then return {old or false, new, left, was_at} end
+if left then return {old or false, new, left} end
 return {old or false, new}

@@ -109,18 +109,20 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
     WHERE expires_at <= now() AND NOT redis_pending LIMIT %s FOR UPDATE SKIP LOCKED)
 """
 # Write-through: a batch of expired rows is read (no lock held while Redis is asked about it),
-# then each row that is still expired is deleted, or catches up with the binding Redis still has
-# live for its agent. A row written meanwhile is no longer expired: neither statement touches it.
+# then each row that is still expired and still names the agent Redis was asked about is deleted,
+# or catches up with the binding Redis still has live for that agent. A row written meanwhile
+# (rebound, touched, refreshed) no longer matches: neither statement touches it.
 _PG_EXPIRED_BATCH = """
 SELECT session_key, agent_id FROM {schema}.sessions WHERE expires_at <= now() AND NOT redis_pending LIMIT %s
 """
 _PG_DELETE_EXPIRED = """
-DELETE FROM {schema}.sessions WHERE session_key = ANY(%s) AND expires_at <= now() AND NOT redis_pending
+DELETE FROM {schema}.sessions AS s USING unnest(%s::text[], %s::bytea[]) AS v(k, a)
+WHERE s.session_key = v.k AND s.agent_id = v.a AND s.expires_at <= now() AND NOT s.redis_pending
 """
 _PG_CATCH_UP = """
 UPDATE {schema}.sessions AS s SET expires_at = now() + v.ms * interval '1 millisecond'
-FROM unnest(%s::text[], %s::bigint[]) AS v(k, ms)
-WHERE s.session_key = v.k AND s.expires_at <= now() AND NOT s.redis_pending
+FROM unnest(%s::text[], %s::bytea[], %s::bigint[]) AS v(k, a, ms)
+WHERE s.session_key = v.k AND s.agent_id = v.a AND s.expires_at <= now() AND NOT s.redis_pending
 """
 
 
@@ -441,18 +443,22 @@ class PostgresBackend:
         raised; the batches done before it stay done."""
         total = 0
         while True:
-            rows = [(str(key), _from_utf8(agent))
-                    for key, agent in self.pg.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,), fetch="all")]
-            if not rows:
+            raw = [(str(key), bytes(agent))
+                   for key, agent in self.pg.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,), fetch="all")]
+            if not raw:
                 return total
-            lefts = redis_left(rows)
-            gone = [key for (key, _), left in zip(rows, lefts) if left <= 0]
-            live = [(key, left) for (key, _), left in zip(rows, lefts) if left > 0]
-            deleted = int(self.pg.execute(self.pg.sql(_PG_DELETE_EXPIRED), (gone,))) if gone else 0
+            lefts = redis_left([(key, _from_utf8(agent)) for key, agent in raw])
+            gone = [(key, agent) for (key, agent), left in zip(raw, lefts) if left <= 0]
+            live = [(key, agent, left) for (key, agent), left in zip(raw, lefts) if left > 0]
+            deleted = 0
+            if gone:
+                deleted = int(self.pg.execute(self.pg.sql(_PG_DELETE_EXPIRED),
+                                              ([k for k, _ in gone], [a for _, a in gone])))
             caught_up = 0
             if live:
-                caught_up = int(self.pg.execute(self.pg.sql(_PG_CATCH_UP),
-                                                ([key for key, _ in live], [left for _, left in live])))
+                caught_up = int(self.pg.execute(self.pg.sql(_PG_CATCH_UP), (
+                    [k for k, _, _ in live], [a for _, a, _ in live], [n for _, _, n in live])))
+            rows = raw
             total += deleted
             if len(rows) < batch or deleted + caught_up == 0:  # the last batch, or rows written meanwhile
                 return total

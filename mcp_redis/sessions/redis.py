@@ -76,15 +76,12 @@ def from_index_id(encoded: str) -> str:
     return decode_id(encoded)
 
 
-#: (the value a put/sync left, the value before it or None, when that one would have expired:
-#: server ms, 0 for none): what `RedisTier.restore` needs.
-Undo = Tuple[str, Optional[str], int]
+#: The value a put/sync left in the binding: what `RedisTier.forget_if` needs to undo it.
+Undo = str
 
 
 def _undo(reply: Any) -> Optional[Undo]:
-    if not reply:
-        return None
-    return str(reply[1]), None if reply[0] is None else str(reply[0]), int(reply[3])
+    return str(reply[1]) if reply and reply[1] else None
 
 
 class RedisTier:
@@ -107,7 +104,7 @@ class RedisTier:
         self._unindex = register("session_unindex")
         self._unbind = register("session_unbind")
         self._touch = register("session_touch")
-        self._restore = register("session_restore")
+        self._forget = register("session_forget")
         self.directory = PrefixIndex(self)
         self._binds = 0
         self._cursor = b"-"
@@ -259,12 +256,10 @@ class RedisTier:
         return _undo(self._write(self.call if retry else self.once, "sync", session_key, agent_id, ttl_ms,
                                  pack(agent_id, data)))
 
-    def restore(self, session_key: str, undo: Undo) -> bool:
-        """Undo a `put`/`sync` the source did not commit: the previous value with its expiry, while
-        the binding still holds what that write left (one attempt). True if undone."""
-        written, previous, expired_at = undo
-        return bool(self.once(self._restore, keys=[self.binding_key(session_key)],
-                              args=[written, previous or "", expired_at]))
+    def forget_if(self, session_key: str, undo: Undo) -> bool:
+        """Undo a `put`/`sync` the source may not have committed: forget the binding while it still
+        holds what that write left (one attempt), for reads to repair from the source. True if so."""
+        return bool(self.once(self._forget, keys=[self.binding_key(session_key)], args=[undo]))
 
     def live_left(self, session_key: str, agent_id: str) -> int:
         """The ms the binding has left while it names `agent_id` (0: not so bound); one attempt

@@ -222,17 +222,19 @@ class WriteThroughBackend:
         return agent
 
     def _undo_uncommitted(self, session_key: str, undo: List[Undo]) -> None:
-        """The source's transaction failed after Redis took its write(s) (e.g. the COMMIT's
-        connection died, through the retries): put back what Redis held before, with the
-        expiry it had (touches may have slid it past the source's), newest write first, each
-        only while the binding still holds what that write left. One attempt each; if Redis
-        fails too, the two differ until the binding is written again or expires."""
+        """The source's transaction failed after Redis took its write(s) (the COMMIT's connection
+        died, through the retries; the COMMIT may even have succeeded, its reply lost): Redis
+        forgets the binding while it holds what the last of those writes left, and the next
+        read repairs it from whatever the source kept (with the source's expiry: an extension
+        that touches gave the binding in Redis alone is lost). One attempt; if Redis fails too,
+        the two differ until the binding is written again or expires."""
+        if not undo:
+            return
         try:
-            for done in reversed(undo):
-                self.tier.restore(session_key, done)
+            self.tier.forget_if(session_key, undo[-1])
         except Exception:  # already failing: the caller gets the source's error
             log.warning("session: a write Redis took was not committed by the source, and Redis could not "
-                        "be told to undo it; it is served until rewritten or expired")
+                        "be told to forget it; it is served until rewritten or expired")
 
     def _fell_back(self, op: str) -> None:
         METRICS.inc("session_fallback_total", op=op)

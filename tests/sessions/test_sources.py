@@ -206,6 +206,42 @@ def test_cleanup_keeps_a_row_whose_binding_redis_still_has_live_and_it_catches_u
     conn.close()
 
 
+def test_cleanup_leaves_a_row_rebound_between_asking_redis_and_deleting(
+        redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis is asked with no row locked: a row rebound to another agent meanwhile (and, after a
+    stall, past its expiry again) is neither deleted nor given the old agent's expiry."""
+    import redis
+
+    from mcp_redis.sessions.redis import RedisTier
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore()
+    store.bind("gone", "agent-a", ttl=600)
+    store.bind("live", "agent-a", ttl=600)
+    raw = redis.Redis.from_url(redis_url)
+    raw.delete(binding_key("gone"))
+    _expire_in_postgres(database_url)
+    original = RedisTier.live_lefts
+
+    def then_rebind(self: Any, bindings: Any) -> Any:
+        lefts = original(self, bindings)  # gone: 0, live: ~600 s, for agent-a
+        store.bind("gone", "agent-b", ttl=600)
+        store.bind("live", "agent-b", ttl=5)
+        _expire_in_postgres(database_url)  # as after a stall longer than those rows' expiry
+        return lefts
+
+    monkeypatch.setattr(RedisTier, "live_lefts", then_rebind)
+    assert store.cleanup_expired() == 0
+    monkeypatch.undo()
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT session_key, agent_id, expires_at > now() FROM mcp_redis.sessions ORDER BY 1")
+        rows = [(key, bytes(agent).decode(), live) for key, agent, live in cur.fetchall()]
+    conn.close()
+    assert [(agent, live) for _, agent, live in rows] == [("agent-b", False), ("agent-b", False)]
+    assert store.get("gone") == "agent-b"
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
