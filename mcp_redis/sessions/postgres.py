@@ -113,7 +113,8 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
 # or catches up with the binding Redis still has live for that agent. A row written meanwhile
 # (rebound, touched, refreshed) no longer matches: neither statement touches it.
 _PG_EXPIRED_BATCH = """
-SELECT session_key, agent_id FROM {schema}.sessions WHERE expires_at <= now() AND NOT redis_pending LIMIT %s
+SELECT session_key, agent_id, record, floor(extract(epoch FROM created_at))::bigint
+FROM {schema}.sessions WHERE expires_at <= now() AND NOT redis_pending LIMIT %s
 """
 _PG_DELETE_EXPIRED = """
 DELETE FROM {schema}.sessions AS s USING unnest(%s::text[], %s::bytea[]) AS v(k, a)
@@ -255,12 +256,13 @@ class PostgresBackend:
 
     def update_through(self, session_key: str, fields: Dict[str, str],
                        redis_write: Optional[Callable[[str, int, RecordData], None]],
-                       pending: bool = True, redis_left: Optional[Callable[[str], int]] = None) -> Optional[Record]:
+                       pending: bool = True,
+                       redis_left: Optional[Callable[[str, RecordData], int]] = None) -> Optional[Record]:
         """Merge `fields` into the row's record (one statement) and, row locked, hand Redis the
         result; a Redis failure (or `redis_write` None) flags the row for replay. None: not bound.
 
-        A row past its expiry here whose binding Redis still has live for the same agent
-        (`redis_left(agent)`: its ms left, 0: none; touches slide Redis's expiry ahead of this
+        A row past its expiry here whose binding Redis still has live, the same bind (`redis_left(agent,
+        record as the row had it)`: its ms left, 0: none; touches slide Redis's expiry ahead of this
         row's throttled one) first catches up with Redis's expiry, then is updated as a live
         one. Not when the row has changes Redis has not taken yet (pending): Redis's binding is
         older than the row then. Otherwise the row is left as it was: not bound."""
@@ -279,7 +281,7 @@ class PostgresBackend:
                     left = 0
                     if redis_left is not None and redis_write is not None and not row[5]:
                         try:
-                            left = redis_left(found.agent_id)
+                            left = redis_left(found.agent_id, data)
                         except BackendUnavailable:
                             left = 0
                     if left <= 0:
@@ -434,20 +436,21 @@ class PostgresBackend:
                 return total
 
     def cleanup_expired_through(self, batch: int,
-                                redis_left: Callable[[List[Tuple[str, str]]], List[int]]) -> int:
+                                redis_left: Callable[[List[Tuple[str, str, RecordData]]], List[int]]) -> int:
         """`cleanup_expired` in front of Redis: a row past its expiry whose binding Redis still
         has live for the same agent (touches slide Redis's expiry ahead of the row's throttled
         one) catches up with Redis's expiry instead of being deleted. `redis_left([(stored
-        session key, agent), ...])`: the ms each binding has left (0: none), one round trip per
+        session key, agent, record), ...])`: the ms each binding has left while it is that same
+        bind (0: none; a bind in flight in Redis is not the row's), one round trip per
         batch, asked with no row locked. If Redis cannot be asked, `BackendUnavailable` is
         raised; the batches done before it stay done."""
         total = 0
         while True:
-            raw = [(str(key), bytes(agent))
-                   for key, agent in self.pg.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,), fetch="all")]
-            if not raw:
+            rows = self.pg.execute(self.pg.sql(_PG_EXPIRED_BATCH), (batch,), fetch="all")
+            if not rows:
                 return total
-            lefts = redis_left([(key, _from_utf8(agent)) for key, agent in raw])
+            raw = [(str(row[0]), bytes(row[1])) for row in rows]
+            lefts = redis_left([(key, _from_utf8(agent), _data(row)) for (key, agent), row in zip(raw, rows)])
             gone = [(key, agent) for (key, agent), left in zip(raw, lefts) if left <= 0]
             live = [(key, agent, left) for (key, agent), left in zip(raw, lefts) if left > 0]
             deleted = 0
@@ -458,7 +461,6 @@ class PostgresBackend:
             if live:
                 caught_up = int(self.pg.execute(self.pg.sql(_PG_CATCH_UP), (
                     [k for k, _, _ in live], [a for _, a, _ in live], [n for _, _, n in live])))
-            rows = raw
             total += deleted
             if len(rows) < batch or deleted + caught_up == 0:  # the last batch, or rows written meanwhile
                 return total

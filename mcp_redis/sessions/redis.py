@@ -261,14 +261,18 @@ class RedisTier:
         holds what that write left (one attempt), for reads to repair from the source. True if so."""
         return bool(self.once(self._forget, keys=[self.binding_key(session_key)], args=[undo]))
 
-    def live_left(self, session_key: str, agent_id: str) -> int:
-        """The ms the binding has left while it names `agent_id` (0: not so bound); one attempt
-        (the caller holds the row's lock: a Redis that does not answer must not keep it long)."""
-        return self.live_lefts([(encode_id(session_key), agent_id)])[0]
+    def live_left(self, session_key: str, binding: Tuple[str, RecordData]) -> int:
+        """The ms the binding has left while it is `binding` (agent id, record: the same bind, by
+        its ``bound_at`` and ``bind_count``), else 0; one attempt (see `live_lefts`)."""
+        return self.live_lefts([(encode_id(session_key), *binding)])[0]
 
-    def live_lefts(self, bindings: Sequence[Tuple[str, str]]) -> List[int]:
-        """`live_left` of many (stored session key, agent id) pairs: one pipeline, one attempt."""
-        keys = [self.session_head + key for key, _ in bindings]
+    def live_lefts(self, bindings: Sequence[Tuple[str, str, RecordData]]) -> List[int]:
+        """`live_left` of many (stored session key, agent id, record): one pipeline, one attempt.
+
+        The same bind, not only the same agent: a write in flight (not committed by the source,
+        perhaps never) may have put a new binding of that agent in Redis meanwhile, and the
+        source's row must not take its expiry from it."""
+        keys = [self.session_head + key for key, _, _ in bindings]
 
         def read() -> List[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -279,9 +283,14 @@ class RedisTier:
 
         replies = self.once(read)
         lefts = []
-        for i, (_, agent_id) in enumerate(bindings):
+        for i, (_, agent_id, record) in enumerate(bindings):
             value, left = replies[2 * i], replies[2 * i + 1]
-            lefts.append(max(int(left), 0) if value is not None and agent_of(value) == agent_id else 0)
+            same = False
+            if value is not None:
+                agent, data = unpack(str(value))
+                same = (agent == agent_id and data is not None and data.bound_at == record.bound_at
+                        and data.bind_count == record.bind_count)
+            lefts.append(max(int(left), 0) if same else 0)
         return lefts
 
     def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:

@@ -77,8 +77,8 @@ class WriteThroughBackend:
                 if done is not None:
                     undo.append(done)
 
-        def left(agent: str) -> int:
-            return tier.live_left(session_key, agent)
+        def left(agent: str, record: RecordData) -> int:
+            return tier.live_left(session_key, (agent, record))
 
         try:
             if isinstance(self.source, PostgresBackend):  # the library's table; other sources: not bound

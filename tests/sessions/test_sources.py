@@ -242,6 +242,29 @@ def test_cleanup_leaves_a_row_rebound_between_asking_redis_and_deleting(
     assert store.get("gone") == "agent-b"
 
 
+def test_an_expired_row_never_takes_its_expiry_from_another_bind_of_its_agent_in_redis(
+        redis_url: str, database_url: str) -> None:
+    """A bind of the same agent that Redis holds but the row does not (a write in flight, whose
+    COMMIT may yet fail): neither cleanup nor update brings the expired row back on its expiry."""
+    import redis
+
+    from mcp_redis.sessions.records import RecordData, pack
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore()
+    store.bind("a", "agent-a", ttl=600, x=1)
+    store.bind("b", "agent-a", ttl=600, x=1)
+    record = store.record("a")
+    _expire_in_postgres(database_url)
+    raw = redis.Redis.from_url(redis_url)
+    for key in ("a", "b"):  # what a new bind of agent-a leaves in Redis before its COMMIT
+        newer = RecordData(record["bound_at"] + 5, 1, record["bound_at"] + 5, '')
+        raw.set(binding_key(key), pack("agent-a", newer), px=600_000)
+    assert store.update("a", x=2) is None
+    assert store.cleanup_expired() == 2  # both rows end: expired, and not that bind's
+    assert _pg_row(database_url) is None
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
