@@ -110,7 +110,7 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
 """
 # Write-through: a batch of expired rows is read (no lock held while Redis is asked about it),
 # then each row that is still expired and still names the agent Redis was asked about is deleted,
-# or catches up with the binding Redis still has live for that agent. A row written meanwhile
+# or catches up with the binding Redis still has live (the same bind). A row written meanwhile
 # (rebound, touched, refreshed) no longer matches: neither statement touches it.
 _PG_EXPIRED_BATCH = """
 SELECT session_key, agent_id, record, floor(extract(epoch FROM created_at))::bigint
@@ -438,8 +438,8 @@ class PostgresBackend:
     def cleanup_expired_through(self, batch: int,
                                 redis_left: Callable[[List[Tuple[str, str, RecordData]]], List[int]]) -> int:
         """`cleanup_expired` in front of Redis: a row past its expiry whose binding Redis still
-        has live for the same agent (touches slide Redis's expiry ahead of the row's throttled
-        one) catches up with Redis's expiry instead of being deleted. `redis_left([(stored
+        has live, the same bind (touches slide Redis's expiry ahead of the row's throttled one),
+        catches up with Redis's expiry instead of being deleted. `redis_left([(stored
         session key, agent, record), ...])`: the ms each binding has left while it is that same
         bind (0: none; a bind in flight in Redis is not the row's), one round trip per
         batch, asked with no row locked. If Redis cannot be asked, `BackendUnavailable` is

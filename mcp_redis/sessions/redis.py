@@ -246,7 +246,7 @@ class RedisTier:
     def put(self, session_key: str, agent_id: str, ttl_ms: int, data: RecordData, *,
             retry: bool = True) -> Optional[Undo]:
         """SET the binding to a record copied from the source of truth, and index it.
-        Returns what `restore` needs to undo it."""
+        Returns what `forget_if` needs to undo it."""
         return _undo(self._write(self.call if retry else self.once, "put", session_key, agent_id, ttl_ms,
                                  pack(agent_id, data)))
 

@@ -415,7 +415,18 @@ class SentinelTopology:
             if not node.running:
                 node.args = self._replica_args(master)
                 node.start()
-        self.wait_until_healthy(timeout)
+        try:
+            self.wait_until_healthy(min(timeout, 3.0))
+        except TimeoutError:
+            # A Sentinel's view of a running replica can lag by its 10 s INFO period (seen to
+            # last 20 s after a failover); a restarted replica is asked at once.
+            master = self.master
+            for node in self.nodes:
+                if node is not master and node.running:
+                    node.kill()
+                    node.args = self._replica_args(master)
+                    node.start()
+            self.wait_until_healthy(timeout)
 
     def flushall(self) -> None:
         """Empty the dataset (on the master; the replicas follow)."""
