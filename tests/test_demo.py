@@ -18,6 +18,7 @@ from mcp_redis.testing import PostgresDatabase, redis_binary
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.long
 def test_the_demo_command_reports_zero_violations_exact_admissions_and_surviving_sessions() -> None:
     """`python -m mcp_redis demo` from a clean environment: own redis-server, throwaway PG database."""
     if redis_binary() is None:
@@ -100,6 +101,7 @@ def _children(pid: int) -> set:  # type: ignore[type-arg]
     return out
 
 
+@pytest.mark.long
 def test_a_demo_stopped_with_sigterm_cleans_up_like_one_interrupted() -> None:
     """`timeout`, systemd and `docker stop` send SIGTERM: no redis-server, worker or database is left."""
     if redis_binary() is None:
@@ -133,6 +135,7 @@ def test_a_demo_stopped_with_sigterm_cleans_up_like_one_interrupted() -> None:
     assert _demo_databases() - before == set(), "its database dropped"
 
 
+@pytest.mark.long
 def test_without_agent_lock_the_demo_sees_lost_updates_and_fails(redis_url: str) -> None:
     import mcp_redis
 

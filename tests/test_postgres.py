@@ -84,6 +84,7 @@ def test_a_missing_table_or_column_is_a_configuration_error_not_an_outage(databa
     assert pg.policy.breaker.state.value == "closed"  # an answer, not a failure
 
 
+@pytest.mark.long
 def test_every_pooled_connection_is_bounded_by_postgres_timeout(database_url: str) -> None:
     mcp_redis.configure(database_url=database_url + "?options=-c%20search_path%3Dcore", postgres_timeout=1.5)
     pg = get_postgres()

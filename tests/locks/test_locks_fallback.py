@@ -166,6 +166,7 @@ def test_forked_child_does_not_keep_a_killed_parents_file_lock(tmp_path: Any) ->
 
 
 # -- item 7: PostgreSQL lock waits are contention, not failure ---------------------------------
+@pytest.mark.long
 def test_postgres_lock_waits_outlast_postgres_timeout_and_never_open_the_breaker(database_url: str) -> None:
     mcp_redis.configure(database_url=database_url, locks="postgres", postgres_timeout=1)
     holder = mcp_redis.lock("pg-wait", thread_local=False)

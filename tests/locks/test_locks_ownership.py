@@ -292,6 +292,7 @@ def test_a_holder_cut_off_past_its_liveness_learns_it_lost_the_lock_when_it_reco
             first.release()
 
 
+@pytest.mark.long
 def test_a_process_holding_many_locks_keeps_them_all_through_a_stall_of_its_link(
         redis_server: RedisServer) -> None:
     # 200 holds over a 15 ms link, then one 2 s stall: the gap check after it
