@@ -6,7 +6,6 @@ import json
 import logging
 import random
 import re
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -16,6 +15,7 @@ import redis
 import mcp_redis
 from mcp_redis.compat import StateLockManager
 from mcp_redis.testing import wait_for
+from tests.cache.test_cache import Clock, use_clock
 
 LIVE = r"L[0-9a-f]{24}\|"
 NONCE = r"[0-9a-f]{32}"
@@ -105,37 +105,11 @@ def test_compat_lock_in_local_mode_accepts_a_plain_id(tmp_path: Path) -> None:
 
 
 # -- docs/cache.md ---------------------------------------------------------------------------
-def _cache_clock(monkeypatch: pytest.MonkeyPatch, perf_step: float = 0.0) -> CacheClock:
-    from mcp_redis.cache import batch as cache_batch
-    from mcp_redis.cache import function as cache_function
-
-    clock = CacheClock(perf_step)
-    for module in (cache_function, cache_batch):
-        monkeypatch.setattr(module, "time", clock)
+def _cache_clock(monkeypatch: pytest.MonkeyPatch, perf_step: float = 0.0) -> Clock:
+    """The cache modules read a controllable clock (tests/cache/test_cache.py's)."""
+    clock = Clock(perf_step)
+    use_clock(monkeypatch, clock)
     return clock
-
-
-class CacheClock:
-    """The cache modules' clock: `offset` shifts wall and monotonic time; each
-    perf_counter() call advances `perf_step` s (a load appears to take that long)."""
-
-    def __init__(self, perf_step: float) -> None:
-        self.offset = 0.0
-        self.perf_step = perf_step
-        self.perf = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset
-
-    def perf_counter(self) -> float:
-        self.perf += self.perf_step
-        return self.perf
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 def _loader(namespace: str, loads: List[str], rows: Dict[str, int], **options: Any) -> Any:
@@ -354,7 +328,7 @@ def test_consume_prunes_consumers_once_an_hour(redis_mode: str, monkeypatch: pyt
     from mcp_redis.events import EventStream
     from mcp_redis.events import consumer as consumer_mod
 
-    clock = CacheClock(0.0)
+    clock = Clock(0.0)
     monkeypatch.setattr(consumer_mod, "time", clock)
     stream = EventStream("doc-prune", "g", "c")
     stream.add_many([{"n": i} for i in range(4)])
