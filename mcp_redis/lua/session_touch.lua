@@ -5,13 +5,16 @@
 -- ARGV[2] optional agent id: set the expiry to ARGV[1] ms even when shorter, but only while
 --         the binding still names ARGV[2] (called after PostgreSQL took the shorter expiry).
 -- Reply: false (no binding, or it names another agent than ARGV[2]);
---        {agent id, 0}: the expiry is now ARGV[1] ms;
---        {agent id, 1}: left alone, ARGV[1] ms is shorter than what it has left (no ARGV[2]).
+--        {agent id, 0, bound_at, bind_count}: the expiry is now ARGV[1] ms;
+--        {agent id, 1, bound_at, bind_count}: left alone, ARGV[1] ms is shorter than what it
+--        has left (no ARGV[2]). bound_at and bind_count (hex, the bind the binding is) are
+--        absent for a bare agent id (a value written before records).
 local value = redis.call('GET', KEYS[1])
 if not value then
   return false
 end
-local agent = string.match(value, '^(.*)\31%x+\31%x+\31%x+\31[^\31]*$') or value
+local agent, bound, count = string.match(value, '^(.*)\31(%x+)\31(%x+)\31%x+\31[^\31]*$')
+agent = agent or value
 local ttl = tonumber(ARGV[1])
 if ARGV[2] then
   if agent ~= ARGV[2] then
@@ -20,8 +23,8 @@ if ARGV[2] then
 else
   local left = redis.call('PTTL', KEYS[1])
   if left >= 0 and ttl < left then
-    return {agent, 1}
+    return {agent, 1, bound, count}
   end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {agent, 0}
+return {agent, 0, bound, count}

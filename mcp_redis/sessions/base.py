@@ -46,10 +46,12 @@ class Record(NamedTuple):
 
 
 class Touched(NamedTuple):
-    """A write-through touch's answer from Redis: the agent, and whether the new ttl is shorter."""
+    """A write-through touch's answer from Redis: the agent, whether the new ttl is shorter,
+    and the bind the binding is, (``bound_at``, ``bind_count``) (None: a bare agent id)."""
 
     agent_id: str
     shorter: bool
+    bind: Optional[Tuple[int, int]] = None
 
 
 class Pending(NamedTuple):

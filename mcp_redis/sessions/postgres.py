@@ -78,6 +78,14 @@ UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond',
 WHERE session_key = %s AND agent_id = %s
 RETURNING true
 """.replace("NOW_S", _NOW_S)
+# The same, for the one bind Redis holds (agent, bound_at, bind_count; a record of {} reads as
+# bound at created_at, count 1, as `records.from_json` reads it): an expired row of an earlier
+# bind of the agent is not brought back by a touch of a newer bind still in flight, whose COMMIT
+# may yet fail (Redis then forgets that bind, and read repair would serve the old row).
+_PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING true", """
+    AND COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
+    AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s
+RETURNING true""")
 _PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"
 # A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
@@ -197,21 +205,38 @@ class PostgresBackend:
         row = self.pg.execute(self.pg.sql(_PG_TOUCH), (ttl_ms, pending, encode_id(session_key)), fetch="one")
         return None if row is None else _from_utf8(row[0])
 
-    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]]) -> None:
-        """Slide the row's expiry to `ttl_ms` from now if it still binds `agent_id`,
-        never past what the Redis binding has left (`redis_left`: ms, None: no expiry).
+    def _touch_bind(self, key: str, agent_id: str,
+                    bind: Optional[Tuple[int, int]]) -> Callable[[Any, int], bool]:
+        """``touch(cursor, ttl_ms)``: the row's expiry to `ttl_ms` from now while it binds
+        `agent_id`, and, given `bind` (``bound_at``, ``bind_count``), is that bind; True if so."""
+        args: Tuple[Any, ...] = (key, _utf8(agent_id))
+        if bind is None:
+            statement = self.pg.sql(_PG_TOUCH_AGENT)
+        else:
+            statement, args = self.pg.sql(_PG_TOUCH_BIND), (*args, *bind)
+
+        def touch(cur: Any, ttl_ms: int) -> bool:
+            cur.execute(statement, (ttl_ms, *args))
+            return cur.fetchone() is not None
+
+        return touch
+
+    def extend(self, session_key: str, agent_id: str, ttl_ms: int, redis_left: Callable[[], Optional[int]],
+               bind: Optional[Tuple[int, int]] = None) -> None:
+        """Slide the row's expiry to `ttl_ms` from now if it still binds `agent_id` (given
+        `bind`, the bind Redis touched: only that bind), never past what the Redis binding has
+        left (`redis_left`: ms, None: no expiry).
 
         Redis is asked with the row locked, so a shorter touch that committed
         meanwhile (PostgreSQL, then Redis, under this lock) is seen and this late
         refresh cannot lengthen PostgreSQL past it. If Redis cannot be asked the
         refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early).
         """
-        key, agent = encode_id(session_key), _utf8(agent_id)
+        touch = self._touch_bind(encode_id(session_key), agent_id, bind)
 
         def run() -> None:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (ttl_ms, key, agent))
-                if cur.fetchone() is None:
+                if not touch(cur, ttl_ms):
                     return
                 try:
                     left = redis_left()
@@ -219,14 +244,15 @@ class PostgresBackend:
                     conn.rollback()
                     return
                 if left is not None and left < ttl_ms:
-                    cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (max(left, 0), key, agent))
+                    touch(cur, max(left, 0))
 
         self.pg.ensure_schema()
         self.pg.policy.call(run)
 
     def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
-                        redis_write: Callable[[], bool]) -> bool:
-        """Set the row's expiry to `ttl_ms` from now, then (row still locked) Redis's.
+                        redis_write: Callable[[], bool], bind: Optional[Tuple[int, int]] = None) -> bool:
+        """Set the row's expiry to `ttl_ms` from now (given `bind`: only while the row is that
+        bind of `agent_id`), then (row still locked) Redis's.
 
         PostgreSQL first: read repair can then never serve the binding past the
         shorter expiry, whatever Redis does. A Redis failure flags the row for
@@ -234,11 +260,11 @@ class PostgresBackend:
         returned (False: the binding no longer names `agent_id`).
         """
         key = encode_id(session_key)
+        touch = self._touch_bind(key, agent_id, bind)
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                cur.execute(self.pg.sql(_PG_TOUCH_AGENT), (ttl_ms, key, _utf8(agent_id)))
-                had_row = cur.fetchone() is not None
+                had_row = touch(cur, ttl_ms)
                 try:
                     return redis_write()
                 except BackendUnavailable:

@@ -158,7 +158,8 @@ class RedisTier:
         reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms])
         if not reply:
             return None
-        return Touched(str(reply[0]), bool(int(reply[1])))
+        bind = (int(reply[2], 16), int(reply[3], 16)) if len(reply) == 4 else None
+        return Touched(str(reply[0]), bool(int(reply[1])), bind)
 
     def left_ms(self, session_key: str) -> Optional[int]:
         """What the binding has left in ms (0: gone; None: no expiry), one attempt."""

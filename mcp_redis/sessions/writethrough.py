@@ -40,6 +40,10 @@ class WriteThroughBackend:
         self.throttle = RefreshThrottle()
         self.replayer = Replayer(tier, source, default_ttl)
         self.replayer.start_sweeping()
+        # The library's table checks the bind Redis holds (agent, bound_at, bind_count) before a
+        # touch or an update catches the row up, and before cleanup deletes it; another source
+        # keeps the older protocol (agent only; an expired row is not caught up).
+        self._table: Optional[PostgresBackend] = source if isinstance(source, PostgresBackend) else None
         # The hot path's parts, bound once: one GET through the policy, one attempt.
         self._call = tier.conn.policy.call
         self._get = tier.client.get
@@ -81,8 +85,8 @@ class WriteThroughBackend:
             return tier.live_left(session_key, (agent, record))
 
         try:
-            if isinstance(self.source, PostgresBackend):  # the library's table; other sources: not bound
-                found = self.source.update_through(session_key, fields, write, redis_left=left)
+            if self._table is not None:  # the library's table; other sources: not bound
+                found = self._table.update_through(session_key, fields, write, redis_left=left)
             else:
                 found = self.source.update_through(session_key, fields, write)
         except BaseException:
@@ -153,17 +157,28 @@ class WriteThroughBackend:
             return agent
         bound = found.agent_id
         if found.shorter:
-            if not source.shorten_through(session_key, bound, ttl_ms, lambda: tier.shorten(session_key, bound, ttl_ms)):
-                return None  # unbound or rebound meanwhile
-            return bound
+            def shorten() -> bool:
+                return tier.shorten(session_key, bound, ttl_ms)
+
+            if self._table is not None:
+                shortened = self._table.shorten_through(session_key, bound, ttl_ms, shorten, bind=found.bind)
+            else:
+                shortened = source.shorten_through(session_key, bound, ttl_ms, shorten)
+            return bound if shortened else None  # None: unbound or rebound meanwhile
         if self.throttle.due(session_key, bound, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
                 tier.refresh_index(session_key, bound, ttl_ms)
             except BackendUnavailable:
                 pass
+            def left() -> Optional[int]:
+                return tier.left_ms(session_key)
+
             try:
-                source.extend(session_key, bound, ttl_ms, lambda: tier.left_ms(session_key))
+                if self._table is not None:
+                    self._table.extend(session_key, bound, ttl_ms, left, bind=found.bind)
+                else:
+                    source.extend(session_key, bound, ttl_ms, left)
             except BackendUnavailable:
                 # Redis answered and stays right; the source's expiry lags (errs
                 # early) until a touch after it returns rewrites it.
@@ -199,8 +214,8 @@ class WriteThroughBackend:
             self.replayer.replay_pending()
         except BackendUnavailable:
             pass
-        if isinstance(self.source, PostgresBackend):
-            return self.source.cleanup_expired_through(batch, self.tier.live_lefts)
+        if self._table is not None:
+            return self._table.cleanup_expired_through(batch, self.tier.live_lefts)
         return self.source.cleanup_expired(batch)
 
     def close(self) -> None:

@@ -134,3 +134,28 @@ def test_a_binding_written_by_an_older_release_reads_as_a_record_without_fields(
     assert updated is not None and updated["bound_agent_id"] == "agent-old" and updated["client_type"] == "sse"
     assert updated["bind_count"] == 1 and 0 < client.pttl(binding_key("old")) <= 60_000  # expiry kept
     assert store.unbind("old") is True and store.get("old") is None
+
+
+def test_a_touch_refreshes_rows_and_bindings_written_before_records_in_write_through(
+        redis_url: str, database_url: str) -> None:
+    """The touch's refresh rewrites the row only for the bind Redis holds: a row from before
+    records (``{}``, read as bound at its ``created_at``, count 1) matches the record read repair
+    gave Redis, and a bare agent id in Redis (no bind to compare) matches the row by agent."""
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore(refresh_interval=0)  # every touch refreshes the row
+    store.bind("old", "agent-old", ttl=60)
+    store.bind("bare", "agent-old", ttl=60)
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("UPDATE mcp_redis.sessions SET record = '{}', created_at = now() - interval '1 hour'")
+    client = mcp_redis.default_client().redis("sessions").client
+    client.delete(binding_key("old"))
+    assert store.record("old")["bound_at"] is not None  # type: ignore[index]  # read repair: from created_at
+    client.set(binding_key("bare"), "agent-old", px=60_000)  # the bare agent id of the earlier layout
+    assert store.touch("old", ttl=600) == "agent-old" and store.touch("bare", ttl=600) == "agent-old"
+    with conn.cursor() as cur:
+        cur.execute("SELECT session_key, extract(epoch FROM expires_at - now()) > 500 FROM mcp_redis.sessions "
+                    "ORDER BY session_key")
+        assert cur.fetchall() == [("bare", True), ("old", True)]
+    conn.close()

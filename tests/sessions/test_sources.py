@@ -265,6 +265,37 @@ def test_an_expired_row_never_takes_its_expiry_from_another_bind_of_its_agent_in
     assert _pg_row(database_url) is None
 
 
+def test_a_touch_never_brings_back_an_expired_row_from_another_bind_of_its_agent_in_redis(
+        redis_url: str, database_url: str) -> None:
+    """A touch rewrites the row only for the bind Redis holds (same agent, `bound_at`,
+    `bind_count`). Redis holding a newer bind of the same agent than the expired row (a rebind in
+    flight, whose COMMIT then fails and whose Redis write is forgotten) must not give the old row
+    its expiry: neither an extending touch's refresh nor a shortening touch."""
+    import redis
+
+    from mcp_redis.sessions.records import RecordData, pack
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore(refresh_interval=0)  # every touch refreshes the row
+    store.bind("a", "agent-a", ttl=600)
+    store.bind("b", "agent-a", ttl=600)
+    record = store.record("a")
+    _expire_in_postgres(database_url)
+    raw = redis.Redis.from_url(redis_url)
+    newer = RecordData(record["bound_at"] + 5, 1, record["bound_at"] + 5, "")
+    for key in ("a", "b"):  # what a rebind of agent-a leaves in Redis before its COMMIT
+        raw.set(binding_key(key), pack("agent-a", newer), px=600_000)
+    assert store.touch("a", ttl=1200) == "agent-a"  # extends Redis; the refresh must skip the row
+    assert store.touch("b", ttl=60) == "agent-a"  # shorter: the row first, then Redis
+    raw.delete(binding_key("a"), binding_key("b"))  # the COMMIT failed: Redis forgets that bind
+    assert (store.get("a"), store.get("b")) == (None, None)  # read repair finds both rows expired
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mcp_redis.sessions WHERE expires_at > now()")
+        assert cur.fetchone()[0] == 0
+    conn.close()
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
