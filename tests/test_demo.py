@@ -62,7 +62,10 @@ def test_the_demo_command_reports_zero_violations_exact_admissions_and_surviving
         assert cache["postgres_queries_avoided"] == cache["calls"] - cache["postgres_queries"]
 
     events = report["events"]
-    assert events["published"] == locks["updates"] or events["published"] >= locks["updates"] - 1
+    # Each update is published after its lock is released: the killed worker's threads may each
+    # have died between the two, and a failed publish is an error counted above.
+    unpublished = report["setup"]["threads_per_worker"] + report["errors"]["count"]
+    assert locks["updates"] - unpublished <= events["published"] <= locks["updates"]
     assert events["delivered_to_observer"] >= events["published"]
     assert set(report["latency_ms"]) >= {"session.get", "agent.update", "ratelimit.call", "metadata.get"}
     for op in report["latency_ms"].values():

@@ -78,13 +78,15 @@ UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond',
 WHERE session_key = %s AND agent_id = %s
 RETURNING true
 """.replace("NOW_S", _NOW_S)
-# The same, for the one bind Redis holds (agent, bound_at, bind_count; a record of {} reads as
-# bound at created_at, count 1, as `records.from_json` reads it): an expired row of an earlier
-# bind of the agent is not brought back by a touch of a newer bind still in flight, whose COMMIT
-# may yet fail (Redis then forgets that bind, and read repair would serve the old row).
+# The same, given the bind Redis holds (agent, bound_at, bind_count; a record of {} reads as
+# bound at created_at, count 1, as `records.from_json` reads it): a live row of the agent is
+# its committed binding and takes the touch, but an expired row catches up only from that same
+# bind, never from a newer bind of its agent still in flight, whose COMMIT may yet fail (Redis
+# then forgets that bind, and read repair would serve the old row again).
 _PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING true", """
-    AND COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
-    AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s
+    AND (expires_at > now()
+         OR (COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
+             AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s))
 RETURNING true""")
 _PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"

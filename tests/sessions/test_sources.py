@@ -296,6 +296,32 @@ def test_a_touch_never_brings_back_an_expired_row_from_another_bind_of_its_agent
     conn.close()
 
 
+def test_a_touch_reaches_a_live_row_of_a_newer_bind_of_its_agent_that_redis_has_not_taken(
+        redis_url: str, database_url: str) -> None:
+    """A rebind of the same agent made while Redis was unreachable is the committed binding
+    (its row pending, Redis still holding the earlier bind): touches extend and shorten it."""
+    import redis
+
+    from mcp_redis.sessions.records import RecordData, pack
+
+    mcp_redis.configure(redis_url=redis_url, database_url=database_url)
+    store = SessionStore(refresh_interval=0)
+    store.bind("a", "agent-a", ttl=600)
+    record = store.record("a")
+    store.bind("a", "agent-a", ttl=600)  # the row: bind_count 2
+    older = RecordData(record["bound_at"], 1, record["bound_at"], "")
+    redis.Redis.from_url(redis_url).set(binding_key("a"), pack("agent-a", older), px=600_000)
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    for ttl, more_than in ((1200, 1100), (5, 0)):
+        assert store.touch("a", ttl=ttl) == "agent-a"
+        with conn.cursor() as cur:
+            cur.execute("SELECT extract(epoch FROM expires_at - now()) BETWEEN %s AND %s, record ->> 'bind_count' "
+                        "FROM mcp_redis.sessions", (more_than, ttl))
+            assert cur.fetchone() == (True, "2"), ttl
+    conn.close()
+
+
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
     configure(own_redis.url)
     store = SessionStore()
