@@ -88,6 +88,24 @@ def test_refund_after_the_calls_window_ended_never_frees_a_unit_of_the_next(back
     assert not limiter.hit("agent-1").allowed, "the late refund freed nothing"
 
 
+@pytest.mark.parametrize("backend, algorithm", [
+    *((b, Algorithm.SLIDING_WINDOW) for b in ("redis", "local", "postgres")),
+    *((b, Algorithm.FIXED_WINDOW) for b in ("local", "postgres")),
+], indirect=["backend"], ids=lambda v: getattr(v, "value", v))
+def test_refund_of_a_call_admitted_before_reset_frees_nothing_where_the_docs_say_so(
+        backend: str, algorithm: Algorithm) -> None:
+    """docs/ratelimit.md: the sliding log (by nonce) and the fixed window that stores its start
+    (in-process, PostgreSQL) never credit a pre-`reset` call to the state started after it (the
+    other algorithms may: a documented limit)."""
+    limiter = RateLimiter("refunds-reset", 3, 600, algorithm=algorithm)
+    old = limiter.hit("agent-1")
+    assert old.allowed
+    limiter.reset("agent-1")
+    assert all(limiter.hit("agent-1").allowed for _ in range(3))
+    assert limiter.refund(old) is False
+    assert not limiter.hit("agent-1").allowed, "the refund of a call the new state never counted freed nothing"
+
+
 def test_refund_keeps_every_key_with_a_ttl(redis_server: RedisServer) -> None:
     mcp_redis.configure(redis_url=redis_server.url)
     for algorithm in ALGORITHMS:
