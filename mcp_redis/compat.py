@@ -79,6 +79,26 @@ def is_process_alive(pid: int) -> bool:
         return False
 
 
+
+def _check_file_name(agent_id: str, lock_dir: Path) -> None:
+    """Local mode: ``<agent_id>.lock`` must be one file name in `lock_dir`, as the legacy server
+    names it (no '/', NUL, '.' or '..'; encodable in the file system's encoding; within its
+    name length limit), else InvalidArgument("agent_id") before anything is touched."""
+    if "/" in agent_id or "\x00" in agent_id or agent_id in (".", ".."):
+        raise InvalidArgument("agent_id", "must name a file in lock_dir (no '/', NUL, '.' or '..') in local mode")
+    try:
+        size = len(os.fsencode(f"{agent_id}.lock"))
+    except UnicodeEncodeError:
+        raise InvalidArgument("agent_id", "must be encodable as a file name in local mode "
+                                          "(a lone surrogate is not)") from None
+    try:
+        limit = os.pathconf(lock_dir, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if size > limit:
+        raise InvalidArgument("agent_id", f"makes a lock file name of {size} bytes in local mode; "
+                                          f"lock_dir's file system allows {limit}")
+
 class _AgentLock(DistributedLock):
     """`agent_lock`'s lock (same key), not reentrant, auto-renewed, owned by the acquisition."""
 
@@ -103,8 +123,7 @@ class _Acquisition:
         self.max_retries = max_retries
         self._file: Optional[LegacyFileLock] = None
         if resolve(None).mode("locks") is Mode.LOCAL:
-            if "/" in self.agent_id or "\x00" in self.agent_id or self.agent_id in (".", ".."):
-                raise InvalidArgument("agent_id", "must name a file in lock_dir (no '/', NUL, '.' or '..') in local mode")
+            _check_file_name(self.agent_id, manager.lock_dir)
             self._file = LegacyFileLock(manager.lock_dir, self.agent_id)
         # agent_lock's own lock in every mode (in local mode as well as the legacy
         # file): compat and agent_lock call sites exclude each other everywhere.

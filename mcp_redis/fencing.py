@@ -42,6 +42,9 @@ def _columns(values: Any, argument: str) -> Mapping[str, Any]:
     return values
 
 
+_BIGINT_MAX = 2 ** 63 - 1
+
+
 def fenced_update(cursor: Any, table: Union[str, Sequence[str]], set_values: Mapping[str, Any],
                   where: Mapping[str, Any], fence_column: str, token: int) -> bool:
     """Update the rows matching `where` only if their fence is below `token`; True if a row was written.
@@ -67,6 +70,8 @@ def fenced_update(cursor: Any, table: Union[str, Sequence[str]], set_values: Map
         raise InvalidArgumentType("token", f"must be an int (a fencing token), not {type(token).__name__}")
     if token <= 0:
         raise InvalidArgument("token", f"must be positive, got {token!r}")
+    if token > _BIGINT_MAX:
+        raise InvalidArgument("token", f"must fit the BIGINT fence column (at most 2**63 - 1), got {token!r}")
     for column, value in match.items():
         if value is None:
             raise InvalidArgument("where", f"value of {column!r} is None (= never matches NULL)")

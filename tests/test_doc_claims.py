@@ -86,7 +86,7 @@ def test_default_policy_is_3_attempts_20_to_250_ms_breaker_5_reset_1_s() -> None
 
 
 # docs/migration.md (Agent ids in local mode): the compat lock refuses ids that name no file.
-@pytest.mark.parametrize("agent_id", ["a/b", "a\x00b", ".", ".."])
+@pytest.mark.parametrize("agent_id", ["a/b", "a\x00b", ".", "..", "\ud800", "x" * 300, "é" * 126])
 def test_compat_lock_in_local_mode_refuses_ids_that_name_no_file(agent_id: str, tmp_path: Path) -> None:
     mcp_redis.configure(locks="local")
     manager = StateLockManager(lock_dir=str(tmp_path))
@@ -97,10 +97,11 @@ def test_compat_lock_in_local_mode_refuses_ids_that_name_no_file(agent_id: str, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compat_lock_in_local_mode_accepts_a_plain_id(tmp_path: Path) -> None:
+@pytest.mark.parametrize("agent_id", ["agent-1", "x" * 250, "é" * 125])
+def test_compat_lock_in_local_mode_accepts_an_id_that_names_a_file(agent_id: str, tmp_path: Path) -> None:
     mcp_redis.configure(locks="local")
     manager = StateLockManager(lock_dir=str(tmp_path))
-    with manager.acquire_agent_lock("agent-1", timeout=0.5, max_retries=1):
+    with manager.acquire_agent_lock(agent_id, timeout=0.5, max_retries=1):
         pass
 
 

@@ -291,6 +291,8 @@ class DistributedLock:
             METRICS.observe("lock_wait_seconds", waited, backend=hold.backend.name)
         self._state.last = hold
         self._state.hold = hold
+        if self.thread_local:
+            hold.owner = threading.current_thread()
         if self.reentrant:
             _THREAD_HOLDS.holds[(rt, keys.lock)] = hold
         if hold.backend.leased and (self.auto_renew or hold.backend.heartbeat_every is not None):

@@ -92,6 +92,7 @@ class Hold:
     misconfiguration_logged: bool = False  # a refused renewal is logged once per hold
     granted_at: float = 0.0  # monotonic, before the grant was sent (the redis backend's liveness checks)
     release_sent: bool = False  # a release was sent (its reply may have been lost): the next one is a retry
+    owner: Optional[threading.Thread] = None  # a thread-local hold's thread: only it can release the hold
 
     # Made on demand (most holds never need one) and stored with dict.setdefault,
     # atomic in CPython: with `mark_lost` writing is_lost before reading the event

@@ -145,6 +145,10 @@ class Watchdog:
                     self._check_after_gap(backend, gap)
             for hold in due:
                 self._beat_due()  # many renewals in a row must not starve the liveness beats
+                owner = hold.owner
+                if owner is not None and not owner.is_alive():
+                    self._orphaned(hold)
+                    continue
                 try:
                     self._renew(hold)
                 except Exception:  # never let the one renewer die
@@ -225,6 +229,22 @@ class Watchdog:
             for hold, still in zip(batch, owned):
                 if not still and not hold.released:
                     self._lost(hold)
+
+    def _orphaned(self, hold: Hold) -> None:
+        """A thread-local hold whose thread ended without releasing it: nothing can release it
+        now, and renewing it would keep the lock taken until the process exits. Release it."""
+        self.discard(hold)
+        if hold.released:
+            return
+        hold.released = True
+        log.warning("lock: a thread ended holding a lock it never released; the watchdog released it")
+        try:
+            freed = hold.backend.release(hold)
+        except Exception:  # retried in the background while the lease may run
+            self.release_later(hold)
+            return
+        METRICS.inc("lock_release_total", backend=hold.backend.name,
+                    outcome="released_orphan" if freed else "not_owned")
 
     def _lost(self, hold: Hold) -> None:
         self.discard(hold)

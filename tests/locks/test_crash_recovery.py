@@ -109,6 +109,7 @@ def test_fenced_update_writes_only_with_a_higher_token(fenced_table: Any) -> Non
 
 @pytest.mark.parametrize("kwargs, kind, argument", [
     ({"token": 0}, ValueError, "token"),
+    ({"token": 2 ** 63}, ValueError, "token"),
     ({"token": True}, TypeError, "token"),
     ({"token": "5"}, TypeError, "token"),
     ({"set_values": {}}, ValueError, "set_values"),

@@ -396,3 +396,26 @@ def test_agent_lock_under_asyncio_to_thread_excludes_every_coroutine(redis_mode:
     results = _run_handlers(handler)
     assert results == [None] * 10
     assert r.get("coro-counter") == "10"
+
+
+def test_a_lock_left_held_by_a_thread_that_ended_is_released_not_renewed_forever(
+        redis_mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A thread-local hold can be released only by its thread: once that thread has ended, the
+    watchdog releases it at its next renewal instead of renewing it until the process exits.
+    A lock other threads may release (thread_local=False) is left to them, renewed."""
+    held = [mcp_redis.agent_lock("orphan", timeout=1),
+            mcp_redis.lock("shared", timeout=1, thread_local=False, auto_renew=True)]
+    for lock in held:
+        worker = threading.Thread(target=lambda lk=lock: lk.acquire())
+        worker.start()
+        worker.join()
+    assert all(lock.locked() for lock in held)
+    with caplog.at_level("WARNING", logger="mcp_redis.locks"):
+        # Leases of 1 s renewed every 0.33 s: taken within 5 s only if the renewals stopped
+        # (renewed for ever, never).
+        waiter = mcp_redis.agent_lock("orphan", blocking_timeout=5)
+        assert waiter.acquire()
+        waiter.release()
+        assert mcp_redis.lock("shared").acquire(blocking_timeout=1.5) is False  # still renewed
+    assert caplog.text.count("a thread ended holding a lock it never released") == 1
+    held[1].release()  # from this thread: a shared lock's holder is any thread
