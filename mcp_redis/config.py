@@ -135,6 +135,10 @@ class Settings:
     session_ttl: int = 3600
     metadata_ttl: int = 300
     lock_timeout: float = 30.0
+    # How long a lock-holding process's liveness key outlives its last beat (Redis locks): a
+    # crashed holder is taken over this long after its last beat, and so is a live one whose
+    # watchdog thread cannot run that long (a C call holding the GIL, swap, SIGSTOP).
+    lock_liveness_ttl: float = 1.5
     rate_limit_window: float = 3600.0
     # Per-feature switches; None means "redis when redis_url is set, else local".
     sessions: Optional[Mode] = None
@@ -330,6 +334,7 @@ _DURATIONS: Dict[str, _Duration] = {
     "session_ttl": _Duration(MAX_SECONDS, integer=True),
     "metadata_ttl": _Duration(MAX_SECONDS, integer=True),
     "lock_timeout": _Duration(MAX_SECONDS),
+    "lock_liveness_ttl": _Duration(MAX_NETWORK_SECONDS, minimum=0.3),
     "rate_limit_window": _Duration(MAX_SECONDS, minimum=0.001),  # RateLimiter's own bounds
     "health_check_interval": _Duration(MAX_SECONDS, integer=True, allow_zero=True),
     "socket_timeout": _Duration(MAX_NETWORK_SECONDS),
@@ -411,6 +416,7 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "session_ttl": ("REDIS_SESSION_TTL", _int),
     "metadata_ttl": ("REDIS_METADATA_TTL", _int),
     "lock_timeout": ("REDIS_LOCK_TIMEOUT", _float),
+    "lock_liveness_ttl": ("MCP_REDIS_LOCK_LIVENESS_TTL", _float),
     "rate_limit_window": ("REDIS_RATE_LIMIT_WINDOW", _float),
     "sessions": (_FEATURE_ENV["sessions"], _str),
     "locks": (_FEATURE_ENV["locks"], _str),
@@ -446,7 +452,7 @@ assert set(_ENV) <= _FIELD_NAMES
 
 # The unit of each number read from the environment, for error messages.
 _UNITS: Dict[str, str] = {
-    "session_ttl": "seconds", "metadata_ttl": "seconds", "lock_timeout": "seconds",
+    "session_ttl": "seconds", "metadata_ttl": "seconds", "lock_timeout": "seconds", "lock_liveness_ttl": "seconds",
     "rate_limit_window": "seconds", "socket_timeout": "seconds", "socket_connect_timeout": "seconds",
     "pool_timeout": "seconds", "postgres_timeout": "seconds", "breaker_reset_timeout": "seconds",
     "max_connections": "connections", "retry_attempts": "attempts",

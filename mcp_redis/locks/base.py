@@ -133,7 +133,7 @@ class Backend:
     leased: ClassVar[bool] = False
     #: Seconds between two `heartbeat` calls while this process holds a lock
     #: of this backend (None: the backend has no per-process liveness).
-    heartbeat_every: ClassVar[Optional[float]] = None
+    heartbeat_every: Optional[float] = None
 
     def __init__(self, client: Client) -> None:
         self.client = client

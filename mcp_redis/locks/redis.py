@@ -47,9 +47,10 @@ _TICKET = re.compile(r"[0-9a-f]{24}")
 #: (see the end of lock_fence.lua) while no token runs more than this
 #: ahead of the Redis server's clock.
 FENCE_TTL = 3600.0
-#: How long (s) a process's liveness key outlives its last heartbeat: a holder
-#: process that died stops blocking others this long after its last beat (the
-#: watchdog beats every third of it while the process holds a lock).
+#: How long (s) a process's liveness key outlives its last heartbeat, by default
+#: (setting ``lock_liveness_ttl``): a holder process that died stops blocking
+#: others this long after its last beat (the watchdog beats every third of it
+#: while the process holds a lock).
 LIVENESS_TTL = 1.5
 # A holder's value starts with its process's liveness id: "L" + 24 hex + "|".
 _LIVE_TAG = re.compile(r"L([0-9a-f]{24})\|")
@@ -72,7 +73,7 @@ class RedisBackend(Backend):
 
     name = "redis"
     leased = True
-    heartbeat_every = LIVENESS_TTL / 3
+    heartbeat_every: Optional[float] = LIVENESS_TTL / 3  # per client: a third of its lock_liveness_ttl
     #: Draw every grant's fencing token with the grant (as ``fencing=True``).
     #: True when a fallback is configured: a hold taken through Redis must
     #: still have its token when Redis goes away mid-hold, the outage the
@@ -83,6 +84,9 @@ class RedisBackend(Backend):
         super().__init__(client)
         # Settings are fixed per client: computed once, not per release.
         self._record_ms = record_ms(client.settings)
+        self._liveness_ttl = client.settings.lock_liveness_ttl
+        self._beat_every = self._liveness_ttl / 3
+        self.heartbeat_every = self._beat_every
         # One waiter per lock in Redis from this process; its other threads
         # wanting that lock wait their turn here, in FIFO order, holding no
         # pooled connection (else a crowd of waiters could take every
@@ -92,13 +96,13 @@ class RedisBackend(Backend):
         # every value it holds starts with `_live_tag`; while `_live_key`
         # exists the holder is alive, however old its lease. Beaten by the
         # watchdog; an acquire beats first only when the last beat is a third
-        # of LIVENESS_TTL old (so a hot loop pays no extra round trip).
+        # of lock_liveness_ttl old (so a hot loop pays no extra round trip).
         live_id = secrets.token_hex(12)
         self._live_tag = f"L{live_id}|"
         self._live_key = _live_key(client.settings.key_prefix, live_id)
         self._live_ok_until = 0.0
         # What the beats prove (monotonic times): the key lives at least until
-        # `_live_until` (the last beat's send time + LIVENESS_TTL), and it may
+        # `_live_until` (the last beat's send time + lock_liveness_ttl), and it may
         # have lapsed at `_live_gap_at` (a beat answered after the one before
         # it could have expired; -inf: never since this client began).
         self._live_until = 0.0
@@ -110,7 +114,7 @@ class RedisBackend(Backend):
         self._scripts_run = False
 
     def heartbeat(self) -> None:
-        """Refresh this process's liveness key (TTL `LIVENESS_TTL`).
+        """Refresh this process's liveness key (TTL ``lock_liveness_ttl``).
 
         A beat answered after the beat before it could have expired records
         a gap (`liveness_gap`): meanwhile another caller may have taken over
@@ -118,12 +122,12 @@ class RedisBackend(Backend):
         """
         conn = self.client.redis("locks")
         started = time.monotonic()
-        conn.call(conn.client.set, self._live_key, "1", px=ms(LIVENESS_TTL))
+        conn.call(conn.client.set, self._live_key, "1", px=ms(self._liveness_ttl))
         answered = time.monotonic()
         if answered >= self._live_until:
             self._live_gap_at = answered
-        self._live_until = max(self._live_until, started + LIVENESS_TTL)
-        self._live_ok_until = started + self.heartbeat_every
+        self._live_until = max(self._live_until, started + self._liveness_ttl)
+        self._live_ok_until = started + self._beat_every
 
     def liveness_gap(self) -> float:
         return self._live_gap_at
@@ -141,7 +145,7 @@ class RedisBackend(Backend):
         the key is beaten again (from here on no takeover script can pass:
         it checks the key), and the lock read back.
         """
-        if time.monotonic() < self._live_until - self.heartbeat_every:  # the usual case: no round trip
+        if time.monotonic() < self._live_until - self._beat_every:  # the usual case: no round trip
             return True
         self.heartbeat()
         return bool(_text(conn.call(conn.client.get, keys.lock)) == token)
@@ -225,7 +229,7 @@ class RedisBackend(Backend):
                 _, value, *holder = reply
                 pttl = int(value)
                 # A holder whose process's liveness key is gone died (or stalled
-                # past LIVENESS_TTL): take its lock over now, not at its lease's end.
+                # past its lock_liveness_ttl): take its lock over now, not at its lease's end.
                 dead_holder, live_pttl, dead_live_key = self._holder_liveness(conn, keys, holder[0] if holder else "")
                 if dead_holder is not None:
                     continue
@@ -372,7 +376,7 @@ def _text(value: Any) -> Any:
 
 
 def _live_key(prefix: str, live_id: str) -> str:
-    """The liveness key of the process (client) `live_id` (TTL `LIVENESS_TTL`)."""
+    """The liveness key of the process (client) `live_id` (TTL its ``lock_liveness_ttl``)."""
     return f"{prefix}lock-live:{live_id}"
 
 

@@ -58,6 +58,22 @@ def test_a_live_holder_keeps_its_lock_through_a_40s_section_with_default_setting
         proc.join(10)
 
 
+@pytest.mark.long
+def test_a_holder_paused_for_less_than_its_liveness_ttl_keeps_its_lock(redis_mode: str) -> None:
+    """`lock_liveness_ttl` (MCP_REDIS_LOCK_LIVENESS_TTL): a holder process whose watchdog cannot
+    run for 2.5 s (stopped here; a C call holding the GIL alike) is not taken over when it set
+    6 s, and releases its lock owned; with the default 1.5 s it is (the stopped-holder test)."""
+    proc, commands, replies, _ = start_holder({"redis_url": redis_mode, "lock_liveness_ttl": 6}, "paused")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert mcp_redis.agent_lock("paused", blocking_timeout=2.5).acquire() is False
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    commands.put("release")
+    assert replies.get(timeout=60) == ("released", True, False, "")
+    proc.join(10)
+
+
 @pytest.fixture
 def fenced_table(database_url: str) -> Any:
     conn = psycopg2.connect(database_url)
