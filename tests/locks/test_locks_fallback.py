@@ -35,7 +35,9 @@ def _spawn(target: Any, *args: Any) -> Any:
 def _stop(proc: Any) -> None:
     if proc.is_alive():
         os.kill(proc.pid, signal.SIGKILL)
-    proc.join(10)
+    # Not join(): it waits on a pipe that a forked child of `proc` still holds open (for its whole
+    # timeout); exitcode reaps the process itself.
+    wait_for(lambda: proc.exitcode is not None, 10, what="the killed process to be reaped")
 
 
 def _fallback_settings(redis_url: str, database_url: str, fallback: str = "postgres") -> Dict[str, Any]:
