@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from asyncio.events import _get_running_loop
 from pathlib import Path
 from types import TracebackType
@@ -143,20 +144,21 @@ class _Acquisition:
         except Exception:
             return False
 
-    def attempt(self) -> bool:
-        """One attempt: wait up to `timeout` seconds; True once held.
+    def attempt(self, wait: Optional[float] = None) -> bool:
+        """One attempt: wait up to `wait` (default `timeout`) seconds; True once held.
 
         In local mode: agent_lock's lock, then the legacy file in the time
         left (always in that order, so no two call sites wait on each other
         in a cycle; legacy processes take the file alone).
         """
+        wait = self.timeout if wait is None else wait
         started = time.monotonic()
-        if not self._lock.acquire(blocking_timeout=self.timeout):
+        if not self._lock.acquire(blocking_timeout=wait):
             return False
         if self._file is None:
             return True
         try:
-            if self._file.try_for(max(0.0, self.timeout - (time.monotonic() - started))):
+            if self._file.try_for(max(0.0, wait - (time.monotonic() - started))):
                 return True
         except BaseException:
             self._lock.release()
@@ -236,6 +238,52 @@ def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
     return entry[1]
 
 
+# The tasks of one event loop waiting for one agent queue here, in asyncio (FIFO), and only the
+# first of them waits in a worker thread: hundreds of tasks on one busy agent hold one thread,
+# not the pool that every other agent's tasks need. Per loop: (gate, tasks using it) by agent.
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, Tuple[asyncio.Lock, int]]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _through_gate(loop: asyncio.AbstractEventLoop, agent_id: str, wait: float,
+                        attempt: Callable[[float], concurrent.futures.Future[bool]]) -> Optional[asyncio.Future[bool]]:
+    """Queue behind this loop's other tasks waiting for `agent_id` (within `wait` seconds), then
+    start `attempt(time left)` in a worker thread, whose future is returned (None: the time ran
+    out in the queue); the gate opens when the attempt ends."""
+    gates = _GATES.setdefault(loop, {})
+    gate, users = gates.get(agent_id) or (asyncio.Lock(), 0)
+    gates[agent_id] = (gate, users + 1)
+    deadline = loop.time() + wait
+    try:
+        if not gate.locked():
+            await gate.acquire()  # free: taken without yielding
+        else:
+            try:
+                await asyncio.wait_for(gate.acquire(), wait)
+            except asyncio.TimeoutError:
+                _leave_gate(gates, agent_id)
+                return None
+    except BaseException:
+        _leave_gate(gates, agent_id)
+        raise
+    future = asyncio.wrap_future(attempt(max(0.0, deadline - loop.time())))
+
+    def open_gate(_: object) -> None:
+        gate.release()
+        _leave_gate(gates, agent_id)
+
+    future.add_done_callback(open_gate)
+    return future
+
+
+def _leave_gate(gates: Dict[str, Tuple[asyncio.Lock, int]], agent_id: str) -> None:
+    gate, users = gates[agent_id]
+    if users > 1:
+        gates[agent_id] = (gate, users - 1)
+    else:
+        del gates[agent_id]
+
+
 def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:
     """Done-callback of an attempt whose task was cancelled: release a grant nobody will use."""
     if future.cancelled() or future.exception() is not None or not future.result():
@@ -258,17 +306,26 @@ class _AsyncAgentLock:
         core = self._core
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(_pool("wait"), core.clean)
-        for attempt in range(core.max_retries):
-            future = _pool("wait").submit(core.attempt)
+        started: list[concurrent.futures.Future[bool]] = []
+
+        def attempt(wait: float) -> concurrent.futures.Future[bool]:
+            future = _pool("wait").submit(core.attempt, wait)
+            started.append(future)
+            return future
+
+        for attempt_no in range(core.max_retries):
+            started.clear()
             try:
-                got = await asyncio.wrap_future(future)
+                pending = await _through_gate(loop, core.agent_id, core.timeout, attempt)
+                got = False if pending is None else await pending  # None: its time ran out in the queue
             except asyncio.CancelledError:
-                future.add_done_callback(lambda f: _give_back(core, f))
+                for in_thread in started:  # a grant made after the cancel is given back
+                    in_thread.add_done_callback(lambda f: _give_back(core, f))
                 raise
             if got:
                 return None
-            if attempt < core.max_retries - 1:
-                await asyncio.sleep(await loop.run_in_executor(_pool("wait"), core.between, attempt))
+            if attempt_no < core.max_retries - 1:
+                await asyncio.sleep(await loop.run_in_executor(_pool("wait"), core.between, attempt_no))
         raise core.timed_out()
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],

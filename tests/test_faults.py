@@ -100,6 +100,13 @@ def faulty(proxy: FaultProxy) -> FaultProxy:
     return proxy
 
 
+# A fault between client and server that the server never sees (no reply, a late one, a cut
+# link): how the client bounds, falls back and recovers is the same whatever server is behind
+# the proxy, so these run in the Redis pass only (`long`); the lost-reply tests below, whose
+# commands do run on the server, run on both.
+CLIENT_SIDE = pytest.mark.long
+
+
 def inject(proxy: FaultProxy, fault: Fault, latency: float) -> None:
     proxy.set_fault(fault, latency=latency)
 
@@ -143,6 +150,7 @@ def test_proxy_switches_faults_at_runtime_on_open_connections(faulty: FaultProxy
 # -- the foundation: get_redis().call under each fault ------------------------------
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_call_raises_backend_unavailable_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     assert ping() is True  # a pooled connection exists before the fault
@@ -154,6 +162,7 @@ def test_call_raises_backend_unavailable_within_budget(faulty: FaultProxy, fault
     record("foundation", fault, "BackendUnavailable", seconds, budget=round(budget, 3))
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_new_connections_under_fault_fail_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     """No pooled connection yet: the connect + handshake path is bounded too."""
@@ -165,6 +174,7 @@ def test_new_connections_under_fault_fail_within_budget(faulty: FaultProxy, faul
     record("foundation (new connection)", fault, "BackendUnavailable", seconds, budget=round(budget, 3))
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_breaker_opens_fails_fast_and_recovers(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     assert ping() is True
@@ -190,6 +200,7 @@ def test_breaker_opens_fails_fast_and_recovers(faulty: FaultProxy, fault: Fault,
            fail_fast_seconds=round(seconds, 4))
 
 
+@CLIENT_SIDE
 def test_concurrent_callers_under_blackhole_all_return_within_budget(faulty: FaultProxy) -> None:
     """Eight threads in flight when the network black-holes: none hangs."""
     assert ping() is True
@@ -240,6 +251,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_cache_reads_return_the_loader_value_under_fault(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     cached_metadata = mcp_redis.cached_metadata
@@ -269,6 +281,7 @@ def test_cache_reads_return_the_loader_value_under_fault(faulty: FaultProxy, fau
     faulty.pass_through()
 
 
+@CLIENT_SIDE
 def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
     """While Redis stays down, calls don't pay a timeout each (the breaker is open)."""
     cached_metadata = mcp_redis.cached_metadata
@@ -287,6 +300,7 @@ def test_cache_stops_waiting_on_a_down_redis(faulty: FaultProxy) -> None:
     faulty.pass_through()
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_locks_fail_closed_within_budget(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     agent_lock = mcp_redis.agent_lock
@@ -314,6 +328,7 @@ def _lock_once(agent_lock: Any, name: str) -> bool:
         return True
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_rate_limits_fall_back_to_the_local_limiter(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     rate_limited = mcp_redis.rate_limited
@@ -343,6 +358,7 @@ def test_rate_limits_fall_back_to_the_local_limiter(faulty: FaultProxy, fault: F
     faulty.pass_through()
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_session_reads_fall_back_to_postgres(faulty: FaultProxy, database_url: str, fault: Fault,
                                              latency: float, redis_server: RedisServer) -> None:
@@ -407,6 +423,7 @@ def test_event_publish_is_bounded_and_subscription_resumes(faulty: FaultProxy, f
         sub.close()
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_backend_facade_follows_the_feature_policies(faulty: FaultProxy, database_url: str, fault: Fault,
                                                      latency: float) -> None:
@@ -595,6 +612,7 @@ def test_postgres_calls_are_bounded_when_postgres_stalls(pg_proxy: Tuple[FaultPr
     assert outcome["exc"] is None or isinstance(outcome["exc"], BackendUnavailable)
 
 
+@CLIENT_SIDE
 @pytest.mark.parametrize("fault,latency", FAULTS, ids=FAULT_IDS)
 def test_health_reports_redis_down_within_one_timeout(faulty: FaultProxy, fault: Fault, latency: float) -> None:
     assert mcp_redis.health()["redis"]["ok"] is True

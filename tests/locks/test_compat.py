@@ -131,9 +131,9 @@ def test_a_task_releases_from_a_different_worker_thread_than_it_acquired_on(
     threads: Dict[str, int] = {}
     attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
 
-    def recording_attempt(self: Any) -> bool:
+    def recording_attempt(self: Any, *wait: Any) -> bool:
         threads["attempt"] = threading.get_ident()
-        return attempt(self)
+        return attempt(self, *wait)
 
     def recording_release(self: Any) -> None:
         threads["release"] = threading.get_ident()
@@ -185,10 +185,10 @@ def test_cancelling_a_task_while_it_waits_leaves_nothing_held(backend: Dict[str,
     holding, let_go, waiting_in_worker = threading.Event(), threading.Event(), threading.Event()
     attempt = compat._Acquisition.attempt
 
-    def signalling_attempt(self: Any) -> bool:
+    def signalling_attempt(self: Any, *wait: Any) -> bool:
         if threading.current_thread() is not t:
             waiting_in_worker.set()
-        return attempt(self)
+        return attempt(self, *wait)
 
     monkeypatch.setattr(compat._Acquisition, "attempt", signalling_attempt)
 
@@ -218,6 +218,67 @@ def test_cancelling_a_task_while_it_waits_leaves_nothing_held(backend: Dict[str,
     # The abandoned worker gets the lock once the holder leaves, and gives it back.
     with manager.acquire_agent_lock("cancelled", timeout=10.0, max_retries=1):
         pass
+
+
+def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_other_agent(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tasks of a loop waiting for one agent queue in asyncio behind the one that waits in a
+    worker thread: 400 of them (more than the 256 worker threads) leave the pool to the others,
+    and a free agent is taken within its own timeout; each waiter's timeout still bounds it."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    holding, let_go = threading.Event(), threading.Event()
+    attempt, in_worker, most = compat._Acquisition.attempt, [0], [0]
+    count = threading.Lock()
+
+    def counted_attempt(self: Any, *wait: Any) -> bool:
+        if threading.current_thread() is t:
+            return attempt(self, *wait)
+        with count:
+            in_worker[0] += 1
+            most[0] = max(most[0], in_worker[0])
+        try:
+            return attempt(self, *wait)
+        finally:
+            with count:
+                in_worker[0] -= 1
+
+    monkeypatch.setattr(compat._Acquisition, "attempt", counted_attempt)
+
+    def holder() -> None:
+        with manager.acquire_agent_lock("hot", timeout=5.0):
+            holding.set()
+            let_go.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+
+    async def main() -> None:
+        async def hot(timeout: float) -> bool:
+            try:
+                async with manager.acquire_agent_lock_async("hot", timeout=timeout, max_retries=1):
+                    return True
+            except TimeoutError:
+                return False
+
+        loop = asyncio.get_running_loop()
+        waiting = [asyncio.ensure_future(hot(30.0)) for _ in range(400)]
+        deadline = loop.time() + 30
+        while ((compat._GATES.get(loop, {}).get("hot", (None, 0))[1] < 400 or in_worker[0] < 1)
+               and loop.time() < deadline):
+            await asyncio.sleep(0.01)  # until all 400 have queued, the first waiting in a worker
+        short = asyncio.ensure_future(hot(0.5))  # queued behind the others: its own timeout ends it
+        await asyncio.sleep(0.05)
+        assert most[0] == 1  # one task of the 401 waits in a worker thread
+        started = loop.time()
+        async with manager.acquire_agent_lock_async("cold", timeout=2.0, max_retries=1):
+            assert loop.time() - started < 2.0  # within its own timeout, not behind the hot agent's tasks
+        assert await short is False and loop.time() - started < 2.0
+        let_go.set()
+        assert all(await asyncio.gather(*waiting))  # each in turn, FIFO through the one worker
+
+    asyncio.run(main())
+    t.join(10)
 
 
 # -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------
