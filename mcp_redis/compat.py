@@ -37,6 +37,7 @@ store gives its slot back). See docs/migration.md, "Rate limits".
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -46,7 +47,7 @@ import weakref
 from asyncio.events import _get_running_loop
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Type, TypeVar, Union
 
 from .client import Client, resolve
 from .config import Mode
@@ -240,48 +241,97 @@ def _pool(kind: str) -> concurrent.futures.ThreadPoolExecutor:
 
 # The tasks of one event loop waiting for one agent queue here, in asyncio (FIFO), and only the
 # first of them waits in a worker thread: hundreds of tasks on one busy agent hold one thread,
-# not the pool that every other agent's tasks need. Per loop: (gate, tasks using it) by agent.
-_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, Tuple[asyncio.Lock, int]]] = (
-    weakref.WeakKeyDictionary())
+# not the pool that every other agent's tasks need. Per loop, by agent.
+class _Gate:
+    """One agent's queue on one loop: held by the task whose attempt runs in a worker thread,
+    handed to the next waiter in order when that attempt ends (never free in between, so a
+    newcomer cannot pass the queue); a waiter waits within its own time."""
+
+    __slots__ = ("held", "waiters")
+
+    def __init__(self) -> None:
+        self.held = False
+        self.waiters: Deque[asyncio.Future[None]] = collections.deque()
+
+    async def enter(self, loop: asyncio.AbstractEventLoop, wait: float) -> bool:
+        """True once this task holds the gate; False when `wait` seconds ran out first."""
+        if not self.held and not self.waiters:
+            self.held = True
+            return True
+        turn: asyncio.Future[None] = loop.create_future()
+        self.waiters.append(turn)
+        try:
+            # asyncio.wait, not wait_for: before Python 3.12 wait_for could return the result and
+            # drop a cancellation that arrived with it, and the cancelled task would enter.
+            await asyncio.wait((turn,), timeout=wait)
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave()  # handed to this task as it was cancelled: on to the next
+            else:
+                self._drop(turn)
+            raise
+        if turn.done():
+            return True
+        self._drop(turn)
+        return False
+
+    def leave(self) -> None:
+        """Hand the gate to the next waiter still waiting, else free it."""
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.held = False
+
+    def _drop(self, turn: asyncio.Future[None]) -> None:
+        turn.cancel()
+        try:
+            self.waiters.remove(turn)
+        except ValueError:
+            pass
+
+    def idle(self) -> bool:
+        return not self.held and not self.waiters
+
+
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, _Gate]] = weakref.WeakKeyDictionary()
 
 
 async def _through_gate(loop: asyncio.AbstractEventLoop, agent_id: str, wait: float,
                         attempt: Callable[[float], concurrent.futures.Future[bool]]) -> Optional[asyncio.Future[bool]]:
     """Queue behind this loop's other tasks waiting for `agent_id` (within `wait` seconds), then
     start `attempt(time left)` in a worker thread, whose future is returned (None: the time ran
-    out in the queue); the gate opens when the attempt ends."""
+    out in the queue); the gate passes on when the attempt ends."""
     gates = _GATES.setdefault(loop, {})
-    gate, users = gates.get(agent_id) or (asyncio.Lock(), 0)
-    gates[agent_id] = (gate, users + 1)
+    gate = gates.get(agent_id)
+    if gate is None:
+        gate = gates[agent_id] = _Gate()
     deadline = loop.time() + wait
+
+    def forget_if_idle() -> None:
+        if gate.idle() and gates.get(agent_id) is gate:
+            del gates[agent_id]
+
     try:
-        if not gate.locked():
-            await gate.acquire()  # free: taken without yielding
-        else:
-            try:
-                await asyncio.wait_for(gate.acquire(), wait)
-            except asyncio.TimeoutError:
-                _leave_gate(gates, agent_id)
-                return None
+        entered = await gate.enter(loop, wait)
+    finally:
+        forget_if_idle()
+    if not entered:
+        return None
+    try:
+        future = asyncio.wrap_future(attempt(max(0.0, deadline - loop.time())))
     except BaseException:
-        _leave_gate(gates, agent_id)
+        gate.leave()
+        forget_if_idle()
         raise
-    future = asyncio.wrap_future(attempt(max(0.0, deadline - loop.time())))
 
-    def open_gate(_: object) -> None:
-        gate.release()
-        _leave_gate(gates, agent_id)
+    def pass_on(_: object) -> None:
+        gate.leave()
+        forget_if_idle()
 
-    future.add_done_callback(open_gate)
+    future.add_done_callback(pass_on)
     return future
-
-
-def _leave_gate(gates: Dict[str, Tuple[asyncio.Lock, int]], agent_id: str) -> None:
-    gate, users = gates[agent_id]
-    if users > 1:
-        gates[agent_id] = (gate, users - 1)
-    else:
-        del gates[agent_id]
 
 
 def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:

@@ -146,7 +146,9 @@ class Watchdog:
             for hold in due:
                 self._beat_due()  # many renewals in a row must not starve the liveness beats
                 owner = hold.owner
-                if owner is not None and not owner.is_alive():
+                # Not the main thread: it counts as ended once the main script returns, while
+                # the process runs on in its other threads (its holds are that process's).
+                if owner is not None and not owner.is_alive() and owner is not threading.main_thread():
                     self._orphaned(hold)
                     continue
                 try:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import psycopg2
 import pytest
@@ -264,8 +265,11 @@ def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_oth
         loop = asyncio.get_running_loop()
         waiting = [asyncio.ensure_future(hot(30.0)) for _ in range(400)]
         deadline = loop.time() + 30
-        while ((compat._GATES.get(loop, {}).get("hot", (None, 0))[1] < 400 or in_worker[0] < 1)
-               and loop.time() < deadline):
+        def queued() -> int:
+            gate = compat._GATES.get(loop, {}).get("hot")
+            return 0 if gate is None else int(gate.held) + len(gate.waiters)
+
+        while (queued() < 400 or in_worker[0] < 1) and loop.time() < deadline:
             await asyncio.sleep(0.01)  # until all 400 have queued, the first waiting in a worker
         short = asyncio.ensure_future(hot(0.5))  # queued behind the others: its own timeout ends it
         await asyncio.sleep(0.05)
@@ -276,6 +280,93 @@ def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_oth
         assert await short is False and loop.time() - started < 2.0
         let_go.set()
         assert all(await asyncio.gather(*waiting))  # each in turn, FIFO through the one worker
+
+    asyncio.run(main())
+    t.join(10)
+
+
+def test_a_task_cancelled_as_its_turn_comes_is_cancelled_and_passes_its_turn_on(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancellation and the turn arrive together (the gate is handed to a task that has just
+    been cancelled): the task raises CancelledError without entering, and the next one enters."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    entered: List[str] = []
+    cancel_on_handover: List[Any] = []
+    leave = compat._Gate.leave
+
+    def leave_then_cancel(self: Any) -> None:
+        leave(self)
+        while cancel_on_handover:
+            cancel_on_handover.pop().cancel()  # in the same loop iteration as the handover
+
+    monkeypatch.setattr(compat._Gate, "leave", leave_then_cancel)
+
+    async def main() -> None:
+        async def task(name: str, hold: float) -> None:
+            async with manager.acquire_agent_lock_async("handover", timeout=10.0, max_retries=1):
+                entered.append(name)
+                await asyncio.sleep(hold)
+
+        first = asyncio.ensure_future(task("first", 0.2))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(task("second", 0))
+        third = asyncio.ensure_future(task("third", 0))
+        await asyncio.sleep(0.05)  # both queued behind the first's attempt
+        cancel_on_handover.append(second)
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        await third
+        assert not compat._GATES.get(asyncio.get_running_loop())
+
+    asyncio.run(main())
+    assert entered == ["first", "third"]
+    assert not held_elsewhere(manager, "handover")
+
+
+def test_a_task_arriving_as_the_turn_is_handed_on_queues_within_its_own_timeout(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer arriving in the instant the turn passes to a waiting task neither passes the
+    queue nor waits past its own timeout."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    holding, let_go = threading.Event(), threading.Event()
+    newcomer: List[Any] = []
+    leave = compat._Gate.leave
+
+    def holder() -> None:
+        with manager.acquire_agent_lock("turns", timeout=5.0):
+            holding.set()
+            let_go.wait(30)
+            time.sleep(0.3)  # the agent stays busy after the first task's attempt gives up
+
+    async def arrive(timeout: float) -> Tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with manager.acquire_agent_lock_async("turns", timeout=timeout, max_retries=1):
+                return True, loop.time() - started
+        except TimeoutError:
+            return False, loop.time() - started
+
+    def leave_then_arrive(self: Any) -> None:
+        leave(self)
+        if not newcomer:
+            newcomer.append(asyncio.ensure_future(arrive(0.05)))
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+    monkeypatch.setattr(compat._Gate, "leave", leave_then_arrive)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(arrive(0.1))  # its attempt gives up: the turn passes on
+        await asyncio.sleep(0.02)
+        patient = asyncio.ensure_future(arrive(10.0))
+        assert await first == (False, pytest.approx(0.1, abs=0.09))
+        got, waited = await newcomer[0]
+        assert got is False and waited < 0.5  # its 0.05 s, not the patient task's wait for the holder
+        let_go.set()
+        assert (await patient)[0] is True
 
     asyncio.run(main())
     t.join(10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -419,3 +420,31 @@ def test_a_lock_left_held_by_a_thread_that_ended_is_released_not_renewed_forever
         assert mcp_redis.lock("shared").acquire(blocking_timeout=1.5) is False  # still renewed
     assert caplog.text.count("a thread ended holding a lock it never released") == 1
     held[1].release()  # from this thread: a shared lock's holder is any thread
+
+
+_MAIN_RETURNS = """
+import sys, threading, time
+import mcp_redis
+mcp_redis.configure(redis_url=sys.argv[1])
+leader = mcp_redis.lock("leader", timeout=1, auto_renew=True)
+assert leader.acquire()
+
+def serve():  # the process works on under the lock its main thread took, after main returned
+    time.sleep(2.5)
+    print("held" if leader.locked() and not leader.lost else "released", flush=True)
+
+threading.Thread(target=serve).start()
+"""
+
+
+def test_a_lock_held_by_the_main_thread_is_kept_after_the_main_script_returns(redis_mode: str) -> None:
+    """The main thread counts as ended once the script returns, while the process runs on in
+    other threads: the watchdog keeps renewing its holds (a 1 s lease, 2.5 s on)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MAIN_RETURNS, redis_mode], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "held", proc.stderr
+    assert "never released" not in proc.stderr
