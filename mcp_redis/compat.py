@@ -81,7 +81,6 @@ def is_process_alive(pid: int) -> bool:
         return False
 
 
-
 def _check_file_name(agent_id: str, lock_dir: Path) -> None:
     """Local mode: ``<agent_id>.lock`` must be one file name in `lock_dir`, as the legacy server
     names it (no '/', NUL, '.' or '..'; encodable in the file system's encoding; within its
@@ -100,6 +99,7 @@ def _check_file_name(agent_id: str, lock_dir: Path) -> None:
     if size > limit:
         raise InvalidArgument("agent_id", f"makes a lock file name of {size} bytes in local mode; "
                                           f"lock_dir's file system allows {limit}")
+
 
 class _AgentLock(DistributedLock):
     """`agent_lock`'s lock (same key), not reentrant, auto-renewed, owned by the acquisition."""

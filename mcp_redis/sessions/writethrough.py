@@ -171,6 +171,7 @@ class WriteThroughBackend:
                 tier.refresh_index(session_key, bound, ttl_ms)
             except BackendUnavailable:
                 pass
+
             def left() -> Optional[int]:
                 return tier.left_ms(session_key)
 
