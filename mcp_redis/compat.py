@@ -298,11 +298,14 @@ class _Gate:
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, _Gate]] = weakref.WeakKeyDictionary()
 
 
-async def _through_gate(loop: asyncio.AbstractEventLoop, agent_id: str, wait: float,
+async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wait: float,
                         attempt: Callable[[float], concurrent.futures.Future[bool]]) -> Optional[asyncio.Future[bool]]:
-    """Queue behind this loop's other tasks waiting for `agent_id` (within `wait` seconds), then
-    start `attempt(time left)` in a worker thread, whose future is returned (None: the time ran
-    out in the queue); the gate passes on when the attempt ends."""
+    """Queue behind this loop's other tasks waiting for `core`'s agent (within `wait` seconds),
+    then start `attempt(time left)` in a worker thread, whose future is returned (None: the time
+    ran out in the queue). The gate passes on when the worker's attempt ends (not when the task
+    stops waiting for it: a cancelled task's worker still waits, and holds the agent's turn);
+    a grant made after the loop closed is given back by the worker."""
+    agent_id = core.agent_id
     gates = _GATES.setdefault(loop, {})
     gate = gates.get(agent_id)
     if gate is None:
@@ -320,18 +323,24 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, agent_id: str, wait: fl
     if not entered:
         return None
     try:
-        future = asyncio.wrap_future(attempt(max(0.0, deadline - loop.time())))
+        in_thread = attempt(max(0.0, deadline - loop.time()))
     except BaseException:
         gate.leave()
         forget_if_idle()
         raise
 
-    def pass_on(_: object) -> None:
+    def pass_on() -> None:
         gate.leave()
         forget_if_idle()
 
-    future.add_done_callback(pass_on)
-    return future
+    def ended(done: concurrent.futures.Future[bool]) -> None:  # in the worker thread
+        try:
+            loop.call_soon_threadsafe(pass_on)
+        except RuntimeError:  # the loop is closed: no task will take or release this grant
+            _give_back(core, done)
+
+    in_thread.add_done_callback(ended)
+    return asyncio.wrap_future(in_thread)
 
 
 def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:
@@ -366,11 +375,11 @@ class _AsyncAgentLock:
         for attempt_no in range(core.max_retries):
             started.clear()
             try:
-                pending = await _through_gate(loop, core.agent_id, core.timeout, attempt)
+                pending = await _through_gate(loop, core, core.timeout, attempt)
                 got = False if pending is None else await pending  # None: its time ran out in the queue
             except asyncio.CancelledError:
-                for in_thread in started:  # a grant made after the cancel is given back
-                    in_thread.add_done_callback(lambda f: _give_back(core, f))
+                for in_thread in started:  # a grant made after the cancel is given back, by a worker
+                    in_thread.add_done_callback(lambda f: _pool("release").submit(_give_back, core, f))
                 raise
             if got:
                 return None

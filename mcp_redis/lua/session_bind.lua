@@ -10,7 +10,8 @@
 --   put      SET ARGV[5] as it is, PX ttl (a record copied from the source of truth)
 --   sync     as put, but a binding of the same agent that has longer to live keeps its TTL
 --            (sliding touches run ahead of the source's throttled expiry)
---   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry)
+--   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry);
+--            a bare agent id is left as it is
 --   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
 -- Reply: {previous value or false, new value}; false when refresh/update found no binding
 -- (or another agent); {previous value, false} when the merged fields exceed ARGV[6];
@@ -58,12 +59,18 @@ elseif mode == 'sync' then
 else
   if not old then return false end
   local a, bound, count, _, fields = parse(old)
-  if not a then a, bound, count, fields = old, string.format('%x', now), '1', '' end
+  local bare = not a
+  if bare then a, bound, count, fields = old, string.format('%x', now), '1', '' end
   if mode == 'refresh' or ARGV[2] ~= '' then
     if a ~= agent then return false end
   end
   agent = a
-  if mode == 'update' then
+  if mode == 'refresh' and bare then
+    -- A bare agent id (written before records) stays bare: a record stamped now would not be
+    -- the bind its source of truth holds (a row from before records reads as bound at its
+    -- created_at), and a touch matches an expired row by that bind.
+    new = old
+  elseif mode == 'update' then
     local names, values = {}, {}
     local function add(packed)
       if packed == '' then return end
@@ -85,8 +92,10 @@ else
       return {old, false}
     end
   end
-  new = a .. US .. bound .. US .. count .. US .. string.format('%x', math.max(0, now - tonumber(bound, 16))) .. US .. fields
-  redis.call('SET', KEYS[1], new, 'KEEPTTL')
+  if new == nil then
+    new = a .. US .. bound .. US .. count .. US .. string.format('%x', math.max(0, now - tonumber(bound, 16))) .. US .. fields
+    redis.call('SET', KEYS[1], new, 'KEEPTTL')
+  end
 end
 
 if KEYS[2] and mode ~= 'update' then

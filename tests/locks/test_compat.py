@@ -372,6 +372,137 @@ def test_a_task_arriving_as_the_turn_is_handed_on_queues_within_its_own_timeout(
     t.join(10)
 
 
+def _busy(manager: StateLockManager, agent_id: str) -> Tuple[threading.Thread, threading.Event]:
+    """A thread of this process holds `agent_id` until the returned event is set."""
+    holding, let_go = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with manager.acquire_agent_lock(agent_id, timeout=5.0):
+            holding.set()
+            let_go.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+    return t, let_go
+
+
+def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_given_back(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handlers with their own short deadlines, cancelled while waiting for a busy agent: the
+    first one's worker keeps the agent's turn until its attempt ends (the others stay queued
+    and leave no worker behind), a free agent is taken at once, and the late grant is given
+    back (off the loop's thread)."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    t, let_go = _busy(manager, "busy")
+    attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
+    in_worker, most, released_on = [0], [0], []
+    count = threading.Lock()
+
+    def counted_attempt(self: Any, *wait: Any) -> bool:
+        if threading.current_thread() is t:
+            return attempt(self, *wait)
+        with count:
+            in_worker[0] += 1
+            most[0] = max(most[0], in_worker[0])
+        try:
+            return attempt(self, *wait)
+        finally:
+            with count:
+                in_worker[0] -= 1
+
+    def recording_release(self: Any) -> None:
+        released_on.append(threading.current_thread())
+        release(self)
+
+    monkeypatch.setattr(compat._Acquisition, "attempt", counted_attempt)
+    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(100):
+            waiter = asyncio.ensure_future(manager.acquire_agent_lock_async("busy", timeout=20.0,
+                                                                            max_retries=1).__aenter__())
+            await asyncio.sleep(0.005)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        assert most[0] == 1  # the first cancelled task's worker, still waiting; no other
+        started = loop.time()
+        async with manager.acquire_agent_lock_async("free", timeout=2.0, max_retries=1):
+            assert loop.time() - started < 2.0
+        let_go.set()  # the worker's attempt now succeeds, for a task that is gone: given back
+        await loop.run_in_executor(None, t.join, 10)
+        deadline = loop.time() + 10
+        while not released_on and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert released_on and threading.main_thread() not in released_on
+    monkeypatch.undo()
+    assert not held_elsewhere(manager, "busy")
+
+
+def test_a_grant_whose_task_is_cancelled_as_it_lands_is_given_back_off_the_loop_thread(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = StateLockManager(lock_dir=tmp_path)
+    attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
+    released_on: List[threading.Thread] = []
+    cancel: List[Any] = []
+
+    def granted_then_cancelled(self: Any, *wait: Any) -> bool:
+        got = attempt(self, *wait)
+        loop, task = cancel[0]
+        loop.call_soon_threadsafe(task.cancel)  # before the loop hears of the grant
+        return got
+
+    def recording_release(self: Any) -> None:
+        released_on.append(threading.current_thread())
+        release(self)
+
+    monkeypatch.setattr(compat._Acquisition, "attempt", granted_then_cancelled)
+    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
+
+    async def main() -> None:
+        async def enter() -> None:
+            async with manager.acquire_agent_lock_async("landing", timeout=5.0, max_retries=1):
+                pytest.fail("a cancelled task entered")
+
+        task = asyncio.ensure_future(enter())
+        cancel.append((asyncio.get_running_loop(), task))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = asyncio.get_running_loop().time() + 10
+        while not released_on and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert len(released_on) == 1 and released_on[0] is not threading.main_thread()
+    monkeypatch.undo()
+    assert not held_elsewhere(manager, "landing")
+
+
+def test_a_grant_made_after_its_loop_closed_is_given_back(backend: Dict[str, Any], tmp_path: Path) -> None:
+    """A loop closed with tasks still waiting (run_until_complete, then close): the grant the
+    worker gets afterwards has no task to take it, and is released, not renewed for ever."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    t, let_go = _busy(manager, "closed-loop")
+    loop = asyncio.new_event_loop()
+
+    async def waiter() -> None:
+        async with manager.acquire_agent_lock_async("closed-loop", timeout=5.0, max_retries=1):
+            pass
+
+    tasks = [loop.create_task(waiter()) for _ in range(3)]
+    loop.run_until_complete(asyncio.sleep(0.2))
+    loop.close()
+    let_go.set()
+    t.join(10)
+    with manager.acquire_agent_lock("closed-loop", timeout=5.0, max_retries=1):
+        pass
+    del tasks
+
+
 # -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------
 @pytest.mark.slow
 def test_legacy_call_pattern_in_four_processes_loses_no_update(backend: Dict[str, Any], database_url: str,
