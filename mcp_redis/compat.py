@@ -247,11 +247,13 @@ class _Gate:
     handed to the next waiter in order when that attempt ends (never free in between, so a
     newcomer cannot pass the queue); a waiter waits within its own time."""
 
-    __slots__ = ("held", "waiters")
+    __slots__ = ("held", "waiters", "current")
 
     def __init__(self) -> None:
         self.held = False
         self.waiters: Deque[asyncio.Future[None]] = collections.deque()
+        # The holder's attempt in its worker thread, until the loop hears it ended.
+        self.current: Optional[Tuple[concurrent.futures.Future[bool], _Acquisition]] = None
 
     async def enter(self, loop: asyncio.AbstractEventLoop, wait: float) -> bool:
         """True once this task holds the gate; False when `wait` seconds ran out first."""
@@ -298,14 +300,28 @@ class _Gate:
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, _Gate]] = weakref.WeakKeyDictionary()
 
 
+def _sweep_closed_loops() -> None:
+    """Forget the gates of loops closed with tasks still queued (their futures keep the loop
+    alive, so the weak keys alone would not), giving back each grant no task will take: one
+    made while its loop was stopped, whose loop was then closed without cancelling its tasks."""
+    for closed in [lp for lp in list(_GATES) if lp.is_closed()]:
+        for gate in _GATES.pop(closed, {}).values():
+            if gate.current is not None:
+                in_thread, core = gate.current
+                in_thread.add_done_callback(_give_back_later(core))
+
+
 async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wait: float,
                         attempt: Callable[[float], concurrent.futures.Future[bool]]) -> Optional[asyncio.Future[bool]]:
     """Queue behind this loop's other tasks waiting for `core`'s agent (within `wait` seconds),
-    then start `attempt(time left)` in a worker thread, whose future is returned (None: the time
-    ran out in the queue). The gate passes on when the worker's attempt ends (not when the task
-    stops waiting for it: a cancelled task's worker still waits, and holds the agent's turn);
-    a grant made after the loop closed is given back by the worker."""
+    then start `attempt(deadline)` in a worker thread (`time.monotonic()` deadline: time queued
+    for a thread counts too), whose future is returned (None: the time ran out in the queue).
+    The gate passes on when the worker's attempt ends (not when the task stops waiting for it:
+    a cancelled task's worker still waits, and holds the agent's turn); a grant made after the
+    loop closed is given back by the worker."""
     agent_id = core.agent_id
+    if loop not in _GATES:
+        _sweep_closed_loops()
     gates = _GATES.setdefault(loop, {})
     gate = gates.get(agent_id)
     if gate is None:
@@ -323,13 +339,15 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wai
     if not entered:
         return None
     try:
-        in_thread = attempt(max(0.0, deadline - loop.time()))
+        in_thread = attempt(time.monotonic() + max(0.0, deadline - loop.time()))
     except BaseException:
         gate.leave()
         forget_if_idle()
         raise
+    gate.current = (in_thread, core)
 
     def pass_on() -> None:
+        gate.current = None
         gate.leave()
         forget_if_idle()
 
@@ -343,10 +361,34 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wai
     return asyncio.wrap_future(in_thread)
 
 
+def _give_back_later(core: _Acquisition) -> Callable[[concurrent.futures.Future[bool]], None]:
+    """A done-callback giving back, in a release worker, a grant no task will take."""
+    def callback(future: concurrent.futures.Future[bool]) -> None:
+        _pool("release").submit(_give_back, core, future)
+
+    return callback
+
+
+def _attempt_by(core: _Acquisition, deadline: float, clean_first: bool) -> bool:
+    """In a worker thread: one attempt, waiting until `deadline` (`time.monotonic()`); the first
+    attempt runs the legacy stale-lock cleanup first (in the agent's turn, not one thread each)."""
+    if clean_first:
+        core.clean()
+    return core.attempt(max(0.0, deadline - time.monotonic()))
+
+
+_GIVEN_BACK: weakref.WeakSet[concurrent.futures.Future[bool]] = weakref.WeakSet()
+_GIVEN_BACK_LOCK = threading.Lock()
+
+
 def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:
-    """Done-callback of an attempt whose task was cancelled: release a grant nobody will use."""
+    """For an attempt no task will take (cancelled, or its loop closed): release its grant, once."""
     if future.cancelled() or future.exception() is not None or not future.result():
         return
+    with _GIVEN_BACK_LOCK:
+        if future in _GIVEN_BACK:
+            return
+        _GIVEN_BACK.add(future)
     try:
         core.release()
     except Exception:  # lost meanwhile: nothing left to give back
@@ -364,11 +406,10 @@ class _AsyncAgentLock:
     async def __aenter__(self) -> None:
         core = self._core
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(_pool("wait"), core.clean)
         started: list[concurrent.futures.Future[bool]] = []
 
-        def attempt(wait: float) -> concurrent.futures.Future[bool]:
-            future = _pool("wait").submit(core.attempt, wait)
+        def attempt(deadline: float) -> concurrent.futures.Future[bool]:
+            future = _pool("wait").submit(_attempt_by, core, deadline, not attempt_no)
             started.append(future)
             return future
 
@@ -379,7 +420,7 @@ class _AsyncAgentLock:
                 got = False if pending is None else await pending  # None: its time ran out in the queue
             except asyncio.CancelledError:
                 for in_thread in started:  # a grant made after the cancel is given back, by a worker
-                    in_thread.add_done_callback(lambda f: _pool("release").submit(_give_back, core, f))
+                    in_thread.add_done_callback(_give_back_later(core))
                 raise
             if got:
                 return None

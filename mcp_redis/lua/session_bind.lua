@@ -3,7 +3,8 @@
 -- KEYS[2] optional (not used by update): the session index (ZSET, score 0, members "<agent id>\0<session key as index_id writes it>");
 --         without it (Cluster: another slot) the caller updates the index itself.
 -- ARGV[1] mode   ARGV[2] agent id   ARGV[3] the session key as index_id writes it   ARGV[4] ttl ms
--- ARGV[5] bind: the caller's packed fields; put: the whole packed value; update: fields to merge
+-- ARGV[5] bind: the caller's packed fields; put: the whole packed value; update: fields to merge;
+--         refresh: 'keep-bare' or ''
 -- ARGV[6] update: the most bytes the merged fields may take
 -- Modes:
 --   bind     SET a new record (bound_at = last_active = now, bind_count = previous + 1), PX ttl
@@ -11,7 +12,7 @@
 --   sync     as put, but a binding of the same agent that has longer to live keeps its TTL
 --            (sliding touches run ahead of the source's throttled expiry)
 --   refresh  only while the binding names ARGV[2]: last_active = now, KEEPTTL (sliding expiry);
---            a bare agent id is left as it is
+--            a bare agent id becomes a record, unless ARGV[5] is 'keep-bare' (write-through)
 --   update   only while bound (to ARGV[2] unless it is ""): merge fields, last_active = now, KEEPTTL
 -- Reply: {previous value or false, new value}; false when refresh/update found no binding
 -- (or another agent); {previous value, false} when the merged fields exceed ARGV[6];
@@ -65,10 +66,10 @@ else
     if a ~= agent then return false end
   end
   agent = a
-  if mode == 'refresh' and bare then
-    -- A bare agent id (written before records) stays bare: a record stamped now would not be
-    -- the bind its source of truth holds (a row from before records reads as bound at its
-    -- created_at), and a touch matches an expired row by that bind.
+  if mode == 'refresh' and bare and ARGV[5] == 'keep-bare' then
+    -- Write-through: a bare agent id (written before records) stays bare. A record stamped now
+    -- would not be the bind the source of truth holds (a row from before records reads as bound
+    -- at its created_at), and an expired row is caught up only from the bind Redis holds.
     new = old
   elseif mode == 'update' then
     local names, values = {}, {}

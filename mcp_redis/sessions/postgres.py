@@ -80,12 +80,12 @@ RETURNING true
 """.replace("NOW_S", _NOW_S)
 # The same, given the bind Redis holds (agent, bound_at, bind_count; a record of {} reads as
 # bound at created_at, count 1, as `records.from_json` reads it): a live row of the agent is
-# its committed binding and takes the touch, and so is a pending one (written while Redis was
-# unreachable: newer than what Redis holds, and replayed over it); an expired row catches up
-# only from that same bind, never from a newer bind of its agent still in flight, whose COMMIT
-# may yet fail (Redis then forgets that bind, and read repair would serve the old row again).
+# its committed binding and takes the touch; an expired row catches up only from that same
+# bind: never from a newer bind of its agent still in flight, whose COMMIT may yet fail (Redis
+# then forgets that bind, and read repair would serve the old row again), nor from an older
+# one Redis still holds (a pending row, written while Redis was unreachable, has ended).
 _PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING true", """
-    AND (expires_at > now() OR redis_pending
+    AND (expires_at > now()
          OR (COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
              AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s))
 RETURNING true""")

@@ -289,15 +289,19 @@ class RedisTier:
             same = False
             if value is not None:
                 agent, data = unpack(str(value))
-                same = (agent == agent_id and data is not None and data.bound_at == record.bound_at
-                        and data.bind_count == record.bind_count)
+                # A bare agent id (before records) carries no bind to compare; it is never a write
+                # in flight either (this release always writes a record), so the agent decides.
+                same = agent == agent_id and (data is None or (data.bound_at == record.bound_at
+                                                                and data.bind_count == record.bind_count))
             lefts.append(max(int(left), 0) if same else 0)
         return lefts
 
-    def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int) -> None:
+    def refresh_index(self, session_key: str, agent_id: str, ttl_ms: int, keep_bare: bool = False) -> None:
         """After a sliding-expiry touch (throttled): ``last_active`` = now, the index entry and
-        its key's TTL kept, only while the binding still names `agent_id`."""
-        self._write(self.call, "refresh", session_key, agent_id, ttl_ms)
+        its key's TTL kept, only while the binding still names `agent_id`. A bare agent id
+        (before records) becomes a record stamped now, unless `keep_bare` (write-through: the
+        source of truth holds that binding's bind, which a record stamped now would not be)."""
+        self._write(self.call, "refresh", session_key, agent_id, ttl_ms, "keep-bare" if keep_bare else "")
 
     def update(self, session_key: str, fields: Dict[str, str], agent_id: str = "",
                *, retry: bool = True) -> Optional[Tuple[str, RecordData]]:

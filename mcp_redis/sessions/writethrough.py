@@ -168,7 +168,7 @@ class WriteThroughBackend:
         if self.throttle.due(session_key, bound, interval):
             METRICS.inc("session_touch_refresh_total")
             try:
-                tier.refresh_index(session_key, bound, ttl_ms)
+                tier.refresh_index(session_key, bound, ttl_ms, keep_bare=True)
             except BackendUnavailable:
                 pass
 

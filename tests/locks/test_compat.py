@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -21,6 +22,7 @@ import pytest
 import mcp_redis
 from mcp_redis import compat
 from mcp_redis.compat import StateLockManager
+from mcp_redis.testing import wait_for
 from tests import workers_compat
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -412,8 +414,8 @@ def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_give
                 in_worker[0] -= 1
 
     def recording_release(self: Any) -> None:
-        released_on.append(threading.current_thread())
         release(self)
+        released_on.append(threading.current_thread())
 
     monkeypatch.setattr(compat._Acquisition, "attempt", counted_attempt)
     monkeypatch.setattr(compat._Acquisition, "release", recording_release)
@@ -457,8 +459,8 @@ def test_a_grant_whose_task_is_cancelled_as_it_lands_is_given_back_off_the_loop_
         return got
 
     def recording_release(self: Any) -> None:
-        released_on.append(threading.current_thread())
         release(self)
+        released_on.append(threading.current_thread())
 
     monkeypatch.setattr(compat._Acquisition, "attempt", granted_then_cancelled)
     monkeypatch.setattr(compat._Acquisition, "release", recording_release)
@@ -501,6 +503,45 @@ def test_a_grant_made_after_its_loop_closed_is_given_back(backend: Dict[str, Any
     with manager.acquire_agent_lock("closed-loop", timeout=5.0, max_retries=1):
         pass
     del tasks
+
+
+def test_a_grant_made_while_its_loop_was_stopped_then_closed_is_given_back_and_the_loop_freed(
+        backend: Dict[str, Any], tmp_path: Path) -> None:
+    """The grant lands while the loop is stopped (between run_until_complete calls), then the loop
+    is closed with its tasks still waiting: the next use of the async lock, from another loop,
+    gives that grant back and lets the closed loop go."""
+    import gc
+
+    manager = StateLockManager(lock_dir=tmp_path)
+    t, let_go = _busy(manager, "stopped-loop")
+    loop = asyncio.new_event_loop()
+
+    async def waiter() -> None:
+        async with manager.acquire_agent_lock_async("stopped-loop", timeout=5.0, max_retries=1):
+            pass
+
+    tasks = [loop.create_task(waiter()) for _ in range(3)]
+    loop.run_until_complete(asyncio.sleep(0.2))  # the first waits in a worker, two in the gate
+    let_go.set()
+    t.join(10)
+    def granted(gate: Any = compat._GATES[loop]["stopped-loop"]) -> bool:
+        return gate.current is not None and bool(gate.current[0].done())
+
+    wait_for(granted, 10, what="the grant")
+    loop.close()
+    del tasks, granted
+
+    async def other() -> None:
+        async with manager.acquire_agent_lock_async("other", timeout=1.0, max_retries=1):
+            pass
+
+    asyncio.run(other())
+    with manager.acquire_agent_lock("stopped-loop", timeout=5.0, max_retries=1):
+        pass
+    closed = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert closed() is None
 
 
 # -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------

@@ -134,6 +134,9 @@ def test_a_binding_written_by_an_older_release_reads_as_a_record_without_fields(
     assert updated is not None and updated["bound_agent_id"] == "agent-old" and updated["client_type"] == "sse"
     assert updated["bind_count"] == 1 and 0 < client.pttl(binding_key("old")) <= 60_000  # expiry kept
     assert store.unbind("old") is True and store.get("old") is None
+    client.set(binding_key("old"), "agent-old", px=60_000)
+    assert SessionStore(refresh_interval=0).touch("old") == "agent-old"  # a sliding touch's refresh ...
+    assert store.record("old")["last_active"] is not None  # type: ignore[index]  # ... gives it a record
 
 
 def test_a_touch_refreshes_rows_and_bindings_written_before_records_in_write_through(
