@@ -298,17 +298,26 @@ class _Gate:
 
 
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[str, _Gate]] = weakref.WeakKeyDictionary()
+_GATES_LOCK = threading.Lock()  # loops of several threads add themselves; each loop's gates are its own
 
 
-def _sweep_closed_loops() -> None:
-    """Forget the gates of loops closed with tasks still queued (their futures keep the loop
-    alive, so the weak keys alone would not), giving back each grant no task will take: one
-    made while its loop was stopped, whose loop was then closed without cancelling its tasks."""
-    for closed in [lp for lp in list(_GATES) if lp.is_closed()]:
-        for gate in _GATES.pop(closed, {}).values():
+def _loop_gates(loop: asyncio.AbstractEventLoop) -> Dict[str, _Gate]:
+    """`loop`'s gates by agent. A loop seen for the first time first forgets the gates of loops
+    closed with tasks still queued (their futures keep the loop alive, so the weak keys alone
+    would not), giving back each grant no task will take: one made while its loop was stopped,
+    whose loop was then closed without cancelling its tasks."""
+    gates = _GATES.get(loop)
+    if gates is not None:
+        return gates
+    with _GATES_LOCK:
+        closed = [(lp, _GATES.pop(lp)) for lp in list(_GATES) if lp.is_closed()]
+        gates = _GATES.setdefault(loop, {})
+    for _, abandoned in closed:
+        for gate in abandoned.values():
             if gate.current is not None:
                 in_thread, core = gate.current
                 in_thread.add_done_callback(_give_back_later(core))
+    return gates
 
 
 async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wait: float,
@@ -320,9 +329,7 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wai
     a cancelled task's worker still waits, and holds the agent's turn); a grant made after the
     loop closed is given back by the worker."""
     agent_id = core.agent_id
-    if loop not in _GATES:
-        _sweep_closed_loops()
-    gates = _GATES.setdefault(loop, {})
+    gates = _loop_gates(loop)
     gate = gates.get(agent_id)
     if gate is None:
         gate = gates[agent_id] = _Gate()

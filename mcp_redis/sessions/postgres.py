@@ -89,6 +89,12 @@ _PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING true", """
          OR (COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
              AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s))
 RETURNING true""")
+# The same for a bare agent id in Redis (the layout before records: no bind to compare, and never
+# a write in flight), but an expired pending row is newer than it (written while Redis was
+# unreachable) and has ended, as `_PG_TOUCH_BIND` leaves it.
+_PG_TOUCH_BARE = _PG_TOUCH_AGENT.replace("RETURNING true", """
+    AND (expires_at > now() OR NOT redis_pending)
+RETURNING true""")
 _PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"
 # A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
@@ -211,10 +217,12 @@ class PostgresBackend:
     def _touch_bind(self, key: str, agent_id: str,
                     bind: Optional[Tuple[int, int]]) -> Callable[[Any, int], bool]:
         """``touch(cursor, ttl_ms)``: the row's expiry to `ttl_ms` from now while it binds
-        `agent_id`, and, given `bind` (``bound_at``, ``bind_count``), is that bind; True if so."""
+        `agent_id` and is live or, past its expiry, is `bind` (``bound_at``, ``bind_count``:
+        the bind Redis holds; None: a bare agent id there, and the row is not pending); True
+        if so."""
         args: Tuple[Any, ...] = (key, _utf8(agent_id))
         if bind is None:
-            statement = self.pg.sql(_PG_TOUCH_AGENT)
+            statement = self.pg.sql(_PG_TOUCH_BARE)
         else:
             statement, args = self.pg.sql(_PG_TOUCH_BIND), (*args, *bind)
 

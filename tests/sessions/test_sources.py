@@ -342,6 +342,8 @@ def test_expired_rows_against_an_older_bind_or_a_bare_agent_id_in_redis(redis_ur
     raw.set(binding_key("rebound"), pack("agent-a", older), px=60_000)  # ... and Redis never took it
     store.bind("old", "agent-a", ttl=60)
     raw.set(binding_key("old"), "agent-a", px=60_000)  # the layout before records
+    store.bind("old-rebound", "agent-a", ttl=60)  # a rebind Redis never took, over a bare value
+    raw.set(binding_key("old-rebound"), "agent-a", px=60_000)
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
 
@@ -357,22 +359,22 @@ def test_expired_rows_against_an_older_bind_or_a_bare_agent_id_in_redis(redis_ur
         return bool(row and row[0])
 
     with conn.cursor() as cur:
-        cur.execute("UPDATE mcp_redis.sessions SET redis_pending = true WHERE session_key = 'rebound'")
+        cur.execute("UPDATE mcp_redis.sessions SET redis_pending = true WHERE session_key LIKE '%rebound'")
         cur.execute("UPDATE mcp_redis.sessions SET record = '{}', created_at = now() - interval '1 hour' "
                     "WHERE session_key = 'old'")
     assert store.touch("old", ttl=60) == "agent-a"  # a refresh: the bare value stays bare
     assert raw.get(binding_key("old")) == "agent-a"
-    for key in ("rebound", "old"):
+    for key in ("rebound", "old", "old-rebound"):
         expire(key)
         assert store.touch(key, ttl=600) == "agent-a"  # Redis had it live
-    assert live("old") and not live("rebound")
+    assert live("old") and not live("rebound") and not live("old-rebound")
     expire("old")
     assert store.update("old", x=1) is not None and live("old")  # caught up, then updated
     expire("old")
     assert store.cleanup_expired() == 0 and live("old")  # caught up; "rebound" was replayed: ended
     conn.close()
     raw.flushdb()
-    assert (store.get("old"), store.get("rebound")) == ("agent-a", None)
+    assert (store.get("old"), store.get("rebound"), store.get("old-rebound")) == ("agent-a", None, None)
 
 
 def test_no_binding_is_lost_through_a_redis_outage(configure: Callable[[str], None], own_redis: RedisServer) -> None:
