@@ -223,18 +223,28 @@ def test_cancelling_a_task_while_it_waits_leaves_nothing_held(backend: Dict[str,
         pass
 
 
-def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_other_agent(
-        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tasks of a loop waiting for one agent queue in asyncio behind the one that waits in a
-    worker thread: 400 of them (more than the 256 worker threads) leave the pool to the others,
-    and a free agent is taken within its own timeout; each waiter's timeout still bounds it."""
-    manager = StateLockManager(lock_dir=tmp_path)
+def _busy(manager: StateLockManager, agent_id: str) -> Tuple[threading.Thread, threading.Event]:
+    """A thread of this process holds `agent_id` until the returned event is set."""
     holding, let_go = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with manager.acquire_agent_lock(agent_id, timeout=5.0):
+            holding.set()
+            let_go.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+    return t, let_go
+
+
+def _count_workers(monkeypatch: pytest.MonkeyPatch, holder: threading.Thread) -> Tuple[List[int], List[int]]:
+    """([attempts in worker threads now], [most at once]), counting every attempt but `holder`'s."""
     attempt, in_worker, most = compat._Acquisition.attempt, [0], [0]
     count = threading.Lock()
 
     def counted_attempt(self: Any, *wait: Any) -> bool:
-        if threading.current_thread() is t:
+        if threading.current_thread() is holder:
             return attempt(self, *wait)
         with count:
             in_worker[0] += 1
@@ -246,15 +256,29 @@ def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_oth
                 in_worker[0] -= 1
 
     monkeypatch.setattr(compat._Acquisition, "attempt", counted_attempt)
+    return in_worker, most
 
-    def holder() -> None:
-        with manager.acquire_agent_lock("hot", timeout=5.0):
-            holding.set()
-            let_go.wait(30)
 
-    t = threading.Thread(target=holder)
-    t.start()
-    assert holding.wait(10)
+def _record_releases(monkeypatch: pytest.MonkeyPatch) -> List[threading.Thread]:
+    """The thread of each `_Acquisition.release`, recorded once it returned."""
+    release, released_on = compat._Acquisition.release, []
+
+    def recording_release(self: Any) -> None:
+        release(self)
+        released_on.append(threading.current_thread())
+
+    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
+    return released_on
+
+
+def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_other_agent(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tasks of a loop waiting for one agent queue in asyncio behind the one that waits in a
+    worker thread: 400 of them (more than the 256 worker threads) leave the pool to the others,
+    and a free agent is taken within its own timeout; each waiter's timeout still bounds it."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    t, let_go = _busy(manager, "hot")
+    in_worker, most = _count_workers(monkeypatch, t)
 
     async def main() -> None:
         async def hot(timeout: float) -> bool:
@@ -374,21 +398,6 @@ def test_a_task_arriving_as_the_turn_is_handed_on_queues_within_its_own_timeout(
     t.join(10)
 
 
-def _busy(manager: StateLockManager, agent_id: str) -> Tuple[threading.Thread, threading.Event]:
-    """A thread of this process holds `agent_id` until the returned event is set."""
-    holding, let_go = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with manager.acquire_agent_lock(agent_id, timeout=5.0):
-            holding.set()
-            let_go.wait(60)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert holding.wait(10)
-    return t, let_go
-
-
 def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_given_back(
         backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Handlers with their own short deadlines, cancelled while waiting for a busy agent: the
@@ -397,28 +406,8 @@ def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_give
     back (off the loop's thread)."""
     manager = StateLockManager(lock_dir=tmp_path)
     t, let_go = _busy(manager, "busy")
-    attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
-    in_worker, most, released_on = [0], [0], []
-    count = threading.Lock()
-
-    def counted_attempt(self: Any, *wait: Any) -> bool:
-        if threading.current_thread() is t:
-            return attempt(self, *wait)
-        with count:
-            in_worker[0] += 1
-            most[0] = max(most[0], in_worker[0])
-        try:
-            return attempt(self, *wait)
-        finally:
-            with count:
-                in_worker[0] -= 1
-
-    def recording_release(self: Any) -> None:
-        release(self)
-        released_on.append(threading.current_thread())
-
-    monkeypatch.setattr(compat._Acquisition, "attempt", counted_attempt)
-    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
+    _, most = _count_workers(monkeypatch, t)
+    released_on = _record_releases(monkeypatch)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -448,8 +437,8 @@ def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_give
 def test_a_grant_whose_task_is_cancelled_as_it_lands_is_given_back_off_the_loop_thread(
         backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manager = StateLockManager(lock_dir=tmp_path)
-    attempt, release = compat._Acquisition.attempt, compat._Acquisition.release
-    released_on: List[threading.Thread] = []
+    attempt = compat._Acquisition.attempt
+    released_on = _record_releases(monkeypatch)
     cancel: List[Any] = []
 
     def granted_then_cancelled(self: Any, *wait: Any) -> bool:
@@ -458,12 +447,7 @@ def test_a_grant_whose_task_is_cancelled_as_it_lands_is_given_back_off_the_loop_
         loop.call_soon_threadsafe(task.cancel)  # before the loop hears of the grant
         return got
 
-    def recording_release(self: Any) -> None:
-        release(self)
-        released_on.append(threading.current_thread())
-
     monkeypatch.setattr(compat._Acquisition, "attempt", granted_then_cancelled)
-    monkeypatch.setattr(compat._Acquisition, "release", recording_release)
 
     async def main() -> None:
         async def enter() -> None:
