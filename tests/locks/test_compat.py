@@ -259,13 +259,14 @@ def _count_workers(monkeypatch: pytest.MonkeyPatch, holder: threading.Thread) ->
     return in_worker, most
 
 
-def _record_releases(monkeypatch: pytest.MonkeyPatch) -> List[threading.Thread]:
-    """The thread of each `_Acquisition.release`, recorded once it returned."""
+def _record_releases(monkeypatch: pytest.MonkeyPatch, agent_id: str) -> List[threading.Thread]:
+    """The thread of each `_Acquisition.release` of `agent_id`, recorded once it returned."""
     release, released_on = compat._Acquisition.release, []
 
     def recording_release(self: Any) -> None:
         release(self)
-        released_on.append(threading.current_thread())
+        if self.agent_id == agent_id:
+            released_on.append(threading.current_thread())
 
     monkeypatch.setattr(compat._Acquisition, "release", recording_release)
     return released_on
@@ -407,7 +408,7 @@ def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_give
     manager = StateLockManager(lock_dir=tmp_path)
     t, let_go = _busy(manager, "busy")
     _, most = _count_workers(monkeypatch, t)
-    released_on = _record_releases(monkeypatch)
+    released_on = _record_releases(monkeypatch, "busy")
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -425,11 +426,14 @@ def test_cancelled_waiters_keep_one_worker_for_the_agent_and_their_grant_is_give
         let_go.set()  # the worker's attempt now succeeds, for a task that is gone: given back
         await loop.run_in_executor(None, t.join, 10)
         deadline = loop.time() + 10
-        while not released_on and loop.time() < deadline:
+        while not given_back() and loop.time() < deadline:
             await asyncio.sleep(0.01)
 
+    def given_back() -> List[threading.Thread]:
+        return [th for th in released_on if th is not t]  # not the holder's own release
+
     asyncio.run(main())
-    assert released_on and threading.main_thread() not in released_on
+    assert len(given_back()) == 1 and threading.main_thread() not in given_back()
     monkeypatch.undo()
     assert not held_elsewhere(manager, "busy")
 
@@ -438,7 +442,7 @@ def test_a_grant_whose_task_is_cancelled_as_it_lands_is_given_back_off_the_loop_
         backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manager = StateLockManager(lock_dir=tmp_path)
     attempt = compat._Acquisition.attempt
-    released_on = _record_releases(monkeypatch)
+    released_on = _record_releases(monkeypatch, "landing")
     cancel: List[Any] = []
 
     def granted_then_cancelled(self: Any, *wait: Any) -> bool:
