@@ -320,15 +320,15 @@ def _loop_gates(loop: asyncio.AbstractEventLoop) -> Dict[str, _Gate]:
     return gates
 
 
-async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition, wait: float,
+async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition,
                         attempt: Callable[[float], concurrent.futures.Future[bool]]) -> Optional[asyncio.Future[bool]]:
-    """Queue behind this loop's other tasks waiting for `core`'s agent (within `wait` seconds),
+    """Queue behind this loop's other tasks waiting for `core`'s agent (within its `timeout`),
     then start `attempt(deadline)` in a worker thread (`time.monotonic()` deadline: time queued
     for a thread counts too), whose future is returned (None: the time ran out in the queue).
     The gate passes on when the worker's attempt ends (not when the task stops waiting for it:
     a cancelled task's worker still waits, and holds the agent's turn); a grant made after the
     loop closed is given back by the worker."""
-    agent_id = core.agent_id
+    agent_id, wait = core.agent_id, core.timeout
     gates = _loop_gates(loop)
     gate = gates.get(agent_id)
     if gate is None:
@@ -423,7 +423,7 @@ class _AsyncAgentLock:
         for attempt_no in range(core.max_retries):
             started.clear()
             try:
-                pending = await _through_gate(loop, core, core.timeout, attempt)
+                pending = await _through_gate(loop, core, attempt)
                 got = False if pending is None else await pending  # None: its time ran out in the queue
             except asyncio.CancelledError:
                 for in_thread in started:  # a grant made after the cancel is given back, by a worker
