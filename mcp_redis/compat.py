@@ -384,6 +384,23 @@ def _attempt_by(core: _Acquisition, deadline: float, clean_first: bool) -> bool:
     return core.attempt(max(0.0, deadline - time.monotonic()))
 
 
+# How long past its deadline an attempt may still wait for a worker thread to pick it up: a free
+# worker takes it within microseconds (so a `timeout=0` attempt still runs), a saturated pool not.
+_PICKUP_GRACE = 0.05
+
+
+async def _result_by(pending: asyncio.Future[bool], in_thread: concurrent.futures.Future[bool],
+                     deadline: float) -> bool:
+    """The attempt's result. An attempt still queued for a worker thread (every worker busy with
+    other agents) when its `deadline` (`time.monotonic()`) has passed is cancelled before it runs
+    (False, nothing taken), so the task's `timeout` bounds its wait for a thread too."""
+    remaining = deadline - time.monotonic() + _PICKUP_GRACE
+    done, _ = await asyncio.wait((pending,), timeout=max(0.0, remaining))
+    if not done and in_thread.cancel():
+        return False
+    return await pending
+
+
 _GIVEN_BACK: weakref.WeakSet[concurrent.futures.Future[bool]] = weakref.WeakSet()
 _GIVEN_BACK_LOCK = threading.Lock()
 
@@ -418,13 +435,17 @@ class _AsyncAgentLock:
         def attempt(deadline: float) -> concurrent.futures.Future[bool]:
             future = _pool("wait").submit(_attempt_by, core, deadline, not attempt_no)
             started.append(future)
+            deadlines.append(deadline)
             return future
 
+        deadlines: list[float] = []
         for attempt_no in range(core.max_retries):
             started.clear()
+            deadlines.clear()
             try:
                 pending = await _through_gate(loop, core, attempt)
-                got = False if pending is None else await pending  # None: its time ran out in the queue
+                # None: its time ran out in the queue.
+                got = False if pending is None else await _result_by(pending, started[0], deadlines[0])
             except asyncio.CancelledError:
                 for in_thread in started:  # a grant made after the cancel is given back, by a worker
                     in_thread.add_done_callback(_give_back_later(core))

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
@@ -236,10 +237,14 @@ class Subscriber:
         self._settled.set()
         for msg in pending:
             self._dispatch(msg)
+        probe = _LivenessProbe(ps)
         while not self._closed.is_set():
             msg = self._next(ps, True)
             if msg is not None:
+                probe.heard()
                 self._dispatch(msg)
+            else:
+                probe.silent()
             if switches is not None and pool.switches != switches:
                 raise rex.ConnectionError("the Sentinel master moved: subscribing on the new one")
 
@@ -261,7 +266,7 @@ class Subscriber:
         try:
             self._handler(str(msg["channel"]), msg["data"])
             self.delivered += 1
-        except Exception:
+        except BaseException:  # SystemExit too: it would end this thread, silently
             METRICS.inc("pubsub_handler_errors_total")
             log.exception("subscriber %s: handler raised; listener continues", self.name)
 
@@ -272,6 +277,40 @@ class Subscriber:
                 ps.close()
             except Exception:
                 pass
+
+
+class _LivenessProbe:
+    """Finds a subscription connection that went silent without closing (the host vanished, a
+    firewall or NAT dropped the flow): after `health_check_interval` seconds with nothing read it
+    sends a PING, and when nothing at all is read for `socket_timeout` seconds after that (its
+    reply or any message), it raises `TimeoutError`, so the listener reconnects. redis-py's own
+    health check sends a PING too but never misses the reply. `health_check_interval` 0: off."""
+
+    __slots__ = ("_ps", "_idle", "_reply_within", "_last", "_sent")
+
+    def __init__(self, ps: Any) -> None:
+        conn = getattr(ps, "connection", None)
+        self._ps = ps
+        self._idle = float(getattr(conn, "health_check_interval", 0) or 0)
+        self._reply_within = max(float(getattr(conn, "socket_timeout", None) or 5.0), 1.0)
+        self._last = time.monotonic()
+        self._sent: Optional[float] = None
+
+    def heard(self) -> None:
+        self._last = time.monotonic()
+        self._sent = None
+
+    def silent(self) -> None:
+        """After a read that found nothing (the socket was quiet for a poll interval)."""
+        if not self._idle:
+            return
+        now = time.monotonic()
+        if self._sent is None:
+            if now - self._last >= self._idle:
+                self._ps.ping("mcp_redis-liveness")
+                self._sent = now
+        elif now - self._sent >= self._reply_within:
+            raise rex.TimeoutError(f"no reply to PING within {self._reply_within:g}s: the connection is dead")
 
 
 def _refresh_slot_map(client: Any) -> None:

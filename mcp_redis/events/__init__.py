@@ -163,7 +163,7 @@ class Subscription:
                 self._handler(message.channel, message.event)
             else:
                 self._handler(message.event)
-        except Exception:
+        except BaseException:  # SystemExit too: it would end the listener's thread, silently
             self.errors += 1
             METRICS.inc("events_handler_errors_total", kind="pubsub")
             log.exception("subscription %r: handler raised; the subscription lives on", self.channel)

@@ -9,6 +9,7 @@ payload back into a dict, or None when it is not a JSON object.
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 from ..errors import InvalidArgument, InvalidArgumentType
@@ -71,10 +72,18 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON, but it decodes to Infinity
+        raise ValueError("number out of range")
+    return value
+
+
 def decode_event(data: object) -> Optional[Event]:
     """The event dict in a payload (bytes: UTF-8), or None if it is not a strict JSON object.
 
-    Not UTF-8, NaN/Infinity (Python's json would take them), nested deeper
+    Not UTF-8, NaN/Infinity (Python's json would take them, and a number
+    out of a float's range, such as 1e999, would become one), nested deeper
     than Python's recursion limit, or anything but an object: None, for the
     caller to skip (or dead-letter).
     """
@@ -86,7 +95,7 @@ def decode_event(data: object) -> Optional[Event]:
     if not isinstance(data, str):
         return None
     try:
-        value = json.loads(data, parse_constant=_no_constant)
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

@@ -90,6 +90,11 @@ def consume_loop(stream: EventStream, handler: EventHandler, *, count: int, bloc
     return handled
 
 
+class _HandlerExit(Exception):
+    """A background consumer's handler raised `SystemExit`, `KeyboardInterrupt` or another
+    `BaseException`: handled as any handler failure (logged, the entry left pending)."""
+
+
 class StreamConsumer:
     """A background `EventStream.consume` loop on a daemon thread."""
 
@@ -120,7 +125,12 @@ class StreamConsumer:
         return self._thread.is_alive()
 
     def _count(self, *args: Any) -> None:
-        self._handler(*args)
+        try:
+            self._handler(*args)
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit would end this thread, silently: a failure instead
+            raise _HandlerExit(f"the handler raised {type(exc).__name__}") from exc
         self.handled += 1
 
     def _run(self) -> None:

@@ -106,6 +106,26 @@ def test_a_raising_handler_is_logged_and_counted_and_the_subscription_lives_on(
     assert "handler raised" in caplog.text and "boom" in caplog.text
 
 
+@pytest.mark.parametrize("exit_exc", [SystemExit, KeyboardInterrupt], ids=["SystemExit", "KeyboardInterrupt"])
+def test_a_handler_raising_system_exit_is_logged_and_counted_and_the_subscription_lives_on(
+        bus: EventBus, caplog: pytest.LogCaptureFixture, exit_exc: type) -> None:
+    """Not only `Exception`: a `BaseException` would end the listener's thread, silently."""
+    inbox = Inbox()
+
+    def handler(event: Dict[str, Any]) -> None:
+        if event["n"] == 0:
+            raise exit_exc(3)
+        inbox(event)
+
+    caplog.set_level(logging.ERROR, logger="mcp_redis.events")
+    sub = bus.subscribe("contract:exit", handler)
+    for n in range(3):
+        bus.publish("contract:exit", {"n": n})
+    assert [e["n"] for e in inbox.wait(2)] == [1, 2]
+    assert sub.active and sub.errors == 1 and sub.delivered == 2
+    assert "handler raised" in caplog.text and exit_exc.__name__ in caplog.text
+
+
 def test_close_stops_delivery_and_is_idempotent(bus: EventBus) -> None:
     inbox = Inbox()
     sub = bus.subscribe("contract:close", inbox)

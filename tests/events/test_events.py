@@ -9,6 +9,7 @@ anything is sent; after a Redis restart the subscription resumes by itself.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -119,13 +120,14 @@ def test_payloads_that_are_not_a_json_object_are_skipped(bus: EventBus, redis_ur
     raw = Redis.from_url(redis_url, decode_responses=True)
     # A JSON object nested deeper than Python's recursion limit too (json raises RecursionError).
     deep = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
-    for junk in ("not json", "[1, 2]", "42", "\"s\"", '{"n": NaN}', '{"n": -Infinity}', deep):
+    # 1e999 is valid JSON, but a float out of range: it would decode to Infinity.
+    for junk in ("not json", "[1, 2]", "42", "\"s\"", '{"n": NaN}', '{"n": -Infinity}', '{"n": -1e999}', deep):
         raw.publish(sub.redis_channel, junk)
     bus.publish("c", {"ok": True})
     assert inbox.wait(1) == [{"ok": True}]
-    assert sub.skipped == 7 and sub.errors == 0 and sub.active
+    assert sub.skipped == 8 and sub.errors == 0 and sub.active
     raw.publish(sub.redis_channel, b"\xff not utf-8")  # skipped too; redis-py resubscribes under it
-    wait_for(lambda: sub.skipped == 8, what="the undecodable payload skipped")
+    wait_for(lambda: sub.skipped == 9, what="the undecodable payload skipped")
     wait_for(lambda: (bus.publish("c", {"ok": 2}), inbox.wait(0.2))[1][-1:] == [{"ok": 2}], timeout=10,
              what="events after it delivered")
     assert sub.active
@@ -255,6 +257,32 @@ def test_subscription_resumes_by_itself_after_redis_restarts(redis_factory: Any)
     assert sub.active and sub.reconnects >= 1
     ns = [e["n"] for e in inbox.items]
     assert ns == sorted(ns)
+
+
+def test_a_subscription_whose_connection_goes_silent_reconnects_by_itself(redis_server: Any) -> None:
+    """A connection that dies without a close or a reset (the host vanished, a firewall dropped
+    the flow) answers nothing: the listener's PING after `health_check_interval` idle seconds
+    goes unanswered for `socket_timeout`, and it reconnects (here once the silence ends: the
+    proxy's black hole holds new connections too, and closes the silent one only after it)."""
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), health_check_interval=1, socket_timeout=1.0)
+        bus = EventBus()
+        inbox = Inbox()
+        sub = bus.subscribe("c", inbox)
+        bus.publish("c", {"n": 0})
+        inbox.wait(1)
+        proxy.blackhole()
+        # Without the probe the listener reads nothing and stays active, for ever.
+        wait_for(lambda: not sub.active, 15, what="the silent connection found dead")
+        assert sub.reconnects >= 1
+        proxy.pass_through()
+        assert sub.wait_active(15)
+        direct = redis_server.client()
+        wait_for(lambda: (direct.publish(sub.redis_channel, json.dumps({"n": 1})), inbox.items[-1]["n"] == 1)[1],
+                 15, interval=0.1, what="delivery after the reconnect")
+        bus.close()
 
 
 def test_publish_and_subscribe_raise_backend_unavailable_when_redis_is_down(redis_factory: Any) -> None:

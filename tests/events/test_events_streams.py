@@ -11,6 +11,7 @@ recreated if Redis comes back empty.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Dict, List
 
@@ -96,6 +97,39 @@ def test_a_raising_handler_leaves_the_entry_pending_and_it_is_redelivered(raw: R
     wait_for(lambda: s.process(flaky, block_ms=0)[0] == 1, 10, what="re-delivery via XAUTOCLAIM")
     assert calls == [1, 2, 2] and s.pending() == 0
     assert METRICS.counter("events_handler_errors_total", kind="stream") == 1
+
+
+def test_a_background_consumers_handler_raising_system_exit_leaves_the_entry_pending_and_the_consumer_alive(
+        raw: Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """`SystemExit` from a handler would end the consumer's thread, silently, its entries left."""
+    s = EventStream("s", "g", "c")
+    seen: List[int] = []
+
+    def handler(event: Dict[str, Any]) -> None:
+        seen.append(event["n"])
+        if event["n"] == 0:
+            raise SystemExit(3)
+
+    caplog.set_level(logging.ERROR, logger="mcp_redis.events")
+    consumer = s.run_in_thread(handler, block_ms=50)
+    s.add_many([{"n": 0}, {"n": 1}])
+    wait_for(lambda: consumer.handled == 1, what="the next entry handled")
+    assert consumer.alive and s.pending() == 1 and seen == [0, 1]
+    assert "SystemExit" in caplog.text
+    consumer.close()
+
+
+def test_consume_in_the_callers_thread_lets_keyboard_interrupt_through_and_leaves_the_entry_pending(
+        raw: Redis) -> None:
+    s = EventStream("s", "g", "c")
+    s.add({"n": 0})
+
+    def handler(event: Dict[str, Any]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        s.consume(handler, block_ms=10, max_events=1)
+    assert s.pending() == 1
 
 
 def test_a_dead_consumers_pending_entries_are_claimed_by_another(raw: Redis) -> None:

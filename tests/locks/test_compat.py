@@ -312,6 +312,47 @@ def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_oth
     t.join(10)
 
 
+def test_with_every_worker_busy_on_other_agents_a_task_still_ends_within_its_timeout(
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More different busy agents waited on than worker threads: an attempt still queued for a
+    thread when its task's `timeout` ends is dropped unrun (it takes nothing), so the task ends
+    within its `timeout`, not after the other agents' waits."""
+    monkeypatch.setattr(compat, "_POOL_SIZES", {"wait": 2, "release": 8})
+    monkeypatch.setattr(compat, "_POOLS", {})  # a 2-thread pool for this test
+    manager = StateLockManager(lock_dir=tmp_path)
+    holders = [_busy(manager, agent) for agent in ("a", "b", "c")]
+    t, _ = holders[0]
+    in_worker, _ = _count_workers(monkeypatch, t)
+    holders_threads = {h for h, _ in holders}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def take(agent_id: str, timeout: float) -> bool:
+            try:
+                async with manager.acquire_agent_lock_async(agent_id, timeout=timeout, max_retries=1):
+                    return True
+            except TimeoutError:
+                return False
+
+        long_waits = [asyncio.ensure_future(take(agent, 30.0)) for agent in ("a", "b")]
+        deadline = loop.time() + 30
+        while in_worker[0] < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # both workers wait, for "a" and "b"
+        assert in_worker[0] == 2
+        started = loop.time()
+        assert await take("c", 0.5) is False  # no worker ever free for it
+        assert loop.time() - started < 3.0  # not the 30 s of the waits ahead of it
+        for _, let_go in holders:
+            let_go.set()
+        assert await asyncio.gather(*long_waits) == [True, True]
+
+    asyncio.run(main())
+    for h in holders_threads:
+        h.join(10)
+    assert not held_elsewhere(manager, "c")
+
+
 def test_a_task_cancelled_as_its_turn_comes_is_cancelled_and_passes_its_turn_on(
         backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cancellation and the turn arrive together (the gate is handed to a task that has just
