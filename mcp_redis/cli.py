@@ -73,6 +73,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 1 if redis_part.get("configured") and not redis_part.get("ok") else 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error on one line (libpq's messages run over several)."""
+    return " ".join(str(exc).split())
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .config import settings
     from .postgres import migrate
@@ -80,7 +85,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not settings().database_url:
         print("mcp-redis migrate: DATABASE_URL is not set", file=sys.stderr)
         return 2
-    done = migrate()
+    from .errors import BackendUnavailable
+
+    try:
+        done = migrate()
+    except BackendUnavailable as exc:  # PostgreSQL down, like `health`: 1 (retry later), not 2 (fix it)
+        print(f"mcp-redis migrate: {_one_line(exc)}", file=sys.stderr)
+        return 1
     _print({"ok": True, "statements": done}, args.json)
     return 0
 
@@ -109,7 +120,7 @@ def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
     try:
         removed = fn()
     except BackendUnavailable as exc:  # a backend down, like `health`: 1 (it stopped there)
-        print(f"mcp-redis sessions cleanup: {exc}", file=sys.stderr)
+        print(f"mcp-redis sessions cleanup: {_one_line(exc)}", file=sys.stderr)
         return 1
     _print({"ok": True, "removed": removed}, args.json)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+import redis.exceptions as rex
+
 from .config import _FEATURE_ENV, _FEATURES, Mode, Settings, redact_url, scrub
 from .metrics import METRICS
 
@@ -154,6 +156,29 @@ def _out_of_memory(conn: RedisConnection) -> Optional[str]:
     return None
 
 
+def _read_only(conn: RedisConnection) -> Optional[str]:
+    """Why a plain URL's server refuses writes as a replica (``INFO replication``), or None.
+
+    Only a plain URL: Sentinel and Cluster clients find their master themselves."""
+    if conn.kind != "single":
+        return None
+    try:
+        info = conn.client.info("replication")
+    except Exception:  # INFO refused: the calls themselves will tell
+        return None
+    if not isinstance(info, dict) or info.get("role") not in ("slave", "replica"):
+        return None
+    return str(conn.misconfiguration(rex.ReadOnlyError("You can't write against a read only replica.")))
+
+
+def _refuses_writes(conn: RedisConnection) -> Optional[str]:
+    """Why an answering deployment still refuses the library's writes, or None."""
+    read_only = _read_only(conn)
+    if read_only is not None:
+        return f"ReadOnlyServer: {read_only}"
+    return _out_of_memory(conn)
+
+
 def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     try:
@@ -164,14 +189,20 @@ def _redis_health(client: Client, feature: Optional[str], url: str) -> Dict[str,
     out["kind"] = conn.kind
     start = time.perf_counter()
     try:
-        conn.client.ping()
+        if conn.is_cluster:
+            # Every primary: one answering node says nothing of the slots of a hung one.
+            conn.client.ping(target_nodes=conn.client.PRIMARIES)
+        else:
+            conn.client.ping()
         out["ping_ms"] = round((time.perf_counter() - start) * 1000, 3)
-        full = _out_of_memory(conn)
-        out["ok"] = full is None
-        if full is None:
+        refusal = _refuses_writes(conn)
+        out["ok"] = refusal is None
+        if refusal is None:
+            # Only a deployment that takes writes: an answering replica or a full server
+            # must not close a breaker the calls themselves opened.
             conn.policy.breaker.record_success()
         else:
-            out["error"] = full
+            out["error"] = scrub(refusal, url)
         out["maxmemory_policy"] = maxmemory_policy(conn)
     except Exception as exc:
         out["ok"] = False

@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Mapping, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS"]
 
@@ -38,8 +38,9 @@ class _Histogram:
         self.total += value
         self.count += 1
 
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding the q-quantile (0 when empty)."""
+    def quantile(self, q: float) -> Optional[float]:
+        """Upper bound of the bucket holding the q-quantile (0 when empty); None when that is
+        beyond the top bucket (`LATENCY_BUCKETS[-1]`): the report stays strict JSON."""
         if not self.count:
             return 0.0
         rank = q * self.count
@@ -47,8 +48,8 @@ class _Histogram:
         for i, c in enumerate(self.counts):
             seen += c
             if seen >= rank and c:
-                return LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else float("inf")
-        return float("inf")
+                return LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else None
+        return None
 
 
 _instances: weakref.WeakSet[Metrics] = weakref.WeakSet()

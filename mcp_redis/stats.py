@@ -19,6 +19,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
+from redis.client import NEVER_DECODE
+
 from .metrics import METRICS, Metrics
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def process_stats(metrics: Metrics = METRICS) -> Dict[str, Any]:
 
     ``{"pid": ..., "<feature>": {"counters": {...}, "latencies": {...}}}``;
     counter keys are ``name{label=value,...}``, latencies give count, p50 and
-    p99 in seconds (the upper bound of the histogram bucket).
+    p99 in seconds (the upper bound of the histogram bucket; None above the top one).
     """
     out: Dict[str, Any] = {"pid": os.getpid()}
     for name, labels, value in metrics.counters():
@@ -173,9 +175,12 @@ def _count_keys(conn: Any, prefix: str, limit: int) -> Tuple[Dict[str, int], boo
     counts: Dict[str, int] = {}
     seen = 0
     pattern = _glob_escape(prefix) + "*"
-    for key in conn.client.scan_iter(match=pattern, count=1000):
-        rest = key[len(prefix):] if isinstance(key, str) else str(key)[len(prefix):]
-        namespace = rest.split(":", 1)[0] or "(none)"
+    skip = len(prefix.encode("utf-8"))
+    # Keys as bytes: a foreign key under the prefix that is not UTF-8 is counted (its
+    # namespace shown with escapes), not a UnicodeDecodeError reporting Redis as down.
+    for key in conn.client.scan_iter(match=pattern, count=1000, **{NEVER_DECODE: True}):
+        raw = key if isinstance(key, bytes) else str(key).encode("utf-8")
+        namespace = raw[skip:].split(b":", 1)[0].decode("utf-8", "backslashreplace") or "(none)"
         counts[namespace] = counts.get(namespace, 0) + 1
         seen += 1
         if seen >= limit:

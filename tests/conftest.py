@@ -8,7 +8,7 @@ skip into a failure. Every test starts from a clean configuration.
 from __future__ import annotations
 
 import os
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -119,6 +119,37 @@ def redis_mode(redis_url: str) -> str:
     """The library configured against the shared test redis-server."""
     mcp_redis.configure(redis_url=redis_url)
     return redis_url
+
+
+# MCP_REDIS_SERVER_TESTS_ONLY=1 (the Valkey pass of .ci/run): a test that talks to no Redis-protocol
+# server proves nothing new on a second server, so it is skipped there. Known once its fixtures
+# are set up (the contract tests ask for a server by parameter, through getfixturevalue); a module
+# that starts servers itself is always run.
+_SERVER_FIXTURES = frozenset({
+    "redis_server", "redis_url", "redis_factory", "redis_mode", "sentinel_topology", "cluster_topology",
+    "sentinel_topology_session", "cluster_topology_session", "redis_topology", "any_redis_url", "any_redis_mode",
+})
+_STARTS_SERVERS = ("RedisServer(", "redis_binary(", "ClusterTopology(", "SentinelTopology(")
+_module_starts_servers: Dict[str, bool] = {}
+
+
+def _talks_to_a_server(item: pytest.Item) -> bool:
+    request = getattr(item, "_request", None)
+    used = set(getattr(item, "fixturenames", ())) | set(getattr(request, "_fixture_defs", None) or ())
+    if used & _SERVER_FIXTURES:
+        return True
+    path = str(item.path)
+    if path not in _module_starts_servers:
+        with open(path, encoding="utf-8") as source:
+            text = source.read()
+        _module_starts_servers[path] = any(marker in text for marker in _STARTS_SERVERS)
+    return _module_starts_servers[path]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    if os.environ.get("MCP_REDIS_SERVER_TESTS_ONLY") == "1" and not _talks_to_a_server(item):
+        pytest.skip("talks to no Redis-protocol server (MCP_REDIS_SERVER_TESTS_ONLY=1)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:

@@ -111,6 +111,14 @@ def test_sessions_cleanup_exits_1_when_the_configured_redis_does_not_answer(data
     conn.close()
 
 
+def test_migrate_exits_1_not_2_when_postgres_is_down() -> None:
+    """A backend down is 1 (retry later), as for `health` and `sessions cleanup`; 2 is for a fix."""
+    env = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"}
+    out = run_cli("migrate", env=env)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert out.stderr.startswith("mcp-redis migrate: ") and out.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "args",
     [("migrate",), ("demo", "--workers", "0"), ("no-such-command",), ("bench", "--only", "no_such_feature")],

@@ -8,9 +8,11 @@ import time
 import pytest
 
 import mcp_redis
+from mcp_redis.client import default_client
 from mcp_redis.metrics import METRICS
 from mcp_redis.stats import process_stats, stats
 from mcp_redis.testing import free_port
+from mcp_redis.testing.topology import ClusterTopology
 
 
 def test_health_in_local_mode_is_ok_and_says_local() -> None:
@@ -80,14 +82,61 @@ def test_stats_counts_keys_per_namespace_under_the_prefix_only(redis_mode: str, 
     for i in range(5):
         raw.set(f"mcp:lock:agent-{i}", "t")
     raw.set("other-app:sess:x", "not ours")
+    raw.set(b"mcp:foreign\xff:x", "another client's key, not UTF-8: counted, not an error")
     report = stats()
     redis_part = report["redis"]
     assert redis_part["ok"] is True
-    assert redis_part["keys"] == {"lock": 5, "sess": 30}
+    assert redis_part["keys"] == {"foreign\\xff": 1, "lock": 5, "sess": 30}
     assert redis_part["keys_truncated"] is False
     assert redis_part["used_memory"] > 0
     assert set(redis_part["pool"]) >= {"in_use", "idle", "max"}
     assert redis_part["breaker"] == "closed"
+
+
+def test_stats_stay_strict_json_when_a_latency_is_above_the_top_bucket() -> None:
+    METRICS.observe("lock_wait_seconds", 7.0, outcome="acquired")
+    latency = process_stats()["locks"]["latencies"]
+    (hist,) = latency.values()
+    assert hist["count"] == 1 and hist["p50_s"] is None and hist["p99_s"] is None
+    json.dumps(stats(backends=False), allow_nan=False)
+
+
+def test_health_of_a_read_only_replica_url_is_not_ok_and_says_so(redis_factory) -> None:  # type: ignore[no-untyped-def]
+    """The calls would raise ReadOnlyServer: health must not say ok, nor close an open breaker."""
+    from mcp_redis.testing import wait_for
+
+    master = redis_factory()
+    replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
+    wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", what="the replica to sync")
+    mcp_redis.configure(redis_url=replica.url, breaker_failure_threshold=1)
+    breaker = default_client().redis().policy.breaker
+    breaker.record_failure()  # opened, as the refused calls would have
+    report = mcp_redis.health()
+    assert report["ok"] is False and report["redis"]["ok"] is False
+    assert "ReadOnlyServer" in report["redis"]["error"] and "REDIS_URL" in report["redis"]["error"]
+    assert report["redis"]["breaker"] == "open"
+    mcp_redis.configure(redis_url=master.url)
+    assert mcp_redis.health()["ok"] is True
+
+
+def test_health_on_a_cluster_is_not_ok_while_a_primary_does_not_answer_and_leaves_an_open_breaker_open(
+        cluster_topology: ClusterTopology) -> None:
+    """PING to one node says nothing of a hung primary's slots: every primary is asked."""
+    mcp_redis.configure(redis_url=cluster_topology.url, socket_timeout=0.3, breaker_failure_threshold=1)
+    assert mcp_redis.health()["ok"] is True
+    breaker = default_client().redis().policy.breaker
+    breaker.record_failure()  # opened, as calls to the hung primary's slots would have
+    hung = cluster_topology.masters[-1]
+    hung.pause()  # resumed well within the 2 s node timeout: no failover
+    try:
+        started = time.monotonic()
+        report = mcp_redis.health()
+        took = time.monotonic() - started
+    finally:
+        hung.resume()
+    assert report["ok"] is False and report["redis"]["ok"] is False, report
+    assert report["redis"]["breaker"] == "open"
+    assert took < 1.9, took  # the pause must stay under the node timeout (no failover)
 
 
 def test_stats_key_scan_is_bounded(redis_mode: str, redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -157,6 +157,9 @@ class RedisServer:
             "--logfile", os.path.join(self.directory, "redis.log"),
             "--daemonize", "no",
             "--protected-mode", "no",
+            # A replica made of it syncs at once (the default waits 5 s for more
+            # replicas to share a diskless transfer).
+            "--repl-diskless-sync-delay", "0",
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
