@@ -61,7 +61,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import stats
+    from .stats import redis_ok, stats
 
     report = stats(scan_limit=args.scan_limit)
     report["note"] = (
@@ -69,8 +69,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "with `from mcp_redis.stats import stats` or mcp_redis.prometheus"
     )
     _print(report, args.json)
-    redis_part = report.get("redis", {})
-    return 1 if redis_part.get("configured") and not redis_part.get("ok") else 0
+    return 0 if redis_ok(report.get("redis", {})) else 1
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import redis.exceptions as rex
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .connections import RedisConnection
 
-__all__ = ["health", "deployment_warnings", "maxmemory_policy"]
+__all__ = ["health", "deployment_warnings", "maxmemory_policy", "redis_deployments"]
 
 # Features whose keys must never be evicted: a lost lock key lets a second
 # holder in, a lost session or rate-limit counter forgets state.
@@ -101,6 +101,21 @@ def _deployments(s: Settings) -> Dict[str, List[str]]:
     if s.redis_url and not out[s.redis_url]:
         pass  # REDIS_URL itself is still probed (the CLI and the old report read it)
     return {url: features for url, features in out.items() if features or url == s.redis_url}
+
+
+def redis_deployments(s: Settings) -> List[Tuple[str, str, Optional[str]]]:
+    """Each distinct Redis deployment as ``(name, url, feature)``, REDIS_URL's first.
+
+    `name` labels it in reports and metrics: ``redis`` for ``REDIS_URL``'s, else
+    ``redis:<its features>`` (a ``MCP_REDIS_<FEATURE>_URL`` of its own); `feature`
+    is one feature on it, for ``client.redis(feature)`` (None: ``REDIS_URL``'s)."""
+    out: List[Tuple[str, str, Optional[str]]] = []
+    for url, features in _deployments(s).items():
+        if url == s.redis_url:
+            out.append(("redis", url, None))
+        else:
+            out.append((f"redis:{','.join(features)}", url, features[0]))
+    return out
 
 
 def maxmemory_policy(conn: RedisConnection) -> Optional[str]:

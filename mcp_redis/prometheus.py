@@ -205,62 +205,81 @@ def _pending_invalidations() -> Dict[str, int]:
 
 
 def _redis_memory_families() -> Iterator[Any]:
-    """``mcp_redis_redis_up`` and the memory gauges, from one ``INFO memory`` per scrape.
+    """``mcp_redis_redis_up`` and the memory gauges, from one ``INFO memory`` per deployment and scrape.
 
-    The probe bypasses the resilience policy, so a failing scrape never feeds
+    Labelled ``backend`` by deployment: ``redis`` (``REDIS_URL``), or
+    ``redis:<features>`` for a ``MCP_REDIS_<FEATURE>_URL`` of its own. The
+    probe bypasses the resilience policy, so a failing scrape never feeds
     the circuit breaker, and it is skipped while the breaker is open (Redis
     is then reported down without waiting a timeout). On Cluster each primary
     is one ``node``; otherwise the one node is ``node="master"``. An error
     reply (e.g. ``NOPERM``: the user lacks ``+info``) counts as up, without
-    memory gauges. Nothing is yielded when ``REDIS_URL`` is unset.
+    memory gauges. Nothing is yielded when no Redis URL is set.
     """
     from prometheus_client.core import GaugeMetricFamily
 
-    from .config import settings
-
-    try:
-        if not settings().redis_url:
-            return
-    except Exception:
+    deployments = _redis_deployments()
+    if not deployments:
         return
     up = GaugeMetricFamily(f"{NAMESPACE}_redis_up",
-                           "1 when Redis answered INFO at this scrape, 0 when it did not or the breaker is open.")
+                           "1 when Redis answered INFO at this scrape, 0 when it did not or the breaker is open.",
+                           labels=["backend"])
     used = GaugeMetricFamily(f"{NAMESPACE}_redis_memory_used_bytes", "Redis used_memory, bytes (INFO memory).",
-                             labels=["node"])
+                             labels=["backend", "node"])
     limit = GaugeMetricFamily(f"{NAMESPACE}_redis_memory_max_bytes",
-                              "Redis maxmemory, bytes (INFO memory); 0 means no limit.", labels=["node"])
+                              "Redis maxmemory, bytes (INFO memory); 0 means no limit.", labels=["backend", "node"])
+    any_memory = False
+    for name, feature in deployments:
+        answered, nodes = _redis_memory(feature)
+        up.add_metric([name], 1.0 if answered else 0.0)
+        for node, info in nodes.items():
+            used.add_metric([name, node], float(info.get("used_memory", 0)))
+            limit.add_metric([name, node], float(info.get("maxmemory", 0)))
+            any_memory = True
+    yield up
+    if any_memory:
+        yield used
+        yield limit
+
+
+def _redis_deployments() -> List[Tuple[str, Optional[str]]]:
+    """(backend label, feature) of each Redis deployment (see `health.redis_deployments`); never raises."""
+    from .config import settings
+    from .health import redis_deployments
+
+    try:
+        return [(name, feature) for name, _, feature in redis_deployments(settings())]
+    except Exception:
+        return []
+
+
+def _redis_memory(feature: Optional[str]) -> Tuple[bool, Dict[str, Mapping[str, Any]]]:
+    """(answered, INFO memory by node) of one deployment, bypassing its policy."""
     import redis.exceptions
 
-    nodes: Dict[str, Mapping[str, Any]] = {}
-    answered = False
     try:
         from .client import default_client
         from .resilience import BreakerState
 
-        conn = default_client().redis()
-        if conn.policy.breaker.state is not BreakerState.OPEN:
-            if conn.is_cluster:
-                reply = conn.client.info("memory", target_nodes=conn.client.PRIMARIES)
-                nodes = {str(k): v for k, v in reply.items() if isinstance(v, dict)}
-            else:
-                nodes = {"master": conn.client.info("memory")}
-            answered = bool(nodes)
+        client = default_client()
+        conn = client.redis(feature) if feature is not None else client.redis()
+        if conn.policy.breaker.state is BreakerState.OPEN:
+            return False, {}
+        nodes: Dict[str, Mapping[str, Any]]
+        if conn.is_cluster:
+            reply = conn.client.info("memory", target_nodes=conn.client.PRIMARIES)
+            nodes = {str(k): v for k, v in reply.items() if isinstance(v, dict)}
+        else:
+            nodes = {"master": conn.client.info("memory")}
+        return bool(nodes), nodes
     except redis.exceptions.ResponseError:
         # Redis answered with an error reply: reachable, but INFO is not allowed
         # (the least-privilege ACL of docs/security.md has no +info).
         log.debug("redis INFO memory refused", exc_info=True)
-        answered, nodes = True, {}
+        return True, {}
     except Exception:
         log.debug("redis INFO memory unavailable", exc_info=True)
-        nodes = {}
-    up.add_metric([], 1.0 if answered else 0.0)
-    yield up
-    if nodes:
-        for node, info in nodes.items():
-            used.add_metric([node], float(info.get("used_memory", 0)))
-            limit.add_metric([node], float(info.get("maxmemory", 0)))
-        yield used
-        yield limit
+        return False, {}
 
 
 def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:
@@ -272,12 +291,13 @@ def _backend_facts() -> List[Tuple[str, str, Mapping[str, int]]]:
         s = settings()
     except Exception:
         return out
-    if s.redis_url:
+    for name, feature in _redis_deployments():
         try:
             from .client import default_client
 
-            conn = default_client().redis()
-            out.append(("redis", conn.policy.breaker.state.value, _pool_stats(conn.pool_stats)))
+            client = default_client()
+            conn = client.redis(feature) if feature is not None else client.redis()
+            out.append((name, conn.policy.breaker.state.value, _pool_stats(conn.pool_stats)))
         except Exception:
             log.debug("redis facts unavailable", exc_info=True)
     if s.database_url:

@@ -26,7 +26,7 @@ from .metrics import METRICS, Metrics
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["stats", "summary", "process_stats", "redis_stats", "postgres_stats", "cache_functions",
+__all__ = ["stats", "summary", "process_stats", "redis_stats", "redis_ok", "postgres_stats", "cache_functions",
            "FEATURE_PREFIXES"]
 
 # Metric name prefix -> section of the report.
@@ -119,19 +119,41 @@ def redis_stats(scan_limit: int = DEFAULT_SCAN_LIMIT, client: Optional[Client] =
     """Redis-side facts: memory, keys per namespace under the prefix, pool, breaker.
 
     The key count walks ``SCAN MATCH <prefix>*`` and stops after `scan_limit`
-    keys (``keys_truncated`` tells); it never uses ``KEYS``.
+    keys (``keys_truncated`` tells); it never uses ``KEYS``. The report is the
+    first deployment's (``REDIS_URL``'s); with features on Redis deployments of
+    their own (``MCP_REDIS_<FEATURE>_URL``), ``deployments`` lists each, named as
+    in `mcp_redis.health.redis_deployments` (`redis_ok` reads them all).
     """
     from .client import resolve
+    from .health import redis_deployments
 
     c = resolve(client)
     s = c.settings
-    if not s.redis_url:
+    deployments = redis_deployments(s)
+    if not deployments:
         return {"configured": False}
-    out: Dict[str, Any] = {"configured": True}
+    entries = [{"name": name, **_deployment_stats(c, feature, scan_limit)} for name, _, feature in deployments]
+    out: Dict[str, Any] = {"configured": True, **{k: v for k, v in entries[0].items() if k != "name"}}
+    if len(entries) > 1:
+        # Each MCP_REDIS_<FEATURE>_URL of its own too; `redis` above is the first (REDIS_URL's).
+        out["deployments"] = entries
+    return out
+
+
+def redis_ok(report: Mapping[str, Any]) -> bool:
+    """False when a configured Redis deployment of a `redis_stats` report did not answer."""
+    if not report.get("configured"):
+        return True
+    return all(bool(entry.get("ok")) for entry in report.get("deployments") or [report])
+
+
+def _deployment_stats(c: Client, feature: Optional[str], scan_limit: int) -> Dict[str, Any]:
+    s = c.settings
+    out: Dict[str, Any] = {}
     try:
-        conn = c.redis()
+        conn = c.redis(feature) if feature is not None else c.redis()
     except Exception as exc:
-        return {"configured": True, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     out["url"] = conn.url
     out["kind"] = conn.kind
     try:

@@ -133,9 +133,9 @@ def test_scrape_shows_redis_used_memory_against_maxmemory(maxmemory_server: Redi
     mcp_redis.configure(redis_url=maxmemory_server.url)
     info = maxmemory_server.client().info("memory")
     samples = scrape()
-    assert value(samples, "mcp_redis_redis_up") == 1
-    assert value(samples, "mcp_redis_redis_memory_max_bytes", node="master") == 64 * 1024 * 1024
-    used = value(samples, "mcp_redis_redis_memory_used_bytes", node="master")
+    assert value(samples, "mcp_redis_redis_up", backend="redis") == 1
+    assert value(samples, "mcp_redis_redis_memory_max_bytes", backend="redis", node="master") == 64 * 1024 * 1024
+    used = value(samples, "mcp_redis_redis_memory_used_bytes", backend="redis", node="master")
     assert 0 < used < 64 * 1024 * 1024 and used >= info["used_memory"] / 2
 
 
@@ -147,6 +147,29 @@ def test_redis_up_is_zero_when_redis_does_not_answer_and_the_breaker_is_not_fed(
     assert value(samples, "mcp_redis_redis_up") == 0
     assert "mcp_redis_redis_memory_used_bytes" not in samples
     assert get_redis().policy.breaker.state.value == "closed"
+
+
+def test_a_feature_on_a_redis_of_its_own_has_its_own_up_breaker_and_pool_gauges_and_stats_entry(
+        redis_mode: str) -> None:
+    """MCP_REDIS_LOCKS_URL down while REDIS_URL answers: the gauges and `stats` say so for that
+    deployment (before, they read REDIS_URL's alone and the alerts stayed quiet)."""
+    mcp_redis.configure(redis_url=redis_mode, locks_url=f"redis://127.0.0.1:{free_port()}/0",
+                        breaker_failure_threshold=1, retry_attempts=1)
+    with pytest.raises(mcp_redis.BackendUnavailable):
+        with mcp_redis.agent_lock("agent-1", blocking_timeout=0.1):
+            pass
+    samples = scrape()
+    assert value(samples, "mcp_redis_redis_up", backend="redis") == 1
+    assert value(samples, "mcp_redis_redis_up", backend="redis:locks") == 0
+    assert value(samples, "mcp_redis_breaker_state", backend="redis:locks", state="open") == 1
+    assert value(samples, "mcp_redis_breaker_state", backend="redis", state="closed") == 1
+    assert value(samples, "mcp_redis_pool_connections", backend="redis:locks", state="max") > 0
+    from mcp_redis.stats import redis_ok, redis_stats
+
+    report = redis_stats()
+    assert report["ok"] is True  # REDIS_URL's own entry
+    assert [(e["name"], e["ok"]) for e in report["deployments"]] == [("redis", True), ("redis:locks", False)]
+    assert redis_ok(report) is False
 
 
 def test_no_redis_gauges_in_local_mode() -> None:
