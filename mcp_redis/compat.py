@@ -47,7 +47,7 @@ import weakref
 from asyncio.events import _get_running_loop
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 from .client import Client, resolve
 from .config import Mode
@@ -376,12 +376,17 @@ def _give_back_later(core: _Acquisition) -> Callable[[concurrent.futures.Future[
     return callback
 
 
-def _attempt_by(core: _Acquisition, deadline: float, clean_first: bool) -> bool:
-    """In a worker thread: one attempt, waiting until `deadline` (`time.monotonic()`); the first
-    attempt runs the legacy stale-lock cleanup first (in the agent's turn, not one thread each)."""
-    if clean_first:
+def _attempt_by(core: _Acquisition, deadline: float, attempt_no: int, pauses: List[float]) -> bool:
+    """In a worker thread: attempt `attempt_no`, waiting until `deadline` (`time.monotonic()`).
+    The first runs the legacy stale-lock cleanup first (in the agent's turn, not one thread
+    each); a failed one but the last runs `between` (that cleanup again, in this same thread:
+    not a task of its own behind a full pool) and leaves the pause to take in `pauses`."""
+    if not attempt_no:
         core.clean()
-    return core.attempt(max(0.0, deadline - time.monotonic()))
+    got = core.attempt(max(0.0, deadline - time.monotonic()))
+    if not got and attempt_no < core.max_retries - 1:
+        pauses.append(core.between(attempt_no))
+    return got
 
 
 # How long past its deadline an attempt may still wait for a worker thread to pick it up: a free
@@ -430,18 +435,20 @@ class _AsyncAgentLock:
     async def __aenter__(self) -> None:
         core = self._core
         loop = asyncio.get_running_loop()
-        started: list[concurrent.futures.Future[bool]] = []
+        started: List[concurrent.futures.Future[bool]] = []
+        deadlines: List[float] = []
+        pauses: List[float] = []
 
         def attempt(deadline: float) -> concurrent.futures.Future[bool]:
-            future = _pool("wait").submit(_attempt_by, core, deadline, not attempt_no)
+            future = _pool("wait").submit(_attempt_by, core, deadline, attempt_no, pauses)
             started.append(future)
             deadlines.append(deadline)
             return future
 
-        deadlines: list[float] = []
         for attempt_no in range(core.max_retries):
             started.clear()
             deadlines.clear()
+            pauses.clear()
             try:
                 pending = await _through_gate(loop, core, attempt)
                 # None: its time ran out in the queue.
@@ -453,7 +460,9 @@ class _AsyncAgentLock:
             if got:
                 return None
             if attempt_no < core.max_retries - 1:
-                await asyncio.sleep(await loop.run_in_executor(_pool("wait"), core.between, attempt_no))
+                # The worker's `between`; none when the attempt never ran (dropped unrun, or its
+                # time ran out in the queue): the plain backoff, its cleanup left to the next.
+                await asyncio.sleep(pauses[0] if pauses else BACKOFF * float(2 ** attempt_no))
         raise core.timed_out()
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],

@@ -237,7 +237,9 @@ class Subscriber:
         self._settled.set()
         for msg in pending:
             self._dispatch(msg)
-        probe = _LivenessProbe(ps)
+        # From the settings, not the socket: cluster connections are built without redis-py's
+        # health check (`health_check_interval` 0 there).
+        probe = _LivenessProbe(ps, conn.settings.health_check_interval, conn.settings.socket_timeout)
         while not self._closed.is_set():
             msg = self._next(ps, True)
             if msg is not None:
@@ -284,15 +286,16 @@ class _LivenessProbe:
     firewall or NAT dropped the flow): after `health_check_interval` seconds with nothing read it
     sends a PING, and when nothing at all is read for `socket_timeout` seconds after that (its
     reply or any message), it raises `TimeoutError`, so the listener reconnects. redis-py's own
-    health check sends a PING too but never misses the reply. `health_check_interval` 0: off."""
+    health check sends a PING too but never misses the reply. `health_check_interval` 0: off.
+    A server busy for longer than `socket_timeout` (a long script) looks the same: the listener
+    reconnects, as every other call of the library would time out then."""
 
     __slots__ = ("_ps", "_idle", "_reply_within", "_last", "_sent")
 
-    def __init__(self, ps: Any) -> None:
-        conn = getattr(ps, "connection", None)
+    def __init__(self, ps: Any, idle: float, reply_within: Optional[float]) -> None:
         self._ps = ps
-        self._idle = float(getattr(conn, "health_check_interval", 0) or 0)
-        self._reply_within = max(float(getattr(conn, "socket_timeout", None) or 5.0), 1.0)
+        self._idle = float(idle or 0)
+        self._reply_within = max(float(reply_within or 5.0), 1.0)
         self._last = time.monotonic()
         self._sent: Optional[float] = None
 

@@ -312,11 +312,13 @@ def test_hundreds_of_tasks_waiting_on_one_agent_hold_one_worker_and_delay_no_oth
     t.join(10)
 
 
+@pytest.mark.parametrize("max_retries", [1, 3])
 def test_with_every_worker_busy_on_other_agents_a_task_still_ends_within_its_timeout(
-        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend: Dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_retries: int) -> None:
     """More different busy agents waited on than worker threads: an attempt still queued for a
     thread when its task's `timeout` ends is dropped unrun (it takes nothing), so the task ends
-    within its `timeout`, not after the other agents' waits."""
+    within its `timeout` per attempt (and the backoffs between them, which never queue for a
+    thread), not after the other agents' waits."""
     monkeypatch.setattr(compat, "_POOL_SIZES", {"wait": 2, "release": 8})
     monkeypatch.setattr(compat, "_POOLS", {})  # a 2-thread pool for this test
     manager = StateLockManager(lock_dir=tmp_path)
@@ -328,9 +330,9 @@ def test_with_every_worker_busy_on_other_agents_a_task_still_ends_within_its_tim
     async def main() -> None:
         loop = asyncio.get_running_loop()
 
-        async def take(agent_id: str, timeout: float) -> bool:
+        async def take(agent_id: str, timeout: float, retries: int = 1) -> bool:
             try:
-                async with manager.acquire_agent_lock_async(agent_id, timeout=timeout, max_retries=1):
+                async with manager.acquire_agent_lock_async(agent_id, timeout=timeout, max_retries=retries):
                     return True
             except TimeoutError:
                 return False
@@ -341,8 +343,9 @@ def test_with_every_worker_busy_on_other_agents_a_task_still_ends_within_its_tim
             await asyncio.sleep(0.01)  # both workers wait, for "a" and "b"
         assert in_worker[0] == 2
         started = loop.time()
-        assert await take("c", 0.5) is False  # no worker ever free for it
-        assert loop.time() - started < 3.0  # not the 30 s of the waits ahead of it
+        assert await take("c", 0.5, max_retries) is False  # no worker ever free for it
+        # 3 attempts: 3 x 0.55 s and backoffs of 0.2 s and 0.4 s; not the 30 s of the waits ahead.
+        assert loop.time() - started < 1.5 * max_retries + 1.5
         for _, let_go in holders:
             let_go.set()
         assert await asyncio.gather(*long_waits) == [True, True]
