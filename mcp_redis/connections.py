@@ -33,7 +33,7 @@ from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from .config import FEATURE_URLS, Settings, redact_url, scrub, setting_variable, url_setting
 from .errors import ConfigurationError, ReadOnlyServer
-from .resilience import CircuitBreaker, Resilience, redis_misconfiguration
+from .resilience import CircuitBreaker, Resilience, WrongServerKind, redis_misconfiguration
 from .scripts import ScriptSet
 
 __all__ = [
@@ -454,13 +454,20 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         best: Optional[Tuple[int, Tuple[str, int]]] = None
         named: Set[Tuple[str, int]] = set()
         errors: List[str] = []
-        for sentinel in list(manager.sentinels):
+        not_sentinels = 0  # answered "unknown command": a data node, not a Sentinel
+        monitored: Set[str] = set()  # the services of the Sentinels that answered
+        sentinels = list(manager.sentinels)
+        for sentinel in sentinels:
             try:  # SENTINEL MASTERS, as redis-py asks: the one command the Sentinel ACL grants
-                state = sentinel.sentinel_masters().get(self.service_name)
+                masters = sentinel.sentinel_masters()
             except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError,
                     redis.exceptions.TimeoutError) as exc:
                 errors.append(f"{sentinel} - {exc!r}" + (f": {exc}" if str(exc) else ""))  # as redis-py words it
+                if isinstance(exc, redis.exceptions.ResponseError) and "UNKNOWN COMMAND" in str(exc).upper():
+                    not_sentinels += 1
                 continue
+            monitored.update(str(name) for name in masters)
+            state = masters.get(self.service_name)
             if not state or not manager.check_master_state(state, self.service_name):
                 continue
             epoch = int(state.get("config-epoch", 0) or 0)
@@ -473,6 +480,19 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         # is over everywhere (see `follow`).
         self._unanimous = len(named) == 1
         if best is None:
+            # Only what every listed server said is the operator's to fix; a Sentinel down or
+            # restarting among them may yet name the master: an outage, retried.
+            if sentinels and not_sentinels == len(sentinels):
+                raise WrongServerKind(
+                    "the servers of this redis+sentinel:// URL are not Sentinels (they do not know the "
+                    "SENTINEL command): list the Sentinels (port 26379 by default), not the data nodes, "
+                    "or use redis://host:port for a single server")
+            if sentinels and not errors and self.service_name not in monitored:
+                known = ", ".join(repr(name) for name in sorted(monitored)[:10]) or "none"
+                raise WrongServerKind(
+                    f"no Sentinel of this URL monitors a master named {self.service_name!r} (they "
+                    f"monitor: {known}); the path of a redis+sentinel:// URL is the name given to "
+                    "`sentinel monitor`")
             raise MasterNotFoundError(
                 f"No master found for {self.service_name!r}" + (f" : {', '.join(errors)}" if errors else ""))
         return best[1]
@@ -775,6 +795,15 @@ class LazyCluster:
                         raise  # the policy turns it into a ConfigurationError
                     raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
                 except redis.exceptions.RedisClusterException as exc:
+                    refused = _refusal_behind(exc)  # redis-py words any refusal of CLUSTER SLOTS
+                    if refused is not None:  # as "cluster mode is not enabled"
+                        if redis_misconfiguration(refused, follows_failover=True) is not None:
+                            raise refused from None  # NOPERM, WRONGPASS...: the policy names the fix
+                        if "CLUSTER SUPPORT DISABLED" in str(refused).upper():
+                            raise WrongServerKind(
+                                f"the server is not in cluster mode ({str(refused).strip()}): a "
+                                "redis+cluster:// URL lists cluster nodes; a single server is "
+                                "redis://host:port") from None
                     raise redis.exceptions.ConnectionError(_cluster_down(self._kwargs, exc)) from None
                 log.info("redis cluster client built")
             return self._client
@@ -813,6 +842,17 @@ class LazyCluster:
 
         deferred.__name__ = name
         return deferred
+
+
+def _refusal_behind(exc: BaseException) -> Optional[redis.exceptions.ResponseError]:
+    """The server's error reply that a redis-py cluster exception was raised over, if any."""
+    seen: BaseException = exc
+    for _ in range(5):  # redis-py wraps it once or twice, without `from`
+        inner = seen.__cause__ or seen.__context__
+        if inner is None or isinstance(inner, redis.exceptions.ResponseError):
+            return inner
+        seen = inner
+    return None
 
 
 def _cluster_down(kwargs: Dict[str, Any], exc: BaseException) -> str:

@@ -100,14 +100,23 @@ def is_redis_transient(exc: BaseException) -> bool:
         # BUSY: another client's script (or function) runs past its time limit,
         # and the server serves nothing else until it ends or is killed.
         # MISCONF: a failing snapshot with stop-writes-on-bgsave-error.
+        # UNBLOCKED: a blocking command (BLPOP, XREADGROUP BLOCK) released because
+        # the master became a replica (a graceful failover): the new master serves it.
         # None of these says anything about the call: the server cannot serve
         # it now. ("BUSY " with its space: BUSYGROUP and BUSYKEY are answers.)
-        if "NOREPLICAS" in said or said.startswith(("BUSY ", "MISCONF ")):
+        if "NOREPLICAS" in said or said.startswith(("BUSY ", "MISCONF ", "UNBLOCKED")):
             return True
     return isinstance(exc, REDIS_TRANSIENT)
 
 
 SUPPORTED_SERVERS = "Redis 7.0 or later, or Valkey 8"
+
+
+class WrongServerKind(rex.RedisError):
+    """The URL's scheme names a kind of server that the servers it lists are not (raised by the
+    client builders of `mcp_redis.connections`): a ``redis+sentinel://`` URL listing data nodes,
+    or naming a service that none of its Sentinels monitors; a ``redis+cluster://`` URL at a
+    server without cluster mode. `redis_misconfiguration` makes it a `ConfigurationError`."""
 
 
 def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False,
@@ -123,6 +132,8 @@ def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False
     """
     if not isinstance(exc, rex.RedisError):
         return None
+    if isinstance(exc, WrongServerKind):
+        return ConfigurationError(f"{variable}: {exc}", variable=variable)
     said = str(exc).strip()
     upper = said.upper()
     if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)) or (

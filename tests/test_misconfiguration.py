@@ -84,6 +84,30 @@ def test_database_index_the_server_lacks_is_bad_database_index(redis_server: Red
     assert_refused_as(mcp_redis.BadDatabaseIndex, "REDIS_URL", take_lock, hit_rate_limit)
 
 
+def test_a_sentinel_url_listing_a_data_node_is_a_configuration_error(redis_server: RedisServer) -> None:
+    mcp_redis.configure(redis_url=f"redis+sentinel://127.0.0.1:{redis_server.port}/mymaster", **STRICT)
+    assert_refused_as(mcp_redis.ConfigurationError, "REDIS_URL", take_lock, hit_rate_limit)
+    with pytest.raises(mcp_redis.ConfigurationError, match="not Sentinels"):
+        take_lock()
+
+
+def test_a_sentinel_url_naming_a_service_no_sentinel_monitors_is_a_configuration_error(
+        sentinel_topology: Any) -> None:
+    url = sentinel_topology.url.rsplit("/", 1)[0] + "/no-such-service"
+    mcp_redis.configure(redis_url=url, **STRICT)
+    assert_refused_as(mcp_redis.ConfigurationError, "REDIS_URL", take_lock, hit_rate_limit)
+    with pytest.raises(mcp_redis.ConfigurationError, match=f"monitor: '{sentinel_topology.service}'"):
+        take_lock()
+
+
+def test_a_cluster_url_at_a_server_without_cluster_mode_is_a_configuration_error(redis_server: RedisServer) -> None:
+    mcp_redis.configure(redis_url=f"redis+cluster://127.0.0.1:{redis_server.port}", **STRICT)
+    assert_refused_as(mcp_redis.ConfigurationError, "REDIS_URL", take_lock, hit_rate_limit)
+    with pytest.raises(mcp_redis.ConfigurationError, match="not in cluster mode"):
+        take_lock()
+    assert mcp_redis.health()["redis"]["error"].startswith("ConfigurationError: REDIS_URL: ")
+
+
 def test_replica_url_is_read_only_server(redis_factory: Any) -> None:
     master = redis_factory()
     replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])

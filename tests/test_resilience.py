@@ -75,3 +75,17 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 0.01 <= policy.backoff(1) <= 0.02
     assert all(policy.backoff(n) <= 0.05 for n in range(1, 20))
     assert policy.backoff(10) >= 0.04
+
+
+@pytest.mark.parametrize("reply, transient", [
+    ("UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)", True),
+    ("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.", True),
+    ("BUSYGROUP Consumer Group name already exists", False),
+    ("ERR unknown command 'FOO'", False),
+])
+def test_error_replies_that_mean_the_server_cannot_serve_now_are_transient(reply: str, transient: bool) -> None:
+    """UNBLOCKED: a blocking read (a stream consumer's XREADGROUP BLOCK) released by a graceful
+    failover is retried, on the new master, not raised as a raw redis-py error."""
+    from mcp_redis.resilience import is_redis_transient
+
+    assert is_redis_transient(rex.ResponseError(reply)) is transient

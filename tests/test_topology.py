@@ -431,6 +431,46 @@ def test_min_replicas_to_write_refuses_the_write_that_failover_would_lose(sentin
 
 # -- Cluster -------------------------------------------------------------------------------------
 @pytest.mark.cluster
+def test_a_lock_waiter_rides_out_a_graceful_cluster_failover_of_its_shard(cluster_topology: ClusterTopology) -> None:
+    """`CLUSTER FAILOVER` ends the waiter's BLPOP with ``-UNBLOCKED`` (the master became a
+    replica): the waiter wakes up and waits on the new master, not a raw redis-py error."""
+    mcp_redis.configure(redis_url=cluster_topology.url)
+    owner = cluster_topology.owner_of(KeySpace("mcp:").key("agent-lock", "res", tag=True))
+    replica = next(r for r in cluster_topology.replicas
+                   if int(r.client().info("replication").get("master_port", 0)) == owner.port)
+    held, release = threading.Event(), threading.Event()
+    outcome: List[object] = []
+
+    def holder() -> None:
+        with mcp_redis.agent_lock("res"):
+            held.set()
+            release.wait(30)
+
+    def waiter() -> None:
+        try:
+            with mcp_redis.agent_lock("res", blocking_timeout=30):
+                outcome.append("acquired")
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome.append(exc)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert held.wait(10)
+    threads.append(threading.Thread(target=waiter))
+    threads[1].start()
+    wait_for(lambda: any(c.get("cmd") == "blpop" for c in owner.client().client_list()), 10,
+             what="the waiter blocked on the lock's shard")
+    replica.client().execute_command("CLUSTER", "FAILOVER")
+    wait_for(lambda: replica.client().info("replication")["role"] == "master", 15, what="the replica promoted")
+    wait_for(lambda: not any(c.get("cmd") == "blpop" for c in owner.client().client_list()), 10,
+             what="the old master's BLPOP released")
+    assert outcome == []  # still waiting: the lock is held
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert outcome == ["acquired"]
+
+
 def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology: ClusterTopology) -> None:
     mcp_redis.configure(redis_url=cluster_topology.url)
     conn = get_redis()

@@ -410,11 +410,24 @@ def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
         # The slot moved (cluster resharding): wake up; the next try goes
         # through the cluster client, which follows the move and learns it.
         return False
+    except rex.ResponseError as exc:
+        if not _unblocked(exc):
+            connection.disconnect()
+            raise
+        # The master became a replica under the BLPOP (a graceful failover:
+        # CLUSTER FAILOVER, SENTINEL FAILOVER) and released it: wake up; the
+        # next try goes to the new master as every command does.
+        return False
     except BaseException:
         connection.disconnect()
         raise
     finally:
         pool.release(connection)
+
+
+def _unblocked(exc: BaseException) -> bool:
+    """Redis ended a blocking command because its role changed (``-UNBLOCKED``)."""
+    return str(exc).lstrip().upper().startswith("UNBLOCKED")
 
 
 class FencedRedisBackend(RedisBackend):
