@@ -108,6 +108,23 @@ def test_a_cluster_url_at_a_server_without_cluster_mode_is_a_configuration_error
     assert mcp_redis.health()["redis"]["error"].startswith("ConfigurationError: REDIS_URL: ")
 
 
+def test_a_cluster_user_refused_cluster_slots_is_permission_denied_not_an_outage(cluster_topology: Any) -> None:
+    """redis-py words any refusal of CLUSTER SLOTS as "cluster mode is not enabled": the
+    server's own reply (NOPERM) is what names the fix."""
+    nodes = [*cluster_topology.masters, *cluster_topology.replicas]
+    for node in nodes:
+        node.client().execute_command("ACL", "SETUSER", "noslots", "on", ">noslots-pw", "~*", "&*", "+@all",
+                                      "-cluster|slots")
+    try:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in cluster_topology.masters)
+        mcp_redis.configure(redis_url=f"redis+cluster://noslots:noslots-pw@{hosts}", **STRICT)
+        assert_refused_as(mcp_redis.PermissionDenied, "REDIS_URL", take_lock)
+    finally:
+        mcp_redis.reset(configuration=True)
+        for node in nodes:
+            node.client().execute_command("ACL", "DELUSER", "noslots")
+
+
 def test_replica_url_is_read_only_server(redis_factory: Any) -> None:
     master = redis_factory()
     replica = redis_factory(args=["--replicaof", "127.0.0.1", str(master.port)])
