@@ -48,12 +48,12 @@ import json
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mcp_redis.client import Client
-from mcp_redis.errors import BackendUnavailable, InvalidArgument
+from mcp_redis.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from mcp_redis.keys import decode_id, encode_id
 from mcp_redis.postgres import Postgres
 from mcp_redis.sessions import Pending, Record, RecordData
 from mcp_redis.sessions.postgres import check_merged
-from mcp_redis.sessions.records import unpack_fields
+from mcp_redis.sessions.records import check_fields, unpack_fields
 
 __all__ = ["LegacySessionsSource", "Register"]
 
@@ -143,6 +143,25 @@ _CLEAR_PENDING = "UPDATE core.sessions SET metadata = metadata - 'mcp_redis_pend
 
 
 _OWN_KEYS = ("mcp_redis_pending", "mcp_redis_bind_count")
+_OWN_PREFIX = "mcp_redis_"  # metadata keys of the adapter's own: never a caller field
+
+
+def _readable(name: str, value: Any) -> bool:
+    """Whether a key of a row's ``metadata`` reads as a record field: the server's own rows may
+    hold names no record field can have (a control character), or a secret (an ``api_key``),
+    which never goes into a binding. Those stay in the row, out of the record."""
+    if name.startswith(_OWN_PREFIX):
+        return False
+    try:
+        check_fields({name: value})
+    except (InvalidArgument, InvalidArgumentType):
+        return False
+    return True
+
+
+def _bind_count(meta: Dict[str, Any]) -> int:
+    count = meta.get("mcp_redis_bind_count")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 1 else 1
 
 
 def _data(cols: Sequence[Any]) -> RecordData:
@@ -151,11 +170,11 @@ def _data(cols: Sequence[Any]) -> RecordData:
     fields: Dict[str, Any] = {}
     if ctype is not None:
         fields["client_type"] = ctype
-    if cinfo:
+    if cinfo and _readable("client_info", cinfo):
         fields["client_info"] = cinfo
     meta = dict(meta or {})
-    count = int(meta.get("mcp_redis_bind_count") or 1)
-    fields.update((k, v) for k, v in meta.items() if k not in _OWN_KEYS)
+    count = _bind_count(meta)
+    fields.update((k, v) for k, v in meta.items() if _readable(k, v))
     packed = "\x1e".join(f"{k}\x1e{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}"
                          for k, v in fields.items())
     return RecordData(int(created), count, int(last), packed)
@@ -163,6 +182,10 @@ def _data(cols: Sequence[Any]) -> RecordData:
 
 def _columns(fields: Dict[str, Any]) -> Dict[str, Any]:
     """Caller fields as statement parameters: client_type, client_info, the rest as metadata."""
+    for name in fields:
+        if name.startswith(_OWN_PREFIX):
+            raise InvalidArgument(name, "is kept by the legacy adapter in core.sessions.metadata; "
+                                        "it cannot be set by the caller")
     rest = dict(fields)
     ctype = rest.pop("client_type", None)
     if ctype is not None and not isinstance(ctype, str):
@@ -171,6 +194,16 @@ def _columns(fields: Dict[str, Any]) -> Dict[str, Any]:
     cinfo = rest.pop("client_info", None)
     return {"has_ctype": "client_type" in fields, "ctype": ctype, "has_cinfo": has_cinfo,
             "cinfo": json.dumps(cinfo if cinfo is not None else {}), "meta": json.dumps(rest)}
+
+
+def _key_of(session_id: str) -> str:
+    """The session key a row's ``session_id`` stores: its `encode_id` form decoded. The server's
+    own ids are plain (its UUIDs); one of its clients' ids that merely looks encoded (a leading
+    ``~``) is listed as it is, not an error for the whole listing."""
+    try:
+        return decode_id(session_id)
+    except ValueError:  # binascii.Error and UnicodeDecodeError included
+        return session_id
 
 
 def _legacy_text(agent_id: str) -> bool:
@@ -225,7 +258,7 @@ class LegacySessionsSource:
         if not _legacy_text(agent_id):
             return []
         # Sorted by the keys themselves, not their stored (encoded) form: see PostgresBackend.sessions_for.
-        return sorted(decode_id(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id,), fetch="all"))[:limit]
+        return sorted(_key_of(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id,), fetch="all"))[:limit]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         if not _legacy_text(prefix):
@@ -233,7 +266,7 @@ class LegacySessionsSource:
         return [str(r[0]) for r in self.pg.execute(_PREFIX, (prefix, prefix, limit), fetch="all")]
 
     def session_keys(self) -> Iterator[str]:
-        return iter([decode_id(r[0]) for r in self.pg.execute(_ALL, (), fetch="all")])
+        return iter([_key_of(r[0]) for r in self.pg.execute(_ALL, (), fetch="all")])
 
     # -- writes --------------------------------------------------------------------------------
     def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:

@@ -54,7 +54,7 @@ class RedisBackend:
             if settings_ != settings():
                 configure(**{f: getattr(settings_, f) for f in settings_.__dataclass_fields__})
         self._sessions = SessionStore(client=self.client)
-        self._limiters: Dict[Tuple[int, float], RateLimiter] = {}
+        self._limiters: Dict[Tuple[type, int, type, float], RateLimiter] = {}
         self._limiters_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -84,7 +84,8 @@ class RedisBackend:
         return limiter.hit(key).allowed
 
     def _limiter(self, limit: int, window: float) -> RateLimiter:
-        spec = (limit, window)
+        # By type too: True == 1 and 1.0 == 1 would find the limiter of a valid `limit` unchecked.
+        spec = (type(limit), limit, type(window), window)
         try:
             limiter = self._limiters.get(spec)
         except TypeError:  # unhashable argument: let RateLimiter name it

@@ -549,7 +549,7 @@ class RateLimiter:
 
     def check_rate_limit(self, agent_id: str) -> Tuple[bool, Optional[str]]:
         """Count one request of `agent_id` if both limits allow it: ``(True, None)``, else ``(False, message)``."""
-        result = self.limiter.hit(agent_id)
+        result = self.limiter.hit(validate_id(agent_id, "agent_id"))
         if result.allowed:
             return True, None
         if result.backend == "closed":
@@ -564,7 +564,7 @@ class RateLimiter:
 
     def get_stats(self, agent_id: str) -> Dict[str, int]:
         """The legacy figures of `agent_id` (a peek: counts nothing)."""
-        minute, hour = self.limiter.peek(agent_id).statuses
+        minute, hour = self.limiter.peek(validate_id(agent_id, "agent_id")).statuses
         last_minute = max(0, self.max_per_minute - minute.remaining)
         last_hour = max(0, self.max_per_hour - hour.remaining)
         return {
@@ -577,11 +577,13 @@ class RateLimiter:
         }
 
     def reset(self, agent_id: Optional[str] = None) -> None:
-        """Forget `agent_id`'s requests, or every agent's (for every process sharing the backend)."""
-        if agent_id:
-            self.limiter.reset(agent_id)
-        else:
+        """Forget `agent_id`'s requests, or every agent's when it is None (for every process sharing
+        the backend). An empty or non-`str` id raises naming `agent_id`, and resets nothing (the
+        legacy class took any falsy id for "every agent")."""
+        if agent_id is None:
             self.limiter._reset_all()
+        else:
+            self.limiter.reset(validate_id(agent_id, "agent_id"))
 
 
 _rate_limiter: Optional[RateLimiter] = None

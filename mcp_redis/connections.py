@@ -482,16 +482,18 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         if best is None:
             # Only what every listed server said is the operator's to fix; a Sentinel down or
             # restarting among them may yet name the master: an outage, retried.
+            answered = len(sentinels) - len(errors)  # with the masters they monitor
             if sentinels and not_sentinels == len(sentinels):
                 raise WrongServerKind(
                     "the servers of this redis+sentinel:// URL are not Sentinels (they do not know the "
                     "SENTINEL command): list the Sentinels (port 26379 by default), not the data nodes, "
                     "or use redis://host:port for a single server")
-            if sentinels and not errors and self.service_name not in monitored:
+            if answered and answered + not_sentinels == len(sentinels) and self.service_name not in monitored:
                 known = ", ".join(repr(name) for name in sorted(monitored)[:10]) or "none"
+                also = f"; {not_sentinels} of its servers are not Sentinels" if not_sentinels else ""
                 raise WrongServerKind(
                     f"no Sentinel of this URL monitors a master named {self.service_name!r} (they "
-                    f"monitor: {known}); the path of a redis+sentinel:// URL is the name given to "
+                    f"monitor: {known}{also}); the path of a redis+sentinel:// URL is the name given to "
                     "`sentinel monitor`")
             raise MasterNotFoundError(
                 f"No master found for {self.service_name!r}" + (f" : {', '.join(errors)}" if errors else ""))

@@ -100,3 +100,11 @@ def test_local_mode_cache_belongs_to_its_client() -> None:
         RedisBackend(one).cache_set("k", {"x": 1})
         assert RedisBackend(one).cache_get("k") == {"x": 1}
         assert RedisBackend(other).cache_get("k") is None
+
+
+@pytest.mark.parametrize("valid, bad", [((1, 60), (True, 60)), ((1, 60), (1.0, 60)), ((1, 1), (1, True))], ids=repr)
+def test_a_bad_limit_or_window_is_refused_after_an_equal_valid_one_was_used(valid: tuple, bad: tuple) -> None:  # type: ignore[type-arg]
+    backend = RedisBackend()
+    assert backend.check_rate_limit("a", *valid)  # caches the limiter of `valid`, which `bad` equals
+    with pytest.raises(mcp_redis.InvalidArgumentType):
+        backend.check_rate_limit("a", *bad)

@@ -98,6 +98,12 @@ def test_a_sentinel_url_naming_a_service_no_sentinel_monitors_is_a_configuration
     assert_refused_as(mcp_redis.ConfigurationError, "REDIS_URL", take_lock, hit_rate_limit)
     with pytest.raises(mcp_redis.ConfigurationError, match=f"monitor: '{sentinel_topology.service}'"):
         take_lock()
+    # A data node listed among them answers too ("unknown command"): still the URL to fix.
+    data_node = sentinel_topology.nodes[0]
+    mcp_redis.configure(redis_url=url.replace("/no-such-service", f",127.0.0.1:{data_node.port}/no-such-service"),
+                        **STRICT)
+    with pytest.raises(mcp_redis.ConfigurationError, match="1 of its servers are not Sentinels"):
+        take_lock()
 
 
 def test_a_cluster_url_at_a_server_without_cluster_mode_is_a_configuration_error(redis_server: RedisServer) -> None:

@@ -132,7 +132,11 @@ class AgentDirectory:
         return holder
 
     def unregister(self, agent_id: str) -> bool:
-        """Forget `agent_id` (the agent was deleted): its prefix is free again. True if it held it."""
+        """Forget `agent_id` (the agent was deleted): its prefix is free again. True if it held it.
+
+        With PostgreSQL and Redis, the record goes first, then Redis's copy; when Redis does not
+        answer, `BackendUnavailable` says the copy may still resolve: call it again once Redis
+        answers (the record is gone already, so the retry returns True only through Redis)."""
         validate_id(agent_id, "agent_id")
         c = resolve(self.client)
         prefix = prefix_of(agent_id)
@@ -155,9 +159,14 @@ class AgentDirectory:
                 if conn.policy.call(conn.client.get, key) == agent_id:
                     # A register of another agent in between is rebuilt from PostgreSQL on the next miss.
                     held = bool(conn.policy.call(conn.client.delete, key)) or held
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
                 if not pg:
                     raise
+                # The record is gone but Redis's copy (7 days) would still resolve once Redis
+                # is back: the caller must know, and call again.
+                raise BackendUnavailable(
+                    f"unregister: the PostgreSQL record of the agent is gone, but Redis did not answer "
+                    f"and may still resolve it: call unregister again once Redis answers ({exc})") from exc
         return held
 
     def resolve(self, text: str) -> Optional[str]:

@@ -87,3 +87,16 @@ def test_redis_down_applies_the_librarys_fallback() -> None:
 def test_bad_limits_name_the_argument(kwargs: dict, argument: str, kind: type) -> None:  # type: ignore[type-arg]
     with pytest.raises(kind, match=argument):
         compat.RateLimiter(**kwargs)
+
+
+@pytest.mark.parametrize("bad_id", ["", 0, False, b"", []], ids=repr)
+def test_a_bad_agent_id_is_refused_naming_it_and_reset_forgets_nothing(redis_url: str, bad_id: object) -> None:
+    """`reset` takes None for "every agent"; an empty or non-`str` id (falsy, as the legacy class
+    read it) raises naming `agent_id` instead of wiping every agent's counts."""
+    mcp_redis.configure(redis_url=redis_url)
+    limiter = compat.RateLimiter(5, 100)
+    limiter.check_rate_limit("a1")
+    for call in (limiter.reset, limiter.check_rate_limit, limiter.get_stats):
+        with pytest.raises((InvalidArgument, InvalidArgumentType), match="agent_id"):
+            call(bad_id)  # type: ignore[operator]
+    assert limiter.get_stats("a1")["requests_last_hour"] == 1

@@ -125,3 +125,21 @@ def test_a_whole_id_shaped_like_a_key_form_resolves_to_itself(mode: str) -> None
     assert directory.register("abcdefabcdef-0000") == "abcdefabcdef-0000"
     assert directory.resolve("agent-abcdefabcdef") == "agent-abcdefabcdef", "the whole id wins over the key form"
     assert directory.resolve("abcdefabcdef") == "abcdefabcdef-0000"
+
+
+def test_unregister_while_redis_is_down_raises_and_a_retry_once_it_answers_stops_the_copy_resolving(
+        redis_server: object, database_url: str) -> None:
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:  # type: ignore[attr-defined]
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url, retry_attempts=1)
+        directory = AgentDirectory()
+        assert directory.register(AGENT) == AGENT
+        assert directory.resolve(PREFIX12) == AGENT  # cached in Redis
+        proxy.drop()
+        with pytest.raises(mcp_redis.BackendUnavailable, match="call unregister again"):
+            directory.unregister(AGENT)
+        proxy.pass_through()
+        mcp_redis.default_client().redis("sessions").policy.breaker.record_success()
+        assert directory.unregister(AGENT) is True  # Redis's copy, this time
+        assert directory.resolve(PREFIX12) is None

@@ -9,6 +9,7 @@ the legacy server's ``core.sessions`` + ``core.identities``).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Callable
@@ -517,6 +518,43 @@ def test_legacy_adapter_keeps_the_record_in_the_servers_columns(
         "stdio", {"name": "claude"}, 3)
     with pytest.raises(InvalidArgument, match="client_type"):
         legacy_store.update("lib-made", client_type=7)  # the column is TEXT
+
+
+def test_legacy_adapter_refuses_its_own_metadata_keys_as_fields_and_reads_only_record_fields_from_rows(
+        legacy_store: SessionStore, pg_database: PostgresDatabase, redis_url: str) -> None:
+    """The adapter's metadata keys are not caller fields (they would forge `bind_count` or the
+    replay flag); a row's metadata key no record field can be (a control character) or a secret
+    (the server's `api_key`) stays out of the record and out of Redis; a client's session id
+    that merely looks encoded is listed as it is."""
+    agent = "0f8e2a4c-6b1d-4e3f-9a7c-5d2b8e1f4a60"
+    _legacy_sql(pg_database, "INSERT INTO core.agents (id, api_key) VALUES (%s, 'k')", (agent,))
+    _legacy_sql(pg_database, "INSERT INTO core.identities (identity_id, agent_id, api_key_hash) VALUES (41, %s, 'h')",
+                (agent,))
+    legacy_store.bind("lib-made", agent, hops=1)
+    for bad in ({"mcp_redis_bind_count": 999}, {"mcp_redis_pending": True}):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
+            legacy_store.update("lib-made", **bad)
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
+            legacy_store.bind("lib-made", agent, **bad)
+    record = legacy_store.record("lib-made")
+    assert record is not None and record["bind_count"] == 1 and record["hops"] == 1
+    assert _legacy_sql(pg_database, "SELECT metadata FROM core.sessions WHERE session_id = 'lib-made'") == [
+        ({"hops": 1, "mcp_redis_bind_count": 1},)]
+    _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, metadata) VALUES "
+                "('server-made', 41, now() + interval '24 hours', %s), "
+                "('~client-chose-this', 41, now() + interval '24 hours', '{}')",
+                (json.dumps({"api_key": "sk-live-SECRET123", "bad\u001ename": 1, "purpose": "chat"}),))
+    assert legacy_store.sessions_for(agent) == ["lib-made", "server-made", "~client-chose-this"]
+    record = legacy_store.record("server-made")  # read repair from the server's row
+    assert record is not None and record["purpose"] == "chat"
+    assert "api_key" not in record and not [k for k in record if "\x1e" in k]
+    assert legacy_store.update("server-made", hops=2) is not None  # no error on the odd key
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
+    assert not [k for k in raw.scan_iter("*") if b"SECRET" in (raw.dump(k) or b"")]
+    assert _legacy_sql(pg_database, "SELECT metadata ->> 'api_key' FROM core.sessions "
+                       "WHERE session_id = 'server-made'") == [("sk-live-SECRET123",)]  # the row keeps it
 
 
 def test_prefix_resolution_after_unbind_ttl_and_flushdb_with_either_source(
