@@ -142,8 +142,9 @@ ORDER BY s.session_id LIMIT %s FOR UPDATE OF s SKIP LOCKED
 _CLEAR_PENDING = "UPDATE core.sessions SET metadata = metadata - 'mcp_redis_pending' WHERE session_id = ANY(%s)"
 
 
-_OWN_KEYS = ("mcp_redis_pending", "mcp_redis_bind_count")
-_OWN_PREFIX = "mcp_redis_"  # metadata keys of the adapter's own: never a caller field
+# The adapter's own metadata keys (mcp_redis_pending, mcp_redis_bind_count) start with this:
+# never a caller field, never read as one.
+_OWN_PREFIX = "mcp_redis_"
 
 
 def _readable(name: str, value: Any) -> bool:
