@@ -59,16 +59,18 @@ def health(client: Optional[Client] = None) -> Dict[str, Any]:
 
     client = resolve(client)
     s = client.settings
+    deployments = _deployments(s)
     report: Dict[str, Any] = {
         "ok": True,
         "mode": "local" if s.local_mode else "redis",
         "shared": not s.local_mode,
         "warnings": deployment_warnings(s),
         "features": {f: s.mode(f).value for f in _FEATURES},
-        "redis": {"configured": bool(s.redis_urls())},
+        # A Redis that some feature (or REDIS_URL) uses, as `stats` counts it: a feature URL
+        # whose feature is local or off configures nothing.
+        "redis": {"configured": bool(deployments)},
         "postgres": {"configured": bool(s.database_url)},
     }
-    deployments = _deployments(s)
     if deployments:
         report["deployments"] = []
         for url, features in deployments.items():

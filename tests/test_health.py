@@ -215,3 +215,9 @@ def test_stats_on_a_cluster_sum_memory_over_primaries_and_scan_every_node() -> N
         assert report["redis"]["keys"] == {"sess": 40}
         assert report["redis"]["used_memory"] > 0
         assert mcp_redis.health()["redis"]["ok"] is True
+
+
+def test_a_feature_url_whose_feature_is_local_configures_no_redis_in_health_as_in_stats() -> None:
+    mcp_redis.configure(locks_url=f"redis://127.0.0.1:{free_port()}/0", locks="local")
+    assert mcp_redis.health()["redis"] == {"configured": False}
+    assert stats()["redis"] == {"configured": False}
