@@ -77,7 +77,11 @@ ON CONFLICT (session_id) DO UPDATE SET
     is_active = true, created_at = now(), client_type = EXCLUDED.client_type, client_info = EXCLUDED.client_info,
     metadata = EXCLUDED.metadata || jsonb_build_object('mcp_redis_bind_count',
         CASE WHEN s.is_active AND s.expires_at > now()
-             THEN COALESCE((s.metadata ->> 'mcp_redis_bind_count')::bigint, 1) + 1 ELSE 1 END)
+             -- as _bind_count reads it: a whole number of at most 18 digits, else 1 (a row another
+             -- writer left with 5.5, "x" or 2^63-1 is no error)
+             AND (s.metadata ->> 'mcp_redis_bind_count') ~ '^[1-9][0-9]{0,17}$'
+             AND jsonb_typeof(s.metadata -> 'mcp_redis_bind_count') = 'number'
+             THEN (s.metadata ->> 'mcp_redis_bind_count')::bigint + 1 ELSE 1 END)
 RETURNING 0, 0, """ + _RECORD + """
 """
 _UPDATE = """
@@ -162,7 +166,12 @@ def _readable(name: str, value: Any) -> bool:
 
 def _bind_count(meta: Dict[str, Any]) -> int:
     count = meta.get("mcp_redis_bind_count")
-    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 1 else 1
+    return count if isinstance(count, int) and not isinstance(count, bool) and 1 <= count < 10**18 else 1
+
+
+# Caller fields that are columns of their own: a key of that name in a row's metadata (another
+# writer's) must not hide the column.
+_COLUMN_FIELDS = ("client_type", "client_info")
 
 
 def _data(cols: Sequence[Any]) -> RecordData:
@@ -175,7 +184,7 @@ def _data(cols: Sequence[Any]) -> RecordData:
         fields["client_info"] = cinfo
     meta = dict(meta or {})
     count = _bind_count(meta)
-    fields.update((k, v) for k, v in meta.items() if _readable(k, v))
+    fields.update((k, v) for k, v in meta.items() if k not in _COLUMN_FIELDS and _readable(k, v))
     packed = "\x1e".join(f"{k}\x1e{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}"
                          for k, v in fields.items())
     return RecordData(int(created), count, int(last), packed)
@@ -197,14 +206,16 @@ def _columns(fields: Dict[str, Any]) -> Dict[str, Any]:
             "cinfo": json.dumps(cinfo if cinfo is not None else {}), "meta": json.dumps(rest)}
 
 
-def _key_of(session_id: str) -> str:
-    """The session key a row's ``session_id`` stores: its `encode_id` form decoded. The server's
-    own ids are plain (its UUIDs); one of its clients' ids that merely looks encoded (a leading
-    ``~``) is listed as it is, not an error for the whole listing."""
+def _key_of(session_id: str) -> Optional[str]:
+    """The session key whose `encode_id` form a row's ``session_id`` is, or None: the server's own
+    ids are plain (its UUIDs), but one of its clients may have chosen an id that merely looks
+    encoded (a leading ``~``), which no session key of the store addresses; it is not listed
+    (before, it broke the whole listing, or was listed as another key)."""
     try:
-        return decode_id(session_id)
+        key = decode_id(session_id)
     except ValueError:  # binascii.Error and UnicodeDecodeError included
-        return session_id
+        return None
+    return key if encode_id(key) == session_id else None
 
 
 def _legacy_text(agent_id: str) -> bool:
@@ -259,7 +270,8 @@ class LegacySessionsSource:
         if not _legacy_text(agent_id):
             return []
         # Sorted by the keys themselves, not their stored (encoded) form: see PostgresBackend.sessions_for.
-        return sorted(_key_of(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id,), fetch="all"))[:limit]
+        keys = (_key_of(r[0]) for r in self.pg.execute(_FOR_AGENT, (agent_id,), fetch="all"))
+        return sorted(k for k in keys if k is not None)[:limit]
 
     def agents_with_prefix(self, prefix: str, limit: int) -> List[str]:
         if not _legacy_text(prefix):
@@ -267,7 +279,8 @@ class LegacySessionsSource:
         return [str(r[0]) for r in self.pg.execute(_PREFIX, (prefix, prefix, limit), fetch="all")]
 
     def session_keys(self) -> Iterator[str]:
-        return iter([_key_of(r[0]) for r in self.pg.execute(_ALL, (), fetch="all")])
+        keys = [_key_of(r[0]) for r in self.pg.execute(_ALL, (), fetch="all")]
+        return iter([k for k in keys if k is not None])
 
     # -- writes --------------------------------------------------------------------------------
     def touch_record(self, session_key: str, ttl_ms: int, pending: bool = False) -> Optional[str]:

@@ -524,8 +524,12 @@ def test_legacy_adapter_refuses_its_own_metadata_keys_as_fields_and_reads_only_r
         legacy_store: SessionStore, pg_database: PostgresDatabase, redis_url: str) -> None:
     """The adapter's metadata keys are not caller fields (they would forge `bind_count` or the
     replay flag); a row's metadata key no record field can be (a control character) or a secret
-    (the server's `api_key`) stays out of the record and out of Redis; a client's session id
-    that merely looks encoded is listed as it is."""
+    (the server's `api_key`) stays out of the record and out of Redis, as does a metadata key
+    named as a column (it would hide the column); a bind count another writer left odd is no
+    error; a client's session id that merely looks encoded (no key addresses it) is not listed."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
     agent = "0f8e2a4c-6b1d-4e3f-9a7c-5d2b8e1f4a60"
     _legacy_sql(pg_database, "INSERT INTO core.agents (id, api_key) VALUES (%s, 'k')", (agent,))
     _legacy_sql(pg_database, "INSERT INTO core.identities (identity_id, agent_id, api_key_hash) VALUES (41, %s, 'h')",
@@ -540,18 +544,24 @@ def test_legacy_adapter_refuses_its_own_metadata_keys_as_fields_and_reads_only_r
     assert record is not None and record["bind_count"] == 1 and record["hops"] == 1
     assert _legacy_sql(pg_database, "SELECT metadata FROM core.sessions WHERE session_id = 'lib-made'") == [
         ({"hops": 1, "mcp_redis_bind_count": 1},)]
-    _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, metadata) VALUES "
-                "('server-made', 41, now() + interval '24 hours', %s), "
-                "('~client-chose-this', 41, now() + interval '24 hours', '{}')",
-                (json.dumps({"api_key": "sk-live-SECRET123", "bad\u001ename": 1, "purpose": "chat"}),))
-    assert legacy_store.sessions_for(agent) == ["lib-made", "server-made", "~client-chose-this"]
+    _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, client_type, metadata) "
+                "VALUES ('server-made', 41, now() + interval '24 hours', 'sse', %s), "
+                "('~client-chose-this', 41, now() + interval '24 hours', NULL, '{}'), "
+                "('~aGVsbG8', 41, now() + interval '24 hours', NULL, '{}')",  # looks like encode_id('hello')
+                (json.dumps({"api_key": "sk-live-SECRET123", "bad\u001ename": 1, "purpose": "chat",
+                             "client_type": "from-metadata", "mcp_redis_bind_count": 5.5}),))
+    # Ids no session key of the store addresses are not listed (nor listed as another key).
+    assert legacy_store.sessions_for(agent) == ["lib-made", "server-made"]
     record = legacy_store.record("server-made")  # read repair from the server's row
-    assert record is not None and record["purpose"] == "chat"
+    assert record is not None and record["purpose"] == "chat" and record["client_type"] == "sse"
     assert "api_key" not in record and not [k for k in record if "\x1e" in k]
-    assert legacy_store.update("server-made", hops=2) is not None  # no error on the odd key
-    import redis
-
-    raw = redis.Redis.from_url(redis_url)
+    legacy_store.bind("server-made", agent)  # its odd bind count (another writer's) is no error
+    assert legacy_store.record("server-made")["bind_count"] == 1  # type: ignore[index]
+    _legacy_sql(pg_database, "UPDATE core.sessions SET metadata = %s WHERE session_id = 'server-made'",
+                (json.dumps({"api_key": "sk-live-SECRET123", "bad\u001ename": 1, "client_info": {"ua": "m"}}),))
+    raw.flushdb()
+    updated = legacy_store.update("server-made", client_info={"ua": "new"}, hops=2)  # no error on the odd keys
+    assert updated is not None and updated["client_info"] == {"ua": "new"} and updated["hops"] == 2
     assert not [k for k in raw.scan_iter("*") if b"SECRET" in (raw.dump(k) or b"")]
     assert _legacy_sql(pg_database, "SELECT metadata ->> 'api_key' FROM core.sessions "
                        "WHERE session_id = 'server-made'") == [("sk-live-SECRET123",)]  # the row keeps it
