@@ -215,11 +215,17 @@ class Subscriber:
             expected += len(self.patterns)
         confirmed = 0
         pending: List[Any] = []
+        # A connection accepted and never answered (a path that drops the flow, a hung server)
+        # must not hold the listener here for ever: no confirmation within the socket timeout is
+        # a failed attempt, and the next one follows its backoff.
+        confirm_by = time.monotonic() + max(float(conn.settings.socket_timeout or 5.0), 1.0)
         while confirmed < expected:
             if self._closed.is_set():
                 return
             msg = self._next(ps, False)
             if msg is None:
+                if time.monotonic() >= confirm_by:
+                    raise rex.TimeoutError("no confirmation of the subscription within the socket timeout")
                 continue
             if msg["type"] in ("subscribe", "psubscribe"):
                 confirmed += 1

@@ -66,6 +66,7 @@ class _Link:
         self.upstream = upstream
         self.closed = threading.Event()
         self.poisoned = False  # bytes were withheld (black hole): close on heal
+        self.swallowing = False  # sent the proxy's `swallow_marker`: nothing passes any more
         self._close_lock = threading.Lock()
 
     def start(self) -> None:
@@ -139,6 +140,12 @@ class _Link:
                 if not data:
                     self.close()
                     return
+                marker = proxy.swallow_marker
+                if not reply and marker is not None and marker in data:
+                    self.swallowing = True
+                if self.swallowing:  # a flow dropped on the path: read, never delivered
+                    proxy._count("swallowed", len(data))
+                    continue
                 if reply:
                     fault = proxy.fault  # may have changed while waiting
                     if fault is Fault.LATENCY:
@@ -188,6 +195,7 @@ class FaultProxy:
         self._stopped = threading.Event()
         self._acceptor: Optional[threading.Thread] = None
         self._stats: Dict[str, int] = {}
+        self.swallow_marker: Optional[bytes] = None
         self.port = 0
 
     def __repr__(self) -> str:
@@ -254,6 +262,13 @@ class FaultProxy:
 
     def blackhole(self) -> None:
         self.set_fault(Fault.BLACKHOLE)
+
+    def swallow_requests(self, marker: Optional[bytes]) -> None:
+        """A connection that sends a request containing `marker` (say ``b"SUBSCRIBE"``) from now
+        on is never answered again: that request and all after it, both ways, are read and
+        dropped, as on a path that drops one flow; other connections pass (their handshakes
+        too). None stops marking connections; those marked stay so until closed."""
+        self.swallow_marker = marker
 
     def reset_mid_reply(self) -> None:
         self.set_fault(Fault.RESET)

@@ -285,6 +285,29 @@ def test_a_subscription_whose_connection_goes_silent_reconnects_by_itself(redis_
         bus.close()
 
 
+def test_a_subscription_whose_subscribe_is_never_answered_tries_again_and_resumes(redis_server: Any) -> None:
+    """A new connection whose handshake passes but whose SUBSCRIBE is never answered (its flow
+    dropped on the path) gives up within the socket timeout and tries again; it used to wait
+    for the confirmation for ever, deaf, and the cache's L1 was never flushed."""
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), socket_timeout=1.0)
+        bus = EventBus()
+        inbox = Inbox()
+        sub = bus.subscribe("c", inbox)
+        proxy.swallow_requests(b"SUBSCRIBE")
+        redis_server.client().client_kill_filter(_type="pubsub")  # the listener reconnects
+        wait_for(lambda: sub.reconnects >= 3, 15, what="attempts to subscribe that time out")
+        assert not sub.active
+        proxy.swallow_requests(None)
+        assert sub.wait_active(15)
+        direct = redis_server.client()
+        wait_for(lambda: (direct.publish(sub.redis_channel, json.dumps({"n": 1})), inbox.items[-1:] == [{"n": 1}])[1],
+                 15, interval=0.1, what="delivery after it subscribed again")
+        bus.close()
+
+
 def test_publish_and_subscribe_raise_backend_unavailable_when_redis_is_down(redis_factory: Any) -> None:
     server = redis_factory()
     mcp_redis.configure(redis_url=server.url, socket_connect_timeout=0.2, retry_attempts=1)
