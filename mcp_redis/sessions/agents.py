@@ -60,6 +60,10 @@ SELECT agent_id FROM ins UNION ALL SELECT agent_id FROM {schema}.agent_directory
 LIMIT 1
 """
 _PG_LOOKUP = "SELECT agent_id FROM {schema}.agent_directory WHERE prefix = %s"
+# With Redis in front: the record's row stays share-locked until Redis has its copy, so an
+# unregister (its DELETE waits for the lock) always removes that copy after it is written.
+_PG_INSERT = "INSERT INTO {schema}.agent_directory (prefix, agent_id) VALUES (%s, %s) ON CONFLICT (prefix) DO NOTHING"
+_PG_LOOKUP_LOCKED = _PG_LOOKUP + " FOR SHARE"
 _PG_UNREGISTER = "DELETE FROM {schema}.agent_directory WHERE prefix = %s AND agent_id = %s"
 _OFF = "sessions: backend is 'off' (MCP_REDIS_SESSIONS_BACKEND)"
 _LOCAL = "sessions.agent_directory.local"
@@ -107,29 +111,51 @@ class AgentDirectory:
             local = c.singleton(_LOCAL, _Local)
             with local.lock:
                 return local.by_prefix.setdefault(prefix, agent_id)
-        holder = agent_id
-        if pg:
+        if pg and mode is Mode.REDIS:  # PostgreSQL decides, Redis caches its answer
+            return self._register_cached(c, prefix, agent_id)
+        if pg:  # postgres mode: the record alone
             p = c.postgres()
             row = p.execute(p.sql(_PG_REGISTER), (encode_id(prefix), encode_id(agent_id), encode_id(prefix)),
                             fetch="one")
-            holder = decode_id(row[0])
-        if mode is Mode.REDIS:
-            conn = c.redis("sessions")
-            key = self._key(c, prefix)
-            ttl_ms = CACHE_TTL * 1000
-            try:
-                if pg:  # PostgreSQL decided: cache its answer
-                    conn.policy.call(conn.client.set, key, holder, px=ttl_ms)
-                else:  # Redis decides: first wins, each register renews the holder's entry
-                    if not conn.policy.call(conn.client.set, key, agent_id, px=ttl_ms, nx=True):
-                        old: Optional[str] = conn.policy.call(conn.client.get, key)
-                        holder = agent_id if old is None else old  # None: expired just now
-                        if old == agent_id:
-                            conn.policy.call(conn.client.pexpire, key, ttl_ms)
-            except BackendUnavailable:
-                if not pg:
-                    raise
-        return holder
+            return decode_id(row[0])
+        # Redis alone decides: first wins, each register renews the holder's entry.
+        conn = c.redis("sessions")
+        key = self._key(c, prefix)
+        ttl_ms = CACHE_TTL * 1000
+        if conn.policy.call(conn.client.set, key, agent_id, px=ttl_ms, nx=True):
+            return agent_id
+        old: Optional[str] = conn.policy.call(conn.client.get, key)
+        if old == agent_id:
+            conn.policy.call(conn.client.pexpire, key, ttl_ms)
+        return agent_id if old is None else old  # None: expired just now
+
+    def _register_cached(self, c: Client, prefix: str, agent_id: str) -> str:
+        """The record decides (first wins by its primary key); Redis gets the holder while the
+        record's row is share-locked, so an unregister meanwhile removes the copy after it."""
+        p = c.postgres()
+        conn = c.redis("sessions")
+        key = self._key(c, prefix)
+
+        def run() -> str:
+            with p.connection() as pg_conn, pg_conn.cursor() as cur:
+                for _ in range(5):  # the holder may be unregistered between the two statements
+                    cur.execute(p.sql(_PG_INSERT), (encode_id(prefix), encode_id(agent_id)))
+                    cur.execute(p.sql(_PG_LOOKUP_LOCKED), (encode_id(prefix),))
+                    row = cur.fetchone()
+                    if row is not None:
+                        break
+                else:
+                    raise BackendUnavailable("agent directory: the prefix changed hands repeatedly; try again")
+                holder = decode_id(row[0])
+                try:
+                    conn.policy.call(conn.client.set, key, holder, px=CACHE_TTL * 1000)
+                except BackendUnavailable:
+                    pass  # the record decided; a miss rebuilds the copy
+                return holder
+
+        p.ensure_schema()
+        result: str = p.policy.call(run)
+        return result
 
     def unregister(self, agent_id: str) -> bool:
         """Forget `agent_id` (the agent was deleted): its prefix is free again. True if it held it.
@@ -220,14 +246,25 @@ class AgentDirectory:
                 if not pg:
                     raise
         p = c.postgres()
-        row = p.execute(p.sql(_PG_LOOKUP), (encode_id(prefix),), fetch="one")
-        if row is None:
-            return None
-        holder = decode_id(row[0])
-        if mode is Mode.REDIS:  # rebuild the cache entry (after a FLUSHDB, or its TTL)
-            conn = c.redis("sessions")
-            try:
-                conn.policy.call(conn.client.set, self._key(c, prefix), holder, px=CACHE_TTL * 1000, nx=True)
-            except BackendUnavailable:
-                pass
-        return holder
+        if mode is not Mode.REDIS:
+            row = p.execute(p.sql(_PG_LOOKUP), (encode_id(prefix),), fetch="one")
+            return None if row is None else decode_id(row[0])
+        conn = c.redis("sessions")
+        key = self._key(c, prefix)
+
+        def repair() -> Optional[str]:  # rebuild the copy (after a FLUSHDB, or its TTL), row locked
+            with p.connection() as pg_conn, pg_conn.cursor() as cur:
+                cur.execute(p.sql(_PG_LOOKUP_LOCKED), (encode_id(prefix),))
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                holder = decode_id(row[0])
+                try:
+                    conn.policy.call(conn.client.set, key, holder, px=CACHE_TTL * 1000, nx=True)
+                except BackendUnavailable:
+                    pass
+                return holder
+
+        p.ensure_schema()
+        found: Optional[str] = p.policy.call(repair)
+        return found

@@ -146,6 +146,10 @@ class _Link:
                 if self.swallowing:  # a flow dropped on the path: read, never delivered
                     proxy._count("swallowed", len(data))
                     continue
+                if not reply and proxy.request_delay > 0:  # a slow path towards the server
+                    proxy._count("requests_delayed")
+                    if self.closed.wait(proxy.request_delay):
+                        return
                 if reply:
                     fault = proxy.fault  # may have changed while waiting
                     if fault is Fault.LATENCY:
@@ -196,6 +200,7 @@ class FaultProxy:
         self._acceptor: Optional[threading.Thread] = None
         self._stats: Dict[str, int] = {}
         self.swallow_marker: Optional[bytes] = None
+        self.request_delay = 0.0
         self.port = 0
 
     def __repr__(self) -> str:
@@ -262,6 +267,11 @@ class FaultProxy:
 
     def blackhole(self) -> None:
         self.set_fault(Fault.BLACKHOLE)
+
+    def delay_requests(self, seconds: float) -> None:
+        """Hold every chunk a client sends `seconds` before passing it on (0: off), whatever the
+        fault in force: a write reaches the server that much later than the client sent it."""
+        self.request_delay = float(seconds)
 
     def swallow_requests(self, marker: Optional[bytes]) -> None:
         """A connection that sends a request containing `marker` (say ``b"SUBSCRIBE"``) from now

@@ -143,3 +143,44 @@ def test_unregister_while_redis_is_down_raises_and_a_retry_once_it_answers_stops
         mcp_redis.default_client().redis("sessions").policy.breaker.record_success()
         assert directory.unregister(AGENT) is True  # Redis's copy, this time
         assert directory.resolve(PREFIX12) is None
+
+
+def test_a_registration_whose_redis_write_lands_late_never_outlives_an_unregister_made_meanwhile(
+        redis_server: object, database_url: str) -> None:
+    """One process re-registers while its link to Redis is slow; another unregisters the agent in
+    between. The late write must not leave Redis resolving an agent PostgreSQL no longer has
+    (it did, for the entry's 7 days): the record stays locked until Redis has the entry."""
+    import threading
+
+    from mcp_redis.testing import wait_for
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:  # type: ignore[attr-defined]
+        slow = mcp_redis.Client(redis_url=proxy.url(), database_url=database_url)
+        fast = mcp_redis.Client(redis_url=redis_server.url, database_url=database_url)  # type: ignore[attr-defined]
+        try:
+            assert AgentDirectory(client=fast).register(AGENT) == AGENT
+            AgentDirectory(client=slow).resolve(PREFIX12)  # the slow process's connections, made now
+            proxy.delay_requests(1.0)
+            again = threading.Thread(target=AgentDirectory(client=slow).register, args=(AGENT,))
+            again.start()
+            wait_for(lambda: proxy.stats.get("requests_delayed", 0) >= 1, what="its Redis write on the way")
+            assert AgentDirectory(client=fast).unregister(AGENT) is True
+            again.join(10)
+            assert AgentDirectory(client=fast).resolve(PREFIX12) is None
+            assert AgentDirectory(client=fast).resolve(AGENT) is None
+            # The same for a read repair (after a FLUSHDB) racing an unregister.
+            proxy.delay_requests(0)
+            assert AgentDirectory(client=fast).register(AGENT) == AGENT
+            redis_server.client().flushdb()  # type: ignore[attr-defined]
+            proxy.delay_requests(0.5)
+            delayed = proxy.stats.get("requests_delayed", 0)
+            repair = threading.Thread(target=AgentDirectory(client=slow).resolve, args=(PREFIX12,))
+            repair.start()
+            wait_for(lambda: proxy.stats.get("requests_delayed", 0) >= delayed + 2, what="its repair write on the way")
+            assert AgentDirectory(client=fast).unregister(AGENT) is True
+            repair.join(10)
+            assert AgentDirectory(client=fast).resolve(PREFIX12) is None
+        finally:
+            slow.close()
+            fast.close()
