@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from mcp_redis.client import Client
 from mcp_redis.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
-from mcp_redis.keys import decode_id, encode_id
+from mcp_redis.keys import decode_id, encode_id, validate_id
 from mcp_redis.postgres import Postgres
 from mcp_redis.sessions import Pending, Record, RecordData
 from mcp_redis.sessions.postgres import check_merged
@@ -182,7 +182,7 @@ def _data(cols: Sequence[Any]) -> RecordData:
         fields["client_type"] = ctype
     if cinfo and _readable("client_info", cinfo):
         fields["client_info"] = cinfo
-    meta = dict(meta or {})
+    meta = dict(meta) if isinstance(meta, dict) else {}  # JSONB: another writer may leave "x", 5, [1]
     count = _bind_count(meta)
     fields.update((k, v) for k, v in meta.items() if k not in _COLUMN_FIELDS and _readable(k, v))
     packed = "\x1e".join(f"{k}\x1e{json.dumps(v, ensure_ascii=False, separators=(',', ':'))}"
@@ -212,8 +212,8 @@ def _key_of(session_id: str) -> Optional[str]:
     encoded (a leading ``~``), which no session key of the store addresses; it is not listed
     (before, it broke the whole listing, or was listed as another key)."""
     try:
-        key = decode_id(session_id)
-    except ValueError:  # binascii.Error and UnicodeDecodeError included
+        key = validate_id(decode_id(session_id), "session_key")  # "~" decodes to "", which no call takes
+    except ValueError:  # binascii.Error, UnicodeDecodeError and InvalidArgument included
         return None
     return key if encode_id(key) == session_id else None
 

@@ -16,8 +16,8 @@ Where entries live, by ``client.mode("sessions")`` and ``DATABASE_URL``:
 * with a database (``redis`` + ``DATABASE_URL``, ``postgres``): PostgreSQL
   table ``<pg_schema>.agent_directory`` is the record (first wins by its
   primary key); Redis (``redis`` mode) holds ``mcp:agent_prefix:<prefix>``
-  as a cache with a TTL (`CACHE_TTL`), rebuilt from PostgreSQL on a miss — so
-  a Redis FLUSHDB loses nothing;
+  as a cache with a TTL (`COPY_TTL`, an hour), rebuilt from PostgreSQL on a miss —
+  so a Redis FLUSHDB loses nothing;
 * ``redis`` without a database: the Redis key only, written ``NX`` (first
   wins) with a TTL of `CACHE_TTL` renewed by each `register` — a registration
   lasts while the agent keeps registering (the legacy server registers on
@@ -36,11 +36,15 @@ from ..errors import BackendUnavailable, FeatureDisabled, InvalidArgumentType
 from ..keys import KeySpace, decode_id, encode_id, validate_id
 from ..postgres import PRIMARY_KEYS, SCHEMA, SHAPES
 
-__all__ = ["AgentDirectory", "PREFIX_LENGTH", "KEY_FORM", "CACHE_TTL"]
+__all__ = ["AgentDirectory", "PREFIX_LENGTH", "KEY_FORM", "CACHE_TTL", "COPY_TTL"]
 
 PREFIX_LENGTH = 12  # the legacy server's uuid_prefix: agent_uuid[:12]
 KEY_FORM = "agent-"  # the legacy session key form: "agent-" + uuid_prefix
-CACHE_TTL = 7 * 24 * 3600  # seconds a Redis entry lives (renewed by register / rebuilt from PostgreSQL)
+CACHE_TTL = 7 * 24 * 3600  # seconds a Redis entry lives without a database (renewed by each register)
+# With PostgreSQL the Redis entry is a copy, rebuilt from the record on a miss: an hour bounds how
+# long a copy whose write reached Redis after the writer gave up on it (a link slower than the
+# socket timeout) can outlive an unregister.
+COPY_TTL = 3600
 
 SCHEMA.append("""
     CREATE TABLE IF NOT EXISTS {schema}.agent_directory (
@@ -147,8 +151,8 @@ class AgentDirectory:
                 else:
                     raise BackendUnavailable("agent directory: the prefix changed hands repeatedly; try again")
                 holder = decode_id(row[0])
-                try:
-                    conn.policy.call(conn.client.set, key, holder, px=CACHE_TTL * 1000)
+                try:  # one attempt: the row stays locked no longer than one socket timeout
+                    conn.policy.call(conn.client.set, key, holder, px=COPY_TTL * 1000, attempts=1)
                 except BackendUnavailable:
                     pass  # the record decided; a miss rebuilds the copy
                 return holder
@@ -259,8 +263,8 @@ class AgentDirectory:
                 if row is None:
                     return None
                 holder = decode_id(row[0])
-                try:
-                    conn.policy.call(conn.client.set, key, holder, px=CACHE_TTL * 1000, nx=True)
+                try:  # one attempt, as in register
+                    conn.policy.call(conn.client.set, key, holder, px=COPY_TTL * 1000, nx=True, attempts=1)
                 except BackendUnavailable:
                     pass
                 return holder

@@ -184,3 +184,22 @@ def test_a_registration_whose_redis_write_lands_late_never_outlives_an_unregiste
         finally:
             slow.close()
             fast.close()
+
+
+def test_with_a_database_the_redis_copy_lives_an_hour_and_a_hung_redis_holds_the_record_one_attempt(
+        redis_server: object, database_url: str) -> None:
+    """The copy's TTL bounds how long a write that reached Redis after its writer gave up can
+    outlive an unregister; the record's row is locked for one Redis attempt, not the retries."""
+    from mcp_redis.metrics import METRICS
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:  # type: ignore[attr-defined]
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url, socket_timeout=0.5)
+        directory = AgentDirectory()
+        assert directory.register(AGENT) == AGENT
+        key = f"mcp:agent_prefix:{PREFIX12}"
+        assert 0 < redis_server.client().pttl(key) <= 3600 * 1000  # type: ignore[attr-defined]  # an hour
+        proxy.blackhole()
+        retries = METRICS.counter("backend_retries_total", backend="redis")
+        assert directory.register(AGENT) == AGENT  # the record answers; the copy is skipped
+        assert METRICS.counter("backend_retries_total", backend="redis") == retries

@@ -547,6 +547,7 @@ def test_legacy_adapter_refuses_its_own_metadata_keys_as_fields_and_reads_only_r
     _legacy_sql(pg_database, "INSERT INTO core.sessions (session_id, identity_id, expires_at, client_type, metadata) "
                 "VALUES ('server-made', 41, now() + interval '24 hours', 'sse', %s), "
                 "('~client-chose-this', 41, now() + interval '24 hours', NULL, '{}'), "
+                "('~', 41, now() + interval '24 hours', NULL, '{}'), "  # encode_id(''): no key at all
                 "('~aGVsbG8', 41, now() + interval '24 hours', NULL, '{}')",  # looks like encode_id('hello')
                 (json.dumps({"api_key": "sk-live-SECRET123", "bad\u001ename": 1, "purpose": "chat",
                              "client_type": "from-metadata", "mcp_redis_bind_count": 5.5}),))
@@ -565,6 +566,12 @@ def test_legacy_adapter_refuses_its_own_metadata_keys_as_fields_and_reads_only_r
     assert not [k for k in raw.scan_iter("*") if b"SECRET" in (raw.dump(k) or b"")]
     assert _legacy_sql(pg_database, "SELECT metadata ->> 'api_key' FROM core.sessions "
                        "WHERE session_id = 'server-made'") == [("sk-live-SECRET123",)]  # the row keeps it
+    for odd in ('"x"', "5", "[1, 2]"):  # JSONB another writer may leave as metadata
+        _legacy_sql(pg_database, "UPDATE core.sessions SET metadata = %s::jsonb WHERE session_id = 'server-made'",
+                    (odd,))
+        raw.flushdb()
+        odd_record = legacy_store.record("server-made")
+        assert odd_record is not None and odd_record["bind_count"] == 1 and "purpose" not in odd_record
 
 
 def test_prefix_resolution_after_unbind_ttl_and_flushdb_with_either_source(
