@@ -64,8 +64,9 @@ class Subscriber:
         max_backoff: float = 1.0,
         connection: Optional[Callable[[], RedisConnection]] = None,
     ) -> None:
-        self.channels: Tuple[str, ...] = tuple(channels)
-        self.patterns: Tuple[str, ...] = tuple(patterns)
+        # Each name once: redis-py sends each once, and one confirmation comes per name.
+        self.channels: Tuple[str, ...] = tuple(dict.fromkeys(channels))
+        self.patterns: Tuple[str, ...] = tuple(dict.fromkeys(patterns))
         if not self.channels and not self.patterns:
             raise ValueError("channels/patterns: subscribe to at least one")
         self._handler = handler
@@ -80,6 +81,7 @@ class Subscriber:
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
         self._pubsub: Any = None
+        self._pubsub_lock = threading.Lock()  # one hand-back of its connection to the pool
         self._subscribed_once = False
         self._settled = threading.Event()  # subscribed, or found misconfigured
         self.misconfigured: Optional[ConfigurationError] = None  # until subscribed again
@@ -142,14 +144,20 @@ class Subscriber:
         if self._pid != os.getpid():
             return
         ps = self._pubsub
-        if ps is not None:
+        connection = getattr(ps, "connection", None)
+        if connection is not None:
             try:
-                ps.close()  # wakes a blocked read
+                # Wakes a blocked read. Only the listener thread hands the connection back to the
+                # pool (`_drop_pubsub`), once it stopped using it: a `ps.close()` here gave it back
+                # while that thread could still send or read on it, under another thread's command.
+                connection.disconnect()
             except Exception:
                 pass
         thread = self._thread
         if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
             thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._drop_pubsub()  # no listener thread left to do it
 
     def _run(self) -> None:
         backoff = 0.02
@@ -279,7 +287,8 @@ class Subscriber:
             log.exception("subscriber %s: handler raised; listener continues", self.name)
 
     def _drop_pubsub(self) -> None:
-        ps, self._pubsub = self._pubsub, None
+        with self._pubsub_lock:
+            ps, self._pubsub = self._pubsub, None
         if ps is not None:
             try:
                 ps.close()

@@ -308,6 +308,44 @@ def test_a_subscription_whose_subscribe_is_never_answered_tries_again_and_resume
         bus.close()
 
 
+def test_closing_a_subscriber_mid_subscribe_never_lends_its_connection_to_another_command(redis_server: Any) -> None:
+    """`close()` from another thread while the listener still uses its connection (here: waiting
+    for a SUBSCRIBE confirmation) must not put that connection back in the pool: another thread's
+    command would get it, and the listener could read that command's reply. The listener thread
+    hands it back itself once it stopped."""
+    from mcp_redis.pubsub import Subscriber
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), socket_timeout=5.0)
+        pool = mcp_redis.default_client().redis().client.connection_pool
+        proxy.swallow_requests(b"SUBSCRIBE")
+        sub = Subscriber(lambda channel, data: None, channels=["c", "c"]).start(wait=False)
+        wait_for(lambda: sub._pubsub is not None and sub._pubsub.connection is not None, what="subscribing")
+        connection = sub._pubsub.connection
+        def idle() -> List[Any]:  # the pool's idle connections (a blocking pool keeps a queue)
+            return list(pool.pool.queue)
+
+        sub.close(timeout=0.0)  # the listener is still waiting for its confirmation
+        assert connection not in idle()
+        wait_for(lambda: not sub.alive, 10, what="the listener to stop")
+        assert connection in idle()  # handed back by the listener, disconnected
+        assert sub._pubsub is None
+
+
+def test_a_channel_listed_twice_is_subscribed_once(redis_url: str) -> None:
+    from mcp_redis.pubsub import Subscriber
+
+    mcp_redis.configure(redis_url=redis_url)
+    got: List[Any] = []
+    sub = Subscriber(lambda channel, data: got.append(data), channels=["c", "c"], patterns=["p*", "p*"]).start(
+        wait=True, timeout=5)
+    mcp_redis.default_client().redis().client.publish("c", "x")
+    wait_for(lambda: got == ["x"], what="the message")
+    assert sub.channels == ("c",) and sub.patterns == ("p*",)
+    sub.close()
+
+
 def test_publish_and_subscribe_raise_backend_unavailable_when_redis_is_down(redis_factory: Any) -> None:
     server = redis_factory()
     mcp_redis.configure(redis_url=server.url, socket_connect_timeout=0.2, retry_attempts=1)
