@@ -81,6 +81,12 @@ def is_pool_exhausted(exc: BaseException) -> bool:
     )
 
 
+def is_unblocked(exc: BaseException) -> bool:
+    """Redis ended a blocking command (BLPOP, XREADGROUP BLOCK) because its master became a
+    replica under it (``-UNBLOCKED``, a graceful failover): the new master serves it."""
+    return isinstance(exc, rex.ResponseError) and str(exc).lstrip().upper().startswith("UNBLOCKED")
+
+
 def is_redis_transient(exc: BaseException) -> bool:
     """True for errors that mean "Redis did not answer", not "Redis said no"."""
     if isinstance(exc, BackendUnavailable):
@@ -100,11 +106,9 @@ def is_redis_transient(exc: BaseException) -> bool:
         # BUSY: another client's script (or function) runs past its time limit,
         # and the server serves nothing else until it ends or is killed.
         # MISCONF: a failing snapshot with stop-writes-on-bgsave-error.
-        # UNBLOCKED: a blocking command (BLPOP, XREADGROUP BLOCK) released because
-        # the master became a replica (a graceful failover): the new master serves it.
         # None of these says anything about the call: the server cannot serve
         # it now. ("BUSY " with its space: BUSYGROUP and BUSYKEY are answers.)
-        if "NOREPLICAS" in said or said.startswith(("BUSY ", "MISCONF ", "UNBLOCKED")):
+        if "NOREPLICAS" in said or said.startswith(("BUSY ", "MISCONF ")) or is_unblocked(exc):
             return True
     return isinstance(exc, REDIS_TRANSIENT)
 

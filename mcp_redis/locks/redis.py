@@ -20,6 +20,7 @@ import redis.exceptions as rex
 
 from ..connections import RedisConnection
 from ..metrics import METRICS
+from ..resilience import is_unblocked
 from .base import Backend, Hold, LockKeys, ms
 from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
 from .turns import FairTurns
@@ -411,7 +412,7 @@ def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
         # through the cluster client, which follows the move and learns it.
         return False
     except rex.ResponseError as exc:
-        if not _unblocked(exc):
+        if not is_unblocked(exc):
             connection.disconnect()
             raise
         # The master became a replica under the BLPOP (a graceful failover:
@@ -423,11 +424,6 @@ def _wait_for_signal(client: Any, key: str, wait: float) -> bool:
         raise
     finally:
         pool.release(connection)
-
-
-def _unblocked(exc: BaseException) -> bool:
-    """Redis ended a blocking command because its role changed (``-UNBLOCKED``)."""
-    return str(exc).lstrip().upper().startswith("UNBLOCKED")
 
 
 class FencedRedisBackend(RedisBackend):

@@ -230,14 +230,27 @@ def test_publish_agent_update_sends_agent_id_event_metrics_and_ts(bus: EventBus)
         publish_agent_update("a", "x", metrics=[1])  # type: ignore[arg-type]
 
 
-def test_subscription_resumes_by_itself_after_redis_restarts(redis_factory: Any) -> None:
-    server = redis_factory()
-    mcp_redis.configure(redis_url=server.url)
+def _listening(redis_url: str, **settings: Any) -> Tuple[EventBus, Inbox, Any]:
+    """Configured on `redis_url`: a bus, and its subscription to "c" that got a first event."""
+    mcp_redis.configure(redis_url=redis_url, **settings)
     bus = EventBus()
     inbox = Inbox()
     sub = bus.subscribe("c", inbox)
     bus.publish("c", {"n": 0})
     inbox.wait(1)
+    return bus, inbox, sub
+
+
+def _delivered_again(server: Any, sub: Any, inbox: Inbox) -> None:
+    """Publish straight to `server` until `sub` delivers it (events sent while it reconnects are lost)."""
+    direct = server.client()
+    wait_for(lambda: (direct.publish(sub.redis_channel, json.dumps({"n": 1})), inbox.items[-1:] == [{"n": 1}])[1],
+             15, interval=0.1, what="delivery after it subscribed again")
+
+
+def test_subscription_resumes_by_itself_after_redis_restarts(redis_factory: Any) -> None:
+    server = redis_factory()
+    bus, inbox, sub = _listening(server.url)
     server.restart()
     # Publish until it arrives: events sent while reconnecting are lost (at-most-once).
     n = 0
@@ -267,21 +280,14 @@ def test_a_subscription_whose_connection_goes_silent_reconnects_by_itself(redis_
     from mcp_redis.testing.faultproxy import FaultProxy
 
     with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        mcp_redis.configure(redis_url=proxy.url(), health_check_interval=1, socket_timeout=1.0)
-        bus = EventBus()
-        inbox = Inbox()
-        sub = bus.subscribe("c", inbox)
-        bus.publish("c", {"n": 0})
-        inbox.wait(1)
+        bus, inbox, sub = _listening(proxy.url(), health_check_interval=1, socket_timeout=1.0)
         proxy.blackhole()
         # Without the probe the listener reads nothing and stays active, for ever.
         wait_for(lambda: not sub.active, 15, what="the silent connection found dead")
         assert sub.reconnects >= 1
         proxy.pass_through()
         assert sub.wait_active(15)
-        direct = redis_server.client()
-        wait_for(lambda: (direct.publish(sub.redis_channel, json.dumps({"n": 1})), inbox.items[-1]["n"] == 1)[1],
-                 15, interval=0.1, what="delivery after the reconnect")
+        _delivered_again(redis_server, sub, inbox)
         bus.close()
 
 
@@ -292,19 +298,14 @@ def test_a_subscription_whose_subscribe_is_never_answered_tries_again_and_resume
     from mcp_redis.testing.faultproxy import FaultProxy
 
     with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        mcp_redis.configure(redis_url=proxy.url(), socket_timeout=1.0)
-        bus = EventBus()
-        inbox = Inbox()
-        sub = bus.subscribe("c", inbox)
+        bus, inbox, sub = _listening(proxy.url(), socket_timeout=1.0)
         proxy.swallow_requests(b"SUBSCRIBE")
         redis_server.client().client_kill_filter(_type="pubsub")  # the listener reconnects
         wait_for(lambda: sub.reconnects >= 3, 15, what="attempts to subscribe that time out")
         assert not sub.active
         proxy.swallow_requests(None)
         assert sub.wait_active(15)
-        direct = redis_server.client()
-        wait_for(lambda: (direct.publish(sub.redis_channel, json.dumps({"n": 1})), inbox.items[-1:] == [{"n": 1}])[1],
-                 15, interval=0.1, what="delivery after it subscribed again")
+        _delivered_again(redis_server, sub, inbox)
         bus.close()
 
 
