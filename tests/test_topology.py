@@ -976,3 +976,19 @@ def test_a_cluster_node_whose_bus_port_was_taken_meanwhile_starts_on_another() -
         finally:
             node.stop()
             node.cleanup()
+
+
+def test_a_topology_starts_once(sentinel_topology: SentinelTopology, cluster_topology: ClusterTopology) -> None:
+    """A second start() is refused and leaves the running topology alone (it used to leak
+    a second set of Sentinels, or tear the Cluster down); so is a start after cleanup()."""
+    sentinels = [s.port for s in sentinel_topology.sentinels]
+    for topology in (sentinel_topology, cluster_topology):
+        with pytest.raises(RuntimeError, match="already started or cleaned up"):
+            topology.start()
+    assert [s.port for s in sentinel_topology.sentinels] == sentinels
+    assert sentinel_topology.healthy() and cluster_topology.healthy()
+    unused = ClusterTopology()
+    unused.cleanup()
+    with pytest.raises(RuntimeError, match="already started or cleaned up"):
+        unused.start()
+    assert not any(node.running for node in unused.nodes)

@@ -229,7 +229,8 @@ class SentinelTopology:
 
     # -- life cycle ------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> SentinelTopology:
-        """Start the data nodes, wait for replication, then the Sentinels."""
+        """Start the data nodes, wait for replication, then the Sentinels (once per topology)."""
+        _check_startable(self, bool(self.sentinels))
         try:
             for node in self.nodes:
                 node.start()
@@ -455,6 +456,13 @@ class SentinelTopology:
         self.cleanup()
 
 
+def _check_startable(topology: Any, started: bool) -> None:
+    """A topology starts once: a second start would leak (Sentinel) or wreck (Cluster) the first."""
+    if started or not os.path.isdir(topology.directory):
+        raise RuntimeError(f"{type(topology).__name__}.start(): already started or cleaned up; "
+                           "build a new topology")
+
+
 class ClusterTopology:
     """A Redis Cluster of `masters` masters with `replicas` replicas each, on loopback.
 
@@ -506,6 +514,7 @@ class ClusterTopology:
                 args += ["--tls-cluster", "yes"]
             self.nodes.append(RedisServer(directory=directory, args=args, password=password, tls=tls))
         self._migrations: List[SlotMigration] = []
+        self._started = False
 
     def __repr__(self) -> str:
         return f"ClusterTopology(nodes={self.nodes})"
@@ -518,7 +527,9 @@ class ClusterTopology:
 
     # -- life cycle ------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> ClusterTopology:
-        """Start the nodes, join them with ``redis-cli --cluster create``, wait for ok."""
+        """Start the nodes, join them with ``redis-cli --cluster create``, wait for ok (once per topology)."""
+        _check_startable(self, self._started)
+        self._started = True
         try:
             for node in self.nodes:
                 node.start()
