@@ -1,4 +1,4 @@
-"""Argument checks shared by every feature: durations and counts.
+"""Argument checks shared by every feature: durations, counts and what a decorated callable is.
 
 A duration must be a real number of seconds (``bool`` is refused), finite,
 and at most a bound that every use of it can honour: `MAX_SECONDS` (ten
@@ -15,13 +15,15 @@ is written.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["MAX_SECONDS", "MAX_NETWORK_SECONDS", "MAX_STATEMENT_SECONDS", "MAX_JSON_DEPTH", "seconds",
-           "optional_seconds", "check_json_depth", "too_deep"]
+           "optional_seconds", "check_json_depth", "too_deep", "is_async_callable", "is_generator_callable"]
 
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
 MAX_NETWORK_SECONDS = 3600.0
@@ -86,3 +88,24 @@ def check_json_depth(value: object, text: str, argument: str) -> None:
         if depth > MAX_JSON_DEPTH:
             raise too_deep(argument)
         stack.extend((child, depth + 1) for child in inner)
+
+
+def _call_target(fn: Any) -> Any:
+    """What calling `fn` runs: a partial's function, a callable object's ``__call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return fn
+    return getattr(type(fn), "__call__", fn)  # noqa: B004  (the method itself, not a callability test)
+
+
+def is_async_callable(fn: Any) -> bool:
+    """Calling `fn` returns a coroutine: an ``async def``, or a partial of one or an object whose
+    ``__call__`` is one (the decorators must await those too, not count or cache the coroutine)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_call_target(fn))
+
+
+def is_generator_callable(fn: Any) -> bool:
+    """Calling `fn` returns a generator or an async generator (the same ways as `is_async_callable`)."""
+    target = _call_target(fn)
+    return any(check(x) for x in (fn, target) for check in (inspect.isgeneratorfunction, inspect.isasyncgenfunction))

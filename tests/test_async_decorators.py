@@ -9,6 +9,7 @@ the MCP SDK sees an async handler.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import threading
@@ -123,6 +124,55 @@ def test_rate_limited_refuses_generator_functions_at_decoration() -> None:
             yield agent_id
 
 
+class AsyncTool:
+    """A handler object whose ``__call__`` is an ``async def`` (how some MCP servers register tools)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, agent_id: str) -> str:
+        await asyncio.sleep(0)
+        self.calls += 1
+        if agent_id == "fails":
+            raise RuntimeError("tool failed")
+        return f"done {agent_id}"
+
+
+def test_rate_limited_async_callable_object_is_counted_when_awaited_and_refunded(redis_mode: str) -> None:
+    """An object with an ``async def __call__`` (or a partial of an ``async def``) is an
+    ``async def`` to the decorator: counted when awaited, its refund_on honoured (it used
+    to be counted when the coroutine was created, and never refunded)."""
+    tool = AsyncTool()
+    handler = rate_limited("async_object", limit=2, window=3600, key="agent_id", refund_on=RuntimeError)(tool)
+    assert inspect.iscoroutinefunction(handler)
+    for coro in [handler("a1") for _ in range(3)]:
+        coro.close()
+    assert handler.limiter.peek("a1").remaining == 2 and tool.calls == 0
+    assert asyncio.run(handler("a1")) == "done a1"
+    with pytest.raises(RuntimeError):
+        asyncio.run(handler("fails"))
+    assert handler.limiter.peek("fails").remaining == 2  # given back
+
+    async def plain(agent_id: str, suffix: str) -> str:
+        return agent_id + suffix
+
+    partial_handler = rate_limited("async_partial", limit=1, window=3600,
+                                   key=lambda agent_id: agent_id)(functools.partial(plain, suffix="!"))
+    assert inspect.iscoroutinefunction(partial_handler)
+    partial_handler("a1").close()
+    assert asyncio.run(partial_handler("a1")) == "a1!"
+
+
+def test_decorators_refuse_generator_callable_objects() -> None:
+    class Stream:
+        def __call__(self, agent_id: str) -> Any:
+            yield agent_id
+
+    for decorate in (rate_limited("gen_object", limit=1, window=60), cached_metadata):
+        with pytest.raises(InvalidArgumentType, match="fn"):
+            decorate(Stream())
+
+
 # -- metadata cache -------------------------------------------------------------------
 class AsyncSource:
     """An async loader's source of truth; counts loads."""
@@ -205,6 +255,23 @@ def test_cache_miss_waits_for_redis_off_the_event_loop(redis_mode: str, monkeypa
     load = cached_handler(source)
     order = loop_keeps_running_while(CachedFunction, "_miss", monkeypatch, lambda: load("a1"))
     assert order == ["loop ran", "blocking step done"]
+    assert source.loads == ["a1"]
+
+
+def test_cached_async_callable_object_caches_the_awaited_value(redis_mode: str) -> None:
+    source = AsyncSource()
+
+    class Loader:
+        async def __call__(self, agent_id: str) -> Any:
+            return await source.load(agent_id)
+
+    load = cached_metadata(namespace="tests.async_object")(Loader())
+    assert inspect.iscoroutinefunction(load)
+
+    async def twice() -> List[Any]:
+        return [await load("a1"), await load("a1")]
+
+    assert asyncio.run(twice()) == [{"agent_id": "a1", "version": 0}] * 2
     assert source.loads == ["a1"]
 
 

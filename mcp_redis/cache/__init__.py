@@ -40,12 +40,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar, Union, overload
 
 from ..client import Client
 from ..errors import InvalidArgument, InvalidArgumentType
-from ..validation import optional_seconds
+from ..validation import is_async_callable, is_generator_callable, optional_seconds
 from .base import Backend, Envelope, L1Entry
 from .function import MISSING, CachedFunction, CacheInfo
 from .invalidation import all_caches as _all_caches  # noqa: F401  (stats, prometheus)
@@ -128,10 +127,10 @@ def cached_metadata(
 
 def _cached(fn: Callable[..., Any], ttl: Optional[float], options: Dict[str, Any]) -> Any:
     """A `CachedFunction`, or for an ``async def`` the coroutine front over one."""
-    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+    if is_generator_callable(fn):
         raise InvalidArgumentType(
             "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: its values cannot be cached")
-    if inspect.iscoroutinefunction(fn):
+    if is_async_callable(fn):
         return _async_cached(fn, ttl, options)
     return CachedFunction(fn, ttl=ttl, **options)
 
@@ -194,7 +193,7 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
     async def get_many(ids: Iterable[Any], *, loader: Optional[Callable[[List[Any]], Any]] = None) -> Dict[Any, Any]:
         """``{id: f(id)}`` for many ids (see `CachedFunction.get_many`); `loader` may be async."""
         batch = loader
-        if loader is not None and inspect.iscoroutinefunction(loader):
+        if loader is not None and is_async_callable(loader):
             async_loader = loader
 
             def batch(missing: List[Any]) -> Mapping[Any, Any]:

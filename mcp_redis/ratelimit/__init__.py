@@ -46,6 +46,7 @@ from ..config import Mode, RateLimitFallback, Settings
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
+from ..validation import is_async_callable, is_generator_callable
 from .algorithms import Algorithm
 from .base import Backend, Outcome, Policy, Reply, Spec
 from .limits import Limit, LimitStatus, RateLimitResult, _check_int, _coerce_limits, _Plan, _Ticket, ratelimit_headers
@@ -58,6 +59,7 @@ __all__ = [
     "Backend",
     "Limit",
     "LimitStatus",
+    "MAX_LOG_COST",
     "RateLimitResult",
     "RateLimiter",
     "rate_limited",
@@ -200,7 +202,7 @@ class RateLimiter:
             specs=specs,
             windows=windows,
             labels=tuple(lim.label(w) for lim, w in zip(self.limits, windows)),
-            max_cost=min(lim.limit for lim in self.limits),
+            max_cost=_max_cost(self.algorithm, min(lim.limit for lim in self.limits)),
             mode=mode,
             backend=backend,
             singleton_key=_BACKENDS[backend][0] if backend is not None else "",
@@ -214,7 +216,7 @@ class RateLimiter:
         client = resolve(self.client)
         plan = self._plan(client.settings)
         if cost > plan.max_cost:
-            raise InvalidArgument("cost", f"{cost} exceeds the limit {plan.max_cost}: it could never pass")
+            raise _too_costly(cost, min(spec.limit for spec in plan.specs))
         which = plan.backend
         if which is None:
             return self._verdict(plan, "off", client)
@@ -322,6 +324,22 @@ class RateLimiter:
 
 # -- outages, logged once per outage of a client --------------------------------------
 #: The client's singleton holding {backend or "a+b": in an outage}; built at the first outage.
+MAX_LOG_COST = 10_000
+"""The most units one sliding-window call may take: its log holds an entry per unit, written in one step
+(10^7 units blocked Redis for 1.4 s; 10^15 froze it). The counting algorithms take any cost up to the limit."""
+
+
+def _max_cost(algorithm: Algorithm, smallest_limit: int) -> int:
+    return min(smallest_limit, MAX_LOG_COST) if algorithm is Algorithm.SLIDING_WINDOW else smallest_limit
+
+
+def _too_costly(cost: int, smallest_limit: int) -> InvalidArgument:
+    if cost > smallest_limit:
+        return InvalidArgument("cost", f"{cost} exceeds the limit {smallest_limit}: it could never pass")
+    return InvalidArgument("cost", f"{cost} is more than the {MAX_LOG_COST} units one sliding_window call may "
+                           "take (its log keeps an entry per unit); use sliding_window_counter or gcra")
+
+
 _OUTAGES = "ratelimit.outages"
 
 
@@ -381,12 +399,12 @@ def rate_limited(
     refund_types = _check_refund_on(refund_on)
 
     def decorate(fn: F) -> F:
-        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        if is_generator_callable(fn):
             raise InvalidArgumentType(
                 "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a call would be counted "
                 "when the generator is created, not when it runs; rate-limit the function that consumes it")
         key_of = _key_getter(fn, key)
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
             return _async_wrapper(fn, limiter, key_of, cost, on_limited,  # type: ignore[return-value]
                                   refund_types)
 

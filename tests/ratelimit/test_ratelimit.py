@@ -130,6 +130,25 @@ def test_cost_counts_units_and_is_all_or_nothing(backend: str) -> None:
     assert limiter.hit("k", cost=2).remaining == 0
 
 
+def test_a_sliding_window_call_takes_at_most_max_log_cost_units(backend: str) -> None:
+    """The log keeps an entry per unit: a cost of 10^7 blocked Redis for 1.4 s and 10^15 froze
+    it (and raised MemoryError in local mode). Above MAX_LOG_COST the call is refused, naming
+    `cost`, before anything is counted; the counting algorithms take any cost up to the limit."""
+    from mcp_redis.ratelimit import MAX_LOG_COST
+
+    limiter = RateLimiter("heavy", 10**15, 3600)
+    for cost in (MAX_LOG_COST + 1, 10**15):
+        with pytest.raises(InvalidArgument, match="cost.*sliding_window_counter or gcra"):
+            limiter.hit("k", cost=cost)
+    assert limiter.peek("k").remaining == 10**15
+    assert limiter.hit("k", cost=MAX_LOG_COST).remaining == 10**15 - MAX_LOG_COST
+    with pytest.raises(InvalidArgument, match="exceeds the limit 5"):
+        RateLimiter("small", 5, 60).hit("k", cost=6)
+    for algorithm in (Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.FIXED_WINDOW):
+        assert RateLimiter(f"heavy-{algorithm.value}", 10**15, 3600, algorithm=algorithm).hit(
+            "k", cost=10**12).remaining == 10**15 - 10**12
+
+
 def test_ids_with_any_unicode_are_distinct_keys(backend: str) -> None:
     limiter = RateLimiter("n\0ame *", 1, 60)
     for key in ("a", "a*", "a\0", "ä", "{a}", "a:b"):
