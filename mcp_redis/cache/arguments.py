@@ -18,11 +18,17 @@ from ..keys import KeySpace
 __all__ = ["check_json_arg", "check_number", "dumps", "data_key", "l1_key_of", "is_id_param"]
 
 NS = "cache"  # KeySpace namespace of every key the cache writes
+_MAX_INT_BITS = 3321  # about 1,000 decimal digits (10**1000 needs 3,322 bits)
 
 
 def check_json_arg(value: Any, name: str, depth: int = 0) -> None:
     """Arguments become keys through JSON: only types JSON keeps apart."""
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, int):
+        # JSON writes ints as decimal text, which Python limits (4,300 digits by default).
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidArgument(name, "is too large an integer to form a cache key (about 1,000 digits at most)")
         return
     if isinstance(value, float):
         if not math.isfinite(value):

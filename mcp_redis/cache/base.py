@@ -111,7 +111,7 @@ class Backend(Protocol):
         """Move the namespace to a new generation and publish it; returns it."""
 
     def claim(self, key: str, token: str, px: int) -> bool:
-        """A short lock (``SET NX PX``): True when this caller got it."""
+        """A short lock (``SET NX PX``): True when this caller got it (or holds it already: `token` is per claim)."""
 
     def release(self, key: str) -> None:
         """Drop a lock taken with `claim` (best effort: it expires anyway)."""

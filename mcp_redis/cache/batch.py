@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
 
 from ..config import Mode
+from ..errors import InvalidArgumentType
 from ..metrics import METRICS
 from .base import Backend, Fill
 from .flight import Flight
@@ -24,6 +25,12 @@ def get_many(fn: CachedFunction[Any], ids: Iterable[Any], loader: BatchLoader) -
     """``{id: fn(id)}``: L1 first, then one L2 read and one load for the rest."""
     st = fn._state()
     items = list(ids)
+    for item in items:  # they key the returned dict: refused before anything is loaded
+        try:
+            hash(item)
+        except TypeError:
+            raise InvalidArgumentType("ids", f"must be hashable (they key the returned dict), not "
+                                      f"{type(item).__name__}") from None
     if st.mode is Mode.OFF:
         return _load_batch(fn, items, loader)
     order: List[Tuple[Any, Hashable, str]] = []

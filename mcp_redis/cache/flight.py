@@ -9,12 +9,21 @@ XFetch (Vattani et al., VLDB 2015): recompute early iff
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import random
 import threading
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 __all__ = ["Flight", "xfetch_fires", "XFETCH_HORIZON"]
+
+# The flights whose loader the current call chain is running. A context variable, not only a
+# thread id: an ``async def`` loader's coroutine runs on the caller's loop and a cached call it
+# awaits runs in another worker thread (``asyncio.to_thread`` and the loop's task both carry
+# the context), so the thread id alone does not see that call waiting for itself.
+_LEADING: contextvars.ContextVar[Tuple[Flight, ...]] = contextvars.ContextVar("mcp_redis_cache_leading",
+                                                                                default=())
 
 XFETCH_HORIZON = 30.0  # XFetch draws only within 30 * delta * beta of expiry (p < e^-30 beyond)
 
@@ -42,8 +51,17 @@ class Flight:
         self.finished = True
         self._running.release()
 
+    @contextlib.contextmanager
+    def leading(self) -> Iterator[None]:
+        """Around the loader's call: a call of the same key from within it is recursion."""
+        token = _LEADING.set((*_LEADING.get(), self))
+        try:
+            yield
+        finally:
+            _LEADING.reset(token)
+
     def wait(self) -> Any:
-        if not self.finished and self._leader == threading.get_ident():
+        if not self.finished and (self._leader == threading.get_ident() or self in _LEADING.get()):
             # The loader called its own cached function with the same
             # arguments: waiting for itself would hang for ever.
             raise RecursionError("a cached function's loader called it again with the same arguments")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -49,6 +50,14 @@ R = TypeVar("R")
 NS = "cache"  # KeySpace namespace of every key the cache writes
 CHANNEL = "cache:invalidate"
 MISSING: Any = object()
+
+
+_claims = itertools.count()
+
+
+def _claim_token() -> str:
+    """A lock's value, unique per claim: a retried claim knows its own lost attempt (`Backend.claim`)."""
+    return f"{invalidation.origin()}:{next(_claims)}"
 
 
 def _redis_backend(client: Client) -> Backend:
@@ -370,6 +379,7 @@ class CachedFunction(Generic[R]):
         if l2id is None:
             l2id = self._l2id(key, args, kwargs)
         backend = self._backend(st)
+        drops: Optional[int] = None  # the drop count before an L2 read (early: when the value came from L2)
         if backend is not None:
             inv = st.inv  # _prepare_l2, inlined (the L2 hit path)
             if inv is None or inv.channel != st.channel or inv.subscriber is None or self._pending \
@@ -409,7 +419,7 @@ class CachedFunction(Generic[R]):
                 return early.value  # type: ignore[no-any-return]  # someone is refreshing it
             return flight.wait()  # type: ignore[no-any-return]
         try:
-            value = self._load_through(st, backend, key, l2id, args, kwargs, flight, early)
+            value = self._load_through(st, backend, key, l2id, args, kwargs, flight, early, drops)
         except BaseException as exc:
             flight.error = exc
             raise
@@ -424,8 +434,13 @@ class CachedFunction(Generic[R]):
 
     def _load_through(self, st: _State, backend: Optional[Backend], key: Hashable, l2id: str,
                       args: Tuple[Any, ...], kwargs: Mapping[str, Any], flight: Flight,
-                      early: Optional[L1Entry]) -> R:
-        """The leader's path: epoch (and a second look at L2), the loader, write-back."""
+                      early: Optional[L1Entry], early_drops: Optional[int] = None) -> R:
+        """The leader's path: epoch (and a second look at L2), the loader, write-back.
+
+        `early`: the still-valid value whose XFetch draw fired, read from L1
+        (its `deadline` set) or from L2 (deadline 0, `early_drops` the drop
+        count before that read).
+        """
         epoch: Optional[str] = None  # observed before loading; None = do not fill L2
         fill_lock: Optional[str] = None  # the cross-process single-flight lock we hold
         current: Any = MISSING  # a still-valid value (early refresh)
@@ -454,7 +469,7 @@ class CachedFunction(Generic[R]):
                             stale = found.value
                     if self._lock_ttl:  # optional cross-process single flight
                         lock_key = data_key(st.keys.prefix, self.namespace, gen, l2id, "fill")
-                        if backend.claim(lock_key, invalidation.origin(), int(self._lock_ttl * 1000)):
+                        if backend.claim(lock_key, _claim_token(), int(self._lock_ttl * 1000)):
                             fill_lock = lock_key
                         else:
                             waited = self._wait_for_fill(backend, st, key, flight, keys[0], gen, l2id)
@@ -464,7 +479,11 @@ class CachedFunction(Generic[R]):
                     if not self._claim_refresh(backend, st, gen, l2id, early):
                         # Another process refreshes it; keep serving ours without
                         # drawing again until that refresh has landed in L2.
-                        self._fill_l1(st, key, flight, early.value, early.expiry, early.bd, no_early=True)
+                        # Only if no invalidation took it away since it was read: from
+                        # L1, the copy must still be there; from L2, the drop count unmoved
+                        # (both before this flight existed, so its stale flag missed them).
+                        self._fill_l1(st, key, flight, early.value, early.expiry, early.bd, no_early=True,
+                                      drops=early_drops, replacing=early if early.deadline else None)
                         return current  # type: ignore[no-any-return]
                     epoch = backend.begin(keys[0], keys[1], int(st.guard_ttl * 1000))[1]
             except backend.errors as exc:
@@ -480,7 +499,8 @@ class CachedFunction(Generic[R]):
             self._count("loader_calls")
             started = time.perf_counter()
             try:
-                loaded = self._fn(*args, **kwargs)
+                with flight.leading():
+                    loaded = self._fn(*args, **kwargs)
             except Exception as exc:
                 if current is not MISSING:
                     self._count_error()
@@ -550,13 +570,15 @@ class CachedFunction(Generic[R]):
         """Cross-process guard for early refresh: one ``SET NX PX`` winner."""
         lock_key = st.keys.key(NS, self.namespace, gen, l2id, tag=True, suffix="refresh")
         px = int(min(max(4 * early.bd, 0.25), 10.0) * 1000)
-        return backend.claim(lock_key, invalidation.origin(), px)
+        return backend.claim(lock_key, _claim_token(), px)
 
     def _fill_l1(self, st: _State, key: Hashable, flight: Optional[Flight], value: Any, expiry: float, bd: float,
-                 *, no_early: bool = False, l2_hit: bool = False, drops: Optional[int] = None) -> None:
+                 *, no_early: bool = False, l2_hit: bool = False, drops: Optional[int] = None,
+                 replacing: Optional[L1Entry] = None) -> None:
         """Put `value` (logical `expiry`, `bd` = delta * beta) in L1 unless an
         invalidation arrived since it was read (its flight was marked stale, or
-        the drop counter moved). Fields, not an `L1Entry`: no object on the L2 hit path."""
+        the drop counter moved, or L1 no longer holds the copy it `replaces`).
+        Fields, not an `L1Entry`: no object on the L2 hit path."""
         now = time.time()
         remaining = min(st.l1_ttl, expiry - now)
         if no_early:
@@ -571,6 +593,10 @@ class CachedFunction(Generic[R]):
             if l2_hit:
                 self._l2_hits += 1
             if remaining > 0 and (flight is None or not flight.stale) and (drops is None or drops == self._drops):
+                if replacing is not None:
+                    held = self._l1.get(key)
+                    if held is None or held[0] is not replacing.value or held[3] != replacing.deadline:
+                        return
                 self._l1[key] = stored
 
     def _encode(self, value: Any, delta: float, ttl: float) -> Optional[Tuple[str, Any, float]]:
@@ -724,6 +750,9 @@ class CachedFunction(Generic[R]):
         self._gen = None
         self._gen_seq += 1
         self._st = None  # its backend and listener were the parent client's (forgotten in the child)
+        # cache_info() is this process's: the child starts from zero.
+        self._l1_hits = self._l2_hits = self._misses = self._loader_calls = 0
+        self._errors = self._invalidations = self._stale_served = self._early_refreshes = 0
 
     # -- stats ---------------------------------------------------------------------
     def _count(self, name: str) -> None:

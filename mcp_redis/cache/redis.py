@@ -122,8 +122,11 @@ class RedisBackend:
         return str(conn.call(conn.script("cache_generation"), keys=[key], args=[guard_px, channel, message_prefix]))
 
     def claim(self, key: str, token: str, px: int) -> bool:
+        """``SET NX PX``; True also when the key already holds `token`: an attempt whose reply was
+        lost set it, and the retry must not wait for its own lock (``GET`` tells, Redis ≥ 7.0)."""
         conn = self.conn
-        return bool(conn.call(conn.client.set, key, token, nx=True, px=px))
+        held = conn.call(conn.client.set, key, token, nx=True, px=px, get=True)
+        return held is None or held == token or held == token.encode()
 
     def release(self, key: str) -> None:
         conn = self.conn

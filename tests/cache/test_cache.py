@@ -10,6 +10,7 @@ import time
 from typing import Any, Dict, List
 
 import pytest
+import redis
 
 import mcp_redis
 from mcp_redis.cache import CachedFunction, cached_metadata, invalidation, wait_for_listener
@@ -1114,3 +1115,131 @@ def test_concurrent_writes_in_one_process_leave_l1_as_redis_has_it(redis_mode: s
         else:
             assert load._gen is not None and int(load._gen[0]) == int(raw.get(generation_key)), \
                 f"round {round_}: an older generation than Redis's"
+
+
+# -- fourth review round: recursion across threads, early refresh, lost claim reply, odd input --
+def test_an_async_loader_awaiting_itself_with_the_same_arguments_raises_instead_of_hanging(
+        redis_mode: str) -> None:
+    """Its inner call runs in another worker thread than the outer one's: the thread id alone
+    did not see the call waiting for itself, and it hung for ever."""
+    import asyncio
+
+    @cached_metadata(ttl=60, namespace="self-call-async")
+    async def load(agent_id: str) -> int:
+        return await load(agent_id)  # type: ignore[no-any-return]
+
+    async def call() -> None:
+        await asyncio.wait_for(load("a"), 10)  # only a bound on the hang this test is about
+
+    with pytest.raises(RecursionError):
+        asyncio.run(call())
+
+
+def test_an_invalidation_between_the_l2_read_and_an_early_refresh_is_not_undone(
+        redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XFetch fires on an L2 hit while another process holds the refresh lock, so the old value
+    is kept in L1 for up to 250 ms without drawing again. An invalidation that reached this
+    process after the GET (before the refresh's flight existed) must stop that: the next call
+    loads the new value (it used to be served the old one for 250 ms)."""
+    from mcp_redis.cache.redis import RedisBackend
+
+    source = Source()
+
+    @cached_metadata(ttl=60, beta=1e6, namespace="tests.early-race")
+    def load(agent_id: str) -> Any:
+        time.sleep(0.01)  # delta * beta = 10^4 s: the draw fires on every read of a 60 s entry
+        return source.load(agent_id)
+
+    listening(load)
+    assert load("a1") == {"agent_id": "a1", "version": 0}
+    load.cache_clear()  # L1 empty: the next call reads L2
+    client = redis.Redis.from_url(redis_mode, decode_responses=True)
+    value_key = next(k for k in client.scan_iter("mcp:cache:*") if "tests.early-race" in k and "#" not in k)
+    client.set(value_key + "#refresh", "another process", px=5000)
+    source.rows["a1"] = {"agent_id": "a1", "version": 1}
+    real_get = RedisBackend.get
+
+    def get_then_invalidated(self: Any, key: str) -> Any:
+        raw = real_get(self, key)
+        monkeypatch.setattr(RedisBackend, "get", real_get)
+        load.invalidate("a1")  # the row changed and its writer invalidated, right after our read
+        return raw
+
+    real_claim = RedisBackend.claim
+    claims: List[str] = []
+
+    def claim(self: Any, key: str, token: str, px: int) -> bool:
+        claims.append(key)
+        return real_claim(self, key, token, px)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(RedisBackend, "get", get_then_invalidated)
+    monkeypatch.setattr(RedisBackend, "claim", claim)
+    assert load("a1") == {"agent_id": "a1", "version": 0}  # started before the invalidation: may be old
+    assert claims == [value_key + "#refresh"]  # the draw fired; the refresh was left to the lock's holder
+    assert load("a1") == {"agent_id": "a1", "version": 1}  # after it: never
+
+
+def test_a_lost_reply_to_the_fill_lock_does_not_make_the_call_wait_for_its_own_lock(
+        redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SET NX ran but its reply was lost; the retry found the key this very call had set and
+    waited the whole lock_ttl (8 s here) for itself."""
+    from mcp_redis.cache.redis import RedisBackend
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url())
+        real_claim = RedisBackend.claim
+        lost: List[str] = []
+
+        def claim_losing_its_reply(self: Any, key: str, token: str, px: int) -> bool:
+            if key.endswith("#fill") and not lost:
+                lost.append(key)
+                proxy.reset_next_reply()
+            return real_claim(self, key, token, px)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(RedisBackend, "claim", claim_losing_its_reply)
+        load = make(Source(), ttl=60, lock_ttl=8, namespace="tests.lost-claim")
+        started = time.monotonic()
+        assert load("a1") == {"agent_id": "a1", "version": 0}
+        assert lost and time.monotonic() - started < 4  # not the 8 s lock_ttl
+        assert load.cache_info().loader_calls == 1
+
+
+def test_odd_ids_are_refused_before_anything_is_loaded(redis_mode: str) -> None:
+    loads: List[Any] = []
+
+    @cached_metadata(namespace="tests.odd-ids")
+    def load(n: Any) -> Any:
+        loads.append(n)
+        return {"n": str(n)[:8]}
+
+    huge = 10**1200  # JSON cannot write it under Python's default digit limit
+    for call in (lambda: load(huge), lambda: load.invalidate(huge), lambda: load.set({}, huge),
+                 lambda: load.get_many([huge])):
+        with pytest.raises(InvalidArgument, match="too large an integer"):
+            call()
+    assert load(10**900) == {"n": "10000000"}  # large, but a key
+    with pytest.raises(InvalidArgumentType, match="ids.*hashable"):
+        load.get_many([["a", "b"]])
+    with pytest.raises(InvalidArgumentType, match="ids.*hashable"):
+        load.get_many([{"k": 1}], loader=lambda ids: {})
+    assert loads == [10**900]  # the refused calls loaded nothing
+
+
+def test_a_forked_childs_cache_info_counts_only_its_own_calls(redis_mode: str) -> None:
+    import os
+
+    load = make(Source())
+    for _ in range(3):
+        load("a1")
+    assert load.cache_info().l1_hits == 2
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            info = load.cache_info()
+            code = 0 if (info.l1_hits, info.misses, info.loader_calls) == (0, 0, 0) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
