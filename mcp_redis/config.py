@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, cast
@@ -220,21 +221,9 @@ class Settings:
                 raise ConfigurationError(f"{name}: 'postgres' needs DATABASE_URL")
         for name in ("redis_url", *FEATURE_URLS.values()):
             url = getattr(self, name)
-            if not url:
-                continue
-            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-            if scheme not in REDIS_SCHEMES:
-                raise ConfigurationError(
-                    f"{name}: unsupported scheme in {redact_url(url)!r}; "
-                    f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
-                )
-            if scheme in ("redis", "rediss"):
-                # The path names the database: a number or nothing (redis-py would read "/abc" as 0).
-                hosts = url.split("://", 1)[1].rpartition("@")[2]
-                path = hosts.partition("?")[0].partition("#")[0].partition("/")[2]
-                if path and not path.isdigit():
-                    raise ConfigurationError(f"{url_setting(name)}: the database in {redact_url(url)!r} must be "
-                                             "a number (redis://host:6379/0)")
+            if url:
+                check_redis_url(name, url)
+        _check_tls_settings(self)
 
     def url(self, feature: str) -> Optional[str]:
         """The Redis URL `feature` uses: its own ``*_url`` setting, else `redis_url`."""
@@ -358,6 +347,119 @@ def _check_duration(name: str, value: Any, bounds: _Duration) -> None:
         raise ConfigurationError(str(exc)) from None
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+
+
+# Query options a Redis URL may carry. redis-py applies a single server's options over the
+# library's settings, so each is checked as its setting would be; anything else (an unknown
+# name, `protocol`, the ssl_* options that belong to configure()) is refused, never passed on.
+_URL_OPTIONS = frozenset({"db", "password", "username", "client_name", "socket_timeout",
+                          "socket_connect_timeout", "health_check_interval", "max_connections"})
+
+
+def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
+    """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
+    hosts: List[Tuple[str, int]] = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_s = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_s) if port_s else default_port
+        except ValueError:
+            raise ConfigurationError(f"{argument}: bad port in host {item!r}") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigurationError(f"{argument}: bad host {item!r}")
+        hosts.append((host, port))
+    if not hosts:
+        raise ConfigurationError(f"{argument}: no hosts given")
+    return hosts
+
+
+def check_redis_url(name: str, url: str) -> None:
+    """Refuse a Redis URL that could never work, naming the setting, before anything uses it.
+
+    The scheme; the host(s) and port(s) (a single server: exactly one host, never the
+    ``localhost`` redis-py would put in for an empty one); the database (a number, given once);
+    the query options (`_URL_OPTIONS`, each given once, with a valid value).
+    """
+    setting = url_setting(name)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigurationError(
+            f"{setting}: unsupported scheme in {redact_url(url)!r}; "
+            f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+        )
+    shown = redact_url(url)
+    after_auth = url.split("://", 1)[1].rpartition("@")[2]  # a password may hold any of / ? #
+    location, _, query = after_auth.partition("#")[0].partition("?")
+    hosts, _, path = location.partition("/")
+    options: Dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _URL_OPTIONS or (key != "db" and scheme not in ("redis", "rediss", "unix")):
+            raise ConfigurationError(f"{setting}: query option {key!r} in {shown!r} is not supported; "
+                                     "use the MCP_REDIS_* settings (docs/operations.md)")
+        if key in options:
+            raise ConfigurationError(f"{setting}: query option {key!r} is given twice in {shown!r}")
+        options[key] = value
+    segments = [p for p in path.split("/") if p]
+    if scheme == "unix":
+        if not path:
+            raise ConfigurationError(f"{setting}: {shown!r} names no socket path (unix:///path/to/redis.sock)")
+        db = options.get("db")
+    elif scheme in ("redis", "rediss"):
+        parse_host_list(hosts, 6379, setting)
+        if "," in hosts or not hosts.strip():
+            raise ConfigurationError(f"{setting}: {shown!r} must name one host (several: redis+sentinel:// "
+                                     "or redis+cluster://)")
+        # The path names the database: a number or nothing (redis-py would read "/abc" as 0).
+        if path and not path.isdigit():
+            raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number (redis://host:6379/0)")
+        if path and "db" in options:
+            raise ConfigurationError(f"{setting}: {shown!r} names its database twice (path and db=)")
+        db = path or options.get("db")
+    else:
+        parse_host_list(hosts, 26379 if scheme.endswith("sentinel") else 6379, setting)
+        db = segments[1] if scheme.endswith("sentinel") and len(segments) > 1 else options.get("db")
+        if scheme.endswith("sentinel") and len(segments) > 2:
+            raise ConfigurationError(f"{setting}: {shown!r}: the path is /<service>[/<db>]")
+    if db is not None and not db.isdigit():
+        raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number")
+    for key in ("socket_timeout", "socket_connect_timeout", "health_check_interval", "max_connections"):
+        if key in options:
+            try:
+                number = float(options[key])
+                if key == "max_connections":
+                    _check_number(key, int(number) if number.is_integer() else number, integer=True, minimum=1)
+                else:
+                    seconds(number, key, allow_zero=key == "health_check_interval", maximum=MAX_NETWORK_SECONDS)
+            except (ValueError, OverflowError, ConfigurationError) as exc:
+                raise ConfigurationError(f"{setting}: query option {key}={options[key]!r} in {shown!r} is not "
+                                         f"valid ({exc})") from None
+
+
+def _check_tls_settings(s: Settings) -> None:
+    """TLS settings: verification is turned off only by the word "none"; files exist."""
+    reqs = s.ssl_cert_reqs
+    if isinstance(reqs, ssl.VerifyMode):
+        reqs = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional"}.get(reqs, "required")
+    if not isinstance(reqs, str) or reqs.lower() not in ("required", "optional", "none"):
+        raise ConfigurationError(f"ssl_cert_reqs: must be 'required' (the default), 'optional' or 'none', "
+                                 f"not {reqs!r}")
+    object.__setattr__(s, "ssl_cert_reqs", reqs.lower())
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(s, name)
+        if path is None:
+            continue
+        variable = f"MCP_REDIS_{name.upper()} ({name})"
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise ConfigurationError(f"{variable}: must be a file path, not {path!r}")
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"{variable}: no such file: {path!r}")
 
 
 def _check_number(name: str, value: Any, *, integer: bool = False,
@@ -532,7 +634,12 @@ def redact_url(url: str) -> str:
     such a password; redaction never does).
     """
     if "://" not in url:
-        return scrub(re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url), url)
+        if not _DSN.match(url) and "@" in url:
+            # Not a key/value DSN: a URL with a mistyped "://" (redis:/:pw@h, redis//:pw@h):
+            # everything up to its last "@" may be a password.
+            return "***@" + url.rpartition("@")[2]
+        # A key/value DSN; "password" with a mistyped "=" ("password s3cret") is masked too.
+        return scrub(re.sub(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url), url)
     scheme, _, rest = url.partition("://")
     userinfo, at, hostinfo = rest.rpartition("@")
     if at:
@@ -556,6 +663,7 @@ def redact_url(url: str) -> str:
 
 
 _RESERVED = re.compile(r"[/?#@]")
+_DSN = re.compile(r"\s*[A-Za-z_]+\s*=")  # libpq's key/value form: host=... dbname=...
 _PIECES = re.compile(r"[/?#@:%]")
 
 

@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
-from .config import FEATURE_URLS, Settings, redact_url, scrub, setting_variable, url_setting
+from .config import FEATURE_URLS, Settings, parse_host_list, redact_url, scrub, setting_variable, url_setting
 from .errors import ConfigurationError, ReadOnlyServer
 from .resilience import CircuitBreaker, Resilience, WrongServerKind, redis_misconfiguration
 from .scripts import ScriptSet
@@ -863,30 +863,6 @@ def _cluster_down(kwargs: Dict[str, Any], exc: BaseException) -> str:
     return (f"Redis Cluster unreachable: no startup node ({nodes}) gave the slot map "
             f"({type(exc).__name__}{': ' + said if said else ''}); calls use each feature's fallback "
             "and the next one tries again")
-
-
-def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (redis_url)") -> List[Tuple[str, int]]:
-    """``h1:1,h2:2`` (IPv6 in brackets) into ``[(host, port), ...]``."""
-    hosts: List[Tuple[str, int]] = []
-    for item in netloc.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port_s = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
-        try:
-            port = int(port_s) if port_s else default_port
-        except ValueError:
-            raise ConfigurationError(f"{argument}: bad port in host {item!r}") from None
-        if not host or not 0 < port < 65536:
-            raise ConfigurationError(f"{argument}: bad host {item!r}")
-        hosts.append((host, port))
-    if not hosts:
-        raise ConfigurationError(f"{argument}: no hosts given")
-    return hosts
 
 
 def _split_userinfo(netloc: str) -> Tuple[Optional[str], Optional[str], str]:

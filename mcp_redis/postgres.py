@@ -12,10 +12,11 @@ library's name with another shape is a `ConfigurationError`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, cast
 
 if TYPE_CHECKING:  # psycopg2 is imported on first use, so ``import mcp_redis`` does not load it
     import psycopg2
@@ -127,6 +128,11 @@ _PG_AUTH_FAILURES = ("password authentication failed", "no password supplied", "
                      "no pg_hba.conf entry", "authentication failed")
 
 
+# libpq's words for a DSN option it cannot use (it answers before connecting): "invalid port
+# number", "invalid sslmode value", "invalid integer value "x" for connection option "port"".
+_PG_BAD_OPTION = re.compile(r"\binvalid [\w ]*?(?:number|value)\b|\binvalid connection option\b")
+
+
 def pg_misconfiguration(exc: BaseException) -> Optional[ConfigurationError]:
     """The `ConfigurationError` a psycopg2 error stands for, or None (see
     `mcp_redis.resilience.redis_misconfiguration`): refused credentials, an
@@ -151,6 +157,10 @@ def pg_misconfiguration(exc: BaseException) -> Optional[ConfigurationError]:
             "docs/security.md lists, or use another user in DATABASE_URL", variable="DATABASE_URL")
     if isinstance(exc, psycopg2.OperationalError) and not isinstance(exc, BackendUnavailable):
         said = " ".join(str(exc).split())
+        if _PG_BAD_OPTION.search(said):
+            return ConfigurationError(
+                f"DATABASE_URL: libpq refused a connection option ({said}); fix DATABASE_URL",
+                variable="DATABASE_URL")
         if any(words in said for words in _PG_AUTH_FAILURES):
             return AuthenticationFailed(
                 f"DATABASE_URL: PostgreSQL refused the connection ({said}); fix the user, password "
@@ -243,6 +253,7 @@ class Postgres:
 
         with self._pool_lock:
             if self._pool is None:
+                malformed = False
                 try:
                     self._pool = _keep_idle_pool(
                         self._maxconn,
@@ -250,9 +261,24 @@ class Postgres:
                         **_connect_options(self.settings),
                     )
                 except psycopg2.ProgrammingError:
-                    # A malformed DSN: psycopg2 may echo it, password included.
-                    raise ConfigurationError(f"database_url: invalid DSN {self.url!r}") from None
-            return self._pool
+                    malformed = True
+                if malformed:
+                    # Raised out here: psycopg2's error echoes the DSN, password included, and
+                    # `from None` would still keep it as the new error's __context__.
+                    raise ConfigurationError(f"DATABASE_URL (database_url): invalid DSN {self.url!r}",
+                                             variable="DATABASE_URL")
+            return cast("psycopg2.pool.ThreadedConnectionPool", self._pool)
+
+    def _getconn(self) -> psycopg2.extensions.connection:
+        import psycopg2
+
+        refused = ""
+        try:
+            return self._get_pool().getconn()
+        except psycopg2.OperationalError as exc:
+            refused = scrub(str(exc), self.settings.database_url)
+        # Raised out here: no __context__ holding the unscrubbed error.
+        raise psycopg2.OperationalError(refused)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
@@ -267,10 +293,7 @@ class Postgres:
         conn = None
         broken = False
         try:
-            try:
-                conn = self._get_pool().getconn()
-            except psycopg2.OperationalError as exc:
-                raise psycopg2.OperationalError(scrub(str(exc), self.settings.database_url)) from None
+            conn = self._getconn()
             try:
                 yield conn
                 conn.commit()

@@ -87,6 +87,8 @@ def test_reset_configuration_forgets_overrides() -> None:
         "postgresql://bob:s3cr3t-pw@127.0.0.1/db",
         "host=127.0.0.1 password=s3cr3t-pw dbname=db",
         "host=127.0.0.1 password='s3cr3t-pw' dbname=db",
+        "host=127.0.0.1 password s3cr3t-pw dbname=db",
+        "postgresql:/bob:s3cr3t-pw@127.0.0.1/db",
     ],
 )
 def test_passwords_are_redacted_everywhere(url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -100,10 +102,73 @@ def test_passwords_are_redacted_everywhere(url: str, caplog: pytest.LogCaptureFi
     assert "s3cr3t-pw" not in caplog.text
 
 
-def test_unsupported_scheme_error_does_not_leak_the_password() -> None:
+@pytest.mark.parametrize("url", ["http://u:s3cr3t-pw@host/", "redis:/:s3cr3t-pw@10.0.0.5:6379/0",
+                                 "redis:s3cr3t-pw@10.0.0.5", "redis//:s3cr3t-pw@10.0.0.5", "//:s3cr3t-pw@10.0.0.5"])
+def test_unsupported_scheme_error_does_not_leak_the_password(url: str) -> None:
+    """A mistyped "://" used to be taken for a key/value DSN and quoted whole."""
     with pytest.raises(ConfigurationError) as info:
-        mcp_redis.configure(redis_url="http://u:s3cr3t-pw@host/")
+        mcp_redis.configure(redis_url=url)
     assert "s3cr3t-pw" not in str(info.value)
+    assert url.startswith("http") or "10.0.0.5" in str(info.value)  # still says which URL
+    assert "s3cr3t-pw" not in redact_url(url)
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis://127.0.0.1:65536/0", "bad host"),
+    ("redis://127.0.0.1:abc/0", "bad port"),
+    ("redis://127.0.0.1:0/0", "bad host"),
+    ("redis://:pw-secret@/0", "bad host|no hosts|one host"),
+    ("redis://:pw-secret@:/0", "bad host|no hosts|one host"),
+    ("redis://", "no hosts|one host"),
+    ("redis://h1:6379,h2:6379/0", "one host"),
+    ("redis://:pw-secret@127.0.0.1:6379/0?db=5", "database twice"),
+    ("redis://127.0.0.1:6379/0?foo=bar", "query option 'foo'"),
+    ("redis://127.0.0.1:6379/0?ssl_cert_reqs=none", "query option 'ssl_cert_reqs'"),
+    ("redis://127.0.0.1:6379/0?protocol=3", "query option 'protocol'"),
+    ("redis://127.0.0.1:6379?db=1&db=2", "given twice"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=-1", "socket_timeout"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=nan", "socket_timeout"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=100000", "socket_timeout"),
+    ("redis://127.0.0.1:6379/0?max_connections=0", "max_connections"),
+    ("unix://?db=0", "socket path"),
+    ("redis+sentinel://127.0.0.1:26379/mymaster/notanumber", "must be a number"),
+    ("redis+sentinel://127.0.0.1:26379/mymaster/0?socket_timeout=1", "query option 'socket_timeout'"),
+    ("redis+cluster://127.0.0.1:99999", "bad host"),
+])
+def test_a_redis_url_that_could_never_work_is_refused_by_configure_and_changes_nothing(url: str, words: str) -> None:
+    """Each of these used to be accepted, then failed on every call (raw TypeError/ValueError,
+    an outage, or a silent localhost:6379 / database 5)."""
+    before = mcp_redis.settings()
+    with pytest.raises(ConfigurationError, match=rf"REDIS_URL \(redis_url\): .*({words})") as info:
+        mcp_redis.configure(redis_url=url)
+    assert "pw-secret" not in str(info.value)
+    assert mcp_redis.settings() == before
+    for fine in ("redis://127.0.0.1:6379/3?socket_timeout=1.5&health_check_interval=0&client_name=x",
+                 "unix:///run/redis.sock?db=2", "redis://127.0.0.1:6379?db=2&password=pw-secret",
+                 "redis+sentinel://127.0.0.1:26379/mymaster/1", "redis+cluster://[::1]:7000,127.0.0.1"):
+        mcp_redis.configure(redis_url=fine)
+
+
+def test_tls_verification_is_off_only_by_the_word_none_and_tls_files_must_exist(tmp_path: Any) -> None:
+    """ssl_cert_reqs=None or 0 used to turn verification off silently; a bad value or a
+    missing file failed on the first call (a raw error, or an outage)."""
+    before = mcp_redis.settings()
+    for bad in (None, 0, False, "bogus", ""):
+        with pytest.raises(ConfigurationError, match="ssl_cert_reqs"):
+            mcp_redis.configure(ssl_cert_reqs=bad)
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        for bad in (123, "", str(tmp_path / "missing.pem")):
+            with pytest.raises(ConfigurationError, match=name):
+                mcp_redis.configure(**{name: bad})
+    assert mcp_redis.settings() == before
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not parsed here")
+    mcp_redis.configure(ssl_cert_reqs="NONE", ssl_ca_certs=str(ca))
+    assert mcp_redis.settings().ssl_cert_reqs == "none"
+    import ssl
+
+    mcp_redis.configure(ssl_cert_reqs=ssl.CERT_REQUIRED)
+    assert mcp_redis.settings().ssl_cert_reqs == "required"
 
 
 @pytest.mark.parametrize("path", ["/abc", "/1x", "/0/1"])
@@ -130,9 +195,8 @@ def test_errors_of_a_features_own_url_name_its_variable(redis_factory: Any) -> N
     assert info.value.variable == "MCP_REDIS_EVENTS_URL"
     conn = get_redis()
     assert conn.call(conn.client.ping) is True  # REDIS_URL itself is fine
-    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): cannot use"):
+    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): bad host"):
         mcp_redis.configure(cache_url="redis://127.0.0.1:99999/0")
-        mcp_redis.default_client().redis("metadata_cache")
 
 
 def test_a_lock_dir_that_is_no_path_is_refused_and_one_that_cannot_be_used_names_it(tmp_path: Any) -> None:

@@ -32,11 +32,13 @@ def test_redis_url_gives_a_client_over_a_blocking_pool_without_client_retries() 
     assert kw["retry"].get_retries() == 0  # one policy (ours) owns retrying
 
 
-def test_rediss_url_uses_tls_connections_with_the_configured_ca() -> None:
-    client, kind, _, _ = build_client(Settings(redis_url="rediss://127.0.0.1:6390/0", ssl_ca_certs="/tmp/ca.pem"))
+def test_rediss_url_uses_tls_connections_with_the_configured_ca(tmp_path: Any) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    client, kind, _, _ = build_client(Settings(redis_url="rediss://127.0.0.1:6390/0", ssl_ca_certs=str(ca)))
     pool = client.connection_pool
     assert kind == "single" and pool.connection_class is SSLConnection
-    assert pool.connection_kwargs["ssl_ca_certs"] == "/tmp/ca.pem"
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
 
 
 def test_unix_url_talks_to_a_real_unix_socket_server(tmp_path: Any) -> None:

@@ -284,9 +284,11 @@ def test_sentinel_tls_setting_is_validated_naming_the_variable(monkeypatch: pyte
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "redis+sentinel://127.0.0.1:1/mymaster"])
-def test_tls_material_with_a_plaintext_url_is_warned_about(url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_tls_material_with_a_plaintext_url_is_warned_about(url: str, caplog: pytest.LogCaptureFixture,
+                                                           tmp_path: Any) -> None:
     """MCP_REDIS_SSL_* set, yet a plaintext scheme: a warning says so (nothing connects here)."""
-    settings = mcp_redis.Settings(redis_url=url, ssl_ca_certs="/nonexistent/ca.crt")
+    (tmp_path / "ca.crt").write_text("")
+    settings = mcp_redis.Settings(redis_url=url, ssl_ca_certs=str(tmp_path / "ca.crt"))
     with caplog.at_level("WARNING", logger="mcp_redis.connections"):
         client = build_client(settings)[0]
     assert "connects in plaintext" in caplog.text or "reached in plaintext" in caplog.text
