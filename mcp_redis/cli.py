@@ -102,6 +102,16 @@ def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
         print("mcp-redis sessions cleanup: DATABASE_URL is not set: no PostgreSQL session rows to clean "
               "(Redis and local bindings expire by themselves)", file=sys.stderr)
         return 2
+    from .config import Mode
+
+    if settings().mode("sessions") is Mode.LOCAL:
+        # With REDIS_URL missing here, sessions are in-process: the command would clean nothing and
+        # say ok. Deleting the rows without Redis is no answer either: in write-through mode a row
+        # past its expiry may belong to a binding that Redis still keeps alive.
+        print("mcp-redis sessions cleanup: sessions are in local mode here (REDIS_URL is not set, or "
+              "MCP_REDIS_SESSIONS_BACKEND=local): run it with the REDIS_URL and DATABASE_URL of the servers "
+              "whose rows it cleans", file=sys.stderr)
+        return 2
     try:
         sessions = importlib.import_module("mcp_redis.sessions")
     except ImportError:
@@ -152,6 +162,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_up_to(most: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an int from 1 to `most` (a demo run that could never end, or fork
+    a process or thread per unit without bound, is refused up front)."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,} ({why})")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value" for text that is no number
+    return parse
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -171,10 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="several worker processes sharing state through the library, with a report")
-    p.add_argument("--workers", type=_positive_int, default=4, help="worker processes (default 4)")
+    p.add_argument("--workers", type=_int_up_to(64, "one process each"), default=4,
+                   help="worker processes (default 4, at most 64)")
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="run time (default 10)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="threads per worker (default 2)")
-    p.add_argument("--agents", type=_positive_int, default=8, help="distinct agents (default 8)")
+    p.add_argument("--threads", type=_int_up_to(256, "per worker"), default=2,
+                   help="threads per worker (default 2, at most 256)")
+    p.add_argument("--agents", type=_int_up_to(100_000, "each seeded as a PostgreSQL row before the run"),
+                   default=8, help="distinct agents (default 8, at most 100,000)")
     p.add_argument("--unsafe", action="store_true",
                    help="skip agent_lock around the read-modify-write, to see lost updates")
     p.add_argument("--no-restart", action="store_true", help="do not kill and restart a worker mid-run")

@@ -33,7 +33,7 @@ from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from .config import FEATURE_URLS, Settings, parse_host_list, redact_url, scrub, setting_variable, url_setting
 from .errors import ConfigurationError, ReadOnlyServer
-from .resilience import CircuitBreaker, Resilience, WrongServerKind, redis_misconfiguration
+from .resilience import CircuitBreaker, Resilience, SentinelRefusal, WrongServerKind, redis_misconfiguration
 from .scripts import ScriptSet
 
 __all__ = [
@@ -455,6 +455,8 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
         named: Set[Tuple[str, int]] = set()
         errors: List[str] = []
         not_sentinels = 0  # answered "unknown command": a data node, not a Sentinel
+        refusals: List[str] = []  # refused the Sentinel credentials (or their absence)
+        denied = False  # one of them: an ACL user without SENTINEL MASTERS
         monitored: Set[str] = set()  # the services of the Sentinels that answered
         sentinels = list(manager.sentinels)
         for sentinel in sentinels:
@@ -463,8 +465,17 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
             except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError,
                     redis.exceptions.TimeoutError) as exc:
                 errors.append(f"{sentinel} - {exc!r}" + (f": {exc}" if str(exc) else ""))  # as redis-py words it
-                if isinstance(exc, redis.exceptions.ResponseError) and "UNKNOWN COMMAND" in str(exc).upper():
+                said = str(exc).upper()
+                if isinstance(exc, redis.exceptions.ResponseError) and "UNKNOWN COMMAND" in said:
                     not_sentinels += 1
+                elif isinstance(exc, (redis.exceptions.AuthenticationError,
+                                      redis.exceptions.AuthenticationWrongNumberOfArgsError)) \
+                        or said.startswith(("WRONGPASS", "NOAUTH")):
+                    refusals.append(str(exc))
+                elif isinstance(exc, (redis.exceptions.NoPermissionError, redis.exceptions.AuthorizationError)) \
+                        or "NOPERM" in said:
+                    refusals.append(str(exc))
+                    denied = True
                 continue
             monitored.update(str(name) for name in masters)
             state = masters.get(self.service_name)
@@ -483,6 +494,12 @@ class WatchedSentinelPool(_QuickReadyCheck, SentinelConnectionPool):
             # Only what every listed server said is the operator's to fix; a Sentinel down or
             # restarting among them may yet name the master: an outage, retried.
             answered = len(sentinels) - len(errors)  # with the masters they monitor
+            if refusals and len(refusals) + not_sentinels == len(sentinels):
+                raise SentinelRefusal(
+                    f"every Sentinel of this URL refused the Sentinel credentials ({refusals[0].strip()}); set "
+                    "MCP_REDIS_SENTINEL_PASSWORD (and MCP_REDIS_SENTINEL_USERNAME for an ACL user) to what "
+                    "the Sentinels expect: their requirepass, or a user granted SENTINEL (docs/security.md)",
+                    permission=denied)
             if sentinels and not_sentinels == len(sentinels):
                 raise WrongServerKind(
                     "the servers of this redis+sentinel:// URL are not Sentinels (they do not know the "

@@ -123,6 +123,17 @@ class WrongServerKind(rex.RedisError):
     server without cluster mode. `redis_misconfiguration` makes it a `ConfigurationError`."""
 
 
+class SentinelRefusal(rex.RedisError):
+    """Every Sentinel of a ``redis+sentinel://`` URL that answered refused the Sentinel credentials
+    (``MCP_REDIS_SENTINEL_USERNAME`` / ``MCP_REDIS_SENTINEL_PASSWORD``, or their absence), and the
+    rest are not Sentinels. `redis_misconfiguration` makes it an `AuthenticationFailed` (or
+    `PermissionDenied` for an ACL user without the command) naming those variables."""
+
+    def __init__(self, message: str, *, permission: bool = False) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
 def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False,
                            variable: str = "REDIS_URL") -> Optional[ConfigurationError]:
     """The `ConfigurationError` that a redis-py error stands for, or None.
@@ -138,6 +149,9 @@ def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False
         return None
     if isinstance(exc, WrongServerKind):
         return ConfigurationError(f"{variable}: {exc}", variable=variable)
+    if isinstance(exc, SentinelRefusal):
+        kind = PermissionDenied if exc.permission else AuthenticationFailed
+        return kind(f"MCP_REDIS_SENTINEL_PASSWORD: {exc}", variable="MCP_REDIS_SENTINEL_PASSWORD")
     said = str(exc).strip()
     upper = said.upper()
     if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)) or (

@@ -81,15 +81,24 @@ def test_stats_json_reports_redis_memory_and_keys_per_namespace_then_exits_1_whe
     assert json.loads(down.stdout)["redis"]["ok"] is False
 
 
-def test_sessions_cleanup_and_migrate_report_json(database_url: str) -> None:
-    env = {"DATABASE_URL": database_url}
+def test_sessions_cleanup_and_migrate_report_json(database_url: str, pg_database: Any) -> None:
+    env = {"DATABASE_URL": database_url, "MCP_REDIS_SESSIONS_BACKEND": "postgres"}
     migrated = run_cli("migrate", "--json", env=env)
     assert migrated.returncode == 0, migrated.stderr
     assert json.loads(migrated.stdout)["ok"] is True
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO mcp_redis.sessions (session_key, agent_id, expires_at, redis_pending) "
+                    "VALUES ('old', 'agent'::bytea, now() - interval '1 second', false)")
+    # Sessions in local mode (DATABASE_URL alone): it would clean nothing, so it says so (it used
+    # to report ok, removed 0, over the expired row).
+    local = run_cli("sessions", "cleanup", "--json", env={"DATABASE_URL": database_url})
+    assert local.returncode == 2 and "local mode" in local.stderr, (local.stdout, local.stderr)
     cleaned = run_cli("sessions", "cleanup", "--json", env=env)
     assert cleaned.returncode == 0, cleaned.stderr
     report = json.loads(cleaned.stdout)
-    assert report["ok"] is True and isinstance(report["removed"], int)
+    assert report == {"ok": True, "removed": 1}
 
 
 def test_sessions_cleanup_exits_1_when_the_configured_redis_does_not_answer(database_url: str,
@@ -156,6 +165,21 @@ def test_demo_against_a_redis_that_does_not_answer_exits_2_and_says_why() -> Non
     assert out.returncode == 2
     assert "does not answer" in out.stderr
     assert SECRET not in out.stdout + out.stderr
+
+
+def test_demo_with_a_refused_password_says_so(redis_factory: Any) -> None:
+    """It used to say the server "does not answer"; the refusal names what to fix."""
+    server = redis_factory(password=SECRET)
+    out = run_cli("demo", "--seconds", "1", env={"REDIS_URL": f"redis://:wrong-{SECRET}@127.0.0.1:{server.port}/0"})
+    assert out.returncode == 2 and "refused the credentials" in out.stderr, out.stderr
+    assert SECRET not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--agents", "1000000000"), ("--workers", "65"), ("--threads", "100000")])
+def test_demo_sizes_that_could_never_finish_are_refused_up_front(flag: str, value: str) -> None:
+    """--agents 10^9 used to spend hours seeding rows; workers and threads were unbounded too."""
+    out = run_cli("demo", "--seconds", "1", flag, value)
+    assert out.returncode == 2 and "at most" in out.stderr and flag in out.stderr
 
 
 def test_health_reports_a_backends_own_configuration_error_and_exits_1() -> None:

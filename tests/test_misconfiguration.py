@@ -106,6 +106,25 @@ def test_a_sentinel_url_naming_a_service_no_sentinel_monitors_is_a_configuration
         take_lock()
 
 
+def test_sentinels_refusing_the_sentinel_password_is_authentication_failed(redis_server: RedisServer) -> None:
+    """A wrong or missing MCP_REDIS_SENTINEL_PASSWORD used to be an outage (MasterNotFoundError,
+    the breaker tripped, limits fell back), never naming the variable to fix."""
+    from mcp_redis.testing.topology import SentinelServer
+
+    config = f"port 0\nsentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n"
+    with SentinelServer(config, password="sentinel-pw-4b1c") as sentinel:
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"
+        for password in ("wrong-pw", None):
+            mcp_redis.configure(redis_url=url, sentinel_password=password, **STRICT)
+            assert_refused_as(mcp_redis.AuthenticationFailed, "MCP_REDIS_SENTINEL_PASSWORD", take_lock,
+                              hit_rate_limit)
+        with pytest.raises(mcp_redis.AuthenticationFailed) as info:
+            take_lock()
+        assert "wrong-pw" not in str(info.value) and "sentinel-pw-4b1c" not in str(info.value)
+        mcp_redis.configure(redis_url=url, sentinel_password="sentinel-pw-4b1c", **STRICT)
+        take_lock()  # the right one works
+
+
 def test_a_cluster_url_at_a_server_without_cluster_mode_is_a_configuration_error(redis_server: RedisServer) -> None:
     mcp_redis.configure(redis_url=f"redis+cluster://127.0.0.1:{redis_server.port}", **STRICT)
     assert_refused_as(mcp_redis.ConfigurationError, "REDIS_URL", take_lock, hit_rate_limit)

@@ -346,9 +346,13 @@ def _check_redis_answers(backends: _Backends) -> None:
     from ..client import default_client
     from ..errors import BackendUnavailable
 
+    from ..errors import ConfigurationError
+
     conn = default_client().redis()
     try:
         conn.call(conn.client.ping, attempts=1)
+    except ConfigurationError:
+        raise  # a refused password, a missing permission...: it says what to fix
     except Exception as exc:
         hint = "; unset REDIS_URL to let the demo start its own redis-server" if backends.server is None else ""
         raise BackendUnavailable(f"Redis at {conn.url} does not answer ({type(exc).__name__}){hint}") from None
