@@ -46,7 +46,8 @@ from ..client import Client
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..validation import is_async_callable, is_generator_callable, optional_seconds
 from .base import Backend, Envelope, L1Entry
-from .function import MISSING, CachedFunction, CacheInfo
+from .flight import in_a_loader_task, mark_loader_task
+from .function import MISSING, CachedFunction, CacheInfo, default_namespace
 from .invalidation import all_caches as _all_caches  # noqa: F401  (stats, prometheus)
 from .invalidation import wait_for_listener
 from .redis import RedisBackend
@@ -150,7 +151,12 @@ def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any,
             "fn", f"{getattr(coro_fn, '__qualname__', coro_fn)!r} is a coroutine function: await the cached "
             "function instead of calling its synchronous core")
     coro = coro_fn(*args, **kwargs)
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
+
+    async def as_loader() -> Any:
+        mark_loader_task()  # this task awaiting its own load is recursion (see cache.flight)
+        return await coro
+
+    return asyncio.run_coroutine_threadsafe(as_loader(), loop).result()
 
 
 def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], options: Dict[str, Any]) -> Any:
@@ -165,6 +171,9 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
     `cache_clear` stay synchronous (they never call the loader); `refresh`
     and `get_many` are coroutines.
     """
+
+    if options.get("namespace") is None:
+        options = {**options, "namespace": default_namespace(fn)}  # fn's, not `load`'s below
 
     @functools.wraps(fn)
     def load(*args: Any, **kwargs: Any) -> Any:
@@ -184,10 +193,12 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
         value = core._l1_peek(args, kwargs)
         if value is not _MISSING:
             return value
+        core._check_not_awaited_by_its_loader(args, kwargs)
         return await in_thread(core, *args, **kwargs)
 
     async def refresh(*args: Any, **kwargs: Any) -> Any:
         """Invalidate, then load and cache ``f(*args, **kwargs)`` now; returns it."""
+        core._check_not_awaited_by_its_loader(args, kwargs)
         return await in_thread(core.refresh, *args, **kwargs)
 
     async def get_many(ids: Iterable[Any], *, loader: Optional[Callable[[List[Any]], Any]] = None) -> Dict[Any, Any]:
@@ -199,7 +210,11 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
             def batch(missing: List[Any]) -> Mapping[Any, Any]:
                 return _run_on_caller_loop(async_loader, (missing,), {})  # type: ignore[no-any-return]
 
-        return await in_thread(core.get_many, list(ids), loader=batch)  # type: ignore[no-any-return]
+        items = list(ids)
+        if in_a_loader_task():
+            for item in items:
+                core._check_not_awaited_by_its_loader((item,), {})
+        return await in_thread(core.get_many, items, loader=batch)  # type: ignore[no-any-return]
 
     attributes: Dict[str, Any] = dict(
         invalidate=core.invalidate, invalidate_all=core.invalidate_all, set=core.set,

@@ -10,7 +10,7 @@ from ..config import Mode
 from ..errors import InvalidArgumentType
 from ..metrics import METRICS
 from .base import Backend, Fill
-from .flight import Flight
+from .flight import Flight, leading
 
 if TYPE_CHECKING:
     from .function import CachedFunction, _State
@@ -134,7 +134,8 @@ def _load_and_fill(fn: CachedFunction[Any], st: _State, backend: Optional[Backen
     """Load the missing entries and write them back; True when the write-back pipeline ran."""
     started = time.perf_counter()
     errors: Dict[Any, BaseException] = {}
-    loaded = _load_batch(fn, [m[0] for m in missing], loader, errors)
+    with leading([m[3] for m in missing]):
+        loaded = _load_batch(fn, [m[0] for m in missing], loader, errors)
     delta = (time.perf_counter() - started) / len(missing)
     fills: List[Fill] = []
     now = time.time()

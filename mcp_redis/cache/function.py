@@ -39,7 +39,7 @@ from ..validation import check_json_depth, optional_seconds, seconds, too_deep
 from . import invalidation, writes
 from .arguments import check_json_arg, check_number, data_key, dumps, is_id_param, l1_key_of
 from .base import Backend, Envelope, L1Entry, L1Stored, encode_envelope
-from .flight import XFETCH_HORIZON, Flight, xfetch_fires
+from .flight import XFETCH_HORIZON, Flight, awaited_by_its_loader, in_a_loader_task, leading, xfetch_fires
 from .redis import RedisBackend
 
 __all__ = ["CachedFunction", "CacheInfo", "MISSING"]
@@ -58,6 +58,17 @@ _claims = itertools.count()
 def _claim_token() -> str:
     """A lock's value, unique per claim: a retried claim knows its own lost attempt (`Backend.claim`)."""
     return f"{invalidation.origin()}:{next(_claims)}"
+
+
+def default_namespace(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function or method. A ``functools.partial`` or a callable object has
+    no name of its own: its repr holds a memory address (another namespace in every process, so
+    invalidations never reach the others) and the bound arguments (secrets in keys and logs),
+    and two of them would share any name taken from their type. They need an explicit one."""
+    if inspect.isroutine(fn) and isinstance(getattr(fn, "__qualname__", None), str):
+        return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}"
+    raise InvalidArgument("namespace", f"is required for a {type(fn).__name__} (not a function or method: "
+                          "it has no stable name to share across processes); pass namespace=\"...\"")
 
 
 def _redis_backend(client: Client) -> Backend:
@@ -152,7 +163,7 @@ class CachedFunction(Generic[R]):
         if maxsize < 1:
             raise InvalidArgument("maxsize", f"must be >= 1, got {maxsize!r}")
         if namespace is None:
-            namespace = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            namespace = default_namespace(fn)
         self.namespace = validate_id(namespace, "namespace")
         self.client = client  # None: the default client, resolved at each call (follows configure())
         self._fn = fn
@@ -335,6 +346,12 @@ class CachedFunction(Generic[R]):
             self._misses += 1
         return self._fn(*args, **kwargs)
 
+    def _check_not_awaited_by_its_loader(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """For the coroutine front, on the loop: `RecursionError` when an async loader awaits its own
+        load (see `flight.awaited_by_its_loader`); nothing to compute for any other caller."""
+        if in_a_loader_task() and awaited_by_its_loader(self._flights.get(self._key(args, kwargs)[0])):
+            raise RecursionError("a cached function's loader called it again with the same arguments")
+
     def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The L1 hit path without the miss path: the value, or `MISSING`.
 
@@ -499,7 +516,7 @@ class CachedFunction(Generic[R]):
             self._count("loader_calls")
             started = time.perf_counter()
             try:
-                with flight.leading():
+                with leading((flight,)):
                     loaded = self._fn(*args, **kwargs)
             except Exception as exc:
                 if current is not MISSING:

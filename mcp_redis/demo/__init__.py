@@ -344,9 +344,7 @@ def _check_redis_answers(backends: _Backends) -> None:
     if not backends.redis_url:
         return
     from ..client import default_client
-    from ..errors import BackendUnavailable
-
-    from ..errors import ConfigurationError
+    from ..errors import BackendUnavailable, ConfigurationError
 
     conn = default_client().redis()
     try:

@@ -1135,6 +1135,73 @@ def test_an_async_loader_awaiting_itself_with_the_same_arguments_raises_instead_
         asyncio.run(call())
 
 
+def test_async_recursion_through_get_many_and_other_functions_raises_and_a_loaders_own_task_may_wait(
+        redis_mode: str) -> None:
+    """get_many's loads did not mark themselves as led (an async batch loader awaiting its own
+    function hung, and then every later call of that key); f -> g -> f raises too. A task the
+    loader starts and does not wait for is no recursion: it waits for the load like any caller
+    (the first version of the check raised RecursionError there)."""
+    import asyncio
+
+    @cached_metadata(ttl=60, namespace="recursion-batch")
+    async def f(agent_id: str) -> str:
+        return agent_id
+
+    async def batch_awaiting_itself(ids: List[str]) -> Dict[str, str]:
+        return {i: await f(i) for i in ids}
+
+    @cached_metadata(ttl=60, namespace="recursion-g")
+    async def g(agent_id: str) -> str:
+        return await h(agent_id)  # type: ignore[no-any-return]
+
+    @cached_metadata(ttl=60, namespace="recursion-h")
+    async def h(agent_id: str) -> str:
+        return await g(agent_id)  # type: ignore[no-any-return]
+
+    background: List[Any] = []
+
+    @cached_metadata(ttl=60, namespace="recursion-background")
+    async def audited(agent_id: str) -> str:
+        background.append(asyncio.get_running_loop().create_task(audited(agent_id)))  # not awaited here
+        return f"value of {agent_id}"
+
+    async def scenario() -> None:
+        for call in (lambda: f.get_many(["a", "b"], loader=batch_awaiting_itself), lambda: g("x")):
+            with pytest.raises(RecursionError):
+                await asyncio.wait_for(call(), 10)  # the bound is only on the hang this is about
+        assert await asyncio.wait_for(f("a"), 10) == "a"  # the failed load left nothing hanging
+        assert await asyncio.wait_for(audited("u1"), 10) == "value of u1"
+        assert await asyncio.wait_for(background[0], 10) == "value of u1"
+
+    asyncio.run(scenario())
+
+
+def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str) -> None:
+    """Their default namespace was the wrapper's (async: every partial of a module shared one,
+    serving each other's values) or their repr (sync: a memory address, another namespace in
+    every process, and bound arguments, secrets included, in keys and logs)."""
+    import asyncio
+    import functools
+
+    def fetch(agent_id: str, api_key: str) -> str:
+        return f"{api_key[:2]}:{agent_id}"
+
+    async def afetch(agent_id: str, tenant: str) -> str:
+        return f"{tenant}:{agent_id}"
+
+    class Loader:
+        async def __call__(self, agent_id: str) -> str:
+            return agent_id
+
+    for target in (functools.partial(fetch, api_key="sk-secret"), functools.partial(afetch, tenant="A"),
+                   Loader()):
+        with pytest.raises(InvalidArgument, match="namespace.*required"):
+            cached_metadata(target)
+    a = cached_metadata(namespace="tenant-a")(functools.partial(afetch, tenant="A"))
+    b = cached_metadata(namespace="tenant-b")(functools.partial(afetch, tenant="B"))
+    assert asyncio.run(a("1")) == "A:1" and asyncio.run(b("1")) == "B:1"
+
+
 def test_an_invalidation_between_the_l2_read_and_an_early_refresh_is_not_undone(
         redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """XFetch fires on an L2 hit while another process holds the refresh lock, so the old value
