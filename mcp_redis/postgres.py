@@ -76,6 +76,9 @@ SCHEMA: List[str] = [
 # `migrate` checks an existing table against before creating anything, so a
 # table of the same name with another shape is a ConfigurationError naming the
 # table and the column, never a half-working schema.
+# The indexes SCHEMA creates (their names): part of a complete schema.
+_INDEXES = frozenset(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", "\n".join(SCHEMA)))
+
 SHAPES: Dict[str, Dict[str, str]] = {
     "sessions": {"session_key": "text", "agent_id": "bytea", "expires_at": "timestamptz",
                  "created_at": "timestamptz", "updated_at": "timestamptz", "redis_pending": "bool",
@@ -209,6 +212,24 @@ def _keep_idle_pool(maxconn: int, **kwargs: Any) -> psycopg2.pool.ThreadedConnec
     return pool
 
 
+def _discard_idle(pool: psycopg2.pool.ThreadedConnectionPool) -> int:
+    """Close every idle connection of `pool` (after one proved dead: a restart, a failover or
+    `pg_terminate_backend` killed the others too, and each retry would draw one of them).
+
+    psycopg2's pool has no such call: this takes its idle list under its lock (``_pool`` and
+    ``_lock``, private attributes; tests/test_postgres.py fails if they change).
+    """
+    state: Any = pool
+    with state._lock:
+        idle, state._pool = state._pool, []
+    for conn in idle:
+        try:
+            conn.close()
+        except Exception:  # pragma: no cover - closing a dead socket
+            pass
+    return len(idle)
+
+
 class Postgres:
     """A bounded, thread-safe pool of PostgreSQL connections with a policy.
 
@@ -299,6 +320,8 @@ class Postgres:
                 conn.commit()
             except BaseException as exc:
                 broken = conn.closed != 0 or is_pg_transient(exc)
+                if conn.closed and self._pool is not None:
+                    _discard_idle(self._pool)  # they died with it: the retry takes a new one
                 if not conn.closed:
                     try:
                         conn.rollback()
@@ -356,8 +379,28 @@ class Postgres:
         """
         if self._migrated:
             return
-        self.policy.call(self._migrate)
+        self.policy.call(self._ensure)
         self._migrated = True
+
+    def _ensure(self) -> None:
+        """Only reads when the schema is complete (every table, column and index of `SCHEMA`), so
+        a process's start takes no lock on the tables (``ALTER TABLE`` takes ACCESS EXCLUSIVE even
+        when it changes nothing: a long reader of the table stalled every process behind the
+        starting one) and needs no right beyond the DML ones docs/security.md lists; else the
+        whole migration."""
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                "WHERE c.table_schema = %s AND c.table_name = ANY(%s)", (self.schema, sorted(SHAPES)))
+            columns = {(table, column) for table, column in cur.fetchall()}
+            cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (self.schema,))
+            indexes = {name for (name,) in cur.fetchall()}
+            complete = all((t, c) in columns for t, shape in SHAPES.items() for c in shape) \
+                and _INDEXES <= indexes
+            if complete:
+                self._check_shapes(cur)  # the same ConfigurationError as migrate's, for another shape
+                return
+        self._migrate()
 
     def migrate(self) -> List[str]:
         """Check existing tables against `SHAPES`, then run every `SCHEMA` statement.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import List
+from typing import Any, List
 
 import psycopg2
 import pytest
@@ -46,6 +46,76 @@ def test_queries_are_parameterised_and_round_trip_hostile_text(database_url: str
     mcp_redis.configure(database_url=database_url)
     hostile = "x'); DROP TABLE mcp_redis.sessions; --"
     assert get_postgres().execute("SELECT %s", (hostile,), fetch="one") == (hostile,)
+
+
+def test_a_restart_that_killed_the_idle_connections_costs_no_failed_call(database_url: str, pg_database: Any) -> None:
+    """After PostgreSQL dropped every pooled connection (restart, failover, pg_terminate_backend),
+    each retry drew another dead one: calls failed on a healthy server and the breaker opened.
+    The first dead one now takes the idle others with it, and the retry connects anew."""
+    mcp_redis.configure(database_url=database_url, sessions="postgres", retry_attempts=2)
+    store = mcp_redis.SessionStore()
+    store.bind("warm", "agent-1")
+    barrier = threading.Barrier(6)
+
+    def warm() -> None:  # six callers at once leave six idle connections
+        barrier.wait()
+        for _ in range(10):
+            store.get("warm")
+
+    threads = [threading.Thread(target=warm) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pg = get_postgres()
+    assert pg.pool_stats()["idle"] >= 2
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (pg_database.name,))
+        assert cur.fetchone()[0] >= 2
+    admin.close()
+    for _ in range(4):
+        assert store.get("warm") == "agent-1"
+    assert pg.policy.breaker.state.value == "closed"
+
+
+def test_a_process_start_on_a_migrated_schema_runs_no_ddl(database_url: str, pg_database: Any) -> None:
+    """Every process ran the whole migration on first use: CREATE needed rights beyond the DML
+    ones docs/security.md lists (a DML-only user got PermissionDenied on every call), and
+    ALTER TABLE took ACCESS EXCLUSIVE on sessions even when it changed nothing, so one long
+    reader of the table stalled the starting process into a statement timeout (and every
+    other process's session calls behind it)."""
+    import uuid
+
+    mcp_redis.configure(database_url=database_url)
+    migrate()
+    role = f"mcp_dml_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    reader = psycopg2.connect(pg_database.dsn)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE ROLE {role} LOGIN")
+            cur.execute(f"GRANT USAGE ON SCHEMA mcp_redis TO {role}")
+            cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA mcp_redis TO {role}")
+        with reader.cursor() as cur:  # a long report holding ACCESS SHARE on sessions
+            cur.execute("SELECT count(*) FROM mcp_redis.sessions")
+        dml_url = psycopg2.extensions.make_dsn(database_url, user=role, password=None)
+        mcp_redis.configure(database_url=dml_url, sessions="postgres", rate_limits="postgres",
+                            postgres_timeout=2.0, retry_attempts=1)
+        store = mcp_redis.SessionStore()
+        store.bind("s1", "agent-1")
+        assert store.get("s1") == "agent-1"
+        assert mcp_redis.RateLimiter("dml", 5, 60).hit("k").allowed
+    finally:
+        reader.close()
+        mcp_redis.reset(configuration=True)
+        with admin.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
+        admin.close()
 
 
 def test_exhausted_pool_waits_then_raises_backend_unavailable(database_url: str) -> None:
