@@ -104,13 +104,13 @@ def cmd_sessions_cleanup(args: argparse.Namespace) -> int:
         return 2
     from .config import Mode
 
-    if settings().mode("sessions") is Mode.LOCAL:
+    if settings().mode("sessions") in (Mode.LOCAL, Mode.OFF):
         # With REDIS_URL missing here, sessions are in-process: the command would clean nothing and
         # say ok. Deleting the rows without Redis is no answer either: in write-through mode a row
         # past its expiry may belong to a binding that Redis still keeps alive.
         print("mcp-redis sessions cleanup: sessions are in local mode here (REDIS_URL is not set, or "
-              "MCP_REDIS_SESSIONS_BACKEND=local): run it with the REDIS_URL and DATABASE_URL of the servers "
-              "whose rows it cleans", file=sys.stderr)
+              "MCP_REDIS_SESSIONS_BACKEND is local or off): run it with the REDIS_URL and DATABASE_URL of "
+              "the servers whose rows it cleans", file=sys.stderr)
         return 2
     try:
         sessions = importlib.import_module("mcp_redis.sessions")

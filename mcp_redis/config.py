@@ -191,6 +191,10 @@ class Settings:
         for name in ("max_connections", "postgres_max_connections",
                      "retry_attempts", "breaker_failure_threshold"):
             _check_number(name, getattr(self, name), integer=True, minimum=1)
+        for name in ("max_connections", "postgres_max_connections"):
+            if getattr(self, name) > MAX_POOL_CONNECTIONS:
+                raise ConfigurationError(f"{name}: at most {MAX_POOL_CONNECTIONS:,} (a pool allocates its "
+                                         f"slots up front), got {getattr(self, name)!r}")
         _check_number("rate_limit_local_maxsize", self.rate_limit_local_maxsize, integer=True, minimum=64)
         for name in _FEATURES:
             value = getattr(self, name)
@@ -383,63 +387,99 @@ def parse_host_list(netloc: str, default_port: int, argument: str = "REDIS_URL (
 def check_redis_url(name: str, url: str) -> None:
     """Refuse a Redis URL that could never work, naming the setting, before anything uses it.
 
-    The scheme; the host(s) and port(s) (a single server: exactly one host, never the
-    ``localhost`` redis-py would put in for an empty one); the database (a number, given once);
-    the query options (`_URL_OPTIONS`, each given once, with a valid value).
+    Read as redis-py and the library's builders read it (``urlsplit``: the host part ends at the
+    first ``/``, ``?`` or ``#``): the scheme; the host(s) and port(s) (a single server: exactly
+    one host, never the ``localhost`` redis-py would put in for an empty one); the database (a
+    number below 2^31, given once); the query options (`_URL_OPTIONS`, each given once, with a
+    value redis-py can use; an empty one is ignored, as redis-py does). Errors quote the URL
+    redacted, never a piece of it (a piece may be password text).
     """
     setting = url_setting(name)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    shown = redact_url(url)
     if scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"{setting}: unsupported scheme in {redact_url(url)!r}; "
+            f"{setting}: unsupported scheme in {shown!r}; "
             f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
         )
-    shown = redact_url(url)
-    after_auth = url.split("://", 1)[1].rpartition("@")[2]  # a password may hold any of / ? #
-    location, _, query = after_auth.partition("#")[0].partition("?")
-    hosts, _, path = location.partition("/")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None:  # raised out here: no __context__ (see _check_hosts)
+        raise ConfigurationError(f"{setting}: {shown!r} is not a URL that can be read (an unclosed '['?)")
+    hosts = parts.netloc.rpartition("@")[2]
+    path = parts.path.lstrip("/") if scheme != "unix" else parts.path
     options: Dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in _URL_OPTIONS or (key != "db" and scheme not in ("redis", "rediss", "unix")):
             raise ConfigurationError(f"{setting}: query option {key!r} in {shown!r} is not supported; "
-                                     "use the MCP_REDIS_* settings (docs/operations.md)")
+                                     "use the MCP_REDIS_* settings (docs/topologies.md)")
         if key in options:
             raise ConfigurationError(f"{setting}: query option {key!r} is given twice in {shown!r}")
-        options[key] = value
-    segments = [p for p in path.split("/") if p]
+        if value:  # redis-py ignores an empty value
+            options[key] = value
     if scheme == "unix":
         if not path:
             raise ConfigurationError(f"{setting}: {shown!r} names no socket path (unix:///path/to/redis.sock)")
-        db = options.get("db")
-    elif scheme in ("redis", "rediss"):
-        parse_host_list(hosts, 6379, setting)
-        if "," in hosts or not hosts.strip():
+        databases = [options.get("db")]
+    else:
+        if scheme in ("redis", "rediss") and ("," in hosts or not hosts.strip()):
             raise ConfigurationError(f"{setting}: {shown!r} must name one host (several: redis+sentinel:// "
                                      "or redis+cluster://)")
-        # The path names the database: a number or nothing (redis-py would read "/abc" as 0).
-        if path and not path.isdigit():
-            raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number (redis://host:6379/0)")
-        if path and "db" in options:
-            raise ConfigurationError(f"{setting}: {shown!r} names its database twice (path and db=)")
-        db = path or options.get("db")
-    else:
-        parse_host_list(hosts, 26379 if scheme.endswith("sentinel") else 6379, setting)
-        db = segments[1] if scheme.endswith("sentinel") and len(segments) > 1 else options.get("db")
-        if scheme.endswith("sentinel") and len(segments) > 2:
-            raise ConfigurationError(f"{setting}: {shown!r}: the path is /<service>[/<db>]")
-    if db is not None and not db.isdigit():
-        raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number")
-    for key in ("socket_timeout", "socket_connect_timeout", "health_check_interval", "max_connections"):
-        if key in options:
+        _check_hosts(hosts, 26379 if scheme.endswith("sentinel") else 6379, setting, shown)
+        segments = [p for p in path.split("/") if p]
+        if scheme.endswith("sentinel"):
+            if len(segments) > 2:
+                raise ConfigurationError(f"{setting}: {shown!r}: the path is /<service>[/<db>]")
+            databases = [segments[1] if len(segments) > 1 else None, options.get("db")]
+        elif len(segments) > 1:
+            raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number")
+        else:
+            databases = [segments[0] if segments else None, options.get("db")]
+    given = [db for db in databases if db is not None]
+    if len(given) > 1:
+        raise ConfigurationError(f"{setting}: {shown!r} names its database twice (path and db=)")
+    if given and not (_DIGITS.fullmatch(given[0]) and int(given[0]) < 2**31):
+        raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number (redis://host:6379/0)")
+    for key, value in options.items():
+        if key in ("socket_timeout", "socket_connect_timeout"):
+            problem = ""
             try:
-                number = float(options[key])
-                if key == "max_connections":
-                    _check_number(key, int(number) if number.is_integer() else number, integer=True, minimum=1)
-                else:
-                    seconds(number, key, allow_zero=key == "health_check_interval", maximum=MAX_NETWORK_SECONDS)
-            except (ValueError, OverflowError, ConfigurationError) as exc:
-                raise ConfigurationError(f"{setting}: query option {key}={options[key]!r} in {shown!r} is not "
-                                         f"valid ({exc})") from None
+                seconds(float(value), key, maximum=MAX_NETWORK_SECONDS)
+            except (ValueError, OverflowError) as exc:
+                problem = str(exc)
+            if problem:
+                raise ConfigurationError(f"{setting}: query option {key}={value!r} in {shown!r} is not valid "
+                                         f"({problem})")
+        elif key in ("health_check_interval", "max_connections"):  # redis-py reads them with int()
+            low = 0 if key == "health_check_interval" else 1
+            high = int(MAX_NETWORK_SECONDS) if key == "health_check_interval" else MAX_POOL_CONNECTIONS
+            if not _DIGITS.fullmatch(value) or not low <= int(value) <= high:
+                raise ConfigurationError(f"{setting}: query option {key}={value!r} in {shown!r} must be a whole "
+                                         f"number from {low} to {high}")
+
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
+MAX_POOL_CONNECTIONS = 10_000  # a blocking pool allocates its slots up front
+
+
+def _check_hosts(hosts: str, default_port: int, setting: str, shown: str) -> None:
+    """`parse_host_list`'s checks, plus ports in ASCII digits and host names IDNA can encode;
+    the error quotes the redacted URL only."""
+    bad = False
+    try:
+        for host, _port in parse_host_list(hosts, default_port, setting):
+            host.encode("idna")
+        for item in hosts.split(","):
+            port = item.strip().rpartition("]")[2] if item.strip().startswith("[") else item
+            port = port.rpartition(":")[2] if ":" in port else ""
+            bad = bad or bool(port) and not _DIGITS.fullmatch(port)
+    except (ConfigurationError, UnicodeError, ValueError):
+        bad = True
+    if bad:  # raised out here: the error caught above quotes a piece of the URL (its __context__)
+        raise ConfigurationError(f"{setting}: a bad host or port in {shown!r} (host:port, 1-65535; IPv6 "
+                                 "in brackets)")
 
 
 def _check_tls_settings(s: Settings) -> None:
@@ -641,7 +681,7 @@ def redact_url(url: str) -> str:
         # A key/value DSN; "password" with a mistyped "=" ("password s3cret") is masked too.
         return scrub(re.sub(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url), url)
     scheme, _, rest = url.partition("://")
-    userinfo, at, hostinfo = rest.rpartition("@")
+    userinfo, at, hostinfo = _userinfo_split(rest)
     if at:
         user, colon, _password = userinfo.partition(":")
         if colon and not _RESERVED.search(user):
@@ -662,6 +702,27 @@ def redact_url(url: str) -> str:
     return scrub(urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment)), url)
 
 
+def _userinfo_split(rest: str) -> Tuple[str, str, str]:
+    """(userinfo, "@" or "", the rest) of what follows ``scheme://``, for redaction.
+
+    The userinfo runs to the last "@", so that a password with unescaped ``/ ? # @`` is masked
+    whole, unless the "@" after the first "?" are in a well-formed query (``key=value&...``)
+    behind a valid host (``?password=a@b``, which redis-py and libpq read so): then the userinfo
+    ends at the last "@" before that "?", and the query's password is masked as a query value.
+    """
+    before, mark, query = rest.partition("?")
+    if mark and "@" in query and _QUERY.fullmatch(query.partition("#")[0]):
+        userinfo, at, location = before.rpartition("@")
+        try:
+            parse_host_list(location.partition("/")[0], 6379)
+        except ConfigurationError:
+            pass
+        else:
+            return userinfo, at, f"{location}?{query}"
+    return rest.rpartition("@")
+
+
+_QUERY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^&#]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&#]*)*")
 _RESERVED = re.compile(r"[/?#@]")
 _DSN = re.compile(r"\s*[A-Za-z_]+\s*=")  # libpq's key/value form: host=... dbname=...
 _PIECES = re.compile(r"[/?#@:%]")
@@ -683,7 +744,7 @@ def url_secrets(url: Optional[str]) -> List[str]:
         found += [m.strip("'") for m in re.findall(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)]
     else:
         scheme, _, rest = url.partition("://")
-        userinfo, at, hostinfo = rest.rpartition("@")
+        userinfo, at, hostinfo = _userinfo_split(rest)
         if at:
             user, colon, password = userinfo.partition(":")
             if colon:

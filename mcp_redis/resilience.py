@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar
 
 import redis.exceptions as rex
+from redis.sentinel import MasterNotFoundError
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from .errors import (
@@ -161,7 +162,10 @@ def redis_misconfiguration(exc: BaseException, *, follows_failover: bool = False
             f"{variable}: the Redis server refused the credentials ({said}); put the user and "
             f"password of an enabled ACL user (or the requirepass password) in {variable}: "
             "redis://USER:PASSWORD@host:port/db", variable=variable)
-    if isinstance(exc, (rex.NoPermissionError, rex.AuthorizationError)) or "NOPERM" in upper:
+    # A MasterNotFoundError lists what each Sentinel said: a NOPERM among them is the Sentinel
+    # user's (SentinelRefusal says so when every Sentinel refused), not this URL's data-node user.
+    if isinstance(exc, (rex.NoPermissionError, rex.AuthorizationError)) or (
+            "NOPERM" in upper and not isinstance(exc, MasterNotFoundError)):
         return PermissionDenied(
             f"{variable}: the Redis user lacks a permission ({said}); grant the ACL rule in "
             "docs/security.md (keys and channels under MCP_REDIS_KEY_PREFIX, and its commands) "

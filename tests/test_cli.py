@@ -93,8 +93,9 @@ def test_sessions_cleanup_and_migrate_report_json(database_url: str, pg_database
                     "VALUES ('old', 'agent'::bytea, now() - interval '1 second', false)")
     # Sessions in local mode (DATABASE_URL alone): it would clean nothing, so it says so (it used
     # to report ok, removed 0, over the expired row).
-    local = run_cli("sessions", "cleanup", "--json", env={"DATABASE_URL": database_url})
-    assert local.returncode == 2 and "local mode" in local.stderr, (local.stdout, local.stderr)
+    for extra in ({}, {"MCP_REDIS_SESSIONS_BACKEND": "off"}):
+        local = run_cli("sessions", "cleanup", "--json", env={"DATABASE_URL": database_url, **extra})
+        assert local.returncode == 2 and "local mode" in local.stderr, (local.stdout, local.stderr)
     cleaned = run_cli("sessions", "cleanup", "--json", env=env)
     assert cleaned.returncode == 0, cleaned.stderr
     report = json.loads(cleaned.stdout)

@@ -89,10 +89,14 @@ def test_reset_configuration_forgets_overrides() -> None:
         "host=127.0.0.1 password='s3cr3t-pw' dbname=db",
         "host=127.0.0.1 password s3cr3t-pw dbname=db",
         "postgresql:/bob:s3cr3t-pw@127.0.0.1/db",
+        "redis://127.0.0.1:6379/0?password=s3cr3t-pw@tail",  # '@' in the query, not a userinfo
+        "redis://127.0.0.1:6379/0?password=ab@s3cr3t-pw:Tail99",
+        "postgresql://bob@127.0.0.1:5432/db?password=s3cr3t-pw@x&bogus_option=1",
     ],
 )
 def test_passwords_are_redacted_everywhere(url: str, caplog: pytest.LogCaptureFixture) -> None:
     assert "s3cr3t-pw" not in redact_url(url)
+    assert "127.0.0.1" in redact_url(url) or "127.0.0.1" not in url  # it still says which server
     with caplog.at_level(logging.DEBUG, logger="mcp_redis"):
         if "://" in url and url.startswith("redis"):
             s = Settings(redis_url=url)
@@ -114,8 +118,8 @@ def test_unsupported_scheme_error_does_not_leak_the_password(url: str) -> None:
 
 
 @pytest.mark.parametrize("url, words", [
-    ("redis://127.0.0.1:65536/0", "bad host"),
-    ("redis://127.0.0.1:abc/0", "bad port"),
+    ("redis://127.0.0.1:65536/0", "bad host or port"),
+    ("redis://127.0.0.1:abc/0", "bad host or port"),
     ("redis://127.0.0.1:0/0", "bad host"),
     ("redis://:pw-secret@/0", "bad host|no hosts|one host"),
     ("redis://:pw-secret@:/0", "bad host|no hosts|one host"),
@@ -134,6 +138,18 @@ def test_unsupported_scheme_error_does_not_leak_the_password(url: str) -> None:
     ("redis+sentinel://127.0.0.1:26379/mymaster/notanumber", "must be a number"),
     ("redis+sentinel://127.0.0.1:26379/mymaster/0?socket_timeout=1", "query option 'socket_timeout'"),
     ("redis+cluster://127.0.0.1:99999", "bad host"),
+    # a second review: what configure() still let through
+    ("redis://127.0.0.1:6379/99999999999999999999", "the database"),
+    ("redis://127.0.0.1:6379/\u00b2", "the database"),  # '²' passes str.isdigit(), not int()
+    ("redis://127.0.0.1:6379/0?max_connections=1000000000000", "max_connections"),
+    ("redis://127.0.0.1:6379/0?health_check_interval=1.5", "health_check_interval"),
+    ("redis://127.0.0.1:+6379/0", "bad host or port"),
+    ("redis://127.0.0.1: 6379/0", "bad host or port"),
+    ("redis://[::1/0", "can be read"),
+    ("redis://\ud800:6379/0", "bad host or port"),
+    ("redis://:pw-secret/more@127.0.0.1:6379/0", "bad host or port"),  # an unencoded '/' cuts the host
+    ("redis+sentinel://127.0.0.1:26379/mymaster/1?db=2", "database twice"),
+    ("redis+cluster://127.0.0.1:7000/0?db=3", "database twice"),
 ])
 def test_a_redis_url_that_could_never_work_is_refused_by_configure_and_changes_nothing(url: str, words: str) -> None:
     """Each of these used to be accepted, then failed on every call (raw TypeError/ValueError,
@@ -145,8 +161,31 @@ def test_a_redis_url_that_could_never_work_is_refused_by_configure_and_changes_n
     assert mcp_redis.settings() == before
     for fine in ("redis://127.0.0.1:6379/3?socket_timeout=1.5&health_check_interval=0&client_name=x",
                  "unix:///run/redis.sock?db=2", "redis://127.0.0.1:6379?db=2&password=pw-secret",
-                 "redis+sentinel://127.0.0.1:26379/mymaster/1", "redis+cluster://[::1]:7000,127.0.0.1"):
+                 "redis+sentinel://127.0.0.1:26379/mymaster/1", "redis+cluster://[::1]:7000,127.0.0.1",
+                 "redis://127.0.0.1:6379/?db=", "unix:///run/redis.sock?db=", "redis://127.0.0.1:6379/0?db=",
+                 "redis://127.0.0.1:6379/0?password=pw@secret&client_name=a@b", "redis+sentinel://h:26379/mymaster/",
+                 "redis://:pw%2Fsecret@[::1]:6379/0"):
         mcp_redis.configure(redis_url=fine)
+
+
+def test_pool_sizes_are_bounded() -> None:
+    """max_connections=10**12 was accepted, and the first call hung filling the pool's queue."""
+    for name in ("max_connections", "postgres_max_connections"):
+        with pytest.raises(ConfigurationError, match=f"{name}: at most 10,000"):
+            mcp_redis.configure(**{name: 10**12})
+    mcp_redis.configure(max_connections=10_000)
+
+
+def test_a_nopermission_inside_a_master_not_found_error_is_not_the_urls_user() -> None:
+    """MasterNotFoundError lists each Sentinel's words: a NOPERM there is the Sentinel user's
+    (one Sentinel down, one refusing: an outage, retried), not a PermissionDenied naming REDIS_URL."""
+    from redis.sentinel import MasterNotFoundError
+
+    from mcp_redis.resilience import redis_misconfiguration
+
+    error = MasterNotFoundError("No master found for 'm' : <sentinel> - NoPermissionError: NOPERM User x has no "
+                                "permissions to run the 'sentinel|masters' command")
+    assert redis_misconfiguration(error) is None
 
 
 def test_tls_verification_is_off_only_by_the_word_none_and_tls_files_must_exist(tmp_path: Any) -> None:
@@ -195,7 +234,7 @@ def test_errors_of_a_features_own_url_name_its_variable(redis_factory: Any) -> N
     assert info.value.variable == "MCP_REDIS_EVENTS_URL"
     conn = get_redis()
     assert conn.call(conn.client.ping) is True  # REDIS_URL itself is fine
-    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): bad host"):
+    with pytest.raises(ConfigurationError, match=r"MCP_REDIS_CACHE_URL \(cache_url\): a bad host or port"):
         mcp_redis.configure(cache_url="redis://127.0.0.1:99999/0")
 
 
