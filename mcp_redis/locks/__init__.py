@@ -297,6 +297,8 @@ class DistributedLock:
             _THREAD_HOLDS.holds[(rt, keys.lock)] = hold
         if hold.backend.leased and (self.auto_renew or hold.backend.heartbeat_every is not None):
             rt.watchdog.add(hold, renew=self.auto_renew)  # not renewed: only its process's liveness is beaten
+        elif hold.backend.session_check_every is not None:
+            rt.watchdog.add(hold)  # its session may die under it: checked, and marked lost then
         return True
 
     def _require_replicas(self, hold: Hold) -> None:

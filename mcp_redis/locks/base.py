@@ -134,6 +134,10 @@ class Backend:
     #: Seconds between two `heartbeat` calls while this process holds a lock
     #: of this backend (None: the backend has no per-process liveness).
     heartbeat_every: Optional[float] = None
+    #: A backend whose holds live as long as a session that can die under them
+    #: (PostgreSQL's advisory locks): the watchdog checks each hold this often
+    #: (`extend` answers whether it is still held) and marks a dead one lost.
+    session_check_every: Optional[float] = None
 
     def __init__(self, client: Client) -> None:
         self.client = client

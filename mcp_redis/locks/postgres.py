@@ -99,6 +99,7 @@ class PostgresBackend(Backend):
     """
 
     name = "postgres"
+    session_check_every: Optional[float] = 1.0
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
                 fencing: bool = False) -> Optional[Hold]:
@@ -172,6 +173,25 @@ class PostgresBackend(Backend):
                 return False
             _give_back(handle.context, conn, None)
         return bool(row and row[0])
+
+    def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
+        """No lease to lengthen: whether the hold's session still holds the lock (the watchdog asks
+        every `session_check_every` seconds). A session that died (PostgreSQL restarted, the
+        connection killed) took the lock with it: False. A check that failed on a live session
+        raises (unknown; the watchdog asks again)."""
+        handle: _PgHandle = hold.handle
+        with handle.guard:
+            # Under the guard: a release sets `released` before it takes the guard to give the
+            # connection back, so a check never uses a connection the pool has lent to another.
+            if hold.released or hold.is_lost:
+                return False
+            try:
+                with handle.connection.cursor() as cur:
+                    return _holds_advisory(cur, advisory_key(hold.keys.lock))
+            except Exception:
+                if handle.connection.closed:
+                    return False
+                raise
 
     def owned(self, hold: Hold) -> bool:
         handle: _PgHandle = hold.handle

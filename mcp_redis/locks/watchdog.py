@@ -61,10 +61,10 @@ class Watchdog:
         with self._cond:
             if self._closed:
                 return
-            hold.next_renewal = time.monotonic() + hold.lease / 3 if renew else float("inf")
+            hold.next_renewal = time.monotonic() + _every(hold) if renew else float("inf")
             self._holds[id(hold)] = hold
             if renew:
-                self._idle_wait = hold.lease / 3
+                self._idle_wait = _every(hold)
             first = hold.next_renewal
             every = hold.backend.heartbeat_every
             if every is not None and id(hold.backend) not in self._beats:
@@ -272,6 +272,11 @@ class Watchdog:
             ok = False
         if ok:
             METRICS.inc("lock_renew_total", outcome="renewed")
-            hold.next_renewal = started + hold.lease / 3
+            hold.next_renewal = started + _every(hold)
             return
         self._lost(hold)
+
+
+def _every(hold: Hold) -> float:
+    """How often the watchdog renews `hold` (a third of its lease), or checks its session."""
+    return hold.backend.session_check_every or hold.lease / 3

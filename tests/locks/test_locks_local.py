@@ -281,3 +281,31 @@ def test_waiter_signal_keys_are_keyspace_keys() -> None:
         keys = keys_for("mcp:", "agent-lock", (name,))
         expected = KeySpace("mcp:").key("agent-lock", name, tag=True, suffix="w" + "0a" * 12)
         assert keys.signal("0a" * 12) == expected
+
+
+def test_a_postgres_hold_whose_session_died_is_marked_lost_and_never_reentered(postgres_mode: str,
+                                                                             pg_database: Any) -> None:
+    """The holder's session was killed (a restart, pg_terminate_backend): its advisory lock went
+    with it and another holder got in, yet the first was never told (lost stayed False, a nested
+    agent_lock re-entered). The watchdog now checks a PostgreSQL hold's session every second."""
+    import psycopg2
+
+    held = mcp_redis.agent_lock("agent-1")
+    assert held.acquire(blocking_timeout=1) and not held.lost
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()", (pg_database.name,))
+    finally:
+        admin.close()
+    assert held.lost_event.wait(10) and held.lost
+    with pytest.raises(mcp_redis.LockNotOwned):
+        with mcp_redis.agent_lock("agent-1", blocking_timeout=0):
+            pass  # pragma: no cover
+    other = mcp_redis.lock("agent-1", thread_local=False)
+    assert other.acquire(blocking_timeout=5)  # the lock is free: the session took it along
+    other.release()
+    with pytest.raises(mcp_redis.LockNotOwned):
+        held.release()
