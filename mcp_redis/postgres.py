@@ -395,12 +395,25 @@ class Postgres:
             columns = {(table, column) for table, column in cur.fetchall()}
             cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (self.schema,))
             indexes = {name for (name,) in cur.fetchall()}
-            complete = all((t, c) in columns for t, shape in SHAPES.items() for c in shape) \
-                and _INDEXES <= indexes
-            if complete:
+            missing = [f"{t}.{c}" for t, shape in SHAPES.items() for c in shape if (t, c) not in columns]
+            missing += sorted(_INDEXES - indexes)
+            if not missing:
                 self._check_shapes(cur)  # the same ConfigurationError as migrate's, for another shape
                 return
-        self._migrate()
+        import psycopg2.errors
+
+        refused = False
+        try:
+            self._migrate()
+        except psycopg2.errors.InsufficientPrivilege:
+            refused = True
+        if refused:  # out here: no __context__ (psycopg2's words are in the message below anyway)
+            raise PermissionDenied(
+                f"DATABASE_URL: the library's schema {self.schema} is incomplete or not readable by this user "
+                f"(not found: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}), and the user may "
+                "not create it: run `mcp-redis migrate` once as the schema's owner, and grant this user USAGE "
+                "on the schema and SELECT, INSERT, UPDATE, DELETE on every table of docs/security.md",
+                variable="DATABASE_URL")
 
     def migrate(self) -> List[str]:
         """Check existing tables against `SHAPES`, then run every `SCHEMA` statement.

@@ -109,6 +109,15 @@ def test_a_process_start_on_a_migrated_schema_runs_no_ddl(database_url: str, pg_
         store.bind("s1", "agent-1")
         assert store.get("s1") == "agent-1"
         assert mcp_redis.RateLimiter("dml", 5, 60).hit("k").allowed
+        # Without one of the grants docs/security.md lists, the schema looks incomplete to this
+        # user: the error names what it could not see and the fix (it was a bare "permission
+        # denied for database").
+        with admin.cursor() as cur:
+            cur.execute(f"REVOKE ALL ON mcp_redis.agent_directory FROM {role}")
+        mcp_redis.configure(database_url=dml_url, sessions="postgres", postgres_timeout=2.0, retry_attempts=1)
+        with pytest.raises(mcp_redis.PermissionDenied, match="agent_directory.*mcp-redis migrate") as info:
+            mcp_redis.SessionStore().get("s1")
+        assert info.value.variable == "DATABASE_URL"
     finally:
         reader.close()
         mcp_redis.reset(configuration=True)

@@ -34,7 +34,7 @@ _LOADER_TASK: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def leading(flights: Iterable[Flight]) -> Iterator[None]:
-    """Around a loader's call: the loads it leads (see `check_not_leading`)."""
+    """Around a loader's call: the loads it leads (see `awaited_by_its_loader`)."""
     token = _LEADING.set((*_LEADING.get(), *flights))
     try:
         yield

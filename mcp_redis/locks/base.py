@@ -93,6 +93,7 @@ class Hold:
     granted_at: float = 0.0  # monotonic, before the grant was sent (the redis backend's liveness checks)
     release_sent: bool = False  # a release was sent (its reply may have been lost): the next one is a retry
     owner: Optional[threading.Thread] = None  # a thread-local hold's thread: only it can release the hold
+    checking: bool = False  # a session check of this hold is under way (backends with session_check_every)
 
     # Made on demand (most holds never need one) and stored with dict.setdefault,
     # atomic in CPython: with `mark_lost` writing is_lost before reading the event

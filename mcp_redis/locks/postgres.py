@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Type
 
+from ..errors import BackendUnavailable
 from .base import Backend, Hold, LockKeys, ms
 
 __all__ = ["PostgresBackend", "advisory_key"]
@@ -185,13 +186,16 @@ class PostgresBackend(Backend):
             # connection back, so a check never uses a connection the pool has lent to another.
             if hold.released or hold.is_lost:
                 return False
+            failed = ""
             try:
                 with handle.connection.cursor() as cur:
                     return _holds_advisory(cur, advisory_key(hold.keys.lock))
-            except Exception:
+            except Exception as exc:
                 if handle.connection.closed:
                     return False
-                raise
+                failed = type(exc).__name__
+        # A live session that could not answer (a cancelled or timed-out check): still held, unknown.
+        raise BackendUnavailable(f"postgres: could not check the lock's session ({failed})")
 
     def owned(self, hold: Hold) -> bool:
         handle: _PgHandle = hold.handle

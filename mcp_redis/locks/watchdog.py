@@ -255,7 +255,33 @@ class Watchdog:
             METRICS.inc("lock_lost_total", backend=hold.backend.name)
             log.warning("lock: lease lost (expired or taken over) while held; release will raise LockNotOwned")
 
+    def _check_session(self, hold: Hold) -> None:
+        """Check `hold`'s session in a thread of its own: a check has no client-side deadline
+        (libpq cannot bound a server process that stopped answering), so waiting for it here would
+        stop every renewal and check of the client (a stopped PostgreSQL process once let a
+        Redis lease run out under its holder). One check per hold at a time."""
+        hold.next_renewal = time.monotonic() + _every(hold)
+        if hold.checking:
+            return
+        hold.checking = True
+
+        def check() -> None:
+            try:
+                ok = hold.backend.extend(hold, hold.lease, True)
+            except Exception as exc:  # unknown (the session answered with an error): asked again
+                log.debug("lock: session check failed, retrying: %s", type(exc).__name__)
+                ok = True
+            finally:
+                hold.checking = False
+            if not ok:
+                self._lost(hold)
+
+        threading.Thread(target=check, name="mcp_redis-lock-session-check", daemon=True).start()
+
     def _renew(self, hold: Hold) -> None:
+        if hold.backend.session_check_every is not None:
+            self._check_session(hold)
+            return
         started = time.monotonic()
         try:
             ok = hold.backend.extend(hold, hold.lease, True)

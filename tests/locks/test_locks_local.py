@@ -309,3 +309,84 @@ def test_a_postgres_hold_whose_session_died_is_marked_lost_and_never_reentered(p
     other.release()
     with pytest.raises(mcp_redis.LockNotOwned):
         held.release()
+
+
+def test_a_postgres_session_that_stops_answering_does_not_stall_the_other_holds_checks(
+        database_url: str, pg_database: Any) -> None:
+    """The session check has no client-side deadline (libpq cannot bound a stopped server process).
+    Run on the client's one watchdog thread, one stopped backend froze every renewal and check of
+    the client: another hold's killed session went unnoticed, and a Redis lease of the same client
+    ran out under its holder. Each check now runs in a thread of its own."""
+    import psycopg2
+
+    client = mcp_redis.Client(database_url=database_url, locks="postgres", postgres_timeout=2)
+    a = mcp_redis.lock("stuck-a", client=client, thread_local=False)
+    b = mcp_redis.lock("stuck-b", client=client, thread_local=False)
+    assert a.acquire(blocking_timeout=2) and b.acquire(blocking_timeout=2)
+    pid_a = a._state.hold.handle.connection.get_backend_pid()  # type: ignore[attr-defined]
+    pid_b = b._state.hold.handle.connection.get_backend_pid()  # type: ignore[attr-defined]
+    try:
+        os.kill(pid_a, 0)
+    except PermissionError:
+        pytest.skip("signalling PostgreSQL's backend processes needs root or the postgres user")
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    stopped = False
+    try:
+        with admin.cursor() as cur:
+            for _ in range(200):  # stop it between two checks, not inside one (it would hold LWLocks)
+                cur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid_a,))
+                if cur.fetchone()[0] == "idle":
+                    os.kill(pid_a, signal.SIGSTOP)
+                    stopped = True
+                    break
+                time.sleep(0.005)
+            assert stopped
+            time.sleep(1.5)  # a's check is now stuck
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid_b,))
+        assert b.lost_event.wait(6), "b's dead session went unnoticed behind a's stuck check"
+        assert not a.lost  # stuck is not dead: unknown, never marked lost
+    finally:
+        if stopped:
+            os.kill(pid_a, signal.SIGCONT)
+        admin.close()
+    a.release()
+    client.close()
+
+
+def test_extend_of_a_postgres_lock_whose_check_is_cancelled_raises_a_library_error(
+        postgres_mode: str, pg_database: Any) -> None:
+    """A cancelled check (a DBA's pg_cancel_backend, a statement timeout) surfaced as a raw
+    psycopg2 QueryCanceled from lock.extend(); the lock is still held."""
+    import psycopg2
+
+    held = mcp_redis.lock("cancelled", thread_local=False)
+    assert held.acquire(blocking_timeout=2)
+    pid = held._state.hold.handle.connection.get_backend_pid()  # type: ignore[attr-defined]
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    stop = threading.Event()
+
+    def cancel_forever() -> None:
+        with admin.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
+    canceller = threading.Thread(target=cancel_forever)
+    canceller.start()
+    seen: List[BaseException] = []
+    try:
+        for _ in range(20_000):
+            try:
+                held.extend(10)
+            except Exception as exc:
+                seen.append(exc)
+                break
+    finally:
+        stop.set()
+        canceller.join(10)
+        admin.close()
+    assert seen, "no check was cancelled in 20,000 tries"
+    assert isinstance(seen[0], mcp_redis.BackendUnavailable), repr(seen[0])
+    assert held.owned() and not held.lost
+    held.release()
