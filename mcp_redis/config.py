@@ -22,7 +22,7 @@ import ssl
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import validate_prefix
@@ -430,9 +430,18 @@ def check_redis_url(name: str, url: str) -> None:
         _check_hosts(hosts, 26379 if scheme.endswith("sentinel") else 6379, setting, shown)
         segments = [p for p in path.split("/") if p]
         if scheme.endswith("sentinel"):
-            if len(segments) > 2:
-                raise ConfigurationError(f"{setting}: {shown!r}: the path is /<service>[/<db>]")
+            if not segments or len(segments) > 2:
+                raise ConfigurationError(f"{setting}: {shown!r}: the path is /<service>[/<db>] (the name "
+                                         "given to `sentinel monitor`)")
             databases = [segments[1] if len(segments) > 1 else None, options.get("db")]
+        elif scheme.endswith("cluster"):
+            databases = [segments[0] if segments else None, options.get("db")]
+            if len(segments) > 1 or any(db is not None and not (_DIGITS.fullmatch(db) and int(db) == 0)
+                                        for db in databases):
+                raise ConfigurationError(
+                    f"{setting}: {shown!r} names a database; Redis Cluster has only database 0 (managed "
+                    "clusters too): drop the '/<db>' (or db=) and give this deployment its own "
+                    "MCP_REDIS_KEY_PREFIX instead")
         elif len(segments) > 1:
             raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number")
         else:
@@ -467,14 +476,10 @@ MAX_POOL_CONNECTIONS = 10_000  # a blocking pool allocates its slots up front
 def _check_hosts(hosts: str, default_port: int, setting: str, shown: str) -> None:
     """`parse_host_list`'s checks, plus ports in ASCII digits and host names IDNA can encode;
     the error quotes the redacted URL only."""
-    bad = False
+    bad = not _hosts_well_formed(hosts)  # one ':' before an ASCII port (redis-py cuts at the first)
     try:
         for host, _port in parse_host_list(hosts, default_port, setting):
             host.encode("idna")
-        for item in hosts.split(","):
-            port = item.strip().rpartition("]")[2] if item.strip().startswith("[") else item
-            port = port.rpartition(":")[2] if ":" in port else ""
-            bad = bad or bool(port) and not _DIGITS.fullmatch(port)
     except (ConfigurationError, UnicodeError, ValueError):
         bad = True
     if bad:  # raised out here: the error caught above quotes a piece of the URL (its __context__)
@@ -666,12 +671,15 @@ def url_setting(field: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password (userinfo or query) replaced by ``***``.
+    """`url` with any password (userinfo or query) replaced by ``***``; the host stays readable.
 
-    Also handles libpq key/value DSNs (``host=... password=...``), and
-    passwords with the characters a URL reserves (``/``, ``?``, ``#``, ``@``)
-    left unescaped: the userinfo runs to the last ``@`` (a parser would split
-    such a password; redaction never does).
+    The URL is masked where its parsers read the password (redis-py and libpq: the userinfo of
+    the part before the first ``/ ? #``, and ``password=`` query values, in which libpq keeps
+    ``#`` and ``@``), then every secret `url_secrets` finds is scrubbed out of the result too,
+    which covers a password left with unescaped ``/ ? # @`` (a parser would cut it short;
+    redaction never shows the pieces). Also libpq key/value DSNs (``host=... password=...``,
+    quoted or with backslash escapes). Secrets shorter than 4 characters are masked in place
+    but not searched for elsewhere (that would garble the host and give them away).
     """
     if "://" not in url:
         if not _DSN.match(url) and "@" in url:
@@ -679,53 +687,87 @@ def redact_url(url: str) -> str:
             # everything up to its last "@" may be a password.
             return "***@" + url.rpartition("@")[2]
         # A key/value DSN; "password" with a mistyped "=" ("password s3cret") is masked too.
-        return scrub(re.sub(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url), url)
-    scheme, _, rest = url.partition("://")
-    userinfo, at, hostinfo = _userinfo_split(rest)
-    if at:
+        return scrub(_DSN_PASSWORD.sub(r"\1***", url), url)
+    parts = _url_parts(url)
+    userinfo = parts.userinfo
+    if parts.at:
         user, colon, _password = userinfo.partition(":")
         if colon and not _RESERVED.search(user):
-            masked = f"{user}:***"
-        elif user and not colon and not scheme.lower().startswith("redis") and not _RESERVED.search(user):
-            masked = user  # a user name alone (redis://secret@host treats it as a password)
+            userinfo = f"{user}:***"
+        elif user and not colon and not parts.scheme.lower().startswith("redis") and not _RESERVED.search(user):
+            userinfo = user  # a user name alone (redis://secret@host treats it as a password)
         else:
-            masked = "***"
-        rest = f"{masked}@{hostinfo}"
-    try:
-        parts = urlsplit(f"{scheme}://{rest}")
-    except ValueError:
-        return "<unparseable url>"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _secret_key(k) else v) for k, v in pairs])
-    return scrub(urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment)), url)
+            userinfo = "***"
+    query = "&".join(_mask_pair(pair) for pair in parts.query.split("&")) if parts.qmark else ""
+    shown = (f"{parts.scheme}://{userinfo}{parts.at}{parts.hosts}{parts.slash}{parts.path}{parts.qmark}{query}"
+             f"{parts.hashmark}{parts.fragment}")
+    return scrub(shown, url)
 
 
-def _userinfo_split(rest: str) -> Tuple[str, str, str]:
-    """(userinfo, "@" or "", the rest) of what follows ``scheme://``, for redaction.
+class _UrlParts(NamedTuple):
+    """A URL cut where its parsers cut it, keeping every character (see `_url_parts`)."""
 
-    The userinfo runs to the last "@", so that a password with unescaped ``/ ? # @`` is masked
-    whole, unless the "@" after the first "?" are in a well-formed query (``key=value&...``)
-    behind a valid host (``?password=a@b``, which redis-py and libpq read so): then the userinfo
-    ends at the last "@" before that "?", and the query's password is masked as a query value.
-    """
-    before, mark, query = rest.partition("?")
-    if mark and "@" in query and _QUERY.fullmatch(query.partition("#")[0]):
-        userinfo, at, location = before.rpartition("@")
-        try:
-            parse_host_list(location.partition("/")[0], 6379)
-        except ConfigurationError:
-            pass
-        else:
-            return userinfo, at, f"{location}?{query}"
-    return rest.rpartition("@")
+    scheme: str
+    userinfo: str
+    at: str
+    hosts: str
+    slash: str
+    path: str
+    qmark: str
+    query: str
+    hashmark: str
+    fragment: str
 
 
-_QUERY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^&#]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&#]*)*")
+def _url_parts(url: str) -> _UrlParts:
+    """`url` cut as redis-py (urllib) and libpq cut it: the location ends at the first ``/ ? #``;
+    the userinfo runs to its last "@"; libpq reads everything after the first "?" as the query
+    (a "#" there is part of a value), urllib stops the query at "#"."""
+    scheme, _, rest = url.partition("://")
+    hashmark = fragment = ""
+    if not scheme.lower().startswith("postgres"):
+        rest, hashmark, fragment = rest.partition("#")
+    location, qmark, query = rest.partition("?")
+    netloc, slash, path = location.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    return _UrlParts(scheme, userinfo, at, hosts, slash, path, qmark, query, hashmark, fragment)
+
+
+def _mask_pair(pair: str) -> str:
+    key, eq, _value = pair.partition("=")
+    return f"{key}=***" if eq and _secret_key(unquote(key)) else pair
+
+
+def _cut_short(parts: _UrlParts) -> bool:
+    """True when an "@" outside the userinfo suggests a password with an unescaped ``/ ? #`` that a
+    parser cut short (``redis://:pa/ss@host``): an "@" in the path or the fragment, or in a query
+    that is not ``key=value`` pairs or follows no valid host (``redis://user:?k=pw@host``)."""
+    if "@" in parts.path or "@" in parts.fragment:
+        return True
+    if "@" not in parts.query:
+        return False
+    pairs = [p for p in parts.query.split("&") if p]
+    if not all(_QUERY_KEY.fullmatch(p.partition("=")[0]) and "=" in p for p in pairs):
+        return True
+    return not _hosts_well_formed(parts.hosts, socket_ok=parts.scheme.lower().startswith(("unix", "postgres")))
+
+
+def _hosts_well_formed(hosts: str, socket_ok: bool = False) -> bool:
+    """``h[:port],...`` (IPv6 in brackets), each port ASCII digits; "" only where a socket path may
+    stand for the host (`socket_ok`)."""
+    if not hosts:
+        return socket_ok
+    return all(_HOST_ITEM.fullmatch(item.strip()) for item in hosts.split(","))
+
+
+_HOST_ITEM = re.compile(r"\[[^\[\]@/?#\s]+\](?::[0-9]+)?|[^\[\]:@/?#\s]+(?::[0-9]+)?")
+_QUERY_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED = re.compile(r"[/?#@]")
 _DSN = re.compile(r"\s*[A-Za-z_]+\s*=")  # libpq's key/value form: host=... dbname=...
+# A DSN's password: quoted ('...' with \' escapes) or bare (backslash escapes, e.g. "a\ b").
+_DSN_PASSWORD = re.compile(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)")
 _PIECES = re.compile(r"[/?#@:%]")
+_MIN_SCRUBBED = 4  # shorter secrets are masked in place only
 
 
 def _secret_key(key: str) -> bool:
@@ -735,31 +777,40 @@ def _secret_key(key: str) -> bool:
 def url_secrets(url: Optional[str]) -> List[str]:
     """The secrets in `url` (its password, query passwords), with the pieces a parser would cut them into.
 
-    Longest first: what `scrub` replaces. A lone redis userinfo counts (a password there).
+    Longest first, each of at least 4 characters: what `scrub` replaces. A lone redis userinfo
+    counts (a password there). When a password seems cut short by an unescaped ``/ ? #``
+    (`_cut_short`), everything before the URL's last "@" counts as well.
     """
     if not url:
         return []
     found: List[str] = []
     if "://" not in url:
-        found += [m.strip("'") for m in re.findall(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)]
+        for match in _DSN_PASSWORD.finditer(url):
+            value = match.group(2)
+            found.append(value)
+            found.append(re.sub(r"\\(.)", r"\1", value.strip("'")))  # as libpq reads it
     else:
-        scheme, _, rest = url.partition("://")
-        userinfo, at, hostinfo = _userinfo_split(rest)
-        if at:
-            user, colon, password = userinfo.partition(":")
-            if colon:
-                found.append(password)
-            elif scheme.lower().startswith("redis") or _RESERVED.search(user):
-                found.append(user)  # redis://secret@host: a password; with / ? # @: a password cut short
-        query = hostinfo.partition("?")[2] if at else rest.partition("?")[2]
-        found += [v for k, v in parse_qsl(query.partition("#")[0], keep_blank_values=True) if _secret_key(k)]
+        parts = _url_parts(url)
+        whole = [(parts.userinfo, parts.at)]
+        if _cut_short(parts):  # everything before the URL's last "@" may be the password
+            before_last_at, at, _ = url.partition("://")[2].rpartition("@")
+            whole.append((before_last_at, at))
+        for userinfo, at in whole:
+            if at:
+                user, colon, password = userinfo.partition(":")
+                if colon:
+                    found.append(password)
+                elif parts.scheme.lower().startswith("redis") or _RESERVED.search(user):
+                    found.append(user)  # redis://secret@host: a password; with / ? # @: a password cut short
+        for pair in parts.query.split("&") if parts.qmark else ():
+            key, eq, value = pair.partition("=")
+            if eq and _secret_key(unquote(key)):
+                found.append(value)
     out = set()
     for secret in found:
-        if not secret:
-            continue
-        out.add(secret)
-        out.add(unquote(secret))
-        out.update(piece for piece in _PIECES.split(secret) if len(piece) >= 4)
+        for candidate in (secret, unquote(secret), *_PIECES.split(secret)):
+            if len(candidate) >= _MIN_SCRUBBED:
+                out.add(candidate)
     return sorted(out, key=len, reverse=True)
 
 

@@ -1088,7 +1088,7 @@ def build_client(s: Settings, url: Optional[str] = None) -> Tuple[Any, str, Opti
         if scheme in ("redis+cluster", "rediss+cluster"):
             db_part = [p for p in parts.path.split("/") if p]
             db_given = db_part[0] if db_part else query.get("db", "0")
-            if db_given != "0":
+            if not (db_given.isascii() and db_given.isdigit() and int(db_given) == 0):
                 raise ConfigurationError(
                     f"{name}: {shown!r} names database {db_given!r}; Redis Cluster has only "
                     "database 0 (managed clusters too): drop the '/<db>' (or db=) from the URL and give "

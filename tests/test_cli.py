@@ -183,9 +183,14 @@ def test_demo_sizes_that_could_never_finish_are_refused_up_front(flag: str, valu
     assert out.returncode == 2 and "at most" in out.stderr and flag in out.stderr
 
 
-def test_health_reports_a_backends_own_configuration_error_and_exits_1() -> None:
-    # A URL the settings accept but the client cannot use (a Cluster has no database 1):
-    # reported in the backend's error field, the other backends still shown.
-    out = run_cli("health", "--json", env={"REDIS_URL": "redis+cluster://127.0.0.1:7000/1"})
+def test_health_reports_a_backends_own_configuration_error_and_exits_1(redis_factory: Any) -> None:
+    # An error only the backend's client finds (the server refuses the password): reported in
+    # the backend's error field, the other backends still shown. (A URL that could never work,
+    # such as a Cluster URL naming database 1, is refused by the settings: exit 2.)
+    server = redis_factory(password=SECRET)
+    out = run_cli("health", "--json", env={"REDIS_URL": f"redis://:wrong-pw@127.0.0.1:{server.port}/0"})
     assert out.returncode == 1, out.stderr
-    assert "ConfigurationError" in out.stdout and "names database" in out.stdout
+    assert "AuthenticationFailed" in out.stdout and "refused the credentials" in out.stdout
+    assert "wrong-pw" not in out.stdout + out.stderr
+    refused = run_cli("health", "--json", env={"REDIS_URL": "redis+cluster://127.0.0.1:7000/1"})
+    assert refused.returncode == 2 and "Redis Cluster has only database 0" in refused.stderr

@@ -369,7 +369,8 @@ def test_postgres_user_without_privileges_is_permission_denied(pg_database: Any)
             cur.execute(f"CREATE ROLE {role} LOGIN")  # may connect; may neither create nor write tables
         mcp_redis.configure(database_url=f"postgresql://{role}@127.0.0.1:5432/{pg_database.name}",
                             rate_limits="postgres", **STRICT)
-        with pytest.raises(mcp_redis.PermissionDenied, match="^DATABASE_URL: the PostgreSQL user lacks a privilege"):
+        with pytest.raises(mcp_redis.PermissionDenied, match="^DATABASE_URL: .* may not create it: run `mcp-redis "
+                           "migrate` once as the schema's owner"):
             mcp_redis.RateLimiter("misconf", 5, 60).hit("agent-1")
         from mcp_redis.postgres import get_postgres
 
