@@ -40,13 +40,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar, Union, overload
 
 from ..client import Client
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..validation import is_async_callable, is_generator_callable, optional_seconds
 from .base import Backend, Envelope, L1Entry
-from .flight import in_a_loader_task, mark_loader_task
+from .flight import Flight, awaited_from, mark_loader_task
 from .function import MISSING, CachedFunction, CacheInfo, default_namespace
 from .invalidation import all_caches as _all_caches  # noqa: F401  (stats, prometheus)
 from .invalidation import wait_for_listener
@@ -159,6 +160,58 @@ def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any,
     return asyncio.run_coroutine_threadsafe(as_loader(), loop).result()
 
 
+async def _in_own_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread`` in a thread of its own, not the loop's default pool: a miss holds its
+    thread while its loader runs, and a loader that needs the pool itself (``to_thread``, another
+    cached function, ``@rate_limited``) would wait for ever once misses had taken every thread."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(value: Any, error: Optional[BaseException]) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def run() -> None:
+        value: Any = None
+        error: Optional[BaseException] = None
+        try:
+            value = context.run(call, *args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting coroutine, as to_thread does
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+            pass
+
+    threading.Thread(target=run, name="mcp_redis-cache-load", daemon=True).start()
+    return await done
+
+
+async def _outcome_of(flight: Flight) -> Any:
+    """A follower's wait for another caller's load, on the loop: no thread is held meanwhile."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def woken() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(woken)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+            pass
+
+    flight.add_done_callback(wake)
+    await finished
+    return flight.outcome()
+
+
 def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], options: Dict[str, Any]) -> Any:
     """``@cached_metadata`` on an ``async def``: an ``async def`` with the same methods.
 
@@ -184,7 +237,8 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
     async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         token = _CALLER_LOOP.set(asyncio.get_running_loop())
         try:
-            return await asyncio.to_thread(call, *args, **kwargs)
+            with awaited_from(asyncio.current_task()):
+                return await _in_own_thread(call, *args, **kwargs)
         finally:
             _CALLER_LOOP.reset(token)
 
@@ -193,12 +247,14 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
         value = core._l1_peek(args, kwargs)
         if value is not _MISSING:
             return value
-        core._check_not_awaited_by_its_loader(args, kwargs)
+        flight = core._flight_for(args, kwargs)
+        if flight is not None:  # a load of these arguments is under way: wait for it on the loop
+            return await _outcome_of(flight)
         return await in_thread(core, *args, **kwargs)
 
     async def refresh(*args: Any, **kwargs: Any) -> Any:
         """Invalidate, then load and cache ``f(*args, **kwargs)`` now; returns it."""
-        core._check_not_awaited_by_its_loader(args, kwargs)
+        core._flight_for(args, kwargs)
         return await in_thread(core.refresh, *args, **kwargs)
 
     async def get_many(ids: Iterable[Any], *, loader: Optional[Callable[[List[Any]], Any]] = None) -> Dict[Any, Any]:
@@ -211,9 +267,8 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
                 return _run_on_caller_loop(async_loader, (missing,), {})  # type: ignore[no-any-return]
 
         items = list(ids)
-        if in_a_loader_task():
-            for item in items:
-                core._check_not_awaited_by_its_loader((item,), {})
+        for item in items:
+            core._flight_for((item,), {})
         return await in_thread(core.get_many, items, loader=batch)  # type: ignore[no-any-return]
 
     attributes: Dict[str, Any] = dict(

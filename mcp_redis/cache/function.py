@@ -39,7 +39,7 @@ from ..validation import check_json_depth, optional_seconds, seconds, too_deep
 from . import invalidation, writes
 from .arguments import check_json_arg, check_number, data_key, dumps, is_id_param, l1_key_of
 from .base import Backend, Envelope, L1Entry, L1Stored, encode_envelope
-from .flight import XFETCH_HORIZON, Flight, awaited_by_its_loader, in_a_loader_task, leading, xfetch_fires
+from .flight import XFETCH_HORIZON, Flight, awaited_by_its_loader, leading, xfetch_fires
 from .redis import RedisBackend
 
 __all__ = ["CachedFunction", "CacheInfo", "MISSING"]
@@ -61,14 +61,23 @@ def _claim_token() -> str:
 
 
 def default_namespace(fn: Callable[..., Any]) -> str:
-    """``module.qualname`` of a function or method. A ``functools.partial`` or a callable object has
-    no name of its own: its repr holds a memory address (another namespace in every process, so
-    invalidations never reach the others) and the bound arguments (secrets in keys and logs),
-    and two of them would share any name taken from their type. They need an explicit one."""
-    if inspect.isroutine(fn) and isinstance(getattr(fn, "__qualname__", None), str):
-        return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}"
-    raise InvalidArgument("namespace", f"is required for a {type(fn).__name__} (not a function or method: "
-                          "it has no stable name to share across processes); pass namespace=\"...\"")
+    """``module.qualname`` of a function, a class's method or anything that carries those names
+    (a wrapper made with ``functools.update_wrapper``). A method bound to an object, a
+    ``functools.partial`` or a bare callable object has no name of its own: the methods of two
+    objects share one (each would serve the other's values), and a repr holds a memory address
+    (another namespace in every process, so invalidations never reach the others) and bound
+    arguments (secrets in keys and logs). They need an explicit one."""
+    owner = getattr(fn, "__self__", None)
+    if (inspect.ismethod(fn) or inspect.isbuiltin(fn)) and owner is not None \
+            and not inspect.ismodule(owner) and not inspect.isclass(owner):
+        raise InvalidArgument("namespace", f"is required for a method bound to an object "
+                              f"({getattr(fn, '__qualname__', fn)!s}): two objects' methods would share one "
+                              "name and serve each other's values; pass namespace=\"...\" (one per object)")
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str) and not isinstance(fn, functools.partial):
+        return f"{getattr(fn, '__module__', None) or '?'}.{qualname}"
+    raise InvalidArgument("namespace", f"is required for {type(fn).__name__!r} objects (not a function or "
+                          "method: no stable name to share across processes); pass namespace=\"...\"")
 
 
 def _redis_backend(client: Client) -> Backend:
@@ -208,7 +217,12 @@ class CachedFunction(Generic[R]):
         self._l1_hits = self._l2_hits = self._misses = self._loader_calls = 0
         self._errors = self._invalidations = self._stale_served = self._early_refreshes = 0
 
-        functools.update_wrapper(self, fn)
+        # The function's names and doc; not its __dict__, whose attributes (a callable object's
+        # `client` or `namespace`) would overwrite this object's own.
+        functools.update_wrapper(self, fn, updated=())
+        for name, attr in getattr(fn, "__dict__", {}).items():
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                setattr(self, name, attr)
         invalidation.register(self)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -346,11 +360,13 @@ class CachedFunction(Generic[R]):
             self._misses += 1
         return self._fn(*args, **kwargs)
 
-    def _check_not_awaited_by_its_loader(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """For the coroutine front, on the loop: `RecursionError` when an async loader awaits its own
-        load (see `flight.awaited_by_its_loader`); nothing to compute for any other caller."""
-        if in_a_loader_task() and awaited_by_its_loader(self._flights.get(self._key(args, kwargs)[0])):
+    def _flight_for(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Optional[Flight]:
+        """For the coroutine front, on the loop: the load of these arguments under way, if any;
+        `RecursionError` when the calling task is (or awaits, through cached calls) its loader."""
+        flight = self._flights.get(self._key(args, kwargs)[0])
+        if awaited_by_its_loader(flight):
             raise RecursionError("a cached function's loader called it again with the same arguments")
+        return flight
 
     def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The L1 hit path without the miss path: the value, or `MISSING`.

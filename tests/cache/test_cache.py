@@ -1176,6 +1176,58 @@ def test_async_recursion_through_get_many_and_other_functions_raises_and_a_loade
     asyncio.run(scenario())
 
 
+def test_async_misses_hold_no_pool_thread_the_loader_may_need(redis_mode: str) -> None:
+    """Every miss and every follower held one of the loop's default pool threads (6 on 2 cores)
+    for the whole load: ten callers of one cold key whose loader awaits asyncio.to_thread, or a
+    loader eight calls deep, waited for ever. Loads run in threads of their own; followers wait
+    on the loop."""
+    import asyncio
+    import concurrent.futures
+
+    loads: List[str] = []
+
+    @cached_metadata(ttl=60, namespace="starve-hot")
+    async def hot(agent_id: str) -> str:
+        loads.append(agent_id)
+        return await asyncio.to_thread(lambda: f"row of {agent_id}")
+
+    @cached_metadata(ttl=60, namespace="starve-deep")
+    async def depth(n: int) -> int:
+        return 0 if n == 0 else 1 + await depth(n - 1)  # type: ignore[no-any-return]
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        got = await asyncio.wait_for(asyncio.gather(*(hot("a1") for _ in range(10))), 20)
+        assert got == ["row of a1"] * 10 and loads == ["a1"]
+        assert await asyncio.wait_for(depth(8), 20) == 8
+
+    asyncio.run(scenario())
+
+
+def test_a_task_the_loader_starts_may_reach_its_key_through_another_cached_function(redis_mode: str) -> None:
+    """The first check counted every load in the task's inherited context as its own: a task the
+    loader started, without awaiting it, got RecursionError when it reached the loader's key
+    through another cached function. Only an await chain back to the loader is recursion."""
+    import asyncio
+
+    started: List[Any] = []
+
+    @cached_metadata(ttl=60, namespace="fp-agent")
+    async def agent(agent_id: str) -> Dict[str, str]:
+        started.append(asyncio.get_running_loop().create_task(summary(agent_id)))  # not awaited here
+        return {"id": agent_id}
+
+    @cached_metadata(ttl=60, namespace="fp-summary")
+    async def summary(agent_id: str) -> str:
+        return f"summary of {(await agent(agent_id))['id']}"
+
+    async def scenario() -> None:
+        assert await asyncio.wait_for(agent("a1"), 10) == {"id": "a1"}
+        assert await asyncio.wait_for(started[0], 10) == "summary of a1"
+
+    asyncio.run(scenario())
+
+
 def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str) -> None:
     """Their default namespace was the wrapper's (async: every partial of a module shared one,
     serving each other's values) or their repr (sync: a memory address, another namespace in
@@ -1193,13 +1245,41 @@ def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str)
         async def __call__(self, agent_id: str) -> str:
             return agent_id
 
+    class Repo:
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+            self.client = "a field of the object"  # used to overwrite the cache's own `client`
+            self.namespace = "its own"
+
+        def get(self, agent_id: str) -> str:
+            return f"{self.tenant}:{agent_id}"
+
+        def __call__(self, agent_id: str) -> str:
+            return self.get(agent_id)
+
     for target in (functools.partial(fetch, api_key="sk-secret"), functools.partial(afetch, tenant="A"),
-                   Loader()):
+                   Loader(), Repo("A").get, {"k": "v"}.get, Repo("A")):
         with pytest.raises(InvalidArgument, match="namespace.*required"):
             cached_metadata(target)
     a = cached_metadata(namespace="tenant-a")(functools.partial(afetch, tenant="A"))
     b = cached_metadata(namespace="tenant-b")(functools.partial(afetch, tenant="B"))
     assert asyncio.run(a("1")) == "A:1" and asyncio.run(b("1")) == "B:1"
+    repo = cached_metadata(namespace="repo-b")(Repo("B"))
+    assert repo.namespace == "repo-b" and repo("1") == "B:1"  # the object's fields clobber nothing
+
+    class Traced:  # a decorator class: it carries the wrapped function's names
+        def __init__(self, wrapped: Any) -> None:
+            functools.update_wrapper(self, wrapped)
+            self.wrapped = wrapped
+
+        def __call__(self, agent_id: str) -> str:
+            return self.wrapped(agent_id)  # type: ignore[no-any-return]
+
+    def get_agent(agent_id: str) -> str:
+        return agent_id
+
+    assert cached_metadata(Traced(get_agent)).namespace.endswith("get_agent")
+    assert cached_metadata(Repo.get).namespace.endswith("Repo.get")  # the class's function: self in the key
 
 
 def test_an_invalidation_between_the_l2_read_and_an_early_refresh_is_not_undone(
