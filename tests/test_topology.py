@@ -77,10 +77,11 @@ def test_an_unreachable_cluster_raises_backend_unavailable_on_use_not_on_connect
 
 
 def test_a_cluster_url_with_a_database_other_than_0_is_a_configuration_error() -> None:
+    before = mcp_redis.settings()
     for url in ("redis+cluster://127.0.0.1:7000/1", "redis+cluster://127.0.0.1:7000?db=2"):
-        mcp_redis.configure(redis_url=url)
         with pytest.raises(mcp_redis.ConfigurationError, match="Redis Cluster has only database 0"):
-            get_redis()
+            mcp_redis.configure(redis_url=url)  # refused by the settings, before any client
+    assert mcp_redis.settings() == before
     mcp_redis.configure(redis_url="redis+cluster://127.0.0.1:7000/0")
     assert get_redis().kind == "cluster"
 

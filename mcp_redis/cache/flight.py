@@ -111,6 +111,7 @@ class Flight:
         with _CALLBACKS_LOCK:
             self.finished = True
             callbacks, self._callbacks = self._callbacks, None
+        self.loader_task = None  # the task's context holds this flight: no cycle left behind
         self._running.release()
         for callback in callbacks or ():
             callback()
