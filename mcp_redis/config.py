@@ -452,6 +452,9 @@ def check_redis_url(name: str, url: str) -> None:
     if given and not (_DIGITS.fullmatch(given[0]) and int(given[0]) < 2**31):
         raise ConfigurationError(f"{setting}: the database in {shown!r} must be a number (redis://host:6379/0)")
     for key, value in options.items():
+        if key == "client_name" and not _CLIENT_NAME.fullmatch(value):
+            raise ConfigurationError(f"{setting}: query option client_name in {shown!r} may hold no spaces, "
+                                     "newlines or other special characters (Redis refuses them)")
         if key in ("socket_timeout", "socket_connect_timeout"):
             problem = ""
             try:
@@ -469,6 +472,7 @@ def check_redis_url(name: str, url: str) -> None:
                                          f"number from {low} to {high}")
 
 
+_CLIENT_NAME = re.compile(r"[!-~]+")  # what CLIENT SETNAME takes: printable ASCII, no space
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
 MAX_POOL_CONNECTIONS = 10_000  # a blocking pool allocates its slots up front
 
@@ -675,11 +679,12 @@ def redact_url(url: str) -> str:
 
     The URL is masked where its parsers read the password (redis-py and libpq: the userinfo of
     the part before the first ``/ ? #``, and ``password=`` query values, in which libpq keeps
-    ``#`` and ``@``), then every secret `url_secrets` finds is scrubbed out of the result too,
-    which covers a password left with unescaped ``/ ? # @`` (a parser would cut it short;
-    redaction never shows the pieces). Also libpq key/value DSNs (``host=... password=...``,
-    quoted or with backslash escapes). Secrets shorter than 4 characters are masked in place
-    but not searched for elsewhere (that would garble the host and give them away).
+    ``#`` and ``@``); a fragment, which redis-py ignores, is masked whole (``?password=a#b``).
+    A password with an unescaped ``/ ? #`` that cuts the host short (`_cut_short`) is masked
+    up to the URL's last "@" instead: redaction never shows the pieces. Also libpq key/value
+    DSNs (``host=... password=...``, quoted, with backslash escapes, or with unquoted words
+    after it that are no ``key=``). Nothing else is touched: no text is searched for secrets
+    (a short password would garble the host and give itself away).
     """
     if "://" not in url:
         if not _DSN.match(url) and "@" in url:
@@ -687,8 +692,17 @@ def redact_url(url: str) -> str:
             # everything up to its last "@" may be a password.
             return "***@" + url.rpartition("@")[2]
         # A key/value DSN; "password" with a mistyped "=" ("password s3cret") is masked too.
-        return scrub(_DSN_PASSWORD.sub(r"\1***", url), url)
+        return _DSN_PASSWORD.sub(r"\1***", url)
     parts = _url_parts(url)
+    if _cut_short(parts):
+        user = parts.userinfo.partition(":")[0] if parts.at else ""
+        location = url.partition("://")[2].rpartition("@")[2]
+        before, qmark, query = location.partition("?")
+        query, hashmark, fragment = query.partition("#") if not parts.scheme.lower().startswith("postgres") \
+            else (query, "", "")
+        masked = f"{user}:***" if user and not _RESERVED.search(user) and ":" in parts.userinfo else "***"
+        query = "&".join(_mask_pair(pair) for pair in query.split("&")) if qmark else ""
+        return f"{parts.scheme}://{masked}@{before}{qmark}{query}{hashmark}{'***' if fragment else ''}"
     userinfo = parts.userinfo
     if parts.at:
         user, colon, _password = userinfo.partition(":")
@@ -699,9 +713,9 @@ def redact_url(url: str) -> str:
         else:
             userinfo = "***"
     query = "&".join(_mask_pair(pair) for pair in parts.query.split("&")) if parts.qmark else ""
-    shown = (f"{parts.scheme}://{userinfo}{parts.at}{parts.hosts}{parts.slash}{parts.path}{parts.qmark}{query}"
-             f"{parts.hashmark}{parts.fragment}")
-    return scrub(shown, url)
+    fragment = "***" if parts.fragment else ""
+    return (f"{parts.scheme}://{userinfo}{parts.at}{parts.hosts}{parts.slash}{parts.path}{parts.qmark}{query}"
+            f"{parts.hashmark}{fragment}")
 
 
 class _UrlParts(NamedTuple):
@@ -739,17 +753,20 @@ def _mask_pair(pair: str) -> str:
 
 
 def _cut_short(parts: _UrlParts) -> bool:
-    """True when an "@" outside the userinfo suggests a password with an unescaped ``/ ? #`` that a
-    parser cut short (``redis://:pa/ss@host``): an "@" in the path or the fragment, or in a query
-    that is not ``key=value`` pairs or follows no valid host (``redis://user:?k=pw@host``)."""
-    if "@" in parts.path or "@" in parts.fragment:
-        return True
-    if "@" not in parts.query:
+    """True when a password with an unescaped ``/ ? #`` seems to have cut the host short
+    (``redis://:pa/ss@host``, ``redis://user:?k=pw@host``): an "@" after the location (in the
+    path, query or fragment), and either the location names no valid host or, for a Redis URL,
+    the "@" is in its path (a database number or a Sentinel service). A socket URL's path and a
+    query of ``key=value`` words may hold "@" of their own."""
+    scheme = parts.scheme.lower()
+    if scheme.startswith("unix") or "@" not in parts.path + parts.query + parts.fragment:
         return False
-    pairs = [p for p in parts.query.split("&") if p]
-    if not all(_QUERY_KEY.fullmatch(p.partition("=")[0]) and "=" in p for p in pairs):
+    if not _hosts_well_formed(parts.hosts, socket_ok=scheme.startswith("postgres")):
         return True
-    return not _hosts_well_formed(parts.hosts, socket_ok=parts.scheme.lower().startswith(("unix", "postgres")))
+    if "@" in parts.path and scheme.startswith("redis"):
+        return True
+    pairs = [p for p in parts.query.split("&") if p]
+    return "@" in parts.query and not all(_QUERY_KEY.fullmatch(p.partition("=")[0]) for p in pairs)
 
 
 def _hosts_well_formed(hosts: str, socket_ok: bool = False) -> bool:
@@ -764,8 +781,10 @@ _HOST_ITEM = re.compile(r"\[[^\[\]@/?#\s]+\](?::[0-9]+)?|[^\[\]:@/?#\s]+(?::[0-9
 _QUERY_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED = re.compile(r"[/?#@]")
 _DSN = re.compile(r"\s*[A-Za-z_]+\s*=")  # libpq's key/value form: host=... dbname=...
-# A DSN's password: quoted ('...' with \' escapes) or bare (backslash escapes, e.g. "a\ b").
-_DSN_PASSWORD = re.compile(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)")
+# A DSN's password: quoted ('...' with \' escapes) or bare (backslash escapes, e.g. "a\ b"), and
+# any unquoted words after it that are no "key=" (a password with a space left unquoted).
+_DSN_PASSWORD = re.compile(r"(?i)(password(?:\s*=\s*|\s+))('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)"
+                           r"((?:\s+(?![A-Za-z_]+\s*=)(?:\\.|[^\s\\])+)*)")
 _PIECES = re.compile(r"[/?#@:%]")
 _MIN_SCRUBBED = 4  # shorter secrets are masked in place only
 
@@ -787,6 +806,8 @@ def url_secrets(url: Optional[str]) -> List[str]:
     if "://" not in url:
         for match in _DSN_PASSWORD.finditer(url):
             value = match.group(2)
+            found.append(value + match.group(3))
+            found.extend(match.group(3).split())
             found.append(value)
             found.append(re.sub(r"\\(.)", r"\1", value.strip("'")))  # as libpq reads it
     else:

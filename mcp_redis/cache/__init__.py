@@ -38,6 +38,7 @@ flight, XFetch); `arguments` (arguments -> keys); `batch` (`get_many`);
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import threading
@@ -157,7 +158,17 @@ def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any,
         mark_loader_task()  # this task awaiting its own load is recursion (see cache.flight)
         return await coro
 
-    return asyncio.run_coroutine_threadsafe(as_loader(), loop).result()
+    future = asyncio.run_coroutine_threadsafe(as_loader(), loop)
+    while True:
+        try:
+            return future.result(timeout=0.5)
+        except concurrent.futures.CancelledError:  # its loop shut down (asyncio.run cancels what is left)
+            raise RuntimeError("the event loop of the caller whose load this was cancelled the loader") from None
+        except TimeoutError:
+            if loop.is_closed():  # closed with the task pending (close() cancels nothing): it never ends
+                future.cancel()
+                raise RuntimeError("the event loop of the caller whose load this was closed before the "
+                                   "loader finished") from None
 
 
 async def _in_own_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -171,6 +182,10 @@ async def _in_own_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) ->
     def settle(value: Any, error: Optional[BaseException]) -> None:
         if done.cancelled():
             return
+        if isinstance(error, StopIteration):  # a future cannot hold one (TypeError: never woken)
+            wrapped = RuntimeError(f"the loader raised {error!r}")
+            wrapped.__cause__ = error
+            error = wrapped
         if error is not None:
             done.set_exception(error)
         else:
@@ -248,7 +263,10 @@ def _async_cached(fn: Callable[..., Awaitable[Any]], ttl: Optional[float], optio
         if value is not _MISSING:
             return value
         flight = core._flight_for(args, kwargs)
-        if flight is not None:  # a load of these arguments is under way: wait for it on the loop
+        if flight is not None:  # a load of these arguments is under way: wait for it on the loop,
+            value = core._l1_peek(args, kwargs, draw=False)  # unless it refreshes a still-valid copy
+            if value is not _MISSING:
+                return value
             return await _outcome_of(flight)
         return await in_thread(core, *args, **kwargs)
 

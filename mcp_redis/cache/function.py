@@ -68,6 +68,10 @@ def default_namespace(fn: Callable[..., Any]) -> str:
     (another namespace in every process, so invalidations never reach the others) and bound
     arguments (secrets in keys and logs). They need an explicit one."""
     owner = getattr(fn, "__self__", None)
+    if inspect.ismethod(fn) and inspect.isclass(owner):
+        # A classmethod, named after the class it is bound to: a base class's method reached
+        # through two subclasses is two functions (each `cls` loads its own values).
+        return f"{owner.__module__}.{owner.__qualname__}.{fn.__name__}"
     if (inspect.ismethod(fn) or inspect.isbuiltin(fn)) and owner is not None \
             and not inspect.ismodule(owner) and not inspect.isclass(owner):
         raise InvalidArgument("namespace", f"is required for a method bound to an object "
@@ -368,7 +372,7 @@ class CachedFunction(Generic[R]):
             raise RecursionError("a cached function's loader called it again with the same arguments")
         return flight
 
-    def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    def _l1_peek(self, args: Tuple[Any, ...], kwargs: Mapping[str, Any], draw: bool = True) -> Any:
         """The L1 hit path without the miss path: the value, or `MISSING`.
 
         For the coroutine front, which answers L1 hits on the event loop and
@@ -392,7 +396,7 @@ class CachedFunction(Generic[R]):
             value, expiry, bd, deadline = entry
             if deadline <= time.monotonic():
                 return MISSING
-            if xfetch_fires(time.time(), bd, expiry):
+            if draw and xfetch_fires(time.time(), bd, expiry):
                 return MISSING  # XFetch: let the miss path refresh it
             self._l1_hits += 1
         return value

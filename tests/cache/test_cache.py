@@ -1228,6 +1228,61 @@ def test_a_task_the_loader_starts_may_reach_its_key_through_another_cached_funct
     asyncio.run(scenario())
 
 
+def test_async_loads_survive_a_closed_loop_and_a_stop_iteration_and_serve_the_valid_copy_while_refreshing(
+        redis_mode: str) -> None:
+    """Third review of the coroutine front: a loop closed while its loader ran left the load
+    thread waiting for ever and every later caller of the key with it; a StopIteration from a
+    loader never woke its caller; callers during an early refresh waited for the whole reload
+    instead of getting the still-valid copy, as the plain function's do."""
+    import asyncio
+
+    release = threading.Event()
+
+    @cached_metadata(ttl=60, namespace="closed-loop")
+    async def slow(agent_id: str) -> str:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return f"value of {agent_id}"
+
+    loop = asyncio.new_event_loop()
+    with pytest.raises(asyncio.TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(slow("b"), 0.2))
+    loop.close()  # the loader task still pending: close() cancels nothing
+    # The abandoned load ends (it used to wait for ever, and every later caller of "b" with it).
+    wait_for(lambda: not slow.cached_function._flights, 10, what="the abandoned load to end")  # type: ignore[attr-defined]
+    release.set()
+    assert asyncio.run(asyncio.wait_for(slow("b"), 10)) == "value of b"
+
+    @cached_metadata(ttl=60, namespace="stop-iteration")
+    async def plain(agent_id: str) -> str:
+        return agent_id
+
+    def batch(ids: List[str]) -> Dict[str, str]:
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(asyncio.wait_for(plain.get_many(["x"], loader=batch), 10))
+
+    delay = [0.05]
+
+    @cached_metadata(ttl=60, beta=1e6, namespace="refresh-follower")  # a 0.05 s load: every read draws
+    async def hot(agent_id: str) -> str:
+        await asyncio.sleep(delay[0])
+        return f"v{int(delay[0] > 0.5) + 1}"
+
+    async def scenario() -> None:
+        assert await hot("k") == "v1"
+        assert await hot("k") == "v1"  # (the listener's first subscription may have flushed L1)
+        delay[0] = 1.0
+        refresher = asyncio.get_running_loop().create_task(hot("k"))
+        await asyncio.sleep(0.2)  # the refresh is under way
+        started = time.monotonic()
+        assert await hot("k") == "v1" and time.monotonic() - started < 0.5
+        assert await refresher in ("v1", "v2")
+
+    asyncio.run(scenario())
+
+
 def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str) -> None:
     """Their default namespace was the wrapper's (async: every partial of a module shared one,
     serving each other's values) or their repr (sync: a memory address, another namespace in
@@ -1280,6 +1335,23 @@ def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str)
 
     assert cached_metadata(Traced(get_agent)).namespace.endswith("get_agent")
     assert cached_metadata(Repo.get).namespace.endswith("Repo.get")  # the class's function: self in the key
+
+    class Base:
+        name = "base"
+
+        @classmethod
+        def load(cls, agent_id: str) -> str:
+            return f"{cls.name}:{agent_id}"
+
+    class Users(Base):
+        name = "users"
+
+    class Groups(Base):
+        name = "groups"
+
+    users, groups = cached_metadata(Users.load), cached_metadata(Groups.load)
+    assert users.namespace != groups.namespace  # one base method, two classes: two namespaces
+    assert users("1") == "users:1" and groups("1") == "groups:1"
 
 
 def test_an_invalidation_between_the_l2_read_and_an_early_refresh_is_not_undone(
