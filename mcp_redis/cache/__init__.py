@@ -164,9 +164,9 @@ def _run_on_caller_loop(coro_fn: Callable[..., Awaitable[Any]], args: Tuple[Any,
             return future.result(timeout=0.5)
         except concurrent.futures.CancelledError:  # its loop shut down (asyncio.run cancels what is left)
             raise RuntimeError("the event loop of the caller whose load this was cancelled the loader") from None
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin before Python 3.11
             if loop.is_closed():  # closed with the task pending (close() cancels nothing): it never ends
-                future.cancel()
+                # (Not future.cancel(): its callback would run on the closed loop, and log an error.)
                 raise RuntimeError("the event loop of the caller whose load this was closed before the "
                                    "loader finished") from None
 
