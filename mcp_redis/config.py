@@ -675,98 +675,81 @@ def url_setting(field: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password (userinfo or query) replaced by ``***``; the host stays readable.
+    """`url` with any password (userinfo or query) replaced by ``***``, never a piece of it shown.
 
-    The URL is masked where its parsers read the password (redis-py and libpq: the userinfo of
-    the part before the first ``/ ? #``, and ``password=`` query values, in which libpq keeps
-    ``#`` and ``@``); a fragment, which redis-py ignores, is masked whole (``?password=a#b``).
-    A password with an unescaped ``/ ? #`` that cuts the host short (`_cut_short`) is masked
-    up to the URL's last "@" instead: redaction never shows the pieces. Also libpq key/value
-    DSNs (``host=... password=...``, quoted, with backslash escapes, or with unquoted words
-    after it that are no ``key=``). Nothing else is touched: no text is searched for secrets
-    (a short password would garble the host and give itself away).
+    Where the URL reads one way only (`_positional`: a valid host, and every "@" in the userinfo
+    or in a ``password=`` value), it is masked where redis-py and libpq read the password and the
+    host stays as written. Otherwise everything up to its last "@" is masked: that covers a
+    password with an unescaped ``/ ? # @``, which cuts the host short (the host shown is then
+    what follows the last "@"). A fragment, which redis-py ignores, is masked whole. Also libpq
+    key/value DSNs (``host=... password=...``, quoted, with backslash escapes, or with unquoted
+    words after it that are no ``key=``). No text is searched for secrets (a short password
+    would garble the host and give itself away).
     """
-    if "://" not in url:
+    if _DSN.match(url) or "://" not in url:
         if not _DSN.match(url) and "@" in url:
             # Not a key/value DSN: a URL with a mistyped "://" (redis:/:pw@h, redis//:pw@h):
             # everything up to its last "@" may be a password.
             return "***@" + url.rpartition("@")[2]
         # A key/value DSN; "password" with a mistyped "=" ("password s3cret") is masked too.
         return _DSN_PASSWORD.sub(r"\1***", url)
-    parts = _url_parts(url)
-    if _cut_short(parts):
-        user = parts.userinfo.partition(":")[0] if parts.at else ""
-        location = url.partition("://")[2].rpartition("@")[2]
-        before, qmark, query = location.partition("?")
-        query, hashmark, fragment = query.partition("#") if not parts.scheme.lower().startswith("postgres") \
-            else (query, "", "")
-        masked = f"{user}:***" if user and not _RESERVED.search(user) and ":" in parts.userinfo else "***"
-        query = "&".join(_mask_pair(pair) for pair in query.split("&")) if qmark else ""
-        return f"{parts.scheme}://{masked}@{before}{qmark}{query}{hashmark}{'***' if fragment else ''}"
-    userinfo = parts.userinfo
-    if parts.at:
+    scheme, _, rest = url.partition("://")
+    positional = _positional(scheme, rest)
+    if positional is not None:
+        return f"{scheme}://{positional}"
+    if scheme.lower().startswith("unix") and rest.startswith("/"):
+        return f"{scheme}://{_mask_tail(scheme, rest)}"  # a socket path: no userinfo before it
+    userinfo, at, tail = rest.rpartition("@")
+    if not at:
+        return f"{scheme}://{_mask_tail(scheme, rest)}"
+    user, colon, _password = userinfo.partition(":")
+    keep = user and colon and not _RESERVED.search(user) and not _hosts_well_formed(userinfo)
+    return f"{scheme}://{user + ':***' if keep else '***'}@{_mask_tail(scheme, tail)}"
+
+
+def _positional(scheme: str, rest: str) -> Optional[str]:
+    """`rest` (after ``scheme://``) masked where its parsers read the password, or None when it can
+    be read another way: an invalid host (a password with ``/ ? #`` cut it short), or an "@"
+    outside the userinfo and the ``password=`` values."""
+    postgres = scheme.lower().startswith("postgres")
+    body, hashmark, fragment = (rest, "", "") if postgres else rest.partition("#")
+    location, qmark, query = body.partition("?")
+    netloc, slash, path = location.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    socket = scheme.lower().startswith("unix")
+    if not _hosts_well_formed(hosts, socket_ok=postgres or socket) or "@" in fragment:
+        return None
+    if "@" in path and not (socket and not netloc):
+        return None
+    pairs = query.split("&") if qmark else []
+    for pair in pairs:
+        key, eq, _value = pair.partition("=")
+        if "@" in pair and not (eq and _secret_key(unquote(key)) and "@" not in key):
+            return None
+    if at:
         user, colon, _password = userinfo.partition(":")
         if colon and not _RESERVED.search(user):
             userinfo = f"{user}:***"
-        elif user and not colon and not parts.scheme.lower().startswith("redis") and not _RESERVED.search(user):
-            userinfo = user  # a user name alone (redis://secret@host treats it as a password)
+        elif user and not colon and postgres and not _RESERVED.search(user):
+            userinfo = user  # a PostgreSQL user name alone (redis://secret@host reads it as a password)
         else:
             userinfo = "***"
-    query = "&".join(_mask_pair(pair) for pair in parts.query.split("&")) if parts.qmark else ""
-    fragment = "***" if parts.fragment else ""
-    return (f"{parts.scheme}://{userinfo}{parts.at}{parts.hosts}{parts.slash}{parts.path}{parts.qmark}{query}"
-            f"{parts.hashmark}{fragment}")
+    masked = "&".join(_mask_pair(pair) for pair in pairs)
+    return f"{userinfo}{at}{hosts}{slash}{path}{qmark}{masked}{hashmark}{'***' if fragment else ''}"
 
 
-class _UrlParts(NamedTuple):
-    """A URL cut where its parsers cut it, keeping every character (see `_url_parts`)."""
-
-    scheme: str
-    userinfo: str
-    at: str
-    hosts: str
-    slash: str
-    path: str
-    qmark: str
-    query: str
-    hashmark: str
-    fragment: str
-
-
-def _url_parts(url: str) -> _UrlParts:
-    """`url` cut as redis-py (urllib) and libpq cut it: the location ends at the first ``/ ? #``;
-    the userinfo runs to its last "@"; libpq reads everything after the first "?" as the query
-    (a "#" there is part of a value), urllib stops the query at "#"."""
-    scheme, _, rest = url.partition("://")
-    hashmark = fragment = ""
-    if not scheme.lower().startswith("postgres"):
-        rest, hashmark, fragment = rest.partition("#")
-    location, qmark, query = rest.partition("?")
-    netloc, slash, path = location.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    return _UrlParts(scheme, userinfo, at, hosts, slash, path, qmark, query, hashmark, fragment)
+def _mask_tail(scheme: str, tail: str) -> str:
+    """What follows the userinfo: ``password=`` query values and any fragment masked."""
+    postgres = scheme.lower().startswith("postgres")
+    body, hashmark, fragment = (tail, "", "") if postgres else tail.partition("#")
+    location, qmark, query = body.partition("?")
+    masked = "&".join(_mask_pair(pair) for pair in query.split("&")) if qmark else ""
+    return f"{location}{qmark}{masked}{hashmark}{'***' if fragment else ''}"
 
 
 def _mask_pair(pair: str) -> str:
     key, eq, _value = pair.partition("=")
     return f"{key}=***" if eq and _secret_key(unquote(key)) else pair
-
-
-def _cut_short(parts: _UrlParts) -> bool:
-    """True when a password with an unescaped ``/ ? #`` seems to have cut the host short
-    (``redis://:pa/ss@host``, ``redis://user:?k=pw@host``): an "@" after the location (in the
-    path, query or fragment), and either the location names no valid host or, for a Redis URL,
-    the "@" is in its path (a database number or a Sentinel service). A socket URL's path and a
-    query of ``key=value`` words may hold "@" of their own."""
-    scheme = parts.scheme.lower()
-    if scheme.startswith("unix") or "@" not in parts.path + parts.query + parts.fragment:
-        return False
-    if not _hosts_well_formed(parts.hosts, socket_ok=scheme.startswith("postgres")):
-        return True
-    if "@" in parts.path and scheme.startswith("redis"):
-        return True
-    pairs = [p for p in parts.query.split("&") if p]
-    return "@" in parts.query and not all(_QUERY_KEY.fullmatch(p.partition("=")[0]) for p in pairs)
 
 
 def _hosts_well_formed(hosts: str, socket_ok: bool = False) -> bool:
@@ -778,7 +761,6 @@ def _hosts_well_formed(hosts: str, socket_ok: bool = False) -> bool:
 
 
 _HOST_ITEM = re.compile(r"\[[^\[\]@/?#\s]+\](?::[0-9]+)?|[^\[\]:@/?#\s]+(?::[0-9]+)?")
-_QUERY_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED = re.compile(r"[/?#@]")
 _DSN = re.compile(r"\s*[A-Za-z_]+\s*=")  # libpq's key/value form: host=... dbname=...
 # A DSN's password: quoted ('...' with \' escapes) or bare (backslash escapes, e.g. "a\ b"), and
@@ -796,34 +778,34 @@ def _secret_key(key: str) -> bool:
 def url_secrets(url: Optional[str]) -> List[str]:
     """The secrets in `url` (its password, query passwords), with the pieces a parser would cut them into.
 
-    Longest first, each of at least 4 characters: what `scrub` replaces. A lone redis userinfo
-    counts (a password there). When a password seems cut short by an unescaped ``/ ? #``
-    (`_cut_short`), everything before the URL's last "@" counts as well.
+    Longest first, each of at least 4 characters: what `scrub` replaces in free text (a server's
+    error message). Both readings of a URL count (see `redact_url`): the userinfo before the
+    first ``/ ? #`` and everything before the last "@"; a lone redis userinfo counts (a
+    password there).
     """
     if not url:
         return []
     found: List[str] = []
-    if "://" not in url:
+    if _DSN.match(url) or "://" not in url:
         for match in _DSN_PASSWORD.finditer(url):
             value = match.group(2)
             found.append(value + match.group(3))
             found.extend(match.group(3).split())
             found.append(value)
             found.append(re.sub(r"\\(.)", r"\1", value.strip("'")))  # as libpq reads it
+        if "://" not in url and not _DSN.match(url) and "@" in url:
+            found.append(url.rpartition("@")[0])
     else:
-        parts = _url_parts(url)
-        whole = [(parts.userinfo, parts.at)]
-        if _cut_short(parts):  # everything before the URL's last "@" may be the password
-            before_last_at, at, _ = url.partition("://")[2].rpartition("@")
-            whole.append((before_last_at, at))
-        for userinfo, at in whole:
+        scheme, _, rest = url.partition("://")
+        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        for userinfo, at, _ in (netloc.rpartition("@"), rest.rpartition("@")):
             if at:
                 user, colon, password = userinfo.partition(":")
                 if colon:
                     found.append(password)
-                elif parts.scheme.lower().startswith("redis") or _RESERVED.search(user):
-                    found.append(user)  # redis://secret@host: a password; with / ? # @: a password cut short
-        for pair in parts.query.split("&") if parts.qmark else ():
+                if not colon or scheme.lower().startswith("redis") or _RESERVED.search(user):
+                    found.append(user if not colon else userinfo)
+        for pair in rest.replace("?", "&").replace("#", "&").split("&"):
             key, eq, value = pair.partition("=")
             if eq and _secret_key(unquote(key)):
                 found.append(value)

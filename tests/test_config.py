@@ -119,6 +119,17 @@ def test_passwords_are_redacted_everywhere(url: str, caplog: pytest.LogCaptureFi
     ("redis://:pa/ssword@h.example:1/0", "pa/ssword", "h.example:1"),
     ("redis://:e@redis.example.com:6379/0", "e", "redis.example.com:6379"),  # short: masked in place
     ("redis://:1@10.0.0.1:6379/0", "1", "10.0.0.1:6379"),
+    # a fifth review's: masking by position alone missed a password cut short in these
+    ("unix://:S3cretPass/word@/tmp/redis.sock", "S3cretPass/word", "/tmp/redis.sock"),
+    ("redis://:Pa@ssw0rd#1@redis.example.com:6379/0", "Pa@ssw0rd#1", "redis.example.com:6379"),
+    ("redis://Tr0ub4dor#3@redis.example.com:6379/0", "Tr0ub4dor#3", "redis.example.com:6379"),
+    ("redis://Tr0ub4dor?x=3@redis.example.com:6379/0", "Tr0ub4dor?x=3", "redis.example.com:6379"),
+    ("postgresql://app:2024?k=Tr0ub4dor@db.example.com/app", "2024?k=Tr0ub4dor", "db.example.com"),
+    ("host=127.0.0.1 password=Secret1234 dbname=db application_name=http://svc", "Secret1234", "127.0.0.1"),
+    ("host=127.0.0.1 password=Sec://ret1234 dbname=db", "Sec://ret1234", "127.0.0.1"),
+    ("valkey://S3cretPass@cache.example.com:6379/0", "S3cretPass", "cache.example.com"),
+    ("redis://:pa/ss@host.example:6379/0#Secret1234", "Secret1234", "host.example:6379"),
+    ("unix:///run/redis@main/redis.sock?password=longsecret", "longsecret", "/run/redis@main/redis.sock"),
 ])
 def test_redaction_masks_the_password_where_its_parsers_read_it_and_keeps_the_host(
         url: str, password: str, host: str) -> None:
