@@ -803,8 +803,8 @@ def url_secrets(url: Optional[str]) -> List[str]:
                 user, colon, password = userinfo.partition(":")
                 if colon:
                     found.append(password)
-                if not colon or scheme.lower().startswith("redis") or _RESERVED.search(user):
-                    found.append(user if not colon else userinfo)
+                elif not scheme.lower().startswith("postgres") or _RESERVED.search(user):
+                    found.append(user)  # redis://secret@host: a password; with / ? # @: a password cut short
         for pair in rest.replace("?", "&").replace("#", "&").split("&"):
             key, eq, value = pair.partition("=")
             if eq and _secret_key(unquote(key)):
