@@ -72,13 +72,13 @@ SCHEMA: List[str] = [
     "CREATE INDEX IF NOT EXISTS rate_limits_expires_at_idx ON {schema}.rate_limits (expires_at)",
 ]
 
+# The indexes SCHEMA creates (their names): part of a complete schema.
+_INDEXES = frozenset(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", "\n".join(SCHEMA)))
+
 # table (in the library's schema) -> {column: PostgreSQL type (udt_name)}: what
 # `migrate` checks an existing table against before creating anything, so a
 # table of the same name with another shape is a ConfigurationError naming the
 # table and the column, never a half-working schema.
-# The indexes SCHEMA creates (their names): part of a complete schema.
-_INDEXES = frozenset(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", "\n".join(SCHEMA)))
-
 SHAPES: Dict[str, Dict[str, str]] = {
     "sessions": {"session_key": "text", "agent_id": "bytea", "expires_at": "timestamptz",
                  "created_at": "timestamptz", "updated_at": "timestamptz", "redis_pending": "bool",
