@@ -140,6 +140,4 @@ class Flight:
             raise RecursionError("a cached function's loader called it again with the same arguments")
         with self._running:
             pass
-        if self.error is not None:
-            raise self.error
-        return self.value
+        return self.outcome()
