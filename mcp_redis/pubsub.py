@@ -269,11 +269,17 @@ class Subscriber:
         publisher) reaches the handler as ``("", None)``, which skips it; redis-py
         drops the connection under it (a reply it failed to decode) and
         resubscribes on the next read, so messages already queued behind that
-        payload are lost (pub/sub is at-most-once)."""
+        payload are lost (pub/sub is at-most-once). The connection is dropped
+        here too: redis-py before 8.2 kept it, with that reply still unread,
+        and raised again on every read after (the listener spun on one payload
+        for ever)."""
         try:
             return ps.get_message(ignore_subscribe_messages=ignore_subscribe_messages, timeout=self._poll)
         except UnicodeDecodeError:
             METRICS.inc("pubsub_undecodable_total")
+            connection = getattr(ps, "connection", None)
+            if connection is not None:
+                connection.disconnect()
             return {"type": "message", "channel": "", "data": None}
 
     def _dispatch(self, msg: Any) -> None:

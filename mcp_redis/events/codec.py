@@ -82,14 +82,15 @@ def _finite_float(text: str) -> float:
 def decode_event(data: object) -> Optional[Event]:
     """The event dict in a payload (bytes: UTF-8), or None if it is not a strict JSON object.
 
-    Not UTF-8, NaN/Infinity (Python's json would take them, and a number
+    Lone surrogates (which `encode_event` lets through, as the client encodes
+    them) decode back. Not UTF-8, NaN/Infinity (Python's json would take them, and a number
     out of a float's range, such as 1e999, would become one), nested deeper
     than Python's recursion limit, or anything but an object: None, for the
     caller to skip (or dead-letter).
     """
     if isinstance(data, (bytes, bytearray)):
         try:
-            data = bytes(data).decode("utf-8")
+            data = bytes(data).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             return None
     if not isinstance(data, str):

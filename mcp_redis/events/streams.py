@@ -82,6 +82,20 @@ _streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
 def _after_fork() -> None:
     for stream in list(_streams):
         stream._lock = threading.RLock()  # a parent thread may have held it while forking
+        if stream._named_by_default:
+            # Another process: another consumer. Under the parent's name a worker
+            # re-read (as its own pending) the batch a sibling was still handling.
+            stream.consumer = _default_consumer()
+            stream._own_cursor = "0"
+            stream._claim_cursor = "0-0"
+            stream._next_claim = 0.0
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_MAX_LEN = 2**63 - 1  # Redis's bound for MAXLEN (a signed 64-bit count)
 
 
 class EventStream:
@@ -118,10 +132,9 @@ class EventStream:
         self.name = validate_id(name, "name")
         self.client = check_client(client)  # None: the default client at each call
         self.group = None if group is None else validate_id(group, "group")
-        if consumer is None:
-            consumer = f"{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
-        self.consumer = validate_id(consumer, "consumer")
-        self.maxlen = check_int(maxlen, "maxlen", 1)
+        self._named_by_default = consumer is None  # made anew in a forked child
+        self.consumer = validate_id(_default_consumer() if consumer is None else consumer, "consumer")
+        self.maxlen = check_int(maxlen, "maxlen", 1, _MAX_LEN)
         if ttl is None:  # every key the library writes expires
             raise InvalidArgument("ttl", "must be a number of seconds: the stream expires that long after its last "
                                          "add (a quiet stream that must live long: a long ttl, e.g. 365 days)")
@@ -170,7 +183,7 @@ class EventStream:
 
     def add_many(self, events: Iterable[Dict[str, Any]]) -> List[str]:
         """Append events in order (all validated first); returns their ids."""
-        if isinstance(events, (dict, str, bytes)):
+        if isinstance(events, (dict, str, bytes)) or not isinstance(events, Iterable):
             raise InvalidArgumentType("events", f"must be an iterable of dicts, not {type(events).__name__}")
         return self._add([encode_event(e, "events") for e in events])
 
@@ -268,6 +281,7 @@ class EventStream:
     def claim(self, count: int = 100, min_idle_ms: Optional[int] = None) -> List[StreamEntry]:
         """Take over up to `count` entries pending longer than `min_idle_ms` (XAUTOCLAIM)."""
         group = self._need_group()
+        check_int(count, "count", 1, 10_000)
         idle = self.min_idle_ms if min_idle_ms is None else check_int(min_idle_ms, "min_idle_ms", 0, _MAX_MS)
         key = self.key
         cursor = self._claim_cursor
@@ -412,5 +426,7 @@ def _check_read_args(count: object, block_ms: object, s: Settings) -> None:
 
 
 def _valid_stream_id(value: str) -> bool:
+    """``<ms>`` or ``<ms>-<seq>``, each an unsigned 64-bit number in ASCII digits (what Redis takes)."""
     ms, dash, seq = value.partition("-")
-    return ms.isdigit() and (not dash or seq.isdigit()) and ms.isascii() and seq.isascii()
+    return (ms.isdigit() and (not dash or seq.isdigit()) and ms.isascii() and seq.isascii()
+            and len(ms) <= 20 and len(seq) <= 20 and int(ms) < 2**64 and (not seq or int(seq) < 2**64))

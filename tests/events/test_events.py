@@ -324,13 +324,23 @@ def test_closing_a_subscriber_mid_subscribe_never_lends_its_connection_to_anothe
         sub = Subscriber(lambda channel, data: None, channels=["c", "c"]).start(wait=False)
         wait_for(lambda: sub._pubsub is not None and sub._pubsub.connection is not None, what="subscribing")
         connection = sub._pubsub.connection
+        released_by: List[threading.Thread] = []  # who gave `connection` back to the pool
+        release = pool.release
+
+        def recording_release(conn: Any) -> None:
+            if conn is connection:
+                released_by.append(threading.current_thread())
+            release(conn)
+
+        pool.release = recording_release  # type: ignore[method-assign]
+
         def idle() -> List[Any]:  # the pool's idle connections (a blocking pool keeps a queue)
             return list(pool.pool.queue)
 
         sub.close(timeout=0.0)  # the listener is still waiting for its confirmation
-        assert connection not in idle()
         wait_for(lambda: not sub.alive, 10, what="the listener to stop")
-        assert connection in idle()  # handed back by the listener, disconnected
+        assert connection in idle()  # handed back, disconnected ...
+        assert released_by == [sub._thread]  # ... by the listener itself once it stopped, never by close()
         assert sub._pubsub is None
 
 

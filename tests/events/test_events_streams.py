@@ -259,7 +259,67 @@ def test_bad_arguments_raise_naming_the_argument(raw: Redis) -> None:
         EventStream("s", "g").run_in_thread("nope")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="^ids:"):
         EventStream("s", "g").ack("not-an-id")
+    # Numbers Redis cannot take (a reviewer: raw ResponseErrors, and a consumer loop
+    # restarting every second on a start_id past 64 bits).
+    for kwargs, argument in [({"name": "s", "maxlen": 2**70}, "maxlen"),
+                             ({"name": "s", "start_id": "99999999999999999999999-0"}, "start_id"),
+                             ({"name": "s", "start_id": "1-18446744073709551616"}, "start_id")]:
+        with pytest.raises(InvalidArgument, match=f"^{argument}:"):
+            EventStream(**kwargs)
+    with pytest.raises(InvalidArgument, match="^ids:"):
+        EventStream("s", "g").ack("99999999999999999999999-0")
+    for count, error in [(True, InvalidArgumentType), ("5", InvalidArgumentType), (10**9, InvalidArgument)]:
+        with pytest.raises(error, match="^count:"):
+            EventStream("s", "g").claim(count=count)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentType, match="^events:"):
+        EventStream("s").add_many(None)  # type: ignore[arg-type]
     assert raw.keys("*") == []
+    # The bounds themselves are Redis's: the largest of each is taken.
+    big = EventStream("s", "g", maxlen=2**63 - 1, start_id="18446744073709551615-18446744073709551615")
+    assert big.add({"n": 1}) and big.ack("18446744073709551615-18446744073709551615") == 0
+
+
+def test_an_event_holding_a_lone_surrogate_is_delivered_as_added(raw: Redis) -> None:
+    # The client encodes lone surrogates (a file name from os.listdir, say); the
+    # consumer decoded strictly, acked the entry as unreadable and lost it.
+    event = {"file": "caf\udce9.txt"}
+    producer = EventStream("surrogates")
+    eid = producer.add(event)
+    consumer = EventStream("surrogates", "g")
+    got: List[Dict[str, Any]] = []
+    assert consumer.process(got.append, block_ms=10) == (1, 0)
+    assert got == [event] and consumer.pending() == 0
+    assert [e.id for e in consumer.read(block_ms=10)] == []
+    assert producer.add_many([event, {"ok": 1}]) and eid
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_workers_forked_from_one_stream_consume_under_names_of_their_own(raw: Redis) -> None:
+    # A stream made before fork (module level in a pre-fork server) gave every
+    # worker its name: each re-read the batch a sibling was still handling as
+    # its own pending entries, and every entry was handled twice.
+    import os
+
+    stream = EventStream("forked", "g")
+    stream.add_many({"n": i} for i in range(40))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            entries = stream.read(count=20, block_ms=10)  # left pending: the child is still on them
+            os.write(write_fd, f"{stream.consumer} {len(entries)}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    os.close(write_fd)
+    child_name, child_read = os.read(read_fd, 200).decode().split()
+    os.close(read_fd)
+    assert os.waitstatus_to_exitcode(status) == 0 and int(child_read) == 20
+    assert child_name != stream.consumer
+    ours = stream.read(count=100, block_ms=10)
+    assert len(ours) == 20 and not ({e.event["n"] for e in ours} & set(range(20)))  # type: ignore[index]
 
 
 def test_streams_need_redis() -> None:
