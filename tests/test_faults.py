@@ -582,6 +582,33 @@ def pg_proxy(database_url: str, pg_database: Any) -> Iterator[Tuple[FaultProxy, 
         yield p, f"postgresql://{params.get('user', 'postgres')}@127.0.0.1:{p.port}/{pg_database.name}"
 
 
+def test_a_stalled_postgres_under_lock_fallback_never_stops_a_live_redis_holders_liveness(
+        pg_proxy: Tuple[FaultProxy, str], redis_url: str) -> None:
+    """Under lock_fallback=postgres a renewal past its gate's lease asks PostgreSQL, and no
+    client-side deadline bounds a PostgreSQL that accepts bytes and never answers. On the
+    client's one watchdog thread that stopped every liveness beat of the process: a live holder's
+    Redis lock, renewed and years from its lease's end, was taken over by a waiter after
+    lock_liveness_ttl. Such renewals now run in threads of their own."""
+    proxy, url = pg_proxy
+    client = mcp_redis.Client(redis_url=redis_url, database_url=url, lock_fallback="postgres",
+                              postgres_connect_timeout=1)
+    waiters = mcp_redis.Client(redis_url=redis_url)
+    live = mcp_redis.lock("live-holder", client=client, timeout=30, thread_local=False, auto_renew=True)
+    short = mcp_redis.lock("short-gate", client=client, timeout=1, thread_local=False, auto_renew=True)
+    try:
+        assert live.acquire(blocking_timeout=2) and short.acquire(blocking_timeout=2)  # both gates opened
+        proxy.blackhole()  # short's gate lapses within 1 s: its renewal then waits on PostgreSQL for ever
+        waiter = mcp_redis.lock("live-holder", client=waiters, thread_local=False)
+        assert not waiter.acquire(blocking_timeout=5), "a live holder's lock was taken over"
+        assert not live.lost
+        # The hold whose renewal is stuck ran out its lease: it says so (its renewal never ended).
+        assert short.lost and short.lost_event.is_set()
+    finally:
+        proxy.close_all()  # unblock the stuck renewal
+        client.close()
+        waiters.close()
+
+
 @pytest.mark.xfail(reason="known limit: libpq has no client-side deadline; statement_timeout, keepalives and "
                           "tcp_user_timeout (postgres_timeout) cannot bound a peer that accepts bytes and never "
                           "answers (a stopped server process); see docs/reliability.md", strict=False)

@@ -93,7 +93,7 @@ class Hold:
     granted_at: float = 0.0  # monotonic, before the grant was sent (the redis backend's liveness checks)
     release_sent: bool = False  # a release was sent (its reply may have been lost): the next one is a retry
     owner: Optional[threading.Thread] = None  # a thread-local hold's thread: only it can release the hold
-    checking: bool = False  # a session check of this hold is under way (backends with session_check_every)
+    checking: bool = False  # a session check or renewal of this hold is under way in a thread of its own
 
     # Made on demand (most holds never need one) and stored with dict.setdefault,
     # atomic in CPython: with `mark_lost` writing is_lost before reading the event
@@ -139,6 +139,9 @@ class Backend:
     #: (PostgreSQL's advisory locks): the watchdog checks each hold this often
     #: (`extend` answers whether it is still held) and marks a dead one lost.
     session_check_every: Optional[float] = None
+    #: A backend whose calls may wait on PostgreSQL, which no client-side deadline bounds
+    #: (a server process that stopped answering): the watchdog makes them in threads of their own.
+    unbounded_calls: ClassVar[bool] = False
 
     def __init__(self, client: Client) -> None:
         self.client = client

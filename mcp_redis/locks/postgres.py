@@ -68,13 +68,15 @@ _RECORD_FENCE = (
 
 
 def _register_schema() -> None:
-    from ..postgres import SCHEMA, SHAPES
+    from ..postgres import PRIMARY_KEYS, SCHEMA, SHAPES
 
     for table in (_FENCE_TABLE, _EPISODE_TABLE):
         if table not in SCHEMA:
             SCHEMA.append(table)
     SHAPES.setdefault("lock_fences", {"lock_key": "text", "fence": "int8"})
     SHAPES.setdefault("lock_fallback_episodes", {"lock_key": "text", "since": "timestamptz"})
+    PRIMARY_KEYS.setdefault("lock_fences", ("lock_key",))  # ON CONFLICT (lock_key)
+    PRIMARY_KEYS.setdefault("lock_fallback_episodes", ("lock_key",))
 
 
 _register_schema()
@@ -101,6 +103,7 @@ class PostgresBackend(Backend):
 
     name = "postgres"
     session_check_every: Optional[float] = 1.0
+    unbounded_calls = True
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],
                 fencing: bool = False) -> Optional[Hold]:

@@ -450,6 +450,8 @@ class GatedRedisBackend(RedisBackend):
     PostgreSQL's.
     """
 
+    unbounded_calls = True  # a renewal past the gate's lease asks PostgreSQL (`_open_gate`)
+
     fence_with_grant = True
 
     def acquire(self, keys: LockKeys, token: str, lease: float, deadline: Optional[float],

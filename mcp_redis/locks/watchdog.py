@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import ConfigurationError
 from ..metrics import METRICS
@@ -161,13 +161,26 @@ class Watchdog:
                 self._retry_release(hold)
 
     def _retry_release(self, hold: Hold) -> None:
+        if not _unbounded(hold):
+            self._try_release(hold)
+            return
+        with self._cond:
+            if id(hold) not in self._releases:
+                return
+            self._releases[id(hold)] = (float("inf"), hold)  # in flight: not due again until it ends
+        _own_thread(self._try_release, hold, "mcp_redis-lock-release")
+
+    def _try_release(self, hold: Hold) -> None:
         try:
             freed = hold.backend.release(hold)
         except Exception as exc:  # still unreachable (or refused): again later, while the lease may run
             if time.monotonic() + RELEASE_RETRY_EVERY < hold.expires_at:
                 with self._cond:
                     if id(hold) in self._releases:
-                        self._releases[id(hold)] = (time.monotonic() + RELEASE_RETRY_EVERY, hold)
+                        at = time.monotonic() + RELEASE_RETRY_EVERY
+                        self._releases[id(hold)] = (at, hold)
+                        if _unbounded(hold):  # off this thread: the watchdog may sleep past `at`
+                            self._look_by(at)
                 log.debug("lock: background release failed, retrying: %s", type(exc).__name__)
                 return
             freed = False  # the lease ends anyway: nothing left to free
@@ -240,6 +253,12 @@ class Watchdog:
             return
         hold.released = True
         log.warning("lock: a thread ended holding a lock it never released; the watchdog released it")
+        if _unbounded(hold):
+            _own_thread(self._release_orphan, hold, "mcp_redis-lock-release")
+        else:
+            self._release_orphan(hold)
+
+    def _release_orphan(self, hold: Hold) -> None:
         try:
             freed = hold.backend.release(hold)
         except Exception:  # retried in the background while the lease may run
@@ -265,7 +284,7 @@ class Watchdog:
             return
         hold.checking = True
 
-        def check() -> None:
+        def check(hold: Hold) -> None:
             try:
                 ok = hold.backend.extend(hold, hold.lease, True)
             except Exception as exc:  # unknown (the session answered with an error): asked again
@@ -276,12 +295,43 @@ class Watchdog:
             if not ok:
                 self._lost(hold)
 
-        threading.Thread(target=check, name="mcp_redis-lock-session-check", daemon=True).start()
+        _own_thread(check, hold, "mcp_redis-lock-session-check")
 
     def _renew(self, hold: Hold) -> None:
         if hold.backend.session_check_every is not None:
             self._check_session(hold)
+        elif _unbounded(hold):
+            self._renew_apart(hold)
+        else:
+            self._extend(hold)
+
+    def _renew_apart(self, hold: Hold) -> None:
+        """Renew `hold` in a thread of its own (its backend may wait on PostgreSQL: a gate to
+        open under ``lock_fallback=postgres``). One renewal per hold at a time; the hold is
+        looked at again shortly, and gets its next renewal time when this one ends."""
+        now = time.monotonic()
+        hold.next_renewal = now + min(hold.lease / 10, 0.5)
+        if hold.checking:
+            if now >= hold.expires_at:  # stuck past its lease: another holder may be in already
+                self._lost(hold)
             return
+        hold.checking = True
+
+        def renew(hold: Hold) -> None:
+            try:
+                self._extend(hold)
+            except Exception:  # never let a renewal end without rescheduling
+                log.exception("lock: watchdog renewal crashed")
+                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+            finally:
+                hold.checking = False
+            with self._cond:
+                if not self._closed:
+                    self._look_by(hold.next_renewal)
+
+        _own_thread(renew, hold, "mcp_redis-lock-renewal")
+
+    def _extend(self, hold: Hold) -> None:
         started = time.monotonic()
         try:
             ok = hold.backend.extend(hold, hold.lease, True)
@@ -301,6 +351,19 @@ class Watchdog:
             hold.next_renewal = started + _every(hold)
             return
         self._lost(hold)
+
+
+def _unbounded(hold: Hold) -> bool:
+    """True when `hold`'s backend calls may have no client-side deadline (PostgreSQL: libpq cannot
+    bound a server process that stopped answering). The watchdog makes such calls (session checks,
+    renewals, releases of orphaned holds and their retries) in threads of their own: on its own
+    thread one stopped backend would stop every renewal, liveness beat and check of the client, and
+    a live holder's Redis lock would be taken over once its process's liveness lapsed."""
+    return hold.backend.unbounded_calls
+
+
+def _own_thread(work: Callable[[Hold], None], hold: Hold, name: str) -> None:
+    threading.Thread(target=work, args=(hold,), name=name, daemon=True).start()
 
 
 def _every(hold: Hold) -> float:

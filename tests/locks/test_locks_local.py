@@ -354,6 +354,60 @@ def test_a_postgres_session_that_stops_answering_does_not_stall_the_other_holds_
     client.close()
 
 
+def test_releasing_a_dead_threads_postgres_lock_on_a_stopped_session_does_not_stall_the_watchdog(
+        database_url: str, pg_database: Any) -> None:
+    """A thread that ended holding a PostgreSQL lock is released by the watchdog. That release ran
+    on the client's one watchdog thread with no deadline: with the session's server process
+    stopped, every renewal, liveness beat and check of the client stopped (a reviewer: another
+    hold's killed session went unnoticed, and with a Redis lock of the same client, a live holder
+    was taken over once its liveness lapsed). The release now runs in a thread of its own."""
+    import psycopg2
+
+    client = mcp_redis.Client(database_url=database_url, locks="postgres", postgres_timeout=2)
+    pids: List[int] = []
+
+    def orphan() -> None:
+        held = mcp_redis.lock("orphan-a", client=client)  # thread-local: its thread must release it
+        assert held.acquire(blocking_timeout=2)
+        pids.append(held._state.hold.handle.connection.get_backend_pid())  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=orphan)
+    thread.start()
+    thread.join()
+    assert pids
+    try:
+        os.kill(pids[0], 0)
+    except PermissionError:
+        pytest.skip("signalling PostgreSQL's backend processes needs root or the postgres user")
+    admin = psycopg2.connect(pg_database.dsn)
+    admin.autocommit = True
+    stopped = False
+    b = mcp_redis.lock("orphan-b", client=client, thread_local=False)
+    try:
+        with admin.cursor() as cur:
+            for _ in range(200):  # stopped idle, before the watchdog finds the orphan (within 1 s)
+                cur.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pids[0],))
+                if cur.fetchone()[0] == "idle":
+                    os.kill(pids[0], signal.SIGSTOP)
+                    stopped = True
+                    break
+                time.sleep(0.005)
+            assert stopped
+            assert b.acquire(blocking_timeout=2)
+            pid_b = b._state.hold.handle.connection.get_backend_pid()  # type: ignore[attr-defined]
+            time.sleep(1.5)  # the orphan's release is now stuck on the stopped session
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid_b,))
+        assert b.lost_event.wait(6), "b's dead session went unnoticed behind the orphan's stuck release"
+    finally:
+        if stopped:
+            os.kill(pids[0], signal.SIGCONT)
+        admin.close()
+    other = mcp_redis.lock("orphan-a", client=client, thread_local=False)
+    assert other.acquire(blocking_timeout=5)  # the orphan's release went through once the session answered
+    other.release()
+    client.close()
+
+
 def test_extend_of_a_postgres_lock_whose_check_is_cancelled_raises_a_library_error(
         postgres_mode: str, pg_database: Any) -> None:
     """A cancelled check (a DBA's pg_cancel_backend, a statement timeout) surfaced as a raw
