@@ -97,6 +97,15 @@ UPGRADES: Dict[str, frozenset[str]] = {"sessions": frozenset({"record"})}
 PRIMARY_KEYS: Dict[str, Tuple[str, ...]] = {"sessions": ("session_key",),
                                             "rate_limits": ("name", "rate_key", "algorithm", "window_us")}
 
+# table -> columns of `SHAPES` no ``INSERT`` of the library names: left to their
+# default, so one NOT NULL without a default makes every insert fail.
+DEFAULTED: Dict[str, frozenset[str]] = {"sessions": frozenset({"created_at", "updated_at"}),
+                                        "rate_limits": frozenset({"updated_at"})}
+
+# pg_constraint.contype -> what `_check_shapes` calls it. The library's tables have a
+# primary key and NOT NULL columns only (contype 'p', and 'n' since PostgreSQL 18).
+_CONSTRAINT_KINDS = {"c": "CHECK", "f": "FOREIGN KEY", "u": "UNIQUE", "x": "EXCLUDE", "t": "constraint trigger"}
+
 
 class _NotRaised(Exception):
     """Stands for psycopg2's errors before psycopg2 is loaded: nothing raises it."""
@@ -120,9 +129,10 @@ def is_pg_transient(exc: BaseException) -> bool:
     if "psycopg2" not in sys.modules:
         return False
     import psycopg2
+    import psycopg2.errors
 
     return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
-        exc, BackendUnavailable
+        exc, (BackendUnavailable, psycopg2.errors.LockNotAvailable)  # contention: see lock_wait_ms
     )
 
 
@@ -184,6 +194,8 @@ def _connect_options(s: Settings) -> dict[str, Any]:
     ms = max(1, int(s.postgres_timeout * 1000))
     dsn = psycopg2.extensions.parse_dsn(s.database_url or "")
     options = (dsn.get("options", "") + f" -c statement_timeout={ms}").strip()
+    if "lock_timeout" not in _option_names(options):  # the URL's own setting wins
+        options += f" -c lock_timeout={lock_wait_ms(s)}"
     out: dict[str, Any] = {
         "connect_timeout": s.postgres_connect_timeout,
         "application_name": dsn.get("application_name", "mcp_redis"),
@@ -196,6 +208,34 @@ def _connect_options(s: Settings) -> dict[str, Any]:
     if psycopg2.extensions.libpq_version() >= 120000:
         out["tcp_user_timeout"] = ms
     return out
+
+
+# A server setting in libpq's ``options``: ``-c name=value``, ``-cname=value`` or ``--name=value``
+# (dashes in the name read as underscores, any case).
+_OPTION_NAME = re.compile(r"(?:^|\s)(?:-c\s*|--)([A-Za-z0-9_.-]+)=")
+
+
+def _option_names(options: str) -> set[str]:
+    """The server settings libpq's `options` text sets, as PostgreSQL names them."""
+    return {name.lower().replace("-", "_") for name in _OPTION_NAME.findall(options)}
+
+
+def lock_wait_ms(s: Settings) -> int:
+    """``lock_timeout`` of every pooled connection: half of `postgres_timeout`.
+
+    A wait for a row or table another transaction holds then ends as
+    ``LockNotAvailable`` well before ``statement_timeout``: contention, which
+    `Postgres.connection` reports as `BackendUnavailable` without a retry or a
+    breaker failure, never a ``QueryCanceled`` that reads as an outage (one locked
+    session row, retried three times, opened the breaker for every caller).
+    """
+    return max(1, int(s.postgres_timeout * 500))
+
+
+def _is_lock_wait(exc: BaseException) -> bool:
+    import psycopg2.errors
+
+    return isinstance(exc, psycopg2.errors.LockNotAvailable)
 
 
 def _keep_idle_pool(maxconn: int, **kwargs: Any) -> psycopg2.pool.ThreadedConnectionPool:
@@ -313,6 +353,7 @@ class Postgres:
             )
         conn = None
         broken = False
+        contended: Optional[BaseException] = None
         try:
             conn = self._getconn()
             try:
@@ -327,7 +368,9 @@ class Postgres:
                         conn.rollback()
                     except psycopg2.Error:
                         broken = True
-                raise
+                if not _is_lock_wait(exc):
+                    raise
+                contended = exc
         finally:
             if conn is not None and self._pool is not None:
                 try:
@@ -335,6 +378,12 @@ class Postgres:
                 except psycopg2.pool.PoolError:  # pragma: no cover - pool closed meanwhile
                     pass
             self._slots.release()
+        if contended is not None:  # the server answered: no retry, no breaker failure (see lock_wait_ms)
+            METRICS.inc("postgres_lock_waits_total")
+            raise BackendUnavailable(
+                f"postgres busy: a row or table this call needs stayed locked by another transaction for "
+                f"lock_timeout ({lock_wait_ms(self.settings) / 1000:g} s, half of MCP_REDIS_POSTGRES_TIMEOUT); "
+                "the call changed nothing") from contended
 
     def sql(self, template: str) -> psycopg2.sql.Composed:
         """`template` with ``{schema}`` filled in as ``psycopg2.sql.Identifier(pg_schema)``.
@@ -457,6 +506,27 @@ class Postgres:
             (self.schema, sorted(SHAPES)),
         )
         keys = {table: tuple(columns) for table, columns in cur.fetchall()}
+        cur.execute(  # constraints beyond the primary key and NOT NULL (UNIQUE ones: by their index, below)
+            "SELECT t.relname, c.contype::text, c.conname::text, NULL FROM pg_constraint c "
+            "JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = %s AND t.relname = ANY(%s) AND c.contype NOT IN ('p', 'n', 'u') "
+            # unique indexes, with their key columns (not INCLUDE ones; NULL for an expression)
+            "UNION ALL SELECT t.relname, 'u', i.relname::text, "
+            "ARRAY(SELECT a.attname::text FROM unnest(x.indkey[0:x.indnkeyatts - 1]) AS k(attnum) "
+            "      LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum) "
+            "FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = %s AND t.relname = ANY(%s) AND x.indisunique AND NOT x.indisprimary "
+            "ORDER BY 1, 3",
+            (self.schema, sorted(SHAPES), self.schema, sorted(SHAPES)),
+        )
+        foreign: Dict[str, str] = {}
+        for table, kind, name, columns in cur.fetchall():
+            if kind == "u" and set(PRIMARY_KEYS.get(table, ("?",))) <= set(columns or ()):
+                # Unique on the primary key's columns and more (REINDEX CONCURRENTLY's twin of the
+                # key, a covering index): it cannot refuse a row the primary key takes.
+                continue
+            foreign.setdefault(table, f"{_CONSTRAINT_KINDS.get(kind, 'a constraint')} {name!r}")
         for table, columns in sorted(found.items()):
             problem = ""
             for column, udt in SHAPES[table].items():
@@ -468,9 +538,12 @@ class Postgres:
                     problem = f"column {column!r} is {columns[column]}, expected {udt}"
                 if problem:
                     break
-            extra = [c for c in required.get(table, []) if c not in SHAPES[table]]
+            extra = [c for c in required.get(table, [])
+                     if c not in SHAPES[table] or c in DEFAULTED.get(table, frozenset())]
             if not problem and extra:
                 problem = f"has a column the library does not write, NOT NULL without a default: {extra[0]!r}"
+            if not problem and table in foreign:
+                problem = f"has {foreign[table]}, which the library does not make: it may refuse the library's rows"
             if not problem and table in PRIMARY_KEYS and keys.get(table) != PRIMARY_KEYS[table]:
                 problem = (f"has primary key {keys.get(table) or 'none'}, expected "
                            f"({', '.join(PRIMARY_KEYS[table])})")

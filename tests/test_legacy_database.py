@@ -191,6 +191,63 @@ def test_a_table_with_the_right_columns_but_not_the_librarys_shape_is_refused(
     assert cli.returncode == 2 and "private-note" not in cli.stderr
 
 
+@pytest.mark.parametrize("alter,problem", [
+    ("ALTER COLUMN created_at DROP DEFAULT", r"NOT NULL without a default: 'created_at'"),
+    ("ADD CONSTRAINT short_keys CHECK (length(session_key) < 8)", r"has CHECK 'short_keys'"),
+    ("ADD CONSTRAINT one_per_agent UNIQUE (agent_id)", r"has UNIQUE 'one_per_agent'"),
+    ("ADD CONSTRAINT known_agent FOREIGN KEY (session_key) REFERENCES core.sessions (session_id)",
+     r"has FOREIGN KEY 'known_agent'"),
+], ids=["column-left-to-its-default-has-none", "check", "unique", "foreign-key"])
+def test_a_library_table_changed_so_it_refuses_the_librarys_rows_is_refused_at_first_use(
+        legacy_db: PostgresDatabase, alter: str, problem: str) -> None:
+    # Before, the complete schema passed the first-use check and migrate, and
+    # every bind failed with a raw psycopg2 error quoting the row.
+    schema = "altered_" + alter.split()[2].lower().replace("_", "")[:12]
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres")
+    migrate()
+    conn = psycopg2.connect(legacy_db.dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"ALTER TABLE {schema}.sessions {alter}")
+    finally:
+        conn.close()
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres")  # a new process
+    with pytest.raises(ConfigurationError, match=problem):
+        SessionStore().bind("s", AGENT, note="private-note")
+    with pytest.raises(ConfigurationError, match=problem):
+        migrate()
+    cli = run_cli("migrate", env={"DATABASE_URL": legacy_db.url, "MCP_REDIS_PG_SCHEMA": schema})
+    assert cli.returncode == 2 and f"{schema}.sessions" in cli.stderr and "private-note" not in cli.stderr
+
+
+def test_harmless_changes_to_a_library_table_are_accepted(legacy_db: PostgresDatabase) -> None:
+    # A unique index on the primary key's columns and more cannot refuse a row the key takes:
+    # REINDEX CONCURRENTLY's twin of the key (left behind when it fails), a covering index.
+    # Refused at first use, they stopped every process start (a reviewer).
+    schema = "harmless"
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres", locks="postgres")
+    migrate()
+    conn = psycopg2.connect(legacy_db.dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"CREATE UNIQUE INDEX sessions_pkey_ccnew ON {schema}.sessions (session_key)")
+            cur.execute(f"CREATE UNIQUE INDEX sessions_covering ON {schema}.sessions (session_key) INCLUDE (agent_id)")
+            cur.execute(f"CREATE UNIQUE INDEX fences_twin ON {schema}.lock_fences (lock_key)")
+            cur.execute(f"CREATE INDEX sessions_by_update ON {schema}.sessions (updated_at)")
+            cur.execute(f"ALTER TABLE {schema}.sessions ADD COLUMN note TEXT")
+    finally:
+        conn.close()
+    mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres", locks="postgres")
+    store = SessionStore()
+    store.bind("s", AGENT)
+    assert store.get("s") == AGENT
+    with mcp_redis.agent_lock("harmless", timeout=5) as held:
+        assert held.fencing_token is not None
+    assert migrate()
+    cli = run_cli("migrate", env={"DATABASE_URL": legacy_db.url, "MCP_REDIS_PG_SCHEMA": schema})
+    assert cli.returncode == 0, cli.stderr
+
+
 @pytest.mark.parametrize("name", ["core", "audit", "public", "pg_temp", "Mixed", "a-b", "x; DROP", ""])
 def test_pg_schema_refuses_legacy_and_non_identifier_names(name: str) -> None:
     with pytest.raises(ConfigurationError, match=r"^pg_schema: "):

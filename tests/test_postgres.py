@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, List
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 import mcp_redis
@@ -79,6 +81,55 @@ def test_a_restart_that_killed_the_idle_connections_costs_no_failed_call(databas
     for _ in range(4):
         assert store.get("warm") == "agent-1"
     assert pg.policy.breaker.state.value == "closed"
+
+
+@pytest.mark.parametrize("mode", ["postgres", "write-through"])
+def test_a_row_locked_by_another_transaction_fails_that_call_once_and_never_opens_the_breaker(
+        database_url: str, pg_database: Any, redis_url: str, mode: str) -> None:
+    """A statement timeout on one locked session row (an admin's transaction, the legacy
+    server's writer) read as an outage: retried three times (3 x postgres_timeout), and the
+    breaker opened for every caller of the process (a reviewer). A lock wait now ends at
+    lock_timeout, half of postgres_timeout, as BackendUnavailable: no retry, no breaker failure."""
+    from mcp_redis.metrics import METRICS
+
+    if mode == "postgres":
+        mcp_redis.configure(database_url=database_url, sessions="postgres", postgres_timeout=1.0,
+                            breaker_failure_threshold=2)
+    else:  # Redis in front: the bind's Redis write is undone
+        mcp_redis.configure(redis_url=redis_url, database_url=database_url, postgres_timeout=1.0,
+                            breaker_failure_threshold=2)
+    store = mcp_redis.SessionStore()
+    store.bind("hot", "agent-1")
+    holder = psycopg2.connect(pg_database.dsn)
+    waits = METRICS.counter("postgres_lock_waits_total")
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM mcp_redis.sessions FOR UPDATE")  # every row, held until rollback
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="locked by another transaction"):
+                store.bind("hot", "agent-2")
+            assert time.monotonic() - started < 0.9  # one wait of lock_timeout (0.5 s), not retried
+    finally:
+        holder.rollback()
+        holder.close()
+    assert get_postgres().policy.breaker.state.value == "closed"
+    store.bind("cold", "agent-3")
+    assert store.get("hot") == "agent-1" and store.get("cold") == "agent-3"
+    assert store.sessions_for("agent-2") == []
+    assert METRICS.counter("postgres_lock_waits_total") - waits == 3
+
+
+@pytest.mark.parametrize("options,expected", [
+    ("", "500ms"),
+    ("-c deadlock_timeout=2s", "500ms"),  # another setting whose name holds "lock_timeout"
+    ("-c lock_timeout=100", "100ms"), ("-clock_timeout=100", "100ms"),
+    ("--lock-timeout=100", "100ms"), ("-c LOCK_TIMEOUT=100", "100ms"),
+], ids=["none", "deadlock-timeout", "c", "c-joined", "dashes", "upper-case"])
+def test_the_urls_own_lock_timeout_wins_and_only_its_own(database_url: str, options: str, expected: str) -> None:
+    url = psycopg2.extensions.make_dsn(database_url, options=options) if options else database_url
+    mcp_redis.configure(database_url=url, postgres_timeout=1.0)
+    assert get_postgres().execute("SHOW lock_timeout", fetch="one") == (expected,)
 
 
 def test_a_process_start_on_a_migrated_schema_runs_no_ddl(database_url: str, pg_database: Any) -> None:

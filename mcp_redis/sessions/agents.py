@@ -34,7 +34,7 @@ from ..client import Client, resolve
 from ..config import Mode
 from ..errors import BackendUnavailable, FeatureDisabled, InvalidArgumentType
 from ..keys import KeySpace, decode_id, encode_id, validate_id
-from ..postgres import PRIMARY_KEYS, SCHEMA, SHAPES
+from ..postgres import DEFAULTED, PRIMARY_KEYS, SCHEMA, SHAPES
 
 __all__ = ["AgentDirectory", "PREFIX_LENGTH", "KEY_FORM", "CACHE_TTL", "COPY_TTL"]
 
@@ -55,6 +55,7 @@ SCHEMA.append("""
 """)
 SHAPES["agent_directory"] = {"prefix": "text", "agent_id": "text", "registered_at": "timestamptz"}
 PRIMARY_KEYS["agent_directory"] = ("prefix",)
+DEFAULTED["agent_directory"] = frozenset({"registered_at"})
 
 _PG_REGISTER = """
 WITH ins AS (
