@@ -21,6 +21,7 @@ feature fallback (fallbacks catch `BackendUnavailable` only).
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import random
 import threading
@@ -43,6 +44,10 @@ from .errors import (
     WrongKeyType,
 )
 from .metrics import METRICS, Metrics
+
+# The name of wait_exponential_jitter's scale: ``multiplier`` from tenacity 9.2 on
+# (``initial``, deprecated there, is the only one before).
+_JITTER_SCALE = "multiplier" if "multiplier" in inspect.signature(wait_exponential_jitter).parameters else "initial"
 
 __all__ = [
     "BreakerState",
@@ -426,8 +431,8 @@ class Resilience:
         """
         if failures <= 1:
             return min(self.max_backoff, self.initial_backoff * (1.0 + random.random()))  # noqa: S311
-        wait = wait_exponential_jitter(multiplier=2 * self.initial_backoff, max=self.max_backoff,
-                                       jitter=self.initial_backoff)
+        wait = wait_exponential_jitter(max=self.max_backoff, jitter=self.initial_backoff,
+                                       **{_JITTER_SCALE: 2 * self.initial_backoff})
         state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # wait reads attempt_number only
         state.attempt_number = failures - 1
         return float(wait(state))
