@@ -23,7 +23,7 @@ from .locks import AgentLock, agent_lock
 from .metrics import METRICS
 from .ratelimit import RateLimiter
 from .sessions import SessionStore
-from .validation import check_json_depth, seconds, too_deep
+from .validation import check_json_depth, loads_bounded, seconds, too_deep
 
 __all__ = ["RedisBackend"]
 
@@ -120,8 +120,8 @@ class RedisBackend:
         if raw is None:
             return None
         try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):  # not written by cache_set (a foreign writer): a miss
+            return loads_bounded(raw)
+        except ValueError:  # not written by cache_set (a foreign writer): a miss
             return None
 
     def cache_set(self, key: str, value: Any, ttl: float = 300) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 from typing import Any, Iterable, Optional
 
 from .errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["MAX_SECONDS", "MAX_NETWORK_SECONDS", "MAX_STATEMENT_SECONDS", "MAX_JSON_DEPTH", "seconds",
-           "optional_seconds", "check_json_depth", "too_deep", "is_async_callable", "is_generator_callable"]
+           "optional_seconds", "check_json_depth", "loads_bounded", "too_deep", "is_async_callable", "is_generator_callable"]
 
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
 MAX_NETWORK_SECONDS = 3600.0
@@ -69,13 +70,20 @@ def too_deep(argument: str) -> InvalidArgument:
 
 
 def check_json_depth(value: object, text: str, argument: str) -> None:
-    """Refuse `value` (`text`: its JSON) when nested deeper than `MAX_JSON_DEPTH`.
+    """Refuse `value` (`text`: its JSON) when nested deeper than `MAX_JSON_DEPTH`."""
+    if _deeper_than(MAX_JSON_DEPTH, value, text):
+        raise too_deep(argument)
+
+
+def _deeper_than(bound: int, value: object, text: Any) -> bool:
+    """True when `value` (`text`: its JSON, str or bytes) nests deeper than `bound` levels.
 
     Free for the usual value (fewer brackets in its JSON than the bound);
     otherwise one walk of the value, without recursion.
     """
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return
+    open_list, open_object = (b"[", b"{") if isinstance(text, (bytes, bytearray)) else ("[", "{")
+    if text.count(open_list) + text.count(open_object) <= bound:
+        return False
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -85,9 +93,26 @@ def check_json_depth(value: object, text: str, argument: str) -> None:
             inner = item
         else:
             continue
-        if depth > MAX_JSON_DEPTH:
-            raise too_deep(argument)
+        if depth > bound:
+            return True
         stack.extend((child, depth + 1) for child in inner)
+    return False
+
+
+def loads_bounded(text: Any, wrapped: int = 0, **kwargs: Any) -> Any:
+    """``json.loads(text, **kwargs)`` of a value read back from Redis, which the library wrote nested
+    at most `MAX_JSON_DEPTH` levels (plus `wrapped`, the levels of its own envelope around it): a
+    deeper one (a foreign writer's) is a ValueError, whether or not this Python's json can decode it
+    (3.13's goes far deeper than earlier ones, which raise RecursionError), so what a caller gets
+    does not depend on the Python version."""
+    bound = MAX_JSON_DEPTH + wrapped
+    try:
+        value = json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {bound} levels") from None
+    if _deeper_than(bound, value, text):
+        raise ValueError(f"JSON nested deeper than {bound} levels")
+    return value
 
 
 def _call_target(fn: Any) -> Any:

@@ -8,8 +8,9 @@ f-strings and ``entry[3]``.
 """
 
 
-import json
 from typing import Any, ClassVar, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Type
+
+from ..validation import loads_bounded
 
 __all__ = ["Backend", "Envelope", "L1Entry", "L1Stored", "Fill", "encode_envelope", "decode_envelope"]
 
@@ -59,7 +60,7 @@ def encode_envelope(value_json: str, delta: float, expiry: float) -> str:
 
 def decode_envelope(raw: str) -> Envelope:
     """The `Envelope` stored as `raw`; raises ValueError/KeyError/TypeError when unreadable."""
-    env = json.loads(raw)
+    env = loads_bounded(raw, wrapped=1)  # {"v": value, ...}
     return Envelope(env["v"], float(env["d"]), float(env["x"]) / 1000.0)
 
 

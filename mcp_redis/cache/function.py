@@ -35,7 +35,7 @@ from ..config import Mode, Settings
 from ..errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from ..keys import KeySpace, validate_id
 from ..metrics import METRICS
-from ..validation import check_json_depth, optional_seconds, seconds, too_deep
+from ..validation import check_json_depth, loads_bounded, optional_seconds, seconds, too_deep
 from . import invalidation, writes
 from .arguments import check_json_arg, check_number, data_key, dumps, is_id_param, l1_key_of
 from .base import Backend, Envelope, L1Entry, L1Stored, encode_envelope
@@ -654,9 +654,9 @@ class CachedFunction(Generic[R]):
 
     def _decode(self, raw: str) -> Optional[Envelope]:
         try:  # decode_envelope, inlined (the L2 hit path)
-            env = json.loads(raw)
+            env = loads_bounded(raw, wrapped=1)  # {"v": value, ...}
             return Envelope(env["v"], float(env["d"]), float(env["x"]) / 1000.0)
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError):
             self._count_error()
             log.warning("cache %s: unreadable L2 entry ignored", self.namespace)
             return None

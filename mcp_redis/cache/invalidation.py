@@ -17,7 +17,6 @@ default client at that time).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 from ..client import Client, resolve
 from ..connections import on_fork
 from ..pubsub import Subscriber
+from ..validation import loads_bounded
 
 if TYPE_CHECKING:
     from .function import CachedFunction
@@ -130,8 +130,8 @@ class Invalidation:
         if data is None:  # a payload that was not UTF-8 (pubsub: a foreign publisher): not ours
             return
         try:
-            msg = json.loads(data)
-        except (ValueError, RecursionError):
+            msg = loads_bounded(data)
+        except ValueError:
             msg = None
         # Ours: {"o": origin, "n": namespace, "op": "k", "k": argument id} or {..., "op": "a", "g": generation}.
         op = msg.get("op") if isinstance(msg, dict) else None

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..keys import MAX_ID_LENGTH
-from ..validation import check_json_depth, too_deep
+from ..validation import check_json_depth, loads_bounded, too_deep
 from .base import Event, EventHandler
 
 __all__ = ["encode_event", "decode_event", "check_channel", "check_handler", "check_int"]
@@ -96,7 +96,7 @@ def decode_event(data: object) -> Optional[Event]:
     if not isinstance(data, str):
         return None
     try:
-        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
+        value = loads_bounded(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None

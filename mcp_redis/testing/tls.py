@@ -42,13 +42,19 @@ class Pki:
     def __init__(self, directory: Union[str, pathlib.Path]) -> None:
         self.dir = d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT, on by default)
+        # asks of a CA and of the certificates it signs: without them every handshake failed there.
+        ca_ext = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                  "-addext", "subjectKeyIdentifier=hash")
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-                 "-days", "2", "-subj", "/CN=mcp_redis test CA", cwd=d)
-        (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        (d / "node.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+                 "-days", "2", "-subj", "/CN=mcp_redis test CA", *ca_ext, cwd=d)
+        leaf = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        (d / "server.ext").write_text(leaf + "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        (d / "node.ext").write_text(leaf + "subjectAltName=IP:127.0.0.1\n")
+        (d / "client.ext").write_text(leaf + "extendedKeyUsage=clientAuth\n")
         # Signed by the trusted CA, but for another host: the name check must refuse it.
-        (d / "otherhost.ext").write_text("subjectAltName=DNS:redis.example.org\n")
+        (d / "otherhost.ext").write_text(leaf + "subjectAltName=DNS:redis.example.org\n")
         for name, subject in (("server", "/CN=127.0.0.1"), ("node", "/CN=127.0.0.1"),
                               ("client", "/CN=mcp_redis client"), ("otherhost", "/CN=redis.example.org")):
             _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
@@ -57,7 +63,7 @@ class Pki:
                      "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
         # A second, unrelated CA: a server signed by it must not be trusted.
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt",
-                 "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", cwd=d)
+                 "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", *ca_ext, cwd=d)
         for f in d.glob("*.key"):
             f.chmod(0o600)
 
