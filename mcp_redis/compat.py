@@ -57,7 +57,7 @@ from .locks import DistributedLock, _check_seconds, _in_event_loop
 from .locks.legacyfile import LegacyFileLock, clean_stale
 from .ratelimit import KeyArg, Limit, _key_getter, rate_limited
 from .ratelimit import RateLimiter as _Limiter
-from .ratelimit.limits import _check_int
+from .ratelimit.limits import MAX_LIMIT, _check_int
 
 __all__ = ["KgStoreRateLimitExceeded", "RateLimiter", "StateLockManager", "get_rate_limiter",
            "is_process_alive", "kg_store_rate_limited"]
@@ -538,8 +538,8 @@ class RateLimiter:
 
     def __init__(self, max_requests_per_minute: int = 60, max_requests_per_hour: int = 1000, *,
                  name: str = "requests", client: Optional[Client] = None) -> None:
-        self.max_per_minute = _check_int(max_requests_per_minute, "max_requests_per_minute")
-        self.max_per_hour = _check_int(max_requests_per_hour, "max_requests_per_hour")
+        self.max_per_minute = _check_int(max_requests_per_minute, "max_requests_per_minute", maximum=MAX_LIMIT)
+        self.max_per_hour = _check_int(max_requests_per_hour, "max_requests_per_hour", maximum=MAX_LIMIT)
         self.limiter = _Limiter(name, limits=[Limit(self.max_per_minute, 60, "minute"),
                                               Limit(self.max_per_hour, 3600, "hour")], client=client)
 

@@ -81,7 +81,7 @@ class RateLimitResult:
         self.limit = plan.specs[binding].limit
         self.remaining = remaining if remaining > 0 else 0
         self.retry_after = 0.0 if allowed else retry / 1e6
-        self.reset_after = reset / 1e6
+        self.reset_after = (reset if reset > retry or allowed else retry) / 1e6
         self.refused_by: Optional[str] = None if allowed else plan.labels[binding]
         self.backend = backend
         self._plan = plan
@@ -93,8 +93,11 @@ class RateLimitResult:
     def statuses(self) -> Tuple[LimitStatus, ...]:
         """Every limit's figures, in the order the limits were given."""
         plan = self._plan
+        # Never below 0 (a limit lowered on a live key leaves more counted than it allows), and
+        # every unit is back no sooner than the next one is (reset_after >= retry_after).
         return tuple(
-            LimitStatus(label, spec.limit, window, remaining, retry / 1e6, reset / 1e6)
+            LimitStatus(label, spec.limit, window, remaining if remaining > 0 else 0, retry / 1e6,
+                        (reset if reset > retry else retry) / 1e6)
             for label, spec, window, (remaining, retry, reset) in zip(plan.labels, plan.specs, plan.windows,
                                                                        self._outcomes)
         )
@@ -150,11 +153,13 @@ def _sf_string(text: str) -> str:
 
 
 # -- limits and their per-settings plan ------------------------------------------
-def _check_int(value: Any, argument: str, minimum: int = 1) -> int:
+def _check_int(value: Any, argument: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentType(argument, f"must be an int, not {type(value).__name__}")
     if value < minimum:
         raise InvalidArgument(argument, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(argument, f"must be <= {maximum:.0e}, got {value}")
     return value
 
 
@@ -183,9 +188,7 @@ def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:
             if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
                 raise InvalidArgumentType(argument, f"items must be Limit or (limit, window[, name]), not {item!r}")
             item = Limit(*item)
-        _check_int(item.limit, "limit")
-        if item.limit > MAX_LIMIT:  # counts and replies stay exact in Lua's doubles (2^53)
-            raise InvalidArgument("limit", f"must be <= {MAX_LIMIT:.0e}, got {item.limit}")
+        _check_int(item.limit, "limit", maximum=MAX_LIMIT)  # counts and replies stay exact in Lua's doubles (2^53)
         if item.window is not None:
             _check_window(item.window, "window")
         if item.name is not None and (not isinstance(item.name, str) or not item.name):

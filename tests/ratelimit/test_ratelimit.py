@@ -55,6 +55,22 @@ def test_hit_admits_up_to_limit_then_refuses_with_retry_after(backend: str, algo
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
+def test_every_limits_figures_stay_whole_after_the_limit_is_lowered_on_a_live_key(
+        backend: str, algorithm: Algorithm) -> None:
+    # A reviewer: statuses[i].remaining read -7 (only the top-level figure was clamped), and the
+    # fixed window's refusal on Redis said retry in 60.001 s but every unit back in 60.000 s.
+    for _ in range(10):
+        assert RateLimiter("lowered", 10, 60, algorithm=algorithm).hit("k").allowed
+    for result in (RateLimiter("lowered", 3, 60, algorithm=algorithm).hit("k"),
+                   RateLimiter("lowered", 3, 60, algorithm=algorithm).peek("k"),
+                   RateLimiter("lowered", limits=[(3, 60), (100, 3600)], algorithm=algorithm).hit("k")):
+        assert not result.allowed and result.remaining == 0
+        assert result.reset_after >= result.retry_after > 0
+        for status in result.statuses:
+            assert status.remaining >= 0 and status.reset_after >= status.retry_after >= 0
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.value)
 def test_decade_long_window_reports_exact_figures(backend: str, algorithm: Algorithm) -> None:
     # 10 years is 3.15e14 µs: past the 1e14 where Lua's number-to-text
     # conversion switches to exponent notation, so the scripts must format it.
