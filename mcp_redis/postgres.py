@@ -510,10 +510,14 @@ class Postgres:
             "SELECT t.relname, c.contype::text, c.conname::text, NULL FROM pg_constraint c "
             "JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
             "WHERE n.nspname = %s AND t.relname = ANY(%s) AND c.contype NOT IN ('p', 'n', 'u') "
-            # unique indexes, with their key columns (not INCLUDE ones; NULL for an expression)
+            # unique indexes, with their plain key columns: not INCLUDE ones, nor expressions, nor
+            # columns compared another way than the key compares them (a collation or an operator
+            # class of their own: a case-insensitive one took two session keys for one)
             "UNION ALL SELECT t.relname, 'u', i.relname::text, "
-            "ARRAY(SELECT a.attname::text FROM unnest(x.indkey[0:x.indnkeyatts - 1]) AS k(attnum) "
-            "      LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum) "
+            "ARRAY(SELECT a.attname::text FROM unnest(x.indkey[0:x.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, n) "
+            "      JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum "
+            "      JOIN pg_opclass o ON o.oid = x.indclass[k.n - 1] "
+            "      WHERE x.indcollation[k.n - 1] = a.attcollation AND o.opcdefault) "
             "FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid "
             "JOIN pg_namespace n ON n.oid = t.relnamespace "
             "WHERE n.nspname = %s AND t.relname = ANY(%s) AND x.indisunique AND NOT x.indisprimary "
@@ -523,8 +527,9 @@ class Postgres:
         foreign: Dict[str, str] = {}
         for table, kind, name, columns in cur.fetchall():
             if kind == "u" and set(PRIMARY_KEYS.get(table, ("?",))) <= set(columns or ()):
-                # Unique on the primary key's columns and more (REINDEX CONCURRENTLY's twin of the
-                # key, a covering index): it cannot refuse a row the primary key takes.
+                # Unique on the primary key's columns, compared as the key compares them, and more
+                # (REINDEX CONCURRENTLY's twin of the key, a covering index): it cannot refuse a
+                # row the primary key takes.
                 continue
             foreign.setdefault(table, f"{_CONSTRAINT_KINDS.get(kind, 'a constraint')} {name!r}")
         for table, columns in sorted(found.items()):

@@ -81,6 +81,7 @@ class Subscriber:
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
         self._pubsub: Any = None
+        self._undecodable = False  # the last read failed to decode: subscribe anew before the next
         self._pubsub_lock = threading.Lock()  # one hand-back of its connection to the pool
         self._subscribed_once = False
         self._settled = threading.Event()  # subscribed, or found misconfigured
@@ -269,17 +270,20 @@ class Subscriber:
         publisher) reaches the handler as ``("", None)``, which skips it; redis-py
         drops the connection under it (a reply it failed to decode) and
         resubscribes on the next read, so messages already queued behind that
-        payload are lost (pub/sub is at-most-once). The connection is dropped
-        here too: redis-py before 8.2 kept it, with that reply still unread,
-        and raised again on every read after (the listener spun on one payload
-        for ever)."""
+        payload are lost (pub/sub is at-most-once). The read after it ends this
+        subscription, as a lost connection does: the listener subscribes anew,
+        and tells its owner so (`on_subscribed`: the cache flushes its L1s, as
+        after any gap). redis-py before 8.2 kept the connection with that reply
+        still unread and raised again on every read (the listener spun on one
+        payload for ever); 8.2 resubscribed under the listener, unseen."""
+        if self._undecodable:
+            self._undecodable = False
+            raise rex.ConnectionError("a payload that was not UTF-8 cut the subscription's reply stream")
         try:
             return ps.get_message(ignore_subscribe_messages=ignore_subscribe_messages, timeout=self._poll)
         except UnicodeDecodeError:
             METRICS.inc("pubsub_undecodable_total")
-            connection = getattr(ps, "connection", None)
-            if connection is not None:
-                connection.disconnect()
+            self._undecodable = True
             return {"type": "message", "channel": "", "data": None}
 
     def _dispatch(self, msg: Any) -> None:

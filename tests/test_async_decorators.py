@@ -173,6 +173,49 @@ def test_decorators_refuse_generator_callable_objects() -> None:
             decorate(Stream())
 
 
+def test_decorators_above_staticmethod_keep_it_static_and_async_and_refuse_classmethod(redis_mode: str) -> None:
+    # A staticmethod object is callable since Python 3.10: both decorators took it for a plain
+    # function, counting its coroutines at creation and caching nothing (a reviewer); over a
+    # classmethod, @cached_metadata blamed `ttl`.
+    loads: List[str] = []
+
+    class Tools:
+        @rate_limited("static_async", limit=2, window=60)
+        @staticmethod
+        async def handler(agent_id: str) -> str:
+            return "ran"
+
+        @cached_metadata(ttl=60, namespace="tests.static_async")
+        @staticmethod
+        async def load(agent_id: str) -> Dict[str, str]:
+            loads.append(agent_id)
+            return {"id": agent_id}
+
+        @cached_metadata(ttl=60, namespace="tests.static_sync")
+        @staticmethod
+        def load_sync(agent_id: str) -> str:
+            return agent_id.upper()
+
+    tools = Tools()
+    assert inspect.iscoroutinefunction(tools.handler) and inspect.iscoroutinefunction(tools.load)
+    for _ in range(3):
+        tools.handler("a").close()  # never awaited: no slot used
+
+    async def main() -> None:
+        assert await tools.handler("a") == "ran" and await Tools.handler("a") == "ran"
+        with pytest.raises(RateLimitExceeded):
+            await tools.handler("a")
+        for _ in range(3):
+            assert await tools.load("x") == {"id": "x"}
+
+    asyncio.run(main())
+    assert loads == ["x"]
+    assert tools.load_sync("y") == "Y" and isinstance(Tools.load_sync, CachedFunction)
+    for decorate in (rate_limited("cm", limit=1, window=60), cached_metadata, cached_metadata(ttl=60)):
+        with pytest.raises(InvalidArgumentType, match="^fn: .*below @classmethod"):
+            decorate(classmethod(lambda cls, agent_id: agent_id))
+
+
 # -- metadata cache -------------------------------------------------------------------
 class AsyncSource:
     """An async loader's source of truth; counts loads."""

@@ -197,18 +197,30 @@ def test_a_table_with_the_right_columns_but_not_the_librarys_shape_is_refused(
     ("ADD CONSTRAINT one_per_agent UNIQUE (agent_id)", r"has UNIQUE 'one_per_agent'"),
     ("ADD CONSTRAINT known_agent FOREIGN KEY (session_key) REFERENCES core.sessions (session_id)",
      r"has FOREIGN KEY 'known_agent'"),
-], ids=["column-left-to-its-default-has-none", "check", "unique", "foreign-key"])
+    # On the key's column, but comparing it another way: two session keys became one (a reviewer).
+    ("ADD CONSTRAINT keys_by_pattern EXCLUDE USING btree (session_key text_pattern_ops WITH =)",
+     r"has EXCLUDE 'keys_by_pattern'"),
+    ("INDEX keys_ignoring_case ON sessions (session_key COLLATE ci)", r"has UNIQUE 'keys_ignoring_case'"),
+    ("INDEX keys_by_pattern_ops ON sessions (session_key text_pattern_ops)", r"has UNIQUE 'keys_by_pattern_ops'"),
+], ids=["column-left-to-its-default-has-none", "check", "unique", "foreign-key", "exclude", "collation",
+        "operator-class"])
 def test_a_library_table_changed_so_it_refuses_the_librarys_rows_is_refused_at_first_use(
         legacy_db: PostgresDatabase, alter: str, problem: str) -> None:
     # Before, the complete schema passed the first-use check and migrate, and
     # every bind failed with a raw psycopg2 error quoting the row.
-    schema = "altered_" + alter.split()[2].lower().replace("_", "")[:12]
+    schema = "altered_" + alter.split()[1 if alter.startswith("INDEX ") else 2].lower().replace("_", "")
     mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres")
     migrate()
     conn = psycopg2.connect(legacy_db.dsn)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(f"ALTER TABLE {schema}.sessions {alter}")
+            if alter.startswith("INDEX "):  # a unique index of the admin's own
+                cur.execute("CREATE COLLATION IF NOT EXISTS public.ci "
+                            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+                cur.execute(f"CREATE UNIQUE {alter.replace(' ON sessions', f' ON {schema}.sessions')}"
+                            .replace("COLLATE ci", "COLLATE public.ci"))
+            else:
+                cur.execute(f"ALTER TABLE {schema}.sessions {alter}")
     finally:
         conn.close()
     mcp_redis.configure(database_url=legacy_db.url, pg_schema=schema, sessions="postgres")  # a new process

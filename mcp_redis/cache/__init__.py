@@ -113,6 +113,8 @@ def cached_metadata(
         max_stale=max_stale, negative_ttl=negative_ttl, id_params=id_params, lock_ttl=lock_ttl,
         client=client,
     )
+    if isinstance(fn, (staticmethod, classmethod)):  # above @staticmethod/@classmethod, no arguments
+        return _cached(fn, ttl, options)
     if fn is not None and not callable(fn):
         if ttl is not None:
             raise InvalidArgument("ttl", "given twice")
@@ -130,6 +132,10 @@ def cached_metadata(
 
 def _cached(fn: Callable[..., Any], ttl: Optional[float], options: Dict[str, Any]) -> Any:
     """A `CachedFunction`, or for an ``async def`` the coroutine front over one."""
+    if isinstance(fn, staticmethod):  # wrap its function, keep it static (callable since Python 3.10)
+        return staticmethod(_cached(fn.__func__, ttl, options))
+    if isinstance(fn, classmethod):
+        raise InvalidArgumentType("fn", "is a classmethod object: put @cached_metadata below @classmethod")
     if is_generator_callable(fn):
         raise InvalidArgumentType(
             "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: its values cannot be cached")

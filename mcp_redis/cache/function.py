@@ -78,6 +78,9 @@ def default_namespace(fn: Callable[..., Any]) -> str:
                               f"({getattr(fn, '__qualname__', fn)!s}): two objects' methods would share one "
                               "name and serve each other's values; pass namespace=\"...\" (one per object)")
     qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str) and qualname.endswith("<lambda>"):
+        raise InvalidArgument("namespace", f"is required for a lambda ({qualname}): every lambda of its scope "
+                              "has that name, and two would serve each other's values; pass namespace=\"...\"")
     if isinstance(qualname, str) and not isinstance(fn, functools.partial):
         return f"{getattr(fn, '__module__', None) or '?'}.{qualname}"
     raise InvalidArgument("namespace", f"is required for {type(fn).__name__!r} objects (not a function or "

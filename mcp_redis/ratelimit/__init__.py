@@ -399,6 +399,10 @@ def rate_limited(
     refund_types = _check_refund_on(refund_on)
 
     def decorate(fn: F) -> F:
+        if isinstance(fn, staticmethod):  # above @staticmethod: wrap its function, keep it static
+            return staticmethod(decorate(fn.__func__))  # type: ignore[return-value]
+        if isinstance(fn, classmethod):
+            raise InvalidArgumentType("fn", "is a classmethod object: put @rate_limited below @classmethod")
         if is_generator_callable(fn):
             raise InvalidArgumentType(
                 "fn", f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a call would be counted "

@@ -875,6 +875,34 @@ def test_foreign_messages_on_the_invalidation_channel_are_ignored_and_invalidati
     assert len([r for r in caplog.records if "not an invalidation" in r.getMessage()]) <= 1  # logged once
 
 
+def test_an_undecodable_payload_before_an_invalidation_costs_a_resubscription_and_an_l1_flush(
+        redis_mode: str) -> None:
+    """A payload that is not UTF-8 cuts the reply stream: redis-py resubscribed under the listener,
+    unseen, so the invalidation queued behind it was lost and L1 served the old value until
+    l1_ttl (a reviewer). The listener now subscribes anew itself, and L1 is flushed as after any gap."""
+    source = {"a": "old"}
+
+    @cached_metadata(namespace="tests.undecodable", ttl=300, l1_ttl=300)
+    def lookup(agent_id: str) -> str:
+        return source.get(agent_id, "none")
+
+    listening(lookup)
+    assert lookup("a") == "old" and lookup.cache_info().l1_size == 1
+    subscriber = invalidation.of(default_client()).subscriber
+    reconnects = subscriber.reconnects
+    source["a"] = "new"
+    _, l2id = lookup._key(("a",), {})
+    client = redis_client(redis_mode)
+    with client.pipeline(transaction=True) as pipe:  # as another process's invalidate(), a junk payload first
+        pipe.delete(*client.keys("mcp:cache:{tests.undecodable*"))
+        pipe.publish("mcp:cache:invalidate", b"\xff\xfe not utf-8")
+        pipe.publish("mcp:cache:invalidate",
+                     json.dumps({"o": "elsewhere", "n": "tests.undecodable", "op": "k", "k": l2id}))
+        pipe.execute()
+    wait_for(lambda: lookup("a") == "new", 10, what="the new value served once L1 is flushed")
+    assert subscriber.reconnects == reconnects + 1 and subscriber.active
+
+
 def test_followers_get_the_leaders_exception(redis_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     waiting: List[int] = []
@@ -1312,8 +1340,9 @@ def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str)
         def __call__(self, agent_id: str) -> str:
             return self.get(agent_id)
 
+    # Lambdas: every one of a scope is <lambda> (two served each other's values: a reviewer).
     for target in (functools.partial(fetch, api_key="sk-secret"), functools.partial(afetch, tenant="A"),
-                   Loader(), Repo("A").get, {"k": "v"}.get, Repo("A")):
+                   Loader(), Repo("A").get, {"k": "v"}.get, Repo("A"), lambda agent_id: agent_id):
         with pytest.raises(InvalidArgument, match="namespace.*required"):
             cached_metadata(target)
     a = cached_metadata(namespace="tenant-a")(functools.partial(afetch, tenant="A"))
