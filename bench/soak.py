@@ -333,13 +333,20 @@ def _run_worker(index: int, cfg: Dict[str, Any], barrier: Any) -> Dict[str, Any]
     report["duplicates"] = duplicates[0]
     sub.close()
     bus.close()
-    time.sleep(0.1)
-    report["redis_in_use_after_close"] = conn.pool_stats()["in_use"]
     # What is left is held by the library's own pub/sub listeners (the metadata
     # cache's invalidation channel): one connection each for the process's life.
+    # A closed listener caught in a read (a fault) hands its connection back once
+    # the read ends: within the socket timeout.
     from mcp_redis import pubsub
 
-    report["listeners"] = sum(1 for s in list(pubsub._live) if s.alive)
+    def listeners() -> int:
+        return sum(1 for s in list(pubsub._live) if s.alive)
+
+    settled_by = time.monotonic() + conn.settings.socket_timeout + 1.0
+    while conn.pool_stats()["in_use"] > listeners() and time.monotonic() < settled_by:
+        time.sleep(0.05)
+    report["redis_in_use_after_close"] = conn.pool_stats()["in_use"]
+    report["listeners"] = listeners()
     report["threads_after_close"] = threading.active_count()
     return report
 

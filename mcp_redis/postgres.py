@@ -524,8 +524,19 @@ class Postgres:
             "ORDER BY 1, 3",
             (self.schema, sorted(SHAPES), self.schema, sorted(SHAPES)),
         )
+        rows = cur.fetchall()
+        cur.execute(  # columns compared by a nondeterministic collation: "A" = "a" in every lookup and key
+            "SELECT t.relname, a.attname::text, c.collname::text FROM pg_attribute a "
+            "JOIN pg_class t ON t.oid = a.attrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "JOIN pg_collation c ON c.oid = a.attcollation "
+            "WHERE n.nspname = %s AND t.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped "
+            "AND NOT c.collisdeterministic ORDER BY 1, 2",
+            (self.schema, sorted(SHAPES)),
+        )
         foreign: Dict[str, str] = {}
-        for table, kind, name, columns in cur.fetchall():
+        for table, column, collation in cur.fetchall():
+            foreign.setdefault(table, f"column {column!r} in the nondeterministic collation {collation!r}")
+        for table, kind, name, columns in rows:
             if kind == "u" and set(PRIMARY_KEYS.get(table, ("?",))) <= set(columns or ()):
                 # Unique on the primary key's columns, compared as the key compares them, and more
                 # (REINDEX CONCURRENTLY's twin of the key, a covering index): it cannot refuse a
@@ -548,7 +559,8 @@ class Postgres:
             if not problem and extra:
                 problem = f"has a column the library does not write, NOT NULL without a default: {extra[0]!r}"
             if not problem and table in foreign:
-                problem = f"has {foreign[table]}, which the library does not make: it may refuse the library's rows"
+                problem = (f"has {foreign[table]}, which the library does not make: it may refuse or merge the "
+                           "library's rows")
             if not problem and table in PRIMARY_KEYS and keys.get(table) != PRIMARY_KEYS[table]:
                 problem = (f"has primary key {keys.get(table) or 'none'}, expected "
                            f"({', '.join(PRIMARY_KEYS[table])})")

@@ -38,6 +38,11 @@ _live: weakref.WeakSet[Subscriber] = weakref.WeakSet()
 _LISTEN_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError, ValueError, BackendUnavailable)
 
 
+# Seconds before the first attempt to subscribe again after a loss (doubling to `max_backoff`,
+# until a subscription is confirmed: every loss after that starts here again).
+_FIRST_BACKOFF = 0.02
+
+
 class Subscriber:
     """Listen on `channels` and/or `patterns`, calling `handler` for each message.
 
@@ -82,6 +87,7 @@ class Subscriber:
         self._pid = os.getpid()
         self._pubsub: Any = None
         self._undecodable = False  # the last read failed to decode: subscribe anew before the next
+        self._backoff = _FIRST_BACKOFF
         self._pubsub_lock = threading.Lock()  # one hand-back of its connection to the pool
         self._subscribed_once = False
         self._settled = threading.Event()  # subscribed, or found misconfigured
@@ -161,7 +167,7 @@ class Subscriber:
             self._drop_pubsub()  # no listener thread left to do it
 
     def _run(self) -> None:
-        backoff = 0.02
+        self._backoff = _FIRST_BACKOFF
         while not self._closed.is_set():
             try:
                 self._listen()
@@ -191,8 +197,8 @@ class Subscriber:
                     log.warning("subscriber %s: connection lost (%s); reconnecting", self.name, type(exc).__name__)
                 else:  # a bug: log it, keep the listener alive
                     log.exception("subscriber %s: unexpected error", self.name)
-                self._closed.wait(backoff * (0.5 + random.random()))  # noqa: S311 - jitter
-                backoff = min(backoff * 2, self._max_backoff)
+                self._closed.wait(self._backoff * (0.5 + random.random()))  # noqa: S311 - jitter
+                self._backoff = min(self._backoff * 2, self._max_backoff)
             finally:
                 self._drop_pubsub()
 
@@ -248,6 +254,7 @@ class Subscriber:
             except Exception:
                 log.exception("subscriber %s: on_subscribed hook failed", self.name)
         self.misconfigured = None
+        self._backoff = _FIRST_BACKOFF  # subscribed: the next loss starts the backoff anew
         self._ready.set()
         self._settled.set()
         for msg in pending:

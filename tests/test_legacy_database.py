@@ -201,9 +201,11 @@ def test_a_table_with_the_right_columns_but_not_the_librarys_shape_is_refused(
     ("ADD CONSTRAINT keys_by_pattern EXCLUDE USING btree (session_key text_pattern_ops WITH =)",
      r"has EXCLUDE 'keys_by_pattern'"),
     ("INDEX keys_ignoring_case ON sessions (session_key COLLATE ci)", r"has UNIQUE 'keys_ignoring_case'"),
+    ("ALTER COLUMN session_key TYPE TEXT COLLATE public.ci",
+     r"has column 'session_key' in the nondeterministic collation 'ci'"),
     ("INDEX keys_by_pattern_ops ON sessions (session_key text_pattern_ops)", r"has UNIQUE 'keys_by_pattern_ops'"),
 ], ids=["column-left-to-its-default-has-none", "check", "unique", "foreign-key", "exclude", "collation",
-        "operator-class"])
+        "key-collation", "operator-class"])
 def test_a_library_table_changed_so_it_refuses_the_librarys_rows_is_refused_at_first_use(
         legacy_db: PostgresDatabase, alter: str, problem: str) -> None:
     # Before, the complete schema passed the first-use check and migrate, and
@@ -214,9 +216,9 @@ def test_a_library_table_changed_so_it_refuses_the_librarys_rows_is_refused_at_f
     conn = psycopg2.connect(legacy_db.dsn)
     try:
         with conn, conn.cursor() as cur:
+            cur.execute("CREATE COLLATION IF NOT EXISTS public.ci "
+                        "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
             if alter.startswith("INDEX "):  # a unique index of the admin's own
-                cur.execute("CREATE COLLATION IF NOT EXISTS public.ci "
-                            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
                 cur.execute(f"CREATE UNIQUE {alter.replace(' ON sessions', f' ON {schema}.sessions')}"
                             .replace("COLLATE ci", "COLLATE public.ci"))
             else:

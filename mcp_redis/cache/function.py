@@ -67,6 +67,10 @@ def default_namespace(fn: Callable[..., Any]) -> str:
     objects share one (each would serve the other's values), and a repr holds a memory address
     (another namespace in every process, so invalidations never reach the others) and bound
     arguments (secrets in keys and logs). They need an explicit one."""
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str) and qualname.endswith("<lambda>"):  # a classmethod's too
+        raise InvalidArgument("namespace", f"is required for a lambda ({qualname}): every lambda of its scope "
+                              "has that name, and two would serve each other's values; pass namespace=\"...\"")
     owner = getattr(fn, "__self__", None)
     if inspect.ismethod(fn) and inspect.isclass(owner):
         # A classmethod, named after the class it is bound to: a base class's method reached
@@ -77,10 +81,6 @@ def default_namespace(fn: Callable[..., Any]) -> str:
         raise InvalidArgument("namespace", f"is required for a method bound to an object "
                               f"({getattr(fn, '__qualname__', fn)!s}): two objects' methods would share one "
                               "name and serve each other's values; pass namespace=\"...\" (one per object)")
-    qualname = getattr(fn, "__qualname__", None)
-    if isinstance(qualname, str) and qualname.endswith("<lambda>"):
-        raise InvalidArgument("namespace", f"is required for a lambda ({qualname}): every lambda of its scope "
-                              "has that name, and two would serve each other's values; pass namespace=\"...\"")
     if isinstance(qualname, str) and not isinstance(fn, functools.partial):
         return f"{getattr(fn, '__module__', None) or '?'}.{qualname}"
     raise InvalidArgument("namespace", f"is required for {type(fn).__name__!r} objects (not a function or "

@@ -155,7 +155,10 @@ class Subscription:
     def _skip(self) -> None:
         self.skipped += 1
         METRICS.inc("events_decode_errors_total", kind="pubsub")
-        log.warning("subscription %r: skipped a payload that is not a JSON object", self.channel)
+        # Once per subscription at WARNING (anyone who may publish on the channel could flood the
+        # log otherwise), then at DEBUG; `skipped` and the metric count every one.
+        log.log(logging.WARNING if self.skipped == 1 else logging.DEBUG,
+                "subscription %r: skipped a payload that is not a JSON object (%d so far)", self.channel, self.skipped)
 
     def _deliver(self, message: Message) -> None:
         try:

@@ -1340,9 +1340,13 @@ def test_partials_and_callable_objects_need_their_own_namespace(redis_mode: str)
         def __call__(self, agent_id: str) -> str:
             return self.get(agent_id)
 
+    class Priced:  # two classmethod lambdas of one class shared Priced.<lambda>
+        price = classmethod(lambda cls, item: f"price of {item}")
+
     # Lambdas: every one of a scope is <lambda> (two served each other's values: a reviewer).
     for target in (functools.partial(fetch, api_key="sk-secret"), functools.partial(afetch, tenant="A"),
-                   Loader(), Repo("A").get, {"k": "v"}.get, Repo("A"), lambda agent_id: agent_id):
+                   Loader(), Repo("A").get, {"k": "v"}.get, Repo("A"), lambda agent_id: agent_id,
+                   Priced.price):
         with pytest.raises(InvalidArgument, match="namespace.*required"):
             cached_metadata(target)
     a = cached_metadata(namespace="tenant-a")(functools.partial(afetch, tenant="A"))

@@ -10,6 +10,7 @@ anything is sent; after a Redis restart the subscription resumes by itself.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -344,6 +345,55 @@ def test_closing_a_subscriber_mid_subscribe_never_lends_its_connection_to_anothe
         assert connection in idle()  # handed back, disconnected ...
         assert released_by == [sub._thread]  # ... by the listener itself once it stopped, never by close()
         assert sub._pubsub is None
+
+
+def test_foreign_payloads_are_logged_at_warning_once_per_subscription(
+        bus: EventBus, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # One WARNING per payload: anyone who may publish on the channel could flood the log (a reviewer).
+    inbox = Inbox()
+    sub = bus.subscribe("c", inbox)
+    from redis import Redis
+
+    raw = Redis.from_url(redis_url)
+    with caplog.at_level(logging.DEBUG, logger="mcp_redis.events"):
+        for _ in range(50):
+            raw.publish(sub.redis_channel, "junk")
+        bus.publish("c", {"ok": True})
+        assert inbox.wait(1) == [{"ok": True}]
+    assert sub.skipped == 50
+    warnings = [r for r in caplog.records if r.name == "mcp_redis.events" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "skipped" in warnings[0].getMessage()
+    raw.close()
+
+
+def test_each_undecodable_payload_costs_one_short_resubscription_never_a_growing_backoff(redis_url: str) -> None:
+    """The reconnect backoff doubled on every loss for the life of the listener: after six
+    foreign payloads each later one kept the subscription down for up to 1.5 s (a reviewer:
+    one junk payload every 250 ms let through a quarter of the events). A confirmed
+    subscription now starts the backoff anew."""
+    from mcp_redis.pubsub import Subscriber
+
+    mcp_redis.configure(redis_url=redis_url)
+    got: List[Any] = []
+    sub = Subscriber(lambda channel, data: got.append(data), channels=["c"]).start(wait=True, timeout=5)
+    waits: List[float] = []
+    wait = sub._closed.wait
+
+    def recording_wait(timeout: Any = None) -> bool:
+        waits.append(timeout)
+        return wait(timeout)
+
+    sub._closed.wait = recording_wait  # type: ignore[method-assign]
+    raw = mcp_redis.default_client().redis().client
+    try:
+        for n in range(1, 9):
+            raw.publish("c", b"\xff not utf-8")
+            wait_for(lambda: sub.reconnects == n and sub.active, 10, what=f"resubscription {n}")
+        assert len(waits) == 8 and max(waits) <= 0.02 * 1.5  # the first backoff every time, with jitter
+        raw.publish("c", "after")
+        wait_for(lambda: got[-1:] == ["after"], what="delivery after the last one")
+    finally:
+        sub.close()
 
 
 def test_a_channel_listed_twice_is_subscribed_once(redis_url: str) -> None:
