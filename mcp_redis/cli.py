@@ -242,6 +242,37 @@ def _setup_logging(level: str) -> None:
     logger.setLevel(level.upper() if isinstance(level, str) else level)
 
 
+class _ReaderMayLeave:
+    """stdout for a command whose reader may leave (`mcp-redis health | head -1`): once it has,
+    the rest of the output goes to /dev/null and the command runs to its end, so its exit code
+    still tells what it found (a BrokenPipeError ended the command and exited 0, a down Redis
+    reported healthy)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _left(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._left()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._left()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,8 +281,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError:
         parser.error(f"--log-level: unknown level {args.log_level!r}")
     previous = _terminate_like_interrupt()
+    stdout = sys.stdout
+    sys.stdout = _ReaderMayLeave(stdout)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except _Terminated:  # SIGTERM (timeout, systemd, docker stop): cleaned up like Ctrl-C
         print(f"mcp-redis {args.command}: terminated", file=sys.stderr)
         return 143
@@ -266,6 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mcp-redis {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     finally:
+        sys.stdout = stdout
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

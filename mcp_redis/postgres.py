@@ -72,6 +72,9 @@ SCHEMA: List[str] = [
     "CREATE INDEX IF NOT EXISTS rate_limits_expires_at_idx ON {schema}.rate_limits (expires_at)",
 ]
 
+# A comment in SCHEMA's statements (none of them has "--" inside a string).
+_SQL_COMMENT = re.compile(r"--[^\n]*")
+
 # The indexes SCHEMA creates (their names): part of a complete schema.
 _INDEXES = frozenset(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", "\n".join(SCHEMA)))
 
@@ -482,7 +485,8 @@ class Postgres:
             self._check_shapes(cur)
             for stmt in SCHEMA:
                 cur.execute(self.sql(stmt))
-            return [" ".join(self.sql(s).as_string(conn).split()) for s in SCHEMA]
+            # One line each, as run: without the SQL comments, which would run to the statement's end.
+            return [" ".join(_SQL_COMMENT.sub("", self.sql(s).as_string(conn)).split()) for s in SCHEMA]
 
     def _check_shapes(self, cur: Any) -> None:
         """Raise `ConfigurationError` if a table of `SHAPES` exists in the schema with another shape."""

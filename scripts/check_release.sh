@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Release checks that are not pytest tests (CI runs this after the suite):
+# Release checks that are not pytest tests (CI runs this before the suite):
 #   1. the API reference builds from the docstrings with no pdoc warning;
 #   2. the Prometheus alert rules pass `promtool check rules`, and every
 #      Grafana dashboard query parses as PromQL (promtool, as recording rules);

@@ -121,6 +121,21 @@ def test_sessions_cleanup_exits_1_when_the_configured_redis_does_not_answer(data
     conn.close()
 
 
+def test_health_exits_1_while_redis_is_down_even_when_its_reader_has_left() -> None:
+    # `mcp-redis health | head -1`: the BrokenPipeError ended the command with 0 (a reviewer).
+    env = {k: v for k, v in os.environ.items() if k not in {var for var, _ in ENVIRONMENT_VARIABLES}}
+    env.update(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+               PYTHONPATH=ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "mcp_redis", "health"], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1, done.stderr
+
+
 def test_migrate_exits_1_not_2_when_postgres_is_down() -> None:
     """A backend down is 1 (retry later), as for `health` and `sessions cleanup`; 2 is for a fix."""
     env = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"}

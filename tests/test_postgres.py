@@ -24,6 +24,11 @@ def test_migrate_is_idempotent_and_creates_the_library_tables(database_url: str)
         "SELECT to_regclass('mcp_redis.sessions')::text", fetch="one"
     )
     assert rows == ("mcp_redis.sessions",)
+    # The statements returned (and printed by `mcp-redis migrate`) are the ones run, each one
+    # line that runs as written (a comment ran to the statement's end: a reviewer).
+    for statement in first:
+        assert "--" not in statement
+        get_postgres().execute(statement)
 
 
 def test_concurrent_migrations_do_not_collide(database_url: str) -> None:
