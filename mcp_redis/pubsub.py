@@ -167,7 +167,6 @@ class Subscriber:
             self._drop_pubsub()  # no listener thread left to do it
 
     def _run(self) -> None:
-        self._backoff = _FIRST_BACKOFF
         while not self._closed.is_set():
             try:
                 self._listen()
