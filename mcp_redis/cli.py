@@ -243,10 +243,10 @@ def _setup_logging(level: str) -> None:
 
 
 class _ReaderMayLeave:
-    """stdout for a command whose reader may leave (`mcp-redis health | head -1`): once it has,
-    the rest of the output goes to /dev/null and the command runs to its end, so its exit code
-    still tells what it found (a BrokenPipeError ended the command and exited 0, a down Redis
-    reported healthy)."""
+    """stdout or stderr for a command whose reader may leave (`mcp-redis health | head -1`,
+    `demo 2>&1 | head`): once it has, the rest of that output goes to /dev/null and the command
+    runs to its end, so its exit code still tells what it found (a BrokenPipeError ended the
+    command and exited 0: a down Redis reported healthy, a demo cut off after 0.3 s passed)."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -281,19 +281,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError:
         parser.error(f"--log-level: unknown level {args.log_level!r}")
     previous = _terminate_like_interrupt()
-    stdout = sys.stdout
-    sys.stdout = _ReaderMayLeave(stdout)
+    streams = sys.stdout, sys.stderr
+    if sys.stdout is not None:  # None: started with fd 1 closed (`>&-`); print() writes nothing then
+        sys.stdout = _ReaderMayLeave(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = _ReaderMayLeave(sys.stderr)
     try:
         code = int(args.func(args))
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return code
     except _Terminated:  # SIGTERM (timeout, systemd, docker stop): cleaned up like Ctrl-C
         print(f"mcp-redis {args.command}: terminated", file=sys.stderr)
         return 143
-    except BrokenPipeError:  # `mcp-redis stats | head`: the reader left, not an error of ours
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print(f"mcp-redis {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -301,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mcp-redis {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = streams
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -121,19 +121,34 @@ def test_sessions_cleanup_exits_1_when_the_configured_redis_does_not_answer(data
     conn.close()
 
 
-def test_health_exits_1_while_redis_is_down_even_when_its_reader_has_left() -> None:
-    # `mcp-redis health | head -1`: the BrokenPipeError ended the command with 0 (a reviewer).
+@pytest.mark.parametrize("stream,command,code", [
+    ("stdout", "health", 1),  # Redis down
+    ("stderr", "migrate", 2),  # no DATABASE_URL: said on stderr
+    ("closed-stdout", "health", 1),
+], ids=["stdout-reader-left", "stderr-reader-left", "stdout-closed"])
+def test_a_command_exits_with_its_own_code_when_its_reader_has_left(stream: str, command: str, code: int) -> None:
+    # `mcp-redis health | head -1` (and `demo 2>&1 | head -1`): the BrokenPipeError ended the
+    # command with 0, a down Redis reported healthy; with fd 1 closed (`>&-`) every command
+    # exited 2 with an AttributeError (reviewers).
     env = {k: v for k, v in os.environ.items() if k not in {var for var, _ in ENVIRONMENT_VARIABLES}}
     env.update(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
                PYTHONPATH=ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has left before anything is written
-    try:
-        done = subprocess.run([sys.executable, "-m", "mcp_redis", "health"], stdout=write_end,
-                              stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=60, check=False)
-    finally:
+    outputs: Dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    if stream == "closed-stdout":
         os.close(write_end)
-    assert done.returncode == 1, done.stderr
+        outputs["stdout"] = None
+        command_line = ["bash", "-c", f'exec "$0" -m mcp_redis {command} >&-', sys.executable]
+    else:
+        outputs[stream] = write_end
+        command_line = [sys.executable, "-m", "mcp_redis", command]
+    try:
+        done = subprocess.run(command_line, env=env, cwd=ROOT, timeout=60, check=False, **outputs)
+    finally:
+        if stream != "closed-stdout":
+            os.close(write_end)
+    assert done.returncode == code, done.stderr
 
 
 def test_migrate_exits_1_not_2_when_postgres_is_down() -> None:

@@ -32,7 +32,7 @@ replayer, one per client). Redis layout (prefix ``mcp:``): see
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, ItemsView, Iterator, List, Mapping, MutableMapping, Optional, Tuple, ValuesView
 
 from ..client import Client, resolve
 from ..config import Mode
@@ -373,7 +373,10 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
     a copy: in-place mutation (``m[key]['client_type'] = ...``) changes
     nothing shared — call ``store.update(key, client_type=...)`` instead.
     Iteration and ``len()`` visit every session (a SCAN in Redis-only mode):
-    fine for tools, not for request paths.
+    fine for tools, not for request paths; ``items()`` and ``values()`` pass
+    over a session unbound (or expired) while they run. Reading or deleting
+    a key no session can have (not a str, empty, too long) answers as a
+    dict does, missing; binding one raises naming the argument.
     """
 
     def __init__(self, store: Optional[SessionStore] = None) -> None:
@@ -383,6 +386,8 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
         return f"SessionMap({self.store!r})"
 
     def __getitem__(self, session_key: str) -> Dict[str, Any]:
+        if not _possible_key(session_key):
+            raise KeyError(session_key)  # as a dict answers (`get`, `pop`, `in` build on this)
         record = self.store.record(session_key)
         if record is None:
             raise KeyError(session_key)
@@ -403,16 +408,51 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
         self.store.bind(session_key, value[AGENT_FIELD], **fields)
 
     def __delitem__(self, session_key: str) -> None:
-        if not self.store.unbind(session_key):
+        if not _possible_key(session_key) or not self.store.unbind(session_key):
             raise KeyError(session_key)
 
     def __contains__(self, session_key: object) -> bool:
-        if not isinstance(session_key, str):
+        if not _possible_key(session_key):
             return False  # as a dict of str keys would answer
-        return self.store.get(session_key) is not None
+        return self.store.get(session_key) is not None  # type: ignore[arg-type]
+
+    def items(self) -> ItemsView[str, Dict[str, Any]]:
+        return _LiveItems(self)
+
+    def values(self) -> ValuesView[Dict[str, Any]]:
+        return _LiveValues(self)
 
     def __iter__(self) -> Iterator[str]:
         return self.store.session_keys()
 
     def __len__(self) -> int:
         return sum(1 for _ in self.store.session_keys())
+
+
+def _possible_key(session_key: object) -> bool:
+    """True when `session_key` could name a session (`validate_id` would take it)."""
+    return isinstance(session_key, str) and 0 < len(session_key) <= MAX_ID_LENGTH
+
+
+class _LiveItems(ItemsView[str, Dict[str, Any]]):
+    """`SessionMap.items()`: a session unbound or expired between the listing of the keys and
+    the read of its record is passed over (the legacy scan met a raw KeyError there)."""
+
+    _mapping: SessionMap
+
+    def __iter__(self) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        for key in self._mapping:
+            try:
+                yield key, self._mapping[key]
+            except KeyError:
+                continue
+
+
+class _LiveValues(ValuesView[Dict[str, Any]]):
+    """`SessionMap.values()`, passing over sessions gone meanwhile (see `_LiveItems`)."""
+
+    _mapping: SessionMap
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for _, record in _LiveItems(self._mapping):
+            yield record

@@ -123,16 +123,18 @@ class AgentDirectory:
             row = p.execute(p.sql(_PG_REGISTER), (encode_id(prefix), encode_id(agent_id), encode_id(prefix)),
                             fetch="one")
             return decode_id(row[0])
-        # Redis alone decides: first wins, each register renews the holder's entry.
+        # Redis alone decides: first wins, each register renews the holder's entry. One SET NX GET:
+        # a SET NX, then a GET, answered "registered" with nothing stored when the holder was
+        # unregistered (or expired) between the two (a reviewer).
         conn = c.redis("sessions")
         key = self._key(c, prefix)
         ttl_ms = CACHE_TTL * 1000
-        if conn.policy.call(conn.client.set, key, agent_id, px=ttl_ms, nx=True):
+        old: Optional[str] = conn.policy.call(conn.client.set, key, agent_id, px=ttl_ms, nx=True, get=True)
+        if old is None:
             return agent_id
-        old: Optional[str] = conn.policy.call(conn.client.get, key)
         if old == agent_id:
             conn.policy.call(conn.client.pexpire, key, ttl_ms)
-        return agent_id if old is None else old  # None: expired just now
+        return old
 
     def _register_cached(self, c: Client, prefix: str, agent_id: str) -> str:
         """The record decides (first wins by its primary key); Redis gets the holder while the
@@ -187,9 +189,11 @@ class AgentDirectory:
             conn = c.redis("sessions")
             key = self._key(c, prefix)
             try:
-                if conn.policy.call(conn.client.get, key) == agent_id:
-                    # A register of another agent in between is rebuilt from PostgreSQL on the next miss.
-                    held = bool(conn.policy.call(conn.client.delete, key)) or held
+                # Compare-and-delete in one script (session_forget.lua: DEL only while the key holds
+                # this agent): a GET then a DEL deleted another agent's registration made between
+                # the two, which Redis alone cannot rebuild (a reviewer).
+                forgot = conn.call(conn.script("session_forget"), keys=[key], args=[agent_id], client=conn.client)
+                held = bool(forgot) or held
             except BackendUnavailable as exc:
                 if not pg:
                     raise

@@ -203,3 +203,48 @@ def test_with_a_database_the_redis_copy_lives_an_hour_and_a_hung_redis_holds_the
         retries = METRICS.counter("backend_retries_total", backend="redis")
         assert directory.register(AGENT) == AGENT  # the record answers; the copy is skipped
         assert METRICS.counter("backend_retries_total", backend="redis") == retries
+
+
+def test_redis_alone_register_and_unregister_never_lose_a_registration_to_a_concurrent_one(redis_url: str) -> None:
+    """With Redis alone, register was SET NX then GET, and unregister GET then DEL. Another
+    process's unregister landing in register's gap made it answer "registered" with nothing
+    stored; an unregister(A) + register(B) landing in unregister's gap deleted B's
+    registration (a reviewer). Each is now one atomic command or script."""
+    prefix = "0f8e2a4c6b1d"
+    a, b = prefix + "-aaaa-holder", prefix + "-bbbb-second"
+    ours = mcp_redis.Client(redis_url=redis_url, sessions="redis")
+    theirs = mcp_redis.Client(redis_url=redis_url, sessions="redis")  # another process, in effect
+    directory, other = AgentDirectory(client=ours), AgentDirectory(client=theirs)
+    client = ours.redis("sessions").client
+    real_get = client.get
+    try:
+        assert directory.register(a) == a
+
+        def get_then_a_is_unregistered(key: str) -> object:
+            client.get = real_get
+            assert other.unregister(a)
+            return real_get(key)
+
+        client.get = get_then_a_is_unregistered
+        holder = directory.register(b)  # a holds the prefix when it is asked
+        client.get = real_get
+        assert holder == a and directory.resolve(prefix) == a  # "a holds it", and it does
+
+        assert directory.register(a) == a
+
+        def get_then_b_takes_the_prefix(key: str) -> object:
+            value = real_get(key)
+            client.get = real_get
+            assert other.unregister(a) and other.register(b) == b
+            return value
+
+        client.get = get_then_b_takes_the_prefix
+        directory.unregister(a)  # a's own registration at most, never b's
+        if client.get is not real_get:  # nothing read in a gap: b registers now
+            client.get = real_get
+            assert other.register(b) == b
+        assert directory.resolve(prefix) == b and directory.resolve(b) == b
+    finally:
+        client.get = real_get
+        ours.close()
+        theirs.close()

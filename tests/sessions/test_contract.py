@@ -153,6 +153,31 @@ def test_mapping_view_behaves_like_the_legacy_dict(any_store: SessionStore) -> N
         sessions["s1"]
     with pytest.raises(KeyError):
         del sessions["s1"]
+    # Keys no session can have read as missing, as in a dict (a client-supplied "" or 2,000
+    # characters raised InvalidArgument from `in` and `get`: a reviewer); binding one still raises.
+    for impossible in ("", "x" * 2000, None, 1):
+        assert impossible not in sessions and sessions.get(impossible) is None  # type: ignore[arg-type]
+        assert sessions.pop(impossible, "gone") == "gone"  # type: ignore[arg-type]
+        with pytest.raises(KeyError):
+            sessions[impossible]  # type: ignore[index]
+    with pytest.raises(mcp_redis.InvalidArgument, match="^session_key:"):
+        sessions[""] = "agent-1"
+
+
+def test_mapping_items_pass_over_a_session_unbound_while_they_run(any_store: SessionStore) -> None:
+    # The legacy scan (`for key, record in m.items()`) met a raw KeyError for a session unbound
+    # (or expired) after the keys were listed (a reviewer).
+    sessions = any_store.mapping()
+    for n in range(3):
+        sessions[f"s{n}"] = f"agent-{n}"
+    seen = []
+    for key, record in sessions.items():
+        seen.append(record["bound_agent_id"])
+        for other in ("s0", "s1", "s2"):
+            if other != key:
+                any_store.unbind(other)  # listed already (maybe), gone by the time it is read
+    assert len(seen) == 1
+    assert [r["bound_agent_id"] for r in sessions.values()] == seen
 
 
 # -- records: the legacy dict-of-dicts idioms ------------------------------------------------
