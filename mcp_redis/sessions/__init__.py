@@ -386,9 +386,10 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
         return f"SessionMap({self.store!r})"
 
     def __getitem__(self, session_key: str) -> Dict[str, Any]:
-        if not _possible_key(session_key):
+        key = _possible_key(session_key)
+        if key is None:
             raise KeyError(session_key)  # as a dict answers (`get`, `pop`, `in` build on this)
-        record = self.store.record(session_key)
+        record = self.store.record(key)
         if record is None:
             raise KeyError(session_key)
         return record
@@ -408,13 +409,13 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
         self.store.bind(session_key, value[AGENT_FIELD], **fields)
 
     def __delitem__(self, session_key: str) -> None:
-        if not _possible_key(session_key) or not self.store.unbind(session_key):
+        key = _possible_key(session_key)
+        if key is None or not self.store.unbind(key):
             raise KeyError(session_key)
 
     def __contains__(self, session_key: object) -> bool:
-        if not _possible_key(session_key):
-            return False  # as a dict of str keys would answer
-        return self.store.get(session_key) is not None  # type: ignore[arg-type]
+        key = _possible_key(session_key)
+        return key is not None and self.store.get(key) is not None  # an impossible key: False, as in a dict
 
     def items(self) -> ItemsView[str, Dict[str, Any]]:
         return _LiveItems(self)
@@ -429,9 +430,12 @@ class SessionMap(MutableMapping[str, Dict[str, Any]]):
         return sum(1 for _ in self.store.session_keys())
 
 
-def _possible_key(session_key: object) -> bool:
-    """True when `session_key` could name a session (`validate_id` would take it)."""
-    return isinstance(session_key, str) and 0 < len(session_key) <= MAX_ID_LENGTH
+def _possible_key(session_key: object) -> Optional[str]:
+    """`session_key` if it could name a session (`validate_id` takes it), else None."""
+    try:
+        return validate_id(session_key, "session_key")
+    except (InvalidArgument, InvalidArgumentType):
+        return None
 
 
 class _LiveItems(ItemsView[str, Dict[str, Any]]):
