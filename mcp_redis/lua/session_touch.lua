@@ -5,9 +5,10 @@
 -- ARGV[2] optional agent id: set the expiry to ARGV[1] ms even when shorter, but only while
 --         the binding still names ARGV[2] (called after PostgreSQL took the shorter expiry).
 -- Reply: false (no binding, or it names another agent than ARGV[2]);
---        {agent id, 0, bound_at, bind_count}: the expiry is now ARGV[1] ms;
---        {agent id, 1, bound_at, bind_count}: left alone, ARGV[1] ms is shorter than what it
---        has left (no ARGV[2]). bound_at and bind_count (hex, the bind the binding is) are
+--        {agent id, 0, left, bound_at, bind_count}: the expiry is now ARGV[1] ms;
+--        {agent id, 1, left, bound_at, bind_count}: left alone, ARGV[1] ms is shorter than what
+--        it has left (no ARGV[2]). left: the ms the binding had left before (-1: no expiry;
+--        0 with ARGV[2], not read). bound_at and bind_count (hex, the bind the binding is) are
 --        absent for a bare agent id (a value written before records).
 local value = redis.call('GET', KEYS[1])
 if not value then
@@ -16,15 +17,16 @@ end
 local agent, bound, count = string.match(value, '^(.*)\31(%x+)\31(%x+)\31%x+\31[^\31]*$')
 agent = agent or value
 local ttl = tonumber(ARGV[1])
+local left = 0
 if ARGV[2] then
   if agent ~= ARGV[2] then
     return false
   end
 else
-  local left = redis.call('PTTL', KEYS[1])
+  left = redis.call('PTTL', KEYS[1])
   if left >= 0 and ttl < left then
-    return {agent, 1, bound, count}
+    return {agent, 1, left, bound, count}
   end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {agent, 0, bound, count}
+return {agent, 0, left, bound, count}

@@ -47,11 +47,13 @@ class Record(NamedTuple):
 
 class Touched(NamedTuple):
     """A write-through touch's answer from Redis: the agent, whether the new ttl is shorter,
-    and the bind the binding is, (``bound_at``, ``bind_count``) (None: a bare agent id)."""
+    the bind the binding is, (``bound_at``, ``bind_count``) (None: a bare agent id), and the
+    ms the binding had left before the touch (None: no expiry)."""
 
     agent_id: str
     shorter: bool
     bind: Optional[Tuple[int, int]] = None
+    left_ms: Optional[int] = None
 
 
 class Pending(NamedTuple):

@@ -158,8 +158,9 @@ class RedisTier:
         reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms])
         if not reply:
             return None
-        bind = (int(reply[2], 16), int(reply[3], 16)) if len(reply) == 4 else None
-        return Touched(str(reply[0]), bool(int(reply[1])), bind)
+        bind = (int(reply[3], 16), int(reply[4], 16)) if len(reply) == 5 else None
+        left = int(reply[2])
+        return Touched(str(reply[0]), bool(int(reply[1])), bind, None if left < 0 else left)
 
     def left_ms(self, session_key: str) -> Optional[int]:
         """What the binding has left in ms (0: gone; None: no expiry), one attempt."""
@@ -398,24 +399,41 @@ def _now_record() -> RecordData:
 
 
 class RefreshThrottle:
-    """When this process last refreshed a binding's indexes / PostgreSQL expiry on touch.
+    """When this process last refreshed a binding's indexes / PostgreSQL expiry on touch,
+    and the expiry that refresh wrote.
 
-    A hint, per client: a touch rewrites them at most once per refresh
-    interval per (session, agent); bounded to the 65,536 most recent.
+    A hint, per client, bounded to the 65,536 most recent (session, agent)
+    pairs. A touch rewrites them when the last rewrite is `interval` old, when
+    its ttl would run `interval` or more past the expiry last written (a longer
+    ttl than before), or when the binding had less left before the touch than
+    that expiry (a shorter touch or a new bind lowered it since, in any
+    process): what a skipped rewrite leaves behind lags by less than `interval`.
     """
+
+    # How far what Redis had left may fall short of the expiry this process
+    # wrote before that counts as lowered (the touch's round trip, measured on
+    # two clocks; a false alarm costs one more rewrite, never a longer lag).
+    SLACK = 0.05
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._refreshed: OrderedDict[Tuple[str, str], float] = OrderedDict()
+        # (session, agent) -> (monotonic time of the rewrite, the expiry it wrote, monotonic)
+        self._refreshed: OrderedDict[Tuple[str, str], Tuple[float, float]] = OrderedDict()
 
-    def due(self, session_key: str, agent_id: str, interval: float) -> bool:
+    def due(self, session_key: str, agent_id: str, interval: float, ttl: float,
+            left: Optional[float] = None) -> bool:
+        """Whether this touch (extending to `ttl` s; `left`: the s the binding had before,
+        None: not known) rewrites; if so, it is recorded as done (`missed` undoes that)."""
         now = time.monotonic()
         key = (session_key, agent_id)
         with self._lock:
             last = self._refreshed.get(key)
-            if last is not None and now - last < interval:
-                return False
-            self._refreshed[key] = now
+            if last is not None:
+                at, written = last
+                if (now - at < interval and now + ttl - written < interval
+                        and (left is None or now + left >= written - self.SLACK)):
+                    return False
+            self._refreshed[key] = (now, now + ttl)
             self._refreshed.move_to_end(key)
             while len(self._refreshed) > 65_536:
                 self._refreshed.popitem(last=False)
@@ -469,7 +487,7 @@ class RedisBackend:
         if agent is None:
             return None
         interval = timing.refresh_interval_for(ttl_ms / 1000.0)
-        if self.throttle.due(session_key, agent, interval):
+        if self.throttle.due(session_key, agent, interval, ttl_ms / 1000.0):
             METRICS.inc("session_touch_refresh_total")
             try:
                 tier.refresh_index(session_key, agent, ttl_ms)

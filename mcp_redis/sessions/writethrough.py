@@ -165,7 +165,8 @@ class WriteThroughBackend:
             else:
                 shortened = source.shorten_through(session_key, bound, ttl_ms, shorten)
             return bound if shortened else None  # None: unbound or rebound meanwhile
-        if self.throttle.due(session_key, bound, interval):
+        had = None if found.left_ms is None else found.left_ms / 1000.0
+        if self.throttle.due(session_key, bound, interval, ttl_ms / 1000.0, had):
             METRICS.inc("session_touch_refresh_total")
             try:
                 tier.refresh_index(session_key, bound, ttl_ms, keep_bare=True)

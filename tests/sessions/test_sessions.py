@@ -573,6 +573,59 @@ def test_touch_with_a_shorter_ttl_is_never_read_repaired_back_after_redis_lost_i
     assert client.exists(binding_key("s1")) == 0
 
 
+@pytest.mark.parametrize("lowered_by", ["a shorter touch", "a new bind", "another process's shorter touch"])
+def test_postgres_expiry_lags_redis_by_less_than_the_refresh_interval_after_it_was_lowered(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase, lowered_by: str) -> None:
+    """A touch skips PostgreSQL's rewrite only while what it would leave behind lags by less
+    than `refresh_interval`: not after a shorter touch or a new bind (by any process) lowered
+    PostgreSQL's expiry below what this process last wrote there."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = SessionStore(refresh_interval=150)
+    store.bind("s1", "agent-1", ttl=600)
+    assert store.touch("s1", ttl=600) == "agent-1"  # the rewrite: PostgreSQL at now + 600
+    if lowered_by == "a shorter touch":
+        assert store.touch("s1", ttl=2) == "agent-1"
+    elif lowered_by == "a new bind":
+        assert store.unbind("s1")
+        store.bind("s1", "agent-1", ttl=2)
+    else:
+        assert SessionStore().touch("s1", ttl=2) == "agent-1"  # another client: its own throttle
+    assert pg_seconds_left(pg_database, "s1") <= 2
+    assert store.touch("s1", ttl=600) == "agent-1"
+    assert client.pttl(binding_key("s1")) > 590_000
+    assert pg_seconds_left(pg_database, "s1") > 590  # was 2: a lag of the whole ttl
+    assert store.sessions_for("agent-1") == ["s1"]
+
+
+def test_a_touch_with_a_longer_ttl_than_the_last_rewrite_rewrites_postgres_and_the_index(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = SessionStore(refresh_interval=150)
+    store.bind("s1", "agent-1", ttl=60)
+    assert store.touch("s1", ttl=60) == "agent-1"  # the rewrite: PostgreSQL at now + 60
+    assert store.touch("s1", ttl=6000) == "agent-1"  # skipped, it would lag by 5940 s
+    assert pg_seconds_left(pg_database, "s1") > 5990
+    assert client.pttl(INDEX_KEY) > 6_000_000  # the index outlives the binding
+
+
+def test_redis_only_a_touch_with_a_longer_ttl_keeps_the_index_alive_as_long_as_the_binding(
+        redis_only: SessionStore, redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = SessionStore(refresh_interval=150)
+    store.bind("s1", "agent-1", ttl=1)
+    assert store.touch("s1", ttl=1) == "agent-1"  # the index refreshed for a 1 s binding
+    assert store.touch("s1", ttl=600) == "agent-1"
+    assert client.pttl(binding_key("s1")) > 590_000
+    assert client.pttl(INDEX_KEY) > 590_000  # was 2 s: the index went first, sessions_for missed it
+    assert store.sessions_for("agent-1") == ["s1"]
+
+
 def test_a_longer_touch_from_a_sliding_get_keeps_working_and_a_shorter_one_reaches_postgres(
         write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
     import redis
