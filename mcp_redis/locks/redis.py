@@ -477,6 +477,16 @@ class GatedRedisBackend(RedisBackend):
             delay = min(delay * 2, 0.1)
 
     def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
+        """Renew through the gate. With the gate absent, PostgreSQL is asked before the lease
+        grows: a renewal it cannot answer raises with the lease as it was, so the watchdog's
+        retries end with that lease and the hold is lost (a lease grown first, then refused
+        by an error, was grown again by every retry: a fallback holder entered beside it).
+        The gate is looked at again once the lease has grown: a lease grown while the gate
+        lived ends within a lease of the gate's end."""
+        conn: RedisConnection = hold.handle
+        if not conn.call(conn.client.exists, _gate_key(hold.keys)) and not self._open_gate(hold):
+            self._give_back(hold)  # a fallback hold exists
+            return False
         if not super().extend(hold, seconds, replace):
             return False
         if self._through_gate(hold):

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from typing import Any, Dict, List, Tuple
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -21,6 +22,7 @@ from mcp_redis.metrics import METRICS
 from mcp_redis.postgres import get_postgres
 from mcp_redis.resilience import BreakerState
 from mcp_redis.testing import free_port, wait_for
+from mcp_redis.testing.faultproxy import FaultProxy
 from tests import workers_locks
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -107,6 +109,33 @@ def test_partial_outage_fallback_holder_excludes_processes_that_reach_redis(redi
         _stop(other)  # its PostgreSQL session ends, and its lock with it
     with mcp_redis.agent_lock("partial", timeout=0.5, blocking_timeout=10) as again:
         assert again.backend == "redis"
+
+
+def test_a_holder_that_reaches_redis_but_not_postgres_is_lost_before_a_fallback_holder_enters(
+        redis_factory: Any, database_url: str) -> None:
+    """A partition: `a` reaches Redis, not PostgreSQL; `b` reaches PostgreSQL, not Redis. Once
+    the gate has expired, `a`'s renewals cannot ask PostgreSQL: they must fail with the lease as
+    it was (a lease grown before the refusal was grown again by every retry, for ever, and `b`'s
+    fallback grant entered beside `a`)."""
+    server = redis_factory()
+    pg = urlsplit(database_url)
+    with FaultProxy(pg.hostname or "127.0.0.1", pg.port or 5432) as proxy:
+        through_proxy = urlunsplit(pg._replace(netloc=f"{pg.username or 'postgres'}@127.0.0.1:{proxy.port}"))
+        a = mcp_redis.Client(**_fallback_settings(server.url, through_proxy), postgres_timeout=2)
+        b = mcp_redis.Client(**_fallback_settings(f"redis://127.0.0.1:{free_port()}/0", database_url),
+                             postgres_timeout=2)
+        try:
+            held = mcp_redis.agent_lock("partition", timeout=1.0, client=a)
+            assert held.acquire() and held.backend == "redis"
+            proxy.stop()  # `a` can no longer reach PostgreSQL
+            other = mcp_redis.agent_lock("partition", timeout=1.0, client=b)
+            assert other.acquire(blocking_timeout=20) and other.backend == "postgres"
+            assert not redis.Redis.from_url(server.url).exists(held.key)  # `a`'s lease had ended
+            assert held.lost_event.wait(5)  # and `a` is told
+            other.release()
+        finally:
+            a.close()
+            b.close()
 
 
 def test_local_fallback_excludes_other_processes_on_the_same_host(tmp_path: Any) -> None:
