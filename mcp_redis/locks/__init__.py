@@ -459,6 +459,15 @@ class DistributedLock:
         exc_value: Optional[BaseException],
         traceback: Optional[TracebackType],
     ) -> None:
+        if self._hold() is None:
+            # Entered by another thread (a generator closed there), or before a fork: the hold
+            # is that thread's, and stays held (and renewed) until it releases it or ends.
+            if self.raise_on_release_error and exc_type is None:
+                raise _not_owned(f"lock {_shown(self.name)}: its block ended in a thread that does not hold it")
+            log.warning("lock %s: its block ended in a thread that does not hold it (a generator closed "
+                        "in another thread? a forked child?); the thread that entered it keeps the hold "
+                        "until it releases it or ends", _shown(self.name))
+            return
         try:
             self.release()
         except LockNotOwned:

@@ -422,6 +422,41 @@ def test_a_lock_left_held_by_a_thread_that_ended_is_released_not_renewed_forever
     held[1].release()  # from this thread: a shared lock's holder is any thread
 
 
+def test_a_block_left_in_another_thread_says_so_and_the_entering_thread_keeps_the_hold(
+        redis_mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A generator holding an agent_lock, entered in one thread and closed in another: the block
+    ends in a thread that does not hold the lock. Nothing is released there (a thread never
+    releases another's hold), the warning says why (it said "no longer owned" of a lock still
+    held and renewed), and the entering thread's end releases it."""
+    def holding() -> Iterator[None]:
+        with mcp_redis.agent_lock("generator", timeout=1):
+            yield
+
+    gen = holding()
+    entered, leave = threading.Event(), threading.Event()
+
+    def enter() -> None:
+        next(gen)
+        entered.set()
+        leave.wait(30)
+
+    owner = threading.Thread(target=enter)
+    owner.start()
+    try:
+        assert entered.wait(10)
+        with caplog.at_level("WARNING", logger="mcp_redis.locks"):
+            gen.close()  # GeneratorExit at the yield: the block ends in this thread
+        assert "ended in a thread that does not hold it" in caplog.text
+        assert "no longer owned" not in caplog.text
+        # Kept, renewed: a lease of 1 s outlives 1.5 s of waiting.
+        assert mcp_redis.agent_lock("generator").acquire(blocking_timeout=1.5) is False
+    finally:
+        leave.set()
+        owner.join()
+    with mcp_redis.agent_lock("generator", blocking_timeout=5):  # the owner ended: the watchdog released it
+        pass
+
+
 _MAIN_RETURNS = """
 import sys, threading, time
 import mcp_redis
