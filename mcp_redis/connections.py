@@ -144,6 +144,22 @@ class RedisConnection:
                 pool.release(connection)
         return script(keys, args, self.client)
 
+    def run_scripts(self, script: Any, calls: Sequence[Tuple[Sequence[str], Sequence[Any]]]) -> List[Any]:
+        """Run a registered script once per ``(keys, args)`` of `calls` in one round trip (a
+        pipeline without ``MULTI``; a cluster's is routed by key): the replies in order, a
+        call's error reply as its exception (``NOSCRIPT`` included: `run_script` loads it)."""
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = list(pipe.execute(raise_on_error=False))
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # a server that has not loaded it (new, restarted, failed over): one call loads it
+            replies[missing[0]] = self.run_script(script, *calls[missing[0]])
+            if len(missing) > 1:  # then the others again (a cluster: each node loads its own)
+                for i, reply in zip(missing[1:], self.run_scripts(script, [calls[i] for i in missing[1:]])):
+                    replies[i] = reply
+        return replies
+
     def run_command(self, *args: Any) -> Any:
         """One plain command in one round trip, the way `run_script` sends a script.
 

@@ -142,6 +142,8 @@ class Backend:
     #: A backend whose calls may wait on PostgreSQL, which no client-side deadline bounds
     #: (a server process that stopped answering): the watchdog makes them in threads of their own.
     unbounded_calls: ClassVar[bool] = False
+    #: The watchdog renews this backend's holds of one connection together (`extend_all`).
+    renews_in_batches: ClassVar[bool] = False
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -170,6 +172,12 @@ class Backend:
     def extend(self, hold: Hold, seconds: float, replace: bool) -> bool:
         """Lengthen (or with `replace`, set) the lease; False when not owned."""
         return not hold.is_lost
+
+    def extend_all(self, holds: Sequence[Hold]) -> List[Optional[bool]]:
+        """Set each of `holds`' lease to its `lease` (``extend(hold, hold.lease, True)``; the
+        redis backend: one round trip for holds of one connection): per hold, True renewed,
+        False not owned, None an error of that hold's alone (to renew on its own)."""
+        return [self.extend(hold, hold.lease, True) for hold in holds]
 
     def owned(self, hold: Hold) -> bool:
         """True while `hold` is still the lock's holder."""

@@ -15,7 +15,7 @@ __all__ = ["Watchdog"]
 
 log = logging.getLogger("mcp_redis.locks")
 
-#: Holds whose ownership one round trip checks after a liveness gap.
+#: Holds whose ownership one round trip checks after a liveness gap, or renews.
 _CHECK_BATCH = 500
 
 #: Seconds between tries of a release that could not reach the backend.
@@ -143,22 +143,39 @@ class Watchdog:
                 if gap > self._gaps_seen.get(id(backend), float("-inf")):
                     self._gaps_seen[id(backend)] = gap
                     self._check_after_gap(backend, gap)
+            batches: Dict[Tuple[int, int], List[Hold]] = {}  # (backend, connection) -> holds
             for hold in due:
-                self._beat_due()  # many renewals in a row must not starve the liveness beats
                 owner = hold.owner
                 # Not the main thread: it counts as ended once the main script returns, while
                 # the process runs on in its other threads (its holds are that process's).
                 if owner is not None and not owner.is_alive() and owner is not threading.main_thread():
+                    self._beat_due()
                     self._orphaned(hold)
-                    continue
-                try:
-                    self._renew(hold)
-                except Exception:  # never let the one renewer die
-                    log.exception("lock: watchdog renewal crashed")
-                    hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+                elif hold.backend.renews_in_batches:
+                    batches.setdefault((id(hold.backend), id(hold.handle)), []).append(hold)
+                else:
+                    self._beat_due()  # many renewals in a row must not starve the liveness beats
+                    self._renew_all([hold])
+            for holds in batches.values():
+                for start in range(0, len(holds), _CHECK_BATCH):  # one round trip per batch, beats between
+                    self._beat_due()
+                    self._renew_all(holds[start:start + _CHECK_BATCH])
             for hold in releases:
                 self._beat_due()
                 self._retry_release(hold)
+
+    def _renew_all(self, holds: List[Hold]) -> None:
+        """Renew `holds`: one, or a batch of one backend's holds on one connection (one round
+        trip). A crash never ends the one renewer: its holds are looked at again shortly."""
+        try:
+            if len(holds) == 1:
+                self._renew(holds[0])
+            else:
+                self._extend_all(holds)
+        except Exception:
+            log.exception("lock: watchdog renewal crashed")
+            for hold in holds:
+                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
 
     def _retry_release(self, hold: Hold) -> None:
         if not _unbounded(hold):
@@ -336,19 +353,44 @@ class Watchdog:
         try:
             ok = hold.backend.extend(hold, hold.lease, True)
         except Exception as exc:
-            if isinstance(exc, ConfigurationError) and not hold.misconfiguration_logged:
-                hold.misconfiguration_logged = True
-                log.error("lock: lease renewal refused, retrying until the lease ends: %s", exc)
-            if time.monotonic() < hold.expires_at:
-                # Keep trying until the lease would have ended anyway.
-                METRICS.inc("lock_renew_total", outcome="error")
-                hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
-                log.debug("lock: renewal failed, retrying: %s", type(exc).__name__)
-                return
-            ok = False
+            self._not_renewed(hold, exc)
+            return
         if ok:
-            METRICS.inc("lock_renew_total", outcome="renewed")
-            hold.next_renewal = started + _every(hold)
+            self._renewed(hold, started)
+        else:
+            self._lost(hold)
+
+    def _extend_all(self, holds: List[Hold]) -> None:
+        """Renew holds of one backend and connection in one round trip (`Backend.extend_all`)."""
+        started = time.monotonic()
+        try:
+            done = holds[0].backend.extend_all(holds)
+        except Exception as exc:  # the round trip failed (retried by the policy): each hold as one
+            for hold in holds:
+                self._not_renewed(hold, exc)
+            return
+        for hold, ok in zip(holds, done):
+            if ok is None:  # an error of its own (NOSCRIPT: a restarted server): on its own
+                self._extend(hold)
+            elif ok:
+                self._renewed(hold, started)
+            else:
+                self._lost(hold)
+
+    @staticmethod
+    def _renewed(hold: Hold, started: float) -> None:
+        METRICS.inc("lock_renew_total", outcome="renewed")
+        hold.next_renewal = started + _every(hold)
+
+    def _not_renewed(self, hold: Hold, exc: Exception) -> None:
+        """A renewal that raised: tried again shortly until the lease would have ended anyway."""
+        if isinstance(exc, ConfigurationError) and not hold.misconfiguration_logged:
+            hold.misconfiguration_logged = True
+            log.error("lock: lease renewal refused, retrying until the lease ends: %s", exc)
+        if time.monotonic() < hold.expires_at:
+            METRICS.inc("lock_renew_total", outcome="error")
+            hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+            log.debug("lock: renewal failed, retrying: %s", type(exc).__name__)
             return
         self._lost(hold)
 

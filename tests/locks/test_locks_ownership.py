@@ -321,6 +321,30 @@ def test_a_process_holding_many_locks_keeps_them_all_through_a_stall_of_its_link
         assert not any(hold.lost for hold in holds)
 
 
+def test_a_process_holding_many_locks_renews_them_in_batches_over_a_slow_link(
+        redis_server: RedisServer) -> None:
+    """300 agent_locks with a 1.5 s lease over a 20 ms link. Renewed one round trip per hold, a
+    renewal cycle took 6 s, and the leases ran out under their live holders (so they did on a
+    fast link in a process whose busy threads made each round trip wait for the GIL). The
+    watchdog renews one connection's due holds in one round trip. The server forgot its scripts
+    first: the batch loads the renewal script itself."""
+    with holder_and_other(redis_server, socket_timeout=5.0) as (proxy, holder_client, _):
+        holds = [mcp_redis.agent_lock(f"batch-{i}", timeout=1.5, client=holder_client) for i in range(300)]
+        for hold in holds:
+            assert hold.acquire()
+        redis_server.client().script_flush()
+        proxy.add_latency(0.02)
+        held_since = time.monotonic()
+        keys = [hold.key for hold in holds]
+        while time.monotonic() - held_since < 4.5:  # three leases
+            assert redis_server.client().exists(*keys) == 300
+            time.sleep(0.1)
+        assert not any(hold.lost for hold in holds)
+        proxy.add_latency(0)
+        for hold in holds:
+            hold.release()
+
+
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
                                                               redis_server: RedisServer) -> None:
     r = redis_server.client()
