@@ -51,7 +51,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, Type
 
 from .client import Client, resolve
 from .config import Mode
-from .errors import InvalidArgument, InvalidArgumentType, LockNotOwned, RateLimitExceeded
+from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, LockNotOwned, RateLimitExceeded
 from .keys import validate_id
 from .locks import DistributedLock, _check_seconds, _in_event_loop
 from .locks.legacyfile import LegacyFileLock, clean_stale
@@ -110,7 +110,7 @@ class _AgentLock(DistributedLock):
 class _Acquisition:
     """One acquire call of the compat manager: the synchronous core of both variants."""
 
-    __slots__ = ("manager", "agent_id", "timeout", "max_retries", "_file", "_lock")
+    __slots__ = ("manager", "agent_id", "timeout", "max_retries", "queued", "_file", "_lock")
 
     def __init__(self, manager: StateLockManager, agent_id: str, timeout: object, max_retries: object) -> None:
         self.manager = manager
@@ -123,6 +123,8 @@ class _Acquisition:
         if not 1 <= max_retries <= 100:
             raise InvalidArgument("max_retries", f"must be between 1 and 100, got {max_retries!r}")
         self.max_retries = max_retries
+        # The async variant: the gate its time last ran out in (`_Gate.outage` then tells why).
+        self.queued: Optional[_Gate] = None
         self._file: Optional[LegacyFileLock] = None
         if resolve(None).mode("locks") is Mode.LOCAL:
             _check_file_name(self.agent_id, manager.lock_dir)
@@ -247,13 +249,16 @@ class _Gate:
     handed to the next waiter in order when that attempt ends (never free in between, so a
     newcomer cannot pass the queue); a waiter waits within its own time."""
 
-    __slots__ = ("held", "waiters", "current")
+    __slots__ = ("held", "waiters", "current", "outage")
 
     def __init__(self) -> None:
         self.held = False
         self.waiters: Deque[asyncio.Future[None]] = collections.deque()
         # The holder's attempt in its worker thread, until the loop hears it ended.
         self.current: Optional[Tuple[concurrent.futures.Future[bool], _Acquisition]] = None
+        # The last attempt's `BackendUnavailable` (None: it answered): what a waiter whose time
+        # ran out in the queue behind it was kept from, rather than "another process".
+        self.outage: Optional[BackendUnavailable] = None
 
     async def enter(self, loop: asyncio.AbstractEventLoop, wait: float) -> bool:
         """True once this task holds the gate; False when `wait` seconds ran out first."""
@@ -344,6 +349,7 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition,
     finally:
         forget_if_idle()
     if not entered:
+        core.queued = gate
         return None
     try:
         in_thread = attempt(time.monotonic() + max(0.0, deadline - loop.time()))
@@ -355,10 +361,14 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition,
 
     def pass_on() -> None:
         gate.current = None
+        failed = None if in_thread.cancelled() else in_thread.exception()
+        gate.outage = failed if isinstance(failed, BackendUnavailable) else None
         gate.leave()
         forget_if_idle()
 
     def ended(done: concurrent.futures.Future[bool]) -> None:  # in the worker thread
+        if _granted(done):
+            _await_claim(done, loop, core)
         try:
             loop.call_soon_threadsafe(pass_on)
         except RuntimeError:  # the loop is closed: no task will take or release this grant
@@ -406,14 +416,73 @@ async def _result_by(pending: asyncio.Future[bool], in_thread: concurrent.future
     return await pending
 
 
+def _granted(future: concurrent.futures.Future[bool]) -> bool:
+    """Whether a finished attempt took the lock."""
+    return not future.cancelled() and future.exception() is None and future.result()
+
+
+# Grants waiting for their task to take them (`_claim`) as it resumes. The claims thread gives
+# back a grant whose loop is not running `_CLAIM_GRACE` seconds after it was made: a loop stopped
+# and never run again (nor closed) would otherwise keep the agent locked, renewed, for the life of
+# the process. Its task, if the loop ever runs again, finds the grant gone and tries again.
+_CLAIM_GRACE = 1.0
+_GRANTS: Dict[concurrent.futures.Future[bool], Tuple[float, asyncio.AbstractEventLoop, _Acquisition]] = {}
+_GRANTS_LOCK = threading.Lock()
+_CLAIMS_THREAD: List[Any] = [0, None]  # [pid, thread], under _GRANTS_LOCK; None: not running
+
+
+def _await_claim(future: concurrent.futures.Future[bool], loop: asyncio.AbstractEventLoop,
+                 core: _Acquisition) -> None:
+    """In the worker that got the grant, before its loop hears of it."""
+    with _GRANTS_LOCK:
+        _GRANTS[future] = (time.monotonic() + _CLAIM_GRACE, loop, core)
+        if _CLAIMS_THREAD[1] is None or _CLAIMS_THREAD[0] != os.getpid():
+            thread = threading.Thread(target=_watch_claims, name="mcp_redis-compat-claims", daemon=True)
+            _CLAIMS_THREAD[:] = [os.getpid(), thread]
+            thread.start()
+
+
+def _claim(future: concurrent.futures.Future[bool]) -> bool:
+    """In the task, its grant in hand: True while the grant is still its own (not given back)."""
+    with _GRANTS_LOCK:
+        return _GRANTS.pop(future, None) is not None
+
+
+def _watch_claims() -> None:
+    """The claims thread: runs while grants wait for their tasks. (It keeps no reference to a
+    grant between looks: a grant's future holds its loop, which a closed loop's owner may drop.)"""
+    while _give_back_abandoned(time.monotonic()):
+        time.sleep(_CLAIM_GRACE / 4)
+
+
+def _give_back_abandoned(now: float) -> bool:
+    """Give back the grants whose loop is not running past their grace; False once none waits."""
+    with _GRANTS_LOCK:
+        abandoned = [(future, core) for future, (at, loop, core) in _GRANTS.items()
+                     if at <= now and not loop.is_running()]
+        for future, _ in abandoned:
+            del _GRANTS[future]
+        waiting = bool(_GRANTS)
+        if not waiting:
+            _CLAIMS_THREAD[1] = None  # the next grant starts another
+    for future, core in abandoned:
+        log.warning("compat: the lock of agent %r was granted to a task whose event loop is not running "
+                    "(stopped, or closed); given back", core.agent_id)
+        _give_back(core, future)
+    return waiting
+
+
 _GIVEN_BACK: weakref.WeakSet[concurrent.futures.Future[bool]] = weakref.WeakSet()
 _GIVEN_BACK_LOCK = threading.Lock()
 
 
 def _give_back(core: _Acquisition, future: concurrent.futures.Future[bool]) -> None:
-    """For an attempt no task will take (cancelled, or its loop closed): release its grant, once."""
-    if future.cancelled() or future.exception() is not None or not future.result():
+    """For an attempt no task will take (cancelled, or its loop closed or not running): release
+    its grant, once."""
+    if not _granted(future):
         return
+    with _GRANTS_LOCK:
+        _GRANTS.pop(future, None)
     with _GIVEN_BACK_LOCK:
         if future in _GIVEN_BACK:
             return
@@ -434,6 +503,7 @@ class _AsyncAgentLock:
 
     async def __aenter__(self) -> None:
         core = self._core
+        core.queued = None
         loop = asyncio.get_running_loop()
         started: List[concurrent.futures.Future[bool]] = []
         deadlines: List[float] = []
@@ -457,12 +527,17 @@ class _AsyncAgentLock:
                 for in_thread in started:  # a grant made after the cancel is given back, by a worker
                     in_thread.add_done_callback(_give_back_later(core))
                 raise
-            if got:
+            if got and _claim(started[0]):  # (not given back while the loop was not running)
                 return None
             if attempt_no < core.max_retries - 1:
                 # The worker's `between`; none when the attempt never ran (dropped unrun, or its
                 # time ran out in the queue): the plain backoff, its cleanup left to the next.
                 await asyncio.sleep(pauses[0] if pauses else BACKOFF * float(2 ** attempt_no))
+        outage = None if core.queued is None else core.queued.outage
+        if outage is not None:  # kept in the queue behind an attempt that could not reach the backend
+            raise BackendUnavailable(
+                f"lock of agent {core.agent_id!r}: not attempted within {core.timeout}s, queued behind "
+                "attempts of this event loop that could not reach the lock's backend") from outage
         raise core.timed_out()
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],
@@ -600,11 +675,16 @@ def get_rate_limiter() -> RateLimiter:
 
 
 def _after_fork_in_child() -> None:
-    global _POOLS_LOCK, _rate_limiter_lock
+    global _POOLS_LOCK, _rate_limiter_lock, _GATES_LOCK, _GIVEN_BACK_LOCK, _GRANTS_LOCK
     # A parent thread may have held them while forking (the pools themselves
     # are rebuilt per process: `_pool` checks the pid).
     _POOLS_LOCK = threading.Lock()
     _rate_limiter_lock = threading.Lock()
+    _GATES_LOCK = threading.Lock()
+    _GIVEN_BACK_LOCK = threading.Lock()
+    _GRANTS_LOCK = threading.Lock()
+    _GRANTS.clear()  # the parent's workers' grants: its tasks' to take
+    _CLAIMS_THREAD[:] = [0, None]
 
 
 if hasattr(os, "register_at_fork"):

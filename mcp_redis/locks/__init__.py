@@ -450,6 +450,7 @@ class DistributedLock:
 
     def __enter__(self) -> DistributedLock:
         if self.acquire():
+            self._state.entered += 1
             return self
         raise _timed_out(f"lock {_shown(self.name)}: not acquired within {self.blocking_timeout}s")
 
@@ -459,15 +460,16 @@ class DistributedLock:
         exc_value: Optional[BaseException],
         traceback: Optional[TracebackType],
     ) -> None:
-        if self._hold() is None:
-            # Entered by another thread (a generator closed there), or before a fork: the hold
-            # is that thread's, and stays held (and renewed) until it releases it or ends.
+        if self.thread_local and not self._state.entered:
+            # Entered by another thread (a generator closed in this one): the hold is that
+            # thread's, and stays held (and renewed) until it releases it or ends.
             if self.raise_on_release_error and exc_type is None:
-                raise _not_owned(f"lock {_shown(self.name)}: its block ended in a thread that does not hold it")
-            log.warning("lock %s: its block ended in a thread that does not hold it (a generator closed "
-                        "in another thread? a forked child?); the thread that entered it keeps the hold "
-                        "until it releases it or ends", _shown(self.name))
+                raise _not_owned(f"lock {_shown(self.name)}: its block ended in a thread that did not enter it")
+            log.warning("lock %s: its block ended in a thread that did not enter it (a generator closed in "
+                        "another thread?); the thread that entered it keeps its hold until it releases it "
+                        "or ends", _shown(self.name))
             return
+        self._state.entered -= 1
         try:
             self.release()
         except LockNotOwned:

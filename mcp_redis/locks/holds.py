@@ -38,11 +38,13 @@ _THREAD_HOLDS = _ThreadHolds()
 class _Local(threading.local):
     hold: Optional[Hold] = None
     last: Optional[Hold] = None
+    entered: int = 0  # `with` blocks of the lock this thread is in
 
 
 class _Shared:
     hold: Optional[Hold] = None
     last: Optional[Hold] = None
+    entered: int = 0
 
 
 def held_locks() -> List[str]:

@@ -556,6 +556,60 @@ def test_a_grant_no_task_will_take_because_its_loop_closed_is_given_back(
     assert grant == "after_close" or closed() is None
 
 
+def test_a_grant_made_while_its_loop_is_stopped_is_given_back_and_the_task_tries_again_when_it_runs(
+        backend: Dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A task waits; its loop stops (run_until_complete returned) and is neither run nor closed;
+    the grant arrives. Nothing would ever take it: the agent stayed locked, renewed, for the life
+    of the process. Now it is given back; when the loop runs again, the task finds its grant gone
+    and takes the lock anew instead of entering without it."""
+    manager = StateLockManager(lock_dir=tmp_path)
+    t, let_go = _busy(manager, "stopped-loop")
+    loop = asyncio.new_event_loop()
+    inside: List[bool] = []
+
+    async def waiter() -> None:
+        async with manager.acquire_agent_lock_async("stopped-loop", timeout=5.0, max_retries=2):
+            inside.append(held_elsewhere(manager, "stopped-loop"))
+
+    try:
+        task = loop.create_task(waiter())
+        loop.run_until_complete(asyncio.sleep(0.2))  # the task waits in a worker; then the loop stops
+        with caplog.at_level("WARNING", logger="mcp_redis.compat"):
+            let_go.set()
+            t.join(10)
+            with manager.acquire_agent_lock("stopped-loop", timeout=10.0, max_retries=1):
+                pass  # given back: free for another thread (it stayed taken)
+        assert "event loop is not running" in caplog.text
+        loop.run_until_complete(task)
+        assert inside == [True]  # it entered holding the lock, taken anew
+        assert not held_elsewhere(manager, "stopped-loop")
+    finally:
+        loop.close()
+
+
+def test_waiters_queued_behind_an_attempt_that_could_not_reach_redis_say_so(redis_server: Any,
+                                                                              tmp_path: Path) -> None:
+    """Redis unreachable: the task at the head of one loop's queue raises BackendUnavailable, as a
+    thread does; those whose time ran out queued behind it raised TimeoutError blaming "another
+    process" (a lock conflict that was not there)."""
+    from mcp_redis.testing.faultproxy import FaultProxy
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), locks="redis", socket_timeout=0.3, retry_attempts=1)
+        manager = StateLockManager(lock_dir=tmp_path)
+        proxy.blackhole()
+
+        async def waiter() -> None:
+            async with manager.acquire_agent_lock_async("unreachable", timeout=0.5, max_retries=1):
+                pytest.fail("entered with Redis unreachable")
+
+        async def main() -> List[BaseException]:
+            return await asyncio.gather(*(waiter() for _ in range(5)), return_exceptions=True)
+
+        errors = asyncio.run(main())
+        assert [type(e) for e in errors if not isinstance(e, mcp_redis.BackendUnavailable)] == []
+
+
 # -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------
 @pytest.mark.slow
 def test_legacy_call_pattern_in_four_processes_loses_no_update(backend: Dict[str, Any], database_url: str,

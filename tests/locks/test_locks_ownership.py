@@ -470,7 +470,7 @@ def test_a_block_left_in_another_thread_says_so_and_the_entering_thread_keeps_th
         assert entered.wait(10)
         with caplog.at_level("WARNING", logger="mcp_redis.locks"):
             gen.close()  # GeneratorExit at the yield: the block ends in this thread
-        assert "ended in a thread that does not hold it" in caplog.text
+        assert "ended in a thread that did not enter it" in caplog.text
         assert "no longer owned" not in caplog.text
         # Kept, renewed: a lease of 1 s outlives 1.5 s of waiting.
         assert mcp_redis.agent_lock("generator").acquire(blocking_timeout=1.5) is False
@@ -479,6 +479,13 @@ def test_a_block_left_in_another_thread_says_so_and_the_entering_thread_keeps_th
         owner.join()
     with mcp_redis.agent_lock("generator", blocking_timeout=5):  # the owner ended: the watchdog released it
         pass
+    caplog.clear()
+    own = mcp_redis.lock("released-inside", raise_on_release_error=False)
+    with caplog.at_level("WARNING", logger="mcp_redis.locks"):
+        with own:
+            own.release()  # this thread's own release, inside its block: not another thread's
+    assert "no longer owned when leaving its block" in caplog.text
+    assert "did not enter it" not in caplog.text
 
 
 _MAIN_RETURNS = """
