@@ -472,6 +472,36 @@ def test_a_lock_waiter_rides_out_a_graceful_cluster_failover_of_its_shard(cluste
     assert outcome == ["acquired"]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_dead_master_does_not_stop_the_renewals_of_locks_held_on_the_other_masters() -> None:
+    """The watchdog renews in batches; on a cluster one batch per master: a pipeline reaching a dead
+    node fails as a whole, and one batch for every hold of the process lost the locks held on the
+    healthy masters too (a reviewer: 199 of 200, with 6 s leases and a failover of about 4 s)."""
+    from mcp_redis.locks.runtime import runtime
+
+    with ClusterTopology(masters=3, replicas=1, node_timeout_ms=3000) as cluster:
+        client = mcp_redis.Client(redis_url=cluster.url)
+        try:
+            holds = [mcp_redis.agent_lock(f"k{i}", timeout=3, client=client) for i in range(150)]
+            for hold in holds:
+                assert hold.acquire()
+            live = cluster.owner_of(runtime(client).primary._live_key)  # type: ignore[attr-defined]
+            victim = next(m for m in cluster.masters if m.port != live.port)
+            healthy = [h for h in holds if cluster.owner_of(h.key).port != victim.port]
+            assert 0 < len(healthy) < len(holds)
+            victim.kill()
+            killed = time.monotonic()
+            while time.monotonic() - killed < 6:  # two leases
+                assert not any(h.lost for h in healthy)
+                time.sleep(0.1)
+            assert not any(h.lost for h in healthy)
+            for hold in healthy:
+                hold.release()
+        finally:
+            client.close()
+
+
 def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology: ClusterTopology) -> None:
     mcp_redis.configure(redis_url=cluster_topology.url)
     conn = get_redis()

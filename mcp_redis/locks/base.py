@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..keys import KeySpace
 
@@ -178,6 +178,10 @@ class Backend:
         redis backend: one round trip for holds of one connection): per hold, True renewed,
         False not owned, None an error of that hold's alone (to renew on its own)."""
         return [self.extend(hold, hold.lease, True) for hold in holds]
+
+    def batch_of(self, hold: Hold) -> Hashable:
+        """Which of `extend_all`'s batches `hold` goes in (one connection's holds)."""
+        return id(hold.handle)
 
     def owned(self, hold: Hold) -> bool:
         """True while `hold` is still the lock's holder."""

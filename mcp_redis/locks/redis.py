@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Hashable, List, Optional, Sequence, Tuple
 
 import redis.exceptions as rex
 
@@ -373,6 +373,18 @@ class RedisBackend(Backend):
                 hold.expires_at = started + hold.lease
             done.append(bool(reply))
         return done
+
+    def batch_of(self, hold: Hold) -> Hashable:
+        """One connection's holds; on a cluster, those of one master: a pipeline fails as a whole
+        when one node it reaches is down, and one dead master must not stop the renewals of
+        every lock the process holds on the others."""
+        conn: RedisConnection = hold.handle
+        if not conn.is_cluster:
+            return id(conn)
+        try:
+            return id(conn), conn.client.get_node_from_key(hold.keys.lock).name
+        except Exception:  # the slot's master is not known now: renewed with the others unknown
+            return id(conn), None
 
     def owned(self, hold: Hold) -> bool:
         conn: RedisConnection = hold.handle

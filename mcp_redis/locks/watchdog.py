@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..errors import ConfigurationError
 from ..metrics import METRICS
@@ -143,7 +143,7 @@ class Watchdog:
                 if gap > self._gaps_seen.get(id(backend), float("-inf")):
                     self._gaps_seen[id(backend)] = gap
                     self._check_after_gap(backend, gap)
-            batches: Dict[Tuple[int, int], List[Hold]] = {}  # (backend, connection) -> holds
+            batches: Dict[Tuple[int, Hashable], List[Hold]] = {}  # (backend, its batch) -> holds
             for hold in due:
                 owner = hold.owner
                 # Not the main thread: it counts as ended once the main script returns, while
@@ -152,7 +152,7 @@ class Watchdog:
                     self._beat_due()
                     self._orphaned(hold)
                 elif hold.backend.renews_in_batches:
-                    batches.setdefault((id(hold.backend), id(hold.handle)), []).append(hold)
+                    batches.setdefault((id(hold.backend), hold.backend.batch_of(hold)), []).append(hold)
                 else:
                     self._beat_due()  # many renewals in a row must not starve the liveness beats
                     self._renew_all([hold])
