@@ -100,7 +100,7 @@ FROM core.sessions s JOIN core.identities i USING (identity_id)
 WHERE s.session_id = %s AND s.is_active AND s.expires_at > now()
 """
 _TOUCH = """
-UPDATE core.sessions s SET expires_at = now() + %s * interval '1 millisecond', last_active = now(),
+UPDATE core.sessions s SET expires_at = clock_timestamp() + %s * interval '1 millisecond', last_active = now(),
     metadata = CASE WHEN %s THEN s.metadata || '{"mcp_redis_pending": true}'::jsonb ELSE s.metadata END
 FROM core.identities i
 WHERE s.session_id = %s AND s.is_active AND s.expires_at > now() AND i.identity_id = s.identity_id
@@ -108,7 +108,7 @@ RETURNING i.agent_id, ceil(extract(epoch FROM s.expires_at - now()) * 1000)::big
 """
 # No expiry check (see mcp_redis.sessions.postgres._PG_TOUCH_AGENT): Redis just had it live.
 _TOUCH_AGENT = """
-UPDATE core.sessions s SET expires_at = now() + %s * interval '1 millisecond', last_active = now()
+UPDATE core.sessions s SET expires_at = clock_timestamp() + %s * interval '1 millisecond', last_active = now()
 FROM core.identities i
 WHERE s.session_id = %s AND s.is_active AND i.identity_id = s.identity_id AND i.agent_id = %s
 RETURNING true
@@ -382,20 +382,22 @@ class LegacySessionsSource:
         """Slide the row's expiry, never past what Redis has left; see `PostgresBackend.extend`."""
         key = encode_id(session_key)
 
-        def run() -> None:
+        def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
                 cur.execute(_TOUCH_AGENT, (ttl_ms, key, agent_id))
                 if cur.fetchone() is None:
-                    return
+                    return True
                 try:
                     left = redis_left()
                 except BackendUnavailable:
                     conn.rollback()
-                    return
+                    return False
                 if left is not None and left < ttl_ms:
                     cur.execute(_TOUCH_AGENT, (max(left, 0), key, agent_id))
+            return True
 
-        self._call(run)
+        if not self._call(run):  # the refresh is still to be made: the next touch tries again
+            raise BackendUnavailable("redis: the binding's time left could not be read")
 
     def repair(self, session_key: str, write: Callable[[str, int, RecordData], None],
                extend_ms: Optional[int] = None) -> Optional[str]:

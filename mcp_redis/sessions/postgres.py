@@ -72,8 +72,10 @@ _PG_EXTEND = "UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1
 # No "expires_at > now()": the caller just read the binding live from Redis, so a row
 # that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
 # catches up; a row unbound or rebound meanwhile no longer names the agent.
+# clock_timestamp(), not now() (the transaction's start): a touch that waited on the row lock,
+# then read what Redis has left, must not write an expiry early by the wait.
 _PG_TOUCH_AGENT = """
-UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1 millisecond', updated_at = now(),
+UPDATE {schema}.sessions SET expires_at = clock_timestamp() + %s * interval '1 millisecond', updated_at = now(),
     record = record || jsonb_build_object('last_active', NOW_S)
 WHERE session_key = %s AND agent_id = %s
 RETURNING true
@@ -241,24 +243,28 @@ class PostgresBackend:
         Redis is asked with the row locked, so a shorter touch that committed
         meanwhile (PostgreSQL, then Redis, under this lock) is seen and this late
         refresh cannot lengthen PostgreSQL past it. If Redis cannot be asked the
-        refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early).
+        refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early),
+        and `BackendUnavailable` tells the caller the refresh is still to be made.
         """
         touch = self._touch_bind(encode_id(session_key), agent_id, bind)
 
-        def run() -> None:
+        def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
                 if not touch(cur, ttl_ms):
-                    return
+                    return True
                 try:
                     left = redis_left()
                 except BackendUnavailable:
                     conn.rollback()
-                    return
+                    return False
                 if left is not None and left < ttl_ms:
                     touch(cur, max(left, 0))
+            return True
 
         self.pg.ensure_schema()
-        self.pg.policy.call(run)
+        if not self.pg.policy.call(run):  # (outside the policy: PostgreSQL answered)
+            raise BackendUnavailable("redis: the binding's time left could not be read; PostgreSQL's expiry "
+                                     "was left as it was")
 
     def shorten_through(self, session_key: str, agent_id: str, ttl_ms: int,
                         redis_write: Callable[[], bool], bind: Optional[Tuple[int, int]] = None) -> bool:

@@ -466,6 +466,7 @@ class RedisBackend:
 
     def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
         self.tier.bind(session_key, agent_id, ttl_ms, fields)
+        self.throttle.missed(session_key, agent_id)  # a new bind: the next touch refreshes its index
 
     def record(self, session_key: str) -> Optional[Tuple[str, Optional[RecordData]]]:
         return self.tier.record(session_key)

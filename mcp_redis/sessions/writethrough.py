@@ -65,6 +65,7 @@ class WriteThroughBackend:
         except BaseException:
             self._undo_uncommitted(session_key, undo)
             raise
+        self.throttle.missed(session_key, agent_id)  # a new bind: the next touch refreshes
         if not reached:
             self._fell_back("bind")
 

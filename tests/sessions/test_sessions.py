@@ -591,7 +591,11 @@ def test_postgres_expiry_lags_redis_by_less_than_the_refresh_interval_after_it_w
         assert store.unbind("s1")
         store.bind("s1", "agent-1", ttl=2)
     else:
-        assert SessionStore().touch("s1", ttl=2) == "agent-1"  # another client: its own throttle
+        other = mcp_redis.Client(redis_url=redis_url, database_url=pg_database.url)
+        try:
+            assert SessionStore(client=other).touch("s1", ttl=2) == "agent-1"  # another client, another throttle
+        finally:
+            other.close()
     assert pg_seconds_left(pg_database, "s1") <= 2
     assert store.touch("s1", ttl=600) == "agent-1"
     assert client.pttl(binding_key("s1")) > 590_000
@@ -623,6 +627,75 @@ def test_redis_only_a_touch_with_a_longer_ttl_keeps_the_index_alive_as_long_as_t
     assert store.touch("s1", ttl=600) == "agent-1"
     assert client.pttl(binding_key("s1")) > 590_000
     assert client.pttl(INDEX_KEY) > 590_000  # was 2 s: the index went first, sessions_for missed it
+    assert store.sessions_for("agent-1") == ["s1"]
+
+
+def test_a_refresh_that_could_not_read_redis_is_made_by_the_next_touch(
+        redis_server: RedisServer, database_url: str, pg_database: PostgresDatabase) -> None:
+    """The refresh reads what Redis has left with the row locked; when that read fails it leaves
+    PostgreSQL's expiry as it was, and the next touch must try again (it was counted as done:
+    PostgreSQL lagged by up to twice the interval, expired while Redis served the binding)."""
+    import redis
+
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url, socket_timeout=0.5,
+                            retry_attempts=1, breaker_failure_threshold=100)
+        store = SessionStore(refresh_interval=150)
+        store.bind("s1", "agent-1", ttl=60)
+        assert store.touch("s1", ttl=60) == "agent-1"  # every script loaded (none sent in full below)
+        store.bind("s1", "agent-1", ttl=60)
+        proxy.swallow_requests(b"PTTL")  # the refresh's read of the binding's time left goes unanswered
+        assert store.touch("s1", ttl=600) == "agent-1"
+        assert pg_seconds_left(pg_database, "s1") < 61  # left as it was
+        assert METRICS.counter("session_refresh_missed_total") == 1
+        proxy.swallow_requests(None)
+        assert store.touch("s1", ttl=600) == "agent-1"  # tries again
+        assert pg_seconds_left(pg_database, "s1") > 590
+        assert redis.Redis(port=redis_server.port).pttl(binding_key("s1")) > 590_000
+
+
+def test_a_refresh_that_waited_on_the_row_lock_writes_redis_expiry_not_one_early_by_the_wait(
+        write_through: SessionStore, redis_url: str, pg_database: PostgresDatabase) -> None:
+    import redis
+
+    mcp_redis.configure(redis_url=redis_url, database_url=pg_database.url, postgres_timeout=6)
+    store = SessionStore(refresh_interval=150)
+    store.bind("s1", "agent-1", ttl=600)
+    locked, let_go = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        conn = psycopg2.connect(pg_database.dsn)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM mcp_redis.sessions WHERE session_key = %s FOR UPDATE",
+                            (encode_id("s1"),))
+                locked.set()
+                let_go.wait(10)
+        finally:
+            conn.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    assert locked.wait(10)
+    threading.Timer(1.5, let_go.set).start()
+    assert store.touch("s1", ttl=600) == "agent-1"  # due: waits 1.5 s for the row
+    holder.join(10)
+    redis_left = redis.Redis.from_url(redis_url).pttl(binding_key("s1")) / 1000
+    assert abs(redis_left - pg_seconds_left(pg_database, "s1")) < 0.5  # was 1.5 s early
+
+
+def test_redis_only_a_rebind_with_a_shorter_ttl_then_a_longer_touch_refreshes_the_index(
+        redis_only: SessionStore, redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = SessionStore(refresh_interval=150)
+    store.bind("s1", "agent-1", ttl=1)
+    assert store.touch("s1", ttl=600) == "agent-1"
+    assert store.unbind("s1")  # the index's last member: the index goes
+    store.bind("s1", "agent-1", ttl=1)  # ... and comes back for a 1 s binding
+    assert store.touch("s1", ttl=600) == "agent-1"
+    assert client.pttl(INDEX_KEY) > 590_000  # was 2 s
     assert store.sessions_for("agent-1") == ["s1"]
 
 
