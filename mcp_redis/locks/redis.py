@@ -366,7 +366,7 @@ class RedisBackend(Backend):
                             [([hold.keys.lock], [hold.token, ms(hold.lease), "1"]) for hold in holds])
         done: List[Optional[bool]] = []
         for hold, reply in zip(holds, replies):
-            if isinstance(reply, BaseException):  # NOSCRIPT (a restarted server), or refused
+            if isinstance(reply, BaseException):  # an error reply (READONLY, OOM...): renewed on its own
                 done.append(None)
                 continue
             if reply:

@@ -370,7 +370,7 @@ class Watchdog:
                 self._not_renewed(hold, exc)
             return
         for hold, ok in zip(holds, done):
-            if ok is None:  # an error of its own (NOSCRIPT: a restarted server): on its own
+            if ok is None:  # an error reply of its own (READONLY, OOM...): on its own, through the policy
                 self._extend(hold)
             elif ok:
                 self._renewed(hold, started)
