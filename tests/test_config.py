@@ -68,6 +68,16 @@ def test_redis_switch_without_url_and_postgres_without_dsn_are_errors() -> None:
         settings().mode("rate_limits")
 
 
+def test_configure_calls_add_up_and_reset_configuration_goes_back_to_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_SESSION_TTL", "60")
+    mcp_redis.configure(session_ttl=10)
+    mcp_redis.configure(metadata_ttl=20)  # names another setting: session_ttl keeps 10
+    assert (settings().session_ttl, settings().metadata_ttl) == (10, 20)
+    mcp_redis.reset(configuration=True)
+    assert settings().session_ttl == 60
+
+
 def test_reset_configuration_forgets_overrides() -> None:
     mcp_redis.configure(session_ttl=5)
     mcp_redis.reset()
