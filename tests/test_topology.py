@@ -502,6 +502,39 @@ def test_a_dead_master_does_not_stop_the_renewals_of_locks_held_on_the_other_mas
             client.close()
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_on_a_cluster_a_node_that_stops_right_after_the_session_index_write_leaves_it_with_a_ttl(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index lives in a slot of its own. Written as ZADD, then PTTL and PEXPIRE, a node that
+    stopped answering after the ZADD left the index without a TTL for good (a reviewer, by
+    SIGSTOP). Here the index's node is stopped for 4 s right after the first command on the
+    index returns: the index must have its TTL, whatever the bind raised."""
+    from redis.cluster import RedisCluster
+
+    index = "mcp:session_index:{all}"
+    with ClusterTopology(masters=3, replicas=0) as cluster:
+        owner = cluster.owner_of(index)
+        mcp_redis.configure(redis_url=cluster.url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_attempts=2)
+        execute, armed = RedisCluster.execute_command, [True]
+
+        def stop_after_the_index_write(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = execute(self, *args, **kwargs)
+            if armed[0] and any(a == index for a in args):
+                armed[0] = False
+                owner.pause()
+                threading.Timer(4.0, owner.resume).start()
+            return out
+
+        monkeypatch.setattr(RedisCluster, "execute_command", stop_after_the_index_write)
+        try:
+            mcp_redis.SessionStore().bind("stopped", "agent-1", ttl=60)
+        except mcp_redis.BackendUnavailable:
+            pass
+        wait_for(lambda: owner.client().ping(), 10, what="the node to answer again")
+        assert 0 < owner.client().pttl(index) <= 120_000  # was -1: for ever
+
+
 def test_keys_with_one_hash_tag_share_a_slot_for_multi_and_lua(cluster_topology: ClusterTopology) -> None:
     mcp_redis.configure(redis_url=cluster_topology.url)
     conn = get_redis()

@@ -102,6 +102,7 @@ class RedisTier:
         register = conn.script
         self._bind = register("session_bind")
         self._unindex = register("session_unindex")
+        self._index = register("session_index")
         self._unbind = register("session_unbind")
         self._touch = register("session_touch")
         self._forget = register("session_forget")
@@ -232,9 +233,9 @@ class RedisTier:
                        ttl_ms: int) -> None:
         """Cluster: the binding's slot is written; now the index's (a concurrent rebind may slip in
         between: readers verify every entry, so the worst case is an entry swept later)."""
-        call(self.client.zadd, self.index, {self.member(agent_id, session_key): 0})
-        if int(call(self.client.pttl, self.index)) < 2 * ttl_ms:  # as session_bind.lua
-            call(self.client.pexpire, self.index, 2 * ttl_ms)
+        # One script on the index's slot: ZADD then PEXPIRE as two commands left the index without
+        # a TTL when its node stopped answering between them.
+        call(self._index, keys=[self.index], args=[self.member(agent_id, session_key), 2 * ttl_ms])
         was = agent_of(old)
         if was is not None and was != agent_id:
             self.drop_entries([(self.member(was, session_key).decode("utf-8", "surrogatepass"), session_key)],
