@@ -51,7 +51,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, Type
 
 from .client import Client, resolve
 from .config import Mode
-from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, LockNotOwned, RateLimitExceeded
+from .errors import InvalidArgument, InvalidArgumentType, LockNotOwned, RateLimitExceeded
 from .keys import validate_id
 from .locks import DistributedLock, _check_seconds, _in_event_loop
 from .locks.legacyfile import LegacyFileLock, clean_stale
@@ -110,7 +110,7 @@ class _AgentLock(DistributedLock):
 class _Acquisition:
     """One acquire call of the compat manager: the synchronous core of both variants."""
 
-    __slots__ = ("manager", "agent_id", "timeout", "max_retries", "queued", "_file", "_lock")
+    __slots__ = ("manager", "agent_id", "timeout", "max_retries", "_file", "_lock")
 
     def __init__(self, manager: StateLockManager, agent_id: str, timeout: object, max_retries: object) -> None:
         self.manager = manager
@@ -123,8 +123,6 @@ class _Acquisition:
         if not 1 <= max_retries <= 100:
             raise InvalidArgument("max_retries", f"must be between 1 and 100, got {max_retries!r}")
         self.max_retries = max_retries
-        # The async variant: the gate its time last ran out in (`_Gate.outage` then tells why).
-        self.queued: Optional[_Gate] = None
         self._file: Optional[LegacyFileLock] = None
         if resolve(None).mode("locks") is Mode.LOCAL:
             _check_file_name(self.agent_id, manager.lock_dir)
@@ -249,16 +247,13 @@ class _Gate:
     handed to the next waiter in order when that attempt ends (never free in between, so a
     newcomer cannot pass the queue); a waiter waits within its own time."""
 
-    __slots__ = ("held", "waiters", "current", "outage")
+    __slots__ = ("held", "waiters", "current")
 
     def __init__(self) -> None:
         self.held = False
         self.waiters: Deque[asyncio.Future[None]] = collections.deque()
         # The holder's attempt in its worker thread, until the loop hears it ended.
         self.current: Optional[Tuple[concurrent.futures.Future[bool], _Acquisition]] = None
-        # The last attempt's `BackendUnavailable` (None: it answered): what a waiter whose time
-        # ran out in the queue behind it was kept from, rather than "another process".
-        self.outage: Optional[BackendUnavailable] = None
 
     async def enter(self, loop: asyncio.AbstractEventLoop, wait: float) -> bool:
         """True once this task holds the gate; False when `wait` seconds ran out first."""
@@ -349,7 +344,6 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition,
     finally:
         forget_if_idle()
     if not entered:
-        core.queued = gate
         return None
     try:
         in_thread = attempt(time.monotonic() + max(0.0, deadline - loop.time()))
@@ -361,8 +355,6 @@ async def _through_gate(loop: asyncio.AbstractEventLoop, core: _Acquisition,
 
     def pass_on() -> None:
         gate.current = None
-        failed = None if in_thread.cancelled() else in_thread.exception()
-        gate.outage = failed if isinstance(failed, BackendUnavailable) else None
         gate.leave()
         forget_if_idle()
 
@@ -503,7 +495,6 @@ class _AsyncAgentLock:
 
     async def __aenter__(self) -> None:
         core = self._core
-        core.queued = None
         loop = asyncio.get_running_loop()
         started: List[concurrent.futures.Future[bool]] = []
         deadlines: List[float] = []
@@ -533,11 +524,6 @@ class _AsyncAgentLock:
                 # The worker's `between`; none when the attempt never ran (dropped unrun, or its
                 # time ran out in the queue): the plain backoff, its cleanup left to the next.
                 await asyncio.sleep(pauses[0] if pauses else BACKOFF * float(2 ** attempt_no))
-        outage = None if core.queued is None else core.queued.outage
-        if outage is not None:  # kept in the queue behind an attempt that could not reach the backend
-            raise BackendUnavailable(
-                f"lock of agent {core.agent_id!r}: not attempted within {core.timeout}s, queued behind "
-                "attempts of this event loop that could not reach the lock's backend") from outage
         raise core.timed_out()
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc_value: Optional[BaseException],

@@ -587,29 +587,6 @@ def test_a_grant_made_while_its_loop_is_stopped_is_given_back_and_the_task_tries
         loop.close()
 
 
-def test_waiters_queued_behind_an_attempt_that_could_not_reach_redis_say_so(redis_server: Any,
-                                                                              tmp_path: Path) -> None:
-    """Redis unreachable: the task at the head of one loop's queue raises BackendUnavailable, as a
-    thread does; those whose time ran out queued behind it raised TimeoutError blaming "another
-    process" (a lock conflict that was not there)."""
-    from mcp_redis.testing.faultproxy import FaultProxy
-
-    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        mcp_redis.configure(redis_url=proxy.url(), locks="redis", socket_timeout=0.3, retry_attempts=1)
-        manager = StateLockManager(lock_dir=tmp_path)
-        proxy.blackhole()
-
-        async def waiter() -> None:
-            async with manager.acquire_agent_lock_async("unreachable", timeout=0.5, max_retries=1):
-                pytest.fail("entered with Redis unreachable")
-
-        async def main() -> List[BaseException]:
-            return await asyncio.gather(*(waiter() for _ in range(5)), return_exceptions=True)
-
-        errors = asyncio.run(main())
-        assert [type(e) for e in errors if not isinstance(e, mcp_redis.BackendUnavailable)] == []
-
-
 # -- the legacy call pattern, 4 processes x 4 threads, around a PostgreSQL row -----------------------
 @pytest.mark.slow
 def test_legacy_call_pattern_in_four_processes_loses_no_update(backend: Dict[str, Any], database_url: str,
