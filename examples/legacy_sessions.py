@@ -111,8 +111,10 @@ _TOUCH_AGENT = """
 UPDATE core.sessions s SET expires_at = clock_timestamp() + %s * interval '1 millisecond', last_active = now()
 FROM core.identities i
 WHERE s.session_id = %s AND s.is_active AND i.identity_id = s.identity_id AND i.agent_id = %s
-RETURNING true
+RETURNING clock_timestamp()
 """
+# The refresh's cap: the time the touch wrote (read before Redis's time left) plus that time left.
+_EXPIRE_FROM = "UPDATE core.sessions SET expires_at = %s + %s * interval '1 millisecond' WHERE session_id = %s"
 _FLAG_PENDING = """
 UPDATE core.sessions SET metadata = metadata || '{"mcp_redis_pending": true}'::jsonb WHERE session_id = %s
 """
@@ -385,15 +387,16 @@ class LegacySessionsSource:
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
                 cur.execute(_TOUCH_AGENT, (ttl_ms, key, agent_id))
-                if cur.fetchone() is None:
+                row = cur.fetchone()
+                if row is None:
                     return True
                 try:
                     left = redis_left()
                 except BackendUnavailable:
                     conn.rollback()
                     return False
-                if left is not None and left < ttl_ms:
-                    cur.execute(_TOUCH_AGENT, (max(left, 0), key, agent_id))
+                if left is not None and left <= ttl_ms:
+                    cur.execute(_EXPIRE_FROM, (row[0], max(left, 0), key))
             return True
 
         if not self._call(run):  # the refresh is still to be made: the next touch tries again

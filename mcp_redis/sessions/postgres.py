@@ -72,13 +72,14 @@ _PG_EXTEND = "UPDATE {schema}.sessions SET expires_at = now() + %s * interval '1
 # No "expires_at > now()": the caller just read the binding live from Redis, so a row
 # that expired in PostgreSQL meanwhile (its refresh missed while PostgreSQL was down)
 # catches up; a row unbound or rebound meanwhile no longer names the agent.
-# clock_timestamp(), not now() (the transaction's start): a touch that waited on the row lock,
-# then read what Redis has left, must not write an expiry early by the wait.
+# clock_timestamp(), not now() (the transaction's start): a touch that waited on the row lock
+# must not write an expiry early by the wait. It returns that time: the refresh then caps the
+# expiry at it plus what Redis has left, read after it (so never past Redis's expiry).
 _PG_TOUCH_AGENT = """
 UPDATE {schema}.sessions SET expires_at = clock_timestamp() + %s * interval '1 millisecond', updated_at = now(),
     record = record || jsonb_build_object('last_active', NOW_S)
 WHERE session_key = %s AND agent_id = %s
-RETURNING true
+RETURNING clock_timestamp()
 """.replace("NOW_S", _NOW_S)
 # The same, given the bind Redis holds (agent, bound_at, bind_count; a record of {} reads as
 # bound at created_at, count 1, as `records.from_json` reads it): a live row of the agent is
@@ -86,17 +87,20 @@ RETURNING true
 # bind: never from a newer bind of its agent still in flight, whose COMMIT may yet fail (Redis
 # then forgets that bind, and read repair would serve the old row again), nor from an older
 # one Redis still holds (a pending row, written while Redis was unreachable, has ended).
-_PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING true", """
+_PG_TOUCH_BIND = _PG_TOUCH_AGENT.replace("RETURNING clock_timestamp()", """
     AND (expires_at > now()
          OR (COALESCE(NULLIF((record ->> 'bound_at')::bigint, 0), floor(extract(epoch FROM created_at))::bigint) = %s
              AND COALESCE(NULLIF((record ->> 'bind_count')::bigint, 0), 1) = %s))
-RETURNING true""")
+RETURNING clock_timestamp()""")
 # The same for a bare agent id in Redis (the layout before records: no bind to compare, and never
 # a write in flight), but an expired pending row is newer than it (written while Redis was
 # unreachable) and has ended, as `_PG_TOUCH_BIND` leaves it.
-_PG_TOUCH_BARE = _PG_TOUCH_AGENT.replace("RETURNING true", """
+_PG_TOUCH_BARE = _PG_TOUCH_AGENT.replace("RETURNING clock_timestamp()", """
     AND (expires_at > now() OR NOT redis_pending)
-RETURNING true""")
+RETURNING clock_timestamp()""")
+_PG_EXPIRE_FROM = """
+UPDATE {schema}.sessions SET expires_at = %s + %s * interval '1 millisecond' WHERE session_key = %s
+"""
 _PG_FLAG_PENDING = "UPDATE {schema}.sessions SET redis_pending = true WHERE session_key = %s"
 _PG_DELETE = "DELETE FROM {schema}.sessions WHERE session_key = %s RETURNING expires_at > now()"
 # A tombstone: an already-expired row flagged for replay, so Redis forgets the key.
@@ -217,20 +221,21 @@ class PostgresBackend:
         return None if row is None else _from_utf8(row[0])
 
     def _touch_bind(self, key: str, agent_id: str,
-                    bind: Optional[Tuple[int, int]]) -> Callable[[Any, int], bool]:
+                    bind: Optional[Tuple[int, int]]) -> Callable[[Any, int], Any]:
         """``touch(cursor, ttl_ms)``: the row's expiry to `ttl_ms` from now while it binds
         `agent_id` and is live or, past its expiry, is `bind` (``bound_at``, ``bind_count``:
-        the bind Redis holds; None: a bare agent id there, and the row is not pending); True
-        if so."""
+        the bind Redis holds; None: a bare agent id there, and the row is not pending); if so,
+        the time it was written (``clock_timestamp()``), else None."""
         args: Tuple[Any, ...] = (key, _utf8(agent_id))
         if bind is None:
             statement = self.pg.sql(_PG_TOUCH_BARE)
         else:
             statement, args = self.pg.sql(_PG_TOUCH_BIND), (*args, *bind)
 
-        def touch(cur: Any, ttl_ms: int) -> bool:
+        def touch(cur: Any, ttl_ms: int) -> Any:
             cur.execute(statement, (ttl_ms, *args))
-            return cur.fetchone() is not None
+            row = cur.fetchone()
+            return None if row is None else row[0]  # when it was written (PostgreSQL's clock)
 
         return touch
 
@@ -246,19 +251,21 @@ class PostgresBackend:
         refresh is rolled back: PostgreSQL keeps its earlier expiry (errs early),
         and `BackendUnavailable` tells the caller the refresh is still to be made.
         """
-        touch = self._touch_bind(encode_id(session_key), agent_id, bind)
+        key = encode_id(session_key)
+        touch = self._touch_bind(key, agent_id, bind)
 
         def run() -> bool:
             with self.pg.connection() as conn, conn.cursor() as cur:
-                if not touch(cur, ttl_ms):
+                written = touch(cur, ttl_ms)
+                if written is None:
                     return True
                 try:
-                    left = redis_left()
+                    left = redis_left()  # read after `written`: `written` + left is not past Redis's
                 except BackendUnavailable:
                     conn.rollback()
                     return False
-                if left is not None and left < ttl_ms:
-                    touch(cur, max(left, 0))
+                if left is not None and left <= ttl_ms:  # (longer: a touch since extended Redis)
+                    cur.execute(self.pg.sql(_PG_EXPIRE_FROM), (written, max(left, 0), key))
             return True
 
         self.pg.ensure_schema()

@@ -684,6 +684,30 @@ def test_a_refresh_that_waited_on_the_row_lock_writes_redis_expiry_not_one_early
     assert abs(redis_left - pg_seconds_left(pg_database, "s1")) < 0.5  # was 1.5 s early
 
 
+def test_a_refresh_over_a_slow_link_never_sets_postgres_expiry_past_redis(
+        redis_server: RedisServer, database_url: str, pg_database: PostgresDatabase) -> None:
+    """The refresh caps PostgreSQL's expiry at what Redis has left, read with the row locked. Added
+    to the time of the write after the read (`clock_timestamp()` there), the cap ran past Redis's
+    expiry by the read's trip, and `get` read the binding back from PostgreSQL after Redis had
+    let it go. It counts from the touch's own write, made before the read."""
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url)
+        store = SessionStore(refresh_interval=150)
+        store.bind("s1", "agent-1", ttl=60)
+        proxy.add_latency(0.3)
+        assert store.touch("s1", ttl=600) == "agent-1"  # due: capped at Redis's time left
+        proxy.add_latency(0)
+    redis_expires_ms = redis_server.client().pexpiretime(binding_key("s1"))
+    conn = psycopg2.connect(pg_database.dsn)
+    try:
+        with conn.cursor() as cur:  # (both servers on this machine's clock)
+            cur.execute("SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM mcp_redis.sessions")
+            pg_expires_ms = cur.fetchone()[0]
+    finally:
+        conn.close()
+    assert pg_expires_ms <= redis_expires_ms, pg_expires_ms - redis_expires_ms  # was 300 ms past it
+
+
 def test_redis_only_a_rebind_with_a_shorter_ttl_then_a_longer_touch_refreshes_the_index(
         redis_only: SessionStore, redis_url: str) -> None:
     import redis
