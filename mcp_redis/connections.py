@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+import redis.client
+import redis.commands.core
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError
@@ -782,6 +784,24 @@ def _watch_master(ref: weakref.ref[WatchedSentinelPool], stop: threading.Event, 
 _EVENT_WAIT = 0.25  # longest sleep between reads of the subscriptions (TLS may buffer)
 
 
+class _RoutedScript(redis.commands.core.Script):
+    """A cluster's script. redis-py's answers ``NOSCRIPT`` with ``SCRIPT LOAD`` sent to every
+    master, so one master that stopped answering (SIGSTOP, a partition) held up a call to a
+    healthy one, and the lock watchdog with it (its liveness lapsed; its locks on the healthy
+    masters were taken over). This one answers it with ``EVAL``, routed by key like the
+    ``EVALSHA``: it loads the script on that node alone."""
+
+    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        client = self.registered_client if client is None else client
+        if isinstance(client, (redis.client.Pipeline, redis.cluster.ClusterPipeline)):
+            return super().__call__(keys, args, client)
+        keys, args = list(keys or ()), list(args or ())
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(self.script, len(keys), *keys, *args)
+
+
 class LazyCluster:
     """A `RedisCluster` built on first use, so a cluster that is down at start degrades like a single server.
 
@@ -848,9 +868,7 @@ class LazyCluster:
         return self._client.get_encoder() if self._client is not None else self._encoder
 
     def register_script(self, script: Any) -> Any:
-        from redis.commands.core import Script
-
-        return Script(self, script)  # type: ignore[arg-type]  # runs through this holder
+        return _RoutedScript(self, script)  # type: ignore[arg-type]  # runs through this holder
 
     def get_nodes(self) -> List[Any]:
         return self._client.get_nodes() if self._client is not None else []

@@ -183,6 +183,11 @@ class Backend:
         """Which of `extend_all`'s batches `hold` goes in (one connection's holds)."""
         return id(hold.handle)
 
+    def batch_apart(self, hold: Hold) -> bool:
+        """Whether `hold`'s batch is renewed in a thread of its own (a cluster's: one master
+        that stops answering must not stop the renewals and liveness beats of the others)."""
+        return False
+
     def owned(self, hold: Hold) -> bool:
         """True while `hold` is still the lock's holder."""
         return not hold.is_lost

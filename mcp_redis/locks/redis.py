@@ -386,6 +386,9 @@ class RedisBackend(Backend):
         except Exception:  # the slot's master is not known now: renewed with the others unknown
             return id(conn), None
 
+    def batch_apart(self, hold: Hold) -> bool:
+        return bool(hold.handle.is_cluster)
+
     def owned(self, hold: Hold) -> bool:
         conn: RedisConnection = hold.handle
         return bool(conn.call(conn.client.get, hold.keys.lock) == hold.token)

@@ -125,7 +125,10 @@ class Watchdog:
                 if self._closed:
                     return
                 now = time.monotonic()
-                due = [h for h in self._holds.values() if h.next_renewal <= now]
+                # Batched holds due within the next thirtieth of their lease (at most a second) come
+                # along: a batch every so often, not a round trip (or a thread) per hold as it falls due.
+                due = [h for h in self._holds.values()
+                       if h.next_renewal <= now + (min(h.lease / 30, 1.0) if h.backend.renews_in_batches else 0.0)]
                 beats = self._due_beats(now)
                 releases = [h for at, h in self._releases.values() if at <= now]
                 if not due and not beats and not releases:
@@ -159,7 +162,11 @@ class Watchdog:
             for holds in batches.values():
                 for start in range(0, len(holds), _CHECK_BATCH):  # one round trip per batch, beats between
                     self._beat_due()
-                    self._renew_all(holds[start:start + _CHECK_BATCH])
+                    part = holds[start:start + _CHECK_BATCH]
+                    if part[0].backend.batch_apart(part[0]):
+                        self._renew_batch_apart(part)
+                    else:
+                        self._renew_all(part)
             for hold in releases:
                 self._beat_due()
                 self._retry_release(hold)
@@ -176,6 +183,36 @@ class Watchdog:
             log.exception("lock: watchdog renewal crashed")
             for hold in holds:
                 hold.next_renewal = time.monotonic() + min(hold.lease / 10, 0.5)
+
+    def _renew_batch_apart(self, holds: List[Hold]) -> None:
+        """Renew a batch in a thread of its own (a cluster master's: one that stopped answering,
+        SIGSTOP or a partition, held this thread for the socket timeout and its retries, and the
+        process's liveness lapsed on a healthy master: its locks there were taken over). One
+        renewal per hold at a time; a hold still in one past its lease is lost."""
+        now = time.monotonic()
+        todo = []
+        for hold in holds:
+            hold.next_renewal = now + min(hold.lease / 10, 0.5)  # looked at again shortly
+            if hold.checking:
+                if now >= hold.expires_at:  # stuck past its lease: another holder may be in already
+                    self._lost(hold)
+                continue
+            hold.checking = True
+            todo.append(hold)
+        if not todo:
+            return
+
+        def renew(batch: List[Hold]) -> None:
+            try:
+                self._renew_all(batch)
+            finally:
+                for hold in batch:
+                    hold.checking = False
+            with self._cond:
+                if not self._closed:
+                    self._look_by(min(hold.next_renewal for hold in batch))
+
+        threading.Thread(target=renew, args=(todo,), name="mcp_redis-lock-renewal", daemon=True).start()
 
     def _retry_release(self, hold: Hold) -> None:
         if not _unbounded(hold):
