@@ -581,6 +581,18 @@ def _huge_calls(check: Callable[[], None] = lambda: None) -> Dict[str, Callable[
 
 
 
+def test_a_lease_never_runs_past_ten_years_however_many_extends_add_to_it(redis_url: str) -> None:
+    import redis
+
+    mcp_redis.configure(redis_url=redis_url)
+    ten_years = TEN_YEARS_MS / 1000
+    lock = mcp_redis.lock("ten-years", timeout=ten_years)
+    assert lock.acquire()
+    assert lock.extend(ten_years) and lock.extend(ten_years)  # each adds ten years to what is left
+    assert 0 < redis.Redis.from_url(redis_url).pttl(lock.key) <= TEN_YEARS_MS  # was 30 years
+    lock.release()
+
+
 @pytest.mark.parametrize("value", HUGE, ids=[repr(v)[:8] for v in HUGE])
 @pytest.mark.parametrize("entry", sorted(_huge_calls()))
 def test_huge_durations_are_rejected_or_bounded(witness: Witness,

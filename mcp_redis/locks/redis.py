@@ -21,6 +21,7 @@ import redis.exceptions as rex
 from ..connections import RedisConnection
 from ..metrics import METRICS
 from ..resilience import is_unblocked
+from ..validation import MAX_SECONDS
 from .base import Backend, Hold, LockKeys, ms
 from .postgres import _END_EPISODE, _LAST_FENCE, _RECORD_FENCE, advisory_key
 from .turns import FairTurns
@@ -352,7 +353,7 @@ class RedisBackend(Backend):
         if ok and replace:
             hold.expires_at = started + seconds
         elif ok:
-            hold.expires_at += seconds
+            hold.expires_at = min(hold.expires_at + seconds, started + MAX_SECONDS)  # as lock_extend.lua
         return ok
 
     def extend_all(self, holds: Sequence[Hold]) -> List[Optional[bool]]:

@@ -19,7 +19,7 @@ if ARGV[3] ~= '1' then
   end
   local left = redis.call('PTTL', KEYS[1])
   if left > 0 then
-    ms = ms + left
+    ms = math.min(ms + left, 315360000000) -- never past ten years, however many additions
   end
 end
 redis.call('PEXPIRE', KEYS[1], ms)
