@@ -136,15 +136,17 @@ DELETE FROM {schema}.sessions WHERE session_key IN (
 # or catches up with the binding Redis still has live (the same bind). A row written meanwhile
 # (rebound, touched, refreshed) no longer matches: neither statement touches it.
 _PG_EXPIRED_BATCH = """
-SELECT session_key, agent_id, record, floor(extract(epoch FROM created_at))::bigint
+SELECT session_key, agent_id, record, floor(extract(epoch FROM created_at))::bigint, clock_timestamp()
 FROM {schema}.sessions WHERE expires_at <= now() AND NOT redis_pending LIMIT %s
 """
 _PG_DELETE_EXPIRED = """
 DELETE FROM {schema}.sessions AS s USING unnest(%s::text[], %s::bytea[]) AS v(k, a)
 WHERE s.session_key = v.k AND s.agent_id = v.a AND s.expires_at <= now() AND NOT s.redis_pending
 """
+# Redis's time left counts from a time read before Redis was asked (the batch's read): from the
+# UPDATE's own now(), after the answer came back, the row ran past Redis's expiry by that trip.
 _PG_CATCH_UP = """
-UPDATE {schema}.sessions AS s SET expires_at = now() + v.ms * interval '1 millisecond'
+UPDATE {schema}.sessions AS s SET expires_at = %s + v.ms * interval '1 millisecond'
 FROM unnest(%s::text[], %s::bytea[], %s::bigint[]) AS v(k, a, ms)
 WHERE s.session_key = v.k AND s.agent_id = v.a AND s.expires_at <= now() AND NOT s.redis_pending
 """
@@ -509,8 +511,9 @@ class PostgresBackend:
                                               ([k for k, _ in gone], [a for _, a in gone])))
             caught_up = 0
             if live:
+                asked_after = min(row[4] for row in rows)  # PostgreSQL's time before Redis was asked
                 caught_up = int(self.pg.execute(self.pg.sql(_PG_CATCH_UP), (
-                    [k for k, _, _ in live], [a for _, a, _ in live], [n for _, _, n in live])))
+                    asked_after, [k for k, _, _ in live], [a for _, a, _ in live], [n for _, _, n in live])))
             total += deleted
             if len(rows) < batch or deleted + caught_up == 0:  # the last batch, or rows written meanwhile
                 return total

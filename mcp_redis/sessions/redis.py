@@ -412,29 +412,37 @@ class RefreshThrottle:
     """
 
     # How far what Redis had left may fall short of the expiry this process
-    # wrote before that counts as lowered (the touch's round trip, measured on
-    # two clocks; a false alarm costs one more rewrite, never a longer lag).
+    # wrote before that counts as lowered (clock reads; a false alarm costs one
+    # more rewrite, never a longer lag).
     SLACK = 0.05
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (session, agent) -> (monotonic time of the rewrite, the expiry it wrote, monotonic)
-        self._refreshed: OrderedDict[Tuple[str, str], Tuple[float, float]] = OrderedDict()
+        # (session, agent) -> (monotonic time of the rewrite, the expiry it wrote counted from
+        # then, and counted from when its touch was sent)
+        self._refreshed: OrderedDict[Tuple[str, str], Tuple[float, float, float]] = OrderedDict()
 
     def due(self, session_key: str, agent_id: str, interval: float, ttl: float,
-            left: Optional[float] = None) -> bool:
+            left: Optional[float] = None, sent: Optional[float] = None) -> bool:
         """Whether this touch (extending to `ttl` s; `left`: the s the binding had before,
-        None: not known) rewrites; if so, it is recorded as done (`missed` undoes that)."""
+        None: not known; `sent`: when the touch was sent, monotonic) rewrites; if so, it is
+        recorded as done (`missed` undoes that).
+
+        Lowered or not is judged from the expiry the rewrite's touch gave Redis counted from
+        when it was sent (not later than Redis's), and what the binding had left counted from
+        now (not earlier): a slow or jittery reply never reads as a lowered expiry, whereas
+        one lowered by more than the touch's round trip (plus `SLACK`) always does. Times
+        between rewrites count from the replies, as a touch's own did."""
         now = time.monotonic()
         key = (session_key, agent_id)
         with self._lock:
             last = self._refreshed.get(key)
             if last is not None:
-                at, written = last
+                at, written, floor = last
                 if (now - at < interval and now + ttl - written < interval
-                        and (left is None or now + left >= written - self.SLACK)):
+                        and (left is None or now + left >= floor - self.SLACK)):
                     return False
-            self._refreshed[key] = (now, now + ttl)
+            self._refreshed[key] = (now, now + ttl, (now if sent is None else sent) + ttl)
             self._refreshed.move_to_end(key)
             while len(self._refreshed) > 65_536:
                 self._refreshed.popitem(last=False)

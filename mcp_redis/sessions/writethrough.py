@@ -12,6 +12,7 @@ fall back to the Redis indexes while it is down.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import BackendUnavailable
@@ -143,6 +144,7 @@ class WriteThroughBackend:
         rewritten at most every refresh interval, a missed rewrite retried by the next
         touch; a shorter ttl reaches the source first (see `SessionStore.touch`)."""
         tier, source = self.tier, self.source
+        sent = time.monotonic()
         try:
             found = tier.touch(session_key, ttl_ms)
         except BackendUnavailable:
@@ -167,7 +169,7 @@ class WriteThroughBackend:
                 shortened = source.shorten_through(session_key, bound, ttl_ms, shorten)
             return bound if shortened else None  # None: unbound or rebound meanwhile
         had = None if found.left_ms is None else found.left_ms / 1000.0
-        if self.throttle.due(session_key, bound, interval, ttl_ms / 1000.0, had):
+        if self.throttle.due(session_key, bound, interval, ttl_ms / 1000.0, had, sent):
             METRICS.inc("session_touch_refresh_total")
             try:
                 tier.refresh_index(session_key, bound, ttl_ms, keep_bare=True)

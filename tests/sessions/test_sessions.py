@@ -684,6 +684,17 @@ def test_a_refresh_that_waited_on_the_row_lock_writes_redis_expiry_not_one_early
     assert abs(redis_left - pg_seconds_left(pg_database, "s1")) < 0.5  # was 1.5 s early
 
 
+def _pg_expires_ms(pg: PostgresDatabase, session_key: str) -> int:
+    conn = psycopg2.connect(pg.dsn)
+    try:
+        with conn.cursor() as cur:  # (PostgreSQL and Redis on this machine's clock)
+            cur.execute("SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM mcp_redis.sessions "
+                        "WHERE session_key = %s", (encode_id(session_key),))
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
 def test_a_refresh_over_a_slow_link_never_sets_postgres_expiry_past_redis(
         redis_server: RedisServer, database_url: str, pg_database: PostgresDatabase) -> None:
     """The refresh caps PostgreSQL's expiry at what Redis has left, read with the row locked. Added
@@ -698,14 +709,27 @@ def test_a_refresh_over_a_slow_link_never_sets_postgres_expiry_past_redis(
         assert store.touch("s1", ttl=600) == "agent-1"  # due: capped at Redis's time left
         proxy.add_latency(0)
     redis_expires_ms = redis_server.client().pexpiretime(binding_key("s1"))
-    conn = psycopg2.connect(pg_database.dsn)
-    try:
-        with conn.cursor() as cur:  # (both servers on this machine's clock)
-            cur.execute("SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM mcp_redis.sessions")
-            pg_expires_ms = cur.fetchone()[0]
-    finally:
-        conn.close()
+    pg_expires_ms = _pg_expires_ms(pg_database, "s1")
     assert pg_expires_ms <= redis_expires_ms, pg_expires_ms - redis_expires_ms  # was 300 ms past it
+
+
+def test_cleanup_catching_a_row_up_over_a_slow_link_never_sets_postgres_expiry_past_redis(
+        redis_server: RedisServer, database_url: str, pg_database: PostgresDatabase) -> None:
+    """A row past its expiry whose binding Redis still has catches up with Redis's time left.
+    Counted from the UPDATE's now(), after Redis's answer came back, it ran past Redis's expiry by
+    that trip (a reviewer: 805 ms over a slow link, and `get` read the binding back from
+    PostgreSQL after Redis let it go); it counts from a time read before Redis was asked."""
+    with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        mcp_redis.configure(redis_url=proxy.url(), database_url=database_url)
+        store = SessionStore()
+        store.bind("s1", "agent-1", ttl=60)
+        pg_exec(pg_database, "UPDATE mcp_redis.sessions SET expires_at = now() - interval '1 second'")
+        proxy.add_latency(0.3)
+        mcp_redis.sessions.cleanup_expired()
+        proxy.add_latency(0)
+    redis_expires_ms = redis_server.client().pexpiretime(binding_key("s1"))
+    pg_expires_ms = _pg_expires_ms(pg_database, "s1")
+    assert redis_expires_ms - 2_000 < pg_expires_ms <= redis_expires_ms, pg_expires_ms - redis_expires_ms
 
 
 def test_redis_only_a_rebind_with_a_shorter_ttl_then_a_longer_touch_refreshes_the_index(
@@ -796,3 +820,22 @@ def test_a_late_postgres_refresh_never_lengthens_past_a_shorter_touch_made_meanw
     assert pg_seconds_left(pg_database, "s1") <= 1
     wait_for(lambda: client.exists(binding_key("s1")) == 0, timeout=10, what="the binding to expire in Redis")
     assert write_through.get("s1") is None
+
+
+def test_the_refresh_throttle_reads_no_slow_reply_as_a_lowered_expiry_and_every_real_lowering_as_one() -> None:
+    """What the binding had left before a touch, against the expiry this client's last rewrite
+    gave it: a rewrite whose reply came 0.2 s after it was sent, then a touch answered at once,
+    read as "lowered by another process" and rewrote again within the interval (a reviewer: 8
+    rewrites in 6 s at a 1 s interval over a jittery link). A real lowering still rewrites."""
+    import time
+
+    from mcp_redis.sessions.redis import RefreshThrottle
+
+    throttle = RefreshThrottle()
+    sent = time.monotonic() - 0.2  # the rewrite's touch: sent 0.2 s ago, answered now
+    assert throttle.due("s1", "agent-1", 1.0, 60.0, left=None, sent=sent)
+    # The next touch, answered at once: Redis's expiry is still the one that touch gave it.
+    left = (sent + 60.0) - time.monotonic()
+    assert not throttle.due("s1", "agent-1", 1.0, 60.0, left=left, sent=time.monotonic())
+    # Another process shortened it to 2 s since: the next extending touch rewrites.
+    assert throttle.due("s1", "agent-1", 1.0, 60.0, left=2.0, sent=time.monotonic())
