@@ -206,7 +206,12 @@ def test_epochs_are_at_least_the_server_clock_in_ms_and_never_repeat(redis_mode:
     first = int(r.get(epoch_key))  # type: ignore[arg-type]
     sec, usec = r.time()
     assert before <= first <= sec * 1000 + usec // 1000
-    r.delete(epoch_key)  # as if it had expired
+    r.delete(epoch_key)  # as if it had expired: its TTL had passed, so the clock had moved on
+    def server_ms() -> int:
+        sec, usec = r.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    wait_for(lambda: server_ms() > first, 5, what="the server clock past the first epoch")
     load.invalidate("a1")
     second = int(r.get(epoch_key))  # type: ignore[arg-type]
     assert second > first
