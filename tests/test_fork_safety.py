@@ -20,11 +20,7 @@ import mcp_redis
 from mcp_redis import compat, config
 from mcp_redis.metrics import METRICS
 
-pytestmark = [
-    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
-    # Python 3.12+ warns on every fork of a process with threads: forking one is this module's point.
-    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
-]
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
 @mcp_redis.cached_metadata(ttl=60)
