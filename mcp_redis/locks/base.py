@@ -188,6 +188,11 @@ class Backend:
         that stops answering must not stop the renewals and liveness beats of the others)."""
         return False
 
+    def beats_apart(self) -> bool:
+        """Whether `heartbeat` runs in a thread of its own (a cluster's: the master holding the
+        liveness key may stop answering while the others, holding the locks, answer)."""
+        return False
+
     def owned(self, hold: Hold) -> bool:
         """True while `hold` is still the lock's holder."""
         return not hold.is_lost

@@ -363,8 +363,14 @@ class RedisBackend(Backend):
         conn: RedisConnection = holds[0].handle
         started = time.monotonic()
         script = conn.script("lock_extend")
-        replies = conn.call(conn.run_scripts, script,
-                            [([hold.keys.lock], [hold.token, ms(hold.lease), "1"]) for hold in holds])
+        calls = [([hold.keys.lock], [hold.token, ms(hold.lease), "1"]) for hold in holds]
+        if conn.is_cluster:
+            # One master's batch, in a thread of its own (`batch_apart`), past the client's one
+            # breaker: another master that stopped answering opens it, and a healthy master's
+            # holds must still be renewed (a failure raises here; the watchdog tries again).
+            replies = conn.run_scripts(script, calls)
+        else:
+            replies = conn.call(conn.run_scripts, script, calls)
         done: List[Optional[bool]] = []
         for hold, reply in zip(holds, replies):
             if isinstance(reply, BaseException):  # an error reply (READONLY, OOM...): renewed on its own
@@ -389,6 +395,9 @@ class RedisBackend(Backend):
 
     def batch_apart(self, hold: Hold) -> bool:
         return bool(hold.handle.is_cluster)
+
+    def beats_apart(self) -> bool:
+        return bool(self.client.redis("locks").is_cluster)
 
     def owned(self, hold: Hold) -> bool:
         conn: RedisConnection = hold.handle

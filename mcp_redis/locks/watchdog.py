@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 from ..errors import ConfigurationError
 from ..metrics import METRICS
@@ -50,6 +50,7 @@ class Watchdog:
         self._beats: Dict[int, Tuple[float, Backend]] = {}  # id(backend) -> (next beat (monotonic), backend)
         self._gaps_seen: Dict[int, float] = {}  # id(backend) -> the last liveness gap whose holds were checked
         self._releases: Dict[int, Tuple[float, Hold]] = {}  # id(hold) -> (next try (monotonic), hold)
+        self._beating: Set[int] = set()  # id(backend) of beats in threads of their own, in flight
 
     def add(self, hold: Hold, renew: bool = True) -> None:
         """Watch `hold` until `discard`: renew its lease (`renew`) and beat its backend's liveness.
@@ -204,7 +205,9 @@ class Watchdog:
 
         def renew(batch: List[Hold]) -> None:
             try:
-                self._renew_all(batch)
+                self._extend_all(batch)
+            except Exception:  # never let a renewal end without rescheduling
+                log.exception("lock: watchdog renewal crashed")
             finally:
                 for hold in batch:
                     hold.checking = False
@@ -243,13 +246,37 @@ class Watchdog:
         METRICS.inc("lock_release_total", backend=hold.backend.name,
                     outcome="released_late" if freed else "expired_unreleased")
 
-    @staticmethod
-    def _beat(backends: List[Backend]) -> None:
+    def _beat(self, backends: List[Backend]) -> None:
         for backend in backends:
+            if backend.beats_apart():
+                self._beat_apart(backend)
+            else:
+                self._beat_one(backend)
+
+    @staticmethod
+    def _beat_one(backend: Backend) -> None:
+        try:
+            backend.heartbeat()
+        except Exception:  # the next beat retries; holds are renewed (or lost) as usual
+            log.debug("lock: liveness heartbeat failed", exc_info=True)
+
+    def _beat_apart(self, backend: Backend) -> None:
+        """Beat in a thread of its own, one at a time (a cluster's liveness key may sit on a master
+        that stopped answering: this thread waited on it, and the renewals of the locks held on
+        the other masters, which answer, stopped until their leases ran out under their holders)."""
+        with self._cond:
+            if id(backend) in self._beating:
+                return
+            self._beating.add(id(backend))
+
+        def beat(_: Any) -> None:
             try:
-                backend.heartbeat()
-            except Exception:  # the next beat retries; holds are renewed (or lost) as usual
-                log.debug("lock: liveness heartbeat failed", exc_info=True)
+                self._beat_one(backend)
+            finally:
+                with self._cond:
+                    self._beating.discard(id(backend))
+
+        threading.Thread(target=beat, args=(None,), name="mcp_redis-lock-beat", daemon=True).start()
 
     def _beat_due(self) -> None:
         """Beat the backends whose beat is due now (between other work of this thread)."""
