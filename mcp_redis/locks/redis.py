@@ -368,7 +368,13 @@ class RedisBackend(Backend):
             # One master's batch, in a thread of its own (`batch_apart`), past the client's one
             # breaker: another master that stopped answering opens it, and a healthy master's
             # holds must still be renewed (a failure raises here; the watchdog tries again).
-            replies = conn.run_scripts(script, calls)
+            try:
+                replies = conn.run_scripts(script, calls)
+            except Exception as exc:
+                misconfigured = conn.misconfiguration(exc)  # as the policy names it (NOPERM...)
+                if misconfigured is not None:
+                    raise misconfigured from exc
+                raise
         else:
             replies = conn.call(conn.run_scripts, script, calls)
         done: List[Optional[bool]] = []
