@@ -364,7 +364,11 @@ class DistributedLock:
                 del _THREAD_HOLDS.holds[(rt, hold.keys.lock)]
         try:
             owned = hold.backend.release(hold)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            if hold.is_lost:  # known lost already: what the caller must hear, whatever the outage
+                METRICS.inc("lock_release_total", backend=hold.backend.name, outcome="not_owned")
+                raise _not_owned(f"lock {_shown(self.name)} was no longer owned at release: its lease "
+                                 "expired or was taken over") from exc
             if rt is not None and rt.pid == os.getpid():
                 rt.watchdog.release_later(hold)  # freed as soon as the backend answers again
             raise

@@ -345,6 +345,21 @@ def test_a_process_holding_many_locks_renews_them_in_batches_over_a_slow_link(
             hold.release()
 
 
+def test_releasing_a_hold_known_lost_raises_not_owned_even_while_redis_is_unreachable(
+        redis_server: RedisServer) -> None:
+    """API.md: releasing after the lease was lost raises LockNotOwned. A hold the watchdog had
+    already marked lost raised the outage's BackendUnavailable instead when Redis did not answer
+    the release (a reviewer, on a cluster with one master down)."""
+    with holder_and_other(redis_server, socket_timeout=0.3, retry_attempts=1,
+                          breaker_failure_threshold=1000) as (proxy, holder_client, _):
+        held = mcp_redis.agent_lock("lost-then-unreachable", timeout=1, client=holder_client)
+        assert held.acquire()
+        proxy.blackhole()  # renewals fail until the lease has ended: lost
+        assert held.lost_event.wait(10)
+        with pytest.raises(LockNotOwned):
+            held.release()
+
+
 def test_extend_retried_after_a_lost_reply_adds_the_time_once(lost_reply: FaultProxy,
                                                               redis_server: RedisServer) -> None:
     r = redis_server.client()
