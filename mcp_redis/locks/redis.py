@@ -125,19 +125,7 @@ class RedisBackend(Backend):
         """
         conn = self.client.redis("locks")
         started = time.monotonic()
-        if conn.is_cluster:
-            # In a thread of its own (`beats_apart`), past the client's one breaker: the masters
-            # that stopped answering open it, and the first beat after the liveness key's master
-            # failed over must reach the new one at once (waiters there see the key gone).
-            try:
-                conn.client.set(self._live_key, "1", px=ms(self._liveness_ttl))
-            except Exception as exc:
-                misconfigured = conn.misconfiguration(exc)
-                if misconfigured is not None:
-                    raise misconfigured from exc
-                raise
-        else:
-            conn.call(conn.client.set, self._live_key, "1", px=ms(self._liveness_ttl))
+        conn.call(conn.client.set, self._live_key, "1", px=ms(self._liveness_ttl))
         answered = time.monotonic()
         if answered >= self._live_until:
             self._live_gap_at = answered
