@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelConnectionPoolProxy
 
+from .batching import SharedTrips, forget_after_fork
 from .config import FEATURE_URLS, Settings, parse_host_list, redact_url, scrub, setting_variable, url_setting
 from .errors import ConfigurationError, ReadOnlyServer
 from .resilience import CircuitBreaker, Resilience, SentinelRefusal, WrongServerKind, redis_misconfiguration
@@ -73,6 +74,8 @@ class RedisConnection:
     variable: str = "REDIS_URL"
     # When READONLY was last logged (monotonic): once a minute at most.
     _readonly_logged: float = dataclasses.field(default=float("-inf"), repr=False, compare=False)
+    # The round trips the hot paths' calls share (a single server or a Sentinel master): see `trips`
+    _trips: Optional[SharedTrips] = dataclasses.field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"RedisConnection(kind={self.kind!r}, url={self.url!r}, policy={self.policy!r})"
@@ -118,15 +121,25 @@ class RedisConnection:
         """
         return redis_misconfiguration(exc, follows_failover=self.kind != "single", variable=self.variable)
 
+    @property
+    def trips(self) -> SharedTrips:
+        """The round trips this process's threads share (`mcp_redis.batching`); not for a cluster."""
+        trips = self._trips
+        if trips is None:
+            trips = self._trips = SharedTrips(self.client.connection_pool)
+        return trips
+
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a registered script (``client.register_script``) in one round trip.
 
         The hot path of locks and rate limits. On a single server or a
-        Sentinel master it writes ``EVALSHA`` on a connection borrowed from
-        redis-py's pool and reads the reply with redis-py's parser, skipping
-        only the client's per-command wrapper: its retry is off here anyway
-        (see the module doc), and its OpenTelemetry bookkeeping costs about
-        10 us a call, a tenth of a loopback round trip. The command's start
+        Sentinel master it sends ``EVALSHA`` through `trips` (alone at once,
+        or with the calls other threads made meanwhile: `mcp_redis.batching`)
+        on a connection borrowed from redis-py's pool, and reads the reply
+        with redis-py's parser, skipping only the client's per-command
+        wrapper: its retry is off here anyway (see the module doc), and its
+        OpenTelemetry bookkeeping costs about 10 us a call, a tenth of a
+        loopback round trip. The command's start
         (sha and keys) is packed once per key set: redis-py's packer does
         Python work per argument. The connection still health-checks, reconnects,
         and drops its socket on any error before it goes back to the pool.
@@ -135,15 +148,11 @@ class RedisConnection:
         script and runs it.
         """
         if not self.is_cluster:
-            pool = self.client.connection_pool
-            connection = pool.get_connection()
-            try:
-                connection.send_packed_command([self._pack_evalsha(connection.encoder, script.sha, keys, args)])
-                return connection.read_response()
-            except NoScriptError:
-                pass
-            finally:
-                pool.release(connection)
+            [reply] = self.trips.send(self._pack_evalsha(self._encoder, script.sha, keys, args), 1)
+            if not isinstance(reply, Exception):
+                return reply
+            if not isinstance(reply, NoScriptError):
+                raise reply
         return script(keys, args, self.client)
 
     def run_scripts(self, script: Any, calls: Sequence[Tuple[Sequence[str], Sequence[Any]]]) -> List[Any]:
@@ -170,13 +179,15 @@ class RedisConnection:
         """
         if self.is_cluster:
             return self.client.execute_command(*args)
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command([_pack(connection.encoder, args)])
-            return connection.read_response()
-        finally:
-            pool.release(connection)
+        [reply] = self.trips.send(_pack(self._encoder, args), 1)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def get(self, key: str) -> Optional[str]:
+        """``GET key`` the way `run_command` sends it (the hot reads of sessions and the cache)."""
+        value: Optional[str] = self.run_command("GET", key)
+        return value
 
     def run_command_and_script(self, command: Sequence[Any], script: Any, keys: Sequence[str],
                                args: Sequence[Any]) -> Tuple[Any, Any]:
@@ -189,24 +200,20 @@ class RedisConnection:
         """
         if self.is_cluster:
             return self.client.execute_command(*command), script(keys, args, self.client)
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command([_pack(connection.encoder, command)
-                                            + self._pack_evalsha(connection.encoder, script.sha, keys, args)])
-            try:
-                first = connection.read_response()
-            except redis.ResponseError as exc:
-                first = exc
-            try:
-                second = connection.read_response()
-            except NoScriptError:
-                second = None if isinstance(first, Exception) else script(keys, args, self.client)
-        finally:
-            pool.release(connection)
+        encoder = self._encoder
+        first, second = self.trips.send(_pack(encoder, command)
+                                        + self._pack_evalsha(encoder, script.sha, keys, args), 2)
         if isinstance(first, Exception):
             raise first
+        if isinstance(second, NoScriptError):
+            second = script(keys, args, self.client)
+        elif isinstance(second, Exception):
+            raise second
         return first, second
+
+    @property
+    def _encoder(self) -> Any:
+        return self.trips.encoder
 
     def _pack_evalsha(self, encoder: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
         """``EVALSHA sha len(keys) *keys *args`` in RESP, as redis-py's packer writes it."""
@@ -1237,6 +1244,7 @@ def _after_fork_in_child() -> None:
 
 
 def _at_fork_child() -> None:
+    forget_after_fork()
     _after_fork_in_child()
 
 

@@ -32,6 +32,7 @@ import redis.exceptions as rex
 from redis.sentinel import MasterNotFoundError
 from tenacity import RetryCallState, wait_exponential_jitter
 
+from .batching import shared_failure
 from .errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -391,7 +392,10 @@ class Resilience:
                     raise PoolExhausted(f"{name} pool exhausted: {exc}") from exc
                 if self.transient(exc):
                     metrics.inc("backend_failures_total", backend=name)
-                    breaker.record_failure()
+                    if shared_failure(exc):  # another call's trip: its sender's call counts it, once
+                        breaker.release_probe()
+                    else:
+                        breaker.record_failure()
                 elif isinstance(exc, Exception) and _server_answered(exc):
                     breaker.record_success()
                 else:

@@ -57,7 +57,7 @@ class RedisBackend:
 
     def get(self, key: str) -> Optional[str]:
         conn = self._conn or self.conn
-        return conn.call(conn.client.get, key)  # type: ignore[no-any-return]
+        return conn.call(conn.get, key)
 
     def get_all(self, keys: Sequence[str]) -> List[Optional[str]]:
         conn = self.conn

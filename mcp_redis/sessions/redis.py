@@ -91,7 +91,7 @@ class RedisTier:
         self.conn = conn
         self.client = conn.client
         self._policy = conn.policy
-        self._get = conn.client.get
+        self._get = conn.get  # shares round trips with the process's other threads
         self.ks = ks
         self.cluster = conn.is_cluster
         # The hot path joins this head and encode_id() itself: the very string
@@ -470,7 +470,7 @@ class RedisBackend:
         self.throttle = RefreshThrottle()
         # The hot path's parts, bound once: one GET through the policy.
         self._call = tier.conn.policy.call
-        self._get = tier.client.get
+        self._get = tier.conn.get
         self._head = tier.session_head
 
     def bind(self, session_key: str, agent_id: str, ttl_ms: int, timing: Timing, fields: str = "") -> None:
