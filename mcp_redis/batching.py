@@ -35,24 +35,32 @@ handed a reply to the wrong call). A thread interrupted while it waits
 leaves its call, which is then dropped if not yet sent.
 
 A call waits for the trips ahead of it (one per `MAX_CALLS` calls queued
-before it) and its own, each bounded by the socket timeout.
+before it) and its own, each bounded by the socket timeout. The hand-overs
+run to their end through further interruptions (`_settled`); one landing in
+the few instructions no Python code can guard can still lose the lead, and
+then a waiting call takes it over once no trip has begun for `stall_after`
+(the pool, connect and two socket timeouts: 10 s at the defaults).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import itertools
+import logging
 import threading
+import time
 import weakref
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import redis
 
 __all__ = ["SharedTrips", "shared_failure"]
 
-#: The most calls, and the most request bytes, one trip carries.
+log = logging.getLogger("mcp_redis.batching")
+
+#: The most calls one trip carries.
 MAX_CALLS = 128
-MAX_BYTES = 1 << 20
 
 
 #: The attribute that marks an exception as a copy of another call's failure.
@@ -65,7 +73,7 @@ def shared_failure(exc: BaseException) -> bool:
 
 
 class _Call:
-    __slots__ = ("data", "count", "got", "replies", "error", "lead", "started", "gone", "queued", "gate")
+    __slots__ = ("data", "count", "got", "replies", "error", "lead", "started", "gone", "gate")
 
     def __init__(self, data: bytes, count: int) -> None:
         self.data = data
@@ -76,15 +84,18 @@ class _Call:
         self.lead = False  # set when the call's thread is to send the next trip
         self.started = False  # its thread began to (the lead is then passed on when it ends)
         self.gone = False  # its thread stopped waiting
-        self.queued = False  # in the queue
         self.gate: Optional[Any] = None  # a held lock its thread waits on
 
 
 class SharedTrips:
     """Concurrent calls on one connection pool share round trips. Thread-safe."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, stall_after: float = 10.0) -> None:
         self._pool = pool
+        # Longer than any trip takes (a connection's wait, connect and replies): a lead
+        # older than this was lost (see `send`), and a waiting call takes it over.
+        self._stall_after = stall_after
+        self._lead_at = 0.0  # when the lead in force began (monotonic)
         self.encoder = pool.get_encoder()  # how the calls' arguments are packed
         self._lock = threading.Lock()
         self._queue: Deque[_Call] = collections.deque()
@@ -114,32 +125,70 @@ class SharedTrips:
                 if not self._busy:  # nothing in flight, so nothing queued: this call goes now, by itself
                     alone = True
                     self._busy = True
+                    self._lead_at = time.monotonic()
                     self._trips += 1
                     self._calls += 1
                 else:
                     call = _Call(data, count)
                     call.gate = gate = threading.Lock()
                     gate.acquire()
-                    call.queued = True
                     self._queue.append(call)
             if alone:
                 return self._alone(data, count)
-            gate.acquire()  # released once answered, or handed the lead
             assert call is not None
+            while not gate.acquire(timeout=self._stall_after):  # released once answered, or handed the lead
+                if self._take_over(call):
+                    break
             if call.lead:
                 self._lead(call)
         except BaseException:
             if call is not None:  # interrupted while it waited, or as it began to lead
-                with self._lock:
-                    call.gone = True
-                    handed = call.lead and not call.started
-                if handed:  # handed the lead before it began: pass it on
-                    self._pass_lead()
+                progress = _Progress()
+                _settled(lambda: self._leave(call, progress))
             raise
         finally:
             if alone:
-                self._pass_lead()
+                progress = _Progress()
+                _settled(lambda: self._pass_lead(progress))
         return _outcome(call)
+
+    def _take_over(self, call: _Call) -> bool:
+        """True when `call`, waiting on a lead that was lost, stops waiting.
+
+        A signal handler's exception (``KeyboardInterrupt``) landing in the
+        few instructions where a sending thread takes calls from the queue or
+        hands the lead on can lose the lead, which would leave every later
+        call of the process waiting. A call that has waited `stall_after`
+        without a trip beginning takes the lead if it is still queued; if it
+        was taken into the lost trip, it fails with a (marked)
+        ``ConnectionError``, its reply lost, and the policy retries it. (Were
+        the lead only slow, two trips go at once: harmless.)
+        """
+        with self._lock:
+            now = time.monotonic()
+            if now - self._lead_at < self._stall_after or call.replies is not None or call.error is not None:
+                return False
+            if call in self._queue:
+                self._queue.remove(call)
+                call.lead = True
+                self._busy = True
+                self._lead_at = now
+            else:
+                call.error = _mark(_interrupted())
+                if not self._queue:
+                    self._busy = False
+        log.warning("mcp_redis: a shared round trip's sending thread was interrupted as it took calls or "
+                    "handed the lead on; a waiting call stopped waiting after %.1f s", self._stall_after)
+        return True
+
+    def _leave(self, call: _Call, progress: _Progress) -> None:
+        """A waiting thread leaves (interrupted): its call is dropped if not sent yet, and a
+        lead handed to it before it began is passed on."""
+        with self._lock:
+            call.gone = True
+            handed = call.lead and not call.started
+        if handed:
+            self._pass_lead(progress)
 
     def _alone(self, data: bytes, count: int) -> List[Any]:
         """A trip of one call: no one else's replies to read or errors to share (redis-py drops
@@ -159,48 +208,68 @@ class SharedTrips:
             pool.release(connection)
 
     def _lead(self, own: _Call) -> None:
-        """Send `own` and the calls queued behind it (up to the caps) in one trip, answer
+        """Send `own` and the calls queued behind it (up to `MAX_CALLS`) in one trip, answer
         them, pass the lead on."""
-        own.started = True
         batch = [own]
+        began = False
         try:
-            size = len(own.data)
+            own.started = True
             with self._lock:
+                self._lead_at = time.monotonic()
                 queue = self._queue
-                while queue and len(batch) < MAX_CALLS and size < MAX_BYTES:
-                    call = queue.popleft()
-                    call.queued = False
-                    if not call.gone:
-                        batch.append(call)
-                        size += len(call.data)
+                n = min(len(queue), MAX_CALLS - 1)
+                if n:  # two steps in C: interrupted between them, the calls are in both
+                    batch.extend(itertools.islice(queue, n))
+                    self._queue = collections.deque(itertools.islice(queue, n, None))
                 self._trips += 1
                 self._calls += len(batch)
+            began = True
             self._trip(batch)
         finally:
-            for i, call in enumerate(batch):
-                if call.queued:  # put back, unsent: it goes in the next trip
-                    continue
-                if call.replies is None and call.error is None:  # interrupted before the trip began
-                    call.error = _mark(_interrupted())
-                if i:
-                    assert call.gate is not None
-                    call.gate.release()
-            self._pass_lead()
+            if own.started:  # else its thread passes the lead on (see `send`)
+                progress = _Progress()
+                _settled(lambda: self._finish(batch, began, progress))
 
-    def _pass_lead(self) -> None:
+    def _finish(self, batch: List[_Call], began: bool, progress: _Progress) -> None:
+        """After a trip: wake the calls it answered (or failed), put back those it did not send,
+        pass the lead on. Safe to run again after an interruption (`_settled`)."""
+        if not progress.answered:
+            with self._lock:
+                queue = self._queue
+                if not began:  # interrupted before the trip: the others go first in the next one
+                    queue.extendleft(reversed([call for call in batch[1:] if call not in queue]))
+                else:
+                    for call in batch[1:]:
+                        if call in queue:  # put back by `_trip`, unsent
+                            continue
+                        if call.replies is None and call.error is None:
+                            call.error = _mark(_interrupted())
+                        assert call.gate is not None
+                        if call.gate.locked():
+                            call.gate.release()
+            progress.answered = True
+        self._pass_lead(progress)
+
+    def _pass_lead(self, progress: _Progress) -> None:
+        """Hand the lead to the first call still waited on, else go idle (once per `progress`)."""
+        if progress.passed:
+            return
         with self._lock:
             queue = self._queue
             while queue:
                 call = queue.popleft()
-                call.queued = False
                 if not call.gone:
                     call.lead = True
                     assert call.gate is not None
                     call.gate.release()
+                    progress.passed = True  # (interrupted just before: a second leader, not a stall)
                     return
             self._busy = False
+            progress.passed = True
 
     def _trip(self, batch: List[_Call]) -> None:
+        own = batch[0]
+        batch = [own, *[call for call in batch[1:] if not call.gone]]  # a call left by its thread: not sent
         pool = self._pool
         connection = None
         sending = False
@@ -211,7 +280,7 @@ class SharedTrips:
                                             else b"".join([call.data for call in batch])])
             _read(connection, batch)
         except BaseException as exc:
-            own, others = batch[0], batch[1:]
+            others = batch[1:]
             if _broken(exc):  # the trip's failure: every call not answered shares it
                 if connection is not None:
                     connection.disconnect()
@@ -220,10 +289,8 @@ class SharedTrips:
                 return
             # The sending thread's own exception (an interruption, a signal handler's, a bug).
             own.error = exc
-            if not sending:  # nothing sent: the others go in the next trip
+            if not sending:  # nothing sent: the others go first in the next trip
                 with self._lock:
-                    for call in others:
-                        call.queued = True
                     self._queue.extendleft(reversed(others))
             else:
                 # Sent, in whole or in part: the replies not read are lost to their calls (a
@@ -244,6 +311,36 @@ class SharedTrips:
         self._queue = collections.deque()
         self._busy = False
         self._trips = self._calls = 0
+
+
+class _Progress:
+    """How far a cleanup got, so that running it again after an interruption repeats nothing."""
+
+    __slots__ = ("answered", "passed")
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.passed = False
+
+
+#: How many interruptions a cleanup outlasts before it gives up (a bug, not a signal storm).
+_RETRIES = 1000
+
+
+def _settled(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` (safe to repeat) to its end even when a signal handler raises into it
+    (``KeyboardInterrupt``, a SIGALRM timeout's exception): left half done, it would strand
+    every thread waiting for a trip. The first such exception is raised once it is done."""
+    pending: Optional[BaseException] = None
+    for _ in range(_RETRIES):
+        try:
+            cleanup()
+            break
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            if pending is None:
+                pending = exc
+    if pending is not None:
+        raise pending
 
 
 def _read(connection: Any, batch: List[_Call]) -> None:
@@ -267,7 +364,7 @@ def _broken(exc: BaseException) -> bool:
 
 def _fail(calls: List[_Call], exc: BaseException) -> None:
     for call in calls:
-        if call.replies is None and not call.queued:
+        if call.replies is None:
             call.error = _mark(_copy(exc))
 
 

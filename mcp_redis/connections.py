@@ -126,7 +126,9 @@ class RedisConnection:
         """The round trips this process's threads share (`mcp_redis.batching`); not for a cluster."""
         trips = self._trips
         if trips is None:
-            trips = self._trips = SharedTrips(self.client.connection_pool)
+            s = self.settings  # longer than a trip can take: a wait for a connection, its connect, two replies
+            stall_after = s.pool_timeout + s.socket_connect_timeout + 2 * s.socket_timeout
+            trips = self._trips = SharedTrips(self.client.connection_pool, stall_after)
         return trips
 
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -26,13 +26,10 @@ from mcp_redis.errors import BackendUnavailable
 from mcp_redis.testing import RedisServer, wait_for
 from mcp_redis.testing.faultproxy import FaultProxy
 
-# A script that keeps the server busy for ARGV[1] microseconds: a trip that stays in flight.
-BUSY = ("local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] "
-        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s >= tonumber(ARGV[1]) return 'done'")
-
 
 def busy(trips: SharedTrips, seconds: float) -> Any:
-    return trips.send(_pack(trips.encoder, ("EVAL", BUSY, 0, int(seconds * 1e6))), 1)[0]
+    """A trip that stays in flight `seconds`: ``DEBUG SLEEP`` (the test servers enable it)."""
+    return trips.send(_pack(trips.encoder, ("DEBUG", "SLEEP", seconds)), 1)[0]
 
 
 def command(trips: SharedTrips, *args: Any) -> Any:
@@ -72,8 +69,12 @@ def queued(trips: SharedTrips, n: int) -> None:
     wait_for(lambda: trips.stats()["queued"] >= n, 5.0, what=f"{n} calls queued")
 
 
+DEBUG = ["--enable-debug-command", "yes"]
+
+
 @pytest.fixture
-def trips(redis_mode: str) -> SharedTrips:
+def trips(redis_factory: Any) -> SharedTrips:
+    mcp_redis.configure(redis_url=redis_factory(args=DEBUG).url)
     return get_redis().trips
 
 
@@ -82,7 +83,7 @@ def test_calls_made_during_a_trip_share_the_next_one_and_each_gets_its_own_reply
     wait_for(lambda: trips.stats()["trips"] == 1, 5.0, what="the slow trip sent")
     callers = Callers([lambda i=i: command(trips, "INCRBY", f"k{i}", i + 1) for i in range(20)]).start()
     queued(trips, 20)
-    assert slow.join() == {0: "done"}
+    assert slow.join() == {0: "OK"}
     assert callers.join() == {i: i + 1 for i in range(20)}
     assert trips.stats() == {"trips": 2, "calls": 21, "queued": 0}
 
@@ -114,7 +115,7 @@ def test_an_error_reply_is_its_own_calls_alone(trips: SharedTrips) -> None:
 
 
 def test_a_trip_whose_connection_breaks_fails_its_own_calls_alone(redis_factory: Any) -> None:
-    server = redis_factory()
+    server = redis_factory(args=DEBUG)
     with FaultProxy("127.0.0.1", server.port) as proxy:
         mcp_redis.configure(redis_url=proxy.url(), socket_timeout=0.5)
         trips = get_redis().trips
@@ -125,7 +126,7 @@ def test_a_trip_whose_connection_breaks_fails_its_own_calls_alone(redis_factory:
         cut = Callers([lambda: command(trips, "SET", "cut-here", 1)]
                       + [lambda i=i: command(trips, "INCR", f"lost{i}") for i in range(4)]).start()
         queued(trips, 5)
-        assert slow.join() == {0: "done"}
+        assert slow.join() == {0: "OK"}
         wait_for(lambda: trips.stats()["trips"] == 2, 5.0, what="the marked trip sent")
         after = Callers([lambda i=i: command(trips, "INCR", f"after{i}") for i in range(3)]).start()
         queued(trips, 3)  # queued behind the trip that will break
@@ -244,7 +245,7 @@ def test_a_leader_interrupted_before_it_sent_puts_the_others_back_in_line(trips:
 
 
 def test_one_broken_trip_counts_once_against_the_breaker(redis_factory: Any) -> None:
-    server = redis_factory()
+    server = redis_factory(args=DEBUG)
     with FaultProxy("127.0.0.1", server.port) as proxy:
         mcp_redis.configure(redis_url=proxy.url(), socket_timeout=0.5, breaker_failure_threshold=3,
                             retry_attempts=3)
@@ -281,7 +282,7 @@ def test_a_waiting_thread_interrupted_leaves_without_stranding_the_others(trips:
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         command(trips, "INCR", "main")
-    assert first.join() == {0: "done"}
+    assert first.join() == {0: "OK"}
     assert behind.join() == {0: 1, 1: 1, 2: 1}
     assert command(trips, "GET", "main") is None  # the abandoned call was dropped, never sent
     assert trips.stats()["queued"] == 0
@@ -310,7 +311,7 @@ def test_a_child_forked_during_a_trip_starts_with_an_idle_queue(trips: SharedTri
         if os.waitpid(pid, os.WNOHANG) == (0, 0):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    assert slow.join() == {0: "done"}
+    assert slow.join() == {0: "OK"}
 
 
 def test_a_stopped_server_fails_every_queued_call_within_two_socket_timeouts(redis_factory: Any) -> None:
@@ -354,3 +355,21 @@ def test_the_librarys_hot_paths_share_trips(library_calls: SharedTrips) -> None:
     stats = library_calls.stats()
     assert stats["calls"] - before >= 8 * 50 * 4  # a hit, a grant, a release, a session read each time
     assert stats["trips"] < stats["calls"]
+
+
+def test_a_lost_lead_is_taken_over_by_a_waiting_call(redis_factory: Any) -> None:
+    """The state a signal landing in the lead's hand-over can leave (no thread sends, and
+    trips are marked in flight), made by hand: a later call takes the lead over after
+    ``pool_timeout + socket_connect_timeout + 2 × socket_timeout`` and every call goes."""
+    server = redis_factory()
+    mcp_redis.configure(redis_url=server.url, socket_timeout=0.2, socket_connect_timeout=0.2, pool_timeout=0.2)
+    trips = get_redis().trips
+    assert command(trips, "PING") == "PONG"
+    with trips._lock:  # a lead that began, then was lost
+        trips._busy = True
+    started = time.monotonic()
+    outcomes = Callers([lambda i=i: command(trips, "INCR", f"t{i}") for i in range(4)]).start().join(10)
+    assert outcomes == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert 0.8 <= time.monotonic() - started < 5.0
+    assert command(trips, "PING") == "PONG"
+    assert trips.stats()["queued"] == 0
