@@ -22,9 +22,12 @@ reads); blocking waits, pub/sub and redis-py pipelines do not.
 
 A broken connection (a redis-py ``ConnectionError`` or ``TimeoutError``)
 fails the calls of its trip alone, each with its own copy of the error, and
-the connection is dropped. The copies are marked (`shared_failure`): the
-retry policy retries each call as before, and its circuit breaker counts the
-trip's failure once, through the call whose thread sent it. Any other
+the connection is dropped; the retry policy retries each call as before. A
+cut connection is one event: its copies are marked (`shared_failure`) and
+the circuit breaker counts it once, through the call whose thread sent the
+trip. A timeout counts per call, as before calls shared trips (each waited
+its whole socket timeout), so a stalled server opens the breaker within
+about two socket timeouts (the trip in flight, then the next). Any other
 exception in the sending thread (``KeyboardInterrupt``, a signal handler's
 own exception, a bug) is that thread's own: if nothing was sent yet, the
 other calls go in the next trip; once sent, the replies not yet read are
@@ -285,7 +288,10 @@ class SharedTrips:
                 if connection is not None:
                     connection.disconnect()
                 own.error = exc
-                _fail(others, exc)
+                # A timeout counts against the breaker per call, as before calls shared trips:
+                # each waited its whole socket timeout on a server that did not answer. A cut
+                # connection is one event, counted once (through `own`).
+                _fail(others, exc, mark=not isinstance(exc, redis.TimeoutError))
                 return
             # The sending thread's own exception (an interruption, a signal handler's, a bug).
             own.error = exc
@@ -362,10 +368,10 @@ def _broken(exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
 
 
-def _fail(calls: List[_Call], exc: BaseException) -> None:
+def _fail(calls: List[_Call], exc: BaseException, *, mark: bool = True) -> None:
     for call in calls:
         if call.replies is None:
-            call.error = _mark(_copy(exc))
+            call.error = _mark(_copy(exc)) if mark else _copy(exc)
 
 
 def _outcome(call: _Call) -> List[Any]:

@@ -244,27 +244,40 @@ def test_a_leader_interrupted_before_it_sent_puts_the_others_back_in_line(trips:
     assert trips.stats() == {"trips": 4, "calls": 1 + 4 + 3 + 1, "queued": 0}
 
 
-def test_one_broken_trip_counts_once_against_the_breaker(redis_factory: Any) -> None:
+def test_a_cut_trip_counts_once_against_the_breaker_and_a_timed_out_one_per_call(redis_factory: Any) -> None:
     server = redis_factory(args=DEBUG)
     with FaultProxy("127.0.0.1", server.port) as proxy:
         mcp_redis.configure(redis_url=proxy.url(), socket_timeout=0.5, breaker_failure_threshold=3,
-                            retry_attempts=3)
+                            retry_attempts=3, breaker_reset_timeout=30)
         conn = get_redis()
         trips = conn.trips
-        slow = Callers([lambda: busy(trips, 0.3)]).start()
-        wait_for(lambda: trips.stats()["trips"] == 1, 5.0, what="the slow trip sent")
-        proxy.swallow_requests(b"cut-here")  # the next trip is never answered
-        calls = Callers([lambda: conn.call(conn.run_command, "SET", "cut-here", 1, attempts=1)]
-                        + [lambda i=i: conn.call(conn.run_command, "INCR", f"c{i}") for i in range(5)]).start()
-        queued(trips, 6)
-        slow.join()
-        outcomes = calls.join()
-        proxy.swallow_requests(None)
-    # Six calls failed in one trip: one failure for the breaker (threshold 3); each call
-    # retried on its own (the marked one, allowed one attempt, was not: it is still marked).
-    assert isinstance(outcomes.pop(0), BackendUnavailable)
-    assert outcomes == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
-    assert conn.policy.breaker.state.name == "CLOSED"
+
+        def six_calls_in_one_broken_trip(breaking: Callable[[], None]) -> Dict[int, Any]:
+            base = trips.stats()["trips"]
+            slow = Callers([lambda: busy(trips, 0.3)]).start()
+            wait_for(lambda: trips.stats()["trips"] == base + 1, 5.0, what="the slow trip sent")
+            calls = Callers([lambda i=i: conn.call(conn.run_command, "INCR", f"c{i}", attempts=1)
+                             for i in range(6)]).start()
+            queued(trips, 6)
+            proxy.delay_requests(0.5)  # the next trip's request waits in the proxy...
+            slow.join()
+            wait_for(lambda: trips.stats()["trips"] == base + 2, 5.0, what="the six calls' trip sent")
+            breaking()  # ... while its connection breaks
+            outcomes = calls.join()
+            proxy.delay_requests(0)
+            proxy.swallow_requests(None)
+            return outcomes
+
+        # Cut (the proxy closes the connection): one event, one failure (threshold 3).
+        cut = six_calls_in_one_broken_trip(proxy.close_all)
+        assert all(isinstance(e, BackendUnavailable) for e in cut.values()), cut
+        assert conn.policy.breaker.state.name == "CLOSED"
+        assert command(trips, "PING") == "PONG"
+        # Never answered: each call waited its socket timeout, each counts (as on its own
+        # connection before trips were shared): the breaker opens.
+        stalled = six_calls_in_one_broken_trip(lambda: proxy.swallow_requests(b"INCR"))
+        assert all(isinstance(e, BackendUnavailable) for e in stalled.values()), stalled
+        assert conn.policy.breaker.state.name == "OPEN"
 
 
 def test_a_waiting_thread_interrupted_leaves_without_stranding_the_others(trips: SharedTrips) -> None:
