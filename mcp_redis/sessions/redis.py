@@ -91,7 +91,9 @@ class RedisTier:
         self.conn = conn
         self.client = conn.client
         self._policy = conn.policy
-        self._get = conn.get  # shares round trips with the process's other threads
+        # Both share round trips with the process's other threads (mcp_redis.batching).
+        self._get = conn.get
+        self._run = conn.run_script
         self.ks = ks
         self.cluster = conn.is_cluster
         # The hot path joins this head and encode_id() itself: the very string
@@ -156,7 +158,7 @@ class RedisTier:
         binding has left, so Redis was left alone for `shorten` to apply once
         PostgreSQL holds the shorter expiry.
         """
-        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms])
+        reply = self.once(self._run, self._touch, [self.binding_key(session_key)], [ttl_ms])
         if not reply:
             return None
         bind = (int(reply[3], 16), int(reply[4], 16)) if len(reply) == 5 else None
@@ -170,7 +172,7 @@ class RedisTier:
 
     def shorten(self, session_key: str, agent_id: str, ttl_ms: int) -> bool:
         """Set the binding's expiry to `ttl_ms` (even if shorter) while it names `agent_id`."""
-        reply = self.once(self._touch, keys=[self.binding_key(session_key)], args=[ttl_ms, agent_id])
+        reply = self.once(self._run, self._touch, [self.binding_key(session_key)], [ttl_ms, agent_id])
         return bool(reply)
 
     def _values(self, keys: List[str]) -> List[Optional[str]]:
@@ -223,7 +225,7 @@ class RedisTier:
         args = [mode, _utf8(agent_id), index_id(session_key), ttl_ms, payload, max_bytes]
         if client is not None:
             return self._bind(keys=keys, args=args, client=client)
-        reply = call(self._bind, keys=keys, args=args)
+        reply = call(self._run, self._bind, keys, args)
         if reply and self.cluster and reply[1] and mode != "update":
             kept = int(reply[2]) if mode == "sync" else ttl_ms
             self._index_cluster(call, session_key, reply[0], str(unpack(reply[1])[0]), kept)
@@ -235,7 +237,7 @@ class RedisTier:
         between: readers verify every entry, so the worst case is an entry swept later)."""
         # One script on the index's slot: ZADD then PEXPIRE as two commands left the index without
         # a TTL when its node stopped answering between them.
-        call(self._index, keys=[self.index], args=[self.member(agent_id, session_key), 2 * ttl_ms])
+        call(self._run, self._index, [self.index], [self.member(agent_id, session_key), 2 * ttl_ms])
         was = agent_of(old)
         if was is not None and was != agent_id:
             self.drop_entries([(self.member(was, session_key).decode("utf-8", "surrogatepass"), session_key)],
@@ -262,7 +264,7 @@ class RedisTier:
     def forget_if(self, session_key: str, undo: Undo) -> bool:
         """Undo a `put`/`sync` the source may not have committed: forget the binding while it still
         holds what that write left (one attempt), for reads to repair from the source. True if so."""
-        return bool(self.once(self._forget, keys=[self.binding_key(session_key)], args=[undo]))
+        return bool(self.once(self._run, self._forget, [self.binding_key(session_key)], [undo]))
 
     def live_left(self, session_key: str, binding: Tuple[str, RecordData]) -> int:
         """The ms the binding has left while it is `binding` (agent id, record: the same bind, by
@@ -326,7 +328,7 @@ class RedisTier:
         call = self.call if retry else self.once
         binding = self.binding_key(session_key)
         if not self.cluster:
-            return call(self._unbind, keys=[binding, self.index], args=[index_id(session_key)]) is not None
+            return call(self._run, self._unbind, [binding, self.index], [index_id(session_key)]) is not None
         old: Optional[str] = call(self.client.getdel, binding)
         agent = agent_of(old)
         if agent is not None:
