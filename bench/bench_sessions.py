@@ -106,16 +106,17 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(_table(samples, "raw redis-py GET (default client)", notes))
             raw_get = statistics.median(samples["raw redis-py GET (default client)"])
 
-            # The library's own cost, without the network: the client's GET stubbed out.
+            # The library's own cost, without the network: the connection's GET (what
+            # SessionStore.get sends through, `RedisConnection.get`) stubbed out.
             mcp_redis.configure(redis_url=server.url, key_prefix="mcp:")  # fresh client and tiers
-            stub_client = get_redis().client
+            stub_conn = get_redis()
 
             def stub_get(name: str) -> str:
                 return agent
 
-            stub_client.get = stub_get
+            stub_conn.get = stub_get  # type: ignore[method-assign]
             overhead = _run([
-                ("stubbed GET (no I/O)", lambda: stub_client.get(key)),
+                ("stubbed GET (no I/O)", lambda: stub_conn.get(key)),
                 ("SessionStore.get over the stubbed GET", lambda: store.get(session_id)),
             ], args.n * 4, args.rounds)
             bare = statistics.median(overhead["stubbed GET (no I/O)"])

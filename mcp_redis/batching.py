@@ -8,17 +8,27 @@ writing the reply), so at fleet scale the server's CPU per operation, not
 the network, sets how many operations one Redis serves.
 
 `SharedTrips` lets concurrent calls share trips, with no timer and no
-waiting for company. A call made while none is in flight is sent at once, on
-one pooled connection, by the thread that made it: a single caller pays
-nothing but a lock. Calls made while a trip is in flight queue; when the
-trip ends, the first of them takes every queued call (up to a cap) in one
-write and reads their replies in order. Each call gets its own replies (an
-error reply is that call's own exception).
+waiting for company. A process keeps up to `lanes` trips in flight at once
+(the `trips_in_flight` setting, 2 by default). A call made while fewer are
+in flight is sent at once, on one pooled connection, by the thread that made
+it: a single caller pays nothing but a lock. Calls made while every lane is
+busy queue; when a trip ends, the first of them takes every queued call (up
+to a cap) in one write and reads their replies in order. Each call gets its
+own replies (an error reply is that call's own exception).
+
+Fewer lanes, bigger trips: less of Redis's CPU per call, which is what
+bounds a fleet on one Redis. More lanes, more calls in flight: over a slow
+link (milliseconds per round trip) a queued call waits for a lane to free,
+and with one lane a process's threads fell into two groups taking turns, at
+about half the calls per second of one connection per call. Two lanes keep
+most of the first and recover much of the second (docs/scaling.md).
 
 Only non-blocking commands may be sent this way: a ``BLPOP`` would hold
 every call queued behind it. The library's hot paths use it (rate-limit
-hits, lock grants, releases and one-hold renewals, session and cache
-reads); blocking waits, pub/sub and redis-py pipelines do not.
+hits, lock grants, releases and one-hold renewals, session reads and
+writes, cache reads, fills and invalidations); blocking waits, pub/sub,
+redis-py pipelines and event appends do not (an append is not idempotent:
+see below).
 
 A broken connection (a redis-py ``ConnectionError`` or ``TimeoutError``)
 fails the calls of its trip alone, each with its own copy of the error, and
@@ -35,14 +45,19 @@ lost to their calls, which get a (marked) ``ConnectionError`` and are
 retried like any call whose reply was lost (a read resumed after an
 interruption could have lost bytes between the socket and the parser and
 handed a reply to the wrong call). A thread interrupted while it waits
-leaves its call, which is then dropped if not yet sent.
+leaves its call, which is then dropped if not yet sent. So one lost trip
+is a lost reply for every call in it: only calls that are safe to run
+again, or whose repeat is documented (a rate-limit hit), go this way.
 
 A call waits for the trips ahead of it (one per `MAX_CALLS` calls queued
 before it) and its own, each bounded by the socket timeout. The hand-overs
 run to their end through further interruptions (`_settled`); one landing in
 the few instructions no Python code can guard can still lose the lead, and
 then a waiting call takes it over once no trip has begun for `stall_after`
-(the pool, connect and two socket timeouts: 10 s at the defaults).
+(the pool, connect and two socket timeouts: 10 s at the defaults), or a
+call that finds every lane busy takes over a lane that old. Lanes are
+tokens, each freed once: a lead that was only slow (its process stopped)
+and is taken over frees nothing when it ends.
 """
 
 from __future__ import annotations
@@ -54,7 +69,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 import redis
 
@@ -64,6 +79,9 @@ log = logging.getLogger("mcp_redis.batching")
 
 #: The most calls one trip carries.
 MAX_CALLS = 128
+
+#: The most trips in flight at once, by default (the `trips_in_flight` setting; see the module doc).
+LANES = 2
 
 
 #: The attribute that marks an exception as a copy of another call's failure.
@@ -75,8 +93,19 @@ def shared_failure(exc: BaseException) -> bool:
     return getattr(exc, _SHARED, False) is True
 
 
+class _Lane:
+    """One of the trips a process may have in flight: its token, held by the thread that
+    sends (or is about to send) a trip in it, and handed on with the lead."""
+
+    __slots__ = ("since",)
+
+    def __init__(self, since: float) -> None:
+        self.since = since  # when its current trip, or the hand-over to it, began (monotonic)
+
+
 class _Call:
-    __slots__ = ("data", "count", "got", "replies", "error", "lead", "started", "gone", "gate")
+    __slots__ = ("data", "count", "got", "replies", "error", "lead", "lane", "taken_by", "started", "gone",
+                 "gate")
 
     def __init__(self, data: bytes, count: int) -> None:
         self.data = data
@@ -85,6 +114,8 @@ class _Call:
         self.replies: Optional[List[Any]] = None  # all of them, once read
         self.error: Optional[BaseException] = None
         self.lead = False  # set when the call's thread is to send the next trip
+        self.lane: Optional[_Lane] = None  # the lane it was handed with the lead
+        self.taken_by: Optional[_Lane] = None  # the lane of the trip that carries it
         self.started = False  # its thread began to (the lead is then passed on when it ends)
         self.gone = False  # its thread stopped waiting
         self.gate: Optional[Any] = None  # a held lock its thread waits on
@@ -93,27 +124,34 @@ class _Call:
 class SharedTrips:
     """Concurrent calls on one connection pool share round trips. Thread-safe."""
 
-    def __init__(self, pool: Any, stall_after: float = 10.0) -> None:
+    def __init__(self, pool: Any, stall_after: float = 10.0, lanes: int = LANES) -> None:
+        if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+            raise ValueError(f"lanes: must be an int >= 1, got {lanes!r}")
         self._pool = pool
+        self._lanes = lanes  # trips in flight at once, at most
         # Longer than any trip takes (a connection's wait, connect and replies): a lead
         # older than this was lost (see `send`), and a waiting call takes it over.
         self._stall_after = stall_after
-        self._lead_at = 0.0  # when the lead in force began (monotonic)
         self.encoder = pool.get_encoder()  # how the calls' arguments are packed
         self._lock = threading.Lock()
         self._queue: Deque[_Call] = collections.deque()
-        self._busy = False
+        self._active: Set[_Lane] = set()  # the lanes in use: at most `lanes`
         self._trips = 0  # trips sent
         self._calls = 0  # calls they carried
         _live.add(self)
 
     def __repr__(self) -> str:
-        return f"SharedTrips(queued={len(self._queue)}, busy={self._busy})"
+        return f"SharedTrips(queued={len(self._queue)}, in_flight={len(self._active)}, lanes={self._lanes})"
 
     def stats(self) -> Dict[str, int]:
         """Trips sent and the calls they carried (since made, or since a fork), calls queued now."""
         with self._lock:
             return {"trips": self._trips, "calls": self._calls, "queued": len(self._queue)}
+
+    def in_flight(self) -> int:
+        """Lanes in use now: trips in flight, or about to be (at most `lanes`)."""
+        with self._lock:
+            return len(self._active)
 
     def send(self, data: bytes, count: int) -> List[Any]:
         """Send one call's packed commands (`count` of them); its replies, in order.
@@ -121,14 +159,15 @@ class SharedTrips:
         An error reply is returned as its exception, in its place; an error
         of the connection is raised (after the trip dropped the connection).
         """
-        alone = False
+        lane: Optional[_Lane] = None
         call: Optional[_Call] = None
+        lost = False
         try:
             with self._lock:
-                if not self._busy:  # nothing in flight, so nothing queued: this call goes now, by itself
-                    alone = True
-                    self._busy = True
-                    self._lead_at = time.monotonic()
+                # A lane is free (so nothing is queued), or one was lost: this call goes now, alone.
+                if len(self._active) < self._lanes or (lost := self._drop_lost_lane(time.monotonic())):
+                    lane = _Lane(time.monotonic())
+                    self._active.add(lane)
                     self._trips += 1
                     self._calls += 1
                 else:
@@ -136,7 +175,9 @@ class SharedTrips:
                     call.gate = gate = threading.Lock()
                     gate.acquire()
                     self._queue.append(call)
-            if alone:
+            if lane is not None:
+                if lost:
+                    self._warn_lost()
                 return self._alone(data, count)
             assert call is not None
             while not gate.acquire(timeout=self._stall_after):  # released once answered, or handed the lead
@@ -150,9 +191,9 @@ class SharedTrips:
                 _settled(lambda: self._leave(call, progress))
             raise
         finally:
-            if alone:
+            if lane is not None:
                 progress = _Progress()
-                _settled(lambda: self._pass_lead(progress))
+                _settled(lambda: self._pass_lead(lane, progress))
         return _outcome(call)
 
     def _take_over(self, call: _Call) -> bool:
@@ -160,29 +201,63 @@ class SharedTrips:
 
         A signal handler's exception (``KeyboardInterrupt``) landing in the
         few instructions where a sending thread takes calls from the queue or
-        hands the lead on can lose the lead, which would leave every later
-        call of the process waiting. A call that has waited `stall_after`
-        without a trip beginning takes the lead if it is still queued; if it
-        was taken into the lost trip, it fails with a (marked)
-        ``ConnectionError``, its reply lost, and the policy retries it. (Were
-        the lead only slow, two trips go at once: harmless.)
+        hands the lead on can lose the lead, and with it a lane: with every
+        lane lost, every later call of the process would wait. A call that
+        has waited `stall_after` while a lane has seen no trip begin for as
+        long takes that lane over: if the call is still queued, it leads the
+        next trip in it; if it was taken into that lane's trip, it fails with
+        a (marked) ``ConnectionError``, its reply lost, and the policy
+        retries it, and the lane is freed; if its trip answered it but its
+        lead was lost before waking it, it takes its outcome. A lead that
+        was only slow (its process frozen, say) ends its trip in a lane no
+        longer its own: it frees nothing and hands the lead on only into a
+        free lane, so lanes are never counted twice.
         """
         with self._lock:
+            if call.lead:
+                return True  # handed the lead (the hand-over was interrupted before the gate)
             now = time.monotonic()
-            if now - self._lead_at < self._stall_after or call.replies is not None or call.error is not None:
-                return False
-            if call in self._queue:
+            lane = call.taken_by
+            if call.replies is not None or call.error is not None:
+                # Answered, and not woken within `stall_after` of queueing: its trip's lead was
+                # lost after the trip, before its clean-up began (or is just about to run it:
+                # then its lane, freed here, frees nothing when it does). Its outcome is here.
+                if lane is not None and lane in self._active:
+                    self._active.discard(lane)
+                    self._wake_next()
+            elif call in self._queue:
+                if len(self._active) >= self._lanes and not self._drop_lost_lane(now):
+                    return False
                 self._queue.remove(call)
-                call.lead = True
-                self._busy = True
-                self._lead_at = now
+                self._hand(call, now)
             else:
+                if lane is None or now - lane.since < self._stall_after:
+                    return False
                 call.error = _mark(_interrupted())
-                if not self._queue:
-                    self._busy = False
-        log.warning("mcp_redis: a shared round trip's sending thread was interrupted as it took calls or "
-                    "handed the lead on; a waiting call stopped waiting after %.1f s", self._stall_after)
+                self._active.discard(lane)
+                self._wake_next()  # the lane freed goes to the calls queued behind
+        self._warn_lost()
         return True
+
+    def _drop_lost_lane(self, now: float) -> bool:
+        """Free the oldest lane that has seen no trip begin for `stall_after`, if any (under the
+        lock): its lead was lost, or is so slow (its process stopped) that it is taken for lost."""
+        stale = [lane for lane in self._active if now - lane.since >= self._stall_after]
+        if not stale:
+            return False
+        self._active.discard(min(stale, key=lambda lane: lane.since))
+        return True
+
+    def _warn_lost(self) -> None:
+        log.warning("mcp_redis: a shared round trip took more than %.1f s to begin or to end (its sending "
+                    "thread was interrupted, or the process was stopped); its lane was taken over",
+                    self._stall_after)
+
+    def _hand(self, call: _Call, now: float) -> None:
+        """Give `call` the lead, in a new lane (under the lock; the caller releases its gate)."""
+        lane = call.lane = _Lane(now)
+        self._active.add(lane)
+        call.lead = True
 
     def _leave(self, call: _Call, progress: _Progress) -> None:
         """A waiting thread leaves (interrupted): its call is dropped if not sent yet, and a
@@ -191,7 +266,8 @@ class SharedTrips:
             call.gone = True
             handed = call.lead and not call.started
         if handed:
-            self._pass_lead(progress)
+            assert call.lane is not None
+            self._pass_lead(call.lane, progress)
 
     def _alone(self, data: bytes, count: int) -> List[Any]:
         """A trip of one call: no one else's replies to read or errors to share (redis-py drops
@@ -218,12 +294,16 @@ class SharedTrips:
         try:
             own.started = True
             with self._lock:
-                self._lead_at = time.monotonic()
+                lane = own.lane
+                assert lane is not None
+                lane.since = time.monotonic()
                 queue = self._queue
                 n = min(len(queue), MAX_CALLS - 1)
                 if n:  # two steps in C: interrupted between them, the calls are in both
                     batch.extend(itertools.islice(queue, n))
                     self._queue = collections.deque(itertools.islice(queue, n, None))
+                for call in batch:
+                    call.taken_by = lane
                 self._trips += 1
                 self._calls += len(batch)
             began = True
@@ -251,24 +331,32 @@ class SharedTrips:
                         if call.gate.locked():
                             call.gate.release()
             progress.answered = True
-        self._pass_lead(progress)
+        assert batch[0].lane is not None
+        self._pass_lead(batch[0].lane, progress)
 
-    def _pass_lead(self, progress: _Progress) -> None:
-        """Hand the lead to the first call still waited on, else go idle (once per `progress`)."""
+    def _pass_lead(self, lane: _Lane, progress: _Progress) -> None:
+        """`lane`'s trip is over: hand the lead to the first call still waited on, in a lane of
+        its own, else free the lane (once per `progress`). A lane taken over meanwhile
+        (`_take_over`) is no longer this thread's: the lead goes on only if a lane is free."""
         if progress.passed:
             return
         with self._lock:
-            queue = self._queue
+            self._active.discard(lane)
+            self._wake_next()
+            # (Interrupted just before, this runs again: a second lead goes only into a free lane.)
+            progress.passed = True
+
+    def _wake_next(self) -> None:
+        """If a lane is free, hand the lead to the first queued call still waited on (under the lock)."""
+        queue = self._queue
+        if len(self._active) < self._lanes:
             while queue:
                 call = queue.popleft()
                 if not call.gone:
-                    call.lead = True
+                    self._hand(call, time.monotonic())
                     assert call.gate is not None
                     call.gate.release()
-                    progress.passed = True  # (interrupted just before: a second leader, not a stall)
                     return
-            self._busy = False
-            progress.passed = True
 
     def _trip(self, batch: List[_Call]) -> None:
         own = batch[0]
@@ -315,7 +403,7 @@ class SharedTrips:
         threads, and their calls, are not in the child)."""
         self._lock = threading.Lock()
         self._queue = collections.deque()
-        self._busy = False
+        self._active = set()
         self._trips = self._calls = 0
 
 

@@ -164,6 +164,7 @@ class Settings:
     health_check_interval: int = 15
     max_connections: int = 50
     pool_timeout: float = 5.0
+    trips_in_flight: int = 2  # shared round trips a process keeps in flight at once (mcp_redis.batching)
     postgres_max_connections: int = 10
     postgres_connect_timeout: int = 2
     postgres_timeout: float = 5.0
@@ -188,13 +189,16 @@ class Settings:
         validate_pg_schema(self.pg_schema)
         for name, bounds in _DURATIONS.items():
             _check_duration(name, getattr(self, name), bounds)
-        for name in ("max_connections", "postgres_max_connections",
+        for name in ("max_connections", "postgres_max_connections", "trips_in_flight",
                      "retry_attempts", "breaker_failure_threshold"):
             _check_number(name, getattr(self, name), integer=True, minimum=1)
         for name in ("max_connections", "postgres_max_connections"):
             if getattr(self, name) > MAX_POOL_CONNECTIONS:
                 raise ConfigurationError(f"{name}: at most {MAX_POOL_CONNECTIONS:,} (a pool allocates its "
                                          f"slots up front), got {getattr(self, name)!r}")
+        if self.trips_in_flight > MAX_POOL_CONNECTIONS:  # each trip in flight holds a pooled connection
+            raise ConfigurationError(f"trips_in_flight: at most {MAX_POOL_CONNECTIONS:,} (each holds a pooled "
+                                     f"connection), got {self.trips_in_flight!r}")
         _check_number("rate_limit_local_maxsize", self.rate_limit_local_maxsize, integer=True, minimum=64)
         for name in _FEATURES:
             value = getattr(self, name)
@@ -587,6 +591,7 @@ _ENV: Dict[str, Tuple[str, Callable[[str], Any]]] = {
     "socket_connect_timeout": ("MCP_REDIS_CONNECT_TIMEOUT", _float),
     "max_connections": ("MCP_REDIS_MAX_CONNECTIONS", _int),
     "pool_timeout": ("MCP_REDIS_POOL_TIMEOUT", _float),
+    "trips_in_flight": ("MCP_REDIS_TRIPS_IN_FLIGHT", _int),
     "postgres_timeout": ("MCP_REDIS_POSTGRES_TIMEOUT", _float),
     "ssl_ca_certs": ("MCP_REDIS_SSL_CA_CERTS", _str),
     "ssl_certfile": ("MCP_REDIS_SSL_CERTFILE", _str),
@@ -606,7 +611,7 @@ _UNITS: Dict[str, str] = {
     "session_ttl": "seconds", "metadata_ttl": "seconds", "lock_timeout": "seconds", "lock_liveness_ttl": "seconds",
     "rate_limit_window": "seconds", "socket_timeout": "seconds", "socket_connect_timeout": "seconds",
     "pool_timeout": "seconds", "postgres_timeout": "seconds", "breaker_reset_timeout": "seconds",
-    "max_connections": "connections", "retry_attempts": "attempts",
+    "max_connections": "connections", "trips_in_flight": "trips", "retry_attempts": "attempts",
     "breaker_failure_threshold": "consecutive failures",
 }
 

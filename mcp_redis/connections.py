@@ -128,7 +128,7 @@ class RedisConnection:
         if trips is None:
             s = self.settings  # longer than a trip can take: a wait for a connection, its connect, two replies
             stall_after = s.pool_timeout + s.socket_connect_timeout + 2 * s.socket_timeout
-            trips = self._trips = SharedTrips(self.client.connection_pool, stall_after)
+            trips = self._trips = SharedTrips(self.client.connection_pool, stall_after, s.trips_in_flight)
         return trips
 
     def run_script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:

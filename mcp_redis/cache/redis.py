@@ -66,7 +66,7 @@ class RedisBackend:
 
     def begin(self, value_key: str, epoch_key: str, marker_px: int) -> Tuple[Optional[str], str]:
         conn = self.conn
-        raw, epoch = conn.call(conn.script("cache_begin"), keys=[value_key, epoch_key], args=[marker_px])
+        raw, epoch = conn.call(conn.run_script, conn.script("cache_begin"), [value_key, epoch_key], [marker_px])
         return raw, str(epoch)
 
     def begin_many(self, entries: Sequence[Tuple[str, str]], marker_px: int) -> List[str]:
@@ -83,7 +83,7 @@ class RedisBackend:
     def abandon(self, epoch_keys: Sequence[Tuple[str, str]]) -> None:
         conn = self.conn
         if len(epoch_keys) == 1:
-            conn.call(conn.script("cache_abandon"), keys=[epoch_keys[0][0]], args=[epoch_keys[0][1]])
+            conn.call(conn.run_script, conn.script("cache_abandon"), [epoch_keys[0][0]], [epoch_keys[0][1]])
         else:
             conn.call(self._abandon_pipeline, conn, epoch_keys)
 
@@ -96,7 +96,7 @@ class RedisBackend:
 
     def fill(self, value_key: str, epoch_key: str, epoch: str, envelope: str, px: int) -> None:
         conn = self.conn
-        conn.call(conn.script("cache_fill"), keys=[value_key, epoch_key], args=[epoch, envelope, px])
+        conn.call(conn.run_script, conn.script("cache_fill"), [value_key, epoch_key], [epoch, envelope, px])
 
     def fill_many(self, fills: Sequence[Fill]) -> None:
         conn = self.conn
@@ -114,12 +114,12 @@ class RedisBackend:
     def write(self, value_key: str, epoch_key: str, guard_px: int, channel: str,
               envelope: str, px: int, message: str) -> None:
         conn = self.conn
-        conn.call(conn.script("cache_invalidate"), keys=[value_key, epoch_key],
-                  args=[guard_px, channel, envelope, px, message])
+        conn.call(conn.run_script, conn.script("cache_invalidate"), [value_key, epoch_key],
+                  [guard_px, channel, envelope, px, message])
 
     def bump_generation(self, key: str, guard_px: int, channel: str, message_prefix: str) -> str:
         conn = self.conn
-        return str(conn.call(conn.script("cache_generation"), keys=[key], args=[guard_px, channel, message_prefix]))
+        return str(conn.call(conn.run_script, conn.script("cache_generation"), [key], [guard_px, channel, message_prefix]))
 
     def claim(self, key: str, token: str, px: int) -> bool:
         """``SET NX PX``; True also when the key already holds `token`: an attempt whose reply was

@@ -194,6 +194,8 @@ class EventStream:
         ids: List[str] = []
         for i in range(0, len(payloads), _MAX_ADD_BATCH):
             chunk = payloads[i:i + _MAX_ADD_BATCH]
+            # Not through shared round trips (run_script): an append is not idempotent, and a
+            # shared trip that loses its replies has every call in it retried.
             out = conn.call(script, keys=[key], args=[self.maxlen, self._ttl_ms(), *chunk], client=conn.client)
             ids.extend(str(x) for x in out)
         METRICS.inc("events_stream_added_total", float(len(ids)))
