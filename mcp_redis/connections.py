@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import re
 import select
 import socket
@@ -362,7 +363,37 @@ def _quiet(connection: Any) -> bool:
 
 
 class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
-    """redis-py's `BlockingConnectionPool` with the ready check above (single servers)."""
+    """redis-py's `BlockingConnectionPool` with the ready check above (single servers), and
+    idle sockets closed without racing the threads that take them."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close every socket (`inuse_connections`), or only the idle ones.
+
+        redis-py closes a snapshot of the idle connections after letting go
+        of its lock, so a thread that takes one from the queue meanwhile has
+        its socket closed under it: ``Bad file descriptor`` in its read (a CI
+        run, the breaker opening in one thread while another read), or
+        worse, the descriptor's number reused by another socket. Here each
+        idle connection is taken out of the queue, closed, and put back: no
+        other thread can hold it meanwhile.
+        """
+        if inuse_connections:
+            super().disconnect(inuse_connections=True)
+            return
+        self._checkpid()
+        taken: List[Any] = []
+        try:
+            while True:
+                try:
+                    taken.append(self.pool.get_nowait())
+                except queue.Empty:
+                    break
+            for connection in taken:
+                if connection is not None:
+                    connection.disconnect()
+        finally:
+            for connection in reversed(taken):  # the queue is LIFO: the same order as before
+                self.pool.put_nowait(connection)
 
 
 class _WatchedProxy(SentinelConnectionPoolProxy):

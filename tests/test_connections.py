@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue
 import statistics
+import threading
 import time
 from typing import Any, Dict, List
 
@@ -277,6 +279,54 @@ def test_a_pooled_connection_left_with_a_reply_to_read_is_never_used_as_is(redis
     for i in range(3):  # LIFO pool: the dirty connection is the next one handed out
         assert conn.call(conn.run_command, "ECHO", f"fresh {i}") == f"fresh {i}"
     assert conn.call(conn.run_command, "CLIENT", "ID") != stale_id, "the dirty connection was replaced"
+
+
+def test_closing_idle_sockets_never_closes_one_another_thread_can_take_meanwhile(redis_factory: Any) -> None:
+    """The breaker opening (or a READONLY reconnect) closes the idle pooled sockets. redis-py's
+    pool closed a snapshot of them outside its lock, and a CI run saw a thread that had just
+    taken one read ``Bad file descriptor``. Here, while each idle socket is closed, no other
+    thread can take any idle connection from the pool."""
+    mcp_redis.configure(redis_url=redis_factory().url)
+    pool = get_redis().client.connection_pool
+    assert isinstance(pool, ReadyCheckedPool)
+    idle = [pool.get_connection() for _ in range(3)]
+    for connection in idle:
+        connection.send_command("PING")
+        assert connection.read_response() in (b"PONG", "PONG")
+        pool.release(connection)
+    seen: List[Any] = []  # what another thread could take from the pool as each socket closes
+
+    def take_meanwhile() -> None:
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(_take_idle(pool)))
+        t.start()
+        t.join(5)
+        seen.extend(got)
+
+    for connection in idle:
+        real = connection.disconnect
+
+        def disconnect(*args: Any, _real: Any = real, **kwargs: Any) -> None:
+            take_meanwhile()
+            _real(*args, **kwargs)
+
+        connection.disconnect = disconnect  # type: ignore[method-assign]
+    get_redis().disconnect()  # what the breaker does as it opens
+    for connection in idle:
+        del connection.disconnect
+    assert len(seen) == 3 and not any(seen), f"an idle connection was taken while being closed: {seen}"
+    assert all(connection._sock is None for connection in idle)
+    assert get_redis().call(get_redis().run_command, "PING") in (b"PONG", "PONG")  # the pool is whole
+
+
+def _take_idle(pool: Any) -> Any:
+    """An idle connection from the pool's queue, if any (put back at once); else None."""
+    try:
+        connection = pool.pool.get_nowait()
+    except queue.Empty:
+        return None
+    pool.pool.put_nowait(connection)
+    return connection
 
 
 def test_a_pooled_connection_the_server_closed_is_replaced_before_use(redis_factory: Any) -> None:
