@@ -265,10 +265,14 @@ class RedisConnection:
         }
 
     def disconnect(self) -> None:
-        """Close idle pooled sockets (used when the breaker opens)."""
+        """Close idle pooled sockets (used when the breaker opens): never one a thread is using."""
         try:
             if self.is_cluster:
-                self.client.disconnect_connection_pools()
+                # Not redis-py's disconnect_connection_pools(): it closes the sockets in use too,
+                # under the threads reading them.
+                for node in self.client.get_nodes():
+                    if node.redis_connection is not None:
+                        node.redis_connection.connection_pool.disconnect(inuse_connections=False)
             else:
                 self.client.connection_pool.disconnect(inuse_connections=False)
         except Exception:  # pragma: no cover - best effort

@@ -319,6 +319,31 @@ def test_closing_idle_sockets_never_closes_one_another_thread_can_take_meanwhile
     assert get_redis().call(get_redis().run_command, "PING") in (b"PONG", "PONG")  # the pool is whole
 
 
+@pytest.mark.cluster
+def test_on_a_cluster_closing_idle_sockets_leaves_the_ones_in_use_open(cluster_topology: Any) -> None:
+    """redis-py's `disconnect_connection_pools()` closed every node's sockets, those other threads
+    were reading from included; the breaker opening closes the idle ones only."""
+    mcp_redis.configure(redis_url=cluster_topology.url)
+    conn = get_redis()
+    assert conn.call(conn.run_command, "SET", "k", "v") in (b"OK", "OK", True)
+    pools = [n.redis_connection.connection_pool for n in conn.client.get_nodes() if n.redis_connection]
+    in_use = [pool.get_connection() for pool in pools]  # as another thread's call would hold them
+    for connection in in_use:
+        connection.connect()
+    idle = [pool.get_connection() for pool in pools]
+    for connection in idle:
+        connection.connect()
+    for pool, connection in zip(pools, idle):
+        pool.release(connection)
+    try:
+        conn.disconnect()  # what the breaker does as it opens
+        assert all(connection._sock is not None for connection in in_use), "a socket in use was closed"
+        assert all(connection._sock is None for connection in idle)
+    finally:
+        for pool, connection in zip(pools, in_use):
+            pool.release(connection)
+
+
 def _take_idle(pool: Any) -> Any:
     """An idle connection from the pool's queue, if any (put back at once); else None."""
     try:
