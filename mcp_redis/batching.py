@@ -21,7 +21,7 @@ bounds a fleet on one Redis. More lanes, more calls in flight: over a slow
 link (milliseconds per round trip) a queued call waits for a lane to free,
 and with one lane a process's threads fell into two groups taking turns, at
 about half the calls per second of one connection per call. Two lanes keep
-most of the first and recover much of the second (docs/scaling.md).
+most of the first and recover part of the second (docs/scaling.md).
 
 Only non-blocking commands may be sent this way: a ``BLPOP`` would hold
 every call queued behind it. The library's hot paths use it (rate-limit
