@@ -1,17 +1,21 @@
 -- Sliding-window counter (approximate, O(1) memory), all limits at once.
 -- Windows are aligned on the server clock; the estimate is
 --   previous * (time left in the current window / window) + current.
--- KEYS[i]: one integer per limit, (current * 2^22 + previous) * 512 + (window
---          index mod 512), so Redis keeps it as a bare integer (no string).
---          The key lives until the end of the window after its own, so the
---          index mod 512 tells its window. Counts of 2^22 or more are kept
---          as "<index>:<current>:<previous>" (both layouts are read).
+-- KEYS[i]: one integer per limit, which Redis keeps as a bare integer (no string):
+--   - no count in the previous window: current * 4 + (window index mod 4),
+--     one of Redis's shared integers (no object at all) below 10,000;
+--   - else 2^51 + (current * 2^21 + previous) * 512 + (window index mod 512);
+--   counts of 2^21 or more as the text "<index>:<current>:<previous>".
+--   Every write sets the key to expire at the end of the window after its
+--   own (a few ms late at most), so an index mod 4 tells this window, the
+--   previous one and older ones apart (the mod 512 layout does it without the
+--   TTL; a simulated clock that outruns real TTLs needs it: see the tests).
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,
 --        " remaining retry_after_us reset_after_us" (integers, one string);
 --        one limit admitted: the integer reset_after_us * (limit + 1) + remaining.
-local M, W = 4194304, 512 -- 2^22 per count, 2^9 window indexes
+local M, W, P = 2097152, 512, 2251799813685248 -- 2^21 per count, 2^9 window indexes, 2^51
 
 -- The (current, previous) counts of window `idx` from a key's value.
 local function counts(v, idx)
@@ -22,9 +26,14 @@ local function counts(v, idx)
     w, c, p = tonumber(sw), tonumber(sc), tonumber(sp)
   else
     local x = tonumber(v)
-    local q = math.floor(x / W)
-    w = idx - (idx - x % W) % W
-    c, p = math.floor(q / M), q % M
+    if x < P then
+      w, c, p = idx - (idx - x) % 4, math.floor(x / 4), 0
+    else
+      x = x - P
+      local q = math.floor(x / W)
+      w = idx - (idx - x % W) % W
+      c, p = math.floor(q / M), q % M
+    end
   end
   if w == idx then return c, p end
   if w == idx - 1 then return 0, c end
@@ -32,7 +41,8 @@ local function counts(v, idx)
 end
 
 local function encode(idx, c, p)
-  if c < M and p < M then return string.format('%.0f', (c * M + p) * W + idx % W) end
+  if p == 0 and c < M then return string.format('%d', c * 4 + idx % 4) end
+  if c < M and p < M then return string.format('%.0f', P + (c * M + p) * W + idx % W) end
   return string.format('%.0f:%d:%d', idx, c, p)
 end
 
@@ -53,7 +63,15 @@ if n == 1 and consume then
   local v = redis.call('GET', KEYS[1])
   local x = v and tonumber(v) -- nil for the text layout
   local c, p, same = 0, 0, false
-  if x then
+  if x and x < P then
+    local age = (idx - x) % 4
+    if age == 0 then
+      c, same = math.floor(x / 4), true
+    elseif age == 1 then
+      p = math.floor(x / 4)
+    end
+  elseif x then
+    x = x - P
     local q = math.floor(x / W)
     local w = idx - (idx - x % W) % W
     if w == idx then
@@ -69,8 +87,12 @@ if n == 1 and consume then
     local left = start + 2 * window - now
     local after = c + cost
     if same and after < M then
-      -- This window's key already expires at its end (start + 2 windows).
-      redis.call('SET', KEYS[1], (after * M + p) * W + idx % W, 'KEEPTTL')
+      -- This window's key already expires at the end of the next one.
+      if p == 0 then
+        redis.call('SET', KEYS[1], after * 4 + idx % 4, 'KEEPTTL')
+      else
+        redis.call('SET', KEYS[1], P + (after * M + p) * W + idx % W, 'KEEPTTL')
+      end
     else
       redis.call('SET', KEYS[1], encode(idx, after, p), 'PX', math.max(1, math.ceil(left / 1000)))
     end

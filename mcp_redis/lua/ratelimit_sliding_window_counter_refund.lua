@@ -1,14 +1,14 @@
 -- Refund of one admitted sliding-window-counter call: take `cost` off the
 -- count of the clock-aligned window that counted it (the current count, or
 -- the previous one once the window has moved on), never off another window.
--- KEYS[i]: the counts, as in the hit (an integer, or "<index>:<current>:<previous>").
+-- KEYS[i]: the counts, in the layouts of ratelimit_sliding_window_counter.lua.
 -- ARGV: cost, then limit_i, window_us_i, reset_us_i (the hit's reset_after:
 --       the end of the window after the hit's, minus the hit's time) for
 --       each key, then elapsed_us (the caller's time since the hit).
 -- The hit's window index is round((now - elapsed + reset) / window) - 2:
 -- exact while the caller's clock errs by less than half a window.
 -- SET ... KEEPTTL keeps the key's expiry. Reply: how many limits got units back.
-local M, W = 4194304, 512 -- 2^22 per count, 2^9 window indexes
+local M, W, P = 2097152, 512, 2251799813685248 -- as in the hit's script
 local cost = tonumber(ARGV[1])
 local n = #KEYS
 local elapsed = tonumber(ARGV[2 + 3 * n])
@@ -28,10 +28,15 @@ for i = 1, n do
       w, c, p = tonumber(sw), tonumber(sc), tonumber(sp)
     else
       local x = tonumber(v)
-      local q = math.floor(x / W)
       local cur = math.floor(now / window)
-      w = cur - (cur - x % W) % W
-      c, p = math.floor(q / M), q % M
+      if x < P then
+        w, c, p = cur - (cur - x) % 4, math.floor(x / 4), 0
+      else
+        x = x - P
+        local q = math.floor(x / W)
+        w = cur - (cur - x % W) % W
+        c, p = math.floor(q / M), q % M
+      end
     end
     local changed = false
     if w == idx and c > 0 then
@@ -41,8 +46,10 @@ for i = 1, n do
     end
     if changed then
       local text
-      if c < M and p < M then
-        text = string.format('%.0f', (c * M + p) * W + w % W)
+      if p == 0 and c < M then
+        text = string.format('%d', c * 4 + w % 4)
+      elseif c < M and p < M then
+        text = string.format('%.0f', P + (c * M + p) * W + w % W)
       else
         text = string.format('%.0f:%d:%d', w, c, p)
       end

@@ -41,7 +41,8 @@ class Algorithm(str, enum.Enum):
 
 _SHORT = {
     Algorithm.SLIDING_WINDOW: "sl",  # a list of entries ("sw" held the former sorted set)
-    Algorithm.SLIDING_WINDOW_COUNTER: "sc",  # one integer ("swc" held the former text)
+    # one integer ("swc" held the former text, "sc" a layout with no shared-integer case)
+    Algorithm.SLIDING_WINDOW_COUNTER: "wc",
     Algorithm.FIXED_WINDOW: "fw",
     Algorithm.GCRA: "gc",  # an integer in 1/4 us ("gcra" held the former text)
 }

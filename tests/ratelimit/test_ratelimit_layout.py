@@ -14,28 +14,32 @@ from mcp_redis import Algorithm
 from mcp_redis.keys import KeySpace
 from mcp_redis.ratelimit.base import Policy, Reply, Spec
 from mcp_redis.ratelimit.memory import MemoryBackend
-from mcp_redis.testing import RedisServer
+from mcp_redis.testing import RedisServer, server_flavor
+from tests.ratelimit.simclock import SimulatedTTLs
 
 NOW = 1_800_000_000_000_000  # a simulated clock near today's (us)
 
+Stores = Tuple[Any, MemoryBackend, SimulatedTTLs]
+
 
 @pytest.fixture
-def stores(redis_mode: str) -> Tuple[Any, MemoryBackend]:
+def stores(redis_mode: str) -> Stores:
     from mcp_redis.client import default_client
     from mcp_redis.ratelimit import _backend
 
-    return _backend(default_client(), "redis"), MemoryBackend()
+    store = _backend(default_client(), "redis")
+    return store, MemoryBackend(), SimulatedTTLs(store.conn.client)
 
 
-def both(stores: Tuple[Any, MemoryBackend], policy: Policy, key: str, cost: int, consume: bool, now: int) -> Reply:
-    redis_store, model = stores
-    got = redis_store.acquire(policy, key, cost, consume, now_us=now)
+def both(stores: Stores, policy: Policy, key: str, cost: int, consume: bool, now: int) -> Reply:
+    redis_store, model, ttls = stores
+    got = ttls.call(policy.keys_for(key), now, lambda: redis_store.acquire(policy, key, cost, consume, now_us=now))
     assert got == model.acquire(policy, key, cost, consume, now_us=now), (cost, consume, now)
     return got
 
 
 @pytest.mark.parametrize("expired", [1, 2, 3, 5, 8, 21, 49, 50])
-def test_sliding_log_drops_any_number_of_expired_entries_exactly(stores: Tuple[Any, MemoryBackend],
+def test_sliding_log_drops_any_number_of_expired_entries_exactly(stores: Stores,
                                                                  redis_server: RedisServer, expired: int) -> None:
     # 50 hits 1 ms apart, then a check when `expired` of them have left the
     # window: the tail is cut by galloping and bisecting, and what is left is
@@ -54,7 +58,7 @@ def test_sliding_log_drops_any_number_of_expired_entries_exactly(stores: Tuple[A
 
 
 def test_sliding_log_entries_are_15_bytes_and_the_call_counts_once_per_unit(
-        stores: Tuple[Any, MemoryBackend], redis_server: RedisServer) -> None:
+        stores: Stores, redis_server: RedisServer) -> None:
     policy = Policy.of(Algorithm.SLIDING_WINDOW, "entries", [Spec(20, 3_600_000_000)], KeySpace("mcp:"))
     both(stores, policy, "k", 3, True, NOW)
     both(stores, policy, "k", 1, True, NOW + 1)
@@ -80,9 +84,59 @@ def test_constant_state_is_one_bare_integer(redis_mode: str, redis_server: Redis
     assert redis_server.client().object("encoding", keys[0]) == "int"
 
 
-def test_sliding_window_counter_beyond_2_22_per_window_keeps_exact_counts(
-        stores: Tuple[Any, MemoryBackend], redis_server: RedisServer) -> None:
-    # Counts of 2^22 and more do not fit the integer layout: the key holds
+SHARED = 2**31 - 1  # OBJECT REFCOUNT of one of Redis's shared integers (0..9,999)
+
+
+@pytest.mark.parametrize("limit", [20, 1_000, 2_499])
+def test_sliding_window_counter_first_window_is_a_shared_integer(stores: Stores, redis_server: RedisServer,
+                                                                 limit: int) -> None:
+    # A limiter's first window (nothing counted in the window before): the
+    # count and the window's index mod 4, which Redis keeps as one of its
+    # shared integers, no object of the key's own (what limits' INCR key
+    # costs); a full key at 1,000/minute included.
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, f"first-{limit}", [Spec(limit, 60_000_000)],
+                       KeySpace("mcp:"))
+    (key,) = policy.keys_for("k")
+    idx = NOW // 60_000_000
+    both(stores, policy, "k", 1, True, NOW)
+    both(stores, policy, "k", limit - 1, True, NOW + 1)
+    client = redis_server.client()
+    assert int(client.get(key)) == limit * 4 + idx % 4
+    # What an INCR'd count of the same size (limits' layout) gets on this
+    # server: shared on Redis; on Valkey 8, which embeds each key in its
+    # value's object, every value is an object of its own.
+    client.incrby("reference", limit * 4 + idx % 4)
+    assert client.object("refcount", key) == client.object("refcount", "reference")
+    if server_flavor() == "redis":
+        assert client.object("refcount", key) == SHARED
+    # The next window counts this one as its previous: the packed layout (its own integer).
+    both(stores, policy, "k", 1, True, (idx + 1) * 60_000_000 + 30_000_000)
+    assert int(client.get(key)) >= 2**51 and client.object("refcount", key) == 1
+
+
+def test_sliding_window_counter_first_window_count_outliving_its_ttl_is_not_this_windows(
+        stores: Stores, redis_server: RedisServer) -> None:
+    # The key expires at the end of the window after its own, but Redis may
+    # delete it a little late: read in the window after next, or later, its
+    # count is stale (an index mod 2 would take it for this window's and
+    # refuse), and in the window after its own it is the previous count.
+    redis_store, model, _ = stores
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "late", [Spec(3, 1_000_000)], KeySpace("mcp:"))
+    (key,) = policy.keys_for("k")
+    start = NOW - NOW % 1_000_000
+    both(stores, policy, "k", 3, True, start + 10)
+    assert int(redis_server.client().get(key)) < 10_000
+    for late in (1_000_010, 2_000_000, 2_000_001, 3_500_000):
+        redis_server.client().pexpire(key, 60_000)  # still there, whatever the simulated clock says
+        now = start + late
+        got = redis_store.acquire(policy, "k", 1, False, now_us=now)
+        assert got == model.acquire(policy, "k", 1, False, now_us=now), late
+        assert got.allowed == (late >= 2_000_000), late
+
+
+def test_sliding_window_counter_beyond_2_21_per_window_keeps_exact_counts(
+        stores: Stores, redis_server: RedisServer) -> None:
+    # Counts of 2^21 and more do not fit the integer layouts: the key holds
     # "<index>:<current>:<previous>" then, and every figure stays the model's.
     big = 10_000_000
     policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "big", [Spec(big, 60_000_000)], KeySpace("mcp:"))
@@ -105,7 +159,7 @@ def test_sliding_window_counter_beyond_2_22_per_window_keeps_exact_counts(
 @pytest.mark.parametrize("algorithm", [Algorithm.SLIDING_WINDOW, Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.GCRA],
                          ids=lambda a: a.value)
 @pytest.mark.parametrize("limit", [1, 7, 10_000_000])
-def test_one_limit_admitted_answers_the_models_figures(stores: Tuple[Any, MemoryBackend], algorithm: Algorithm,
+def test_one_limit_admitted_answers_the_models_figures(stores: Stores, algorithm: Algorithm,
                                                       limit: int) -> None:
     # One limit, admitted: the script answers one integer (the client knows
     # the limit and the window), the same figures as the model's text would.
@@ -126,3 +180,24 @@ def test_fixed_window_one_limit_reports_its_window_in_microseconds(redis_mode: s
     limiter.hit("k")
     refused = limiter.hit("k")
     assert not refused.allowed and 59.0 < refused.retry_after <= 60.001
+
+
+def test_sliding_window_counter_keys_of_the_previous_layout_are_not_read(redis_mode: str,
+                                                                         redis_server: RedisServer) -> None:
+    # docs/ratelimit.md: the layout changed with the tag (`sc` -> `wc`), so a
+    # process of the release before never misreads a key of this one, nor
+    # the other way round: during a rolling upgrade the two count apart.
+    import mcp_redis
+
+    limiter = mcp_redis.RateLimiter("upgrade", 5, 3600, algorithm=Algorithm.SLIDING_WINDOW_COUNTER)
+    (key,) = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "upgrade", [Spec(5, 3_600_000_000)],
+                       KeySpace("mcp:")).keys_for("k")
+    assert key.endswith("#wc_3600000000")
+    client = redis_server.client()
+    seconds, micros = client.time()
+    idx = (seconds * 1_000_000 + micros) // 3_600_000_000
+    old_key = key.replace("#wc_", "#sc_")
+    client.set(old_key, (5 * 2**22) * 512 + idx % 512, px=60_000)  # full, in the old layout
+    reply = limiter.hit("k")
+    assert reply.allowed and reply.remaining == 4
+    assert int(client.get(old_key)) == (5 * 2**22) * 512 + idx % 512, "left as it was"
