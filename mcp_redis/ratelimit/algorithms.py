@@ -109,7 +109,8 @@ class _SlidingWindowCounter(_Model):
         elif w != idx:
             p, c = 0, 0
         start = idx * window
-        est = p * (start + window - now) / window + c
+        # In doubles, as Lua computes it (p times the time left can pass 2^53 at huge limits).
+        est = float(p) * (start + window - now) / window + c
         reset = start + 2 * window - now if c else (start + window - now if p else 0)
         retry = 0
         if est + cost > limit:
@@ -124,7 +125,7 @@ class _SlidingWindowCounter(_Model):
     def consume(self, view: Any, now: int, limit: int, window: int, cost: int) -> Tuple[Any, int, int, int]:
         idx, c, p = view
         start = idx * window
-        est = p * (start + window - now) / window + c + cost
+        est = float(p) * (start + window - now) / window + c + cost
         left = start + 2 * window - now
         return [idx, c + cost, p], math.floor(limit - est), left, left
 

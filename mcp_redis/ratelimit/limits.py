@@ -188,7 +188,7 @@ def _coerce_limits(limit: Any, window: Any, limits: Any) -> Tuple[Limit, ...]:
             if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
                 raise InvalidArgumentType(argument, f"items must be Limit or (limit, window[, name]), not {item!r}")
             item = Limit(*item)
-        _check_int(item.limit, "limit", maximum=MAX_LIMIT)  # counts and replies stay exact in Lua's doubles (2^53)
+        _check_int(item.limit, "limit", maximum=MAX_LIMIT)  # counts stay exact in Lua's doubles (2^53)
         if item.window is not None:
             _check_window(item.window, "window")
         if item.name is not None and (not isinstance(item.name, str) or not item.name):

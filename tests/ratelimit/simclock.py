@@ -42,8 +42,9 @@ class SimulatedTTLs:
                 del self.ends[key]
         started = time.monotonic()
         out = fn()
-        for key in keys:
-            pttl = self.client.pttl(key)
+        # Read and stretched in one step: a short TTL cannot run out in between.
+        pttls = self.client.eval(_GRAB, len(keys), *keys, KEPT_MS) if keys else []
+        for key, pttl in zip(keys, pttls):
             if pttl == -2:  # gone (or never written)
                 self.ends.pop(key, None)
                 continue
@@ -51,5 +52,15 @@ class SimulatedTTLs:
             if pttl < KEPT_MS // 2:  # set by this call (else kept, KEEPTTL)
                 # Counted down in real time since the call set it: never end early.
                 self.ends[key] = now + pttl * 1000 + int((time.monotonic() - started) * 1e6)
-                self.client.pexpire(key, KEPT_MS)
         return out
+
+
+# Each key's PTTL; a TTL a call set (under half of KEPT_MS) is stretched to KEPT_MS.
+_GRAB = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('PTTL', key)
+  if out[i] >= 0 and out[i] < tonumber(ARGV[1]) / 2 then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+return out
+"""

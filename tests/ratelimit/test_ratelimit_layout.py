@@ -201,3 +201,14 @@ def test_sliding_window_counter_keys_of_the_previous_layout_are_not_read(redis_m
     reply = limiter.hit("k")
     assert reply.allowed and reply.remaining == 4
     assert int(client.get(old_key)) == (5 * 2**22) * 512 + idx % 512, "left as it was"
+
+
+def test_sliding_window_counter_estimate_at_huge_limits_is_the_models(stores: Stores) -> None:
+    # previous * time left passes 2^53 at a limit of 10^15: Lua multiplies in
+    # doubles, and the models do the same (an exact integer product answered
+    # one more `remaining` than the script: a reviewer's fuzzing).
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, "huge", [Spec(10**15, 2_440_052)], KeySpace("mcp:"))
+    start = NOW - NOW % 2_440_052
+    both(stores, policy, "k", 10**15 - 1, True, start + 5)
+    reply = both(stores, policy, "k", 1, False, start + 2_440_052 + 17_586)
+    assert reply.outcomes[0].remaining == 7_207_223_452_616  # the exact product: ...615
