@@ -7,9 +7,10 @@
 --   - else 2^51 + (current * 2^21 + previous) * 512 + (window index mod 512);
 --   counts of 2^21 or more as the text "<index>:<current>:<previous>".
 --   Every write sets the key to expire at the end of the window after its
---   own (a few ms late at most), so an index mod 4 tells this window, the
---   previous one and older ones apart (the mod 512 layout does it without the
---   TTL; a simulated clock that outruns real TTLs needs it: see the tests).
+--   own (within a ms or two: Redis counts TTLs in whole ms), so an index
+--   mod 4 tells this window, the previous one and older ones apart (the mod
+--   512 layout does it without the TTL; a simulated clock that outruns real
+--   TTLs needs it: see the tests).
 -- ARGV: cost (negative: peek, consume nothing), then limit_i, window_us_i for
 --       each key, then optionally the time in us (tests simulate a clock).
 -- Reply: "allowed refused-index(0 = none)" then, per limit,

@@ -212,3 +212,26 @@ def test_sliding_window_counter_estimate_at_huge_limits_is_the_models(stores: St
     both(stores, policy, "k", 10**15 - 1, True, start + 5)
     reply = both(stores, policy, "k", 1, False, start + 2_440_052 + 17_586)
     assert reply.outcomes[0].remaining == 7_207_223_452_616  # the exact product: ...615
+
+
+@pytest.mark.parametrize("windows", [[1_000_000], [1_000_000, 3_000_000]], ids=["one limit", "two limits"])
+def test_sliding_window_counter_keys_expire_at_the_end_of_the_window_after_their_own(
+        stores: Stores, windows: List[int]) -> None:
+    # What the first-window layout relies on (index mod 4): not much later
+    # (nor earlier: the count is still needed as the previous one).
+    _, _, ttls = stores
+    policy = Policy.of(Algorithm.SLIDING_WINDOW_COUNTER, f"ttl{len(windows)}", [Spec(9, w) for w in windows],
+                       KeySpace("mcp:"))
+    keys = policy.keys_for("k")
+    start = NOW - NOW % 3_000_000  # a window start of every limit
+
+    def ends_ok(now: int) -> None:  # whatever the write (kept TTL, new TTL, either layout)
+        for key, window in zip(keys, windows):
+            end = (now // window + 2) * window
+            # Redis counts a TTL in whole ms from its own ms clock: up to 1 ms early.
+            assert end - 1_000 <= ttls.ends[key] <= end + 100_000, (key, ttls.ends[key] - end)
+
+    for now in (start + 10, start + 500_000, start + 1_200_000, start + 3_100_000):
+        # first window; the same window (TTL kept); the 1 s limit's next window (packed); later windows
+        both(stores, policy, "k", 1, True, now)
+        ends_ok(now)
