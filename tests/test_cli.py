@@ -224,3 +224,31 @@ def test_health_reports_a_backends_own_configuration_error_and_exits_1(redis_fac
     assert "wrong-pw" not in out.stdout + out.stderr
     refused = run_cli("health", "--json", env={"REDIS_URL": "redis+cluster://127.0.0.1:7000/1"})
     assert refused.returncode == 2 and "Redis Cluster has only database 0" in refused.stderr
+
+
+def test_cli_logging_writes_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI's handler, installed by one in-process run, must not keep the
+    # stream that run had: a test's captured stderr is closed after it, and
+    # later records then failed ("--- Logging error ---") instead of printing.
+    import io
+    import logging
+
+    from mcp_redis import cli
+
+    logger = logging.getLogger("mcp_redis")
+    saved_handlers, saved_level = logger.handlers[:], logger.level
+    logger.handlers.clear()
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        cli._setup_logging("warning")
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("mcp_redis.anything").warning("after the first stream closed")
+        out = second.getvalue()
+        assert "WARNING mcp_redis.anything: after the first stream closed" in out
+        assert "Logging error" not in out
+    finally:
+        logger.handlers[:] = saved_handlers
+        logger.setLevel(saved_level)
