@@ -69,8 +69,8 @@ class RedisConnection:
     service_name: Optional[str] = None
     # The client's one script registry (`mcp_redis.Client.scripts`).
     scripts: ScriptSet = dataclasses.field(default_factory=ScriptSet, repr=False, compare=False)
-    # (sha, *keys) -> the packed start of an EVALSHA command: see run_script
-    _heads: Dict[Tuple[Any, ...], bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # (sha, *keys) -> the packed start of an EVALSHA command (see run_script); ("SET", key, px) -> set_nx_get's
+    _heads: Dict[Tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     # The variable its URL came from (REDIS_URL, or a feature's MCP_REDIS_*_URL): errors name it.
     variable: str = "REDIS_URL"
     # When READONLY was last logged (monotonic): once a minute at most.
@@ -183,6 +183,25 @@ class RedisConnection:
         if self.is_cluster:
             return self.client.execute_command(*args)
         [reply] = self.trips.send(_pack(self._encoder, args), 1)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def set_nx_get(self, key: str, value: str, px: int) -> Any:
+        """``SET key value NX PX px GET`` the way `run_command` sends it (a lock's plain try),
+        packed around `value` from a start and an end kept per ``(key, px)``: the raw reply."""
+        if self.is_cluster:
+            return self.client.execute_command("SET", key, value, "NX", "PX", px, "GET")
+        encoder = self._encoder
+        ends = self._heads.get(("SET", key, px))
+        if ends is None:
+            ends = (b"*7\r\n" + _resp_bulk(encoder, "SET") + _resp_bulk(encoder, key),
+                    b"".join([_resp_bulk(encoder, "NX"), _resp_bulk(encoder, "PX"), _resp_bulk(encoder, px),
+                              _resp_bulk(encoder, "GET")]))
+            if len(self._heads) >= _HEADS_MAX:
+                self._heads.clear()
+            self._heads[("SET", key, px)] = ends
+        [reply] = self.trips.send(b"".join([ends[0], _resp_bulk(encoder, value), ends[1]]), 1)
         if isinstance(reply, Exception):
             raise reply
         return reply

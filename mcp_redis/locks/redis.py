@@ -171,13 +171,13 @@ class RedisBackend(Backend):
         # first acquire takes the script path (see `_scripts_run`).
         if self._scripts_run:
             started = time.monotonic()
-            command = ("SET", keys.lock, token, "NX", "PX", lease_ms, "GET")
             fence: Any = None
             if fencing:
+                command = ("SET", keys.lock, token, "NX", "PX", lease_ms, "GET")
                 previous, fence = conn.call(conn.run_command_and_script, command, conn.script("lock_fence"),
                                             [keys.lock, keys.fence], [token])
             else:
-                previous = conn.call(conn.run_command, *command)
+                previous = conn.call(conn.set_nx_get, keys.lock, token, lease_ms)
             if (previous is None or _text(previous) == token) and self._confirm(conn, keys, token):
                 # Granted (or granted to this call's lost try).
                 if fencing and fence is None:  # a retried SET: draw it now
