@@ -24,6 +24,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .batching import LANES
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
 from .keys import validate_prefix
 from .validation import MAX_NETWORK_SECONDS, MAX_SECONDS, MAX_STATEMENT_SECONDS, seconds
@@ -164,7 +165,7 @@ class Settings:
     health_check_interval: int = 15
     max_connections: int = 50
     pool_timeout: float = 5.0
-    trips_in_flight: int = 2  # shared round trips a process keeps in flight at once (mcp_redis.batching)
+    trips_in_flight: int = LANES  # shared round trips a process keeps in flight at once (mcp_redis.batching)
     postgres_max_connections: int = 10
     postgres_connect_timeout: int = 2
     postgres_timeout: float = 5.0
