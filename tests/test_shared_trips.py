@@ -336,9 +336,11 @@ class CutAfterSend:
         self.pool = pool
         self.armed = False
         self.cut = 0
+        self.lent = 0
 
     def get_connection(self) -> Any:
         connection = self.pool.get_connection()
+        self.lent += 1
         if self.armed:
             self.armed = False
 
@@ -364,8 +366,14 @@ def test_a_cut_trip_counts_against_the_breaker_once(redis_factory: Any) -> None:
     trips._pool = cutter
     try:
         before = trips.stats()["trips"]
-        # The six calls' trip is the next to take a connection: its lead's.
-        outcomes = six_calls_in_one_trip(trips, conn, arm=lambda: setattr(cutter, "armed", True)).join()
+
+        def arm() -> None:
+            # The slow trip is counted as it takes its lane, before it takes a connection: armed
+            # only once it has one, the next connection lent is the six calls' trip's.
+            wait_for(lambda: cutter.lent == 1, 5.0, what="the slow trip's connection lent")
+            cutter.armed = True
+
+        outcomes = six_calls_in_one_trip(trips, conn, arm=arm).join()
         assert cutter.cut == 1 and trips.stats()["trips"] == before + 2  # one trip carried all six
         # All six lost their replies (one attempt each). The trip is one event: it counted once
         # against the breaker (threshold 3), which stays closed.
