@@ -189,6 +189,30 @@ def test_a_trip_whose_connection_breaks_fails_its_own_calls_alone(redis_factory:
         proxy.swallow_requests(None)
 
 
+class SendsCounted:
+    """The real pool, counting the trips written on the connections it lends (a trip is counted
+    in `SharedTrips.stats` as it takes its lane, before it takes a connection and writes)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.sent = 0
+
+    def get_connection(self) -> Any:
+        connection = self.pool.get_connection()
+        send = type(connection).send_packed_command
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            del connection.send_packed_command  # once: the class's method again
+            send(connection, *args, **kwargs)
+            self.sent += 1
+
+        connection.send_packed_command = counted
+        return connection
+
+    def release(self, connection: Any) -> None:
+        self.pool.release(connection)
+
+
 class Deadline(Exception):
     """What a legacy SIGALRM timeout decorator raises in the thread it interrupts."""
 
@@ -205,6 +229,7 @@ def test_a_leader_interrupted_mid_trip_raises_alone_and_the_others_are_retried(
     assert threading.current_thread() is threading.main_thread()
     if signum == signal.SIGUSR1:
         monkeypatch.setattr(signal, "_test_previous", signal.signal(signal.SIGUSR1, _raise_deadline), raising=False)
+    watched = trips._pool = SendsCounted(trips._pool)
     try:
         first = Callers([lambda: busy(trips, 0.3)]).start()
         wait_for(lambda: trips.stats()["trips"] == 1, 5.0, what="the first trip sent")
@@ -213,7 +238,9 @@ def test_a_leader_interrupted_mid_trip_raises_alone_and_the_others_are_retried(
         def interrupt() -> None:
             # The main thread queued first: it leads the second trip, with five more calls.
             queued(trips, 6)
-            wait_for(lambda: trips.stats()["trips"] == 2, 5.0, what="the second trip sent")
+            # Written, not only counted (a trip is counted as it takes its lane): the signal
+            # lands while the main thread waits for the replies.
+            wait_for(lambda: watched.sent == 2, 5.0, what="the second trip written")
             later.start()
             queued(trips, 2)  # behind the trip about to be interrupted
             signal.pthread_kill(main, signum)
