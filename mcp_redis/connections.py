@@ -12,6 +12,7 @@ closing the parent's sockets) and builds fresh ones on first use.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -273,6 +274,7 @@ class RedisConnection:
                 created += len(all_conns)
                 queue = getattr(pool, "pool", None)
                 free = sum(1 for c in list(getattr(queue, "queue", [])) if c is not None)
+                free += len(getattr(pool, "_parked", ()))  # ReadyCheckedPool: idle, out of redis-py's queue
                 idle += free
                 in_use += len(all_conns) - free
             max_connections += getattr(pool, "max_connections", 0) or 0
@@ -370,6 +372,12 @@ class _QuickReadyCheck:
         super().ensure_connection(connection)  # type: ignore[misc]
 
 
+def _judged(connection: Any) -> bool:
+    """True when `_quiet` can judge `connection`: a plain socket read by the pure-Python parser."""
+    return (type(getattr(connection, "_sock", None)) is socket.socket and getattr(
+        getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None) is not None)
+
+
 def _quiet(connection: Any) -> bool:
     """True when `connection` is connected and has nothing buffered or waiting to be read."""
     sock = getattr(connection, "_sock", None)
@@ -385,9 +393,108 @@ def _quiet(connection: Any) -> bool:
         return False
 
 
+#: How often a thread waiting on an exhausted pool also looks at its parked connections (seconds).
+_PARKED_POLL = 0.005
+
+
+class _ParkedAwareQueue(queue.LifoQueue):  # type: ignore[type-arg]
+    """redis-py's queue of idle connections (`ReadyCheckedPool`), whose blocking `get` also
+    takes a parked connection: a release may park one while a thread starts to wait on an
+    exhausted pool (`ReadyCheckedPool.release` parks only while the queue holds something,
+    but a third thread can empty it between the two), and that thread would otherwise wait
+    for the next release, or its whole timeout. It looks every `_PARKED_POLL` seconds."""
+
+    parked: Deque[Any]
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        if not block:
+            return super().get(False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _PARKED_POLL if deadline is None else min(_PARKED_POLL, deadline - time.monotonic())
+            if wait <= 0:
+                return super().get(False)  # queue.Empty: nothing came in time
+            try:
+                return super().get(True, wait)
+            except queue.Empty:
+                try:
+                    return self.parked.pop()
+                except IndexError:
+                    pass
+
+
 class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
-    """redis-py's `BlockingConnectionPool` with the ready check above (single servers), and
-    idle sockets closed without racing the threads that take them."""
+    """redis-py's `BlockingConnectionPool` with the ready check above (single servers), a
+    short way in and out for the connections just used, and idle sockets closed without
+    racing the threads that take them.
+
+    Taking a connection from redis-py's pool and giving it back runs some
+    thirty Python calls (its queue's lock and conditions, its observability
+    hooks, its fork and ownership checks): about a tenth of a loopback round
+    trip. Here a released connection that the quick ready check can judge
+    (a plain socket read by the pure-Python parser) is *parked* instead, at
+    most `PARKED` of them, and only while redis-py's queue holds something
+    (so that no thread is waiting on an empty one). A parked connection is
+    kept in a deque beside the queue, still counted as in use by redis-py
+    (`RedisConnection.pool_stats` counts it idle). The next `get_connection`
+    in the same process takes it back if the quick check finds it ready
+    (one ``select``), else hands it to redis-py's own path, which checks it
+    and reconnects it. A forked child, a maintenance event in progress and
+    a connection marked for reconnect take redis-py's path; `disconnect`
+    and `reset` empty the deque first. A thread that waits on an exhausted
+    pool also takes parked connections (`_ParkedAwareQueue`).
+    """
+
+    #: The most connections parked at once (the shared trips use two at a time by default).
+    PARKED = 4
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("queue_class", _ParkedAwareQueue)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def reset(self) -> None:
+        # Also after a fork (redis-py's `_checkpid`): the parent's parked sockets are not the child's.
+        self._parked: Deque[Any] = collections.deque()
+        super().reset()  # type: ignore[no-untyped-call]
+        if isinstance(self.pool, _ParkedAwareQueue):
+            self.pool.parked = self._parked
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        parked = self._parked
+        if parked and self.pid == os.getpid() and not self._in_maintenance:
+            try:
+                connection = parked.pop()
+            except IndexError:
+                pass
+            else:
+                try:
+                    ready = _quiet(connection) and not connection.should_reconnect()
+                except BaseException:  # a signal handler's exception: the connection is not lost
+                    super().release(connection)  # type: ignore[no-untyped-call]
+                    raise
+                if ready:
+                    return connection
+                # redis-py's path below takes it back (its queue is LIFO), checks it, reconnects it.
+                super().release(connection)  # type: ignore[no-untyped-call]
+        return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def release(self, connection: Any) -> None:
+        parked = self._parked
+        if (len(parked) < self.PARKED and self.pool.queue and connection.pid == self.pid
+                and not self._in_maintenance and _judged(connection) and not connection.should_reconnect()):
+            parked.append(connection)
+            return
+        super().release(connection)  # type: ignore[no-untyped-call]
+
+    def _unpark(self) -> None:
+        """Give every parked connection back to redis-py's queue."""
+        parked = self._parked
+        while True:
+            try:
+                connection = parked.pop()
+            except IndexError:
+                return
+            super().release(connection)  # type: ignore[no-untyped-call]
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Close every socket (`inuse_connections`), or only the idle ones.
@@ -400,6 +507,7 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
         idle connection is taken out of the queue, closed, and put back: no
         other thread can hold it meanwhile.
         """
+        self._unpark()
         if inuse_connections:
             super().disconnect(inuse_connections=True)
             return

@@ -415,3 +415,135 @@ def test_the_quick_ready_check_defers_to_redis_py_for_other_parsers_and_tls(redi
 def _readable(connection: Any) -> bool:
     import select
     return bool(select.select([connection._sock], [], [], 0)[0])
+
+
+# -- parked connections (ReadyCheckedPool's short way in and out) ------------------------------
+class _CountedQueue:
+    """Counts the calls that reach redis-py's queue of idle connections (wrapping its methods)."""
+
+    def __init__(self, pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        for name in ("get", "put", "get_nowait", "put_nowait"):
+            real = getattr(pool.pool, name)
+
+            def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                self.calls += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(pool.pool, name, counted)
+
+
+#: hiredis's parser keeps its unread bytes where the quick check cannot look (CI's hiredis pass):
+#: nothing is parked, every connection goes through redis-py's queue.
+PARKS = not redis.utils.HIREDIS_AVAILABLE
+needs_parking = pytest.mark.skipif(not PARKS, reason="hiredis's parser: connections are not parked")
+
+
+def test_a_connection_just_used_is_taken_back_without_redis_pys_queue(redis_mode: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = get_redis()
+    pool = conn.client.connection_pool
+    first = conn.call(conn.run_command, "CLIENT", "ID")
+    assert conn.pool_stats()["in_use"] == 0 and conn.pool_stats()["idle"] >= 1  # parked counts as idle
+    assert len(pool._parked) == PARKS
+    counted = _CountedQueue(pool, monkeypatch)
+    ids = {conn.call(conn.run_command, "CLIENT", "ID") for _ in range(10)}
+    assert conn.call(conn.client.get, "mcp:nothing") is None  # redis-py's own commands take it too
+    assert ids == {first} and (counted.calls == 0) is PARKS
+
+
+@needs_parking
+def test_a_parked_connection_marked_for_reconnect_is_not_used_as_is(redis_mode: str) -> None:
+    conn = get_redis()
+    first = conn.call(conn.run_command, "CLIENT", "ID")
+    [parked] = conn.client.connection_pool._parked
+    parked._should_reconnect = True  # as redis-py marks one during a server's maintenance event
+    assert conn.call(conn.run_command, "CLIENT", "ID") != first
+
+
+@needs_parking
+def test_a_forked_child_never_takes_its_parents_parked_connection(redis_factory: Any) -> None:
+    mcp_redis.configure(redis_url=redis_factory().url)
+    conn = get_redis()
+    pool = conn.client.connection_pool
+    parent_id = conn.call(conn.run_command, "CLIENT", "ID")
+    [parked] = pool._parked
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child uses the inherited pool object itself, not a client of its own
+        code = 1
+        try:
+            connection = pool.get_connection()
+            ok = connection is not parked and connection._sock is not parked._sock
+            connection.send_command("CLIENT", "ID")
+            os.write(write, b"%d" % connection.read_response())
+            pool.release(connection)
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child_id = int(os.read(read, 64) or b"0")
+    os.close(read)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert child_id not in (0, parent_id)
+    assert conn.call(conn.run_command, "CLIENT", "ID") == parent_id  # the parent's socket is whole
+
+
+def test_a_thread_waiting_on_an_exhausted_pool_takes_a_connection_parked_meanwhile(redis_factory: Any) -> None:
+    # The race `_ParkedAwareQueue` closes: a connection parked while a thread waits on the empty
+    # queue (a third thread emptied it between the release's check and its wait) is taken within
+    # a few ms, not after the waiting thread's whole pool timeout.
+    mcp_redis.configure(redis_url=redis_factory().url, max_connections=2, pool_timeout=60)
+    pool = get_redis().client.connection_pool
+    held = [pool.get_connection(), pool.get_connection()]  # exhausted
+    got: List[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get_connection()), daemon=True)
+    waiter.start()
+    wait_for(lambda: pool.pool.not_empty._waiters, timeout=5, what="the thread waiting on the queue")
+    pool._parked.append(held.pop())  # what a release racing the waiter leaves behind
+    waiter.join(10)
+    assert not waiter.is_alive() and got, "the waiting thread did not take the parked connection"
+    pool.release(got[0])
+    pool.release(held[0])
+
+
+def test_a_release_into_an_exhausted_pool_goes_to_redis_pys_queue(redis_factory: Any) -> None:
+    # Not parked: a thread may be waiting on that empty queue, and a put wakes it at once.
+    mcp_redis.configure(redis_url=redis_factory().url, max_connections=1)
+    pool = get_redis().client.connection_pool
+    held = pool.get_connection()
+    held.connect()
+    assert not pool.pool.queue  # exhausted
+    pool.release(held)
+    assert not pool._parked and pool.pool.queue == [held]
+
+
+@needs_parking
+def test_closing_the_idle_sockets_closes_the_parked_ones(redis_factory: Any) -> None:
+    mcp_redis.configure(redis_url=redis_factory().url)
+    conn = get_redis()
+    conn.call(conn.run_command, "PING")
+    [parked] = conn.client.connection_pool._parked
+    assert parked._sock is not None
+    conn.disconnect()  # what the breaker does as it opens
+    assert parked._sock is None and not conn.client.connection_pool._parked
+    assert conn.call(conn.run_command, "PING") in (b"PONG", "PONG")
+
+
+def test_a_connection_the_quick_check_cannot_judge_is_not_parked() -> None:
+    # A TLS socket (an ssl.SSLSocket, not a plain socket): its plaintext may wait in OpenSSL's
+    # buffer, where the quick check cannot look; it goes back to redis-py's queue.
+    import ssl
+    import types
+    pool = ReadyCheckedPool.from_url("rediss://127.0.0.1:1", max_connections=4)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    sock = context.wrap_socket(__import__("socket").socket(), do_handshake_on_connect=False)
+    tls = types.SimpleNamespace(pid=pool.pid, _sock=sock, should_reconnect=lambda: False)
+    assert pool.pool.get_nowait() is None  # its slot, as when it was made
+    try:
+        pool.release(tls)
+        assert not pool._parked and tls in pool.pool.queue
+    finally:
+        tls._sock.close()
