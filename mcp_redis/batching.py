@@ -283,6 +283,12 @@ class SharedTrips:
                 except redis.ResponseError as exc:
                     replies.append(exc)
             return replies
+        except BaseException:
+            # Sent, its replies not all read: a signal handler's exception raised between the
+            # send and the read (redis-py drops the connection on any error inside either)
+            # would leave them to the connection's next user.
+            connection.disconnect()
+            raise
         finally:
             pool.release(connection)
 

@@ -379,9 +379,13 @@ def _judged(connection: Any) -> bool:
 
 
 def _quiet(connection: Any) -> bool:
-    """True when `connection` is connected and has nothing buffered or waiting to be read."""
+    """True when `connection` is connected, has nothing buffered or waiting to be read, and
+    its socket keeps its timeout (redis-py's own check sets it to 0 and back: a signal
+    handler's exception between the two leaves it non-blocking, and that check puts it back)."""
     sock = getattr(connection, "_sock", None)
     if sock is None or type(sock) is not socket.socket:  # not connected, or TLS
+        return False
+    if sock.gettimeout() != getattr(connection, "socket_timeout", None):
         return False
     # The pure-Python parser's read buffer (hiredis's parser keeps a bytearray there: not ours to judge).
     unread = getattr(getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None)
@@ -393,34 +397,24 @@ def _quiet(connection: Any) -> bool:
         return False
 
 
-#: How often a thread waiting on an exhausted pool also looks at its parked connections (seconds).
-_PARKED_POLL = 0.005
-
-
 class _ParkedAwareQueue(queue.LifoQueue):  # type: ignore[type-arg]
-    """redis-py's queue of idle connections (`ReadyCheckedPool`), whose blocking `get` also
-    takes a parked connection: a release may park one while a thread starts to wait on an
-    exhausted pool (`ReadyCheckedPool.release` parks only while the queue holds something,
-    but a third thread can empty it between the two), and that thread would otherwise wait
-    for the next release, or its whole timeout. It looks every `_PARKED_POLL` seconds."""
+    """redis-py's queue of idle connections (`ReadyCheckedPool`), whose items include the
+    parked connections: a thread waiting on it for a connection takes a parked one as soon as
+    a release parks it (the release notifies, as a put does). Parked ones go first, through
+    the queue's own hooks (`_qsize`, `_get`), under its lock: as with every item, a parked
+    connection is taken by one thread."""
 
-    parked: Deque[Any]
+    def __init__(self, maxsize: int = 0) -> None:
+        self.parked: Deque[Any] = collections.deque()  # the pool's own, once it is made (`reset`)
+        super().__init__(maxsize)
 
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
-        if not block:
-            return super().get(False)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = _PARKED_POLL if deadline is None else min(_PARKED_POLL, deadline - time.monotonic())
-            if wait <= 0:
-                return super().get(False)  # queue.Empty: nothing came in time
-            try:
-                return super().get(True, wait)
-            except queue.Empty:
-                try:
-                    return self.parked.pop()
-                except IndexError:
-                    pass
+    def _qsize(self) -> int:
+        return len(self.queue) + len(self.parked)
+
+    def _get(self) -> Any:
+        if self.parked:
+            return self.parked.pop()
+        return self.queue.pop()
 
 
 class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
@@ -429,20 +423,21 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
     racing the threads that take them.
 
     Taking a connection from redis-py's pool and giving it back runs some
-    thirty Python calls (its queue's lock and conditions, its observability
-    hooks, its fork and ownership checks): about a tenth of a loopback round
-    trip. Here a released connection that the quick ready check can judge
-    (a plain socket read by the pure-Python parser) is *parked* instead, at
-    most `PARKED` of them, and only while redis-py's queue holds something
-    (so that no thread is waiting on an empty one). A parked connection is
-    kept in a deque beside the queue, still counted as in use by redis-py
-    (`RedisConnection.pool_stats` counts it idle). The next `get_connection`
-    in the same process takes it back if the quick check finds it ready
-    (one ``select``), else hands it to redis-py's own path, which checks it
-    and reconnects it. A forked child, a maintenance event in progress and
-    a connection marked for reconnect take redis-py's path; `disconnect`
-    and `reset` empty the deque first. A thread that waits on an exhausted
-    pool also takes parked connections (`_ParkedAwareQueue`).
+    thirty Python calls (its queue's conditions, its observability hooks,
+    its fork and ownership checks): about a tenth of a loopback round trip.
+    Here a released connection that the quick ready check can judge (a
+    plain socket read by the pure-Python parser) is *parked* instead, at
+    most `PARKED` of them: kept beside redis-py's queue, under its lock,
+    and counted as one of its items (`_ParkedAwareQueue`), so a thread
+    waiting on the queue is woken and takes it; redis-py itself counts it
+    as in use (`RedisConnection.pool_stats` counts it idle). The next
+    `get_connection` in the same process takes it back if the quick check
+    finds it ready (one ``select``), else hands it to redis-py's own path,
+    which checks it and reconnects it. A forked child, a maintenance event
+    in progress and a connection marked for reconnect take redis-py's
+    path. `disconnect` closes parked sockets as idle ones (the queue hands
+    them out first); `reset` (a fork) forgets them, as redis-py forgets
+    its queue.
     """
 
     #: The most connections parked at once (the shared trips use two at a time by default).
@@ -461,12 +456,11 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         parked = self._parked
+        # The pid first: in a forked child the queue's lock may have been held by a parent's thread.
         if parked and self.pid == os.getpid() and not self._in_maintenance:
-            try:
-                connection = parked.pop()
-            except IndexError:
-                pass
-            else:
+            with self.pool.mutex:
+                connection = parked.pop() if parked else None
+            if connection is not None:
                 try:
                     ready = _quiet(connection) and not connection.should_reconnect()
                 except BaseException:  # a signal handler's exception: the connection is not lost
@@ -480,21 +474,16 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
 
     def release(self, connection: Any) -> None:
         parked = self._parked
-        if (len(parked) < self.PARKED and self.pool.queue and connection.pid == self.pid
-                and not self._in_maintenance and _judged(connection) and not connection.should_reconnect()):
-            parked.append(connection)
-            return
+        if (len(parked) < self.PARKED and connection.pid == self.pid == os.getpid() and not self._in_maintenance
+                and _judged(connection) and not connection.should_reconnect()):
+            waiting = self.pool.not_empty
+            with self.pool.mutex:
+                if len(parked) < self.PARKED:
+                    parked.append(connection)
+                    if getattr(waiting, "_waiters", True):  # a thread waits on the queue: wake one
+                        waiting.notify()
+                    return
         super().release(connection)  # type: ignore[no-untyped-call]
-
-    def _unpark(self) -> None:
-        """Give every parked connection back to redis-py's queue."""
-        parked = self._parked
-        while True:
-            try:
-                connection = parked.pop()
-            except IndexError:
-                return
-            super().release(connection)  # type: ignore[no-untyped-call]
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Close every socket (`inuse_connections`), or only the idle ones.
@@ -507,7 +496,6 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
         idle connection is taken out of the queue, closed, and put back: no
         other thread can hold it meanwhile.
         """
-        self._unpark()
         if inuse_connections:
             super().disconnect(inuse_connections=True)
             return

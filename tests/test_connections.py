@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import statistics
+import sys
 import threading
 import time
 from typing import Any, Dict, List
@@ -490,33 +491,102 @@ def test_a_forked_child_never_takes_its_parents_parked_connection(redis_factory:
     assert conn.call(conn.run_command, "CLIENT", "ID") == parent_id  # the parent's socket is whole
 
 
-def test_a_thread_waiting_on_an_exhausted_pool_takes_a_connection_parked_meanwhile(redis_factory: Any) -> None:
-    # The race `_ParkedAwareQueue` closes: a connection parked while a thread waits on the empty
-    # queue (a third thread emptied it between the release's check and its wait) is taken within
-    # a few ms, not after the waiting thread's whole pool timeout.
+def _waiting(pool: Any) -> int:
+    """Threads asleep on the pool's queue of idle connections."""
+    return len(pool.pool.not_empty._waiters)
+
+
+@needs_parking
+def test_threads_waiting_on_an_exhausted_pool_take_the_connections_parked_meanwhile(redis_factory: Any) -> None:
+    # Two threads wait; two connections come back at once, before either thread runs: both are
+    # parked, not put into redis-py's queue, so each park must wake a thread (as a put does), or
+    # the threads would sleep through their whole pool timeout beside two idle connections.
     mcp_redis.configure(redis_url=redis_factory().url, max_connections=2, pool_timeout=60)
     pool = get_redis().client.connection_pool
     held = [pool.get_connection(), pool.get_connection()]  # exhausted
+    for connection in held:
+        connection.connect()
     got: List[Any] = []
-    waiter = threading.Thread(target=lambda: got.append(pool.get_connection()), daemon=True)
-    waiter.start()
-    wait_for(lambda: pool.pool.not_empty._waiters, timeout=5, what="the thread waiting on the queue")
-    pool._parked.append(held.pop())  # what a release racing the waiter leaves behind
-    waiter.join(10)
-    assert not waiter.is_alive() and got, "the waiting thread did not take the parked connection"
-    pool.release(got[0])
-    pool.release(held[0])
+    waiters = [threading.Thread(target=lambda: got.append(pool.get_connection()), daemon=True) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    wait_for(lambda: _waiting(pool) == 2, timeout=5, what="two threads waiting on the queue")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)  # both releases before either woken thread runs
+    try:
+        pool.release(held[0])
+        pool.release(held[1])
+        parked = len(pool._parked)
+    finally:
+        sys.setswitchinterval(interval)
+    for waiter in waiters:
+        waiter.join(10)
+    assert parked == 2 and sorted(map(id, got)) == sorted(map(id, held)), "a waiting thread was not woken"
+    for connection in got:
+        pool.release(connection)
 
 
-def test_a_release_into_an_exhausted_pool_goes_to_redis_pys_queue(redis_factory: Any) -> None:
-    # Not parked: a thread may be waiting on that empty queue, and a put wakes it at once.
-    mcp_redis.configure(redis_url=redis_factory().url, max_connections=1)
+@needs_parking
+def test_a_thread_waiting_on_an_exhausted_pool_sleeps_until_a_connection_comes_back(redis_factory: Any,
+                                                                                    monkeypatch: pytest.MonkeyPatch
+                                                                                    ) -> None:
+    mcp_redis.configure(redis_url=redis_factory().url, max_connections=1, pool_timeout=60)
     pool = get_redis().client.connection_pool
     held = pool.get_connection()
     held.connect()
-    assert not pool.pool.queue  # exhausted
+    wakes: List[Any] = []
+    real = pool.pool.not_empty.wait
+    monkeypatch.setattr(pool.pool.not_empty, "wait", lambda *a, **k: wakes.append(a) or real(*a, **k))
+    got: List[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get_connection()), daemon=True)
+    waiter.start()
+    wait_for(lambda: _waiting(pool) == 1, timeout=5, what="the thread waiting on the queue")
+    time.sleep(0.2)  # long enough for a thread that polls to have woken dozens of times
+    pool.release(held)  # parked, and the thread woken
+    waiter.join(10)
+    assert got == [held] and len(wakes) == 1, f"the waiting thread woke {len(wakes)} times"
     pool.release(held)
-    assert not pool._parked and pool.pool.queue == [held]
+
+
+@needs_parking
+def test_a_forked_child_can_close_the_inherited_pool(redis_factory: Any) -> None:
+    # A post-fork hook's `pool.disconnect()`: the parent's parked connections are not the child's
+    # to give back (redis-py's release would refuse them into a queue already full).
+    mcp_redis.configure(redis_url=redis_factory().url)
+    conn = get_redis()
+    pool = conn.client.connection_pool
+    conn.call(conn.run_command, "PING")
+    assert pool._parked
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            pool.disconnect()
+            pool.disconnect(inuse_connections=False)
+            connection = pool.get_connection()
+            connection.send_command("PING")
+            code = 0 if connection.read_response() in (b"PONG", "PONG") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert conn.call(conn.run_command, "PING") in (b"PONG", "PONG")
+
+
+@pytest.mark.skipif(not PARKS, reason="with hiredis's parser, redis-py's ready check polls: no timeout to put back")
+def test_a_pooled_socket_left_non_blocking_is_put_right_before_use(redis_factory: Any) -> None:
+    # redis-py's own ready check (pure-Python parser) sets a socket's timeout to 0 and back; a
+    # signal handler's exception between the two leaves it non-blocking, and the next slow
+    # reply would fail.
+    mcp_redis.configure(redis_url=redis_factory().url, retry_attempts=1)  # no retry to hide it
+    conn = get_redis()
+    conn.call(conn.run_command, "PING")
+    pool = conn.client.connection_pool
+    connection = pool.get_connection()
+    connection._sock.settimeout(0)
+    pool.release(connection)
+    assert conn.call(conn.run_command, "BLPOP", "mcp:nothing", "0.2") is None  # a reply 0.2 s away
+    assert conn.policy.breaker._failures == 0
 
 
 @needs_parking

@@ -213,6 +213,41 @@ class SendsCounted:
         self.pool.release(connection)
 
 
+class InterruptAfterSend:
+    """The real pool; the next connection it lends raises KeyboardInterrupt right after its
+    request is written, as a signal handler's exception landing there would."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.armed = True
+
+    def get_connection(self) -> Any:
+        connection = self.pool.get_connection()
+        if self.armed:
+            self.armed = False
+            send = type(connection).send_packed_command
+
+            def then_interrupted(*args: Any, **kwargs: Any) -> None:
+                del connection.send_packed_command  # once: the class's method again
+                send(connection, *args, **kwargs)
+                raise KeyboardInterrupt
+
+            connection.send_packed_command = then_interrupted
+        return connection
+
+    def release(self, connection: Any) -> None:
+        self.pool.release(connection)
+
+
+def test_a_call_interrupted_between_its_send_and_its_read_leaves_no_reply_to_the_next(trips: SharedTrips) -> None:
+    trips._pool = interrupting = InterruptAfterSend(trips._pool)
+    with pytest.raises(KeyboardInterrupt):
+        command(trips, "BLPOP", "nothing-comes", "0.3")  # its reply (nil) is 0.3 s away
+    trips._pool = interrupting.pool
+    assert command(trips, "SET", "b", "bee") == "OK"  # not the nil meant for the BLPOP
+    assert command(trips, "GET", "b") == "bee"
+
+
 class Deadline(Exception):
     """What a legacy SIGALRM timeout decorator raises in the thread it interrupts."""
 
