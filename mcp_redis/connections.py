@@ -399,10 +399,9 @@ def _quiet(connection: Any) -> bool:
 
 class _ParkedAwareQueue(queue.LifoQueue):  # type: ignore[type-arg]
     """redis-py's queue of idle connections (`ReadyCheckedPool`), whose items include the
-    parked connections: a thread waiting on it for a connection takes a parked one as soon as
-    a release parks it (the release notifies, as a put does). Parked ones go first, through
-    the queue's own hooks (`_qsize`, `_get`), under its lock: as with every item, a parked
-    connection is taken by one thread."""
+    parked connections: a thread about to wait on it for a connection takes a parked one
+    instead. Parked ones go first, through the queue's own hooks (`_qsize`, `_get`), under
+    its lock: as with every item, a parked connection is taken by one thread."""
 
     def __init__(self, maxsize: int = 0) -> None:
         self.parked: Deque[Any] = collections.deque()  # the pool's own, once it is made (`reset`)
@@ -427,10 +426,11 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
     its fork and ownership checks): about a tenth of a loopback round trip.
     Here a released connection that the quick ready check can judge (a
     plain socket read by the pure-Python parser) is *parked* instead, at
-    most `PARKED` of them: kept beside redis-py's queue, under its lock,
-    and counted as one of its items (`_ParkedAwareQueue`), so a thread
-    waiting on the queue is woken and takes it; redis-py itself counts it
-    as in use (`RedisConnection.pool_stats` counts it idle). The next
+    most `PARKED` of them and only while no thread waits on redis-py's
+    queue (then redis-py's put hands it over): kept beside the queue, under
+    its lock, and counted as one of its items (`_ParkedAwareQueue`), so a
+    thread that starts to wait takes it; redis-py itself counts it as in
+    use (`RedisConnection.pool_stats` counts it idle). The next
     `get_connection` in the same process takes it back if the quick check
     finds it ready (one ``select``), else hands it to redis-py's own path,
     which checks it and reconnects it. A forked child, a maintenance event
@@ -478,10 +478,10 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
                 and _judged(connection) and not connection.should_reconnect()):
             waiting = self.pool.not_empty
             with self.pool.mutex:
-                if len(parked) < self.PARKED:
-                    parked.append(connection)
-                    if getattr(waiting, "_waiters", True):  # a thread waits on the queue: wake one
-                        waiting.notify()
+                # Not while a thread waits on the queue: redis-py's put below hands it over (and
+                # this thread, calling again at once, queues behind it instead of taking it back).
+                if len(parked) < self.PARKED and not getattr(waiting, "_waiters", True):
+                    parked.append(connection)  # a thread that waits from now on counts it (`_qsize`)
                     return
         super().release(connection)  # type: ignore[no-untyped-call]
 

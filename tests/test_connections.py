@@ -497,10 +497,10 @@ def _waiting(pool: Any) -> int:
 
 
 @needs_parking
-def test_threads_waiting_on_an_exhausted_pool_take_the_connections_parked_meanwhile(redis_factory: Any) -> None:
-    # Two threads wait; two connections come back at once, before either thread runs: both are
-    # parked, not put into redis-py's queue, so each park must wake a thread (as a put does), or
-    # the threads would sleep through their whole pool timeout beside two idle connections.
+def test_threads_waiting_on_an_exhausted_pool_are_handed_the_connections_released(redis_factory: Any) -> None:
+    # Two threads wait; two connections come back at once, before either thread runs: neither
+    # is parked (the threads would sleep through their whole pool timeout beside two idle
+    # connections); redis-py's put hands each to a thread.
     mcp_redis.configure(redis_url=redis_factory().url, max_connections=2, pool_timeout=60)
     pool = get_redis().client.connection_pool
     held = [pool.get_connection(), pool.get_connection()]  # exhausted
@@ -521,7 +521,7 @@ def test_threads_waiting_on_an_exhausted_pool_take_the_connections_parked_meanwh
         sys.setswitchinterval(interval)
     for waiter in waiters:
         waiter.join(10)
-    assert parked == 2 and sorted(map(id, got)) == sorted(map(id, held)), "a waiting thread was not woken"
+    assert parked == 0 and sorted(map(id, got)) == sorted(map(id, held)), "a waiting thread was not woken"
     for connection in got:
         pool.release(connection)
 
@@ -542,10 +542,24 @@ def test_a_thread_waiting_on_an_exhausted_pool_sleeps_until_a_connection_comes_b
     waiter.start()
     wait_for(lambda: _waiting(pool) == 1, timeout=5, what="the thread waiting on the queue")
     time.sleep(0.2)  # long enough for a thread that polls to have woken dozens of times
-    pool.release(held)  # parked, and the thread woken
+    pool.release(held)  # not parked: handed to the thread
     waiter.join(10)
     assert got == [held] and len(wakes) == 1, f"the waiting thread woke {len(wakes)} times"
     pool.release(held)
+
+
+@needs_parking
+def test_a_parked_connection_is_one_of_the_queue_items_a_waiting_thread_takes(redis_factory: Any) -> None:
+    # A thread that found nothing parked goes on to redis-py's queue; a connection parked
+    # meanwhile must be there for it, not beside an empty queue it sleeps on.
+    mcp_redis.configure(redis_url=redis_factory().url, max_connections=1)
+    pool = get_redis().client.connection_pool
+    held = pool.get_connection()
+    held.connect()
+    pool.release(held)
+    assert list(pool._parked) == [held] and not pool.pool.queue and pool.pool.qsize() == 1
+    assert pool.pool.get(True, 5) is held and not pool._parked
+    pool.pool.put_nowait(held)
 
 
 @needs_parking
