@@ -57,6 +57,29 @@ def build_cases(server: RedisServer) -> List[Case]:
     conn = get_redis()
     lean = conn.client.register_script("return 1")
     cases.append(("EVALSHA 'return 1' via mcp_redis run_script", lambda: conn.run_script(lean, [], []), "1 trip"))
+    # Where a trip's client time goes: the same packed EVALSHA on a connection held throughout
+    # (no pool at all), and with redis-py's own BlockingConnectionPool's get and release around
+    # it (what ReadyCheckedPool's parked connections skip).
+    packed = conn._pack_evalsha(conn._encoder, lean.sha, [], [])
+    held = conn.client.connection_pool.get_connection()
+
+    def on_held() -> object:
+        held.send_packed_command([packed])
+        return held.read_response()
+
+    redis_pys = redis.BlockingConnectionPool(host="127.0.0.1", port=server.port, max_connections=4)
+
+    def through_redis_pys_pool() -> object:
+        connection = redis_pys.get_connection()
+        try:
+            connection.send_packed_command([packed])
+            return connection.read_response()
+        finally:
+            redis_pys.release(connection)
+
+    cases.append(("the same EVALSHA on a connection held throughout (no pool)", on_held, "1 trip"))
+    cases.append(("the same EVALSHA, redis-py's BlockingConnectionPool get + release around it",
+                  through_redis_pys_pool, "1 trip"))
     for algorithm in (Algorithm.SLIDING_WINDOW, Algorithm.SLIDING_WINDOW_COUNTER, Algorithm.FIXED_WINDOW,
                       Algorithm.GCRA):
         limiter = RateLimiter(f"bench-{algorithm.value}", BIG, 60, algorithm=algorithm)
