@@ -423,7 +423,8 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
 
     Taking a connection from redis-py's pool and giving it back runs some
     thirty Python calls (its queue's conditions, its observability hooks,
-    its fork and ownership checks): about a tenth of a loopback round trip.
+    its fork and ownership checks): a fifth of a loopback round trip on the
+    project's VM (``python -m bench.bench_ratelimit``'s pool rows).
     Here a released connection that the quick ready check can judge (a
     plain socket read by the pure-Python parser) is *parked* instead, at
     most `PARKED` of them and only while no thread waits on redis-py's
