@@ -138,22 +138,14 @@ def measure(floor: Callable[[], object], fn: Callable[[], object], calls: int) -
     gc.disable()
     try:
         for i in range(calls):
-            if i & 1:
-                t0 = clock()
-                fn()
-                t1 = clock()
-                floor()
-                t2 = clock()
-                ours.append(t1 - t0)
-                base.append(t2 - t1)
-            else:
-                t0 = clock()
-                floor()
-                t1 = clock()
-                fn()
-                t2 = clock()
-                base.append(t1 - t0)
-                ours.append(t2 - t1)
+            first, then, first_times, then_times = (fn, floor, ours, base) if i & 1 else (floor, fn, base, ours)
+            t0 = clock()
+            first()
+            t1 = clock()
+            then()
+            t2 = clock()
+            first_times.append(t1 - t0)
+            then_times.append(t2 - t1)
     finally:
         gc.enable()
     ours.sort()
