@@ -14,7 +14,8 @@ the two in turn (floor first, then the case first): a block's two medians
 see the same load, however fast it drifts. (Blocks of the floor run just
 before each block, as this bench paired them until the eleventh session,
 read the floor against itself anywhere from 0.83× to 1.17× per round on a
-noisy VM, and 1.11× as the median of one run; interleaved, 0.98–1.00×.)
+noisy VM, and 1.11× as the median of one run; interleaved, the floor's own
+row reads 1.00×.)
 The table shows the median of the per-round medians (and of the p99s), the
 median of the per-round ratios to the floor, and where the time goes: this
 process's CPU per call and the server's (``INFO cpu``: parsing, the script

@@ -248,10 +248,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("| call | empty p50 µs | loaded p50 µs | loaded / empty (p50) | empty p99 µs | loaded p99 µs |")
     print("|---|---:|---:|---:|---:|---:|")
     failed = []
-    for name in ("SessionStore.get", "RateLimiter.hit", "raw redis-py GET of a binding (baseline)"):
+    targeted = ("SessionStore.get", "RateLimiter.hit")  # the target; the raw GET is a baseline
+    for name in (*targeted, "raw redis-py GET of a binding (baseline)"):
         e, l_ = statistics.median(p50[(name, "empty")]), statistics.median(p50[(name, "loaded")])
         ratio = l_ / e
-        if ratio > 1.1 and "baseline" not in name:
+        if ratio > 1.1 and name in targeted:
             failed.append(name)
         print(f"| {name} | {e:.1f} | {l_:.1f} | {ratio:.2f}× | {statistics.median(p99[(name, 'empty')]):.1f} | "
               f"{statistics.median(p99[(name, 'loaded')]):.1f} |")

@@ -372,10 +372,15 @@ class _QuickReadyCheck:
         super().ensure_connection(connection)  # type: ignore[misc]
 
 
+def _unread_of(connection: Any) -> Optional[Callable[[], int]]:
+    """The pure-Python parser's count of bytes read but not parsed, or None (hiredis's parser
+    keeps a bytearray there: not ours to judge)."""
+    return getattr(getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None)
+
+
 def _judged(connection: Any) -> bool:
     """True when `_quiet` can judge `connection`: a plain socket read by the pure-Python parser."""
-    return (type(getattr(connection, "_sock", None)) is socket.socket and getattr(
-        getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None) is not None)
+    return type(getattr(connection, "_sock", None)) is socket.socket and _unread_of(connection) is not None
 
 
 def _quiet(connection: Any) -> bool:
@@ -387,8 +392,7 @@ def _quiet(connection: Any) -> bool:
         return False
     if sock.gettimeout() != getattr(connection, "socket_timeout", None):
         return False
-    # The pure-Python parser's read buffer (hiredis's parser keeps a bytearray there: not ours to judge).
-    unread = getattr(getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None)
+    unread = _unread_of(connection)
     try:
         if unread is None or unread():
             return False
@@ -404,7 +408,7 @@ class _ParkedAwareQueue(queue.LifoQueue):  # type: ignore[type-arg]
     its lock: as with every item, a parked connection is taken by one thread."""
 
     def __init__(self, maxsize: int = 0) -> None:
-        self.parked: Deque[Any] = collections.deque()  # the pool's own, once it is made (`reset`)
+        self.parked: Deque[Any] = collections.deque()
         super().__init__(maxsize)
 
     def _qsize(self) -> int:
@@ -437,28 +441,27 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
     which checks it and reconnects it. A forked child, a maintenance event
     in progress and a connection marked for reconnect take redis-py's
     path. `disconnect` closes parked sockets as idle ones (the queue hands
-    them out first); `reset` (a fork) forgets them, as redis-py forgets
-    its queue.
+    them out first); `reset` (a fork) forgets them with redis-py's queue.
     """
 
     #: The most connections parked at once (the shared trips use two at a time by default).
     PARKED = 4
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("queue_class", _ParkedAwareQueue)
+        kwargs["queue_class"] = _ParkedAwareQueue  # its hooks hand out the parked connections
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
 
-    def reset(self) -> None:
-        # Also after a fork (redis-py's `_checkpid`): the parent's parked sockets are not the child's.
-        self._parked: Deque[Any] = collections.deque()
-        super().reset()  # type: ignore[no-untyped-call]
-        if isinstance(self.pool, _ParkedAwareQueue):
-            self.pool.parked = self._parked
+    @property
+    def _parked(self) -> Deque[Any]:
+        """The parked connections: the queue's own, so that `reset` (a fork: redis-py's
+        `_checkpid`) forgets them with it; the parent's sockets are not the child's."""
+        return self.pool.parked  # type: ignore[no-any-return]
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        parked = self._parked
-        # The pid first: in a forked child the queue's lock may have been held by a parent's thread.
-        if parked and self.pid == os.getpid() and not self._in_maintenance:
+        # The pid first: in a forked child the queue's lock may have been held by a parent's
+        # thread. redis-py's `reset` sets the pid last, so a child that passes has a new queue.
+        if self.pid == os.getpid() and not self._in_maintenance and self.pool.parked:
+            parked = self.pool.parked
             with self.pool.mutex:
                 connection = parked.pop() if parked else None
             if connection is not None:
@@ -474,7 +477,7 @@ class ReadyCheckedPool(_QuickReadyCheck, redis.BlockingConnectionPool):
         return super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def release(self, connection: Any) -> None:
-        parked = self._parked
+        parked = self.pool.parked
         if (len(parked) < self.PARKED and connection.pid == self.pid == os.getpid() and not self._in_maintenance
                 and _judged(connection) and not connection.should_reconnect()):
             waiting = self.pool.not_empty

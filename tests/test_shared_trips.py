@@ -189,50 +189,25 @@ def test_a_trip_whose_connection_breaks_fails_its_own_calls_alone(redis_factory:
         proxy.swallow_requests(None)
 
 
-class SendsCounted:
-    """The real pool, counting the trips written on the connections it lends (a trip is counted
-    in `SharedTrips.stats` as it takes its lane, before it takes a connection and writes)."""
+class AfterSend:
+    """The real pool; each connection it lends runs `after()` right after its next request is
+    written (a trip is counted in `SharedTrips.stats` as it takes its lane, before it takes a
+    connection and writes)."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, after: Callable[[], None]) -> None:
         self.pool = pool
-        self.sent = 0
+        self.after = after
 
     def get_connection(self) -> Any:
         connection = self.pool.get_connection()
         send = type(connection).send_packed_command
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
+        def then(*args: Any, **kwargs: Any) -> None:
             del connection.send_packed_command  # once: the class's method again
             send(connection, *args, **kwargs)
-            self.sent += 1
+            self.after()
 
-        connection.send_packed_command = counted
-        return connection
-
-    def release(self, connection: Any) -> None:
-        self.pool.release(connection)
-
-
-class InterruptAfterSend:
-    """The real pool; the next connection it lends raises KeyboardInterrupt right after its
-    request is written, as a signal handler's exception landing there would."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self.armed = True
-
-    def get_connection(self) -> Any:
-        connection = self.pool.get_connection()
-        if self.armed:
-            self.armed = False
-            send = type(connection).send_packed_command
-
-            def then_interrupted(*args: Any, **kwargs: Any) -> None:
-                del connection.send_packed_command  # once: the class's method again
-                send(connection, *args, **kwargs)
-                raise KeyboardInterrupt
-
-            connection.send_packed_command = then_interrupted
+        connection.send_packed_command = then
         return connection
 
     def release(self, connection: Any) -> None:
@@ -240,7 +215,10 @@ class InterruptAfterSend:
 
 
 def test_a_call_interrupted_between_its_send_and_its_read_leaves_no_reply_to_the_next(trips: SharedTrips) -> None:
-    trips._pool = interrupting = InterruptAfterSend(trips._pool)
+    def interrupted() -> None:  # as a signal handler's exception landing right after the write
+        raise KeyboardInterrupt
+
+    trips._pool = interrupting = AfterSend(trips._pool, interrupted)
     with pytest.raises(KeyboardInterrupt):
         command(trips, "BLPOP", "nothing-comes", "0.3")  # its reply (nil) is 0.3 s away
     trips._pool = interrupting.pool
@@ -264,7 +242,8 @@ def test_a_leader_interrupted_mid_trip_raises_alone_and_the_others_are_retried(
     assert threading.current_thread() is threading.main_thread()
     if signum == signal.SIGUSR1:
         monkeypatch.setattr(signal, "_test_previous", signal.signal(signal.SIGUSR1, _raise_deadline), raising=False)
-    watched = trips._pool = SendsCounted(trips._pool)
+    written: List[None] = []
+    trips._pool = AfterSend(trips._pool, lambda: written.append(None))
     try:
         first = Callers([lambda: busy(trips, 0.3)]).start()
         wait_for(lambda: trips.stats()["trips"] == 1, 5.0, what="the first trip sent")
@@ -275,7 +254,7 @@ def test_a_leader_interrupted_mid_trip_raises_alone_and_the_others_are_retried(
             queued(trips, 6)
             # Written, not only counted (a trip is counted as it takes its lane): the signal
             # lands while the main thread waits for the replies.
-            wait_for(lambda: watched.sent == 2, 5.0, what="the second trip written")
+            wait_for(lambda: len(written) == 2, 5.0, what="the second trip written")
             later.start()
             queued(trips, 2)  # behind the trip about to be interrupted
             signal.pthread_kill(main, signum)
