@@ -6,6 +6,7 @@ creating and dropping its own uniquely named database.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -13,9 +14,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Deque, List, Optional, Sequence
 
 if TYPE_CHECKING:
     from .tls import Pki
@@ -77,11 +79,25 @@ def server_flavor() -> str:
     return "valkey" if "valkey" in (out.stdout + out.stderr).lower() else "redis"
 
 
+# The ports free_port handed out lately. The kernel can give the same free port
+# to two bind(0) calls in a row, since nothing holds it in between. A cluster
+# picks a dozen ports (client and bus ports) before its first node binds any.
+# Once, in CI, two of its nodes got the same port and the cluster never formed.
+_ISSUED: Deque[int] = collections.deque(maxlen=4096)
+_ISSUED_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, and not one this process was handed lately."""
+    with _ISSUED_LOCK:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _ISSUED:
+                _ISSUED.append(port)
+                return port
+    raise RuntimeError("no free loopback port that was not handed out lately")
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> None:
